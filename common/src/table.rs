@@ -1,0 +1,329 @@
+//! Open-addressed hash tables laid out in one big array map (`SLOTS`).
+//!
+//! Why not kernel hash maps: a kernel hash lookup costs about as much as the whole rest of
+//! the program, and a bound decision needs two or three of them. Array lookups are inlined
+//! by the verifier into a bounds check and an add, so a table we lay out ourselves costs a
+//! multiply for the hash and a few loads per probe. User space decides everything ahead of
+//! time (placement, prefix lengths, seeds); the kernel only probes.
+//!
+//! # Layout
+//!
+//! A *region* is `1 + 2^k` consecutive slots: a header slot followed by `2^k` table slots,
+//! probed linearly from the key's home slot for at most [`MAX_PROBE`] slots and stopping at
+//! the first empty one. A region is named by a [`TableDesc`] word.
+//!
+//! # Concurrency (single writer, lock-free readers)
+//!
+//! The daemon writes slots through an `mmap` of the array while XDP programs on every CPU
+//! read them. Each slot's `meta` word is a seqlock: it carries a state, a version bumped on
+//! every transition and a tag that identifies the key's kind and owner.
+//!
+//! * insert: write key and value words, then publish `meta = LIVE|version|tag`;
+//! * change a value (an expiry) in place: one aligned 8-byte store;
+//! * delete: `meta = DEAD|version` (a tombstone; the key words stay, so no reader can see
+//!   a half-erased key);
+//! * a reader reads `meta`, the key and value words, then `meta` again, and ignores the
+//!   slot if the two `meta` reads differ.
+//!
+//! Empty slots are only ever created when a region is initialised, so "stop at the first
+//! empty slot" stays valid under deletes: every key sits before the first empty slot of its
+//! probe sequence. Tombstones are reused by inserts and cleared by rebuilding the region.
+//! A rebuilt region replaces the old one with a single store of its descriptor; the old one
+//! is reused only after a quarantine, and because every allow entry's tag carries its owner
+//! account a reader holding a stale descriptor can never match another account's entry.
+
+/// Slots probed from a key's home slot before a lookup gives up. The writer never places a
+/// key further away; it rebuilds the region larger instead.
+pub const MAX_PROBE: u32 = 24;
+
+/// Distinct prefix lengths probed per address family per account. User space expands
+/// prefixes so that no account needs more (see the daemon's `prefix` module).
+pub const MAX_PROBE_LENGTHS: usize = 8;
+
+/// Marks an unused entry in a packed list of prefix lengths.
+pub const NO_LENGTH: u8 = 0xff;
+
+/// An allow entry's value when it never expires.
+pub const NEVER_EXPIRES: u64 = u64::MAX;
+
+/// One slot of a table: four 8-byte words, half a cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// State, version and tag; see [`Meta`]. In a header slot: the region's hash seed.
+    pub meta: u64,
+    /// High 64 bits of the key address (zero for IPv4). Header: IPv4 probe lengths.
+    pub key_hi: u64,
+    /// Low 64 bits of the key address (the IPv4 address in its low 32 bits). Header: IPv6
+    /// probe lengths.
+    pub key_lo: u64,
+    /// Expiry (allow entries) or account slot and flags (bindings).
+    pub value: u64,
+}
+
+/// The three states of a table slot, in the low two bits of `meta`.
+pub mod state {
+    pub const EMPTY: u64 = 0;
+    pub const LIVE: u64 = 1;
+    pub const DEAD: u64 = 2;
+    pub const MASK: u64 = 3;
+}
+
+/// Accessors for a slot's `meta` word: `tag << 18 | version << 2 | state`.
+pub struct Meta;
+
+impl Meta {
+    pub const VERSION_SHIFT: u32 = 2;
+    pub const VERSION_MASK: u64 = 0xffff;
+    pub const TAG_SHIFT: u32 = 18;
+
+    #[inline(always)]
+    pub const fn state(meta: u64) -> u64 {
+        meta & state::MASK
+    }
+
+    #[inline(always)]
+    pub const fn version(meta: u64) -> u64 {
+        (meta >> Self::VERSION_SHIFT) & Self::VERSION_MASK
+    }
+
+    #[inline(always)]
+    pub const fn tag(meta: u64) -> u64 {
+        meta >> Self::TAG_SHIFT
+    }
+
+    #[inline(always)]
+    pub const fn live(tag: u64, version: u64) -> u64 {
+        (tag << Self::TAG_SHIFT) | ((version & Self::VERSION_MASK) << Self::VERSION_SHIFT) | state::LIVE
+    }
+
+    #[inline(always)]
+    pub const fn dead(version: u64) -> u64 {
+        ((version & Self::VERSION_MASK) << Self::VERSION_SHIFT) | state::DEAD
+    }
+}
+
+/// Address family as stored in tags and records.
+pub const FAMILY_V4: u64 = 0;
+pub const FAMILY_V6: u64 = 1;
+
+/// Key tags. The top two bits of a tag name the kind of key, so that entries of different
+/// tables can never be confused even through a stale descriptor.
+pub struct Tag;
+
+impl Tag {
+    const KIND_SHIFT: u32 = 44;
+    const KIND_ALLOW: u64 = 1;
+    const KIND_PORT: u64 = 2;
+    const KIND_ADDR: u64 = 3;
+
+    /// An allowlist entry: `owner` account, family and prefix length.
+    #[inline(always)]
+    pub const fn allow(owner: u32, family: u64, prefix_len: u8) -> u64 {
+        (Self::KIND_ALLOW << Self::KIND_SHIFT)
+            | (family << 40)
+            | ((prefix_len as u64) << 32)
+            | owner as u64
+    }
+
+    /// A binding of one (destination address, protocol, port).
+    #[inline(always)]
+    pub const fn port(family: u64, protocol: u8, port: u16) -> u64 {
+        (Self::KIND_PORT << Self::KIND_SHIFT) | (family << 40) | ((protocol as u64) << 16) | port as u64
+    }
+
+    /// The per-address binding record: whole-address binding and "has port bindings".
+    #[inline(always)]
+    pub const fn addr(family: u64) -> u64 {
+        (Self::KIND_ADDR << Self::KIND_SHIFT) | (family << 40)
+    }
+}
+
+/// Value of an address record in the binding table.
+pub struct AddrValue;
+
+impl AddrValue {
+    /// Set when some (protocol, port) of this address is bound: packets to it that cannot be
+    /// parsed far enough to find their port are dropped rather than passed.
+    pub const HAS_PORT_BINDINGS: u64 = 1 << 32;
+
+    /// Account slot of the whole-address binding, 0 for none.
+    #[inline(always)]
+    pub const fn account(value: u64) -> u32 {
+        value as u32
+    }
+}
+
+/// Names a region of `SLOTS`: `PRESENT | log2(table slots) << 32 | header index`.
+/// Zero means "no table" (an account with an empty allowlist, or no bindings at all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableDesc(pub u64);
+
+impl TableDesc {
+    pub const NONE: TableDesc = TableDesc(0);
+    const PRESENT: u64 = 1 << 63;
+
+    pub const fn new(header: u32, log2_slots: u32) -> Self {
+        TableDesc(Self::PRESENT | ((log2_slots as u64) << 32) | header as u64)
+    }
+
+    #[inline(always)]
+    pub const fn is_present(self) -> bool {
+        self.0 & Self::PRESENT != 0
+    }
+
+    /// Index of the header slot; table slots follow it.
+    #[inline(always)]
+    pub const fn header(self) -> u32 {
+        self.0 as u32
+    }
+
+    #[inline(always)]
+    pub const fn log2_slots(self) -> u32 {
+        ((self.0 >> 32) & 0x3f) as u32
+    }
+
+    #[inline(always)]
+    pub const fn slots(self) -> u32 {
+        1 << self.log2_slots()
+    }
+
+    #[inline(always)]
+    pub const fn mask(self) -> u32 {
+        self.slots() - 1
+    }
+
+    /// Slots the region occupies, header included.
+    pub const fn region_len(self) -> u32 {
+        self.slots() + 1
+    }
+}
+
+/// Mixes a key into 64 bits. A multiply-xorshift: a few instructions in BPF, and good
+/// enough spread for linear probing when the seed is random per region.
+#[inline(always)]
+pub const fn hash_key(seed: u64, tag: u64, hi: u64, lo: u64) -> u64 {
+    let mut h = seed ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ hi).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ lo).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Home slot of a key, as an offset within the table (0..slots).
+#[inline(always)]
+pub const fn home_offset(desc: TableDesc, hash: u64) -> u32 {
+    // The high bits of a multiplicative hash are the well-mixed ones.
+    ((hash >> 32) as u32) & desc.mask()
+}
+
+/// Index in `SLOTS` of the `step`-th probe for a key whose home offset is `home`.
+#[inline(always)]
+pub const fn probe_index(desc: TableDesc, home: u32, step: u32) -> u32 {
+    desc.header() + 1 + ((home + step) & desc.mask())
+}
+
+/// Read access to the slot array: a map lookup in the kernel, an `mmap` in user space.
+/// Both sides then share [`lookup`], so they cannot disagree about where a key lives.
+pub trait SlotReader {
+    /// Pointer to slot `index`, `None` past the array's end.
+    fn slot(&self, index: u32) -> Option<*const Slot>;
+}
+
+#[inline(always)]
+fn read_word(word: *const u64) -> u64 {
+    // SAFETY: callers pass pointers into a live slot; volatile keeps the seqlock's two reads
+    // of `meta` from being merged or reordered around the key reads.
+    unsafe { core::ptr::read_volatile(word) }
+}
+
+/// Finds a key; returns its value word. See the module docs for the protocol.
+/// `seed` is the region's, from [`read_header`].
+#[inline(always)]
+pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, seed: u64, tag: u64, hi: u64, lo: u64) -> Option<u64> {
+    // SAFETY (all reads below): pointers come from `slots.slot`, which bounds-checks.
+    let home = home_offset(desc, hash_key(seed, tag, hi, lo));
+    let mut step = 0;
+    while step < MAX_PROBE {
+        let slot = slots.slot(probe_index(desc, home, step))?;
+        let meta = read_word(unsafe { &raw const (*slot).meta });
+        match Meta::state(meta) {
+            state::EMPTY => return None,
+            state::LIVE if Meta::tag(meta) == tag => {
+                let key_hi = read_word(unsafe { &raw const (*slot).key_hi });
+                let key_lo = read_word(unsafe { &raw const (*slot).key_lo });
+                let value = read_word(unsafe { &raw const (*slot).value });
+                // A changed meta means the slot was rewritten while we read it.
+                let meta_again = read_word(unsafe { &raw const (*slot).meta });
+                if meta_again == meta && key_hi == hi && key_lo == lo {
+                    return Some(value);
+                }
+            }
+            _ => {}
+        }
+        step += 1;
+    }
+    None
+}
+
+/// Reads a region's hash seed and packed probe lengths (IPv4, IPv6) from its header.
+#[inline(always)]
+pub fn read_header<R: SlotReader>(slots: &R, desc: TableDesc) -> Option<(u64, PackedLengths, PackedLengths)> {
+    let header = slots.slot(desc.header())?;
+    // SAFETY: as in `lookup`.
+    unsafe {
+        Some((
+            read_word(&raw const (*header).meta),
+            PackedLengths(read_word(&raw const (*header).key_hi)),
+            PackedLengths(read_word(&raw const (*header).key_lo)),
+        ))
+    }
+}
+
+/// Probe lengths packed into one word, one byte each, [`NO_LENGTH`] for unused places.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedLengths(pub u64);
+
+impl PackedLengths {
+    pub const EMPTY: PackedLengths = PackedLengths(u64::MAX);
+
+    #[inline(always)]
+    pub const fn get(self, i: usize) -> u8 {
+        (self.0 >> (i * 8)) as u8
+    }
+
+    /// Packs up to [`MAX_PROBE_LENGTHS`] lengths; `None` if there are more.
+    pub fn pack(lengths: &[u8]) -> Option<Self> {
+        if lengths.len() > MAX_PROBE_LENGTHS {
+            return None;
+        }
+        let mut word = u64::MAX;
+        for (i, &len) in lengths.iter().enumerate() {
+            word &= !(0xffu64 << (i * 8));
+            word |= (len as u64) << (i * 8);
+        }
+        Some(PackedLengths(word))
+    }
+}
+
+/// The IPv4 address `addr` (host order) cut to `len` bits, as table key words.
+#[inline(always)]
+pub const fn v4_key(addr: u32, len: u8) -> (u64, u64) {
+    let masked = if len == 0 { 0 } else if len >= 32 { addr } else { addr & !(u32::MAX >> len) };
+    (0, masked as u64)
+}
+
+/// The IPv6 address `(hi, lo)` (host order halves) cut to `len` bits, as table key words.
+#[inline(always)]
+pub const fn v6_key(hi: u64, lo: u64, len: u8) -> (u64, u64) {
+    if len == 0 {
+        (0, 0)
+    } else if len < 64 {
+        (hi & !(u64::MAX >> len), 0)
+    } else if len == 64 {
+        (hi, 0)
+    } else if len < 128 {
+        (hi, lo & !(u64::MAX >> (len - 64)))
+    } else {
+        (hi, lo)
+    }
+}

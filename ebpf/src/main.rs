@@ -1,0 +1,289 @@
+//! The ipaccess XDP program.
+//!
+//! For each frame: parse it, find the account bound to its destination, and pass it only if
+//! that account is not suspended and some live allowlist entry or override covers the
+//! source. Everything that could be decided ahead of time (placement in tables, prefix
+//! lengths to try, account state) was decided by `ipaccessd` and sits in the maps.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_boot_ns,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::XdpContext,
+};
+use ipaccess_common::{
+    AccountCounters, AccountRecord, AddrValue, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS,
+    DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, Policy,
+    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_header, reason, v4_key,
+    v6_key,
+};
+use parse::{Frame, Packet, parse};
+
+#[map(name = "IPACCESS_SLOTS")]
+static SLOTS: Array<Slot> = Array::pinned(DEFAULT_SLOTS, BPF_F_MMAPABLE);
+
+#[map(name = "IPACCESS_ACCOUNTS")]
+static ACCOUNTS: Array<AccountRecord> = Array::pinned(DEFAULT_ACCOUNTS, BPF_F_MMAPABLE);
+
+#[map(name = "IPACCESS_CONFIG")]
+static CONFIG: Array<Config> = Array::pinned(1, BPF_F_MMAPABLE);
+
+#[map(name = "IPACCESS_COUNTERS")]
+static COUNTERS: PerCpuArray<AccountCounters> = PerCpuArray::pinned(DEFAULT_ACCOUNTS, 0);
+
+#[map(name = "IPACCESS_HOST_COUNTERS")]
+static HOST_COUNTERS: PerCpuArray<HostCounters> = PerCpuArray::pinned(1, 0);
+
+#[map(name = "IPACCESS_SAMPLES")]
+static SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_BYTES, 0);
+
+#[map(name = "IPACCESS_SAMPLE_BUDGET")]
+static SAMPLE_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::pinned(1, 0);
+
+/// The slot array as the shared table code sees it.
+struct Slots;
+
+impl SlotReader for Slots {
+    #[inline(always)]
+    fn slot(&self, index: u32) -> Option<*const Slot> {
+        SLOTS.get_ptr(index)
+    }
+}
+
+#[inline(always)]
+fn read<T: Copy>(value: &T) -> T {
+    // SAFETY: a reference into a map value; volatile because user space rewrites it
+    // concurrently through mmap.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+#[xdp]
+pub fn ipaccess_xdp(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    match parse(&ctx) {
+        Frame::NonIp => {
+            count_host(|c| c.non_ip_packets += 1);
+            XDP_PASS
+        }
+        Frame::Unreadable => {
+            count_host(|c| c.malformed_packets += 1);
+            XDP_DROP
+        }
+        Frame::Ip(packet) => decide_ip(&packet, bytes),
+    }
+}
+
+#[inline(always)]
+fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
+    let Some(config) = CONFIG.get(0) else {
+        return XDP_PASS;
+    };
+    let bindings = TableDesc(read(&config.bindings));
+    if !bindings.is_present() {
+        count_host(|c| c.unbound_packets += 1);
+        return XDP_PASS;
+    }
+    let Some((seed, _, _)) = read_header(&Slots, bindings) else {
+        return XDP_PASS;
+    };
+    let (dst_hi, dst_lo) = packet.dst;
+    if let (Some(port), false) = (packet.port, packet.malformed) {
+        let tag = Tag::port(packet.family, packet.protocol, port);
+        if let Some(account) = lookup(&Slots, bindings, seed, tag, dst_hi, dst_lo) {
+            return decide_account(account as u32, packet, bytes);
+        }
+    }
+    let Some(addr) = lookup(&Slots, bindings, seed, Tag::addr(packet.family), dst_hi, dst_lo) else {
+        count_host(|c| c.unbound_packets += 1);
+        return XDP_PASS;
+    };
+    if packet.malformed {
+        count_host(|c| c.malformed_packets += 1);
+        sample(packet, AddrValue::account(addr), reason::MALFORMED);
+        return XDP_DROP;
+    }
+    if packet.ndp {
+        count_host(|c| c.ndp_packets += 1);
+        return XDP_PASS;
+    }
+    match AddrValue::account(addr) {
+        NO_ACCOUNT => {
+            // Only some ports of this address are bound, and not this one.
+            count_host(|c| c.unbound_packets += 1);
+            XDP_PASS
+        }
+        account => decide_account(account, packet, bytes),
+    }
+}
+
+#[inline(always)]
+fn decide_account(account: u32, packet: &Packet, bytes: u64) -> u32 {
+    let policy = match ACCOUNTS.get(account) {
+        Some(record) => read(&record.policy),
+        None => Policy::MODE_UNSET,
+    };
+    let mode = policy & Policy::MODE_MASK;
+    if mode == Policy::MODE_UNSET {
+        return drop(account, packet, bytes, reason::ACCOUNT_UNSET);
+    }
+    if policy & Policy::SUSPENDED != 0 {
+        return drop(account, packet, bytes, reason::SUSPENDED);
+    }
+    if mode == Policy::MODE_OFF || source_allowed(account, packet) {
+        count_account(account, |c| {
+            c.passed_packets += 1;
+            c.passed_bytes += bytes;
+        });
+        return XDP_PASS;
+    }
+    if mode == Policy::MODE_MONITOR {
+        count_account(account, |c| {
+            c.would_drop_packets += 1;
+            c.would_drop_bytes += bytes;
+            c.passed_packets += 1;
+            c.passed_bytes += bytes;
+        });
+        sample(packet, account, reason::WOULD_DROP);
+        return XDP_PASS;
+    }
+    drop(account, packet, bytes, reason::NOT_ALLOWED)
+}
+
+#[inline(always)]
+fn drop(account: u32, packet: &Packet, bytes: u64, why: u8) -> u32 {
+    count_account(account, |c| {
+        c.dropped_packets += 1;
+        c.dropped_bytes += bytes;
+    });
+    sample(packet, account, why);
+    XDP_DROP
+}
+
+/// Does a live entry of the account's allowlist (or an override) cover the source?
+/// Every probe length is tried until a live entry is found, so an expired entry never hides
+/// a live one at another length.
+#[inline(always)]
+fn source_allowed(account: u32, packet: &Packet) -> bool {
+    let Some(record) = ACCOUNTS.get(account) else {
+        return false;
+    };
+    let table = TableDesc(read(&record.table));
+    if !table.is_present() {
+        return false;
+    }
+    let Some((seed, v4_lengths, v6_lengths)) = read_header(&Slots, table) else {
+        return false;
+    };
+    let lengths = if packet.family == FAMILY_V4 { v4_lengths } else { v6_lengths };
+    let (src_hi, src_lo) = packet.src;
+    let mut now = 0;
+    for i in 0..MAX_PROBE_LENGTHS {
+        let len = lengths.get(i);
+        if len == NO_LENGTH {
+            break;
+        }
+        let (hi, lo) = if packet.family == FAMILY_V4 {
+            v4_key(src_lo as u32, len)
+        } else {
+            v6_key(src_hi, src_lo, len)
+        };
+        let tag = Tag::allow(account, packet.family, len);
+        if let Some(expires) = lookup(&Slots, table, seed, tag, hi, lo) {
+            if expires == NEVER_EXPIRES {
+                return true;
+            }
+            if now == 0 {
+                // SAFETY: a plain helper call.
+                now = unsafe { bpf_ktime_get_boot_ns() };
+            }
+            if now < expires {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn count_account(account: u32, update: impl FnOnce(&mut AccountCounters)) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(account) {
+        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+        update(unsafe { &mut *counters });
+    }
+}
+
+#[inline(always)]
+fn count_host(update: impl FnOnce(&mut HostCounters)) {
+    if let Some(counters) = HOST_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, as above.
+        update(unsafe { &mut *counters });
+    }
+}
+
+/// Sends a drop sample to user space, at most `samples_per_second` per CPU with bursts up
+/// to `sample_burst`, so a flood costs the ring buffer nothing beyond the budget.
+#[inline(always)]
+fn sample(packet: &Packet, account: u32, why: u8) {
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    let rate = read(&config.samples_per_second);
+    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    if rate == 0 {
+        return;
+    }
+    // SAFETY: per-CPU value; a plain helper call.
+    let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_boot_ns()) };
+    let interval = 1_000_000_000 / rate;
+    let earned = if interval == 0 { u64::MAX } else { (now - budget.last_refill_ns) / interval };
+    if earned > 0 {
+        let burst = read(&config.sample_burst).max(1);
+        budget.tokens = budget.tokens.saturating_add(earned).min(burst);
+        budget.last_refill_ns = now;
+    }
+    if budget.tokens == 0 {
+        return;
+    }
+    budget.tokens -= 1;
+    let Some(mut entry) = SAMPLES.reserve::<DropSample>(0) else {
+        return;
+    };
+    entry.write(DropSample {
+        time_ns: now,
+        src_hi: packet.src.0,
+        src_lo: packet.src.1,
+        dst_hi: packet.dst.0,
+        dst_lo: packet.dst.1,
+        account,
+        port: packet.port.unwrap_or(0),
+        reason: why,
+        family: packet.family as u8,
+        protocol: packet.protocol,
+        _pad: [0; 7],
+    });
+    entry.submit(0);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Returns at once. Not attached by the daemon: the benchmark's floor, measured in the same
+/// run as the real program so that every figure can be given as a ratio to it.
+#[xdp]
+pub fn ipaccess_floor(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}

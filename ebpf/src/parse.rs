@@ -1,0 +1,242 @@
+//! Packet parsing: just enough of each header to find the source, the destination and the
+//! destination port. Every read is bounds-checked against the frame; a packet that claims
+//! more than it carries is marked malformed rather than guessed at.
+
+use aya_ebpf::programs::XdpContext;
+use ipaccess_common::{FAMILY_V4, FAMILY_V6, packet::*};
+
+/// What the parser learnt about an IP packet.
+pub struct Packet {
+    pub family: u64,
+    /// Addresses as host-order (high, low) halves; IPv4 sits in the low 32 bits of `low`.
+    pub src: (u64, u64),
+    pub dst: (u64, u64),
+    /// The transport protocol (after IPv6 extension headers), or the last header reached.
+    pub protocol: u8,
+    /// TCP/UDP destination port; `None` for other protocols and non-first fragments.
+    pub port: Option<u16>,
+    /// The destination is known but the rest of the packet is not trustworthy.
+    pub malformed: bool,
+    /// ICMPv6 neighbour discovery.
+    pub ndp: bool,
+}
+
+pub enum Frame {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...), or too short to be Ethernet at all.
+    NonIp,
+    /// IP (or VLAN-tagged beyond what we parse) whose destination cannot be read.
+    Unreadable,
+    Ip(Packet),
+}
+
+/// Offsets beyond this are not followed; keeps every offset provably bounded for the
+/// verifier (IPv4 options and IPv6 extension headers cannot legitimately go further).
+const MAX_HEADER_OFFSET: usize = 4096;
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if offset > MAX_HEADER_OFFSET || start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: the range was checked against the frame just above.
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+}
+
+#[inline(always)]
+fn be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    load::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+fn be32(ctx: &XdpContext, offset: usize) -> Option<u32> {
+    load::<[u8; 4]>(ctx, offset).map(u32::from_be_bytes)
+}
+
+#[inline(always)]
+fn be64(ctx: &XdpContext, offset: usize) -> Option<u64> {
+    load::<[u8; 8]>(ctx, offset).map(u64::from_be_bytes)
+}
+
+#[inline(always)]
+fn byte(ctx: &XdpContext, offset: usize) -> Option<u8> {
+    load::<u8>(ctx, offset)
+}
+
+/// Minimum transport header that must be present to read a port: a whole TCP or UDP
+/// header, so that a "tiny first fragment" cannot split the header (RFC 1858).
+#[inline(always)]
+fn transport_header_len(protocol: u8) -> Option<usize> {
+    match protocol {
+        IPPROTO_TCP => Some(20),
+        IPPROTO_UDP => Some(8),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn is_extension_header(protocol: u8) -> bool {
+    matches!(protocol, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Frame {
+    let frame_len = ctx.data_end() - ctx.data();
+    let Some(mut ethertype) = be16(ctx, 12) else {
+        return Frame::NonIp;
+    };
+    let mut offset = ETH_HDR_LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = be16(ctx, offset + 2) else {
+            return Frame::Unreadable;
+        };
+        ethertype = inner;
+        offset += VLAN_HDR_LEN;
+    }
+    match ethertype {
+        ETH_P_IPV4 => parse_ipv4(ctx, offset, frame_len),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset, frame_len),
+        ETH_P_8021Q | ETH_P_8021AD => Frame::Unreadable,
+        _ => Frame::NonIp,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
+    let (Some(version_ihl), Some(total_len), Some(fragment), Some(protocol), Some(src), Some(dst)) = (
+        byte(ctx, ip),
+        be16(ctx, ip + 2),
+        be16(ctx, ip + 6),
+        byte(ctx, ip + 9),
+        be32(ctx, ip + 12),
+        be32(ctx, ip + 16),
+    ) else {
+        return Frame::Unreadable;
+    };
+    if version_ihl >> 4 != 4 {
+        return Frame::Unreadable;
+    }
+    let mut packet = Packet {
+        family: FAMILY_V4,
+        src: (0, src as u64),
+        dst: (0, dst as u64),
+        protocol,
+        port: None,
+        malformed: false,
+        ndp: false,
+    };
+    let header_len = ((version_ihl & 0xf) as usize) * 4;
+    let total_len = total_len as usize;
+    if header_len < IPV4_HDR_LEN || total_len < header_len || ip + total_len > frame_len {
+        packet.malformed = true;
+        return Frame::Ip(packet);
+    }
+    let fragment_offset = fragment & 0x1fff;
+    if let Some(needed) = transport_header_len(protocol) {
+        if fragment_offset == 0 {
+            let transport = ip + header_len;
+            match be16(ctx, transport + 2) {
+                Some(port) if header_len + needed <= total_len => packet.port = Some(port),
+                _ => packet.malformed = true,
+            }
+        } else if fragment_offset == 1 && protocol == IPPROTO_TCP {
+            // A fragment overlapping the TCP header could rewrite its port (RFC 1858).
+            packet.malformed = true;
+        }
+    }
+    Frame::Ip(packet)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
+    let (Some(version), Some(payload_len), Some(first_next), Some(src_hi), Some(src_lo), Some(dst_hi), Some(dst_lo)) = (
+        byte(ctx, ip),
+        be16(ctx, ip + 4),
+        byte(ctx, ip + 6),
+        be64(ctx, ip + 8),
+        be64(ctx, ip + 16),
+        be64(ctx, ip + 24),
+        be64(ctx, ip + 32),
+    ) else {
+        return Frame::Unreadable;
+    };
+    if version >> 4 != 6 {
+        return Frame::Unreadable;
+    }
+    let mut packet = Packet {
+        family: FAMILY_V6,
+        src: (src_hi, src_lo),
+        dst: (dst_hi, dst_lo),
+        protocol: first_next,
+        port: None,
+        malformed: false,
+        ndp: false,
+    };
+    let end = ip + IPV6_HDR_LEN + payload_len as usize;
+    if end > frame_len {
+        packet.malformed = true;
+        return Frame::Ip(packet);
+    }
+    let mut next = first_next;
+    let mut offset = ip + IPV6_HDR_LEN;
+    let mut first_fragment = true;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let (Some(following), Some(len_units)) = (byte(ctx, offset), byte(ctx, offset + 1)) else {
+                    packet.malformed = true;
+                    return Frame::Ip(packet);
+                };
+                let len = (len_units as usize + 1) * 8;
+                if offset + len > end {
+                    packet.malformed = true;
+                    return Frame::Ip(packet);
+                }
+                next = following;
+                offset += len;
+            }
+            IPPROTO_FRAGMENT => {
+                let (Some(following), Some(fragment)) = (byte(ctx, offset), be16(ctx, offset + 2)) else {
+                    packet.malformed = true;
+                    return Frame::Ip(packet);
+                };
+                if offset + 8 > end {
+                    packet.malformed = true;
+                    return Frame::Ip(packet);
+                }
+                next = following;
+                offset += 8;
+                if fragment >> 3 != 0 {
+                    first_fragment = false;
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    packet.protocol = next;
+    if first_fragment && is_extension_header(next) {
+        // More extension headers than we follow: the transport header is out of reach.
+        packet.malformed = true;
+        return Frame::Ip(packet);
+    }
+    if !first_fragment {
+        return Frame::Ip(packet);
+    }
+    if let Some(needed) = transport_header_len(next) {
+        match be16(ctx, offset + 2) {
+            Some(port) if offset + needed <= end => packet.port = Some(port),
+            _ => packet.malformed = true,
+        }
+    } else if next == IPPROTO_ICMPV6 {
+        match byte(ctx, offset) {
+            Some(kind) if offset < end => packet.ndp = (ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&kind),
+            _ => packet.malformed = true,
+        }
+    }
+    Frame::Ip(packet)
+}
