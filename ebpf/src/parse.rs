@@ -33,35 +33,31 @@ pub enum Frame {
 /// verifier (IPv4 options and IPv6 extension headers cannot legitimately go further).
 const MAX_HEADER_OFFSET: usize = 4096;
 
+/// A bounds-checked view of `N` bytes at `offset`. One check per header keeps the program
+/// simple enough for the verifier to follow every path.
 #[inline(always)]
-fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
     let start = ctx.data();
-    let end = ctx.data_end();
-    if offset > MAX_HEADER_OFFSET || start + offset + core::mem::size_of::<T>() > end {
+    if offset > MAX_HEADER_OFFSET || start + offset + N > ctx.data_end() {
         return None;
     }
     // SAFETY: the range was checked against the frame just above.
-    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    Some(unsafe { &*((start + offset) as *const [u8; N]) })
 }
 
 #[inline(always)]
-fn be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
-    load::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 #[inline(always)]
-fn be32(ctx: &XdpContext, offset: usize) -> Option<u32> {
-    load::<[u8; 4]>(ctx, offset).map(u32::from_be_bytes)
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 #[inline(always)]
-fn be64(ctx: &XdpContext, offset: usize) -> Option<u64> {
-    load::<[u8; 8]>(ctx, offset).map(u64::from_be_bytes)
-}
-
-#[inline(always)]
-fn byte(ctx: &XdpContext, offset: usize) -> Option<u8> {
-    load::<u8>(ctx, offset)
+fn be64(b: &[u8], at: usize) -> u64 {
+    (be32(b, at) as u64) << 32 | be32(b, at + 4) as u64
 }
 
 /// Minimum transport header that must be present to read a port: a whole TCP or UDP
@@ -83,18 +79,19 @@ fn is_extension_header(protocol: u8) -> bool {
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Frame {
     let frame_len = ctx.data_end() - ctx.data();
-    let Some(mut ethertype) = be16(ctx, 12) else {
+    let Some(ethernet) = bytes::<ETH_HDR_LEN>(ctx, 0) else {
         return Frame::NonIp;
     };
+    let mut ethertype = be16(ethernet, 12);
     let mut offset = ETH_HDR_LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
-        let Some(inner) = be16(ctx, offset + 2) else {
+        let Some(tag) = bytes::<VLAN_HDR_LEN>(ctx, offset) else {
             return Frame::Unreadable;
         };
-        ethertype = inner;
+        ethertype = be16(tag, 2);
         offset += VLAN_HDR_LEN;
     }
     match ethertype {
@@ -107,40 +104,33 @@ pub fn parse(ctx: &XdpContext) -> Frame {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
-    let (Some(version_ihl), Some(total_len), Some(fragment), Some(protocol), Some(src), Some(dst)) = (
-        byte(ctx, ip),
-        be16(ctx, ip + 2),
-        be16(ctx, ip + 6),
-        byte(ctx, ip + 9),
-        be32(ctx, ip + 12),
-        be32(ctx, ip + 16),
-    ) else {
+    let Some(header) = bytes::<IPV4_HDR_LEN>(ctx, ip) else {
         return Frame::Unreadable;
     };
-    if version_ihl >> 4 != 4 {
+    if header[0] >> 4 != 4 {
         return Frame::Unreadable;
     }
+    let protocol = header[9];
     let mut packet = Packet {
         family: FAMILY_V4,
-        src: (0, src as u64),
-        dst: (0, dst as u64),
+        src: (0, be32(header, 12) as u64),
+        dst: (0, be32(header, 16) as u64),
         protocol,
         port: None,
         malformed: false,
         ndp: false,
     };
-    let header_len = ((version_ihl & 0xf) as usize) * 4;
-    let total_len = total_len as usize;
+    let header_len = ((header[0] & 0xf) as usize) * 4;
+    let total_len = be16(header, 2) as usize;
     if header_len < IPV4_HDR_LEN || total_len < header_len || ip + total_len > frame_len {
         packet.malformed = true;
         return Frame::Ip(packet);
     }
-    let fragment_offset = fragment & 0x1fff;
+    let fragment_offset = be16(header, 6) & 0x1fff;
     if let Some(needed) = transport_header_len(protocol) {
         if fragment_offset == 0 {
-            let transport = ip + header_len;
-            match be16(ctx, transport + 2) {
-                Some(port) if header_len + needed <= total_len => packet.port = Some(port),
+            match bytes::<4>(ctx, ip + header_len) {
+                Some(ports) if header_len + needed <= total_len => packet.port = Some(be16(ports, 2)),
                 _ => packet.malformed = true,
             }
         } else if fragment_offset == 1 && protocol == IPPROTO_TCP {
@@ -153,24 +143,18 @@ fn parse_ipv4(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
-    let (Some(version), Some(payload_len), Some(first_next), Some(src_hi), Some(src_lo), Some(dst_hi), Some(dst_lo)) = (
-        byte(ctx, ip),
-        be16(ctx, ip + 4),
-        byte(ctx, ip + 6),
-        be64(ctx, ip + 8),
-        be64(ctx, ip + 16),
-        be64(ctx, ip + 24),
-        be64(ctx, ip + 32),
-    ) else {
+    let Some(header) = bytes::<IPV6_HDR_LEN>(ctx, ip) else {
         return Frame::Unreadable;
     };
-    if version >> 4 != 6 {
+    if header[0] >> 4 != 6 {
         return Frame::Unreadable;
     }
+    let first_next = header[6];
+    let payload_len = be16(header, 4);
     let mut packet = Packet {
         family: FAMILY_V6,
-        src: (src_hi, src_lo),
-        dst: (dst_hi, dst_lo),
+        src: (be64(header, 8), be64(header, 16)),
+        dst: (be64(header, 24), be64(header, 32)),
         protocol: first_next,
         port: None,
         malformed: false,
@@ -187,7 +171,7 @@ fn parse_ipv6(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let (Some(following), Some(len_units)) = (byte(ctx, offset), byte(ctx, offset + 1)) else {
+                let Some(&[following, len_units]) = bytes::<2>(ctx, offset) else {
                     packet.malformed = true;
                     return Frame::Ip(packet);
                 };
@@ -200,10 +184,11 @@ fn parse_ipv6(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
                 offset += len;
             }
             IPPROTO_FRAGMENT => {
-                let (Some(following), Some(fragment)) = (byte(ctx, offset), be16(ctx, offset + 2)) else {
+                let Some(&[following, _, offset_hi, offset_lo]) = bytes::<4>(ctx, offset) else {
                     packet.malformed = true;
                     return Frame::Ip(packet);
                 };
+                let fragment = u16::from_be_bytes([offset_hi, offset_lo]);
                 if offset + 8 > end {
                     packet.malformed = true;
                     return Frame::Ip(packet);
@@ -228,13 +213,16 @@ fn parse_ipv6(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
         return Frame::Ip(packet);
     }
     if let Some(needed) = transport_header_len(next) {
-        match be16(ctx, offset + 2) {
-            Some(port) if offset + needed <= end => packet.port = Some(port),
+        match bytes::<4>(ctx, offset) {
+            Some(ports) if offset + needed <= end => packet.port = Some(be16(ports, 2)),
             _ => packet.malformed = true,
         }
     } else if next == IPPROTO_ICMPV6 {
-        match byte(ctx, offset) {
-            Some(kind) if offset < end => packet.ndp = (ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&kind),
+        // Type, code and checksum: the whole fixed ICMPv6 header.
+        match bytes::<4>(ctx, offset) {
+            Some(&[kind, ..]) if offset + 4 <= end => {
+                packet.ndp = (ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&kind)
+            }
             _ => packet.malformed = true,
         }
     }

@@ -1,0 +1,551 @@
+//! The kernel side as user space sees it: load or reuse the XDP program and its pinned maps,
+//! attach it to interfaces, and keep the maps in step with the policy.
+//!
+//! Maps and links are pinned under `<bpffs>/ipaccess/v1/`. A starting daemon reuses them:
+//! the maps keep their contents, and the pinned link of each interface is switched to the
+//! freshly loaded program with one atomic `bpf_link_update`, so filtering never stops while
+//! the daemon restarts or upgrades. Nothing is detached unless [`Datapath::detach`] is called.
+
+pub mod mmap;
+pub mod prefix;
+pub mod regions;
+pub mod tables;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use ipaccess_common::{
+    AccountCounters, AccountRecord, AddrValue, Config, DropSample, FAMILY_V4, FAMILY_V6, HostCounters, MAP_ACCOUNTS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_SAMPLES, MAP_SLOTS, NO_ACCOUNT, PIN_SUBDIR, PROGRAM_NAME, Policy,
+    Slot, TableDesc, Tag,
+};
+use ipnet::IpNet;
+use log::{info, warn};
+
+use self::{
+    mmap::MmapArray,
+    prefix::{TooManyKeys, expand},
+    tables::{SlotKey, Synced, TableContent, TableError, Tables},
+};
+
+/// The XDP object built by build.rs.
+pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-ebpf"));
+
+/// The bpffs magic number from `statfs(2)`.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Where bpffs is mounted; pins go under `<bpffs>/ipaccess/v1`.
+    pub bpffs: PathBuf,
+    /// Capacity of the slot array (all tables together), used when the maps are created.
+    pub slots: u32,
+    /// Highest account slot + 1, used when the maps are created.
+    pub accounts: u32,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            slots: ipaccess_common::DEFAULT_SLOTS,
+            accounts: ipaccess_common::DEFAULT_ACCOUNTS,
+        }
+    }
+}
+
+/// How an account's traffic is filtered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No address check.
+    Off,
+    /// Disallowed sources pass and are counted as would-be drops.
+    Monitor,
+    /// Disallowed sources are dropped.
+    Enforce,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BindTarget {
+    Port { protocol: u8, port: u16 },
+    WholeAddress,
+}
+
+/// A destination owned by an account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Binding {
+    pub addr: IpAddr,
+    pub target: BindTarget,
+    pub account: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("bpffs is not mounted at {0} (mount it with `mount -t bpf bpf {0}`)")]
+    BpffsNotMounted(PathBuf),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("loading the XDP program: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{0}: {1}")]
+    Program(String, #[source] aya::programs::ProgramError),
+    #[error("{0}: {1}")]
+    Map(String, #[source] aya::maps::MapError),
+    #[error("pinned map {name} does not match this build ({detail}); remove {dir} to recreate the maps")]
+    IncompatibleMap { name: &'static str, detail: String, dir: PathBuf },
+    #[error("account slot {slot} is outside 1..{limit}")]
+    AccountSlot { slot: u32, limit: u32 },
+    #[error("interface {0} does not exist")]
+    NoInterface(String),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error(transparent)]
+    Prefixes(#[from] TooManyKeys),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// How the program ended up attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// In the driver (native XDP).
+    Native,
+    /// In the generic network stack path (slower; the driver has no XDP support).
+    Generic,
+    /// An existing pinned link was switched to this program.
+    Reused,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    tables: Tables,
+    accounts: MmapArray<AccountRecord>,
+    config: MmapArray<Config>,
+    samples: RingBuf<MapData>,
+    /// Links this process attached or reused, by interface (each also pinned).
+    links: BTreeMap<String, FdLink>,
+    /// Held for the life of the Datapath: one writer per pin directory.
+    _lock: fs::File,
+}
+
+impl Datapath {
+    /// Loads the program, creating or reusing the pinned maps. Does not attach anything.
+    pub fn open(options: &DatapathOptions) -> Result<Self> {
+        check_bpffs(&options.bpffs)?;
+        let pin_dir = options.bpffs.join(PIN_SUBDIR);
+        fs::create_dir_all(&pin_dir).map_err(|e| DatapathError::Io(format!("creating {}", pin_dir.display()), e))?;
+        let lock = lock_dir(&pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .map_max_entries(MAP_SLOTS, options.slots)
+            .map_max_entries(MAP_ACCOUNTS, options.accounts)
+            .map_max_entries(MAP_COUNTERS, options.accounts)
+            .load(PROGRAM_OBJECT)?;
+        let slots_len = map_len::<Slot>(&ebpf, MAP_SLOTS, &pin_dir)?;
+        let accounts_len = map_len::<AccountRecord>(&ebpf, MAP_ACCOUNTS, &pin_dir)?;
+        let counters_len = map_len::<AccountCounters>(&ebpf, MAP_COUNTERS, &pin_dir)?;
+        if counters_len != accounts_len {
+            return Err(DatapathError::IncompatibleMap {
+                name: MAP_COUNTERS,
+                detail: format!("{counters_len} counters for {accounts_len} accounts"),
+                dir: pin_dir,
+            });
+        }
+        if slots_len != options.slots || accounts_len != options.accounts {
+            warn!(
+                "reusing pinned maps with {slots_len} slots and {accounts_len} accounts (configured: {} and {}); \
+                 the configured sizes apply when the maps are next created",
+                options.slots, options.accounts
+            );
+        }
+        let slots = mmap_map(&ebpf, MAP_SLOTS, slots_len)?;
+        let accounts = mmap_map::<AccountRecord>(&ebpf, MAP_ACCOUNTS, accounts_len)?;
+        let config = mmap_map::<Config>(&ebpf, MAP_CONFIG, 1)?;
+        let in_use = (0..accounts_len)
+            .map(|slot| TableDesc(accounts.load(slot, 1)))
+            .chain([TableDesc(config.load(0, 0))]);
+        let tables = Tables::new(slots, in_use)?;
+        let samples = ebpf.take_map(MAP_SAMPLES).expect("object has a sample ring");
+        let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
+        let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
+        program.load().map_err(|e| DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e))?;
+        Ok(Self { ebpf, pin_dir, tables, accounts, config, samples, links: BTreeMap::new(), _lock: lock })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The loaded filter program (for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn program(&self) -> &Xdp {
+        self.ebpf.program(PROGRAM_NAME).and_then(|p| p.try_into().ok()).expect("object has the XDP program")
+    }
+
+    /// Loads a program of the same object by name (the benchmark's `ipaccess_floor`).
+    pub fn load_extra_program(&mut self, name: &str) -> Result<&Xdp> {
+        let program = program_mut(&mut self.ebpf, name)?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| DatapathError::Program(format!("verifying {name}"), e))?;
+        }
+        Ok(program)
+    }
+
+    fn link_pin(&self, iface: &str) -> PathBuf {
+        self.pin_dir.join(format!("link-{iface}"))
+    }
+
+    /// Attaches the filter to `iface`, or switches the interface's existing pinned link to
+    /// this program without a gap. Native mode is tried first; generic mode is a fallback.
+    pub fn attach(&mut self, iface: &str) -> Result<Attachment> {
+        let pin = self.link_pin(iface);
+        if pin.exists() {
+            match self.reuse_link(&pin) {
+                Ok(link) => {
+                    self.links.insert(iface.to_string(), link);
+                    info!("{iface}: switched the pinned XDP link to the new program");
+                    return Ok(Attachment::Reused);
+                }
+                Err(e) => {
+                    // The interface went away and came back, or the pin is stale.
+                    warn!("{iface}: cannot reuse pinned link ({e}); attaching afresh");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+        }
+        let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
+        let (id, attachment) = match program.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, Attachment::Native),
+            Err(ProgramError::UnknownInterface { .. }) => return Err(DatapathError::NoInterface(iface.into())),
+            Err(native) => {
+                warn!("{iface}: native XDP unavailable ({native}); falling back to generic XDP, which is slower");
+                let id = program
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?;
+                (id, Attachment::Generic)
+            }
+        };
+        let link = program.take_link(id).map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?;
+        let link = FdLink::try_from(link)
+            .map_err(|e| DatapathError::Io(format!("{iface}: XDP attached without a bpf_link"), io::Error::other(e)))?;
+        // The pin keeps the link (and so the filter) alive after this process exits.
+        let pinned = link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
+        self.links.insert(iface.to_string(), FdLink::from(pinned));
+        info!("{iface}: attached ({attachment:?})");
+        Ok(attachment)
+    }
+
+    /// Atomically replaces the program in a pinned link (`bpf_link_update`).
+    fn reuse_link(&mut self, pin: &Path) -> Result<FdLink> {
+        let pinned = PinnedLink::from_pin(pin)
+            .map_err(|e| DatapathError::Io(format!("opening {}", pin.display()), io::Error::other(e)))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| DatapathError::Io(pin.display().to_string(), io::Error::other(e)))?;
+        let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
+        let id = program.attach_to_link(link).map_err(|e| DatapathError::Program(format!("updating {}", pin.display()), e))?;
+        let link = program.take_link(id).map_err(|e| DatapathError::Program(pin.display().to_string(), e))?;
+        FdLink::try_from(link).map_err(|e| DatapathError::Io(pin.display().to_string(), io::Error::other(e)))
+    }
+
+    /// Removes the filter from `iface`: the only way the daemon ever detaches. Returns false
+    /// if it was not attached.
+    pub fn detach(&mut self, iface: &str) -> Result<bool> {
+        let pin = self.link_pin(iface);
+        // Closing the last reference to a link that is no longer pinned detaches it.
+        self.links.remove(iface);
+        if !pin.exists() {
+            return Ok(false);
+        }
+        let pinned = PinnedLink::from_pin(&pin)
+            .map_err(|e| DatapathError::Io(format!("opening {}", pin.display()), io::Error::other(e)))?;
+        let link = pinned.unpin().map_err(|e| DatapathError::Io(format!("unpinning {}", pin.display()), e))?;
+        drop(link);
+        info!("{iface}: detached");
+        Ok(true)
+    }
+
+    /// Interfaces with a pinned link.
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.pin_dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_prefix("link-").map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn account_capacity(&self) -> u32 {
+        self.accounts.len()
+    }
+
+    fn check_slot(&self, slot: u32) -> Result<()> {
+        if slot == NO_ACCOUNT || slot >= self.accounts.len() {
+            return Err(DatapathError::AccountSlot { slot, limit: self.accounts.len() });
+        }
+        Ok(())
+    }
+
+    /// Sets an account's mode and suspension (one atomic store).
+    pub fn set_policy(&mut self, slot: u32, mode: Mode, suspended: bool) -> Result<()> {
+        self.check_slot(slot)?;
+        let mode = match mode {
+            Mode::Off => Policy::MODE_OFF,
+            Mode::Monitor => Policy::MODE_MONITOR,
+            Mode::Enforce => Policy::MODE_ENFORCE,
+        };
+        self.accounts.store(slot, 0, Policy::new(mode, suspended));
+        Ok(())
+    }
+
+    /// Replaces an account's allowlist (entries and overrides, each with its expiry in
+    /// `CLOCK_BOOTTIME` ns or `NEVER_EXPIRES`). A source allowed before and after the call is
+    /// allowed throughout it.
+    pub fn set_allowlist(&mut self, slot: u32, entries: &[(IpNet, u64)]) -> Result<()> {
+        self.check_slot(slot)?;
+        let expanded = expand(entries)?;
+        let content = TableContent {
+            entries: expanded
+                .keys
+                .iter()
+                .map(|(k, &expiry)| (SlotKey { tag: Tag::allow(slot, k.family, k.len), hi: k.hi, lo: k.lo }, expiry))
+                .collect(),
+            v4_lengths: expanded.v4_lengths,
+            v6_lengths: expanded.v6_lengths,
+        };
+        let current = TableDesc(self.accounts.load(slot, 1));
+        if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
+            self.accounts.store(slot, 1, new.0);
+            self.tables.retire(current);
+        }
+        Ok(())
+    }
+
+    /// Forgets an account: unset policy (its bindings, if any remain, drop everything) and no
+    /// allowlist. Counters are zeroed so the slot can be reused.
+    pub fn remove_account(&mut self, slot: u32) -> Result<()> {
+        self.check_slot(slot)?;
+        self.accounts.store(slot, 0, Policy::new(Policy::MODE_UNSET, false));
+        let current = TableDesc(self.accounts.load(slot, 1));
+        self.accounts.store(slot, 1, TableDesc::NONE.0);
+        self.tables.retire(current);
+        self.reset_counters(slot)
+    }
+
+    /// Replaces the whole set of bindings.
+    pub fn set_bindings(&mut self, bindings: &[Binding]) -> Result<()> {
+        for b in bindings {
+            self.check_slot(b.account)?;
+        }
+        let mut entries = BTreeMap::new();
+        let mut addrs: BTreeMap<(u64, u64, u64), u64> = BTreeMap::new();
+        for b in bindings {
+            let (family, hi, lo) = addr_words(b.addr);
+            let record = addrs.entry((family, hi, lo)).or_insert(0);
+            match b.target {
+                BindTarget::Port { protocol, port } => {
+                    entries.insert(SlotKey { tag: Tag::port(family, protocol, port), hi, lo }, b.account as u64);
+                    *record |= AddrValue::HAS_PORT_BINDINGS;
+                }
+                BindTarget::WholeAddress => *record = (*record & !0xffff_ffff) | b.account as u64,
+            }
+        }
+        for ((family, hi, lo), value) in addrs {
+            entries.insert(SlotKey { tag: Tag::addr(family), hi, lo }, value);
+        }
+        let content = TableContent { entries, ..Default::default() };
+        let current = TableDesc(self.config.load(0, 0));
+        if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
+            self.config.store(0, 0, new.0);
+            self.tables.retire(current);
+        }
+        Ok(())
+    }
+
+    /// The bindings the kernel holds now.
+    pub fn bindings(&self) -> Vec<Binding> {
+        let content = self.tables.read(TableDesc(self.config.load(0, 0)));
+        let mut out = BTreeSet::new();
+        for (key, &value) in &content.entries {
+            let family = (key.tag >> 40) & 1;
+            let addr = words_addr(family, key.hi, key.lo);
+            if key.tag == Tag::addr(family) {
+                let account = AddrValue::account(value);
+                if account != NO_ACCOUNT {
+                    out.insert(Binding { addr, target: BindTarget::WholeAddress, account });
+                }
+            } else {
+                let (protocol, port) = ((key.tag >> 16) as u8, key.tag as u16);
+                out.insert(Binding { addr, target: BindTarget::Port { protocol, port }, account: value as u32 });
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Rate and burst of drop samples per CPU (0 disables them).
+    pub fn set_sampling(&mut self, per_second: u64, burst: u64) {
+        self.config.store(0, 2, burst);
+        self.config.store(0, 1, per_second);
+    }
+
+    /// Drop samples waiting in the ring buffer, at most `max`.
+    pub fn drain_samples(&mut self, max: usize) -> Vec<DropSample> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.samples.next() else { break };
+            if item.len() >= size_of::<DropSample>() {
+                // SAFETY: the kernel wrote a DropSample; read_unaligned copes with any alignment.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<DropSample>()) });
+            }
+        }
+        out
+    }
+
+    /// An account's counters summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<AccountCounters> {
+        self.check_slot(slot)?;
+        let map = self.per_cpu::<AccountCounters>(MAP_COUNTERS)?;
+        let values = map.get(&slot, 0).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
+        Ok(values.iter().fold(AccountCounters::default(), |mut sum, c| {
+            sum.passed_packets += c.passed_packets;
+            sum.passed_bytes += c.passed_bytes;
+            sum.dropped_packets += c.dropped_packets;
+            sum.dropped_bytes += c.dropped_bytes;
+            sum.would_drop_packets += c.would_drop_packets;
+            sum.would_drop_bytes += c.would_drop_bytes;
+            sum
+        }))
+    }
+
+    pub fn host_counters(&self) -> Result<HostCounters> {
+        let map = self.per_cpu::<HostCounters>(MAP_HOST_COUNTERS)?;
+        let values = map.get(&0, 0).map_err(|e| DatapathError::Map(MAP_HOST_COUNTERS.into(), e))?;
+        Ok(values.iter().fold(HostCounters::default(), |mut sum, c| {
+            sum.non_ip_packets += c.non_ip_packets;
+            sum.unbound_packets += c.unbound_packets;
+            sum.ndp_packets += c.ndp_packets;
+            sum.malformed_packets += c.malformed_packets;
+            sum
+        }))
+    }
+
+    fn reset_counters(&mut self, slot: u32) -> Result<()> {
+        let map = self.ebpf.map_mut(MAP_COUNTERS).expect("object has counters");
+        let mut counters: PerCpuArray<_, AccountCounters> =
+            PerCpuArray::try_from(map).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io("counting CPUs".into(), e))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![AccountCounters::default(); cpus])
+            .map_err(|e| DatapathError::Io("counters".into(), e))?;
+        counters.set(slot, zeros, 0).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))
+    }
+
+    fn per_cpu<T: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<&MapData, T>> {
+        let map = self.ebpf.map(name).expect("object has the map");
+        PerCpuArray::try_from(map).map_err(|e| DatapathError::Map(name.into(), e))
+    }
+
+    /// Slots used and available in the table array.
+    pub fn slot_usage(&self) -> (u64, u64) {
+        let capacity = self.tables.capacity() as u64;
+        (capacity - self.tables.free_slots(), capacity)
+    }
+}
+
+/// An address as (family, high word, low word), the form table keys use.
+pub fn addr_words(addr: IpAddr) -> (u64, u64, u64) {
+    match addr {
+        IpAddr::V4(a) => (FAMILY_V4, 0, u32::from(a) as u64),
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            (FAMILY_V6, (bits >> 64) as u64, bits as u64)
+        }
+    }
+}
+
+pub fn words_addr(family: u64, hi: u64, lo: u64) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::V4((lo as u32).into())
+    } else {
+        IpAddr::V6((((hi as u128) << 64) | lo as u128).into())
+    }
+}
+
+/// Now on `CLOCK_BOOTTIME`, the clock the kernel compares override expiries with.
+pub fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn check_bpffs(path: &Path) -> Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| DatapathError::Io(path.display().to_string(), e.into()))?;
+    // SAFETY: statfs fills the struct we pass.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 || stat.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DatapathError::BpffsNotMounted(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Takes an exclusive lock on the pin directory so two daemons never write the same maps.
+fn lock_dir(dir: &Path) -> Result<fs::File> {
+    let file = fs::File::open(dir).map_err(|e| DatapathError::Io(format!("opening {}", dir.display()), e))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(DatapathError::Io(
+            format!("{} is in use by another ipaccessd", dir.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DatapathError::Io(name.into(), std::io::Error::other("not in the object")))?
+        .try_into()
+        .map_err(|e| DatapathError::Program(name.into(), e))
+}
+
+fn map_data<'a>(ebpf: &'a Ebpf, name: &str) -> &'a MapData {
+    match ebpf.map(name).expect("object has the map") {
+        Map::Array(data) | Map::PerCpuArray(data) => data,
+        other => panic!("{name} has unexpected type {other:?}"),
+    }
+}
+
+/// Checks a (possibly reused) array map against this build; returns its length.
+fn map_len<T>(ebpf: &Ebpf, name: &'static str, dir: &Path) -> Result<u32> {
+    let info = map_data(ebpf, name).info().map_err(|e| DatapathError::Map(name.into(), e))?;
+    if info.value_size() as usize != size_of::<T>() {
+        return Err(DatapathError::IncompatibleMap {
+            name,
+            detail: format!("value size {} instead of {}", info.value_size(), size_of::<T>()),
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(info.max_entries())
+}
+
+fn mmap_map<T>(ebpf: &Ebpf, name: &str, len: u32) -> Result<MmapArray<T>> {
+    let data = map_data(ebpf, name);
+    MmapArray::new(data.fd().as_fd(), len).map_err(|e| DatapathError::Io(format!("mapping {name}"), e))
+}
