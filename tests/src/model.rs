@@ -284,7 +284,8 @@ fn parse_ipv6(frame: &[u8], off: usize) -> Parsed {
         }
         p.port = Some(be16(frame, pos + 2));
     } else if next == IPPROTO_ICMPV6 {
-        if pos >= len || pos >= end {
+        // The whole fixed ICMPv6 header (type, code, checksum) must be there.
+        if pos + 4 > len || pos + 4 > end {
             return malformed(p);
         }
         p.ndp = (ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&frame[pos]);
@@ -1047,12 +1048,17 @@ mod tests {
             Outcome::WouldDrop { account: 2 }
         );
         assert_eq!(
-            f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[138, 0])),
+            f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[138, 0, 0, 0])),
             Outcome::WouldDrop { account: 2 }
+        );
+        // A cut ICMPv6 header is malformed.
+        assert_eq!(
+            f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[135, 0])),
+            Outcome::Malformed { account: 2 }
         );
         // NDP behind an extension header.
         let mut p = ext(58, 0);
-        p.push(135);
+        p.extend([135, 0, 0, 0]);
         assert_eq!(f(ip6(S6_BAD, D6, 0, &p)), Outcome::Ndp);
         // ICMPv6 with no type byte → malformed.
         assert_eq!(

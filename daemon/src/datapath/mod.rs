@@ -549,3 +549,9 @@ fn mmap_map<T>(ebpf: &Ebpf, name: &str, len: u32) -> Result<MmapArray<T>> {
     let data = map_data(ebpf, name);
     MmapArray::new(data.fd().as_fd(), len).map_err(|e| DatapathError::Io(format!("mapping {name}"), e))
 }
+
+#[cfg(test)]
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Datapath>();
+};

@@ -181,15 +181,22 @@ mod tests {
 
     #[test]
     fn expansion_keeps_the_latest_expiry() {
+        // Ten lengths; 17..=24 hold four prefixes each, so the cheapest folds are the lone /15
+        // and the lone /16 (which expires) into /17, where they land on the same keys: the
+        // permanent entry must win.
         let mut list = nets(&["198.18.0.0/15"]);
         list.push(("198.18.0.0/16".parse().unwrap(), 5));
-        for len in 17..=24 {
-            list.push((format!("198.19.0.0/{len}").parse().unwrap(), 7));
+        for len in 17..=24u8 {
+            for i in 0..4u32 {
+                let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (i << (32 - len)));
+                list.push((IpNet::new(addr.into(), len).unwrap(), 7));
+            }
         }
         let e = expand(&list).unwrap();
-        assert!(e.keys.values().all(|&exp| exp == NEVER_EXPIRES || exp == 7), "{:?}", e.keys);
-        let covered = e.keys.iter().find(|(k, _)| k.lo == u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) as u64);
-        assert_eq!(covered.map(|(_, &exp)| exp), Some(NEVER_EXPIRES), "the permanent /15 wins over the /16");
+        assert_eq!(e.v4_lengths, (17..=24).rev().collect::<Vec<u8>>());
+        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) as u64;
+        let folded: Vec<u64> = e.keys.iter().filter(|(k, _)| k.lo >> 17 == base >> 17).map(|(_, &exp)| exp).collect();
+        assert_eq!(folded, vec![NEVER_EXPIRES; 4], "the /15 as four /17s, two shared with the /16");
     }
 
     #[test]
