@@ -199,14 +199,15 @@ impl TableDesc {
     }
 }
 
-/// Mixes a key into 64 bits. A multiply-xorshift: a few instructions in BPF, and good
-/// enough spread for linear probing when the seed is random per region.
+/// Mixes a key into 64 bits: the words are folded together first so that only one multiply
+/// sits on the path from packet to probe (this hash is on every packet's critical path).
+/// Multiply-shift keeps the well-mixed high bits; the random per-region seed and the
+/// writer's bounded probing keep crafted keys from building long chains.
 #[inline(always)]
 pub const fn hash_key(seed: u64, tag: u64, hi: u64, lo: u64) -> u64 {
-    let mut h = seed ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h = (h ^ hi).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ lo).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
+    let folded = seed ^ lo ^ tag.rotate_left(29) ^ hi.rotate_left(47) ^ (hi >> 13);
+    let h = folded.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
 }
 
 /// Home slot of a key, as an offset within the table (0..slots).

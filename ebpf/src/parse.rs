@@ -47,17 +47,18 @@ fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
 
 #[inline(always)]
 fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
+    // SAFETY (all three): `at` plus the width is within the checked header `b`.
+    u16::from_be(unsafe { core::ptr::read_unaligned(b.as_ptr().add(at).cast()) })
 }
 
 #[inline(always)]
 fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    u32::from_be(unsafe { core::ptr::read_unaligned(b.as_ptr().add(at).cast()) })
 }
 
 #[inline(always)]
 fn be64(b: &[u8], at: usize) -> u64 {
-    (be32(b, at) as u64) << 32 | be32(b, at + 4) as u64
+    u64::from_be(unsafe { core::ptr::read_unaligned(b.as_ptr().add(at).cast()) })
 }
 
 /// Minimum transport header that must be present to read a port: a whole TCP or UDP

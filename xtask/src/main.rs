@@ -1,1 +1,197 @@
-fn main() {}
+//! `cargo xtask`: installs the toolchain the eBPF build needs and drives build, run, test and
+//! bench. Every command runs `setup` first, so a fresh machine needs nothing but
+//! `cargo xtask <command>`.
+
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Development tasks for ipaccess"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building the XDP program needs (LLVM, rust-src, bpf-linker), skipping
+    /// what is already present.
+    Setup,
+    /// Build the daemon binaries (ipaccessd, ipaccessctl).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test (needs root). Arguments after `--` go to the test harness,
+    /// e.g. `cargo xtask test -- differential --nocapture`.
+    Test {
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Build in release mode and run ipaccessd (needs root) with the arguments after `--`.
+    Run {
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the benchmark binary `bench-<NAME>` from the tests crate, e.g. `cargo xtask bench
+    /// datapath -- <args>`.
+    Bench {
+        /// Benchmark name: `datapath` runs `bench-datapath`.
+        name: String,
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() {
+    // Print the error chain on one line; no backtrace dump even when RUST_BACKTRACE is set.
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => {
+            setup::run()?;
+            let mut cargo = cargo(["build", "-p", "ipaccess", "--bins"]);
+            if release {
+                cargo.arg("--release");
+            }
+            status(&mut cargo)
+        }
+        Cmd::Test { args } => {
+            // The tests load XDP programs, create network namespaces and mount bpffs.
+            require_root("test")?;
+            setup::run()?;
+            // The eBPF crate only builds for the BPF target; daemon/build.rs builds it.
+            // --no-fail-fast: report every failing test binary, not just the first.
+            let mut cargo = cargo(["test", "--release", "--no-fail-fast", "--workspace"]);
+            cargo.args(["--exclude", "ipaccess-ebpf", "--"]);
+            // The tests each set up namespaces and veth pairs; two at a time keeps them from
+            // starving each other on small machines.
+            if !args
+                .iter()
+                .any(|a| a.to_string_lossy().starts_with("--test-threads"))
+            {
+                cargo.arg("--test-threads=2");
+            }
+            status(cargo.args(args))
+        }
+        Cmd::Run { args } => {
+            require_root("run")?;
+            setup::run()?;
+            status(&mut cargo([
+                "build",
+                "--release",
+                "-p",
+                "ipaccess",
+                "--bins",
+            ]))?;
+            let daemon = target_dir().join("release/ipaccessd");
+            let err = command(&daemon).args(args).exec();
+            Err(err).with_context(|| format!("failed to exec {}", daemon.display()))
+        }
+        Cmd::Bench { name, args } => {
+            setup::run()?;
+            let mut cargo = cargo(["run", "--release", "-p", "ipaccess-tests"]);
+            cargo.args(["--bin", &format!("bench-{name}"), "--"]);
+            status(cargo.args(args))
+        }
+    }
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// A command run from the workspace root with `~/.cargo/bin` on PATH, where `cargo install`
+/// puts bpf-linker; aya-build looks for it there through PATH.
+pub(crate) fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir(workspace_root())
+        .env("PATH", path_with_cargo_bin());
+    cmd
+}
+
+/// The cargo that runs us (`$CARGO`), so the toolchain stays the one the user picked.
+pub(crate) fn cargo<'a>(args: impl IntoIterator<Item = &'a str>) -> Command {
+    let mut cmd = command(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args);
+    cmd
+}
+
+fn path_with_cargo_bin() -> OsString {
+    let path = env::var_os("PATH").unwrap_or_default();
+    let Some(home) = env::var_os("HOME") else {
+        return path;
+    };
+    let cargo_bin = Path::new(&home).join(".cargo/bin");
+    let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+    if !dirs.contains(&cargo_bin) {
+        dirs.insert(0, cargo_bin);
+    }
+    env::join_paths(dirs).unwrap_or(path)
+}
+
+/// Runs `cmd` with inherited stdio and fails unless it exits successfully.
+pub(crate) fn status(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start `{}`", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+/// `program args…`, without the environment and directory that `{:?}` adds.
+fn show(cmd: &Command) -> String {
+    let program = Path::new(cmd.get_program())
+        .file_name()
+        .unwrap_or(cmd.get_program());
+    let mut line = program.to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
+}
+
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask {what}` must run as root: it loads XDP programs (CAP_BPF, \
+             CAP_NET_ADMIN) and mounts bpffs; try `sudo -E env PATH=$PATH cargo xtask {what}`"
+        );
+    }
+    Ok(())
+}

@@ -205,6 +205,19 @@ impl Datapath {
         Ok(program)
     }
 
+    /// A program loaded with [`Datapath::load_extra_program`].
+    pub fn extra_program(&self, name: &str) -> Option<&Xdp> {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok())
+    }
+
+    /// Inserts a key into the benchmark's calibration hash map (see `ipaccess_calibration_hash`).
+    pub fn calibration_map_insert(&mut self, key: u64) -> Result<()> {
+        let map = self.ebpf.map_mut("IPACCESS_CALIBRATION").expect("object has the calibration map");
+        let mut map: aya::maps::HashMap<_, u64, u64> =
+            aya::maps::HashMap::try_from(map).map_err(|e| DatapathError::Map("IPACCESS_CALIBRATION".into(), e))?;
+        map.insert(key, 1, 0).map_err(|e| DatapathError::Map("IPACCESS_CALIBRATION".into(), e))
+    }
+
     fn link_pin(&self, iface: &str) -> PathBuf {
         self.pin_dir.join(format!("link-{iface}"))
     }

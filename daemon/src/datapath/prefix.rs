@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use ipaccess_common::{FAMILY_V4, FAMILY_V6, MAX_PROBE_LENGTHS, v4_key, v6_key};
 use ipnet::IpNet;
 
-/// Keys an expansion may produce per account before it is refused.
-pub const MAX_EXPANDED_KEYS: u64 = 1 << 20;
+/// Keys an expansion may produce per account before it is refused (a quarter of the default
+/// slot array at the maximum load).
+pub const MAX_EXPANDED_KEYS: u64 = 1 << 17;
 
 /// One allowlist key: family, prefix length and the masked address words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

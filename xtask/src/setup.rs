@@ -1,0 +1,106 @@
+//! `cargo xtask setup`: makes this machine able to build the XDP program. Each step checks
+//! first and installs only what is missing, so a second run takes a moment.
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cargo, command, is_root, status};
+
+/// Debian packages: LLVM 22 (+ polly, zstd, zlib, which its libLLVM links against) for
+/// bpf-linker, and iproute2 for the tests' network namespaces.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    nightly()?;
+    packages()?;
+    rust_src()?;
+    bpf_linker()
+}
+
+/// Output of a check command; None when it could not run or failed.
+fn query(program: &str, args: &[&str]) -> Option<String> {
+    let out = command(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nightly() -> Result<()> {
+    let toolchains = query("rustup", &["toolchain", "list"])
+        .context("`rustup toolchain list` failed; is rustup installed?")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!(
+            "the nightly toolchain is missing; the XDP program needs it (`rustup toolchain \
+             install nightly`), and it cannot be downloaded from here"
+        );
+    }
+    println!("setup: nightly toolchain found");
+    Ok(())
+}
+
+fn packages() -> Result<()> {
+    let installed = |pkg: &str| {
+        query("dpkg-query", &["-W", "-f=${Status}", pkg])
+            .is_some_and(|s| s.trim() == "install ok installed")
+    };
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages present ({})", PACKAGES.join(" "));
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    if !is_root() {
+        bail!(
+            "installing {} needs root; run `cargo xtask setup` as root",
+            missing.join(" ")
+        );
+    }
+    status(command("apt-get").arg("update"))?;
+    status(
+        command("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(missing),
+    )
+}
+
+fn rust_src() -> Result<()> {
+    let args = ["component", "list", "--toolchain", "nightly", "--installed"];
+    if query("rustup", &args).is_some_and(|s| s.lines().any(|l| l.trim().starts_with("rust-src"))) {
+        println!("setup: rust-src for nightly present");
+        return Ok(());
+    }
+    println!("setup: adding rust-src to nightly");
+    status(command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Some(version) = query("bpf-linker", &["--version"]) {
+        println!("setup: {} present", version.trim());
+        return Ok(());
+    }
+    println!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+    let install = |locked: bool| {
+        let mut cmd = cargo(["install", "bpf-linker", "--version", BPF_LINKER_VERSION]);
+        if locked {
+            cmd.arg("--locked");
+        }
+        // Without LLVM_PREFIX, bpf-linker's build script finds the distro's older
+        // /usr/bin/llvm-config and fails to link -lLLVM.
+        cmd.args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX);
+        status(&mut cmd)
+    };
+    install(true).or_else(|err| {
+        println!("setup: `cargo install --locked` failed ({err:#}); retrying without --locked");
+        install(false)
+    })
+}
