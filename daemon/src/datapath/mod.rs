@@ -506,6 +506,26 @@ pub fn boot_time_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Mounts bpffs at `path` unless it is mounted there already (systemd usually mounts
+/// /sys/fs/bpf; a fresh network namespace or container may not have it).
+pub fn ensure_bpffs(path: &Path) -> Result<()> {
+    if check_bpffs(path).is_ok() {
+        return Ok(());
+    }
+    fs::create_dir_all(path).map_err(|e| DatapathError::Io(format!("creating {}", path.display()), e))?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| DatapathError::Io(path.display().to_string(), e.into()))?;
+    // SAFETY: plain mount(2) with NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), c_path.as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast())
+    };
+    if rc != 0 {
+        return Err(DatapathError::Io(format!("mounting bpffs at {}", path.display()), io::Error::last_os_error()));
+    }
+    info!("mounted bpffs at {}", path.display());
+    Ok(())
+}
+
 fn check_bpffs(path: &Path) -> Result<()> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| DatapathError::Io(path.display().to_string(), e.into()))?;
