@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //!
-//! A *region* is `1 + 2^k` consecutive slots: a header slot followed by `2^k` table slots,
+//! A *region* is `1 + 2^k` consecutive slots: a header slot (the prefix lengths to probe)
+//! followed by `2^k` table slots,
 //! probed linearly from the key's home slot for at most [`MAX_PROBE`] slots and stopping at
 //! the first empty one. A region is named by a [`TableDesc`] word.
 //!
@@ -50,7 +51,7 @@ pub const NEVER_EXPIRES: u64 = u64::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
-    /// State, version and tag; see [`Meta`]. In a header slot: the region's hash seed.
+    /// State, version and tag; see [`Meta`]. Unused in a header slot.
     pub meta: u64,
     /// High 64 bits of the key address (zero for IPv4). Header: IPv4 probe lengths.
     pub key_hi: u64,
@@ -154,8 +155,10 @@ impl AddrValue {
     }
 }
 
-/// Names a region of `SLOTS`: `PRESENT | log2(table slots) << 32 | header index`.
+/// Names a region of `SLOTS`: `PRESENT | salt << 38 | log2(table slots) << 32 | header`.
 /// Zero means "no table" (an account with an empty allowlist, or no bindings at all).
+/// The whole word seeds the region's hash: the random salt gives every rebuilt table new
+/// positions, and the kernel needs no extra load to learn the seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableDesc(pub u64);
 
@@ -163,8 +166,17 @@ impl TableDesc {
     pub const NONE: TableDesc = TableDesc(0);
     const PRESENT: u64 = 1 << 63;
 
-    pub const fn new(header: u32, log2_slots: u32) -> Self {
-        TableDesc(Self::PRESENT | ((log2_slots as u64) << 32) | header as u64)
+    const SALT_BITS: u32 = 25;
+
+    pub const fn new(header: u32, log2_slots: u32, salt: u64) -> Self {
+        let salt = (salt & ((1 << Self::SALT_BITS) - 1)) << 38;
+        TableDesc(Self::PRESENT | salt | ((log2_slots as u64) << 32) | header as u64)
+    }
+
+    /// The hash seed of the region.
+    #[inline(always)]
+    pub const fn seed(self) -> u64 {
+        self.0
     }
 
     #[inline(always)]
@@ -238,11 +250,10 @@ fn read_word(word: *const u64) -> u64 {
 }
 
 /// Finds a key; returns its value word. See the module docs for the protocol.
-/// `seed` is the region's, from [`read_header`].
 #[inline(always)]
-pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, seed: u64, tag: u64, hi: u64, lo: u64) -> Option<u64> {
+pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: u64, hi: u64, lo: u64) -> Option<u64> {
     // SAFETY (all reads below): pointers come from `slots.slot`, which bounds-checks.
-    let home = home_offset(desc, hash_key(seed, tag, hi, lo));
+    let home = home_offset(desc, hash_key(desc.seed(), tag, hi, lo));
     let mut step = 0;
     while step < MAX_PROBE {
         let slot = slots.slot(probe_index(desc, home, step))?;
@@ -266,14 +277,13 @@ pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, seed: u64, tag: u64, hi
     None
 }
 
-/// Reads a region's hash seed and packed probe lengths (IPv4, IPv6) from its header.
+/// Reads an allowlist region's probe lengths (IPv4, IPv6) from its header.
 #[inline(always)]
-pub fn read_header<R: SlotReader>(slots: &R, desc: TableDesc) -> Option<(u64, PackedLengths, PackedLengths)> {
+pub fn read_lengths<R: SlotReader>(slots: &R, desc: TableDesc) -> Option<(PackedLengths, PackedLengths)> {
     let header = slots.slot(desc.header())?;
     // SAFETY: as in `lookup`.
     unsafe {
         Some((
-            read_word(&raw const (*header).meta),
             PackedLengths(read_word(&raw const (*header).key_hi)),
             PackedLengths(read_word(&raw const (*header).key_lo)),
         ))

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use ipaccess_common::{
     AccountCounters, AccountRecord, AddrValue, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS,
     DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, Policy,
-    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_header, reason, v4_key,
+    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_lengths, reason, v4_key,
     v6_key,
 };
 use parse::{Frame, Packet, parse};
@@ -88,17 +88,14 @@ fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
         count_host(|c| c.unbound_packets += 1);
         return XDP_PASS;
     }
-    let Some((seed, _, _)) = read_header(&Slots, bindings) else {
-        return XDP_PASS;
-    };
     let (dst_hi, dst_lo) = packet.dst;
     if let (Some(port), false) = (packet.port, packet.malformed) {
         let tag = Tag::port(packet.family, packet.protocol, port);
-        if let Some(account) = lookup(&Slots, bindings, seed, tag, dst_hi, dst_lo) {
+        if let Some(account) = lookup(&Slots, bindings, tag, dst_hi, dst_lo) {
             return decide_account(account as u32, packet, bytes);
         }
     }
-    let Some(addr) = lookup(&Slots, bindings, seed, Tag::addr(packet.family), dst_hi, dst_lo) else {
+    let Some(addr) = lookup(&Slots, bindings, Tag::addr(packet.family), dst_hi, dst_lo) else {
         count_host(|c| c.unbound_packets += 1);
         return XDP_PASS;
     };
@@ -123,9 +120,10 @@ fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
 
 #[inline(always)]
 fn decide_account(account: u32, packet: &Packet, bytes: u64) -> u32 {
-    let policy = match ACCOUNTS.get(account) {
-        Some(record) => read(&record.policy),
-        None => Policy::MODE_UNSET,
+    // One read of the record: policy and allowlist come from the same snapshot.
+    let (policy, table) = match ACCOUNTS.get(account) {
+        Some(record) => (read(&record.policy), TableDesc(read(&record.table))),
+        None => (Policy::MODE_UNSET, TableDesc::NONE),
     };
     let mode = policy & Policy::MODE_MASK;
     if mode == Policy::MODE_UNSET {
@@ -134,7 +132,7 @@ fn decide_account(account: u32, packet: &Packet, bytes: u64) -> u32 {
     if policy & Policy::SUSPENDED != 0 {
         return drop(account, packet, bytes, reason::SUSPENDED);
     }
-    if mode == Policy::MODE_OFF || source_allowed(account, packet) {
+    if mode == Policy::MODE_OFF || source_allowed(account, table, packet) {
         count_account(account, |c| {
             c.passed_packets += 1;
             c.passed_bytes += bytes;
@@ -168,15 +166,11 @@ fn drop(account: u32, packet: &Packet, bytes: u64, why: u8) -> u32 {
 /// Every probe length is tried until a live entry is found, so an expired entry never hides
 /// a live one at another length.
 #[inline(always)]
-fn source_allowed(account: u32, packet: &Packet) -> bool {
-    let Some(record) = ACCOUNTS.get(account) else {
-        return false;
-    };
-    let table = TableDesc(read(&record.table));
+fn source_allowed(account: u32, table: TableDesc, packet: &Packet) -> bool {
     if !table.is_present() {
         return false;
     }
-    let Some((seed, v4_lengths, v6_lengths)) = read_header(&Slots, table) else {
+    let Some((v4_lengths, v6_lengths)) = read_lengths(&Slots, table) else {
         return false;
     };
     let lengths = if packet.family == FAMILY_V4 { v4_lengths } else { v6_lengths };
@@ -193,7 +187,7 @@ fn source_allowed(account: u32, packet: &Packet) -> bool {
             v6_key(src_hi, src_lo, len)
         };
         let tag = Tag::allow(account, packet.family, len);
-        if let Some(expires) = lookup(&Slots, table, seed, tag, hi, lo) {
+        if let Some(expires) = lookup(&Slots, table, tag, hi, lo) {
             if expires == NEVER_EXPIRES {
                 return true;
             }

@@ -17,7 +17,7 @@ use std::{
 
 use ipaccess_common::{
     MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, TableDesc, hash_key, home_offset,
-    probe_index, read_header, state,
+    probe_index, read_lengths, state,
 };
 
 use super::{
@@ -122,7 +122,7 @@ impl Tables {
         for (key, value, _) in self.live_slots(desc) {
             content.entries.insert(key, value);
         }
-        if let Some((_, v4, v6)) = read_header(&self.slots, desc) {
+        if let Some((v4, v6)) = read_lengths(&self.slots, desc) {
             content.v4_lengths = unpack(v4);
             content.v6_lengths = unpack(v6);
         }
@@ -166,7 +166,7 @@ impl Tables {
 
     /// Applies the change without moving the table, if its size and lengths allow.
     fn try_in_place(&mut self, desc: TableDesc, wanted: &TableContent, v4: PackedLengths, v6: PackedLengths) -> bool {
-        let Some((seed, old_v4, old_v6)) = read_header(&self.slots, desc) else {
+        let Some((old_v4, old_v6)) = read_lengths(&self.slots, desc) else {
             return false;
         };
         let (Some(union_v4), Some(union_v6)) = (union(old_v4, v4), union(old_v6, v6)) else {
@@ -194,7 +194,7 @@ impl Tables {
             match present.get(key) {
                 Some(&(old, index)) if old != value => new_values.push((index, value)),
                 Some(_) => {}
-                None => match self.free_slot_for(desc, seed, key, &claimed) {
+                None => match self.free_slot_for(desc, key, &claimed) {
                     Some(index) => {
                         claimed.insert(index);
                         placements.push((index, *key, value));
@@ -225,11 +225,10 @@ impl Tables {
     fn free_slot_for(
         &self,
         desc: TableDesc,
-        seed: u64,
         key: &SlotKey,
         claimed: &std::collections::BTreeSet<u32>,
     ) -> Option<u32> {
-        let home = home_offset(desc, hash_key(seed, key.tag, key.hi, key.lo));
+        let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
         (0..MAX_PROBE).map(|step| probe_index(desc, home, step)).find(|&index| {
             let meta = self.slots.load(index, META);
             Meta::state(meta) != state::LIVE && !claimed.contains(&index)
@@ -259,11 +258,10 @@ impl Tables {
         }
         while log2 <= MAX_LOG2_SLOTS {
             let desc = self.allocate(log2)?;
-            let seed = RandomState::new().hash_one(Instant::now());
-            if self.fill(desc, seed, wanted) {
+            if self.fill(desc, wanted) {
+                self.slots.store(desc.header(), META, 0);
                 self.slots.store(desc.header(), VALUE, 0);
                 self.store_lengths(desc, v4, v6);
-                self.slots.store(desc.header(), META, seed);
                 return Ok(desc);
             }
             // Some key could not be placed within MAX_PROBE: never published, so the region
@@ -278,7 +276,8 @@ impl Tables {
         let len = (1u32 << log2) + 1;
         loop {
             if let Some(region) = self.regions.allocate(len) {
-                return Ok(TableDesc::new(region.start, log2));
+                let salt = RandomState::new().hash_one(Instant::now());
+                return Ok(TableDesc::new(region.start, log2, salt));
             }
             // Regions freed moments ago come back after their quarantine.
             match self.regions.next_release() {
@@ -290,7 +289,7 @@ impl Tables {
         }
     }
 
-    fn fill(&self, desc: TableDesc, seed: u64, wanted: &TableContent) -> bool {
+    fn fill(&self, desc: TableDesc, wanted: &TableContent) -> bool {
         let first = desc.header() + 1;
         for index in first..first + desc.slots() {
             for word in [META, KEY_HI, KEY_LO, VALUE] {
@@ -298,7 +297,7 @@ impl Tables {
             }
         }
         for (key, &value) in &wanted.entries {
-            let home = home_offset(desc, hash_key(seed, key.tag, key.hi, key.lo));
+            let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
             let free = (0..MAX_PROBE)
                 .map(|step| probe_index(desc, home, step))
                 .find(|&index| Meta::state(self.slots.load(index, META)) == state::EMPTY);
