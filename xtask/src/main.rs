@@ -92,7 +92,7 @@ fn run(cli: Cli) -> Result<()> {
             {
                 cargo.arg("--test-threads=2");
             }
-            status(cargo.args(args))
+            run_tests(cargo.args(args))
         }
         Cmd::Run { args } => {
             require_root("run")?;
@@ -115,6 +115,40 @@ fn run(cli: Cli) -> Result<()> {
             status(cargo.args(args))
         }
     }
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line that totals every
+/// test binary's result (CI reads the last line; cargo's own last line is often a doc-test
+/// binary with nothing in it).
+fn run_tests(cargo: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut child = cargo.stdout(std::process::Stdio::piped()).spawn().context("failed to run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, " passed");
+            failed += count_before(result, " failed");
+        }
+    }
+    let status = child.wait()?;
+    std::io::stdout().flush()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a libtest summary such as "ok. 8 passed; 0 failed; ...".
+fn count_before(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The workspace root: xtask lives one level below it.
