@@ -74,22 +74,16 @@ fn allowed_sources(i: u32) -> (Ipv4Addr, Ipv6Addr) {
     (v4, v6)
 }
 
-/// Median ns/packet over `samples` runs of `repeat` repetitions; checks the verdict.
-/// The kernel's own per-repetition average is used: it stops its clock while the test yields
-/// the CPU, so other load on the machine does not leak in (wall-clock time would). It is a
-/// whole number of ns.
+/// ns/packet of one run of `repeat` repetitions, checking the verdict. The kernel's own
+/// per-repetition average is used: it stops its clock while the test yields the CPU, so
+/// other load on the machine leaks in less than into wall-clock time. It is a whole number
+/// of ns.
 fn measure(program: &Xdp, frame: &[u8], expect: u32, args: &Args) -> f64 {
-    let mut runs: Vec<f64> = (0..args.samples)
-        .map(|_| {
-            let result = program
-                .test_run(TestRunOptions { data_in: Some(frame), repeat: args.repeat, ..Default::default() })
-                .expect("BPF_PROG_TEST_RUN");
-            assert_eq!(result.return_value, expect, "unexpected verdict while benchmarking");
-            result.duration.as_nanos() as f64
-        })
-        .collect();
-    runs.sort_by(f64::total_cmp);
-    runs[runs.len() / 2]
+    let result = program
+        .test_run(TestRunOptions { data_in: Some(frame), repeat: args.repeat, ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(result.return_value, expect, "unexpected verdict while benchmarking");
+    result.duration.as_nanos() as f64
 }
 
 struct Case {
@@ -133,29 +127,28 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, f64, f64)>, f64) {
     let load_time = started.elapsed().as_secs_f64();
     dp.load_extra_program("ipaccess_floor").unwrap();
     dp.load_extra_program("ipaccess_calibration_hash").unwrap();
-    let calibration_frame = packets::ipv4_tcp(Ipv4Addr::new(198, 19, 0, 1), v4_dst(1), 40000, 443);
-    let key = u64::from_ne_bytes(calibration_frame[26..34].try_into().unwrap());
+    // The reference program looks up a key the map holds: one kernel hash lookup that hits.
+    let reference_frame = packets::ipv4_tcp(Ipv4Addr::new(198, 19, 0, 1), v4_dst(1), 40000, 443);
+    let key = u64::from_ne_bytes(reference_frame[26..34].try_into().unwrap());
     dp.calibration_map_insert(key).unwrap();
-    let floor_frame = packets::ipv4_tcp(Ipv4Addr::new(198, 19, 0, 1), v4_dst(1), 40000, 443);
-    let floor = || {
-        let floor_program: &Xdp = dp_program(&dp, "ipaccess_floor");
-        measure(floor_program, &floor_frame, XDP_PASS, args)
-    };
-    let floor_before = floor();
-    let mut rows = Vec::new();
-    // One kernel hash lookup that hits, for scale (the map holds the frame's key).
-    let hash_ns = measure(dp_program(&dp, "ipaccess_calibration_hash"), &calibration_frame, XDP_PASS, args);
-    rows.push(("one kernel hash lookup (reference)".to_string(), hash_ns, 0.0));
+
+    let mut rows: Vec<(String, &Xdp, Vec<u8>, u32)> = vec![
+        ("floor (returns at once)".into(), dp_program(&dp, "ipaccess_floor"), reference_frame.clone(), XDP_PASS),
+        ("one kernel hash lookup (reference)".into(), dp_program(&dp, "ipaccess_calibration_hash"), reference_frame, XDP_PASS),
+    ];
     for case in cases(accounts) {
-        let ns = measure(dp.program(), &case.frame, case.expect, args);
-        rows.push((case.name.to_string(), ns, 0.0));
+        rows.push((case.name.into(), dp.program(), case.frame, case.expect));
     }
-    // The floor is measured before and after; the mean absorbs slow drift of the machine.
-    let floor_ns = (floor_before + floor()) / 2.0;
-    for row in &mut rows {
-        row.2 = row.1 / floor_ns;
+    // Rounds interleave the cases so that drift of the machine touches all of them alike;
+    // each case keeps its fastest round, since noise on a shared machine only ever adds time.
+    let mut best = vec![f64::INFINITY; rows.len()];
+    for _ in 0..args.samples {
+        for (i, (_, program, frame, expect)) in rows.iter().enumerate() {
+            best[i] = best[i].min(measure(program, frame, *expect, args));
+        }
     }
-    rows.insert(0, ("floor (returns at once)".to_string(), floor_ns, 1.0));
+    let floor_ns = best[0];
+    let rows = rows.iter().zip(best).map(|((name, ..), ns)| (name.clone(), ns, ns / floor_ns)).collect();
     (rows, load_time)
 }
 
@@ -168,7 +161,7 @@ fn main() {
     println!("# ipaccess datapath benchmark");
     println!();
     println!(
-        "BPF_PROG_TEST_RUN, {} repetitions per sample, median of {} samples; ratio = ns / floor ns.",
+        "BPF_PROG_TEST_RUN, {} repetitions per run, fastest of {} interleaved runs; ratio = ns / floor ns.",
         args.repeat, args.samples
     );
     let sizes = [
