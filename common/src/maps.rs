@@ -9,7 +9,8 @@ pub const PROGRAM_NAME: &str = "ipaccess_xdp";
 
 /// The slot array holding every table (see `table`). `BPF_F_MMAPABLE`.
 pub const MAP_SLOTS: &str = "IPACCESS_SLOTS";
-/// Per-account records indexed by account slot. `BPF_F_MMAPABLE`.
+/// Per-account records indexed by account slot, the daemon's own record of what it told the
+/// kernel (the kernel reads the copies in the bindings). `BPF_F_MMAPABLE`.
 pub const MAP_ACCOUNTS: &str = "IPACCESS_ACCOUNTS";
 /// One [`Config`] record. `BPF_F_MMAPABLE`.
 pub const MAP_CONFIG: &str = "IPACCESS_CONFIG";
@@ -34,7 +35,7 @@ pub const SAMPLES_BYTES: u32 = 1 << 20;
 pub const NO_ACCOUNT: u32 = 0;
 
 /// What the kernel knows about one account; written by the daemon through `mmap`, each word
-/// with one atomic store.
+/// with one atomic store. Bindings carry it to the kernel as an [`AccountWord`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AccountRecord {
@@ -58,10 +59,64 @@ impl Policy {
     /// Disallowed sources are dropped.
     pub const MODE_ENFORCE: u64 = 3;
     /// Banned or terminated: every packet to the account's bindings is dropped.
-    pub const SUSPENDED: u64 = 1 << 8;
+    pub const SUSPENDED_BIT: u64 = 1 << 2;
 
     pub const fn new(mode: u64, suspended: bool) -> u64 {
-        (mode & Self::MODE_MASK) | if suspended { Self::SUSPENDED } else { 0 }
+        (mode & Self::MODE_MASK) | if suspended { Self::SUSPENDED_BIT } else { 0 }
+    }
+}
+
+/// The value of a binding (and of an address record) in the binding table: everything the
+/// decision needs about the bound account, so that one probe of the binding table is the
+/// only lookup before the allowlist. The daemon rewrites this word in each of an account's
+/// bindings whenever the account's mode, state or allowlist table changes.
+///
+/// `account << 38 | has_port_bindings << 37 | policy(mode, suspended) << 34 | table`, where
+/// `table` is the allowlist's [`crate::TableDesc`] squeezed into 34 bits (present, log2 and a
+/// 28-bit header index: the slot array has at most 2^28 slots).
+pub struct AccountWord;
+
+impl AccountWord {
+    const HEADER_MASK: u64 = (1 << 28) - 1;
+    const POLICY_SHIFT: u32 = 34;
+    /// Address records only: some (protocol, port) of this address is bound, so packets to
+    /// it that cannot be parsed far enough to find their port are dropped rather than passed.
+    pub const HAS_PORT_BINDINGS: u64 = 1 << 37;
+    const ACCOUNT_SHIFT: u32 = 38;
+    /// Largest account slot the word can carry.
+    pub const MAX_ACCOUNT: u32 = (1 << 24) - 1;
+    /// Largest slot array the word can address.
+    pub const MAX_SLOTS: u32 = 1 << 28;
+
+    pub const fn new(account: u32, policy: u64, table: crate::TableDesc) -> u64 {
+        let table_bits = if table.is_present() {
+            (1 << 33) | ((table.log2_slots() as u64) << 28) | (table.header() as u64 & Self::HEADER_MASK)
+        } else {
+            0
+        };
+        ((account as u64) << Self::ACCOUNT_SHIFT)
+            | ((policy & (Policy::MODE_MASK | Policy::SUSPENDED_BIT)) << Self::POLICY_SHIFT)
+            | table_bits
+    }
+
+    #[inline(always)]
+    pub const fn account(word: u64) -> u32 {
+        (word >> Self::ACCOUNT_SHIFT) as u32 & Self::MAX_ACCOUNT
+    }
+
+    /// The account's policy in [`Policy`] form (mode and suspension).
+    #[inline(always)]
+    pub const fn policy(word: u64) -> u64 {
+        (word >> Self::POLICY_SHIFT) & (Policy::MODE_MASK | Policy::SUSPENDED_BIT)
+    }
+
+    #[inline(always)]
+    pub const fn table(word: u64) -> crate::TableDesc {
+        if word & (1 << 33) == 0 {
+            crate::TableDesc::NONE
+        } else {
+            crate::TableDesc::new((word & Self::HEADER_MASK) as u32, ((word >> 28) & 0x1f) as u32)
+        }
     }
 }
 

@@ -140,25 +140,10 @@ impl Tag {
     }
 }
 
-/// Value of an address record in the binding table.
-pub struct AddrValue;
-
-impl AddrValue {
-    /// Set when some (protocol, port) of this address is bound: packets to it that cannot be
-    /// parsed far enough to find their port are dropped rather than passed.
-    pub const HAS_PORT_BINDINGS: u64 = 1 << 32;
-
-    /// Account slot of the whole-address binding, 0 for none.
-    #[inline(always)]
-    pub const fn account(value: u64) -> u32 {
-        value as u32
-    }
-}
-
-/// Names a region of `SLOTS`: `PRESENT | salt << 38 | log2(table slots) << 32 | header`.
+/// Names a region of `SLOTS`: `PRESENT | log2(table slots) << 32 | header`.
 /// Zero means "no table" (an account with an empty allowlist, or no bindings at all).
-/// The whole word seeds the region's hash: the random salt gives every rebuilt table new
-/// positions, and the kernel needs no extra load to learn the seed.
+/// The word also seeds the region's hash, so the kernel needs no load to learn the seed; a
+/// table rebuilt because a key did not fit lands in another region, so with another seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableDesc(pub u64);
 
@@ -166,17 +151,14 @@ impl TableDesc {
     pub const NONE: TableDesc = TableDesc(0);
     const PRESENT: u64 = 1 << 63;
 
-    const SALT_BITS: u32 = 25;
-
-    pub const fn new(header: u32, log2_slots: u32, salt: u64) -> Self {
-        let salt = (salt & ((1 << Self::SALT_BITS) - 1)) << 38;
-        TableDesc(Self::PRESENT | salt | ((log2_slots as u64) << 32) | header as u64)
+    pub const fn new(header: u32, log2_slots: u32) -> Self {
+        TableDesc(Self::PRESENT | ((log2_slots as u64) << 32) | header as u64)
     }
 
     /// The hash seed of the region.
     #[inline(always)]
     pub const fn seed(self) -> u64 {
-        self.0
+        self.0.wrapping_mul(0xd6e8_feb8_6659_fd93)
     }
 
     #[inline(always)]

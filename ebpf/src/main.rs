@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use ipaccess_common::{
-    AccountCounters, AccountRecord, AddrValue, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS,
+    AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS,
     DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, Policy,
     SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_lengths, reason, v4_key,
     v6_key,
@@ -78,11 +78,19 @@ pub fn ipaccess_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// What a decision needs besides the packet: read once per packet.
+struct Context<'a> {
+    packet: &'a Packet,
+    bytes: u64,
+    config: &'a Config,
+}
+
 #[inline(always)]
 fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
     let Some(config) = CONFIG.get(0) else {
         return XDP_PASS;
     };
+    let cx = Context { packet, bytes, config };
     let bindings = TableDesc(read(&config.bindings));
     if !bindings.is_present() {
         count_host(|c| c.unbound_packets += 1);
@@ -92,7 +100,7 @@ fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
     if let (Some(port), false) = (packet.port, packet.malformed) {
         let tag = Tag::port(packet.family, packet.protocol, port);
         if let Some(account) = lookup(&Slots, bindings, tag, dst_hi, dst_lo) {
-            return decide_account(account as u32, packet, bytes);
+            return decide_account(account, &cx);
         }
     }
     let Some(addr) = lookup(&Slots, bindings, Tag::addr(packet.family), dst_hi, dst_lo) else {
@@ -101,38 +109,35 @@ fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
     };
     if packet.malformed {
         count_host(|c| c.malformed_packets += 1);
-        sample(packet, AddrValue::account(addr), reason::MALFORMED);
+        sample(&cx, AccountWord::account(addr), reason::MALFORMED);
         return XDP_DROP;
     }
     if packet.ndp {
         count_host(|c| c.ndp_packets += 1);
         return XDP_PASS;
     }
-    match AddrValue::account(addr) {
-        NO_ACCOUNT => {
-            // Only some ports of this address are bound, and not this one.
-            count_host(|c| c.unbound_packets += 1);
-            XDP_PASS
-        }
-        account => decide_account(account, packet, bytes),
+    if AccountWord::account(addr) == NO_ACCOUNT {
+        // Only some ports of this address are bound, and not this one.
+        count_host(|c| c.unbound_packets += 1);
+        return XDP_PASS;
     }
+    decide_account(addr, &cx)
 }
 
+/// `word` is the binding's [`AccountWord`]: account, mode, state and allowlist in one.
 #[inline(always)]
-fn decide_account(account: u32, packet: &Packet, bytes: u64) -> u32 {
-    // One read of the record: policy and allowlist come from the same snapshot.
-    let (policy, table) = match ACCOUNTS.get(account) {
-        Some(record) => (read(&record.policy), TableDesc(read(&record.table))),
-        None => (Policy::MODE_UNSET, TableDesc::NONE),
-    };
+fn decide_account(word: u64, cx: &Context) -> u32 {
+    let account = AccountWord::account(word);
+    let policy = AccountWord::policy(word);
     let mode = policy & Policy::MODE_MASK;
+    let bytes = cx.bytes;
     if mode == Policy::MODE_UNSET {
-        return drop(account, packet, bytes, reason::ACCOUNT_UNSET);
+        return drop(account, cx, reason::ACCOUNT_UNSET);
     }
-    if policy & Policy::SUSPENDED != 0 {
-        return drop(account, packet, bytes, reason::SUSPENDED);
+    if policy & Policy::SUSPENDED_BIT != 0 {
+        return drop(account, cx, reason::SUSPENDED);
     }
-    if mode == Policy::MODE_OFF || source_allowed(account, table, packet) {
+    if mode == Policy::MODE_OFF || source_allowed(account, AccountWord::table(word), cx.packet) {
         count_account(account, |c| {
             c.passed_packets += 1;
             c.passed_bytes += bytes;
@@ -146,19 +151,19 @@ fn decide_account(account: u32, packet: &Packet, bytes: u64) -> u32 {
             c.passed_packets += 1;
             c.passed_bytes += bytes;
         });
-        sample(packet, account, reason::WOULD_DROP);
+        sample(cx, account, reason::WOULD_DROP);
         return XDP_PASS;
     }
-    drop(account, packet, bytes, reason::NOT_ALLOWED)
+    drop(account, cx, reason::NOT_ALLOWED)
 }
 
 #[inline(always)]
-fn drop(account: u32, packet: &Packet, bytes: u64, why: u8) -> u32 {
+fn drop(account: u32, cx: &Context, why: u8) -> u32 {
     count_account(account, |c| {
         c.dropped_packets += 1;
-        c.dropped_bytes += bytes;
+        c.dropped_bytes += cx.bytes;
     });
-    sample(packet, account, why);
+    sample(cx, account, why);
     XDP_DROP
 }
 
@@ -222,17 +227,15 @@ fn count_host(update: impl FnOnce(&mut HostCounters)) {
 /// Sends a drop sample to user space, at most `samples_per_second` per CPU with bursts up
 /// to `sample_burst`, so a flood costs the ring buffer nothing beyond the budget.
 #[inline(always)]
-fn sample(packet: &Packet, account: u32, why: u8) {
-    let Some(config) = CONFIG.get(0) else {
-        return;
-    };
+fn sample(cx: &Context, account: u32, why: u8) {
+    let (packet, config) = (cx.packet, cx.config);
     let rate = read(&config.samples_per_second);
-    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
     if rate == 0 {
         return;
     }
+    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
     // SAFETY: per-CPU value; a plain helper call.
     let (budget, now) = unsafe { (&mut *budget, bpf_ktime_get_boot_ns()) };
     let interval = 1_000_000_000 / rate;

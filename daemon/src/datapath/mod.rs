@@ -12,7 +12,7 @@ pub mod regions;
 pub mod tables;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs, io,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
@@ -29,7 +29,7 @@ use aya::{
     },
 };
 use ipaccess_common::{
-    AccountCounters, AccountRecord, AddrValue, Config, DropSample, FAMILY_V4, FAMILY_V6, HostCounters, MAP_ACCOUNTS,
+    AccountCounters, AccountRecord, AccountWord, Config, DropSample, FAMILY_V4, FAMILY_V6, HostCounters, MAP_ACCOUNTS,
     MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_SAMPLES, MAP_SLOTS, NO_ACCOUNT, PIN_SUBDIR, PROGRAM_NAME, Policy,
     Slot, TableDesc, Tag,
 };
@@ -137,6 +137,9 @@ pub struct Datapath {
     accounts: MmapArray<AccountRecord>,
     config: MmapArray<Config>,
     samples: RingBuf<MapData>,
+    /// Each account's keys in the binding table, with the flags their values carry besides
+    /// the account word: the bindings to rewrite when the account changes.
+    bound: BTreeMap<u32, Vec<(SlotKey, u64)>>,
     /// Links this process attached or reused, by interface (each also pinned).
     links: BTreeMap<String, FdLink>,
     /// Held for the life of the Datapath: one writer per pin directory.
@@ -147,6 +150,16 @@ impl Datapath {
     /// Loads the program, creating or reusing the pinned maps. Does not attach anything.
     pub fn open(options: &DatapathOptions) -> Result<Self> {
         check_bpffs(&options.bpffs)?;
+        if options.slots > AccountWord::MAX_SLOTS || options.accounts > AccountWord::MAX_ACCOUNT + 1 {
+            return Err(DatapathError::Io(
+                "map sizes".into(),
+                io::Error::other(format!(
+                    "at most {} slots and {} accounts",
+                    AccountWord::MAX_SLOTS,
+                    AccountWord::MAX_ACCOUNT + 1
+                )),
+            ));
+        }
         let pin_dir = options.bpffs.join(PIN_SUBDIR);
         fs::create_dir_all(&pin_dir).map_err(|e| DatapathError::Io(format!("creating {}", pin_dir.display()), e))?;
         let lock = lock_dir(&pin_dir)?;
@@ -184,7 +197,8 @@ impl Datapath {
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
         program.load().map_err(|e| DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e))?;
-        Ok(Self { ebpf, pin_dir, tables, accounts, config, samples, links: BTreeMap::new(), _lock: lock })
+        let bound = bound_index(&tables, TableDesc(config.load(0, 0)));
+        Ok(Self { ebpf, pin_dir, tables, accounts, config, samples, bound, links: BTreeMap::new(), _lock: lock })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -323,6 +337,7 @@ impl Datapath {
             Mode::Enforce => Policy::MODE_ENFORCE,
         };
         self.accounts.store(slot, 0, Policy::new(mode, suspended));
+        self.refresh_bindings(slot);
         Ok(())
     }
 
@@ -344,6 +359,8 @@ impl Datapath {
         let current = TableDesc(self.accounts.load(slot, 1));
         if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
             self.accounts.store(slot, 1, new.0);
+            // The bindings point the kernel at the new table before the old one is retired.
+            self.refresh_bindings(slot);
             self.tables.retire(current);
         }
         Ok(())
@@ -356,8 +373,25 @@ impl Datapath {
         self.accounts.store(slot, 0, Policy::new(Policy::MODE_UNSET, false));
         let current = TableDesc(self.accounts.load(slot, 1));
         self.accounts.store(slot, 1, TableDesc::NONE.0);
+        self.refresh_bindings(slot);
         self.tables.retire(current);
         self.reset_counters(slot)
+    }
+
+    /// The word the kernel finds in an account's bindings.
+    fn account_word(&self, slot: u32) -> u64 {
+        AccountWord::new(slot, self.accounts.load(slot, 0), TableDesc(self.accounts.load(slot, 1)))
+    }
+
+    /// Rewrites the account word in each of the account's bindings (one store each).
+    fn refresh_bindings(&self, slot: u32) {
+        let Some(keys) = self.bound.get(&slot) else { return };
+        let table = TableDesc(self.config.load(0, 0));
+        let word = self.account_word(slot);
+        for (key, flags) in keys {
+            let found = self.tables.set_value(table, key, word | flags);
+            debug_assert!(found, "binding {key:?} of account {slot} is missing from the table");
+        }
     }
 
     /// Replaces the whole set of bindings.
@@ -366,20 +400,30 @@ impl Datapath {
             self.check_slot(b.account)?;
         }
         let mut entries = BTreeMap::new();
-        let mut addrs: BTreeMap<(u64, u64, u64), u64> = BTreeMap::new();
+        let mut bound: BTreeMap<u32, Vec<(SlotKey, u64)>> = BTreeMap::new();
+        // Address records: (whole-address account, has port bindings) per address.
+        let mut addrs: BTreeMap<(u64, u64, u64), (u32, bool)> = BTreeMap::new();
         for b in bindings {
             let (family, hi, lo) = addr_words(b.addr);
-            let record = addrs.entry((family, hi, lo)).or_insert(0);
+            let record = addrs.entry((family, hi, lo)).or_insert((NO_ACCOUNT, false));
             match b.target {
                 BindTarget::Port { protocol, port } => {
-                    entries.insert(SlotKey { tag: Tag::port(family, protocol, port), hi, lo }, b.account as u64);
-                    *record |= AddrValue::HAS_PORT_BINDINGS;
+                    let key = SlotKey { tag: Tag::port(family, protocol, port), hi, lo };
+                    entries.insert(key, self.account_word(b.account));
+                    bound.entry(b.account).or_default().push((key, 0));
+                    record.1 = true;
                 }
-                BindTarget::WholeAddress => *record = (*record & !0xffff_ffff) | b.account as u64,
+                BindTarget::WholeAddress => record.0 = b.account,
             }
         }
-        for ((family, hi, lo), value) in addrs {
-            entries.insert(SlotKey { tag: Tag::addr(family), hi, lo }, value);
+        for ((family, hi, lo), (account, has_ports)) in addrs {
+            let key = SlotKey { tag: Tag::addr(family), hi, lo };
+            let flags = if has_ports { AccountWord::HAS_PORT_BINDINGS } else { 0 };
+            let word = if account == NO_ACCOUNT { 0 } else { self.account_word(account) };
+            entries.insert(key, word | flags);
+            if account != NO_ACCOUNT {
+                bound.entry(account).or_default().push((key, flags));
+            }
         }
         let content = TableContent { entries, ..Default::default() };
         let current = TableDesc(self.config.load(0, 0));
@@ -387,27 +431,30 @@ impl Datapath {
             self.config.store(0, 0, new.0);
             self.tables.retire(current);
         }
+        self.bound = bound;
         Ok(())
     }
 
     /// The bindings the kernel holds now.
     pub fn bindings(&self) -> Vec<Binding> {
-        let content = self.tables.read(TableDesc(self.config.load(0, 0)));
-        let mut out = BTreeSet::new();
-        for (key, &value) in &content.entries {
-            let family = (key.tag >> 40) & 1;
-            let addr = words_addr(family, key.hi, key.lo);
-            if key.tag == Tag::addr(family) {
-                let account = AddrValue::account(value);
-                if account != NO_ACCOUNT {
-                    out.insert(Binding { addr, target: BindTarget::WholeAddress, account });
-                }
-            } else {
-                let (protocol, port) = ((key.tag >> 16) as u8, key.tag as u16);
-                out.insert(Binding { addr, target: BindTarget::Port { protocol, port }, account: value as u32 });
-            }
-        }
-        out.into_iter().collect()
+        let mut out: Vec<Binding> = self
+            .bound
+            .iter()
+            .flat_map(|(&account, keys)| {
+                keys.iter().map(move |(key, _)| {
+                    let family = (key.tag >> 40) & 1;
+                    let addr = words_addr(family, key.hi, key.lo);
+                    let target = if key.tag == Tag::addr(family) {
+                        BindTarget::WholeAddress
+                    } else {
+                        BindTarget::Port { protocol: (key.tag >> 16) as u8, port: key.tag as u16 }
+                    };
+                    Binding { addr, target, account }
+                })
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Rate and burst of drop samples per CPU (0 disables them).
@@ -477,6 +524,18 @@ impl Datapath {
         let capacity = self.tables.capacity() as u64;
         (capacity - self.tables.free_slots(), capacity)
     }
+}
+
+/// Which account each binding-table key belongs to, read back from the table.
+fn bound_index(tables: &Tables, bindings: TableDesc) -> BTreeMap<u32, Vec<(SlotKey, u64)>> {
+    let mut bound: BTreeMap<u32, Vec<(SlotKey, u64)>> = BTreeMap::new();
+    for (key, value) in tables.read(bindings).entries {
+        let account = AccountWord::account(value);
+        if account != NO_ACCOUNT {
+            bound.entry(account).or_default().push((key, value & AccountWord::HAS_PORT_BINDINGS));
+        }
+    }
+    bound
 }
 
 /// An address as (family, high word, low word), the form table keys use.

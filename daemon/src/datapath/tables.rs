@@ -10,7 +10,6 @@
 
 use std::{
     collections::BTreeMap,
-    hash::{BuildHasher, RandomState},
     thread,
     time::Instant,
 };
@@ -140,6 +139,31 @@ impl Tables {
             return Ok(Synced::InPlace);
         }
         self.build(wanted, v4, v6).map(Synced::Replaced)
+    }
+
+    /// Rewrites the value of a key that is in the table (one atomic store); false if absent.
+    pub fn set_value(&self, desc: TableDesc, key: &SlotKey, value: u64) -> bool {
+        if !desc.is_present() {
+            return false;
+        }
+        let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
+        for step in 0..MAX_PROBE {
+            let index = probe_index(desc, home, step);
+            let meta = self.slots.load(index, META);
+            match Meta::state(meta) {
+                state::EMPTY => return false,
+                state::LIVE
+                    if Meta::tag(meta) == key.tag
+                        && self.slots.load(index, KEY_HI) == key.hi
+                        && self.slots.load(index, KEY_LO) == key.lo =>
+                {
+                    self.slots.store(index, VALUE, value);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
     }
 
     /// Returns a replaced table's region; it is reused after a quarantine.
@@ -276,8 +300,7 @@ impl Tables {
         let len = (1u32 << log2) + 1;
         loop {
             if let Some(region) = self.regions.allocate(len) {
-                let salt = RandomState::new().hash_one(Instant::now());
-                return Ok(TableDesc::new(region.start, log2, salt));
+                return Ok(TableDesc::new(region.start, log2));
             }
             // Regions freed moments ago come back after their quarantine.
             match self.regions.next_release() {
