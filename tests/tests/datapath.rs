@@ -1,0 +1,118 @@
+//! Loader and program behaviour beyond verdicts: drop samples and their rate limit, the
+//! generic-XDP fallback, state kept across a restart, and one writer per pin directory.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use ipaccess::datapath::{Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode};
+use ipaccess_common::{DropSample, FAMILY_V4, NEVER_EXPIRES, reason};
+use ipaccess_tests::{
+    netns::{BpfFs, Netns},
+    packets,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const ACCOUNT: u32 = 7;
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const REFUSED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+
+fn open(bpffs: &BpfFs) -> Datapath {
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
+    Datapath::open(&options).expect("load the XDP program")
+}
+
+/// Account 7 owns TCP 443 on 198.18.0.1 and allows 198.18.0.10 only.
+fn configure(dp: &mut Datapath, mode: Mode, suspended: bool) {
+    let target = BindTarget::Port { protocol: 6, port: 443 };
+    dp.set_bindings(&[Binding { addr: SERVER.into(), target, account: ACCOUNT }]).unwrap();
+    dp.set_policy(ACCOUNT, mode, suspended).unwrap();
+    dp.set_allowlist(ACCOUNT, &[(IpAddr::V4(ALLOWED).into(), NEVER_EXPIRES)]).unwrap();
+}
+
+fn run(dp: &Datapath, frame: &[u8]) -> u32 {
+    let options = TestRunOptions { data_in: Some(frame), ..Default::default() };
+    dp.program().test_run(options).expect("BPF_PROG_TEST_RUN").return_value
+}
+
+/// Keeps the calling thread on one CPU: samples are budgeted per CPU.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}
+
+#[test]
+fn drop_samples_describe_the_packet_and_respect_the_budget() {
+    pin_to_one_cpu();
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    configure(&mut dp, Mode::Enforce, false);
+    let refused = packets::ipv4_tcp(REFUSED, SERVER, 40000, 443);
+
+    // Sampling is off until configured.
+    assert_eq!(run(&dp, &refused), XDP_DROP);
+    assert!(dp.drain_samples(100).is_empty(), "no samples while sampling is off");
+
+    // One sample a second with bursts of five: fifty drops in a moment give five samples.
+    dp.set_sampling(1, 5);
+    for _ in 0..50 {
+        assert_eq!(run(&dp, &refused), XDP_DROP);
+    }
+    let samples = dp.drain_samples(100);
+    assert_eq!(samples.len(), 5, "the burst caps the samples: {samples:?}");
+    let s: DropSample = samples[0];
+    assert_eq!((s.account, s.reason, s.family, s.protocol, s.port), (ACCOUNT, reason::NOT_ALLOWED, FAMILY_V4 as u8, 6, 443));
+    assert_eq!(s.src_lo as u32, u32::from(REFUSED));
+    assert_eq!(s.dst_lo as u32, u32::from(SERVER));
+    assert!(s.time_ns > 0 && s.time_ns <= ipaccess::datapath::boot_time_ns());
+
+    // Allowed traffic is never sampled; after the budget refills, other reasons are.
+    assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_PASS);
+    dp.set_sampling(1_000_000_000, 5);
+    configure(&mut dp, Mode::Monitor, false);
+    assert_eq!(run(&dp, &refused), XDP_PASS, "monitor mode passes");
+    configure(&mut dp, Mode::Enforce, true);
+    assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_DROP, "suspended drops");
+    let reasons: Vec<u8> = dp.drain_samples(100).iter().map(|s| s.reason).collect();
+    assert_eq!(reasons, vec![reason::WOULD_DROP, reason::SUSPENDED]);
+}
+
+#[test]
+fn falls_back_to_generic_xdp_where_the_driver_has_none() {
+    // Loopback has no driver-level XDP.
+    let ns = Netns::new("ipagen").unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    let attachment = ns.run(move || {
+        let attachment = dp.attach("lo").expect("attach");
+        assert!(dp.detach("lo").unwrap());
+        attachment
+    });
+    assert_eq!(attachment, Attachment::Generic);
+}
+
+#[test]
+fn state_survives_a_restart_and_one_writer_holds_the_pins() {
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    configure(&mut dp, Mode::Enforce, false);
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
+    let second = Datapath::open(&options);
+    assert!(
+        matches!(&second, Err(e) if e.to_string().contains("in use by another ipaccessd")),
+        "a second writer must be refused"
+    );
+    let bindings = dp.bindings();
+    drop(dp);
+
+    let dp = open(&bpffs);
+    assert_eq!(dp.bindings(), bindings, "bindings are read back from the pinned maps");
+    assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_PASS);
+    assert_eq!(run(&dp, &packets::ipv4_tcp(REFUSED, SERVER, 40000, 443)), XDP_DROP);
+}
