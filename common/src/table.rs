@@ -239,20 +239,20 @@ pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: u64, hi: u64, lo: 
     let mut step = 0;
     while step < MAX_PROBE {
         let slot = slots.slot(probe_index(desc, home, step))?;
+        // All four words at once (one cache line): the compares then wait for one load,
+        // not two in a row.
         let meta = read_word(unsafe { &raw const (*slot).meta });
-        match Meta::state(meta) {
-            state::EMPTY => return None,
-            state::LIVE if Meta::tag(meta) == tag => {
-                let key_hi = read_word(unsafe { &raw const (*slot).key_hi });
-                let key_lo = read_word(unsafe { &raw const (*slot).key_lo });
-                let value = read_word(unsafe { &raw const (*slot).value });
-                // A changed meta means the slot was rewritten while we read it.
-                let meta_again = read_word(unsafe { &raw const (*slot).meta });
-                if meta_again == meta && key_hi == hi && key_lo == lo {
-                    return Some(value);
-                }
+        let key_hi = read_word(unsafe { &raw const (*slot).key_hi });
+        let key_lo = read_word(unsafe { &raw const (*slot).key_lo });
+        let value = read_word(unsafe { &raw const (*slot).value });
+        if Meta::state(meta) == state::EMPTY {
+            return None;
+        }
+        if meta == Meta::live(tag, Meta::version(meta)) && key_hi == hi && key_lo == lo {
+            // A changed meta means the slot was rewritten while we read it.
+            if read_word(unsafe { &raw const (*slot).meta }) == meta {
+                return Some(value);
             }
-            _ => {}
         }
         step += 1;
     }

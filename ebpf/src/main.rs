@@ -175,37 +175,47 @@ fn source_allowed(account: u32, table: TableDesc, packet: &Packet) -> bool {
     if !table.is_present() {
         return false;
     }
+    let v4 = packet.family == FAMILY_V4;
+    let mut now = 0;
+    // Host entries are the common case: the full-length key is tried before the header is
+    // read, so a source allowed by its own address costs one probe. (A length the table
+    // does not use simply misses.)
+    let host_len = if v4 { 32 } else { 128 };
+    if entry_live(account, table, packet, host_len, &mut now) {
+        return true;
+    }
     let Some((v4_lengths, v6_lengths)) = read_lengths(&Slots, table) else {
         return false;
     };
-    let lengths = if packet.family == FAMILY_V4 { v4_lengths } else { v6_lengths };
-    let (src_hi, src_lo) = packet.src;
-    let mut now = 0;
+    let lengths = if v4 { v4_lengths } else { v6_lengths };
     for i in 0..MAX_PROBE_LENGTHS {
         let len = lengths.get(i);
         if len == NO_LENGTH {
             break;
         }
-        let (hi, lo) = if packet.family == FAMILY_V4 {
-            v4_key(src_lo as u32, len)
-        } else {
-            v6_key(src_hi, src_lo, len)
-        };
-        let tag = Tag::allow(account, packet.family, len);
-        if let Some(expires) = lookup(&Slots, table, tag, hi, lo) {
-            if expires == NEVER_EXPIRES {
-                return true;
-            }
-            if now == 0 {
-                // SAFETY: a plain helper call.
-                now = unsafe { bpf_ktime_get_boot_ns() };
-            }
-            if now < expires {
-                return true;
-            }
+        if len != host_len && entry_live(account, table, packet, len, &mut now) {
+            return true;
         }
     }
     false
+}
+
+/// Is there a live entry for the source cut to `len` bits? `now` is read at most once.
+#[inline(always)]
+fn entry_live(account: u32, table: TableDesc, packet: &Packet, len: u8, now: &mut u64) -> bool {
+    let (src_hi, src_lo) = packet.src;
+    let (hi, lo) = if packet.family == FAMILY_V4 { v4_key(src_lo as u32, len) } else { v6_key(src_hi, src_lo, len) };
+    let Some(expires) = lookup(&Slots, table, Tag::allow(account, packet.family, len), hi, lo) else {
+        return false;
+    };
+    if expires == NEVER_EXPIRES {
+        return true;
+    }
+    if *now == 0 {
+        // SAFETY: a plain helper call.
+        *now = unsafe { bpf_ktime_get_boot_ns() };
+    }
+    *now < expires
 }
 
 #[inline(always)]
