@@ -158,7 +158,7 @@ impl TableDesc {
     /// The hash seed of the region.
     #[inline(always)]
     pub const fn seed(self) -> u64 {
-        self.0.wrapping_mul(0xd6e8_feb8_6659_fd93)
+        self.0
     }
 
     #[inline(always)]
@@ -195,20 +195,22 @@ impl TableDesc {
 
 /// Mixes a key into 64 bits: the words are folded together first so that only one multiply
 /// sits on the path from packet to probe (this hash is on every packet's critical path).
-/// Multiply-shift keeps the well-mixed high bits; the random per-region seed and the
-/// writer's bounded probing keep crafted keys from building long chains.
+/// Multiply-shift: the home slot is taken from the high bits, which the multiply mixes
+/// well. The per-region seed and the writer's bounded probing (a table whose keys do not
+/// all fit within `MAX_PROBE` is rebuilt elsewhere, so with another seed) keep crafted keys
+/// from building long chains.
 #[inline(always)]
 pub const fn hash_key(seed: u64, tag: u64, hi: u64, lo: u64) -> u64 {
     let folded = seed ^ lo ^ tag.rotate_left(29) ^ hi.rotate_left(47) ^ (hi >> 13);
-    let h = folded.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^ (h >> 29)
+    folded.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// Home slot of a key, as an offset within the table (0..slots).
 #[inline(always)]
 pub const fn home_offset(desc: TableDesc, hash: u64) -> u32 {
-    // The high bits of a multiplicative hash are the well-mixed ones.
-    ((hash >> 32) as u32) & desc.mask()
+    // The top bits of a multiplicative hash are the well-mixed ones (tables have at least
+    // two slots, so the shift stays below 64).
+    (hash >> (64 - desc.log2_slots())) as u32
 }
 
 /// Index in `SLOTS` of the `step`-th probe for a key whose home offset is `home`.
