@@ -61,7 +61,7 @@ impl Policy {
     /// Banned or terminated: every packet to the account's bindings is dropped.
     pub const SUSPENDED_BIT: u64 = 1 << 2;
 
-    pub const fn new(mode: u64, suspended: bool) -> u64 {
+    pub const fn word(mode: u64, suspended: bool) -> u64 {
         (mode & Self::MODE_MASK) | if suspended { Self::SUSPENDED_BIT } else { 0 }
     }
 }
@@ -88,7 +88,7 @@ impl AccountWord {
     /// Largest slot array the word can address.
     pub const MAX_SLOTS: u32 = 1 << 28;
 
-    pub const fn new(account: u32, policy: u64, table: crate::TableDesc) -> u64 {
+    pub const fn encode(account: u32, policy: u64, table: crate::TableDesc) -> u64 {
         let table_bits = if table.is_present() {
             (1 << 33) | ((table.log2_slots() as u64) << 28) | (table.header() as u64 & Self::HEADER_MASK)
         } else {

@@ -27,7 +27,7 @@ unsafe impl<T: Sync> Sync for MmapArray<T> {}
 impl<T> MmapArray<T> {
     /// Maps all `len` values of the array map behind `fd`.
     pub fn new(fd: BorrowedFd<'_>, len: u32) -> io::Result<Self> {
-        assert!(size_of::<T>() % 8 == 0 && align_of::<T>() <= 8, "array values must be whole words");
+        assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() <= 8, "array values must be whole words");
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;

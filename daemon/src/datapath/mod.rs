@@ -336,7 +336,7 @@ impl Datapath {
             Mode::Monitor => Policy::MODE_MONITOR,
             Mode::Enforce => Policy::MODE_ENFORCE,
         };
-        self.accounts.store(slot, 0, Policy::new(mode, suspended));
+        self.accounts.store(slot, 0, Policy::word(mode, suspended));
         self.refresh_bindings(slot);
         Ok(())
     }
@@ -370,7 +370,7 @@ impl Datapath {
     /// allowlist. Counters are zeroed so the slot can be reused.
     pub fn remove_account(&mut self, slot: u32) -> Result<()> {
         self.check_slot(slot)?;
-        self.accounts.store(slot, 0, Policy::new(Policy::MODE_UNSET, false));
+        self.accounts.store(slot, 0, Policy::word(Policy::MODE_UNSET, false));
         let current = TableDesc(self.accounts.load(slot, 1));
         self.accounts.store(slot, 1, TableDesc::NONE.0);
         self.refresh_bindings(slot);
@@ -380,7 +380,7 @@ impl Datapath {
 
     /// The word the kernel finds in an account's bindings.
     fn account_word(&self, slot: u32) -> u64 {
-        AccountWord::new(slot, self.accounts.load(slot, 0), TableDesc(self.accounts.load(slot, 1)))
+        AccountWord::encode(slot, self.accounts.load(slot, 0), TableDesc(self.accounts.load(slot, 1)))
     }
 
     /// Rewrites the account word in each of the account's bindings (one store each).

@@ -111,8 +111,8 @@ fn choose_lengths(counts: &BTreeMap<u8, u64>) -> Result<Vec<u8>, TooManyKeys> {
     // best[k][b]: fewest keys covering lengths[..=b] with k kept lengths, the last being b.
     let mut best = vec![vec![u64::MAX; n]; MAX_PROBE_LENGTHS + 1];
     let mut from = vec![vec![usize::MAX; n]; MAX_PROBE_LENGTHS + 1];
-    for b in 0..n {
-        best[1][b] = group_cost(0, b);
+    for (b, cost) in best[1].iter_mut().enumerate() {
+        *cost = group_cost(0, b);
     }
     for k in 2..=MAX_PROBE_LENGTHS {
         for b in k - 1..n {
