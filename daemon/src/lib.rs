@@ -1,6 +1,15 @@
 //! ipaccess: per-account IP allowlists enforced by XDP.
 //!
-//! `datapath` is the kernel side seen from user space: loading, attaching and the tables the
-//! XDP program reads.
+//! - `datapath`: the kernel side seen from user space: loading, attaching and the tables
+//!   the XDP program reads;
+//! - `store`: the durable policy (SQLite);
+//! - `service`: every command, applied to store and kernel together, and login checks;
+//! - `protocol` and `server`: the control socket;
+//! - `config`: ipaccessd's configuration file.
 
+pub mod config;
 pub mod datapath;
+pub mod protocol;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,42 +1,73 @@
-//! ipaccessd: loads the XDP filter, attaches it to the given interfaces and keeps it there.
+//! ipaccessd: keeps per-account allowlists in its store, enforces them with XDP, and answers
+//! login checks and administration over its control socket.
 //!
-//! This is the datapath half of the daemon: it starts with the policy the pinned maps
-//! already hold (empty on a fresh host). The control socket and the policy store come with
-//! the daemon proper. Stopping the daemon never removes the filter; `--detach` does.
+//! Start-up order: configuration, bpffs, the pinned maps and program, the store, the kernel
+//! reconciled with the store, the interfaces attached, and only then the socket. Stopping
+//! (SIGTERM) leaves the filter attached and enforcing; `--detach` removes it.
 
-use std::path::PathBuf;
+use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser;
-use ipaccess::datapath::{Datapath, DatapathOptions, ensure_bpffs};
+use ipaccess::{
+    config::{self, Config},
+    datapath::{Datapath, DatapathOptions, ensure_bpffs},
+    server,
+    service::Service,
+    store::Store,
+};
 use log::{info, warn};
+use tokio::net::UnixListener;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Per-account IP access control: the XDP datapath daemon")]
+#[command(version, about = "Per-account IP access control daemon")]
 struct Args {
-    /// Interface to filter (repeat for several).
+    /// Configuration file (default /etc/ipaccess/ipaccessd.toml, optional).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Interface to filter, in addition to the configuration's (repeatable).
     #[arg(long = "iface", value_name = "NAME")]
     interfaces: Vec<String>,
     /// Remove the filter from these interfaces and exit.
     #[arg(long = "detach", value_name = "NAME", conflicts_with = "interfaces")]
     detach: Vec<String>,
-    /// Where bpffs is (mounted there if it is not yet).
-    #[arg(long, default_value = "/sys/fs/bpf")]
-    bpffs: PathBuf,
-    /// Capacity of the table slot array, used when the maps are first created.
-    #[arg(long, default_value_t = ipaccess_common::DEFAULT_SLOTS)]
-    slots: u32,
-    /// Number of account slots, used when the maps are first created.
-    #[arg(long, default_value_t = ipaccess_common::DEFAULT_ACCOUNTS)]
-    accounts: u32,
+    /// Control socket path (overrides the configuration).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// State directory holding the store (overrides the configuration).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where bpffs is mounted (overrides the configuration).
+    #[arg(long, value_name = "DIR")]
+    bpffs: Option<PathBuf>,
 }
 
-#[tokio::main(flavor = "current_thread")]
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let (path, required) = match &args.config {
+        Some(path) => (path.clone(), true),
+        None => (PathBuf::from(config::DEFAULT_PATH), false),
+    };
+    let mut config = Config::load(&path, required)?;
+    config.interfaces.extend(args.interfaces.iter().cloned());
+    if let Some(socket) = &args.socket {
+        config.socket = socket.clone();
+    }
+    if let Some(dir) = &args.state_dir {
+        config.state_dir = dir.clone();
+    }
+    if let Some(bpffs) = &args.bpffs {
+        config.bpffs = bpffs.clone();
+    }
+    Ok(config)
+}
+
+#[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    ensure_bpffs(&args.bpffs).context("preparing bpffs")?;
-    let options = DatapathOptions { bpffs: args.bpffs.clone(), slots: args.slots, accounts: args.accounts };
+    let config = load_config(&args)?;
+    ensure_bpffs(&config.bpffs).context("preparing bpffs")?;
+    let options = DatapathOptions { bpffs: config.bpffs.clone(), slots: config.maps.slots, accounts: config.maps.accounts };
     let mut datapath = Datapath::open(&options).context("loading the XDP program")?;
     if !args.detach.is_empty() {
         for iface in &args.detach {
@@ -46,27 +77,56 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    for iface in &args.interfaces {
-        let how = datapath.attach(iface).with_context(|| format!("attaching to {iface}"))?;
-        info!("{iface}: filtering ({how:?})");
+
+    fs::create_dir_all(&config.state_dir).with_context(|| format!("creating {}", config.state_dir.display()))?;
+    let store = Store::open(&config.database()).context("opening the store")?;
+    // Maps first, then interfaces: a newly attached filter starts with the store's policy.
+    let mut interfaces = Vec::new();
+    let service = {
+        let service = Service::start(store, datapath).map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
+        for iface in &config.interfaces {
+            let how = service.attach(iface).with_context(|| format!("attaching to {iface}"))?;
+            interfaces.push(format!("{iface} ({how:?})"));
+        }
+        Arc::new(service)
+    };
+    if config.interfaces.is_empty() {
+        warn!("no interfaces configured (--iface NAME); the filter is loaded but attached nowhere");
     }
-    if args.interfaces.is_empty() {
-        warn!("no interfaces given (--iface NAME); the program is loaded but filters nothing");
-    }
-    let attached = datapath.attached_interfaces();
-    info!("ready; filtering on {attached:?}; pins in {}", datapath.pin_dir().display());
-    wait_for_shutdown().await?;
-    info!("stopping; the filter stays attached (use --detach to remove it)");
+
+    let listener = bind_socket(&config)?;
+    info!("ready: filtering on [{}], control socket {}", interfaces.join(", "), config.socket.display());
+    server::serve(listener, service, Arc::new(config), shutdown()).await;
+    info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
     Ok(())
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
+/// Binds the control socket, replacing a stale one left by a previous run.
+fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = config.socket.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match fs::remove_file(&config.socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale {}", config.socket.display()));
+        }
+        _ => {}
+    }
+    let listener =
+        UnixListener::bind(&config.socket).with_context(|| format!("binding {}", config.socket.display()))?;
+    fs::set_permissions(&config.socket, fs::Permissions::from_mode(config.socket_mode))
+        .with_context(|| format!("setting the mode of {}", config.socket.display()))?;
+    Ok(listener)
+}
+
+async fn shutdown() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return std::future::pending().await;
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    Ok(())
 }

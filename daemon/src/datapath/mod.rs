@@ -317,6 +317,11 @@ impl Datapath {
         names
     }
 
+    /// Account slots the maps hold a policy or an allowlist for.
+    pub fn configured_slots(&self) -> Vec<u32> {
+        (1..self.accounts.len()).filter(|&s| self.accounts.load(s, 0) != 0 || self.accounts.load(s, 1) != 0).collect()
+    }
+
     pub fn account_capacity(&self) -> u32 {
         self.accounts.len()
     }

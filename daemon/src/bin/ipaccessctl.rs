@@ -1,0 +1,553 @@
+//! ipaccessctl: the command-line client of ipaccessd's control socket.
+//!
+//! One request line out, one reply line back (see `ipaccess::protocol`). Exit status: 0 on
+//! success, 2 on any error; `check` exits 1 when the login is denied.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
+use ipaccess::protocol::{
+    AccountState, CheckResult, Command, ErrorBody, Method, Mode, Proto, Reason, Reply, Request,
+};
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const DEFAULT_SOCKET: &str = "/run/ipaccess/ipaccessd.sock";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ipaccessctl",
+    version,
+    about = "Manage ipaccessd: accounts, allowlists, bindings, login checks"
+)]
+struct Cli {
+    /// Control socket [env: IPACCESS_SOCKET] [default: /run/ipaccess/ipaccessd.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print the daemon's result (or error object) as JSON on stdout
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand, Debug)]
+enum Top {
+    /// Accounts: creation, state and access mode
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// An account's IP allowlist
+    #[command(subcommand)]
+    Allow(AllowCmd),
+    /// Destination endpoints owned by accounts
+    #[command(subcommand)]
+    Bind(BindCmd),
+    /// May ACCOUNT log in from ADDR? Exit 0 if allowed, 1 if denied, 2 on error
+    Check {
+        account: String,
+        addr: IpAddr,
+        #[arg(long, value_parser = one_of::<Method>(&["password", "api_key", "sso"]))]
+        method: Option<Method>,
+    },
+    /// Daemon status
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCmd {
+    /// Create an account
+    Add {
+        id: String,
+        /// Parent account (this one becomes a sub-user)
+        #[arg(long, value_name = "ID")]
+        parent: Option<String>,
+        /// Start unconfirmed (until the email address is confirmed)
+        #[arg(long)]
+        unconfirmed: bool,
+    },
+    /// Show one account
+    Show { id: String },
+    /// List all accounts
+    List,
+    /// Set an account's state
+    State {
+        id: String,
+        #[arg(value_parser = one_of::<AccountState>(&["active", "unconfirmed", "terminated", "banned"]))]
+        state: AccountState,
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Set an account's access mode
+    Mode {
+        id: String,
+        #[arg(value_parser = one_of::<Mode>(&["off", "monitor", "enforce"]))]
+        mode: Mode,
+        /// Your own address: refused if the change would lock it out
+        #[arg(long, value_name = "ADDR")]
+        client_ip: Option<IpAddr>,
+        /// Apply even if it locks out --client-ip
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AllowCmd {
+    /// Allow a CIDR (a bare address means that one host)
+    Add {
+        id: String,
+        #[arg(value_parser = parse_cidr)]
+        cidr: IpNet,
+        #[arg(long, value_name = "TEXT")]
+        label: Option<String>,
+    },
+    /// Remove an allowlist entry
+    Remove {
+        id: String,
+        #[arg(value_parser = parse_cidr)]
+        cidr: IpNet,
+        /// Your own address: refused if the removal would lock it out
+        #[arg(long, value_name = "ADDR")]
+        client_ip: Option<IpAddr>,
+        /// Remove even if it locks out --client-ip
+        #[arg(long)]
+        force: bool,
+    },
+    /// List an account's allowlist
+    List { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum BindCmd {
+    /// Bind ADDR[:PORT] to an account (IPv6 with a port: [ADDR]:PORT; no port: whole address)
+    Add {
+        id: String,
+        #[arg(value_name = "ADDR[:PORT]", value_parser = parse_endpoint)]
+        addr: (IpAddr, Option<u16>),
+        /// Protocol of a port binding [default: tcp]
+        #[arg(long, value_parser = one_of::<Proto>(&["tcp", "udp"]))]
+        proto: Option<Proto>,
+    },
+    /// Remove a binding
+    Remove {
+        #[arg(value_name = "ADDR[:PORT]", value_parser = parse_endpoint)]
+        addr: (IpAddr, Option<u16>),
+        #[arg(long, value_parser = one_of::<Proto>(&["tcp", "udp"]))]
+        proto: Option<Proto>,
+    },
+    /// List all bindings
+    List,
+}
+
+/// Clap parser for a protocol enum: `--help` lists the names, serde maps them to the type.
+fn one_of<T: DeserializeOwned + Clone + Send + Sync + 'static>(
+    names: &'static [&'static str],
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(names)
+        .map(|s| serde_json::from_value(Value::String(s)).expect("listed names are protocol names"))
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{s}` is neither a CIDR (203.0.113.0/24, 2001:db8::/48) nor an address"))
+}
+
+/// `ADDR`, `[IPv6]`, `IPv4:PORT` or `[IPv6]:PORT`.
+fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>), String> {
+    let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
+    if let Ok(addr) = bare.parse::<IpAddr>() {
+        return Ok((addr, None));
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(sa) if sa.port() == 0 => {
+            Err("port 0 cannot be bound; leave the port out to bind the whole address".into())
+        }
+        Ok(sa) => Ok((sa.ip(), Some(sa.port()))),
+        Err(_) => Err(format!("`{s}` is not ADDR, ADDR:PORT or [IPv6]:PORT")),
+    }
+}
+
+/// A bare address binds all of it, so a protocol makes sense only with a port.
+fn endpoint(
+    addr: (IpAddr, Option<u16>),
+    proto: Option<Proto>,
+) -> Result<(IpAddr, Option<u16>, Option<Proto>), Failure> {
+    match (addr.1, proto) {
+        (None, Some(_)) => {
+            Err(Failure::Local("--proto needs a port (ADDR:PORT); a bare address binds every port".into()))
+        }
+        (Some(port), proto) => Ok((addr.0, Some(port), Some(proto.unwrap_or(Proto::Tcp)))),
+        (None, None) => Ok((addr.0, None, None)),
+    }
+}
+
+fn request(top: Top) -> Result<Command, Failure> {
+    Ok(match top {
+        Top::Account(AccountCmd::Add { id, parent, unconfirmed }) => {
+            Command::AccountAdd { account: id, parent, unconfirmed }
+        }
+        Top::Account(AccountCmd::Show { id }) => Command::AccountShow { account: id },
+        Top::Account(AccountCmd::List) => Command::AccountList {},
+        Top::Account(AccountCmd::State { id, state, reason }) => {
+            Command::AccountState { account: id, state, reason }
+        }
+        Top::Account(AccountCmd::Mode { id, mode, client_ip, force }) => {
+            Command::AccountMode { account: id, mode, client_ip, force }
+        }
+        Top::Allow(AllowCmd::Add { id, cidr, label }) => Command::AllowAdd { account: id, cidr, label },
+        Top::Allow(AllowCmd::Remove { id, cidr, client_ip, force }) => {
+            Command::AllowRemove { account: id, cidr, client_ip, force }
+        }
+        Top::Allow(AllowCmd::List { id }) => Command::AllowList { account: id },
+        Top::Bind(BindCmd::Add { id, addr, proto }) => {
+            let (addr, port, proto) = endpoint(addr, proto)?;
+            Command::BindAdd { account: id, addr, port, proto }
+        }
+        Top::Bind(BindCmd::Remove { addr, proto }) => {
+            let (addr, port, proto) = endpoint(addr, proto)?;
+            Command::BindRemove { addr, port, proto }
+        }
+        Top::Bind(BindCmd::List) => Command::BindList {},
+        Top::Check { account, addr, method } => Command::Check { account, addr, method },
+        Top::Status => Command::Status {},
+    })
+}
+
+#[derive(Debug)]
+enum Failure {
+    Daemon(ErrorBody),
+    Local(String),
+}
+
+/// Sends one request and waits for its reply.
+fn call(socket: &Path, command: Command) -> Result<Value, Failure> {
+    let io = |what: &str, e: std::io::Error| match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            Failure::Local(format!("no reply from {} within 10 s", socket.display()))
+        }
+        _ => Failure::Local(format!("{what} {}: {e}", socket.display())),
+    };
+    let stream = UnixStream::connect(socket).map_err(|e| {
+        Failure::Local(format!(
+            "cannot connect to {}: {e}; is ipaccessd running, and may you use its socket? \
+             (another path: --socket or IPACCESS_SOCKET)",
+            socket.display()
+        ))
+    })?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
+        .map_err(|e| io("cannot set timeouts on", e))?;
+    let id = Value::from(std::process::id());
+    let mut line = serde_json::to_string(&Request { id: id.clone(), command }).expect("requests serialize");
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(|e| io("cannot send to", e))?;
+    let mut reply = String::new();
+    if BufReader::new(&stream).read_line(&mut reply).map_err(|e| io("cannot read from", e))? == 0 {
+        return Err(Failure::Local(format!("{} closed the connection without replying", socket.display())));
+    }
+    let reply: Reply = serde_json::from_str(&reply)
+        .map_err(|e| Failure::Local(format!("unreadable reply from the daemon: {e}")))?;
+    if reply.id != id {
+        return Err(Failure::Local(format!("reply is for request {}, not {id}", reply.id)));
+    }
+    match reply.error {
+        Some(error) => Err(Failure::Daemon(error)),
+        // `"ok": null` deserializes to None: a success without a result.
+        None => Ok(reply.ok.unwrap_or(Value::Null)),
+    }
+}
+
+/// Unix seconds as UTC `YYYY-MM-DD HH:MM:SS` (Howard Hinnant's civil_from_days).
+fn format_time(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn cell(key: &str, v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) if key.ends_with("_at") && n.is_i64() => format_time(n.as_i64().unwrap_or_default()),
+        other => other.to_string(),
+    }
+}
+
+/// Lists may come bare or wrapped in an object (`{"accounts": [...]}`).
+fn rows(v: &Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a.clone(),
+        Value::Object(o) => o.values().find_map(|v| v.as_array().cloned()).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn table(out: &mut String, head: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        widths.iter_mut().zip(row).for_each(|(w, c)| *w = (*w).max(c.chars().count()));
+    }
+    let head = head.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(head).chain(rows) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+}
+
+fn human(command: &Command, v: &Value) -> String {
+    let mut out = String::new();
+    let col = |r: &Value, k: &str| cell(k, &r[k]);
+    match command {
+        Command::AccountList {} => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| ["id", "slot", "state", "mode", "parent"].map(|k| col(r, k)).to_vec())
+                .collect();
+            table(&mut out, &["ID", "SLOT", "STATE", "MODE", "PARENT"], rows);
+        }
+        Command::AllowList { .. } => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| ["cidr", "label", "created_at", "created_by"].map(|k| col(r, k)).to_vec())
+                .collect();
+            table(&mut out, &["CIDR", "LABEL", "CREATED", "BY"], rows);
+        }
+        Command::BindList {} => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| {
+                    // A port binding's target is {"proto": .., "port": ..}; null is the whole address.
+                    let (proto, port) = match &r["target"] {
+                        Value::Object(t) => (cell("", &t["proto"]), cell("", &t["port"])),
+                        _ => ("*".into(), "*".into()),
+                    };
+                    vec![col(r, "account"), col(r, "addr"), proto, port]
+                })
+                .collect();
+            table(&mut out, &["ACCOUNT", "ADDRESS", "PROTO", "PORT"], rows);
+        }
+        _ => match v {
+            Value::Object(o) => o.iter().for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v)))),
+            Value::Null => {}
+            other => out.push_str(&format!("{}\n", cell("", other))),
+        },
+    }
+    out
+}
+
+/// Parses `args`, runs the command and writes its output to `out`; returns the exit status.
+fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut dyn Write) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print(); // Usage errors exit 2, --help and --version 0.
+            return e.exit_code();
+        }
+    };
+    let socket = cli
+        .socket
+        .or_else(|| std::env::var_os("IPACCESS_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| DEFAULT_SOCKET.into());
+    let result =
+        request(cli.command).and_then(|command| call(&socket, command.clone()).map(|v| (command, v)));
+    let (text, status) = match result {
+        Ok((command, v)) => {
+            // Checks answer through the exit status too, for scripts.
+            let check = matches!(command, Command::Check { .. })
+                .then(|| serde_json::from_value::<CheckResult>(v.clone()));
+            let status = match &check {
+                Some(Ok(c)) if !c.allowed => 1,
+                Some(Err(e)) => {
+                    eprintln!("error: unreadable check result: {e}");
+                    return 2;
+                }
+                _ => 0,
+            };
+            let text = match check {
+                _ if cli.json => format!("{}\n", serde_json::to_string_pretty(&v).expect("values serialize")),
+                Some(Ok(c)) => {
+                    let reason = serde_json::to_value(c.reason).expect("reasons serialize");
+                    let verdict = if c.allowed { "allowed" } else { "denied" };
+                    let hint = if c.reason == Reason::Allowed || c.hint.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", c.hint)
+                    };
+                    format!("{verdict} ({}){hint}\n", reason.as_str().unwrap_or_default())
+                }
+                _ => human(&command, &v),
+            };
+            (text, status)
+        }
+        Err(Failure::Daemon(e)) => {
+            let code = serde_json::to_value(e.code).expect("codes serialize");
+            eprintln!("error: {} ({})", e.message, code.as_str().unwrap_or_default());
+            let json = if cli.json {
+                serde_json::to_string_pretty(&e).expect("errors serialize") + "\n"
+            } else {
+                String::new()
+            };
+            (json, 2)
+        }
+        Err(Failure::Local(message)) => {
+            eprintln!("error: {message}");
+            return 2;
+        }
+    };
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // `ipaccessctl account list | head` is not an error.
+        Err(e) if e.kind() != ErrorKind::BrokenPipe => {
+            eprintln!("error: cannot write output: {e}");
+            2
+        }
+        _ => status,
+    }
+}
+
+fn main() {
+    std::process::exit(run(std::env::args_os(), &mut std::io::stdout().lock()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn endpoints() {
+        let v4: IpAddr = "198.18.0.1".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(parse_endpoint("198.18.0.1:443"), Ok((v4, Some(443))));
+        assert_eq!(parse_endpoint("198.18.0.1"), Ok((v4, None)));
+        assert_eq!(parse_endpoint("[fd00::1]:443"), Ok((v6, Some(443))));
+        assert_eq!(parse_endpoint("fd00::1"), Ok((v6, None)));
+        assert_eq!(parse_endpoint("[fd00::1]"), Ok((v6, None)));
+        for bad in [
+            "fd00::1:443x",
+            "198.18.0.1:",
+            "198.18.0.1:70000",
+            "host:443",
+            "[198.18.0.1]:443",
+            "198.18.0.1:0",
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+        assert_eq!(endpoint((v4, Some(53)), None).unwrap(), (v4, Some(53), Some(Proto::Tcp)));
+        assert_eq!(endpoint((v4, Some(53)), Some(Proto::Udp)).unwrap(), (v4, Some(53), Some(Proto::Udp)));
+        assert!(endpoint((v4, None), Some(Proto::Udp)).is_err());
+        assert_eq!(parse_cidr("203.0.113.7"), Ok("203.0.113.7/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(format_time(1_709_251_199), "2024-02-29 23:59:59");
+        assert_eq!(format_time(-1), "1969-12-31 23:59:59");
+        assert_eq!(format_time(4_102_444_800), "2100-01-01 00:00:00");
+    }
+
+    #[test]
+    fn clap_config_and_enum_names() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+        for m in ["password", "api_key", "sso"] {
+            assert!(Cli::try_parse_from(["x", "check", "a", "192.0.2.1", "--method", m]).is_ok());
+        }
+        assert!(Cli::try_parse_from(["x", "account", "mode", "a", "paranoid"]).is_err());
+    }
+
+    /// Runs the client against a one-shot fake daemon; returns (request sent, status, stdout).
+    fn against(args: &[&str], reply: impl FnOnce(&Value) -> Value + Send + 'static) -> (Value, i32, String) {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ipaccessctl-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            let mut request: Value = serde_json::from_str(&line).unwrap();
+            let id = request.as_object_mut().unwrap().remove("id").unwrap();
+            let mut answer = reply(&request);
+            answer["id"] = id;
+            (&stream).write_all(format!("{answer}\n").as_bytes()).unwrap();
+            request
+        });
+        let mut argv = vec!["ipaccessctl", "--socket", path.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        let mut out = Vec::new();
+        let status = run(argv, &mut out);
+        let request = server.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        (request, status, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn account_add_end_to_end() {
+        let (request, status, out) = against(&["account", "add", "acme", "--unconfirmed"], |_| {
+            json!({"ok": {"id": "acme", "slot": 1, "parent": null, "state": "unconfirmed", "mode": "off",
+                          "state_reason": null, "created_at": 951_782_400}})
+        });
+        assert_eq!(
+            request,
+            json!({"cmd": "account_add", "account": "acme", "parent": null, "unconfirmed": true})
+        );
+        assert_eq!(status, 0);
+        assert!(out.contains("id: acme\n") && out.contains("created_at: 2000-02-29 00:00:00\n"), "{out}");
+    }
+
+    #[test]
+    fn check_denied_exits_1_and_errors_exit_2() {
+        let (request, status, out) = against(
+            &["check", "acme", "192.0.2.9", "--method", "api_key"],
+            |_| json!({"ok": {"allowed": false, "reason": "address_not_allowed", "hint": "Add 192.0.2.9."}}),
+        );
+        assert_eq!(
+            request,
+            json!({"cmd": "check", "account": "acme", "addr": "192.0.2.9", "method": "api_key"})
+        );
+        assert_eq!((status, out.as_str()), (1, "denied (address_not_allowed): Add 192.0.2.9.\n"));
+        let (_, status, out) = against(
+            &["--json", "account", "show", "nobody"],
+            |_| json!({"error": {"code": "unknown_account", "message": "no account nobody"}}),
+        );
+        assert_eq!(status, 2);
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["code"], "unknown_account");
+        let mut out = Vec::new();
+        assert_eq!(run(["ipaccessctl", "--socket", "/nonexistent/ipaccessd.sock", "status"], &mut out), 2);
+    }
+
+    #[test]
+    fn bind_list_table() {
+        let (_, status, out) = against(&["bind", "list"], |_| {
+            json!({"ok": [{"account": "acme", "addr": "198.18.0.1", "target": {"proto": "tcp", "port": 443}},
+                          {"account": "b", "addr": "fd00::1", "target": null}]})
+        });
+        assert_eq!(status, 0);
+        assert_eq!(
+            out,
+            "ACCOUNT  ADDRESS     PROTO  PORT\nacme     198.18.0.1  tcp    443\nb        fd00::1     *      *\n"
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! ipaccessd's configuration: `/etc/ipaccess/ipaccessd.toml` (or `--config`), every key
+//! optional, so the daemon starts with no file at all.
+//!
+//! ```toml
+//! interfaces = ["eth0"]
+//! bpffs = "/sys/fs/bpf"
+//! state_dir = "/var/lib/ipaccess"
+//! socket = "/run/ipaccess/ipaccessd.sock"
+//! socket_mode = 0o660
+//!
+//! [roles]            # uids and gids by number; root has every role
+//! check = { gids = [998] }
+//! admin = { uids = [1001] }
+//! support = { gids = [997] }
+//!
+//! [limits]
+//! max_request_bytes = 65536
+//! max_connections = 256
+//!
+//! [maps]             # used when the maps are first created
+//! slots = 1048576
+//! accounts = 65536
+//! ```
+
+use std::{collections::BTreeSet, fs, io, path::{Path, PathBuf}};
+
+use serde::Deserialize;
+
+use crate::protocol::Role;
+
+pub const DEFAULT_PATH: &str = "/etc/ipaccess/ipaccessd.toml";
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces to filter.
+    pub interfaces: Vec<String>,
+    /// Where bpffs is mounted (mounted there if it is not).
+    pub bpffs: PathBuf,
+    /// The store lives here (`ipaccess.db`).
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    pub roles: Roles,
+    pub limits: Limits,
+    pub maps: Maps,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            state_dir: PathBuf::from("/var/lib/ipaccess"),
+            socket: PathBuf::from("/run/ipaccess/ipaccessd.sock"),
+            socket_mode: 0o660,
+            roles: Roles::default(),
+            limits: Limits::default(),
+            maps: Maps::default(),
+        }
+    }
+}
+
+/// Who holds each role, by uid or gid (primary or supplementary group of the peer process).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Roles {
+    pub check: Principals,
+    pub admin: Principals,
+    pub support: Principals,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Principals {
+    pub uids: BTreeSet<u32>,
+    pub gids: BTreeSet<u32>,
+}
+
+impl Principals {
+    fn matches(&self, uid: u32, gids: &[u32]) -> bool {
+        self.uids.contains(&uid) || gids.iter().any(|g| self.gids.contains(g))
+    }
+}
+
+impl Roles {
+    /// The roles of a peer with `uid` and groups `gids`; root has all of them.
+    pub fn of(&self, uid: u32, gids: &[u32]) -> BTreeSet<Role> {
+        if uid == 0 {
+            return [Role::Check, Role::Admin, Role::Support].into();
+        }
+        [(Role::Check, &self.check), (Role::Admin, &self.admin), (Role::Support, &self.support)]
+            .into_iter()
+            .filter(|(_, who)| who.matches(uid, gids))
+            .map(|(role, _)| role)
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Longest request line; a longer one gets `too_large` and the connection is closed.
+    pub max_request_bytes: usize,
+    /// Connections served at once; more are told `busy` and closed. Requests on one
+    /// connection are answered one at a time, in order.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_request_bytes: 64 * 1024, max_connections: 256 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Maps {
+    pub slots: u32,
+    pub accounts: u32,
+}
+
+impl Default for Maps {
+    fn default() -> Self {
+        Self { slots: ipaccess_common::DEFAULT_SLOTS, accounts: ipaccess_common::DEFAULT_ACCOUNTS }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, #[source] io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+}
+
+impl Config {
+    /// Reads `path`; with `required` false a missing file means the built-in defaults.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        match fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Ok(Config::default()),
+            Err(e) => Err(ConfigError::Read(path.to_path_buf(), e)),
+        }
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("ipaccess.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        assert_eq!(toml::from_str::<Config>("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn reads_every_section() {
+        let config: Config = toml::from_str(
+            r#"
+            interfaces = ["eth0", "eth1"]
+            socket_mode = 0o600
+            [roles]
+            check = { gids = [998] }
+            admin = { uids = [1001] }
+            [limits]
+            max_request_bytes = 1024
+            [maps]
+            slots = 4096
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.interfaces, ["eth0", "eth1"]);
+        assert_eq!(config.socket_mode, 0o600);
+        assert_eq!(config.limits.max_request_bytes, 1024);
+        assert_eq!(config.limits.max_connections, Limits::default().max_connections);
+        assert_eq!(config.maps.slots, 4096);
+        assert_eq!(config.roles.of(1001, &[]), [Role::Admin].into());
+        assert_eq!(config.roles.of(1002, &[5, 998]), [Role::Check].into());
+        assert!(config.roles.of(65534, &[65534]).is_empty());
+        assert_eq!(config.roles.of(0, &[]).len(), 3);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<Config>("interface = [\"eth0\"]").is_err());
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_only_when_named() {
+        let missing = Path::new("/nonexistent/ipaccessd.toml");
+        assert_eq!(Config::load(missing, false).unwrap(), Config::default());
+        assert!(matches!(Config::load(missing, true), Err(ConfigError::Read(..))));
+    }
+}

@@ -1,0 +1,239 @@
+//! The control socket's wire format: one JSON object per line each way.
+//!
+//! A request is `{"id": <any JSON>, "cmd": "<command>", ...arguments}`; the reply echoes the
+//! id and carries either `"ok": <result>` or `"error": {"code": "...", "message": "..."}`.
+//! Commands and their arguments are the variants of [`Command`]; `docs/protocol.md` shows an
+//! example of each.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// A request line. `id` is echoed unchanged in the reply.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Request {
+    #[serde(default)]
+    pub id: serde_json::Value,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Create an account (`unconfirmed` until its email is confirmed when asked to).
+    AccountAdd {
+        account: String,
+        #[serde(default)]
+        parent: Option<String>,
+        #[serde(default)]
+        unconfirmed: bool,
+    },
+    AccountShow { account: String },
+    AccountList {},
+    AccountState {
+        account: String,
+        state: AccountState,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    AccountMode {
+        account: String,
+        mode: Mode,
+        #[serde(default)]
+        client_ip: Option<IpAddr>,
+        #[serde(default)]
+        force: bool,
+    },
+    AllowAdd {
+        account: String,
+        cidr: IpNet,
+        #[serde(default)]
+        label: Option<String>,
+    },
+    AllowRemove {
+        account: String,
+        cidr: IpNet,
+        #[serde(default)]
+        client_ip: Option<IpAddr>,
+        #[serde(default)]
+        force: bool,
+    },
+    AllowList { account: String },
+    BindAdd {
+        account: String,
+        addr: IpAddr,
+        #[serde(default)]
+        port: Option<u16>,
+        #[serde(default)]
+        proto: Option<Proto>,
+    },
+    BindRemove {
+        addr: IpAddr,
+        #[serde(default)]
+        port: Option<u16>,
+        #[serde(default)]
+        proto: Option<Proto>,
+    },
+    BindList {},
+    /// A login check: may `account` log in from `addr`?
+    Check {
+        account: String,
+        addr: IpAddr,
+        #[serde(default)]
+        method: Option<Method>,
+    },
+    Status {},
+}
+
+impl Command {
+    /// The role a caller needs for this command.
+    pub fn role(&self) -> Role {
+        match self {
+            Command::AccountShow { .. }
+            | Command::AccountList {}
+            | Command::AllowList { .. }
+            | Command::BindList {}
+            | Command::Check { .. }
+            | Command::Status {} => Role::Check,
+            Command::AccountAdd { .. }
+            | Command::AccountState { .. }
+            | Command::AccountMode { .. }
+            | Command::AllowAdd { .. }
+            | Command::AllowRemove { .. }
+            | Command::BindAdd { .. }
+            | Command::BindRemove { .. } => Role::Admin,
+        }
+    }
+}
+
+/// What a caller may do; root has every role.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Login checks and reads.
+    Check,
+    /// Accounts, allowlists, modes, bindings.
+    Admin,
+    /// Overrides and activity.
+    Support,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountState {
+    Active,
+    Unconfirmed,
+    Terminated,
+    Banned,
+}
+
+impl AccountState {
+    /// Banned and terminated accounts have all their traffic dropped.
+    pub fn suspended(self) -> bool {
+        matches!(self, AccountState::Terminated | AccountState::Banned)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Off,
+    Monitor,
+    Enforce,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    #[default]
+    Password,
+    ApiKey,
+    Sso,
+}
+
+/// A reply line.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Reply {
+    pub id: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ok: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Stable error codes: scripts match on these, people read the message.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not JSON, or not an object.
+    BadJson,
+    /// Unknown `cmd`, or missing/extra/mistyped arguments.
+    BadRequest,
+    /// The line is longer than the configured limit; the connection is closed.
+    TooLarge,
+    /// The caller's uid/gid has no role that allows the command.
+    Forbidden,
+    UnknownAccount,
+    AccountExists,
+    UnknownBinding,
+    BindingExists,
+    EntryExists,
+    UnknownEntry,
+    /// The change would lock out the address the caller named with `client_ip`.
+    Lockout,
+    /// A value is out of range or contradicts the current state.
+    Invalid,
+    /// The daemon is busy (too many requests in flight on this connection).
+    Busy,
+    /// Storage or kernel failure; nothing was changed.
+    Internal,
+}
+
+/// The outcome of a login check.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct CheckResult {
+    pub allowed: bool,
+    /// Stable reason code, see [`Reason`].
+    pub reason: Reason,
+    /// A sentence the person locked out can act on.
+    pub hint: String,
+}
+
+/// Why a check came out as it did, first match wins in this order.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    UnknownAccount,
+    Banned,
+    ParentBanned,
+    Terminated,
+    Unconfirmed,
+    AddressNotAllowed,
+    /// Monitor mode: the address is not on the list, but the check allows and records it.
+    MonitorWouldDeny,
+    Allowed,
+}

@@ -1,0 +1,718 @@
+//! The daemon's embedded transactional store: accounts, allowlist entries and bindings in
+//! SQLite.
+//!
+//! Every read and write goes through a [`Tx`]; a change counts only once [`Tx::commit`]
+//! returns, and by then it is on disk (`synchronous=FULL`). Dropping a `Tx` rolls it back.
+//! Values are stored as text in canonical form (CIDRs truncated to their network, enums by
+//! their snake_case names) so that equal values compare equal in SQL.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use serde::{Serialize, Serializer};
+
+use crate::protocol::{AccountState, Mode, Proto};
+
+/// Schema migrations; `PRAGMA user_version` counts how many have been applied.
+const MIGRATIONS: &[&str] = &[
+    // v1
+    "CREATE TABLE accounts (
+        id TEXT PRIMARY KEY,
+        slot INTEGER NOT NULL UNIQUE,
+        parent TEXT REFERENCES accounts(id),
+        state TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        state_reason TEXT,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE allow_entries (
+        account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        cidr TEXT NOT NULL,
+        label TEXT,
+        created_at INTEGER NOT NULL,
+        created_by INTEGER NOT NULL,
+        PRIMARY KEY (account, cidr)
+    );
+    -- A whole-address binding has proto '' and port 0.
+    CREATE TABLE bindings (
+        addr TEXT NOT NULL,
+        proto TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (addr, proto, port)
+    );
+    CREATE INDEX bindings_account ON bindings(account);",
+];
+
+/// How long to wait for another connection's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("account {0:?} already exists; choose another id")]
+    AccountExists(String),
+    #[error("there is no account {0:?}; create it first or check the spelling")]
+    UnknownAccount(String),
+    #[error("the parent account {0:?} does not exist; create it first")]
+    UnknownParent(String),
+    #[error("{cidr} is already on the allowlist of account {account:?}")]
+    EntryExists { account: String, cidr: IpNet },
+    #[error("{0} is already bound to an account; remove that binding first")]
+    BindingExists(String),
+    #[error("the store holds data this daemon cannot read ({0}); restore a backup or upgrade")]
+    Corrupt(String),
+    #[error("storage error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot prepare the store's directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AccountRow {
+    pub id: String,
+    /// The account's key in the kernel maps; slot 0 is reserved.
+    pub slot: u32,
+    pub parent: Option<String>,
+    pub state: AccountState,
+    pub mode: Mode,
+    pub state_reason: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EntryRow {
+    pub account: String,
+    /// Always canonical: host bits are zero.
+    pub cidr: IpNet,
+    pub label: Option<String>,
+    pub created_at: i64,
+    /// Uid of the caller that added the entry.
+    pub created_by: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BindingRow {
+    pub account: String,
+    pub addr: IpAddr,
+    /// `None` binds the whole address; serialized as `{"proto": "tcp", "port": 443}` or null.
+    #[serde(serialize_with = "serialize_target")]
+    pub target: Option<(Proto, u16)>,
+    pub created_at: i64,
+}
+
+fn serialize_target<S: Serializer>(t: &Option<(Proto, u16)>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Target {
+        proto: Proto,
+        port: u16,
+    }
+    t.map(|(proto, port)| Target { proto, port }).serialize(s)
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (and its directory) and the schema as needed.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "journal mode stays {mode:?}, not wal"
+            )));
+        }
+        // FULL makes a commit durable in WAL mode too; NORMAL could lose the last commits.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        migrate(&mut conn)?;
+        Ok(Store { conn })
+    }
+
+    /// Starts a write transaction; it takes the write lock at once, so it cannot fail later
+    /// for lack of it.
+    pub fn transaction(&mut self) -> Result<Tx<'_>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Ok(Tx { tx })
+    }
+
+    /// Starts a transaction for reading: a consistent snapshot that does not block writers.
+    pub fn read(&mut self) -> Result<Tx<'_>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        Ok(Tx { tx })
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(version).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {version} is newer than the {} this daemon knows",
+            MIGRATIONS.len()
+        )));
+    }
+    for (version, sql) in (1i64..).zip(MIGRATIONS).skip(applied) {
+        // Each step and its version bump commit together, so a crash never half-migrates.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// A transaction on the store. Dropping it without [`Tx::commit`] rolls it back.
+pub struct Tx<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+impl Tx<'_> {
+    /// Creates an account in the lowest free slot >= 1.
+    pub fn add_account(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        state: AccountState,
+        mode: Mode,
+        now: i64,
+    ) -> Result<AccountRow, StoreError> {
+        if self.account(id)?.is_some() {
+            return Err(StoreError::AccountExists(id.to_owned()));
+        }
+        if let Some(p) = parent
+            && self.account(p)?.is_none()
+        {
+            return Err(StoreError::UnknownParent(p.to_owned()));
+        }
+        // Slot 1 if free, else the first slot right after a used one that is itself free.
+        let slot: i64 = self.tx.query_row(
+            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM accounts WHERE slot = 1) THEN 1
+                ELSE (SELECT MIN(a.slot) + 1 FROM accounts a
+                      WHERE NOT EXISTS (SELECT 1 FROM accounts b WHERE b.slot = a.slot + 1))
+             END",
+            [],
+            |r| r.get(0),
+        )?;
+        let slot = u32::try_from(slot)
+            .map_err(|_| StoreError::Corrupt(format!("no account slot left below {slot}")))?;
+        let row = AccountRow {
+            id: id.to_owned(),
+            slot,
+            parent: parent.map(str::to_owned),
+            state,
+            mode,
+            state_reason: None,
+            created_at: now,
+        };
+        self.tx.execute(
+            "INSERT INTO accounts (id, slot, parent, state, mode, state_reason, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)",
+            (id, slot, parent, name(state), name(mode), now),
+        )?;
+        Ok(row)
+    }
+
+    pub fn account(&self, id: &str) -> Result<Option<AccountRow>, StoreError> {
+        let sql = "SELECT id, slot, parent, state, mode, state_reason, created_at
+                   FROM accounts WHERE id = ?1";
+        Ok(self.rows(sql, [id], account_row)?.pop())
+    }
+
+    /// All accounts, ordered by id.
+    pub fn accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
+        let sql = "SELECT id, slot, parent, state, mode, state_reason, created_at
+                   FROM accounts ORDER BY id";
+        self.rows(sql, [], account_row)
+    }
+
+    /// Sets the state and its reason; `None` clears a previous reason.
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: AccountState,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let sql = "UPDATE accounts SET state = ?2, state_reason = ?3 WHERE id = ?1";
+        self.update_account(id, sql, (id, name(state), reason))
+    }
+
+    pub fn set_mode(&self, id: &str, mode: Mode) -> Result<(), StoreError> {
+        self.update_account(
+            id,
+            "UPDATE accounts SET mode = ?2 WHERE id = ?1",
+            (id, name(mode)),
+        )
+    }
+
+    fn update_account(&self, id: &str, sql: &str, params: impl Params) -> Result<(), StoreError> {
+        match self.tx.execute(sql, params)? {
+            0 => Err(StoreError::UnknownAccount(id.to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds `cidr` (truncated to its network) to the account's allowlist.
+    pub fn add_entry(
+        &self,
+        account: &str,
+        cidr: IpNet,
+        label: Option<&str>,
+        created_by: u32,
+        now: i64,
+    ) -> Result<EntryRow, StoreError> {
+        self.require_account(account)?;
+        let cidr = cidr.trunc();
+        let added = self.tx.execute(
+            "INSERT INTO allow_entries (account, cidr, label, created_at, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            (account, cidr.to_string(), label, now, created_by),
+        )?;
+        if added == 0 {
+            return Err(StoreError::EntryExists {
+                account: account.to_owned(),
+                cidr,
+            });
+        }
+        Ok(EntryRow {
+            account: account.to_owned(),
+            cidr,
+            label: label.map(str::to_owned),
+            created_at: now,
+            created_by,
+        })
+    }
+
+    /// Removes an entry, matched after truncation; false if there was none.
+    pub fn remove_entry(&self, account: &str, cidr: IpNet) -> Result<bool, StoreError> {
+        let removed = self.tx.execute(
+            "DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2",
+            (account, cidr.trunc().to_string()),
+        )?;
+        Ok(removed > 0)
+    }
+
+    /// The account's allowlist, ordered by CIDR text; `UnknownAccount` if there is no such
+    /// account, so an empty list always means an existing account with no entries.
+    pub fn entries(&self, account: &str) -> Result<Vec<EntryRow>, StoreError> {
+        self.require_account(account)?;
+        let sql = "SELECT account, cidr, label, created_at, created_by
+                   FROM allow_entries WHERE account = ?1 ORDER BY cidr";
+        self.rows(sql, [account], entry_row)
+    }
+
+    /// Every allowlist entry, ordered by account then CIDR text.
+    pub fn all_entries(&self) -> Result<Vec<EntryRow>, StoreError> {
+        let sql = "SELECT account, cidr, label, created_at, created_by
+                   FROM allow_entries ORDER BY account, cidr";
+        self.rows(sql, [], entry_row)
+    }
+
+    /// Binds `addr` (with `target` a single port, without it the whole address) to `account`.
+    pub fn add_binding(
+        &self,
+        account: &str,
+        addr: IpAddr,
+        target: Option<(Proto, u16)>,
+        now: i64,
+    ) -> Result<BindingRow, StoreError> {
+        self.require_account(account)?;
+        let (proto, port) = target_columns(target);
+        let added = self.tx.execute(
+            "INSERT INTO bindings (addr, proto, port, account, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            (addr.to_string(), proto, port, account, now),
+        )?;
+        if added == 0 {
+            return Err(StoreError::BindingExists(endpoint(addr, target)));
+        }
+        Ok(BindingRow {
+            account: account.to_owned(),
+            addr,
+            target,
+            created_at: now,
+        })
+    }
+
+    /// Removes a binding and returns it, or `None` if that endpoint was not bound.
+    pub fn remove_binding(
+        &self,
+        addr: IpAddr,
+        target: Option<(Proto, u16)>,
+    ) -> Result<Option<BindingRow>, StoreError> {
+        let (proto, port) = target_columns(target);
+        let sql = "DELETE FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3
+                   RETURNING account, addr, proto, port, created_at";
+        Ok(self
+            .rows(sql, (addr.to_string(), proto, port), binding_row)?
+            .pop())
+    }
+
+    /// Every binding, ordered by address text, protocol, port.
+    pub fn bindings(&self) -> Result<Vec<BindingRow>, StoreError> {
+        let sql = "SELECT account, addr, proto, port, created_at
+                   FROM bindings ORDER BY addr, proto, port";
+        self.rows(sql, [], binding_row)
+    }
+
+    /// Makes the transaction's changes durable.
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.tx.commit()?)
+    }
+
+    fn require_account(&self, id: &str) -> Result<(), StoreError> {
+        let found = self
+            .tx
+            .prepare_cached("SELECT 1 FROM accounts WHERE id = ?1")?
+            .query_row([id], |_| Ok(()))
+            .optional()?;
+        found.ok_or_else(|| StoreError::UnknownAccount(id.to_owned()))
+    }
+
+    /// Runs a query and converts each row, so that a row that does not parse is `Corrupt`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        convert: fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.tx.prepare_cached(sql)?;
+        let mut rows = stmt.query(params)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(convert(row)?);
+        }
+        Ok(out)
+    }
+}
+
+fn account_row(r: &Row) -> Result<AccountRow, StoreError> {
+    Ok(AccountRow {
+        id: r.get(0)?,
+        slot: int(r.get(1)?, "slot")?,
+        parent: r.get(2)?,
+        state: parse_name(&r.get::<_, String>(3)?, "account state")?,
+        mode: parse_name(&r.get::<_, String>(4)?, "mode")?,
+        state_reason: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+fn entry_row(r: &Row) -> Result<EntryRow, StoreError> {
+    let cidr: String = r.get(1)?;
+    Ok(EntryRow {
+        account: r.get(0)?,
+        cidr: cidr
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("bad CIDR {cidr:?}")))?,
+        label: r.get(2)?,
+        created_at: r.get(3)?,
+        created_by: int(r.get(4)?, "created_by")?,
+    })
+}
+
+fn binding_row(r: &Row) -> Result<BindingRow, StoreError> {
+    let addr: String = r.get(1)?;
+    let proto: String = r.get(2)?;
+    let port: u16 = int(r.get(3)?, "port")?;
+    let target = match (proto.as_str(), port) {
+        ("", 0) => None,
+        ("", _) => {
+            return Err(StoreError::Corrupt(format!(
+                "port {port} without a protocol"
+            )));
+        }
+        (p, _) => Some((parse_name(p, "protocol")?, port)),
+    };
+    Ok(BindingRow {
+        account: r.get(0)?,
+        addr: addr
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("bad address {addr:?}")))?,
+        target,
+        created_at: r.get(4)?,
+    })
+}
+
+/// The columns for a binding's target: a whole address is ('', 0).
+fn target_columns(target: Option<(Proto, u16)>) -> (String, u16) {
+    target.map_or((String::new(), 0), |(proto, port)| (name(proto), port))
+}
+
+/// A binding's endpoint for messages: `192.0.2.1` or `tcp 192.0.2.1:443`.
+fn endpoint(addr: IpAddr, target: Option<(Proto, u16)>) -> String {
+    match target {
+        None => addr.to_string(),
+        Some((proto, port)) => format!("{} {}", name(proto), SocketAddr::new(addr, port)),
+    }
+}
+
+/// An enum's snake_case name, as the wire protocol spells it.
+fn name<T: Serialize>(value: T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => unreachable!("unit variants serialize to strings, got {other:?}"),
+    }
+}
+
+fn parse_name<T: DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| StoreError::Corrupt(format!("unknown {what} {s:?}")))
+}
+
+fn int<T: TryFrom<i64>>(v: i64, column: &str) -> Result<T, StoreError> {
+    T::try_from(v).map_err(|_| StoreError::Corrupt(format!("{column} {v} is out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            let name = format!("ipaccess-store-{}-{n}-{nanos}", std::process::id());
+            TempDir(std::env::temp_dir().join(name))
+        }
+
+        fn db(&self) -> PathBuf {
+            // A subdirectory, so open() has to create it.
+            self.0.join("state").join("ipaccess.db")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn open() -> (TempDir, Store) {
+        let dir = TempDir::new();
+        let store = Store::open(&dir.db()).unwrap();
+        (dir, store)
+    }
+
+    fn add(tx: &Tx, id: &str) -> AccountRow {
+        tx.add_account(id, None, AccountState::Active, Mode::Enforce, 100)
+            .unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn slots_start_at_one_and_reuse_the_lowest_free() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        let slots: Vec<u32> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| add(&tx, id).slot)
+            .collect();
+        assert_eq!(slots, [1, 2, 3, 4]);
+        // No delete command yet; free slots 1 and 3 by hand.
+        tx.tx
+            .execute("DELETE FROM accounts WHERE id IN ('a', 'c')", [])
+            .unwrap();
+        assert_eq!(add(&tx, "e").slot, 1);
+        assert_eq!(add(&tx, "f").slot, 3);
+        assert_eq!(add(&tx, "g").slot, 5);
+    }
+
+    #[test]
+    fn duplicate_account_and_unknown_parent() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        let err = tx.add_account("acme", None, AccountState::Active, Mode::Off, 1);
+        assert!(matches!(err, Err(StoreError::AccountExists(id)) if id == "acme"));
+        let err = tx.add_account("bob", Some("nope"), AccountState::Active, Mode::Off, 1);
+        assert!(matches!(err, Err(StoreError::UnknownParent(p)) if p == "nope"));
+        let sub = tx.add_account(
+            "bob",
+            Some("acme"),
+            AccountState::Unconfirmed,
+            Mode::Monitor,
+            7,
+        );
+        let sub = sub.unwrap();
+        assert_eq!(sub.parent.as_deref(), Some("acme"));
+        assert_eq!(tx.account("bob").unwrap(), Some(sub));
+        assert_eq!(tx.account("nobody").unwrap(), None);
+        let ids: Vec<String> = tx.accounts().unwrap().into_iter().map(|a| a.id).collect();
+        assert_eq!(ids, ["acme", "bob"]);
+    }
+
+    #[test]
+    fn state_and_mode_updates() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        tx.set_state("acme", AccountState::Banned, Some("fraud"))
+            .unwrap();
+        tx.set_mode("acme", Mode::Monitor).unwrap();
+        let row = tx.account("acme").unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.mode, row.state_reason.as_deref()),
+            (AccountState::Banned, Mode::Monitor, Some("fraud"))
+        );
+        tx.set_state("acme", AccountState::Active, None).unwrap();
+        assert_eq!(tx.account("acme").unwrap().unwrap().state_reason, None);
+        let err = tx.set_state("nope", AccountState::Active, None);
+        assert!(matches!(err, Err(StoreError::UnknownAccount(_))));
+        assert!(matches!(
+            tx.set_mode("nope", Mode::Off),
+            Err(StoreError::UnknownAccount(_))
+        ));
+    }
+
+    #[test]
+    fn entries_are_canonical_and_unique() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        let row = tx
+            .add_entry("acme", net("198.18.1.7/24"), Some("office"), 1000, 5)
+            .unwrap();
+        assert_eq!(row.cidr, net("198.18.1.0/24"));
+        let err = tx.add_entry("acme", net("198.18.1.0/24"), None, 0, 6);
+        assert!(
+            matches!(err, Err(StoreError::EntryExists { cidr, .. }) if cidr == net("198.18.1.0/24"))
+        );
+        assert!(matches!(
+            tx.add_entry("nope", net("10.0.0.0/8"), None, 0, 6),
+            Err(StoreError::UnknownAccount(_))
+        ));
+        tx.add_entry("acme", net("2001:db8::1/128"), None, 0, 6)
+            .unwrap();
+        assert_eq!(tx.entries("acme").unwrap().len(), 2);
+        // Text order: "198.…" sorts before "2001:…".
+        assert_eq!(tx.entries("acme").unwrap()[0], row);
+        assert_eq!(tx.all_entries().unwrap().len(), 2);
+        assert!(matches!(
+            tx.entries("nope"),
+            Err(StoreError::UnknownAccount(_))
+        ));
+        // Found by the other spelling too.
+        assert!(tx.remove_entry("acme", net("198.18.1.200/24")).unwrap());
+        assert!(!tx.remove_entry("acme", net("198.18.1.0/24")).unwrap());
+        assert_eq!(tx.entries("acme").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn whole_address_and_port_bindings_are_distinct() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        add(&tx, "other");
+        let a = ip("192.0.2.10");
+        let whole = tx.add_binding("acme", a, None, 1).unwrap();
+        let https = tx
+            .add_binding("other", a, Some((Proto::Tcp, 443)), 2)
+            .unwrap();
+        tx.add_binding("other", a, Some((Proto::Udp, 443)), 3)
+            .unwrap();
+        let err = tx.add_binding("other", a, None, 4);
+        assert!(matches!(err, Err(StoreError::BindingExists(e)) if e == "192.0.2.10"));
+        let err = tx.add_binding("acme", a, Some((Proto::Tcp, 443)), 4);
+        assert!(matches!(err, Err(StoreError::BindingExists(e)) if e == "tcp 192.0.2.10:443"));
+        let err = tx.add_binding("nope", ip("2001:db8::1"), None, 4);
+        assert!(matches!(err, Err(StoreError::UnknownAccount(_))));
+        assert_eq!(tx.bindings().unwrap().len(), 3);
+        assert_eq!(
+            tx.remove_binding(a, Some((Proto::Tcp, 443))).unwrap(),
+            Some(https)
+        );
+        assert_eq!(tx.remove_binding(a, Some((Proto::Tcp, 443))).unwrap(), None);
+        assert_eq!(tx.remove_binding(a, None).unwrap(), Some(whole.clone()));
+        let json = serde_json::to_string(&whole).unwrap();
+        assert_eq!(
+            json,
+            r#"{"account":"acme","addr":"192.0.2.10","target":null,"created_at":1}"#
+        );
+        let left = serde_json::to_value(tx.bindings().unwrap()).unwrap();
+        assert_eq!(
+            left[0]["target"],
+            serde_json::json!({"proto": "udp", "port": 443})
+        );
+    }
+
+    #[test]
+    fn dropped_transaction_leaves_nothing() {
+        let (_dir, mut store) = open();
+        {
+            let tx = store.transaction().unwrap();
+            add(&tx, "acme");
+            tx.add_entry("acme", net("10.0.0.0/8"), None, 0, 1).unwrap();
+        }
+        let tx = store.read().unwrap();
+        assert!(tx.accounts().unwrap().is_empty());
+        assert!(tx.all_entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn committed_data_survives_reopen() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.db()).unwrap();
+        let tx = store.transaction().unwrap();
+        let acct = add(&tx, "acme");
+        let entry = tx
+            .add_entry("acme", net("2001:db8::/32"), Some("v6"), 0, 1)
+            .unwrap();
+        let bind = tx
+            .add_binding("acme", ip("2001:db8::1"), Some((Proto::Udp, 53)), 2)
+            .unwrap();
+        tx.commit().unwrap();
+        drop(store);
+
+        let mut store = Store::open(&dir.db()).unwrap();
+        let tx = store.read().unwrap();
+        assert_eq!(tx.accounts().unwrap(), [acct]);
+        assert_eq!(tx.entries("acme").unwrap(), [entry]);
+        assert_eq!(tx.bindings().unwrap(), [bind]);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = TempDir::new();
+        drop(Store::open(&dir.db()).unwrap());
+        let conn = Connection::open(dir.db()).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&dir.db()),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}
