@@ -205,8 +205,6 @@ pub enum ErrorCode {
     UnknownEntry,
     /// The change would lock out the address the caller named with `client_ip`.
     Lockout,
-    /// A value is out of range or contradicts the current state.
-    Invalid,
     /// The daemon is busy (too many requests in flight on this connection).
     Busy,
     /// Storage or kernel failure; nothing was changed.
