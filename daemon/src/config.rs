@@ -7,6 +7,7 @@
 //! state_dir = "/var/lib/ipaccess"
 //! socket = "/run/ipaccess/ipaccessd.sock"
 //! socket_mode = 0o660
+//! socket_group = 998  # gid owning the socket, so that its members can connect
 //!
 //! [roles]            # uids and gids by number; root has every role
 //! check = { gids = [998] }
@@ -42,6 +43,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Permission bits of the socket file.
     pub socket_mode: u32,
+    /// Group owning the socket file (by gid); its members can connect, and then their roles
+    /// decide what they may do.
+    pub socket_group: Option<u32>,
     pub roles: Roles,
     pub limits: Limits,
     pub maps: Maps,
@@ -55,6 +59,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/ipaccess"),
             socket: PathBuf::from("/run/ipaccess/ipaccessd.sock"),
             socket_mode: 0o660,
+            socket_group: None,
             roles: Roles::default(),
             limits: Limits::default(),
             maps: Maps::default(),

@@ -116,6 +116,10 @@ fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
         UnixListener::bind(&config.socket).with_context(|| format!("binding {}", config.socket.display()))?;
     fs::set_permissions(&config.socket, fs::Permissions::from_mode(config.socket_mode))
         .with_context(|| format!("setting the mode of {}", config.socket.display()))?;
+    if let Some(gid) = config.socket_group {
+        std::os::unix::fs::chown(&config.socket, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", config.socket.display()))?;
+    }
     Ok(listener)
 }
 
