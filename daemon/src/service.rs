@@ -145,6 +145,7 @@ impl Service {
 
     /// Runs one command for a caller whose uid is `uid` (recorded as the author of changes).
     pub fn execute(&self, command: Command, uid: u32) -> Outcome {
+        let command = canonical(command)?;
         match command {
             Command::Check { account, addr, method } => self.check(&account, addr, method.unwrap_or_default()),
             Command::AccountShow { account } => self.read(|tx| {
@@ -203,11 +204,11 @@ impl Service {
                 Ok((row, json!({ "account": account, "removed": cidr.trunc() })))
             }),
             Command::BindAdd { account, addr, port, proto } => {
-                let target = port.map(|p| (proto.unwrap_or(crate::protocol::Proto::Tcp), p));
+                let target = bind_target(port, proto)?;
                 self.change_bindings(|tx| Ok(json!(tx.add_binding(&account, addr, target, now())?)))
             }
             Command::BindRemove { addr, port, proto } => {
-                let target = port.map(|p| (proto.unwrap_or(crate::protocol::Proto::Tcp), p));
+                let target = bind_target(port, proto)?;
                 self.change_bindings(|tx| match tx.remove_binding(addr, target)? {
                     Some(row) => Ok(json!(row)),
                     None => Err(Failure::new(ErrorCode::UnknownBinding, format!("no binding for {addr}{}", describe(target)))),
@@ -387,6 +388,60 @@ fn refuse_lockout(account: &str, client_ip: Option<IpAddr>, entries: &[IpNet]) -
         )),
         _ => Ok(()),
     }
+}
+
+/// A port binding's (protocol, port): `tcp` when only a port is given; a protocol without a
+/// port, or port 0, is refused rather than read as "the whole address".
+fn bind_target(
+    port: Option<u16>,
+    proto: Option<crate::protocol::Proto>,
+) -> Result<Option<(crate::protocol::Proto, u16)>, Failure> {
+    match (port, proto) {
+        (Some(0), _) => Err(Failure::new(ErrorCode::BadRequest, "port 0 cannot be bound")),
+        (None, Some(_)) => Err(Failure::new(
+            ErrorCode::BadRequest,
+            "a protocol needs a port; leave both out to bind the whole address",
+        )),
+        (Some(port), proto) => Ok(Some((proto.unwrap_or(crate::protocol::Proto::Tcp), port))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Validates account ids and writes addresses in one form: an IPv4 address that arrives
+/// IPv4-mapped (`::ffff:198.18.0.10`, as dual-stack sockets report it) is the IPv4 address.
+fn canonical(command: Command) -> Result<Command, Failure> {
+    let bad_id = |id: &str| id.is_empty() || id.len() > 256 || id.chars().any(char::is_control);
+    let account = match &command {
+        Command::AccountAdd { account, .. }
+        | Command::AccountShow { account }
+        | Command::AccountState { account, .. }
+        | Command::AccountMode { account, .. }
+        | Command::AllowAdd { account, .. }
+        | Command::AllowRemove { account, .. }
+        | Command::AllowList { account }
+        | Command::BindAdd { account, .. }
+        | Command::Check { account, .. } => Some(account.as_str()),
+        _ => None,
+    };
+    if account.is_some_and(bad_id) {
+        return Err(Failure::new(
+            ErrorCode::BadRequest,
+            "an account id is 1 to 256 characters, without control characters",
+        ));
+    }
+    let ip = |a: IpAddr| a.to_canonical();
+    Ok(match command {
+        Command::Check { account, addr, method } => Command::Check { account, addr: ip(addr), method },
+        Command::AccountMode { account, mode, client_ip, force } => {
+            Command::AccountMode { account, mode, client_ip: client_ip.map(ip), force }
+        }
+        Command::AllowRemove { account, cidr, client_ip, force } => {
+            Command::AllowRemove { account, cidr, client_ip: client_ip.map(ip), force }
+        }
+        Command::BindAdd { account, addr, port, proto } => Command::BindAdd { account, addr: ip(addr), port, proto },
+        Command::BindRemove { addr, port, proto } => Command::BindRemove { addr: ip(addr), port, proto },
+        other => other,
+    })
 }
 
 fn unknown(account: &str) -> Failure {
