@@ -8,6 +8,7 @@
 //! socket = "/run/ipaccess/ipaccessd.sock"
 //! socket_mode = 0o660
 //! socket_group = 998  # gid owning the socket, so that its members can connect
+//! retention_days = 90 # activity kept
 //!
 //! [roles]            # uids and gids by number; root has every role
 //! check = { gids = [998] }
@@ -46,6 +47,8 @@ pub struct Config {
     /// Group owning the socket file (by gid); its members can connect, and then their roles
     /// decide what they may do.
     pub socket_group: Option<u32>,
+    /// Days of activity (login checks, audited changes) kept.
+    pub retention_days: u32,
     pub roles: Roles,
     pub limits: Limits,
     pub maps: Maps,
@@ -60,6 +63,7 @@ impl Default for Config {
             socket: PathBuf::from("/run/ipaccess/ipaccessd.sock"),
             socket_mode: 0o660,
             socket_group: None,
+            retention_days: 90,
             roles: Roles::default(),
             limits: Limits::default(),
             maps: Maps::default(),

@@ -84,6 +84,30 @@ pub enum Command {
         #[serde(default)]
         method: Option<Method>,
     },
+    /// Support: let `cidr` reach the account for `ttl_seconds`, after verifying ownership.
+    OverrideGrant {
+        account: String,
+        cidr: IpNet,
+        ttl_seconds: u64,
+        ticket: String,
+        reason: String,
+    },
+    OverrideRevoke { account: String, override_id: i64 },
+    /// Live overrides, of one account or all.
+    OverrideList {
+        #[serde(default)]
+        account: Option<String>,
+    },
+    /// An account's recorded activity, newest first.
+    Activity {
+        account: String,
+        #[serde(default)]
+        since_seconds: Option<u64>,
+        #[serde(default)]
+        denied_only: bool,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     Status {},
 }
 
@@ -104,6 +128,10 @@ impl Command {
             | Command::AllowRemove { .. }
             | Command::BindAdd { .. }
             | Command::BindRemove { .. } => Role::Admin,
+            Command::OverrideGrant { .. }
+            | Command::OverrideRevoke { .. }
+            | Command::OverrideList { .. }
+            | Command::Activity { .. } => Role::Support,
         }
     }
 }
@@ -203,6 +231,9 @@ pub enum ErrorCode {
     BindingExists,
     EntryExists,
     UnknownEntry,
+    UnknownOverride,
+    /// The account's state forbids it (no override for a banned or terminated account).
+    Refused,
     /// The change would lock out the address the caller named with `client_ip`.
     Lockout,
     /// The daemon is busy (too many requests in flight on this connection).

@@ -8,8 +8,13 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Mutex, RwLock},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use ipaccess_common::NEVER_EXPIRES;
@@ -20,8 +25,14 @@ use serde_json::{Value, json};
 use crate::{
     datapath::{self, BindTarget, Binding, Datapath, DatapathError},
     protocol::{AccountState, CheckResult, Command, ErrorBody, ErrorCode, Method, Mode, Reason},
-    store::{AccountRow, BindingRow, Store, StoreError, Tx},
+    store::{AccountRow, ActivityRecord, BindingRow, Store, StoreError, Tx},
 };
+
+/// Longest and shortest override support may grant.
+const MAX_OVERRIDE_TTL: u64 = 30 * 24 * 3600;
+const MIN_OVERRIDE_TTL: u64 = 60;
+/// How far back a grant looks for the customer's denied attempts.
+const DENIED_LOOKBACK: i64 = 7 * 24 * 3600;
 
 /// An error for the caller: a stable code and a sentence.
 #[derive(Debug)]
@@ -62,6 +73,82 @@ struct CachedAccount {
     state: AccountState,
     mode: Mode,
     entries: Vec<IpNet>,
+    /// Live overrides: (prefix, expiry in unix seconds).
+    overrides: Vec<(IpNet, i64)>,
+}
+
+/// Login checks are recorded off the request path: a thread batches them into the store
+/// through its own connection. Audit records of changes are not sent here; they are written
+/// in the change's own transaction, so they cannot be lost.
+pub struct ActivityLog {
+    sender: mpsc::SyncSender<LogMessage>,
+    /// Check records dropped because the log fell behind (the queue was full).
+    dropped: AtomicU64,
+}
+
+enum LogMessage {
+    Record(ActivityRecord),
+    Flush(mpsc::SyncSender<()>),
+}
+
+impl ActivityLog {
+    const QUEUE: usize = 65_536;
+    const BATCH: usize = 2_048;
+
+    /// Starts the writer thread on `store` (a second connection to the daemon's database).
+    pub fn start(mut store: Store) -> ActivityLog {
+        let (sender, receiver) = mpsc::sync_channel(Self::QUEUE);
+        thread::Builder::new()
+            .name("activity-log".into())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(Self::BATCH);
+                let mut waiting = Vec::new();
+                loop {
+                    match receiver.recv_timeout(Duration::from_millis(200)) {
+                        Ok(LogMessage::Record(r)) => batch.push(r),
+                        Ok(LogMessage::Flush(done)) => waiting.push(done),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    while batch.len() < Self::BATCH {
+                        match receiver.try_recv() {
+                            Ok(LogMessage::Record(r)) => batch.push(r),
+                            Ok(LogMessage::Flush(done)) => waiting.push(done),
+                            Err(_) => break,
+                        }
+                    }
+                    if !batch.is_empty() {
+                        let written = store.transaction().and_then(|tx| {
+                            tx.add_activity(&batch)?;
+                            tx.commit()
+                        });
+                        if let Err(e) = written {
+                            warn!("could not record {} login checks: {e}", batch.len());
+                        }
+                        batch.clear();
+                    }
+                    waiting.drain(..).for_each(|done| {
+                        let _ = done.send(());
+                    });
+                }
+            })
+            .expect("spawn the activity log thread");
+        ActivityLog { sender, dropped: AtomicU64::new(0) }
+    }
+
+    fn record(&self, record: ActivityRecord) {
+        if self.sender.try_send(LogMessage::Record(record)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until everything recorded so far is in the store.
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.sender.send(LogMessage::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+        }
+    }
 }
 
 /// The one writer: store and maps change together under this lock.
@@ -73,6 +160,8 @@ struct Writer {
 pub struct Service {
     writer: Mutex<Writer>,
     accounts: RwLock<HashMap<String, CachedAccount>>,
+    activity: ActivityLog,
+    retention_days: u32,
 }
 
 fn now() -> i64 {
@@ -97,11 +186,16 @@ fn to_binding(row: &BindingRow, slot: u32) -> Binding {
 
 impl Service {
     /// Loads the store and makes the kernel's maps match it (changing only what differs).
-    pub fn start(store: Store, mut datapath: Datapath) -> Result<Service, Failure> {
+    pub fn start(
+        store: Store,
+        mut datapath: Datapath,
+        activity: ActivityLog,
+        retention_days: u32,
+    ) -> Result<Service, Failure> {
         let mut store = store;
-        let (accounts, entries, bindings) = {
+        let (accounts, entries, bindings, overrides) = {
             let tx = store.transaction()?;
-            (tx.accounts()?, tx.all_entries()?, tx.bindings()?)
+            (tx.accounts()?, tx.all_entries()?, tx.bindings()?, tx.live_overrides(None, now())?)
         };
         let mut cache: HashMap<String, CachedAccount> = accounts
             .iter()
@@ -112,6 +206,7 @@ impl Service {
                     state: a.state,
                     mode: a.mode,
                     entries: Vec::new(),
+                    overrides: Vec::new(),
                 };
                 (a.id.clone(), cached)
             })
@@ -119,6 +214,11 @@ impl Service {
         for e in entries {
             if let Some(a) = cache.get_mut(&e.account) {
                 a.entries.push(e.cidr);
+            }
+        }
+        for o in overrides {
+            if let Some(a) = cache.get_mut(&o.account) {
+                a.overrides.push((o.cidr, o.expires_at));
             }
         }
         let stale: Vec<u32> = {
@@ -135,7 +235,12 @@ impl Service {
         let bindings: Vec<Binding> = bindings.iter().map(|b| to_binding(b, slots[b.account.as_str()])).collect();
         datapath.set_bindings(&bindings)?;
         info!("reconciled {} accounts and {} bindings with the kernel", cache.len(), bindings.len());
-        Ok(Service { writer: Mutex::new(Writer { store, datapath }), accounts: RwLock::new(cache) })
+        Ok(Service {
+            writer: Mutex::new(Writer { store, datapath }),
+            accounts: RwLock::new(cache),
+            activity,
+            retention_days,
+        })
     }
 
     /// Attaches the filter to an interface (see [`Datapath::attach`]).
@@ -172,6 +277,7 @@ impl Service {
                 info!("account {account}: state {state:?} by uid {uid} ({})", reason.as_deref().unwrap_or("no reason"));
                 self.change(&account, |tx| {
                     tx.set_state(&account, state, reason.as_deref())?;
+                    audit(tx, &account, uid, "state", json!({ "state": state, "reason": reason }))?;
                     let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                     Ok((row.clone(), json!(row)))
                 })
@@ -183,6 +289,7 @@ impl Service {
                     refuse_lockout(&account, client_ip, &entries)?;
                 }
                 tx.set_mode(&account, mode)?;
+                audit(tx, &account, uid, "mode", json!({ "mode": mode, "was": row.mode, "forced": force }))?;
                 info!("account {account}: mode {mode:?} by uid {uid} (was {:?})", row.mode);
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                 Ok((row.clone(), json!(row)))
@@ -203,6 +310,56 @@ impl Service {
                 }
                 Ok((row, json!({ "account": account, "removed": cidr.trunc() })))
             }),
+            Command::OverrideGrant { account, cidr, ttl_seconds, ticket, reason } => {
+                if !(MIN_OVERRIDE_TTL..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
+                    return Err(Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("an override lasts from {MIN_OVERRIDE_TTL} s to {MAX_OVERRIDE_TTL} s (30 days)"),
+                    ));
+                }
+                if ticket.trim().is_empty() || reason.trim().is_empty() {
+                    return Err(Failure::new(ErrorCode::BadRequest, "an override needs a ticket and a reason"));
+                }
+                // The reply lists the customer's denied attempts, including the latest ones.
+                self.activity.flush();
+                self.change(&account, |tx| {
+                    let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
+                    let parent = match row.parent.as_deref() {
+                        Some(p) => tx.account(p)?,
+                        None => None,
+                    };
+                    refuse_override(&row, parent.as_ref())?;
+                    let at = now();
+                    let granted = tx.add_override(&account, cidr, &ticket, &reason, uid, at, at + ttl_seconds as i64)?;
+                    audit(tx, &account, uid, "override_granted", json!({
+                        "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
+                        "reason": reason, "expires_at": granted.expires_at }))?;
+                    info!("account {account}: override {} for {} granted by uid {uid}, ticket {ticket}", granted.id, granted.cidr);
+                    let recent = tx.denied_summary(&account, at - DENIED_LOOKBACK)?;
+                    Ok((row, json!({ "override": granted, "recent_denied": recent })))
+                })
+            }
+            Command::OverrideRevoke { account, override_id } => self.change(&account, |tx| {
+                let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
+                let revoked = tx.revoke_override(&account, override_id, now())?.ok_or_else(|| {
+                    Failure::new(ErrorCode::UnknownOverride, format!("{account} has no live override {override_id}"))
+                })?;
+                audit(tx, &account, uid, "override_revoked", json!({ "override": override_id, "cidr": revoked.cidr }))?;
+                info!("account {account}: override {override_id} revoked by uid {uid}");
+                Ok((row, json!(revoked)))
+            }),
+            Command::OverrideList { account } => self.read(|tx| {
+                if let Some(a) = account.as_deref() {
+                    tx.account(a)?.ok_or_else(|| unknown(a))?;
+                }
+                Ok(json!(tx.live_overrides(account.as_deref(), now())?))
+            }),
+            Command::Activity { account, since_seconds, denied_only, limit } => {
+                self.activity.flush();
+                let since = now() - since_seconds.unwrap_or(7 * 24 * 3600).min(i64::MAX as u64 / 2) as i64;
+                let limit = limit.unwrap_or(100).min(10_000);
+                self.read(|tx| Ok(json!(tx.activity(&account, since, denied_only, limit)?)))
+            }
             Command::BindAdd { account, addr, port, proto } => {
                 let target = bind_target(port, proto)?;
                 self.change_bindings(|tx| Ok(json!(tx.add_binding(&account, addr, target, now())?)))
@@ -247,9 +404,10 @@ impl Service {
         let (row, reply) = f(&tx)?;
         let mut next = self.accounts.read().expect("cache lock").clone();
         let entries = tx.entries(account)?.into_iter().map(|e| e.cidr).collect();
+        let overrides = tx.live_overrides(Some(account), now())?.into_iter().map(|o| (o.cidr, o.expires_at)).collect();
         next.insert(
             account.to_string(),
-            CachedAccount { slot: row.slot, parent: row.parent.clone(), state: row.state, mode: row.mode, entries },
+            CachedAccount { slot: row.slot, parent: row.parent.clone(), state: row.state, mode: row.mode, entries, overrides },
         );
         // The account itself and, if it is a parent, its sub-users (banning cascades).
         let affected: Vec<String> =
@@ -287,15 +445,58 @@ impl Service {
 
     /// A login check, answered from memory.
     pub fn check(&self, account: &str, addr: IpAddr, method: Method) -> Outcome {
-        let accounts = self.accounts.read().expect("cache lock");
-        let result = decide(&accounts, account, addr);
-        let _ = method;
+        let at = now();
+        let result = decide(&self.accounts.read().expect("cache lock"), account, addr, at);
+        self.activity.record(ActivityRecord {
+            time: at,
+            account: account.to_string(),
+            kind: "check",
+            address: Some(addr),
+            method: serde_json::to_value(method).ok().and_then(|v| v.as_str().map(str::to_string)),
+            allowed: Some(result.allowed),
+            reason: serde_json::to_value(result.reason).ok().and_then(|v| v.as_str().map(str::to_string)),
+            detail: None,
+        });
         Ok(json!(result))
+    }
+
+    /// Waits until recorded login checks are in the store (before shutting down).
+    pub fn flush_activity(&self) {
+        self.activity.flush();
+    }
+
+    /// Periodic upkeep: expired overrides leave the cache and the kernel's tables (the
+    /// kernel already ignores them), old activity is pruned.
+    pub fn sweep(&self) -> Result<(), Failure> {
+        let at = now();
+        let mut guard = self.writer.lock().expect("writer lock");
+        let Writer { store, datapath } = &mut *guard;
+        let expired: Vec<String> = {
+            let accounts = self.accounts.read().expect("cache lock");
+            accounts.iter().filter(|(_, a)| a.overrides.iter().any(|&(_, e)| e <= at)).map(|(id, _)| id.clone()).collect()
+        };
+        if !expired.is_empty() {
+            let mut accounts = self.accounts.write().expect("cache lock");
+            for id in &expired {
+                if let Some(a) = accounts.get_mut(id) {
+                    a.overrides.retain(|&(_, e)| e > at);
+                }
+                apply_account(datapath, &accounts[id], suspended(&accounts, id))?;
+                info!("account {id}: expired overrides swept");
+            }
+        }
+        let tx = store.transaction()?;
+        let pruned = tx.prune_activity(at - self.retention_days as i64 * 24 * 3600)?;
+        tx.commit()?;
+        if pruned > 0 {
+            info!("pruned {pruned} activity records older than {} days", self.retention_days);
+        }
+        Ok(())
     }
 }
 
 /// The decision order of DESIGN.md: the first reason that applies wins.
-fn decide(accounts: &HashMap<String, CachedAccount>, id: &str, addr: IpAddr) -> CheckResult {
+fn decide(accounts: &HashMap<String, CachedAccount>, id: &str, addr: IpAddr, now: i64) -> CheckResult {
     let result = |allowed, reason, hint: String| CheckResult { allowed, reason, hint };
     let Some(account) = accounts.get(id) else {
         return result(false, Reason::UnknownAccount, format!("There is no account {id}. Check the account name."));
@@ -326,7 +527,8 @@ fn decide(accounts: &HashMap<String, CachedAccount>, id: &str, addr: IpAddr) -> 
             "The account's email address is not confirmed yet. Follow the link in the confirmation email.".into(),
         );
     }
-    let covered = account.entries.iter().any(|net| net.contains(&addr));
+    let covered = account.entries.iter().any(|net| net.contains(&addr))
+        || account.overrides.iter().any(|(net, expires)| *expires > now && net.contains(&addr));
     match account.mode {
         Mode::Enforce if !covered => result(
             false,
@@ -353,7 +555,14 @@ fn suspended(accounts: &HashMap<String, CachedAccount>, id: &str) -> bool {
 }
 
 fn apply_account(datapath: &mut Datapath, account: &CachedAccount, suspended: bool) -> Result<(), DatapathError> {
-    let entries: Vec<(IpNet, u64)> = account.entries.iter().map(|&net| (net, NEVER_EXPIRES)).collect();
+    let mut entries: Vec<(IpNet, u64)> = account.entries.iter().map(|&net| (net, NEVER_EXPIRES)).collect();
+    // Overrides expire in the kernel on their own: their expiry moves to the kernel's clock.
+    let (unix_now, boot_now) = (now(), datapath::boot_time_ns());
+    for &(net, expires) in &account.overrides {
+        if expires > unix_now {
+            entries.push((net, boot_now.saturating_add((expires - unix_now) as u64 * 1_000_000_000)));
+        }
+    }
     datapath.set_allowlist(account.slot, &entries)?;
     datapath.set_policy(account.slot, to_mode(account.mode), suspended)
 }
@@ -375,6 +584,41 @@ fn restore(
             warn!("could not restore account {id} in the kernel: {e}");
         }
     }
+}
+
+/// Support cannot let anyone into a banned account (or a banned parent's sub-user), nor
+/// into one terminated for non-payment: those are not lockouts.
+fn refuse_override(account: &AccountRow, parent: Option<&AccountRow>) -> Result<(), Failure> {
+    let refused = |why: String| Err(Failure::new(ErrorCode::Refused, why));
+    match (account.state, parent.map(|p| (p.id.as_str(), p.state))) {
+        (AccountState::Banned, _) => refused(format!("{} is banned; overrides cannot reactivate it", account.id)),
+        (_, Some((p, AccountState::Banned))) => {
+            refused(format!("{}'s parent account {p} is banned; overrides cannot reactivate it", account.id))
+        }
+        (AccountState::Terminated, _) => refused(format!(
+            "{} was terminated for non-payment; billing must reactivate it, an override would not help",
+            account.id
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Records a change in the activity log, in the change's own transaction.
+fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Result<(), Failure> {
+    let mut detail = detail;
+    detail["uid"] = json!(uid);
+    detail["action"] = json!(action);
+    tx.add_activity(&[ActivityRecord {
+        time: now(),
+        account: account.to_string(),
+        kind: "audit",
+        address: None,
+        method: None,
+        allowed: None,
+        reason: Some(action.to_string()),
+        detail: Some(detail),
+    }])?;
+    Ok(())
 }
 
 fn refuse_lockout(account: &str, client_ip: Option<IpAddr>, entries: &[IpNet]) -> Result<(), Failure> {

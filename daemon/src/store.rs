@@ -47,6 +47,32 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (addr, proto, port)
     );
     CREATE INDEX bindings_account ON bindings(account);",
+    // v2: support's time-limited overrides, and the activity log (login checks, audited
+    // changes, sampled drops).
+    "CREATE TABLE overrides (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        cidr TEXT NOT NULL,
+        ticket TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        operator INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE INDEX overrides_account ON overrides(account);
+    CREATE TABLE activity (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time INTEGER NOT NULL,
+        account TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        address TEXT,
+        method TEXT,
+        allowed INTEGER,
+        reason TEXT,
+        detail TEXT
+    );
+    CREATE INDEX activity_account_time ON activity(account, time);",
 ];
 
 /// How long to wait for another connection's write lock before giving up.
@@ -82,6 +108,58 @@ pub struct AccountRow {
     pub mode: Mode,
     pub state_reason: Option<String>,
     pub created_at: i64,
+}
+
+/// A support override: `cidr` may reach `account` until `expires_at` (unix s).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OverrideRow {
+    pub id: i64,
+    pub account: String,
+    pub cidr: IpNet,
+    pub ticket: String,
+    pub reason: String,
+    /// Uid of the support operator who granted it.
+    pub operator: u32,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// One activity record to append: a login check (`kind` "check"), an audited change
+/// ("audit") or a sampled drop ("drop").
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivityRecord {
+    pub time: i64,
+    pub account: String,
+    pub kind: &'static str,
+    pub address: Option<IpAddr>,
+    pub method: Option<String>,
+    pub allowed: Option<bool>,
+    pub reason: Option<String>,
+    pub detail: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActivityRow {
+    pub id: i64,
+    pub time: i64,
+    pub account: String,
+    pub kind: String,
+    pub address: Option<String>,
+    pub method: Option<String>,
+    pub allowed: Option<bool>,
+    pub reason: Option<String>,
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Denied checks from one (address, method), as hosted platforms show them to support.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeniedSummary {
+    pub address: Option<String>,
+    pub method: Option<String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub count: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -384,6 +462,112 @@ impl Tx<'_> {
         found.ok_or_else(|| StoreError::UnknownAccount(id.to_owned()))
     }
 
+    /// Records a support override of `cidr` (truncated) for `account` until `expires_at`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_override(
+        &self,
+        account: &str,
+        cidr: IpNet,
+        ticket: &str,
+        reason: &str,
+        operator: u32,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<OverrideRow, StoreError> {
+        self.require_account(account)?;
+        let cidr = cidr.trunc();
+        self.tx.execute(
+            "INSERT INTO overrides (account, cidr, ticket, reason, operator, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            (account, cidr.to_string(), ticket, reason, operator, now, expires_at),
+        )?;
+        Ok(OverrideRow {
+            id: self.tx.last_insert_rowid(),
+            account: account.to_owned(),
+            cidr,
+            ticket: ticket.to_owned(),
+            reason: reason.to_owned(),
+            operator,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+        })
+    }
+
+    /// Ends a live override of `account` now; `None` if there is no such live override.
+    pub fn revoke_override(&self, account: &str, id: i64, now: i64) -> Result<Option<OverrideRow>, StoreError> {
+        let changed = self.tx.execute(
+            "UPDATE overrides SET revoked_at = ?3
+             WHERE id = ?1 AND account = ?2 AND revoked_at IS NULL AND expires_at > ?3",
+            (id, account, now),
+        )?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
+                   FROM overrides WHERE id = ?1";
+        Ok(self.rows(sql, [id], override_row)?.pop())
+    }
+
+    /// Overrides neither revoked nor expired at `now`, of one account or all, oldest first.
+    pub fn live_overrides(&self, account: Option<&str>, now: i64) -> Result<Vec<OverrideRow>, StoreError> {
+        let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
+                   FROM overrides WHERE revoked_at IS NULL AND expires_at > ?1
+                   AND (?2 IS NULL OR account = ?2) ORDER BY id";
+        self.rows(sql, (now, account), override_row)
+    }
+
+    /// Appends activity records.
+    pub fn add_activity(&self, records: &[ActivityRecord]) -> Result<(), StoreError> {
+        let mut stmt = self.tx.prepare_cached(
+            "INSERT INTO activity (time, account, kind, address, method, allowed, reason, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for r in records {
+            let detail = r.detail.as_ref().map(|d| d.to_string());
+            stmt.execute((
+                r.time,
+                &r.account,
+                &r.kind,
+                r.address.map(|a| a.to_string()),
+                &r.method,
+                r.allowed,
+                &r.reason,
+                detail,
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// An account's activity since `since` (unix s), newest first, at most `limit` records.
+    pub fn activity(&self, account: &str, since: i64, denied_only: bool, limit: u32) -> Result<Vec<ActivityRow>, StoreError> {
+        let sql = "SELECT id, time, account, kind, address, method, allowed, reason, detail FROM activity
+                   WHERE account = ?1 AND time >= ?2 AND (?3 = 0 OR allowed = 0)
+                   ORDER BY time DESC, id DESC LIMIT ?4";
+        self.rows(sql, (account, since, denied_only as i64, limit), activity_row)
+    }
+
+    /// Denied login checks of an account since `since`, summarised per (address, method).
+    pub fn denied_summary(&self, account: &str, since: i64) -> Result<Vec<DeniedSummary>, StoreError> {
+        let sql = "SELECT address, method, MIN(time), MAX(time), COUNT(*) FROM activity
+                   WHERE account = ?1 AND time >= ?2 AND kind = 'check' AND allowed = 0
+                   GROUP BY address, method ORDER BY MAX(time) DESC LIMIT 50";
+        self.rows(sql, (account, since), |r| {
+            Ok(DeniedSummary {
+                address: r.get(0)?,
+                method: r.get(1)?,
+                first_seen: r.get(2)?,
+                last_seen: r.get(3)?,
+                count: r.get(4)?,
+            })
+        })
+    }
+
+    /// Deletes activity older than `before` (unix s); returns how many records went.
+    pub fn prune_activity(&self, before: i64) -> Result<usize, StoreError> {
+        Ok(self.tx.execute("DELETE FROM activity WHERE time < ?1", [before])?)
+    }
+
     /// Runs a query and converts each row, so that a row that does not parse is `Corrupt`.
     fn rows<T>(
         &self,
@@ -410,6 +594,36 @@ fn account_row(r: &Row) -> Result<AccountRow, StoreError> {
         mode: parse_name(&r.get::<_, String>(4)?, "mode")?,
         state_reason: r.get(5)?,
         created_at: r.get(6)?,
+    })
+}
+
+fn override_row(r: &Row) -> Result<OverrideRow, StoreError> {
+    let cidr: String = r.get(2)?;
+    Ok(OverrideRow {
+        id: r.get(0)?,
+        account: r.get(1)?,
+        cidr: cidr.parse().map_err(|_| StoreError::Corrupt(format!("bad CIDR {cidr:?}")))?,
+        ticket: r.get(3)?,
+        reason: r.get(4)?,
+        operator: int(r.get(5)?, "operator")?,
+        created_at: r.get(6)?,
+        expires_at: r.get(7)?,
+        revoked_at: r.get(8)?,
+    })
+}
+
+fn activity_row(r: &Row) -> Result<ActivityRow, StoreError> {
+    let detail: Option<String> = r.get(8)?;
+    Ok(ActivityRow {
+        id: r.get(0)?,
+        time: r.get(1)?,
+        account: r.get(2)?,
+        kind: r.get(3)?,
+        address: r.get(4)?,
+        method: r.get(5)?,
+        allowed: r.get::<_, Option<i64>>(6)?.map(|v| v != 0),
+        reason: r.get(7)?,
+        detail: detail.map(|d| serde_json::from_str(&d).unwrap_or(serde_json::Value::String(d))),
     })
 }
 

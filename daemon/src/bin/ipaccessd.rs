@@ -13,7 +13,7 @@ use ipaccess::{
     config::{self, Config},
     datapath::{Datapath, DatapathOptions, ensure_bpffs},
     server,
-    service::Service,
+    service::{ActivityLog, Service},
     store::Store,
 };
 use log::{info, warn};
@@ -80,10 +80,12 @@ async fn main() -> anyhow::Result<()> {
 
     fs::create_dir_all(&config.state_dir).with_context(|| format!("creating {}", config.state_dir.display()))?;
     let store = Store::open(&config.database()).context("opening the store")?;
+    let activity = ActivityLog::start(Store::open(&config.database()).context("opening the store")?);
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
-        let service = Service::start(store, datapath).map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
+        let service = Service::start(store, datapath, activity, config.retention_days)
+            .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
             let how = service.attach(iface).with_context(|| format!("attaching to {iface}"))?;
             interfaces.push(format!("{iface} ({how:?})"));
@@ -96,9 +98,26 @@ async fn main() -> anyhow::Result<()> {
 
     let listener = bind_socket(&config)?;
     info!("ready: filtering on [{}], control socket {}", interfaces.join(", "), config.socket.display());
-    server::serve(listener, service, Arc::new(config), shutdown()).await;
+    let sweeper = tokio::spawn(sweep_forever(service.clone()));
+    server::serve(listener, service.clone(), Arc::new(config), shutdown()).await;
+    sweeper.abort();
+    service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
     Ok(())
+}
+
+/// Expired overrides and old activity are swept every ten seconds.
+async fn sweep_forever(service: Arc<Service>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        every.tick().await;
+        let service = service.clone();
+        match tokio::task::spawn_blocking(move || service.sweep()).await {
+            Ok(Err(e)) => warn!("sweep failed: {}", e.0.message),
+            Err(e) => warn!("sweep failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
 }
 
 /// Binds the control socket, replacing a stale one left by a previous run.
