@@ -86,15 +86,11 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<Confi
 
 /// One request line to one reply.
 async fn answer(text: &[u8], roles: &BTreeSet<Role>, uid: u32, service: &Arc<Service>) -> Reply {
-    let value: Value = match serde_json::from_slice(text) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return error_reply(Value::Null, ErrorCode::BadJson, "a request is one JSON object per line"),
-        Err(e) => return error_reply(Value::Null, ErrorCode::BadJson, &format!("not JSON: {e}")),
-    };
-    let id = value.get("id").cloned().unwrap_or(Value::Null);
-    let request: Request = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(e) => return error_reply(id, ErrorCode::BadRequest, &format!("bad request: {e}")),
+    // The common case parses once; only a bad request is parsed again, to classify the
+    // error and recover its id.
+    let (id, request) = match serde_json::from_slice::<Request>(text) {
+        Ok(request) => (request.id.clone(), request),
+        Err(e) => return bad_request(text, e),
     };
     let needed = request.command.role();
     if !roles.contains(&needed) {
@@ -115,6 +111,17 @@ async fn answer(text: &[u8], roles: &BTreeSet<Role>, uid: u32, service: &Arc<Ser
     match outcome {
         Ok(ok) => Reply { id, ok: Some(ok), error: None },
         Err(Failure(body)) => Reply { id, ok: None, error: Some(body) },
+    }
+}
+
+fn bad_request(text: &[u8], error: serde_json::Error) -> Reply {
+    match serde_json::from_slice::<Value>(text) {
+        Ok(Value::Object(fields)) => {
+            let id = fields.get("id").cloned().unwrap_or(Value::Null);
+            error_reply(id, ErrorCode::BadRequest, &format!("bad request: {error}"))
+        }
+        Ok(_) => error_reply(Value::Null, ErrorCode::BadJson, "a request is one JSON object per line"),
+        Err(e) => error_reply(Value::Null, ErrorCode::BadJson, &format!("not JSON: {e}")),
     }
 }
 

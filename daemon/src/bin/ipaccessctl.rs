@@ -26,7 +26,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[command(
     name = "ipaccessctl",
     version,
-    about = "Manage ipaccessd: accounts, allowlists, bindings, login checks"
+    about = "Manage ipaccessd: accounts, allowlists, bindings, login checks, support overrides"
 )]
 struct Cli {
     /// Control socket [env: IPACCESS_SOCKET] [default: /run/ipaccess/ipaccessd.sock]
@@ -57,8 +57,46 @@ enum Top {
         #[arg(long, value_parser = one_of::<Method>(&["password", "api_key", "sso"]))]
         method: Option<Method>,
     },
+    /// Support overrides: temporary access for an address, tied to a ticket
+    #[command(subcommand)]
+    Override(OverrideCmd),
+    /// An account's recorded activity, newest first
+    Activity {
+        id: String,
+        /// Only this far back (90s, 30m, 2h, 7d or seconds)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<u64>,
+        /// Only denied login checks
+        #[arg(long)]
+        denied: bool,
+        /// At most N entries
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        limit: Option<u32>,
+    },
     /// Daemon status
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum OverrideCmd {
+    /// Let ADDR|CIDR reach an account for a while (a bare address means that one host)
+    Grant {
+        id: String,
+        #[arg(value_name = "ADDR|CIDR", value_parser = parse_cidr)]
+        cidr: IpNet,
+        /// How long it lasts (90s, 30m, 2h, 7d or seconds)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: u64,
+        /// Support ticket that justifies it
+        #[arg(long, value_name = "T")]
+        ticket: String,
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// Revoke an override before it expires
+    Revoke { id: String, override_id: i64 },
+    /// List live overrides, of one account or all
+    List { id: Option<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,6 +199,31 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("`{s}` is neither a CIDR (203.0.113.0/24, 2001:db8::/48) nor an address"))
 }
 
+/// `90s`, `30m`, `2h`, `7d` or plain seconds, as seconds; zero is refused.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let bad = || format!("`{s}` is not a duration: use a number with s, m, h or d (90s, 30m, 2h, 7d), or seconds");
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is too long a duration"))?;
+    match n.checked_mul(scale) {
+        Some(0) => Err("the duration must be more than zero".into()),
+        Some(secs) => Ok(secs),
+        None => Err(format!("`{s}` is too long a duration")),
+    }
+}
+
 /// `ADDR`, `[IPv6]`, `IPv4:PORT` or `[IPv6]:PORT`.
 fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>), String> {
     let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
@@ -218,6 +281,16 @@ fn request(top: Top) -> Result<Command, Failure> {
         }
         Top::Bind(BindCmd::List) => Command::BindList {},
         Top::Check { account, addr, method } => Command::Check { account, addr, method },
+        Top::Override(OverrideCmd::Grant { id, cidr, ttl, ticket, reason }) => {
+            Command::OverrideGrant { account: id, cidr, ttl_seconds: ttl, ticket, reason }
+        }
+        Top::Override(OverrideCmd::Revoke { id, override_id }) => {
+            Command::OverrideRevoke { account: id, override_id }
+        }
+        Top::Override(OverrideCmd::List { id }) => Command::OverrideList { account: id },
+        Top::Activity { id, since, denied, limit } => {
+            Command::Activity { account: id, since_seconds: since, denied_only: denied, limit }
+        }
         Top::Status => Command::Status {},
     })
 }
@@ -282,10 +355,11 @@ fn format_time(secs: i64) -> String {
 }
 
 fn cell(key: &str, v: &Value) -> String {
+    let is_time = key.ends_with("_at") || matches!(key, "time" | "first_seen" | "last_seen");
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
-        Value::Number(n) if key.ends_with("_at") && n.is_i64() => format_time(n.as_i64().unwrap_or_default()),
+        Value::Number(n) if is_time && n.is_i64() => format_time(n.as_i64().unwrap_or_default()),
         other => other.to_string(),
     }
 }
@@ -343,6 +417,41 @@ fn human(command: &Command, v: &Value) -> String {
                 })
                 .collect();
             table(&mut out, &["ACCOUNT", "ADDRESS", "PROTO", "PORT"], rows);
+        }
+        Command::OverrideGrant { .. } => {
+            out = human(&Command::Status {}, &v["override"]);
+            let denied = v["recent_denied"].as_array().cloned().unwrap_or_default();
+            if denied.is_empty() {
+                out.push_str("\nno denied attempts recorded\n");
+            } else {
+                out.push_str("\nrecent denied attempts:\n");
+                let rows = denied
+                    .iter()
+                    .map(|r| ["address", "method", "first_seen", "last_seen", "count"].map(|k| col(r, k)).to_vec())
+                    .collect();
+                table(&mut out, &["ADDRESS", "METHOD", "FIRST SEEN", "LAST SEEN", "COUNT"], rows);
+            }
+        }
+        Command::OverrideList { .. } => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| ["id", "account", "cidr", "expires_at", "ticket", "reason"].map(|k| col(r, k)).to_vec())
+                .collect();
+            table(&mut out, &["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "REASON"], rows);
+        }
+        Command::Activity { .. } => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| {
+                    let result = match r["allowed"] {
+                        Value::Bool(true) => "allowed",
+                        Value::Bool(false) => "denied",
+                        _ => "-",
+                    };
+                    vec![col(r, "time"), col(r, "kind"), col(r, "address"), col(r, "method"), result.into(), col(r, "reason")]
+                })
+                .collect();
+            table(&mut out, &["TIME", "KIND", "ADDRESS", "METHOD", "RESULT", "REASON"], rows);
         }
         _ => match v {
             Value::Object(o) => o.iter().for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v)))),
@@ -468,6 +577,24 @@ mod tests {
     }
 
     #[test]
+    fn durations() {
+        for (s, secs) in [("90s", 90), ("30m", 1800), ("2h", 7200), ("7d", 604_800), ("45", 45), ("0010m", 600)] {
+            assert_eq!(parse_duration(s), Ok(secs), "{s}");
+        }
+        for bad in ["", "0", "0s", "0d", "s", "h", "-5", "+5", "1.5h", "2w", "2 h", " 2h", "2H", "h2", "2hh", "1e3",
+                    "99999999999999999999", "999999999999999999d", "３s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let e = Cli::try_parse_from(["x", "override", "grant", "a", "192.0.2.1", "--ttl", "0", "--ticket", "T",
+                                     "--reason", "r"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(e.to_string().contains("more than zero"), "{e}");
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--since", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--limit", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--since", "2h", "--denied", "--limit", "5"]).is_ok());
+    }
+
+    #[test]
     fn clap_config_and_enum_names() {
         <Cli as clap::CommandFactory>::command().debug_assert();
         for m in ["password", "api_key", "sso"] {
@@ -548,6 +675,65 @@ mod tests {
         assert_eq!(
             out,
             "ACCOUNT  ADDRESS     PROTO  PORT\nacme     198.18.0.1  tcp    443\nb        fd00::1     *      *\n"
+        );
+    }
+
+    #[test]
+    fn override_grant_end_to_end() {
+        let row = json!({"id": 7, "account": "acme", "cidr": "fd00::9/128", "ticket": "T-1", "reason": "locked out",
+                         "operator": 0, "created_at": 951_782_400, "expires_at": 951_789_600, "revoked_at": null});
+        let reply = json!({"ok": {"override": row, "recent_denied": [
+            {"address": "fd00::9", "method": "password", "first_seen": 951_782_000, "last_seen": 951_782_300,
+             "count": 3}]}});
+        let args = ["override", "grant", "acme", "fd00::9", "--ttl", "2h", "--ticket", "T-1", "--reason", "locked out"];
+        let sent = reply.clone();
+        let (request, status, out) = against(&args, move |_| sent);
+        assert_eq!(
+            request,
+            json!({"cmd": "override_grant", "account": "acme", "cidr": "fd00::9/128", "ttl_seconds": 7200,
+                   "ticket": "T-1", "reason": "locked out"})
+        );
+        assert_eq!(status, 0);
+        for line in ["id: 7\n", "cidr: fd00::9/128\n", "expires_at: 2000-02-29 02:00:00\n", "revoked_at: -\n",
+                     "\nrecent denied attempts:\nADDRESS  METHOD    FIRST SEEN           LAST SEEN            COUNT\n\
+                      fd00::9  password  2000-02-28 23:53:20  2000-02-28 23:58:20  3\n"] {
+            assert!(out.contains(line), "{line:?} not in:\n{out}");
+        }
+        let (_, _, out) = against(&["--json", "override", "grant", "acme", "fd00::9", "--ttl", "2h", "--ticket",
+                                    "T-1", "--reason", "x"], move |_| reply);
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["recent_denied"][0]["count"], 3);
+        let (_, _, out) = against(&args, |_| json!({"ok": {"override": {"id": 8}, "recent_denied": []}}));
+        assert_eq!(out, "id: 8\n\nno denied attempts recorded\n");
+    }
+
+    #[test]
+    fn override_list_and_activity_tables() {
+        let (request, _, out) = against(&["override", "list"], |_| {
+            json!({"ok": [{"id": 1, "account": "acme", "cidr": "198.18.0.9/32", "ticket": "T-1", "reason": "r",
+                           "operator": 0, "created_at": 0, "expires_at": 951_782_400, "revoked_at": null}]})
+        });
+        assert_eq!(request, json!({"cmd": "override_list", "account": null}));
+        assert_eq!(
+            out,
+            "ID  ACCOUNT  CIDR           EXPIRES              TICKET  REASON\n\
+             1   acme     198.18.0.9/32  2000-02-29 00:00:00  T-1     r\n"
+        );
+        let (request, _, out) = against(&["activity", "acme", "--since", "30m", "--denied", "--limit", "2"], |_| {
+            json!({"ok": [
+                {"id": 2, "time": 951_782_400, "account": "acme", "kind": "check", "address": "198.18.0.9",
+                 "method": "password", "allowed": false, "reason": "address_not_allowed", "detail": null},
+                {"id": 1, "time": 951_782_399, "account": "acme", "kind": "audit", "address": null, "method": null,
+                 "allowed": null, "reason": null, "detail": {"cmd": "allow_add"}}]})
+        });
+        assert_eq!(
+            request,
+            json!({"cmd": "activity", "account": "acme", "since_seconds": 1800, "denied_only": true, "limit": 2})
+        );
+        assert_eq!(
+            out,
+            "TIME                 KIND   ADDRESS     METHOD    RESULT  REASON\n\
+             2000-02-29 00:00:00  check  198.18.0.9  password  denied  address_not_allowed\n\
+             2000-02-28 23:59:59  audit  -           -         -       -\n"
         );
     }
 }
