@@ -320,8 +320,7 @@ impl Service {
                 if ticket.trim().is_empty() || reason.trim().is_empty() {
                     return Err(Failure::new(ErrorCode::BadRequest, "an override needs a ticket and a reason"));
                 }
-                // The reply lists the customer's denied attempts, including the latest ones.
-                self.activity.flush();
+                // `change` flushes the log first: the reply's denied attempts include the latest.
                 self.change(&account, |tx| {
                     let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                     let parent = match row.parent.as_deref() {
@@ -398,6 +397,9 @@ impl Service {
     /// A change to one account (and, through banning, to its sub-users): store, then
     /// kernel, then commit; on any failure nothing is left changed.
     fn change(&self, account: &str, f: impl FnOnce(&Tx) -> Result<(AccountRow, Value), Failure>) -> Outcome {
+        // Checks answered before this change reach the log before its audit record, so the
+        // log's order is the order things happened in.
+        self.activity.flush();
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let tx = store.transaction()?;

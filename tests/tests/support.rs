@@ -1,0 +1,712 @@
+//! End to end, for support staff: time-limited overrides (in the store, in login checks and
+//! in the kernel, across a SIGKILL and a restart), the refusals, the activity log with its
+//! audit records, and the `support` role.
+//!
+//! The real `ipaccessd` runs in the server namespace of a [`TestHosts`] pair with its own
+//! bpffs, state directory and socket; requests are raw JSON lines on the control socket.
+//! The helpers are a trimmed copy of those in `daemon.rs`. Build the binaries first:
+//! `cargo build --release -p ipaccess --bins`.
+
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipaccess_tests::netns::{BpfFs, TcpServer, TestHosts, icmp_echo, tcp_connect};
+use serde_json::{Value, json};
+
+/// Upper bound for attempts that should succeed; timeout for attempts that should fail.
+const OK: Duration = Duration::from_secs(2);
+const FAIL: Duration = Duration::from_millis(500);
+const READY: Duration = Duration::from_secs(10);
+const STOP: Duration = Duration::from_secs(5);
+const NOBODY: u32 = 65534;
+const MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
+const DAY: u64 = 24 * 3600;
+
+// ---------------------------------------------------------------------------------------------
+// The daemon and its world (from daemon.rs)
+
+/// `target/<profile>/ipaccessd`, next to `target/<profile>/deps/support-<hash>`.
+fn daemon_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        let dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
+        let bin = dir.join("ipaccessd");
+        assert!(bin.is_file(), "{} is missing: run `cargo build -p ipaccess --bins --release` first", bin.display());
+        bin
+    })
+}
+
+/// A fresh directory (mode 0755, so that nobody can reach the socket inside), removed on Drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ipaccess-support-test-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `ipaccessd`: SIGTERM on Drop, SIGKILL if it has not stopped within [`STOP`].
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(netns: &str, args: &[&str], socket: &Path, log: &Path) -> Daemon {
+        let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(daemon_binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start ipaccessd");
+        let mut daemon = Daemon { child, log: log.to_path_buf() };
+        let deadline = Instant::now() + READY;
+        loop {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!("ipaccessd exited during start-up ({status}):\n{}", daemon.log_text());
+            }
+            if answers(socket) {
+                return daemon;
+            }
+            assert!(Instant::now() < deadline, "ipaccessd not ready after {READY:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + STOP;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.kill9();
+        None
+    }
+
+    fn kill9(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+        if thread::panicking() {
+            eprintln!("---- ipaccessd log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// Does a daemon answer a request on `socket`?
+fn answers(socket: &Path) -> bool {
+    let Ok(stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_secs(2));
+    let mut reply = String::new();
+    stream.set_read_timeout(timeout).is_ok()
+        && stream.set_write_timeout(timeout).is_ok()
+        && (&stream).write_all(b"{\"id\":0,\"cmd\":\"status\"}\n").is_ok()
+        && BufReader::new(&stream).read_line(&mut reply).is_ok_and(|n| n > 0)
+}
+
+/// Namespaces, bpffs, directory and daemon (stopped first on Drop: fields drop in order).
+struct World {
+    daemon: Option<Daemon>,
+    hosts: TestHosts,
+    _bpffs: BpfFs,
+    dir: TempDir,
+}
+
+impl World {
+    fn new(config: &str) -> World {
+        let mut world =
+            World { daemon: None, hosts: TestHosts::new().unwrap(), _bpffs: BpfFs::new().unwrap(), dir: TempDir::new() };
+        world.start(config);
+        world
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.0.join("ipaccessd.sock")
+    }
+
+    fn start(&mut self, config: &str) {
+        assert!(self.daemon.is_none(), "the daemon is already running");
+        let path = |name: &str| self.dir.0.join(name).to_str().unwrap().to_string();
+        let (cfg, state, log) = (path("ipaccessd.toml"), path("state"), path("ipaccessd.log"));
+        fs::write(&cfg, format!("{config}\n{MAPS}")).unwrap();
+        let socket = self.socket();
+        let args = [
+            "--config",
+            &cfg,
+            "--iface",
+            &self.hosts.server_if,
+            "--state-dir",
+            &state,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bpffs",
+            self._bpffs.path().to_str().unwrap(),
+        ];
+        self.daemon = Some(Daemon::start(self.hosts.server.name(), &args, &socket, Path::new(&log)));
+    }
+
+    /// SIGTERM; the daemon must stop by itself, promptly and successfully.
+    fn stop(&mut self) {
+        let mut daemon = self.daemon.take().expect("the daemon is running");
+        let status = daemon.terminate();
+        assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?}:\n{}", daemon.log_text());
+    }
+
+    fn kill9(&mut self) {
+        self.daemon.take().expect("the daemon is running").kill9();
+    }
+
+    fn conn(&self) -> Conn {
+        Conn::open(&self.socket())
+    }
+
+    /// A request (on a fresh connection) that must succeed; its result.
+    fn ok(&self, request: Value) -> Value {
+        self.conn().ok(request)
+    }
+
+    /// A request that must fail; its error code and message.
+    fn err(&self, request: Value) -> (String, String) {
+        self.conn().err(request)
+    }
+
+    fn check(&self, account: &str, addr: impl Into<IpAddr>, method: &str) -> Value {
+        let addr = addr.into().to_string();
+        self.ok(json!({"cmd": "check", "account": account, "addr": addr, "method": method}))
+    }
+}
+
+/// One control connection: a request line out, a reply line back.
+struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+impl Conn {
+    fn open(socket: &Path) -> Conn {
+        Conn::from(UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display())))
+    }
+
+    fn from(stream: UnixStream) -> Conn {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        Conn { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream), next_id: 1 }
+    }
+
+    /// Connects with the credentials of uid/gid `id` and no supplementary groups. Only the
+    /// connecting thread changes identity (raw syscalls are per thread; SO_PEERCRED records
+    /// the connecting thread's credentials), and that thread then ends.
+    fn open_as(socket: &Path, id: u32) -> Conn {
+        let socket = socket.to_path_buf();
+        let stream = thread::spawn(move || {
+            // SAFETY: raw credential syscalls on this thread only; no memory is involved.
+            unsafe {
+                assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
+            }
+            UnixStream::connect(&socket)
+        })
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect as uid {id}: {e}"));
+        Conn::from(stream)
+    }
+
+    fn request(&mut self, mut request: Value) -> Value {
+        request["id"] = json!(self.next_id);
+        self.next_id += 1;
+        self.writer.write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        assert!(self.reader.read_line(&mut line).unwrap() > 0, "{request}: the daemon closed the connection");
+        let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line:?}"));
+        assert_eq!(reply["id"], request["id"], "{request} -> {reply}");
+        reply
+    }
+
+    fn ok(&mut self, request: Value) -> Value {
+        let shown = request.to_string();
+        let reply = self.request(request);
+        assert!(reply.get("error").is_none() && reply.get("ok").is_some(), "{shown} -> {reply}");
+        reply["ok"].clone()
+    }
+
+    fn err(&mut self, request: Value) -> (String, String) {
+        let shown = request.to_string();
+        let reply = self.request(request);
+        assert!(reply.get("ok").is_none(), "{shown} should have failed: {reply}");
+        let code = reply["error"]["code"].as_str().unwrap_or_else(|| panic!("{shown} -> {reply}")).to_string();
+        let message = reply["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(!message.is_empty(), "{shown} -> {reply}");
+        (code, message)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn sa(addr: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.into(), port)
+}
+
+/// A TCP handshake from `src` (in the client namespace) to `dst`.
+fn tcp_ok(hosts: &TestHosts, src: Ipv4Addr, dst: SocketAddr, timeout: Duration) -> bool {
+    hosts.client.run(move || tcp_connect(src.into(), dst, timeout))
+}
+
+/// Resolves the server's MAC from each source (ICMP is not filtered by a port binding).
+fn warm_up(hosts: &TestHosts, sources: &[Ipv4Addr]) {
+    let dst = IpAddr::from(hosts.server_v4);
+    for &src in sources {
+        assert!(hosts.client.run(move || icmp_echo(src.into(), dst, OK)), "ping {src} -> {dst}");
+    }
+}
+
+fn grant(account: &str, cidr: &str, ttl: u64) -> Value {
+    json!({"cmd": "override_grant", "account": account, "cidr": cidr, "ttl_seconds": ttl,
+           "ticket": "SUP-1234", "reason": "customer verified by phone"})
+}
+
+/// The check must come out as `allowed` with `reason`.
+fn assert_check(w: &World, account: &str, addr: impl Into<IpAddr>, method: &str, allowed: bool, reason: &str) {
+    let addr = addr.into();
+    let c = w.check(account, addr, method);
+    assert_eq!((&c["allowed"], &c["reason"]), (&json!(allowed), &json!(reason)), "check {account} {addr} {method}: {c}");
+}
+
+/// Waits until the daemon has written out the login checks it recorded so far (an `activity`
+/// request flushes them). Checks are written in batches, audit records in the change's own
+/// transaction; without this, a check made just before a change can be stored after the
+/// change's audit record and come out in the wrong order (see
+/// `activity_is_newest_first_across_checks_and_changes`).
+fn settle(w: &World, account: &str) {
+    w.ok(json!({"cmd": "activity", "account": account, "limit": 1}));
+}
+
+fn ids(list: &Value) -> Vec<i64> {
+    list.as_array().unwrap_or_else(|| panic!("not a list: {list}")).iter().map(|o| o["id"].as_i64().unwrap()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// A customer locked out by its own allowlist gets in through an override, in login checks
+/// and on the wire; the override outlives a SIGKILL of the daemon (the pinned filter keeps
+/// it) and a restart; revoking ends it at once.
+#[test]
+fn override_lets_a_locked_out_customer_in_and_expires_in_the_kernel() {
+    let mut w = World::new("");
+    let (good, locked, other) = (w.hosts.client_v4[0], w.hosts.client_v4[1], w.hosts.client_v4[2]);
+    let dst = sa(w.hosts.server_v4, 7100);
+    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
+    w.ok(json!({"cmd": "account_add", "account": "cust"}));
+    w.ok(json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": dst.port(), "proto": "tcp"}));
+    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
+    w.ok(json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": good.to_string()}));
+    warm_up(&w.hosts, &[good, locked, other]);
+
+    // Locked out: two methods, three attempts; and on the wire.
+    let before = now();
+    for method in ["password", "api_key", "password"] {
+        assert_check(&w, "cust", locked, method, false, "address_not_allowed");
+    }
+    assert_check(&w, "cust", good, "password", true, "allowed");
+    assert!(tcp_ok(&w.hosts, good, dst, OK), "the allowed source is refused");
+    assert!(!tcp_ok(&w.hosts, locked, dst, FAIL), "the locked-out source got through");
+
+    // The grant shows support the customer's denied attempts.
+    let granted = w.ok(grant("cust", &format!("{locked}/32"), 60));
+    let row = &granted["override"];
+    let id = row["id"].as_i64().unwrap_or_else(|| panic!("no override id: {granted}"));
+    assert_eq!(row["account"], "cust", "{granted}");
+    assert_eq!(row["cidr"], format!("{locked}/32"), "{granted}");
+    assert_eq!((&row["ticket"], &row["reason"]), (&json!("SUP-1234"), &json!("customer verified by phone")));
+    assert_eq!(row["operator"], 0, "{granted}");
+    assert_eq!(row["revoked_at"], Value::Null, "{granted}");
+    let created = row["created_at"].as_i64().unwrap();
+    assert!((before..=now()).contains(&created), "{granted}");
+    assert_eq!(row["expires_at"].as_i64().unwrap() - created, 60, "{granted}");
+    let recent = granted["recent_denied"].as_array().unwrap_or_else(|| panic!("no recent_denied: {granted}"));
+    let mut seen: Vec<(String, String, i64)> = recent
+        .iter()
+        .map(|r| {
+            let (first, last) = (r["first_seen"].as_i64().unwrap(), r["last_seen"].as_i64().unwrap());
+            assert!(before <= first && first <= last && last <= now(), "{r}");
+            (r["address"].as_str().unwrap().into(), r["method"].as_str().unwrap().into(), r["count"].as_i64().unwrap())
+        })
+        .collect();
+    seen.sort();
+    let l = locked.to_string();
+    assert_eq!(seen, [(l.clone(), "api_key".into(), 1), (l.clone(), "password".into(), 2)], "{granted}");
+
+    // In force: checks and traffic from that address only.
+    assert_check(&w, "cust", locked, "password", true, "allowed");
+    assert_check(&w, "cust", locked, "sso", true, "allowed");
+    assert_check(&w, "cust", other, "password", false, "address_not_allowed");
+    assert!(tcp_ok(&w.hosts, locked, dst, OK), "the override does not reach the kernel");
+    assert!(!tcp_ok(&w.hosts, other, dst, FAIL), "the override let another source through");
+    let listed = w.ok(json!({"cmd": "override_list", "account": "cust"}));
+    assert_eq!(ids(&listed), [id], "{listed}");
+    assert_eq!(&listed[0], row, "the list differs from the grant");
+    assert_eq!(ids(&w.ok(json!({"cmd": "override_list"}))), [id]);
+
+    // The daemon dies: the pinned filter keeps the override (and the allowlist).
+    w.kill9();
+    assert!(tcp_ok(&w.hosts, locked, dst, OK), "the override ended with the daemon");
+    assert!(tcp_ok(&w.hosts, good, dst, OK), "the allowlist ended with the daemon");
+    assert!(!tcp_ok(&w.hosts, other, dst, FAIL), "filtering stopped with the daemon");
+    // ...and a new daemon still lists and honours it.
+    w.start("");
+    let listed = w.ok(json!({"cmd": "override_list", "account": "cust"}));
+    assert_eq!(ids(&listed), [id], "{listed}");
+    assert_eq!(&listed[0], row, "the restart changed the override");
+    assert_check(&w, "cust", locked, "password", true, "allowed");
+    assert!(tcp_ok(&w.hosts, locked, dst, OK), "the restart dropped the override from the kernel");
+    assert!(!tcp_ok(&w.hosts, other, dst, FAIL));
+
+    // Revoked (by the right account only): ends at once, in checks and in the kernel.
+    let (code, _) = w.err(json!({"cmd": "override_revoke", "account": "nobody-else", "override_id": id}));
+    assert_eq!(code, "unknown_account");
+    w.ok(json!({"cmd": "account_add", "account": "neighbour"}));
+    let (code, _) = w.err(json!({"cmd": "override_revoke", "account": "neighbour", "override_id": id}));
+    assert_eq!(code, "unknown_override", "another account's override was revoked");
+    let revoked = w.ok(json!({"cmd": "override_revoke", "account": "cust", "override_id": id}));
+    assert_eq!(revoked["id"], id, "{revoked}");
+    assert!(revoked["revoked_at"].as_i64().is_some_and(|t| t >= created), "{revoked}");
+    assert_check(&w, "cust", locked, "password", false, "address_not_allowed");
+    assert!(!tcp_ok(&w.hosts, locked, dst, FAIL), "a revoked override still lets traffic through");
+    assert!(tcp_ok(&w.hosts, good, dst, OK));
+    assert_eq!(w.ok(json!({"cmd": "override_list", "account": "cust"})), json!([]));
+    assert_eq!(w.ok(json!({"cmd": "override_list"})), json!([]));
+    let (code, message) = w.err(json!({"cmd": "override_revoke", "account": "cust", "override_id": id}));
+    assert_eq!(code, "unknown_override", "{message}");
+    let (code, _) = w.err(json!({"cmd": "override_revoke", "account": "cust", "override_id": id + 1000}));
+    assert_eq!(code, "unknown_override");
+}
+
+/// No override for banned accounts, sub-users of banned parents, or accounts terminated for
+/// non-payment, with a message that says why; unconfirmed accounts may get one; bad
+/// durations and missing tickets or reasons are bad requests; nothing refused is stored.
+#[test]
+fn overrides_are_refused_for_banned_and_terminated_accounts() {
+    let w = World::new("");
+    for (account, parent, unconfirmed) in [
+        ("spammer", None, false),
+        ("corp", None, false),
+        ("corp-dev", Some("corp"), false),
+        ("debtor", None, false),
+        ("newbie", None, true),
+        ("fine", None, false),
+    ] {
+        w.ok(json!({"cmd": "account_add", "account": account, "parent": parent, "unconfirmed": unconfirmed}));
+    }
+    for (account, state) in [("spammer", "banned"), ("corp", "banned"), ("debtor", "terminated")] {
+        w.ok(json!({"cmd": "account_state", "account": account, "state": state, "reason": "test"}));
+    }
+    let net = "198.18.0.11/32";
+
+    let (code, message) = w.err(grant("spammer", net, 3600));
+    assert_eq!(code, "refused", "{message}");
+    assert!(message.contains("spammer") && message.contains("banned"), "{message}");
+    let (code, message) = w.err(grant("corp-dev", net, 3600));
+    assert_eq!(code, "refused", "{message}");
+    assert!(message.contains("parent") && message.contains("corp") && message.contains("banned"), "{message}");
+    let (code, message) = w.err(grant("debtor", net, 3600));
+    assert_eq!(code, "refused", "{message}");
+    assert!(message.contains("terminated") && message.contains("non-payment"), "{message}");
+    let (code, _) = w.err(grant("ghost", net, 3600));
+    assert_eq!(code, "unknown_account");
+    // The parent itself is banned too.
+    assert_eq!(w.err(grant("corp", net, 3600)).0, "refused");
+
+    // Unconfirmed is not a reason to refuse; the edges of the duration are allowed.
+    let unconfirmed = w.ok(grant("newbie", net, 3600));
+    assert_eq!(unconfirmed["override"]["account"], "newbie", "{unconfirmed}");
+    let shortest = w.ok(grant("fine", "198.18.0.12/32", 60))["override"].clone();
+    assert_eq!(shortest["expires_at"].as_i64().unwrap() - shortest["created_at"].as_i64().unwrap(), 60);
+    let longest = w.ok(grant("fine", "198.18.0.0/24", 30 * DAY))["override"].clone();
+    assert_eq!(longest["expires_at"].as_i64().unwrap() - longest["created_at"].as_i64().unwrap(), (30 * DAY) as i64);
+
+    // Bad durations, tickets and reasons.
+    for ttl in [0, 1, 59, 30 * DAY + 1, u64::MAX] {
+        let (code, message) = w.err(grant("fine", net, ttl));
+        assert_eq!(code, "bad_request", "ttl {ttl}: {message}");
+    }
+    for (ticket, reason) in [("", "verified"), ("SUP-1", ""), ("  ", "verified"), ("SUP-1", " \t ")] {
+        let mut request = grant("fine", net, 3600);
+        request["ticket"] = json!(ticket);
+        request["reason"] = json!(reason);
+        let (code, message) = w.err(request);
+        assert_eq!(code, "bad_request", "ticket {ticket:?}, reason {reason:?}: {message}");
+    }
+    for missing in ["ticket", "reason", "ttl_seconds", "cidr"] {
+        let mut request = grant("fine", net, 3600);
+        request.as_object_mut().unwrap().remove(missing);
+        assert_eq!(w.err(request).0, "bad_request", "without {missing}");
+    }
+    let mut request = grant("fine", net, 3600);
+    request["ttl_seconds"] = json!(-60);
+    assert_eq!(w.err(request).0, "bad_request", "negative ttl");
+
+    // Only the three granted overrides exist; the refused ones left no audit record.
+    let all = w.ok(json!({"cmd": "override_list"}));
+    let mut accounts: Vec<&str> = all.as_array().unwrap().iter().map(|o| o["account"].as_str().unwrap()).collect();
+    accounts.sort();
+    assert_eq!(accounts, ["fine", "fine", "newbie"], "{all}");
+    for account in ["spammer", "corp-dev", "debtor"] {
+        let log = w.ok(json!({"cmd": "activity", "account": account}));
+        let grants = log.as_array().unwrap().iter().filter(|r| r["reason"] == "override_granted").count();
+        assert_eq!(grants, 0, "a refused grant was audited for {account}: {log}");
+        assert_eq!(w.ok(json!({"cmd": "override_list", "account": account})), json!([]));
+    }
+    // The refused accounts still check as before.
+    assert_check(&w, "spammer", Ipv4Addr::new(198, 18, 0, 11), "password", false, "banned");
+    assert_check(&w, "corp-dev", Ipv4Addr::new(198, 18, 0, 11), "password", false, "parent_banned");
+    assert_check(&w, "debtor", Ipv4Addr::new(198, 18, 0, 11), "password", false, "terminated");
+    assert_eq!(w.err(json!({"cmd": "override_list", "account": "ghost"})).0, "unknown_account");
+}
+
+/// Every check and every audited change is in the activity log, newest first; `denied_only`
+/// and `limit` filter it; audit records carry the uid; it all survives a restart.
+#[test]
+fn activity_log_records_checks_and_audits() {
+    let mut w = World::new("");
+    let (a, b) = ("198.18.0.10", "198.18.0.99");
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    w.ok(json!({"cmd": "account_add", "account": "other"}));
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{a}/32")}));
+    let before = now();
+    // (kind, address, method, allowed, reason), oldest first, as they should come back reversed.
+    type Expected<'a> = Vec<(&'a str, Option<&'a str>, Option<&'a str>, Option<bool>, &'a str)>;
+    let mut expected: Expected = Vec::new();
+    fn check<'a>(w: &World, addr: &'a str, method: &'a str, allowed: bool, reason: &'a str, expected: &mut Expected<'a>) {
+        let c = w.ok(json!({"cmd": "check", "account": "acme", "addr": addr, "method": method}));
+        assert_eq!((&c["allowed"], &c["reason"]), (&json!(allowed), &json!(reason)), "{c}");
+        expected.push(("check", Some(addr), Some(method), Some(allowed), reason));
+    }
+    check(&w, b, "password", true, "allowed", &mut expected);
+    settle(&w, "acme");
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": a}));
+    expected.push(("audit", None, None, None, "mode"));
+    check(&w, a, "password", true, "allowed", &mut expected);
+    check(&w, b, "api_key", false, "address_not_allowed", &mut expected);
+    check(&w, b, "sso", false, "address_not_allowed", &mut expected);
+    let id = w.ok(grant("acme", &format!("{b}/32"), 600))["override"]["id"].clone();
+    expected.push(("audit", None, None, None, "override_granted"));
+    check(&w, b, "sso", true, "allowed", &mut expected);
+    settle(&w, "acme");
+    w.ok(json!({"cmd": "override_revoke", "account": "acme", "override_id": id}));
+    expected.push(("audit", None, None, None, "override_revoked"));
+    check(&w, b, "password", false, "address_not_allowed", &mut expected);
+    settle(&w, "acme");
+    w.ok(json!({"cmd": "account_state", "account": "acme", "state": "terminated", "reason": "unpaid"}));
+    expected.push(("audit", None, None, None, "state"));
+    check(&w, a, "api_key", false, "terminated", &mut expected);
+    // Another account's activity stays out of acme's.
+    w.ok(json!({"cmd": "check", "account": "other", "addr": b}));
+    expected.reverse();
+
+    let log = w.ok(json!({"cmd": "activity", "account": "acme"}));
+    let records = log.as_array().unwrap_or_else(|| panic!("not a list: {log}"));
+    let got: Vec<_> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["account"], "acme", "{r}");
+            let t = r["time"].as_i64().unwrap();
+            assert!(before <= t && t <= now(), "{r}");
+            (
+                r["kind"].as_str().unwrap(),
+                r["address"].as_str(),
+                r["method"].as_str(),
+                r["allowed"].as_bool(),
+                r["reason"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected, "activity of acme, newest first:\n{log:#}");
+    let times: Vec<i64> = records.iter().map(|r| r["time"].as_i64().unwrap()).collect();
+    assert!(times.windows(2).all(|t| t[0] >= t[1]), "not newest first: {times:?}");
+
+    // Audit records: who and what.
+    let audit = |action: &str| records.iter().find(|r| r["reason"] == action).unwrap()["detail"].clone();
+    for action in ["mode", "override_granted", "override_revoked", "state"] {
+        let detail = audit(action);
+        assert_eq!((&detail["uid"], &detail["action"]), (&json!(0), &json!(action)), "{action}: {detail}");
+    }
+    assert_eq!((&audit("mode")["mode"], &audit("mode")["was"]), (&json!("enforce"), &json!("off")));
+    assert_eq!((&audit("state")["state"], &audit("state")["reason"]), (&json!("terminated"), &json!("unpaid")));
+    let granted = audit("override_granted");
+    assert_eq!((&granted["override"], &granted["cidr"], &granted["ticket"]), (&id, &json!(format!("{b}/32")), &json!("SUP-1234")));
+    assert_eq!(audit("override_revoked")["override"], id);
+
+    // Filters.
+    let denied = w.ok(json!({"cmd": "activity", "account": "acme", "denied_only": true}));
+    let want: Vec<&Value> = records.iter().filter(|r| r["allowed"] == json!(false)).collect();
+    assert_eq!(want.len(), 4);
+    assert_eq!(denied.as_array().unwrap().iter().collect::<Vec<_>>(), want, "denied_only");
+    for limit in [1, 3] {
+        let capped = w.ok(json!({"cmd": "activity", "account": "acme", "limit": limit}));
+        assert_eq!(capped.as_array().unwrap()[..], records[..limit], "limit {limit}");
+    }
+    let capped = w.ok(json!({"cmd": "activity", "account": "acme", "denied_only": true, "limit": 2}));
+    assert_eq!(capped.as_array().unwrap().iter().collect::<Vec<_>>(), want[..2], "denied_only and limit");
+    let recent = w.ok(json!({"cmd": "activity", "account": "acme", "since_seconds": 3600}));
+    assert_eq!(&recent, &log, "since_seconds 3600");
+    let other = w.ok(json!({"cmd": "activity", "account": "other"}));
+    assert_eq!(other.as_array().unwrap().len(), 1, "{other}");
+
+    // One more check just before SIGTERM: shutting down writes it out.
+    let last = w.ok(json!({"cmd": "check", "account": "acme", "addr": b, "method": "api_key"}));
+    assert_eq!(last["reason"], "terminated");
+    w.stop();
+    w.start("");
+    let after = w.ok(json!({"cmd": "activity", "account": "acme"}));
+    let after = after.as_array().unwrap();
+    assert_eq!(after.len(), records.len() + 1, "{after:#?}");
+    let first = &after[0];
+    assert_eq!((&first["kind"], &first["address"], &first["method"]), (&json!("check"), &json!(b), &json!("api_key")));
+    assert_eq!(after[1..], records[..], "the restart changed the activity log");
+}
+
+/// Overrides and activity need the support role: a check-only uid is forbidden them; with
+/// support it works, and the override and its audit record name that uid.
+#[test]
+fn support_role_is_needed() {
+    let mut w = World::new("socket_mode = 0o666\n[roles]\ncheck = { uids = [65534] }");
+    let mode = fs::metadata(w.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666, "socket mode {mode:o}");
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.10/32"}));
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce"}));
+    let root_grant = w.ok(grant("acme", "198.18.0.13/32", 3600))["override"]["id"].clone();
+
+    let support_requests = [
+        grant("acme", "198.18.0.11/32", 3600),
+        json!({"cmd": "override_list", "account": "acme"}),
+        json!({"cmd": "override_list"}),
+        json!({"cmd": "override_revoke", "account": "acme", "override_id": root_grant}),
+        json!({"cmd": "activity", "account": "acme"}),
+        json!({"cmd": "activity", "account": "acme", "denied_only": true, "limit": 1}),
+    ];
+    let mut nobody = Conn::open_as(&w.socket(), NOBODY);
+    // The check role works...
+    let c = nobody.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.0.11", "method": "password"}));
+    assert_eq!(c["reason"], "address_not_allowed", "{c}");
+    // ...support's commands do not.
+    for request in &support_requests {
+        let (code, message) = nobody.err(request.clone());
+        assert_eq!(code, "forbidden", "{request}: {message}");
+        assert!(message.contains("65534") && message.contains("support"), "{message}");
+    }
+    assert_eq!(ids(&w.ok(json!({"cmd": "override_list"}))), [root_grant.as_i64().unwrap()], "a forbidden request changed something");
+
+    w.stop();
+    w.start("socket_mode = 0o666\n[roles]\ncheck = { uids = [65534] }\nsupport = { uids = [65534] }");
+    let mut nobody = Conn::open_as(&w.socket(), NOBODY);
+    let granted = nobody.ok(grant("acme", "198.18.0.11/32", 3600));
+    assert_eq!(granted["override"]["operator"], NOBODY, "{granted}");
+    let recent = granted["recent_denied"].as_array().unwrap();
+    assert!(recent.iter().any(|r| r["address"] == "198.18.0.11" && r["method"] == "password"), "{granted}");
+    let id = granted["override"]["id"].clone();
+    let listed = nobody.ok(json!({"cmd": "override_list", "account": "acme"}));
+    assert_eq!(ids(&listed), [root_grant.as_i64().unwrap(), id.as_i64().unwrap()], "{listed}");
+    assert_eq!(listed[0]["operator"], 0, "{listed}");
+    assert_eq!(listed[1]["operator"], NOBODY, "{listed}");
+    let c = nobody.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.0.11"}));
+    assert_eq!(c["reason"], "allowed", "{c}");
+    settle(&w, "acme");
+    nobody.ok(json!({"cmd": "override_revoke", "account": "acme", "override_id": root_grant}));
+    let log = nobody.ok(json!({"cmd": "activity", "account": "acme", "limit": 3}));
+    let actions: Vec<(&Value, &Value)> = log.as_array().unwrap().iter().map(|r| (&r["reason"], &r["detail"]["uid"])).collect();
+    assert_eq!(
+        actions,
+        [(&json!("override_revoked"), &json!(NOBODY)), (&json!("allowed"), &Value::Null), (&json!("override_granted"), &json!(NOBODY))],
+        "{log:#}"
+    );
+    // Support is not admin.
+    let (code, _) = nobody.err(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.11/32"}));
+    assert_eq!(code, "forbidden");
+    let (code, _) = nobody.err(json!({"cmd": "account_state", "account": "acme", "state": "active"}));
+    assert_eq!(code, "forbidden");
+}
+
+/// "Newest first" follows the order of events, not the order in which the daemon happened to
+/// write them: checks and changes taking turns on one connection come out taking turns
+/// (checks are batched by a thread; a change flushes that batch before its own audit).
+#[test]
+fn activity_is_newest_first_across_checks_and_changes() {
+    const ROUNDS: usize = 300;
+    let w = World::new("");
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    let mut conn = w.conn();
+    for round in 0..ROUNDS {
+        conn.ok(json!({"cmd": "check", "account": "acme", "addr": format!("198.18.1.{}", round % 250)}));
+        let mode = ["monitor", "off"][round % 2];
+        conn.ok(json!({"cmd": "account_mode", "account": "acme", "mode": mode}));
+    }
+    let log = w.ok(json!({"cmd": "activity", "account": "acme", "limit": 2 * ROUNDS}));
+    let kinds: Vec<&str> = log.as_array().unwrap().iter().rev().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.len(), 2 * ROUNDS, "records lost: {log:#}");
+    let misplaced: Vec<usize> = kinds.chunks(2).enumerate().filter(|(_, k)| *k != ["check", "audit"]).map(|(i, _)| i).collect();
+    assert!(
+        misplaced.is_empty(),
+        "in rounds {misplaced:?} of {ROUNDS}, a login check answered before a mode change is listed as newer than the \
+         change: checks are written in batches, after the change's own audit record, and records of one second \
+         are ordered by row id\n{log:#}"
+    );
+}
