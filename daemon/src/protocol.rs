@@ -61,6 +61,15 @@ pub enum Command {
         force: bool,
     },
     AllowList { account: String },
+    /// Replace the whole allowlist in one change (labels optional).
+    AllowReplace {
+        account: String,
+        entries: Vec<ReplaceEntry>,
+        #[serde(default)]
+        client_ip: Option<IpAddr>,
+        #[serde(default)]
+        force: bool,
+    },
     BindAdd {
         account: String,
         addr: IpAddr,
@@ -108,7 +117,23 @@ pub enum Command {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Kernel counters: one account's, or every account's and the host's.
+    Stats {
+        #[serde(default)]
+        account: Option<String>,
+    },
+    /// Remove the filter from an interface (the only way it is ever removed).
+    Detach { interface: String },
     Status {},
+}
+
+/// One line of an `allow_replace`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceEntry {
+    pub cidr: IpNet,
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 impl Command {
@@ -120,12 +145,15 @@ impl Command {
             | Command::AllowList { .. }
             | Command::BindList {}
             | Command::Check { .. }
+            | Command::Stats { .. }
             | Command::Status {} => Role::Check,
             Command::AccountAdd { .. }
             | Command::AccountState { .. }
             | Command::AccountMode { .. }
             | Command::AllowAdd { .. }
             | Command::AllowRemove { .. }
+            | Command::AllowReplace { .. }
+            | Command::Detach { .. }
             | Command::BindAdd { .. }
             | Command::BindRemove { .. } => Role::Admin,
             Command::OverrideGrant { .. }

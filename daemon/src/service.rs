@@ -310,6 +310,35 @@ impl Service {
                 }
                 Ok((row, json!({ "account": account, "removed": cidr.trunc() })))
             }),
+            Command::AllowReplace { account, entries, client_ip, force } => self.change(&account, |tx| {
+                let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
+                let mut wanted: Vec<(IpNet, Option<String>)> = Vec::new();
+                for e in entries {
+                    let cidr = e.cidr.trunc();
+                    wanted.retain(|(c, _)| *c != cidr);
+                    wanted.push((cidr, e.label));
+                }
+                if row.mode == Mode::Enforce && !force {
+                    let nets: Vec<IpNet> = wanted.iter().map(|(c, _)| *c).collect();
+                    refuse_lockout(&account, client_ip, &nets)?;
+                }
+                for old in tx.entries(&account)? {
+                    tx.remove_entry(&account, old.cidr)?;
+                }
+                let at = now();
+                for (cidr, label) in &wanted {
+                    tx.add_entry(&account, *cidr, label.as_deref(), uid, at)?;
+                }
+                audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
+                info!("account {account}: allowlist replaced ({} entries) by uid {uid}", wanted.len());
+                Ok((row, json!(tx.entries(&account)?)))
+            }),
+            Command::Stats { account } => self.stats(account.as_deref()),
+            Command::Detach { interface } => {
+                let detached = self.writer.lock().expect("writer lock").datapath.detach(&interface)?;
+                info!("{interface}: detach requested by uid {uid} (was attached: {detached})");
+                Ok(json!({ "interface": interface, "detached": detached }))
+            }
             Command::OverrideGrant { account, cidr, ttl_seconds, ticket, reason } => {
                 if !(MIN_OVERRIDE_TTL..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
                     return Err(Failure::new(
@@ -377,6 +406,31 @@ impl Service {
         let mut writer = self.writer.lock().expect("writer lock");
         let tx = writer.store.transaction()?;
         f(&tx)
+    }
+
+    fn stats(&self, account: Option<&str>) -> Outcome {
+        let slots: Vec<(String, u32)> = {
+            let accounts = self.accounts.read().expect("cache lock");
+            match account {
+                Some(id) => vec![(id.to_string(), accounts.get(id).ok_or_else(|| unknown(id))?.slot)],
+                None => {
+                    let mut all: Vec<_> = accounts.iter().map(|(id, a)| (id.clone(), a.slot)).collect();
+                    all.sort();
+                    all
+                }
+            }
+        };
+        let writer = self.writer.lock().expect("writer lock");
+        let mut rows = Vec::with_capacity(slots.len());
+        for (id, slot) in slots {
+            let c = writer.datapath.counters(slot)?;
+            rows.push(json!({ "account": id, "passed_packets": c.passed_packets, "passed_bytes": c.passed_bytes,
+                "dropped_packets": c.dropped_packets, "dropped_bytes": c.dropped_bytes,
+                "would_drop_packets": c.would_drop_packets, "would_drop_bytes": c.would_drop_bytes }));
+        }
+        let host = writer.datapath.host_counters()?;
+        Ok(json!({ "accounts": rows, "host": { "non_ip": host.non_ip_packets, "unbound": host.unbound_packets,
+            "ndp": host.ndp_packets, "malformed": host.malformed_packets } }))
     }
 
     fn status(&self) -> Outcome {
@@ -665,6 +719,7 @@ fn canonical(command: Command) -> Result<Command, Failure> {
         | Command::AllowAdd { account, .. }
         | Command::AllowRemove { account, .. }
         | Command::AllowList { account }
+        | Command::AllowReplace { account, .. }
         | Command::BindAdd { account, .. }
         | Command::Check { account, .. } => Some(account.as_str()),
         _ => None,
@@ -683,6 +738,9 @@ fn canonical(command: Command) -> Result<Command, Failure> {
         }
         Command::AllowRemove { account, cidr, client_ip, force } => {
             Command::AllowRemove { account, cidr, client_ip: client_ip.map(ip), force }
+        }
+        Command::AllowReplace { account, entries, client_ip, force } => {
+            Command::AllowReplace { account, entries, client_ip: client_ip.map(ip), force }
         }
         Command::BindAdd { account, addr, port, proto } => Command::BindAdd { account, addr: ip(addr), port, proto },
         Command::BindRemove { addr, port, proto } => Command::BindRemove { addr: ip(addr), port, proto },

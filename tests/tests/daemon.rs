@@ -1242,3 +1242,50 @@ fn ipv4_mapped_addresses_are_ipv4() {
     assert_eq!(w.ctl(&["check", "acme", "::ffff:198.18.0.10"]).code, 0);
     assert_eq!(w.ctl(&["check", "acme", "::ffff:198.18.0.11"]).code, 1);
 }
+
+/// `allow replace` swaps the whole list in one change, guarded like `allow remove`; `stats`
+/// reports the kernel's counters; `detach` over the socket removes the filter.
+#[test]
+fn replace_stats_and_detach() {
+    let w = World::new("");
+    let hosts = &w.hosts;
+    let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
+    let bound = sa(hosts.server_v4, 7001);
+    let _server = TcpServer::start_in(&hosts.server, bound).unwrap();
+    w.ok(&["account", "add", "acct"]);
+    w.ok(&["bind", "add", "acct", &bound.to_string()]);
+    w.ok(&["allow", "add", "acct", &format!("{good}/32")]);
+    w.ok(&["account", "mode", "acct", "enforce", "--client-ip", &good.to_string()]);
+
+    let file = w.dir.0.join("allow.txt");
+    std::fs::write(&file, format!("# new office\n{bad}/32 office\n198.18.9.0/24\n")).unwrap();
+    let replace = |extra: &[&str]| {
+        let mut args = vec!["allow", "replace", "acct", "--file", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let good_ip = good.to_string();
+    let refused = replace(&["--client-ip", &good_ip]);
+    let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+    assert_eq!(w.fails(&refused), "lockout");
+    assert_eq!(strings(&w.ok(&["allow", "list", "acct"]), "cidr"), [format!("{good}/32")], "a refusal changed the list");
+    let forced = replace(&["--client-ip", &good_ip, "--force"]);
+    let forced: Vec<&str> = forced.iter().map(String::as_str).collect();
+    let listed = w.ok(&forced);
+    // Listed by CIDR text.
+    assert_eq!(strings(&listed, "cidr"), [format!("{bad}/32"), "198.18.9.0/24".to_string()]);
+    assert_eq!((&listed[0]["label"], &listed[1]["label"]), (&json!("office"), &Value::Null));
+    assert!(tcp_ok(hosts, bad, bound, OK), "the new list is not enforced");
+    assert!(!tcp_ok(hosts, good, bound, FAIL), "the replaced entry still lets its source in");
+
+    let stats = w.ok(&["stats", "acct"]);
+    let row = &stats["accounts"][0];
+    assert_eq!(row["account"], "acct");
+    assert!(row["passed_packets"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(row["dropped_packets"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(w.ok(&["stats"])["host"]["unbound"].is_u64());
+
+    assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], true);
+    assert!(tcp_ok(hosts, good, bound, OK), "still filtered after detach");
+    assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], false);
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use ipaccess::protocol::{
-    AccountState, CheckResult, Command, ErrorBody, Method, Mode, Proto, Reason, Reply, Request,
+    AccountState, CheckResult, Command, ErrorBody, Method, Mode, Proto, ReplaceEntry, Reason, Reply, Request,
 };
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -73,6 +73,10 @@ enum Top {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         limit: Option<u32>,
     },
+    /// Packet counters from the kernel: one account's, or all accounts' and the host's
+    Stats { id: Option<String> },
+    /// Remove the filter from an interface (stopping the daemon never does)
+    Detach { interface: String },
     /// Daemon status
     Status,
 }
@@ -161,6 +165,18 @@ enum AllowCmd {
     },
     /// List an account's allowlist
     List { id: String },
+    /// Replace the whole allowlist from FILE: one `CIDR [label]` per line, `#` comments
+    Replace {
+        id: String,
+        #[arg(long, value_name = "FILE")]
+        file: std::path::PathBuf,
+        /// Your own address: refused if the new list would lock it out
+        #[arg(long, value_name = "ADDR")]
+        client_ip: Option<IpAddr>,
+        /// Replace even if it locks out --client-ip
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -239,6 +255,24 @@ fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>), String> {
     }
 }
 
+/// An allowlist file: one `CIDR [label]` per line; blank lines and `#` comments are skipped.
+fn parse_allow_file(text: &str) -> Result<Vec<ReplaceEntry>, Failure> {
+    let mut entries = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (cidr, label) = match line.split_once(char::is_whitespace) {
+            Some((cidr, label)) => (cidr, Some(label.trim().to_string())),
+            None => (line, None),
+        };
+        let cidr = parse_cidr(cidr).map_err(|e| Failure::Local(format!("line {}: {e}", n + 1)))?;
+        entries.push(ReplaceEntry { cidr, label });
+    }
+    Ok(entries)
+}
+
 /// A bare address binds all of it, so a protocol makes sense only with a port.
 fn endpoint(
     addr: (IpAddr, Option<u16>),
@@ -271,6 +305,13 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::AllowRemove { account: id, cidr, client_ip, force }
         }
         Top::Allow(AllowCmd::List { id }) => Command::AllowList { account: id },
+        Top::Allow(AllowCmd::Replace { id, file, client_ip, force }) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Failure::Local(format!("reading {}: {e}", file.display())))?;
+            Command::AllowReplace { account: id, entries: parse_allow_file(&text)?, client_ip, force }
+        }
+        Top::Stats { id } => Command::Stats { account: id },
+        Top::Detach { interface } => Command::Detach { interface },
         Top::Bind(BindCmd::Add { id, addr, proto }) => {
             let (addr, port, proto) = endpoint(addr, proto)?;
             Command::BindAdd { account: id, addr, port, proto }
@@ -397,12 +438,31 @@ fn human(command: &Command, v: &Value) -> String {
                 .collect();
             table(&mut out, &["ID", "SLOT", "STATE", "MODE", "PARENT"], rows);
         }
-        Command::AllowList { .. } => {
+        Command::AllowList { .. } | Command::AllowReplace { .. } => {
             let rows = rows(v)
                 .iter()
                 .map(|r| ["cidr", "label", "created_at", "created_by"].map(|k| col(r, k)).to_vec())
                 .collect();
             table(&mut out, &["CIDR", "LABEL", "CREATED", "BY"], rows);
+        }
+        Command::Stats { .. } => {
+            let rows = rows(&v["accounts"])
+                .iter()
+                .map(|r| {
+                    ["account", "passed_packets", "passed_bytes", "dropped_packets", "dropped_bytes", "would_drop_packets"]
+                        .map(|k| col(r, k))
+                        .to_vec()
+                })
+                .collect();
+            table(&mut out, &["ACCOUNT", "PASSED", "BYTES", "DROPPED", "BYTES", "WOULD DROP"], rows);
+            let h = &v["host"];
+            out.push_str(&format!(
+                "host: non-IP {}, unbound {}, neighbour discovery {}, malformed {}\n",
+                cell("", &h["non_ip"]),
+                cell("", &h["unbound"]),
+                cell("", &h["ndp"]),
+                cell("", &h["malformed"])
+            ));
         }
         Command::BindList {} => {
             let rows = rows(v)
