@@ -9,6 +9,7 @@
 //! socket_mode = 0o660
 //! socket_group = 998  # gid owning the socket, so that its members can connect
 //! retention_days = 90 # activity kept
+//! drop_samples_per_second = 10  # per CPU, into the activity log
 //!
 //! [roles]            # uids and gids by number; root has every role
 //! check = { gids = [998] }
@@ -47,8 +48,11 @@ pub struct Config {
     /// Group owning the socket file (by gid); its members can connect, and then their roles
     /// decide what they may do.
     pub socket_group: Option<u32>,
-    /// Days of activity (login checks, audited changes) kept.
+    /// Days of activity (login checks, audited changes, drop samples) kept.
     pub retention_days: u32,
+    /// Dropped packets each CPU reports to the activity log per second (bursts up to ten
+    /// times that); 0 turns drop samples off.
+    pub drop_samples_per_second: u64,
     pub roles: Roles,
     pub limits: Limits,
     pub maps: Maps,
@@ -64,6 +68,7 @@ impl Default for Config {
             socket_mode: 0o660,
             socket_group: None,
             retention_days: 90,
+            drop_samples_per_second: 10,
             roles: Roles::default(),
             limits: Limits::default(),
             maps: Maps::default(),

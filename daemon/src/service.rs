@@ -191,7 +191,9 @@ impl Service {
         mut datapath: Datapath,
         activity: ActivityLog,
         retention_days: u32,
+        samples_per_second: u64,
     ) -> Result<Service, Failure> {
+        datapath.set_sampling(samples_per_second, samples_per_second.max(1) * 10);
         let mut store = store;
         let (accounts, entries, bindings, overrides) = {
             let tx = store.transaction()?;
@@ -519,6 +521,41 @@ impl Service {
     /// Waits until recorded login checks are in the store (before shutting down).
     pub fn flush_activity(&self) {
         self.activity.flush();
+    }
+
+    /// Moves the kernel's drop samples into the activity log (kind "drop"), so that support
+    /// sees refused packets next to refused sign-ins. Returns how many were moved.
+    pub fn drain_drop_samples(&self) -> usize {
+        let samples = self.writer.lock().expect("writer lock").datapath.drain_samples(4096);
+        if samples.is_empty() {
+            return 0;
+        }
+        let by_slot: HashMap<u32, String> =
+            self.accounts.read().expect("cache lock").iter().map(|(id, a)| (a.slot, id.clone())).collect();
+        let at = now();
+        for sample in &samples {
+            let Some(account) = by_slot.get(&sample.account) else { continue };
+            let reason = match sample.reason {
+                ipaccess_common::reason::NOT_ALLOWED => "address_not_allowed",
+                ipaccess_common::reason::WOULD_DROP => "monitor_would_deny",
+                ipaccess_common::reason::SUSPENDED => "suspended",
+                ipaccess_common::reason::MALFORMED => "malformed",
+                _ => "account_unset",
+            };
+            let src = datapath::words_addr(sample.family as u64, sample.src_hi, sample.src_lo);
+            let dst = datapath::words_addr(sample.family as u64, sample.dst_hi, sample.dst_lo);
+            self.activity.record(ActivityRecord {
+                time: at,
+                account: account.clone(),
+                kind: "drop",
+                address: Some(src),
+                method: None,
+                allowed: Some(sample.reason == ipaccess_common::reason::WOULD_DROP),
+                reason: Some(reason.to_string()),
+                detail: Some(json!({ "destination": dst, "protocol": sample.protocol, "port": sample.port })),
+            });
+        }
+        samples.len()
     }
 
     /// Periodic upkeep: expired overrides leave the cache and the kernel's tables (the

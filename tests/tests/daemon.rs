@@ -1285,6 +1285,21 @@ fn replace_stats_and_detach() {
     assert!(row["dropped_packets"].as_u64().unwrap() >= 1, "{stats}");
     assert!(w.ok(&["stats"])["host"]["unbound"].is_u64());
 
+    // The refused SYNs from `good` reach the activity log as drop samples (drained each second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dropped = loop {
+        let activity = w.ok(&["activity", "acct"]);
+        let found = activity.as_array().unwrap().iter().find(|r| r["kind"] == "drop").cloned();
+        if found.is_some() || Instant::now() > deadline {
+            break found;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let dropped = dropped.expect("no drop sample in the activity log");
+    assert_eq!(dropped["address"], json!(good.to_string()));
+    assert_eq!(dropped["reason"], "address_not_allowed");
+    assert_eq!(dropped["detail"]["port"], json!(bound.port()));
+
     assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], true);
     assert!(tcp_ok(hosts, good, bound, OK), "still filtered after detach");
     assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], false);

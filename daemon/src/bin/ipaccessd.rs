@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
-        let service = Service::start(store, datapath, activity, config.retention_days)
+        let service = Service::start(store, datapath, activity, config.retention_days, config.drop_samples_per_second)
             .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
             let how = service.attach(iface).with_context(|| format!("attaching to {iface}"))?;
@@ -99,8 +99,10 @@ async fn main() -> anyhow::Result<()> {
     let listener = bind_socket(&config)?;
     info!("ready: filtering on [{}], control socket {}", interfaces.join(", "), config.socket.display());
     let sweeper = tokio::spawn(sweep_forever(service.clone()));
+    let sampler = tokio::spawn(drain_samples_forever(service.clone()));
     server::serve(listener, service.clone(), Arc::new(config), shutdown()).await;
     sweeper.abort();
+    sampler.abort();
     service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
     Ok(())
@@ -117,6 +119,16 @@ async fn sweep_forever(service: Arc<Service>) {
             Err(e) => warn!("sweep failed: {e}"),
             Ok(Ok(())) => {}
         }
+    }
+}
+
+/// The kernel's drop samples are moved into the activity log every second.
+async fn drain_samples_forever(service: Arc<Service>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let service = service.clone();
+        let _ = tokio::task::spawn_blocking(move || service.drain_drop_samples()).await;
     }
 }
 
