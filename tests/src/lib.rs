@@ -2,3 +2,4 @@
 pub mod model;
 pub mod packets;
 pub mod netns;
+pub mod daemon;

@@ -7,174 +7,29 @@
 //! --workspace` builds them, or `cargo build -p ipaccess --bins --release`.
 
 use std::collections::BTreeSet;
-use std::fs::{self, OpenOptions};
+use std::fs::{self};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use ipaccess_tests::daemon::{Daemon, TempDir, binaries};
 use ipaccess_tests::netns::{BpfFs, TcpServer, TestHosts, icmp_echo, run_cmd, tcp_connect};
 use serde_json::{Value, json};
 
 /// Upper bound for attempts that should succeed; timeout for attempts that should fail.
 const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
-/// How long the daemon may take to start answering, and to stop after SIGTERM.
-const READY: Duration = Duration::from_secs(10);
-const STOP: Duration = Duration::from_secs(5);
 const NOBODY: &str = "65534";
 /// Small maps: quick to create, plenty for these tests (appended to every config).
 const MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
 
-// ---------------------------------------------------------------------------------------------
-// Binaries, temporary directories
-
-struct Binaries {
-    daemon: PathBuf,
-    ctl: PathBuf,
-}
-
-/// `target/<profile>/{ipaccessd,ipaccessctl}`, next to `target/<profile>/deps/daemon-<hash>`.
-fn binaries() -> &'static Binaries {
-    static BINS: OnceLock<Binaries> = OnceLock::new();
-    BINS.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
-        let bins = Binaries { daemon: dir.join("ipaccessd"), ctl: dir.join("ipaccessctl") };
-        for bin in [&bins.daemon, &bins.ctl] {
-            assert!(
-                bin.is_file(),
-                "{} is missing: run `cargo build -p ipaccess --bins --release` first \
-                 (`cargo test --release --workspace` builds it too)",
-                bin.display()
-            );
-        }
-        bins
-    })
-}
-
-/// A fresh directory under the system temp dir, removed on Drop. Mode 0755, so that an
-/// unprivileged client can reach the socket inside.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ipaccess-daemon-test-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir(&path).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The daemon
-
-/// A running `ipaccessd`: SIGTERM on Drop, SIGKILL if it has not stopped within [`STOP`].
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// `ip netns exec NETNS ipaccessd ARGS` (exec, so the child is the daemon itself), then
-    /// waits until `socket` accepts connections.
-    fn start(netns: &str, args: &[&str], socket: &Path, log: &Path) -> Daemon {
-        let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(&binaries().daemon)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start ipaccessd");
-        let mut daemon = Daemon { child, log: log.to_path_buf() };
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!("ipaccessd exited during start-up ({status})");
-            }
-            // A stale socket left by a killed daemon refuses connections until it is replaced.
-            if answers(socket) {
-                return daemon;
-            }
-            assert!(Instant::now() < deadline, "ipaccessd not ready after {READY:?}");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: plain kill(2) on our own, not yet reaped, child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-    }
-
-    /// SIGTERM and wait; `None` if it did not stop by itself within [`STOP`] (it is then killed).
-    fn terminate(&mut self) -> Option<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + STOP;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.kill9();
-        None
-    }
-
-    fn kill9(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.terminate();
-        if thread::panicking() {
-            eprintln!("---- ipaccessd log ({}) ----\n{}", self.log.display(), self.log_text());
-        }
-    }
-}
-
-/// Does a daemon answer a request on `socket`? (Once it does, the socket's mode is set too.)
-fn answers(socket: &Path) -> bool {
-    let Ok(stream) = UnixStream::connect(socket) else {
-        return false;
-    };
-    let timeout = Some(Duration::from_secs(2));
-    let mut reply = String::new();
-    stream.set_read_timeout(timeout).is_ok()
-        && stream.set_write_timeout(timeout).is_ok()
-        && (&stream).write_all(b"{\"id\":0,\"cmd\":\"status\"}\n").is_ok()
-        && BufReader::new(&stream).read_line(&mut reply).is_ok_and(|n| n > 0)
-}
 
 /// The output of one `ipaccessctl` run.
 #[derive(Debug)]

@@ -7,26 +7,22 @@
 //! The helpers are a trimmed copy of those in `daemon.rs`. Build the binaries first:
 //! `cargo build --release -p ipaccess --bins`.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ipaccess_tests::daemon::{Daemon, TempDir};
 use ipaccess_tests::netns::{BpfFs, TcpServer, TestHosts, icmp_echo, tcp_connect};
 use serde_json::{Value, json};
 
 /// Upper bound for attempts that should succeed; timeout for attempts that should fail.
 const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
-const READY: Duration = Duration::from_secs(10);
-const STOP: Duration = Duration::from_secs(5);
 const NOBODY: u32 = 65534;
 const MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
 const DAY: u64 = 24 * 3600;
@@ -35,124 +31,6 @@ const DAY: u64 = 24 * 3600;
 // The daemon and its world (from daemon.rs)
 
 /// `target/<profile>/ipaccessd`, next to `target/<profile>/deps/support-<hash>`.
-fn daemon_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
-        let bin = dir.join("ipaccessd");
-        assert!(bin.is_file(), "{} is missing: run `cargo build -p ipaccess --bins --release` first", bin.display());
-        bin
-    })
-}
-
-/// A fresh directory (mode 0755, so that nobody can reach the socket inside), removed on Drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ipaccess-support-test-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir(&path).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `ipaccessd`: SIGTERM on Drop, SIGKILL if it has not stopped within [`STOP`].
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(netns: &str, args: &[&str], socket: &Path, log: &Path) -> Daemon {
-        let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(daemon_binary())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start ipaccessd");
-        let mut daemon = Daemon { child, log: log.to_path_buf() };
-        let deadline = Instant::now() + READY;
-        loop {
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!("ipaccessd exited during start-up ({status}):\n{}", daemon.log_text());
-            }
-            if answers(socket) {
-                return daemon;
-            }
-            assert!(Instant::now() < deadline, "ipaccessd not ready after {READY:?}");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: plain kill(2) on our own, not yet reaped, child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-    }
-
-    fn terminate(&mut self) -> Option<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + STOP;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.kill9();
-        None
-    }
-
-    fn kill9(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.terminate();
-        if thread::panicking() {
-            eprintln!("---- ipaccessd log ({}) ----\n{}", self.log.display(), self.log_text());
-        }
-    }
-}
-
-/// Does a daemon answer a request on `socket`?
-fn answers(socket: &Path) -> bool {
-    let Ok(stream) = UnixStream::connect(socket) else {
-        return false;
-    };
-    let timeout = Some(Duration::from_secs(2));
-    let mut reply = String::new();
-    stream.set_read_timeout(timeout).is_ok()
-        && stream.set_write_timeout(timeout).is_ok()
-        && (&stream).write_all(b"{\"id\":0,\"cmd\":\"status\"}\n").is_ok()
-        && BufReader::new(&stream).read_line(&mut reply).is_ok_and(|n| n > 0)
-}
 
 /// Namespaces, bpffs, directory and daemon (stopped first on Drop: fields drop in order).
 struct World {

@@ -603,16 +603,22 @@ fn check_bpffs(path: &Path) -> Result<()> {
 }
 
 /// Takes an exclusive lock on the pin directory so two daemons never write the same maps.
+/// A lock that is busy is retried for a moment: a process forked by another thread of ours
+/// holds a copy of the previous holder's descriptor until it execs.
 fn lock_dir(dir: &Path) -> Result<fs::File> {
     let file = fs::File::open(dir).map_err(|e| DatapathError::Io(format!("opening {}", dir.display()), e))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(DatapathError::Io(
-            format!("{} is in use by another ipaccessd", dir.display()),
-            std::io::Error::last_os_error(),
-        ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() > deadline {
+            return Err(DatapathError::Io(format!("{} is in use by another ipaccessd", dir.display()), error));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(file)
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

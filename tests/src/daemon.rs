@@ -1,0 +1,155 @@
+//! Running the real `ipaccessd` in tests: finding the binaries, a temporary directory, and
+//! a guard that starts the daemon in a network namespace and stops it on Drop.
+
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long the daemon may take to start answering, and to stop after SIGTERM.
+pub const READY: Duration = Duration::from_secs(10);
+pub const STOP: Duration = Duration::from_secs(5);
+
+pub struct Binaries {
+    pub daemon: PathBuf,
+    pub ctl: PathBuf,
+}
+
+/// `target/<profile>/{ipaccessd,ipaccessctl}`, next to the test executable in
+/// `target/<profile>/deps/`.
+pub fn binaries() -> &'static Binaries {
+    static BINS: OnceLock<Binaries> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        let dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
+        let bins = Binaries { daemon: dir.join("ipaccessd"), ctl: dir.join("ipaccessctl") };
+        for bin in [&bins.daemon, &bins.ctl] {
+            assert!(
+                bin.is_file(),
+                "{} is missing: run `cargo build -p ipaccess --bins --release` first \
+                 (`cargo test --release --workspace` builds it too)",
+                bin.display()
+            );
+        }
+        bins
+    })
+}
+
+/// A fresh directory under the system temp dir, removed on Drop. Mode 0755, so that an
+/// unprivileged client can reach the socket inside.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ipaccess-test-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `ipaccessd`: SIGTERM on Drop, SIGKILL if it has not stopped within [`STOP`].
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// `ip netns exec NETNS ipaccessd ARGS` (exec, so the child is the daemon itself), then
+    /// waits until `socket` accepts connections.
+    pub fn start(netns: &str, args: &[&str], socket: &Path, log: &Path) -> Daemon {
+        let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(&binaries().daemon)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start ipaccessd");
+        let mut daemon = Daemon { child, log: log.to_path_buf() };
+        let deadline = Instant::now() + READY;
+        loop {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!("ipaccessd exited during start-up ({status})");
+            }
+            // A stale socket left by a killed daemon refuses connections until it is replaced.
+            if answers(socket) {
+                return daemon;
+            }
+            assert!(Instant::now() < deadline, "ipaccessd not ready after {READY:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// SIGTERM and wait; `None` if it did not stop by itself within [`STOP`] (it is then killed).
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + STOP;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.kill9();
+        None
+    }
+
+    pub fn kill9(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+        if thread::panicking() {
+            eprintln!("---- ipaccessd log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// Does a daemon answer a request on `socket`? (Once it does, the socket's mode is set too.)
+pub fn answers(socket: &Path) -> bool {
+    let Ok(stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_secs(2));
+    let mut reply = String::new();
+    stream.set_read_timeout(timeout).is_ok()
+        && stream.set_write_timeout(timeout).is_ok()
+        && (&stream).write_all(b"{\"id\":0,\"cmd\":\"status\"}\n").is_ok()
+        && BufReader::new(&stream).read_line(&mut reply).is_ok_and(|n| n > 0)
+}
