@@ -10,6 +10,7 @@
 //! socket_group = 998  # gid owning the socket, so that its members can connect
 //! retention_days = 90 # activity kept
 //! drop_samples_per_second = 10  # per CPU, into the activity log
+//! min_override_ttl_seconds = 60
 //!
 //! [roles]            # uids and gids by number; root has every role
 //! check = { gids = [998] }
@@ -50,6 +51,8 @@ pub struct Config {
     pub socket_group: Option<u32>,
     /// Days of activity (login checks, audited changes, drop samples) kept.
     pub retention_days: u32,
+    /// Shortest override support may grant, in seconds (longest: 30 days).
+    pub min_override_ttl_seconds: u64,
     /// Dropped packets each CPU reports to the activity log per second (bursts up to ten
     /// times that); 0 turns drop samples off.
     pub drop_samples_per_second: u64,
@@ -69,6 +72,7 @@ impl Default for Config {
             socket_group: None,
             retention_days: 90,
             drop_samples_per_second: 10,
+            min_override_ttl_seconds: 60,
             roles: Roles::default(),
             limits: Limits::default(),
             maps: Maps::default(),

@@ -28,9 +28,8 @@ use crate::{
     store::{AccountRow, ActivityRecord, BindingRow, Store, StoreError, Tx},
 };
 
-/// Longest and shortest override support may grant.
+/// Longest override support may grant (the shortest is configured).
 const MAX_OVERRIDE_TTL: u64 = 30 * 24 * 3600;
-const MIN_OVERRIDE_TTL: u64 = 60;
 /// How far back a grant looks for the customer's denied attempts.
 const DENIED_LOOKBACK: i64 = 7 * 24 * 3600;
 
@@ -162,6 +161,7 @@ pub struct Service {
     accounts: RwLock<HashMap<String, CachedAccount>>,
     activity: ActivityLog,
     retention_days: u32,
+    min_override_ttl: u64,
 }
 
 fn now() -> i64 {
@@ -190,10 +190,10 @@ impl Service {
         store: Store,
         mut datapath: Datapath,
         activity: ActivityLog,
-        retention_days: u32,
-        samples_per_second: u64,
+        config: &crate::config::Config,
     ) -> Result<Service, Failure> {
-        datapath.set_sampling(samples_per_second, samples_per_second.max(1) * 10);
+        let samples = config.drop_samples_per_second;
+        datapath.set_sampling(samples, samples.max(1) * 10);
         let mut store = store;
         let (accounts, entries, bindings, overrides) = {
             let tx = store.transaction()?;
@@ -241,7 +241,8 @@ impl Service {
             writer: Mutex::new(Writer { store, datapath }),
             accounts: RwLock::new(cache),
             activity,
-            retention_days,
+            retention_days: config.retention_days,
+            min_override_ttl: config.min_override_ttl_seconds.max(1),
         })
     }
 
@@ -342,10 +343,10 @@ impl Service {
                 Ok(json!({ "interface": interface, "detached": detached }))
             }
             Command::OverrideGrant { account, cidr, ttl_seconds, ticket, reason } => {
-                if !(MIN_OVERRIDE_TTL..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
+                if !(self.min_override_ttl..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
                     return Err(Failure::new(
                         ErrorCode::BadRequest,
-                        format!("an override lasts from {MIN_OVERRIDE_TTL} s to {MAX_OVERRIDE_TTL} s (30 days)"),
+                        format!("an override lasts from {} s to {MAX_OVERRIDE_TTL} s (30 days)", self.min_override_ttl),
                     ));
                 }
                 if ticket.trim().is_empty() || reason.trim().is_empty() {

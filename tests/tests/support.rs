@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipaccess_tests::daemon::{Daemon, TempDir};
 use ipaccess_tests::netns::{BpfFs, TcpServer, TestHosts, icmp_echo, tcp_connect};
@@ -587,4 +587,31 @@ fn activity_is_newest_first_across_checks_and_changes() {
          change: checks are written in batches, after the change's own audit record, and records of one second \
          are ordered by row id\n{log:#}"
     );
+}
+
+/// An override ends at its expiry on the wire even while no daemon runs: the kernel checks
+/// the expiry itself. (The minimum lifetime is lowered to one second for this.)
+#[test]
+fn override_stops_at_its_expiry_while_the_daemon_is_stopped() {
+    let mut w = World::new("min_override_ttl_seconds = 1");
+    let (good, locked) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let dst = sa(w.hosts.server_v4, 7100);
+    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
+    w.ok(json!({"cmd": "account_add", "account": "cust"}));
+    w.ok(json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": dst.port(), "proto": "tcp"}));
+    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
+    w.ok(json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": good.to_string()}));
+    warm_up(&w.hosts, &[good, locked]);
+    let granted_at = Instant::now();
+    w.ok(json!({"cmd": "override_grant", "account": "cust", "cidr": format!("{locked}/32"),
+                "ttl_seconds": 4, "ticket": "T-1", "reason": "test"}));
+    assert!(tcp_ok(&w.hosts, locked, dst, OK), "the override does not let the source in");
+    w.kill9();
+    assert!(tcp_ok(&w.hosts, locked, dst, OK), "the override ended with the daemon");
+    thread::sleep(Duration::from_secs(5).saturating_sub(granted_at.elapsed()));
+    assert!(!tcp_ok(&w.hosts, locked, dst, FAIL), "the override outlived its expiry with no daemon running");
+    assert!(tcp_ok(&w.hosts, good, dst, OK), "the allowlist ended with the override");
+    w.start("min_override_ttl_seconds = 1");
+    assert_eq!(w.ok(json!({"cmd": "override_list", "account": "cust"})), json!([]));
+    assert_check(&w, "cust", locked, "password", false, "address_not_allowed");
 }

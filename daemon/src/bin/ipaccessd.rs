@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
-        let service = Service::start(store, datapath, activity, config.retention_days, config.drop_samples_per_second)
+        let service = Service::start(store, datapath, activity, &config)
             .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
             let how = service.attach(iface).with_context(|| format!("attaching to {iface}"))?;
