@@ -45,6 +45,12 @@ pub fn binaries() -> &'static Binaries {
 /// unprivileged client can reach the socket inside.
 pub struct TempDir(pub PathBuf);
 
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TempDir {
     pub fn new() -> TempDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
