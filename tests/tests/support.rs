@@ -30,7 +30,6 @@ const DAY: u64 = 24 * 3600;
 // ---------------------------------------------------------------------------------------------
 // The daemon and its world (from daemon.rs)
 
-/// `target/<profile>/ipaccessd`, next to `target/<profile>/deps/support-<hash>`.
 
 /// Namespaces, bpffs, directory and daemon (stopped first on Drop: fields drop in order).
 struct World {
