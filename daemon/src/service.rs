@@ -471,13 +471,14 @@ impl Service {
         // The account itself and, if it is a parent, its sub-users (banning cascades).
         let affected: Vec<String> =
             next.iter().filter(|(id, a)| *id == account || a.parent.as_deref() == Some(account)).map(|(id, _)| id.clone()).collect();
-        let previous = self.accounts.read().expect("cache lock").clone();
+        // Until the cache is replaced below it still holds the previous state: only holders of
+        // the writer lock replace it, so a failure restores the kernel from it, not a copy.
         if let Err(e) = affected.iter().try_for_each(|id| apply_account(datapath, &next[id], suspended(&next, id))) {
-            restore(datapath, &previous, &next, &affected);
+            restore(datapath, &self.accounts.read().expect("cache lock"), &next, &affected);
             return Err(e.into());
         }
         if let Err(e) = tx.commit() {
-            restore(datapath, &previous, &next, &affected);
+            restore(datapath, &self.accounts.read().expect("cache lock"), &next, &affected);
             return Err(e.into());
         }
         *self.accounts.write().expect("cache lock") = next;
