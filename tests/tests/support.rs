@@ -229,12 +229,7 @@ fn ids(list: &Value) -> Vec<i64> {
 fn override_lets_a_locked_out_customer_in_and_expires_in_the_kernel() {
     let mut w = World::new("");
     let (good, locked, other) = (w.hosts.client_v4[0], w.hosts.client_v4[1], w.hosts.client_v4[2]);
-    let dst = sa(w.hosts.server_v4, 7100);
-    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
-    w.ok(json!({"cmd": "account_add", "account": "cust"}));
-    w.ok(json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": dst.port(), "proto": "tcp"}));
-    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
-    w.ok(json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": good.to_string()}));
+    let (dst, _server) = enforcing_customer(&w, good);
     warm_up(&w.hosts, &[good, locked, other]);
 
     // Locked out: two methods, three attempts; and on the wire.
@@ -588,18 +583,25 @@ fn activity_is_newest_first_across_checks_and_changes() {
     );
 }
 
+/// Account `cust` owning TCP 7100 on the server, allowing only `good`, in enforce mode; the
+/// destination and its server (keep it alive).
+fn enforcing_customer(w: &World, good: Ipv4Addr) -> (SocketAddr, TcpServer) {
+    let dst = sa(w.hosts.server_v4, 7100);
+    let server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
+    w.ok(json!({"cmd": "account_add", "account": "cust"}));
+    w.ok(json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": dst.port(), "proto": "tcp"}));
+    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
+    w.ok(json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": good.to_string()}));
+    (dst, server)
+}
+
 /// An override ends at its expiry on the wire even while no daemon runs: the kernel checks
 /// the expiry itself. (The minimum lifetime is lowered to one second for this.)
 #[test]
 fn override_stops_at_its_expiry_while_the_daemon_is_stopped() {
     let mut w = World::new("min_override_ttl_seconds = 1");
     let (good, locked) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
-    let dst = sa(w.hosts.server_v4, 7100);
-    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
-    w.ok(json!({"cmd": "account_add", "account": "cust"}));
-    w.ok(json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": dst.port(), "proto": "tcp"}));
-    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
-    w.ok(json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": good.to_string()}));
+    let (dst, _server) = enforcing_customer(&w, good);
     warm_up(&w.hosts, &[good, locked]);
     let granted_at = Instant::now();
     w.ok(json!({"cmd": "override_grant", "account": "cust", "cidr": format!("{locked}/32"),
