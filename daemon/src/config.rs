@@ -18,7 +18,8 @@
 //! support = { gids = [997] }
 //!
 //! [limits]
-//! max_request_bytes = 65536
+//! max_request_bytes = 65536          # callers without the admin role
+//! max_admin_request_bytes = 8388608  # admins: bulk imports and allowlist replacements
 //! max_connections = 256
 //!
 //! [maps]             # used when the maps are first created
@@ -121,6 +122,9 @@ impl Roles {
 pub struct Limits {
     /// Longest request line; a longer one gets `too_large` and the connection is closed.
     pub max_request_bytes: usize,
+    /// The same for callers with the admin role, whose imports and allowlist replacements
+    /// are large; callers with only the check role cannot make the daemon buffer that much.
+    pub max_admin_request_bytes: usize,
     /// Connections served at once; more are told `busy` and closed. Requests on one
     /// connection are answered one at a time, in order.
     pub max_connections: usize,
@@ -128,7 +132,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_request_bytes: 64 * 1024, max_connections: 256 }
+        Self { max_request_bytes: 64 * 1024, max_admin_request_bytes: 8 << 20, max_connections: 256 }
     }
 }
 

@@ -122,6 +122,9 @@ pub enum Command {
         #[serde(default)]
         account: Option<String>,
     },
+    /// Bulk load: create or update many accounts, each with its whole allowlist, in one
+    /// change. Importing the same batch twice leaves the same result.
+    Import { accounts: Vec<ImportAccount> },
     /// Remove the filter from an interface (the only way it is ever removed).
     Detach { interface: String },
     Status {},
@@ -134,6 +137,24 @@ pub struct ReplaceEntry {
     pub cidr: IpNet,
     #[serde(default)]
     pub label: Option<String>,
+}
+
+/// One account of an `import`. A missing account is created (`active`, mode `off` unless
+/// given); an existing one keeps what is left out. `entries`, when given, replace its
+/// allowlist.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportAccount {
+    pub account: String,
+    /// Only when the account is created: a parent cannot be changed later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<AccountState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<ReplaceEntry>>,
 }
 
 impl Command {
@@ -153,6 +174,7 @@ impl Command {
             | Command::AllowAdd { .. }
             | Command::AllowRemove { .. }
             | Command::AllowReplace { .. }
+            | Command::Import { .. }
             | Command::Detach { .. }
             | Command::BindAdd { .. }
             | Command::BindRemove { .. } => Role::Admin,

@@ -60,7 +60,11 @@ async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<Confi
     let mut gids = cred.pid().map(supplementary_groups).unwrap_or_default();
     gids.push(cred.gid());
     let roles = config.roles.of(uid, &gids);
-    let max = config.limits.max_request_bytes;
+    let max = if roles.contains(&Role::Admin) {
+        config.limits.max_admin_request_bytes.max(config.limits.max_request_bytes)
+    } else {
+        config.limits.max_request_bytes
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut buf = Vec::new();

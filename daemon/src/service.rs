@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     datapath::{self, BindTarget, Binding, Datapath, DatapathError},
-    protocol::{AccountState, CheckResult, Command, ErrorBody, ErrorCode, Method, Mode, Reason},
+    protocol::{AccountState, CheckResult, Command, ErrorBody, ErrorCode, ImportAccount, Method, Mode, Reason, ReplaceEntry},
     store::{AccountRow, ActivityRecord, BindingRow, Store, StoreError, Tx},
 };
 
@@ -231,7 +231,7 @@ impl Service {
             datapath.remove_account(slot)?;
         }
         for (id, account) in &cache {
-            apply_account(&mut datapath, account, suspended(&cache, id))?;
+            apply_account(&mut datapath, account, suspended(|a| cache.get(a), id))?;
         }
         let slots: HashMap<&str, u32> = cache.iter().map(|(id, a)| (id.as_str(), a.slot)).collect();
         let bindings: Vec<Binding> = bindings.iter().map(|b| to_binding(b, slots[b.account.as_str()])).collect();
@@ -315,27 +315,17 @@ impl Service {
             }),
             Command::AllowReplace { account, entries, client_ip, force } => self.change(&account, |tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                let mut wanted: Vec<(IpNet, Option<String>)> = Vec::new();
-                for e in entries {
-                    let cidr = e.cidr.trunc();
-                    wanted.retain(|(c, _)| *c != cidr);
-                    wanted.push((cidr, e.label));
-                }
+                let wanted = distinct_entries(entries);
                 if row.mode == Mode::Enforce && !force {
                     let nets: Vec<IpNet> = wanted.iter().map(|(c, _)| *c).collect();
                     refuse_lockout(&account, client_ip, &nets)?;
                 }
-                for old in tx.entries(&account)? {
-                    tx.remove_entry(&account, old.cidr)?;
-                }
-                let at = now();
-                for (cidr, label) in &wanted {
-                    tx.add_entry(&account, *cidr, label.as_deref(), uid, at)?;
-                }
+                tx.replace_entries(&account, &wanted, uid, now())?;
                 audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
                 info!("account {account}: allowlist replaced ({} entries) by uid {uid}", wanted.len());
                 Ok((row, json!(tx.entries(&account)?)))
             }),
+            Command::Import { accounts } => self.import(accounts, uid),
             Command::Stats { account } => self.stats(account.as_deref()),
             Command::Detach { interface } => {
                 let detached = self.writer.lock().expect("writer lock").datapath.detach(&interface)?;
@@ -454,35 +444,109 @@ impl Service {
     /// A change to one account (and, through banning, to its sub-users): store, then
     /// kernel, then commit; on any failure nothing is left changed.
     fn change(&self, account: &str, f: impl FnOnce(&Tx) -> Result<(AccountRow, Value), Failure>) -> Outcome {
+        self.change_accounts(|tx| {
+            let (row, reply) = f(tx)?;
+            debug_assert_eq!(row.id, account);
+            Ok((vec![row], reply))
+        })
+    }
+
+    /// A change to the accounts `f` returns (after it ran: their rows as changed) and, if
+    /// they are parents, to their sub-users. The cache is not copied: the accounts' new
+    /// versions are built beside it and moved in once the change is committed.
+    fn change_accounts(&self, f: impl FnOnce(&Tx) -> Result<(Vec<AccountRow>, Value), Failure>) -> Outcome {
         // Checks answered before this change reach the log before its audit record, so the
         // log's order is the order things happened in.
         self.activity.flush();
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let tx = store.transaction()?;
-        let (row, reply) = f(&tx)?;
-        let mut next = self.accounts.read().expect("cache lock").clone();
-        let entries = tx.entries(account)?.into_iter().map(|e| e.cidr).collect();
-        let overrides = tx.live_overrides(Some(account), now())?.into_iter().map(|o| (o.cidr, o.expires_at)).collect();
-        next.insert(
-            account.to_string(),
-            CachedAccount { slot: row.slot, parent: row.parent.clone(), state: row.state, mode: row.mode, entries, overrides },
-        );
-        // The account itself and, if it is a parent, its sub-users (banning cascades).
-        let affected: Vec<String> =
-            next.iter().filter(|(id, a)| *id == account || a.parent.as_deref() == Some(account)).map(|(id, _)| id.clone()).collect();
-        // Until the cache is replaced below it still holds the previous state: only holders of
-        // the writer lock replace it, so a failure restores the kernel from it, not a copy.
-        if let Err(e) = affected.iter().try_for_each(|id| apply_account(datapath, &next[id], suspended(&next, id))) {
-            restore(datapath, &self.accounts.read().expect("cache lock"), &next, &affected);
-            return Err(e.into());
+        let (rows, reply) = f(&tx)?;
+        let at = now();
+        let mut updated: HashMap<String, CachedAccount> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let entries = tx.entries(&row.id)?.into_iter().map(|e| e.cidr).collect();
+            let overrides =
+                tx.live_overrides(Some(&row.id), at)?.into_iter().map(|o| (o.cidr, o.expires_at)).collect();
+            let cached = CachedAccount { slot: row.slot, parent: row.parent, state: row.state, mode: row.mode, entries, overrides };
+            updated.insert(row.id, cached);
         }
-        if let Err(e) = tx.commit() {
-            restore(datapath, &self.accounts.read().expect("cache lock"), &next, &affected);
-            return Err(e.into());
+        // Only holders of the writer lock replace the cache, so until the end it holds the
+        // previous state, which a failure puts back into the kernel.
+        let cache = self.accounts.read().expect("cache lock");
+        let next = |id: &str| updated.get(id).or_else(|| cache.get(id));
+        let mut affected: Vec<&str> = updated.keys().map(String::as_str).collect();
+        affected.extend(cache.iter().filter_map(|(id, a)| {
+            let parent_changed = a.parent.as_deref().is_some_and(|p| updated.contains_key(p));
+            (parent_changed && !updated.contains_key(id)).then_some(id.as_str())
+        }));
+        let applied = affected.iter().try_for_each(|&id| {
+            let account = next(id).expect("affected accounts exist");
+            apply_account(datapath, account, suspended(next, id))
+        });
+        if let Err(e) = applied.map_err(Failure::from).and_then(|()| Ok(tx.commit()?)) {
+            for &id in &affected {
+                let restored = match cache.get(id) {
+                    Some(previous) => apply_account(datapath, previous, suspended(|p| cache.get(p), id)),
+                    None => datapath.remove_account(updated[id].slot),
+                };
+                if let Err(e) = restored {
+                    warn!("could not restore account {id} in the kernel: {e}");
+                }
+            }
+            return Err(e);
         }
-        *self.accounts.write().expect("cache lock") = next;
+        drop(cache);
+        self.accounts.write().expect("cache lock").extend(updated);
         Ok(reply)
+    }
+
+    /// Creates or updates every account of the batch, with its allowlist, in one change.
+    fn import(&self, accounts: Vec<ImportAccount>, uid: u32) -> Outcome {
+        let mut seen = std::collections::HashSet::with_capacity(accounts.len());
+        if let Some(twice) = accounts.iter().find(|a| !seen.insert(a.account.as_str())) {
+            return Err(Failure::new(ErrorCode::BadRequest, format!("account {} appears twice in the import", twice.account)));
+        }
+        self.change_accounts(|tx| {
+            let at = now();
+            let (mut created, mut entries) = (0, 0);
+            let mut rows = Vec::with_capacity(accounts.len());
+            for import in accounts {
+                let id = import.account.as_str();
+                let row = match tx.account(id)? {
+                    Some(row) => {
+                        if import.parent.is_some() && import.parent != row.parent {
+                            return Err(Failure::new(
+                                ErrorCode::BadRequest,
+                                format!("{id} exists with another parent; a parent cannot be changed"),
+                            ));
+                        }
+                        row
+                    }
+                    None => {
+                        created += 1;
+                        tx.add_account(id, import.parent.as_deref(), AccountState::Active, Mode::Off, at)?
+                    }
+                };
+                if let Some(state) = import.state.filter(|&s| s != row.state) {
+                    tx.set_state(id, state, Some("import"))?;
+                }
+                if let Some(mode) = import.mode.filter(|&m| m != row.mode) {
+                    tx.set_mode(id, mode)?;
+                }
+                let replaced = import.entries.map(distinct_entries);
+                if let Some(wanted) = &replaced {
+                    tx.replace_entries(id, wanted, uid, at)?;
+                    entries += wanted.len();
+                }
+                audit(tx, id, uid, "import", json!({
+                    "state": import.state, "mode": import.mode, "entries": replaced.as_ref().map(Vec::len) }))?;
+                rows.push(tx.account(id)?.ok_or_else(|| unknown(id))?);
+            }
+            info!("import by uid {uid}: {} accounts ({created} new), {entries} allowlist entries", rows.len());
+            let reply = json!({ "accounts": rows.len(), "created": created, "entries": entries });
+            Ok((rows, reply))
+        })
     }
 
     fn change_bindings(&self, f: impl FnOnce(&Tx) -> Outcome) -> Outcome {
@@ -576,7 +640,7 @@ impl Service {
                 if let Some(a) = accounts.get_mut(id) {
                     a.overrides.retain(|&(_, e)| e > at);
                 }
-                apply_account(datapath, &accounts[id], suspended(&accounts, id))?;
+                apply_account(datapath, &accounts[id], suspended(|a| accounts.get(a), id))?;
                 info!("account {id}: expired overrides swept");
             }
         }
@@ -642,11 +706,12 @@ fn decide(accounts: &HashMap<String, CachedAccount>, id: &str, addr: IpAddr, now
     }
 }
 
-/// Banned or terminated accounts, and sub-users of banned parents, have their traffic dropped.
-fn suspended(accounts: &HashMap<String, CachedAccount>, id: &str) -> bool {
-    let account = &accounts[id];
-    account.state.suspended()
-        || account.parent.as_deref().and_then(|p| accounts.get(p)).is_some_and(|p| p.state == AccountState::Banned)
+/// Banned or terminated accounts, and sub-users of banned parents, have their traffic
+/// dropped. `account` looks an account up by id (in the cache, or in a change's view of it).
+fn suspended<'a>(account: impl Fn(&str) -> Option<&'a CachedAccount>, id: &str) -> bool {
+    let this = account(id).expect("the account exists");
+    this.state.suspended()
+        || this.parent.as_deref().and_then(&account).is_some_and(|p| p.state == AccountState::Banned)
 }
 
 fn apply_account(datapath: &mut Datapath, account: &CachedAccount, suspended: bool) -> Result<(), DatapathError> {
@@ -662,23 +727,22 @@ fn apply_account(datapath: &mut Datapath, account: &CachedAccount, suspended: bo
     datapath.set_policy(account.slot, to_mode(account.mode), suspended)
 }
 
-/// Puts the kernel back to `previous` for `ids` after a change could not be completed
-/// (an account that did not exist before is removed again).
-fn restore(
-    datapath: &mut Datapath,
-    previous: &HashMap<String, CachedAccount>,
-    next: &HashMap<String, CachedAccount>,
-    ids: &[String],
-) {
-    for id in ids {
-        let result = match previous.get(id) {
-            Some(account) => apply_account(datapath, account, suspended(previous, id)),
-            None => datapath.remove_account(next[id].slot),
-        };
-        if let Err(e) = result {
-            warn!("could not restore account {id} in the kernel: {e}");
+/// The entries of a replacement, truncated to their networks; where a CIDR is given twice,
+/// the later one (and its label) counts.
+fn distinct_entries(entries: Vec<ReplaceEntry>) -> Vec<(IpNet, Option<String>)> {
+    let mut positions: HashMap<IpNet, usize> = HashMap::with_capacity(entries.len());
+    let mut wanted: Vec<(IpNet, Option<String>)> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let cidr = entry.cidr.trunc();
+        match positions.get(&cidr) {
+            Some(&at) => wanted[at].1 = entry.label,
+            None => {
+                positions.insert(cidr, wanted.len());
+                wanted.push((cidr, entry.label));
+            }
         }
     }
+    wanted
 }
 
 /// Support cannot let anyone into a banned account (or a banned parent's sub-user), nor
@@ -763,7 +827,13 @@ fn canonical(command: Command) -> Result<Command, Failure> {
         | Command::Check { account, .. } => Some(account.as_str()),
         _ => None,
     };
-    if account.is_some_and(bad_id) {
+    let imported_bad = match &command {
+        Command::Import { accounts } => {
+            accounts.iter().any(|a| bad_id(&a.account) || a.parent.as_deref().is_some_and(bad_id))
+        }
+        _ => false,
+    };
+    if account.is_some_and(bad_id) || imported_bad {
         return Err(Failure::new(
             ErrorCode::BadRequest,
             "an account id is 1 to 256 characters, without control characters",

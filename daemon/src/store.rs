@@ -6,6 +6,7 @@
 //! Values are stored as text in canonical form (CIDRs truncated to their network, enums by
 //! their snake_case names) so that equal values compare equal in SQL.
 
+use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -224,7 +225,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        Ok(Tx { tx })
+        Ok(Tx { tx, free_slots: RefCell::new(None) })
     }
 
     /// Starts a transaction for reading: a consistent snapshot that does not block writers.
@@ -232,7 +233,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Deferred)?;
-        Ok(Tx { tx })
+        Ok(Tx { tx, free_slots: RefCell::new(None) })
     }
 }
 
@@ -258,6 +259,33 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// A transaction on the store. Dropping it without [`Tx::commit`] rolls it back.
 pub struct Tx<'a> {
     tx: rusqlite::Transaction<'a>,
+    /// Free account slots, read from the store once per transaction that creates accounts,
+    /// so a bulk import does not scan the slot index once per account.
+    free_slots: RefCell<Option<FreeSlots>>,
+}
+
+/// Hands out the lowest free slots >= 1, in order, given the slots in use (sorted).
+struct FreeSlots {
+    used: Vec<u32>,
+    /// Index into `used` of the first slot not below `candidate`.
+    next_used: usize,
+    candidate: u32,
+}
+
+impl FreeSlots {
+    fn new(used: Vec<u32>) -> FreeSlots {
+        FreeSlots { used, next_used: 0, candidate: 1 }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        while self.used.get(self.next_used) == Some(&self.candidate) {
+            self.next_used += 1;
+            self.candidate = self.candidate.checked_add(1)?;
+        }
+        let slot = self.candidate;
+        self.candidate = self.candidate.checked_add(1)?;
+        Some(slot)
+    }
 }
 
 impl Tx<'_> {
@@ -278,17 +306,7 @@ impl Tx<'_> {
         {
             return Err(StoreError::UnknownParent(p.to_owned()));
         }
-        // Slot 1 if free, else the first slot right after a used one that is itself free.
-        let slot: i64 = self.tx.query_row(
-            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM accounts WHERE slot = 1) THEN 1
-                ELSE (SELECT MIN(a.slot) + 1 FROM accounts a
-                      WHERE NOT EXISTS (SELECT 1 FROM accounts b WHERE b.slot = a.slot + 1))
-             END",
-            [],
-            |r| r.get(0),
-        )?;
-        let slot = u32::try_from(slot)
-            .map_err(|_| StoreError::Corrupt(format!("no account slot left below {slot}")))?;
+        let slot = self.free_slot()?;
         let row = AccountRow {
             id: id.to_owned(),
             slot,
@@ -451,6 +469,51 @@ impl Tx<'_> {
     /// Makes the transaction's changes durable.
     pub fn commit(self) -> Result<(), StoreError> {
         Ok(self.tx.commit()?)
+    }
+
+    /// The lowest slot no account uses (and no earlier call in this transaction took).
+    fn free_slot(&self) -> Result<u32, StoreError> {
+        let mut free = self.free_slots.borrow_mut();
+        if free.is_none() {
+            let mut stmt = self.tx.prepare_cached("SELECT slot FROM accounts ORDER BY slot")?;
+            let used = stmt
+                .query_map([], |r| r.get::<_, i64>(0))?
+                .map(|slot| int(slot?, "slot"))
+                .collect::<Result<Vec<u32>, StoreError>>()?;
+            *free = Some(FreeSlots::new(used));
+        }
+        free.as_mut()
+            .and_then(FreeSlots::take)
+            .ok_or_else(|| StoreError::Corrupt("every account slot is in use".into()))
+    }
+
+    /// Replaces the account's whole allowlist with `entries` (truncated; a later duplicate
+    /// of a CIDR wins). Entries that stay keep when and by whom they were first added; new
+    /// ones are recorded as made by `created_by` at `now`.
+    pub fn replace_entries(
+        &self,
+        account: &str,
+        entries: &[(IpNet, Option<String>)],
+        created_by: u32,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let wanted: std::collections::HashSet<String> = entries.iter().map(|(c, _)| c.trunc().to_string()).collect();
+        let mut delete = self.tx.prepare_cached("DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2")?;
+        for old in self.entries(account)? {
+            let cidr = old.cidr.to_string();
+            if !wanted.contains(&cidr) {
+                delete.execute((account, cidr))?;
+            }
+        }
+        let mut upsert = self.tx.prepare_cached(
+            "INSERT INTO allow_entries (account, cidr, label, created_at, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT DO UPDATE SET label = excluded.label",
+        )?;
+        for (cidr, label) in entries {
+            upsert.execute((account, cidr.trunc().to_string(), label.as_deref(), now, created_by))?;
+        }
+        Ok(())
     }
 
     fn require_account(&self, id: &str) -> Result<(), StoreError> {
@@ -755,13 +818,46 @@ mod tests {
             .map(|id| add(&tx, id).slot)
             .collect();
         assert_eq!(slots, [1, 2, 3, 4]);
-        // No delete command yet; free slots 1 and 3 by hand.
+        // No delete command yet; free slots 1 and 3 by hand. A transaction reads the free
+        // slots once, so the next one sees the gaps.
         tx.tx
             .execute("DELETE FROM accounts WHERE id IN ('a', 'c')", [])
             .unwrap();
+        tx.commit().unwrap();
+        let tx = store.transaction().unwrap();
         assert_eq!(add(&tx, "e").slot, 1);
         assert_eq!(add(&tx, "f").slot, 3);
         assert_eq!(add(&tx, "g").slot, 5);
+    }
+
+    #[test]
+    fn replacing_entries_keeps_only_the_new_ones() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        tx.add_entry("acme", net("198.18.0.0/24"), Some("old"), 0, 1).unwrap();
+        tx.add_entry("acme", net("198.18.1.0/24"), None, 0, 1).unwrap();
+        let wanted = [
+            (net("198.18.1.7/24"), Some("office".to_string())),
+            (net("fd00::1/128"), None),
+            (net("198.18.1.0/24"), Some("office, again".to_string())),
+        ];
+        tx.replace_entries("acme", &wanted, 7, 2).unwrap();
+        let got: Vec<_> = tx
+            .entries("acme")
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.cidr.to_string(), e.label, e.created_by, e.created_at))
+            .collect();
+        // The entry that stays keeps its origin; its label is the new one.
+        assert_eq!(
+            got,
+            [
+                ("198.18.1.0/24".to_string(), Some("office, again".to_string()), 0, 1),
+                ("fd00::1/128".to_string(), None, 7, 2)
+            ]
+        );
+        assert!(matches!(tx.replace_entries("nobody", &wanted, 7, 2), Err(StoreError::UnknownAccount(_))));
     }
 
     #[test]

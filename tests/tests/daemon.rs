@@ -971,7 +971,7 @@ fn roleless_uid_is_refused() {
 #[test]
 fn malformed_requests() {
     const MAX: usize = 4096;
-    let w = World::new(&format!("[limits]\nmax_request_bytes = {MAX}"));
+    let w = World::new(&format!("[limits]\nmax_request_bytes = {MAX}\nmax_admin_request_bytes = {MAX}"));
     w.ok(&["account", "add", "acme"]);
     w.ok(&["allow", "add", "acme", "198.18.0.0/24"]);
     w.ok(&["bind", "add", "acme", "198.18.0.1:443"]);
@@ -1158,4 +1158,92 @@ fn replace_stats_and_detach() {
     assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], true);
     assert!(tcp_ok(hosts, good, bound, OK), "still filtered after detach");
     assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], false);
+}
+
+/// `ipaccessctl import`: accounts created and updated with their allowlists, in batches,
+/// enforced on the wire; a bad file sends nothing; a bad batch changes nothing; importing
+/// twice changes nothing more. Only admins may send requests as large as an import's.
+#[test]
+fn bulk_import() {
+    const SMALL: usize = 2048;
+    let config = format!("socket_mode = 0o666\n[roles]\ncheck = {{ uids = [65534] }}\n[limits]\nmax_request_bytes = {SMALL}");
+    let w = World::new(&config);
+    let hosts = &w.hosts;
+    let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
+    let bound = sa(hosts.server_v4, 7001);
+    let _server = TcpServer::start_in(&hosts.server, bound).unwrap();
+    w.ok(&["account", "add", "acme"]);
+    w.ok(&["allow", "add", "acme", &format!("{bad}/32")]);
+    w.ok(&["bind", "add", "acme", &bound.to_string()]);
+
+    // 40 filler accounts of 30 entries make requests far larger than SMALL.
+    let mut lines = vec![
+        "# migrated from the old platform".to_string(),
+        json!({"account": "corp", "mode": "enforce", "entries": [{"cidr": "198.18.5.0/24", "label": "hq"}]}).to_string(),
+        json!({"account": "corp-dev", "parent": "corp", "state": "unconfirmed", "entries": []}).to_string(),
+        String::new(),
+        json!({"account": "acme", "mode": "enforce", "entries": [{"cidr": format!("{good}/32")}, {"cidr": "fd00::/64"}]}).to_string(),
+    ];
+    for n in 0..40 {
+        let entries: Vec<Value> = (0..30).map(|h| json!({"cidr": format!("198.19.{n}.{h}/32")})).collect();
+        lines.push(json!({"account": format!("filler-{n:02}"), "mode": "monitor", "entries": entries}).to_string());
+    }
+    let file = w.dir.0.join("import.jsonl");
+    fs::write(&file, lines.join("\n")).unwrap();
+    let path = file.to_str().unwrap();
+
+    let summary = w.ok(&["import", path, "--batch-bytes", "8192"]);
+    assert_eq!((&summary["accounts"], &summary["created"], &summary["entries"]), (&json!(43), &json!(42), &json!(1203)), "{summary}");
+    assert!(summary["batches"].as_u64().unwrap() >= 4, "{summary}");
+    assert_eq!(strings(&w.ok(&["allow", "list", "acme"]), "cidr"), [format!("{good}/32"), "fd00::/64".to_string()]);
+    assert_eq!(w.ok(&["account", "show", "corp-dev"])["account"]["parent"], "corp");
+    assert_eq!(w.ok(&["account", "show", "filler-39"])["account"]["mode"], "monitor");
+    assert_eq!(w.ok(&["allow", "list", "filler-39"]).as_array().unwrap().len(), 30);
+    for (account, addr, reason) in [
+        ("acme", good.to_string(), "allowed"),
+        ("acme", bad.to_string(), "address_not_allowed"),
+        ("corp", "198.18.5.77".to_string(), "allowed"),
+        ("corp", good.to_string(), "address_not_allowed"),
+        ("corp-dev", "198.18.5.77".to_string(), "unconfirmed"),
+        ("filler-07", good.to_string(), "monitor_would_deny"),
+    ] {
+        // `check` exits 1 when denied.
+        let out = w.ctl(&["--json", "check", account, &addr]);
+        assert_eq!(out.json()["reason"], reason, "{account} from {addr}: {out:#?}");
+    }
+    assert!(tcp_ok(hosts, good, bound, OK), "an imported entry is not enforced");
+    assert!(!tcp_ok(hosts, bad, bound, FAIL), "an entry the import replaced still lets its source in");
+    let audited = w.ok(&["activity", "acme"]);
+    assert!(audited.as_array().unwrap().iter().any(|r| r["reason"] == "import" && r["detail"]["entries"] == 2), "{audited}");
+
+    // Again: nothing new, nothing different.
+    let before = snapshot(&w, &[&good.to_string(), "198.18.5.77"]);
+    let again = w.ok(&["import", path]);
+    assert_eq!((&again["created"], &again["batches"]), (&json!(0), &json!(1)), "{again}");
+    assert_eq!(snapshot(&w, &[&good.to_string(), "198.18.5.77"]), before);
+
+    // A bad line: nothing is sent. A bad batch: none of it is applied.
+    fs::write(&file, format!("{}\n{{\"account\": \"new\", \"entries\": [{{\"cidr\": \"198.18.0.0/33\"}}]}}\n", lines[1])).unwrap();
+    let out = w.ctl(&["import", path]);
+    assert_eq!(out.code, 2, "{out:#?}");
+    assert!(out.stderr.contains("line 2"), "{out:#?}");
+    let batch = [
+        json!({"account": "new-1", "entries": [{"cidr": "198.18.7.0/24"}]}),
+        json!({"account": "orphan", "parent": "no-such-parent"}),
+    ];
+    fs::write(&file, batch.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")).unwrap();
+    assert_eq!(w.fails(&["import", path]), "unknown_account");
+    fs::write(&file, [&batch[0], &batch[0]].iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")).unwrap();
+    assert_eq!(w.fails(&["import", path]), "bad_request");
+    fs::write(&file, json!({"account": "corp-dev", "parent": "acme"}).to_string()).unwrap();
+    assert_eq!(w.fails(&["import", path]), "bad_request");
+    assert_eq!(snapshot(&w, &[&good.to_string(), "198.18.5.77"]), before, "a refused import changed something");
+
+    // A caller with only the check role keeps the small request limit; an admin does not.
+    let big = w.dir.0.join("big.txt");
+    fs::write(&big, (0..200).map(|h| format!("198.19.200.{h}/32\n")).collect::<String>()).unwrap();
+    let replace = ["--json", "allow", "replace", "filler-00", "--file", big.to_str().unwrap()];
+    let out = w.ctl_with(&as_nobody(), &replace);
+    assert_eq!(error_code(&out, &replace), "too_large");
+    assert_eq!(w.ok(&replace[1..]).as_array().unwrap().len(), 200);
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use ipaccess::protocol::{
-    AccountState, CheckResult, Command, ErrorBody, Method, Mode, Proto, ReplaceEntry, Reason, Reply, Request,
+    AccountState, CheckResult, Command, ErrorBody, ImportAccount, Method, Mode, Proto, ReplaceEntry, Reason, Reply,
+    Request,
 };
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -72,6 +73,18 @@ enum Top {
         /// At most N entries
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         limit: Option<u32>,
+    },
+    /// Bulk-load accounts and allowlists from FILE (`-`: stdin), one JSON object per line:
+    /// {"account": "acme", "mode": "enforce", "entries": [{"cidr": "198.18.0.0/24"}]}
+    /// (optional: parent, state, mode, entries; see docs/protocol.md). Sent in batches,
+    /// each applied whole; importing a file again is harmless.
+    Import {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Largest request to send, in bytes (the daemon's limit for admins is larger)
+        #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+              value_parser = clap::value_parser!(u64).range(1024..))]
+        batch_bytes: u64,
     },
     /// Packet counters from the kernel: one account's, or all accounts' and the host's
     Stats { id: Option<String> },
@@ -333,7 +346,73 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::Activity { account: id, since_seconds: since, denied_only: denied, limit }
         }
         Top::Status => Command::Status {},
+        Top::Import { .. } => unreachable!("an import is many requests; see `import`"),
     })
+}
+
+/// Reads an import file: one account per line; blank lines and lines starting with `#`
+/// are skipped. The whole file is checked before anything is sent.
+fn parse_import_file(text: &str) -> Result<Vec<(usize, ImportAccount)>, Failure> {
+    let mut accounts = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let account = serde_json::from_str(line).map_err(|e| Failure::Local(format!("line {}: {e}", n + 1)))?;
+        accounts.push((n + 1, account));
+    }
+    Ok(accounts)
+}
+
+/// Sends an import in batches of at most `batch_bytes` (an account larger than that goes
+/// alone) and totals the replies. Each batch is one change; after a failed batch the ones
+/// before it stay applied, and running the same file again finishes the job.
+fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Value, Failure> {
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| Failure::Local(format!("reading stdin: {e}")))?
+    } else {
+        std::fs::read_to_string(file).map_err(|e| Failure::Local(format!("reading {}: {e}", file.display())))?
+    };
+    let accounts = parse_import_file(&text)?;
+    let mut batches: Vec<Vec<(usize, ImportAccount)>> = Vec::new();
+    let mut size = 0;
+    for (line, account) in accounts {
+        let bytes = serde_json::to_string(&account).expect("accounts serialize").len() as u64 + 1;
+        match batches.last_mut() {
+            Some(batch) if size + bytes <= batch_bytes => batch.push((line, account)),
+            _ => {
+                batches.push(vec![(line, account)]);
+                size = 0;
+            }
+        }
+        size += bytes;
+    }
+    let mut total = serde_json::Map::new();
+    for key in ["accounts", "created", "entries"] {
+        total.insert(key.into(), Value::from(0u64));
+    }
+    for (done, batch) in batches.iter().enumerate() {
+        let lines = (batch[0].0, batch[batch.len() - 1].0);
+        let accounts = batch.iter().map(|(_, a)| a.clone()).collect();
+        let reply = call(socket, Command::Import { accounts }).map_err(|e| {
+            let applied = if done == 0 { "nothing was imported".to_string() } else {
+                format!("lines before {} are imported; run the import again once this is fixed", lines.0)
+            };
+            match e {
+                Failure::Daemon(body) => Failure::Daemon(ErrorBody {
+                    message: format!("lines {}-{}: {} ({applied})", lines.0, lines.1, body.message),
+                    ..body
+                }),
+                Failure::Local(message) => Failure::Local(format!("lines {}-{}: {message} ({applied})", lines.0, lines.1)),
+            }
+        })?;
+        for (key, sum) in total.iter_mut() {
+            *sum = Value::from(sum.as_u64().unwrap_or(0) + reply[key].as_u64().unwrap_or(0));
+        }
+    }
+    total.insert("batches".into(), Value::from(batches.len()));
+    Ok(Value::Object(total))
 }
 
 #[derive(Debug)]
@@ -371,7 +450,9 @@ fn call(socket: &Path, command: Command) -> Result<Value, Failure> {
     }
     let reply: Reply = serde_json::from_str(&reply)
         .map_err(|e| Failure::Local(format!("unreadable reply from the daemon: {e}")))?;
-    if reply.id != id {
+    // Errors about a line the daemon could not read (too large, busy) carry no id.
+    let unread = reply.id.is_null() && reply.error.is_some();
+    if reply.id != id && !unread {
         return Err(Failure::Local(format!("reply is for request {}, not {id}", reply.id)));
     }
     match reply.error {
@@ -535,8 +616,12 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
         .socket
         .or_else(|| std::env::var_os("IPACCESS_SOCKET").map(PathBuf::from))
         .unwrap_or_else(|| DEFAULT_SOCKET.into());
-    let result =
-        request(cli.command).and_then(|command| call(&socket, command.clone()).map(|v| (command, v)));
+    let result = match cli.command {
+        Top::Import { file, batch_bytes } => {
+            import(&socket, &file, batch_bytes).map(|v| (Command::Import { accounts: Vec::new() }, v))
+        }
+        top => request(top).and_then(|command| call(&socket, command.clone()).map(|v| (command, v))),
+    };
     let (text, status) = match result {
         Ok((command, v)) => {
             // Checks answer through the exit status too, for scripts.
