@@ -464,7 +464,9 @@ impl Service {
         let (rows, reply) = f(&tx)?;
         let at = now();
         let mut updated: HashMap<String, CachedAccount> = HashMap::with_capacity(rows.len());
+        let mut children = Vec::new();
         for row in rows {
+            children.extend(tx.children(&row.id)?);
             let entries = tx.entries(&row.id)?.into_iter().map(|e| e.cidr).collect();
             let overrides =
                 tx.live_overrides(Some(&row.id), at)?.into_iter().map(|o| (o.cidr, o.expires_at)).collect();
@@ -476,10 +478,7 @@ impl Service {
         let cache = self.accounts.read().expect("cache lock");
         let next = |id: &str| updated.get(id).or_else(|| cache.get(id));
         let mut affected: Vec<&str> = updated.keys().map(String::as_str).collect();
-        affected.extend(cache.iter().filter_map(|(id, a)| {
-            let parent_changed = a.parent.as_deref().is_some_and(|p| updated.contains_key(p));
-            (parent_changed && !updated.contains_key(id)).then_some(id.as_str())
-        }));
+        affected.extend(children.iter().map(String::as_str).filter(|id| !updated.contains_key(*id)));
         let applied = affected.iter().try_for_each(|&id| {
             let account = next(id).expect("affected accounts exist");
             apply_account(datapath, account, suspended(next, id))
@@ -513,7 +512,7 @@ impl Service {
             let mut rows = Vec::with_capacity(accounts.len());
             for import in accounts {
                 let id = import.account.as_str();
-                let row = match tx.account(id)? {
+                let mut row = match tx.account(id)? {
                     Some(row) => {
                         if import.parent.is_some() && import.parent != row.parent {
                             return Err(Failure::new(
@@ -525,14 +524,17 @@ impl Service {
                     }
                     None => {
                         created += 1;
-                        tx.add_account(id, import.parent.as_deref(), AccountState::Active, Mode::Off, at)?
+                        let state = import.state.unwrap_or(AccountState::Active);
+                        tx.add_account(id, import.parent.as_deref(), state, import.mode.unwrap_or(Mode::Off), at)?
                     }
                 };
                 if let Some(state) = import.state.filter(|&s| s != row.state) {
                     tx.set_state(id, state, Some("import"))?;
+                    (row.state, row.state_reason) = (state, Some("import".into()));
                 }
                 if let Some(mode) = import.mode.filter(|&m| m != row.mode) {
                     tx.set_mode(id, mode)?;
+                    row.mode = mode;
                 }
                 let replaced = import.entries.map(distinct_entries);
                 if let Some(wanted) = &replaced {
@@ -541,7 +543,7 @@ impl Service {
                 }
                 audit(tx, id, uid, "import", json!({
                     "state": import.state, "mode": import.mode, "entries": replaced.as_ref().map(Vec::len) }))?;
-                rows.push(tx.account(id)?.ok_or_else(|| unknown(id))?);
+                rows.push(row);
             }
             info!("import by uid {uid}: {} accounts ({created} new), {entries} allowlist entries", rows.len());
             let reply = json!({ "accounts": rows.len(), "created": created, "entries": entries });

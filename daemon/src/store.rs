@@ -74,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT
     );
     CREATE INDEX activity_account_time ON activity(account, time);",
+    // v3: a change to a parent reaches its sub-users (banning cascades); find them by index.
+    "CREATE INDEX accounts_parent ON accounts(parent);",
 ];
 
 /// How long to wait for another connection's write lock before giving up.
@@ -215,6 +217,8 @@ impl Store {
         // FULL makes a commit durable in WAL mode too; NORMAL could lose the last commits.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
+        // Every statement the daemon runs stays prepared (there are about thirty).
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         Ok(Store { conn })
     }
@@ -316,7 +320,7 @@ impl Tx<'_> {
             state_reason: None,
             created_at: now,
         };
-        self.tx.execute(
+        self.execute(
             "INSERT INTO accounts (id, slot, parent, state, mode, state_reason, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)",
             (id, slot, parent, name(state), name(mode), now),
@@ -335,6 +339,13 @@ impl Tx<'_> {
         let sql = "SELECT id, slot, parent, state, mode, state_reason, created_at
                    FROM accounts ORDER BY id";
         self.rows(sql, [], account_row)
+    }
+
+    /// The ids of the account's sub-users.
+    pub fn children(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.tx.prepare_cached("SELECT id FROM accounts WHERE parent = ?1 ORDER BY id")?;
+        let ids = stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
     }
 
     /// Sets the state and its reason; `None` clears a previous reason.
@@ -357,7 +368,7 @@ impl Tx<'_> {
     }
 
     fn update_account(&self, id: &str, sql: &str, params: impl Params) -> Result<(), StoreError> {
-        match self.tx.execute(sql, params)? {
+        match self.execute(sql, params)? {
             0 => Err(StoreError::UnknownAccount(id.to_owned())),
             _ => Ok(()),
         }
@@ -374,7 +385,7 @@ impl Tx<'_> {
     ) -> Result<EntryRow, StoreError> {
         self.require_account(account)?;
         let cidr = cidr.trunc();
-        let added = self.tx.execute(
+        let added = self.execute(
             "INSERT INTO allow_entries (account, cidr, label, created_at, created_by)
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
             (account, cidr.to_string(), label, now, created_by),
@@ -396,7 +407,7 @@ impl Tx<'_> {
 
     /// Removes an entry, matched after truncation; false if there was none.
     pub fn remove_entry(&self, account: &str, cidr: IpNet) -> Result<bool, StoreError> {
-        let removed = self.tx.execute(
+        let removed = self.execute(
             "DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2",
             (account, cidr.trunc().to_string()),
         )?;
@@ -429,7 +440,7 @@ impl Tx<'_> {
     ) -> Result<BindingRow, StoreError> {
         self.require_account(account)?;
         let (proto, port) = target_columns(target);
-        let added = self.tx.execute(
+        let added = self.execute(
             "INSERT INTO bindings (addr, proto, port, account, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
             (addr.to_string(), proto, port, account, now),
@@ -469,6 +480,13 @@ impl Tx<'_> {
     /// Makes the transaction's changes durable.
     pub fn commit(self) -> Result<(), StoreError> {
         Ok(self.tx.commit()?)
+    }
+
+    /// Runs a statement through the connection's statement cache: a bulk import runs the
+    /// same few statements hundreds of thousands of times, and parsing them each time
+    /// cost more than running them.
+    fn execute(&self, sql: &str, params: impl Params) -> Result<usize, rusqlite::Error> {
+        self.tx.prepare_cached(sql)?.execute(params)
     }
 
     /// The lowest slot no account uses (and no earlier call in this transaction took).
@@ -539,7 +557,7 @@ impl Tx<'_> {
     ) -> Result<OverrideRow, StoreError> {
         self.require_account(account)?;
         let cidr = cidr.trunc();
-        self.tx.execute(
+        self.execute(
             "INSERT INTO overrides (account, cidr, ticket, reason, operator, created_at, expires_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             (account, cidr.to_string(), ticket, reason, operator, now, expires_at),
@@ -559,7 +577,7 @@ impl Tx<'_> {
 
     /// Ends a live override of `account` now; `None` if there is no such live override.
     pub fn revoke_override(&self, account: &str, id: i64, now: i64) -> Result<Option<OverrideRow>, StoreError> {
-        let changed = self.tx.execute(
+        let changed = self.execute(
             "UPDATE overrides SET revoked_at = ?3
              WHERE id = ?1 AND account = ?2 AND revoked_at IS NULL AND expires_at > ?3",
             (id, account, now),
@@ -628,7 +646,7 @@ impl Tx<'_> {
 
     /// Deletes activity older than `before` (unix s); returns how many records went.
     pub fn prune_activity(&self, before: i64) -> Result<usize, StoreError> {
-        Ok(self.tx.execute("DELETE FROM activity WHERE time < ?1", [before])?)
+        Ok(self.execute("DELETE FROM activity WHERE time < ?1", [before])?)
     }
 
     /// Runs a query and converts each row, so that a row that does not parse is `Corrupt`.

@@ -21,13 +21,16 @@ pub struct Binaries {
     pub ctl: PathBuf,
 }
 
-/// `target/<profile>/{ipaccessd,ipaccessctl}`, next to the test executable in
-/// `target/<profile>/deps/`.
+/// `target/<profile>/{ipaccessd,ipaccessctl}`: next to a benchmark binary, or one level up
+/// from a test executable in `target/<profile>/deps/`.
 pub fn binaries() -> &'static Binaries {
     static BINS: OnceLock<Binaries> = OnceLock::new();
     BINS.get_or_init(|| {
         let exe = std::env::current_exe().expect("current_exe");
-        let dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
+        let mut dir = exe.parent().expect("the executable has a directory");
+        if dir.ends_with("deps") {
+            dir = dir.parent().expect("target/<profile>/deps has a parent");
+        }
         let bins = Binaries { daemon: dir.join("ipaccessd"), ctl: dir.join("ipaccessctl") };
         for bin in [&bins.daemon, &bins.ctl] {
             assert!(
@@ -79,6 +82,11 @@ impl Daemon {
     /// `ip netns exec NETNS ipaccessd ARGS` (exec, so the child is the daemon itself), then
     /// waits until `socket` accepts connections.
     pub fn start(netns: &str, args: &[&str], socket: &Path, log: &Path) -> Daemon {
+        Self::start_within(netns, args, socket, log, READY)
+    }
+
+    /// [`Daemon::start`], allowing `ready` for start-up (a large store takes longer).
+    pub fn start_within(netns: &str, args: &[&str], socket: &Path, log: &Path, ready: Duration) -> Daemon {
         let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
@@ -90,7 +98,7 @@ impl Daemon {
             .spawn()
             .expect("start ipaccessd");
         let mut daemon = Daemon { child, log: log.to_path_buf() };
-        let deadline = Instant::now() + READY;
+        let deadline = Instant::now() + ready;
         loop {
             if let Some(status) = daemon.child.try_wait().unwrap() {
                 panic!("ipaccessd exited during start-up ({status})");
@@ -99,7 +107,7 @@ impl Daemon {
             if answers(socket) {
                 return daemon;
             }
-            assert!(Instant::now() < deadline, "ipaccessd not ready after {READY:?}");
+            assert!(Instant::now() < deadline, "ipaccessd not ready after {ready:?}");
             thread::sleep(Duration::from_millis(20));
         }
     }

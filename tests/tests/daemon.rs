@@ -681,11 +681,17 @@ fn enforced_on_the_wire() {
     let w = World::new("");
     let hosts = &w.hosts;
     let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
-    let (bound, free) = (sa(hosts.server_v4, 7001), sa(hosts.server_v4, 7003));
-    let _servers = [TcpServer::start_in(&hosts.server, bound).unwrap(), TcpServer::start_in(&hosts.server, free).unwrap()];
+    let (bound, free, sub) = (sa(hosts.server_v4, 7001), sa(hosts.server_v4, 7003), sa(hosts.server_v4, 7004));
+    let _servers = [bound, free, sub].map(|addr| TcpServer::start_in(&hosts.server, addr).unwrap());
     w.ok(&["account", "add", "acct"]);
     w.ok(&["bind", "add", "acct", &bound.to_string()]);
     w.ok(&["allow", "add", "acct", &format!("{good}/32")]);
+    // A sub-user with its own endpoint and allowlist, enforcing.
+    w.ok(&["account", "add", "acct-dev", "--parent", "acct"]);
+    w.ok(&["bind", "add", "acct-dev", &sub.to_string()]);
+    w.ok(&["allow", "add", "acct-dev", &format!("{good}/32")]);
+    w.ok(&["account", "mode", "acct-dev", "enforce"]);
+    assert!(tcp_ok(hosts, good, sub, OK), "the sub-user's allowed source refused");
     // Mode off: nothing is filtered yet.
     assert!(tcp_ok(hosts, bad, bound, OK), "mode off filters");
     w.ok(&["account", "mode", "acct", "enforce", "--client-ip", &good.to_string()]);
@@ -696,9 +702,11 @@ fn enforced_on_the_wire() {
 
     w.ok(&["account", "state", "acct", "banned", "--reason", "test"]);
     assert!(!tcp_ok(hosts, good, bound, FAIL), "banned account still reachable");
+    assert!(!tcp_ok(hosts, good, sub, FAIL), "a banned parent's sub-user still reachable");
     assert!(tcp_ok(hosts, good, free, OK));
     w.ok(&["account", "state", "acct", "active"]);
     assert!(tcp_ok(hosts, good, bound, OK), "reactivated account unreachable");
+    assert!(tcp_ok(hosts, good, sub, OK), "the sub-user stays suspended after its parent is reactivated");
     assert!(!tcp_ok(hosts, bad, bound, FAIL));
 
     w.ok(&["account", "mode", "acct", "monitor"]);

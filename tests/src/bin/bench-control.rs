@@ -1,15 +1,25 @@
-//! `cargo xtask bench control`: login checks per second and their latency over the real
-//! control socket of a real ipaccessd, with 1, 16 and 64 concurrent clients.
+//! `cargo xtask bench control`: the control plane of a real ipaccessd, in a network namespace
+//! with its filter on a real veth.
 //!
-//! Baseline measured in the same run: a Unix-socket echo server answering the same request
-//! lines with a fixed reply, one thread per connection (the transport's own cost). Each
-//! figure is also given as a ratio to it.
+//! 1. Bulk load: 1,000,000 allowlist entries (100,000 accounts x 10) from an empty start with
+//!    `ipaccessctl import`. Baseline: the same rows written straight into a fresh store in
+//!    one transaction, with no daemon, socket or kernel (the storage floor).
+//! 2. Restart to ready with those entries (SIGTERM, start, first answered request).
+//!    Baseline: the first start, with an empty store.
+//! 3. `allow add` acknowledged to enforced: after each acknowledgement one UDP datagram from
+//!    the newly allowed source to the account's bound port must come back. Baseline: the
+//!    same round trip to an unbound port.
+//! 4. Login checks per second and their latency with 1, 16 and 64 clients. Baseline: an echo
+//!    server on a Unix socket answering the same lines, one thread per connection.
+//!
+//! `--quick` makes the policy ten times smaller and the runs shorter (a smoke run).
 
 use std::{
     io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, UdpSocket},
     os::unix::net::{UnixListener, UnixStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,48 +28,64 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipaccess_tests::netns::BpfFs;
+use ipaccess::{
+    protocol::{AccountState, Mode},
+    store::Store,
+};
+use ipaccess_tests::{
+    daemon::{Daemon, TempDir, binaries},
+    netns::{BpfFs, TestHosts, UdpEchoServer},
+};
+use ipnet::IpNet;
 
-const ACCOUNTS: usize = 1_000;
 const ENTRIES: usize = 10;
-const RUN: Duration = Duration::from_secs(3);
+const ENFORCE_ROUNDS: usize = 200;
 
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let path = exe.parent().expect("target dir").join(name);
-    assert!(path.exists(), "{} missing: run `cargo build --release -p ipaccess --bins`", path.display());
+struct Scale {
+    accounts: usize,
+    run: Duration,
+}
+
+/// Account `a`'s allowlist: 8 IPv4 hosts, an IPv4 /24 and an IPv6 /64, all inside the
+/// test ranges (198.18.0.0/15, fd00::/8). Entries are data only: no traffic uses them.
+fn entries_of(a: usize) -> Vec<IpNet> {
+    let host = |n: usize| format!("198.18.{}.{}/32", (n >> 8) & 0xff, n & 0xff).parse().unwrap();
+    let mut nets: Vec<IpNet> = (0..8).map(|e| host((a * 8 + e) % 65_536)).collect();
+    nets.push(format!("198.19.{}.0/24", a % 256).parse().unwrap());
+    nets.push(format!("fd00:{:x}:{:x}::/64", a >> 16, a & 0xffff).parse().unwrap());
+    nets
+}
+
+/// A source allowed for account `a`, and one it does not allow.
+fn allowed_source(a: usize, i: usize) -> String {
+    entries_of(a)[i % 8].addr().to_string()
+}
+
+fn import_file(dir: &Path, accounts: usize) -> std::path::PathBuf {
+    let path = dir.join("import.jsonl");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    for a in 0..accounts {
+        let entries: Vec<String> = entries_of(a).iter().map(|n| format!("{{\"cidr\":\"{n}\"}}")).collect();
+        writeln!(out, "{{\"account\":\"acct{a}\",\"mode\":\"enforce\",\"entries\":[{}]}}", entries.join(",")).unwrap();
+    }
+    out.flush().unwrap();
     path
 }
 
-struct Daemon {
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+/// The storage floor: the same accounts and rows, one transaction, no daemon.
+fn store_only(dir: &Path, accounts: usize) -> Duration {
+    let path = dir.join("baseline.db");
+    let started = Instant::now();
+    let mut store = Store::open(&path).unwrap();
+    let tx = store.transaction().unwrap();
+    for a in 0..accounts {
+        let id = format!("acct{a}");
+        tx.add_account(&id, None, AccountState::Active, Mode::Enforce, 0).unwrap();
+        let entries: Vec<(IpNet, Option<String>)> = entries_of(a).into_iter().map(|n| (n, None)).collect();
+        tx.replace_entries(&id, &entries, 0, 0).unwrap();
     }
-}
-
-fn start_daemon(dir: &Path, bpffs: &BpfFs, socket: &Path) -> Daemon {
-    // An empty configuration: the built-in defaults, whatever /etc holds.
-    std::fs::write(dir.join("none.toml"), "").unwrap();
-    let child = Command::new(binary("ipaccessd"))
-        .args(["--state-dir", dir.to_str().unwrap(), "--socket", socket.to_str().unwrap()])
-        .args(["--bpffs", bpffs.path().to_str().unwrap(), "--config", dir.join("none.toml").to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start ipaccessd");
-    let daemon = Daemon { child };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "ipaccessd did not open its socket");
-        thread::sleep(Duration::from_millis(50));
-    }
-    daemon
+    tx.commit().unwrap();
+    started.elapsed()
 }
 
 /// One connection sending request lines and reading reply lines.
@@ -85,30 +111,12 @@ impl Client {
     }
 }
 
-/// A policy of ACCOUNTS accounts in enforce mode with ENTRIES /32 entries each.
-fn load_policy(socket: &Path) {
-    let mut c = Client::connect(socket);
-    for a in 0..ACCOUNTS {
-        c.request(&format!("{{\"cmd\":\"account_add\",\"account\":\"acct{a}\"}}\n"));
-        for e in 0..ENTRIES {
-            let ip = format!("198.18.{}.{}", (a * ENTRIES + e) / 250 % 256, (a * ENTRIES + e) % 250 + 1);
-            c.request(&format!("{{\"cmd\":\"allow_add\",\"account\":\"acct{a}\",\"cidr\":\"{ip}/32\"}}\n"));
-        }
-        c.request(&format!("{{\"cmd\":\"account_mode\",\"account\":\"acct{a}\",\"mode\":\"enforce\",\"force\":true}}\n"));
-    }
-}
-
 /// The checks the clients send, half allowed and half denied, over many accounts.
-fn check_lines() -> Vec<String> {
+fn check_lines(accounts: usize) -> Vec<String> {
     (0..4096)
         .map(|i| {
-            let a = (i * 7919) % ACCOUNTS;
-            let e = a * ENTRIES + i % ENTRIES;
-            let ip = if i % 2 == 0 {
-                format!("198.18.{}.{}", e / 250 % 256, e % 250 + 1)
-            } else {
-                format!("198.19.{}.{}", i / 250 % 256, i % 250 + 1)
-            };
+            let a = (i * 7919) % accounts;
+            let ip = if i % 2 == 0 { allowed_source(a, i) } else { format!("198.19.{}.{}", (a + 1) % 256, i % 250 + 1) };
             format!("{{\"id\":{i},\"cmd\":\"check\",\"account\":\"acct{a}\",\"addr\":\"{ip}\"}}\n")
         })
         .collect()
@@ -120,8 +128,12 @@ struct Figures {
     p99_us: f64,
 }
 
-/// `clients` threads, each with its own connection, sending checks back to back for RUN.
-fn measure(socket: &Path, clients: usize, lines: &Arc<Vec<String>>) -> Figures {
+fn percentile(sorted_ns: &[u64], q: f64) -> f64 {
+    sorted_ns[((sorted_ns.len() as f64 * q) as usize).min(sorted_ns.len() - 1)] as f64 / 1000.0
+}
+
+/// `clients` threads, each with its own connection, sending checks back to back for `run`.
+fn measure(socket: &Path, clients: usize, lines: &Arc<Vec<String>>, run: Duration) -> Figures {
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..clients)
         .map(|n| {
@@ -141,13 +153,12 @@ fn measure(socket: &Path, clients: usize, lines: &Arc<Vec<String>>) -> Figures {
         })
         .collect();
     let started = Instant::now();
-    thread::sleep(RUN);
+    thread::sleep(run);
     stop.store(true, Ordering::Relaxed);
     let mut all: Vec<u64> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pick = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)] as f64 / 1000.0;
-    Figures { per_second: all.len() as f64 / elapsed, p50_us: pick(0.50), p99_us: pick(0.99) }
+    Figures { per_second: all.len() as f64 / elapsed, p50_us: percentile(&all, 0.50), p99_us: percentile(&all, 0.99) }
 }
 
 /// The transport alone: reads request lines and answers each with a fixed check reply.
@@ -172,35 +183,223 @@ fn start_echo(socket: &Path) {
     });
 }
 
+/// One datagram out, its echo back: the round-trip time, or None if nothing came back
+/// within 500 ms. No retry: a first datagram that is dropped counts as a failure.
+fn one_datagram(sock: &UdpSocket, round: usize) -> Option<Duration> {
+    let payload = (round as u64).to_le_bytes();
+    let started = Instant::now();
+    sock.send(&payload).ok()?;
+    let mut buf = [0u8; 16];
+    loop {
+        let left = Duration::from_millis(500).checked_sub(started.elapsed())?;
+        sock.set_read_timeout(Some(left)).ok()?;
+        match sock.recv(&mut buf) {
+            Ok(n) if buf[..n] == payload => return Some(started.elapsed()),
+            Ok(_) => continue, // a late echo of an earlier round
+            Err(_) => return None,
+        }
+    }
+}
+
+struct Enforcement {
+    ack_p50_us: f64,
+    ack_p99_us: f64,
+    after_ack_p50_us: f64,
+    after_ack_p99_us: f64,
+    baseline_p50_us: f64,
+    baseline_p99_us: f64,
+    dropped_after_ack: usize,
+    passed_after_removal: usize,
+}
+
+/// `allow add` then, as soon as it is acknowledged, one datagram from the new source to the
+/// account's bound UDP port; then `allow remove`, and the next datagram must be dropped
+/// (checked every tenth round, since a drop costs the whole timeout).
+fn add_to_enforced(hosts: &TestHosts, socket: &Path) -> Enforcement {
+    let bound = SocketAddr::new(hosts.server_v4.into(), 7001);
+    let unbound = SocketAddr::new(hosts.server_v4.into(), 7002);
+    let _servers = [UdpEchoServer::start_in(&hosts.server, bound).unwrap(), UdpEchoServer::start_in(&hosts.server, unbound).unwrap()];
+    let mut ctl = Client::connect(socket);
+    ctl.request("{\"cmd\":\"account_add\",\"account\":\"probe\"}\n");
+    ctl.request(&format!("{{\"cmd\":\"bind_add\",\"account\":\"probe\",\"addr\":\"{}\",\"port\":7001,\"proto\":\"udp\"}}\n", bound.ip()));
+    ctl.request("{\"cmd\":\"allow_add\",\"account\":\"probe\",\"cidr\":\"198.18.200.0/24\"}\n");
+    ctl.request("{\"cmd\":\"account_mode\",\"account\":\"probe\",\"mode\":\"enforce\",\"force\":true}\n");
+    // Sockets made inside the client namespace stay there; one per (source, destination).
+    let sockets: Vec<(IpAddr, UdpSocket, UdpSocket)> = hosts.client.run(|| {
+        hosts
+            .client_v4
+            .iter()
+            .map(|&src| {
+                let connect = |dst| {
+                    let s = UdpSocket::bind(SocketAddr::new(src.into(), 0)).unwrap();
+                    s.connect(dst).unwrap();
+                    s
+                };
+                (IpAddr::from(src), connect(bound), connect(unbound))
+            })
+            .collect()
+    });
+    // Warm up neighbour entries and the echo servers.
+    for (_, to_bound, to_unbound) in &sockets {
+        let _ = one_datagram(to_unbound, usize::MAX);
+        let _ = one_datagram(to_bound, usize::MAX - 1);
+    }
+    let (mut ack, mut after_ack, mut baseline) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dropped_after_ack, mut passed_after_removal) = (0, 0);
+    for round in 0..ENFORCE_ROUNDS {
+        let (src, to_bound, to_unbound) = &sockets[round % sockets.len()];
+        if let Some(rtt) = one_datagram(to_unbound, round) {
+            baseline.push(rtt.as_nanos() as u64);
+        }
+        let started = Instant::now();
+        ctl.request(&format!("{{\"cmd\":\"allow_add\",\"account\":\"probe\",\"cidr\":\"{src}/32\"}}\n"));
+        ack.push(started.elapsed().as_nanos() as u64);
+        match one_datagram(to_bound, round) {
+            Some(rtt) => after_ack.push(rtt.as_nanos() as u64),
+            None => dropped_after_ack += 1,
+        }
+        ctl.request(&format!("{{\"cmd\":\"allow_remove\",\"account\":\"probe\",\"cidr\":\"{src}/32\",\"force\":true}}\n"));
+        if round % 10 == 0 && one_datagram(to_bound, round + ENFORCE_ROUNDS).is_some() {
+            passed_after_removal += 1;
+        }
+    }
+    for v in [&mut ack, &mut after_ack, &mut baseline] {
+        v.sort_unstable();
+        if v.is_empty() {
+            v.push(0);
+        }
+    }
+    Enforcement {
+        ack_p50_us: percentile(&ack, 0.5),
+        ack_p99_us: percentile(&ack, 0.99),
+        after_ack_p50_us: percentile(&after_ack, 0.5),
+        after_ack_p99_us: percentile(&after_ack, 0.99),
+        baseline_p50_us: percentile(&baseline, 0.5),
+        baseline_p99_us: percentile(&baseline, 0.99),
+        dropped_after_ack,
+        passed_after_removal,
+    }
+}
+
+struct World {
+    hosts: TestHosts,
+    bpffs: BpfFs,
+    dir: TempDir,
+}
+
+impl World {
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.0.join("ipaccessd.sock")
+    }
+
+    /// Starts the daemon; the time until it answers its first request.
+    fn start(&self, accounts: usize) -> (Daemon, Duration) {
+        let config = self.dir.0.join("ipaccessd.toml");
+        // Room for the policy: tables of 16 slots per account, with slack for rebuilds.
+        let slots = (accounts * 64).next_power_of_two().max(1 << 16);
+        std::fs::write(&config, format!("[maps]\nslots = {slots}\naccounts = {}\n", accounts + 1024)).unwrap();
+        let (socket, state, log) = (self.socket(), self.dir.0.join("state"), self.dir.0.join("ipaccessd.log"));
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--iface",
+            &self.hosts.server_if,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bpffs",
+            self.bpffs.path().to_str().unwrap(),
+        ];
+        let started = Instant::now();
+        let daemon = Daemon::start_within(self.hosts.server.name(), &args, &socket, &log, Duration::from_secs(120));
+        (daemon, started.elapsed())
+    }
+}
+
 fn main() {
-    let dir = std::env::temp_dir().join(format!("ipaccess-bench-control-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bpffs = BpfFs::new().expect("mount a private bpffs");
-    let socket = dir.join("ipaccessd.sock");
-    let daemon = start_daemon(&dir, &bpffs, &socket);
-    let loading = Instant::now();
-    load_policy(&socket);
-    let load_time = loading.elapsed();
-    let echo = dir.join("echo.sock");
-    start_echo(&echo);
-    let lines = Arc::new(check_lines());
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick {
+        Scale { accounts: 10_000, run: Duration::from_secs(1) }
+    } else {
+        Scale { accounts: 100_000, run: Duration::from_secs(3) }
+    };
+    let world = World { hosts: TestHosts::new().unwrap(), bpffs: BpfFs::new().unwrap(), dir: TempDir::new() };
+    let socket = world.socket();
+    let total = scale.accounts * ENTRIES;
 
     println!("# ipaccess control benchmark");
     println!();
+    println!("{} accounts x {ENTRIES} entries ({total} entries), enforce mode, filter attached to a veth.", scale.accounts);
+    println!();
+
+    // 1. Bulk load from an empty start.
+    let (daemon, empty_start) = world.start(scale.accounts);
+    let file = import_file(&world.dir.0, scale.accounts);
+    let floor = store_only(&world.dir.0, scale.accounts);
+    let started = Instant::now();
+    let out = Command::new(&binaries().ctl)
+        .args(["--socket", socket.to_str().unwrap(), "--json", "import", file.to_str().unwrap()])
+        .output()
+        .expect("run ipaccessctl import");
+    let load = started.elapsed();
+    assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["entries"], total as u64, "{summary}");
+    println!("## Bulk load and restart");
+    println!();
+    println!("| step | seconds | baseline | baseline seconds | ratio |");
+    println!("|---|---:|---|---:|---:|");
     println!(
-        "Login checks over the control socket of a real ipaccessd ({ACCOUNTS} accounts x {ENTRIES} entries, \
-         half the checks allowed), {} s per point. Baseline: an echo server on a Unix socket answering \
-         the same lines, one thread per connection.",
-        RUN.as_secs()
+        "| load {total} entries from empty (`ipaccessctl import`, {} batches) | {:.2} | same rows into a bare store, one transaction | {:.2} | {:.1}x |",
+        summary["batches"],
+        load.as_secs_f64(),
+        floor.as_secs_f64(),
+        load.as_secs_f64() / floor.as_secs_f64()
+    );
+
+    // 2. Restart to ready with them.
+    let mut daemon = daemon;
+    assert!(daemon.terminate().is_some_and(|s| s.success()), "SIGTERM did not stop the daemon");
+    let (daemon, restart) = world.start(scale.accounts);
+    println!(
+        "| restart to ready with {total} entries | {:.2} | first start, empty store | {:.2} | {:.1}x |",
+        restart.as_secs_f64(),
+        empty_start.as_secs_f64(),
+        restart.as_secs_f64() / empty_start.as_secs_f64()
     );
     println!();
-    println!("Policy loaded one request at a time (each a durable commit) in {:.1} s.", load_time.as_secs_f64());
+
+    // 3. Acknowledged to enforced.
+    let e = add_to_enforced(&world.hosts, &socket);
+    println!("## `allow add` acknowledged to enforced ({ENFORCE_ROUNDS} rounds)");
+    println!();
+    println!("| | p50 µs | p99 µs |");
+    println!("|---|---:|---:|");
+    println!("| `allow add` request to acknowledgement (durable, in the maps) | {:.0} | {:.0} |", e.ack_p50_us, e.ack_p99_us);
+    println!("| first datagram sent after the acknowledgement, echoed back | {:.0} | {:.0} |", e.after_ack_p50_us, e.after_ack_p99_us);
+    println!("| baseline: the same round trip to an unbound port | {:.0} | {:.0} |", e.baseline_p50_us, e.baseline_p99_us);
+    println!();
+    println!(
+        "First datagrams dropped after an acknowledged add: {} of {ENFORCE_ROUNDS}; passed after an acknowledged \
+         remove: {} of {}.",
+        e.dropped_after_ack,
+        e.passed_after_removal,
+        ENFORCE_ROUNDS.div_ceil(10)
+    );
+    println!();
+
+    // 4. Login checks.
+    let echo = world.dir.0.join("echo.sock");
+    start_echo(&echo);
+    let lines = Arc::new(check_lines(scale.accounts));
+    println!("## Login checks ({} s per point)", scale.run.as_secs());
     println!();
     println!("| clients | checks/s | p50 µs | p99 µs | echo req/s | checks/s ÷ echo |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for clients in [1, 16, 64] {
-        let baseline = measure(&echo, clients, &lines);
-        let real = measure(&socket, clients, &lines);
+        let baseline = measure(&echo, clients, &lines, scale.run);
+        let real = measure(&socket, clients, &lines, scale.run);
         println!(
             "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
             real.per_second,
@@ -211,5 +410,4 @@ fn main() {
         );
     }
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&dir);
 }
