@@ -11,6 +11,7 @@
 //! retention_days = 90 # activity kept
 //! drop_samples_per_second = 10  # per CPU, into the activity log
 //! min_override_ttl_seconds = 60
+//! log_level = "info" # error, warn, info, debug or trace; RUST_LOG, when set, wins
 //!
 //! [roles]            # uids and gids by number; root has every role
 //! check = { gids = [998] }
@@ -25,9 +26,20 @@
 //! [maps]             # used when the maps are first created
 //! slots = 1048576
 //! accounts = 65536
+//!
+//! [metrics]          # Prometheus text format on GET /metrics; off unless `listen` is set
+//! listen = "127.0.0.1:9469"
+//! allow_non_loopback = false  # a non-loopback `listen` is refused unless this is true
 //! ```
+//!
+//! On SIGHUP (`systemctl reload ipaccessd`) the file is read again: `interfaces` (new ones
+//! are attached; removed ones stay attached), `roles`, `limits` (except
+//! `max_connections`), `retention_days`, `min_override_ttl_seconds`,
+//! `drop_samples_per_second` and `log_level` change at once; the others are logged as
+//! needing a restart. A file that does not load is refused and the running one kept
+//! (docs/operations.md).
 
-use std::{collections::BTreeSet, fs, io, path::{Path, PathBuf}};
+use std::{collections::BTreeSet, fs, io, net::SocketAddr, path::{Path, PathBuf}};
 
 use serde::Deserialize;
 
@@ -57,9 +69,12 @@ pub struct Config {
     /// Dropped packets each CPU reports to the activity log per second (bursts up to ten
     /// times that); 0 turns drop samples off.
     pub drop_samples_per_second: u64,
+    /// The most detailed log messages written (unless `RUST_LOG` is set).
+    pub log_level: LogLevel,
     pub roles: Roles,
     pub limits: Limits,
     pub maps: Maps,
+    pub metrics: Metrics,
 }
 
 impl Default for Config {
@@ -74,9 +89,11 @@ impl Default for Config {
             retention_days: 90,
             drop_samples_per_second: 10,
             min_override_ttl_seconds: 60,
+            log_level: LogLevel::Info,
             roles: Roles::default(),
             limits: Limits::default(),
             maps: Maps::default(),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -149,22 +166,74 @@ impl Default for Maps {
     }
 }
 
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// The Prometheus endpoint (see docs/operations.md for every metric).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// Address to serve `GET /metrics` on; none (the default) serves nothing.
+    pub listen: Option<SocketAddr>,
+    /// The metrics name every account and its traffic, so by default only a loopback
+    /// address is accepted; exposing them further must be asked for.
+    pub allow_non_loopback: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {0}: {1}")]
     Read(PathBuf, #[source] io::Error),
     #[error("{0}: {1}")]
     Parse(PathBuf, #[source] toml::de::Error),
+    #[error("{0}: {1}")]
+    Invalid(PathBuf, String),
 }
 
 impl Config {
     /// Reads `path`; with `required` false a missing file means the built-in defaults.
     pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
-        match fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Ok(Config::default()),
-            Err(e) => Err(ConfigError::Read(path.to_path_buf(), e)),
+        let config: Config = match fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Config::default(),
+            Err(e) => return Err(ConfigError::Read(path.to_path_buf(), e)),
+        };
+        config.validate().map_err(|why| ConfigError::Invalid(path.to_path_buf(), why))?;
+        Ok(config)
+    }
+
+    /// What the types alone do not rule out.
+    fn validate(&self) -> Result<(), String> {
+        if let Some(listen) = self.metrics.listen
+            && !listen.ip().is_loopback()
+            && !self.metrics.allow_non_loopback
+        {
+            return Err(format!(
+                "metrics.listen = \"{listen}\" is not a loopback address; the metrics name every account, so \
+                 set metrics.allow_non_loopback = true to serve them there"
+            ));
         }
+        Ok(())
     }
 
     pub fn database(&self) -> PathBuf {
@@ -211,6 +280,27 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<Config>("interface = [\"eth0\"]").is_err());
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_loopback_only_unless_allowed() {
+        assert_eq!(Config::default().metrics.listen, None);
+        let dir = std::env::temp_dir().join(format!("ipaccess-config-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let load = |text: &str| {
+            let path = dir.join("ipaccessd.toml");
+            fs::write(&path, text).unwrap();
+            Config::load(&path, true)
+        };
+        let local = load("[metrics]\nlisten = \"[::1]:9469\"").unwrap();
+        assert_eq!(local.metrics.listen, Some("[::1]:9469".parse().unwrap()));
+        let refused = load("[metrics]\nlisten = \"198.18.0.1:9469\"").unwrap_err();
+        assert!(matches!(refused, ConfigError::Invalid(..)), "{refused}");
+        assert!(refused.to_string().contains("allow_non_loopback"), "{refused}");
+        load("[metrics]\nlisten = \"198.18.0.1:9469\"\nallow_non_loopback = true").unwrap();
+        assert_eq!(load("log_level = \"debug\"").unwrap().log_level, LogLevel::Debug);
+        assert!(matches!(load("log_level = \"loud\""), Err(ConfigError::Parse(..))));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -5,11 +5,18 @@
 //! - `store`: the durable policy (SQLite);
 //! - `service`: every command, applied to store and kernel together, and login checks;
 //! - `protocol` and `server`: the control socket;
-//! - `config`: ipaccessd's configuration file.
+//! - `config`: ipaccessd's configuration file;
+//! - `systemd`, `logging`, `reload`, `metrics`, `capabilities`: running as a service
+//!   (docs/operations.md).
 
+pub mod capabilities;
 pub mod config;
 pub mod datapath;
+pub mod logging;
+pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod systemd;

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Semaphore,
+    sync::{Semaphore, watch},
 };
 
 use crate::{
@@ -20,9 +20,16 @@ use crate::{
     service::{Failure, Service},
 };
 
-/// Accepts connections until `shutdown` completes.
-pub async fn serve(listener: UnixListener, service: Arc<Service>, config: Arc<Config>, shutdown: impl Future<Output = ()>) {
-    let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+/// Accepts connections until `shutdown` completes. A connection takes its roles and limits
+/// from the configuration in force when it is accepted (a reload changes them for new
+/// connections); the number of connections stays the one configured at start.
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<Service>,
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(config.borrow().limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -39,7 +46,7 @@ pub async fn serve(listener: UnixListener, service: Arc<Service>, config: Arc<Co
             tokio::spawn(refuse_busy(stream));
             continue;
         };
-        let (service, config) = (service.clone(), config.clone());
+        let (service, config) = (service.clone(), config.borrow().clone());
         tokio::spawn(async move {
             if let Err(e) = connection(stream, service, config).await {
                 debug!("control connection ended: {e}");

@@ -10,7 +10,7 @@ use std::{
     net::IpAddr,
     sync::{
         Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 
 use crate::{
     datapath::{self, BindTarget, Binding, Datapath, DatapathError},
+    logging::{self, PendingAudit},
+    metrics::{self, CheckCounters},
     protocol::{AccountState, CheckResult, Command, ErrorBody, ErrorCode, ImportAccount, Method, Mode, Reason, ReplaceEntry},
     store::{AccountRow, ActivityRecord, BindingRow, Store, StoreError, Tx},
 };
@@ -160,8 +162,12 @@ pub struct Service {
     writer: Mutex<Writer>,
     accounts: RwLock<HashMap<String, CachedAccount>>,
     activity: ActivityLog,
-    retention_days: u32,
-    min_override_ttl: u64,
+    /// Settings a reload may change (see [`Service::reconfigure`]).
+    retention_days: AtomicU32,
+    min_override_ttl: AtomicU64,
+    checks: CheckCounters,
+    /// How long [`Service::start`] took to make the kernel match the store.
+    reconcile: Duration,
 }
 
 fn now() -> i64 {
@@ -192,6 +198,7 @@ impl Service {
         activity: ActivityLog,
         config: &crate::config::Config,
     ) -> Result<Service, Failure> {
+        let started = std::time::Instant::now();
         let samples = config.drop_samples_per_second;
         datapath.set_sampling(samples, samples.max(1) * 10);
         let mut store = store;
@@ -236,14 +243,32 @@ impl Service {
         let slots: HashMap<&str, u32> = cache.iter().map(|(id, a)| (id.as_str(), a.slot)).collect();
         let bindings: Vec<Binding> = bindings.iter().map(|b| to_binding(b, slots[b.account.as_str()])).collect();
         datapath.set_bindings(&bindings)?;
-        info!("reconciled {} accounts and {} bindings with the kernel", cache.len(), bindings.len());
+        let reconcile = started.elapsed();
+        info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
         Ok(Service {
             writer: Mutex::new(Writer { store, datapath }),
             accounts: RwLock::new(cache),
             activity,
-            retention_days: config.retention_days,
-            min_override_ttl: config.min_override_ttl_seconds.max(1),
+            retention_days: config.retention_days.into(),
+            min_override_ttl: config.min_override_ttl_seconds.max(1).into(),
+            checks: CheckCounters::default(),
+            reconcile,
         })
+    }
+
+    /// Applies the settings of a reloaded configuration that the service holds: activity
+    /// retention, the shortest override, and the drop-sample budget in the kernel.
+    pub fn reconfigure(&self, config: &crate::config::Config) {
+        self.retention_days.store(config.retention_days, Ordering::Relaxed);
+        self.min_override_ttl.store(config.min_override_ttl_seconds.max(1), Ordering::Relaxed);
+        let samples = config.drop_samples_per_second;
+        self.writer.lock().expect("writer lock").datapath.set_sampling(samples, samples.max(1) * 10);
+    }
+
+    /// For the watchdog: the writer lock can be taken (no change is stuck holding it, and
+    /// no change panicked while holding it) and the kernel's maps answer.
+    pub fn healthy(&self) -> bool {
+        self.writer.lock().is_ok_and(|writer| writer.datapath.host_counters().is_ok())
     }
 
     /// Attaches the filter to an interface (see [`Datapath::attach`]).
@@ -277,7 +302,6 @@ impl Service {
                 })
             }
             Command::AccountState { account, state, reason } => {
-                info!("account {account}: state {state:?} by uid {uid} ({})", reason.as_deref().unwrap_or("no reason"));
                 self.change(&account, |tx| {
                     tx.set_state(&account, state, reason.as_deref())?;
                     audit(tx, &account, uid, "state", json!({ "state": state, "reason": reason }))?;
@@ -289,11 +313,10 @@ impl Service {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                 if mode == Mode::Enforce && !force {
                     let entries: Vec<IpNet> = tx.entries(&account)?.into_iter().map(|e| e.cidr).collect();
-                    refuse_lockout(&account, client_ip, &entries)?;
+                    refuse_lockout(&account, uid, client_ip, &entries)?;
                 }
                 tx.set_mode(&account, mode)?;
                 audit(tx, &account, uid, "mode", json!({ "mode": mode, "was": row.mode, "forced": force }))?;
-                info!("account {account}: mode {mode:?} by uid {uid} (was {:?})", row.mode);
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                 Ok((row.clone(), json!(row)))
             }),
@@ -309,7 +332,7 @@ impl Service {
                 }
                 if row.mode == Mode::Enforce && !force {
                     let rest: Vec<IpNet> = tx.entries(&account)?.into_iter().map(|e| e.cidr).collect();
-                    refuse_lockout(&account, client_ip, &rest)?;
+                    refuse_lockout(&account, uid, client_ip, &rest)?;
                 }
                 Ok((row, json!({ "account": account, "removed": cidr.trunc() })))
             }),
@@ -318,25 +341,25 @@ impl Service {
                 let wanted = distinct_entries(entries);
                 if row.mode == Mode::Enforce && !force {
                     let nets: Vec<IpNet> = wanted.iter().map(|(c, _)| *c).collect();
-                    refuse_lockout(&account, client_ip, &nets)?;
+                    refuse_lockout(&account, uid, client_ip, &nets)?;
                 }
                 tx.replace_entries(&account, &wanted, uid, now())?;
                 audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
-                info!("account {account}: allowlist replaced ({} entries) by uid {uid}", wanted.len());
                 Ok((row, json!(tx.entries(&account)?)))
             }),
             Command::Import { accounts } => self.import(accounts, uid),
             Command::Stats { account } => self.stats(account.as_deref()),
             Command::Detach { interface } => {
                 let detached = self.writer.lock().expect("writer lock").datapath.detach(&interface)?;
-                info!("{interface}: detach requested by uid {uid} (was attached: {detached})");
+                logging::detached(&interface, uid, detached);
                 Ok(json!({ "interface": interface, "detached": detached }))
             }
             Command::OverrideGrant { account, cidr, ttl_seconds, ticket, reason } => {
-                if !(self.min_override_ttl..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
+                let shortest = self.min_override_ttl.load(Ordering::Relaxed);
+                if !(shortest..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
                     return Err(Failure::new(
                         ErrorCode::BadRequest,
-                        format!("an override lasts from {} s to {MAX_OVERRIDE_TTL} s (30 days)", self.min_override_ttl),
+                        format!("an override lasts from {shortest} s to {MAX_OVERRIDE_TTL} s (30 days)"),
                     ));
                 }
                 if ticket.trim().is_empty() || reason.trim().is_empty() {
@@ -355,7 +378,6 @@ impl Service {
                     audit(tx, &account, uid, "override_granted", json!({
                         "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
                         "reason": reason, "expires_at": granted.expires_at }))?;
-                    info!("account {account}: override {} for {} granted by uid {uid}, ticket {ticket}", granted.id, granted.cidr);
                     let recent = tx.denied_summary(&account, at - DENIED_LOOKBACK)?;
                     Ok((row, json!({ "override": granted, "recent_denied": recent })))
                 })
@@ -366,7 +388,6 @@ impl Service {
                     Failure::new(ErrorCode::UnknownOverride, format!("{account} has no live override {override_id}"))
                 })?;
                 audit(tx, &account, uid, "override_revoked", json!({ "override": override_id, "cidr": revoked.cidr }))?;
-                info!("account {account}: override {override_id} revoked by uid {uid}");
                 Ok((row, json!(revoked)))
             }),
             Command::OverrideList { account } => self.read(|tx| {
@@ -441,6 +462,32 @@ impl Service {
         }))
     }
 
+    /// Everything the metrics endpoint reports. Reads every account's counters from the
+    /// kernel under the writer lock (one map lookup per account).
+    pub fn metrics(&self) -> Result<metrics::Snapshot, Failure> {
+        let at = now();
+        let mut accounts: Vec<(String, u32, usize)> = {
+            let cache = self.accounts.read().expect("cache lock");
+            cache.iter().map(|(id, a)| (id.clone(), a.slot, a.overrides.iter().filter(|&&(_, e)| e > at).count())).collect()
+        };
+        accounts.sort_unstable();
+        let writer = self.writer.lock().expect("writer lock");
+        let mut rows = Vec::with_capacity(accounts.len());
+        for (account, slot, live_overrides) in accounts {
+            rows.push(metrics::AccountMetrics { account, counters: writer.datapath.counters(slot)?, live_overrides });
+        }
+        let (table_slots_used, table_slots) = writer.datapath.slot_usage();
+        Ok(metrics::Snapshot {
+            accounts: rows,
+            host: writer.datapath.host_counters()?,
+            checks: self.checks.read(),
+            table_slots_used,
+            table_slots,
+            account_slots: u64::from(writer.datapath.account_capacity().saturating_sub(1)),
+            reconcile_seconds: self.reconcile.as_secs_f64(),
+        })
+    }
+
     /// A change to one account (and, through banning, to its sub-users): store, then
     /// kernel, then commit; on any failure nothing is left changed.
     fn change(&self, account: &str, f: impl FnOnce(&Tx) -> Result<(AccountRow, Value), Failure>) -> Outcome {
@@ -460,6 +507,7 @@ impl Service {
         self.activity.flush();
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
+        let pending_audit = PendingAudit::begin();
         let tx = store.transaction()?;
         let (rows, reply) = f(&tx)?;
         let at = now();
@@ -497,6 +545,7 @@ impl Service {
         }
         drop(cache);
         self.accounts.write().expect("cache lock").extend(updated);
+        pending_audit.committed();
         Ok(reply)
     }
 
@@ -573,6 +622,7 @@ impl Service {
     pub fn check(&self, account: &str, addr: IpAddr, method: Method) -> Outcome {
         let at = now();
         let result = decide(&self.accounts.read().expect("cache lock"), account, addr, at);
+        self.checks.count(result.reason);
         self.activity.record(ActivityRecord {
             time: at,
             account: account.to_string(),
@@ -647,10 +697,11 @@ impl Service {
             }
         }
         let tx = store.transaction()?;
-        let pruned = tx.prune_activity(at - self.retention_days as i64 * 24 * 3600)?;
+        let retention_days = self.retention_days.load(Ordering::Relaxed);
+        let pruned = tx.prune_activity(at - retention_days as i64 * 24 * 3600)?;
         tx.commit()?;
         if pruned > 0 {
-            info!("pruned {pruned} activity records older than {} days", self.retention_days);
+            info!("pruned {pruned} activity records older than {retention_days} days");
         }
         Ok(())
     }
@@ -764,11 +815,13 @@ fn refuse_override(account: &AccountRow, parent: Option<&AccountRow>) -> Result<
     }
 }
 
-/// Records a change in the activity log, in the change's own transaction.
+/// Records a change in the activity log, in the change's own transaction, and in the
+/// daemon's log once it commits.
 fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Result<(), Failure> {
     let mut detail = detail;
     detail["uid"] = json!(uid);
     detail["action"] = json!(action);
+    logging::audit(account, uid, action, &detail);
     tx.add_activity(&[ActivityRecord {
         time: now(),
         account: account.to_string(),
@@ -782,17 +835,18 @@ fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Resul
     Ok(())
 }
 
-fn refuse_lockout(account: &str, client_ip: Option<IpAddr>, entries: &[IpNet]) -> Result<(), Failure> {
-    match client_ip {
-        Some(ip) if !entries.iter().any(|net| net.contains(&ip)) => Err(Failure::new(
-            ErrorCode::Lockout,
-            format!(
-                "refused: {account}'s allowlist would not include {ip}, the address you are using; add it first \
-                 or repeat with force"
-            ),
-        )),
-        _ => Ok(()),
-    }
+fn refuse_lockout(account: &str, uid: u32, client_ip: Option<IpAddr>, entries: &[IpNet]) -> Result<(), Failure> {
+    let Some(ip) = client_ip.filter(|ip| !entries.iter().any(|net| net.contains(ip))) else {
+        return Ok(());
+    };
+    logging::lockout_refused(account, uid, ip);
+    Err(Failure::new(
+        ErrorCode::Lockout,
+        format!(
+            "refused: {account}'s allowlist would not include {ip}, the address you are using; add it first or \
+             repeat with force"
+        ),
+    ))
 }
 
 /// A port binding's (protocol, port): `tcp` when only a port is given; a protocol without a

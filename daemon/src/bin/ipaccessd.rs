@@ -2,22 +2,30 @@
 //! login checks and administration over its control socket.
 //!
 //! Start-up order: configuration, bpffs, the pinned maps and program, the store, the kernel
-//! reconciled with the store, the interfaces attached, and only then the socket. Stopping
-//! (SIGTERM) leaves the filter attached and enforcing; `--detach` removes it.
+//! reconciled with the store, the interfaces attached, the control socket (and the metrics
+//! endpoint, if configured) bound, and only then systemd told READY=1. SIGHUP re-reads the
+//! configuration (never detaching). Stopping (SIGTERM) leaves the filter attached and
+//! enforcing; `--detach` removes it. Running it as a service: docs/operations.md.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc};
+use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use ipaccess::{
+    capabilities,
     config::{self, Config},
     datapath::{Datapath, DatapathOptions, ensure_bpffs},
-    server,
+    logging, metrics, reload, server,
     service::{ActivityLog, Service},
     store::Store,
+    systemd,
 };
-use log::{info, warn};
-use tokio::net::UnixListener;
+use log::{error, info, warn};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    signal::unix::{Signal, SignalKind, signal},
+    sync::watch,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Per-account IP access control daemon")]
@@ -63,12 +71,18 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let destination = logging::init();
     let args = Args::parse();
     let config = load_config(&args)?;
+    logging::set_level(config.log_level.filter());
+    if destination == logging::Destination::Journal {
+        info!("logging to the journal");
+    }
     ensure_bpffs(&config.bpffs).context("preparing bpffs")?;
     let options = DatapathOptions { bpffs: config.bpffs.clone(), slots: config.maps.slots, accounts: config.maps.accounts };
-    let mut datapath = Datapath::open(&options).context("loading the XDP program")?;
+    let mut datapath = Datapath::open(&options)
+        .with_context(|| capabilities::hint().unwrap_or_default())
+        .context("loading the XDP program")?;
     if !args.detach.is_empty() {
         for iface in &args.detach {
             if !datapath.detach(iface)? {
@@ -87,7 +101,10 @@ async fn main() -> anyhow::Result<()> {
         let service = Service::start(store, datapath, activity, &config)
             .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
-            let how = service.attach(iface).with_context(|| format!("attaching to {iface}"))?;
+            let how = service
+                .attach(iface)
+                .with_context(|| capabilities::hint().unwrap_or_default())
+                .with_context(|| format!("attaching to {iface}"))?;
             interfaces.push(format!("{iface} ({how:?})"));
         }
         Arc::new(service)
@@ -97,15 +114,88 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let listener = bind_socket(&config)?;
-    info!("ready: filtering on [{}], control socket {}", interfaces.join(", "), config.socket.display());
-    let sweeper = tokio::spawn(sweep_forever(service.clone()));
-    let sampler = tokio::spawn(drain_samples_forever(service.clone()));
-    server::serve(listener, service.clone(), Arc::new(config), shutdown()).await;
-    sweeper.abort();
-    sampler.abort();
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint {addr}"))?),
+        None => None,
+    };
+    // Signal handlers before READY=1: from then on a HUP or TERM must not find the default action.
+    let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let stop = shutdown().context("installing the SIGTERM handler")?;
+    let status = format!("filtering on [{}], control socket {}", interfaces.join(", "), config.socket.display());
+    info!("ready: {status}");
+    let mut tasks = vec![
+        tokio::spawn(sweep_forever(service.clone())),
+        tokio::spawn(drain_samples_forever(service.clone())),
+    ];
+    if let Some(listener) = metrics_listener {
+        info!("metrics on http://{}/metrics", config.metrics.listen.expect("bound above"));
+        tasks.push(tokio::spawn(metrics::serve(listener, service.clone())));
+    }
+    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    systemd::ready(&status);
+    tasks.push(tokio::spawn(reload_on_sighup(hangups, args, service.clone(), config_tx)));
+    if let Some(interval) = systemd::watchdog_interval() {
+        tasks.push(tokio::spawn(watchdog(service.clone(), interval)));
+    }
+    server::serve(listener, service.clone(), config_rx, stop).await;
+    systemd::stopping();
+    tasks.iter().for_each(|task| task.abort());
     service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
     Ok(())
+}
+
+/// SIGHUP: read the configuration again and apply it (see `ipaccess::reload`), between
+/// RELOADING=1 and READY=1. A configuration that does not load is refused, with an error
+/// in the log, and the one in force is kept.
+async fn reload_on_sighup(mut hangups: Signal, args: Args, service: Arc<Service>, config: watch::Sender<Arc<Config>>) {
+    while hangups.recv().await.is_some() {
+        systemd::reloading();
+        let status = match load_config(&args) {
+            Err(e) => {
+                error!("reload refused, the configuration in force is kept: {e:#}");
+                format!("reload refused ({e}); running with the previous configuration")
+            }
+            Ok(next) => {
+                let (service, current) = (service.clone(), config.borrow().clone());
+                match tokio::task::spawn_blocking(move || reload::apply(&service, &current, next)).await {
+                    Ok((in_force, status)) => {
+                        config.send_replace(Arc::new(in_force));
+                        status
+                    }
+                    Err(e) => {
+                        error!("reload failed: {e}");
+                        format!("reload failed ({e})")
+                    }
+                }
+            }
+        };
+        systemd::ready(&status);
+    }
+}
+
+/// Pings the watchdog every `interval` (half of systemd's timeout) while the service is
+/// healthy: the runtime schedules this task, and [`Service::healthy`] can take the writer
+/// lock and read the kernel's maps. A check still running after `interval` is waited for
+/// at the next tick rather than started again.
+async fn watchdog(service: Arc<Service>, interval: Duration) {
+    let mut every = tokio::time::interval(interval);
+    let mut pending = None;
+    loop {
+        every.tick().await;
+        let mut check = pending.take().unwrap_or_else(|| {
+            let service = service.clone();
+            tokio::task::spawn_blocking(move || service.healthy())
+        });
+        match tokio::time::timeout(interval, &mut check).await {
+            Ok(Ok(true)) => systemd::watchdog_ping(),
+            Ok(_) => warn!("health check failed; not pinging the watchdog"),
+            Err(_) => {
+                warn!("the writer lock has been busy for {interval:?}; not pinging the watchdog");
+                pending = Some(check);
+            }
+        }
+    }
 }
 
 /// Expired overrides and old activity are swept every ten seconds.
@@ -154,14 +244,13 @@ fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        warn!("cannot install signal handlers; stop the daemon with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+/// Completes on SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown() -> std::io::Result<impl Future<Output = ()>> {
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

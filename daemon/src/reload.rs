@@ -1,0 +1,111 @@
+//! A reload (SIGHUP, `systemctl reload`): the configuration read again and applied where
+//! that needs no restart. The filter is never detached by a reload.
+//!
+//! - Live: newly listed interfaces are attached; `roles` and `limits` (except
+//!   `max_connections`) apply to new control connections; `retention_days`,
+//!   `min_override_ttl_seconds`, `drop_samples_per_second` and `log_level` at once.
+//! - Interfaces no longer listed stay attached, with a warning naming the way to detach.
+//! - The socket, state directory, bpffs, map sizes, metrics endpoint and `max_connections`
+//!   are logged as needing a restart, and keep their running values.
+
+use log::{error, info, warn};
+
+use crate::{config::Config, logging, service::Service};
+
+/// What a reload from `current` to `next` does.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Listed now, not before: attached.
+    pub attach: Vec<String>,
+    /// Listed before, not now: left attached.
+    pub left_attached: Vec<String>,
+    /// Changed settings that only a restart applies.
+    pub need_restart: Vec<&'static str>,
+}
+
+pub fn plan(current: &Config, next: &Config) -> Plan {
+    let new_only = |a: &Config, b: &Config| -> Vec<String> {
+        let mut names: Vec<String> = b.interfaces.iter().filter(|i| !a.interfaces.contains(i)).cloned().collect();
+        names.dedup();
+        names
+    };
+    let changed = [
+        ("socket", current.socket != next.socket),
+        ("socket_mode", current.socket_mode != next.socket_mode),
+        ("socket_group", current.socket_group != next.socket_group),
+        ("state_dir", current.state_dir != next.state_dir),
+        ("bpffs", current.bpffs != next.bpffs),
+        ("maps", current.maps != next.maps),
+        ("metrics", current.metrics != next.metrics),
+        ("limits.max_connections", current.limits.max_connections != next.limits.max_connections),
+    ];
+    Plan {
+        attach: new_only(current, next),
+        left_attached: new_only(next, current),
+        need_restart: changed.into_iter().filter(|&(_, differs)| differs).map(|(key, _)| key).collect(),
+    }
+}
+
+/// Applies `next` (blocking: attaching takes the writer lock). Returns the configuration now
+/// in force: `next`, except the restart-only settings, which keep their running values, and
+/// interfaces that failed to attach, which a later reload tries again. Also returns a status
+/// line for the service manager.
+pub fn apply(service: &Service, current: &Config, next: Config) -> (Config, String) {
+    let plan = plan(current, &next);
+    service.reconfigure(&next);
+    logging::set_level(next.log_level.filter());
+    let mut failed = Vec::new();
+    for iface in &plan.attach {
+        match service.attach(iface) {
+            Ok(how) => info!("reload: {iface} attached ({how:?})"),
+            Err(e) => {
+                error!("reload: cannot attach to {iface}: {e}");
+                failed.push(iface.clone());
+            }
+        }
+    }
+    for iface in &plan.left_attached {
+        warn!("reload: {iface} is no longer configured but stays filtered; `ipaccessctl detach {iface}` removes the filter");
+    }
+    for key in &plan.need_restart {
+        warn!("reload: {key} changed; it takes effect when ipaccessd is restarted");
+    }
+    let in_force = Config {
+        interfaces: next.interfaces.iter().filter(|i| !failed.contains(i)).cloned().collect(),
+        socket: current.socket.clone(),
+        socket_mode: current.socket_mode,
+        socket_group: current.socket_group,
+        state_dir: current.state_dir.clone(),
+        bpffs: current.bpffs.clone(),
+        maps: current.maps.clone(),
+        metrics: current.metrics.clone(),
+        limits: crate::config::Limits { max_connections: current.limits.max_connections, ..next.limits.clone() },
+        ..next
+    };
+    let status = match (failed.is_empty(), plan.need_restart.is_empty()) {
+        (true, true) => "configuration reloaded".to_string(),
+        (false, _) => format!("configuration reloaded; cannot attach to {}", failed.join(", ")),
+        (true, false) => format!("configuration reloaded; {} need a restart", plan.need_restart.join(", ")),
+    };
+    info!("{status}");
+    (in_force, status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_attaches_new_interfaces_and_names_restart_only_changes() {
+        let current = Config { interfaces: vec!["eth0".into(), "eth1".into()], ..Config::default() };
+        let mut next = Config { interfaces: vec!["eth1".into(), "eth2".into()], ..Config::default() };
+        next.retention_days = 7;
+        next.roles.admin.uids.insert(1000);
+        assert_eq!(plan(&current, &next), Plan { attach: vec!["eth2".into()], left_attached: vec!["eth0".into()], need_restart: vec![] });
+        next.socket = "/tmp/other.sock".into();
+        next.maps.slots = 4096;
+        next.limits.max_connections = 1;
+        next.limits.max_request_bytes = 1;
+        assert_eq!(plan(&current, &next).need_restart, ["socket", "maps", "limits.max_connections"]);
+    }
+}
