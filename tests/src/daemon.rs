@@ -72,6 +72,14 @@ impl Drop for TempDir {
     }
 }
 
+/// How to launch the daemon besides its arguments: a command it runs under (e.g. `setpriv
+/// ...`), and environment variables (e.g. `NOTIFY_SOCKET`).
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    pub wrapper: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 /// A running `ipaccessd`: SIGTERM on Drop, SIGKILL if it has not stopped within [`STOP`].
 pub struct Daemon {
     pub child: Child,
@@ -87,29 +95,56 @@ impl Daemon {
 
     /// [`Daemon::start`], allowing `ready` for start-up (a large store takes longer).
     pub fn start_within(netns: &str, args: &[&str], socket: &Path, log: &Path, ready: Duration) -> Daemon {
+        let mut daemon = Self::spawn(netns, &Launch::default(), args, log);
+        daemon.wait_answering(socket, ready);
+        daemon
+    }
+
+    /// `ip netns exec NETNS [WRAPPER...] ipaccessd ARGS` with `launch.env` added to the
+    /// environment; does not wait. With a wrapper that execs (setpriv, prlimit), the child
+    /// is still the daemon itself.
+    pub fn spawn(netns: &str, launch: &Launch, args: &[&str], log: &Path) -> Daemon {
         let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
+            .args(&launch.wrapper)
             .arg(&binaries().daemon)
             .args(args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .expect("start ipaccessd");
-        let mut daemon = Daemon { child, log: log.to_path_buf() };
-        let deadline = Instant::now() + ready;
+        Daemon { child, log: log.to_path_buf() }
+    }
+
+    /// Waits (at most `within`) until `socket` answers; panics if the daemon exits first.
+    pub fn wait_answering(&mut self, socket: &Path, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = daemon.child.try_wait().unwrap() {
+            if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("ipaccessd exited during start-up ({status})");
             }
             // A stale socket left by a killed daemon refuses connections until it is replaced.
             if answers(socket) {
-                return daemon;
+                return;
             }
-            assert!(Instant::now() < deadline, "ipaccessd not ready after {ready:?}");
+            assert!(Instant::now() < deadline, "ipaccessd not ready after {within:?}");
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits (at most `within`) for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn log_text(&self) -> String {
@@ -127,15 +162,11 @@ impl Daemon {
             return Some(status);
         }
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + STOP;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(10));
+        let status = self.wait_exit(STOP);
+        if status.is_none() {
+            self.kill9();
         }
-        self.kill9();
-        None
+        status
     }
 
     pub fn kill9(&mut self) {

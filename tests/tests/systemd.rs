@@ -1,0 +1,327 @@
+//! Running ipaccessd as systemd runs it, without systemd as PID 1: the unit file checked
+//! by `systemd-analyze verify`; the real daemon talking sd_notify to a datagram socket this
+//! test owns (READY, WATCHDOG, RELOADING, STOPPING) while it is reloaded; and the daemon
+//! started with exactly the unit's capabilities, enforcing, then failing clearly without
+//! each of them.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipaccess::capabilities;
+use ipaccess_tests::daemon::{Launch, READY, binaries};
+use ipaccess_tests::netns::{TcpServer, run_cmd, tcp_connect};
+use ipaccess_tests::ops::Host;
+use serde_json::json;
+
+fn unit_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd/ipaccessd.service")
+}
+
+/// `KEY=` lines of the unit.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines().filter_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string).collect()
+}
+
+#[test]
+fn unit_file_passes_systemd_analyze_verify() {
+    let unit = fs::read_to_string(unit_path()).unwrap();
+    // verify checks that ExecStart= is executable: point it at the binary this build made.
+    assert_eq!(unit_values(&unit, "ExecStart"), ["/usr/bin/ipaccessd"]);
+    let dir = ipaccess_tests::daemon::TempDir::new();
+    let copy = dir.0.join("ipaccessd.service");
+    let daemon = binaries().daemon.to_str().unwrap();
+    fs::write(&copy, unit.replace("ExecStart=/usr/bin/ipaccessd", &format!("ExecStart={daemon}"))).unwrap();
+    let out = run_cmd("systemd-analyze", &["verify", "--man=no", copy.to_str().unwrap()], Duration::from_secs(60)).unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Warnings (an unknown key, a bad value) do not change the exit status: read them too.
+    let about_ours: Vec<&str> = text.lines().filter(|l| l.contains("ipaccessd")).collect();
+    assert!(out.status.success() && about_ours.is_empty(), "systemd-analyze verify ({}):\n{text}", out.status);
+
+    assert_eq!(unit_values(&unit, "Type"), ["notify"]);
+    assert_eq!(unit_values(&unit, "ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    assert_eq!(unit_values(&unit, "WatchdogSec").len(), 1);
+    // The unit grants exactly what was measured (see `capabilities_are_exactly_what_is_needed`).
+    let granted: BTreeSet<String> =
+        unit_values(&unit, "CapabilityBoundingSet").iter().flat_map(|v| v.split_whitespace()).map(str::to_string).collect();
+    let needed: BTreeSet<String> = capabilities::REQUIRED.iter().map(|(_, name)| name.to_string()).collect();
+    assert_eq!(granted, needed);
+    assert!(unit_values(&unit, "AmbientCapabilities").is_empty());
+}
+
+/// The service manager's end of `NOTIFY_SOCKET`.
+struct Notifications {
+    socket: UnixDatagram,
+    /// Everything received, in order.
+    seen: Vec<(Instant, String)>,
+}
+
+impl Notifications {
+    fn bind(path: &Path) -> Notifications {
+        let socket = UnixDatagram::bind(path).unwrap();
+        Notifications { socket, seen: Vec::new() }
+    }
+
+    /// Receives until a message satisfies `wanted` (returned), or `within` passes (panics).
+    fn wait_for(&mut self, what: &str, within: Duration, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {what} within {within:?}; received: {:#?}", self.seen);
+            self.socket.set_read_timeout(Some(left)).unwrap();
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.push((Instant::now(), message.clone()));
+                if wanted(&message) {
+                    return message;
+                }
+            }
+        }
+    }
+
+    /// Receives everything for `period`.
+    fn collect(&mut self, period: Duration) -> Vec<(Instant, String)> {
+        let from = self.seen.len();
+        let deadline = Instant::now() + period;
+        let mut buf = vec![0u8; 4096];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            self.socket.set_read_timeout(Some(left)).unwrap();
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                self.seen.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        }
+        self.seen[from..].to_vec()
+    }
+}
+
+fn has(message: &str, line: &str) -> bool {
+    message.lines().any(|l| l == line)
+}
+
+/// As uid/gid 65534 with no supplementary groups: does `ipaccessctl status` succeed?
+fn nobody_may_read(host: &Host) -> bool {
+    let socket = host.socket();
+    let args = ["--reuid=65534", "--regid=65534", "--clear-groups", "--", binaries().ctl.to_str().unwrap()];
+    let mut argv: Vec<&str> = args.to_vec();
+    argv.extend(["--socket", socket.to_str().unwrap(), "status"]);
+    run_cmd("setpriv", &argv, Duration::from_secs(15)).unwrap().status.success()
+}
+
+#[test]
+fn notifies_ready_watchdog_reload_and_stop() {
+    const WATCHDOG: Duration = Duration::from_secs(1);
+    let mut host = Host::new();
+    // A second interface, configured only later by a reload.
+    let (extra, extra_peer) = ("opsx0", "opsx1");
+    host.hosts.server.ip(&["link", "add", extra, "type", "veth", "peer", "name", extra_peer]).unwrap();
+    host.hosts.server.ip(&["link", "set", extra, "up"]).unwrap();
+    host.hosts.server.ip(&["link", "set", extra_peer, "up"]).unwrap();
+    let server_if = host.hosts.server_if.clone();
+    let config = |interfaces: &[&str], extra: &str| {
+        format!("interfaces = {interfaces:?}\nsocket_mode = 0o666\nretention_days = 30\n{extra}")
+    };
+    host.write_config(&config(&[&server_if], ""));
+    let notify_path = host.path("notify.sock");
+    let mut notifications = Notifications::bind(&notify_path);
+    let launch = Launch {
+        wrapper: Vec::new(),
+        env: vec![
+            ("NOTIFY_SOCKET".into(), notify_path.to_str().unwrap().into()),
+            ("WATCHDOG_USEC".into(), WATCHDOG.as_micros().to_string()),
+        ],
+    };
+    host.spawn(&launch);
+
+    // READY=1 comes once everything is in place: the socket answers at once and the
+    // interface is filtered.
+    let ready = notifications.wait_for("READY=1", READY, |m| has(m, "READY=1"));
+    assert!(ipaccess_tests::daemon::answers(&host.socket()), "READY=1 before the socket answers");
+    assert!(host.xdp_attached(&server_if), "READY=1 before {server_if} is attached");
+    assert!(ready.contains("STATUS=filtering on"), "{ready}");
+    let before_ready = &notifications.seen[..notifications.seen.len() - 1];
+    assert!(before_ready.iter().all(|(_, m)| !has(m, "WATCHDOG=1")), "pinged before READY: {before_ready:?}");
+
+    // Watchdog pings every WATCHDOG/2, well inside the timeout.
+    let pings: Vec<Instant> = notifications
+        .collect(WATCHDOG * 3)
+        .into_iter()
+        .filter(|(_, m)| has(m, "WATCHDOG=1"))
+        .map(|(at, _)| at)
+        .collect();
+    assert!(pings.len() >= 4, "{} pings in {:?}", pings.len(), WATCHDOG * 3);
+    let longest = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(longest < WATCHDOG, "{longest:?} between two pings; the timeout is {WATCHDOG:?}");
+
+    // Reload: a new interface, a role for uid 65534, another log level.
+    assert!(!nobody_may_read(&host), "uid 65534 has no role yet");
+    host.write_config(&config(&[&server_if, extra], "log_level = \"debug\"\n[roles]\ncheck = { uids = [65534] }\n"));
+    let reloads = |notifications: &mut Notifications, host: &mut Host| {
+        host.daemon().signal(libc::SIGHUP);
+        let reloading = notifications.wait_for("RELOADING=1", READY, |m| has(m, "RELOADING=1"));
+        assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading}");
+        notifications.wait_for("READY=1 after RELOADING=1", READY, |m| has(m, "READY=1"))
+    };
+    let done = reloads(&mut notifications, &mut host);
+    assert!(done.contains("STATUS=configuration reloaded"), "{done}");
+    assert!(host.xdp_attached(extra), "the reload did not attach {extra}");
+    let status = host.ok(json!({"cmd": "status"}));
+    assert_eq!(status["interfaces"], json!([extra, server_if.as_str()].iter().collect::<BTreeSet<_>>()));
+    assert!(nobody_may_read(&host), "the reload did not give uid 65534 the check role");
+
+    // Dropping an interface from the list leaves it attached; restart-only keys are named.
+    host.write_config(&config(&[&server_if], "[roles]\ncheck = { uids = [65534] }\n[limits]\nmax_connections = 3\n"));
+    let done = reloads(&mut notifications, &mut host);
+    assert!(done.contains("limits.max_connections need a restart"), "{done}");
+    assert!(host.xdp_attached(extra), "a reload detached {extra}");
+    let log = host.log_text();
+    assert!(log.contains(&format!("{extra} is no longer configured but stays filtered")), "{log}");
+    assert!(log.contains("limits.max_connections changed; it takes effect when ipaccessd is restarted"), "{log}");
+
+    // A broken file is refused; the configuration in force stays.
+    host.write_config("interfaces = [");
+    let done = reloads(&mut notifications, &mut host);
+    assert!(done.contains("STATUS=reload refused"), "{done}");
+    assert!(host.log_text().contains("reload refused, the configuration in force is kept"));
+    assert!(nobody_may_read(&host), "a refused reload changed the roles");
+    // The watchdog still pings after all that.
+    let later = notifications.collect(WATCHDOG);
+    assert!(later.iter().any(|(_, m)| has(m, "WATCHDOG=1")), "{later:?}");
+
+    // SIGTERM: STOPPING=1, a clean exit, and the filter stays.
+    host.daemon().signal(libc::SIGTERM);
+    notifications.wait_for("STOPPING=1", READY, |m| has(m, "STOPPING=1"));
+    let status = host.daemon().wait_exit(READY);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", host.log_text());
+    host.daemon = None;
+    assert!(host.xdp_attached(&server_if) && host.xdp_attached(extra));
+}
+
+/// A change that holds the writer lock for long (a large import) stops the pings; they
+/// resume when it is done.
+#[test]
+fn watchdog_pauses_while_the_writer_is_stuck() {
+    const WATCHDOG: Duration = Duration::from_millis(400);
+    let mut host = Host::new();
+    // Not Host::write_config: the import needs more than the small maps it appends.
+    let config = format!(
+        "interfaces = [\"{}\"]\n[limits]\nmax_admin_request_bytes = 67108864\n[maps]\nslots = 1048576\naccounts = 1024\n",
+        host.hosts.server_if
+    );
+    fs::write(host.path("ipaccessd.toml"), config).unwrap();
+    let notify_path = host.path("notify.sock");
+    let mut notifications = Notifications::bind(&notify_path);
+    let env = vec![
+        ("NOTIFY_SOCKET".into(), notify_path.to_str().unwrap().into()),
+        ("WATCHDOG_USEC".into(), WATCHDOG.as_micros().to_string()),
+    ];
+    host.spawn(&Launch { wrapper: Vec::new(), env });
+    notifications.wait_for("READY=1", READY, |m| has(m, "READY=1"));
+    notifications.wait_for("WATCHDOG=1", WATCHDOG * 4, |m| has(m, "WATCHDOG=1"));
+
+    // 200,000 entries in one change keep the writer lock for a few seconds.
+    let entries: Vec<_> = (0..200_000u32)
+        .map(|i| json!({ "cidr": format!("fd00:{:x}:{:x}::/48", i >> 16, i & 0xffff) }))
+        .collect();
+    let import = json!({ "cmd": "import", "accounts": [{ "account": "big", "entries": entries }] });
+    let started = Instant::now();
+    let reply = std::thread::scope(|s| {
+        let request = s.spawn(|| host.request(import));
+        while !request.is_finished() && started.elapsed() < Duration::from_secs(60) {
+            notifications.collect(Duration::from_millis(50));
+        }
+        request.join().unwrap()
+    });
+    let done = Instant::now();
+    assert!(reply.get("ok").is_some(), "{reply}");
+    let mut pings: Vec<Instant> =
+        notifications.seen.iter().filter(|(at, m)| *at >= started && has(m, "WATCHDOG=1")).map(|(at, _)| *at).collect();
+    pings.insert(0, started);
+    pings.push(done);
+    let longest = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        longest > WATCHDOG,
+        "pings kept coming while the import held the writer lock (longest gap {longest:?}, import {:?})",
+        done - started
+    );
+    assert!(host.log_text().contains("not pinging the watchdog"), "{}", host.log_text());
+    notifications.wait_for("WATCHDOG=1 after the import", WATCHDOG * 4, |m| has(m, "WATCHDOG=1"));
+}
+
+/// CapEff of a process, as a set of capability numbers.
+fn effective_caps(pid: u32) -> BTreeSet<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim().to_string();
+    let bits = u64::from_str_radix(&hex, 16).unwrap();
+    (0..64).filter(|b| bits & (1 << b) != 0).collect()
+}
+
+/// Runs the daemon with a bounding set of exactly `caps` (as root: what CapabilityBoundingSet=
+/// does for the unit) and a zero memlock limit (BPF memory is charged to the cgroup on 6.x).
+fn limited(caps: &[&str]) -> Launch {
+    let set: String = caps.iter().map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase())).collect();
+    let wrapper = ["prlimit", "--memlock=0:0", "setpriv", &format!("--bounding-set=-all{set}"), "--inh-caps=-all", "--"];
+    Launch { wrapper: wrapper.map(String::from).to_vec(), env: Vec::new() }
+}
+
+#[test]
+fn capabilities_are_exactly_what_is_needed() {
+    const PORT: u16 = 7443;
+    let needed: Vec<&str> = capabilities::REQUIRED.iter().map(|&(_, name)| name).collect();
+    let mut host = Host::new();
+    host.write_config(&format!("interfaces = [\"{}\"]\ndrop_samples_per_second = 100\n", host.hosts.server_if));
+    host.start(&limited(&needed));
+    let pid = host.daemon().child.id();
+    let bits: BTreeSet<u32> = capabilities::REQUIRED.iter().map(|&(bit, _)| bit).collect();
+    assert_eq!(effective_caps(pid), bits, "the daemon runs with more or fewer capabilities than intended");
+
+    let (server, good, bad) = (host.hosts.server_v4, host.hosts.client_v4[0], host.hosts.client_v4[1]);
+    let target = SocketAddr::new(server.into(), PORT);
+    let _listener = TcpServer::start_in(&host.hosts.server, target).unwrap();
+    host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT}));
+    host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
+    let enforcing = |host: &Host| {
+        host.hosts.client.run(|| {
+            tcp_connect(IpAddr::V4(good), target, Duration::from_secs(2))
+                && !tcp_connect(IpAddr::V4(bad), target, Duration::from_millis(500))
+        })
+    };
+    assert!(enforcing(&host), "not enforcing with {needed:?}");
+    // Drop samples come through the ring buffer into the activity log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let activity = host.ok(json!({"cmd": "activity", "account": "acme", "denied_only": true}));
+        if activity.as_array().unwrap().iter().any(|a| a["kind"] == "drop" && a["address"] == bad.to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no drop sample from {bad}: {activity}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A restart with the same set reuses the pinned maps and updates the pinned link.
+    host.daemon.take().unwrap().terminate().expect("stops on SIGTERM");
+    host.start(&limited(&needed));
+    assert!(host.log_text().contains("switched the pinned XDP link to the new program"));
+    assert!(enforcing(&host), "not enforcing after a restart with {needed:?}");
+    host.daemon.take().unwrap().terminate().expect("stops on SIGTERM");
+
+    // Without any one of them the daemon does not start, and says which one is missing;
+    // the filter stays attached and enforcing meanwhile.
+    for missing in &needed {
+        let fewer: Vec<&str> = needed.iter().copied().filter(|c| c != missing).collect();
+        let daemon = host.spawn(&limited(&fewer));
+        let status = daemon.wait_exit(READY);
+        host.daemon = None;
+        let log = host.log_text();
+        assert!(status.is_some_and(|s| !s.success()), "started without {missing}: {status:?}\n{log}");
+        let last = log.lines().rev().find(|l| l.contains("lacks")).unwrap_or_default().to_string();
+        assert!(last.contains(&format!("ipaccessd lacks {missing} (it needs")), "without {missing}:\n{log}");
+        assert!(enforcing(&host), "the filter stopped after a failed start without {missing}");
+        fs::write(host.log(), "").unwrap();
+    }
+}
