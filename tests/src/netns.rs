@@ -717,6 +717,44 @@ fn echo_tcp(mut conn: TcpStream, stop: &AtomicBool) {
     }
 }
 
+/// A UDP socket in `ns` bound to `src` (port 0) and connected to `dst`.
+pub fn udp_client(ns: &Netns, src: IpAddr, dst: SocketAddr) -> UdpSocket {
+    ns.run(move || {
+        let sock = UdpSocket::bind(SocketAddr::new(src, 0))?;
+        sock.connect(dst)?;
+        io::Result::Ok(sock)
+    })
+    .expect("udp client socket")
+}
+
+/// Sends `count` datagrams of `payload` (paced, so no queue on the way overflows).
+pub fn send_udp(sock: &UdpSocket, payload: &[u8], count: usize) {
+    for i in 0..count {
+        sock.send(payload).expect("send");
+        if i % 8 == 7 {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Sends `count` datagrams one at a time, each waiting (at most `timeout`) for its echo;
+/// returns how many came back.
+pub fn echoed_udp(sock: &UdpSocket, payload: &[u8], count: usize, timeout: Duration) -> usize {
+    let mut buf = vec![0u8; payload.len() + 1];
+    let mut back = 0;
+    for _ in 0..count {
+        sock.send(payload).expect("send");
+        sock.set_read_timeout(Some(timeout)).unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) if &buf[..n] == payload => back += 1,
+            Ok(n) => panic!("unexpected {n}-byte datagram"),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+    back
+}
+
 /// A UDP socket inside a namespace that sends every datagram back to its sender, until dropped.
 pub struct UdpEchoServer {
     addr: SocketAddr,

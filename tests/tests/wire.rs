@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use ipaccess::datapath::{self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode};
 use ipaccess_common::{AccountCounters, NEVER_EXPIRES};
 use ipaccess_tests::netns::{
-    BpfFs, Netns, TcpServer, TestHosts, UdpEchoServer, icmp_echo, neighbours, tcp_connect, udp_roundtrip,
+    BpfFs, Netns, TcpServer, TestHosts, UdpEchoServer, echoed_udp, icmp_echo, neighbours, send_udp, tcp_connect,
+    udp_client, udp_roundtrip,
 };
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -87,44 +88,6 @@ fn tcp_ok(hosts: &TestHosts, src: impl Into<IpAddr>, dst: SocketAddr, timeout: D
 fn udp_ok(hosts: &TestHosts, src: impl Into<IpAddr>, dst: SocketAddr, timeout: Duration) -> bool {
     let src = src.into();
     hosts.client.run(move || udp_roundtrip(src, dst, b"wire-test", timeout))
-}
-
-/// A UDP socket in `ns` bound to `src` (port 0) and connected to `dst`.
-fn udp_client(ns: &Netns, src: IpAddr, dst: SocketAddr) -> UdpSocket {
-    ns.run(move || {
-        let sock = UdpSocket::bind(SocketAddr::new(src, 0))?;
-        sock.connect(dst)?;
-        io::Result::Ok(sock)
-    })
-    .expect("udp client socket")
-}
-
-/// Sends `count` datagrams of `payload` (paced, so no queue on the way overflows).
-fn send_udp(sock: &UdpSocket, payload: &[u8], count: usize) {
-    for i in 0..count {
-        sock.send(payload).expect("send");
-        if i % 8 == 7 {
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-/// Sends `count` datagrams one at a time, each waiting (at most `timeout`) for its echo;
-/// returns how many came back.
-fn echoed_udp(sock: &UdpSocket, payload: &[u8], count: usize, timeout: Duration) -> usize {
-    let mut buf = vec![0u8; payload.len() + 1];
-    let mut back = 0;
-    for _ in 0..count {
-        sock.send(payload).expect("send");
-        sock.set_read_timeout(Some(timeout)).unwrap();
-        match sock.recv(&mut buf) {
-            Ok(n) if &buf[..n] == payload => back += 1,
-            Ok(n) => panic!("unexpected {n}-byte datagram"),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-            Err(e) => panic!("recv: {e}"),
-        }
-    }
-    back
 }
 
 /// Waits (at most 2 s) until `done(counters)` holds; returns the last counters read.
