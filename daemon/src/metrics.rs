@@ -113,7 +113,7 @@ pub fn render(s: &Snapshot) -> String {
     family(
         "ipaccess_host_packets_total",
         "counter",
-        "Packets the XDP filter passed without an account decision, by kind.",
+        "Packets the XDP filter decided without an account, by kind (malformed ones are dropped, the rest pass).",
         &mut [
             ("non_ip", h.non_ip_packets),
             ("unbound", h.unbound_packets),

@@ -13,6 +13,8 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    // systemd-analyze, for the test that verifies the unit file (systemd need not run).
+    "systemd",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
