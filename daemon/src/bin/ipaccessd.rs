@@ -80,9 +80,7 @@ async fn main() -> anyhow::Result<()> {
     }
     ensure_bpffs(&config.bpffs).context("preparing bpffs")?;
     let options = DatapathOptions { bpffs: config.bpffs.clone(), slots: config.maps.slots, accounts: config.maps.accounts };
-    let mut datapath = Datapath::open(&options)
-        .with_context(|| capabilities::hint().unwrap_or_default())
-        .context("loading the XDP program")?;
+    let mut datapath = explain_capabilities(Datapath::open(&options)).context("loading the XDP program")?;
     if !args.detach.is_empty() {
         for iface in &args.detach {
             if !datapath.detach(iface)? {
@@ -101,10 +99,7 @@ async fn main() -> anyhow::Result<()> {
         let service = Service::start(store, datapath, activity, &config)
             .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
-            let how = service
-                .attach(iface)
-                .with_context(|| capabilities::hint().unwrap_or_default())
-                .with_context(|| format!("attaching to {iface}"))?;
+            let how = explain_capabilities(service.attach(iface)).with_context(|| format!("attaching to {iface}"))?;
             interfaces.push(format!("{iface} ({how:?})"));
         }
         Arc::new(service)
@@ -143,6 +138,18 @@ async fn main() -> anyhow::Result<()> {
     service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
     Ok(())
+}
+
+/// Adds to an error from loading or attaching which required capabilities the process
+/// lacks, if it lacks any (the kernel's EPERM does not say).
+fn explain_capabilities<T, E>(result: Result<T, E>) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    result.map_err(|e| match capabilities::hint() {
+        Some(hint) => anyhow::Error::new(e).context(hint),
+        None => anyhow::Error::new(e),
+    })
 }
 
 /// SIGHUP: read the configuration again and apply it (see `ipaccess::reload`), between
