@@ -8,7 +8,7 @@
 use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use ipaccess::{
     config::{self, Config},
     datapath::{Datapath, DatapathOptions, ensure_bpffs},
@@ -63,6 +63,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
+    if let Some(status) = ipaccess::docs::generate_if_requested(Args::command, "ipaccessd") {
+        std::process::exit(status);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     let config = load_config(&args)?;
