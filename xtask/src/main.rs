@@ -1,7 +1,8 @@
-//! `cargo xtask`: installs the toolchain the eBPF build needs and drives build, run, test and
-//! bench. Every command runs `setup` first, so a fresh machine needs nothing but
+//! `cargo xtask`: installs the toolchain the eBPF build needs and drives build, run, test,
+//! bench and package. Every command runs `setup` first, so a fresh machine needs nothing but
 //! `cargo xtask <command>`.
 
+mod package;
 mod setup;
 
 use std::{
@@ -47,6 +48,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Build the Debian package: binaries, systemd unit, configuration, man pages and shell
+    /// completions in target/debian/ipaccess_<version>_<arch>.deb.
+    Package,
     /// Run the benchmark binary `bench-<NAME>` from the tests crate, e.g. `cargo xtask bench
     /// datapath -- <args>`.
     Bench {
@@ -107,6 +111,12 @@ fn run(cli: Cli) -> Result<()> {
             let daemon = target_dir().join("release/ipaccessd");
             let err = command(&daemon).args(args).exec();
             Err(err).with_context(|| format!("failed to exec {}", daemon.display()))
+        }
+        Cmd::Package => {
+            setup::run()?;
+            let deb = package::run()?;
+            println!("package: {}", deb.display());
+            Ok(())
         }
         Cmd::Bench { name, args } => {
             setup::run()?;
