@@ -3,3 +3,4 @@ pub mod model;
 pub mod packets;
 pub mod netns;
 pub mod daemon;
+pub mod xtask;
