@@ -2,6 +2,7 @@
 //! bench and package. Every command runs `setup` first, so a fresh machine needs nothing but
 //! `cargo xtask <command>`.
 
+mod demo;
 mod package;
 mod setup;
 
@@ -48,6 +49,10 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// A narrated tour (needs root): two namespaced hosts, the real daemon filtering one of
+    /// them, allowed and blocked clients, a refused login, a support override, counters and
+    /// the activity log. Removes everything it made, also on Ctrl-C.
+    Demo,
     /// Build the Debian package: binaries, systemd unit, configuration, man pages and shell
     /// completions in target/debian/ipaccess_<version>_<arch>.deb.
     Package,
@@ -111,6 +116,11 @@ fn run(cli: Cli) -> Result<()> {
             let daemon = target_dir().join("release/ipaccessd");
             let err = command(&daemon).args(args).exec();
             Err(err).with_context(|| format!("failed to exec {}", daemon.display()))
+        }
+        Cmd::Demo => {
+            require_root("demo")?;
+            setup::run()?;
+            demo::run()
         }
         Cmd::Package => {
             setup::run()?;
