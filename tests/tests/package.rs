@@ -58,6 +58,13 @@ fn contents() -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The package's files, unpacked into a fresh directory.
+fn extracted() -> TempDir {
+    let root = TempDir::new();
+    dpkg_deb(&["--extract", root.0.to_str().unwrap()]);
+    root
+}
+
 #[test]
 fn package_control_fields() {
     let field = |name: &str| dpkg_deb(&["--field", name]).trim().to_string();
@@ -106,9 +113,8 @@ fn package_files() {
     }
 
     // The packaged binaries run, and are the version the package says.
-    let root = TempDir::new();
+    let root = extracted();
     let dir = root.0.to_str().unwrap();
-    dpkg_deb(&["--extract", dir]);
     let version = run_ok(&format!("{dir}/usr/bin/ipaccessctl"), &["--version"]).unwrap();
     assert_eq!(version.trim(), format!("ipaccessctl {}", env!("CARGO_PKG_VERSION")));
     let help = run_ok(&format!("{dir}/usr/bin/ipaccessd"), &["--help"]).unwrap();
@@ -120,9 +126,7 @@ fn package_files() {
 
 #[test]
 fn package_man_pages_render() {
-    let root = TempDir::new();
-    let dir = root.0.to_str().unwrap();
-    dpkg_deb(&["--extract", dir]);
+    let root = extracted();
     let man8 = root.0.join("usr/share/man/man8");
     let mut pages = BTreeSet::new();
     let mut referenced = BTreeSet::new();
@@ -164,9 +168,7 @@ fn package_man_pages_render() {
 
 #[test]
 fn package_completions_parse() {
-    let root = TempDir::new();
-    let dir = root.0.to_str().unwrap();
-    dpkg_deb(&["--extract", dir]);
+    let root = extracted();
     let share = root.0.join("usr/share");
     for name in ["ipaccessd", "ipaccessctl"] {
         let bash = share.join("bash-completion/completions").join(name);
@@ -190,9 +192,7 @@ fn package_completions_parse() {
 /// key showing its real default.
 #[test]
 fn package_config_documents_the_defaults() {
-    let root = TempDir::new();
-    let dir = root.0.to_str().unwrap();
-    dpkg_deb(&["--extract", dir]);
+    let root = extracted();
     let text = fs::read_to_string(root.0.join("etc/ipaccess/ipaccessd.toml")).unwrap();
     // Group ipaccess exists only where the package is installed; root's group 0 stands in.
     let text = text.replace("\"ipaccess\"", "\"root\"");
