@@ -7,14 +7,14 @@
 //! state_dir = "/var/lib/ipaccess"
 //! socket = "/run/ipaccess/ipaccessd.sock"
 //! socket_mode = 0o660
-//! socket_group = 998  # gid owning the socket, so that its members can connect
+//! socket_group = "ipaccess"  # group owning the socket (name or gid): its members can connect
 //! retention_days = 90 # activity kept
 //! drop_samples_per_second = 10  # per CPU, into the activity log
 //! min_override_ttl_seconds = 60
 //! log_level = "info" # error, warn, info, debug or trace; RUST_LOG, when set, wins
 //!
-//! [roles]            # uids and gids by number; root has every role
-//! check = { gids = [998] }
+//! [roles]            # uids by number, groups by name or gid; root has every role
+//! check = { gids = ["ipaccess", 998] }
 //! admin = { uids = [1001] }
 //! support = { gids = [997] }
 //!
@@ -39,9 +39,9 @@
 //! needing a restart. A file that does not load is refused and the running one kept
 //! (docs/operations.md).
 
-use std::{collections::BTreeSet, fs, io, net::SocketAddr, path::{Path, PathBuf}};
+use std::{collections::BTreeSet, ffi::CString, fs, io, net::SocketAddr, path::{Path, PathBuf}};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de::Error as _};
 
 use crate::protocol::Role;
 
@@ -59,8 +59,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Permission bits of the socket file.
     pub socket_mode: u32,
-    /// Group owning the socket file (by gid); its members can connect, and then their roles
-    /// decide what they may do.
+    /// Group owning the socket file (a name or a gid); its members can connect, and then their
+    /// roles decide what they may do.
+    #[serde(deserialize_with = "some_group")]
     pub socket_group: Option<u32>,
     /// Days of activity (login checks, audited changes, drop samples) kept.
     pub retention_days: u32,
@@ -111,6 +112,8 @@ pub struct Roles {
 #[serde(default, deny_unknown_fields)]
 pub struct Principals {
     pub uids: BTreeSet<u32>,
+    /// Groups, by name or gid.
+    #[serde(deserialize_with = "groups")]
     pub gids: BTreeSet<u32>,
 }
 
@@ -132,6 +135,56 @@ impl Roles {
             .map(|(role, _)| role)
             .collect()
     }
+}
+
+/// A group as the configuration names it. Names are looked up when the file is read, so a
+/// packaged configuration can name the group its installer created without knowing its gid.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "a group name or a gid")]
+enum Group {
+    Id(u32),
+    Name(String),
+}
+
+impl Group {
+    fn gid(self) -> Result<u32, String> {
+        match self {
+            Group::Id(gid) => Ok(gid),
+            Group::Name(name) => match gid_of(&name) {
+                Ok(Some(gid)) => Ok(gid),
+                Ok(None) => Err(format!("there is no group named {name:?}")),
+                Err(e) => Err(format!("looking up group {name:?}: {e}")),
+            },
+        }
+    }
+}
+
+fn some_group<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    Group::deserialize(d)?.gid().map(Some).map_err(D::Error::custom)
+}
+
+fn groups<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeSet<u32>, D::Error> {
+    Vec::<Group>::deserialize(d)?.into_iter().map(|g| g.gid().map_err(D::Error::custom)).collect()
+}
+
+/// The gid of group `name` from the system's group database (NSS), `None` if there is none.
+fn gid_of(name: &str) -> io::Result<Option<u32>> {
+    let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // The entry (with its member list) must fit in `buf`: grow it on ERANGE, a few times at most.
+    for _ in 0..6 {
+        // SAFETY: all-zero is a valid `struct group`; getgrnam_r fills it in.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found = std::ptr::null_mut();
+        // SAFETY: valid C string, output struct and buffer of the given length.
+        let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut group, buf.as_mut_ptr(), buf.len(), &mut found) };
+        match rc {
+            0 => return Ok((!found.is_null()).then_some(group.gr_gid)),
+            libc::ERANGE => buf.resize(buf.len() * 4, 0),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+    Err(io::Error::other("the group entry is too large"))
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -275,6 +328,27 @@ mod tests {
         assert_eq!(config.roles.of(1002, &[5, 998]), [Role::Check].into());
         assert!(config.roles.of(65534, &[65534]).is_empty());
         assert_eq!(config.roles.of(0, &[]).len(), 3);
+    }
+
+    #[test]
+    fn groups_by_name_or_gid() {
+        // Group 0 is called root on every Linux system.
+        let config: Config = toml::from_str(
+            r#"
+            socket_group = "root"
+            [roles]
+            support = { gids = ["root", 997] }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.socket_group, Some(0));
+        assert_eq!(config.roles.support.gids, [0, 997].into());
+        assert_eq!(toml::from_str::<Config>("socket_group = 998").unwrap().socket_group, Some(998));
+
+        let err = toml::from_str::<Config>(r#"socket_group = "no-such-group-here""#).unwrap_err();
+        assert!(err.to_string().contains(r#"no group named "no-such-group-here""#), "{err}");
+        let err = toml::from_str::<Config>("[roles]\ncheck = { gids = [true] }").unwrap_err();
+        assert!(err.to_string().contains("a group name or a gid"), "{err}");
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! - `config`: ipaccessd's configuration file;
 //! - `systemd`, `logging`, `reload`, `metrics`, `capabilities`: running as a service
 //!   (docs/operations.md).
+//! - `docs`: man pages and shell completions generated from the command lines.
 
 pub mod capabilities;
 pub mod config;
 pub mod datapath;
+pub mod docs;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

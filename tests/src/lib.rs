@@ -3,5 +3,5 @@ pub mod model;
 pub mod packets;
 pub mod netns;
 pub mod daemon;
-
 pub mod ops;
+pub mod xtask;

@@ -1,7 +1,9 @@
-//! `cargo xtask`: installs the toolchain the eBPF build needs and drives build, run, test and
-//! bench. Every command runs `setup` first, so a fresh machine needs nothing but
+//! `cargo xtask`: installs the toolchain the eBPF build needs and drives build, run, test,
+//! bench and package. Every command runs `setup` first, so a fresh machine needs nothing but
 //! `cargo xtask <command>`.
 
+mod demo;
+mod package;
 mod setup;
 
 use std::{
@@ -47,6 +49,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// A narrated tour (needs root): two namespaced hosts, the real daemon filtering one of
+    /// them, allowed and blocked clients, a refused login, a support override, counters and
+    /// the activity log. Removes everything it made, also on Ctrl-C.
+    Demo,
+    /// Build the Debian package: binaries, systemd unit, configuration, man pages and shell
+    /// completions in target/debian/ipaccess_<version>_<arch>.deb.
+    Package,
     /// Run the benchmark binary `bench-<NAME>` from the tests crate, e.g. `cargo xtask bench
     /// datapath -- <args>`.
     Bench {
@@ -107,6 +116,17 @@ fn run(cli: Cli) -> Result<()> {
             let daemon = target_dir().join("release/ipaccessd");
             let err = command(&daemon).args(args).exec();
             Err(err).with_context(|| format!("failed to exec {}", daemon.display()))
+        }
+        Cmd::Demo => {
+            require_root("demo")?;
+            setup::run()?;
+            demo::run()
+        }
+        Cmd::Package => {
+            setup::run()?;
+            let deb = package::run()?;
+            println!("package: {}", deb.display());
+            Ok(())
         }
         Cmd::Bench { name, args } => {
             setup::run()?;

@@ -1,12 +1,15 @@
-//! `cargo xtask setup`: makes this machine able to build the XDP program. Each step checks
-//! first and installs only what is missing, so a second run takes a moment.
+//! `cargo xtask setup`: makes this machine able to build the XDP program and the Debian
+//! package. Each step checks first and installs only what is missing, so a second run takes a
+//! moment.
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo, command, is_root, status};
 
 /// Debian packages: LLVM 22 (+ polly, zstd, zlib, which its libLLVM links against) for
-/// bpf-linker, and iproute2 for the tests' network namespaces.
+/// bpf-linker, iproute2 for the tests' network namespaces, dpkg-dev (dpkg-shlibdeps, which
+/// cargo-deb asks for the package's library dependencies), and for the package test groff
+/// (man pages must render cleanly) and adduser (the package's postinst runs it).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -15,15 +18,22 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     // systemd-analyze, for the test that verifies the unit file (systemd need not run).
     "systemd",
+    // Packaging: dpkg-deb for cargo-deb, groff to check the man pages, adduser for postinst.
+    "dpkg-dev",
+    "groff-base",
+    "adduser",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds on stable Rust (1.85 or later).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 pub fn run() -> Result<()> {
     nightly()?;
     packages()?;
     rust_src()?;
-    bpf_linker()
+    bpf_linker()?;
+    cargo_deb()
 }
 
 /// Output of a check command; None when it could not run or failed.
@@ -105,4 +115,13 @@ fn bpf_linker() -> Result<()> {
         println!("setup: `cargo install --locked` failed ({err:#}); retrying without --locked");
         install(false)
     })
+}
+
+fn cargo_deb() -> Result<()> {
+    if let Some(version) = query("cargo-deb", &["--version"]) {
+        println!("setup: {} present", version.trim());
+        return Ok(());
+    }
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION}");
+    status(&mut cargo(["install", "cargo-deb", "--version", CARGO_DEB_VERSION, "--locked"]))
 }

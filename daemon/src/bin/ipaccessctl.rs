@@ -677,6 +677,9 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
 }
 
 fn main() {
+    if let Some(status) = ipaccess::docs::generate_if_requested(<Cli as clap::CommandFactory>::command, "ipaccessctl") {
+        std::process::exit(status);
+    }
     std::process::exit(run(std::env::args_os(), &mut std::io::stdout().lock()));
 }
 

@@ -10,7 +10,7 @@
 use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use ipaccess::{
     capabilities,
     config::{self, Config},
@@ -28,7 +28,7 @@ use tokio::{
 };
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Per-account IP access control daemon")]
+#[command(name = "ipaccessd", version, about = "Per-account IP access control daemon")]
 struct Args {
     /// Configuration file (default /etc/ipaccess/ipaccessd.toml, optional).
     #[arg(long, value_name = "PATH")]
@@ -71,6 +71,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
+    if let Some(status) = ipaccess::docs::generate_if_requested(Args::command, "ipaccessd") {
+        std::process::exit(status);
+    }
     let destination = logging::init();
     let args = Args::parse();
     let config = load_config(&args)?;
