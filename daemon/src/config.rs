@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! interfaces = ["eth0"]
+//! xdp_mode = "auto" # "native" (refuse drivers without XDP), "generic", or native else generic
 //! bpffs = "/sys/fs/bpf"
 //! state_dir = "/var/lib/ipaccess"
 //! socket = "/run/ipaccess/ipaccessd.sock"
@@ -33,7 +34,7 @@
 //! ```
 //!
 //! On SIGHUP (`systemctl reload ipaccessd`) the file is read again: `interfaces` (new ones
-//! are attached; removed ones stay attached), `roles`, `limits` (except
+//! are attached, in the new `xdp_mode`; removed ones stay attached), `roles`, `limits` (except
 //! `max_connections`), `retention_days`, `min_override_ttl_seconds`,
 //! `drop_samples_per_second` and `log_level` change at once; the others are logged as
 //! needing a restart. A file that does not load is refused and the running one kept
@@ -43,7 +44,7 @@ use std::{collections::BTreeSet, ffi::CString, fs, io, net::SocketAddr, path::{P
 
 use serde::{Deserialize, Deserializer, de::Error as _};
 
-use crate::protocol::Role;
+use crate::{datapath::XdpMode, protocol::Role};
 
 pub const DEFAULT_PATH: &str = "/etc/ipaccess/ipaccessd.toml";
 
@@ -52,6 +53,8 @@ pub const DEFAULT_PATH: &str = "/etc/ipaccess/ipaccessd.toml";
 pub struct Config {
     /// Interfaces to filter.
     pub interfaces: Vec<String>,
+    /// Where the program may run on them: native XDP, generic, or native with a fallback.
+    pub xdp_mode: XdpMode,
     /// Where bpffs is mounted (mounted there if it is not).
     pub bpffs: PathBuf,
     /// The store lives here (`ipaccess.db`).
@@ -82,6 +85,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             interfaces: Vec::new(),
+            xdp_mode: XdpMode::Auto,
             bpffs: PathBuf::from("/sys/fs/bpf"),
             state_dir: PathBuf::from("/var/lib/ipaccess"),
             socket: PathBuf::from("/run/ipaccess/ipaccessd.sock"),

@@ -23,7 +23,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::{protocol::Reason, service::Service};
+use crate::{datapath::netlink::XdpPath, protocol::Reason, service::Service};
 
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,6 +73,8 @@ pub struct Snapshot {
     /// Account slots the maps have room for (slot 0 means "no account" and is not counted).
     pub account_slots: u64,
     pub reconcile_seconds: f64,
+    /// Interfaces with the filter pinned, and where the kernel runs it (`None`: not found).
+    pub interfaces: Vec<(String, Option<XdpPath>)>,
 }
 
 /// The snapshot in the text exposition format.
@@ -159,6 +161,16 @@ pub fn render(s: &Snapshot) -> String {
         "gauge",
         "How long making the kernel's maps match the store took when the daemon started.",
         &mut plain(format!("{:.6}", s.reconcile_seconds)),
+    );
+    family(
+        "ipaccess_interface_attached",
+        "gauge",
+        "1 for each interface the filter is pinned to, labelled with where the kernel runs it \
+         (native, generic, offloaded, several, or none if the kernel shows no program there).",
+        &mut s.interfaces.iter().map(|(iface, path)| {
+            let path = path.map_or("none".to_string(), |p| p.to_string());
+            (format!("{{interface=\"{}\",path=\"{path}\"}}", label_value(iface)), "1".to_string())
+        }),
     );
     out
 }
@@ -319,6 +331,7 @@ mod tests {
             table_slots: 100,
             account_slots: 1023,
             reconcile_seconds: 0.25,
+            interfaces: vec![("eth0".into(), Some(XdpPath::Generic)), ("eth1".into(), None)],
         };
         let text = render(&snapshot);
         for line in [
@@ -333,6 +346,8 @@ mod tests {
             "ipaccess_account_slots 1023",
             "ipaccess_reconcile_duration_seconds 0.250000",
             "# TYPE ipaccess_table_slots gauge",
+            r#"ipaccess_interface_attached{interface="eth0",path="generic"} 1"#,
+            r#"ipaccess_interface_attached{interface="eth1",path="none"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -56,8 +56,8 @@ pub fn apply(service: &Service, current: &Config, next: Config) -> (Config, Stri
     logging::set_level(next.log_level.filter());
     let mut failed = Vec::new();
     for iface in &plan.attach {
-        match service.attach(iface) {
-            Ok(how) => info!("reload: {iface} attached ({how:?})"),
+        match service.attach(iface, next.xdp_mode) {
+            Ok(how) => info!("reload: {iface}: {how}"),
             Err(e) => {
                 error!("reload: cannot attach to {iface}: {e}");
                 failed.push(iface.clone());

@@ -272,8 +272,8 @@ impl Service {
     }
 
     /// Attaches the filter to an interface (see [`Datapath::attach`]).
-    pub fn attach(&self, iface: &str) -> Result<datapath::Attachment, DatapathError> {
-        self.writer.lock().expect("writer lock").datapath.attach(iface)
+    pub fn attach(&self, iface: &str, mode: datapath::XdpMode) -> Result<datapath::Attachment, DatapathError> {
+        self.writer.lock().expect("writer lock").datapath.attach(iface, mode)
     }
 
     /// Runs one command for a caller whose uid is `uid` (recorded as the author of changes).
@@ -453,6 +453,8 @@ impl Service {
         Ok(json!({
             "accounts": self.accounts.read().expect("cache lock").len(),
             "interfaces": writer.datapath.attached_interfaces(),
+            "xdp": writer.datapath.attachments().into_iter().map(|(interface, path)| json!({
+                "interface": interface, "path": path })).collect::<Vec<_>>(),
             "pin_dir": writer.datapath.pin_dir(),
             "table_slots_used": used,
             "table_slots": capacity,
@@ -485,6 +487,7 @@ impl Service {
             table_slots,
             account_slots: u64::from(writer.datapath.account_capacity().saturating_sub(1)),
             reconcile_seconds: self.reconcile.as_secs_f64(),
+            interfaces: writer.datapath.attachments(),
         })
     }
 

@@ -381,11 +381,12 @@ fn every_command() {
     let status = w.ok(&["status"]);
     assert_eq!(status["accounts"], 0, "{status}");
     assert_eq!(status["interfaces"], json!([server_if]), "{status}");
+    assert_eq!(status["xdp"], json!([{"interface": server_if, "path": "native"}]), "veth runs native XDP: {status}");
     let pin_dir = status["pin_dir"].as_str().unwrap();
     assert!(pin_dir.starts_with(w.bpffs.path().to_str().unwrap()), "{status}");
     let human = w.ctl(&["status"]);
     assert_eq!(human.code, 0, "{human:#?}");
-    assert!(human.stdout.contains(&format!("interfaces: [\"{server_if}\"]\n")), "{human:#?}");
+    assert!(human.stdout.contains(&format!("interfaces: {server_if} (native XDP)\n")), "{human:#?}");
 
     // account add
     let acme = w.ok(&["account", "add", "acme"]);
@@ -715,6 +716,25 @@ fn enforced_on_the_wire() {
     assert!(!tcp_ok(hosts, bad, bound, FAIL));
     w.ok(&["bind", "remove", &bound.to_string()]);
     assert!(tcp_ok(hosts, bad, bound, OK), "a removed binding still filters");
+}
+
+/// `xdp_mode = "generic"` puts the filter in the generic path even where the driver has
+/// native XDP; status says so, and it enforces there too.
+#[test]
+fn generic_xdp_mode_enforces() {
+    let w = World::new("xdp_mode = \"generic\"");
+    let hosts = &w.hosts;
+    let status = w.ok(&["status"]);
+    assert_eq!(status["xdp"], json!([{"interface": hosts.server_if, "path": "generic"}]), "{status}");
+    let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
+    let bound = sa(hosts.server_v4, 7001);
+    let _server = TcpServer::start_in(&hosts.server, bound).unwrap();
+    w.ok(&["account", "add", "acct"]);
+    w.ok(&["bind", "add", "acct", &bound.to_string()]);
+    w.ok(&["allow", "add", "acct", &format!("{good}/32")]);
+    w.ok(&["account", "mode", "acct", "enforce"]);
+    assert!(tcp_ok(hosts, good, bound, OK), "allowed source refused");
+    assert!(!tcp_ok(hosts, bad, bound, FAIL), "disallowed source got through in generic XDP");
 }
 
 /// Everything the daemon's clients can read, through one connection.

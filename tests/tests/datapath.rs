@@ -1,13 +1,15 @@
 //! Loader and program behaviour beyond verdicts: drop samples and their rate limit, the
-//! generic-XDP fallback, state kept across a restart, and one writer per pin directory.
+//! XDP modes (native, generic, the fallback between them, as the kernel reports them), state kept across a restart, and one writer per pin directory.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
-use ipaccess::datapath::{Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode};
+use ipaccess::datapath::{
+    Attachment, BindTarget, Binding, Datapath, DatapathError, DatapathOptions, Mode, XdpMode, netlink::XdpPath,
+};
 use ipaccess_common::{DropSample, FAMILY_V4, NEVER_EXPIRES, reason};
 use ipaccess_tests::{
-    netns::{BpfFs, Netns},
+    netns::{BpfFs, Netns, TestHosts},
     packets,
 };
 
@@ -83,18 +85,58 @@ fn drop_samples_describe_the_packet_and_respect_the_budget() {
 }
 
 #[test]
-fn falls_back_to_generic_xdp_where_the_driver_has_none() {
+fn xdp_mode_on_an_interface_without_driver_support() {
     // Loopback has no driver-level XDP.
     let ns = Netns::new("ipagen").unwrap();
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
     let bpffs = BpfFs::new().unwrap();
     let mut dp = open(&bpffs);
-    let attachment = ns.run(move || {
-        let attachment = dp.attach("lo").expect("attach");
-        assert!(dp.detach("lo").unwrap());
-        attachment
+    ns.run(move || {
+        let native = dp.attach("lo", XdpMode::Native);
+        assert!(
+            matches!(&native, Err(e @ DatapathError::NoNativeXdp { .. }) if e.to_string().contains("xdp_mode = \"auto\"")),
+            "native only must be refused on lo: {native:?}"
+        );
+        assert_eq!(dp.attachments(), [], "a refused attach leaves nothing behind");
+
+        for mode in [XdpMode::Auto, XdpMode::Generic] {
+            let attachment = dp.attach("lo", mode).expect("attach");
+            assert_eq!(attachment, Attachment { path: XdpPath::Generic, reused: false }, "{mode:?}");
+            assert_eq!(dp.attachments(), [("lo".to_string(), Some(XdpPath::Generic))], "as the kernel reports it");
+            assert!(dp.detach("lo").unwrap());
+            assert_eq!(dp.attachments(), []);
+        }
     });
-    assert_eq!(attachment, Attachment::Generic);
+}
+
+/// A veth has native XDP: each mode gets the path it asks for, and a restarted loader keeps
+/// the path the pinned link has rather than detaching to change it.
+#[test]
+fn xdp_mode_on_an_interface_with_driver_support() {
+    let hosts = TestHosts::new().unwrap();
+    let iface = hosts.server_if.clone();
+    let bpffs = BpfFs::new().unwrap();
+    hosts.server.run(|| {
+        let mut dp = open(&bpffs);
+        let kernel_says = || ipaccess::datapath::netlink::xdp_path(&iface).unwrap();
+        assert_eq!(kernel_says(), None);
+        assert_eq!(dp.attach(&iface, XdpMode::Generic).unwrap(), Attachment { path: XdpPath::Generic, reused: false });
+        assert_eq!(kernel_says(), Some(XdpPath::Generic));
+
+        // A new loader asking for native finds the generic link and keeps it as it is.
+        drop(dp);
+        let mut dp = open(&bpffs);
+        assert_eq!(dp.attach(&iface, XdpMode::Native).unwrap(), Attachment { path: XdpPath::Generic, reused: true });
+        assert_eq!(kernel_says(), Some(XdpPath::Generic));
+
+        assert!(dp.detach(&iface).unwrap());
+        assert_eq!(kernel_says(), None);
+        for mode in [XdpMode::Native, XdpMode::Auto] {
+            assert_eq!(dp.attach(&iface, mode).unwrap(), Attachment { path: XdpPath::Native, reused: false }, "{mode:?}");
+            assert_eq!(dp.attachments(), [(iface.clone(), Some(XdpPath::Native))]);
+            assert!(dp.detach(&iface).unwrap());
+        }
+    });
 }
 
 #[test]

@@ -152,6 +152,8 @@ fn metrics_match_traffic_and_checks() {
     let reconcile = value(&metrics, "ipaccess_reconcile_duration_seconds");
     assert!(reconcile > 0.0 && reconcile < 60.0, "{reconcile}");
     assert_eq!(value(&metrics, r#"ipaccess_host_packets_total{kind="malformed"}"#), 0.0);
+    let attached = format!("ipaccess_interface_attached{{interface=\"{}\",path=\"native\"}}", host.hosts.server_if);
+    assert_eq!(value(&metrics, &attached), 1.0, "the veth runs native XDP");
 }
 
 #[test]

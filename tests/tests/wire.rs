@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipaccess::datapath::{self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode};
+use ipaccess::datapath::{self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode, XdpMode, netlink::XdpPath};
 use ipaccess_common::{AccountCounters, NEVER_EXPIRES};
 use ipaccess_tests::netns::{
     BpfFs, Netns, TcpServer, TestHosts, UdpEchoServer, echoed_udp, icmp_echo, neighbours, send_udp, tcp_connect,
@@ -44,7 +44,7 @@ fn open(bpffs: &BpfFs) -> Datapath {
 /// Attaches from inside the server namespace (the interface name is resolved there).
 fn attach(hosts: &TestHosts, dp: &mut Datapath) -> Attachment {
     let iface = hosts.server_if.clone();
-    hosts.server.run(|| dp.attach(&iface)).expect("attach XDP to the server veth")
+    hosts.server.run(|| dp.attach(&iface, XdpMode::Auto)).expect("attach XDP to the server veth")
 }
 
 /// Is some XDP program attached to the server's veth (as `ip link` shows it)?
@@ -152,7 +152,7 @@ fn wire_allow_deny() {
     dp.set_bindings(&bindings).unwrap();
     let attachment = attach(&hosts, &mut dp);
     eprintln!("wire_allow_deny: attached to {} as {attachment:?}", hosts.server_if);
-    assert_ne!(attachment, Attachment::Reused);
+    assert_eq!(attachment, Attachment { path: XdpPath::Native, reused: false }, "veth runs native XDP");
     assert!(xdp_attached(&hosts));
     // Neighbour entries made before the filter was there must not make the test pass.
     flush_neighbours(&hosts.client);
@@ -535,7 +535,7 @@ fn no_gap_on_reload() {
             let t = Instant::now();
             drop(dp);
             dp = open(&bpffs);
-            assert_eq!(attach(&hosts, &mut dp), Attachment::Reused);
+            assert_eq!(attach(&hosts, &mut dp), Attachment { path: XdpPath::Native, reused: true });
             restart_ms.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
             restarts += 1;
             // Straight after a restart, change tables again.
@@ -616,7 +616,7 @@ fn detach_only_on_request() {
     assert!(!dp.detach("ipanone0").unwrap());
 
     // Attaching again works, and so does detaching the link this process made itself.
-    assert_ne!(attach(&hosts, &mut dp), Attachment::Reused);
+    assert!(!attach(&hosts, &mut dp).reused);
     assert!(!tcp_ok(&hosts, bad, sa(s4, P_TCP), FAIL));
     assert!(dp.detach(&hosts.server_if).unwrap());
     assert!(!xdp_attached(&hosts));

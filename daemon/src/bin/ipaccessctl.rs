@@ -594,6 +594,20 @@ fn human(command: &Command, v: &Value) -> String {
                 .collect();
             table(&mut out, &["TIME", "KIND", "ADDRESS", "METHOD", "RESULT", "REASON"], rows);
         }
+        Command::Status {} => {
+            // Interfaces with the path the kernel runs the program in; the rest as it comes.
+            let interfaces: Vec<String> = rows(&v["xdp"])
+                .iter()
+                .map(|a| format!("{} ({} XDP)", cell("", &a["interface"]), cell("", &a["path"])))
+                .collect();
+            let interfaces = if interfaces.is_empty() { "none".to_string() } else { interfaces.join(", ") };
+            out.push_str(&format!("interfaces: {interfaces}\n"));
+            if let Value::Object(o) = v {
+                o.iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "interfaces" | "xdp"))
+                    .for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v))));
+            }
+        }
         _ => match v {
             Value::Object(o) => o.iter().for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v)))),
             Value::Null => {}

@@ -102,8 +102,8 @@ async fn main() -> anyhow::Result<()> {
         let service = Service::start(store, datapath, activity, &config)
             .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
-            let how = explain_capabilities(service.attach(iface)).with_context(|| format!("attaching to {iface}"))?;
-            interfaces.push(format!("{iface} ({how:?})"));
+            let how = explain_capabilities(service.attach(iface, config.xdp_mode)).with_context(|| format!("attaching to {iface}"))?;
+            interfaces.push(format!("{iface} ({})", how.path));
         }
         Arc::new(service)
     };

@@ -7,6 +7,7 @@
 //! the daemon restarts or upgrades. Nothing is detached unless [`Datapath::detach`] is called.
 
 pub mod mmap;
+pub mod netlink;
 pub mod prefix;
 pub mod regions;
 pub mod tables;
@@ -23,7 +24,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, Xdp, XdpMode,
+        ProgramError, Xdp, XdpMode as KernelXdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
@@ -35,9 +36,11 @@ use ipaccess_common::{
 };
 use ipnet::IpNet;
 use log::{info, warn};
+use serde::Deserialize;
 
 use self::{
     mmap::MmapArray,
+    netlink::XdpPath,
     prefix::{TooManyKeys, expand},
     tables::{SlotKey, Synced, TableContent, TableError, Tables},
 };
@@ -111,6 +114,8 @@ pub enum DatapathError {
     AccountSlot { slot: u32, limit: u32 },
     #[error("interface {0} does not exist")]
     NoInterface(String),
+    #[error("{iface}: native XDP is unavailable ({reason}); with xdp_mode = \"auto\" ipaccessd would fall back to generic XDP")]
+    NoNativeXdp { iface: String, reason: String },
     #[error(transparent)]
     Table(#[from] TableError),
     #[error(transparent)]
@@ -119,15 +124,34 @@ pub enum DatapathError {
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
-/// How the program ended up attached to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attachment {
-    /// In the driver (native XDP).
+/// Which XDP path [`Datapath::attach`] may put the program in (`xdp_mode` in the
+/// configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native if the driver supports it, else generic, with a warning.
+    #[default]
+    Auto,
+    /// Native only: attaching fails where the driver has no XDP support.
     Native,
-    /// In the generic network stack path (slower; the driver has no XDP support).
+    /// Generic only (for drivers whose native XDP misbehaves).
     Generic,
-    /// An existing pinned link was switched to this program.
-    Reused,
+}
+
+/// What [`Datapath::attach`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// Where the program runs now.
+    pub path: XdpPath,
+    /// An existing pinned link was switched to this program (its path is what it was).
+    pub reused: bool,
+}
+
+impl std::fmt::Display for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if self.reused { "pinned link switched to this program" } else { "new link" };
+        write!(f, "{} XDP, {how}", self.path)
+    }
 }
 
 pub struct Datapath {
@@ -236,16 +260,34 @@ impl Datapath {
         self.pin_dir.join(format!("link-{iface}"))
     }
 
-    /// Attaches the filter to `iface`, or switches the interface's existing pinned link to
-    /// this program without a gap. Native mode is tried first; generic mode is a fallback.
-    pub fn attach(&mut self, iface: &str) -> Result<Attachment> {
+    /// Attaches the filter to `iface` in the path `mode` allows, or switches the interface's
+    /// existing pinned link to this program without a gap. A reused link keeps the path it
+    /// was attached in: moving between native and generic XDP means detaching first (the
+    /// kernel refuses both at once), which ipaccessd never does on its own.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<Attachment> {
         let pin = self.link_pin(iface);
         if pin.exists() {
             match self.reuse_link(&pin) {
                 Ok(link) => {
                     self.links.insert(iface.to_string(), link);
-                    info!("{iface}: switched the pinned XDP link to the new program");
-                    return Ok(Attachment::Reused);
+                    let path = netlink::xdp_path(iface)
+                        .map_err(|e| DatapathError::Io(format!("{iface}: reading its XDP attachment"), e))?
+                        .ok_or_else(|| DatapathError::Io(iface.into(), io::Error::other("pinned link attaches nothing")))?;
+                    let wanted = match mode {
+                        XdpMode::Auto => path,
+                        XdpMode::Native => XdpPath::Native,
+                        XdpMode::Generic => XdpPath::Generic,
+                    };
+                    if path != wanted {
+                        warn!(
+                            "{iface}: runs in {path} XDP but xdp_mode asks for {wanted}; it stays {path}, since \
+                             switching means a moment without the filter: `ipaccessctl detach {iface}` and a \
+                             restart switch it"
+                        );
+                    }
+                    let attachment = Attachment { path, reused: true };
+                    info!("{iface}: {attachment}");
+                    return Ok(attachment);
                 }
                 Err(e) => {
                     // The interface went away and came back, or the pin is stale.
@@ -255,16 +297,27 @@ impl Datapath {
             }
         }
         let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
-        let (id, attachment) = match program.attach(iface, XdpMode::Driver) {
-            Ok(id) => (id, Attachment::Native),
-            Err(ProgramError::UnknownInterface { .. }) => return Err(DatapathError::NoInterface(iface.into())),
-            Err(native) => {
-                warn!("{iface}: native XDP unavailable ({native}); falling back to generic XDP, which is slower");
-                let id = program
-                    .attach(iface, XdpMode::Skb)
-                    .map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?;
-                (id, Attachment::Generic)
-            }
+        let attached = |program: &mut Xdp, flags| match program.attach(iface, flags) {
+            Err(ProgramError::UnknownInterface { .. }) => Err(DatapathError::NoInterface(iface.into())),
+            other => Ok(other),
+        };
+        let (id, path) = match mode {
+            XdpMode::Generic => (
+                attached(program, KernelXdpMode::Skb)?.map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?,
+                XdpPath::Generic,
+            ),
+            XdpMode::Native | XdpMode::Auto => match attached(program, KernelXdpMode::Driver)? {
+                Ok(id) => (id, XdpPath::Native),
+                Err(native) if mode == XdpMode::Native => {
+                    return Err(DatapathError::NoNativeXdp { iface: iface.into(), reason: native.to_string() });
+                }
+                Err(native) => {
+                    warn!("{iface}: native XDP unavailable ({native}); falling back to generic XDP, which is slower");
+                    let id = attached(program, KernelXdpMode::Skb)?
+                        .map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?;
+                    (id, XdpPath::Generic)
+                }
+            },
         };
         let link = program.take_link(id).map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?;
         let link = FdLink::try_from(link)
@@ -272,8 +325,21 @@ impl Datapath {
         // The pin keeps the link (and so the filter) alive after this process exits.
         let pinned = link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
         self.links.insert(iface.to_string(), FdLink::from(pinned));
-        info!("{iface}: attached ({attachment:?})");
+        let attachment = Attachment { path, reused: false };
+        info!("{iface}: attached ({attachment})");
         Ok(attachment)
+    }
+
+    /// Where each interface with a pinned link runs the program, as the kernel reports it
+    /// (`None` if it cannot be read, e.g. the interface is gone).
+    pub fn attachments(&self) -> Vec<(String, Option<XdpPath>)> {
+        self.attached_interfaces()
+            .into_iter()
+            .map(|iface| {
+                let path = netlink::xdp_path(&iface).ok().flatten();
+                (iface, path)
+            })
+            .collect()
     }
 
     /// Atomically replaces the program in a pinned link (`bpf_link_update`).
