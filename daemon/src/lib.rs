@@ -6,7 +6,7 @@
 //! - `service`: every command, applied to store and kernel together, and login checks;
 //! - `protocol` and `server`: the control socket;
 //! - `config`: ipaccessd's configuration file;
-//! - `systemd`, `logging`, `reload`, `metrics`, `capabilities`: running as a service
+//! - `systemd`, `logging`, `reload`, `metrics`, `capabilities`, `kernel`: running as a service
 //!   (docs/operations.md).
 //! - `docs`: man pages and shell completions generated from the command lines.
 
@@ -14,6 +14,7 @@ pub mod capabilities;
 pub mod config;
 pub mod datapath;
 pub mod docs;
+pub mod kernel;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

@@ -12,7 +12,7 @@ use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time:
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser};
 use ipaccess::{
-    capabilities,
+    capabilities, kernel,
     config::{self, Config},
     datapath::{Datapath, DatapathOptions, ensure_bpffs},
     logging, metrics, reload, server,
@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     }
     ensure_bpffs(&config.bpffs).context("preparing bpffs")?;
     let options = DatapathOptions { bpffs: config.bpffs.clone(), slots: config.maps.slots, accounts: config.maps.accounts };
-    let mut datapath = explain_capabilities(Datapath::open(&options)).context("loading the XDP program")?;
+    let mut datapath = explain_failure(Datapath::open(&options)).context("loading the XDP program")?;
     if !args.detach.is_empty() {
         for iface in &args.detach {
             if !datapath.detach(iface)? {
@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         let service = Service::start(store, datapath, activity, &config)
             .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
-            let how = explain_capabilities(service.attach(iface, config.xdp_mode)).with_context(|| format!("attaching to {iface}"))?;
+            let how = explain_failure(service.attach(iface, config.xdp_mode)).with_context(|| format!("attaching to {iface}"))?;
             interfaces.push(format!("{iface} ({})", how.path));
         }
         Arc::new(service)
@@ -143,15 +143,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds to an error from loading or attaching which required capabilities the process
-/// lacks, if it lacks any (the kernel's EPERM does not say).
-fn explain_capabilities<T, E>(result: Result<T, E>) -> anyhow::Result<T>
+/// Adds to an error from loading or attaching what the kernel's EPERM or EINVAL does not
+/// say: which required capabilities the process lacks, and whether the kernel is too old.
+fn explain_failure<T, E>(result: Result<T, E>) -> anyhow::Result<T>
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    result.map_err(|e| match capabilities::hint() {
-        Some(hint) => anyhow::Error::new(e).context(hint),
-        None => anyhow::Error::new(e),
+    result.map_err(|e| {
+        let hints: Vec<String> = [capabilities::hint(), kernel::hint()].into_iter().flatten().collect();
+        let error = anyhow::Error::new(e);
+        if hints.is_empty() { error } else { error.context(hints.join("; ")) }
     })
 }
 
