@@ -525,6 +525,37 @@ fn every_command() {
     assert!(c.code == 1 && c.stdout.starts_with("denied (banned): "), "{c:#?}");
     assert_eq!(w.ctl(&["check", "acme", "not-an-address"]).code, 2);
 
+    // override grant / list / revoke (support.rs tests what they do; here, the client)
+    let grant = ["override", "grant", "acme", "192.0.2.1", "--ttl", "1h", "--ticket", "T-1", "--reason", "verified"];
+    let granted = w.ctl(&grant);
+    assert_eq!(granted.code, 0, "{granted:#?}");
+    for line in ["account: acme\n", "cidr: 192.0.2.1/32\n", "ticket: T-1\n", "reason: verified\n"] {
+        assert!(granted.stdout.contains(line), "no {line:?} in {granted:#?}");
+    }
+    assert!(!granted.stdout.contains("interfaces:"), "{granted:#?}");
+    assert!(
+        granted.stdout.contains("recent denied attempts:") || granted.stdout.contains("no denied attempts recorded"),
+        "{granted:#?}"
+    );
+    let overrides = w.ok(&["override", "list", "acme"]);
+    assert_eq!(strings(&overrides, "cidr"), ["192.0.2.1/32"]);
+    let id = overrides[0]["id"].to_string();
+    let rows = table(&w.ctl(&["override", "list"]));
+    assert_eq!(rows[0], words(&["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "REASON"]));
+    assert_eq!(rows[1][..3], words(&[&id, "acme", "192.0.2.1/32"]), "{rows:?}");
+    assert_eq!(w.fails(&["override", "grant", "nope", "192.0.2.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"]), "unknown_account");
+    assert_eq!(w.ctl(&["override", "grant", "acme", "192.0.2.1", "--ttl", "soon", "--ticket", "T", "--reason", "r"]).code, 2);
+    let revoked = w.ok(&["override", "revoke", "acme", &id]);
+    assert!(revoked["revoked_at"].as_i64().is_some(), "{revoked}");
+    assert_eq!(w.ok(&["override", "list", "acme"]), json!([]));
+
+    // activity: the audit records of the grant and revocation, newest first
+    let activity = w.ok(&["activity", "acme", "--limit", "2"]);
+    assert_eq!(strings(&activity, "reason"), ["override_revoked", "override_granted"], "{activity}");
+    let rows = table(&w.ctl(&["activity", "acme", "--since", "1h"]));
+    assert_eq!(rows[0], words(&["TIME", "KIND", "ADDRESS", "METHOD", "RESULT", "REASON"]));
+    assert!(rows.iter().any(|r| r[2..] == words(&["audit", "-", "-", "-", "override_granted"])), "{rows:?}");
+
     let status = w.ok(&["status"]);
     assert_eq!(status["accounts"], 4, "{status}");
     assert!(status["table_slots_used"].as_u64().unwrap() > 0, "{status}");

@@ -560,7 +560,7 @@ fn human(command: &Command, v: &Value) -> String {
             table(&mut out, &["ACCOUNT", "ADDRESS", "PROTO", "PORT"], rows);
         }
         Command::OverrideGrant { .. } => {
-            out = human(&Command::Status {}, &v["override"]);
+            key_values(&mut out, &v["override"], |_| true);
             let denied = v["recent_denied"].as_array().cloned().unwrap_or_default();
             if denied.is_empty() {
                 out.push_str("\nno denied attempts recorded\n");
@@ -602,19 +602,22 @@ fn human(command: &Command, v: &Value) -> String {
                 .collect();
             let interfaces = if interfaces.is_empty() { "none".to_string() } else { interfaces.join(", ") };
             out.push_str(&format!("interfaces: {interfaces}\n"));
-            if let Value::Object(o) = v {
-                o.iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), "interfaces" | "xdp"))
-                    .for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v))));
-            }
+            key_values(&mut out, v, |k| !matches!(k, "interfaces" | "xdp"));
         }
-        _ => match v {
-            Value::Object(o) => o.iter().for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v)))),
-            Value::Null => {}
-            other => out.push_str(&format!("{}\n", cell("", other))),
-        },
+        _ => key_values(&mut out, v, |_| true),
     }
     out
+}
+
+/// An object as `key: value` lines (the keys `shown` accepts), anything else as one line.
+fn key_values(out: &mut String, v: &Value, shown: impl Fn(&str) -> bool) {
+    match v {
+        Value::Object(o) => {
+            o.iter().filter(|(k, _)| shown(k)).for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v))))
+        }
+        Value::Null => {}
+        other => out.push_str(&format!("{}\n", cell("", other))),
+    }
 }
 
 /// Parses `args`, runs the command and writes its output to `out`; returns the exit status.
