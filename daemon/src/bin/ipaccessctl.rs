@@ -53,8 +53,11 @@ enum Top {
     Bind(BindCmd),
     /// May ACCOUNT log in from ADDR? Exit 0 if allowed, 1 if denied, 2 on error
     Check {
+        /// The account signing in
         account: String,
+        /// The address the sign-in comes from
         addr: IpAddr,
+        /// How the user signs in, recorded in the activity log
         #[arg(long, value_parser = one_of::<Method>(&["password", "api_key", "sso"]))]
         method: Option<Method>,
     },
@@ -63,11 +66,12 @@ enum Top {
     Override(OverrideCmd),
     /// An account's recorded activity, newest first
     Activity {
+        /// Account id
         id: String,
         /// Only this far back (90s, 30m, 2h, 7d or seconds)
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         since: Option<u64>,
-        /// Only denied login checks
+        /// Only denied login checks (and would-be denials in monitor mode)
         #[arg(long)]
         denied: bool,
         /// At most N entries
@@ -87,10 +91,16 @@ enum Top {
         batch_bytes: u64,
     },
     /// Packet counters from the kernel: one account's, or all accounts' and the host's
-    Stats { id: Option<String> },
+    Stats {
+        /// Account id (all accounts and the host if omitted)
+        id: Option<String>,
+    },
     /// Remove the filter from an interface (stopping the daemon never does)
-    Detach { interface: String },
-    /// Daemon status
+    Detach {
+        /// Interface name, e.g. eth0
+        interface: String,
+    },
+    /// Daemon status: interfaces and where XDP runs on them, accounts, table fill, host counters
     Status,
 }
 
@@ -98,7 +108,9 @@ enum Top {
 enum OverrideCmd {
     /// Let ADDR|CIDR reach an account for a while (a bare address means that one host)
     Grant {
+        /// Account id
         id: String,
+        /// The address the customer is locked out from (or a CIDR covering it)
         #[arg(value_name = "ADDR|CIDR", value_parser = parse_cidr)]
         cidr: IpNet,
         /// How long it lasts (90s, 30m, 2h, 7d or seconds)
@@ -107,19 +119,29 @@ enum OverrideCmd {
         /// Support ticket that justifies it
         #[arg(long, value_name = "T")]
         ticket: String,
+        /// Why access is granted, e.g. how ownership was verified (audited)
         #[arg(long, value_name = "TEXT")]
         reason: String,
     },
     /// Revoke an override before it expires
-    Revoke { id: String, override_id: i64 },
+    Revoke {
+        /// Account id
+        id: String,
+        /// The override's id (from `override list` or the grant's reply)
+        override_id: i64,
+    },
     /// List live overrides, of one account or all
-    List { id: Option<String> },
+    List {
+        /// Account id (all accounts if omitted)
+        id: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum AccountCmd {
     /// Create an account
     Add {
+        /// Account id: the platform's own name for the account
         id: String,
         /// Parent account (this one becomes a sub-user)
         #[arg(long, value_name = "ID")]
@@ -129,20 +151,29 @@ enum AccountCmd {
         unconfirmed: bool,
     },
     /// Show one account
-    Show { id: String },
+    Show {
+        /// Account id
+        id: String,
+    },
     /// List all accounts
     List,
     /// Set an account's state
     State {
+        /// Account id
         id: String,
+        /// banned also suspends sub-users; terminated is for non-payment; either drops all
+        /// traffic to the account's bindings
         #[arg(value_parser = one_of::<AccountState>(&["active", "unconfirmed", "terminated", "banned"]))]
         state: AccountState,
+        /// Why, kept with the state and audited
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
     /// Set an account's access mode
     Mode {
+        /// Account id
         id: String,
+        /// off: not filtered; monitor: allowed, would-be denials recorded; enforce: dropped
         #[arg(value_parser = one_of::<Mode>(&["off", "monitor", "enforce"]))]
         mode: Mode,
         /// Your own address: refused if the change would lock it out
@@ -158,15 +189,20 @@ enum AccountCmd {
 enum AllowCmd {
     /// Allow a CIDR (a bare address means that one host)
     Add {
+        /// Account id
         id: String,
+        /// IPv4 or IPv6 CIDR, or a bare address
         #[arg(value_parser = parse_cidr)]
         cidr: IpNet,
+        /// A note shown with the entry, e.g. "office"
         #[arg(long, value_name = "TEXT")]
         label: Option<String>,
     },
     /// Remove an allowlist entry
     Remove {
+        /// Account id
         id: String,
+        /// The entry, as added
         #[arg(value_parser = parse_cidr)]
         cidr: IpNet,
         /// Your own address: refused if the removal would lock it out
@@ -177,10 +213,15 @@ enum AllowCmd {
         force: bool,
     },
     /// List an account's allowlist
-    List { id: String },
+    List {
+        /// Account id
+        id: String,
+    },
     /// Replace the whole allowlist from FILE: one `CIDR [label]` per line, `#` comments
     Replace {
+        /// Account id
         id: String,
+        /// The new list (`-`: stdin)
         #[arg(long, value_name = "FILE")]
         file: std::path::PathBuf,
         /// Your own address: refused if the new list would lock it out
@@ -196,7 +237,9 @@ enum AllowCmd {
 enum BindCmd {
     /// Bind ADDR[:PORT] to an account (IPv6 with a port: [ADDR]:PORT; no port: whole address)
     Add {
+        /// Account id
         id: String,
+        /// The account's endpoint on this host
         #[arg(value_name = "ADDR[:PORT]", value_parser = parse_endpoint)]
         addr: (IpAddr, Option<u16>),
         /// Protocol of a port binding [default: tcp]
@@ -205,8 +248,10 @@ enum BindCmd {
     },
     /// Remove a binding
     Remove {
+        /// The endpoint, as bound
         #[arg(value_name = "ADDR[:PORT]", value_parser = parse_endpoint)]
         addr: (IpAddr, Option<u16>),
+        /// Protocol of a port binding [default: tcp]
         #[arg(long, value_parser = one_of::<Proto>(&["tcp", "udp"]))]
         proto: Option<Proto>,
     },
@@ -319,8 +364,7 @@ fn request(top: Top) -> Result<Command, Failure> {
         }
         Top::Allow(AllowCmd::List { id }) => Command::AllowList { account: id },
         Top::Allow(AllowCmd::Replace { id, file, client_ip, force }) => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| Failure::Local(format!("reading {}: {e}", file.display())))?;
+            let text = read_input(&file)?;
             Command::AllowReplace { account: id, entries: parse_allow_file(&text)?, client_ip, force }
         }
         Top::Stats { id } => Command::Stats { account: id },
@@ -365,15 +409,20 @@ fn parse_import_file(text: &str) -> Result<Vec<(usize, ImportAccount)>, Failure>
     Ok(accounts)
 }
 
+/// The whole of `file`, or of standard input for `-`.
+fn read_input(file: &Path) -> Result<String, Failure> {
+    if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| Failure::Local(format!("reading stdin: {e}")))
+    } else {
+        std::fs::read_to_string(file).map_err(|e| Failure::Local(format!("reading {}: {e}", file.display())))
+    }
+}
+
 /// Sends an import in batches of at most `batch_bytes` (an account larger than that goes
 /// alone) and totals the replies. Each batch is one change; after a failed batch the ones
 /// before it stay applied, and running the same file again finishes the job.
 fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Value, Failure> {
-    let text = if file == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).map_err(|e| Failure::Local(format!("reading stdin: {e}")))?
-    } else {
-        std::fs::read_to_string(file).map_err(|e| Failure::Local(format!("reading {}: {e}", file.display())))?
-    };
+    let text = read_input(file)?;
     let accounts = parse_import_file(&text)?;
     let mut batches: Vec<Vec<(usize, ImportAccount)>> = Vec::new();
     let mut size = 0;
