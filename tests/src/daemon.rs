@@ -1,5 +1,6 @@
-//! Running the real `ipaccessd` in tests: finding the binaries, a temporary directory, and
-//! a guard that starts the daemon in a network namespace and stops it on Drop.
+//! Running the real `ipaccessd` in tests: finding the binaries, a temporary directory, a
+//! guard that starts the daemon in a network namespace and stops it on Drop, and the world
+//! of an end-to-end test (namespaces, bpffs, directory and daemon).
 
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -11,6 +12,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::netns::{BpfFs, TestHosts};
 
 /// How long the daemon may take to start answering, and to stop after SIGTERM.
 pub const READY: Duration = Duration::from_secs(10);
@@ -197,4 +200,64 @@ pub fn answers(socket: &Path) -> bool {
         && stream.set_write_timeout(timeout).is_ok()
         && (&stream).write_all(b"{\"id\":0,\"cmd\":\"status\"}\n").is_ok()
         && BufReader::new(&stream).read_line(&mut reply).is_ok_and(|n| n > 0)
+}
+
+/// Map sizes for end-to-end tests: quick to create, ample for every test's policy.
+pub const TEST_MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
+
+/// One end-to-end test's world: client and server namespaces joined by a veth, a private
+/// bpffs, a directory for the configuration, store, socket and log, and the daemon filtering
+/// the server's veth (stopped first on Drop: fields drop in order).
+pub struct World {
+    pub daemon: Option<Daemon>,
+    pub hosts: TestHosts,
+    pub bpffs: BpfFs,
+    pub dir: TempDir,
+}
+
+impl World {
+    /// Everything, with the daemon started on `config` (TOML; [`TEST_MAPS`] is appended).
+    pub fn new(config: &str) -> World {
+        let mut world =
+            World { daemon: None, hosts: TestHosts::new().unwrap(), bpffs: BpfFs::new().unwrap(), dir: TempDir::new() };
+        world.start(config);
+        world
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.0.join("ipaccessd.sock")
+    }
+
+    /// Starts the daemon on the same state directory, bpffs and socket as before.
+    pub fn start(&mut self, config: &str) {
+        assert!(self.daemon.is_none(), "the daemon is already running");
+        let path = |name: &str| self.dir.0.join(name).to_str().unwrap().to_string();
+        let (cfg, state, log) = (path("ipaccessd.toml"), path("state"), path("ipaccessd.log"));
+        fs::write(&cfg, format!("{config}\n{TEST_MAPS}")).unwrap();
+        let socket = self.socket();
+        let args = [
+            "--config",
+            &cfg,
+            "--iface",
+            &self.hosts.server_if,
+            "--state-dir",
+            &state,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bpffs",
+            self.bpffs.path().to_str().unwrap(),
+        ];
+        self.daemon = Some(Daemon::start(self.hosts.server.name(), &args, &socket, Path::new(&log)));
+    }
+
+    /// SIGTERM; asserts that the daemon stopped by itself, promptly and successfully.
+    pub fn stop(&mut self) {
+        let mut daemon = self.daemon.take().expect("the daemon is running");
+        let status = daemon.terminate();
+        assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?}:\n{}", daemon.log_text());
+    }
+
+    pub fn kill9(&mut self) {
+        self.daemon.take().expect("the daemon is running").kill9();
+    }
 }

@@ -10,17 +10,19 @@ use std::collections::BTreeSet;
 use std::fs::{self};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ipaccess_tests::daemon::{Daemon, TempDir, binaries};
-use ipaccess_tests::netns::{BpfFs, TcpServer, TestHosts, icmp_echo, run_cmd, tcp_connect};
+use ipaccess_tests::daemon::{World, binaries};
+use ipaccess_tests::netns::{
+    FlowsSeen, TcpServer, TestHosts, icmp_echo, paced_udp_sender, receive_flows, run_cmd, set_rcvbuf, tcp_connect,
+    udp_client,
+};
 use serde_json::{Value, json};
 
 /// Upper bound for attempts that should succeed; timeout for attempts that should fail.
@@ -28,7 +30,6 @@ const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
 const NOBODY: &str = "65534";
 /// Small maps: quick to create, plenty for these tests (appended to every config).
-const MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
 
 
 /// The output of one `ipaccessctl` run.
@@ -57,65 +58,16 @@ fn as_nobody() -> Vec<String> {
     }
 }
 
-/// One test's world: client/server namespaces, a private bpffs, a directory for the config,
-/// store, socket and log, and the daemon (stopped first on Drop: fields drop in order).
-struct World {
-    daemon: Option<Daemon>,
-    hosts: TestHosts,
-    bpffs: BpfFs,
-    dir: TempDir,
+/// The client side of the shared test world: `ipaccessctl` runs and raw connections.
+trait Client {
+    fn ctl_with(&self, wrapper: &[String], args: &[&str]) -> Out;
+    fn ctl(&self, args: &[&str]) -> Out;
+    fn ok(&self, args: &[&str]) -> Value;
+    fn fails(&self, args: &[&str]) -> String;
+    fn conn(&self) -> Conn;
 }
 
-impl World {
-    /// Everything, with the daemon started on `config` (TOML; [`MAPS`] is appended).
-    fn new(config: &str) -> World {
-        let mut world = World {
-            daemon: None,
-            hosts: TestHosts::new().unwrap(),
-            bpffs: BpfFs::new().unwrap(),
-            dir: TempDir::new(),
-        };
-        world.start(config);
-        world
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.0.join("ipaccessd.sock")
-    }
-
-    /// Starts the daemon on the same state directory, bpffs and socket as before.
-    fn start(&mut self, config: &str) {
-        assert!(self.daemon.is_none(), "the daemon is already running");
-        let path = |name: &str| self.dir.0.join(name).to_str().unwrap().to_string();
-        let (cfg, state, log) = (path("ipaccessd.toml"), path("state"), path("ipaccessd.log"));
-        fs::write(&cfg, format!("{config}\n{MAPS}")).unwrap();
-        let socket = self.socket();
-        let args = [
-            "--config",
-            &cfg,
-            "--iface",
-            &self.hosts.server_if,
-            "--state-dir",
-            &state,
-            "--socket",
-            socket.to_str().unwrap(),
-            "--bpffs",
-            self.bpffs.path().to_str().unwrap(),
-        ];
-        self.daemon = Some(Daemon::start(self.hosts.server.name(), &args, &socket, Path::new(&log)));
-    }
-
-    /// SIGTERM; asserts that the daemon stopped by itself, promptly and successfully.
-    fn stop(&mut self) {
-        let mut daemon = self.daemon.take().expect("the daemon is running");
-        let status = daemon.terminate();
-        assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?}:\n{}", daemon.log_text());
-    }
-
-    fn kill9(&mut self) {
-        self.daemon.take().expect("the daemon is running").kill9();
-    }
-
+impl Client for World {
     /// `[wrapper...] ipaccessctl --socket SOCKET ARGS`.
     fn ctl_with(&self, wrapper: &[String], args: &[&str]) -> Out {
         let socket = self.socket();
@@ -230,20 +182,13 @@ fn warm_up(hosts: &TestHosts, sources: &[Ipv4Addr]) {
 }
 
 /// Sequence numbers the receiver saw.
-struct Seen {
-    good: Vec<bool>,
-    dups: u64,
-    bad: u64,
-    other: u64,
-}
-
 /// UDP from an allowed and a disallowed source to one destination, each datagram carrying
 /// `[tag, seq (u32 BE)]`; a receiver in the server namespace records what arrives.
 struct UdpFlow {
     stop_tx: Arc<AtomicBool>,
     stop_rx: Arc<AtomicBool>,
     senders: Vec<JoinHandle<u64>>,
-    receiver: JoinHandle<Seen>,
+    receiver: JoinHandle<FlowsSeen>,
     started: Instant,
 }
 
@@ -255,98 +200,34 @@ const FLOW_LIMIT: Duration = Duration::from_secs(15);
 impl UdpFlow {
     fn start(hosts: &TestHosts, dst: SocketAddr, good: Ipv4Addr, bad: Ipv4Addr, rates: (u64, u64)) -> UdpFlow {
         let rx = hosts.server.run(move || UdpSocket::bind(dst)).unwrap();
-        let bytes: libc::c_int = 16 << 20;
-        // SAFETY: setsockopt with an int; SO_RCVBUFFORCE needs CAP_NET_ADMIN (root).
-        let rc = unsafe {
-            libc::setsockopt(
-                rx.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                &bytes as *const _ as *const libc::c_void,
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
-        rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        set_rcvbuf(&rx, 16 << 20);
         let stop_rx = Arc::new(AtomicBool::new(false));
-        let receiver = {
-            let stop = stop_rx.clone();
-            thread::spawn(move || {
-                let mut seen = Seen { good: vec![false; 100_000], dups: 0, bad: 0, other: 0 };
-                let mut buf = [0u8; 2048];
-                let deadline = Instant::now() + FLOW_LIMIT + Duration::from_secs(5);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match rx.recv_from(&mut buf) {
-                        Ok((n, from)) if n >= 5 && buf[0] == TAG_GOOD && from.ip() == IpAddr::from(good) => {
-                            let seq = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
-                            match seen.good.get_mut(seq) {
-                                Some(s) if *s => seen.dups += 1,
-                                Some(s) => *s = true,
-                                None => seen.other += 1,
-                            }
-                        }
-                        Ok((_, from)) if from.ip() == IpAddr::from(bad) => seen.bad += 1,
-                        Ok(_) => seen.other += 1,
-                        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                        Err(e) => panic!("recv: {e}"),
-                    }
-                }
-                seen
-            })
-        };
+        let receiver = receive_flows(
+            rx,
+            (good.into(), TAG_GOOD),
+            bad.into(),
+            100_000,
+            stop_rx.clone(),
+            FLOW_LIMIT + Duration::from_secs(5),
+        );
         let stop_tx = Arc::new(AtomicBool::new(false));
         let senders = [(good, TAG_GOOD, rates.0), (bad, TAG_BAD, rates.1)]
             .into_iter()
             .map(|(src, tag, rate)| {
-                let sock = hosts
-                    .client
-                    .run(move || {
-                        let sock = UdpSocket::bind(sa(src, 0))?;
-                        sock.connect(dst)?;
-                        io::Result::Ok(sock)
-                    })
-                    .unwrap();
-                paced_sender(sock, tag, rate, stop_tx.clone())
+                paced_udp_sender(udp_client(&hosts.client, src.into(), dst), tag, rate, stop_tx.clone(), FLOW_LIMIT)
             })
             .collect();
         UdpFlow { stop_tx, stop_rx, senders, receiver, started: Instant::now() }
     }
 
     /// Stops the senders, lets the receiver drain; (allowed sent, disallowed sent, seen).
-    fn finish(self) -> (u64, u64, Seen) {
+    fn finish(self) -> (u64, u64, FlowsSeen) {
         self.stop_tx.store(true, Ordering::Relaxed);
         let sent: Vec<u64> = self.senders.into_iter().map(|s| s.join().unwrap()).collect();
         thread::sleep(Duration::from_millis(300));
         self.stop_rx.store(true, Ordering::Relaxed);
         (sent[0], sent[1], self.receiver.join().unwrap())
     }
-}
-
-/// `rate` datagrams/s until `stop` (at most [`FLOW_LIMIT`]); returns how many were sent.
-fn paced_sender(sock: UdpSocket, tag: u8, rate: u64, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
-    thread::spawn(move || {
-        let start = Instant::now();
-        let mut sent: u64 = 0;
-        let mut errors = 0;
-        let mut buf = [0u8; 64];
-        buf[0] = tag;
-        while !stop.load(Ordering::Relaxed) && start.elapsed() < FLOW_LIMIT {
-            let due = (start.elapsed().as_micros() as u64 * rate / 1_000_000).min(sent + 32);
-            while sent < due {
-                buf[1..5].copy_from_slice(&(sent as u32).to_be_bytes());
-                match sock.send(&buf) {
-                    Ok(_) => sent += 1,
-                    Err(e) => {
-                        errors += 1;
-                        assert!(errors < 1000, "send keeps failing: {e}");
-                        break;
-                    }
-                }
-            }
-            thread::sleep(Duration::from_micros(500));
-        }
-        sent
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -749,6 +630,18 @@ fn enforced_on_the_wire() {
     assert!(tcp_ok(hosts, bad, bound, OK), "a removed binding still filters");
 }
 
+/// Account `acct`, enforcing, with only `good` on its allowlist and TCP port 7001 on the
+/// server bound to it, where a server listens (kept while the returned guard lives).
+fn enforcing_account(w: &World, good: Ipv4Addr) -> (SocketAddr, TcpServer) {
+    let bound = sa(w.hosts.server_v4, 7001);
+    let server = TcpServer::start_in(&w.hosts.server, bound).unwrap();
+    w.ok(&["account", "add", "acct"]);
+    w.ok(&["bind", "add", "acct", &bound.to_string()]);
+    w.ok(&["allow", "add", "acct", &format!("{good}/32")]);
+    w.ok(&["account", "mode", "acct", "enforce", "--client-ip", &good.to_string()]);
+    (bound, server)
+}
+
 /// `xdp_mode = "generic"` puts the filter in the generic path even where the driver has
 /// native XDP; status says so, and it enforces there too.
 #[test]
@@ -758,12 +651,7 @@ fn generic_xdp_mode_enforces() {
     let status = w.ok(&["status"]);
     assert_eq!(status["xdp"], json!([{"interface": hosts.server_if, "path": "generic"}]), "{status}");
     let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
-    let bound = sa(hosts.server_v4, 7001);
-    let _server = TcpServer::start_in(&hosts.server, bound).unwrap();
-    w.ok(&["account", "add", "acct"]);
-    w.ok(&["bind", "add", "acct", &bound.to_string()]);
-    w.ok(&["allow", "add", "acct", &format!("{good}/32")]);
-    w.ok(&["account", "mode", "acct", "enforce"]);
+    let (bound, _server) = enforcing_account(&w, good);
     assert!(tcp_ok(hosts, good, bound, OK), "allowed source refused");
     assert!(!tcp_ok(hosts, bad, bound, FAIL), "disallowed source got through in generic XDP");
 }
@@ -937,7 +825,7 @@ fn kill_minus_9_under_traffic() {
     );
     assert!(good_sent >= 4000 && bad_sent >= 1000, "senders too slow: {good_sent}, {bad_sent}");
     assert_eq!(seen.bad, 0, "datagrams from the disallowed source got through");
-    assert_eq!((seen.other, seen.dups), (0, 0), "unexpected datagrams");
+    assert_eq!((seen.other, seen.good_dups), (0, 0), "unexpected datagrams");
     assert!(
         missing.is_empty() && received == good_sent,
         "{} of {good_sent} allowed datagrams lost, first {missing:?}",
@@ -1164,12 +1052,7 @@ fn replace_stats_and_detach() {
     let w = World::new("");
     let hosts = &w.hosts;
     let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
-    let bound = sa(hosts.server_v4, 7001);
-    let _server = TcpServer::start_in(&hosts.server, bound).unwrap();
-    w.ok(&["account", "add", "acct"]);
-    w.ok(&["bind", "add", "acct", &bound.to_string()]);
-    w.ok(&["allow", "add", "acct", &format!("{good}/32")]);
-    w.ok(&["account", "mode", "acct", "enforce", "--client-ip", &good.to_string()]);
+    let (bound, _server) = enforcing_account(&w, good);
 
     let file = w.dir.0.join("allow.txt");
     std::fs::write(&file, format!("# new office\n{bad}/32 office\n198.18.9.0/24\n")).unwrap();

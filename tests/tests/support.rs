@@ -12,77 +12,32 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ipaccess_tests::daemon::{Daemon, TempDir};
-use ipaccess_tests::netns::{BpfFs, TcpServer, TestHosts, icmp_echo, tcp_connect};
+use ipaccess_tests::daemon::World;
+use ipaccess_tests::netns::{TcpServer, TestHosts, icmp_echo, tcp_connect};
 use serde_json::{Value, json};
 
 /// Upper bound for attempts that should succeed; timeout for attempts that should fail.
 const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
 const NOBODY: u32 = 65534;
-const MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
 const DAY: u64 = 24 * 3600;
 
 // ---------------------------------------------------------------------------------------------
-// The daemon and its world (from daemon.rs)
+// The daemon, through the shared test world (ipaccess_tests::daemon::World)
 
-
-/// Namespaces, bpffs, directory and daemon (stopped first on Drop: fields drop in order).
-struct World {
-    daemon: Option<Daemon>,
-    hosts: TestHosts,
-    _bpffs: BpfFs,
-    dir: TempDir,
+/// Requests over the control socket, on the shared test world.
+trait Client {
+    fn conn(&self) -> Conn;
+    fn ok(&self, request: Value) -> Value;
+    fn err(&self, request: Value) -> (String, String);
+    fn check(&self, account: &str, addr: impl Into<IpAddr>, method: &str) -> Value;
 }
 
-impl World {
-    fn new(config: &str) -> World {
-        let mut world =
-            World { daemon: None, hosts: TestHosts::new().unwrap(), _bpffs: BpfFs::new().unwrap(), dir: TempDir::new() };
-        world.start(config);
-        world
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.0.join("ipaccessd.sock")
-    }
-
-    fn start(&mut self, config: &str) {
-        assert!(self.daemon.is_none(), "the daemon is already running");
-        let path = |name: &str| self.dir.0.join(name).to_str().unwrap().to_string();
-        let (cfg, state, log) = (path("ipaccessd.toml"), path("state"), path("ipaccessd.log"));
-        fs::write(&cfg, format!("{config}\n{MAPS}")).unwrap();
-        let socket = self.socket();
-        let args = [
-            "--config",
-            &cfg,
-            "--iface",
-            &self.hosts.server_if,
-            "--state-dir",
-            &state,
-            "--socket",
-            socket.to_str().unwrap(),
-            "--bpffs",
-            self._bpffs.path().to_str().unwrap(),
-        ];
-        self.daemon = Some(Daemon::start(self.hosts.server.name(), &args, &socket, Path::new(&log)));
-    }
-
-    /// SIGTERM; the daemon must stop by itself, promptly and successfully.
-    fn stop(&mut self) {
-        let mut daemon = self.daemon.take().expect("the daemon is running");
-        let status = daemon.terminate();
-        assert!(status.is_some_and(|s| s.success()), "SIGTERM: {status:?}:\n{}", daemon.log_text());
-    }
-
-    fn kill9(&mut self) {
-        self.daemon.take().expect("the daemon is running").kill9();
-    }
-
+impl Client for World {
     fn conn(&self) -> Conn {
         Conn::open(&self.socket())
     }

@@ -5,9 +5,7 @@
 //! Only 198.18.0.0/15 and fd00::/8 are used, and no traffic leaves the namespaces.
 
 use std::collections::HashSet;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -17,7 +15,7 @@ use ipaccess::datapath::{self, Attachment, BindTarget, Binding, Datapath, Datapa
 use ipaccess_common::{AccountCounters, NEVER_EXPIRES};
 use ipaccess_tests::netns::{
     BpfFs, Netns, TcpServer, TestHosts, UdpEchoServer, echoed_udp, icmp_echo, neighbours, send_udp, tcp_connect,
-    udp_client, udp_roundtrip,
+    paced_udp_sender, receive_flows, set_rcvbuf, udp_client, udp_roundtrip,
 };
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -103,20 +101,6 @@ fn wait_counters(dp: &Datapath, slot: u32, done: impl Fn(&AccountCounters) -> bo
 }
 
 /// Gives a receiving socket a buffer big enough to absorb scheduling hiccups.
-fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
-    // SAFETY: plain setsockopt with an int value. SO_RCVBUFFORCE needs CAP_NET_ADMIN (root).
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &bytes as *const _ as *const libc::c_void,
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
-}
-
 // ---------------------------------------------------------------------------------------------
 
 /// Port bindings on both families: allowed sources get through, others don't, unbound ports
@@ -364,42 +348,6 @@ fn override_expires_in_kernel() {
     assert!(xdp_attached(&hosts));
 }
 
-/// Per-source sequence numbers seen by the receiver.
-struct Seen {
-    good: Vec<bool>,
-    good_dups: u64,
-    bad: u64,
-    other: u64,
-}
-
-/// A paced sender: `rate` datagrams/s of `[tag, seq (u32 BE), padding]` until `stop` (or
-/// `limit`); returns how many were sent.
-fn paced_sender(sock: UdpSocket, tag: u8, rate: u64, stop: Arc<AtomicBool>, limit: Duration) -> thread::JoinHandle<u64> {
-    thread::spawn(move || {
-        let start = Instant::now();
-        let mut sent: u64 = 0;
-        let mut errors = 0u64;
-        let mut buf = [0u8; 64];
-        buf[0] = tag;
-        while !stop.load(Ordering::Relaxed) && start.elapsed() < limit {
-            let due = (start.elapsed().as_micros() as u64 * rate / 1_000_000).min(sent + 64);
-            while sent < due {
-                buf[1..5].copy_from_slice(&(sent as u32).to_be_bytes());
-                match sock.send(&buf) {
-                    Ok(_) => sent += 1,
-                    Err(e) => {
-                        errors += 1;
-                        assert!(errors < 1000, "send keeps failing: {e}");
-                        break;
-                    }
-                }
-            }
-            thread::sleep(Duration::from_micros(500));
-        }
-        sent
-    })
-}
-
 fn allowlist_variant(i: usize, good: Ipv4Addr, good6: Ipv6Addr, rng: &mut StdRng) -> Vec<(IpNet, u64)> {
     // The allowed source is always in, with a far expiry on odd rounds (the expiry path).
     let far = datapath::boot_time_ns() + 3600 * 1_000_000_000;
@@ -488,39 +436,15 @@ fn no_gap_on_reload() {
     // Receiver: one socket with a big buffer, a thread that only records sequence numbers.
     let rx = hosts.server.run(move || UdpSocket::bind(sa(s4, P_UDP))).unwrap();
     set_rcvbuf(&rx, 16 << 20);
-    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let rx_stop = Arc::new(AtomicBool::new(false));
-    let receiver = {
-        let stop = rx_stop.clone();
-        thread::spawn(move || {
-            let mut seen = Seen { good: vec![false; 200_000], good_dups: 0, bad: 0, other: 0 };
-            let mut buf = [0u8; 2048];
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match rx.recv_from(&mut buf) {
-                    Ok((n, from)) if n >= 5 && buf[0] == TAG_GOOD && from.ip() == IpAddr::from(good) => {
-                        let seq = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
-                        match seen.good.get_mut(seq) {
-                            Some(slot) if *slot => seen.good_dups += 1,
-                            Some(slot) => *slot = true,
-                            None => seen.other += 1,
-                        }
-                    }
-                    Ok((_, from)) if from.ip() == IpAddr::from(bad) => seen.bad += 1,
-                    Ok(_) => seen.other += 1,
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                    Err(e) => panic!("recv: {e}"),
-                }
-            }
-            seen
-        })
-    };
+    let receiver =
+        receive_flows(rx, (good.into(), TAG_GOOD), bad.into(), 200_000, rx_stop.clone(), Duration::from_secs(30));
 
     let before = dp.counters(ACCOUNT).unwrap();
     let tx_stop = Arc::new(AtomicBool::new(false));
     let limit = Duration::from_secs(15);
-    let good_tx = paced_sender(udp_client(&hosts.client, good.into(), sa(s4, P_UDP)), TAG_GOOD, GOOD_RATE, tx_stop.clone(), limit);
-    let bad_tx = paced_sender(udp_client(&hosts.client, bad.into(), sa(s4, P_UDP)), TAG_BAD, BAD_RATE, tx_stop.clone(), limit);
+    let good_tx = paced_udp_sender(udp_client(&hosts.client, good.into(), sa(s4, P_UDP)), TAG_GOOD, GOOD_RATE, tx_stop.clone(), limit);
+    let bad_tx = paced_udp_sender(udp_client(&hosts.client, bad.into(), sa(s4, P_UDP)), TAG_BAD, BAD_RATE, tx_stop.clone(), limit);
 
     // Churn while it flows.
     let start = Instant::now();
