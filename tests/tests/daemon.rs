@@ -426,6 +426,13 @@ fn every_command() {
     assert_eq!(rows[1][..3], words(&[&id, "acme", "192.0.2.1/32"]), "{rows:?}");
     assert_eq!(w.fails(&["override", "grant", "nope", "192.0.2.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"]), "unknown_account");
     assert_eq!(w.ctl(&["override", "grant", "acme", "192.0.2.1", "--ttl", "soon", "--ticket", "T", "--reason", "r"]).code, 2);
+    let log = w.daemon.as_ref().unwrap().log_text();
+    assert!(
+        log.lines().any(|l| l.contains("override_granted: account \"acme\" by uid 0 (")
+            && l.contains("ticket=\"T-1\"")
+            && l.contains("reason=\"verified\"")),
+        "no audit line for the grant in the daemon's log:\n{log}"
+    );
     let revoked = w.ok(&["override", "revoke", "acme", &id]);
     assert!(revoked["revoked_at"].as_i64().is_some(), "{revoked}");
     assert_eq!(w.ok(&["override", "list", "acme"]), json!([]));
@@ -586,6 +593,16 @@ fn lockout_prevention() {
     w.ok(&["allow", "add", "x", a_s]);
     w.ok(&["account", "mode", "x", "monitor"]);
     w.ok(&["allow", "remove", "x", a_s, "--client-ip", a_s]);
+
+    // The daemon's log has a line for each refusal and each mode change, naming the
+    // account and the operator.
+    let log = w.daemon.as_ref().unwrap().log_text();
+    let lines = |prefix: &str| log.lines().filter(|l| l.contains(prefix)).count();
+    assert_eq!(lines(&format!("lockout_refused: account \"x\" by uid 0 (client_ip={a})")), 4, "{log}");
+    assert_eq!(lines("lockout_refused: account \"x\" by uid 0 (client_ip=fd00::10)"), 1, "{log}");
+    assert_eq!(lines(&format!("lockout_refused: account \"x\" by uid 0 (client_ip={b})")), 1, "{log}");
+    assert_eq!(lines("mode: account \"x\" by uid 0 (forced=true mode=\"enforce\" was=\"off\")"), 1, "{log}");
+    assert_eq!(lines("mode: account \"x\" by uid 0"), 4, "{log}");
 }
 
 /// The daemon's changes reach the XDP filter: allowlist, enforcement, ban, monitor.
