@@ -2,11 +2,13 @@
 //! by `systemd-analyze verify`; the real daemon talking sd_notify to a datagram socket this
 //! test owns (READY, WATCHDOG, RELOADING, STOPPING) while it is reloaded; and the daemon
 //! started with exactly the unit's capabilities, enforcing, then failing clearly without
-//! each of them.
+//! each of them; and its log reaching the journal's socket, with priorities, when its
+//! stderr is the journal stream systemd names.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -324,4 +326,91 @@ fn capabilities_are_exactly_what_is_needed() {
         assert!(enforcing(&host), "the filter stopped after a failed start without {missing}");
         fs::write(host.log(), "").unwrap();
     }
+}
+
+/// One journal entry from the native protocol: `KEY=value` lines, or for values that hold
+/// newlines `KEY`, a newline, the length as 64-bit little-endian, the value and a newline.
+fn journal_fields(mut datagram: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = datagram.iter().position(|&b| b == b'\n' || b == b'=') {
+        let key = String::from_utf8_lossy(&datagram[..end]).into_owned();
+        let value: &[u8];
+        if datagram[end] == b'=' {
+            let rest = &datagram[end + 1..];
+            let stop = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            value = &rest[..stop];
+            datagram = rest.get(stop + 1..).unwrap_or_default();
+        } else {
+            let rest = &datagram[end + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            value = &rest[8..8 + len];
+            datagram = rest.get(8 + len + 1..).unwrap_or_default();
+        }
+        fields.push((key, String::from_utf8_lossy(value).into_owned()));
+    }
+    fields
+}
+
+/// Started by systemd, stderr is the journal stream named in `JOURNAL_STREAM`, and the
+/// daemon writes entries, with syslog priorities, to the journal's socket. Here the socket
+/// path is bind-mounted (inside the daemon's own mount namespace) to a socket this test
+/// owns, and `JOURNAL_STREAM` names the file that is the daemon's stderr.
+#[test]
+fn logs_to_the_journal_with_priorities_under_systemd() {
+    let mut host = Host::new();
+    host.write_config(&format!("interfaces = [\"{}\"]", host.hosts.server_if));
+    let journal_dir = host.path("journal");
+    fs::create_dir(&journal_dir).unwrap();
+    let journal = UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    fs::write(host.log(), "").unwrap();
+    let stderr = fs::metadata(host.log()).unwrap();
+
+    // `ip netns exec` has given the daemon a mount namespace of its own: mounts made in it
+    // stay there. /run/systemd is a tmpfs there, so nothing is created on this machine.
+    let mount = format!(
+        "mkdir -p /run/systemd && mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && \
+         mount --bind {} /run/systemd/journal && exec \"$0\" \"$@\"",
+        journal_dir.display()
+    );
+    let launch = Launch {
+        wrapper: vec!["sh".into(), "-c".into(), mount],
+        env: vec![("JOURNAL_STREAM".into(), format!("{}:{}", stderr.dev(), stderr.ino()))],
+    };
+    host.start(&launch);
+    host.ok(json!({"id": 1, "cmd": "account_add", "account": "acme"}));
+    host.ok(json!({"id": 2, "cmd": "allow_add", "account": "acme", "cidr": "198.18.0.7/32"}));
+    let refused = host.request(json!({"id": 3, "cmd": "account_mode", "account": "acme", "mode": "enforce",
+        "client_ip": "198.18.0.9"}));
+    assert_eq!(refused["error"]["code"], "lockout", "{refused}");
+
+    let mut entries: Vec<Vec<(String, String)>> = Vec::new();
+    let field = |entry: &[(String, String)], key: &str| entry.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < deadline
+        && !entries.iter().any(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with("lockout_refused")))
+    {
+        journal.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        if let Ok(n) = journal.recv(&mut buf) {
+            entries.push(journal_fields(&buf[..n]));
+        }
+    }
+    let find = |prefix: &str| {
+        entries
+            .iter()
+            .find(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no journal entry starting {prefix:?} in {entries:#?}"))
+    };
+    // Info is "notice" (5) in this logger's mapping, warn is "warning" (4).
+    let reconciled = find("reconciled ");
+    assert_eq!(field(reconciled, "PRIORITY").as_deref(), Some("5"), "{reconciled:?}");
+    assert_eq!(field(reconciled, "SYSLOG_IDENTIFIER").as_deref(), Some("ipaccessd"), "{reconciled:?}");
+    let lockout = find("lockout_refused: account \"acme\" by uid 0 (client_ip=198.18.0.9)");
+    assert_eq!(field(lockout, "PRIORITY").as_deref(), Some("4"), "{lockout:?}");
+    assert_eq!(field(lockout, "TARGET").as_deref(), Some("ipaccess::audit"), "{lockout:?}");
+
+    // Nothing went to stderr instead.
+    host.daemon().terminate();
+    let stderr = host.log_text();
+    assert!(!stderr.contains("reconciled") && !stderr.contains("lockout_refused"), "{stderr}");
 }
