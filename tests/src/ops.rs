@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::daemon::{Daemon, Launch, READY, TempDir};
+use crate::daemon::{Daemon, Launch, READY, TEST_MAPS, TempDir};
 use crate::netns::{BpfFs, TestHosts};
-
-/// Small maps: quick to create (appended to every configuration).
-pub const MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
 
 /// Namespaces, a private bpffs and a directory for configuration, store, socket and log;
 /// the daemon (stopped first on Drop: fields drop in order).
@@ -53,10 +50,10 @@ impl Host {
         fs::read_to_string(self.log()).unwrap_or_default()
     }
 
-    /// Writes the configuration file (with [`MAPS`] appended), as an operator would before
+    /// Writes the configuration file (with [`TEST_MAPS`] appended), as an operator would before
     /// starting or reloading the daemon.
     pub fn write_config(&self, toml: &str) {
-        fs::write(self.path("ipaccessd.toml"), format!("{toml}\n{MAPS}")).unwrap();
+        fs::write(self.path("ipaccessd.toml"), format!("{toml}\n{TEST_MAPS}")).unwrap();
     }
 
     /// Starts the daemon on the configuration file without waiting for it.
