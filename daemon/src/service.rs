@@ -166,6 +166,8 @@ pub struct Service {
     retention_days: AtomicU32,
     min_override_ttl: AtomicU64,
     checks: CheckCounters,
+    /// The kernel's packet counters, read without the writer lock.
+    counters: datapath::CounterReader,
     /// How long [`Service::start`] took to make the kernel match the store.
     reconcile: Duration,
 }
@@ -245,6 +247,7 @@ impl Service {
         datapath.set_bindings(&bindings)?;
         let reconcile = started.elapsed();
         info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
+        let counters = datapath.counter_reader()?;
         Ok(Service {
             writer: Mutex::new(Writer { store, datapath }),
             accounts: RwLock::new(cache),
@@ -252,6 +255,7 @@ impl Service {
             retention_days: config.retention_days.into(),
             min_override_ttl: config.min_override_ttl_seconds.max(1).into(),
             checks: CheckCounters::default(),
+            counters,
             reconcile,
         })
     }
@@ -434,15 +438,14 @@ impl Service {
                 }
             }
         };
-        let writer = self.writer.lock().expect("writer lock");
         let mut rows = Vec::with_capacity(slots.len());
         for (id, slot) in slots {
-            let c = writer.datapath.counters(slot)?;
+            let c = self.counters.account(slot)?;
             rows.push(json!({ "account": id, "passed_packets": c.passed_packets, "passed_bytes": c.passed_bytes,
                 "dropped_packets": c.dropped_packets, "dropped_bytes": c.dropped_bytes,
                 "would_drop_packets": c.would_drop_packets, "would_drop_bytes": c.would_drop_bytes }));
         }
-        let host = writer.datapath.host_counters()?;
+        let host = self.counters.host()?;
         Ok(json!({ "accounts": rows, "host": { "non_ip": host.non_ip_packets, "unbound": host.unbound_packets,
             "ndp": host.ndp_packets, "malformed": host.malformed_packets } }))
     }
@@ -464,8 +467,9 @@ impl Service {
         }))
     }
 
-    /// Everything the metrics endpoint reports. Reads every account's counters from the
-    /// kernel under the writer lock (one map lookup per account).
+    /// Everything the metrics endpoint reports. Every account's counters are read from the
+    /// kernel (one map lookup per account) without the writer lock, so a scrape does not
+    /// hold up changes; the lock is taken only for the table and interface figures.
     pub fn metrics(&self) -> Result<metrics::Snapshot, Failure> {
         let at = now();
         let mut accounts: Vec<(String, u32, usize)> = {
@@ -473,15 +477,16 @@ impl Service {
             cache.iter().map(|(id, a)| (id.clone(), a.slot, a.overrides.iter().filter(|&&(_, e)| e > at).count())).collect()
         };
         accounts.sort_unstable();
-        let writer = self.writer.lock().expect("writer lock");
         let mut rows = Vec::with_capacity(accounts.len());
         for (account, slot, live_overrides) in accounts {
-            rows.push(metrics::AccountMetrics { account, counters: writer.datapath.counters(slot)?, live_overrides });
+            rows.push(metrics::AccountMetrics { account, counters: self.counters.account(slot)?, live_overrides });
         }
+        let host = self.counters.host()?;
+        let writer = self.writer.lock().expect("writer lock");
         let (table_slots_used, table_slots) = writer.datapath.slot_usage();
         Ok(metrics::Snapshot {
             accounts: rows,
-            host: writer.datapath.host_counters()?,
+            host,
             checks: self.checks.read(),
             table_slots_used,
             table_slots,

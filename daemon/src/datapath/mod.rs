@@ -551,28 +551,24 @@ impl Datapath {
     pub fn counters(&self, slot: u32) -> Result<AccountCounters> {
         self.check_slot(slot)?;
         let map = self.per_cpu::<AccountCounters>(MAP_COUNTERS)?;
-        let values = map.get(&slot, 0).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
-        Ok(values.iter().fold(AccountCounters::default(), |mut sum, c| {
-            sum.passed_packets += c.passed_packets;
-            sum.passed_bytes += c.passed_bytes;
-            sum.dropped_packets += c.dropped_packets;
-            sum.dropped_bytes += c.dropped_bytes;
-            sum.would_drop_packets += c.would_drop_packets;
-            sum.would_drop_bytes += c.would_drop_bytes;
-            sum
-        }))
+        account_sum(&map, slot)
     }
 
     pub fn host_counters(&self) -> Result<HostCounters> {
-        let map = self.per_cpu::<HostCounters>(MAP_HOST_COUNTERS)?;
-        let values = map.get(&0, 0).map_err(|e| DatapathError::Map(MAP_HOST_COUNTERS.into(), e))?;
-        Ok(values.iter().fold(HostCounters::default(), |mut sum, c| {
-            sum.non_ip_packets += c.non_ip_packets;
-            sum.unbound_packets += c.unbound_packets;
-            sum.ndp_packets += c.ndp_packets;
-            sum.malformed_packets += c.malformed_packets;
-            sum
-        }))
+        host_sum(&self.per_cpu::<HostCounters>(MAP_HOST_COUNTERS)?)
+    }
+
+    /// A second handle on the counter maps, for reading them without this `Datapath`.
+    pub fn counter_reader(&self) -> Result<CounterReader> {
+        let open = |name: &str| {
+            let fd = map_data(&self.ebpf, name).fd().as_fd().try_clone_to_owned();
+            let fd = fd.map_err(|e| DatapathError::Io(format!("duplicating {name}"), e))?;
+            MapData::from_fd(fd).map_err(|e| DatapathError::Map(name.into(), e))
+        };
+        let accounts = PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
+        let host =
+            PerCpuArray::try_from(Map::PerCpuArray(open(MAP_HOST_COUNTERS)?)).map_err(|e| DatapathError::Map(MAP_HOST_COUNTERS.into(), e))?;
+        Ok(CounterReader { accounts, host })
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<()> {
@@ -702,6 +698,51 @@ fn map_data<'a>(ebpf: &'a Ebpf, name: &str) -> &'a MapData {
 }
 
 /// Checks a (possibly reused) array map against this build; returns its length.
+/// Reads the kernel's packet counters through its own map handles, so that the daemon can
+/// serve `stats` and metrics over many accounts without holding up changes (which hold the
+/// [`Datapath`]). Counters are per-CPU: each read sums the CPUs' values.
+pub struct CounterReader {
+    accounts: PerCpuArray<MapData, AccountCounters>,
+    host: PerCpuArray<MapData, HostCounters>,
+}
+
+impl CounterReader {
+    pub fn account(&self, slot: u32) -> Result<AccountCounters> {
+        if slot == NO_ACCOUNT {
+            return Err(DatapathError::AccountSlot { slot, limit: self.accounts.len() });
+        }
+        account_sum(&self.accounts, slot)
+    }
+
+    pub fn host(&self) -> Result<HostCounters> {
+        host_sum(&self.host)
+    }
+}
+
+fn account_sum<M: std::borrow::Borrow<MapData>>(map: &PerCpuArray<M, AccountCounters>, slot: u32) -> Result<AccountCounters> {
+    let values = map.get(&slot, 0).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
+    Ok(values.iter().fold(AccountCounters::default(), |mut sum, c| {
+        sum.passed_packets += c.passed_packets;
+        sum.passed_bytes += c.passed_bytes;
+        sum.dropped_packets += c.dropped_packets;
+        sum.dropped_bytes += c.dropped_bytes;
+        sum.would_drop_packets += c.would_drop_packets;
+        sum.would_drop_bytes += c.would_drop_bytes;
+        sum
+    }))
+}
+
+fn host_sum<M: std::borrow::Borrow<MapData>>(map: &PerCpuArray<M, HostCounters>) -> Result<HostCounters> {
+    let values = map.get(&0, 0).map_err(|e| DatapathError::Map(MAP_HOST_COUNTERS.into(), e))?;
+    Ok(values.iter().fold(HostCounters::default(), |mut sum, c| {
+        sum.non_ip_packets += c.non_ip_packets;
+        sum.unbound_packets += c.unbound_packets;
+        sum.ndp_packets += c.ndp_packets;
+        sum.malformed_packets += c.malformed_packets;
+        sum
+    }))
+}
+
 fn map_len<T>(ebpf: &Ebpf, name: &'static str, dir: &Path) -> Result<u32> {
     let info = map_data(ebpf, name).info().map_err(|e| DatapathError::Map(name.into(), e))?;
     if info.value_size() as usize != size_of::<T>() {
