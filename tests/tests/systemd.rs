@@ -308,7 +308,7 @@ fn capabilities_are_exactly_what_is_needed() {
     // A restart with the same set reuses the pinned maps and updates the pinned link.
     host.daemon.take().unwrap().terminate().expect("stops on SIGTERM");
     host.start(&limited(&needed));
-    assert!(host.log_text().contains("switched the pinned XDP link to the new program"));
+    assert!(host.log_text().contains("native XDP, pinned link switched to this program"), "{}", host.log_text());
     assert!(enforcing(&host), "not enforcing after a restart with {needed:?}");
     host.daemon.take().unwrap().terminate().expect("stops on SIGTERM");
 
