@@ -14,7 +14,7 @@ use clap::{CommandFactory as _, Parser};
 use ipaccess::{
     capabilities, kernel,
     config::{self, Config},
-    datapath::{Datapath, DatapathOptions, ensure_bpffs},
+    datapath::{self, Datapath, DatapathOptions, ensure_bpffs},
     logging, metrics, reload, server,
     service::{ActivityLog, Service},
     store::Store,
@@ -39,6 +39,10 @@ struct Args {
     /// Remove the filter from these interfaces and exit.
     #[arg(long = "detach", value_name = "NAME", conflicts_with = "interfaces")]
     detach: Vec<String>,
+    /// Remove the filter from every interface it is attached to and exit (the package does
+    /// this when it is removed).
+    #[arg(long, conflicts_with_all = ["interfaces", "detach"])]
+    detach_all: bool,
     /// Control socket path (overrides the configuration).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -75,18 +79,27 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(status);
     }
     let destination = logging::init();
-    let args = Args::parse();
+    let mut args = Args::parse();
     let config = load_config(&args)?;
     logging::set_level(config.log_level.filter());
     if destination == logging::Destination::Journal {
         info!("logging to the journal");
     }
     ensure_bpffs(&config.bpffs).context("preparing bpffs")?;
+    if args.detach_all {
+        args.detach = datapath::pinned_interfaces_under(&config.bpffs);
+        if args.detach.is_empty() {
+            info!("the filter is attached to no interface");
+            return Ok(());
+        }
+    }
     let options = DatapathOptions { bpffs: config.bpffs.clone(), slots: config.maps.slots, accounts: config.maps.accounts };
     let mut datapath = explain_failure(Datapath::open(&options)).context("loading the XDP program")?;
     if !args.detach.is_empty() {
         for iface in &args.detach {
-            if !datapath.detach(iface)? {
+            if datapath.detach(iface)? {
+                info!("{iface}: filter removed");
+            } else {
                 warn!("{iface}: was not attached");
             }
         }

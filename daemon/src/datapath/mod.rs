@@ -373,14 +373,7 @@ impl Datapath {
 
     /// Interfaces with a pinned link.
     pub fn attached_interfaces(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(&self.pin_dir) else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_prefix("link-").map(str::to_string))
-            .collect();
-        names.sort();
-        names
+        pinned_interfaces(&self.pin_dir)
     }
 
     /// Account slots the maps hold a policy or an allowlist for.
@@ -741,6 +734,23 @@ fn host_sum<M: std::borrow::Borrow<MapData>>(map: &PerCpuArray<M, HostCounters>)
         sum.malformed_packets += c.malformed_packets;
         sum
     }))
+}
+
+/// Interfaces with a link pinned under `bpffs`, found without loading anything (so that
+/// looking creates no maps).
+pub fn pinned_interfaces_under(bpffs: &Path) -> Vec<String> {
+    pinned_interfaces(&bpffs.join(PIN_SUBDIR))
+}
+
+fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_prefix("link-").map(str::to_string))
+        .collect();
+    names.sort();
+    names
 }
 
 fn map_len<T>(ebpf: &Ebpf, name: &'static str, dir: &Path) -> Result<u32> {
