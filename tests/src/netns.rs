@@ -908,6 +908,105 @@ fn have_program(name: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
+/// Sends `rate` datagrams/s of `[tag, sequence number (u32, big-endian), padding]` on a
+/// connected socket until `stop` is set or `limit` has passed; returns how many were sent.
+pub fn paced_udp_sender(
+    sock: UdpSocket,
+    tag: u8,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let start = Instant::now();
+        let mut sent: u64 = 0;
+        let mut errors = 0u64;
+        let mut datagram = [0u8; 64];
+        datagram[0] = tag;
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < limit {
+            // Catch up in bursts of at most 64 after a late wake-up, not all at once.
+            let due = (start.elapsed().as_micros() as u64 * rate / 1_000_000).min(sent + 64);
+            while sent < due {
+                datagram[1..5].copy_from_slice(&(sent as u32).to_be_bytes());
+                match sock.send(&datagram) {
+                    Ok(_) => sent += 1,
+                    Err(e) => {
+                        errors += 1;
+                        assert!(errors < 1000, "send keeps failing: {e}");
+                        break;
+                    }
+                }
+            }
+            thread::sleep(Duration::from_micros(500));
+        }
+        sent
+    })
+}
+
+/// Forces a socket's receive buffer to `bytes` (SO_RCVBUFFORCE: root), so a burst is not
+/// lost to a full buffer and counted as a drop.
+pub fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
+    // SAFETY: plain setsockopt with an int value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &bytes as *const _ as *const libc::c_void,
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
+}
+
+/// What [`receive_flows`] saw.
+pub struct FlowsSeen {
+    /// Sequence numbers received from the good source.
+    pub good: Vec<bool>,
+    /// Good datagrams received more than once.
+    pub good_dups: u64,
+    /// Datagrams from the bad source.
+    pub bad: u64,
+    /// Anything else (including good sequence numbers beyond `good`'s length).
+    pub other: u64,
+}
+
+/// Receives on `rx` in a thread until `stop` (or `limit`): datagrams from `good` tagged
+/// `good_tag` (as [`paced_udp_sender`] sends them) are recorded by sequence number, up to
+/// `capacity`; those from `bad` are counted.
+pub fn receive_flows(
+    rx: UdpSocket,
+    (good, good_tag): (IpAddr, u8),
+    bad: IpAddr,
+    capacity: usize,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> JoinHandle<FlowsSeen> {
+    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    thread::spawn(move || {
+        let mut seen = FlowsSeen { good: vec![false; capacity], good_dups: 0, bad: 0, other: 0 };
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + limit;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match rx.recv_from(&mut buf) {
+                Ok((n, from)) if n >= 5 && buf[0] == good_tag && from.ip() == good => {
+                    let seq = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+                    match seen.good.get_mut(seq) {
+                        Some(slot) if *slot => seen.good_dups += 1,
+                        Some(slot) => *slot = true,
+                        None => seen.other += 1,
+                    }
+                }
+                Ok((_, from)) if from.ip() == bad => seen.bad += 1,
+                Ok(_) => seen.other += 1,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+        seen
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[cfg(test)]
@@ -1087,103 +1186,4 @@ mod tests {
         assert!(!bpf_mounted(&path));
         assert!(!path.exists());
     }
-}
-
-/// Sends `rate` datagrams/s of `[tag, sequence number (u32, big-endian), padding]` on a
-/// connected socket until `stop` is set or `limit` has passed; returns how many were sent.
-pub fn paced_udp_sender(
-    sock: UdpSocket,
-    tag: u8,
-    rate: u64,
-    stop: Arc<AtomicBool>,
-    limit: Duration,
-) -> thread::JoinHandle<u64> {
-    thread::spawn(move || {
-        let start = Instant::now();
-        let mut sent: u64 = 0;
-        let mut errors = 0u64;
-        let mut datagram = [0u8; 64];
-        datagram[0] = tag;
-        while !stop.load(Ordering::Relaxed) && start.elapsed() < limit {
-            // Catch up in bursts of at most 64 after a late wake-up, not all at once.
-            let due = (start.elapsed().as_micros() as u64 * rate / 1_000_000).min(sent + 64);
-            while sent < due {
-                datagram[1..5].copy_from_slice(&(sent as u32).to_be_bytes());
-                match sock.send(&datagram) {
-                    Ok(_) => sent += 1,
-                    Err(e) => {
-                        errors += 1;
-                        assert!(errors < 1000, "send keeps failing: {e}");
-                        break;
-                    }
-                }
-            }
-            thread::sleep(Duration::from_micros(500));
-        }
-        sent
-    })
-}
-
-/// Forces a socket's receive buffer to `bytes` (SO_RCVBUFFORCE: root), so a burst is not
-/// lost to a full buffer and counted as a drop.
-pub fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
-    // SAFETY: plain setsockopt with an int value.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &bytes as *const _ as *const libc::c_void,
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
-}
-
-/// What [`receive_flows`] saw.
-pub struct FlowsSeen {
-    /// Sequence numbers received from the good source.
-    pub good: Vec<bool>,
-    /// Good datagrams received more than once.
-    pub good_dups: u64,
-    /// Datagrams from the bad source.
-    pub bad: u64,
-    /// Anything else (including good sequence numbers beyond `good`'s length).
-    pub other: u64,
-}
-
-/// Receives on `rx` in a thread until `stop` (or `limit`): datagrams from `good` tagged
-/// `good_tag` (as [`paced_udp_sender`] sends them) are recorded by sequence number, up to
-/// `capacity`; those from `bad` are counted.
-pub fn receive_flows(
-    rx: UdpSocket,
-    (good, good_tag): (IpAddr, u8),
-    bad: IpAddr,
-    capacity: usize,
-    stop: Arc<AtomicBool>,
-    limit: Duration,
-) -> JoinHandle<FlowsSeen> {
-    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    thread::spawn(move || {
-        let mut seen = FlowsSeen { good: vec![false; capacity], good_dups: 0, bad: 0, other: 0 };
-        let mut buf = [0u8; 2048];
-        let deadline = Instant::now() + limit;
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match rx.recv_from(&mut buf) {
-                Ok((n, from)) if n >= 5 && buf[0] == good_tag && from.ip() == good => {
-                    let seq = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
-                    match seen.good.get_mut(seq) {
-                        Some(slot) if *slot => seen.good_dups += 1,
-                        Some(slot) => *slot = true,
-                        None => seen.other += 1,
-                    }
-                }
-                Ok((_, from)) if from.ip() == bad => seen.bad += 1,
-                Ok(_) => seen.other += 1,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                Err(e) => panic!("recv: {e}"),
-            }
-        }
-        seen
-    })
 }

@@ -29,8 +29,6 @@ use serde_json::{Value, json};
 const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
 const NOBODY: &str = "65534";
-/// Small maps: quick to create, plenty for these tests (appended to every config).
-
 
 /// The output of one `ipaccessctl` run.
 #[derive(Debug)]

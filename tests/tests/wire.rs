@@ -100,7 +100,6 @@ fn wait_counters(dp: &Datapath, slot: u32, done: impl Fn(&AccountCounters) -> bo
     }
 }
 
-/// Gives a receiving socket a buffer big enough to absorb scheduling hiccups.
 // ---------------------------------------------------------------------------------------------
 
 /// Port bindings on both families: allowed sources get through, others don't, unbound ports
