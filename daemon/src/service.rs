@@ -280,6 +280,11 @@ impl Service {
         self.writer.lock().expect("writer lock").datapath.attach(iface, mode)
     }
 
+    /// See [`Datapath::retire_other_layouts`].
+    pub fn retire_other_layouts(&self) {
+        self.writer.lock().expect("writer lock").datapath.retire_other_layouts();
+    }
+
     /// Runs one command for a caller whose uid is `uid` (recorded as the author of changes).
     pub fn execute(&self, command: Command, uid: u32) -> Outcome {
         let command = canonical(command)?;

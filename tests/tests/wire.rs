@@ -5,6 +5,7 @@
 //! Only 198.18.0.0/15 and fd00::/8 are used, and no traffic leaves the namespaces.
 
 use std::collections::HashSet;
+use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ipaccess::datapath::{self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode, XdpMode, netlink::XdpPath};
-use ipaccess_common::{AccountCounters, NEVER_EXPIRES};
+use ipaccess_common::{AccountCounters, NEVER_EXPIRES, PIN_SUBDIR};
 use ipaccess_tests::netns::{
     BpfFs, Netns, TcpServer, TestHosts, UdpEchoServer, echoed_udp, icmp_echo, neighbours, send_udp, tcp_connect,
     paced_udp_sender, receive_flows, set_rcvbuf, udp_client, udp_roundtrip,
@@ -406,6 +407,71 @@ fn bindings_variant(i: usize, s4: Ipv4Addr, rng: &mut StdRng) -> Vec<Binding> {
     out.sort();
     out.dedup_by_key(|b| (b.addr, b.target));
     out
+}
+
+/// An upgrade to a build whose maps have another layout (so another `ipaccess/vN` pin
+/// directory) takes over the interface's link from the old build's pins while traffic
+/// flows, losing nothing and letting nothing through, then frees the old pins.
+#[test]
+fn layout_upgrade_takes_over_without_a_gap() {
+    const TAG_GOOD: u8 = 0xa1;
+    const TAG_BAD: u8 = 0xb2;
+    let hosts = TestHosts::new().unwrap();
+    let bpffs = BpfFs::new().unwrap();
+    let s4 = hosts.server_v4;
+    let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
+    let configure = |dp: &mut Datapath| {
+        dp.set_policy(ACCOUNT, Mode::Enforce, false).unwrap();
+        dp.set_allowlist(ACCOUNT, &[host(good)]).unwrap();
+        dp.set_bindings(&[port_binding(s4, UDP, P_UDP, ACCOUNT)]).unwrap();
+    };
+    let mut dp = open(&bpffs);
+    configure(&mut dp);
+    attach(&hosts, &mut dp);
+    assert!(echo(&hosts.client, good, s4, OK));
+    assert!(echo(&hosts.client, bad, s4, OK));
+    drop(dp);
+    // What the build being upgraded from leaves: its pins under another version's directory.
+    let current = bpffs.path().join(PIN_SUBDIR);
+    let old = current.with_file_name("v0");
+    fs::rename(&current, &old).unwrap();
+    let link_name = format!("link-{}", hosts.server_if);
+    assert!(old.join(&link_name).exists());
+
+    let rx = hosts.server.run(move || UdpSocket::bind(sa(s4, P_UDP))).unwrap();
+    set_rcvbuf(&rx, 16 << 20);
+    let rx_stop = Arc::new(AtomicBool::new(false));
+    let receiver =
+        receive_flows(rx, (good.into(), TAG_GOOD), bad.into(), 100_000, rx_stop.clone(), Duration::from_secs(20));
+    let tx_stop = Arc::new(AtomicBool::new(false));
+    let limit = Duration::from_secs(10);
+    let good_tx = paced_udp_sender(udp_client(&hosts.client, good.into(), sa(s4, P_UDP)), TAG_GOOD, 5000, tx_stop.clone(), limit);
+    let bad_tx = paced_udp_sender(udp_client(&hosts.client, bad.into(), sa(s4, P_UDP)), TAG_BAD, 1000, tx_stop.clone(), limit);
+    thread::sleep(Duration::from_millis(500));
+
+    // The new build: fresh maps filled first (as the daemon reconciles before attaching),
+    // then the old link switched to the new program.
+    let mut dp = open(&bpffs);
+    configure(&mut dp);
+    assert_eq!(attach(&hosts, &mut dp), Attachment { path: XdpPath::Native, reused: true });
+    assert!(current.join(&link_name).exists() && !old.join(&link_name).exists(), "the pin did not move");
+    assert_eq!(dp.retire_other_layouts(), []);
+    assert!(!old.exists(), "the old layout's pins were left behind");
+    thread::sleep(Duration::from_millis(500));
+
+    tx_stop.store(true, Ordering::Relaxed);
+    let (good_sent, bad_sent) = (good_tx.join().unwrap(), bad_tx.join().unwrap());
+    let c = wait_counters(&dp, ACCOUNT, |c| c.passed_packets > 0 && c.dropped_packets > 0);
+    thread::sleep(Duration::from_millis(300));
+    rx_stop.store(true, Ordering::Relaxed);
+    let seen = receiver.join().unwrap();
+    let received = seen.good.iter().filter(|&&s| s).count() as u64;
+    assert!(good_sent >= 2_000 && bad_sent >= 400, "senders too slow: {good_sent}, {bad_sent}");
+    assert_eq!((seen.bad, seen.other, seen.good_dups), (0, 0, 0), "disallowed or unexpected datagrams");
+    assert_eq!(received, good_sent, "allowed datagrams lost across the takeover");
+    // The new program, with the new maps, is the one deciding now.
+    assert!(c.passed_packets > 0 && c.dropped_packets > 0, "{c:?}");
+    assert!(dp.detach(&hosts.server_if).unwrap());
 }
 
 /// Restarts, allowlist replacements and binding rewrites while traffic flows: not one

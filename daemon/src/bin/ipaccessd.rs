@@ -118,6 +118,9 @@ async fn main() -> anyhow::Result<()> {
             let how = explain_failure(service.attach(iface, config.xdp_mode)).with_context(|| format!("attaching to {iface}"))?;
             interfaces.push(format!("{iface} ({})", how.path));
         }
+        // After an upgrade that changed the map layout, the old layout's pins outlive the
+        // takeover of its links; free them once no interface uses them.
+        service.retire_other_layouts();
         Arc::new(service)
     };
     if config.interfaces.is_empty() {

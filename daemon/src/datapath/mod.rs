@@ -266,28 +266,14 @@ impl Datapath {
     /// kernel refuses both at once), which ipaccessd never does on its own.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<Attachment> {
         let pin = self.link_pin(iface);
+        if !pin.exists() && self.adopt_link_of_other_layout(iface)? {
+            return self.reused_attachment(iface, mode);
+        }
         if pin.exists() {
             match self.reuse_link(&pin) {
                 Ok(link) => {
                     self.links.insert(iface.to_string(), link);
-                    let path = netlink::xdp_path(iface)
-                        .map_err(|e| DatapathError::Io(format!("{iface}: reading its XDP attachment"), e))?
-                        .ok_or_else(|| DatapathError::Io(iface.into(), io::Error::other("pinned link attaches nothing")))?;
-                    let wanted = match mode {
-                        XdpMode::Auto => path,
-                        XdpMode::Native => XdpPath::Native,
-                        XdpMode::Generic => XdpPath::Generic,
-                    };
-                    if path != wanted {
-                        warn!(
-                            "{iface}: runs in {path} XDP but xdp_mode asks for {wanted}; it stays {path}, since \
-                             switching means a moment without the filter: `ipaccessctl detach {iface}` and a \
-                             restart switch it"
-                        );
-                    }
-                    let attachment = Attachment { path, reused: true };
-                    info!("{iface}: {attachment}");
-                    return Ok(attachment);
+                    return self.reused_attachment(iface, mode);
                 }
                 Err(e) => {
                     // The interface went away and came back, or the pin is stale.
@@ -328,6 +314,99 @@ impl Datapath {
         let attachment = Attachment { path, reused: false };
         info!("{iface}: attached ({attachment})");
         Ok(attachment)
+    }
+
+    /// An existing link now runs this program: where it runs (it keeps its XDP path).
+    fn reused_attachment(&self, iface: &str, mode: XdpMode) -> Result<Attachment> {
+        let path = netlink::xdp_path(iface)
+            .map_err(|e| DatapathError::Io(format!("{iface}: reading its XDP attachment"), e))?
+            .ok_or_else(|| DatapathError::Io(iface.into(), io::Error::other("pinned link attaches nothing")))?;
+        let wanted = match mode {
+            XdpMode::Auto => path,
+            XdpMode::Native => XdpPath::Native,
+            XdpMode::Generic => XdpPath::Generic,
+        };
+        if path != wanted {
+            warn!(
+                "{iface}: runs in {path} XDP but xdp_mode asks for {wanted}; it stays {path}, since \
+                 switching means a moment without the filter: `ipaccessctl detach {iface}` and a \
+                 restart switch it"
+            );
+        }
+        let attachment = Attachment { path, reused: true };
+        info!("{iface}: {attachment}");
+        Ok(attachment)
+    }
+
+    /// Pin directories of other layout versions of the maps (`<bpffs>/ipaccess/v*` besides
+    /// this one's), left by the build this one upgraded from.
+    fn other_layouts(&self) -> Vec<PathBuf> {
+        let (Some(parent), Some(own)) = (self.pin_dir.parent(), self.pin_dir.file_name()) else {
+            return Vec::new();
+        };
+        let Ok(entries) = fs::read_dir(parent) else { return Vec::new() };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != own && e.file_name().to_string_lossy().starts_with('v'))
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// Takes over `iface`'s link if a build with another map layout pinned it: the link is
+    /// switched to this program in one update (as on any restart; this program already has
+    /// its own maps filled), then pinned here and unpinned there. Returns whether there was
+    /// one.
+    fn adopt_link_of_other_layout(&mut self, iface: &str) -> Result<bool> {
+        let Some(old) = self.other_layouts().into_iter().map(|dir| dir.join(format!("link-{iface}"))).find(|p| p.exists())
+        else {
+            return Ok(false);
+        };
+        let link = match self.reuse_link(&old) {
+            Ok(link) => link,
+            Err(e) => {
+                warn!("{iface}: cannot take over the link pinned at {} ({e})", old.display());
+                return Ok(false);
+            }
+        };
+        let pin = self.link_pin(iface);
+        let pinned = link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
+        self.links.insert(iface.to_string(), FdLink::from(pinned));
+        fs::remove_file(&old).map_err(|e| DatapathError::Io(format!("unpinning {}", old.display()), e))?;
+        info!("{iface}: took over the filter pinned at {} by a build with another map layout", old.display());
+        Ok(true)
+    }
+
+    /// Removes the pins (maps and all) of other map layouts that no interface uses any
+    /// more and no running ipaccessd holds. Returns the interfaces still filtered by an
+    /// older layout's program, with its directory: they are not in this daemon's
+    /// configuration, so they were left as they are.
+    pub fn retire_other_layouts(&self) -> Vec<(PathBuf, Vec<String>)> {
+        let mut still_used = Vec::new();
+        for dir in self.other_layouts() {
+            let interfaces = pinned_interfaces(&dir);
+            if !interfaces.is_empty() {
+                warn!(
+                    "{}: still filtering {} with an older build's program; add them to the configuration \
+                     (and restart) to move them to this one, or detach them",
+                    dir.display(),
+                    interfaces.join(", ")
+                );
+                still_used.push((dir, interfaces));
+                continue;
+            }
+            let Ok(_held) = try_lock_dir(&dir) else {
+                warn!("{}: in use by another ipaccessd; left in place", dir.display());
+                continue;
+            };
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => info!("removed {}, the pinned maps of a build with another layout", dir.display()),
+                Err(e) => warn!("could not remove {}: {e}", dir.display()),
+            }
+        }
+        still_used
     }
 
     /// Where each interface with a pinned link runs the program, as the kernel reports it
@@ -660,16 +739,28 @@ fn check_bpffs(path: &Path) -> Result<()> {
 /// Takes an exclusive lock on the pin directory so two daemons never write the same maps.
 /// A lock that is busy is retried for a moment: a process forked by another thread of ours
 /// holds a copy of the previous holder's descriptor until it execs.
+/// The directory's lock if no other process holds it, at once.
+fn try_lock_dir(dir: &Path) -> io::Result<fs::File> {
+    let file = fs::File::open(dir)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(file)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn lock_dir(dir: &Path) -> Result<fs::File> {
-    let file = fs::File::open(dir).map_err(|e| DatapathError::Io(format!("opening {}", dir.display()), e))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(file);
+        let error = match try_lock_dir(dir) {
+            Ok(file) => return Ok(file),
+            Err(e) => e,
+        };
+        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(DatapathError::Io(format!("locking {}", dir.display()), error));
         }
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() > deadline {
+        if std::time::Instant::now() > deadline {
             return Err(DatapathError::Io(format!("{} is in use by another ipaccessd", dir.display()), error));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
