@@ -1,7 +1,8 @@
 //! A reload (SIGHUP, `systemctl reload`): the configuration read again and applied where
 //! that needs no restart. The filter is never detached by a reload.
 //!
-//! - Live: newly listed interfaces are attached; `roles` and `limits` (except
+//! - Live: newly listed interfaces are attached, and so are listed ones the kernel shows
+//!   no XDP program on (detached by hand, or deleted and created again); `roles` and `limits` (except
 //!   `max_connections`) apply to new control connections; `retention_days`,
 //!   `min_override_ttl_seconds`, `drop_samples_per_second` and `log_level` at once.
 //! - Interfaces no longer listed stay attached, with a warning naming the way to detach.
@@ -55,7 +56,14 @@ pub fn apply(service: &Service, current: &Config, next: Config) -> (Config, Stri
     service.reconfigure(&next);
     logging::set_level(next.log_level.filter());
     let mut failed = Vec::new();
-    for iface in &plan.attach {
+    // Listed before and still, but no longer filtered: detached by hand, or the interface
+    // was deleted and made again (a bond or VLAN re-created by the network setup).
+    let unfiltered = next.interfaces.iter().filter(|i| !plan.attach.contains(i) && !service.is_filtered(i));
+    let unfiltered: Vec<String> = unfiltered.cloned().collect();
+    for iface in &unfiltered {
+        warn!("reload: {iface} is configured but has no XDP program; attaching it again");
+    }
+    for iface in plan.attach.iter().chain(&unfiltered) {
         match service.attach(iface, next.xdp_mode) {
             Ok(how) => info!("reload: {iface}: {how}"),
             Err(e) => {

@@ -280,6 +280,12 @@ impl Service {
         self.writer.lock().expect("writer lock").datapath.attach(iface, mode)
     }
 
+    /// Does the kernel show an XDP program on `iface` (this daemon's or any other)? No lock:
+    /// the answer comes from rtnetlink.
+    pub fn is_filtered(&self, iface: &str) -> bool {
+        datapath::netlink::xdp_path(iface).is_ok_and(|path| path.is_some())
+    }
+
     /// See [`Datapath::retire_other_layouts`].
     pub fn retire_other_layouts(&self) {
         self.writer.lock().expect("writer lock").datapath.retire_other_layouts();

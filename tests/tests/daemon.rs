@@ -671,6 +671,28 @@ fn generic_xdp_mode_enforces() {
     assert!(!tcp_ok(hosts, bad, bound, FAIL), "disallowed source got through in generic XDP");
 }
 
+/// A reload attaches a configured interface that is not filtered any more (here detached
+/// by hand), as it attaches a newly configured one.
+#[test]
+fn reload_reattaches_a_configured_interface() {
+    let w = World::new("");
+    let iface = w.hosts.server_if.clone();
+    w.ok(&["detach", &iface]);
+    assert_eq!(w.ok(&["status"])["interfaces"], json!([]));
+    w.daemon.as_ref().unwrap().signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = w.ok(&["status"]);
+        if status["xdp"] == json!([{"interface": iface, "path": "native"}]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not attached again after a reload: {status}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = w.daemon.as_ref().unwrap().log_text();
+    assert!(log.contains(&format!("reload: {iface} is configured but has no XDP program")), "{log}");
+}
+
 /// Everything the daemon's clients can read, through one connection.
 fn snapshot(w: &World, checks: &[&str]) -> Value {
     let mut conn = w.conn();

@@ -109,6 +109,30 @@ fn xdp_mode_on_an_interface_without_driver_support() {
     });
 }
 
+/// An interface deleted and created again (a bond or VLAN re-made by the network setup)
+/// leaves a pinned link that filters nothing: attaching again must notice and attach afresh.
+#[test]
+fn a_recreated_interface_is_attached_afresh() {
+    let ns = Netns::new("ipastale").unwrap();
+    let add = || ns.ip(&["link", "add", "ipastale0", "type", "veth", "peer", "name", "ipastale1"]).unwrap();
+    add();
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    ns.run(|| {
+        assert_eq!(dp.attach("ipastale0", XdpMode::Auto).unwrap(), Attachment { path: XdpPath::Native, reused: false });
+    });
+    drop(dp);
+    ns.ip(&["link", "del", "ipastale0"]).unwrap();
+    add();
+    let mut dp = open(&bpffs);
+    ns.run(move || {
+        assert_eq!(dp.attachments(), [("ipastale0".to_string(), None)], "the stale pin shows as attaching nothing");
+        assert_eq!(dp.attach("ipastale0", XdpMode::Auto).unwrap(), Attachment { path: XdpPath::Native, reused: false });
+        assert_eq!(dp.attachments(), [("ipastale0".to_string(), Some(XdpPath::Native))]);
+        assert!(dp.detach("ipastale0").unwrap());
+    });
+}
+
 /// A veth has native XDP: each mode gets the path it asks for, and a restarted loader keeps
 /// the path the pinned link has rather than detaching to change it.
 #[test]

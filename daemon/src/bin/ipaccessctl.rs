@@ -647,7 +647,10 @@ fn human(command: &Command, v: &Value) -> String {
             // Interfaces with the path the kernel runs the program in; the rest as it comes.
             let interfaces: Vec<String> = rows(&v["xdp"])
                 .iter()
-                .map(|a| format!("{} ({} XDP)", cell("", &a["interface"]), cell("", &a["path"])))
+                .map(|a| match &a["path"] {
+                    Value::Null => format!("{} (no XDP program: a reload attaches it again)", cell("", &a["interface"])),
+                    path => format!("{} ({} XDP)", cell("", &a["interface"]), cell("", path)),
+                })
                 .collect();
             let interfaces = if interfaces.is_empty() { "none".to_string() } else { interfaces.join(", ") };
             out.push_str(&format!("interfaces: {interfaces}\n"));

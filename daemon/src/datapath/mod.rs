@@ -330,7 +330,7 @@ impl Datapath {
             warn!(
                 "{iface}: runs in {path} XDP but xdp_mode asks for {wanted}; it stays {path}, since \
                  switching means a moment without the filter: `ipaccessctl detach {iface}` and a \
-                 restart switch it"
+                 reload switch it"
             );
         }
         let attachment = Attachment { path, reused: true };
