@@ -33,6 +33,9 @@ const FAIL: Duration = Duration::from_millis(500);
 const OK: Duration = Duration::from_secs(2);
 
 const ACCOUNT: u32 = 1;
+/// Tags of the datagrams from the allowed and the disallowed source in the flow tests.
+const TAG_GOOD: u8 = 0xa1;
+const TAG_BAD: u8 = 0xb2;
 const OTHER: u32 = 2;
 
 fn open(bpffs: &BpfFs) -> Datapath {
@@ -414,8 +417,6 @@ fn bindings_variant(i: usize, s4: Ipv4Addr, rng: &mut StdRng) -> Vec<Binding> {
 /// flows, losing nothing and letting nothing through, then frees the old pins.
 #[test]
 fn layout_upgrade_takes_over_without_a_gap() {
-    const TAG_GOOD: u8 = 0xa1;
-    const TAG_BAD: u8 = 0xb2;
     let hosts = TestHosts::new().unwrap();
     let bpffs = BpfFs::new().unwrap();
     let s4 = hosts.server_v4;
@@ -480,8 +481,6 @@ fn layout_upgrade_takes_over_without_a_gap() {
 fn no_gap_on_reload() {
     const GOOD_RATE: u64 = 5000;
     const BAD_RATE: u64 = 1000;
-    const TAG_GOOD: u8 = 0xa1;
-    const TAG_BAD: u8 = 0xb2;
 
     let hosts = TestHosts::new().unwrap();
     let bpffs = BpfFs::new().unwrap();
