@@ -19,8 +19,8 @@ use aya_ebpf::{
 use ipaccess_common::{
     AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS,
     DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, Policy,
-    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_lengths, reason, v4_key,
-    v6_key,
+    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_family_lengths, read_summary, reason,
+    top_bits, v4_key, v6_key,
 };
 use parse::{Frame, Packet, parse};
 
@@ -184,10 +184,19 @@ fn source_allowed(account: u32, table: TableDesc, packet: &Packet) -> bool {
     if entry_live(account, table, packet, host_len, &mut now) {
         return true;
     }
-    let Some((v4_lengths, v6_lengths)) = read_lengths(&Slots, table) else {
+    // The header's summary refuses most uncovered sources with one load and no further
+    // probe. (Checking it before the host probe makes refusals about 4 ns cheaper but every
+    // allowed packet 2 ns dearer; the header's address comes from the binding's word alone,
+    // so its load need not wait for the host probe either way.)
+    let Some(summary) = read_summary(&Slots, table, v4) else {
         return false;
     };
-    let lengths = if v4 { v4_lengths } else { v6_lengths };
+    if !summary.may_cover(table.seed(), top_bits(v4, packet.src.0, packet.src.1)) {
+        return false;
+    }
+    let Some(lengths) = read_family_lengths(&Slots, table, v4) else {
+        return false;
+    };
     for i in 0..MAX_PROBE_LENGTHS {
         let len = lengths.get(i);
         if len == NO_LENGTH {
