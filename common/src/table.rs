@@ -8,8 +8,8 @@
 //!
 //! # Layout
 //!
-//! A *region* is `1 + 2^k` consecutive slots: a header slot (the prefix lengths to probe)
-//! followed by `2^k` table slots,
+//! A *region* is `1 + 2^k` consecutive slots: a header slot (per family, the prefix lengths
+//! to probe and a [`Summary`] of the keys) followed by `2^k` table slots,
 //! probed linearly from the key's home slot for at most [`MAX_PROBE`] slots and stopping at
 //! the first empty one. A region is named by a [`TableDesc`] word.
 //!
