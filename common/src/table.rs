@@ -306,8 +306,8 @@ pub fn read_summary<R: SlotReader>(slots: &R, desc: TableDesc, v4: bool) -> Opti
 /// that most refused sources are refused after one load, with no probe.
 ///
 /// The daemon cuts every key of the family to a common length `c` (the shortest key length
-/// of the family, at most 64 bits) and hashes each cut key to two of 64 positions; the
-/// summary has a bit set for each of the first 58 positions that *no* key hashes to. A
+/// of the family, at most 64 bits) and hashes each cut key to two of 58 positions; the
+/// summary has a bit set for each position that *no* key hashes to. A
 /// source whose cut address hashes to a set bit is covered by no key of any length, live or
 /// not, so it can be refused at once; any other source goes on to the probes. Sources are
 /// compared as their top 64 bits (IPv4 in the top half), and `c` is stored as a shift:
@@ -327,6 +327,8 @@ impl Summary {
     /// No keys at all: every source is refused.
     pub const NO_KEYS: Summary = Summary(!Self::SHIFT_MASK);
     const SHIFT_MASK: u64 = 63;
+    /// Bits above the six of the shift field.
+    const POSITIONS: u64 = 58;
 
     /// False only if no key of the region covers the source whose top 64 bits are `top`
     /// (`seed` is the region's [`TableDesc::seed`]).
@@ -351,13 +353,17 @@ impl Summary {
     }
 }
 
-/// The summary bits of a source or key cut to the summary's length: two positions (0..64)
-/// from the top twelve bits of one multiply, each moved above the shift field; a position
-/// of 58 or more is shifted out and so never refuses anything.
+/// The summary bits of a source or key cut to the summary's length: two positions (0..58),
+/// one from each half of one multiply, each moved above the shift field. The key's halves
+/// are folded together first, because a multiply only mixes bits upwards: without the fold
+/// the low half of the product would not depend on an IPv4 address (the top half) at all.
 #[inline(always)]
 const fn summary_bits(seed: u64, cut: u64) -> u64 {
-    let hash = (cut ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    ((1 << (hash >> 58)) | (1 << ((hash >> 52) & 63))) << 6
+    let folded = cut ^ seed;
+    let hash = (folded ^ (folded >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let first = ((hash >> 32) * Summary::POSITIONS) >> 32;
+    let second = ((hash & 0xffff_ffff) * Summary::POSITIONS) >> 32;
+    ((1 << first) | (1 << second)) << 6
 }
 
 /// The top 64 bits of an address as table key words give them (IPv4 in the top half).
