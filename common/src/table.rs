@@ -307,10 +307,10 @@ pub fn read_summary<R: SlotReader>(slots: &R, desc: TableDesc, v4: bool) -> Opti
 ///
 /// The daemon cuts every key of the family to a common length `c` (the shortest key length
 /// of the family, at most 64 bits) and hashes each cut key to two of 58 positions; the
-/// summary has a bit set for each position that *no* key hashes to. A
-/// source whose cut address hashes to a set bit is covered by no key of any length, live or
-/// not, so it can be refused at once; any other source goes on to the probes. Sources are
-/// compared as their top 64 bits (IPv4 in the top half), and `c` is stored as a shift:
+/// summary has a bit set for each position that *no* key hashes to. A source whose cut
+/// address hashes to a set bit is covered by no key of any length, live or not, so it can
+/// be refused at once; any other source goes on to the probes. Sources are compared as
+/// their top 64 bits (IPv4 in the top half), and `c` is stored as a shift:
 /// `absent << 6 | (64 - c)`.
 ///
 /// The summary only ever says "no key covers this source" when that is true of every key
