@@ -8,8 +8,8 @@
 //!
 //! # Layout
 //!
-//! A *region* is `1 + 2^k` consecutive slots: a header slot (the prefix lengths to probe)
-//! followed by `2^k` table slots,
+//! A *region* is `1 + 2^k` consecutive slots: a header slot (per family, the prefix lengths
+//! to probe and a [`Summary`] of the keys) followed by `2^k` table slots,
 //! probed linearly from the key's home slot for at most [`MAX_PROBE`] slots and stopping at
 //! the first empty one. A region is named by a [`TableDesc`] word.
 //!
@@ -51,14 +51,15 @@ pub const NEVER_EXPIRES: u64 = u64::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
-    /// State, version and tag; see [`Meta`]. Unused in a header slot.
+    /// State, version and tag; see [`Meta`]. Header: the IPv4 [`Summary`].
     pub meta: u64,
     /// High 64 bits of the key address (zero for IPv4). Header: IPv4 probe lengths.
     pub key_hi: u64,
     /// Low 64 bits of the key address (the IPv4 address in its low 32 bits). Header: IPv6
     /// probe lengths.
     pub key_lo: u64,
-    /// Expiry (allow entries) or account slot and flags (bindings).
+    /// Expiry (allow entries) or account slot and flags (bindings). Header: the IPv6
+    /// [`Summary`].
     pub value: u64,
 }
 
@@ -125,6 +126,15 @@ impl Tag {
             | (family << 40)
             | ((prefix_len as u64) << 32)
             | owner as u64
+    }
+
+    /// The family and prefix length of an allowlist entry's tag; `None` for other kinds.
+    #[inline(always)]
+    pub const fn allow_parts(tag: u64) -> Option<(u64, u8)> {
+        if tag >> Self::KIND_SHIFT != Self::KIND_ALLOW {
+            return None;
+        }
+        Some(((tag >> 40) & 1, (tag >> 32) as u8))
     }
 
     /// A binding of one (destination address, protocol, port).
@@ -272,6 +282,94 @@ pub fn read_lengths<R: SlotReader>(slots: &R, desc: TableDesc) -> Option<(Packed
             PackedLengths(read_word(&raw const (*header).key_lo)),
         ))
     }
+}
+
+/// Reads one family's probe lengths from an allowlist region's header.
+#[inline(always)]
+pub fn read_family_lengths<R: SlotReader>(slots: &R, desc: TableDesc, v4: bool) -> Option<PackedLengths> {
+    let header = slots.slot(desc.header())?;
+    // SAFETY: as in `lookup`.
+    let word = unsafe { if v4 { &raw const (*header).key_hi } else { &raw const (*header).key_lo } };
+    Some(PackedLengths(read_word(word)))
+}
+
+/// Reads one family's [`Summary`] from an allowlist region's header.
+#[inline(always)]
+pub fn read_summary<R: SlotReader>(slots: &R, desc: TableDesc, v4: bool) -> Option<Summary> {
+    let header = slots.slot(desc.header())?;
+    // SAFETY: as in `lookup`.
+    let word = unsafe { if v4 { &raw const (*header).meta } else { &raw const (*header).value } };
+    Some(Summary(read_word(word)))
+}
+
+/// A one-word summary of an allowlist's keys of one family, kept in the region's header so
+/// that most refused sources are refused after one load, with no probe.
+///
+/// The daemon cuts every key of the family to a common length `c` (the shortest key length
+/// of the family, at most 64 bits) and hashes each cut key to two of 58 positions; the
+/// summary has a bit set for each position that *no* key hashes to. A source whose cut
+/// address hashes to a set bit is covered by no key of any length, live or not, so it can
+/// be refused at once; any other source goes on to the probes. Sources are compared as
+/// their top 64 bits (IPv4 in the top half), and `c` is stored as a shift:
+/// `absent << 6 | (64 - c)`.
+///
+/// The summary only ever says "no key covers this source" when that is true of every key
+/// in the region at the moment it is read, which is why the writer publishes the summary of
+/// the old and new keys together before it inserts anything, and the new keys' summary only
+/// after the removed keys are tombstoned. Zero says nothing (every source goes on to the
+/// probes): regions written before summaries existed read as zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary(pub u64);
+
+impl Summary {
+    /// Says nothing: every source is probed.
+    pub const UNKNOWN: Summary = Summary(0);
+    /// No keys at all: every source is refused.
+    pub const NO_KEYS: Summary = Summary(!Self::SHIFT_MASK);
+    const SHIFT_MASK: u64 = 63;
+    /// Bits above the six of the shift field.
+    const POSITIONS: u64 = 58;
+
+    /// False only if no key of the region covers the source whose top 64 bits are `top`
+    /// (`seed` is the region's [`TableDesc::seed`]).
+    #[inline(always)]
+    pub const fn may_cover(self, seed: u64, top: u64) -> bool {
+        let cut = top & (u64::MAX << (self.0 & Self::SHIFT_MASK));
+        self.0 & summary_bits(seed, cut) == 0
+    }
+
+    /// The summary of one family's keys, given as (prefix length, [`top_bits`] of the key).
+    pub fn of(seed: u64, keys: impl Iterator<Item = (u8, u64)> + Clone) -> Summary {
+        let Some(shortest) = keys.clone().map(|(len, _)| len.min(64)).min() else {
+            return Summary::NO_KEYS;
+        };
+        if shortest == 0 {
+            // A /0 covers everything; a shift of 64 cannot be stored, and nothing is saved.
+            return Summary::UNKNOWN;
+        }
+        let shift = 64 - shortest as u64;
+        let present = keys.fold(0, |bits, (_, top)| bits | summary_bits(seed, top & (u64::MAX << shift)));
+        Summary(!present & !Self::SHIFT_MASK | shift)
+    }
+}
+
+/// The summary bits of a source or key cut to the summary's length: two positions (0..58),
+/// one from each half of one multiply, each moved above the shift field. The key's halves
+/// are folded together first, because a multiply only mixes bits upwards: without the fold
+/// the low half of the product would not depend on an IPv4 address (the top half) at all.
+#[inline(always)]
+const fn summary_bits(seed: u64, cut: u64) -> u64 {
+    let folded = cut ^ seed;
+    let hash = (folded ^ (folded >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let first = ((hash >> 32) * Summary::POSITIONS) >> 32;
+    let second = ((hash & 0xffff_ffff) * Summary::POSITIONS) >> 32;
+    ((1 << first) | (1 << second)) << 6
+}
+
+/// The top 64 bits of an address as table key words give them (IPv4 in the top half).
+#[inline(always)]
+pub const fn top_bits(v4: bool, hi: u64, lo: u64) -> u64 {
+    if v4 { lo << 32 } else { hi }
 }
 
 /// Probe lengths packed into one word, one byte each, [`NO_LENGTH`] for unused places.

@@ -601,7 +601,7 @@ impl Datapath {
     }
 
     /// Rate and burst of drop samples per CPU (0 disables them).
-    pub fn set_sampling(&mut self, per_second: u64, burst: u64) {
+    pub fn set_sampling(&self, per_second: u64, burst: u64) {
         self.config.store(0, 2, burst);
         self.config.store(0, 1, per_second);
     }

@@ -15,8 +15,8 @@ use std::{
 };
 
 use ipaccess_common::{
-    MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, TableDesc, hash_key, home_offset,
-    probe_index, read_lengths, state,
+    FAMILY_V4, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, Summary, TableDesc, Tag,
+    hash_key, home_offset, probe_index, read_lengths, state, top_bits,
 };
 
 use super::{
@@ -227,6 +227,9 @@ impl Tables {
                 },
             }
         }
+        // From here on nothing fails. The summaries first cover the old and new keys alike,
+        // so that no source covered before and after is refused while keys come and go.
+        self.store_summaries(desc, present.keys().chain(wanted.entries.keys()));
         for (index, value) in new_values {
             self.slots.store(index, VALUE, value);
         }
@@ -242,7 +245,22 @@ impl Tables {
             self.slots.store(index, META, Meta::dead(Meta::version(meta) + 1));
         }
         self.store_lengths(desc, v4, v6);
+        self.store_summaries(desc, wanted.entries.keys());
         true
+    }
+
+    /// Publishes the header summaries (see [`Summary`]) of allowlist keys; one store each.
+    fn store_summaries<'k>(&self, desc: TableDesc, keys: impl Iterator<Item = &'k SlotKey> + Clone) {
+        let family = |want: u64| {
+            keys.clone().filter_map(move |key| match Tag::allow_parts(key.tag) {
+                Some((family, len)) if family == want => Some((len, top_bits(family == FAMILY_V4, key.hi, key.lo))),
+                _ => None,
+            })
+        };
+        let v4 = Summary::of(desc.seed(), family(FAMILY_V4));
+        let v6 = Summary::of(desc.seed(), family(ipaccess_common::FAMILY_V6));
+        self.slots.store(desc.header(), META, v4.0);
+        self.slots.store(desc.header(), VALUE, v6.0);
     }
 
     /// The first reusable slot on `key`'s probe path (checking the key is not further on).
@@ -283,8 +301,7 @@ impl Tables {
         while log2 <= MAX_LOG2_SLOTS {
             let desc = self.allocate(log2)?;
             if self.fill(desc, wanted) {
-                self.slots.store(desc.header(), META, 0);
-                self.slots.store(desc.header(), VALUE, 0);
+                self.store_summaries(desc, wanted.entries.keys());
                 self.store_lengths(desc, v4, v6);
                 return Ok(desc);
             }
@@ -344,4 +361,80 @@ fn union(a: PackedLengths, b: PackedLengths) -> Option<PackedLengths> {
     all.sort_unstable_by(|x, y| y.cmp(x));
     all.dedup();
     PackedLengths::pack(&all)
+}
+
+#[cfg(test)]
+mod tests {
+    use ipaccess_common::{Summary, top_bits, v4_key, v6_key};
+
+    /// xorshift64*: deterministic test data without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    /// Random allowlists of each family: every address a key covers passes the summary, and
+    /// most addresses no key covers are refused by it.
+    #[test]
+    fn summary_never_refuses_a_covered_source() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let (mut uncovered, mut refused) = (0u64, 0u64);
+        for round in 0..2000 {
+            let v4 = round % 2 == 0;
+            let seed = rng.next() | 1 << 63;
+            let count = 1 + rng.next() % 6;
+            // (len, hi, lo) of each key, cut the way the daemon stores them.
+            let keys: Vec<(u8, u64, u64)> = (0..count)
+                .map(|_| {
+                    if v4 {
+                        let len = [8, 16, 22, 24, 28, 32][rng.next() as usize % 6];
+                        let (hi, lo) = v4_key(rng.next() as u32, len);
+                        (len, hi, lo)
+                    } else {
+                        let len = [32, 48, 56, 64, 96, 128][rng.next() as usize % 6];
+                        let (hi, lo) = v6_key(rng.next(), rng.next(), len);
+                        (len, hi, lo)
+                    }
+                })
+                .collect();
+            let summary = Summary::of(seed, keys.iter().map(|&(len, hi, lo)| (len, top_bits(v4, hi, lo))));
+            for &(len, hi, lo) in &keys {
+                // An address inside the key: its own words with random host bits.
+                let (src_hi, src_lo) = if v4 {
+                    let host = if len == 32 { 0 } else { rng.next() as u32 >> len };
+                    (0, (lo as u32 | host) as u64)
+                } else if len <= 64 {
+                    (hi | if len == 64 { 0 } else { rng.next() >> len }, rng.next())
+                } else {
+                    (hi, lo | if len == 128 { 0 } else { rng.next() >> (len - 64) })
+                };
+                assert!(summary.may_cover(seed, top_bits(v4, src_hi, src_lo)), "{keys:?} {summary:?}");
+            }
+            for _ in 0..20 {
+                let (src_hi, src_lo) = if v4 { (0, rng.next() >> 32) } else { (rng.next(), rng.next()) };
+                let covered = keys.iter().any(|&(len, hi, lo)| {
+                    if v4 { v4_key(src_lo as u32, len) == (hi, lo) } else { v6_key(src_hi, src_lo, len) == (hi, lo) }
+                });
+                if !covered {
+                    uncovered += 1;
+                    refused += !summary.may_cover(seed, top_bits(v4, src_hi, src_lo)) as u64;
+                }
+            }
+        }
+        assert!(refused * 100 > uncovered * 95, "only {refused} of {uncovered} uncovered sources refused");
+    }
+
+    #[test]
+    fn summary_without_keys_refuses_and_zero_says_nothing() {
+        assert!(!Summary::of(7, std::iter::empty()).may_cover(7, 42));
+        assert!(Summary::UNKNOWN.may_cover(7, 42));
+        // A /0 covers everything.
+        assert!(Summary::of(7, [(0u8, 0u64)].into_iter()).may_cover(7, 42));
+    }
 }

@@ -1,8 +1,10 @@
 //! `cargo xtask bench datapath`: ns/packet of the XDP program under BPF_PROG_TEST_RUN.
 //!
 //! For each policy size it loads the maps the way the daemon would, then times the real
-//! program on prepared frames (unbound, bound and allowed, bound and dropped; IPv4 and IPv6)
-//! with the kernel repeating each frame `--repeat` times. A program that returns at once
+//! program on prepared frames (unbound, bound and allowed, bound and dropped; IPv4 and IPv6;
+//! and the drops again with drop samples on at the daemon's default rate, which is how a
+//! refused flood meets a running `ipaccessd`) with the kernel repeating each frame `--repeat`
+//! times. A program that returns at once
 //! (`ipaccess_floor`) is measured in the same run, and every figure is also given as a ratio
 //! to it: the ratio is what carries over between machines.
 
@@ -98,7 +100,14 @@ struct Case {
     name: &'static str,
     frame: Vec<u8>,
     expect: u32,
+    /// Drop samples on at the daemon's default rate (otherwise off, as in the maps' initial
+    /// state): a refused flood then also pays the sample budget's check on every packet.
+    sampling: bool,
 }
+
+/// `ipaccessd`'s default `drop_samples_per_second`, and the burst it configures with it.
+const DAEMON_SAMPLES_PER_SECOND: u64 = 10;
+const DAEMON_SAMPLE_BURST: u64 = 10 * DAEMON_SAMPLES_PER_SECOND;
 
 fn cases(accounts: u32) -> Vec<Case> {
     // An account in the middle, so nothing is special about its place in the tables.
@@ -108,13 +117,16 @@ fn cases(accounts: u32) -> Vec<Case> {
     let bad6: Ipv6Addr = "fd02::bad".parse().unwrap();
     let unbound4 = Ipv4Addr::new(198, 19, 255, 1);
     let unbound6: Ipv6Addr = "fd03::1".parse().unwrap();
+    let case = |name, frame, expect, sampling| Case { name, frame, expect, sampling };
     vec![
-        Case { name: "unbound pass, IPv4", frame: packets::ipv4_tcp(bad4, unbound4, 40000, 443), expect: XDP_PASS },
-        Case { name: "unbound pass, IPv6", frame: packets::ipv6_tcp(bad6, unbound6, 40000, 443), expect: XDP_PASS },
-        Case { name: "bound allowed, IPv4", frame: packets::ipv4_tcp(ok4, v4_dst(i), 40000, 443), expect: XDP_PASS },
-        Case { name: "bound allowed, IPv6", frame: packets::ipv6_tcp(ok6, v6_dst(i), 40000, 443), expect: XDP_PASS },
-        Case { name: "bound dropped, IPv4", frame: packets::ipv4_tcp(bad4, v4_dst(i), 40000, 443), expect: XDP_DROP },
-        Case { name: "bound dropped, IPv6", frame: packets::ipv6_tcp(bad6, v6_dst(i), 40000, 443), expect: XDP_DROP },
+        case("unbound pass, IPv4", packets::ipv4_tcp(bad4, unbound4, 40000, 443), XDP_PASS, false),
+        case("unbound pass, IPv6", packets::ipv6_tcp(bad6, unbound6, 40000, 443), XDP_PASS, false),
+        case("bound allowed, IPv4", packets::ipv4_tcp(ok4, v4_dst(i), 40000, 443), XDP_PASS, false),
+        case("bound allowed, IPv6", packets::ipv6_tcp(ok6, v6_dst(i), 40000, 443), XDP_PASS, false),
+        case("bound dropped, IPv4", packets::ipv4_tcp(bad4, v4_dst(i), 40000, 443), XDP_DROP, false),
+        case("bound dropped, IPv6", packets::ipv6_tcp(bad6, v6_dst(i), 40000, 443), XDP_DROP, false),
+        case("bound dropped, IPv4, samples on", packets::ipv4_tcp(bad4, v4_dst(i), 40000, 443), XDP_DROP, true),
+        case("bound dropped, IPv6, samples on", packets::ipv6_tcp(bad6, v6_dst(i), 40000, 443), XDP_DROP, true),
     ]
 }
 
@@ -140,18 +152,26 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
     let key = u64::from_ne_bytes(reference_frame[26..34].try_into().unwrap());
     dp.calibration_map_insert(key).unwrap();
 
-    let mut rows: Vec<(String, &Xdp, Vec<u8>, u32)> = vec![
-        ("floor (returns at once)".into(), dp_program(&dp, "ipaccess_floor"), reference_frame.clone(), XDP_PASS),
-        ("one kernel hash lookup (reference)".into(), dp_program(&dp, "ipaccess_calibration_hash"), reference_frame, XDP_PASS),
+    let mut rows: Vec<(String, &Xdp, Vec<u8>, u32, bool)> = vec![
+        ("floor (returns at once)".into(), dp_program(&dp, "ipaccess_floor"), reference_frame.clone(), XDP_PASS, false),
+        (
+            "one kernel hash lookup (reference)".into(),
+            dp_program(&dp, "ipaccess_calibration_hash"),
+            reference_frame,
+            XDP_PASS,
+            false,
+        ),
     ];
     for case in cases(accounts) {
-        rows.push((case.name.into(), dp.program(), case.frame, case.expect));
+        rows.push((case.name.into(), dp.program(), case.frame, case.expect, case.sampling));
     }
     // Rounds interleave the cases so that drift of the machine touches all of them alike;
     // each case keeps its fastest round, since noise on a shared machine only ever adds time.
     let mut best = vec![Timing { wall: f64::INFINITY, kernel: f64::INFINITY }; rows.len()];
     for _ in 0..args.samples {
-        for (i, (_, program, frame, expect)) in rows.iter().enumerate() {
+        for (i, (_, program, frame, expect, sampling)) in rows.iter().enumerate() {
+            let rate = if *sampling { DAEMON_SAMPLES_PER_SECOND } else { 0 };
+            dp.set_sampling(rate, DAEMON_SAMPLE_BURST);
             let t = measure(program, frame, *expect, args);
             best[i] = Timing { wall: best[i].wall.min(t.wall), kernel: best[i].kernel.min(t.kernel) };
         }
