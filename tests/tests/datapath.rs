@@ -163,6 +163,23 @@ fn xdp_mode_on_an_interface_with_driver_support() {
     });
 }
 
+/// Replacing a /24 with a /16 in place both adds a prefix length and removes a key: the
+/// removal waits until no packet can still be probing with the old lengths
+/// (docs/datapath.md, "Changing an allowlist without a gap"); the result decides right.
+#[test]
+fn in_place_change_gives_readers_time_before_removing() {
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    configure(&mut dp, Mode::Enforce, false);
+    let net = |s: &str| (s.parse::<ipnet::IpNet>().unwrap(), NEVER_EXPIRES);
+    dp.set_allowlist(ACCOUNT, &[net("198.18.0.0/24")]).unwrap();
+    let started = std::time::Instant::now();
+    dp.set_allowlist(ACCOUNT, &[net("198.18.0.0/16")]).unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1), "removed without a grace period");
+    assert_eq!(run(&dp, &packets::ipv4_tcp(Ipv4Addr::new(198, 18, 7, 7), SERVER, 40000, 443)), XDP_PASS);
+    assert_eq!(run(&dp, &packets::ipv4_tcp(Ipv4Addr::new(198, 19, 7, 7), SERVER, 40000, 443)), XDP_DROP);
+}
+
 #[test]
 fn state_survives_a_restart_and_one_writer_holds_the_pins() {
     let bpffs = BpfFs::new().unwrap();

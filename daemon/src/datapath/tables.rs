@@ -29,6 +29,10 @@ const MAX_LOAD_PERCENT: u64 = 50;
 /// A table this sparse is rebuilt smaller (if it is bigger than the minimum).
 const MIN_LOAD_PERCENT: u64 = 10;
 const MIN_LOG2_SLOTS: u32 = 3;
+/// How long an in-place change waits between publishing a grown set of prefix lengths and
+/// tombstoning removed keys: far longer than one run of the XDP program (which runs with
+/// preemption off), so no packet still holds the old lengths.
+const READER_GRACE: std::time::Duration = std::time::Duration::from_millis(1);
 const MAX_LOG2_SLOTS: u32 = 30;
 
 /// A key as stored in a slot.
@@ -239,6 +243,14 @@ impl Tables {
         self.store_lengths(desc, union_v4, union_v6);
         for key in wanted.entries.keys() {
             present.remove(key);
+        }
+        // A packet that read the old lengths just before the union was published would not
+        // probe a new key at a new length; if it then met a removed key's tombstone, a
+        // source covered by both would be dropped. Such a packet's program finishes within
+        // microseconds, so the removals wait that long (only when both happen at once).
+        let lengths_grew = union_v4 != old_v4 || union_v6 != old_v6;
+        if lengths_grew && !present.is_empty() {
+            std::thread::sleep(READER_GRACE);
         }
         for (_, (_, index)) in present {
             let meta = self.slots.load(index, META);
