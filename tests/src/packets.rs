@@ -419,6 +419,10 @@ pub struct AddressPool {
     /// Exact (destination, protocol, port) triples; the generator sometimes aims a TCP/UDP
     /// packet at one of these as a whole so port bindings are hit, not just their parts.
     pub services: Vec<(IpAddr, u8, u16)>,
+    /// For each bound destination, sources inside the allowlists of the accounts bound
+    /// there: a packet aimed at a binding sometimes comes from one of them, so that allowed
+    /// (and nearly allowed) sources reach the account they belong to, not only others.
+    pub covered: std::collections::HashMap<IpAddr, Vec<IpAddr>>,
 }
 
 fn push_unique<T: PartialEq>(v: &mut Vec<T>, x: T) {
@@ -454,6 +458,23 @@ impl AddressPool {
             }
         }
         for b in &policy.bindings {
+            if let Some(acct) = policy.accounts.get(&b.account) {
+                let sources = pool.covered.entry(b.addr).or_default();
+                for (net, _) in &acct.entries {
+                    // Both ends and the middle, so prefix edges are exercised too.
+                    let (lo, hi) = match net {
+                        IpNet::V4(n) => (u128::from(u32::from(n.network())), u128::from(u32::from(n.broadcast()))),
+                        IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+                    };
+                    for a in [lo, lo + (hi - lo) / 2, hi] {
+                        let a = match net {
+                            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(a as u32)),
+                            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(a)),
+                        };
+                        push_unique(sources, a);
+                    }
+                }
+            }
             match b.addr {
                 IpAddr::V4(a) => {
                     push_unique(&mut pool.dst_v4, a);
@@ -632,6 +653,13 @@ impl PacketGen {
             .unwrap_or_else(|| self.rng.random())
     }
 
+    /// Half the time, a source inside an allowlist of an account bound at `dst` (of either
+    /// family: the caller keeps its own source when the family differs).
+    fn covered_source(&mut self, dst: IpAddr) -> Option<IpAddr> {
+        let sources = self.pool.covered.get(&dst).cloned().unwrap_or_default();
+        self.pick(&sources, 0.5)
+    }
+
     /// A bound (protocol, port) of `dst`'s family, a quarter of the time.
     fn service(&mut self, v6: bool) -> Option<(IpAddr, u8, u16)> {
         let of_family: Vec<_> = self
@@ -697,6 +725,10 @@ impl PacketGen {
         if let Some((IpAddr::V4(a), proto, _)) = service {
             (dst, protocol) = (a, proto);
         }
+        let src = match self.covered_source(IpAddr::V4(dst)) {
+            Some(IpAddr::V4(covered)) => covered,
+            _ => src,
+        };
         let mut h = Ipv4Header::new(src, dst, protocol);
         h.dont_fragment = self.rng.random_bool(0.5);
         if self.rng.random_ratio(1, 3) {
@@ -775,6 +807,10 @@ impl PacketGen {
         if let Some((IpAddr::V6(a), proto, _)) = service {
             (dst, protocol) = (a, proto);
         }
+        let src = match self.covered_source(IpAddr::V6(dst)) {
+            Some(IpAddr::V6(covered)) => covered,
+            _ => src,
+        };
         let mut h = Ipv6Header::new(src, dst, protocol);
         let n_ext = match self.rng.random_range(0..100) {
             0..45 => 0,
