@@ -464,15 +464,16 @@ impl Service {
     fn status(&self) -> Outcome {
         let writer = self.writer.lock().expect("writer lock");
         let (used, capacity) = writer.datapath.slot_usage();
+        let attachments = writer.datapath.attachments();
         Ok(json!({
             "accounts": self.accounts.read().expect("cache lock").len(),
-            "interfaces": writer.datapath.attached_interfaces(),
-            "xdp": writer.datapath.attachments().into_iter().map(|(interface, path)| json!({
-                "interface": interface, "path": path })).collect::<Vec<_>>(),
+            "interfaces": attachments.iter().map(|(interface, _)| interface).collect::<Vec<_>>(),
+            "xdp": attachments.iter().map(|(interface, path)| json!({ "interface": interface, "path": path }))
+                .collect::<Vec<_>>(),
             "pin_dir": writer.datapath.pin_dir(),
             "table_slots_used": used,
             "table_slots": capacity,
-            "host_counters": writer.datapath.host_counters().ok().map(|c| json!({
+            "host_counters": self.counters.host().ok().map(|c| json!({
                 "non_ip": c.non_ip_packets, "unbound": c.unbound_packets,
                 "ndp": c.ndp_packets, "malformed": c.malformed_packets })),
         }))

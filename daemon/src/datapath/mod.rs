@@ -736,9 +736,6 @@ fn check_bpffs(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Takes an exclusive lock on the pin directory so two daemons never write the same maps.
-/// A lock that is busy is retried for a moment: a process forked by another thread of ours
-/// holds a copy of the previous holder's descriptor until it execs.
 /// The directory's lock if no other process holds it, at once.
 fn try_lock_dir(dir: &Path) -> io::Result<fs::File> {
     let file = fs::File::open(dir)?;
@@ -750,6 +747,9 @@ fn try_lock_dir(dir: &Path) -> io::Result<fs::File> {
     }
 }
 
+/// Takes an exclusive lock on the pin directory so two daemons never write the same maps.
+/// A lock that is busy is retried for a moment: a process forked by another thread of ours
+/// holds a copy of the previous holder's descriptor until it execs.
 fn lock_dir(dir: &Path) -> Result<fs::File> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
@@ -781,7 +781,6 @@ fn map_data<'a>(ebpf: &'a Ebpf, name: &str) -> &'a MapData {
     }
 }
 
-/// Checks a (possibly reused) array map against this build; returns its length.
 /// Reads the kernel's packet counters through its own map handles, so that the daemon can
 /// serve `stats` and metrics over many accounts without holding up changes (which hold the
 /// [`Datapath`]). Counters are per-CPU: each read sums the CPUs' values.
@@ -844,6 +843,7 @@ fn pinned_interfaces(pin_dir: &Path) -> Vec<String> {
     names
 }
 
+/// Checks a (possibly reused) array map against this build; returns its length.
 fn map_len<T>(ebpf: &Ebpf, name: &'static str, dir: &Path) -> Result<u32> {
     let info = map_data(ebpf, name).info().map_err(|e| DatapathError::Map(name.into(), e))?;
     if info.value_size() as usize != size_of::<T>() {
