@@ -30,11 +30,12 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 8;
 
 /// Every check reason, in the order they are tried.
-const REASONS: [Reason; 8] = [
+const REASONS: [Reason; 9] = [
     Reason::UnknownAccount,
     Reason::Banned,
     Reason::ParentBanned,
     Reason::Terminated,
+    Reason::ParentTerminated,
     Reason::Unconfirmed,
     Reason::AddressNotAllowed,
     Reason::MonitorWouldDeny,

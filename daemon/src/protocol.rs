@@ -5,7 +5,7 @@
 //! Commands and their arguments are the variants of [`Command`]; `docs/protocol.md` shows an
 //! example of each.
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,10 @@ pub enum Command {
         addr: IpAddr,
         #[serde(default)]
         method: Option<Method>,
+        /// Answer without recording a sign-in (support and admins asking "would this
+        /// address be allowed?").
+        #[serde(default)]
+        dry_run: bool,
     },
     /// Support: let `cidr` reach the account for `ttl_seconds`, after verifying ownership.
     OverrideGrant {
@@ -158,16 +162,28 @@ pub struct ImportAccount {
 }
 
 impl Command {
-    /// The role a caller needs for this command.
-    pub fn role(&self) -> Role {
+    /// Whether a caller holding `roles` may run this command. Reads (status, accounts,
+    /// allowlists, bindings, counters) and dry-run checks are open to every role; a
+    /// recorded login check needs the check role, which applications hold; changes need
+    /// admin; overrides and activity need support.
+    pub fn permits(&self, roles: &BTreeSet<Role>) -> bool {
+        match self.role() {
+            Some(role) => roles.contains(&role),
+            None => !roles.is_empty(),
+        }
+    }
+
+    /// The one role this command needs, or `None` when any role will do.
+    pub fn role(&self) -> Option<Role> {
         match self {
             Command::AccountShow { .. }
             | Command::AccountList {}
             | Command::AllowList { .. }
             | Command::BindList {}
-            | Command::Check { .. }
             | Command::Stats { .. }
-            | Command::Status {} => Role::Check,
+            | Command::Status {}
+            | Command::Check { dry_run: true, .. } => None,
+            Command::Check { dry_run: false, .. } => Some(Role::Check),
             Command::AccountAdd { .. }
             | Command::AccountState { .. }
             | Command::AccountMode { .. }
@@ -177,12 +193,33 @@ impl Command {
             | Command::Import { .. }
             | Command::Detach { .. }
             | Command::BindAdd { .. }
-            | Command::BindRemove { .. } => Role::Admin,
+            | Command::BindRemove { .. } => Some(Role::Admin),
             Command::OverrideGrant { .. }
             | Command::OverrideRevoke { .. }
             | Command::OverrideList { .. }
-            | Command::Activity { .. } => Role::Support,
+            | Command::Activity { .. } => Some(Role::Support),
         }
+    }
+}
+
+/// Who sent a request: the peer's uid and the roles the configuration in force gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub roles: BTreeSet<Role>,
+}
+
+impl Caller {
+    /// Root, with every role (tests and the daemon's own upkeep).
+    pub fn root() -> Caller {
+        Caller { uid: 0, roles: [Role::Check, Role::Admin, Role::Support].into() }
+    }
+
+    /// An application's sign-in check counts as the customer's attempt (evidence for
+    /// support, recent sign-ins for the lockout guard); one made by support or an admin
+    /// without the check role does not.
+    pub fn is_application(&self) -> bool {
+        self.roles.contains(&Role::Check)
     }
 }
 
@@ -261,6 +298,10 @@ pub struct Reply {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// Structured facts behind the error, where a caller can act on them (for `lockout`:
+    /// the recent sign-ins the change would shut out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// Stable error codes: scripts match on these, people read the message.
@@ -310,6 +351,8 @@ pub enum Reason {
     Banned,
     ParentBanned,
     Terminated,
+    /// The parent account was terminated for non-payment, and with it its sub-users.
+    ParentTerminated,
     Unconfirmed,
     AddressNotAllowed,
     /// Monitor mode: the address is not on the list, but the check allows and records it.

@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     config::Config,
-    protocol::{Command, ErrorBody, ErrorCode, Reply, Request, Role},
+    protocol::{Caller, Command, ErrorBody, ErrorCode, Reply, Request, Role},
     service::{Failure, Service},
 };
 
@@ -103,17 +103,20 @@ async fn answer(text: &[u8], roles: &BTreeSet<Role>, uid: u32, service: &Arc<Ser
         Ok(request) => (request.id.clone(), request),
         Err(e) => return bad_request(text, e),
     };
-    let needed = request.command.role();
-    if !roles.contains(&needed) {
-        let message = format!("uid {uid} may not run this command (it needs the {needed:?} role)").to_lowercase();
+    if !request.command.permits(roles) {
+        let message = match request.command.role() {
+            Some(needed) => format!("uid {uid} may not run this command (it needs the {needed:?} role)").to_lowercase(),
+            None => format!("uid {uid} has no role"),
+        };
         return error_reply(id, ErrorCode::Forbidden, &message);
     }
+    let caller = Caller { uid, roles: roles.clone() };
     let outcome = match request.command {
         // Checks are answered from memory and never block.
-        command @ Command::Check { .. } => service.execute(command, uid),
+        command @ Command::Check { .. } => service.execute(command, &caller),
         command => {
             let service = service.clone();
-            match tokio::task::spawn_blocking(move || service.execute(command, uid)).await {
+            match tokio::task::spawn_blocking(move || service.execute(command, &caller)).await {
                 Ok(outcome) => outcome,
                 Err(e) => Err(Failure::new(ErrorCode::Internal, format!("the request failed: {e}"))),
             }
@@ -137,7 +140,7 @@ fn bad_request(text: &[u8], error: serde_json::Error) -> Reply {
 }
 
 fn error_reply(id: Value, code: ErrorCode, message: &str) -> Reply {
-    Reply { id, ok: None, error: Some(ErrorBody { code, message: message.into() }) }
+    Reply { id, ok: None, error: Some(ErrorBody { code, message: message.into(), details: None }) }
 }
 
 fn line(reply: &Reply) -> Vec<u8> {

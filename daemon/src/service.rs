@@ -26,7 +26,7 @@ use crate::{
     datapath::{self, BindTarget, Binding, Datapath, DatapathError},
     logging::{self, PendingAudit},
     metrics::{self, CheckCounters},
-    protocol::{AccountState, CheckResult, Command, ErrorBody, ErrorCode, ImportAccount, Method, Mode, Reason, ReplaceEntry},
+    protocol::{AccountState, Caller, CheckResult, Command, ErrorBody, ErrorCode, ImportAccount, Method, Mode, Reason, ReplaceEntry},
     store::{AccountRow, ActivityRecord, BindingRow, Store, StoreError, Tx},
 };
 
@@ -41,7 +41,7 @@ pub struct Failure(pub ErrorBody);
 
 impl Failure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Failure(ErrorBody { code, message: message.into() })
+        Failure(ErrorBody { code, message: message.into(), details: None })
     }
 }
 
@@ -291,11 +291,14 @@ impl Service {
         self.writer.lock().expect("writer lock").datapath.retire_other_layouts();
     }
 
-    /// Runs one command for a caller whose uid is `uid` (recorded as the author of changes).
-    pub fn execute(&self, command: Command, uid: u32) -> Outcome {
+    /// Runs one command for `caller` (whose uid is recorded as the author of changes).
+    pub fn execute(&self, command: Command, caller: &Caller) -> Outcome {
+        let uid = caller.uid;
         let command = canonical(command)?;
         match command {
-            Command::Check { account, addr, method } => self.check(&account, addr, method.unwrap_or_default()),
+            Command::Check { account, addr, method, dry_run } => {
+                self.check(&account, addr, method.unwrap_or_default(), caller, dry_run)
+            }
             Command::AccountShow { account } => self.read(|tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                 Ok(json!({ "account": row, "entries": tx.entries(&account)?,
@@ -639,9 +642,13 @@ impl Service {
     }
 
     /// A login check, answered from memory.
-    pub fn check(&self, account: &str, addr: IpAddr, method: Method) -> Outcome {
+    pub fn check(&self, account: &str, addr: IpAddr, method: Method, caller: &Caller, dry_run: bool) -> Outcome {
         let at = now();
         let result = decide(&self.accounts.read().expect("cache lock"), account, addr, at);
+        if dry_run {
+            return Ok(json!(result));
+        }
+        let _ = caller;
         self.checks.count(result.reason);
         self.activity.record(ActivityRecord {
             time: at,
@@ -917,7 +924,7 @@ fn canonical(command: Command) -> Result<Command, Failure> {
     }
     let ip = |a: IpAddr| a.to_canonical();
     Ok(match command {
-        Command::Check { account, addr, method } => Command::Check { account, addr: ip(addr), method },
+        Command::Check { account, addr, method, dry_run } => Command::Check { account, addr: ip(addr), method, dry_run },
         Command::AccountMode { account, mode, client_ip, force } => {
             Command::AccountMode { account, mode, client_ip: client_ip.map(ip), force }
         }

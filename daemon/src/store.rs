@@ -165,6 +165,13 @@ pub struct DeniedSummary {
     pub count: i64,
 }
 
+/// An address that signed in successfully, and when it last did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecentSignin {
+    pub address: IpAddr,
+    pub last_seen: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EntryRow {
     pub account: String,
@@ -640,6 +647,22 @@ impl Tx<'_> {
                 first_seen: r.get(2)?,
                 last_seen: r.get(3)?,
                 count: r.get(4)?,
+            })
+        })
+    }
+
+    /// The addresses an application signed in from successfully (allowed, or allowed in
+    /// monitor mode) since `since`, each with its last sign-in, newest first. The lockout
+    /// guard refuses changes that would shut these out.
+    pub fn recent_signins(&self, account: &str, since: i64) -> Result<Vec<RecentSignin>, StoreError> {
+        let sql = "SELECT address, MAX(time) FROM activity
+                   WHERE account = ?1 AND time >= ?2 AND kind = 'check' AND allowed = 1 AND address IS NOT NULL
+                   GROUP BY address ORDER BY MAX(time) DESC";
+        self.rows(sql, (account, since), |r| {
+            let address: String = r.get(0)?;
+            Ok(RecentSignin {
+                address: address.parse().map_err(|_| StoreError::Corrupt(format!("bad address {address:?}")))?,
+                last_seen: r.get(1)?,
             })
         })
     }

@@ -378,7 +378,7 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::BindRemove { addr, port, proto }
         }
         Top::Bind(BindCmd::List) => Command::BindList {},
-        Top::Check { account, addr, method } => Command::Check { account, addr, method },
+        Top::Check { account, addr, method } => Command::Check { account, addr, method, dry_run: false },
         Top::Override(OverrideCmd::Grant { id, cidr, ttl, ticket, reason }) => {
             Command::OverrideGrant { account: id, cidr, ttl_seconds: ttl, ticket, reason }
         }
