@@ -301,9 +301,15 @@ fn overrides_are_refused_for_banned_and_terminated_accounts() {
     // The parent itself is banned too.
     assert_eq!(w.err(grant("corp", net, 3600)).0, "refused");
 
-    // Unconfirmed is not a reason to refuse; the edges of the duration are allowed.
-    let unconfirmed = w.ok(grant("newbie", net, 3600));
-    assert_eq!(unconfirmed["override"]["account"], "newbie", "{unconfirmed}");
+    // An unconfirmed account is not locked out by its allowlist: confirming the email is
+    // what lets it in, and the refusal says so.
+    let (code, message) = w.err(grant("newbie", net, 3600));
+    assert!(code == "refused" && message.contains("confirm the email"), "{code}: {message}");
+    // An account in mode off blocks nothing; enforcing (with nothing allowed: forced) it does.
+    let (code, message) = w.err(grant("fine", net, 3600));
+    assert!(code == "refused" && message.contains("mode off"), "{code}: {message}");
+    w.ok(json!({"cmd": "account_mode", "account": "fine", "mode": "enforce", "force": true}));
+    // The edges of the duration are allowed.
     let shortest = w.ok(grant("fine", "198.18.0.12/32", 60))["override"].clone();
     assert_eq!(shortest["expires_at"].as_i64().unwrap() - shortest["created_at"].as_i64().unwrap(), 60);
     let longest = w.ok(grant("fine", "198.18.0.0/24", 30 * DAY))["override"].clone();
@@ -334,8 +340,8 @@ fn overrides_are_refused_for_banned_and_terminated_accounts() {
     let all = w.ok(json!({"cmd": "override_list"}));
     let mut accounts: Vec<&str> = all.as_array().unwrap().iter().map(|o| o["account"].as_str().unwrap()).collect();
     accounts.sort();
-    assert_eq!(accounts, ["fine", "fine", "newbie"], "{all}");
-    for account in ["spammer", "corp-dev", "debtor"] {
+    assert_eq!(accounts, ["fine", "fine"], "{all}");
+    for account in ["spammer", "corp-dev", "debtor", "newbie"] {
         let log = w.ok(json!({"cmd": "activity", "account": account}));
         let grants = log.as_array().unwrap().iter().filter(|r| r["reason"] == "override_granted").count();
         assert_eq!(grants, 0, "a refused grant was audited for {account}: {log}");
@@ -354,13 +360,13 @@ fn overrides_are_refused_for_banned_and_terminated_accounts() {
 fn activity_log_records_checks_and_audits() {
     let mut w = World::new("");
     let (a, b) = ("198.18.0.10", "198.18.0.99");
+    let before = now();
     w.ok(json!({"cmd": "account_add", "account": "acme"}));
     w.ok(json!({"cmd": "account_add", "account": "other"}));
     w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{a}/32")}));
-    let before = now();
     // (kind, address, method, allowed, reason), oldest first, as they should come back reversed.
     type Expected<'a> = Vec<(&'a str, Option<&'a str>, Option<&'a str>, Option<bool>, &'a str)>;
-    let mut expected: Expected = Vec::new();
+    let mut expected: Expected = vec![("audit", None, None, None, "account_add"), ("audit", None, None, None, "allow_add")];
     fn check<'a>(w: &World, addr: &'a str, method: &'a str, allowed: bool, reason: &'a str, expected: &mut Expected<'a>) {
         let c = w.ok(json!({"cmd": "check", "account": "acme", "addr": addr, "method": method}));
         assert_eq!((&c["allowed"], &c["reason"]), (&json!(allowed), &json!(reason)), "{c}");
@@ -368,7 +374,10 @@ fn activity_log_records_checks_and_audits() {
     }
     check(&w, b, "password", true, "allowed", &mut expected);
     settle(&w, "acme");
-    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": a}));
+    // b signed in a moment ago: enforcing without it is a lockout the guard refuses.
+    let (code, message) = w.err(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": a}));
+    assert!(code == "lockout" && message.contains(b), "{code}: {message}");
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": a, "force": true}));
     expected.push(("audit", None, None, None, "mode"));
     check(&w, a, "password", true, "allowed", &mut expected);
     check(&w, b, "api_key", false, "address_not_allowed", &mut expected);
@@ -435,7 +444,7 @@ fn activity_log_records_checks_and_audits() {
     let recent = w.ok(json!({"cmd": "activity", "account": "acme", "since_seconds": 3600}));
     assert_eq!(&recent, &log, "since_seconds 3600");
     let other = w.ok(json!({"cmd": "activity", "account": "other"}));
-    assert_eq!(other.as_array().unwrap().len(), 1, "{other}");
+    assert_eq!(other.as_array().unwrap().len(), 2, "its check and its creation: {other}");
 
     // One more check just before SIGTERM: shutting down writes it out.
     let last = w.ok(json!({"cmd": "check", "account": "acme", "addr": b, "method": "api_key"}));
