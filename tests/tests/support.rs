@@ -3,19 +3,17 @@
 //! audit records, and the `support` role.
 //!
 //! The real `ipaccessd` runs in the server namespace of a [`TestHosts`] pair with its own
-//! bpffs, state directory and socket; requests are raw JSON lines on the control socket.
-//! The helpers are a trimmed copy of those in `daemon.rs`. Build the binaries first:
+//! bpffs, state directory and socket; requests are raw JSON lines on the control socket
+//! (`ipaccess_tests::client`). Build the binaries first:
 //! `cargo build --release -p ipaccess --bins`.
 
 use std::fs::{self};
-use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ipaccess_tests::client::{Client, Conn};
 use ipaccess_tests::daemon::World;
 use ipaccess_tests::netns::{TcpServer, TestHosts, icmp_echo, tcp_connect};
 use serde_json::{Value, json};
@@ -25,105 +23,6 @@ const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
 const NOBODY: u32 = 65534;
 const DAY: u64 = 24 * 3600;
-
-// ---------------------------------------------------------------------------------------------
-// The daemon, through the shared test world (ipaccess_tests::daemon::World)
-
-/// Requests over the control socket, on the shared test world.
-trait Client {
-    fn conn(&self) -> Conn;
-    fn ok(&self, request: Value) -> Value;
-    fn err(&self, request: Value) -> (String, String);
-    fn check(&self, account: &str, addr: impl Into<IpAddr>, method: &str) -> Value;
-}
-
-impl Client for World {
-    fn conn(&self) -> Conn {
-        Conn::open(&self.socket())
-    }
-
-    /// A request (on a fresh connection) that must succeed; its result.
-    fn ok(&self, request: Value) -> Value {
-        self.conn().ok(request)
-    }
-
-    /// A request that must fail; its error code and message.
-    fn err(&self, request: Value) -> (String, String) {
-        self.conn().err(request)
-    }
-
-    fn check(&self, account: &str, addr: impl Into<IpAddr>, method: &str) -> Value {
-        let addr = addr.into().to_string();
-        self.ok(json!({"cmd": "check", "account": account, "addr": addr, "method": method}))
-    }
-}
-
-/// One control connection: a request line out, a reply line back.
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    next_id: u64,
-}
-
-impl Conn {
-    fn open(socket: &Path) -> Conn {
-        Conn::from(UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display())))
-    }
-
-    fn from(stream: UnixStream) -> Conn {
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        Conn { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream), next_id: 1 }
-    }
-
-    /// Connects with the credentials of uid/gid `id` and no supplementary groups. Only the
-    /// connecting thread changes identity (raw syscalls are per thread; SO_PEERCRED records
-    /// the connecting thread's credentials), and that thread then ends.
-    fn open_as(socket: &Path, id: u32) -> Conn {
-        let socket = socket.to_path_buf();
-        let stream = thread::spawn(move || {
-            // SAFETY: raw credential syscalls on this thread only; no memory is involved.
-            unsafe {
-                assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
-                assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
-                assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
-            }
-            UnixStream::connect(&socket)
-        })
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("connect as uid {id}: {e}"));
-        Conn::from(stream)
-    }
-
-    fn request(&mut self, mut request: Value) -> Value {
-        request["id"] = json!(self.next_id);
-        self.next_id += 1;
-        self.writer.write_all(format!("{request}\n").as_bytes()).unwrap();
-        let mut line = String::new();
-        assert!(self.reader.read_line(&mut line).unwrap() > 0, "{request}: the daemon closed the connection");
-        let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line:?}"));
-        assert_eq!(reply["id"], request["id"], "{request} -> {reply}");
-        reply
-    }
-
-    fn ok(&mut self, request: Value) -> Value {
-        let shown = request.to_string();
-        let reply = self.request(request);
-        assert!(reply.get("error").is_none() && reply.get("ok").is_some(), "{shown} -> {reply}");
-        reply["ok"].clone()
-    }
-
-    fn err(&mut self, request: Value) -> (String, String) {
-        let shown = request.to_string();
-        let reply = self.request(request);
-        assert!(reply.get("ok").is_none(), "{shown} should have failed: {reply}");
-        let code = reply["error"]["code"].as_str().unwrap_or_else(|| panic!("{shown} -> {reply}")).to_string();
-        let message = reply["error"]["message"].as_str().unwrap_or_default().to_string();
-        assert!(!message.is_empty(), "{shown} -> {reply}");
-        (code, message)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
