@@ -387,3 +387,52 @@ fn override_expiry_is_audited() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// Reads (status, accounts, allowlists, bindings) and login checks are open to every role;
+/// the check role stays the narrow one (checks and reads only); support's own checks are
+/// recorded as theirs and never count as the customer's attempts; a dry run records nothing.
+#[test]
+fn reads_are_open_to_every_role() {
+    use ipaccess_tests::client::Conn;
+    const SUPPORT: u32 = 65534;
+    const ADMIN: u32 = 65533;
+    const CHECKER: u32 = 65532;
+    let w = World::new(&format!(
+        "socket_mode = 0o666\n[roles]\nsupport = {{ uids = [{SUPPORT}] }}\nadmin = {{ uids = [{ADMIN}] }}\n\
+         check = {{ uids = [{CHECKER}] }}"
+    ));
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.10"}));
+    w.ok(json!({"cmd": "bind_add", "account": "acme", "addr": "198.18.0.1", "port": 443}));
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce"}));
+    let reads = [
+        json!({"cmd": "status"}),
+        json!({"cmd": "account_list"}),
+        json!({"cmd": "account_show", "account": "acme"}),
+        json!({"cmd": "allow_list", "account": "acme"}),
+        json!({"cmd": "bind_list"}),
+        json!({"cmd": "check", "account": "acme", "addr": "198.18.0.99", "dry_run": true}),
+        json!({"cmd": "check", "account": "acme", "addr": "198.18.0.98"}),
+    ];
+    for uid in [SUPPORT, ADMIN, CHECKER] {
+        let mut conn = Conn::open_as(&w.socket(), uid);
+        for read in &reads {
+            conn.ok(read.clone());
+        }
+    }
+    let mut checker = Conn::open_as(&w.socket(), CHECKER);
+    for change in [
+        json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.11"}),
+        grant("acme", "198.18.0.12"),
+        json!({"cmd": "activity", "account": "acme"}),
+    ] {
+        assert_eq!(checker.err(change.clone()).0, "forbidden", "{change}");
+    }
+    // The grant's evidence holds the application's denied attempt from .98 (the check-role
+    // caller's), not support's or the admin's own checks of it, and nothing from the dry runs.
+    let granted = Conn::open_as(&w.socket(), SUPPORT).ok(grant("acme", "198.18.0.98"));
+    let evidence = granted["recent_denied"].as_array().unwrap();
+    let from_98: i64 = evidence.iter().filter(|r| r["address"] == "198.18.0.98").map(|r| r["count"].as_i64().unwrap()).sum();
+    assert_eq!(from_98, 1, "{granted}");
+    assert!(!evidence.iter().any(|r| r["address"] == "198.18.0.99"), "a dry run was recorded: {granted}");
+}
