@@ -61,6 +61,26 @@ pub enum Command {
         force: bool,
     },
     AllowList { account: String },
+    /// Remove an account with its entries, bindings, overrides and kernel state; refused
+    /// while it has sub-users unless `recursive`.
+    AccountRemove {
+        account: String,
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// Turn a disabled allowlist entry back on.
+    AllowEnable { account: String, cidr: IpNet },
+    /// Keep an entry listed but ignore it, at login and in the kernel.
+    AllowDisable {
+        account: String,
+        cidr: IpNet,
+        #[serde(default)]
+        client_ip: Option<IpAddr>,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Change an entry's label.
+    AllowLabel { account: String, cidr: IpNet, label: String },
     /// Replace the whole allowlist in one change (labels optional).
     AllowReplace {
         account: String,
@@ -190,6 +210,10 @@ impl Command {
             | Command::AllowAdd { .. }
             | Command::AllowRemove { .. }
             | Command::AllowReplace { .. }
+            | Command::AccountRemove { .. }
+            | Command::AllowEnable { .. }
+            | Command::AllowDisable { .. }
+            | Command::AllowLabel { .. }
             | Command::Import { .. }
             | Command::Detach { .. }
             | Command::BindAdd { .. }

@@ -431,6 +431,11 @@ impl Service {
                     None => Err(Failure::new(ErrorCode::UnknownBinding, format!("no binding for {addr}{}", describe(target)))),
                 })
             }
+            // Placeholder so the client's wire format builds; the policy work implements these.
+            Command::AccountRemove { .. }
+            | Command::AllowEnable { .. }
+            | Command::AllowDisable { .. }
+            | Command::AllowLabel { .. } => Err(Failure::new(ErrorCode::BadRequest, "not supported by this daemon yet")),
         }
     }
 
