@@ -79,7 +79,7 @@ fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
 }
 
-/// Policy in the kernel, then the store lost three ways: each start is refused, says what it
+/// Policy in the kernel, then the store lost four ways: each start is refused, says what it
 /// found and how to go on, and the kernel keeps enforcing (the blocked source stays blocked,
 /// the allowed one passes). `--accept-empty-store` then starts, and clears the tables.
 #[test]
@@ -113,6 +113,11 @@ fn a_lost_store_never_turns_enforcement_off() {
             assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
         }
     };
+    // A valid store with no account in it (as a fresh one would be).
+    fs::remove_file(&db).unwrap();
+    drop(ipaccess::store::Store::open(&db).unwrap());
+    expect(&refused_start(&w, "no-account.log"), "holds no account");
+    enforcing(&w, "after the refused start on a store without accounts");
     // (a) The database truncated to 0 bytes (SQLite's -wal and -shm, if any, gone too).
     for suffix in ["-wal", "-shm"] {
         let _ = fs::remove_file(state.join(format!("ipaccess.db{suffix}")));

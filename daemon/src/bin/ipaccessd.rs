@@ -200,8 +200,9 @@ fn open_store(config: &Config, datapath: &Datapath, accept_empty: bool) -> anyho
              with --accept-empty-store to begin with no policy on purpose"
         )
     };
-    let dir_missing = !dir.exists();
-    if dir_missing {
+    // Each way of finding the store lost is judged once, the first that applies.
+    let mut judged = !dir.exists();
+    if judged {
         guard("missing, and so is its directory")?;
     }
     fs::DirBuilder::new()
@@ -210,22 +211,22 @@ fn open_store(config: &Config, datapath: &Datapath, accept_empty: bool) -> anyho
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let lock = lock_state_dir(dir)?;
-    match fs::metadata(&db) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if !dir_missing {
-                guard("missing")?;
-            }
-        }
+    let found = match fs::metadata(&db) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
         Err(e) => return Err(e).with_context(|| format!("reading {}", db.display())),
         // An empty database file with an empty (or no) write-ahead log holds nothing; opening
         // it would write a new schema into it, so it is judged before it is opened.
         Ok(meta) if meta.len() == 0 && fs::metadata(Store::sibling(&db, "-wal")).map_or(true, |w| w.len() == 0) => {
-            guard("an empty file (0 bytes)")?
+            Some("an empty file (0 bytes)")
         }
-        Ok(_) => {}
+        Ok(_) => None,
+    };
+    if let Some(found) = found.filter(|_| !judged) {
+        guard(found)?;
+        judged = true;
     }
     let mut store = Store::open(&db).context("opening the store")?;
-    if store.read().and_then(|tx| tx.accounts()).context("reading the store")?.is_empty() {
+    if !judged && store.read().and_then(|tx| tx.accounts()).context("reading the store")?.is_empty() {
         guard("holds no account")?;
     }
     Ok((lock, store))
