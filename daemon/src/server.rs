@@ -381,7 +381,8 @@ mod tests {
         assert!(reply.error.unwrap().message.contains("`cmd` appears more than once"));
         let reply = refused(r#"{"id": 1, "id": 2, "cmd": "status"}"#);
         assert!(reply.error.unwrap().message.contains("`id` appears more than once"));
-        for (line, code) in [("[1]", ErrorCode::BadJson), ("{", ErrorCode::BadJson), (r#"{"id": 4}"#, ErrorCode::BadRequest)] {
+        let (bad_json, bad_request) = (ErrorCode::BadJson, ErrorCode::BadRequest);
+        for (line, code) in [("[1]", bad_json), ("{", bad_json), (r#"{"id": 4}"#, bad_request)] {
             assert_eq!(refused(line).error.unwrap().code, code, "{line}");
         }
     }
