@@ -218,9 +218,21 @@ pub struct Store {
 
 impl Store {
     /// Opens the store at `path`, creating it (and its directory) and the schema as needed.
+    /// The store names
+    /// every account and its addresses, so it is private whatever the umask: a directory it
+    /// creates is 0700, the database 0600, and SQLite gives its -wal and -shm files the
+    /// database's mode. An existing file open to others is tightened, with a warning.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
+            _ => {}
+        }
+        for file in [path.to_path_buf(), Store::sibling(path, "-wal"), Store::sibling(path, "-shm")] {
+            Store::make_private(&file)?;
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -255,6 +267,29 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Deferred)?;
         Ok(Tx { tx, free_slots: RefCell::new(None) })
+    }
+
+    /// Takes group and other access away from `file`, if it exists and has any.
+    fn make_private(file: &Path) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = match std::fs::metadata(file) {
+            Ok(meta) => meta.permissions().mode() & 0o7777,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if mode & 0o077 != 0 {
+            let private = mode & 0o700;
+            log::warn!("{} had mode {mode:04o}, open to other users; setting it to {private:04o}", file.display());
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(private))?;
+        }
+        Ok(())
+    }
+
+    /// `path` with `suffix` appended to its file name (SQLite's `-wal` and `-shm` files).
+    pub fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        name.into()
     }
 }
 
