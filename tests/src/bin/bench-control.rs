@@ -50,8 +50,8 @@ struct Scale {
     storage_run: Duration,
 }
 
-/// What 16 clients checking for 60 s may add to the store.
-const STORAGE_BUDGET_PER_MINUTE: f64 = 10.0 * 1024.0 * 1024.0;
+/// What 16 clients checking for 60 s may add to the store: 10 MB.
+const STORAGE_BUDGET_PER_MINUTE: f64 = 10e6;
 
 /// Account `a`'s allowlist: 8 IPv4 hosts, an IPv4 /24 and an IPv6 /64, all inside the
 /// test ranges (198.18.0.0/15, fd00::/8). Entries are data only: no traffic uses them.
