@@ -546,7 +546,7 @@ fn activity_counts_every_check_between_changes() {
     let records = log.as_array().unwrap();
     let checks: i64 = records.iter().filter(|r| r["kind"] == "signin").map(|r| r["count"].as_i64().unwrap()).sum();
     assert_eq!(checks, ROUNDS as i64, "checks lost: {log:#}");
-    let audits = records.iter().filter(|r| r["kind"] == "audit");
+    let audits = records.iter().filter(|r| r["kind"] == "audit" && r["reason"] == "mode");
     let modes: Vec<&str> = audits.map(|r| r["detail"]["mode"].as_str().unwrap()).collect();
     let want: Vec<&str> = (0..ROUNDS).rev().map(|round| ["monitor", "off"][round % 2]).collect();
     assert_eq!(modes, want, "audit records lost or out of order: {log:#}");
