@@ -445,7 +445,8 @@ fn staff_checks_are_not_the_customers_and_dry_runs_record_nothing() {
 }
 
 /// `activity` for an account that never existed is `unknown_account`, not an empty list;
-/// an existing account with nothing recorded yet is an empty list.
+/// an existing account with nothing recorded yet is an empty list; a removed account's
+/// history can still be read.
 #[test]
 fn activity_of_an_unknown_account_is_an_error() {
     let w = World::new("");
@@ -456,6 +457,12 @@ fn activity_of_an_unknown_account_is_an_error() {
     // No sign-in yet: an empty list, not an error.
     let quiet = ok(&w, json!({"cmd": "activity", "account": "quiet", "kind": "signin"}));
     assert_eq!(quiet, json!([]));
+    // A removed account keeps its history, and it can still be read.
+    ok(&w, json!({"cmd": "account_add", "account": "gone"}));
+    check(&w, "gone", "198.18.3.3", "password");
+    ok(&w, json!({"cmd": "account_remove", "account": "gone"}));
+    let history = ok(&w, json!({"cmd": "activity", "account": "gone", "kind": "signin"}));
+    assert_eq!(signins(&history), [(s("198.18.3.3"), s("password"), true, s("allowed"), 1)], "{history:#}");
     let out =
         Command::new(&binaries().ctl).arg("--socket").arg(w.socket()).args(["activity", "nosuch"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
