@@ -447,8 +447,10 @@ fn every_command() {
     let activity = w.ok(&["activity", "acme", "--limit", "2"]);
     assert_eq!(strings(&activity, "reason"), ["override_revoked", "override_granted"], "{activity}");
     let rows = table(&w.ctl(&["activity", "acme", "--since", "1h"]));
-    assert_eq!(rows[0], words(&["TIME", "KIND", "ADDRESS", "METHOD", "RESULT", "REASON"]));
-    assert!(rows.iter().any(|r| r[2..] == words(&["audit", "-", "-", "-", "override_granted"])), "{rows:?}");
+    let head = ["LAST", "SEEN", "KIND", "ADDRESS", "TO", "METHOD", "RESULT", "REASON", "COUNT", "UID"];
+    assert_eq!(rows[0], words(&head));
+    let granted = words(&["audit", "-", "-", "-", "-", "override_granted", "1", "0"]);
+    assert!(rows.iter().any(|r| r[2..] == granted), "{rows:?}");
 
     let status = w.ok(&["status"]);
     assert_eq!(status["accounts"], 4, "{status}");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use ipaccess::protocol::{
-    AccountState, Command, ImportAccount, Method, Mode, Proto, ReplaceEntry, Request,
+    AccountState, ActivityKind, Command, ImportAccount, Method, Mode, Proto, ReplaceEntry, Request,
 };
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -67,17 +67,28 @@ enum Top {
     /// Support overrides: temporary access for an address, tied to a ticket
     #[command(subcommand)]
     Override(OverrideCmd),
-    /// An account's recorded activity, newest first
+    /// An account's recorded activity, newest first: sign-ins and dropped packets counted per
+    /// hour, audited changes one by one
     Activity {
-        /// Account id
-        id: String,
+        /// Account id (left out with --unknown-accounts)
+        #[arg(required_unless_present = "unknown_accounts")]
+        id: Option<String>,
         /// Only this far back (90s, 30m, 2h, 7d or seconds)
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         since: Option<u64>,
-        /// Only denied login checks (and would-be denials in monitor mode)
+        /// Only denied sign-ins and drops (and would-be denials in monitor mode)
         #[arg(long)]
         denied: bool,
-        /// At most N entries
+        /// Only sign-ins (login checks), drops (refused packets) or audit (changes)
+        #[arg(long, value_parser = one_of::<ActivityKind>(&["signin", "drop", "audit"]))]
+        kind: Option<ActivityKind>,
+        /// Sign-ins per address and method: count, first and last seen, allowed or denied
+        #[arg(long)]
+        summary: bool,
+        /// Sign-ins for accounts that do not exist, per address (the names tried are not kept)
+        #[arg(long, conflicts_with_all = ["id", "kind", "summary", "denied"])]
+        unknown_accounts: bool,
+        /// At most N rows
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         limit: Option<u32>,
     },
@@ -440,9 +451,15 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::OverrideRevoke { account: id, override_id }
         }
         Top::Override(OverrideCmd::List { id }) => Command::OverrideList { account: id },
-        Top::Activity { id, since, denied, limit } => {
-            Command::Activity { account: id, since_seconds: since, denied_only: denied, limit }
-        }
+        Top::Activity { id, since, denied, kind, summary, unknown_accounts, limit } => Command::Activity {
+            account: id,
+            since_seconds: since,
+            denied_only: denied,
+            limit,
+            kind,
+            summary,
+            unknown_accounts,
+        },
         Top::Status => Command::Status {},
         Top::Import { .. } => unreachable!("an import is many requests; see `import`"),
     })
@@ -843,6 +860,15 @@ fn binding_line(v: &Value) -> Option<String> {
     Some(escape(&format!("bound {what} to {account}")) + "\n")
 }
 
+/// An activity row's outcome: allowed or denied (`-` for audit records).
+fn result(r: &Value) -> &'static str {
+    match r["allowed"] {
+        Value::Bool(true) => "allowed",
+        Value::Bool(false) => "denied",
+        _ => "-",
+    }
+}
+
 fn human(command: &Command, v: &Value) -> String {
     let mut out = String::new();
     let col = |r: &Value, k: &str| cell(k, &r[k]);
@@ -924,19 +950,51 @@ fn human(command: &Command, v: &Value) -> String {
                 .collect();
             table(&mut out, &["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "OPERATOR", "REASON"], rows);
         }
+        Command::Activity { unknown_accounts: true, .. } => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| ["address", "method", "count", "first_seen", "last_seen"].map(|k| col(r, k)).to_vec())
+                .collect();
+            table(&mut out, &["ADDRESS", "METHOD", "COUNT", "FIRST SEEN", "LAST SEEN"], rows);
+        }
+        Command::Activity { summary: true, .. } => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| {
+                    let by = if r["application"] == Value::Bool(false) { "staff" } else { "application" };
+                    let mut row = vec![col(r, "address"), col(r, "method"), result(r).into(), col(r, "reason")];
+                    row.extend([col(r, "count"), col(r, "first_seen"), col(r, "last_seen"), by.into()]);
+                    row
+                })
+                .collect();
+            let head = ["ADDRESS", "METHOD", "RESULT", "REASON", "COUNT", "FIRST SEEN", "LAST SEEN", "BY"];
+            table(&mut out, &head, rows);
+        }
         Command::Activity { .. } => {
             let rows = rows(v)
                 .iter()
                 .map(|r| {
-                    let result = match r["allowed"] {
-                        Value::Bool(true) => "allowed",
-                        Value::Bool(false) => "denied",
-                        _ => "-",
+                    // A drop's destination endpoint, `198.18.0.1:7100/tcp`; `*` beyond the hour's cap.
+                    let d = &r["detail"];
+                    let to = match (&d["destination"], d["protocol"].as_u64(), d["port"].as_u64()) {
+                        (Value::String(dst), Some(proto), Some(port)) if r["kind"] == "drop" => {
+                            let proto = match proto {
+                                6 => "tcp".to_string(),
+                                17 => "udp".to_string(),
+                                n => n.to_string(),
+                            };
+                            let dst = if dst.contains(':') { format!("[{dst}]") } else { dst.clone() };
+                            cell("", &Value::String(format!("{dst}:{port}/{proto}")))
+                        }
+                        _ => "-".into(),
                     };
-                    vec![col(r, "time"), col(r, "kind"), col(r, "address"), col(r, "method"), result.into(), col(r, "reason")]
+                    let mut row = vec![col(r, "time"), col(r, "kind"), col(r, "address"), to, col(r, "method")];
+                    row.extend([result(r).into(), col(r, "reason"), col(r, "count"), col(r, "uid")]);
+                    row
                 })
                 .collect();
-            table(&mut out, &["TIME", "KIND", "ADDRESS", "METHOD", "RESULT", "REASON"], rows);
+            let head = ["LAST SEEN", "KIND", "ADDRESS", "TO", "METHOD", "RESULT", "REASON", "COUNT", "UID"];
+            table(&mut out, &head, rows);
         }
         Command::Status {} => {
             // Interfaces with the path the kernel runs the program in; the rest as it comes.
@@ -1139,6 +1197,11 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "activity", "a", "--since", "soon"]).is_err());
         assert!(Cli::try_parse_from(["x", "activity", "a", "--limit", "0"]).is_err());
         assert!(Cli::try_parse_from(["x", "activity", "a", "--since", "2h", "--denied", "--limit", "5"]).is_ok());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--kind", "signin", "--denied"]).is_ok());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--kind", "check"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--unknown-accounts"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--summary", "--kind", "drop"]).is_ok());
     }
 
     #[test]
@@ -1274,22 +1337,41 @@ mod tests {
             "ID  ACCOUNT  CIDR           EXPIRES              TICKET  OPERATOR  REASON\n\
              1   acme     198.18.0.9/32  2000-02-29 00:00:00  T-1     0         r\n"
         );
-        let (request, _, out) = against(&["activity", "acme", "--since", "30m", "--denied", "--limit", "2"], |_| {
+        let (request, _, out) = against(&["activity", "acme", "--since", "30m", "--denied", "--limit", "3"], |_| {
             json!({"ok": [
-                {"id": 2, "time": 951_782_400, "account": "acme", "kind": "check", "address": "198.18.0.9",
-                 "method": "password", "allowed": false, "reason": "address_not_allowed", "detail": null},
-                {"id": 1, "time": 951_782_399, "account": "acme", "kind": "audit", "address": null, "method": null,
-                 "allowed": null, "reason": null, "detail": {"cmd": "allow_add"}}]})
+                {"time": 951_782_400, "first_seen": 951_782_000, "count": 4, "account": "acme", "kind": "signin",
+                 "address": "198.18.0.9", "method": "password", "allowed": false, "reason": "address_not_allowed",
+                 "uid": 33, "detail": {"application": true}},
+                {"time": 951_782_399, "first_seen": 951_782_399, "count": 1, "account": "acme", "kind": "audit",
+                 "address": null, "method": null, "allowed": null, "reason": "allow_add", "uid": 0, "detail": {}},
+                {"time": 951_782_398, "first_seen": 951_782_001, "count": 12, "account": "acme", "kind": "drop",
+                 "address": "fd00::9", "method": null, "allowed": false, "reason": "address_not_allowed", "uid": null,
+                 "detail": {"destination": "fd00::1", "protocol": 17, "port": 53}}]})
         });
         assert_eq!(
             request,
-            json!({"cmd": "activity", "account": "acme", "since_seconds": 1800, "denied_only": true, "limit": 2})
+            json!({"cmd": "activity", "account": "acme", "since_seconds": 1800, "denied_only": true, "limit": 3,
+                   "kind": null, "summary": false, "unknown_accounts": false})
         );
         assert_eq!(
             out,
-            "TIME                 KIND   ADDRESS     METHOD    RESULT  REASON\n\
-             2000-02-29 00:00:00  check  198.18.0.9  password  denied  address_not_allowed\n\
-             2000-02-28 23:59:59  audit  -           -         -       -\n"
+            "LAST SEEN            KIND    ADDRESS     TO                METHOD    RESULT  REASON               COUNT  UID\n\
+             2000-02-29 00:00:00  signin  198.18.0.9  -                 password  denied  address_not_allowed  4      33\n\
+             2000-02-28 23:59:59  audit   -           -                 -         -       allow_add            1      0\n\
+             2000-02-28 23:59:58  drop    fd00::9     [fd00::1]:53/udp  -         denied  address_not_allowed  12     -\n"
+        );
+        let (request, _, out) = against(&["activity", "acme", "--summary", "--kind", "signin"], |_| json!({"ok": []}));
+        assert_eq!(request["summary"], true);
+        assert!(out.starts_with("ADDRESS  METHOD  RESULT  REASON  COUNT  FIRST SEEN  LAST SEEN  BY"), "{out}");
+        let (request, _, out) = against(&["activity", "--unknown-accounts"], |_| {
+            json!({"ok": [{"address": "198.18.66.6", "method": "password", "count": 7, "first_seen": 0,
+                           "last_seen": 60}]})
+        });
+        assert_eq!((&request["account"], &request["unknown_accounts"]), (&Value::Null, &json!(true)));
+        assert_eq!(
+            out,
+            "ADDRESS      METHOD    COUNT  FIRST SEEN           LAST SEEN\n\
+             198.18.66.6  password  7      1970-01-01 00:00:00  1970-01-01 00:01:00\n"
         );
     }
 
