@@ -28,3 +28,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod systemd;
+pub mod time;

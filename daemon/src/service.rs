@@ -948,7 +948,7 @@ fn guard_lockout(
         logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
         const LISTED: usize = 10;
         let mut listed: Vec<String> =
-            shut_out.iter().take(LISTED).map(|s| format!("{} (last {})", s.address, format_unix(s.last_seen))).collect();
+            shut_out.iter().take(LISTED).map(|s| format!("{} (last {} UTC)", s.address, crate::time::format_utc(s.last_seen))).collect();
         if shut_out.len() > LISTED {
             listed.push(format!("and {} more", shut_out.len() - LISTED));
         }
@@ -967,23 +967,6 @@ fn guard_lockout(
         return Err(refusal);
     }
     Ok(())
-}
-
-/// Unix seconds as `2026-11-29 07:06:44 UTC`, for messages a person reads.
-fn format_unix(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian), by 400-year eras.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// The account's policy as a change would leave it, read inside the change's transaction.

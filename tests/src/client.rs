@@ -54,7 +54,7 @@ impl Conn {
     }
 
     pub fn from(stream: UnixStream) -> Conn {
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         Conn { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream), next_id: 1 }
     }
@@ -97,6 +97,21 @@ impl Conn {
         let reply = self.request(request);
         assert!(reply.get("error").is_none() && reply.get("ok").is_some(), "{shown} -> {reply}");
         reply["ok"].clone()
+    }
+
+    /// Sends `lines` (whole request lines) back to back, a window at a time, and reads every
+    /// reply; returns how many replies were `ok`.
+    pub fn pipelined(&mut self, lines: &[String]) -> usize {
+        let mut ok = 0;
+        for window in lines.chunks(256) {
+            self.writer.write_all(window.concat().as_bytes()).unwrap();
+            for _ in window {
+                let mut line = String::new();
+                assert!(self.reader.read_line(&mut line).unwrap() > 0, "the daemon closed the connection");
+                ok += usize::from(line.contains("\"ok\""));
+            }
+        }
+        ok
     }
 
     /// A request that must fail; its error code and message.

@@ -9,14 +9,13 @@
 //! binaries first: `cargo build --release -p ipaccess --bins`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ipaccess_tests::client::Conn;
 use ipaccess_tests::daemon::{World, binaries};
 use ipaccess_tests::netns::{UdpEchoServer, icmp_echo, send_udp, udp_client};
 use serde_json::{Value, json};
@@ -25,77 +24,6 @@ const OK: Duration = Duration::from_secs(2);
 /// An application (check role) and a support agent (support role only).
 const APP: u32 = 65534;
 const AGENT: u32 = 65533;
-
-/// One control connection: a request line out, a reply line back.
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Conn {
-    fn open(socket: &Path) -> Conn {
-        Conn::from(UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display())))
-    }
-
-    fn from(stream: UnixStream) -> Conn {
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        stream.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        Conn { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) }
-    }
-
-    /// Connects with the credentials of uid/gid `id` and no supplementary groups (only the
-    /// connecting thread changes identity, and it then ends).
-    fn open_as(socket: &Path, id: u32) -> Conn {
-        let socket = socket.to_path_buf();
-        let stream = thread::spawn(move || {
-            // SAFETY: raw credential syscalls on this thread only; no memory is involved.
-            unsafe {
-                assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
-                assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
-                assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
-            }
-            UnixStream::connect(&socket)
-        })
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("connect as uid {id}: {e}"));
-        Conn::from(stream)
-    }
-
-    fn request(&mut self, request: &Value) -> Value {
-        self.writer.write_all(format!("{request}\n").as_bytes()).unwrap();
-        let mut line = String::new();
-        assert!(self.reader.read_line(&mut line).unwrap() > 0, "{request}: the daemon closed the connection");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line:?}"))
-    }
-
-    fn ok(&mut self, request: Value) -> Value {
-        let reply = self.request(&request);
-        assert!(reply.get("error").is_none() && reply.get("ok").is_some(), "{request} -> {reply}");
-        reply["ok"].clone()
-    }
-
-    fn err(&mut self, request: Value) -> String {
-        let reply = self.request(&request);
-        assert!(reply.get("ok").is_none(), "{request} should have failed: {reply}");
-        reply["error"]["code"].as_str().unwrap_or_else(|| panic!("{request} -> {reply}")).to_string()
-    }
-
-    /// Sends `lines` back to back (a window at a time) and reads every reply; returns how many
-    /// replies were `ok`.
-    fn pipelined(&mut self, lines: &[String]) -> usize {
-        let mut ok = 0;
-        for window in lines.chunks(256) {
-            self.writer.write_all(window.concat().as_bytes()).unwrap();
-            for _ in window {
-                let mut line = String::new();
-                assert!(self.reader.read_line(&mut line).unwrap() > 0, "the daemon closed the connection");
-                ok += usize::from(line.contains("\"ok\""));
-            }
-        }
-        ok
-    }
-}
 
 fn conn(w: &World) -> Conn {
     Conn::open(&w.socket())
@@ -295,7 +223,7 @@ fn summary_per_address_and_method() {
     assert_eq!(rows(&denied).len(), 1, "{denied:#}");
     assert_eq!((&denied[0]["reason"], &denied[0]["count"]), (&json!("address_not_allowed"), &json!(2)));
     // A summary is of sign-ins: another kind is a clear error.
-    let code = conn(&w).err(json!({"cmd": "activity", "account": "acme", "summary": true, "kind": "drop"}));
+    let code = conn(&w).err(json!({"cmd": "activity", "account": "acme", "summary": true, "kind": "drop"})).0;
     assert_eq!(code, "bad_request");
 }
 
@@ -402,10 +330,10 @@ fn unknown_accounts_are_counted_per_address_not_per_name() {
     assert_eq!(after - before, 600.0);
     // No name was kept: each is an unknown account with no history.
     for name in ["victim-0", "victim-599"] {
-        assert_eq!(conn(&w).err(json!({"cmd": "activity", "account": name})), "unknown_account");
+        assert_eq!(conn(&w).err(json!({"cmd": "activity", "account": name})).0, "unknown_account");
     }
     // An account and unknown_accounts at once is a clear error.
-    let code = conn(&w).err(json!({"cmd": "activity", "account": "x", "unknown_accounts": true}));
+    let code = conn(&w).err(json!({"cmd": "activity", "account": "x", "unknown_accounts": true})).0;
     assert_eq!(code, "bad_request");
 }
 
@@ -455,9 +383,9 @@ fn staff_checks_are_not_the_customers_and_dry_runs_record_nothing() {
 #[test]
 fn activity_of_an_unknown_account_is_an_error() {
     let w = World::new("");
-    assert_eq!(conn(&w).err(json!({"cmd": "activity", "account": "nosuch"})), "unknown_account");
-    assert_eq!(conn(&w).err(json!({"cmd": "activity", "account": "nosuch", "summary": true})), "unknown_account");
-    assert_eq!(conn(&w).err(json!({"cmd": "activity"})), "bad_request");
+    assert_eq!(conn(&w).err(json!({"cmd": "activity", "account": "nosuch"})).0, "unknown_account");
+    assert_eq!(conn(&w).err(json!({"cmd": "activity", "account": "nosuch", "summary": true})).0, "unknown_account");
+    assert_eq!(conn(&w).err(json!({"cmd": "activity"})).0, "bad_request");
     ok(&w, json!({"cmd": "account_add", "account": "quiet"}));
     // No sign-in yet: an empty list, not an error.
     let quiet = ok(&w, json!({"cmd": "activity", "account": "quiet", "kind": "signin"}));
