@@ -12,6 +12,8 @@
 //! retention_days = 90 # activity kept
 //! drop_samples_per_second = 10  # per CPU, into the activity log
 //! min_override_ttl_seconds = 60
+//! widest_override_ipv4 = 24   # the widest prefix an override may cover
+//! widest_override_ipv6 = 48
 //! log_level = "info" # error, warn, info, debug or trace; RUST_LOG, when set, wins
 //!
 //! [roles]            # uids by number, groups by name or gid; root has every role
@@ -35,7 +37,7 @@
 //!
 //! On SIGHUP (`systemctl reload ipaccessd`) the file is read again: `interfaces` (new ones
 //! are attached, in the new `xdp_mode`; removed ones stay attached), `roles`, `limits` (except
-//! `max_connections`), `retention_days`, `min_override_ttl_seconds`,
+//! `max_connections`), `retention_days`, `min_override_ttl_seconds`, `widest_override_*`,
 //! `drop_samples_per_second` and `log_level` change at once; the others are logged as
 //! needing a restart. A file that does not load is refused and the running one kept
 //! (docs/operations.md).
@@ -70,6 +72,11 @@ pub struct Config {
     pub retention_days: u32,
     /// Shortest override support may grant, in seconds (longest: 30 days).
     pub min_override_ttl_seconds: u64,
+    /// The widest IPv4 prefix an override may cover (a /24 by default): support lets a
+    /// customer's address in, not a whole provider.
+    pub widest_override_ipv4: u8,
+    /// The same for IPv6 (a /48 by default).
+    pub widest_override_ipv6: u8,
     /// Dropped packets each CPU reports to the activity log per second (bursts up to ten
     /// times that); 0 turns drop samples off.
     pub drop_samples_per_second: u64,
@@ -94,6 +101,8 @@ impl Default for Config {
             retention_days: 90,
             drop_samples_per_second: 10,
             min_override_ttl_seconds: 60,
+            widest_override_ipv4: 24,
+            widest_override_ipv6: 48,
             log_level: LogLevel::Info,
             roles: Roles::default(),
             limits: Limits::default(),
@@ -288,6 +297,12 @@ impl Config {
             return Err(format!(
                 "metrics.listen = \"{listen}\" is not a loopback address; the metrics name every account, so \
                  set metrics.allow_non_loopback = true to serve them there"
+            ));
+        }
+        if !(1..=32).contains(&self.widest_override_ipv4) || !(1..=128).contains(&self.widest_override_ipv6) {
+            return Err(format!(
+                "widest_override_ipv4 = {} and widest_override_ipv6 = {} must be prefix lengths from 1 to 32 and                  1 to 128",
+                self.widest_override_ipv4, self.widest_override_ipv6
             ));
         }
         Ok(())

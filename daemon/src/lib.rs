@@ -3,6 +3,8 @@
 //! - `datapath`: the kernel side seen from user space: loading, attaching and the tables
 //!   the XDP program reads;
 //! - `store`: the durable policy (SQLite);
+//! - `policy`: the account model as pure functions: effective state, the login decision,
+//!   and the rules for names, addresses and free text;
 //! - `service`: every command, applied to store and kernel together, and login checks;
 //! - `protocol` and `server`: the control socket;
 //! - `config`: ipaccessd's configuration file;
@@ -17,6 +19,7 @@ pub mod docs;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod reload;
 pub mod server;

@@ -139,6 +139,11 @@ pub fn lockout_refused(account: &str, uid: u32, client_ip: std::net::IpAddr) {
     warn!(target: AUDIT_TARGET, "lockout_refused: account {account:?} by uid {uid} (client_ip={client_ip})");
 }
 
+/// A change refused by the lockout guard for another reason than the caller's own address.
+pub fn lockout_refused_because(account: &str, uid: u32, why: &str) {
+    warn!(target: AUDIT_TARGET, "lockout_refused: account {account:?} by uid {uid} (because={why:?})");
+}
+
 /// The filter removed from an interface (the only way it is ever removed).
 pub fn detached(interface: &str, uid: u32, was_attached: bool) {
     warn!(target: AUDIT_TARGET, "detach: interface {interface:?} by uid {uid} (was_attached={was_attached})");

@@ -31,6 +31,13 @@ pub enum Command {
         unconfirmed: bool,
     },
     AccountShow { account: String },
+    /// Remove an account with its allowlist, overrides, bindings and kernel state; refused
+    /// while it has sub-users unless `recursive`.
+    AccountRemove {
+        account: String,
+        #[serde(default)]
+        recursive: bool,
+    },
     AccountList {},
     AccountState {
         account: String,
@@ -48,12 +55,14 @@ pub enum Command {
     },
     AllowAdd {
         account: String,
+        #[serde(deserialize_with = "cidr")]
         cidr: IpNet,
         #[serde(default)]
         label: Option<String>,
     },
     AllowRemove {
         account: String,
+        #[serde(deserialize_with = "cidr")]
         cidr: IpNet,
         #[serde(default)]
         client_ip: Option<IpAddr>,
@@ -61,6 +70,31 @@ pub enum Command {
         force: bool,
     },
     AllowList { account: String },
+    /// Keep an entry but let nothing in through it, in the kernel too (the lockout guard
+    /// applies, as to a removal).
+    AllowDisable {
+        account: String,
+        #[serde(deserialize_with = "cidr")]
+        cidr: IpNet,
+        #[serde(default)]
+        client_ip: Option<IpAddr>,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Let a disabled entry in again.
+    AllowEnable {
+        account: String,
+        #[serde(deserialize_with = "cidr")]
+        cidr: IpNet,
+    },
+    /// Change an entry's label (`null` clears it).
+    AllowLabel {
+        account: String,
+        #[serde(deserialize_with = "cidr")]
+        cidr: IpNet,
+        #[serde(default)]
+        label: Option<String>,
+    },
     /// Replace the whole allowlist in one change (labels optional).
     AllowReplace {
         account: String,
@@ -100,6 +134,7 @@ pub enum Command {
     /// Support: let `cidr` reach the account for `ttl_seconds`, after verifying ownership.
     OverrideGrant {
         account: String,
+        #[serde(deserialize_with = "cidr")]
         cidr: IpNet,
         ttl_seconds: u64,
         ticket: String,
@@ -138,6 +173,7 @@ pub enum Command {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ReplaceEntry {
+    #[serde(deserialize_with = "cidr")]
     pub cidr: IpNet,
     #[serde(default)]
     pub label: Option<String>,
@@ -185,6 +221,10 @@ impl Command {
             | Command::Check { dry_run: true, .. } => None,
             Command::Check { dry_run: false, .. } => Some(Role::Check),
             Command::AccountAdd { .. }
+            | Command::AccountRemove { .. }
+            | Command::AllowDisable { .. }
+            | Command::AllowEnable { .. }
+            | Command::AllowLabel { .. }
             | Command::AccountState { .. }
             | Command::AccountMode { .. }
             | Command::AllowAdd { .. }
@@ -329,6 +369,8 @@ pub enum ErrorCode {
     Lockout,
     /// The daemon is busy (too many requests in flight on this connection).
     Busy,
+    /// The account already has sub-users (remove them first, or `recursive`).
+    HasSubUsers,
     /// Storage or kernel failure; nothing was changed.
     Internal,
 }
@@ -339,8 +381,36 @@ pub struct CheckResult {
     pub allowed: bool,
     /// Stable reason code, see [`Reason`].
     pub reason: Reason,
-    /// A sentence the person locked out can act on.
+    /// A sentence the person signing in can act on. It never tells whether an account
+    /// exists: an unknown account gets the hint of an address that is not allowed.
     pub hint: String,
+    /// What an operator needs to know (which rule decided, and why); not for the person
+    /// signing in.
+    #[serde(default)]
+    pub detail: String,
+    /// The support override that let the address in, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_override: Option<OverrideRef>,
+}
+
+/// Which override allowed a check, and until when (unix s).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct OverrideRef {
+    pub id: i64,
+    pub expires_at: i64,
+}
+
+/// An account's state as it takes effect: its own, unless an ancestor's ban or termination
+/// suspends it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum EffectiveState {
+    Active,
+    Unconfirmed,
+    Terminated,
+    Banned,
+    ParentTerminated,
+    ParentBanned,
 }
 
 /// Why a check came out as it did, first match wins in this order.
@@ -358,4 +428,52 @@ pub enum Reason {
     /// Monitor mode: the address is not on the list, but the check allows and records it.
     MonitorWouldDeny,
     Allowed,
+}
+
+/// A CIDR or a bare address (a host: /32 or /128), written strictly: decimal prefix
+/// lengths without a sign or leading zeros, and addresses as the standard library reads
+/// them (no leading zeros in IPv4 octets, which some parsers take for octal). Host bits
+/// are checked later, where the error can name the network.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let bad = || format!("{text:?} is not a CIDR (198.18.0.0/24, fd00::/48) or an address");
+    let (addr, prefix) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) => return Err(bad()),
+        Some(p) if p.len() > 1 && p.starts_with('0') => return Err(bad()),
+        Some(p) => p.parse().map_err(|_| bad())?,
+    };
+    IpNet::new(addr, prefix).map_err(|_| format!("{text:?}: the prefix length is at most {max}"))
+}
+
+fn cidr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::Error> {
+    let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+    parse_cidr(&text).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_cidrs() {
+        assert_eq!(parse_cidr("198.18.0.0/24").unwrap().to_string(), "198.18.0.0/24");
+        assert_eq!(parse_cidr("198.18.0.7").unwrap().to_string(), "198.18.0.7/32");
+        assert_eq!(parse_cidr("fd00::1").unwrap().to_string(), "fd00::1/128");
+        assert_eq!(parse_cidr("198.18.0.7/24").unwrap().to_string(), "198.18.0.7/24", "host bits are judged later");
+        for bad in ["010.0.0.0/8", "010.0.0.1", "198.18.0.0/024", "198.18.0.0/+24", "198.18.0.0/", "198.18.0.0/33",
+                    "fd00::/129", "/24", "198.18.0.0/24 ", " 198.18.0.0/24", "198.18.0.0/2a", "fd00::/0048", ""] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+        let request: Result<Command, _> =
+            serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "010.0.0.0/8"}"#);
+        assert!(request.unwrap_err().to_string().contains("is not a CIDR"));
+        let request: Command = serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "198.18.0.9"}"#).unwrap();
+        assert!(matches!(request, Command::AllowAdd { cidr, .. } if cidr.to_string() == "198.18.0.9/32"));
+    }
 }

@@ -10,7 +10,7 @@ use std::{
     net::IpAddr,
     sync::{
         Mutex, RwLock,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -24,10 +24,14 @@ use serde_json::{Value, json};
 
 use crate::{
     datapath::{self, BindTarget, Binding, Datapath, DatapathError},
+    policy::{
+        ACCOUNT_ID_RULE, AccountPolicy, LiveOverride, MAX_LABEL, MAX_REASON, MAX_TICKET, check_text, decide,
+        effective_state, normalise_addr, normalise_cidr, suspended, valid_account_id,
+    },
     logging::{self, PendingAudit},
     metrics::{self, CheckCounters},
-    protocol::{AccountState, Caller, CheckResult, Command, ErrorBody, ErrorCode, ImportAccount, Method, Mode, Reason, ReplaceEntry},
-    store::{AccountRow, ActivityRecord, BindingRow, Store, StoreError, Tx},
+    protocol::{AccountState, Caller, Command, EffectiveState, ErrorBody, ErrorCode, ImportAccount, Method, Mode, ReplaceEntry},
+    store::{AccountRow, ActivityRecord, BindingRow, EntryRow, RecentSignin, Store, StoreError, Tx},
 };
 
 /// Longest override support may grant (the shortest is configured).
@@ -51,7 +55,8 @@ impl From<StoreError> for Failure {
             StoreError::AccountExists(_) => ErrorCode::AccountExists,
             StoreError::UnknownAccount(_) | StoreError::UnknownParent(_) => ErrorCode::UnknownAccount,
             StoreError::EntryExists { .. } => ErrorCode::EntryExists,
-            StoreError::BindingExists(_) => ErrorCode::BindingExists,
+            StoreError::BindingExists { .. } => ErrorCode::BindingExists,
+            StoreError::NestedParent { .. } => ErrorCode::Refused,
             _ => ErrorCode::Internal,
         };
         Failure::new(code, e.to_string())
@@ -66,17 +71,6 @@ impl From<DatapathError> for Failure {
 
 type Outcome = Result<Value, Failure>;
 
-/// What a login check needs to know about an account.
-#[derive(Clone, Debug)]
-struct CachedAccount {
-    slot: u32,
-    parent: Option<String>,
-    state: AccountState,
-    mode: Mode,
-    entries: Vec<IpNet>,
-    /// Live overrides: (prefix, expiry in unix seconds).
-    overrides: Vec<(IpNet, i64)>,
-}
 
 /// Login checks are recorded off the request path: a thread batches them into the store
 /// through its own connection. Audit records of changes are not sent here; they are written
@@ -160,11 +154,13 @@ struct Writer {
 
 pub struct Service {
     writer: Mutex<Writer>,
-    accounts: RwLock<HashMap<String, CachedAccount>>,
+    accounts: RwLock<HashMap<String, AccountPolicy>>,
     activity: ActivityLog,
     /// Settings a reload may change (see [`Service::reconfigure`]).
     retention_days: AtomicU32,
     min_override_ttl: AtomicU64,
+    /// The widest IPv4 and IPv6 prefixes an override may cover.
+    widest_override: (AtomicU8, AtomicU8),
     checks: CheckCounters,
     /// The kernel's packet counters, read without the writer lock.
     counters: datapath::CounterReader,
@@ -208,10 +204,10 @@ impl Service {
             let tx = store.transaction()?;
             (tx.accounts()?, tx.all_entries()?, tx.bindings()?, tx.live_overrides(None, now())?)
         };
-        let mut cache: HashMap<String, CachedAccount> = accounts
+        let mut cache: HashMap<String, AccountPolicy> = accounts
             .iter()
             .map(|a| {
-                let cached = CachedAccount {
+                let cached = AccountPolicy {
                     slot: a.slot,
                     parent: a.parent.clone(),
                     state: a.state,
@@ -222,14 +218,14 @@ impl Service {
                 (a.id.clone(), cached)
             })
             .collect();
-        for e in entries {
+        for e in entries.into_iter().filter(|e| e.enabled) {
             if let Some(a) = cache.get_mut(&e.account) {
                 a.entries.push(e.cidr);
             }
         }
         for o in overrides {
             if let Some(a) = cache.get_mut(&o.account) {
-                a.overrides.push((o.cidr, o.expires_at));
+                a.overrides.push(LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at });
             }
         }
         let stale: Vec<u32> = {
@@ -254,6 +250,7 @@ impl Service {
             activity,
             retention_days: config.retention_days.into(),
             min_override_ttl: config.min_override_ttl_seconds.max(1).into(),
+            widest_override: (config.widest_override_ipv4.into(), config.widest_override_ipv6.into()),
             checks: CheckCounters::default(),
             counters,
             reconcile,
@@ -265,6 +262,8 @@ impl Service {
     pub fn reconfigure(&self, config: &crate::config::Config) {
         self.retention_days.store(config.retention_days, Ordering::Relaxed);
         self.min_override_ttl.store(config.min_override_ttl_seconds.max(1), Ordering::Relaxed);
+        self.widest_override.0.store(config.widest_override_ipv4, Ordering::Relaxed);
+        self.widest_override.1.store(config.widest_override_ipv6, Ordering::Relaxed);
         let samples = config.drop_samples_per_second;
         self.writer.lock().expect("writer lock").datapath.set_sampling(samples, samples.max(1) * 10);
     }
@@ -301,69 +300,91 @@ impl Service {
             }
             Command::AccountShow { account } => self.read(|tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                Ok(json!({ "account": row, "entries": tx.entries(&account)?,
+                Ok(json!({ "account": self.account_view(row), "entries": tx.entries(&account)?,
                            "bindings": tx.bindings()?.into_iter().filter(|b| b.account == account).collect::<Vec<_>>() }))
             }),
-            Command::AccountList {} => self.read(|tx| Ok(json!(tx.accounts()?))),
+            Command::AccountList {} => self.read(|tx| {
+                Ok(Value::Array(tx.accounts()?.into_iter().map(|row| self.account_view(row)).collect()))
+            }),
             Command::AllowList { account } => self.read(|tx| {
                 tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                 Ok(json!(tx.entries(&account)?))
             }),
             Command::BindList {} => self.read(|tx| Ok(json!(tx.bindings()?))),
             Command::Status {} => self.status(),
-            Command::AccountAdd { account, parent, unconfirmed } => {
-                let state = if unconfirmed { AccountState::Unconfirmed } else { AccountState::Active };
-                // IP restriction is opt-in: a new account starts in mode `off`.
-                self.change(&account, |tx| {
-                    let row = tx.add_account(&account, parent.as_deref(), state, Mode::Off, now())?;
-                    Ok((row.clone(), json!(row)))
-                })
-            }
+            Command::AccountAdd { account, parent, unconfirmed } => self.account_add(&account, parent, unconfirmed, uid),
+            Command::AccountRemove { account, recursive } => self.account_remove(&account, recursive, uid),
             Command::AccountState { account, state, reason } => {
                 self.change(&account, |tx| {
+                    let was = tx.account(&account)?.ok_or_else(|| unknown(&account))?.state;
                     tx.set_state(&account, state, reason.as_deref())?;
-                    audit(tx, &account, uid, "state", json!({ "state": state, "reason": reason }))?;
+                    audit(tx, &account, uid, "state", json!({ "state": state, "was": was, "reason": reason }))?;
                     let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                     Ok((row.clone(), json!(row)))
                 })
             }
             Command::AccountMode { account, mode, client_ip, force } => self.change(&account, |tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                if mode == Mode::Enforce && !force {
-                    let entries: Vec<IpNet> = tx.entries(&account)?.into_iter().map(|e| e.cidr).collect();
-                    refuse_lockout(&account, uid, client_ip, &entries)?;
-                }
+                let mut after = policy_from_store(tx, &row, now())?;
+                after.mode = mode;
+                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
                 tx.set_mode(&account, mode)?;
                 audit(tx, &account, uid, "mode", json!({ "mode": mode, "was": row.mode, "forced": force }))?;
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
                 Ok((row.clone(), json!(row)))
             }),
             Command::AllowAdd { account, cidr, label } => self.change(&account, |tx| {
+                let (cidr, note) = network(cidr)?;
                 let entry = tx.add_entry(&account, cidr, label.as_deref(), uid, now())?;
+                audit(tx, &account, uid, "allow_add", json!({ "cidr": cidr, "label": label }))?;
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                Ok((row, json!(entry)))
+                Ok((row, with_notes(json!(entry), note.into_iter().collect())))
             }),
             Command::AllowRemove { account, cidr, client_ip, force } => self.change(&account, |tx| {
-                let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                if !tx.remove_entry(&account, cidr)? {
-                    return Err(Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist")));
-                }
-                if row.mode == Mode::Enforce && !force {
-                    let rest: Vec<IpNet> = tx.entries(&account)?.into_iter().map(|e| e.cidr).collect();
-                    refuse_lockout(&account, uid, client_ip, &rest)?;
-                }
-                Ok((row, json!({ "account": account, "removed": cidr.trunc() })))
+                let (cidr, note) = network(cidr)?;
+                let (row, entry) = existing_entry(tx, &account, cidr)?;
+                let mut after = policy_from_store(tx, &row, now())?;
+                after.entries.retain(|&net| net != cidr);
+                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
+                tx.remove_entry(&account, cidr)?;
+                audit(tx, &account, uid, "allow_remove", json!({ "cidr": cidr, "label": entry.label, "forced": force }))?;
+                Ok((row, with_notes(json!({ "account": account, "removed": cidr }), note.into_iter().collect())))
+            }),
+            Command::AllowDisable { account, cidr, client_ip, force } => self.change(&account, |tx| {
+                let (cidr, _) = network(cidr)?;
+                let (row, _) = existing_entry(tx, &account, cidr)?;
+                let mut after = policy_from_store(tx, &row, now())?;
+                after.entries.retain(|&net| net != cidr);
+                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
+                tx.set_entry_enabled(&account, cidr, false)?;
+                audit(tx, &account, uid, "allow_disable", json!({ "cidr": cidr, "forced": force }))?;
+                Ok((row, json!(tx.entry(&account, cidr)?)))
+            }),
+            Command::AllowEnable { account, cidr } => self.change(&account, |tx| {
+                let (cidr, _) = network(cidr)?;
+                let (row, _) = existing_entry(tx, &account, cidr)?;
+                tx.set_entry_enabled(&account, cidr, true)?;
+                audit(tx, &account, uid, "allow_enable", json!({ "cidr": cidr }))?;
+                Ok((row, json!(tx.entry(&account, cidr)?)))
+            }),
+            Command::AllowLabel { account, cidr, label } => self.change(&account, |tx| {
+                let (cidr, _) = network(cidr)?;
+                let (row, entry) = existing_entry(tx, &account, cidr)?;
+                tx.set_entry_label(&account, cidr, label.as_deref())?;
+                audit(tx, &account, uid, "allow_label", json!({ "cidr": cidr, "label": label, "was": entry.label }))?;
+                Ok((row, json!(tx.entry(&account, cidr)?)))
             }),
             Command::AllowReplace { account, entries, client_ip, force } => self.change(&account, |tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                let wanted = distinct_entries(entries);
-                if row.mode == Mode::Enforce && !force {
-                    let nets: Vec<IpNet> = wanted.iter().map(|(c, _)| *c).collect();
-                    refuse_lockout(&account, uid, client_ip, &nets)?;
-                }
+                let (wanted, notes) = distinct_entries(entries)?;
+                let disabled: std::collections::HashSet<IpNet> =
+                    tx.entries(&account)?.into_iter().filter(|e| !e.enabled).map(|e| e.cidr).collect();
+                let mut after = policy_from_store(tx, &row, now())?;
+                after.entries = wanted.iter().map(|(c, _)| *c).filter(|c| !disabled.contains(c)).collect();
+                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
                 tx.replace_entries(&account, &wanted, uid, now())?;
                 audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
-                Ok((row, json!(tx.entries(&account)?)))
+                Ok((row, with_notes(json!({ "entries": tx.entries(&account)? }), notes)))
             }),
             Command::Import { accounts } => self.import(accounts, uid),
             Command::Stats { account } => self.stats(account.as_deref()),
@@ -373,32 +394,7 @@ impl Service {
                 Ok(json!({ "interface": interface, "detached": detached }))
             }
             Command::OverrideGrant { account, cidr, ttl_seconds, ticket, reason } => {
-                let shortest = self.min_override_ttl.load(Ordering::Relaxed);
-                if !(shortest..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
-                    return Err(Failure::new(
-                        ErrorCode::BadRequest,
-                        format!("an override lasts from {shortest} s to {MAX_OVERRIDE_TTL} s (30 days)"),
-                    ));
-                }
-                if ticket.trim().is_empty() || reason.trim().is_empty() {
-                    return Err(Failure::new(ErrorCode::BadRequest, "an override needs a ticket and a reason"));
-                }
-                // `change` flushes the log first: the reply's denied attempts include the latest.
-                self.change(&account, |tx| {
-                    let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                    let parent = match row.parent.as_deref() {
-                        Some(p) => tx.account(p)?,
-                        None => None,
-                    };
-                    refuse_override(&row, parent.as_ref())?;
-                    let at = now();
-                    let granted = tx.add_override(&account, cidr, &ticket, &reason, uid, at, at + ttl_seconds as i64)?;
-                    audit(tx, &account, uid, "override_granted", json!({
-                        "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
-                        "reason": reason, "expires_at": granted.expires_at }))?;
-                    let recent = tx.denied_summary(&account, at - DENIED_LOOKBACK)?;
-                    Ok((row, json!({ "override": granted, "recent_denied": recent })))
-                })
+                self.override_grant(&account, cidr, ttl_seconds, &ticket, &reason, uid)
             }
             Command::OverrideRevoke { account, override_id } => self.change(&account, |tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
@@ -422,14 +418,185 @@ impl Service {
             }
             Command::BindAdd { account, addr, port, proto } => {
                 let target = bind_target(port, proto)?;
-                self.change_bindings(|tx| Ok(json!(tx.add_binding(&account, addr, target, now())?)))
+                self.change_bindings(|tx| {
+                    let row = tx.add_binding(&account, addr, target, now())?;
+                    audit(tx, &account, uid, "bind_add", json!({ "addr": addr, "target": describe(target).trim() }))?;
+                    Ok(json!(row))
+                })
             }
             Command::BindRemove { addr, port, proto } => {
                 let target = bind_target(port, proto)?;
                 self.change_bindings(|tx| match tx.remove_binding(addr, target)? {
-                    Some(row) => Ok(json!(row)),
+                    Some(row) => {
+                        audit(tx, &row.account, uid, "bind_remove", json!({ "addr": addr, "target": describe(target).trim() }))?;
+                        Ok(json!(row))
+                    }
                     None => Err(Failure::new(ErrorCode::UnknownBinding, format!("no binding for {addr}{}", describe(target)))),
                 })
+            }
+        }
+    }
+
+    /// An account row as replies show it: with the state that takes effect, which differs
+    /// from its own when an ancestor is banned or terminated.
+    fn account_view(&self, row: AccountRow) -> Value {
+        let cache = self.accounts.read().expect("cache lock");
+        let effective = cache.get(&row.id).map(|a| effective_state(|id| cache.get(id), a).0);
+        let mut view = json!(row);
+        view["effective_state"] = json!(effective);
+        view
+    }
+
+    fn account_add(&self, account: &str, parent: Option<String>, unconfirmed: bool, uid: u32) -> Outcome {
+        if !valid_account_id(account) {
+            return Err(Failure::new(ErrorCode::BadRequest, format!("{ACCOUNT_ID_RULE}; {account:?} is not one")));
+        }
+        let state = if unconfirmed { AccountState::Unconfirmed } else { AccountState::Active };
+        // IP restriction is opt-in: a new account starts in mode `off`.
+        self.change(account, |tx| {
+            let row = tx.add_account(account, parent.as_deref(), state, Mode::Off, now())?;
+            audit(tx, account, uid, "account_add", json!({ "parent": parent, "state": state }))?;
+            Ok((row.clone(), json!(row)))
+        })
+    }
+
+    /// Removes an account (and, with `recursive`, its sub-users) from the store and the
+    /// kernel: bindings first, so that no endpoint points at a slot being cleared.
+    fn account_remove(&self, account: &str, recursive: bool, uid: u32) -> Outcome {
+        self.activity.flush();
+        let mut guard = self.writer.lock().expect("writer lock");
+        let Writer { store, datapath } = &mut *guard;
+        let pending_audit = PendingAudit::begin();
+        let tx = store.transaction()?;
+        tx.account(account)?.ok_or_else(|| unknown(account))?;
+        let below = tx.descendants(account)?;
+        if !below.is_empty() && !recursive {
+            return Err(Failure::new(
+                ErrorCode::HasSubUsers,
+                format!(
+                    "{account} has sub-users ({}); remove them first, or repeat with --recursive to remove them too",
+                    below.join(", ")
+                ),
+            ));
+        }
+        // Deepest first: an account goes after everything below it.
+        let removed: Vec<String> = below.into_iter().rev().chain([account.to_string()]).collect();
+        for id in &removed {
+            let bindings = tx.bindings()?.into_iter().filter(|b| &b.account == id).count();
+            audit(&tx, id, uid, "account_remove", json!({ "removed_with": account, "bindings": bindings }))?;
+            tx.remove_account(id)?;
+        }
+        let cache = self.accounts.read().expect("cache lock");
+        let slot = |id: &str| cache.get(id).map(|a| a.slot);
+        let wanted: Vec<Binding> = tx.bindings()?.iter().filter_map(|b| Some(to_binding(b, slot(&b.account)?))).collect();
+        let before = datapath.bindings();
+        let applied = datapath
+            .set_bindings(&wanted)
+            .and_then(|()| removed.iter().filter_map(|id| slot(id)).try_for_each(|s| datapath.remove_account(s)))
+            .map_err(Failure::from)
+            .and_then(|()| Ok(tx.commit()?));
+        if let Err(e) = applied {
+            for id in &removed {
+                if let Some(previous) = cache.get(id)
+                    && let Err(undo) = apply_account(datapath, previous, suspended(|p| cache.get(p), id))
+                {
+                    warn!("could not restore account {id} in the kernel: {undo}");
+                }
+            }
+            if let Err(undo) = datapath.set_bindings(&before) {
+                warn!("could not restore the kernel's bindings after a failed removal: {undo}");
+            }
+            return Err(e);
+        }
+        drop(cache);
+        let mut cache = self.accounts.write().expect("cache lock");
+        removed.iter().for_each(|id| {
+            cache.remove(id);
+        });
+        pending_audit.committed();
+        Ok(json!({ "removed": removed }))
+    }
+
+    fn override_grant(&self, account: &str, cidr: IpNet, ttl_seconds: u64, ticket: &str, reason: &str, uid: u32) -> Outcome {
+        let shortest = self.min_override_ttl.load(Ordering::Relaxed);
+        if !(shortest..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("an override lasts from {shortest} s to {MAX_OVERRIDE_TTL} s (30 days)"),
+            ));
+        }
+        if ticket.trim().is_empty() || reason.trim().is_empty() {
+            return Err(Failure::new(ErrorCode::BadRequest, "an override needs a ticket and a reason"));
+        }
+        let (cidr, note) = network(cidr)?;
+        let widest = match cidr {
+            IpNet::V4(_) => self.widest_override.0.load(Ordering::Relaxed),
+            IpNet::V6(_) => self.widest_override.1.load(Ordering::Relaxed),
+        };
+        if cidr.prefix_len() < widest {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{cidr} is wider than an override may be: at most a /{widest} for {} (widest_override_ipv{} in                      the configuration); grant the customer's own address",
+                    if cidr.addr().is_ipv4() { "IPv4" } else { "IPv6" },
+                    if cidr.addr().is_ipv4() { 4 } else { 6 },
+                ),
+            ));
+        }
+        // `change` flushes the log first: the reply's denied attempts include the latest.
+        self.change(account, |tx| {
+            let row = tx.account(account)?.ok_or_else(|| unknown(account))?;
+            self.refuse_useless_override(account, cidr)?;
+            let at = now();
+            let granted = tx.add_override(account, cidr, ticket, reason, uid, at, at + ttl_seconds as i64)?;
+            audit(tx, account, uid, "override_granted", json!({
+                "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
+                "reason": reason, "expires_at": granted.expires_at }))?;
+            let recent = tx.denied_summary(account, at - DENIED_LOOKBACK)?;
+            let reply = json!({ "override": granted, "recent_denied": recent });
+            Ok((row, with_notes(reply, note.into_iter().collect())))
+        })
+    }
+
+    /// An override is for a customer locked out by its allowlist. It is refused, with the
+    /// reason, where it cannot be that: the account (or an ancestor) is banned or terminated,
+    /// its email is unconfirmed, it blocks nothing (mode off or monitor), or the addresses are
+    /// already allowed.
+    fn refuse_useless_override(&self, account: &str, cidr: IpNet) -> Result<(), Failure> {
+        let refused = |why: String| Err(Failure::new(ErrorCode::Refused, why));
+        let cache = self.accounts.read().expect("cache lock");
+        let Some(policy) = cache.get(account) else { return Err(unknown(account)) };
+        match effective_state(|id| cache.get(id), policy) {
+            (EffectiveState::Banned, _) => refused(format!("{account} is banned; overrides cannot reactivate it")),
+            (EffectiveState::ParentBanned, Some(p)) => {
+                refused(format!("{account}'s parent account {p} is banned; overrides cannot reactivate it"))
+            }
+            (EffectiveState::Terminated, _) => refused(format!(
+                "{account} was terminated for non-payment; billing must reactivate it, an override would not help"
+            )),
+            (EffectiveState::ParentTerminated, Some(p)) => refused(format!(
+                "{account}'s parent account {p} was terminated for non-payment; billing must reactivate it, an \
+                 override would not help"
+            )),
+            (EffectiveState::Unconfirmed, _) => refused(format!(
+                "{account} has not confirmed its email address; an override would not let anyone in: confirm the \
+                 email first"
+            )),
+            _ if policy.mode == Mode::Off => {
+                refused(format!("{account} is in mode off: no address is blocked, so an override would change nothing"))
+            }
+            _ if policy.mode == Mode::Monitor => refused(format!(
+                "{account} is in monitor mode: no address is blocked, so an override would change nothing"
+            )),
+            _ => {
+                let at = now();
+                if let Some(entry) = policy.entries.iter().find(|net| net.contains(&cidr)) {
+                    return refused(format!("{cidr} is already allowed by {account}'s allowlist entry {entry}"));
+                }
+                if let Some(o) = policy.live_overrides(at).find(|o| o.cidr.contains(&cidr)) {
+                    return refused(format!("{cidr} is already allowed by override {} until {}", o.id, o.expires_at));
+                }
+                Ok(())
             }
         }
     }
@@ -489,7 +656,7 @@ impl Service {
         let at = now();
         let mut accounts: Vec<(String, u32, usize)> = {
             let cache = self.accounts.read().expect("cache lock");
-            cache.iter().map(|(id, a)| (id.clone(), a.slot, a.overrides.iter().filter(|&&(_, e)| e > at).count())).collect()
+            cache.iter().map(|(id, a)| (id.clone(), a.slot, a.live_overrides(at).count())).collect()
         };
         accounts.sort_unstable();
         let mut rows = Vec::with_capacity(accounts.len());
@@ -534,15 +701,13 @@ impl Service {
         let tx = store.transaction()?;
         let (rows, reply) = f(&tx)?;
         let at = now();
-        let mut updated: HashMap<String, CachedAccount> = HashMap::with_capacity(rows.len());
+        let mut updated: HashMap<String, AccountPolicy> = HashMap::with_capacity(rows.len());
         let mut children = Vec::new();
         for row in rows {
-            children.extend(tx.children(&row.id)?);
-            let entries = tx.entries(&row.id)?.into_iter().map(|e| e.cidr).collect();
-            let overrides =
-                tx.live_overrides(Some(&row.id), at)?.into_iter().map(|o| (o.cidr, o.expires_at)).collect();
-            let cached = CachedAccount { slot: row.slot, parent: row.parent, state: row.state, mode: row.mode, entries, overrides };
-            updated.insert(row.id, cached);
+            // A suspension reaches every account below, however deep an older store nests them.
+            children.extend(tx.descendants(&row.id)?);
+            let policy = policy_from_store(&tx, &row, at)?;
+            updated.insert(row.id, policy);
         }
         // Only holders of the writer lock replace the cache, so until the end it holds the
         // previous state, which a failure puts back into the kernel.
@@ -583,39 +748,15 @@ impl Service {
             let (mut created, mut entries) = (0, 0);
             let mut rows = Vec::with_capacity(accounts.len());
             for import in accounts {
-                let id = import.account.as_str();
-                let mut row = match tx.account(id)? {
-                    Some(row) => {
-                        if import.parent.is_some() && import.parent != row.parent {
-                            return Err(Failure::new(
-                                ErrorCode::BadRequest,
-                                format!("{id} exists with another parent; a parent cannot be changed"),
-                            ));
-                        }
-                        row
-                    }
-                    None => {
-                        created += 1;
-                        let state = import.state.unwrap_or(AccountState::Active);
-                        tx.add_account(id, import.parent.as_deref(), state, import.mode.unwrap_or(Mode::Off), at)?
-                    }
-                };
-                if let Some(state) = import.state.filter(|&s| s != row.state) {
-                    tx.set_state(id, state, Some("import"))?;
-                    (row.state, row.state_reason) = (state, Some("import".into()));
-                }
-                if let Some(mode) = import.mode.filter(|&m| m != row.mode) {
-                    tx.set_mode(id, mode)?;
-                    row.mode = mode;
-                }
-                let replaced = import.entries.map(distinct_entries);
-                if let Some(wanted) = &replaced {
-                    tx.replace_entries(id, wanted, uid, at)?;
-                    entries += wanted.len();
-                }
-                audit(tx, id, uid, "import", json!({
-                    "state": import.state, "mode": import.mode, "entries": replaced.as_ref().map(Vec::len) }))?;
-                rows.push(row);
+                let id = import.account.clone();
+                let (row, added) = import_one(tx, import, uid, at).map_err(|Failure(mut body)| {
+                    // The client maps the account back to its line in the file.
+                    body.message = format!("account {id}: {}", body.message);
+                    Failure(body)
+                })?;
+                created += usize::from(row.1);
+                entries += added;
+                rows.push(row.0);
             }
             info!("import by uid {uid}: {} accounts ({created} new), {entries} allowlist entries", rows.len());
             let reply = json!({ "accounts": rows.len(), "created": created, "entries": entries });
@@ -626,6 +767,7 @@ impl Service {
     fn change_bindings(&self, f: impl FnOnce(&Tx) -> Outcome) -> Outcome {
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
+        let pending_audit = PendingAudit::begin();
         let tx = store.transaction()?;
         let result = f(&tx)?;
         let cache = self.accounts.read().expect("cache lock");
@@ -638,6 +780,7 @@ impl Service {
             }
             return Err(e.into());
         }
+        pending_audit.committed();
         Ok(result)
     }
 
@@ -711,18 +854,28 @@ impl Service {
         let Writer { store, datapath } = &mut *guard;
         let expired: Vec<String> = {
             let accounts = self.accounts.read().expect("cache lock");
-            accounts.iter().filter(|(_, a)| a.overrides.iter().any(|&(_, e)| e <= at)).map(|(id, _)| id.clone()).collect()
+            accounts.iter().filter(|(_, a)| a.overrides.iter().any(|o| o.expires_at <= at)).map(|(id, _)| id.clone()).collect()
         };
         if !expired.is_empty() {
             let mut accounts = self.accounts.write().expect("cache lock");
             for id in &expired {
                 if let Some(a) = accounts.get_mut(id) {
-                    a.overrides.retain(|&(_, e)| e > at);
+                    a.overrides.retain(|o| o.expires_at > at);
                 }
                 apply_account(datapath, &accounts[id], suspended(|a| accounts.get(a), id))?;
                 info!("account {id}: expired overrides swept");
             }
         }
+        // Each expiry is audited once, also one that came while the daemon was stopped.
+        let pending_audit = PendingAudit::begin();
+        let tx = store.transaction()?;
+        for ended in tx.unaudited_expiries(at)? {
+            audit(&tx, &ended.account, ended.operator, "override_expired", json!({
+                "override": ended.id, "cidr": ended.cidr, "ticket": ended.ticket, "expires_at": ended.expires_at }))?;
+            tx.mark_expiry_audited(ended.id)?;
+        }
+        tx.commit()?;
+        pending_audit.committed();
         let tx = store.transaction()?;
         let retention_days = self.retention_days.load(Ordering::Relaxed);
         let pruned = tx.prune_activity(at - retention_days as i64 * 24 * 3600)?;
@@ -734,71 +887,11 @@ impl Service {
     }
 }
 
-/// The decision order of DESIGN.md: the first reason that applies wins.
-fn decide(accounts: &HashMap<String, CachedAccount>, id: &str, addr: IpAddr, now: i64) -> CheckResult {
-    let result = |allowed, reason, hint: String| CheckResult { allowed, reason, hint };
-    let Some(account) = accounts.get(id) else {
-        return result(false, Reason::UnknownAccount, format!("There is no account {id}. Check the account name."));
-    };
-    if account.state == AccountState::Banned {
-        return result(false, Reason::Banned, "This account is banned. Support cannot reactivate it.".into());
-    }
-    if let Some(parent) = account.parent.as_deref()
-        && accounts.get(parent).is_some_and(|p| p.state == AccountState::Banned)
-    {
-        return result(
-            false,
-            Reason::ParentBanned,
-            format!("The parent account {parent} is banned, and with it all its sub-users. Support cannot reactivate it."),
-        );
-    }
-    if account.state == AccountState::Terminated {
-        return result(
-            false,
-            Reason::Terminated,
-            "This account was terminated for non-payment. Settle the balance with billing to reactivate it.".into(),
-        );
-    }
-    if account.state == AccountState::Unconfirmed {
-        return result(
-            false,
-            Reason::Unconfirmed,
-            "The account's email address is not confirmed yet. Follow the link in the confirmation email.".into(),
-        );
-    }
-    let covered = account.entries.iter().any(|net| net.contains(&addr))
-        || account.overrides.iter().any(|(net, expires)| *expires > now && net.contains(&addr));
-    match account.mode {
-        Mode::Enforce if !covered => result(
-            false,
-            Reason::AddressNotAllowed,
-            format!(
-                "Sign-in from {addr} is not allowed for this account. Sign in from an address already on the \
-                 account's allowlist and add this one, or ask support to verify ownership and grant temporary access."
-            ),
-        ),
-        Mode::Monitor if !covered => result(
-            true,
-            Reason::MonitorWouldDeny,
-            format!("{addr} is not on the allowlist; allowed because the account is in monitor mode."),
-        ),
-        _ => result(true, Reason::Allowed, String::new()),
-    }
-}
-
-/// Banned or terminated accounts, and sub-users of banned parents, have their traffic
-/// dropped. `account` looks an account up by id (in the cache, or in a change's view of it).
-fn suspended<'a>(account: impl Fn(&str) -> Option<&'a CachedAccount>, id: &str) -> bool {
-    let this = account(id).expect("the account exists");
-    this.state.suspended()
-        || this.parent.as_deref().and_then(&account).is_some_and(|p| p.state == AccountState::Banned)
-}
-
-fn apply_account(datapath: &mut Datapath, account: &CachedAccount, suspended: bool) -> Result<(), DatapathError> {
+fn apply_account(datapath: &mut Datapath, account: &AccountPolicy, suspended: bool) -> Result<(), DatapathError> {
     let mut entries: Vec<(IpNet, u64)> = account.entries.iter().map(|&net| (net, NEVER_EXPIRES)).collect();
     // Overrides expire in the kernel on their own: their expiry moves to the kernel's clock.
     let (unix_now, boot_now) = (now(), datapath::boot_time_ns());
-    for &(net, expires) in &account.overrides {
+    for &LiveOverride { cidr: net, expires_at: expires, .. } in &account.overrides {
         if expires > unix_now {
             entries.push((net, boot_now.saturating_add((expires - unix_now) as u64 * 1_000_000_000)));
         }
@@ -807,13 +900,18 @@ fn apply_account(datapath: &mut Datapath, account: &CachedAccount, suspended: bo
     datapath.set_policy(account.slot, to_mode(account.mode), suspended)
 }
 
-/// The entries of a replacement, truncated to their networks; where a CIDR is given twice,
-/// the later one (and its label) counts.
-fn distinct_entries(entries: Vec<ReplaceEntry>) -> Vec<(IpNet, Option<String>)> {
+/// The entries of a replacement in canonical form (see [`network`]); where a CIDR is given
+/// twice, the later one (and its label) counts. Also returns the notes on rewritten entries.
+fn distinct_entries(entries: Vec<ReplaceEntry>) -> Result<(Vec<(IpNet, Option<String>)>, Vec<String>), Failure> {
     let mut positions: HashMap<IpNet, usize> = HashMap::with_capacity(entries.len());
     let mut wanted: Vec<(IpNet, Option<String>)> = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let cidr = entry.cidr.trunc();
+    let mut notes = Vec::new();
+    for (n, entry) in entries.into_iter().enumerate() {
+        let (cidr, note) = network(entry.cidr).map_err(|Failure(mut body)| {
+            body.message = format!("entry {}: {}", n + 1, body.message);
+            Failure(body)
+        })?;
+        notes.extend(note);
         match positions.get(&cidr) {
             Some(&at) => wanted[at].1 = entry.label,
             None => {
@@ -822,24 +920,7 @@ fn distinct_entries(entries: Vec<ReplaceEntry>) -> Vec<(IpNet, Option<String>)> 
             }
         }
     }
-    wanted
-}
-
-/// Support cannot let anyone into a banned account (or a banned parent's sub-user), nor
-/// into one terminated for non-payment: those are not lockouts.
-fn refuse_override(account: &AccountRow, parent: Option<&AccountRow>) -> Result<(), Failure> {
-    let refused = |why: String| Err(Failure::new(ErrorCode::Refused, why));
-    match (account.state, parent.map(|p| (p.id.as_str(), p.state))) {
-        (AccountState::Banned, _) => refused(format!("{} is banned; overrides cannot reactivate it", account.id)),
-        (_, Some((p, AccountState::Banned))) => {
-            refused(format!("{}'s parent account {p} is banned; overrides cannot reactivate it", account.id))
-        }
-        (AccountState::Terminated, _) => refused(format!(
-            "{} was terminated for non-payment; billing must reactivate it, an override would not help",
-            account.id
-        )),
-        _ => Ok(()),
-    }
+    Ok((wanted, notes))
 }
 
 /// Records a change in the activity log, in the change's own transaction, and in the
@@ -862,18 +943,157 @@ fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Resul
     Ok(())
 }
 
-fn refuse_lockout(account: &str, uid: u32, client_ip: Option<IpAddr>, entries: &[IpNet]) -> Result<(), Failure> {
-    let Some(ip) = client_ip.filter(|ip| !entries.iter().any(|net| net.contains(ip))) else {
+/// How far back a successful sign-in counts for the lockout guard.
+const RECENT_SIGNINS: i64 = 7 * 24 * 3600;
+
+/// The lockout guard: unless `force`, a change that leaves the account enforcing (`after` is
+/// its policy as the change would leave it) is refused when it would shut out the address
+/// the caller says it uses, leave nothing allowed at all, or shut out an address that signed
+/// in successfully in the last seven days (the refusal lists those, in `details`).
+fn guard_lockout(
+    tx: &Tx,
+    account: &str,
+    uid: u32,
+    client_ip: Option<IpAddr>,
+    force: bool,
+    after: &AccountPolicy,
+) -> Result<(), Failure> {
+    if force || after.mode != Mode::Enforce {
         return Ok(());
+    }
+    let at = now();
+    if let Some(ip) = client_ip.filter(|&ip| !after.covers(ip, at)) {
+        logging::lockout_refused(account, uid, ip);
+        return Err(Failure::new(
+            ErrorCode::Lockout,
+            format!(
+                "refused: {account}'s allowlist would not include {ip}, the address you are using; add it first, or \
+                 repeat with --force (\"force\": true)"
+            ),
+        ));
+    }
+    if after.entries.is_empty() && after.live_overrides(at).next().is_none() {
+        logging::lockout_refused_because(account, uid, "nothing allowed");
+        return Err(Failure::new(
+            ErrorCode::Lockout,
+            format!(
+                "refused: {account} would be enforcing with no enabled entry and no live override, which shuts \
+                 everyone out; add an entry first, use mode off to stop restricting it, or repeat with --force"
+            ),
+        ));
+    }
+    let shut_out: Vec<RecentSignin> =
+        tx.recent_signins(account, at - RECENT_SIGNINS)?.into_iter().filter(|s| !after.covers(s.address, at)).collect();
+    if let Some(first) = shut_out.first() {
+        logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
+        const LISTED: usize = 10;
+        let mut listed: Vec<String> =
+            shut_out.iter().take(LISTED).map(|s| format!("{} (last {})", s.address, format_unix(s.last_seen))).collect();
+        if shut_out.len() > LISTED {
+            listed.push(format!("and {} more", shut_out.len() - LISTED));
+        }
+        let mut refusal = Failure::new(
+            ErrorCode::Lockout,
+            format!(
+                "refused: {account} would shut out {} address{} that signed in successfully in the last 7 days: {}; \
+                 add {} first, or repeat with --force",
+                shut_out.len(),
+                if shut_out.len() == 1 { "" } else { "es" },
+                listed.join(", "),
+                if shut_out.len() == 1 { first.address.to_string() } else { "them".into() },
+            ),
+        );
+        refusal.0.details = Some(json!({ "shut_out": shut_out }));
+        return Err(refusal);
+    }
+    Ok(())
+}
+
+/// Unix seconds as `2026-11-29 07:06:44 UTC`, for messages a person reads.
+fn format_unix(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), by 400-year eras.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The account's policy as a change would leave it, read inside the change's transaction.
+fn policy_from_store(tx: &Tx, row: &AccountRow, now: i64) -> Result<AccountPolicy, Failure> {
+    let entries = tx.entries(&row.id)?.into_iter().filter(|e| e.enabled).map(|e| e.cidr).collect();
+    let overrides = tx
+        .live_overrides(Some(&row.id), now)?
+        .into_iter()
+        .map(|o| LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at })
+        .collect();
+    Ok(AccountPolicy { slot: row.slot, parent: row.parent.clone(), state: row.state, mode: row.mode, entries, overrides })
+}
+
+/// The account and one of its entries, or `unknown_entry`.
+fn existing_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<(AccountRow, EntryRow), Failure> {
+    let row = tx.account(account)?.ok_or_else(|| unknown(account))?;
+    let entry = tx.entry(account, cidr)?.ok_or_else(|| {
+        Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist"))
+    })?;
+    Ok((row, entry))
+}
+
+/// A CIDR as the store keeps it (see [`normalise_cidr`]), or `bad_request` saying why not.
+fn network(cidr: IpNet) -> Result<(IpNet, Option<String>), Failure> {
+    normalise_cidr(cidr).map_err(|why| Failure::new(ErrorCode::BadRequest, why))
+}
+
+/// Adds `notes` (what was rewritten, e.g. an IPv4-mapped network) to an object reply.
+fn with_notes(mut reply: Value, notes: Vec<String>) -> Value {
+    if !notes.is_empty() {
+        reply["notes"] = json!(notes);
+    }
+    reply
+}
+
+/// One account of an import: created or updated, its allowlist replaced when given.
+/// Returns its row, whether it was created, and how many entries it now lists.
+fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<((AccountRow, bool), usize), Failure> {
+    let id = import.account.as_str();
+    let (mut row, created) = match tx.account(id)? {
+        Some(row) => {
+            if import.parent.is_some() && import.parent != row.parent {
+                return Err(Failure::new(ErrorCode::BadRequest, "it exists with another parent; a parent cannot be changed"));
+            }
+            (row, false)
+        }
+        None => {
+            if !valid_account_id(id) {
+                return Err(Failure::new(ErrorCode::BadRequest, ACCOUNT_ID_RULE));
+            }
+            let state = import.state.unwrap_or(AccountState::Active);
+            (tx.add_account(id, import.parent.as_deref(), state, import.mode.unwrap_or(Mode::Off), at)?, true)
+        }
     };
-    logging::lockout_refused(account, uid, ip);
-    Err(Failure::new(
-        ErrorCode::Lockout,
-        format!(
-            "refused: {account}'s allowlist would not include {ip}, the address you are using; add it first or \
-             repeat with force"
-        ),
-    ))
+    if let Some(state) = import.state.filter(|&s| s != row.state) {
+        tx.set_state(id, state, Some("import"))?;
+        (row.state, row.state_reason) = (state, Some("import".into()));
+    }
+    if let Some(mode) = import.mode.filter(|&m| m != row.mode) {
+        tx.set_mode(id, mode)?;
+        row.mode = mode;
+    }
+    let replaced = import.entries.map(distinct_entries).transpose()?.map(|(wanted, _)| wanted);
+    if let Some(wanted) = &replaced {
+        tx.replace_entries(id, wanted, uid, at)?;
+    }
+    let entries = replaced.as_ref().map_or(0, Vec::len);
+    audit(tx, id, uid, "import", json!({ "created": created, "state": import.state, "mode": import.mode,
+        "entries": replaced.as_ref().map(Vec::len) }))?;
+    Ok(((row, created), entries))
 }
 
 /// A port binding's (protocol, port): `tcp` when only a port is given; a protocol without a
@@ -893,20 +1113,28 @@ fn bind_target(
     }
 }
 
-/// Validates account ids and writes addresses in one form: an IPv4 address that arrives
+/// Checks what every command carries before it runs: account ids (strictly for a new
+/// account, see `account_add`; here only that a referenced id could be one that exists),
+/// free text (labels, tickets, reasons), and addresses in one form: an address that arrives
 /// IPv4-mapped (`::ffff:198.18.0.10`, as dual-stack sockets report it) is the IPv4 address.
 fn canonical(command: Command) -> Result<Command, Failure> {
-    let bad_id = |id: &str| id.is_empty() || id.len() > 256 || id.chars().any(char::is_control);
+    let bad_id = |id: &str| id.is_empty() || id.len() > 256 || check_text("an account id", id, 256).is_err();
     let account = match &command {
         Command::AccountAdd { account, .. }
         | Command::AccountShow { account }
+        | Command::AccountRemove { account, .. }
         | Command::AccountState { account, .. }
         | Command::AccountMode { account, .. }
         | Command::AllowAdd { account, .. }
         | Command::AllowRemove { account, .. }
+        | Command::AllowDisable { account, .. }
+        | Command::AllowEnable { account, .. }
+        | Command::AllowLabel { account, .. }
         | Command::AllowList { account }
         | Command::AllowReplace { account, .. }
         | Command::BindAdd { account, .. }
+        | Command::OverrideGrant { account, .. }
+        | Command::OverrideRevoke { account, .. }
         | Command::Check { account, .. } => Some(account.as_str()),
         _ => None,
     };
@@ -917,12 +1145,29 @@ fn canonical(command: Command) -> Result<Command, Failure> {
         _ => false,
     };
     if account.is_some_and(bad_id) || imported_bad {
-        return Err(Failure::new(
-            ErrorCode::BadRequest,
-            "an account id is 1 to 256 characters, without control characters",
-        ));
+        return Err(Failure::new(ErrorCode::BadRequest, ACCOUNT_ID_RULE));
     }
-    let ip = |a: IpAddr| a.to_canonical();
+    let text = |what: &str, value: Option<&str>, max: usize| match value {
+        Some(value) => check_text(what, value, max).map_err(|why| Failure::new(ErrorCode::BadRequest, why)),
+        None => Ok(()),
+    };
+    match &command {
+        Command::AllowAdd { label, .. } | Command::AllowLabel { label, .. } => text("a label", label.as_deref(), MAX_LABEL)?,
+        Command::AllowReplace { entries, .. } => {
+            entries.iter().try_for_each(|e| text("a label", e.label.as_deref(), MAX_LABEL))?
+        }
+        Command::Import { accounts } => accounts
+            .iter()
+            .flat_map(|a| a.entries.iter().flatten())
+            .try_for_each(|e| text("a label", e.label.as_deref(), MAX_LABEL))?,
+        Command::OverrideGrant { ticket, reason, .. } => {
+            text("a ticket", Some(ticket), MAX_TICKET)?;
+            text("a reason", Some(reason), MAX_REASON)?;
+        }
+        Command::AccountState { reason, .. } => text("a reason", reason.as_deref(), MAX_REASON)?,
+        _ => {}
+    }
+    let ip = normalise_addr;
     Ok(match command {
         Command::Check { account, addr, method, dry_run } => Command::Check { account, addr: ip(addr), method, dry_run },
         Command::AccountMode { account, mode, client_ip, force } => {
@@ -930,6 +1175,9 @@ fn canonical(command: Command) -> Result<Command, Failure> {
         }
         Command::AllowRemove { account, cidr, client_ip, force } => {
             Command::AllowRemove { account, cidr, client_ip: client_ip.map(ip), force }
+        }
+        Command::AllowDisable { account, cidr, client_ip, force } => {
+            Command::AllowDisable { account, cidr, client_ip: client_ip.map(ip), force }
         }
         Command::AllowReplace { account, entries, client_ip, force } => {
             Command::AllowReplace { account, entries, client_ip: client_ip.map(ip), force }

@@ -76,6 +76,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX activity_account_time ON activity(account, time);",
     // v3: a change to a parent reaches its sub-users (banning cascades); find them by index.
     "CREATE INDEX accounts_parent ON accounts(parent);",
+    // v4: an entry can be disabled: kept and listed, but it lets nothing in.
+    "ALTER TABLE allow_entries ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
+    -- The sweep audits each override's expiry once, even one that ended while the daemon
+    -- was stopped; those that ended before this version are not audited again.
+    ALTER TABLE overrides ADD COLUMN expiry_audited INTEGER NOT NULL DEFAULT 0;
+    UPDATE overrides SET expiry_audited = 1 WHERE revoked_at IS NOT NULL OR expires_at <= unixepoch();",
 ];
 
 /// How long to wait for another connection's write lock before giving up.
@@ -91,8 +97,10 @@ pub enum StoreError {
     UnknownParent(String),
     #[error("{cidr} is already on the allowlist of account {account:?}")]
     EntryExists { account: String, cidr: IpNet },
-    #[error("{0} is already bound to an account; remove that binding first")]
-    BindingExists(String),
+    #[error("{endpoint} is already bound to account {owner:?}; remove that binding first")]
+    BindingExists { endpoint: String, owner: String },
+    #[error("{parent:?} is itself a sub-user of {grandparent:?}; a sub-user cannot have sub-users")]
+    NestedParent { parent: String, grandparent: String },
     #[error("the store holds data this daemon cannot read ({0}); restore a backup or upgrade")]
     Corrupt(String),
     #[error("storage error: {0}")]
@@ -181,6 +189,8 @@ pub struct EntryRow {
     pub created_at: i64,
     /// Uid of the caller that added the entry.
     pub created_by: u32,
+    /// A disabled entry is kept and listed but lets nothing in.
+    pub enabled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -312,10 +322,14 @@ impl Tx<'_> {
         if self.account(id)?.is_some() {
             return Err(StoreError::AccountExists(id.to_owned()));
         }
-        if let Some(p) = parent
-            && self.account(p)?.is_none()
-        {
-            return Err(StoreError::UnknownParent(p.to_owned()));
+        if let Some(p) = parent {
+            match self.account(p)? {
+                None => return Err(StoreError::UnknownParent(p.to_owned())),
+                Some(AccountRow { parent: Some(grandparent), .. }) => {
+                    return Err(StoreError::NestedParent { parent: p.to_owned(), grandparent });
+                }
+                Some(_) => {}
+            }
         }
         let slot = self.free_slot()?;
         let row = AccountRow {
@@ -353,6 +367,30 @@ impl Tx<'_> {
         let mut stmt = self.tx.prepare_cached("SELECT id FROM accounts WHERE parent = ?1 ORDER BY id")?;
         let ids = stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
         Ok(ids)
+    }
+
+    /// Every account below `id`, nearest first. New stores hold one level of sub-users; a
+    /// store written before that rule may hold deeper trees, and a suspension reaches all
+    /// of them. The depth is bounded, so a damaged store with a cycle cannot loop.
+    pub fn descendants(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.tx.prepare_cached(
+            "WITH RECURSIVE below(id, depth) AS (
+                 SELECT id, 1 FROM accounts WHERE parent = ?1
+                 UNION SELECT a.id, below.depth + 1 FROM accounts a JOIN below ON a.parent = below.id
+                 WHERE below.depth < 64)
+             SELECT id FROM below GROUP BY id ORDER BY MIN(depth), id",
+        )?;
+        let ids = stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Deletes an account with its allowlist, overrides and bindings (its activity stays,
+    /// for the record). Sub-users must be gone first.
+    pub fn remove_account(&self, id: &str) -> Result<(), StoreError> {
+        match self.execute("DELETE FROM accounts WHERE id = ?1", [id])? {
+            0 => Err(StoreError::UnknownAccount(id.to_owned())),
+            _ => Ok(()),
+        }
     }
 
     /// Sets the state and its reason; `None` clears a previous reason.
@@ -409,7 +447,27 @@ impl Tx<'_> {
             label: label.map(str::to_owned),
             created_at: now,
             created_by,
+            enabled: true,
         })
+    }
+
+    /// One entry of the account's allowlist, matched exactly (callers pass networks).
+    pub fn entry(&self, account: &str, cidr: IpNet) -> Result<Option<EntryRow>, StoreError> {
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled
+                   FROM allow_entries WHERE account = ?1 AND cidr = ?2";
+        Ok(self.rows(sql, (account, cidr.to_string()), entry_row)?.pop())
+    }
+
+    /// Enables or disables an entry; false if there is no such entry.
+    pub fn set_entry_enabled(&self, account: &str, cidr: IpNet, enabled: bool) -> Result<bool, StoreError> {
+        let sql = "UPDATE allow_entries SET enabled = ?3 WHERE account = ?1 AND cidr = ?2";
+        Ok(self.execute(sql, (account, cidr.to_string(), enabled))? > 0)
+    }
+
+    /// Sets or clears an entry's label; false if there is no such entry.
+    pub fn set_entry_label(&self, account: &str, cidr: IpNet, label: Option<&str>) -> Result<bool, StoreError> {
+        let sql = "UPDATE allow_entries SET label = ?3 WHERE account = ?1 AND cidr = ?2";
+        Ok(self.execute(sql, (account, cidr.to_string(), label))? > 0)
     }
 
     /// Removes an entry, matched after truncation; false if there was none.
@@ -425,14 +483,14 @@ impl Tx<'_> {
     /// account, so an empty list always means an existing account with no entries.
     pub fn entries(&self, account: &str) -> Result<Vec<EntryRow>, StoreError> {
         self.require_account(account)?;
-        let sql = "SELECT account, cidr, label, created_at, created_by
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled
                    FROM allow_entries WHERE account = ?1 ORDER BY cidr";
         self.rows(sql, [account], entry_row)
     }
 
     /// Every allowlist entry, ordered by account then CIDR text.
     pub fn all_entries(&self) -> Result<Vec<EntryRow>, StoreError> {
-        let sql = "SELECT account, cidr, label, created_at, created_by
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled
                    FROM allow_entries ORDER BY account, cidr";
         self.rows(sql, [], entry_row)
     }
@@ -450,10 +508,14 @@ impl Tx<'_> {
         let added = self.execute(
             "INSERT INTO bindings (addr, proto, port, account, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-            (addr.to_string(), proto, port, account, now),
+            (addr.to_string(), &proto, port, account, now),
         )?;
         if added == 0 {
-            return Err(StoreError::BindingExists(endpoint(addr, target)));
+            let owner: String = self
+                .tx
+                .prepare_cached("SELECT account FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3")?
+                .query_row((addr.to_string(), proto, port), |r| r.get(0))?;
+            return Err(StoreError::BindingExists { endpoint: endpoint(addr, target), owner });
         }
         Ok(BindingRow {
             account: account.to_owned(),
@@ -595,6 +657,19 @@ impl Tx<'_> {
         let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
                    FROM overrides WHERE id = ?1";
         Ok(self.rows(sql, [id], override_row)?.pop())
+    }
+
+    /// Overrides that have expired by `now` (not revoked) and whose expiry is not audited yet.
+    pub fn unaudited_expiries(&self, now: i64) -> Result<Vec<OverrideRow>, StoreError> {
+        let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
+                   FROM overrides WHERE revoked_at IS NULL AND expires_at <= ?1 AND expiry_audited = 0
+                   ORDER BY id LIMIT 1000";
+        self.rows(sql, [now], override_row)
+    }
+
+    pub fn mark_expiry_audited(&self, id: i64) -> Result<(), StoreError> {
+        self.execute("UPDATE overrides SET expiry_audited = 1 WHERE id = ?1", [id])?;
+        Ok(())
     }
 
     /// Overrides neither revoked nor expired at `now`, of one account or all, oldest first.
@@ -741,6 +816,7 @@ fn entry_row(r: &Row) -> Result<EntryRow, StoreError> {
         label: r.get(2)?,
         created_at: r.get(3)?,
         created_by: int(r.get(4)?, "created_by")?,
+        enabled: r.get::<_, i64>(5)? != 0,
     })
 }
 
@@ -923,6 +999,44 @@ mod tests {
         assert_eq!(tx.account("nobody").unwrap(), None);
         let ids: Vec<String> = tx.accounts().unwrap().into_iter().map(|a| a.id).collect();
         assert_eq!(ids, ["acme", "bob"]);
+        let err = tx.add_account("bob-sub", Some("bob"), AccountState::Active, Mode::Off, 1);
+        assert!(matches!(err, Err(StoreError::NestedParent { parent, grandparent }) if parent == "bob" && grandparent == "acme"));
+        assert_eq!(tx.account("bob-sub").unwrap(), None);
+    }
+
+    #[test]
+    fn descendants_of_an_old_deep_tree_and_removal() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "top");
+        tx.add_account("mid", Some("top"), AccountState::Active, Mode::Off, 1).unwrap();
+        // A store written before sub-users were limited to one level.
+        tx.tx.execute("INSERT INTO accounts VALUES ('deep', 99, 'mid', 'active', 'off', NULL, 1)", []).unwrap();
+        assert_eq!(tx.descendants("top").unwrap(), ["mid", "deep"]);
+        assert_eq!(tx.descendants("deep").unwrap(), Vec::<String>::new());
+        tx.add_entry("deep", net("198.18.0.0/24"), None, 0, 1).unwrap();
+        tx.add_binding("deep", ip("198.18.1.1"), None, 1).unwrap();
+        assert!(tx.remove_account("mid").is_err(), "a parent goes after its sub-users");
+        tx.remove_account("deep").unwrap();
+        assert!(tx.bindings().unwrap().is_empty());
+        assert!(tx.all_entries().unwrap().is_empty());
+        assert!(matches!(tx.remove_account("deep"), Err(StoreError::UnknownAccount(_))));
+    }
+
+    #[test]
+    fn entries_can_be_disabled_and_relabelled() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        tx.add_entry("acme", net("198.18.0.0/24"), Some("office"), 0, 1).unwrap();
+        assert!(tx.set_entry_enabled("acme", net("198.18.0.0/24"), false).unwrap());
+        assert!(!tx.set_entry_enabled("acme", net("198.18.9.0/24"), false).unwrap());
+        assert!(tx.set_entry_label("acme", net("198.18.0.0/24"), Some("old office")).unwrap());
+        let entry = tx.entry("acme", net("198.18.0.0/24")).unwrap().unwrap();
+        assert_eq!((entry.enabled, entry.label.as_deref()), (false, Some("old office")));
+        // A replacement that keeps the entry keeps it disabled.
+        tx.replace_entries("acme", &[(net("198.18.0.0/24"), None)], 0, 2).unwrap();
+        assert!(!tx.entry("acme", net("198.18.0.0/24")).unwrap().unwrap().enabled);
     }
 
     #[test]
@@ -995,9 +1109,9 @@ mod tests {
         tx.add_binding("other", a, Some((Proto::Udp, 443)), 3)
             .unwrap();
         let err = tx.add_binding("other", a, None, 4);
-        assert!(matches!(err, Err(StoreError::BindingExists(e)) if e == "192.0.2.10"));
+        assert!(matches!(err, Err(StoreError::BindingExists { endpoint, owner }) if endpoint == "192.0.2.10" && owner == "acme"));
         let err = tx.add_binding("acme", a, Some((Proto::Tcp, 443)), 4);
-        assert!(matches!(err, Err(StoreError::BindingExists(e)) if e == "tcp 192.0.2.10:443"));
+        assert!(matches!(err, Err(StoreError::BindingExists { endpoint, .. }) if endpoint == "tcp 192.0.2.10:443"));
         let err = tx.add_binding("nope", ip("2001:db8::1"), None, 4);
         assert!(matches!(err, Err(StoreError::UnknownAccount(_))));
         assert_eq!(tx.bindings().unwrap().len(), 3);

@@ -1,0 +1,417 @@
+//! The account policy as pure functions: what an account's state is once its ancestors are
+//! taken into account, the login decision, and the rules every name, address and text must
+//! follow before it reaches the store. Nothing here does I/O, so all of it is unit-tested.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::protocol::{AccountState, CheckResult, EffectiveState, Mode, OverrideRef, Reason};
+
+/// How far up a chain of parents is followed. New stores hold one level of sub-users; an
+/// older store may hold deeper trees, and a damaged one could even hold a cycle.
+pub const MAX_ANCESTRY: usize = 64;
+
+/// What a login check and the kernel need to know about an account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountPolicy {
+    pub slot: u32,
+    pub parent: Option<String>,
+    pub state: AccountState,
+    pub mode: Mode,
+    /// The enabled allowlist entries (disabled ones let nothing in and are not here).
+    pub entries: Vec<IpNet>,
+    pub overrides: Vec<LiveOverride>,
+}
+
+/// A support override as the policy sees it: it covers `cidr` until `expires_at` (unix s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveOverride {
+    pub id: i64,
+    pub cidr: IpNet,
+    pub expires_at: i64,
+}
+
+impl AccountPolicy {
+    /// The enabled entry that covers `addr`, if any.
+    pub fn entry_covering(&self, addr: IpAddr) -> Option<IpNet> {
+        self.entries.iter().copied().find(|net| net.contains(&addr))
+    }
+
+    /// The override, live at `now`, that covers `addr`, if any.
+    pub fn override_covering(&self, addr: IpAddr, now: i64) -> Option<LiveOverride> {
+        self.overrides.iter().copied().find(|o| o.expires_at > now && o.cidr.contains(&addr))
+    }
+
+    pub fn covers(&self, addr: IpAddr, now: i64) -> bool {
+        self.entry_covering(addr).is_some() || self.override_covering(addr, now).is_some()
+    }
+
+    /// Live overrides at `now`.
+    pub fn live_overrides(&self, now: i64) -> impl Iterator<Item = &LiveOverride> {
+        self.overrides.iter().filter(move |o| o.expires_at > now)
+    }
+}
+
+/// The account's state as it takes effect, and the ancestor it comes from when it is not
+/// the account's own. The order is the decision order: a ban (own, then any ancestor's)
+/// before a termination (own, then any ancestor's) before an unconfirmed email.
+pub fn effective_state<'a>(
+    lookup: impl Fn(&str) -> Option<&'a AccountPolicy>,
+    account: &'a AccountPolicy,
+) -> (EffectiveState, Option<&'a str>) {
+    let mut ancestors: Vec<(&'a str, &'a AccountPolicy)> = Vec::new();
+    let mut parent = account.parent.as_deref();
+    while let Some(id) = parent {
+        let Some(found) = lookup(id) else { break };
+        if ancestors.len() == MAX_ANCESTRY || ancestors.iter().any(|(seen, _)| *seen == id) {
+            break;
+        }
+        ancestors.push((id, found));
+        parent = found.parent.as_deref();
+    }
+    let ancestor_in = |state| ancestors.iter().find(|(_, a)| a.state == state).map(|(id, _)| *id);
+    if account.state == AccountState::Banned {
+        return (EffectiveState::Banned, None);
+    }
+    if let Some(id) = ancestor_in(AccountState::Banned) {
+        return (EffectiveState::ParentBanned, Some(id));
+    }
+    if account.state == AccountState::Terminated {
+        return (EffectiveState::Terminated, None);
+    }
+    if let Some(id) = ancestor_in(AccountState::Terminated) {
+        return (EffectiveState::ParentTerminated, Some(id));
+    }
+    match account.state {
+        AccountState::Unconfirmed => (EffectiveState::Unconfirmed, None),
+        _ => (EffectiveState::Active, None),
+    }
+}
+
+impl EffectiveState {
+    /// Banned or terminated, directly or through an ancestor: every packet to the account's
+    /// endpoints is dropped, sign-ins are refused and no override can change that.
+    pub fn suspended(self) -> bool {
+        matches!(
+            self,
+            EffectiveState::Banned
+                | EffectiveState::ParentBanned
+                | EffectiveState::Terminated
+                | EffectiveState::ParentTerminated
+        )
+    }
+}
+
+/// Whether the kernel should drop everything to the account (see [`EffectiveState::suspended`]).
+pub fn suspended<'a>(lookup: impl Fn(&str) -> Option<&'a AccountPolicy>, id: &str) -> bool {
+    lookup(id).is_some_and(|account| effective_state(&lookup, account).0.suspended())
+}
+
+/// What a person is told when the address is not allowed; an unknown account gets the same
+/// words, so the hint never tells whether an account exists.
+fn not_allowed_hint(addr: IpAddr) -> String {
+    format!(
+        "Sign-in from {addr} is not allowed for this account. Sign in from an address on the account's allowlist \
+         and add this one, or ask support to verify your ownership and grant temporary access."
+    )
+}
+
+/// The login decision of DESIGN.md, first match wins: unknown account; banned (own, then an
+/// ancestor's); terminated (own, then an ancestor's); unconfirmed; mode off; covered by an
+/// enabled entry or a live override; otherwise denied in `enforce`, allowed and flagged in
+/// `monitor`.
+pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr, now: i64) -> CheckResult {
+    let result = |allowed, reason, hint: String, detail: String| CheckResult {
+        allowed,
+        reason,
+        hint,
+        detail,
+        via_override: None,
+    };
+    let Some(account) = accounts.get(id) else {
+        return result(false, Reason::UnknownAccount, not_allowed_hint(addr), format!("there is no account {id:?}"));
+    };
+    match effective_state(|a| accounts.get(a), account) {
+        (EffectiveState::Banned, _) => {
+            return result(
+                false,
+                Reason::Banned,
+                "This account is banned. Support cannot reactivate it.".into(),
+                format!("{id} is banned"),
+            );
+        }
+        (EffectiveState::ParentBanned, Some(parent)) => {
+            return result(
+                false,
+                Reason::ParentBanned,
+                format!("The account {parent} is banned, and with it all its sub-users. Support cannot reactivate them."),
+                format!("{id} is suspended: its parent account {parent} is banned"),
+            );
+        }
+        (EffectiveState::Terminated, _) => {
+            return result(
+                false,
+                Reason::Terminated,
+                "This account was terminated for non-payment. Settle the balance with billing to reactivate it.".into(),
+                format!("{id} is terminated"),
+            );
+        }
+        (EffectiveState::ParentTerminated, Some(parent)) => {
+            return result(
+                false,
+                Reason::ParentTerminated,
+                format!(
+                    "The account {parent} was terminated for non-payment, and with it its sub-users. Its owner can \
+                     settle the balance with billing to reactivate them."
+                ),
+                format!("{id} is suspended: its parent account {parent} is terminated"),
+            );
+        }
+        (EffectiveState::Unconfirmed, _) => {
+            return result(
+                false,
+                Reason::Unconfirmed,
+                "The account's email address is not confirmed yet. Follow the link in the confirmation email.".into(),
+                format!("{id} has not confirmed its email address"),
+            );
+        }
+        _ => {}
+    }
+    if account.mode == Mode::Off {
+        return result(true, Reason::Allowed, String::new(), format!("{id} does not restrict addresses (mode off)"));
+    }
+    if let Some(net) = account.entry_covering(addr) {
+        return result(true, Reason::Allowed, String::new(), format!("{addr} is covered by the allowlist entry {net}"));
+    }
+    if let Some(granted) = account.override_covering(addr, now) {
+        let mut allowed = result(
+            true,
+            Reason::Allowed,
+            String::new(),
+            format!("{addr} is covered by support override {} ({}) until {}", granted.id, granted.cidr, granted.expires_at),
+        );
+        allowed.via_override = Some(OverrideRef { id: granted.id, expires_at: granted.expires_at });
+        return allowed;
+    }
+    let entries = account.entries.len();
+    let overrides = account.live_overrides(now).count();
+    let unmatched = format!("{addr} matches none of {id}'s {entries} enabled entries and {overrides} live overrides");
+    match account.mode {
+        Mode::Monitor => result(
+            true,
+            Reason::MonitorWouldDeny,
+            format!("{addr} is not on the allowlist; allowed because the account is in monitor mode."),
+            format!("{unmatched}; monitor mode records it and allows"),
+        ),
+        _ => result(false, Reason::AddressNotAllowed, not_allowed_hint(addr), unmatched),
+    }
+}
+
+/// Account ids: what a new account may be called. Letters, digits and `. _ @ + -`, starting
+/// with a letter or digit, at most 128 characters: no spaces, control, bidi or zero-width
+/// characters that could make two ids look alike or rewrite an operator's screen.
+pub const ACCOUNT_ID_RULE: &str = "an account id is 1 to 128 characters: ASCII letters, digits and . _ @ + -, \
+                                   starting with a letter or digit";
+
+pub fn valid_account_id(id: &str) -> bool {
+    let mut bytes = id.bytes();
+    id.len() <= 128
+        && bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b))
+}
+
+/// The longest label, ticket, override reason and state reason, in characters.
+pub const MAX_LABEL: usize = 200;
+pub const MAX_TICKET: usize = 100;
+pub const MAX_REASON: usize = 1000;
+
+/// Free text (labels, tickets, reasons) must fit `max` characters and hold no control,
+/// bidi-formatting or zero-width characters: it is shown on operators' terminals.
+pub fn check_text(what: &str, text: &str, max: usize) -> Result<(), String> {
+    if text.chars().count() > max {
+        return Err(format!("{what} is longer than {max} characters"));
+    }
+    if let Some(c) = text.chars().find(|&c| hidden_or_control(c)) {
+        return Err(format!("{what} holds the control or invisible character U+{:04X}; plain text only", c as u32));
+    }
+    Ok(())
+}
+
+fn hidden_or_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+        || matches!(c, '\u{061C}' | '\u{00AD}')
+}
+
+/// The IPv4-mapped range `::ffff:0:0/96`: dual-stack sockets report IPv4 clients in it.
+fn mapped_range() -> Ipv6Net {
+    Ipv6Net::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96).expect("96 is a valid IPv6 prefix length")
+}
+
+/// A CIDR in the one form the store, the checks and the kernel use: IPv4-mapped IPv6
+/// networks become the IPv4 network they cover (`::ffff:198.18.6.0/120` is 198.18.6.0/24),
+/// host bits are refused (so that adding and removing agree on what was meant), and so are
+/// the whole-Internet prefixes (an account that wants no restriction uses mode `off`).
+/// Returns the network and, when it was rewritten, a note saying so for the reply.
+pub fn normalise_cidr(net: IpNet) -> Result<(IpNet, Option<String>), String> {
+    let (canonical, note) = match net {
+        IpNet::V6(v6) if mapped_range().contains(&v6) => {
+            let octets = v6.addr().octets();
+            let v4 = Ipv4Addr::new(octets[12], octets[13], octets[14], octets[15]);
+            let v4 = Ipv4Net::new(v4, v6.prefix_len() - 96).expect("96..=128 minus 96 is a valid length");
+            (IpNet::V4(v4), Some(format!("{net} is an IPv4-mapped IPv6 network; it is kept as the IPv4 network {v4}")))
+        }
+        IpNet::V6(v6) if v6.contains(&mapped_range()) && v6.prefix_len() > 0 => {
+            return Err(format!(
+                "{net} covers the IPv4-mapped range ::ffff:0:0/96, which ipaccess treats as IPv4; list the IPv4 \
+                 networks instead"
+            ));
+        }
+        other => (other, None),
+    };
+    if canonical.prefix_len() == 0 {
+        return Err(format!(
+            "{net} would allow every address; to stop restricting an account, set its mode to off"
+        ));
+    }
+    if canonical.trunc() != canonical {
+        return Err(format!(
+            "{net} has host bits set; the network is {}, or give a single address as {}/{}",
+            canonical.trunc(),
+            canonical.addr(),
+            canonical.max_prefix_len()
+        ));
+    }
+    Ok((canonical, note))
+}
+
+/// An address in the one form checks and the kernel use: IPv4-mapped is IPv4.
+pub fn normalise_addr(addr: IpAddr) -> IpAddr {
+    addr.to_canonical()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(parent: Option<&str>, state: AccountState, mode: Mode, entries: &[&str]) -> AccountPolicy {
+        AccountPolicy {
+            slot: 1,
+            parent: parent.map(str::to_string),
+            state,
+            mode,
+            entries: entries.iter().map(|e| e.parse().unwrap()).collect(),
+            overrides: Vec::new(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn suspension_reaches_every_descendant_of_an_old_deep_tree() {
+        use AccountState::*;
+        let mut accounts = HashMap::new();
+        accounts.insert("top".to_string(), account(None, Active, Mode::Enforce, &["198.18.0.0/24"]));
+        accounts.insert("mid".to_string(), account(Some("top"), Active, Mode::Off, &[]));
+        accounts.insert("leaf".to_string(), account(Some("mid"), Active, Mode::Off, &[]));
+        let a = ip("198.18.0.1");
+        assert_eq!(decide(&accounts, "leaf", a, 0).reason, Reason::Allowed);
+        accounts.get_mut("top").unwrap().state = Terminated;
+        let leaf = decide(&accounts, "leaf", a, 0);
+        assert_eq!((leaf.allowed, leaf.reason), (false, Reason::ParentTerminated));
+        assert!(leaf.hint.contains("top") && leaf.hint.contains("billing"), "{}", leaf.hint);
+        accounts.get_mut("mid").unwrap().state = Banned;
+        // A ban anywhere above comes before a termination anywhere above.
+        assert_eq!(decide(&accounts, "leaf", a, 0).reason, Reason::ParentBanned);
+        assert_eq!(decide(&accounts, "mid", a, 0).reason, Reason::Banned);
+        assert_eq!(decide(&accounts, "top", a, 0).reason, Reason::Terminated);
+        assert!(suspended(|id| accounts.get(id), "leaf"));
+        accounts.get_mut("mid").unwrap().state = Unconfirmed;
+        accounts.get_mut("top").unwrap().state = Active;
+        // An unconfirmed parent does not suspend: only bans and terminations cascade.
+        assert_eq!(decide(&accounts, "leaf", a, 0).reason, Reason::Allowed);
+        assert!(!suspended(|id| accounts.get(id), "leaf"));
+    }
+
+    #[test]
+    fn a_cycle_in_a_damaged_store_ends() {
+        let mut accounts = HashMap::new();
+        accounts.insert("a".to_string(), account(Some("b"), AccountState::Active, Mode::Off, &[]));
+        accounts.insert("b".to_string(), account(Some("a"), AccountState::Banned, Mode::Off, &[]));
+        assert_eq!(decide(&accounts, "a", ip("198.18.0.1"), 0).reason, Reason::ParentBanned);
+    }
+
+    #[test]
+    fn decision_order_and_overrides() {
+        let mut accounts = HashMap::new();
+        let mut acme = account(None, AccountState::Active, Mode::Enforce, &["198.18.0.0/24"]);
+        acme.overrides.push(LiveOverride { id: 7, cidr: net("198.18.9.9/32"), expires_at: 100 });
+        accounts.insert("acme".to_string(), acme);
+        let allowed = decide(&accounts, "acme", ip("198.18.0.5"), 50);
+        assert_eq!((allowed.allowed, allowed.reason, allowed.via_override), (true, Reason::Allowed, None));
+        let by_override = decide(&accounts, "acme", ip("198.18.9.9"), 99);
+        assert_eq!(by_override.via_override, Some(OverrideRef { id: 7, expires_at: 100 }));
+        // At its expiry second the override is over.
+        let expired = decide(&accounts, "acme", ip("198.18.9.9"), 100);
+        assert_eq!((expired.allowed, expired.reason), (false, Reason::AddressNotAllowed));
+        let unknown = decide(&accounts, "nobody", ip("198.18.9.9"), 100);
+        assert_eq!(unknown.reason, Reason::UnknownAccount);
+        assert_eq!(unknown.hint, expired.hint, "the hint must not tell whether an account exists");
+        assert!(expired.detail.contains("1 enabled entries and 0 live overrides"), "{}", expired.detail);
+        accounts.get_mut("acme").unwrap().mode = Mode::Monitor;
+        let monitored = decide(&accounts, "acme", ip("198.18.7.1"), 0);
+        assert_eq!((monitored.allowed, monitored.reason), (true, Reason::MonitorWouldDeny));
+        accounts.get_mut("acme").unwrap().mode = Mode::Off;
+        assert_eq!(decide(&accounts, "acme", ip("198.18.7.1"), 0).reason, Reason::Allowed);
+        accounts.get_mut("acme").unwrap().state = AccountState::Unconfirmed;
+        assert_eq!(decide(&accounts, "acme", ip("198.18.0.5"), 0).reason, Reason::Unconfirmed);
+    }
+
+    #[test]
+    fn account_ids() {
+        for good in ["acme", "a", "acme-dev", "user@example.org", "a.b_c+d", "A1", &"x".repeat(128)] {
+            assert!(valid_account_id(good), "{good}");
+        }
+        for bad in ["", " acme", "acme ", "-acme", ".acme", "ac me", "acme\n", "acme\u{202e}", "acme\u{200b}",
+                    "äcme", "acme/x", &"x".repeat(129)] {
+            assert!(!valid_account_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn texts() {
+        assert!(check_text("label", "office, 3rd floor", MAX_LABEL).is_ok());
+        assert!(check_text("label", "caf\u{e9}", MAX_LABEL).is_ok());
+        for bad in ["a\nb", "a\u{1b}[2J", "a\u{9b}b", "a\u{202e}b", "a\u{200b}b", "a\u{7f}"] {
+            assert!(check_text("label", bad, MAX_LABEL).is_err(), "{bad:?}");
+        }
+        assert!(check_text("label", &"x".repeat(MAX_LABEL + 1), MAX_LABEL).unwrap_err().contains("200"));
+    }
+
+    #[test]
+    fn cidrs() {
+        let ok = |s: &str| normalise_cidr(net(s)).map(|(n, note)| (n.to_string(), note.is_some()));
+        assert_eq!(ok("198.18.0.0/24"), Ok(("198.18.0.0/24".into(), false)));
+        assert_eq!(ok("::ffff:198.18.6.0/120"), Ok(("198.18.6.0/24".into(), true)));
+        assert_eq!(ok("::ffff:198.18.7.7/128"), Ok(("198.18.7.7/32".into(), true)));
+        assert_eq!(ok("fd00::/48"), Ok(("fd00::/48".into(), false)));
+        let err = ok("198.18.0.7/24").unwrap_err();
+        assert!(err.contains("198.18.0.0/24") && err.contains("198.18.0.7/32"), "{err}");
+        assert!(ok("::ffff:198.18.6.1/120").unwrap_err().contains("198.18.6.0/24"));
+        assert!(ok("0.0.0.0/0").unwrap_err().contains("mode to off"));
+        assert!(ok("::/0").is_err());
+        assert!(ok("::ffff:0.0.0.0/96").is_err(), "the whole mapped range is 0.0.0.0/0");
+        assert!(ok("::/64").unwrap_err().contains("IPv4-mapped"));
+        assert_eq!(normalise_addr(ip("::ffff:198.18.0.1")), ip("198.18.0.1"));
+    }
+}
