@@ -6,7 +6,7 @@
 //! from the daemon's code, so that `tests/tests/policy.rs` can hold the two against each other.
 //! It is deliberately plain: linear scans, no caches, no kernel tables.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net};
@@ -114,6 +114,36 @@ pub struct Account {
     pub mode: Mode,
     pub entries: Vec<Entry>,
     pub overrides: Vec<Override>,
+    /// Addresses of recorded sign-ins that were allowed (the lockout guard protects them).
+    pub signed_in: BTreeSet<IpAddr>,
+}
+
+impl Account {
+    /// Let in by an enabled entry or a live override?
+    pub fn covers(&self, addr: IpAddr, now: i64) -> bool {
+        let addr = unmap(addr);
+        self.entries.iter().any(|e| e.enabled && e.net.contains(&addr))
+            || self.overrides.iter().any(|o| o.live(now) && o.net.contains(&addr))
+    }
+
+    /// Has it an enabled entry or a live override?
+    pub fn covers_anything(&self, now: i64) -> bool {
+        self.entries.iter().any(|e| e.enabled) || self.overrides.iter().any(|o| o.live(now))
+    }
+
+    /// The lockout guard on an unforced change that leaves the account as `self`: an
+    /// enforcing account must keep something enabled or a live override, and must still let
+    /// in every address that signed in successfully (recently: a test's whole run).
+    pub fn expect_guard(&self, now: i64) -> Expect {
+        if self.mode != Mode::Enforce {
+            return Expect::Ok;
+        }
+        if !self.covers_anything(now) || self.signed_in.iter().any(|&a| !self.covers(a, now)) {
+            Expect::Refused("lockout")
+        } else {
+            Expect::Ok
+        }
+    }
 }
 
 /// What the model expects of a request that changes the policy.
@@ -214,10 +244,7 @@ impl Policy {
 
     /// Is `addr` let in by an enabled entry or a live override of `id`?
     pub fn covered(&self, id: &str, addr: IpAddr, now: i64) -> bool {
-        let addr = unmap(addr);
-        let Some(account) = self.accounts.get(id) else { return false };
-        account.entries.iter().any(|e| e.enabled && e.net.contains(&addr))
-            || account.overrides.iter().any(|o| o.live(now) && o.net.contains(&addr))
+        self.accounts.get(id).is_some_and(|a| a.covers(addr, now))
     }
 
     /// The login check: first match wins.
@@ -273,8 +300,14 @@ impl Policy {
 
     pub fn add(&mut self, id: &str, parent: Option<&str>, unconfirmed: bool) {
         let state = if unconfirmed { State::Unconfirmed } else { State::Active };
-        let account =
-            Account { parent: parent.map(str::to_string), state, mode: Mode::Off, entries: Vec::new(), overrides: Vec::new() };
+        let account = Account {
+            parent: parent.map(str::to_string),
+            state,
+            mode: Mode::Off,
+            entries: Vec::new(),
+            overrides: Vec::new(),
+            signed_in: BTreeSet::new(),
+        };
         self.accounts.insert(id.to_string(), account);
     }
 
@@ -403,6 +436,22 @@ mod tests {
         assert_eq!(p.expect_grant("sub", &net("198.18.0.0/16"), 0), Expect::Either);
         assert_eq!(p.expect_grant("sub", &net("198.19.0.0/16"), 0), Expect::Refused("bad_request"));
         assert_eq!(p.expect_grant("top", &net("198.18.7.7/32"), 0), Expect::Refused("refused"), "mode off");
+    }
+
+    #[test]
+    fn lockout_guard() {
+        let mut p = policy();
+        let sub = p.accounts.get_mut("sub").unwrap();
+        assert_eq!(sub.expect_guard(0), Expect::Ok);
+        sub.signed_in.insert("::ffff:198.18.1.9".parse().unwrap());
+        assert_eq!(sub.expect_guard(0), Expect::Ok, "a mapped sign-in is its IPv4 address");
+        sub.entries[0].enabled = false;
+        assert_eq!(sub.expect_guard(0), Expect::Refused("lockout"), "a recent sign-in shut out");
+        sub.signed_in.clear();
+        assert_eq!(sub.expect_guard(0), Expect::Ok, "a live override is a way in");
+        assert_eq!(sub.expect_guard(100), Expect::Refused("lockout"), "nothing enabled, nothing live");
+        sub.mode = Mode::Monitor;
+        assert_eq!(sub.expect_guard(100), Expect::Ok);
     }
 
     #[test]

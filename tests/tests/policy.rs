@@ -13,7 +13,7 @@
 //!
 //! Build the binaries first: `cargo build --release -p ipaccess --bins`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
@@ -29,7 +29,7 @@ use ipaccess_tests::daemon::{World, binaries};
 use ipaccess_tests::netns::{TcpServer, TestHosts, icmp_echo, run_cmd, tcp_connect};
 use ipaccess_tests::packets;
 use ipaccess_tests::policy_model::{
-    Entry, Expect, Mode, Override, Policy, State, host_in, just_outside, mapped_addr,
+    self as model, Account, Entry, Expect, Mode, Override, Policy, State, host_in, just_outside, mapped_addr,
     mapped_spelling, unmap_net,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -300,6 +300,9 @@ struct Differential {
     checks: usize,
     frames: usize,
     requests: usize,
+    /// How often each request came out how (`allow_add bad_request`), and each check reason:
+    /// printed, to show what a run covered.
+    tally: BTreeMap<String, usize>,
 }
 
 impl Differential {
@@ -316,6 +319,7 @@ impl Differential {
             checks: 0,
             frames: 0,
             requests: 0,
+            tally: BTreeMap::new(),
         }
     }
 
@@ -330,6 +334,11 @@ impl Differential {
             (None, Some(code)) => Err(code.to_string()),
             _ => panic!("{request} -> {reply}: neither ok nor an error code"),
         };
+        let how = match &outcome {
+            Ok(_) => "ok",
+            Err(code) => code.as_str(),
+        };
+        *self.tally.entry(format!("{} {how}", request["cmd"].as_str().unwrap_or("?"))).or_default() += 1;
         let agrees = match (&expect, &outcome) {
             (Expect::Either, _) | (Expect::Ok, Ok(_)) => true,
             (Expect::Refused(want), Err(got)) => want == got,
@@ -418,8 +427,29 @@ impl Differential {
         }
     }
 
-    /// Disables, enables or removes one of the account's entries (the lockout guard forced).
-    fn edit_entry(&mut self, id: &str) {
+    /// A change that may be refused by the lockout guard: `after` is the account as the
+    /// change leaves it. Unforced, the guard's answer must be the model's.
+    fn guarded(&mut self, id: &str, mut request: Value, after: Account, force: bool) {
+        if force {
+            request["force"] = json!(true);
+        }
+        // An override expiring right now leaves the guard's answer open.
+        let t = now();
+        let mut expect = if force { Expect::Ok } else { after.expect_guard(t - 2) };
+        if !force && expect != after.expect_guard(t + 2) {
+            expect = Expect::Either;
+        }
+        if expect == Expect::Refused("lockout") && after.covers_anything(t) {
+            *self.tally.entry("(lockout for a recent sign-in)".into()).or_default() += 1;
+        }
+        if self.change(request, expect).is_some() {
+            self.model.accounts.insert(id.to_string(), after);
+        }
+    }
+
+    /// Disables, enables or removes one of the account's entries, forced past the lockout
+    /// guard or not.
+    fn edit_entry(&mut self, id: &str, force: bool) {
         let entries = &self.model.accounts[id].entries;
         let Some(entry) = entries.choose(&mut self.rng).cloned() else { return };
         // Mapped spellings name the IPv4 entry they stand for.
@@ -428,27 +458,23 @@ impl Differential {
             net => net.to_string(),
         };
         let choice = self.rng.random_range(0..10);
-        let account = self.model.accounts.get_mut(id).unwrap();
-        let position = account.entries.iter().position(|e| e.net == entry.net).unwrap();
+        let mut after = self.model.accounts[id].clone();
+        let position = after.entries.iter().position(|e| e.net == entry.net).unwrap();
         if self.features.disable && choice < 6 {
-            let (cmd, enabled) = if entry.enabled { ("allow_disable", false) } else { ("allow_enable", true) };
-            // Disabling may shut out the last way in: forced past the lockout guard.
-            let mut request = json!({"cmd": cmd, "account": id, "cidr": text});
-            if !enabled {
-                request["force"] = json!(true);
-            }
-            if self.change(request, Expect::Ok).is_some() {
-                self.model.accounts.get_mut(id).unwrap().entries[position].enabled = enabled;
+            if entry.enabled {
+                after.entries[position].enabled = false;
+                self.guarded(id, json!({"cmd": "allow_disable", "account": id, "cidr": text}), after, force);
+            } else {
+                after.entries[position].enabled = true;
+                self.guarded(id, json!({"cmd": "allow_enable", "account": id, "cidr": text}), after, false);
             }
         } else if choice < 9 {
-            let request = json!({"cmd": "allow_remove", "account": id, "cidr": text, "force": true});
-            if self.change(request, Expect::Ok).is_some() {
-                self.model.accounts.get_mut(id).unwrap().entries.remove(position);
-            }
+            after.entries.remove(position);
+            self.guarded(id, json!({"cmd": "allow_remove", "account": id, "cidr": text}), after, force);
         } else {
             // An entry the account does not have.
             let missing = random_net(&mut self.rng, false, 30..=32);
-            if !account.entries.iter().any(|e| e.net == missing) {
+            if !after.entries.iter().any(|e| e.net == missing) {
                 let request = json!({"cmd": "allow_remove", "account": id, "cidr": missing.to_string(), "force": true});
                 self.change(request, Expect::Refused("unknown_entry"));
             }
@@ -462,11 +488,10 @@ impl Differential {
         }
     }
 
-    fn set_mode(&mut self, id: &str, mode: Mode) {
-        let request = json!({"cmd": "account_mode", "account": id, "mode": mode.name(), "force": true});
-        if self.change(request, Expect::Ok).is_some() {
-            self.model.accounts.get_mut(id).unwrap().mode = mode;
-        }
+    fn set_mode(&mut self, id: &str, mode: Mode, force: bool) {
+        let mut after = self.model.accounts[id].clone();
+        after.mode = mode;
+        self.guarded(id, json!({"cmd": "account_mode", "account": id, "mode": mode.name()}), after, force);
     }
 
     /// One override request: mostly where it can be granted, sometimes too wide, inside an
@@ -567,7 +592,8 @@ impl Differential {
                 self.allow_add(id, net);
             }
             for _ in 0..self.rng.random_range(0..=2) {
-                self.edit_entry(id);
+                let force = self.rng.random_bool(0.5);
+                self.edit_entry(id, force);
             }
         }
 
@@ -576,7 +602,8 @@ impl Differential {
             let state = if self.rng.random_bool(0.75) { State::Active } else { random_state(&mut self.rng) };
             let mode = if self.rng.random_bool(0.75) { Mode::Enforce } else { random_mode(&mut self.rng) };
             self.set_state(id, self.allowed_state(id, state));
-            self.set_mode(id, mode);
+            let force = self.rng.random_bool(0.7);
+            self.set_mode(id, mode, force);
         }
         for id in &ids {
             for _ in 0..self.rng.random_range(0..=3) {
@@ -589,7 +616,8 @@ impl Differential {
             let state = random_state(&mut self.rng);
             let mode = random_mode(&mut self.rng);
             self.set_state(id, self.allowed_state(id, state));
-            self.set_mode(id, mode);
+            let force = self.rng.random_bool(0.7);
+            self.set_mode(id, mode, force);
         }
 
         // Every short override must be over, in the daemon and in the kernel (whose clock
@@ -603,6 +631,19 @@ impl Differential {
         let mut unknown: Vec<String> = (0..3).map(|i| format!("p{round}-unknown-{i}")).collect();
         unknown.push(format!("g{round}-0"));
         for id in ids.iter().chain(&unknown) {
+            self.compare(id);
+        }
+
+        // The recorded sign-ins are evidence now: unforced changes right after them must not
+        // shut them out. Then those accounts are compared again.
+        let changed: Vec<String> = ids.iter().filter(|_| self.rng.random_bool(0.3)).cloned().collect();
+        for id in &changed {
+            match self.rng.random_range(0..3) {
+                0 => self.set_mode(id, Mode::Enforce, false),
+                _ => self.edit_entry(id, false),
+            }
+        }
+        for id in &changed {
             self.compare(id);
         }
     }
@@ -648,9 +689,16 @@ impl Differential {
             }
             for spelled in spellings {
                 let want = self.model.check(id, spelled, now());
-                let dry_run = !self.rng.random_bool(0.1);
+                let dry_run = !self.rng.random_bool(0.2);
                 let got = self.conn.check(id, spelled, dry_run);
                 self.checks += 1;
+                if !dry_run
+                    && want.allowed()
+                    && let Some(account) = self.model.accounts.get_mut(id)
+                {
+                    account.signed_in.insert(model::unmap(spelled));
+                }
+                *self.tally.entry(format!("check {}", want.code())).or_default() += 1;
                 if got["allowed"] != json!(want.allowed()) || got["reason"] != json!(want.code()) {
                     let account = self.describe(id);
                     self.mismatches.push(format!(
@@ -669,6 +717,7 @@ impl Differential {
             let drops = self.model.wire_drops(id, addr, now());
             let verdict = run_frame(&self.program, &frame);
             self.frames += 1;
+            *self.tally.entry(format!("wire {}", if drops { "drop" } else { "pass" })).or_default() += 1;
             if verdict != if drops { XDP_DROP } else { XDP_PASS } {
                 let account = self.describe(id);
                 self.mismatches.push(format!(
@@ -706,6 +755,8 @@ fn differential(seed: u64, rounds: usize, per_round: usize, per_world: usize) ->
             }
         }
         accounts += d.model.accounts.len();
+        let tally: Vec<String> = d.tally.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        eprintln!("{}", tally.join(", "));
         checks += d.checks;
         frames += d.frames;
         eprintln!(
