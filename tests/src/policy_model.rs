@@ -433,8 +433,10 @@ mod tests {
         assert_eq!(p.expect_add("top", None), Expect::Refused("account_exists"));
         assert_eq!(p.expect_grant("sub", &net("198.18.1.7/32"), 0), Expect::Refused("refused"));
         assert_eq!(p.expect_grant("sub", &net("198.18.2.7/32"), 0), Expect::Ok, "a disabled entry allows nothing");
-        assert_eq!(p.expect_grant("sub", &net("198.18.0.0/16"), 0), Expect::Either);
+        assert_eq!(p.expect_grant("sub", &net("198.18.1.0/25"), 0), Expect::Refused("refused"), "inside an entry");
+        assert_eq!(p.expect_grant("sub", &net("198.18.3.0/24"), 0), Expect::Either, "partly allowed by an override");
         assert_eq!(p.expect_grant("sub", &net("198.19.0.0/16"), 0), Expect::Refused("bad_request"));
+        assert_eq!(p.expect_grant("top", &net("198.19.0.0/16"), 0), Expect::Failed, "too wide and mode off");
         assert_eq!(p.expect_grant("top", &net("198.18.7.7/32"), 0), Expect::Refused("refused"), "mode off");
     }
 
