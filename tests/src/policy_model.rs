@@ -311,6 +311,33 @@ impl Policy {
         self.accounts.insert(id.to_string(), account);
     }
 
+    /// `account_remove`: sub-users go too only when asked for.
+    pub fn expect_remove(&self, id: &str, recursive: bool) -> Expect {
+        if !self.accounts.contains_key(id) {
+            Expect::Refused("unknown_account")
+        } else if !recursive && self.accounts.values().any(|a| a.parent.as_deref() == Some(id)) {
+            Expect::Failed
+        } else {
+            Expect::Ok
+        }
+    }
+
+    /// Removes `id` and everything below it; returns the ids removed.
+    pub fn remove(&mut self, id: &str) -> Vec<String> {
+        let mut gone = vec![id.to_string()];
+        let mut i = 0;
+        while i < gone.len() {
+            let children = self.accounts.iter().filter(|(_, a)| a.parent.as_deref() == Some(gone[i].as_str()));
+            let children: Vec<String> = children.map(|(c, _)| c.clone()).filter(|c| !gone.contains(c)).collect();
+            gone.extend(children);
+            i += 1;
+        }
+        for id in &gone {
+            self.accounts.remove(id);
+        }
+        gone
+    }
+
     /// `override_grant` of `net` (already normalised) at `now`.
     pub fn expect_grant(&self, id: &str, net: &IpNet, now: i64) -> Expect {
         let Some(account) = self.accounts.get(id) else { return Expect::Refused("unknown_account") };

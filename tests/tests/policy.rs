@@ -295,6 +295,8 @@ struct Differential {
     conn: Conn,
     program: ProgramFd,
     endpoints: Vec<(String, Endpoints)>,
+    /// Endpoints of removed accounts: unbound, so their traffic passes.
+    unbound: Vec<Endpoints>,
     next_endpoint: u32,
     mismatches: Vec<String>,
     checks: usize,
@@ -314,6 +316,7 @@ impl Differential {
             conn: Conn::open(&w.socket()),
             program: pinned_program(w),
             endpoints: Vec::new(),
+            unbound: Vec::new(),
             next_endpoint: 1,
             mismatches: Vec::new(),
             checks: 0,
@@ -645,6 +648,42 @@ impl Differential {
         }
         for id in &changed {
             self.compare(id);
+        }
+
+        // Some accounts removed (with their sub-users when recursive), some ids used again:
+        // nothing of the old account may come back, at login or on the wire.
+        let mut removed = Vec::new();
+        let removing: Vec<String> = ids.iter().filter(|_| self.rng.random_bool(0.05)).cloned().collect();
+        for id in &removing {
+            let recursive = self.rng.random_bool(0.5);
+            let expect = self.model.expect_remove(id, recursive);
+            let request = json!({"cmd": "account_remove", "account": id, "recursive": recursive});
+            if self.change(request, expect).is_some() {
+                for gone in self.model.remove(id) {
+                    if let Some(at) = self.endpoints.iter().position(|(a, _)| *a == gone) {
+                        self.unbound.push(self.endpoints.swap_remove(at).1);
+                    }
+                    removed.push(gone);
+                }
+            }
+        }
+        for id in &removed {
+            if self.rng.random_bool(0.5) {
+                self.add_account(id, None, false);
+                self.set_mode(id, Mode::Enforce, true);
+            }
+            self.compare(id);
+        }
+        let unbound = std::mem::take(&mut self.unbound);
+        let (src4, src6) = (Ipv4Addr::new(198, 18, 250, 1), Ipv6Addr::new(0xfd00, 0xee, 0, 0, 0, 0, 0, 1));
+        for ends in &unbound {
+            let frames = [packets::tcp(src4.into(), ends.v4.into(), 40000, 80), packets::tcp(src6.into(), ends.v6.into(), 40000, 443)];
+            for frame in frames {
+                self.frames += 1;
+                if run_frame(&self.program, &frame) != XDP_PASS {
+                    self.mismatches.push(format!("a frame to {}/{} of a removed account is dropped", ends.v4, ends.v6));
+                }
+            }
         }
     }
 
