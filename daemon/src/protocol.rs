@@ -199,9 +199,9 @@ pub struct ImportAccount {
 
 impl Command {
     /// Whether a caller holding `roles` may run this command. Reads (status, accounts,
-    /// allowlists, bindings, counters) and dry-run checks are open to every role; a
-    /// recorded login check needs the check role, which applications hold; changes need
-    /// admin; overrides and activity need support.
+    /// allowlists, bindings, counters) and login checks are open to every role (a check by
+    /// a caller without the check role is recorded as that operator's, never as the
+    /// customer's attempt); changes need admin; overrides and activity need support.
     pub fn permits(&self, roles: &BTreeSet<Role>) -> bool {
         match self.role() {
             Some(role) => roles.contains(&role),
@@ -218,8 +218,7 @@ impl Command {
             | Command::BindList {}
             | Command::Stats { .. }
             | Command::Status {}
-            | Command::Check { dry_run: true, .. } => None,
-            Command::Check { dry_run: false, .. } => Some(Role::Check),
+            | Command::Check { .. } => None,
             Command::AccountAdd { .. }
             | Command::AccountRemove { .. }
             | Command::AllowDisable { .. }
