@@ -14,17 +14,15 @@
 //! Build the binaries first: `cargo build --release -p ipaccess --bins`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{ProgramFd, loaded_programs};
 use ipaccess_common::PIN_SUBDIR;
+use ipaccess_tests::client::Conn;
 use ipaccess_tests::daemon::{World, binaries};
 use ipaccess_tests::netns::{TcpServer, TestHosts, icmp_echo, run_cmd, tcp_connect};
 use ipaccess_tests::packets;
@@ -72,44 +70,9 @@ fn sleep_until(at: f64) {
 // ---------------------------------------------------------------------------------------------
 // The control socket
 
-/// One control connection: a request line out, its reply line back.
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    next_id: u64,
-}
-
-impl Conn {
-    fn open(socket: &Path) -> Conn {
-        let stream = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        Conn { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream), next_id: 1 }
-    }
-
-    /// The whole reply: `{"id", "ok"}` or `{"id", "error"}`.
-    fn request(&mut self, mut request: Value) -> Value {
-        request["id"] = json!(self.next_id);
-        self.next_id += 1;
-        self.writer.write_all(format!("{request}\n").as_bytes()).unwrap();
-        let mut line = String::new();
-        assert!(self.reader.read_line(&mut line).unwrap() > 0, "{request}: the daemon closed the connection");
-        let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line:?}"));
-        assert_eq!(reply["id"], request["id"], "{request} -> {reply}");
-        reply
-    }
-
-    /// A request that must succeed; its result.
-    fn ok(&mut self, request: Value) -> Value {
-        let shown = request.to_string();
-        let reply = self.request(request);
-        assert!(reply.get("error").is_none() && reply.get("ok").is_some(), "{shown} -> {reply}");
-        reply["ok"].clone()
-    }
-
-    fn check(&mut self, account: &str, addr: IpAddr, dry_run: bool) -> Value {
-        self.ok(json!({"cmd": "check", "account": account, "addr": addr.to_string(), "dry_run": dry_run}))
-    }
+/// A login check; recorded (a sign-in) unless `dry_run`.
+fn check(conn: &mut Conn, account: &str, addr: IpAddr, dry_run: bool) -> Value {
+    conn.ok(json!({"cmd": "check", "account": account, "addr": addr.to_string(), "dry_run": dry_run}))
 }
 
 /// The first `"cidr"` anywhere in a reply (replies may wrap the entry or override).
@@ -729,7 +692,7 @@ impl Differential {
             for spelled in spellings {
                 let want = self.model.check(id, spelled, now());
                 let dry_run = !self.rng.random_bool(0.2);
-                let got = self.conn.check(id, spelled, dry_run);
+                let got = check(&mut self.conn, id, spelled, dry_run);
                 self.checks += 1;
                 if !dry_run
                     && want.allowed()
@@ -793,7 +756,7 @@ fn differential(seed: u64, rounds: usize, per_round: usize, per_world: usize) ->
                 );
             }
         }
-        accounts += d.model.accounts.len();
+        accounts += d.tally.get("account_add ok").copied().unwrap_or_default();
         let tally: Vec<String> = d.tally.iter().map(|(k, n)| format!("{k}: {n}")).collect();
         eprintln!("{}", tally.join(", "));
         checks += d.checks;
@@ -845,7 +808,7 @@ fn a_check_just_after_an_overrides_expiry_is_denied() {
     let frame = |src: Ipv4Addr| packets::tcp(src.into(), bound.into(), 40000, 443);
     let sources = [Ipv4Addr::new(198, 18, 7, 7), Ipv4Addr::new(198, 18, 7, 8)];
     for (src, ttl) in sources.iter().zip([2, 4]) {
-        assert_eq!(conn.check("cust", (*src).into(), false)["reason"], "address_not_allowed");
+        assert_eq!(check(&mut conn, "cust", (*src).into(), false)["reason"], "address_not_allowed");
         let granted = conn.ok(grant("cust", &format!("{src}/32"), ttl));
         assert!(granted["override"]["expires_at"].is_i64(), "{granted}");
     }
@@ -861,14 +824,14 @@ fn a_check_just_after_an_overrides_expiry_is_denied() {
         let at = expires_at as f64;
         // Half a second before: allowed, at login and on the wire; the reply came in time.
         sleep_until(at - 0.5);
-        let before = conn.check("cust", src.into(), false);
+        let before = check(&mut conn, "cust", src.into(), false);
         assert!(unix_now() < at, "the check before the expiry came too late to count");
         assert_eq!((&before["allowed"], &before["reason"]), (&json!(true), &json!("allowed")), "{src}: {before}");
         assert_eq!(run_frame(&program, &frame(src)), XDP_PASS, "{src} dropped before its override expired");
         // Just after: denied, recorded or not.
         sleep_until(at + 0.05);
-        let after = conn.check("cust", src.into(), false);
-        let dry = conn.check("cust", src.into(), true);
+        let after = check(&mut conn, "cust", src.into(), false);
+        let dry = check(&mut conn, "cust", src.into(), true);
         assert!(unix_now() < at + 1.0, "the checks after the expiry took more than a second");
         for reply in [&after, &dry] {
             let got = (&reply["allowed"], &reply["reason"]);
@@ -972,7 +935,7 @@ fn support_runbook_end_to_end() {
     let dry = if offers(&w, "check", "--dry-run") {
         ctl_json(&w, &["check", "cust", &home_s, "--dry-run"], 1)
     } else {
-        Conn::open(&w.socket()).check("cust", home.into(), true)
+        check(&mut Conn::open(&w.socket()), "cust", home.into(), true)
     };
     assert_eq!((&dry["allowed"], &dry["reason"]), (&json!(false), &json!("address_not_allowed")), "{dry}");
 
