@@ -329,7 +329,8 @@ impl Differential {
             };
             let entries: Vec<String> =
                 a.entries.iter().map(|e| format!("{}{}", e.net, if e.enabled { "" } else { " (disabled)" })).collect();
-            let overrides: Vec<String> = a.overrides.iter().map(|o| format!("{} until {}", o.net, o.expires_at)).collect();
+            let overrides: Vec<String> =
+                a.overrides.iter().map(|o| format!("{} until {}", o.net, o.expires_at)).collect();
             out += &format!(
                 "\n      {id}: {} {} entries [{}] overrides [{}]",
                 a.state.name(),
@@ -374,7 +375,7 @@ impl Differential {
             Ok(net) if self.model.accounts[id].entries.iter().any(|e| e.net == net) => Expect::Refused("entry_exists"),
             Ok(_) => Expect::Ok,
         };
-        let label = if self.rng.random_bool(0.5) { Some(format!("site {}", self.rng.random_range(0..100))) } else { None };
+        let label = self.rng.random_bool(0.5).then(|| format!("site {}", self.rng.random_range(0..100)));
         let request = json!({"cmd": "allow_add", "account": id, "cidr": text, "label": label});
         let Some(reply) = self.change(request.clone(), expect) else { return };
         // What the daemon stored is what the model takes (it said so in the reply).
@@ -522,7 +523,8 @@ impl Differential {
         let mut tops = Vec::new();
         for i in 0..n {
             let id = account_id(&mut self.rng, round, i);
-            let parent = if i >= n / 3 && self.rng.random_bool(0.7) { tops.choose(&mut self.rng).cloned() } else { None };
+            let sub = i >= n / 3 && self.rng.random_bool(0.7);
+            let parent = if sub { tops.choose(&mut self.rng).cloned() } else { None };
             let unconfirmed = self.rng.random_bool(0.15);
             if self.add_account(&id, parent.as_deref(), unconfirmed) {
                 if parent.is_none() {
@@ -640,7 +642,8 @@ impl Differential {
         let unbound = std::mem::take(&mut self.unbound);
         let (src4, src6) = (Ipv4Addr::new(198, 18, 250, 1), Ipv6Addr::new(0xfd00, 0xee, 0, 0, 0, 0, 0, 1));
         for ends in &unbound {
-            let frames = [packets::tcp(src4.into(), ends.v4.into(), 40000, 80), packets::tcp(src6.into(), ends.v6.into(), 40000, 443)];
+            let v4 = packets::tcp(src4.into(), ends.v4.into(), 40000, 80);
+            let frames = [v4, packets::tcp(src6.into(), ends.v6.into(), 40000, 443)];
             for frame in frames {
                 self.frames += 1;
                 if run_frame(&self.program, &frame) != XDP_PASS {
