@@ -25,6 +25,9 @@
 //! max_request_bytes = 65536          # callers without the admin role
 //! max_admin_request_bytes = 8388608  # admins: bulk imports and allowlist replacements
 //! max_connections = 256
+//! reserved_admin_connections = 8    # of max_connections, kept for root and admins
+//! max_connections_per_uid = 64
+//! idle_timeout_seconds = 30          # no complete request for this long: closed
 //!
 //! [maps]             # used when the maps are first created
 //! slots = 1048576
@@ -211,11 +214,44 @@ pub struct Limits {
     /// Connections served at once; more are told `busy` and closed. Requests on one
     /// connection are answered one at a time, in order.
     pub max_connections: usize,
+    /// Of `max_connections`, how many only root and admins may take: when every other slot
+    /// is held (by a runaway client, say), operators can still connect to repair things.
+    /// At most `max_connections - 1` are kept back.
+    pub reserved_admin_connections: usize,
+    /// Connections one uid may hold at once (root and admins too), so that one client cannot
+    /// take every slot.
+    pub max_connections_per_uid: usize,
+    /// A connection that sends no complete request for this long is closed, and so is one
+    /// that does not read its replies for this long.
+    pub idle_timeout_seconds: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_request_bytes: 64 * 1024, max_admin_request_bytes: 8 << 20, max_connections: 256 }
+        Self {
+            max_request_bytes: 64 * 1024,
+            max_admin_request_bytes: 8 << 20,
+            max_connections: 256,
+            reserved_admin_connections: 8,
+            max_connections_per_uid: 64,
+            idle_timeout_seconds: 30,
+        }
+    }
+}
+
+impl Limits {
+    /// Values that would leave a client unable to make any request.
+    fn validate(&self) -> Result<(), String> {
+        if self.max_connections_per_uid == 0 || self.idle_timeout_seconds == 0 {
+            return Err("limits.max_connections_per_uid and limits.idle_timeout_seconds must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The slots callers without the admin role may share: at least one, so a small
+    /// `max_connections` never shuts everyone else out.
+    pub fn shared_connections(&self, max_connections: usize) -> usize {
+        max_connections.saturating_sub(self.reserved_admin_connections).max(1.min(max_connections))
     }
 }
 
@@ -290,6 +326,7 @@ impl Config {
 
     /// What the types alone do not rule out.
     fn validate(&self) -> Result<(), String> {
+        self.limits.validate()?;
         if let Some(listen) = self.metrics.listen
             && !listen.ip().is_loopback()
             && !self.metrics.allow_non_loopback
@@ -394,6 +431,19 @@ mod tests {
         assert_eq!(load("log_level = \"debug\"").unwrap().log_level, LogLevel::Debug);
         assert!(matches!(load("log_level = \"loud\""), Err(ConfigError::Parse(..))));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn connection_limits() {
+        let limits: Limits = toml::from_str("reserved_admin_connections = 4").unwrap();
+        assert_eq!(limits.shared_connections(256), 252);
+        assert_eq!(limits.shared_connections(4), 1, "one slot stays shared however many are reserved");
+        assert_eq!(limits.shared_connections(0), 0);
+        for bad in ["[limits]\nmax_connections_per_uid = 0", "[limits]\nidle_timeout_seconds = 0"] {
+            let refused = toml::from_str::<Config>(bad).unwrap().validate().unwrap_err();
+            assert!(refused.contains("at least 1"), "{bad}: {refused}");
+        }
+        Config::default().validate().unwrap();
     }
 
     #[test]

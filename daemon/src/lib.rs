@@ -6,12 +6,14 @@
 //! - `policy`: the account model as pure functions: effective state, the login decision,
 //!   and the rules for names, addresses and free text;
 //! - `service`: every command, applied to store and kernel together, and login checks;
+//! - `activity`: login checks and drops counted per hour into the store, off the request path;
 //! - `protocol` and `server`: the control socket;
 //! - `config`: ipaccessd's configuration file;
 //! - `systemd`, `logging`, `reload`, `metrics`, `capabilities`, `kernel`: running as a service
 //!   (docs/operations.md).
 //! - `docs`: man pages and shell completions generated from the command lines.
 
+pub mod activity;
 pub mod capabilities;
 pub mod config;
 pub mod datapath;

@@ -146,15 +146,27 @@ pub enum Command {
         #[serde(default)]
         account: Option<String>,
     },
-    /// An account's recorded activity, newest first.
+    /// An account's recorded activity, newest first: sign-ins and drops counted per hour,
+    /// audit records one each. Or, with `summary`, its sign-ins per (address, method,
+    /// outcome); or, with `unknown_accounts` and no account, checks for accounts that do
+    /// not exist, per address.
     Activity {
-        account: String,
+        #[serde(default)]
+        account: Option<String>,
         #[serde(default)]
         since_seconds: Option<u64>,
+        /// Refused sign-ins and drops, and those monitor mode let through.
         #[serde(default)]
         denied_only: bool,
         #[serde(default)]
         limit: Option<u32>,
+        /// Only sign-ins, drops or audit records (default: all three).
+        #[serde(default)]
+        kind: Option<ActivityKind>,
+        #[serde(default)]
+        summary: bool,
+        #[serde(default)]
+        unknown_accounts: bool,
     },
     /// Kernel counters: one account's, or every account's and the host's.
     Stats {
@@ -167,6 +179,15 @@ pub enum Command {
     /// Remove the filter from an interface (the only way it is ever removed).
     Detach { interface: String },
     Status {},
+}
+
+/// The kinds of activity records: login checks, packets the kernel dropped, audited changes.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivityKind {
+    Signin,
+    Drop,
+    Audit,
 }
 
 /// One line of an `allow_replace`.

@@ -2,9 +2,11 @@
 //! that needs no restart. The filter is never detached by a reload.
 //!
 //! - Live: newly listed interfaces are attached, and so are listed ones the kernel shows
-//!   no XDP program on (detached by hand, or deleted and created again); `roles` and `limits` (except
-//!   `max_connections`) apply to new control connections; `retention_days`,
-//!   `min_override_ttl_seconds`, `drop_samples_per_second` and `log_level` at once.
+//!   no XDP program on (detached by hand, or deleted and created again); `roles`, request
+//!   sizes and the idle timeout apply from the next request of every control connection,
+//!   open ones included; the per-uid cap and the reserved slots from the next connection;
+//!   `retention_days`, `min_override_ttl_seconds`, `drop_samples_per_second` and
+//!   `log_level` at once.
 //! - Interfaces no longer listed stay attached, with a warning naming the way to detach.
 //! - The socket, state directory, bpffs, map sizes, metrics endpoint and `max_connections`
 //!   are logged as needing a restart, and keep their running values.

@@ -1,35 +1,56 @@
 //! The control socket: a Unix stream socket speaking newline-delimited JSON
 //! (see `protocol`). Each connection's peer credentials (SO_PEERCRED, plus the peer's
-//! supplementary groups) decide its roles. Requests on one connection are answered in
-//! order, one at a time; every bad request gets a structured error and the connection
-//! stays usable, except after a line too long to frame, which closes it.
+//! supplementary groups) are read when it is accepted; its roles are looked up in the
+//! configuration in force at each request, so a reload that takes a role away applies to
+//! connections already open. Requests on one connection are answered in order, one at a
+//! time; every bad request gets a structured error and the connection stays usable, except
+//! after a line too long to frame, which closes it.
+//!
+//! No client can take the socket from the others (`[limits]`): one uid holds at most
+//! `max_connections_per_uid` connections, the last `reserved_admin_connections` slots are
+//! kept for root and admins, and a connection that sends no complete request (or does not
+//! read its replies) for `idle_timeout_seconds` is closed. A connection over a limit is
+//! told `busy` and closed at once.
 
-use std::{collections::BTreeSet, fs, io, sync::Arc};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    fmt, fs, io,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use log::{debug, warn};
-use serde_json::Value;
+use serde::{
+    Deserialize, Deserializer,
+    de::{MapAccess, Visitor, value::MapDeserializer},
+};
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{Semaphore, watch},
+    sync::watch,
+    time::timeout,
 };
 
 use crate::{
-    config::Config,
-    protocol::{Caller, Command, ErrorBody, ErrorCode, Reply, Request, Role},
+    config::{Config, Limits},
+    protocol::{Caller, Command, ErrorBody, ErrorCode, Reply, Role},
     service::{Failure, Service},
 };
 
-/// Accepts connections until `shutdown` completes. A connection takes its roles and limits
-/// from the configuration in force when it is accepted (a reload changes them for new
-/// connections); the number of connections stays the one configured at start.
+/// How long a refused connection may take to receive its `busy` line.
+const REFUSAL_WRITE: Duration = Duration::from_secs(1);
+
+/// Accepts connections until `shutdown` completes. The number of connections stays the one
+/// configured at start; the other limits and the roles follow reloads.
 pub async fn serve(
     listener: UnixListener,
     service: Arc<Service>,
     config: watch::Receiver<Arc<Config>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(config.borrow().limits.max_connections));
+    let slots = Arc::new(Slots { max: config.borrow().limits.max_connections, held: Mutex::default() });
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -42,76 +63,157 @@ pub async fn serve(
             },
             () = &mut shutdown => return,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream));
-            continue;
-        };
-        let (service, config) = (service.clone(), config.borrow().clone());
+        let (service, config, slots) = (service.clone(), config.clone(), slots.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, service, config).await {
+            if let Err(e) = connection(stream, service, config, slots).await {
                 debug!("control connection ended: {e}");
             }
-            drop(permit);
         });
     }
 }
 
-async fn refuse_busy(mut stream: UnixStream) {
-    let reply = error_reply(Value::Null, ErrorCode::Busy, "too many control connections; try again shortly");
-    let _ = stream.write_all(&line(&reply)).await;
+/// The connection slots in use, in all and per uid.
+struct Slots {
+    max: usize,
+    held: Mutex<Held>,
 }
 
-async fn connection(stream: UnixStream, service: Arc<Service>, config: Arc<Config>) -> io::Result<()> {
+#[derive(Default)]
+struct Held {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+}
+
+/// One connection's slot, given back when the connection ends.
+struct Slot {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+impl Slots {
+    /// A slot for a connection from `uid`, or the `busy` error saying which limit it hit.
+    /// Root and admins (`privileged`) may also take the reserved slots.
+    fn take(self: &Arc<Self>, uid: u32, privileged: bool, limits: &Limits) -> Result<Slot, ErrorBody> {
+        let shared = limits.shared_connections(self.max);
+        let mut held = self.held.lock().expect("slots lock");
+        let of_uid = held.by_uid.get(&uid).copied().unwrap_or(0);
+        let (limit, max, message) = if of_uid >= limits.max_connections_per_uid {
+            let message = format!("uid {uid} already holds {of_uid} control connections, the most one uid may");
+            ("max_connections_per_uid", limits.max_connections_per_uid, message)
+        } else if privileged && held.total >= self.max {
+            ("max_connections", self.max, "every control connection is in use; try again shortly".to_string())
+        } else if !privileged && held.total >= shared {
+            let message = "every control connection open to callers without the admin role is in use; try again later";
+            ("max_connections", shared, message.into())
+        } else {
+            held.total += 1;
+            *held.by_uid.entry(uid).or_default() += 1;
+            return Ok(Slot { slots: self.clone(), uid });
+        };
+        let details = json!({"limit": format!("limits.{limit}"), "max": max});
+        Err(ErrorBody { code: ErrorCode::Busy, message, details: Some(details) })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().expect("slots lock");
+        held.total -= 1;
+        if let Some(n) = held.by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                held.by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Tells a connection over a limit why, and closes it.
+async fn refuse(mut stream: UnixStream, body: ErrorBody) {
+    let reply = Reply { id: Value::Null, ok: None, error: Some(body) };
+    let _ = timeout(REFUSAL_WRITE, stream.write_all(&line(&reply))).await;
+}
+
+async fn connection(
+    stream: UnixStream,
+    service: Arc<Service>,
+    config: watch::Receiver<Arc<Config>>,
+    slots: Arc<Slots>,
+) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let uid = cred.uid();
     let mut gids = cred.pid().map(supplementary_groups).unwrap_or_default();
     gids.push(cred.gid());
-    let roles = config.roles.of(uid, &gids);
-    let max = if roles.contains(&Role::Admin) {
-        config.limits.max_admin_request_bytes.max(config.limits.max_request_bytes)
-    } else {
-        config.limits.max_request_bytes
+    let admitted = {
+        let config = config.borrow().clone();
+        slots.take(uid, config.roles.of(uid, &gids).contains(&Role::Admin), &config.limits)
+    };
+    let _slot = match admitted {
+        Ok(slot) => slot,
+        Err(busy) => {
+            debug!("refusing a control connection from uid {uid}: {}", busy.message);
+            refuse(stream, busy).await;
+            return Ok(());
+        }
     };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut buf = Vec::new();
     loop {
+        // The configuration in force now: a reload between two requests applies to the next.
+        let in_force = config.borrow().clone();
+        let idle = Duration::from_secs(in_force.limits.idle_timeout_seconds);
+        let max = if in_force.roles.of(uid, &gids).contains(&Role::Admin) {
+            in_force.limits.max_admin_request_bytes.max(in_force.limits.max_request_bytes)
+        } else {
+            in_force.limits.max_request_bytes
+        };
         buf.clear();
-        let n = (&mut reader).take(max as u64 + 1).read_until(b'\n', &mut buf).await?;
-        if n == 0 {
+        // The whole line must arrive in time, so a byte now and then does not keep a slot.
+        let mut limited = (&mut reader).take(max as u64 + 1);
+        let Ok(n) = timeout(idle, limited.read_until(b'\n', &mut buf)).await else {
+            debug!("closing a control connection of uid {uid}: no request for {idle:?}");
+            return Ok(());
+        };
+        if n? == 0 {
             return Ok(());
         }
-        if buf.last() != Some(&b'\n') && buf.len() > max {
+        let reply = if buf.last() != Some(&b'\n') && buf.len() > max {
             let message = format!("request longer than {max} bytes; closing the connection");
-            write.write_all(&line(&error_reply(Value::Null, ErrorCode::TooLarge, &message))).await?;
+            error_reply(Value::Null, ErrorCode::TooLarge, &message)
+        } else {
+            let text = buf.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            let caller = Caller { uid, roles: config.borrow().roles.of(uid, &gids) };
+            answer(text, caller, &service).await
+        };
+        if timeout(idle, write.write_all(&line(&reply))).await.is_err() {
+            debug!("closing a control connection of uid {uid}: its replies were not read for {idle:?}");
             return Ok(());
         }
-        let text = buf.trim_ascii();
-        if text.is_empty() {
-            continue;
+        if reply.error.as_ref().is_some_and(|e| e.code == ErrorCode::TooLarge) {
+            return Ok(());
         }
-        let reply = answer(text, &roles, uid, &service).await;
-        write.write_all(&line(&reply)).await?;
     }
 }
 
 /// One request line to one reply.
-async fn answer(text: &[u8], roles: &BTreeSet<Role>, uid: u32, service: &Arc<Service>) -> Reply {
-    // The common case parses once; only a bad request is parsed again, to classify the
-    // error and recover its id.
-    let (id, request) = match serde_json::from_slice::<Request>(text) {
-        Ok(request) => (request.id.clone(), request),
-        Err(e) => return bad_request(text, e),
+async fn answer(text: &[u8], caller: Caller, service: &Arc<Service>) -> Reply {
+    let (id, command) = match parse(text) {
+        Ok(parsed) => parsed,
+        Err(reply) => return *reply,
     };
-    if !request.command.permits(roles) {
-        let message = match request.command.role() {
+    if !command.permits(&caller.roles) {
+        let uid = caller.uid;
+        let message = match command.role() {
             Some(needed) => format!("uid {uid} may not run this command (it needs the {needed:?} role)").to_lowercase(),
             None => format!("uid {uid} has no role"),
         };
         return error_reply(id, ErrorCode::Forbidden, &message);
     }
-    let caller = Caller { uid, roles: roles.clone() };
-    let outcome = match request.command {
+    let outcome = match command {
         // Checks are answered from memory and never block.
         command @ Command::Check { .. } => service.execute(command, &caller),
         command => {
@@ -128,14 +230,108 @@ async fn answer(text: &[u8], roles: &BTreeSet<Role>, uid: u32, service: &Arc<Ser
     }
 }
 
-fn bad_request(text: &[u8], error: serde_json::Error) -> Reply {
-    match serde_json::from_slice::<Value>(text) {
-        Ok(Value::Object(fields)) => {
-            let id = fields.get("id").cloned().unwrap_or(Value::Null);
-            error_reply(id, ErrorCode::BadRequest, &format!("bad request: {error}"))
+/// A request line to its id and command, reading the text once. Stricter than the derived
+/// parser alone: `cmd` must be a string (serde would take a variant's index, `"cmd": 5`, as
+/// a command) and no field may appear twice.
+fn parse(text: &[u8]) -> Result<(Value, Command), Box<Reply>> {
+    let Envelope { id, fields, repeated } = match serde_json::from_slice::<Envelope>(text) {
+        Ok(envelope) => envelope,
+        Err(e) if e.is_data() => {
+            return Err(Box::new(error_reply(Value::Null, ErrorCode::BadJson, "a request is one JSON object per line")));
         }
-        Ok(_) => error_reply(Value::Null, ErrorCode::BadJson, "a request is one JSON object per line"),
-        Err(e) => error_reply(Value::Null, ErrorCode::BadJson, &format!("not JSON: {e}")),
+        Err(e) => return Err(Box::new(error_reply(Value::Null, ErrorCode::BadJson, &format!("not JSON: {e}")))),
+    };
+    let refused = |why: String| {
+        Err(Box::new(error_reply(id.clone(), ErrorCode::BadRequest, &format!("bad request: {why}"))))
+    };
+    if let Some(key) = repeated {
+        return refused(format!("field `{key}` appears more than once"));
+    }
+    match fields.iter().find(|(key, _)| key == "cmd") {
+        None | Some((_, Value::String(_))) => {}
+        Some((_, other)) => return refused(format!("`cmd` must be a command name, a string, not {}", json_type(other))),
+    }
+    match Command::deserialize(MapDeserializer::<_, serde_json::Error>::new(fields.into_iter())) {
+        Ok(command) => Ok((id, command)),
+        Err(e) => refused(e.to_string()),
+    }
+}
+
+/// A request object split into its id and the command's fields (keys borrowed from the line
+/// where they can be; a request has a handful, so a list is quicker than a map).
+struct Envelope<'a> {
+    id: Value,
+    fields: Vec<(Cow<'a, str>, Value)>,
+    /// The first key that appeared twice.
+    repeated: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Envelope<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Envelope<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de>, A::Error> {
+                let mut envelope = Envelope { id: Value::Null, fields: Vec::new(), repeated: None };
+                let mut has_id = false;
+                while let Some(Key(key)) = map.next_key()? {
+                    let again = if key == "id" {
+                        envelope.id = map.next_value()?;
+                        std::mem::replace(&mut has_id, true)
+                    } else {
+                        let again = envelope.fields.iter().any(|(k, _)| *k == key);
+                        envelope.fields.push((key.clone(), map.next_value()?));
+                        again
+                    };
+                    if again && envelope.repeated.is_none() {
+                        envelope.repeated = Some(key.into_owned());
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+/// A key, borrowed from the request line unless it holds escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -159,4 +355,35 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .find_map(|l| l.strip_prefix("Groups:"))
         .map(|groups| groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(line: &str) -> Reply {
+        match parse(line.as_bytes()) {
+            Ok((_, command)) => panic!("{line} was accepted as {command:?}"),
+            Err(reply) => *reply,
+        }
+    }
+
+    #[test]
+    fn a_command_is_named_by_a_string_only() {
+        let (id, command) = parse(br#"{"id": 3, "cmd": "status"}"#).unwrap();
+        assert_eq!((id, command), (json!(3), Command::Status {}));
+        for tag in ["5", "0", "5.0", "true", "null", "[5]", r#"{"status": {}}"#, r#""5""#, r#""Status""#] {
+            let reply = refused(&format!(r#"{{"id": 7, "cmd": {tag}, "account": "a", "cidr": "198.18.0.0/24"}}"#));
+            let error = reply.error.unwrap();
+            assert_eq!((reply.id, error.code), (json!(7), ErrorCode::BadRequest), "{tag}: {}", error.message);
+        }
+        let reply = refused(r#"{"id": 1, "cmd": "status", "cmd": "status"}"#);
+        assert!(reply.error.unwrap().message.contains("`cmd` appears more than once"));
+        let reply = refused(r#"{"id": 1, "id": 2, "cmd": "status"}"#);
+        assert!(reply.error.unwrap().message.contains("`id` appears more than once"));
+        let (bad_json, bad_request) = (ErrorCode::BadJson, ErrorCode::BadRequest);
+        for (line, code) in [("[1]", bad_json), ("{", bad_json), (r#"{"id": 4}"#, bad_request)] {
+            assert_eq!(refused(line).error.unwrap().code, code, "{line}");
+        }
+    }
 }

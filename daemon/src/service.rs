@@ -11,9 +11,7 @@ use std::{
     sync::{
         Mutex, RwLock,
         atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
-        mpsc,
     },
-    thread,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -23,6 +21,7 @@ use log::{info, warn};
 use serde_json::{Value, json};
 
 use crate::{
+    activity::{Drops, Signin},
     datapath::{self, BindTarget, Binding, Datapath, DatapathError},
     policy::{
         ACCOUNT_ID_RULE, AccountPolicy, LiveOverride, MAX_LABEL, MAX_REASON, MAX_TICKET, check_text, decide,
@@ -30,9 +29,14 @@ use crate::{
     },
     logging::{self, PendingAudit},
     metrics::{self, CheckCounters},
-    protocol::{AccountState, Caller, Command, EffectiveState, ErrorBody, ErrorCode, ImportAccount, Method, Mode, ReplaceEntry},
+    protocol::{
+        AccountState, ActivityKind, Caller, Command, EffectiveState, ErrorBody, ErrorCode, ImportAccount, Method, Mode,
+        ReplaceEntry,
+    },
     store::{AccountRow, ActivityRecord, BindingRow, EntryRow, RecentSignin, Store, StoreError, Tx},
 };
+
+pub use crate::activity::ActivityLog;
 
 /// Longest override support may grant (the shortest is configured).
 const MAX_OVERRIDE_TTL: u64 = 30 * 24 * 3600;
@@ -71,80 +75,6 @@ impl From<DatapathError> for Failure {
 
 type Outcome = Result<Value, Failure>;
 
-
-/// Login checks are recorded off the request path: a thread batches them into the store
-/// through its own connection. Audit records of changes are not sent here; they are written
-/// in the change's own transaction, so they cannot be lost.
-pub struct ActivityLog {
-    sender: mpsc::SyncSender<LogMessage>,
-    /// Check records dropped because the log fell behind (the queue was full).
-    dropped: AtomicU64,
-}
-
-enum LogMessage {
-    Record(ActivityRecord),
-    Flush(mpsc::SyncSender<()>),
-}
-
-impl ActivityLog {
-    const QUEUE: usize = 65_536;
-    const BATCH: usize = 2_048;
-
-    /// Starts the writer thread on `store` (a second connection to the daemon's database).
-    pub fn start(mut store: Store) -> ActivityLog {
-        let (sender, receiver) = mpsc::sync_channel(Self::QUEUE);
-        thread::Builder::new()
-            .name("activity-log".into())
-            .spawn(move || {
-                let mut batch = Vec::with_capacity(Self::BATCH);
-                let mut waiting = Vec::new();
-                loop {
-                    match receiver.recv_timeout(Duration::from_millis(200)) {
-                        Ok(LogMessage::Record(r)) => batch.push(r),
-                        Ok(LogMessage::Flush(done)) => waiting.push(done),
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                    while batch.len() < Self::BATCH {
-                        match receiver.try_recv() {
-                            Ok(LogMessage::Record(r)) => batch.push(r),
-                            Ok(LogMessage::Flush(done)) => waiting.push(done),
-                            Err(_) => break,
-                        }
-                    }
-                    if !batch.is_empty() {
-                        let written = store.transaction().and_then(|tx| {
-                            tx.add_activity(&batch)?;
-                            tx.commit()
-                        });
-                        if let Err(e) = written {
-                            warn!("could not record {} login checks: {e}", batch.len());
-                        }
-                        batch.clear();
-                    }
-                    waiting.drain(..).for_each(|done| {
-                        let _ = done.send(());
-                    });
-                }
-            })
-            .expect("spawn the activity log thread");
-        ActivityLog { sender, dropped: AtomicU64::new(0) }
-    }
-
-    fn record(&self, record: ActivityRecord) {
-        if self.sender.try_send(LogMessage::Record(record)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Waits until everything recorded so far is in the store.
-    pub fn flush(&self) {
-        let (done, wait) = mpsc::sync_channel(1);
-        if self.sender.send(LogMessage::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(Duration::from_secs(10));
-        }
-    }
-}
 
 /// The one writer: store and maps change together under this lock.
 struct Writer {
@@ -410,11 +340,39 @@ impl Service {
                 }
                 Ok(json!(tx.live_overrides(account.as_deref(), now())?))
             }),
-            Command::Activity { account, since_seconds, denied_only, limit } => {
-                self.activity.flush();
+            Command::Activity { account, since_seconds, denied_only, limit, kind, summary, unknown_accounts } => {
                 let since = now() - since_seconds.unwrap_or(7 * 24 * 3600).min(i64::MAX as u64 / 2) as i64;
                 let limit = limit.unwrap_or(100).min(10_000);
-                self.read(|tx| Ok(json!(tx.activity(&account, since, denied_only, limit)?)))
+                let bad = |why: &str| Err(Failure::new(ErrorCode::BadRequest, why));
+                let account = match (account, unknown_accounts) {
+                    (None, true) if kind.is_none() && !summary && !denied_only => None,
+                    (None, true) => {
+                        return bad("unknown_accounts is a summary of its own: no kind, summary or denied_only");
+                    }
+                    (Some(_), true) => return bad("unknown_accounts is of no account: leave the account out"),
+                    (None, false) => return bad("activity needs an account (or unknown_accounts)"),
+                    (Some(account), false) => Some(account),
+                };
+                if summary && kind.is_some_and(|k| k != ActivityKind::Signin) {
+                    return bad("a summary is of sign-ins only: leave kind out");
+                }
+                // Counts still in memory are written first, so the answer includes the latest.
+                self.activity.flush();
+                self.read(|tx| match account {
+                    None => Ok(json!(tx.unknown_summary(since, limit)?)),
+                    Some(account) => {
+                        // An account that was removed keeps its history; a name that never
+                        // existed has none (checks for unknown accounts are not kept by name).
+                        if tx.account(&account)?.is_none() && !tx.has_activity(&account)? {
+                            return Err(unknown(&account));
+                        }
+                        if summary {
+                            Ok(json!(tx.signin_summary(&account, since, denied_only, limit)?))
+                        } else {
+                            Ok(json!(tx.activity(&account, since, kind, denied_only, limit)?))
+                        }
+                    }
+                })
             }
             Command::BindAdd { account, addr, port, proto } => {
                 let target = bind_target(port, proto)?;
@@ -791,17 +749,17 @@ impl Service {
         if dry_run {
             return Ok(json!(result));
         }
-        let _ = caller;
+        // Every check is counted (unknown accounts too); the log counts it per hour, address
+        // and outcome, under the caller's uid.
         self.checks.count(result.reason);
-        self.activity.record(ActivityRecord {
+        self.activity.signin(Signin {
             time: at,
             account: account.to_string(),
-            kind: "check",
-            address: Some(addr),
-            method: serde_json::to_value(method).ok().and_then(|v| v.as_str().map(str::to_string)),
-            allowed: Some(result.allowed),
-            reason: serde_json::to_value(result.reason).ok().and_then(|v| v.as_str().map(str::to_string)),
-            detail: None,
+            address: addr,
+            method,
+            reason: result.reason,
+            uid: caller.uid,
+            application: caller.is_application(),
         });
         Ok(json!(result))
     }
@@ -821,6 +779,8 @@ impl Service {
         let by_slot: HashMap<u32, String> =
             self.accounts.read().expect("cache lock").iter().map(|(id, a)| (a.slot, id.clone())).collect();
         let at = now();
+        // Many samples of one flow come in one drain: they are counted per endpoint here.
+        let mut counted: HashMap<(&str, IpAddr, IpAddr, u8, u16, &'static str), i64> = HashMap::new();
         for sample in &samples {
             let Some(account) = by_slot.get(&sample.account) else { continue };
             let reason = match sample.reason {
@@ -832,17 +792,22 @@ impl Service {
             };
             let src = datapath::words_addr(sample.family as u64, sample.src_hi, sample.src_lo);
             let dst = datapath::words_addr(sample.family as u64, sample.dst_hi, sample.dst_lo);
-            self.activity.record(ActivityRecord {
-                time: at,
-                account: account.clone(),
-                kind: "drop",
-                address: Some(src),
-                method: None,
-                allowed: Some(sample.reason == ipaccess_common::reason::WOULD_DROP),
-                reason: Some(reason.to_string()),
-                detail: Some(json!({ "destination": dst, "protocol": sample.protocol, "port": sample.port })),
-            });
+            *counted.entry((account, src, dst, sample.protocol, sample.port, reason)).or_default() += 1;
         }
+        let drops = counted
+            .into_iter()
+            .map(|((account, source, destination, protocol, port, reason), count)| Drops {
+                time: at,
+                account: account.to_string(),
+                source,
+                destination,
+                protocol,
+                port,
+                reason,
+                count,
+            })
+            .collect();
+        self.activity.drops(drops);
         samples.len()
     }
 
@@ -930,16 +895,8 @@ fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Resul
     detail["uid"] = json!(uid);
     detail["action"] = json!(action);
     logging::audit(account, uid, action, &detail);
-    tx.add_activity(&[ActivityRecord {
-        time: now(),
-        account: account.to_string(),
-        kind: "audit",
-        address: None,
-        method: None,
-        allowed: None,
-        reason: Some(action.to_string()),
-        detail: Some(detail),
-    }])?;
+    let record = ActivityRecord { time: now(), account: account.to_string(), uid, action: action.to_string(), detail };
+    tx.add_activity(&[record])?;
     Ok(())
 }
 

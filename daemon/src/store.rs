@@ -7,6 +7,8 @@
 //! their snake_case names) so that equal values compare equal in SQL.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::{Serialize, Serializer};
 
-use crate::protocol::{AccountState, Mode, Proto};
+use crate::protocol::{AccountState, ActivityKind, Method, Mode, Proto, Reason};
 
 /// Schema migrations; `PRAGMA user_version` counts how many have been applied.
 const MIGRATIONS: &[&str] = &[
@@ -82,7 +84,89 @@ const MIGRATIONS: &[&str] = &[
     -- was stopped; those that ended before this version are not audited again.
     ALTER TABLE overrides ADD COLUMN expiry_audited INTEGER NOT NULL DEFAULT 0;
     UPDATE overrides SET expiry_audited = 1 WHERE revoked_at IS NOT NULL OR expires_at <= unixepoch();",
+    // v5: login checks and drops are counted per hour instead of stored one row each (a
+    // busy account wrote millions of rows a day); checks for accounts that do not exist
+    // are counted per address, without the names tried. `activity` keeps the audit records.
+    // The address '*' counts what came beyond an hour's cap of rows (see `SIGNIN_ROWS`).
+    // A uid of -1 marks checks recorded before uids were.
+    "CREATE TABLE signins (
+        account TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        method TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        application INTEGER NOT NULL,
+        allowed INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (account, bucket, address, method, reason, uid, application)
+    ) WITHOUT ROWID;
+    CREATE INDEX signins_last_seen ON signins(last_seen);
+    CREATE TABLE drops (
+        account TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        protocol INTEGER NOT NULL,
+        port INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        allowed INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (account, bucket, source, destination, protocol, port, reason)
+    ) WITHOUT ROWID;
+    CREATE INDEX drops_last_seen ON drops(last_seen);
+    CREATE TABLE unknown_signins (
+        bucket INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        method TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (bucket, address, method)
+    ) WITHOUT ROWID;
+    CREATE INDEX unknown_signins_last_seen ON unknown_signins(last_seen);
+    INSERT INTO signins
+        SELECT account, bucket, address, method, reason, -1, 1, allowed, COUNT(*), MIN(time), MAX(time)
+        FROM (SELECT account, time - time % 3600 AS bucket, COALESCE(address, '*') AS address,
+                     COALESCE(method, 'password') AS method, COALESCE(reason, '') AS reason,
+                     COALESCE(allowed, 0) AS allowed, time
+              FROM activity WHERE kind = 'check' AND reason IS NOT 'unknown_account')
+        GROUP BY account, bucket, address, method, reason;
+    INSERT INTO unknown_signins
+        SELECT bucket, address, method, COUNT(*), MIN(time), MAX(time)
+        FROM (SELECT time - time % 3600 AS bucket, COALESCE(address, '*') AS address,
+                     COALESCE(method, 'password') AS method, time
+              FROM activity WHERE kind = 'check' AND reason = 'unknown_account')
+        GROUP BY bucket, address, method;
+    INSERT INTO drops
+        SELECT account, bucket, source, destination, protocol, port, reason, allowed, COUNT(*), MIN(time), MAX(time)
+        FROM (SELECT account, time - time % 3600 AS bucket, COALESCE(address, '*') AS source,
+                     COALESCE(json_extract(detail, '$.destination'), '*') AS destination,
+                     COALESCE(json_extract(detail, '$.protocol'), 0) AS protocol,
+                     COALESCE(json_extract(detail, '$.port'), 0) AS port, COALESCE(reason, '') AS reason,
+                     COALESCE(allowed, 0) AS allowed, time
+              FROM activity WHERE kind = 'drop' AND json_valid(detail))
+        GROUP BY account, bucket, source, destination, protocol, port, reason;
+    DELETE FROM activity WHERE kind <> 'audit';",
 ];
+
+/// Rows of sign-ins one account may add in one hour; further addresses are counted together
+/// under the address `*` (one row per method, reason and kind of caller). With the same
+/// caps for drops and a shared one for unknown accounts, a flood of invented addresses
+/// cannot grow the store without bound.
+pub const SIGNIN_ROWS: i64 = 256;
+/// Rows of drops (source, destination endpoint, reason) one account may add in one hour.
+pub const DROP_ROWS: i64 = 256;
+/// Rows of checks for unknown accounts (address, method) per hour, over all names.
+pub const UNKNOWN_ROWS: i64 = 1024;
+/// Sign-ins and drops are counted per hour.
+pub const BUCKET_SECONDS: i64 = 3600;
+/// The address under which what exceeds an hour's cap is counted.
+pub const OTHER_ADDRESSES: &str = "*";
 
 /// How long to wait for another connection's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,31 +220,126 @@ pub struct OverrideRow {
     pub revoked_at: Option<i64>,
 }
 
-/// One activity record to append: a login check (`kind` "check"), an audited change
-/// ("audit") or a sampled drop ("drop").
+/// An audit record: one change, with the uid that made it, written in the change's own
+/// transaction.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ActivityRecord {
     pub time: i64,
     pub account: String,
-    pub kind: &'static str,
-    pub address: Option<IpAddr>,
-    pub method: Option<String>,
-    pub allowed: Option<bool>,
-    pub reason: Option<String>,
-    pub detail: Option<serde_json::Value>,
+    pub uid: u32,
+    /// What was done (`mode`, `allow_add`, `override_granted`...).
+    pub action: String,
+    pub detail: serde_json::Value,
 }
 
+/// How many times something was seen, and when first and last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tally {
+    pub count: i64,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+impl Tally {
+    pub fn new(count: i64, at: i64) -> Tally {
+        Tally { count, first_seen: at, last_seen: at }
+    }
+
+    pub fn add(&mut self, other: Tally) {
+        self.count += other.count;
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+    }
+}
+
+/// The hour `time` falls in (its first second).
+pub fn bucket(time: i64) -> i64 {
+    time - time.rem_euclid(BUCKET_SECONDS)
+}
+
+/// Login checks of an existing account counted together: one hour, one address, method and
+/// outcome, one caller.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SigninKey {
+    pub account: String,
+    pub bucket: i64,
+    pub address: IpAddr,
+    pub method: Method,
+    pub reason: Reason,
+    pub uid: u32,
+    /// Made by an application (a caller with the check role): the customer's own attempt.
+    pub application: bool,
+}
+
+/// Checks for an account that does not exist, counted per hour, address and method; the
+/// names tried are not kept.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UnknownKey {
+    pub bucket: i64,
+    pub address: IpAddr,
+    pub method: Method,
+}
+
+/// Packets the kernel refused (or would refuse, in monitor mode) counted together: one
+/// hour, one source, one destination endpoint, one reason.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    pub account: String,
+    pub bucket: i64,
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    pub protocol: u8,
+    pub port: u16,
+    /// `address_not_allowed`, `monitor_would_deny` (passed), `suspended`...
+    pub reason: &'static str,
+}
+
+/// One row of an account's activity: an hour's count of sign-ins or drops (for one
+/// address, outcome and caller, or one source and destination), or one audit record.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ActivityRow {
-    pub id: i64,
-    pub time: i64,
+    pub kind: ActivityKind,
     pub account: String,
-    pub kind: String,
+    /// When it was last seen (for audit records: when the change was made).
+    pub time: i64,
+    pub first_seen: i64,
+    pub count: i64,
+    /// The address signing in, or the packets' source; `*` for the addresses beyond an
+    /// hour's cap.
     pub address: Option<String>,
     pub method: Option<String>,
     pub allowed: Option<bool>,
+    /// The check's or drop's reason, or the audited action.
     pub reason: Option<String>,
+    /// Who checked, or who made the change.
+    pub uid: Option<u32>,
+    /// Drops: destination, protocol and port; sign-ins: whether an application checked;
+    /// audit records: what changed.
     pub detail: Option<serde_json::Value>,
+}
+
+/// An account's sign-ins from one address with one method and one outcome, over a period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SigninSummary {
+    pub address: String,
+    pub method: String,
+    pub allowed: bool,
+    pub reason: String,
+    /// Whether these checks came from applications (false: support or admin staff).
+    pub application: bool,
+    pub count: i64,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+/// Checks for accounts that do not exist, from one address with one method.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnknownSummary {
+    pub address: String,
+    pub method: String,
+    pub count: i64,
+    pub first_seen: i64,
+    pub last_seen: i64,
 }
 
 /// Denied checks from one (address, method), as hosted platforms show them to support.
@@ -218,9 +397,21 @@ pub struct Store {
 
 impl Store {
     /// Opens the store at `path`, creating it (and its directory) and the schema as needed.
+    /// The store names
+    /// every account and its addresses, so it is private whatever the umask: a directory it
+    /// creates is 0700, the database 0600, and SQLite gives its -wal and -shm files the
+    /// database's mode. An existing file open to others is tightened, with a warning.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
+            _ => {}
+        }
+        for file in [path.to_path_buf(), Store::sibling(path, "-wal"), Store::sibling(path, "-shm")] {
+            Store::make_private(&file)?;
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -255,6 +446,29 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Deferred)?;
         Ok(Tx { tx, free_slots: RefCell::new(None) })
+    }
+
+    /// Takes group and other access away from `file`, if it exists and has any.
+    fn make_private(file: &Path) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = match std::fs::metadata(file) {
+            Ok(meta) => meta.permissions().mode() & 0o7777,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if mode & 0o077 != 0 {
+            let private = mode & 0o700;
+            log::warn!("{} had mode {mode:04o}, open to other users; setting it to {private:04o}", file.display());
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(private))?;
+        }
+        Ok(())
+    }
+
+    /// `path` with `suffix` appended to its file name (SQLite's `-wal` and `-shm` files).
+    pub fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        name.into()
     }
 }
 
@@ -680,41 +894,294 @@ impl Tx<'_> {
         self.rows(sql, (now, account), override_row)
     }
 
-    /// Appends activity records.
+    /// Appends audit records.
     pub fn add_activity(&self, records: &[ActivityRecord]) -> Result<(), StoreError> {
         let mut stmt = self.tx.prepare_cached(
             "INSERT INTO activity (time, account, kind, address, method, allowed, reason, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+             VALUES (?1, ?2, 'audit', NULL, NULL, NULL, ?3, ?4)",
         )?;
         for r in records {
-            let detail = r.detail.as_ref().map(|d| d.to_string());
-            stmt.execute((
-                r.time,
-                &r.account,
-                &r.kind,
-                r.address.map(|a| a.to_string()),
-                &r.method,
-                r.allowed,
-                &r.reason,
-                detail,
-            ))?;
+            let mut detail = r.detail.clone();
+            if let serde_json::Value::Object(o) = &mut detail {
+                o.insert("uid".into(), r.uid.into());
+                o.insert("action".into(), r.action.clone().into());
+            }
+            stmt.execute((r.time, &r.account, &r.action, detail.to_string()))?;
         }
         Ok(())
     }
 
-    /// An account's activity since `since` (unix s), newest first, at most `limit` records.
-    pub fn activity(&self, account: &str, since: i64, denied_only: bool, limit: u32) -> Result<Vec<ActivityRow>, StoreError> {
-        let sql = "SELECT id, time, account, kind, address, method, allowed, reason, detail FROM activity
-                   WHERE account = ?1 AND time >= ?2 AND (?3 = 0 OR allowed = 0)
-                   ORDER BY time DESC, id DESC LIMIT ?4";
-        self.rows(sql, (account, since, denied_only as i64, limit), activity_row)
+    /// Adds counted sign-ins to their hours' rows. A new (address, method, outcome, caller)
+    /// beyond an account's [`SIGNIN_ROWS`] in an hour is counted under the address `*`.
+    pub fn add_signins<'k>(
+        &self,
+        tallies: impl IntoIterator<Item = (&'k SigninKey, &'k Tally)>,
+    ) -> Result<(), StoreError> {
+        let mut rows_in_hour: HashMap<(&str, i64), i64> = HashMap::new();
+        for (k, t) in tallies {
+            let (address, method, reason) = (k.address.to_string(), name(k.method), name(k.reason));
+            let sql = "UPDATE signins SET count = count + ?8, first_seen = MIN(first_seen, ?9),
+                       last_seen = MAX(last_seen, ?10) WHERE account = ?1 AND bucket = ?2 AND address = ?3
+                       AND method = ?4 AND reason = ?5 AND uid = ?6 AND application = ?7";
+            let key = (&k.account, k.bucket, &address, &method, &reason, k.uid, k.application);
+            let (account, bucket, address, method, reason, uid, application) = key;
+            let row = (account, bucket, address, method, reason, uid, application, t.count, t.first_seen, t.last_seen);
+            if self.execute(sql, row)? > 0 {
+                continue;
+            }
+            let rows = match rows_in_hour.entry((&k.account, k.bucket)) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(self.count(
+                    "SELECT COUNT(*) FROM signins WHERE account = ?1 AND bucket = ?2 AND address <> '*'",
+                    (&k.account, k.bucket),
+                )?),
+            };
+            // Past the cap, the caller's uid goes too: one row per method, reason and kind of caller.
+            let (address, uid) = if *rows < SIGNIN_ROWS {
+                *rows += 1;
+                (address.as_str(), i64::from(k.uid))
+            } else {
+                (OTHER_ADDRESSES, -1)
+            };
+            self.execute(
+                "INSERT INTO signins (account, bucket, address, method, reason, uid, application, allowed, count,
+                                      first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT DO UPDATE SET count = count + excluded.count,
+                     first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
+                (&k.account, k.bucket, address, method, reason, uid, k.application, allows(k.reason), t.count,
+                 t.first_seen, t.last_seen),
+            )?;
+        }
+        Ok(())
     }
 
-    /// Denied login checks of an account since `since`, summarised per (address, method).
+    /// Adds counted checks for unknown accounts; past [`UNKNOWN_ROWS`] in an hour, new
+    /// addresses are counted under `*`.
+    pub fn add_unknown_signins<'k>(
+        &self,
+        tallies: impl IntoIterator<Item = (&'k UnknownKey, &'k Tally)>,
+    ) -> Result<(), StoreError> {
+        let mut rows_in_hour: HashMap<i64, i64> = HashMap::new();
+        for (k, t) in tallies {
+            let (address, method) = (k.address.to_string(), name(k.method));
+            let sql = "UPDATE unknown_signins SET count = count + ?4, first_seen = MIN(first_seen, ?5),
+                       last_seen = MAX(last_seen, ?6) WHERE bucket = ?1 AND address = ?2 AND method = ?3";
+            if self.execute(sql, (k.bucket, &address, &method, t.count, t.first_seen, t.last_seen))? > 0 {
+                continue;
+            }
+            let rows = match rows_in_hour.entry(k.bucket) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(self.count(
+                    "SELECT COUNT(*) FROM unknown_signins WHERE bucket = ?1 AND address <> '*'",
+                    [k.bucket],
+                )?),
+            };
+            let address = if *rows < UNKNOWN_ROWS {
+                *rows += 1;
+                address.as_str()
+            } else {
+                OTHER_ADDRESSES
+            };
+            self.execute(
+                "INSERT INTO unknown_signins (bucket, address, method, count, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT DO UPDATE SET count = count + excluded.count,
+                     first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
+                (k.bucket, address, &method, t.count, t.first_seen, t.last_seen),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds counted drops; past an account's [`DROP_ROWS`] in an hour, new (source,
+    /// destination) pairs are counted under source and destination `*`, per reason.
+    pub fn add_drops<'k>(&self, tallies: impl IntoIterator<Item = (&'k DropKey, &'k Tally)>) -> Result<(), StoreError> {
+        let mut rows_in_hour: HashMap<(&str, i64), i64> = HashMap::new();
+        for (k, t) in tallies {
+            let (source, destination) = (k.source.to_string(), k.destination.to_string());
+            let sql = "UPDATE drops SET count = count + ?8, first_seen = MIN(first_seen, ?9),
+                       last_seen = MAX(last_seen, ?10) WHERE account = ?1 AND bucket = ?2 AND source = ?3
+                       AND destination = ?4 AND protocol = ?5 AND port = ?6 AND reason = ?7";
+            let key = (&k.account, k.bucket, &source, &destination, k.protocol, k.port, k.reason);
+            let row = (key.0, key.1, key.2, key.3, key.4, key.5, key.6, t.count, t.first_seen, t.last_seen);
+            if self.execute(sql, row)? > 0 {
+                continue;
+            }
+            let rows = match rows_in_hour.entry((&k.account, k.bucket)) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(self.count(
+                    "SELECT COUNT(*) FROM drops WHERE account = ?1 AND bucket = ?2 AND source <> '*'",
+                    (&k.account, k.bucket),
+                )?),
+            };
+            let (source, destination, protocol, port) = if *rows < DROP_ROWS {
+                *rows += 1;
+                (source.as_str(), destination.as_str(), k.protocol, k.port)
+            } else {
+                (OTHER_ADDRESSES, OTHER_ADDRESSES, 0, 0)
+            };
+            self.execute(
+                "INSERT INTO drops (account, bucket, source, destination, protocol, port, reason, allowed, count,
+                                    first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT DO UPDATE SET count = count + excluded.count,
+                     first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
+                (&k.account, k.bucket, source, destination, protocol, port, k.reason, k.reason == "monitor_would_deny",
+                 t.count, t.first_seen, t.last_seen),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// An account's activity seen since `since` (unix s), newest first, at most `limit` rows:
+    /// sign-ins and drops per hour, audit records one each. `kind` keeps one kind;
+    /// `denied_only` keeps refused sign-ins and drops, and those monitor mode let through.
+    pub fn activity(
+        &self,
+        account: &str,
+        since: i64,
+        kind: Option<ActivityKind>,
+        denied_only: bool,
+        limit: u32,
+    ) -> Result<Vec<ActivityRow>, StoreError> {
+        let wanted = |k: ActivityKind| kind.is_none_or(|only| only == k);
+        let mut rows = Vec::new();
+        // Audit records are changes, never denials.
+        if wanted(ActivityKind::Audit) && !denied_only {
+            let sql = "SELECT account, time, reason, detail FROM activity
+                       WHERE account = ?1 AND time >= ?2 AND kind = 'audit' ORDER BY time DESC, id DESC LIMIT ?3";
+            rows.extend(self.rows(sql, (account, since, limit), |r| {
+                let detail: Option<String> = r.get(3)?;
+                let detail = detail.map(|d| serde_json::from_str(&d).unwrap_or(serde_json::Value::String(d)));
+                let uid = detail.as_ref().and_then(|d| d["uid"].as_u64()).and_then(|u| u32::try_from(u).ok());
+                let time = r.get(1)?;
+                Ok(ActivityRow {
+                    kind: ActivityKind::Audit,
+                    account: r.get(0)?,
+                    time,
+                    first_seen: time,
+                    count: 1,
+                    address: None,
+                    method: None,
+                    allowed: None,
+                    reason: r.get(2)?,
+                    uid,
+                    detail,
+                })
+            })?);
+        }
+        if wanted(ActivityKind::Signin) {
+            let sql = "SELECT account, last_seen, first_seen, count, address, method, allowed, reason, uid, application
+                       FROM signins WHERE account = ?1 AND last_seen >= ?2
+                       AND (?3 = 0 OR allowed = 0 OR reason = 'monitor_would_deny')
+                       ORDER BY last_seen DESC, address, method, reason, uid, application LIMIT ?4";
+            rows.extend(self.rows(sql, (account, since, denied_only, limit), |r| {
+                let uid: i64 = r.get(8)?;
+                Ok(ActivityRow {
+                    kind: ActivityKind::Signin,
+                    account: r.get(0)?,
+                    time: r.get(1)?,
+                    first_seen: r.get(2)?,
+                    count: r.get(3)?,
+                    address: r.get(4)?,
+                    method: r.get(5)?,
+                    allowed: Some(r.get(6)?),
+                    reason: r.get(7)?,
+                    uid: u32::try_from(uid).ok(),
+                    detail: Some(serde_json::json!({ "application": r.get::<_, bool>(9)? })),
+                })
+            })?);
+        }
+        if wanted(ActivityKind::Drop) {
+            let sql = "SELECT account, last_seen, first_seen, count, source, allowed, reason, destination, protocol,
+                       port FROM drops WHERE account = ?1 AND last_seen >= ?2
+                       AND (?3 = 0 OR allowed = 0 OR reason = 'monitor_would_deny')
+                       ORDER BY last_seen DESC, source, destination, protocol, port, reason LIMIT ?4";
+            rows.extend(self.rows(sql, (account, since, denied_only, limit), |r| {
+                let detail = serde_json::json!({ "destination": r.get::<_, String>(7)?, "protocol": r.get::<_, i64>(8)?,
+                                                 "port": r.get::<_, i64>(9)? });
+                Ok(ActivityRow {
+                    kind: ActivityKind::Drop,
+                    account: r.get(0)?,
+                    time: r.get(1)?,
+                    first_seen: r.get(2)?,
+                    count: r.get(3)?,
+                    address: r.get(4)?,
+                    method: None,
+                    allowed: Some(r.get(5)?),
+                    reason: r.get(6)?,
+                    uid: None,
+                    detail: Some(detail),
+                })
+            })?);
+        }
+        // Each kind came newest first; the sort is stable, so within one second audit records
+        // come first (in their order), then sign-ins, then drops.
+        rows.sort_by_key(|r| std::cmp::Reverse(r.time));
+        rows.truncate(limit as usize);
+        Ok(rows)
+    }
+
+    /// An account's sign-ins seen since `since`, per (address, method, outcome, kind of
+    /// caller), most recently seen first, at most `limit`.
+    pub fn signin_summary(
+        &self,
+        account: &str,
+        since: i64,
+        denied_only: bool,
+        limit: u32,
+    ) -> Result<Vec<SigninSummary>, StoreError> {
+        let sql = "SELECT address, method, allowed, reason, application, SUM(count), MIN(first_seen), MAX(last_seen)
+                   FROM signins WHERE account = ?1 AND last_seen >= ?2
+                   AND (?3 = 0 OR allowed = 0 OR reason = 'monitor_would_deny')
+                   GROUP BY address, method, allowed, reason, application
+                   ORDER BY MAX(last_seen) DESC, address, method, reason, application LIMIT ?4";
+        self.rows(sql, (account, since, denied_only, limit), |r| {
+            Ok(SigninSummary {
+                address: r.get(0)?,
+                method: r.get(1)?,
+                allowed: r.get(2)?,
+                reason: r.get(3)?,
+                application: r.get(4)?,
+                count: r.get(5)?,
+                first_seen: r.get(6)?,
+                last_seen: r.get(7)?,
+            })
+        })
+    }
+
+    /// Checks for accounts that do not exist seen since `since`, per (address, method),
+    /// most recently seen first.
+    pub fn unknown_summary(&self, since: i64, limit: u32) -> Result<Vec<UnknownSummary>, StoreError> {
+        let sql = "SELECT address, method, SUM(count), MIN(first_seen), MAX(last_seen) FROM unknown_signins
+                   WHERE last_seen >= ?1 GROUP BY address, method ORDER BY MAX(last_seen) DESC, address LIMIT ?2";
+        self.rows(sql, (since, limit), |r| {
+            Ok(UnknownSummary {
+                address: r.get(0)?,
+                method: r.get(1)?,
+                count: r.get(2)?,
+                first_seen: r.get(3)?,
+                last_seen: r.get(4)?,
+            })
+        })
+    }
+
+    /// Whether anything about `account` is recorded (an account that was removed may
+    /// still have history).
+    pub fn has_activity(&self, account: &str) -> Result<bool, StoreError> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM activity WHERE account = ?1)
+                   OR EXISTS (SELECT 1 FROM signins WHERE account = ?1)
+                   OR EXISTS (SELECT 1 FROM drops WHERE account = ?1)";
+        Ok(self.count(sql, [account])? != 0)
+    }
+
+    /// The customer's denied sign-ins since `since`, per (address, method): checks made
+    /// by applications only, so that support's and admins' own checks never count.
     pub fn denied_summary(&self, account: &str, since: i64) -> Result<Vec<DeniedSummary>, StoreError> {
-        let sql = "SELECT address, method, MIN(time), MAX(time), COUNT(*) FROM activity
-                   WHERE account = ?1 AND time >= ?2 AND kind = 'check' AND allowed = 0
-                   GROUP BY address, method ORDER BY MAX(time) DESC LIMIT 50";
+        let sql = "SELECT address, method, MIN(first_seen), MAX(last_seen), SUM(count) FROM signins
+                   WHERE account = ?1 AND last_seen >= ?2 AND application = 1 AND allowed = 0
+                   GROUP BY address, method ORDER BY MAX(last_seen) DESC LIMIT 50";
         self.rows(sql, (account, since), |r| {
             Ok(DeniedSummary {
                 address: r.get(0)?,
@@ -730,9 +1197,9 @@ impl Tx<'_> {
     /// monitor mode) since `since`, each with its last sign-in, newest first. The lockout
     /// guard refuses changes that would shut these out.
     pub fn recent_signins(&self, account: &str, since: i64) -> Result<Vec<RecentSignin>, StoreError> {
-        let sql = "SELECT address, MAX(time) FROM activity
-                   WHERE account = ?1 AND time >= ?2 AND kind = 'check' AND allowed = 1 AND address IS NOT NULL
-                   GROUP BY address ORDER BY MAX(time) DESC";
+        let sql = "SELECT address, MAX(last_seen) FROM signins
+                   WHERE account = ?1 AND last_seen >= ?2 AND application = 1 AND allowed = 1 AND address <> '*'
+                   GROUP BY address ORDER BY MAX(last_seen) DESC";
         self.rows(sql, (account, since), |r| {
             let address: String = r.get(0)?;
             Ok(RecentSignin {
@@ -742,9 +1209,18 @@ impl Tx<'_> {
         })
     }
 
-    /// Deletes activity older than `before` (unix s); returns how many records went.
+    /// Deletes activity last seen before `before` (unix s); returns how many rows went.
     pub fn prune_activity(&self, before: i64) -> Result<usize, StoreError> {
-        Ok(self.execute("DELETE FROM activity WHERE time < ?1", [before])?)
+        let mut pruned = self.execute("DELETE FROM activity WHERE time < ?1", [before])?;
+        for table in ["signins", "drops", "unknown_signins"] {
+            pruned += self.execute(&format!("DELETE FROM {table} WHERE last_seen < ?1"), [before])?;
+        }
+        Ok(pruned)
+    }
+
+    /// A query whose one row is one number.
+    fn count(&self, sql: &str, params: impl Params) -> Result<i64, StoreError> {
+        Ok(self.tx.prepare_cached(sql)?.query_row(params, |r| r.get(0))?)
     }
 
     /// Runs a query and converts each row, so that a row that does not parse is `Corrupt`.
@@ -788,21 +1264,6 @@ fn override_row(r: &Row) -> Result<OverrideRow, StoreError> {
         created_at: r.get(6)?,
         expires_at: r.get(7)?,
         revoked_at: r.get(8)?,
-    })
-}
-
-fn activity_row(r: &Row) -> Result<ActivityRow, StoreError> {
-    let detail: Option<String> = r.get(8)?;
-    Ok(ActivityRow {
-        id: r.get(0)?,
-        time: r.get(1)?,
-        account: r.get(2)?,
-        kind: r.get(3)?,
-        address: r.get(4)?,
-        method: r.get(5)?,
-        allowed: r.get::<_, Option<i64>>(6)?.map(|v| v != 0),
-        reason: r.get(7)?,
-        detail: detail.map(|d| serde_json::from_str(&d).unwrap_or(serde_json::Value::String(d))),
     })
 }
 
@@ -854,6 +1315,12 @@ fn endpoint(addr: IpAddr, target: Option<(Proto, u16)>) -> String {
         None => addr.to_string(),
         Some((proto, port)) => format!("{} {}", name(proto), SocketAddr::new(addr, port)),
     }
+}
+
+/// Whether a check with this reason let the sign-in through (monitor mode's would-be
+/// denials did).
+fn allows(reason: Reason) -> bool {
+    matches!(reason, Reason::Allowed | Reason::MonitorWouldDeny)
 }
 
 /// An enum's snake_case name, as the wire protocol spells it.
@@ -1166,6 +1633,118 @@ mod tests {
         assert_eq!(tx.accounts().unwrap(), [acct]);
         assert_eq!(tx.entries("acme").unwrap(), [entry]);
         assert_eq!(tx.bindings().unwrap(), [bind]);
+    }
+
+    fn signin(account: &str, addr: &str, reason: Reason, uid: u32, application: bool) -> SigninKey {
+        let (account, address, bucket, method) = (account.into(), ip(addr), bucket(7200), Method::Password);
+        SigninKey { account, bucket, address, method, reason, uid, application }
+    }
+
+    #[test]
+    fn signins_are_counted_per_hour_and_capped() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        // 300 addresses, each seen twice in two writes: the first SIGNIN_ROWS get a row each,
+        // the rest are counted under `*`.
+        let keys: Vec<SigninKey> = (0..300)
+            .map(|i| signin("acme", &format!("198.18.{}.{}", i / 250, i % 250), Reason::Allowed, 7, true))
+            .collect();
+        for at in [7300, 7400] {
+            let tallies: Vec<(SigninKey, Tally)> = keys.iter().map(|k| (k.clone(), Tally::new(1, at))).collect();
+            tx.add_signins(tallies.iter().map(|(k, t)| (k, t))).unwrap();
+        }
+        let rows = tx.activity("acme", 0, Some(ActivityKind::Signin), false, 10_000).unwrap();
+        assert_eq!(rows.len() as i64, SIGNIN_ROWS + 1);
+        assert_eq!(rows.iter().map(|r| r.count).sum::<i64>(), 600);
+        let other = rows.iter().find(|r| r.address.as_deref() == Some(OTHER_ADDRESSES)).unwrap();
+        assert_eq!((other.count, other.uid, other.first_seen, other.time), (2 * (300 - SIGNIN_ROWS), None, 7300, 7400));
+        let one = rows.iter().find(|r| r.address.as_deref() == Some("198.18.0.0")).unwrap();
+        assert_eq!((one.count, one.uid, one.first_seen, one.time), (2, Some(7), 7300, 7400));
+        // The next hour starts afresh.
+        let next = SigninKey { bucket: bucket(10_800), ..keys[299].clone() };
+        tx.add_signins([(&next, &Tally::new(1, 10_801))]).unwrap();
+        let rows = tx.activity("acme", 10_800, None, false, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].address.as_deref(), Some("198.18.1.49"));
+        // Pruning goes by when a row was last seen.
+        assert_eq!(tx.prune_activity(7401).unwrap() as i64, SIGNIN_ROWS + 1);
+    }
+
+    #[test]
+    fn staff_checks_are_not_the_customers() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        let staff_denied = signin("acme", "198.18.0.1", Reason::AddressNotAllowed, 1000, false);
+        let staff_allowed = signin("acme", "198.18.0.2", Reason::Allowed, 1000, false);
+        let app_denied = signin("acme", "198.18.0.3", Reason::AddressNotAllowed, 33, true);
+        let app_monitor = signin("acme", "198.18.0.4", Reason::MonitorWouldDeny, 33, true);
+        let t = Tally::new(2, 7300);
+        tx.add_signins([(&staff_denied, &t), (&staff_allowed, &t), (&app_denied, &t), (&app_monitor, &t)]).unwrap();
+        let denied = tx.denied_summary("acme", 0).unwrap();
+        assert_eq!(denied.len(), 1);
+        assert_eq!((denied[0].address.as_deref(), denied[0].count), (Some("198.18.0.3"), 2));
+        let monitored = RecentSignin { address: ip("198.18.0.4"), last_seen: 7300 };
+        assert_eq!(tx.recent_signins("acme", 0).unwrap(), [monitored]);
+        assert!(tx.recent_signins("acme", 7301).unwrap().is_empty());
+        // Both are listed, each under its caller.
+        let summary = tx.signin_summary("acme", 0, false, 10).unwrap();
+        assert_eq!(summary.iter().filter(|s| !s.application).count(), 2);
+        let denied = tx.signin_summary("acme", 0, true, 10).unwrap();
+        let mut reasons: Vec<&str> = denied.iter().map(|s| s.reason.as_str()).collect();
+        reasons.sort();
+        assert_eq!(reasons, ["address_not_allowed", "address_not_allowed", "monitor_would_deny"]);
+    }
+
+    /// A store of schema v4 with one row per check and drop: the migration counts them per
+    /// hour, keeps the audit records, and keeps no name of an unknown account.
+    #[test]
+    fn old_activity_rows_are_counted_per_hour_by_the_migration() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
+        let conn = Connection::open(dir.db()).unwrap();
+        for sql in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        conn.execute("INSERT INTO accounts VALUES ('acme', 1, NULL, 'active', 'enforce', NULL, 0)", []).unwrap();
+        let old = "INSERT INTO activity (time, account, kind, address, method, allowed, reason, detail)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+        let dropped = r#"{"destination": "198.18.0.1", "protocol": 17, "port": 53}"#;
+        for (time, account, kind, address, method, allowed, reason, detail) in [
+            (7201, "acme", "check", Some("198.18.0.9"), Some("password"), Some(false), "address_not_allowed", None),
+            (7205, "acme", "check", Some("198.18.0.9"), Some("password"), Some(false), "address_not_allowed", None),
+            (11_000, "acme", "check", Some("198.18.0.9"), Some("password"), Some(false), "address_not_allowed", None),
+            (7202, "ghost-1", "check", Some("198.18.6.6"), Some("password"), Some(false), "unknown_account", None),
+            (7203, "ghost-2", "check", Some("198.18.6.6"), Some("password"), Some(false), "unknown_account", None),
+            (7204, "acme", "drop", Some("198.18.0.9"), None, Some(false), "address_not_allowed", Some(dropped)),
+            (7206, "acme", "drop", Some("198.18.0.9"), None, Some(false), "address_not_allowed", Some(dropped)),
+            (7207, "acme", "audit", None, None, None, "mode", Some(r#"{"uid": 5, "action": "mode"}"#)),
+        ] {
+            conn.execute(old, (time, account, kind, address, method, allowed, reason, detail)).unwrap();
+        }
+        drop(conn);
+        let mut store = Store::open(&dir.db()).unwrap();
+        let tx = store.read().unwrap();
+        let rows = tx.activity("acme", 0, None, false, 100).unwrap();
+        let got: Vec<(ActivityKind, i64, i64, i64, Option<u32>)> =
+            rows.iter().map(|r| (r.kind, r.time, r.first_seen, r.count, r.uid)).collect();
+        assert_eq!(
+            got,
+            [
+                (ActivityKind::Signin, 11_000, 11_000, 1, None),
+                (ActivityKind::Audit, 7207, 7207, 1, Some(5)),
+                (ActivityKind::Drop, 7206, 7204, 2, None),
+                (ActivityKind::Signin, 7205, 7201, 2, None),
+            ]
+        );
+        assert_eq!(rows[2].detail, Some(serde_json::json!({"destination": "198.18.0.1", "protocol": 17, "port": 53})));
+        let unknown = tx.unknown_summary(0, 10).unwrap();
+        assert_eq!(unknown.len(), 1);
+        assert_eq!((unknown[0].address.as_str(), unknown[0].count), ("198.18.6.6", 2));
+        assert!(!tx.has_activity("ghost-1").unwrap());
+        assert_eq!(tx.denied_summary("acme", 0).unwrap()[0].count, 3);
     }
 
     #[test]

@@ -341,8 +341,8 @@ fn every_command() {
     let want = ["198.18.0.0/24", "198.19.0.0/16", "2001:db8::7/128", "203.0.113.5/32"].map(String::from);
     assert_eq!(cidrs, BTreeSet::from(want));
     let rows = table(&w.ctl(&["allow", "list", "acme"]));
-    assert_eq!(rows[0], words(&["CIDR", "LABEL", "CREATED", "BY"]));
-    assert!(rows.iter().any(|r| r[..2] == words(&["198.18.0.0/24", "office"]) && r.last().unwrap() == "0"), "{rows:?}");
+    assert_eq!(rows[0], words(&["CIDR", "STATUS", "LABEL", "CREATED", "BY"]));
+    assert!(rows.iter().any(|r| r[0] == "198.18.0.0/24" && r[2] == "office" && r.last().unwrap() == "0"), "{rows:?}");
     let removed = w.ok(&["allow", "remove", "acme", "198.19.0.0/16"]);
     assert_eq!(removed, json!({"account": "acme", "removed": "198.19.0.0/16"}));
     assert_eq!(w.fails(&["allow", "remove", "acme", "198.19.0.0/16"]), "unknown_entry");
@@ -428,7 +428,7 @@ fn every_command() {
     assert_eq!(strings(&overrides, "cidr"), ["192.0.2.1/32"]);
     let id = overrides[0]["id"].to_string();
     let rows = table(&w.ctl(&["override", "list"]));
-    assert_eq!(rows[0], words(&["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "REASON"]));
+    assert_eq!(rows[0], words(&["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "OPERATOR", "REASON"]));
     assert_eq!(rows[1][..3], words(&[&id, "acme", "192.0.2.1/32"]), "{rows:?}");
     assert_eq!(w.fails(&["override", "grant", "nope", "192.0.2.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"]), "unknown_account");
     assert_eq!(w.ctl(&["override", "grant", "acme", "192.0.2.1", "--ttl", "soon", "--ticket", "T", "--reason", "r"]).code, 2);
@@ -447,8 +447,10 @@ fn every_command() {
     let activity = w.ok(&["activity", "acme", "--limit", "2"]);
     assert_eq!(strings(&activity, "reason"), ["override_revoked", "override_granted"], "{activity}");
     let rows = table(&w.ctl(&["activity", "acme", "--since", "1h"]));
-    assert_eq!(rows[0], words(&["TIME", "KIND", "ADDRESS", "METHOD", "RESULT", "REASON"]));
-    assert!(rows.iter().any(|r| r[2..] == words(&["audit", "-", "-", "-", "override_granted"])), "{rows:?}");
+    let head = ["LAST", "SEEN", "KIND", "ADDRESS", "TO", "METHOD", "RESULT", "REASON", "COUNT", "UID"];
+    assert_eq!(rows[0], words(&head));
+    let granted = words(&["audit", "-", "-", "-", "-", "override_granted", "1", "0"]);
+    assert!(rows.iter().any(|r| r[2..] == granted), "{rows:?}");
 
     let status = w.ok(&["status"]);
     assert_eq!(status["accounts"], 4, "{status}");
@@ -529,7 +531,11 @@ fn reason_codes() {
         } else {
             format!("{verdict} ({reason}): {hint}\n")
         };
-        assert_eq!((human.code, human.stdout.as_str()), (json.code, expected.as_str()), "{what}: {human:#?}");
+        // The verdict line first; then what operators read (the detail).
+        let first = human.stdout.split_inclusive('\n').next().unwrap_or_default();
+        assert_eq!((human.code, first), (json.code, expected.as_str()), "{what}: {human:#?}");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(human.stdout.contains(&format!("detail: {detail}\n")), "{what}: {human:#?}");
         reasons.insert(reason);
     }
     assert_eq!(reasons.len(), 8, "{reasons:?}");

@@ -253,8 +253,10 @@ fn overrides_are_refused_for_banned_and_terminated_accounts() {
     assert_eq!(w.err(json!({"cmd": "override_list", "account": "ghost"})).0, "unknown_account");
 }
 
-/// Every check and every audited change is in the activity log, newest first; `denied_only`
-/// and `limit` filter it; audit records carry the uid; it all survives a restart.
+/// Every check is counted and every audited change is in the activity log: sign-ins per
+/// (address, method, outcome) with their counts, audit records one each, newest first;
+/// `denied_only` and `limit` filter it; audit records carry the uid; it all survives a
+/// restart.
 #[test]
 fn activity_log_records_checks_and_audits() {
     let mut w = World::new("");
@@ -263,62 +265,64 @@ fn activity_log_records_checks_and_audits() {
     w.ok(json!({"cmd": "account_add", "account": "acme"}));
     w.ok(json!({"cmd": "account_add", "account": "other"}));
     w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{a}/32")}));
-    // (kind, address, method, allowed, reason), oldest first, as they should come back reversed.
-    type Expected<'a> = Vec<(&'a str, Option<&'a str>, Option<&'a str>, Option<bool>, &'a str)>;
-    let mut expected: Expected = vec![("audit", None, None, None, "account_add"), ("audit", None, None, None, "allow_add")];
+    // Sign-ins as (address, method, allowed, reason).
+    type Signin<'a> = (&'a str, &'a str, bool, &'a str);
+    let mut expected: Vec<Signin> = Vec::new();
+    type Expected<'a> = Vec<Signin<'a>>;
     fn check<'a>(w: &World, addr: &'a str, method: &'a str, allowed: bool, reason: &'a str, expected: &mut Expected<'a>) {
         let c = w.ok(json!({"cmd": "check", "account": "acme", "addr": addr, "method": method}));
         assert_eq!((&c["allowed"], &c["reason"]), (&json!(allowed), &json!(reason)), "{c}");
-        expected.push(("check", Some(addr), Some(method), Some(allowed), reason));
+        expected.push((addr, method, allowed, reason));
     }
     check(&w, b, "password", true, "allowed", &mut expected);
-    settle(&w, "acme");
     // b signed in a moment ago: enforcing without it is a lockout the guard refuses.
     let (code, message) = w.err(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": a}));
     assert!(code == "lockout" && message.contains(b), "{code}: {message}");
     w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": a, "force": true}));
-    expected.push(("audit", None, None, None, "mode"));
     check(&w, a, "password", true, "allowed", &mut expected);
     check(&w, b, "api_key", false, "address_not_allowed", &mut expected);
     check(&w, b, "sso", false, "address_not_allowed", &mut expected);
+    check(&w, b, "sso", false, "address_not_allowed", &mut expected);
     let id = w.ok(grant("acme", &format!("{b}/32"), 600))["override"]["id"].clone();
-    expected.push(("audit", None, None, None, "override_granted"));
     check(&w, b, "sso", true, "allowed", &mut expected);
-    settle(&w, "acme");
     w.ok(json!({"cmd": "override_revoke", "account": "acme", "override_id": id}));
-    expected.push(("audit", None, None, None, "override_revoked"));
     check(&w, b, "password", false, "address_not_allowed", &mut expected);
-    settle(&w, "acme");
     w.ok(json!({"cmd": "account_state", "account": "acme", "state": "terminated", "reason": "unpaid"}));
-    expected.push(("audit", None, None, None, "state"));
     check(&w, a, "api_key", false, "terminated", &mut expected);
     // Another account's activity stays out of acme's.
     w.ok(json!({"cmd": "check", "account": "other", "addr": b}));
-    expected.reverse();
 
     let log = w.ok(json!({"cmd": "activity", "account": "acme"}));
     let records = log.as_array().unwrap_or_else(|| panic!("not a list: {log}"));
-    let got: Vec<_> = records
-        .iter()
-        .map(|r| {
-            assert_eq!(r["account"], "acme", "{r}");
-            let t = r["time"].as_i64().unwrap();
-            assert!(before <= t && t <= now(), "{r}");
-            (
-                r["kind"].as_str().unwrap(),
-                r["address"].as_str(),
-                r["method"].as_str(),
-                r["allowed"].as_bool(),
-                r["reason"].as_str().unwrap_or_default(),
-            )
-        })
-        .collect();
-    assert_eq!(got, expected, "activity of acme, newest first:\n{log:#}");
+    for r in records {
+        assert_eq!(r["account"], "acme", "{r}");
+        let (first, last) = (r["first_seen"].as_i64().unwrap(), r["time"].as_i64().unwrap());
+        assert!(before <= first && first <= last && last <= now(), "{r}");
+        assert_eq!(r["uid"], 0, "{r}");
+    }
     let times: Vec<i64> = records.iter().map(|r| r["time"].as_i64().unwrap()).collect();
     assert!(times.windows(2).all(|t| t[0] >= t[1]), "not newest first: {times:?}");
+    // Each (address, method, outcome) counted once, whatever the hour rows.
+    let counted = |list: &Value| {
+        let mut counts = std::collections::BTreeMap::new();
+        for r in list.as_array().unwrap().iter().filter(|r| r["kind"] == "signin") {
+            let key = (r["address"].as_str().unwrap().to_string(), r["method"].as_str().unwrap().to_string(),
+                       r["allowed"].as_bool().unwrap(), r["reason"].as_str().unwrap().to_string());
+            *counts.entry(key).or_insert(0) += r["count"].as_i64().unwrap();
+        }
+        counts
+    };
+    let mut want = std::collections::BTreeMap::new();
+    for (addr, method, allowed, reason) in &expected {
+        *want.entry((addr.to_string(), method.to_string(), *allowed, reason.to_string())).or_insert(0) += 1;
+    }
+    assert_eq!(counted(&log), want, "sign-ins of acme:\n{log:#}");
 
-    // Audit records: who and what.
-    let audit = |action: &str| records.iter().find(|r| r["reason"] == action).unwrap()["detail"].clone();
+    // Audit records: one each, newest first, who and what.
+    let audits: Vec<&Value> = records.iter().filter(|r| r["kind"] == "audit").collect();
+    let actions: Vec<&str> = audits.iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["state", "override_revoked", "override_granted", "mode", "allow_add", "account_add"], "{log:#}");
+    let audit = |action: &str| audits.iter().find(|r| r["reason"] == action).unwrap()["detail"].clone();
     for action in ["mode", "override_granted", "override_revoked", "state"] {
         let detail = audit(action);
         assert_eq!((&detail["uid"], &detail["action"]), (&json!(0), &json!(action)), "{action}: {detail}");
@@ -332,8 +336,9 @@ fn activity_log_records_checks_and_audits() {
     // Filters.
     let denied = w.ok(json!({"cmd": "activity", "account": "acme", "denied_only": true}));
     let want: Vec<&Value> = records.iter().filter(|r| r["allowed"] == json!(false)).collect();
-    assert_eq!(want.len(), 4);
+    assert_eq!(want.len(), 4, "{log:#}");
     assert_eq!(denied.as_array().unwrap().iter().collect::<Vec<_>>(), want, "denied_only");
+    assert_eq!(want.iter().map(|r| r["count"].as_i64().unwrap()).sum::<i64>(), 5);
     for limit in [1, 3] {
         let capped = w.ok(json!({"cmd": "activity", "account": "acme", "limit": limit}));
         assert_eq!(capped.as_array().unwrap()[..], records[..limit], "limit {limit}");
@@ -351,11 +356,11 @@ fn activity_log_records_checks_and_audits() {
     w.stop();
     w.start("");
     let after = w.ok(json!({"cmd": "activity", "account": "acme"}));
-    let after = after.as_array().unwrap();
-    assert_eq!(after.len(), records.len() + 1, "{after:#?}");
-    let first = &after[0];
-    assert_eq!((&first["kind"], &first["address"], &first["method"]), (&json!("check"), &json!(b), &json!("api_key")));
-    assert_eq!(after[1..], records[..], "the restart changed the activity log");
+    let mut want = counted(&log);
+    want.insert((b.to_string(), "api_key".to_string(), false, "terminated".to_string()), 1);
+    assert_eq!(counted(&after), want, "after the restart:\n{after:#}");
+    let audits_after: Vec<&Value> = after.as_array().unwrap().iter().filter(|r| r["kind"] == "audit").collect();
+    assert_eq!(audits_after, audits, "the restart changed the audit records");
 }
 
 /// Overrides and activity need the support role: a check-only uid is forbidden them; with
@@ -406,13 +411,15 @@ fn support_role_is_needed() {
     assert_eq!(c["reason"], "allowed", "{c}");
     settle(&w, "acme");
     nobody.ok(json!({"cmd": "override_revoke", "account": "acme", "override_id": root_grant}));
-    let log = nobody.ok(json!({"cmd": "activity", "account": "acme", "limit": 3}));
+    let log = nobody.ok(json!({"cmd": "activity", "account": "acme", "kind": "audit", "limit": 2}));
     let actions: Vec<(&Value, &Value)> = log.as_array().unwrap().iter().map(|r| (&r["reason"], &r["detail"]["uid"])).collect();
-    assert_eq!(
-        actions,
-        [(&json!("override_revoked"), &json!(NOBODY)), (&json!("allowed"), &Value::Null), (&json!("override_granted"), &json!(NOBODY))],
-        "{log:#}"
-    );
+    let want = [(&json!("override_revoked"), &json!(NOBODY)), (&json!("override_granted"), &json!(NOBODY))];
+    assert_eq!(actions, want, "{log:#}");
+    // The sign-ins carry the uid that checked.
+    let log = nobody.ok(json!({"cmd": "activity", "account": "acme", "kind": "signin"}));
+    let signins: Vec<(&Value, &Value, &Value)> =
+        log.as_array().unwrap().iter().map(|r| (&r["address"], &r["reason"], &r["uid"])).collect();
+    assert!(signins.contains(&(&json!("198.18.0.11"), &json!("allowed"), &json!(NOBODY))), "{log:#}");
     // Support is not admin.
     let (code, _) = nobody.err(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.11/32"}));
     assert_eq!(code, "forbidden");
@@ -420,11 +427,11 @@ fn support_role_is_needed() {
     assert_eq!(code, "forbidden");
 }
 
-/// "Newest first" follows the order of events, not the order in which the daemon happened to
-/// write them: checks and changes taking turns on one connection come out taking turns
-/// (checks are batched by a thread; a change flushes that batch before its own audit).
+/// Checks and changes taking turns on one connection: every check is counted (a change
+/// writes out the checks answered before it, so the lockout guard sees them), and every
+/// change has its audit record, newest first.
 #[test]
-fn activity_is_newest_first_across_checks_and_changes() {
+fn activity_counts_every_check_between_changes() {
     const ROUNDS: usize = 300;
     let w = World::new("");
     w.ok(json!({"cmd": "account_add", "account": "acme"}));
@@ -435,15 +442,13 @@ fn activity_is_newest_first_across_checks_and_changes() {
         conn.ok(json!({"cmd": "account_mode", "account": "acme", "mode": mode}));
     }
     let log = w.ok(json!({"cmd": "activity", "account": "acme", "limit": 2 * ROUNDS}));
-    let kinds: Vec<&str> = log.as_array().unwrap().iter().rev().map(|r| r["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds.len(), 2 * ROUNDS, "records lost: {log:#}");
-    let misplaced: Vec<usize> = kinds.chunks(2).enumerate().filter(|(_, k)| *k != ["check", "audit"]).map(|(i, _)| i).collect();
-    assert!(
-        misplaced.is_empty(),
-        "in rounds {misplaced:?} of {ROUNDS}, a login check answered before a mode change is listed as newer than the \
-         change: checks are written in batches, after the change's own audit record, and records of one second \
-         are ordered by row id\n{log:#}"
-    );
+    let records = log.as_array().unwrap();
+    let checks: i64 = records.iter().filter(|r| r["kind"] == "signin").map(|r| r["count"].as_i64().unwrap()).sum();
+    assert_eq!(checks, ROUNDS as i64, "checks lost: {log:#}");
+    let audits = records.iter().filter(|r| r["kind"] == "audit" && r["reason"] == "mode");
+    let modes: Vec<&str> = audits.map(|r| r["detail"]["mode"].as_str().unwrap()).collect();
+    let want: Vec<&str> = (0..ROUNDS).rev().map(|round| ["monitor", "off"][round % 2]).collect();
+    assert_eq!(modes, want, "audit records lost or out of order: {log:#}");
 }
 
 /// Account `cust` owning TCP 7100 on the server, allowing only `good`, in enforce mode; the

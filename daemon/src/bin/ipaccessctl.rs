@@ -13,8 +13,7 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use ipaccess::protocol::{
-    AccountState, CheckResult, Command, ErrorBody, ImportAccount, Method, Mode, Proto, ReplaceEntry, Reason, Reply,
-    Request,
+    AccountState, ActivityKind, Command, ImportAccount, Method, Mode, Proto, ReplaceEntry, Request,
 };
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -60,21 +59,36 @@ enum Top {
         /// How the user signs in, recorded in the activity log
         #[arg(long, value_parser = one_of::<Method>(&["password", "api_key", "sso"]))]
         method: Option<Method>,
+        /// Only ask: would ADDR be allowed? Records nothing (no sign-in, no denial); open to
+        /// support and admins, not only to applications
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Support overrides: temporary access for an address, tied to a ticket
     #[command(subcommand)]
     Override(OverrideCmd),
-    /// An account's recorded activity, newest first
+    /// An account's recorded activity, newest first: sign-ins and dropped packets counted per
+    /// hour, audited changes one by one
     Activity {
-        /// Account id
-        id: String,
+        /// Account id (left out with --unknown-accounts)
+        #[arg(required_unless_present = "unknown_accounts")]
+        id: Option<String>,
         /// Only this far back (90s, 30m, 2h, 7d or seconds)
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         since: Option<u64>,
-        /// Only denied login checks (and would-be denials in monitor mode)
+        /// Only denied sign-ins and drops (and would-be denials in monitor mode)
         #[arg(long)]
         denied: bool,
-        /// At most N entries
+        /// Only sign-ins (login checks), drops (refused packets) or audit (changes)
+        #[arg(long, value_parser = one_of::<ActivityKind>(&["signin", "drop", "audit"]))]
+        kind: Option<ActivityKind>,
+        /// Sign-ins per address and method: count, first and last seen, allowed or denied
+        #[arg(long)]
+        summary: bool,
+        /// Sign-ins for accounts that do not exist, per address (the names tried are not kept)
+        #[arg(long, conflicts_with_all = ["id", "kind", "summary", "denied"])]
+        unknown_accounts: bool,
+        /// At most N rows
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         limit: Option<u32>,
     },
@@ -83,6 +97,10 @@ enum Top {
     /// (optional: parent, state, mode, entries; see docs/protocol.md). Sent in batches,
     /// each applied whole; importing a file again is harmless.
     Import {
+        /// One account per line, e.g. {"account": "acme-dev", "parent": "acme", "state": "active",
+        /// "mode": "monitor", "entries": [{"cidr": "198.18.0.0/24", "label": "office"}]}; blank
+        /// lines and lines starting with `#` are skipped; `-` reads standard input. Errors name
+        /// the line
         #[arg(value_name = "FILE")]
         file: PathBuf,
         /// Largest request to send, in bytes (the daemon's limit for admins is larger)
@@ -150,10 +168,18 @@ enum AccountCmd {
         #[arg(long)]
         unconfirmed: bool,
     },
-    /// Show one account
+    /// Show one account: its fields, allowlist and bindings
     Show {
         /// Account id
         id: String,
+    },
+    /// Remove an account with its allowlist, bindings, overrides and kernel state
+    Remove {
+        /// Account id
+        id: String,
+        /// Also remove its sub-users (refused while it has any, without this)
+        #[arg(long)]
+        recursive: bool,
     },
     /// List all accounts
     List,
@@ -216,6 +242,39 @@ enum AllowCmd {
     List {
         /// Account id
         id: String,
+    },
+    /// Turn a disabled entry back on
+    Enable {
+        /// Account id
+        id: String,
+        /// The entry, as added
+        #[arg(value_parser = parse_cidr)]
+        cidr: IpNet,
+    },
+    /// Keep an entry on the list but ignore it, at sign-in and on the wire
+    Disable {
+        /// Account id
+        id: String,
+        /// The entry, as added
+        #[arg(value_parser = parse_cidr)]
+        cidr: IpNet,
+        /// Your own address: refused if disabling the entry would lock it out
+        #[arg(long, value_name = "ADDR")]
+        client_ip: Option<IpAddr>,
+        /// Disable even if it locks out --client-ip or a recent sign-in
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change an entry's label
+    Label {
+        /// Account id
+        id: String,
+        /// The entry, as added
+        #[arg(value_parser = parse_cidr)]
+        cidr: IpNet,
+        /// The new label, e.g. "office" (leave it out to clear the label)
+        #[arg(value_name = "TEXT")]
+        label: Option<String>,
     },
     /// Replace the whole allowlist from FILE: one `CIDR [label]` per line, `#` comments
     Replace {
@@ -351,6 +410,7 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::AccountAdd { account: id, parent, unconfirmed }
         }
         Top::Account(AccountCmd::Show { id }) => Command::AccountShow { account: id },
+        Top::Account(AccountCmd::Remove { id, recursive }) => Command::AccountRemove { account: id, recursive },
         Top::Account(AccountCmd::List) => Command::AccountList {},
         Top::Account(AccountCmd::State { id, state, reason }) => {
             Command::AccountState { account: id, state, reason }
@@ -363,6 +423,11 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::AllowRemove { account: id, cidr, client_ip, force }
         }
         Top::Allow(AllowCmd::List { id }) => Command::AllowList { account: id },
+        Top::Allow(AllowCmd::Enable { id, cidr }) => Command::AllowEnable { account: id, cidr },
+        Top::Allow(AllowCmd::Disable { id, cidr, client_ip, force }) => {
+            Command::AllowDisable { account: id, cidr, client_ip, force }
+        }
+        Top::Allow(AllowCmd::Label { id, cidr, label }) => Command::AllowLabel { account: id, cidr, label },
         Top::Allow(AllowCmd::Replace { id, file, client_ip, force }) => {
             let text = read_input(&file)?;
             Command::AllowReplace { account: id, entries: parse_allow_file(&text)?, client_ip, force }
@@ -378,7 +443,7 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::BindRemove { addr, port, proto }
         }
         Top::Bind(BindCmd::List) => Command::BindList {},
-        Top::Check { account, addr, method } => Command::Check { account, addr, method, dry_run: false },
+        Top::Check { account, addr, method, dry_run } => Command::Check { account, addr, method, dry_run },
         Top::Override(OverrideCmd::Grant { id, cidr, ttl, ticket, reason }) => {
             Command::OverrideGrant { account: id, cidr, ttl_seconds: ttl, ticket, reason }
         }
@@ -386,9 +451,15 @@ fn request(top: Top) -> Result<Command, Failure> {
             Command::OverrideRevoke { account: id, override_id }
         }
         Top::Override(OverrideCmd::List { id }) => Command::OverrideList { account: id },
-        Top::Activity { id, since, denied, limit } => {
-            Command::Activity { account: id, since_seconds: since, denied_only: denied, limit }
-        }
+        Top::Activity { id, since, denied, kind, summary, unknown_accounts, limit } => Command::Activity {
+            account: id,
+            since_seconds: since,
+            denied_only: denied,
+            limit,
+            kind,
+            summary,
+            unknown_accounts,
+        },
         Top::Status => Command::Status {},
         Top::Import { .. } => unreachable!("an import is many requests; see `import`"),
     })
@@ -449,10 +520,16 @@ fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Value, Failure
                 format!("lines before {} are imported; run the import again once this is fixed", lines.0)
             };
             match e {
-                Failure::Daemon(body) => Failure::Daemon(ErrorBody {
-                    message: format!("lines {}-{}: {} ({applied})", lines.0, lines.1, body.message),
-                    ..body
-                }),
+                Failure::Daemon(body) => {
+                    // A person fixes a line, not a batch: name the line of the account the
+                    // daemon complains about when its message (or details) names one.
+                    let place = match blame(batch, &body) {
+                        Some((line, account)) => format!("line {line} (account {account})"),
+                        None => format!("lines {}-{}", lines.0, lines.1),
+                    };
+                    let message = format!("{place}: {} ({applied})", body.message);
+                    body.with_message(message)
+                }
                 Failure::Local(message) => Failure::Local(format!("lines {}-{}: {message} ({applied})", lines.0, lines.1)),
             }
         })?;
@@ -464,9 +541,71 @@ fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Value, Failure
     Ok(Value::Object(total))
 }
 
+/// The line and id of the account in `batch` that a daemon error is about: the one its
+/// details name, else the one its message names first (the longest id where two start at the
+/// same place, so `acme.dev` wins over `acme`). Ids count only as whole words: `acme` is not
+/// named by `acme-dev`.
+fn blame<'a>(batch: &'a [(usize, ImportAccount)], error: &DaemonError) -> Option<(usize, &'a str)> {
+    let named = error.details.as_ref().and_then(|d| d["account"].as_str());
+    if let Some(hit) = batch.iter().find(|(_, a)| Some(a.account.as_str()) == named) {
+        return Some((hit.0, &hit.1.account));
+    }
+    let id_char = |c: char| c.is_alphanumeric() || c == '-' || c == '_';
+    let message = error.message.as_str();
+    let first_word = |id: &str| {
+        message.match_indices(id).map(|(at, _)| at).find(|&at| {
+            let before = message[..at].chars().next_back();
+            let after = message[at + id.len()..].chars().next();
+            !before.is_some_and(id_char) && !after.is_some_and(id_char)
+        })
+    };
+    batch
+        .iter()
+        .filter(|(_, a)| !a.account.is_empty())
+        .filter_map(|(line, a)| first_word(&a.account).map(|at| (at, std::cmp::Reverse(a.account.len()), *line, a)))
+        .min_by_key(|&(at, len, line, _)| (at, len, line))
+        .map(|(_, _, line, a)| (line, a.account.as_str()))
+}
+
+/// An error reply from the daemon. Read leniently (a code this client does not know, a
+/// message of the wrong type): the person still sees what the daemon said.
+#[derive(Debug)]
+struct DaemonError {
+    code: String,
+    message: String,
+    details: Option<Value>,
+    /// The error object as it came, for `--json`.
+    raw: Value,
+}
+
+impl DaemonError {
+    fn from_reply(error: &Value) -> DaemonError {
+        let text = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => cell("", other),
+        };
+        let (code, message) = match error {
+            Value::Object(_) => (text(&error["code"]), text(&error["message"])),
+            other => (String::new(), text(other)),
+        };
+        let details = error.get("details").filter(|d| !d.is_null()).cloned();
+        DaemonError { code, message, details, raw: error.clone() }
+    }
+
+    /// The same error with another message (in `--json` output too).
+    fn with_message(mut self, message: String) -> Failure {
+        if let Some(o) = self.raw.as_object_mut() {
+            o.insert("message".into(), Value::String(message.clone()));
+        }
+        self.message = message;
+        Failure::Daemon(self)
+    }
+}
+
 #[derive(Debug)]
 enum Failure {
-    Daemon(ErrorBody),
+    Daemon(DaemonError),
     Local(String),
 }
 
@@ -497,17 +636,22 @@ fn call(socket: &Path, command: Command) -> Result<Value, Failure> {
     if BufReader::new(&stream).read_line(&mut reply).map_err(|e| io("cannot read from", e))? == 0 {
         return Err(Failure::Local(format!("{} closed the connection without replying", socket.display())));
     }
-    let reply: Reply = serde_json::from_str(&reply)
+    let reply: Value = serde_json::from_str(&reply)
         .map_err(|e| Failure::Local(format!("unreadable reply from the daemon: {e}")))?;
+    let Value::Object(reply) = reply else {
+        return Err(Failure::Local("unreadable reply from the daemon: not a JSON object".into()));
+    };
+    let error = reply.get("error").filter(|e| !e.is_null());
+    let reply_id = reply.get("id").unwrap_or(&Value::Null);
     // Errors about a line the daemon could not read (too large, busy) carry no id.
-    let unread = reply.id.is_null() && reply.error.is_some();
-    if reply.id != id && !unread {
-        return Err(Failure::Local(format!("reply is for request {}, not {id}", reply.id)));
+    let unread = reply_id.is_null() && error.is_some();
+    if *reply_id != id && !unread {
+        return Err(Failure::Local(format!("reply is for request {reply_id}, not {id}")));
     }
-    match reply.error {
-        Some(error) => Err(Failure::Daemon(error)),
-        // `"ok": null` deserializes to None: a success without a result.
-        None => Ok(reply.ok.unwrap_or(Value::Null)),
+    match error {
+        Some(error) => Err(Failure::Daemon(DaemonError::from_reply(error))),
+        // `"ok": null` or no `ok`: a success without a result.
+        None => Ok(reply.get("ok").cloned().unwrap_or(Value::Null)),
     }
 }
 
@@ -525,12 +669,77 @@ fn format_time(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Widest a table cell gets, in characters after escaping; longer ones end in `…`. Only
+/// tables are cut (`key: value` lines and `--json` show everything).
+const CELL_WIDTH: usize = 64;
+
+/// Characters that are not control characters but can still hide or reorder text on a
+/// terminal: bidi embeddings, overrides, isolates and marks, zero-width characters, the
+/// line and paragraph separators, and other invisible format characters.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}' | '\u{180b}'..='\u{180f}'
+        | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
+        | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}' | '\u{1d173}'..='\u{1d17a}'
+        | '\u{e0000}'..='\u{e0fff}')
+}
+
+/// Text from the daemon made safe to print: see [`escape_within`].
+fn escape(s: &str) -> String {
+    escape_within(s, usize::MAX)
+}
+
+/// `s` as a terminal can show it without being steered by it: control characters (C0, DEL,
+/// C1) and [`invisible`] ones are written as escapes (`\n`, `\x1b`, `\u{202e}`), and a
+/// backslash as `\\`, so that what a tenant writes in a label can neither start a new row,
+/// send the terminal a command, nor pass for an escape. At most `max` characters: a longer
+/// result is cut, between escapes, and ends in `…`.
+fn escape_within(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    let (mut width, mut fits) = (0, 0);
+    for c in s.chars() {
+        let piece = match c {
+            '\\' => "\\\\".to_string(),
+            '\n' => "\\n".to_string(),
+            '\r' => "\\r".to_string(),
+            '\t' => "\\t".to_string(),
+            '\0'..='\u{1f}' | '\u{7f}' => format!("\\x{:02x}", c as u32),
+            '\u{80}'..='\u{9f}' => format!("\\u{{{:x}}}", c as u32),
+            c if invisible(c) => format!("\\u{{{:x}}}", c as u32),
+            c => c.to_string(),
+        };
+        width += piece.chars().count();
+        if width > max {
+            out.truncate(fits);
+            out.push('…');
+            return out;
+        }
+        out.push_str(&piece);
+        // Where to cut should a later piece not fit: leave room for the ellipsis.
+        if width < max {
+            fits = out.len();
+        }
+    }
+    out
+}
+
+fn is_time(key: &str) -> bool {
+    // The last part of a flattened key (`override.expires_at`) says what it is.
+    let key = key.rsplit('.').next().unwrap_or(key);
+    key.ends_with("_at") || key.ends_with("_seen") || matches!(key, "time" | "until")
+}
+
+/// A value as plain text (not yet escaped): Unix times as dates, nested values spelled out
+/// (`k=v, k=v`; lists joined by commas), never as raw JSON.
 fn cell(key: &str, v: &Value) -> String {
-    let is_time = key.ends_with("_at") || matches!(key, "time" | "first_seen" | "last_seen");
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
-        Value::Number(n) if is_time && n.is_i64() => format_time(n.as_i64().unwrap_or_default()),
+        Value::Number(n) if is_time(key) && n.is_i64() => format_time(n.as_i64().unwrap_or_default()),
+        Value::Array(a) if a.is_empty() => "-".into(),
+        Value::Array(a) => a.iter().map(|v| cell(key, v)).collect::<Vec<_>>().join(", "),
+        Value::Object(o) if o.is_empty() => "-".into(),
+        Value::Object(o) => o.iter().map(|(k, v)| format!("{k}={}", cell(k, v))).collect::<Vec<_>>().join(", "),
         other => other.to_string(),
     }
 }
@@ -544,16 +753,119 @@ fn rows(v: &Value) -> Vec<Value> {
     }
 }
 
+/// Columns padded to their widest cell; every cell escaped and cut to [`CELL_WIDTH`].
 fn table(out: &mut String, head: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
+    let rows: Vec<Vec<String>> =
+        std::iter::once(head).chain(rows).map(|r| r.iter().map(|c| escape_within(c, CELL_WIDTH)).collect()).collect();
+    let mut widths = vec![0; rows.iter().map(Vec::len).max().unwrap_or(0)];
     for row in &rows {
         widths.iter_mut().zip(row).for_each(|(w, c)| *w = (*w).max(c.chars().count()));
     }
-    let head = head.iter().map(|h| h.to_string()).collect();
-    for row in std::iter::once(head).chain(rows) {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:w$}")).collect();
+    for row in rows {
+        // Padded by hand: a format width (`{c:w$}`) is limited to 16 bits and panics beyond.
+        let cells: Vec<String> =
+            row.iter().zip(&widths).map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count()))).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+    }
+}
+
+/// Rows of objects whose keys nobody told us about: one column per key, in order of
+/// appearance (`last_seen` is headed LAST SEEN).
+fn any_table(out: &mut String, rows: &[Value]) {
+    let mut keys: Vec<&str> = Vec::new();
+    for key in rows.iter().filter_map(Value::as_object).flat_map(|o| o.keys()) {
+        if !keys.contains(&key.as_str()) {
+            keys.push(key);
+        }
+    }
+    let head: Vec<String> = keys.iter().map(|k| k.to_uppercase().replace('_', " ")).collect();
+    let cells = rows.iter().map(|r| keys.iter().map(|k| cell(k, &r[*k])).collect()).collect();
+    table(out, &head.iter().map(String::as_str).collect::<Vec<_>>(), cells);
+}
+
+/// The entries of an allowlist.
+fn entries_table(out: &mut String, entries: &[Value]) {
+    let rows = entries
+        .iter()
+        .map(|r| {
+            // Entries from a daemon without per-entry switches have no `enabled`.
+            let status = match r["enabled"] {
+                Value::Bool(true) => "enabled",
+                Value::Bool(false) => "disabled",
+                _ => "-",
+            };
+            vec![cell("", &r["cidr"]), status.into(), cell("", &r["label"]), cell("created_at", &r["created_at"]),
+                 cell("", &r["created_by"])]
+        })
+        .collect();
+    table(out, &["CIDR", "STATUS", "LABEL", "CREATED", "BY"], rows);
+}
+
+/// A binding's target: `{"proto": "tcp", "port": 443}`, or null for the whole address.
+fn target(r: &Value) -> (String, String) {
+    match &r["target"] {
+        Value::Object(t) => (cell("", &t["proto"]), cell("", &t["port"])),
+        _ => ("*".into(), "*".into()),
+    }
+}
+
+fn bindings_table(out: &mut String, bindings: &[Value]) {
+    let rows = bindings
+        .iter()
+        .map(|r| {
+            let (proto, port) = target(r);
+            vec![cell("", &r["account"]), cell("", &r["addr"]), proto, port]
+        })
+        .collect();
+    table(out, &["ACCOUNT", "ADDRESS", "PROTO", "PORT"], rows);
+}
+
+/// An account's fields as `key: value` lines. The state shown is the effective
+/// one when the daemon sends it (a sub-user of a banned parent is `parent_banned`), with the
+/// account's own state beside it when that differs.
+fn account_fields(out: &mut String, row: &Value) {
+    let Value::Object(o) = row else {
+        return key_values(out, row, |_| true);
+    };
+    let mut row = o.clone();
+    if let Some(effective) = row.remove("effective_state").filter(|e| !e.is_null()) {
+        let own = row.get("state").cloned().unwrap_or_default();
+        let shown = if own == effective || own.is_null() {
+            cell("", &effective)
+        } else {
+            format!("{} (own state: {})", cell("", &effective), cell("", &own))
+        };
+        row.insert("state".into(), Value::String(shown));
+    }
+    const FIRST: [&str; 7] = ["id", "parent", "state", "state_reason", "mode", "slot", "created_at"];
+    // The fields a person looks for first, in that order, then the rest.
+    for key in FIRST {
+        if let Some(v) = row.get(key) {
+            key_values(out, &Value::Object([(key.to_string(), v.clone())].into_iter().collect()), |_| true);
+        }
+    }
+    key_values(out, &Value::Object(row), |k| !FIRST.contains(&k));
+}
+
+/// The one line of a new binding: `bound 198.18.0.1 tcp/443 to acme`.
+fn binding_line(v: &Value) -> Option<String> {
+    let addr = v["addr"].as_str()?;
+    let account = v["account"].as_str()?;
+    let what = match target(v) {
+        (proto, port) if v["target"].is_object() => format!("{addr} {proto}/{port}"),
+        _ => format!("{addr} (every port)"),
+    };
+    Some(escape(&format!("bound {what} to {account}")) + "\n")
+}
+
+/// An activity row's outcome: allowed or denied (`-` for audit records).
+fn result(r: &Value) -> &'static str {
+    match r["allowed"] {
+        Value::Bool(true) => "allowed",
+        Value::Bool(false) => "denied",
+        _ => "-",
     }
 }
 
@@ -564,17 +876,32 @@ fn human(command: &Command, v: &Value) -> String {
         Command::AccountList {} => {
             let rows = rows(v)
                 .iter()
-                .map(|r| ["id", "slot", "state", "mode", "parent"].map(|k| col(r, k)).to_vec())
+                .map(|r| {
+                    // The effective state (`parent_banned`) is what a sign-in meets.
+                    let state = if r["effective_state"].is_null() { "state" } else { "effective_state" };
+                    ["id", "slot", state, "mode", "parent"].map(|k| col(r, k)).to_vec()
+                })
                 .collect();
             table(&mut out, &["ID", "SLOT", "STATE", "MODE", "PARENT"], rows);
         }
-        Command::AllowList { .. } | Command::AllowReplace { .. } => {
-            let rows = rows(v)
-                .iter()
-                .map(|r| ["cidr", "label", "created_at", "created_by"].map(|k| col(r, k)).to_vec())
-                .collect();
-            table(&mut out, &["CIDR", "LABEL", "CREATED", "BY"], rows);
+        Command::AccountShow { .. } if v["account"].is_object() => {
+            account_fields(&mut out, &v["account"]);
+            for (key, title) in [("entries", "allowlist"), ("bindings", "bindings")] {
+                match v[key].as_array() {
+                    Some(list) if !list.is_empty() => {
+                        out.push_str(&format!("\n{title}:\n"));
+                        if key == "entries" { entries_table(&mut out, list) } else { bindings_table(&mut out, list) }
+                    }
+                    _ => out.push_str(&format!("\n{title}: none\n")),
+                }
+            }
+            // Whatever else the daemon tells about the account (sub-users, overrides...).
+            key_values(&mut out, v, |k| !matches!(k, "account" | "entries" | "bindings"));
         }
+        Command::AccountAdd { .. } | Command::AccountState { .. } | Command::AccountMode { .. } => {
+            account_fields(&mut out, v)
+        }
+        Command::AllowList { .. } | Command::AllowReplace { .. } => entries_table(&mut out, &rows(v)),
         Command::Stats { .. } => {
             let rows = rows(&v["accounts"])
                 .iter()
@@ -586,28 +913,20 @@ fn human(command: &Command, v: &Value) -> String {
                 .collect();
             table(&mut out, &["ACCOUNT", "PASSED", "BYTES", "DROPPED", "BYTES", "WOULD DROP"], rows);
             let h = &v["host"];
-            out.push_str(&format!(
-                "host: non-IP {}, unbound {}, neighbour discovery {}, malformed {}\n",
+            out.push_str(&escape(&format!(
+                "host: non-IP {}, unbound {}, neighbour discovery {}, malformed {}",
                 cell("", &h["non_ip"]),
                 cell("", &h["unbound"]),
                 cell("", &h["ndp"]),
                 cell("", &h["malformed"])
-            ));
+            )));
+            out.push('\n');
         }
-        Command::BindList {} => {
-            let rows = rows(v)
-                .iter()
-                .map(|r| {
-                    // A port binding's target is {"proto": .., "port": ..}; null is the whole address.
-                    let (proto, port) = match &r["target"] {
-                        Value::Object(t) => (cell("", &t["proto"]), cell("", &t["port"])),
-                        _ => ("*".into(), "*".into()),
-                    };
-                    vec![col(r, "account"), col(r, "addr"), proto, port]
-                })
-                .collect();
-            table(&mut out, &["ACCOUNT", "ADDRESS", "PROTO", "PORT"], rows);
-        }
+        Command::BindList {} => bindings_table(&mut out, &rows(v)),
+        Command::BindAdd { .. } => match binding_line(v) {
+            Some(line) => out.push_str(&line),
+            None => key_values(&mut out, v, |_| true),
+        },
         Command::OverrideGrant { .. } => {
             key_values(&mut out, &v["override"], |_| true);
             let denied = v["recent_denied"].as_array().cloned().unwrap_or_default();
@@ -625,23 +944,57 @@ fn human(command: &Command, v: &Value) -> String {
         Command::OverrideList { .. } => {
             let rows = rows(v)
                 .iter()
-                .map(|r| ["id", "account", "cidr", "expires_at", "ticket", "reason"].map(|k| col(r, k)).to_vec())
+                .map(|r| {
+                    ["id", "account", "cidr", "expires_at", "ticket", "operator", "reason"].map(|k| col(r, k)).to_vec()
+                })
                 .collect();
-            table(&mut out, &["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "REASON"], rows);
+            table(&mut out, &["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "OPERATOR", "REASON"], rows);
+        }
+        Command::Activity { unknown_accounts: true, .. } => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| ["address", "method", "count", "first_seen", "last_seen"].map(|k| col(r, k)).to_vec())
+                .collect();
+            table(&mut out, &["ADDRESS", "METHOD", "COUNT", "FIRST SEEN", "LAST SEEN"], rows);
+        }
+        Command::Activity { summary: true, .. } => {
+            let rows = rows(v)
+                .iter()
+                .map(|r| {
+                    let by = if r["application"] == Value::Bool(false) { "staff" } else { "application" };
+                    let mut row = vec![col(r, "address"), col(r, "method"), result(r).into(), col(r, "reason")];
+                    row.extend([col(r, "count"), col(r, "first_seen"), col(r, "last_seen"), by.into()]);
+                    row
+                })
+                .collect();
+            let head = ["ADDRESS", "METHOD", "RESULT", "REASON", "COUNT", "FIRST SEEN", "LAST SEEN", "BY"];
+            table(&mut out, &head, rows);
         }
         Command::Activity { .. } => {
             let rows = rows(v)
                 .iter()
                 .map(|r| {
-                    let result = match r["allowed"] {
-                        Value::Bool(true) => "allowed",
-                        Value::Bool(false) => "denied",
-                        _ => "-",
+                    // A drop's destination endpoint, `198.18.0.1:7100/tcp`; `*` beyond the hour's cap.
+                    let d = &r["detail"];
+                    let to = match (&d["destination"], d["protocol"].as_u64(), d["port"].as_u64()) {
+                        (Value::String(dst), Some(proto), Some(port)) if r["kind"] == "drop" => {
+                            let proto = match proto {
+                                6 => "tcp".to_string(),
+                                17 => "udp".to_string(),
+                                n => n.to_string(),
+                            };
+                            let dst = if dst.contains(':') { format!("[{dst}]") } else { dst.clone() };
+                            cell("", &Value::String(format!("{dst}:{port}/{proto}")))
+                        }
+                        _ => "-".into(),
                     };
-                    vec![col(r, "time"), col(r, "kind"), col(r, "address"), col(r, "method"), result.into(), col(r, "reason")]
+                    let mut row = vec![col(r, "time"), col(r, "kind"), col(r, "address"), to, col(r, "method")];
+                    row.extend([result(r).into(), col(r, "reason"), col(r, "count"), col(r, "uid")]);
+                    row
                 })
                 .collect();
-            table(&mut out, &["TIME", "KIND", "ADDRESS", "METHOD", "RESULT", "REASON"], rows);
+            let head = ["LAST SEEN", "KIND", "ADDRESS", "TO", "METHOD", "RESULT", "REASON", "COUNT", "UID"];
+            table(&mut out, &head, rows);
         }
         Command::Status {} => {
             // Interfaces with the path the kernel runs the program in; the rest as it comes.
@@ -653,7 +1006,7 @@ fn human(command: &Command, v: &Value) -> String {
                 })
                 .collect();
             let interfaces = if interfaces.is_empty() { "none".to_string() } else { interfaces.join(", ") };
-            out.push_str(&format!("interfaces: {interfaces}\n"));
+            out.push_str(&format!("interfaces: {}\n", escape(&interfaces)));
             key_values(&mut out, v, |k| !matches!(k, "interfaces" | "xdp"));
         }
         _ => key_values(&mut out, v, |_| true),
@@ -661,19 +1014,64 @@ fn human(command: &Command, v: &Value) -> String {
     out
 }
 
-/// An object as `key: value` lines (the keys `shown` accepts), anything else as one line.
+/// Any value for a person: an object as `key: value` lines (the keys `shown` accepts;
+/// nested objects flattened to `outer.inner: value`, lists of objects as tables after the
+/// lines), a list of objects as a table, anything else as one line. Keys and values escaped.
 fn key_values(out: &mut String, v: &Value, shown: impl Fn(&str) -> bool) {
+    fn lines<'a>(out: &mut String, key: &str, v: &'a Value, tables: &mut Vec<(String, &'a [Value])>) {
+        match v {
+            Value::Object(o) if !o.is_empty() => o.iter().for_each(|(k, v)| lines(out, &format!("{key}.{k}"), v, tables)),
+            Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_object) => tables.push((key.to_string(), a)),
+            _ => out.push_str(&format!("{}: {}\n", escape(key), escape(&cell(key, v)))),
+        }
+    }
     match v {
         Value::Object(o) => {
-            o.iter().filter(|(k, _)| shown(k)).for_each(|(k, v)| out.push_str(&format!("{k}: {}\n", cell(k, v))))
+            let mut tables = Vec::new();
+            o.iter().filter(|(k, _)| shown(k)).for_each(|(k, v)| lines(out, k, v, &mut tables));
+            for (key, rows) in tables {
+                out.push_str(&format!("\n{}:\n", escape(&key)));
+                any_table(out, rows);
+            }
         }
+        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_object) => any_table(out, a),
         Value::Null => {}
-        other => out.push_str(&format!("{}\n", cell("", other))),
+        other => out.push_str(&format!("{}\n", escape(&cell("", other)))),
     }
 }
 
-/// Parses `args`, runs the command and writes its output to `out`; returns the exit status.
-fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut dyn Write) -> i32 {
+/// A check's verdict line for a person, e.g. `denied (address_not_allowed): <hint>`, then
+/// anything else the result carries (an operator's detail, the override that allowed it)
+/// as `key: value` lines. `None` when `allowed` is not a boolean: no verdict is guessed.
+fn verdict(v: &Value) -> Option<(String, bool)> {
+    let allowed = v["allowed"].as_bool()?;
+    let reason = cell("", &v["reason"]);
+    let hint = match &v["hint"] {
+        Value::Null => String::new(),
+        hint => cell("", hint),
+    };
+    let hint = if reason == "allowed" || hint.is_empty() { String::new() } else { format!(": {hint}") };
+    let word = if allowed { "allowed" } else { "denied" };
+    let mut text = escape(&format!("{word} ({reason}){hint}")) + "\n";
+    key_values(&mut text, v, |k| !matches!(k, "allowed" | "reason" | "hint"));
+    Some((text, allowed))
+}
+
+/// A daemon error for stderr: `error: MESSAGE (CODE)`, then its details, indented.
+fn error_text(e: &DaemonError) -> String {
+    let code = if e.code.is_empty() { String::new() } else { format!(" ({})", e.code) };
+    let mut text = format!("error: {}\n", escape(&format!("{}{code}", e.message)));
+    if let Some(details) = &e.details {
+        let mut shown = String::new();
+        key_values(&mut shown, details, |_| true);
+        shown.lines().for_each(|l| text.push_str(&if l.is_empty() { "\n".into() } else { format!("  {l}\n") }));
+    }
+    text
+}
+
+/// Parses `args`, runs the command and writes its output to `out` and its errors to `err`;
+/// returns the exit status.
+fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -693,52 +1091,42 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
     };
     let (text, status) = match result {
         Ok((command, v)) => {
-            // Checks answer through the exit status too, for scripts.
-            let check = matches!(command, Command::Check { .. })
-                .then(|| serde_json::from_value::<CheckResult>(v.clone()));
+            // Checks answer through the exit status too, for scripts; a result without a
+            // readable verdict is an error, never a pass.
+            let check = matches!(command, Command::Check { .. }).then(|| verdict(&v));
             let status = match &check {
-                Some(Ok(c)) if !c.allowed => 1,
-                Some(Err(e)) => {
-                    eprintln!("error: unreadable check result: {e}");
+                Some(Some((_, false))) => 1,
+                Some(None) => {
+                    let _ = writeln!(err, "error: unreadable check result: `allowed` is missing or not true/false");
                     return 2;
                 }
                 _ => 0,
             };
             let text = match check {
                 _ if cli.json => format!("{}\n", serde_json::to_string_pretty(&v).expect("values serialize")),
-                Some(Ok(c)) => {
-                    let reason = serde_json::to_value(c.reason).expect("reasons serialize");
-                    let verdict = if c.allowed { "allowed" } else { "denied" };
-                    let hint = if c.reason == Reason::Allowed || c.hint.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", c.hint)
-                    };
-                    format!("{verdict} ({}){hint}\n", reason.as_str().unwrap_or_default())
-                }
+                Some(Some((text, _))) => text,
                 _ => human(&command, &v),
             };
             (text, status)
         }
         Err(Failure::Daemon(e)) => {
-            let code = serde_json::to_value(e.code).expect("codes serialize");
-            eprintln!("error: {} ({})", e.message, code.as_str().unwrap_or_default());
+            let _ = write!(err, "{}", error_text(&e));
             let json = if cli.json {
-                serde_json::to_string_pretty(&e).expect("errors serialize") + "\n"
+                serde_json::to_string_pretty(&e.raw).expect("values serialize") + "\n"
             } else {
                 String::new()
             };
             (json, 2)
         }
         Err(Failure::Local(message)) => {
-            eprintln!("error: {message}");
+            let _ = writeln!(err, "error: {}", escape(&message));
             return 2;
         }
     };
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         // `ipaccessctl account list | head` is not an error.
         Err(e) if e.kind() != ErrorKind::BrokenPipe => {
-            eprintln!("error: cannot write output: {e}");
+            let _ = writeln!(err, "error: cannot write output: {e}");
             2
         }
         _ => status,
@@ -749,7 +1137,7 @@ fn main() {
     if let Some(status) = ipaccess::docs::generate_if_requested(<Cli as clap::CommandFactory>::command, "ipaccessctl") {
         std::process::exit(status);
     }
-    std::process::exit(run(std::env::args_os(), &mut std::io::stdout().lock()));
+    std::process::exit(run(std::env::args_os(), &mut std::io::stdout().lock(), &mut std::io::stderr()));
 }
 
 #[cfg(test)]
@@ -809,6 +1197,11 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "activity", "a", "--since", "soon"]).is_err());
         assert!(Cli::try_parse_from(["x", "activity", "a", "--limit", "0"]).is_err());
         assert!(Cli::try_parse_from(["x", "activity", "a", "--since", "2h", "--denied", "--limit", "5"]).is_ok());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--kind", "signin", "--denied"]).is_ok());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--kind", "check"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--unknown-accounts"]).is_err());
+        assert!(Cli::try_parse_from(["x", "activity", "a", "--summary", "--kind", "drop"]).is_ok());
     }
 
     #[test]
@@ -822,6 +1215,15 @@ mod tests {
 
     /// Runs the client against a one-shot fake daemon; returns (request sent, status, stdout).
     fn against(args: &[&str], reply: impl FnOnce(&Value) -> Value + Send + 'static) -> (Value, i32, String) {
+        let (request, status, out, _) = against_all(args, reply);
+        (request, status, out)
+    }
+
+    /// [`against`], with what the client wrote on stderr too.
+    fn against_all(
+        args: &[&str],
+        reply: impl FnOnce(&Value) -> Value + Send + 'static,
+    ) -> (Value, i32, String, String) {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("ipaccessctl-{}-{n}.sock", std::process::id()));
@@ -840,11 +1242,11 @@ mod tests {
         });
         let mut argv = vec!["ipaccessctl", "--socket", path.to_str().unwrap()];
         argv.extend_from_slice(args);
-        let mut out = Vec::new();
-        let status = run(argv, &mut out);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let status = run(argv, &mut out, &mut err);
         let request = server.join().unwrap();
         std::fs::remove_file(&path).unwrap();
-        (request, status, String::from_utf8(out).unwrap())
+        (request, status, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
     }
 
     #[test]
@@ -869,7 +1271,7 @@ mod tests {
         );
         assert_eq!(
             request,
-            json!({"cmd": "check", "account": "acme", "addr": "192.0.2.9", "method": "api_key"})
+            json!({"cmd": "check", "account": "acme", "addr": "192.0.2.9", "method": "api_key", "dry_run": false})
         );
         assert_eq!((status, out.as_str()), (1, "denied (address_not_allowed): Add 192.0.2.9.\n"));
         let (_, status, out) = against(
@@ -879,7 +1281,7 @@ mod tests {
         assert_eq!(status, 2);
         assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["code"], "unknown_account");
         let mut out = Vec::new();
-        assert_eq!(run(["ipaccessctl", "--socket", "/nonexistent/ipaccessd.sock", "status"], &mut out), 2);
+        assert_eq!(run(["ipaccessctl", "--socket", "/nonexistent/ipaccessd.sock", "status"], &mut out, &mut Vec::new()), 2);
     }
 
     #[test]
@@ -932,25 +1334,352 @@ mod tests {
         assert_eq!(request, json!({"cmd": "override_list", "account": null}));
         assert_eq!(
             out,
-            "ID  ACCOUNT  CIDR           EXPIRES              TICKET  REASON\n\
-             1   acme     198.18.0.9/32  2000-02-29 00:00:00  T-1     r\n"
+            "ID  ACCOUNT  CIDR           EXPIRES              TICKET  OPERATOR  REASON\n\
+             1   acme     198.18.0.9/32  2000-02-29 00:00:00  T-1     0         r\n"
         );
-        let (request, _, out) = against(&["activity", "acme", "--since", "30m", "--denied", "--limit", "2"], |_| {
+        let (request, _, out) = against(&["activity", "acme", "--since", "30m", "--denied", "--limit", "3"], |_| {
             json!({"ok": [
-                {"id": 2, "time": 951_782_400, "account": "acme", "kind": "check", "address": "198.18.0.9",
-                 "method": "password", "allowed": false, "reason": "address_not_allowed", "detail": null},
-                {"id": 1, "time": 951_782_399, "account": "acme", "kind": "audit", "address": null, "method": null,
-                 "allowed": null, "reason": null, "detail": {"cmd": "allow_add"}}]})
+                {"time": 951_782_400, "first_seen": 951_782_000, "count": 4, "account": "acme", "kind": "signin",
+                 "address": "198.18.0.9", "method": "password", "allowed": false, "reason": "address_not_allowed",
+                 "uid": 33, "detail": {"application": true}},
+                {"time": 951_782_399, "first_seen": 951_782_399, "count": 1, "account": "acme", "kind": "audit",
+                 "address": null, "method": null, "allowed": null, "reason": "allow_add", "uid": 0, "detail": {}},
+                {"time": 951_782_398, "first_seen": 951_782_001, "count": 12, "account": "acme", "kind": "drop",
+                 "address": "fd00::9", "method": null, "allowed": false, "reason": "address_not_allowed", "uid": null,
+                 "detail": {"destination": "fd00::1", "protocol": 17, "port": 53}}]})
         });
         assert_eq!(
             request,
-            json!({"cmd": "activity", "account": "acme", "since_seconds": 1800, "denied_only": true, "limit": 2})
+            json!({"cmd": "activity", "account": "acme", "since_seconds": 1800, "denied_only": true, "limit": 3,
+                   "kind": null, "summary": false, "unknown_accounts": false})
         );
         assert_eq!(
             out,
-            "TIME                 KIND   ADDRESS     METHOD    RESULT  REASON\n\
-             2000-02-29 00:00:00  check  198.18.0.9  password  denied  address_not_allowed\n\
-             2000-02-28 23:59:59  audit  -           -         -       -\n"
+            "LAST SEEN            KIND    ADDRESS     TO                METHOD    RESULT  REASON               COUNT  UID\n\
+             2000-02-29 00:00:00  signin  198.18.0.9  -                 password  denied  address_not_allowed  4      33\n\
+             2000-02-28 23:59:59  audit   -           -                 -         -       allow_add            1      0\n\
+             2000-02-28 23:59:58  drop    fd00::9     [fd00::1]:53/udp  -         denied  address_not_allowed  12     -\n"
         );
+        let (request, _, out) = against(&["activity", "acme", "--summary", "--kind", "signin"], |_| json!({"ok": []}));
+        assert_eq!(request["summary"], true);
+        assert!(out.starts_with("ADDRESS  METHOD  RESULT  REASON  COUNT  FIRST SEEN  LAST SEEN  BY"), "{out}");
+        let (request, _, out) = against(&["activity", "--unknown-accounts"], |_| {
+            json!({"ok": [{"address": "198.18.66.6", "method": "password", "count": 7, "first_seen": 0,
+                           "last_seen": 60}]})
+        });
+        assert_eq!((&request["account"], &request["unknown_accounts"]), (&Value::Null, &json!(true)));
+        assert_eq!(
+            out,
+            "ADDRESS      METHOD    COUNT  FIRST SEEN           LAST SEEN\n\
+             198.18.66.6  password  7      1970-01-01 00:00:00  1970-01-01 00:01:00\n"
+        );
+    }
+
+    /// A label written to forge a row, clear the screen, retitle the terminal, reverse the
+    /// text and hide a character: every cell shows it escaped, on its own row.
+    const HOSTILE: &str = "\n0.0.0.0/0  forged\x1b[2J\x1b]0;x\x07\u{202e}\u{200b}\u{9b}\\";
+    const HOSTILE_SHOWN: &str = "\\n0.0.0.0/0  forged\\x1b[2J\\x1b]0;x\\x07\\u{202e}\\u{200b}\\u{9b}\\\\";
+
+    #[test]
+    fn escapes() {
+        assert_eq!(escape(HOSTILE), HOSTILE_SHOWN);
+        assert_eq!(escape("tab\there\r\0\u{7f}\u{85}\u{2028}\u{2066}\u{feff}"),
+                   "tab\\there\\r\\x00\\x7f\\u{85}\\u{2028}\\u{2066}\\u{feff}");
+        // Ordinary text, accents and other scripts pass unchanged.
+        assert_eq!(escape("Büro Zürich, 東京 – ok"), "Büro Zürich, 東京 – ok");
+        // Cut to the width, between escapes, ellipsis included.
+        assert_eq!(escape_within("abcdef", 6), "abcdef");
+        assert_eq!(escape_within("abcdefg", 6), "abcde…");
+        assert_eq!(escape_within("abcd\n", 6), "abcd\\n");
+        assert_eq!(escape_within("abcd\nx", 6), "abcd…");
+        assert_eq!(escape_within("abc\x1bdef", 6), "abc…");
+        assert_eq!(escape_within("", 6), "");
+    }
+
+    #[test]
+    fn hostile_label_and_reason_forge_no_row() {
+        let entry = |cidr: &str, label: &str| {
+            json!({"account": "acme", "cidr": cidr, "label": label, "created_at": 951_782_400, "created_by": 0,
+                   "enabled": true})
+        };
+        let reply = json!({"ok": [entry("198.18.0.0/24", HOSTILE), entry("198.18.1.0/24", "plain")]});
+        let sent = reply.clone();
+        let (_, status, out) = against(&["allow", "list", "acme"], move |_| sent);
+        assert_eq!(status, 0);
+        let width = HOSTILE_SHOWN.chars().count();
+        assert!(width < CELL_WIDTH);
+        let pad = |s: &str| format!("{s}{}", " ".repeat(width - s.len()));
+        assert_eq!(
+            out,
+            format!(
+                "CIDR           STATUS   {}  CREATED              BY\n\
+                 198.18.0.0/24  enabled  {HOSTILE_SHOWN}  2000-02-29 00:00:00  0\n\
+                 198.18.1.0/24  enabled  {}  2000-02-29 00:00:00  0\n",
+                pad("LABEL"),
+                pad("plain")
+            )
+        );
+        assert!(!out.contains('\x1b') && !out.contains('\u{202e}') && out.lines().count() == 3, "{out}");
+        // --json passes the label on exactly, escaped the JSON way.
+        let (_, _, out) = against(&["--json", "allow", "list", "acme"], move |_| reply);
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap()[0]["label"], HOSTILE);
+        assert!(!out.contains('\x1b') && !out.contains("\n0.0.0.0"), "{out}");
+
+        let (_, status, out) = against(&["override", "list"], |_| {
+            json!({"ok": [{"id": 1, "account": "acme", "cidr": "198.18.0.9/32", "ticket": "T\x1b[8m",
+                           "reason": "ok\n2   acme     0.0.0.0/0", "operator": 1001, "created_at": 0,
+                           "expires_at": 951_782_400, "revoked_at": null}]})
+        });
+        assert_eq!(status, 0);
+        assert_eq!(
+            out,
+            "ID  ACCOUNT  CIDR           EXPIRES              TICKET    OPERATOR  REASON\n\
+             1   acme     198.18.0.9/32  2000-02-29 00:00:00  T\\x1b[8m  1001      ok\\n2   acme     0.0.0.0/0\n"
+        );
+    }
+
+    #[test]
+    fn huge_label_is_cut_in_tables_and_exact_in_json() {
+        let label = "x".repeat(65_536);
+        let reply = json!({"ok": [{"account": "acme", "cidr": "198.18.0.0/24", "label": label, "created_at": 0,
+                                   "created_by": 0}]});
+        let sent = reply.clone();
+        let (_, status, out) = against(&["allow", "list", "acme"], move |_| sent);
+        assert_eq!(status, 0);
+        let cut = format!("{}…", "x".repeat(CELL_WIDTH - 1));
+        assert_eq!(out.lines().nth(1), Some(format!("198.18.0.0/24  -       {cut}  1970-01-01 00:00:00  0").as_str()));
+        let (_, status, out) = against(&["--json", "allow", "list", "acme"], move |_| reply);
+        assert_eq!(status, 0);
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap()[0]["label"].as_str().unwrap().len(), 65_536);
+        // A `key: value` line shows it all.
+        let (_, status, out) = against(&["allow", "add", "acme", "198.18.0.0/24", "--label", "x"], move |_| {
+            json!({"ok": {"account": "acme", "cidr": "198.18.0.0/24", "label": label}})
+        });
+        assert_eq!(status, 0);
+        assert!(out.contains(&format!("label: {}\n", "x".repeat(65_536))), "{}", out.len());
+    }
+
+    #[test]
+    fn wrong_types_and_out_of_range_numbers_do_not_panic() {
+        // Every field of the wrong type, numbers out of any range, rows that are not objects.
+        let (_, status, out) = against(&["allow", "list", "acme"], |_| {
+            json!({"ok": [{"cidr": 7, "label": {"a": [1, {"b": null}]}, "created_at": u64::MAX, "created_by": -1.5e300,
+                           "enabled": "yes"},
+                          {"created_at": i64::MIN, "cidr": [], "label": {}},
+                          "a string", 12, null]})
+        });
+        assert_eq!(status, 0);
+        assert_eq!(
+            out,
+            "CIDR  STATUS  LABEL     CREATED                       BY\n\
+             7     -       a=1, b=-  18446744073709551615          -1.5e+300\n\
+             -     -       -         -292277022657-01-27 08:29:52  -\n\
+             -     -       -         -                             -\n\
+             -     -       -         -                             -\n\
+             -     -       -         -                             -\n"
+        );
+        for reply in [json!("text"), json!(42), json!(null), json!({"weird": {"deep": [[1, 2], {"k": "v\n"}]}})] {
+            for args in [&["account", "list"][..], &["account", "show", "a"], &["status"], &["bind", "list"],
+                         &["bind", "add", "a", "198.18.0.1"], &["stats"], &["override", "grant", "a", "198.18.0.1",
+                         "--ttl", "1h", "--ticket", "T", "--reason", "r"], &["override", "list"], &["allow", "list", "a"]] {
+                let sent = reply.clone();
+                let (_, status, out) = against(args, move |_| json!({"ok": sent}));
+                assert_eq!(status, 0, "{args:?} {reply}");
+                assert!(!out.contains("v\n"), "{args:?}: {out}");
+            }
+        }
+        let (_, _, out) = against(&["account", "add", "a"], |_| json!({"ok": {"weird": {"deep": [[1, 2], {"k": "v\n"}]}}}));
+        assert_eq!(out, "weird.deep: 1, 2, k=v\\n\n");
+        assert_eq!(format_time(i64::MAX), "292277026596-12-04 15:30:07");
+        // A check whose verdict is not a boolean is an error, never a pass.
+        let (_, status, out, err) = against_all(&["check", "a", "198.18.0.1"], |_| {
+            json!({"ok": {"allowed": "true", "reason": "allowed", "hint": ""}})
+        });
+        assert_eq!((status, out.as_str()), (2, ""));
+        assert!(err.contains("unreadable check result"), "{err}");
+        // An error reply this client cannot fully read still shows what it says.
+        let (_, status, _, err) = against_all(&["status"], |_| json!({"error": {"code": 9, "message": ["no\n", 1]}}));
+        assert_eq!((status, err.as_str()), (2, "error: no\\n, 1 (9)\n"));
+    }
+
+    #[test]
+    fn verdicts_and_errors_are_escaped() {
+        let (_, status, out) = against(&["check", "acme", "198.18.0.9"], |_| {
+            json!({"ok": {"allowed": false, "reason": "address_not_allowed",
+                          "hint": "Add it.\nallowed (allowed)\x1b[1A\x1b[2K", "detail": {"entries": 0}}})
+        });
+        assert_eq!(status, 1);
+        assert_eq!(out, "denied (address_not_allowed): Add it.\\nallowed (allowed)\\x1b[1A\\x1b[2K\ndetail.entries: 0\n");
+        // A reason this client does not know yet is still shown; the verdict is the boolean.
+        let (_, status, out) = against(&["check", "acme", "198.18.0.9"], |_| {
+            json!({"ok": {"allowed": true, "reason": "override\u{202e}", "hint": "",
+                          "override": {"id": 3, "expires_at": 951_782_400}}})
+        });
+        assert_eq!(status, 0);
+        assert_eq!(out, "allowed (override\\u{202e})\noverride.expires_at: 2000-02-29 00:00:00\noverride.id: 3\n");
+
+        // Daemon messages quote what a tenant wrote: escaped on stderr, exact with --json.
+        let message = "entry 198.18.0.0/24 of acme exists\n\x1b]8;;http://evil\x07label";
+        let (_, status, out, err) = against_all(&["allow", "add", "acme", "198.18.0.0/24"], move |_| {
+            json!({"error": {"code": "entry_exists", "message": message}})
+        });
+        assert_eq!((status, out.as_str()), (2, ""));
+        assert_eq!(err, "error: entry 198.18.0.0/24 of acme exists\\n\\x1b]8;;http://evil\\x07label (entry_exists)\n");
+        let (_, _, out, _) = against_all(&["--json", "allow", "add", "acme", "198.18.0.0/24"], move |_| {
+            json!({"error": {"code": "entry_exists", "message": message}})
+        });
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"code": "entry_exists", "message": message}));
+
+        // A refusal's details, readably after the message.
+        let (_, status, _, err) = against_all(&["account", "mode", "acme", "enforce"], |_| {
+            json!({"error": {"code": "lockout", "message": "would shut out 2 recent sign-ins; repeat with --force",
+                             "details": [{"address": "198.18.0.9", "last_seen": 951_782_400},
+                                         {"address": "fd00::9\n", "last_seen": 951_782_399}]}})
+        });
+        assert_eq!(status, 2);
+        assert_eq!(
+            err,
+            "error: would shut out 2 recent sign-ins; repeat with --force (lockout)\n\
+             \x20 ADDRESS     LAST SEEN\n\
+             \x20 198.18.0.9  2000-02-29 00:00:00\n\
+             \x20 fd00::9\\n   2000-02-28 23:59:59\n"
+        );
+        let (_, _, _, err) = against_all(&["allow", "remove", "acme", "198.18.0.0/24"], |_| {
+            json!({"error": {"code": "lockout", "message": "no", "details": {"recent_signins": [{"address": "a"}],
+                                                                            "limit": 24}}})
+        });
+        assert_eq!(err, "error: no (lockout)\n  limit: 24\n\n  recent_signins:\n  ADDRESS\n  a\n");
+    }
+
+    #[test]
+    fn account_show_list_status_and_bind_add_for_a_person() {
+        let account = json!({"id": "acme-dev", "slot": 2, "parent": "acme", "state": "active",
+                             "effective_state": "parent_banned", "mode": "enforce", "state_reason": null,
+                             "created_at": 951_782_400});
+        let shown = json!({"account": account, "entries": [
+            {"account": "acme-dev", "cidr": "198.18.0.0/24", "label": "office", "created_at": 951_782_400,
+             "created_by": 0, "enabled": false}],
+            "bindings": [{"account": "acme-dev", "addr": "198.18.0.1", "target": {"proto": "tcp", "port": 443},
+                          "created_at": 951_782_400}]});
+        let (request, status, out) = against(&["account", "show", "acme-dev"], move |_| json!({"ok": shown}));
+        assert_eq!(request, json!({"cmd": "account_show", "account": "acme-dev"}));
+        assert_eq!(status, 0);
+        assert_eq!(
+            out,
+            "id: acme-dev\nparent: acme\nstate: parent_banned (own state: active)\nstate_reason: -\nmode: enforce\n\
+             slot: 2\ncreated_at: 2000-02-29 00:00:00\n\
+             \nallowlist:\n\
+             CIDR           STATUS    LABEL   CREATED              BY\n\
+             198.18.0.0/24  disabled  office  2000-02-29 00:00:00  0\n\
+             \nbindings:\n\
+             ACCOUNT   ADDRESS     PROTO  PORT\n\
+             acme-dev  198.18.0.1  tcp    443\n"
+        );
+        let (_, _, out) = against(&["account", "show", "acme"], |_| {
+            json!({"ok": {"account": {"id": "acme", "state": "banned", "effective_state": "banned"},
+                          "entries": [], "bindings": [], "sub_users": ["acme-dev"]}})
+        });
+        assert_eq!(out, "id: acme\nstate: banned\n\nallowlist: none\n\nbindings: none\nsub_users: acme-dev\n");
+
+        let (_, _, out) = against(&["account", "list"], |_| {
+            json!({"ok": [{"id": "acme", "slot": 1, "parent": null, "state": "banned", "mode": "off"},
+                          {"id": "acme-dev", "slot": 2, "parent": "acme", "state": "active",
+                           "effective_state": "parent_banned", "mode": "off"}]})
+        });
+        assert_eq!(
+            out,
+            "ID        SLOT  STATE          MODE  PARENT\nacme      1     banned         off   -\n\
+             acme-dev  2     parent_banned  off   acme\n"
+        );
+
+        let (_, _, out) = against(&["status"], |_| {
+            json!({"ok": {"accounts": 2, "interfaces": ["veth0"], "xdp": [{"interface": "veth0", "path": "native"}],
+                          "pin_dir": "/sys/fs/bpf/ipaccess", "table_slots_used": 3, "table_slots": 65536,
+                          "host_counters": {"non_ip": 1, "unbound": 2, "ndp": 3, "malformed": 4},
+                          "connections": [{"uid": 0, "open": 1}], "started_at": 951_782_400}})
+        });
+        assert_eq!(
+            out,
+            "interfaces: veth0 (native XDP)\naccounts: 2\nhost_counters.malformed: 4\nhost_counters.ndp: 3\n\
+             host_counters.non_ip: 1\nhost_counters.unbound: 2\npin_dir: /sys/fs/bpf/ipaccess\n\
+             started_at: 2000-02-29 00:00:00\ntable_slots: 65536\ntable_slots_used: 3\n\nconnections:\nOPEN  UID\n1     0\n"
+        );
+
+        let (_, _, out) = against(&["bind", "add", "acme", "198.18.0.1:443"], |_| {
+            json!({"ok": {"account": "acme", "addr": "198.18.0.1", "target": {"proto": "tcp", "port": 443},
+                          "created_at": 951_782_400}})
+        });
+        assert_eq!(out, "bound 198.18.0.1 tcp/443 to acme\n");
+        let (_, _, out) = against(&["bind", "add", "acme\n", "fd00::1"], |_| {
+            json!({"ok": {"account": "acme\n", "addr": "fd00::1", "target": null, "created_at": 0}})
+        });
+        assert_eq!(out, "bound fd00::1 (every port) to acme\\n\n");
+    }
+
+    #[test]
+    fn new_commands_on_the_wire() {
+        let cases: [(&[&str], Value); 7] = [
+            (&["account", "remove", "acme"], json!({"cmd": "account_remove", "account": "acme", "recursive": false})),
+            (&["account", "remove", "acme", "--recursive"],
+             json!({"cmd": "account_remove", "account": "acme", "recursive": true})),
+            (&["allow", "enable", "acme", "198.18.0.0/24"],
+             json!({"cmd": "allow_enable", "account": "acme", "cidr": "198.18.0.0/24"})),
+            (&["allow", "disable", "acme", "198.18.0.7", "--client-ip", "198.18.0.9", "--force"],
+             json!({"cmd": "allow_disable", "account": "acme", "cidr": "198.18.0.7/32", "client_ip": "198.18.0.9",
+                    "force": true})),
+            (&["allow", "disable", "acme", "fd00::/48"],
+             json!({"cmd": "allow_disable", "account": "acme", "cidr": "fd00::/48", "client_ip": null, "force": false})),
+            (&["allow", "label", "acme", "198.18.0.0/24", "home office"],
+             json!({"cmd": "allow_label", "account": "acme", "cidr": "198.18.0.0/24", "label": "home office"})),
+            (&["check", "acme", "198.18.0.9", "--dry-run"],
+             json!({"cmd": "check", "account": "acme", "addr": "198.18.0.9", "method": null, "dry_run": true})),
+        ];
+        for (args, want) in cases {
+            let (request, status, _) = against(args, |_| json!({"ok": {"allowed": true, "reason": "allowed", "hint": ""}}));
+            assert_eq!((request, status), (want, 0), "{args:?}");
+        }
+        // Every argument has help text: the man pages are made from it.
+        fn documented(command: &clap::Command) {
+            for arg in command.get_arguments().filter(|a| !["help", "version"].contains(&a.get_id().as_str())) {
+                assert!(arg.get_help().is_some(), "{} {} has no help", command.get_name(), arg.get_id());
+            }
+            command.get_subcommands().for_each(documented);
+        }
+        documented(&<Cli as clap::CommandFactory>::command());
+    }
+
+    #[test]
+    fn import_errors_name_the_line() {
+        let batch: Vec<(usize, ImportAccount)> = [(3, "acme"), (5, "acme-dev"), (8, "acme.dev"), (9, "b")]
+            .map(|(n, id)| (n, serde_json::from_value(json!({"account": id})).unwrap()))
+            .to_vec();
+        let error = |message: &str, details: Value| {
+            DaemonError::from_reply(&json!({"code": "bad_request", "message": message, "details": details}))
+        };
+        assert_eq!(blame(&batch, &error("acme-dev exists with another parent", Value::Null)), Some((5, "acme-dev")));
+        assert_eq!(blame(&batch, &error("account acme.dev: parent acme", Value::Null)), Some((8, "acme.dev")));
+        assert_eq!(blame(&batch, &error("there is no account acme.", Value::Null)), Some((3, "acme")));
+        assert_eq!(blame(&batch, &error("x", json!({"account": "b"}))), Some((9, "b")));
+        assert_eq!(blame(&batch, &error("bad ab and bc", Value::Null)), None);
+
+        let path = std::env::temp_dir().join(format!("ipaccessctl-import-{}.jsonl", std::process::id()));
+        std::fs::write(&path, "# accounts\n{\"account\": \"acme\"}\n\n{\"account\": \"acme-dev\", \"parent\": \"x\"}\n")
+            .unwrap();
+        let (request, status, out, err) = against_all(&["import", path.to_str().unwrap()], |_| {
+            json!({"error": {"code": "unknown_account", "message": "acme-dev: there is no account x"}})
+        });
+        assert_eq!(request["accounts"].as_array().unwrap().len(), 2);
+        assert_eq!((status, out.as_str()), (2, ""));
+        assert_eq!(
+            err,
+            "error: line 4 (account acme-dev): acme-dev: there is no account x (nothing was imported) (unknown_account)\n"
+        );
+        std::fs::write(&path, "{\"account\": \"acme\"}\n{\"account\": \"acme\", \"mode\": \"strict\"}\n").unwrap();
+        let mut err = Vec::new();
+        let socket = "/nonexistent/ipaccessd.sock";
+        assert_eq!(run(["ipaccessctl", "--socket", socket, "import", path.to_str().unwrap()], &mut Vec::new(), &mut err), 2);
+        let err = String::from_utf8(err).unwrap();
+        assert!(err.starts_with("error: line 2: unknown variant `strict`"), "{err}");
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -1,13 +1,21 @@
 //! ipaccessd: keeps per-account allowlists in its store, enforces them with XDP, and answers
 //! login checks and administration over its control socket.
 //!
-//! Start-up order: configuration, bpffs, the pinned maps and program, the store, the kernel
-//! reconciled with the store, the interfaces attached, the control socket (and the metrics
-//! endpoint, if configured) bound, and only then systemd told READY=1. SIGHUP re-reads the
+//! Start-up order: configuration, bpffs, the pinned maps and program, the state directory
+//! locked and the store opened (refused, unless `--accept-empty-store`, when the store is
+//! missing or empty while the pinned maps hold policy), the kernel reconciled with the
+//! store, the interfaces attached, the control socket (and the metrics endpoint, if
+//! configured) bound, and only then systemd told READY=1. SIGHUP re-reads the
 //! configuration (never detaching). Stopping (SIGTERM) leaves the filter attached and
 //! enforcing; `--detach` removes it. Running it as a service: docs/operations.md.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    fs,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser};
@@ -52,6 +60,11 @@ struct Args {
     /// Where bpffs is mounted (overrides the configuration).
     #[arg(long, value_name = "DIR")]
     bpffs: Option<PathBuf>,
+    /// Start even though the store is missing or empty while the pinned maps still hold
+    /// policy, and clear that policy from the kernel. Without it such a start is refused, so
+    /// that a lost store never turns enforcement off; use it once, on purpose.
+    #[arg(long)]
+    accept_empty_store: bool,
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
@@ -106,8 +119,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    fs::create_dir_all(&config.state_dir).with_context(|| format!("creating {}", config.state_dir.display()))?;
-    let store = Store::open(&config.database()).context("opening the store")?;
+    let (_lock, store) = open_store(&config, &datapath, args.accept_empty_store)?;
     let activity = ActivityLog::start(Store::open(&config.database()).context("opening the store")?);
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
@@ -157,6 +169,102 @@ async fn main() -> anyhow::Result<()> {
     service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
     Ok(())
+}
+
+/// Locks the state directory and opens the store, before anything in the kernel changes.
+/// Refuses (unless `accept_empty`) a store that is missing or holds no account while the
+/// pinned maps hold policy: starting would clear the kernel's tables and leave every bound
+/// address unfiltered. The lock is held for the life of the process.
+fn open_store(config: &Config, datapath: &Datapath, accept_empty: bool) -> anyhow::Result<(fs::File, Store)> {
+    let (dir, db) = (&config.state_dir, config.database());
+    let guard = |found: &str| -> anyhow::Result<()> {
+        let (accounts, bindings) = (datapath.configured_slots().len(), datapath.bindings().len());
+        if accounts == 0 && bindings == 0 {
+            return Ok(());
+        }
+        let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let what = format!(
+            "the store {} is {found}, but the pinned maps in {} hold policy ({}, {})",
+            db.display(),
+            datapath.pin_dir().display(),
+            count(accounts, "account"),
+            count(bindings, "binding")
+        );
+        if accept_empty {
+            warn!("{what}; --accept-empty-store: starting with an empty store and clearing them");
+            return Ok(());
+        }
+        anyhow::bail!(
+            "refusing to start: {what}. Starting would clear them and leave those addresses unfiltered; the kernel \
+             keeps enforcing them meanwhile. Restore the store (from a backup) and start again, or start once \
+             with --accept-empty-store to begin with no policy on purpose"
+        )
+    };
+    // Each way of finding the store lost is judged once, the first that applies.
+    let mut judged = !dir.exists();
+    if judged {
+        guard("missing, and so is its directory")?;
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let lock = lock_state_dir(dir)?;
+    let found = match fs::metadata(&db) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", db.display())),
+        // An empty database file with an empty (or no) write-ahead log holds nothing; opening
+        // it would write a new schema into it, so it is judged before it is opened.
+        Ok(meta) if meta.len() == 0 && fs::metadata(Store::sibling(&db, "-wal")).map_or(true, |w| w.len() == 0) => {
+            Some("an empty file (0 bytes)")
+        }
+        Ok(_) => None,
+    };
+    if let Some(found) = found.filter(|_| !judged) {
+        guard(found)?;
+        judged = true;
+    }
+    let mut store = Store::open(&db).context("opening the store")?;
+    if !judged && store.read().and_then(|tx| tx.accounts()).context("reading the store")?.is_empty() {
+        guard("holds no account")?;
+    }
+    Ok((lock, store))
+}
+
+/// An exclusive lock on `dir/ipaccessd.lock`, which holds the locking daemon's pid: a second
+/// daemon on the same state directory is refused, naming the first.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let path = dir.join("ipaccessd.lock");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(error).with_context(|| format!("locking {}", path.display()));
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = match holder.trim() {
+            "" => "another ipaccessd".to_string(),
+            pid => format!("another ipaccessd (pid {pid})"),
+        };
+        let (dir, path) = (dir.display(), path.display());
+        anyhow::bail!("{holder} is using the state directory {dir} (it holds {path}); stop it first");
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// Adds to an error from loading or attaching what the kernel's EPERM or EINVAL does not

@@ -11,6 +11,8 @@
 //!    same round trip to an unbound port.
 //! 4. Login checks per second and their latency with 1, 16 and 64 clients. Baseline: an echo
 //!    server on a Unix socket answering the same lines, one thread per connection.
+//! 5. What recording those checks costs in storage: 16 clients checking for 60 s must grow
+//!    the store (database and WAL, after a checkpoint) by at most 10 MB.
 //!
 //! `--quick` makes the policy ten times smaller and the runs shorter (a smoke run).
 
@@ -44,7 +46,12 @@ const ENFORCE_ROUNDS: usize = 200;
 struct Scale {
     accounts: usize,
     run: Duration,
+    /// How long 16 clients check for the storage figure.
+    storage_run: Duration,
 }
+
+/// What 16 clients checking for 60 s may add to the store: 10 MB.
+const STORAGE_BUDGET_PER_MINUTE: f64 = 10e6;
 
 /// Account `a`'s allowlist: 8 IPv4 hosts, an IPv4 /24 and an IPv6 /64, all inside the
 /// test ranges (198.18.0.0/15, fd00::/8). Entries are data only: no traffic uses them.
@@ -111,11 +118,12 @@ impl Client {
     }
 }
 
-/// The checks the clients send, half allowed and half denied, over many accounts.
-fn check_lines(accounts: usize) -> Vec<String> {
+/// The checks the clients send, half allowed and half denied, over many accounts; another
+/// `salt` picks other accounts (so that they make rows the store does not have yet).
+fn check_lines(accounts: usize, salt: usize) -> Vec<String> {
     (0..4096)
         .map(|i| {
-            let a = (i * 7919) % accounts;
+            let a = (i * 7919 + salt) % accounts;
             let ip = if i % 2 == 0 { allowed_source(a, i) } else { format!("198.19.{}.{}", (a + 1) % 256, i % 250 + 1) };
             format!("{{\"id\":{i},\"cmd\":\"check\",\"account\":\"acct{a}\",\"addr\":\"{ip}\"}}\n")
         })
@@ -320,9 +328,9 @@ impl World {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick {
-        Scale { accounts: 10_000, run: Duration::from_secs(1) }
+        Scale { accounts: 10_000, run: Duration::from_secs(1), storage_run: Duration::from_secs(10) }
     } else {
-        Scale { accounts: 100_000, run: Duration::from_secs(3) }
+        Scale { accounts: 100_000, run: Duration::from_secs(3), storage_run: Duration::from_secs(60) }
     };
     let world = World { hosts: TestHosts::new().unwrap(), bpffs: BpfFs::new().unwrap(), dir: TempDir::new() };
     let socket = world.socket();
@@ -392,7 +400,7 @@ fn main() {
     // 4. Login checks.
     let echo = world.dir.0.join("echo.sock");
     start_echo(&echo);
-    let lines = Arc::new(check_lines(scale.accounts));
+    let lines = Arc::new(check_lines(scale.accounts, 0));
     println!("## Login checks ({} s per point)", scale.run.as_secs());
     println!();
     println!("| clients | checks/s | p50 µs | p99 µs | echo req/s | checks/s ÷ echo |");
@@ -409,5 +417,50 @@ fn main() {
             real.per_second / baseline.per_second
         );
     }
-    drop(daemon);
+    println!();
+
+    // 5. The storage those checks cost, measured between two clean stops (each closes the
+    // store, which checkpoints the WAL into the database).
+    let mut daemon = daemon;
+    assert!(daemon.terminate().is_some_and(|s| s.success()), "SIGTERM did not stop the daemon");
+    let before = store_bytes(&world.dir.0.join("state"));
+    let (mut daemon, _) = world.start(scale.accounts);
+    // Checks of other accounts than the ones above: each (account, address, outcome) is a new row.
+    let lines = Arc::new(check_lines(scale.accounts, scale.accounts / 2));
+    let load = measure(&socket, 16, &lines, scale.storage_run);
+    assert!(daemon.terminate().is_some_and(|s| s.success()), "SIGTERM did not stop the daemon");
+    let after = store_bytes(&world.dir.0.join("state"));
+    let seconds = scale.storage_run.as_secs_f64();
+    let checks = load.per_second * seconds;
+    let growth = after.saturating_sub(before) as f64;
+    let budget = STORAGE_BUDGET_PER_MINUTE * seconds / 60.0;
+    println!("## Storage cost of recording login checks (16 clients, {seconds:.0} s)");
+    println!();
+    println!("| checks answered | checks/s | store before | store after | growth | budget | growth ÷ budget |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {checks:.0} | {:.0} | {} | {} | {:.2} MB | {:.1} MB | {:.3} |",
+        load.per_second,
+        mb(before),
+        mb(after),
+        growth / 1e6,
+        budget / 1e6,
+        growth / budget
+    );
+    println!();
+    println!("Bytes per check: {:.3} (database and WAL, after a checkpoint).", growth / checks.max(1.0));
+    assert!(growth <= budget, "the store grew by {growth} bytes, over the budget of {budget}");
+}
+
+/// The store's size in `state`: database and WAL, after a checkpoint. Opening and closing
+/// it once more (the daemon is stopped) folds any WAL left behind into the database.
+fn store_bytes(state: &Path) -> u64 {
+    let db = state.join("ipaccess.db");
+    drop(Store::open(&db).expect("open the stopped daemon's store"));
+    let size = |file: &str| std::fs::metadata(state.join(file)).map_or(0, |m| m.len());
+    size("ipaccess.db") + size("ipaccess.db-wal")
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }

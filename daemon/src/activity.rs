@@ -1,0 +1,222 @@
+//! The activity log's writer: login checks and drop samples are counted in memory and
+//! written as per-hour rows (see the `signins`, `drops` and `unknown_signins` tables in
+//! `store`), so the store grows with the number of distinct (address, method, outcome,
+//! caller) an hour brings, not with the number of checks.
+//!
+//! Recording stays off the request path: a check only puts a message on a bounded channel.
+//! A thread owns the counts and writes them out through its own connection once a second,
+//! when they grow large, and whenever someone asks with [`ActivityLog::flush`]. Audit
+//! records of changes do not come here; they are written in the change's own transaction.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use log::warn;
+
+use crate::{
+    protocol::{Method, Reason},
+    store::{self, DropKey, SigninKey, Store, Tally, UnknownKey},
+};
+
+/// One login check to count.
+#[derive(Clone, Debug)]
+pub struct Signin {
+    pub time: i64,
+    pub account: String,
+    pub address: IpAddr,
+    pub method: Method,
+    pub reason: Reason,
+    pub uid: u32,
+    /// The caller holds the check role: the check is the customer's own attempt.
+    pub application: bool,
+}
+
+/// Dropped packets of one account from one source to one endpoint, already counted.
+#[derive(Clone, Debug)]
+pub struct Drops {
+    pub time: i64,
+    pub account: String,
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    pub protocol: u8,
+    pub port: u16,
+    pub reason: &'static str,
+    pub count: i64,
+}
+
+enum LogMessage {
+    Signin(Signin),
+    Drops(Vec<Drops>),
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// Counts not written yet.
+#[derive(Default)]
+struct Pending {
+    signins: HashMap<SigninKey, Tally>,
+    unknown: HashMap<UnknownKey, Tally>,
+    drops: HashMap<DropKey, Tally>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.signins.len() + self.unknown.len() + self.drops.len()
+    }
+
+    fn add(&mut self, message: LogMessage, waiting: &mut Vec<mpsc::SyncSender<()>>) {
+        match message {
+            // A check for an account that does not exist is counted per address: the name
+            // tried is not kept (credential stuffing invents them by the million).
+            LogMessage::Signin(s) if s.reason == Reason::UnknownAccount => {
+                let key = UnknownKey { bucket: store::bucket(s.time), address: s.address, method: s.method };
+                self.unknown.entry(key).and_modify(|t| t.add(Tally::new(1, s.time))).or_insert(Tally::new(1, s.time));
+            }
+            LogMessage::Signin(s) => {
+                let tally = Tally::new(1, s.time);
+                let key = SigninKey {
+                    account: s.account,
+                    bucket: store::bucket(s.time),
+                    address: s.address,
+                    method: s.method,
+                    reason: s.reason,
+                    uid: s.uid,
+                    application: s.application,
+                };
+                self.signins.entry(key).and_modify(|t| t.add(tally)).or_insert(tally);
+            }
+            LogMessage::Drops(drops) => {
+                for d in drops {
+                    let tally = Tally::new(d.count, d.time);
+                    let key = DropKey {
+                        account: d.account,
+                        bucket: store::bucket(d.time),
+                        source: d.source,
+                        destination: d.destination,
+                        protocol: d.protocol,
+                        port: d.port,
+                        reason: d.reason,
+                    };
+                    self.drops.entry(key).and_modify(|t| t.add(tally)).or_insert(tally);
+                }
+            }
+            LogMessage::Flush(done) => waiting.push(done),
+        }
+    }
+
+    /// Writes every count in one transaction. On failure the counts are kept for the next
+    /// attempt, up to a limit, so a store that is briefly locked loses nothing.
+    fn write(&mut self, store: &mut Store) {
+        if self.len() == 0 {
+            return;
+        }
+        let written = store.transaction().and_then(|tx| {
+            tx.add_signins(&self.signins)?;
+            tx.add_unknown_signins(&self.unknown)?;
+            tx.add_drops(&self.drops)?;
+            tx.commit()
+        });
+        match written {
+            Ok(()) => *self = Pending::default(),
+            Err(e) if self.len() < ActivityLog::MAX_PENDING * 4 => warn!("could not record activity, will retry: {e}"),
+            Err(e) => {
+                warn!("could not record activity ({} rows of counts lost): {e}", self.len());
+                *self = Pending::default();
+            }
+        }
+    }
+}
+
+/// The handle checks and the drop drain record through.
+pub struct ActivityLog {
+    sender: mpsc::SyncSender<LogMessage>,
+    /// Checks not counted in the store because the writer fell behind (the queue was full).
+    dropped: AtomicU64,
+}
+
+impl ActivityLog {
+    const QUEUE: usize = 65_536;
+    /// How often counts are written out when nobody asks.
+    const WRITE_EVERY: Duration = Duration::from_secs(1);
+    /// Distinct rows of counts held before they are written out early.
+    const MAX_PENDING: usize = 16_384;
+
+    /// Starts the writer thread on `store` (a second connection to the daemon's database).
+    pub fn start(mut store: Store) -> ActivityLog {
+        let (sender, receiver) = mpsc::sync_channel(Self::QUEUE);
+        thread::Builder::new()
+            .name("activity-log".into())
+            .spawn(move || {
+                let mut pending = Pending::default();
+                let mut waiting = Vec::new();
+                let mut last_write = Instant::now();
+                loop {
+                    let wait = Self::WRITE_EVERY.saturating_sub(last_write.elapsed()).max(Duration::from_millis(10));
+                    let stop = match receiver.recv_timeout(wait) {
+                        Ok(message) => {
+                            pending.add(message, &mut waiting);
+                            false
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => false,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => true,
+                    };
+                    // Take what else is queued, but not forever: a flood must still be written out.
+                    for message in receiver.try_iter().take(Self::MAX_PENDING) {
+                        pending.add(message, &mut waiting);
+                    }
+                    if stop
+                        || !waiting.is_empty()
+                        || pending.len() >= Self::MAX_PENDING
+                        || last_write.elapsed() >= Self::WRITE_EVERY
+                    {
+                        pending.write(&mut store);
+                        last_write = Instant::now();
+                        waiting.drain(..).for_each(|done| {
+                            let _ = done.send(());
+                        });
+                    }
+                    if stop {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the activity log thread");
+        ActivityLog { sender, dropped: AtomicU64::new(0) }
+    }
+
+    /// Counts a login check (never blocks: if the writer is far behind, it is dropped).
+    pub fn signin(&self, signin: Signin) {
+        self.send(LogMessage::Signin(signin));
+    }
+
+    /// Counts drained drop samples.
+    pub fn drops(&self, drops: Vec<Drops>) {
+        if !drops.is_empty() {
+            self.send(LogMessage::Drops(drops));
+        }
+    }
+
+    fn send(&self, message: LogMessage) {
+        if self.sender.try_send(message).is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if (dropped + 1).is_power_of_two() {
+                warn!("the activity log fell behind: {} records not counted so far", dropped + 1);
+            }
+        }
+    }
+
+    /// Waits until everything recorded so far is in the store.
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.sender.send(LogMessage::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Start-up never loses enforcement, end to end on the real daemon: with policy in the
+//! pinned maps, a store that is empty, deleted, or gone with its directory makes the daemon
+//! refuse to start, leaving the kernel's tables as they were, until `--accept-empty-store`
+//! says so on purpose. Also: one daemon per state directory, and a private store.
+//!
+//! Build the binaries first: `cargo build --release -p ipaccess --bins`.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipaccess_tests::daemon::{Daemon, Launch, READY, World};
+use ipaccess_tests::netns::{BpfFs, TcpServer, icmp_echo, tcp_connect};
+use serde_json::{Value, json};
+
+const OK: Duration = Duration::from_secs(2);
+const FAIL: Duration = Duration::from_millis(500);
+
+/// A request on a fresh connection that must succeed; its result.
+fn ok(socket: &Path, request: Value) -> Value {
+    let stream = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&stream).write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{request}: not JSON ({e}): {line:?}"));
+    assert!(reply.get("error").is_none(), "{request} -> {reply}");
+    reply["ok"].clone()
+}
+
+fn state_dir(w: &World) -> PathBuf {
+    w.dir.0.join("state")
+}
+
+/// The daemon's arguments as [`World::start`] gives them (without the interface unless
+/// `iface`), plus `extra`.
+fn args(w: &World, iface: bool, state: &Path, bpffs: &Path, socket: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["--config".into(), w.dir.0.join("ipaccessd.toml").to_str().unwrap().into()];
+    if iface {
+        args.extend(["--iface".into(), w.hosts.server_if.clone()]);
+    }
+    args.extend([
+        "--state-dir".into(),
+        state.to_str().unwrap().into(),
+        "--socket".into(),
+        socket.to_str().unwrap().into(),
+        "--bpffs".into(),
+        bpffs.to_str().unwrap().into(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts the daemon of `w` again with `extra` arguments; does not wait.
+fn spawn(w: &World, extra: &[&str], log: &str) -> Daemon {
+    let args = args(w, true, &state_dir(w), w.bpffs.path(), &w.socket(), extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join(log))
+}
+
+/// A start that must be refused: exits non-zero by itself; its log.
+fn refused_start(w: &World, log: &str) -> String {
+    let mut daemon = spawn(w, &[], log);
+    let status = daemon.wait_exit(READY);
+    let text = daemon.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the start was not refused ({status:?}):\n{text}");
+    text
+}
+
+fn tcp_ok(w: &World, src: Ipv4Addr, dst: SocketAddr, timeout: Duration) -> bool {
+    w.hosts.client.run(move || tcp_connect(src.into(), dst, timeout))
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+/// Policy in the kernel, then the store lost four ways: each start is refused, says what it
+/// found and how to go on, and the kernel keeps enforcing (the blocked source stays blocked,
+/// the allowed one passes). `--accept-empty-store` then starts, and clears the tables.
+#[test]
+fn a_lost_store_never_turns_enforcement_off() {
+    let mut w = World::new("");
+    let socket = w.socket();
+    let (good, blocked) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7100);
+    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
+    ok(&socket, json!({"cmd": "account_add", "account": "cust"}));
+    let (addr, ip) = (dst.ip().to_string(), good.to_string());
+    ok(&socket, json!({"cmd": "bind_add", "account": "cust", "addr": addr, "port": 7100, "proto": "tcp"}));
+    ok(&socket, json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
+    ok(&socket, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": ip, "force": true}));
+    let server = w.hosts.server_v4;
+    for src in [good, blocked] {
+        assert!(w.hosts.client.run(move || icmp_echo(src.into(), server.into(), OK)), "ping from {src}");
+    }
+    let enforcing = |w: &World, when: &str| {
+        assert!(tcp_ok(w, good, dst, OK), "{when}: the allowed source is blocked");
+        assert!(!tcp_ok(w, blocked, dst, FAIL), "{when}: the blocked source passes: enforcement is off");
+    };
+    enforcing(&w, "with the daemon running");
+    w.stop();
+
+    let state = state_dir(&w);
+    let db = state.join("ipaccess.db");
+    let expect = |log: &str, found: &str| {
+        let db = db.to_str().unwrap();
+        for needed in ["refusing to start", found, db, "1 account, 1 binding", "--accept-empty-store"] {
+            assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+        }
+    };
+    // A valid store with no account in it (as a fresh one would be).
+    fs::remove_file(&db).unwrap();
+    drop(ipaccess::store::Store::open(&db).unwrap());
+    expect(&refused_start(&w, "no-account.log"), "holds no account");
+    enforcing(&w, "after the refused start on a store without accounts");
+    // (a) The database truncated to 0 bytes (SQLite's -wal and -shm, if any, gone too).
+    for suffix in ["-wal", "-shm"] {
+        let _ = fs::remove_file(state.join(format!("ipaccess.db{suffix}")));
+    }
+    fs::File::create(&db).unwrap();
+    let log = refused_start(&w, "empty.log");
+    expect(&log, "an empty file (0 bytes)");
+    assert_eq!(fs::metadata(&db).unwrap().len(), 0, "the refused start wrote into the empty store");
+    enforcing(&w, "after the refused start on an empty store");
+    // (b) The database deleted.
+    fs::remove_file(&db).unwrap();
+    expect(&refused_start(&w, "deleted.log"), "is missing");
+    assert!(!db.exists(), "the refused start created a store");
+    enforcing(&w, "after the refused start on a deleted store");
+    // (c) The whole state directory deleted.
+    fs::remove_dir_all(&state).unwrap();
+    expect(&refused_start(&w, "no-dir.log"), "missing, and so is its directory");
+    assert!(!state.exists(), "the refused start created the state directory");
+    enforcing(&w, "after the refused start with no state directory");
+
+    // On purpose: the daemon starts with an empty store and clears the kernel's tables.
+    let mut daemon = spawn(&w, &["--accept-empty-store"], "accepted.log");
+    daemon.wait_answering(&socket, READY);
+    w.daemon = Some(daemon);
+    assert_eq!(ok(&socket, json!({"cmd": "bind_list"})), json!([]));
+    assert!(tcp_ok(&w, blocked, dst, OK), "--accept-empty-store did not clear the binding");
+    assert!(w.daemon.as_ref().unwrap().log_text().contains("--accept-empty-store"), "no warning in the log");
+    // The flag is needed once: the kernel now holds no policy, so a plain start succeeds.
+    w.stop();
+    w.start("");
+}
+
+/// The store and its directory are private even with umask 022, the lock file too, and a
+/// store file left open to others is tightened with a warning.
+#[test]
+fn the_store_is_private() {
+    // SAFETY: umask(2) only; the daemon inherits it.
+    unsafe { libc::umask(0o022) };
+    let mut w = World::new("");
+    let state = state_dir(&w);
+    let db = state.join("ipaccess.db");
+    ok(&w.socket(), json!({"cmd": "account_add", "account": "cust"}));
+    assert_eq!(mode(&state), 0o700, "state directory");
+    for file in ["ipaccess.db", "ipaccess.db-wal", "ipaccess.db-shm", "ipaccessd.lock"] {
+        assert_eq!(mode(&state.join(file)), 0o600, "{file}");
+    }
+    w.stop();
+    fs::set_permissions(&db, fs::Permissions::from_mode(0o644)).unwrap();
+    w.start("");
+    assert_eq!(mode(&db), 0o600, "an existing store open to others is not tightened");
+    let log = w.daemon.as_ref().unwrap().log_text();
+    assert!(log.contains("had mode 0644, open to other users"), "no warning:\n{log}");
+}
+
+/// A second daemon on the same state directory (with its own bpffs and socket, so that only
+/// the store is shared) is refused while the first runs, and the message names the first.
+#[test]
+fn a_second_daemon_on_the_same_state_directory_is_refused() {
+    let w = World::new("");
+    ok(&w.socket(), json!({"cmd": "account_add", "account": "cust"}));
+    let first = w.daemon.as_ref().unwrap().child.id();
+    let other_bpffs = BpfFs::new().unwrap();
+    let other_socket = w.dir.0.join("second.sock");
+    // No interface: attaching it would replace the first daemon's program.
+    let args = args(&w, false, &state_dir(&w), other_bpffs.path(), &other_socket, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut second = Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join("second.log"));
+    let status = second.wait_exit(READY);
+    let log = second.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the second daemon was not refused ({status:?}):\n{log}");
+    assert!(log.contains(&format!("another ipaccessd (pid {first}) is using the state directory")), "{log}");
+    assert!(!other_socket.exists(), "the second daemon bound a socket:\n{log}");
+    // The first is unaffected.
+    ok(&w.socket(), json!({"cmd": "account_show", "account": "cust"}));
+}
