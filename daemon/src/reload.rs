@@ -52,7 +52,8 @@ pub fn plan(current: &Config, next: &Config) -> Plan {
 /// Applies `next` (blocking: attaching takes the writer lock). Returns the configuration now
 /// in force: `next`, except the restart-only settings, which keep their running values, and
 /// interfaces that failed to attach, which a later reload tries again. Also returns a status
-/// line for the service manager.
+/// line for the service manager, which the caller logs once the configuration is in force
+/// (control connections read it from then on).
 pub fn apply(service: &Service, current: &Config, next: Config) -> (Config, String) {
     let plan = plan(current, &next);
     service.reconfigure(&next);
@@ -97,7 +98,6 @@ pub fn apply(service: &Service, current: &Config, next: Config) -> (Config, Stri
         (false, _) => format!("configuration reloaded; cannot attach to {}", failed.join(", ")),
         (true, false) => format!("configuration reloaded; {} need a restart", plan.need_restart.join(", ")),
     };
-    info!("{status}");
     (in_force, status)
 }
 

@@ -865,11 +865,14 @@ fn apply_account(datapath: &mut Datapath, account: &AccountPolicy, suspended: bo
     datapath.set_policy(account.slot, to_mode(account.mode), suspended)
 }
 
+/// A replacement allowlist: each network with its label.
+type Wanted = Vec<(IpNet, Option<String>)>;
+
 /// The entries of a replacement in canonical form (see [`network`]); where a CIDR is given
 /// twice, the later one (and its label) counts. Also returns the notes on rewritten entries.
-fn distinct_entries(entries: Vec<ReplaceEntry>) -> Result<(Vec<(IpNet, Option<String>)>, Vec<String>), Failure> {
+fn distinct_entries(entries: Vec<ReplaceEntry>) -> Result<(Wanted, Vec<String>), Failure> {
     let mut positions: HashMap<IpNet, usize> = HashMap::with_capacity(entries.len());
-    let mut wanted: Vec<(IpNet, Option<String>)> = Vec::with_capacity(entries.len());
+    let mut wanted: Wanted = Vec::with_capacity(entries.len());
     let mut notes = Vec::new();
     for (n, entry) in entries.into_iter().enumerate() {
         let (cidr, note) = network(entry.cidr).map_err(|Failure(mut body)| {

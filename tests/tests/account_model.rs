@@ -375,10 +375,10 @@ fn override_expiry_is_audited() {
     let id = w.ok(request)["override"]["id"].clone();
     // The sweep runs every ten seconds.
     let deadline = std::time::Instant::now() + Duration::from_secs(25);
-    let line = format!("override_expired: account \"e\" by uid 0 (cidr=\"198.18.0.11/32\" expires_at=");
+    let line = "override_expired: account \"e\" by uid 0 (cidr=\"198.18.0.11/32\" expires_at=";
     loop {
         let log = w.daemon.as_ref().unwrap().log_text();
-        if log.contains(&line) {
+        if log.contains(line) {
             assert!(log.contains(&format!("override={id}")), "{log}");
             assert_eq!(log.matches("override_expired:").count(), 1, "{log}");
             break;

@@ -424,8 +424,8 @@ fn staff_checks_are_not_the_customers_and_dry_runs_record_nothing() {
         let c = agent.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.40.4", "dry_run": true}));
         assert_eq!(c["reason"], "address_not_allowed", "{c}");
     }
-    // Support cannot record a sign-in at all.
-    assert_eq!(agent.err(json!({"cmd": "check", "account": "acme", "addr": "198.18.40.4"})), "forbidden");
+    // Support may record a check too; it is recorded as the agent's, never as the customer's.
+    agent.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.40.4"}));
     for _ in 0..2 {
         app.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.50.5", "method": "api_key"}));
     }
@@ -438,8 +438,13 @@ fn staff_checks_are_not_the_customers_and_dry_runs_record_nothing() {
         (&json!("198.18.50.5"), &json!("api_key"), &json!(2))
     );
     let log = agent.ok(json!({"cmd": "activity", "account": "acme", "kind": "signin"}));
-    assert_eq!(rows(&log).len(), 1, "a dry run was recorded: {log:#}");
-    assert_eq!((&log[0]["uid"], &log[0]["detail"]["application"]), (&json!(APP), &json!(true)), "{log:#}");
+    assert_eq!(rows(&log).len(), 2, "{log:#}");
+    let row = |addr: &str| rows(&log).iter().find(|r| r["address"] == addr).unwrap_or_else(|| panic!("{log:#}"));
+    let (app_row, agent_row) = (row("198.18.50.5"), row("198.18.40.4"));
+    assert_eq!((&app_row["uid"], &app_row["detail"]["application"]), (&json!(APP), &json!(true)), "{log:#}");
+    // One recorded check by the agent; its three dry runs left nothing.
+    assert_eq!((&agent_row["uid"], &agent_row["detail"]["application"]), (&json!(AGENT), &json!(false)), "{log:#}");
+    assert_eq!(agent_row["count"], 1, "a dry run was recorded: {log:#}");
     let audit = agent.ok(json!({"cmd": "activity", "account": "acme", "kind": "audit", "limit": 1}));
     assert_eq!((&audit[0]["reason"], &audit[0]["uid"]), (&json!("override_granted"), &json!(AGENT)), "{audit:#}");
 }

@@ -296,6 +296,7 @@ async fn reload_on_sighup(mut hangups: Signal, args: Args, service: Arc<Service>
                 match tokio::task::spawn_blocking(move || reload::apply(&service, &current, next)).await {
                     Ok((in_force, status)) => {
                         config.send_replace(Arc::new(in_force));
+                        info!("{status}");
                         status
                     }
                     Err(e) => {
