@@ -1,5 +1,6 @@
 
 pub mod model;
+pub mod policy_model;
 pub mod packets;
 pub mod netns;
 pub mod client;
