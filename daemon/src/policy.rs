@@ -192,7 +192,12 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr,
             true,
             Reason::Allowed,
             String::new(),
-            format!("{addr} is covered by support override {} ({}) until {}", granted.id, granted.cidr, granted.expires_at),
+            format!(
+                "{addr} is covered by support override {} ({}) until {} UTC",
+                granted.id,
+                granted.cidr,
+                crate::time::format_utc(granted.expires_at)
+            ),
         );
         allowed.via_override = Some(OverrideRef { id: granted.id, expires_at: granted.expires_at });
         return allowed;

@@ -495,7 +495,8 @@ impl Service {
             return Err(Failure::new(
                 ErrorCode::BadRequest,
                 format!(
-                    "{cidr} is wider than an override may be: at most a /{widest} for {} (widest_override_ipv{} in                      the configuration); grant the customer's own address",
+                    "{cidr} is wider than an override may be: at most a /{widest} for {} (widest_override_ipv{} in \
+                     the configuration); grant the customer's own address",
                     if cidr.addr().is_ipv4() { "IPv4" } else { "IPv6" },
                     if cidr.addr().is_ipv4() { 4 } else { 6 },
                 ),
@@ -552,7 +553,11 @@ impl Service {
                     return refused(format!("{cidr} is already allowed by {account}'s allowlist entry {entry}"));
                 }
                 if let Some(o) = policy.live_overrides(at).find(|o| o.cidr.contains(&cidr)) {
-                    return refused(format!("{cidr} is already allowed by override {} until {}", o.id, o.expires_at));
+                    return refused(format!(
+                        "{cidr} is already allowed by override {} until {} UTC",
+                        o.id,
+                        crate::time::format_utc(o.expires_at)
+                    ));
                 }
                 Ok(())
             }

@@ -257,7 +257,7 @@ fn cidrs_are_strict_and_overrides_narrow() {
     assert_eq!(w.ok(json!({"cmd": "allow_list", "account": "s"})).as_array().unwrap().len(), 1);
     for (cidr, says) in [
         ("0.0.0.0/0", "mode to off"),
-        ("198.19.0.0/16", "at most a /28 for IPv4"),
+        ("198.19.0.0/16", "at most a /28 for IPv4 (widest_override_ipv4 in the configuration)"),
         ("198.19.0.0/24", "at most a /28 for IPv4"),
         ("fd00:9::/48", "at most a /56 for IPv6"),
     ] {
