@@ -255,9 +255,9 @@ impl Service {
             }
             Command::AccountMode { account, mode, client_ip, force } => self.change(&account, |tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                let mut after = policy_from_store(tx, &row, now())?;
-                after.mode = mode;
-                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
+                let before = policy_from_store(tx, &row, now())?;
+                let after = AccountPolicy { mode, ..before.clone() };
+                guard_lockout(tx, &account, uid, client_ip, force, &before, &after)?;
                 tx.set_mode(&account, mode)?;
                 audit(tx, &account, uid, "mode", json!({ "mode": mode, "was": row.mode, "forced": force }))?;
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
@@ -273,9 +273,10 @@ impl Service {
             Command::AllowRemove { account, cidr, client_ip, force } => self.change(&account, |tx| {
                 let (cidr, note) = network(cidr)?;
                 let (row, entry) = existing_entry(tx, &account, cidr)?;
-                let mut after = policy_from_store(tx, &row, now())?;
+                let before = policy_from_store(tx, &row, now())?;
+                let mut after = before.clone();
                 after.entries.retain(|&net| net != cidr);
-                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
+                guard_lockout(tx, &account, uid, client_ip, force, &before, &after)?;
                 tx.remove_entry(&account, cidr)?;
                 audit(tx, &account, uid, "allow_remove", json!({ "cidr": cidr, "label": entry.label, "forced": force }))?;
                 Ok((row, with_notes(json!({ "account": account, "removed": cidr }), note.into_iter().collect())))
@@ -283,9 +284,10 @@ impl Service {
             Command::AllowDisable { account, cidr, client_ip, force } => self.change(&account, |tx| {
                 let (cidr, _) = network(cidr)?;
                 let (row, _) = existing_entry(tx, &account, cidr)?;
-                let mut after = policy_from_store(tx, &row, now())?;
+                let before = policy_from_store(tx, &row, now())?;
+                let mut after = before.clone();
                 after.entries.retain(|&net| net != cidr);
-                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
+                guard_lockout(tx, &account, uid, client_ip, force, &before, &after)?;
                 tx.set_entry_enabled(&account, cidr, false)?;
                 audit(tx, &account, uid, "allow_disable", json!({ "cidr": cidr, "forced": force }))?;
                 Ok((row, json!(tx.entry(&account, cidr)?)))
@@ -309,9 +311,10 @@ impl Service {
                 let (wanted, notes) = distinct_entries(entries)?;
                 let disabled: std::collections::HashSet<IpNet> =
                     tx.entries(&account)?.into_iter().filter(|e| !e.enabled).map(|e| e.cidr).collect();
-                let mut after = policy_from_store(tx, &row, now())?;
+                let before = policy_from_store(tx, &row, now())?;
+                let mut after = before.clone();
                 after.entries = wanted.iter().map(|(c, _)| *c).filter(|c| !disabled.contains(c)).collect();
-                guard_lockout(tx, &account, uid, client_ip, force, &after)?;
+                guard_lockout(tx, &account, uid, client_ip, force, &before, &after)?;
                 tx.replace_entries(&account, &wanted, uid, now())?;
                 audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
                 Ok((row, with_notes(json!({ "entries": tx.entries(&account)? }), notes)))
@@ -911,16 +914,19 @@ fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Resul
 /// How far back a successful sign-in counts for the lockout guard.
 const RECENT_SIGNINS: i64 = 7 * 24 * 3600;
 
-/// The lockout guard: unless `force`, a change that leaves the account enforcing (`after` is
-/// its policy as the change would leave it) is refused when it would shut out the address
-/// the caller says it uses, leave nothing allowed at all, or shut out an address that signed
-/// in successfully in the last seven days (the refusal lists those, in `details`).
+/// The lockout guard: unless `force`, a change that leaves the account enforcing (`before`
+/// and `after` are its policy as it is and as the change would leave it) is refused when it
+/// would shut out the address the caller says it uses, newly leave nothing allowed at all, or
+/// shut out an address that signed in successfully in the last seven days and is let in now
+/// (the refusal lists those, in `details`). A change that shuts out nobody who gets in today,
+/// such as removing a disabled entry, is not refused.
 fn guard_lockout(
     tx: &Tx,
     account: &str,
     uid: u32,
     client_ip: Option<IpAddr>,
     force: bool,
+    before: &AccountPolicy,
     after: &AccountPolicy,
 ) -> Result<(), Failure> {
     if force || after.mode != Mode::Enforce {
@@ -937,7 +943,9 @@ fn guard_lockout(
             ),
         ));
     }
-    if after.entries.is_empty() && after.live_overrides(at).next().is_none() {
+    let lets_in_now = |addr: IpAddr| before.mode != Mode::Enforce || before.covers(addr, at);
+    let allows_nothing = |p: &AccountPolicy| p.entries.is_empty() && p.live_overrides(at).next().is_none();
+    if allows_nothing(after) && (before.mode != Mode::Enforce || !allows_nothing(before)) {
         logging::lockout_refused_because(account, uid, "nothing allowed");
         return Err(Failure::new(
             ErrorCode::Lockout,
@@ -948,7 +956,10 @@ fn guard_lockout(
         ));
     }
     let shut_out: Vec<RecentSignin> =
-        tx.recent_signins(account, at - RECENT_SIGNINS)?.into_iter().filter(|s| !after.covers(s.address, at)).collect();
+        tx.recent_signins(account, at - RECENT_SIGNINS)?
+            .into_iter()
+            .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
+            .collect();
     if let Some(first) = shut_out.first() {
         logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
         const LISTED: usize = 10;

@@ -131,18 +131,23 @@ impl Account {
         self.entries.iter().any(|e| e.enabled) || self.overrides.iter().any(|o| o.live(now))
     }
 
-    /// The lockout guard on an unforced change that leaves the account as `self`: an
-    /// enforcing account must keep something enabled or a live override, and must still let
-    /// in every address that signed in successfully (recently: a test's whole run).
-    pub fn expect_guard(&self, now: i64) -> Expect {
+    /// Would the account as it is let `addr` in? (Not enforcing: everyone.)
+    pub fn lets_in(&self, addr: IpAddr, now: i64) -> bool {
+        self.mode != Mode::Enforce || self.covers(addr, now)
+    }
+
+    /// The lockout guard on an unforced change from `before` that leaves the account as
+    /// `self`: an enforcing account must not newly be left with nothing enabled and no live
+    /// override, and must still let in every address that signed in successfully (recently:
+    /// a test's whole run) and that `before` lets in. A change that shuts out nobody who gets
+    /// in today passes.
+    pub fn expect_guard(&self, before: &Account, now: i64) -> Expect {
         if self.mode != Mode::Enforce {
             return Expect::Ok;
         }
-        if !self.covers_anything(now) || self.signed_in.iter().any(|&a| !self.covers(a, now)) {
-            Expect::Refused("lockout")
-        } else {
-            Expect::Ok
-        }
+        let newly_nothing = !self.covers_anything(now) && (before.mode != Mode::Enforce || before.covers_anything(now));
+        let shuts_out = self.signed_in.iter().any(|&a| before.lets_in(a, now) && !self.covers(a, now));
+        if newly_nothing || shuts_out { Expect::Refused("lockout") } else { Expect::Ok }
     }
 }
 
@@ -471,16 +476,22 @@ mod tests {
     fn lockout_guard() {
         let mut p = policy();
         let sub = p.accounts.get_mut("sub").unwrap();
-        assert_eq!(sub.expect_guard(0), Expect::Ok);
+        let before = sub.clone();
+        assert_eq!(sub.expect_guard(&before, 0), Expect::Ok);
         sub.signed_in.insert("::ffff:198.18.1.9".parse().unwrap());
-        assert_eq!(sub.expect_guard(0), Expect::Ok, "a mapped sign-in is its IPv4 address");
+        let before = sub.clone();
+        assert_eq!(sub.expect_guard(&before, 0), Expect::Ok, "a mapped sign-in is its IPv4 address");
         sub.entries[0].enabled = false;
-        assert_eq!(sub.expect_guard(0), Expect::Refused("lockout"), "a recent sign-in shut out");
+        assert_eq!(sub.expect_guard(&before, 0), Expect::Refused("lockout"), "a recent sign-in shut out");
+        // Already shut out before the change: nobody who gets in today is shut out by it.
+        let disabled = sub.clone();
+        assert_eq!(sub.expect_guard(&disabled, 0), Expect::Ok, "removing a disabled entry");
         sub.signed_in.clear();
-        assert_eq!(sub.expect_guard(0), Expect::Ok, "a live override is a way in");
-        assert_eq!(sub.expect_guard(100), Expect::Refused("lockout"), "nothing enabled, nothing live");
+        assert_eq!(sub.expect_guard(&before, 0), Expect::Ok, "a live override is a way in");
+        assert_eq!(sub.expect_guard(&before, 100), Expect::Refused("lockout"), "nothing enabled, nothing live");
+        assert_eq!(sub.expect_guard(&disabled, 100), Expect::Ok, "already enforcing with nothing: not newly");
         sub.mode = Mode::Monitor;
-        assert_eq!(sub.expect_guard(100), Expect::Ok);
+        assert_eq!(sub.expect_guard(&before, 100), Expect::Ok);
     }
 
     #[test]

@@ -192,6 +192,13 @@ fn lockout_guard_without_client_ip() {
     // Forced, it goes through, and the kernel follows.
     w.ok(json!({"cmd": "allow_remove", "account": "x", "cidr": b_s, "force": true}));
     assert!(!tcp_ok(&w.hosts, b, dst, FAIL), "the forced removal did not reach the kernel");
+    // The guard weighs what a change takes away: b, which signed in but is shut out already,
+    // does not stop the removal of an entry that lets nothing in (a disabled one).
+    w.ok(json!({"cmd": "allow_add", "account": "x", "cidr": "198.18.0.8/29"}));
+    let (code, message) = w.err(json!({"cmd": "allow_disable", "account": "x", "cidr": "198.18.0.8/29"}));
+    assert!(code == "lockout" && message.contains(&b_s), "{code}: {message}");
+    w.ok(json!({"cmd": "allow_disable", "account": "x", "cidr": "198.18.0.8/29", "force": true}));
+    w.ok(json!({"cmd": "allow_remove", "account": "x", "cidr": "198.18.0.8/29"}));
     let log = w.daemon.as_ref().unwrap().log_text();
     assert!(log.contains("lockout_refused: account \"x\" by uid 0 (because=\"nothing allowed\")"), "{log}");
     assert!(log.contains("lockout_refused: account \"x\" by uid 0 (because=\"recent sign-ins shut out\")"), "{log}");

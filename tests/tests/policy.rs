@@ -402,8 +402,9 @@ impl Differential {
         }
         // An override expiring right now leaves the guard's answer open.
         let t = now();
-        let mut expect = if force { Expect::Ok } else { after.expect_guard(t - 2) };
-        if !force && expect != after.expect_guard(t + 2) {
+        let before = self.model.accounts[id].clone();
+        let mut expect = if force { Expect::Ok } else { after.expect_guard(&before, t - 2) };
+        if !force && expect != after.expect_guard(&before, t + 2) {
             expect = Expect::Either;
         }
         if expect == Expect::Refused("lockout") && after.covers_anything(t) {
