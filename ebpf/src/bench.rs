@@ -33,7 +33,7 @@ pub fn ipaccess_calibration_hash(ctx: XdpContext) -> u32 {
     // SAFETY: bounds-checked just above.
     let key = unsafe { core::ptr::read_unaligned((start + 26) as *const u64) };
     // SAFETY: the value is only tested for presence.
-    match unsafe { CALIBRATION.get(&key) } {
+    match unsafe { CALIBRATION.get(key) } {
         Some(_) => XDP_PASS,
         None => XDP_DROP,
     }
