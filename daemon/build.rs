@@ -1,8 +1,65 @@
 //! Builds the XDP program (ebpf/) for the BPF target with the nightly toolchain and
-//! bpf-linker, and leaves the object in OUT_DIR for `include_bytes_aligned!`.
+//! bpf-linker, and leaves its objects in OUT_DIR for `include_bytes_aligned!`: `ipaccess-ebpf`
+//! (the filter ipaccessd loads) and `ipaccess-bench` (the benchmark's reference programs).
 //! `cargo xtask setup` installs what this needs.
+//!
+//! aya-build forwards the inner cargo's whole log as `cargo:warning=` lines, so every build
+//! would print a dozen `warning:` lines that warn of nothing. The script therefore runs
+//! aya-build in a second copy of itself and keeps that log back: it is printed as the error
+//! when the build fails, and as warnings only when it holds something more than cargo's
+//! progress lines (a compiler warning, a skipped build).
+
+use std::{
+    env,
+    process::{Command, Stdio},
+};
+
+use anyhow::Context;
+
+/// Set in the environment of the copy that runs aya-build.
+const INNER: &str = "IPACCESS_EBPF_BUILD_INNER";
 
 fn main() -> anyhow::Result<()> {
+    if env::var_os(INNER).is_some() {
+        // Said without a backtrace: the cargo log above it tells what went wrong.
+        if let Err(error) = build() {
+            eprintln!("{error:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    let me = env::current_exe().context("locating the build script")?;
+    let output = Command::new(&me)
+        .env(INNER, "1")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", me.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut log = Vec::new();
+    for line in stdout.lines() {
+        match line.strip_prefix("cargo:warning=") {
+            Some(message) => log.push(message),
+            // Instructions to cargo (rerun-if-changed and the like) pass through.
+            None => println!("{line}"),
+        }
+    }
+    if !output.status.success() {
+        for line in &log {
+            eprintln!("{line}");
+        }
+        eprint!("{}", String::from_utf8_lossy(&output.stderr));
+        eprintln!("building the XDP program (ebpf/) failed; its cargo log is above");
+        std::process::exit(1);
+    }
+    if !log.iter().all(|line| is_progress(line)) {
+        for line in &log {
+            println!("cargo:warning={line}");
+        }
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
     let ebpf = aya_build::Package {
         name: "ipaccess-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf"),
@@ -10,4 +67,18 @@ fn main() -> anyhow::Result<()> {
     };
     println!("cargo:rerun-if-changed=../common/src");
     aya_build::build_ebpf([ebpf], aya_build::Toolchain::default())
+}
+
+/// Cargo's status lines ("   Compiling ipaccess-ebpf v0.1.0 (…)", "    Finished …"): an
+/// indented capitalised verb. Blank lines count too.
+fn is_progress(line: &str) -> bool {
+    let rest = line.trim_start();
+    if rest.is_empty() {
+        return true;
+    }
+    let verb = rest.split(' ').next().unwrap_or_default();
+    rest.len() < line.len()
+        && verb.len() > 1
+        && verb.starts_with(|c: char| c.is_ascii_uppercase())
+        && verb[1..].chars().all(|c| c.is_ascii_lowercase())
 }

@@ -331,30 +331,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-/// Returns at once. Not attached by the daemon: the benchmark's floor, measured in the same
-/// run as the real program so that every figure can be given as a ratio to it.
-#[xdp]
-pub fn ipaccess_floor(_ctx: XdpContext) -> u32 {
-    XDP_PASS
-}
-
-/// Benchmark calibration: one kernel hash-map lookup keyed by eight bytes of the frame, the
-/// building block a conventional design would spend per decision step.
-#[map(name = "IPACCESS_CALIBRATION")]
-static CALIBRATION: aya_ebpf::maps::HashMap<u64, u64> = aya_ebpf::maps::HashMap::with_max_entries(1024, 0);
-
-#[xdp]
-pub fn ipaccess_calibration_hash(ctx: XdpContext) -> u32 {
-    let start = ctx.data();
-    if start + 34 > ctx.data_end() {
-        return XDP_PASS;
-    }
-    // SAFETY: bounds-checked just above.
-    let key = unsafe { core::ptr::read_unaligned((start + 26) as *const u64) };
-    // SAFETY: the value is only tested for presence.
-    match unsafe { CALIBRATION.get(&key) } {
-        Some(_) => XDP_PASS,
-        None => XDP_DROP,
-    }
-}

@@ -45,8 +45,13 @@ use self::{
     tables::{SlotKey, Synced, TableContent, TableError, Tables},
 };
 
-/// The XDP object built by build.rs.
+/// The XDP object built by build.rs: the filter ([`PROGRAM_NAME`]) and its maps, nothing else.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-ebpf"));
+
+/// The benchmark's reference programs (`ipaccess_floor`, `ipaccess_calibration_hash` and its
+/// map), built by build.rs into an object of their own. ipaccessd never loads it: only
+/// `cargo xtask bench datapath` does, beside [`PROGRAM_OBJECT`].
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-bench"));
 
 /// The bpffs magic number from `statfs(2)`.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -232,28 +237,6 @@ impl Datapath {
     /// The loaded filter program (for BPF_PROG_TEST_RUN in tests and benchmarks).
     pub fn program(&self) -> &Xdp {
         self.ebpf.program(PROGRAM_NAME).and_then(|p| p.try_into().ok()).expect("object has the XDP program")
-    }
-
-    /// Loads a program of the same object by name (the benchmark's `ipaccess_floor`).
-    pub fn load_extra_program(&mut self, name: &str) -> Result<&Xdp> {
-        let program = program_mut(&mut self.ebpf, name)?;
-        if program.fd().is_err() {
-            program.load().map_err(|e| DatapathError::Program(format!("verifying {name}"), e))?;
-        }
-        Ok(program)
-    }
-
-    /// A program loaded with [`Datapath::load_extra_program`].
-    pub fn extra_program(&self, name: &str) -> Option<&Xdp> {
-        self.ebpf.program(name).and_then(|p| p.try_into().ok())
-    }
-
-    /// Inserts a key into the benchmark's calibration hash map (see `ipaccess_calibration_hash`).
-    pub fn calibration_map_insert(&mut self, key: u64) -> Result<()> {
-        let map = self.ebpf.map_mut("IPACCESS_CALIBRATION").expect("object has the calibration map");
-        let mut map: aya::maps::HashMap<_, u64, u64> =
-            aya::maps::HashMap::try_from(map).map_err(|e| DatapathError::Map("IPACCESS_CALIBRATION".into(), e))?;
-        map.insert(key, 1, 0).map_err(|e| DatapathError::Map("IPACCESS_CALIBRATION".into(), e))
     }
 
     fn link_pin(&self, iface: &str) -> PathBuf {
