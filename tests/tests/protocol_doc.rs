@@ -59,6 +59,8 @@ fn blocks(doc: &str) -> Vec<Block> {
             body.push((m, l.to_string()));
         }
         if words.first() != Some(&"jsonl") {
+            let looks_like_one = body.first().is_some_and(|(_, l)| l.starts_with("{\"id\""));
+            assert!(!looks_like_one, "line {}: an example block not tagged jsonl would not be tested", n + 1);
             continue;
         }
         assert!(body.len() % 2 == 0 && !body.is_empty(), "line {}: a jsonl block holds request/reply pairs", n + 1);
