@@ -38,6 +38,9 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// The gates CI runs before the tests: rustfmt (check only), and clippy with warnings
+    /// as errors on every crate, the XDP program's included (nightly, BPF target).
+    Lint,
     /// Run every test (needs root). Arguments after `--` go to the test harness,
     /// e.g. `cargo xtask test -- differential --nocapture`.
     Test {
@@ -116,6 +119,30 @@ fn run(cli: Cli) -> Result<()> {
             let daemon = target_dir().join("release/ipaccessd");
             let err = command(&daemon).args(args).exec();
             Err(err).with_context(|| format!("failed to exec {}", daemon.display()))
+        }
+        Cmd::Lint => {
+            setup::run()?;
+            status(&mut cargo(["fmt", "--all", "--check"]))?;
+            status(&mut cargo(["clippy", "--workspace", "--exclude", "ipaccess-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+            // The XDP program builds only for the BPF target, with nightly and core from source,
+            // as aya-build builds it.
+            let mut ebpf = command("cargo");
+            ebpf.current_dir(workspace_root().join("ebpf")).args([
+                "+nightly",
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--bins",
+                "--",
+                "-D",
+                "warnings",
+            ]);
+            // A separate target directory: the nightly, BPF-target build must not evict the
+            // stable host build that the tests use.
+            status(ebpf.env("CARGO_TARGET_DIR", target_dir().join("lint-ebpf")))
         }
         Cmd::Demo => {
             require_root("demo")?;

@@ -31,7 +31,9 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 pub fn run() -> Result<()> {
     nightly()?;
     packages()?;
-    rust_src()?;
+    nightly_component("rust-src")?;
+    // `cargo xtask lint` checks the XDP program with nightly's clippy.
+    nightly_component("clippy")?;
     bpf_linker()?;
     cargo_deb()
 }
@@ -83,14 +85,14 @@ fn packages() -> Result<()> {
     )
 }
 
-fn rust_src() -> Result<()> {
+fn nightly_component(name: &str) -> Result<()> {
     let args = ["component", "list", "--toolchain", "nightly", "--installed"];
-    if query("rustup", &args).is_some_and(|s| s.lines().any(|l| l.trim().starts_with("rust-src"))) {
-        println!("setup: rust-src for nightly present");
+    if query("rustup", &args).is_some_and(|s| s.lines().any(|l| l.trim().starts_with(name))) {
+        println!("setup: {name} for nightly present");
         return Ok(());
     }
-    println!("setup: adding rust-src to nightly");
-    status(command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    println!("setup: adding {name} to nightly");
+    status(command("rustup").args(["component", "add", name, "--toolchain", "nightly"]))
 }
 
 fn bpf_linker() -> Result<()> {
