@@ -9,7 +9,7 @@ writes `raw_id` verbatim), or `raw` (a line sent as is), optionally `as: "nobody
 process with uid/gid 65534, which the daemon must give only the check role), and `expect`:
 `{"ok": {...}}` (every key given must match), `{"ok_count": n}` (a list of n items),
 `{"error": code}`, or `{"reason": r, "allowed": b}` for a check. A case with `step` is a
-procedure named by it (blank_line, pipeline, window, too_large, busy, restart), described
+procedure named by it (blank_line, pipeline, window, too_large, busy, idle, restart), described
 in its `checks`.
 
 The restart step needs whoever started the daemon: the runner prints `@restart kill` and
@@ -253,11 +253,28 @@ def step_busy(client, path, case):
                 expect(isinstance(ipaccess.error_from(reply), ipaccess.Busy), "Busy")
                 return f"busy at connection {n} of this uid"
             conn.send(b'{"id":1,"cmd":"status"}\n', time.monotonic() + REPLY)
-            expect(json.loads(conn.read_line(time.monotonic() + REPLY)).get("id") == 1, "status on an admitted connection")
+            reply = json.loads(conn.read_line(time.monotonic() + REPLY))
+            expect(reply.get("id") == 1, "status on an admitted connection")
         raise Failed("no connection was refused")
     finally:
         for conn in held:
             conn.close()
+
+
+def step_idle(client, path, case):
+    """The daemon closes an idle pooled connection; the client's next requests reconnect."""
+    expect(client.check("c-acme", "198.18.0.7").allowed, "before the idle timeout")
+    before = client.connects
+    time.sleep(case["idle_seconds"] + 1)
+    # Read-only, then mutating: either way the write fails before anything was delivered,
+    # so sending again on a new connection is safe.
+    expect(client.check("c-acme", "198.18.0.7").allowed, "after the idle timeout")
+    expect(client.connects == before + 1, f"{client.connects - before} reconnects for the check")
+    account = client.request("account_state", account="c-ban", state="banned", reason="abuse")
+    expect(account["state"] == "banned", f"got {account}")
+    time.sleep(case["idle_seconds"] + 1)
+    account = client.request("account_state", account="c-ban", state="banned", reason="abuse")
+    expect(account["state"] == "banned" and client.connects == before + 2, "a mutating request after the timeout")
 
 
 def step_restart(client, path, case):
@@ -293,6 +310,7 @@ STEPS = {
     "window": step_window,
     "too_large": step_too_large,
     "busy": step_busy,
+    "idle": step_idle,
     "restart": step_restart,
 }
 

@@ -314,7 +314,8 @@ class Client:
         with self._lock:
             conn = self._connect(deadline)
             ids = [next(self._ids) for _ in requests]
-            data = b"".join(json.dumps(dict(r, id=i), separators=(",", ":")).encode() + b"\n" for r, i in zip(requests, ids))
+            lines = (json.dumps(dict(r, id=i), separators=(",", ":")).encode() + b"\n" for r, i in zip(requests, ids))
+            data = b"".join(lines)
             failed = []
 
             def write():
