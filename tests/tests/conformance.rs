@@ -18,8 +18,9 @@ use ipaccess_tests::daemon::World;
 /// Uid 65534 may only check (the list's `"as": "nobody"` cases); root may open 16 connections
 /// (the `busy` step); a line over 64 KiB is `too_large` even for root; idle connections are
 /// closed after 2 s (the `idle` step).
-const CONFIG: &str = "socket_mode = 0o666\n[roles]\ncheck = { uids = [65534] }\n[limits]\nmax_connections_per_uid = 16\n\
-                      max_request_bytes = 4096\nmax_admin_request_bytes = 65536\nidle_timeout_seconds = 2";
+const CONFIG: &str = "socket_mode = 0o666\n[roles]\ncheck = { uids = [65534] }\n\
+                      [limits]\nmax_connections_per_uid = 16\nmax_request_bytes = 4096\n\
+                      max_admin_request_bytes = 65536\nidle_timeout_seconds = 2";
 
 /// Longest the whole list may take.
 const RUN: Duration = Duration::from_secs(240);
