@@ -231,22 +231,37 @@ pub const fn probe_index(desc: TableDesc, home: u32, step: u32) -> u32 {
 
 /// Read access to the slot array: a map lookup in the kernel, an `mmap` in user space.
 /// Both sides then share [`lookup`], so they cannot disagree about where a key lives.
-pub trait SlotReader {
+///
+/// # Safety
+///
+/// [`lookup`], [`read_lengths`], [`read_family_lengths`] and [`read_summary`] dereference
+/// the pointers this trait hands out, so an implementation must guarantee that every
+/// `Some(ptr)` returned by [`SlotReader::slot`]:
+///
+/// - points to a whole [`Slot`], aligned to 8 bytes, that stays mapped and readable for as
+///   long as `self` is borrowed;
+/// - is distinct for distinct in-range indices (index `i` is the `i`-th slot of one array);
+/// - is only ever written concurrently with single aligned 8-byte stores (the seqlock's
+///   protocol above), so that each word read is a whole word some writer stored.
+///
+/// It must return `None` for every index at or past the array's end.
+pub unsafe trait SlotReader {
     /// Pointer to slot `index`, `None` past the array's end.
     fn slot(&self, index: u32) -> Option<*const Slot>;
 }
 
 #[inline(always)]
 fn read_word(word: *const u64) -> u64 {
-    // SAFETY: callers pass pointers into a live slot; volatile keeps the seqlock's two reads
-    // of `meta` from being merged or reordered around the key reads.
+    // SAFETY: callers pass pointers into a live slot (the `SlotReader` contract); volatile
+    // keeps the seqlock's two reads of `meta` from being merged or reordered around the key
+    // reads.
     unsafe { core::ptr::read_volatile(word) }
 }
 
 /// Finds a key; returns its value word. See the module docs for the protocol.
 #[inline(always)]
 pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: u64, hi: u64, lo: u64) -> Option<u64> {
-    // SAFETY (all reads below): pointers come from `slots.slot`, which bounds-checks.
+    // SAFETY (all reads below): pointers come from `slots.slot`, valid by the `SlotReader` contract.
     let home = home_offset(desc, hash_key(desc.seed(), tag, hi, lo));
     let mut step = 0;
     while step < MAX_PROBE {
