@@ -35,7 +35,20 @@
 
 /// Slots probed from a key's home slot before a lookup gives up. The writer never places a
 /// key further away; it rebuilds the region larger instead.
+///
+/// Why the program only loads for some bounds: with 10 or fewer, LLVM unrolls the probe
+/// loop of [`lookup`] completely (at every one of its ten or so inlined call sites), the
+/// program's body grows by half or more, and the inliner no longer folds it into the entry
+/// point aya generates. The entry then passes `data` and `data_end` of `xdp_md` (32-bit
+/// loads) to the body as arguments, and the body widens them to 64 bits with `r <<= 32;
+/// r >>= 32`: shifting a packet pointer, which the verifier refuses ("R1 pointer arithmetic
+/// with <<= operator prohibited", at the body's first instruction). From 11 up the loop
+/// stays a loop and the body is inlined (24, 16, 12, 11 and 64 load; 10, 9 and 8 do not,
+/// kernel 6.18 with the pinned nightly and bpf-linker). The threshold is LLVM's unrolling
+/// heuristic, so it can move with the compiler or with the loop's body; the smoke test and
+/// every test that loads the program would show it.
 pub const MAX_PROBE: u32 = 24;
+const _: () = assert!(MAX_PROBE >= 11, "MAX_PROBE <= 10 unrolls the probe loop and the program fails verification");
 
 /// Distinct prefix lengths probed per address family per account. User space expands
 /// prefixes so that no account needs more (see the daemon's `prefix` module).
