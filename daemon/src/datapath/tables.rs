@@ -785,8 +785,8 @@ mod tests {
             let table = rng.next() as usize % TABLES;
             let owner = table as u32 + 1;
             // This change's prefix lengths: a random few of each family.
-            let v4_lengths: Vec<u8> = V4_LENGTHS.iter().copied().filter(|_| rng.next() % 3 == 0).collect();
-            let v6_lengths: Vec<u8> = V6_LENGTHS.iter().copied().filter(|_| rng.next() % 4 == 0).collect();
+            let v4_lengths: Vec<u8> = V4_LENGTHS.iter().copied().filter(|_| rng.next().is_multiple_of(3)).collect();
+            let v6_lengths: Vec<u8> = V6_LENGTHS.iter().copied().filter(|_| rng.next().is_multiple_of(4)).collect();
             let new_key = |rng: &mut Rng| {
                 // Table 0 is a binding table; the others are allowlists. A small address space,
                 // so keys come back after they were removed.
@@ -814,11 +814,11 @@ mod tests {
                         keys.insert(key, rng.next());
                     }
                 }
-                3 | 4 => keys.retain(|_, _| rng.next() % 4 == 0),
+                3 | 4 => keys.retain(|_, _| rng.next().is_multiple_of(4)),
                 _ => {
-                    keys.retain(|_, _| rng.next() % 8 != 0);
+                    keys.retain(|_, _| !rng.next().is_multiple_of(8));
                     for value in keys.values_mut() {
-                        if rng.next() % 8 == 0 {
+                        if rng.next().is_multiple_of(8) {
                             *value = rng.next();
                         }
                     }
