@@ -575,7 +575,8 @@ mod tests {
     #[test]
     fn in_place_change_touches_only_what_changed() {
         let mut t = tables(1 << 10);
-        let (a, b, c, d) = (v4(1, [198, 18, 0, 1], 32), v4(1, [198, 18, 0, 2], 32), v4(1, [198, 18, 0, 3], 32), v4(1, [198, 18, 0, 4], 32));
+        let host = |last: u8| v4(1, [198, 18, 0, last], 32);
+        let (a, b, c, d) = (host(1), host(2), host(3), host(4));
         let mut desc = TableDesc::NONE;
         assert!(!apply(&mut t, &mut desc, &wanted(&[(a, A), (b, A), (c, A)])), "a first table is built");
         let (slot_a, slot_c) = (slot_of(&t, desc, &a), slot_of(&t, desc, &c));
@@ -641,8 +642,11 @@ mod tests {
         assert_eq!(trace.iter().filter(|s| matches!(s, Step::Tombstone(_))).count(), 1);
 
         // The summaries: first of old and new keys together, last of the new keys alone.
-        let summaries: Vec<(usize, Summary)> =
-            trace.iter().enumerate().filter_map(|(i, s)| if let Step::Summaries(v4, _) = s { Some((i, *v4)) } else { None }).collect();
+        let summaries: Vec<(usize, Summary)> = trace
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| if let Step::Summaries(v4, _) = s { Some((i, *v4)) } else { None })
+            .collect();
         let (first_at, first) = summaries[0];
         assert!(first_at < inserted);
         for key in [&host, &old, &new] {
@@ -863,7 +867,8 @@ mod tests {
                     }
                 }
             }
-            let published = descs.iter().filter(|d| d.is_present()).map(|d| Region { start: d.header(), len: d.region_len() });
+            let published =
+                descs.iter().filter(|d| d.is_present()).map(|d| Region { start: d.header(), len: d.region_len() });
             assert!(Regions::with_used(t.capacity(), published).is_ok(), "seed {seed}, step {step}: {descs:?} overlap");
         }
         println!("{in_place} changes in place, {rebuilt} rebuilt");
