@@ -35,7 +35,20 @@
 
 /// Slots probed from a key's home slot before a lookup gives up. The writer never places a
 /// key further away; it rebuilds the region larger instead.
+///
+/// Why the program only loads for some bounds: with 10 or fewer, LLVM unrolls the probe
+/// loop of [`lookup`] completely (at every one of its ten or so inlined call sites), the
+/// program's body grows by half or more, and the inliner no longer folds it into the entry
+/// point aya generates. The entry then passes `data` and `data_end` of `xdp_md` (32-bit
+/// loads) to the body as arguments, and the body widens them to 64 bits with `r <<= 32;
+/// r >>= 32`: shifting a packet pointer, which the verifier refuses ("R1 pointer arithmetic
+/// with <<= operator prohibited", at the body's first instruction). From 11 up the loop
+/// stays a loop and the body is inlined (24, 16, 12, 11 and 64 load; 10, 9 and 8 do not,
+/// kernel 6.18 with the pinned nightly and bpf-linker). The threshold is LLVM's unrolling
+/// heuristic, so it can move with the compiler or with the loop's body; the smoke test and
+/// every test that loads the program would show it.
 pub const MAX_PROBE: u32 = 24;
+const _: () = assert!(MAX_PROBE >= 11, "MAX_PROBE <= 10 unrolls the probe loop and the program fails verification");
 
 /// Distinct prefix lengths probed per address family per account. User space expands
 /// prefixes so that no account needs more (see the daemon's `prefix` module).
@@ -231,22 +244,37 @@ pub const fn probe_index(desc: TableDesc, home: u32, step: u32) -> u32 {
 
 /// Read access to the slot array: a map lookup in the kernel, an `mmap` in user space.
 /// Both sides then share [`lookup`], so they cannot disagree about where a key lives.
-pub trait SlotReader {
+///
+/// # Safety
+///
+/// [`lookup`], [`read_lengths`], [`read_family_lengths`] and [`read_summary`] dereference
+/// the pointers this trait hands out, so an implementation must guarantee that every
+/// `Some(ptr)` returned by [`SlotReader::slot`]:
+///
+/// - points to a whole [`Slot`], aligned to 8 bytes, that stays mapped and readable for as
+///   long as `self` is borrowed;
+/// - is distinct for distinct in-range indices (index `i` is the `i`-th slot of one array);
+/// - is only ever written concurrently with single aligned 8-byte stores (the seqlock's
+///   protocol above), so that each word read is a whole word some writer stored.
+///
+/// It must return `None` for every index at or past the array's end.
+pub unsafe trait SlotReader {
     /// Pointer to slot `index`, `None` past the array's end.
     fn slot(&self, index: u32) -> Option<*const Slot>;
 }
 
 #[inline(always)]
 fn read_word(word: *const u64) -> u64 {
-    // SAFETY: callers pass pointers into a live slot; volatile keeps the seqlock's two reads
-    // of `meta` from being merged or reordered around the key reads.
+    // SAFETY: callers pass pointers into a live slot (the `SlotReader` contract); volatile
+    // keeps the seqlock's two reads of `meta` from being merged or reordered around the key
+    // reads.
     unsafe { core::ptr::read_volatile(word) }
 }
 
 /// Finds a key; returns its value word. See the module docs for the protocol.
 #[inline(always)]
 pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: u64, hi: u64, lo: u64) -> Option<u64> {
-    // SAFETY (all reads below): pointers come from `slots.slot`, which bounds-checks.
+    // SAFETY (all reads below): pointers come from `slots.slot`, valid by the `SlotReader` contract.
     let home = home_offset(desc, hash_key(desc.seed(), tag, hi, lo));
     let mut step = 0;
     while step < MAX_PROBE {

@@ -1,5 +1,5 @@
 //! Loads the real program against a private bpffs and runs one packet through it.
-use std::{net::Ipv4Addr, process::Command};
+use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
 use ipaccess::datapath::{BindTarget, Binding, Datapath, DatapathOptions, Mode};
@@ -19,10 +19,11 @@ fn frame(src: Ipv4Addr, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
 
 #[test]
 fn smoke() {
-    let dir = tempdir();
-    assert!(Command::new("mount").args(["-t", "bpf", "bpf", &dir]).status().unwrap().success());
+    let dir = TempDir::new();
+    let path = dir.0.display().to_string();
+    assert!(Command::new("mount").args(["-t", "bpf", "bpf", &path]).status().unwrap().success());
     let result = std::panic::catch_unwind(|| {
-        let options = DatapathOptions { bpffs: dir.clone().into(), slots: 1 << 12, accounts: 64 };
+        let options = DatapathOptions { bpffs: dir.0.clone(), slots: 1 << 12, accounts: 64 };
         let mut dp = Datapath::open(&options).expect("open");
         let server = Ipv4Addr::new(198, 18, 0, 1);
         dp.set_bindings(&[Binding { addr: server.into(), target: BindTarget::Port { protocol: 6, port: 443 }, account: 1 }])
@@ -36,12 +37,26 @@ fn smoke() {
         assert_eq!(run(&frame(Ipv4Addr::new(198, 18, 1, 9), server, 443)), 1, "disallowed drops");
         assert_eq!(run(&frame(Ipv4Addr::new(198, 18, 1, 9), server, 80)), 2, "unbound passes");
     });
-    Command::new("umount").arg(&dir).status().unwrap();
+    assert!(Command::new("umount").arg(&path).status().unwrap().success());
     result.unwrap();
+    drop(dir);
+    assert!(!std::path::Path::new(&path).exists(), "{path} is left behind");
 }
 
-fn tempdir() -> String {
-    let dir = std::env::temp_dir().join(format!("ipaccess-smoke-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.display().to_string()
+/// The bpffs mount point, removed when the test ends (also when it fails after unmounting).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("ipaccess-smoke-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // An empty directory only: if the unmount failed, nothing under the mount is touched.
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }

@@ -53,7 +53,9 @@ static SAMPLE_TICK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// The slot array as the shared table code sees it.
 struct Slots;
 
-impl SlotReader for Slots {
+// SAFETY: `get_ptr` returns a pointer into the array map's value memory, which lives as long
+// as the program, only for indices below `max_entries`; user space writes it word by word.
+unsafe impl SlotReader for Slots {
     #[inline(always)]
     fn slot(&self, index: u32) -> Option<*const Slot> {
         SLOTS.get_ptr(index)

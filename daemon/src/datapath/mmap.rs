@@ -27,20 +27,24 @@ unsafe impl<T: Sync> Sync for MmapArray<T> {}
 impl<T> MmapArray<T> {
     /// Maps all `len` values of the array map behind `fd`.
     pub fn new(fd: BorrowedFd<'_>, len: u32) -> io::Result<Self> {
+        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd())
+    }
+
+    /// `len` zeroed values in anonymous memory, as a freshly created map holds them: the
+    /// table writer runs over it in unit tests, which need neither root nor a BPF map.
+    #[cfg(test)]
+    pub fn anonymous(len: u32) -> io::Result<Self> {
+        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    fn map(len: u32, flags: libc::c_int, fd: libc::c_int) -> io::Result<Self> {
         assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() <= 8, "array values must be whole words");
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of a map fd; the kernel checks size and flags.
+        // SAFETY: a fresh mapping, of a map fd (the kernel checks size and flags) or anonymous.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());

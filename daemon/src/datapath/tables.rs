@@ -79,9 +79,32 @@ pub enum Synced {
 pub struct Tables {
     slots: MmapArray<Slot>,
     regions: Regions,
+    /// Unit tests: every step the writer publishes, in order (see [`Step`]).
+    #[cfg(test)]
+    trace: std::sync::Mutex<Vec<Step>>,
 }
 
-impl SlotReader for MmapArray<Slot> {
+/// What the writer just published, as the instrumented writer of the unit tests records it
+/// (outside tests nothing is recorded and these values are never built).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+enum Step {
+    /// The header's summaries (IPv4, IPv6).
+    Summaries(Summary, Summary),
+    /// A key made live at this slot.
+    Live(u32),
+    /// The header's probe lengths (IPv4, IPv6).
+    Lengths(PackedLengths, PackedLengths),
+    /// The in-place change waited [`READER_GRACE`] for readers holding older lengths.
+    Grace,
+    /// A removed key's slot became a tombstone.
+    Tombstone(u32),
+}
+
+// SAFETY: `get` returns a pointer into the mapping only for indices below `len`; the mapping
+// covers `len` whole slots (page-aligned, so 8-byte aligned) and lives as long as `self`; the
+// only writer stores whole aligned words through `MmapArray::store`.
+unsafe impl SlotReader for MmapArray<Slot> {
     fn slot(&self, index: u32) -> Option<*const Slot> {
         self.get(index).map(|p| p.cast_const())
     }
@@ -100,7 +123,12 @@ impl Tables {
             .filter(|d| d.is_present())
             .map(|d| Region { start: d.header(), len: d.region_len() });
         let regions = Regions::with_used(slots.len(), regions)?;
-        Ok(Self { slots, regions })
+        Ok(Self {
+            slots,
+            regions,
+            #[cfg(test)]
+            trace: Default::default(),
+        })
     }
 
     pub fn slots(&self) -> &MmapArray<Slot> {
@@ -250,16 +278,38 @@ impl Tables {
         // microseconds, so the removals wait that long (only when both happen at once).
         let lengths_grew = union_v4 != old_v4 || union_v6 != old_v6;
         if lengths_grew && !present.is_empty() {
-            std::thread::sleep(READER_GRACE);
+            self.wait_for_readers();
         }
         for (_, (_, index)) in present {
-            let meta = self.slots.load(index, META);
-            self.slots.store(index, META, Meta::dead(Meta::version(meta) + 1));
+            self.tombstone(index);
         }
         self.store_lengths(desc, v4, v6);
         self.store_summaries(desc, wanted.entries.keys());
         true
     }
+
+    /// Lets every run of the program that may hold lengths read before the last
+    /// [`Self::store_lengths`] finish.
+    fn wait_for_readers(&self) {
+        std::thread::sleep(READER_GRACE);
+        self.note(|| Step::Grace);
+    }
+
+    fn tombstone(&self, index: u32) {
+        let meta = self.slots.load(index, META);
+        self.slots.store(index, META, Meta::dead(Meta::version(meta) + 1));
+        self.note(|| Step::Tombstone(index));
+    }
+
+    /// Records a published step (unit tests only; nothing at all otherwise).
+    #[cfg(test)]
+    fn note(&self, step: impl FnOnce() -> Step) {
+        self.trace.lock().unwrap().push(step());
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn note(&self, _step: impl FnOnce() -> Step) {}
 
     /// Publishes the header summaries (see [`Summary`]) of allowlist keys; one store each.
     fn store_summaries<'k>(&self, desc: TableDesc, keys: impl Iterator<Item = &'k SlotKey> + Clone) {
@@ -273,6 +323,7 @@ impl Tables {
         let v6 = Summary::of(desc.seed(), family(ipaccess_common::FAMILY_V6));
         self.slots.store(desc.header(), META, v4.0);
         self.slots.store(desc.header(), VALUE, v6.0);
+        self.note(|| Step::Summaries(v4, v6));
     }
 
     /// The first reusable slot on `key`'s probe path (checking the key is not further on).
@@ -295,11 +346,13 @@ impl Tables {
         self.slots.store(index, KEY_LO, key.lo);
         self.slots.store(index, VALUE, value);
         self.slots.store(index, META, Meta::live(key.tag, version));
+        self.note(|| Step::Live(index));
     }
 
     fn store_lengths(&self, desc: TableDesc, v4: PackedLengths, v6: PackedLengths) {
         self.slots.store(desc.header(), KEY_HI, v4.0);
         self.slots.store(desc.header(), KEY_LO, v6.0);
+        self.note(|| Step::Lengths(v4, v6));
     }
 
     /// Builds a complete table in a new region; the region is not visible to the kernel until
@@ -377,7 +430,14 @@ fn union(a: PackedLengths, b: PackedLengths) -> Option<PackedLengths> {
 
 #[cfg(test)]
 mod tests {
-    use ipaccess_common::{Summary, top_bits, v4_key, v6_key};
+    use std::{
+        collections::BTreeSet,
+        time::{Duration, SystemTime},
+    };
+
+    use ipaccess_common::{FAMILY_V6, NEVER_EXPIRES, Summary, lookup, read_summary, top_bits, v4_key, v6_key};
+
+    use super::*;
 
     /// xorshift64*: deterministic test data without a dependency.
     struct Rng(u64);
@@ -448,5 +508,374 @@ mod tests {
         assert!(Summary::UNKNOWN.may_cover(7, 42));
         // A /0 covers everything.
         assert!(Summary::of(7, [(0u8, 0u64)].into_iter()).may_cover(7, 42));
+    }
+
+    // The writer over anonymous memory: the code the daemon runs, no root, no BPF map.
+
+    fn tables(slots: u32) -> Tables {
+        Tables::new(MmapArray::anonymous(slots).unwrap(), []).unwrap()
+    }
+
+    fn v4(owner: u32, addr: [u8; 4], len: u8) -> SlotKey {
+        let (hi, lo) = v4_key(u32::from_be_bytes(addr), len);
+        SlotKey { tag: Tag::allow(owner, FAMILY_V4, len), hi, lo }
+    }
+
+    fn v6(owner: u32, hi: u64, lo: u64, len: u8) -> SlotKey {
+        let (hi, lo) = v6_key(hi, lo, len);
+        SlotKey { tag: Tag::allow(owner, FAMILY_V6, len), hi, lo }
+    }
+
+    /// What the daemon asks for: the keys, and each family's distinct lengths, longest first.
+    fn content(entries: &BTreeMap<SlotKey, u64>) -> TableContent {
+        let lengths = |want: u64| {
+            let set: BTreeSet<u8> = entries
+                .keys()
+                .filter_map(|k| Tag::allow_parts(k.tag))
+                .filter(|&(family, _)| family == want)
+                .map(|(_, len)| len)
+                .collect();
+            set.into_iter().rev().collect::<Vec<u8>>()
+        };
+        TableContent { entries: entries.clone(), v4_lengths: lengths(FAMILY_V4), v6_lengths: lengths(FAMILY_V6) }
+    }
+
+    fn wanted(keys: &[(SlotKey, u64)]) -> TableContent {
+        content(&keys.iter().copied().collect())
+    }
+
+    /// The reader's answer: the code the XDP program runs, over the writer's memory.
+    fn found(t: &Tables, desc: TableDesc, key: &SlotKey) -> Option<u64> {
+        lookup(t.slots(), desc, key.tag, key.hi, key.lo)
+    }
+
+    /// Syncs and publishes as the datapath does; true if the change was made in place.
+    fn apply(t: &mut Tables, desc: &mut TableDesc, wanted: &TableContent) -> bool {
+        match t.sync(*desc, wanted).unwrap() {
+            Synced::InPlace => true,
+            Synced::Replaced(new) => {
+                t.retire(*desc);
+                *desc = new;
+                false
+            }
+        }
+    }
+
+    fn take_trace(t: &Tables) -> Vec<Step> {
+        std::mem::take(&mut *t.trace.lock().unwrap())
+    }
+
+    fn slot_of(t: &Tables, desc: TableDesc, key: &SlotKey) -> u32 {
+        t.live_slots(desc).find(|(k, _, _)| k == key).map(|(_, _, index)| index).expect("key is live")
+    }
+
+    const A: u64 = 1_000;
+    const B: u64 = 2_000;
+
+    #[test]
+    fn in_place_change_touches_only_what_changed() {
+        let mut t = tables(1 << 10);
+        let host = |last: u8| v4(1, [198, 18, 0, last], 32);
+        let (a, b, c, d) = (host(1), host(2), host(3), host(4));
+        let mut desc = TableDesc::NONE;
+        assert!(!apply(&mut t, &mut desc, &wanted(&[(a, A), (b, A), (c, A)])), "a first table is built");
+        let (slot_a, slot_c) = (slot_of(&t, desc, &a), slot_of(&t, desc, &c));
+        let meta_a = t.slots().load(slot_a, META);
+        let meta_c = t.slots().load(slot_c, META);
+        let before = desc;
+        take_trace(&t);
+
+        let next = wanted(&[(a, A), (b, B), (d, A)]);
+        assert!(apply(&mut t, &mut desc, &next), "room and lengths allow an in-place change");
+        assert_eq!(desc, before);
+        assert_eq!(t.slots().load(slot_a, META), meta_a, "a key kept with its value is never rewritten");
+        assert_eq!(found(&t, desc, &b), Some(B), "a changed value is stored in place");
+        assert_eq!(found(&t, desc, &c), None);
+        assert_eq!(found(&t, desc, &d), Some(A));
+        let tomb = t.slots().load(slot_c, META);
+        assert_eq!((Meta::state(tomb), Meta::version(tomb)), (state::DEAD, Meta::version(meta_c) + 1), "a tombstone");
+        assert_eq!(t.read(desc), next);
+        let trace = take_trace(&t);
+        assert!(!trace.contains(&Step::Grace), "the lengths did not grow, so nothing waits: {trace:?}");
+        assert_eq!(read_summary(t.slots(), desc, true), Some(Summary::of(desc.seed(), summary_keys(&next, FAMILY_V4))));
+    }
+
+    fn summary_keys(content: &TableContent, want: u64) -> impl Iterator<Item = (u8, u64)> + Clone + '_ {
+        content.entries.keys().filter_map(move |k| match Tag::allow_parts(k.tag) {
+            Some((family, len)) if family == want => Some((len, top_bits(family == FAMILY_V4, k.hi, k.lo))),
+            _ => None,
+        })
+    }
+
+    /// The order that keeps a source covered by an old key and a new key of another length
+    /// allowed throughout: the union of lengths is published, then the writer waits, and
+    /// only then tombstones. (Moving the wait after the tombstones fails here.)
+    #[test]
+    fn in_place_change_publishes_the_union_then_waits_then_tombstones() {
+        let mut t = tables(1 << 10);
+        let host = v4(1, [198, 18, 0, 9], 32);
+        let old = v4(1, [198, 18, 0, 0], 24);
+        let new = v4(1, [198, 18, 0, 0], 16);
+        let mut desc = TableDesc::NONE;
+        let before = wanted(&[(host, A), (old, A)]);
+        apply(&mut t, &mut desc, &before);
+        take_trace(&t);
+
+        let after = wanted(&[(host, A), (new, A)]);
+        let started = Instant::now();
+        assert!(apply(&mut t, &mut desc, &after), "an in-place change");
+        assert!(started.elapsed() >= READER_GRACE);
+        let trace = take_trace(&t);
+        let at = |want: &dyn Fn(&Step) -> bool| trace.iter().position(want).unwrap_or_else(|| panic!("{trace:?}"));
+        let union = PackedLengths::pack(&[32, 24, 16]).unwrap();
+        let final_lengths = PackedLengths::pack(&[32, 16]).unwrap();
+        let no_v6 = PackedLengths::pack(&[]).unwrap();
+        let inserted = at(&|s| *s == Step::Live(slot_of(&t, desc, &new)));
+        let union_published = at(&|s| *s == Step::Lengths(union, no_v6));
+        let grace = at(&|s| *s == Step::Grace);
+        let tombstone = at(&|s| matches!(s, Step::Tombstone(_)));
+        let final_published = at(&|s| *s == Step::Lengths(final_lengths, no_v6));
+        assert!(inserted < union_published, "the new key is live before its length is probed: {trace:?}");
+        assert!(union_published < grace, "the wait follows the union: {trace:?}");
+        assert!(grace < tombstone, "the old key is tombstoned only after the wait: {trace:?}");
+        assert!(tombstone < final_published, "the old length goes only after its keys: {trace:?}");
+        assert_eq!(trace.iter().filter(|s| matches!(s, Step::Tombstone(_))).count(), 1);
+
+        // The summaries: first of old and new keys together, last of the new keys alone.
+        let summaries: Vec<(usize, Summary)> = trace
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| if let Step::Summaries(v4, _) = s { Some((i, *v4)) } else { None })
+            .collect();
+        let (first_at, first) = summaries[0];
+        assert!(first_at < inserted);
+        for key in [&host, &old, &new] {
+            assert!(first.may_cover(desc.seed(), top_bits(true, key.hi, key.lo)), "{key:?} refused while changing");
+        }
+        let (last_at, last) = *summaries.last().unwrap();
+        assert!(last_at > tombstone);
+        assert_eq!(last, Summary::of(desc.seed(), summary_keys(&after, FAMILY_V4)));
+        assert_eq!(t.read(desc), after);
+    }
+
+    #[test]
+    fn no_wait_when_nothing_is_removed_or_no_length_is_new() {
+        let mut t = tables(1 << 10);
+        let mut desc = TableDesc::NONE;
+        let (a, b, wide) = (v4(1, [198, 18, 0, 1], 32), v4(1, [198, 18, 0, 2], 32), v4(1, [198, 18, 0, 0], 24));
+        apply(&mut t, &mut desc, &wanted(&[(a, A)]));
+        for next in [wanted(&[(a, A), (wide, A)]), wanted(&[(b, A), (wide, A)])] {
+            take_trace(&t);
+            assert!(apply(&mut t, &mut desc, &next));
+            let trace = take_trace(&t);
+            assert!(!trace.contains(&Step::Grace), "{trace:?}");
+        }
+    }
+
+    #[test]
+    fn growing_and_shrinking_rebuild_elsewhere_and_leave_the_old_region_intact() {
+        let mut t = tables(1 << 12);
+        let keys: Vec<SlotKey> = (0..40).map(|i| v4(1, [198, 18, 1, i], 32)).collect();
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&[(keys[0], A), (keys[1], A)]));
+        let small = desc;
+        assert_eq!(small.log2_slots(), MIN_LOG2_SLOTS);
+
+        let many: Vec<(SlotKey, u64)> = keys.iter().map(|&k| (k, A)).collect();
+        assert!(!apply(&mut t, &mut desc, &wanted(&many)), "40 keys do not fit in 8 slots at half load");
+        let big = desc;
+        assert!(big.slots() as u64 * MAX_LOAD_PERCENT >= 40 * 100, "{big:?}");
+        assert_ne!(big.header(), small.header());
+        assert!(keys.iter().all(|k| found(&t, big, k) == Some(A)));
+        // A packet that read the old descriptor still finds the old table whole.
+        assert_eq!(found(&t, small, &keys[0]), Some(A));
+        assert_eq!(found(&t, small, &keys[1]), Some(A));
+
+        assert!(!apply(&mut t, &mut desc, &wanted(&[(keys[5], B)])), "one key in 128 slots is too sparse");
+        assert_eq!(desc.log2_slots(), MIN_LOG2_SLOTS);
+        let (start, end) = (desc.header(), desc.header() + desc.region_len());
+        for old in [small, big] {
+            let (old_start, old_end) = (old.header(), old.header() + old.region_len());
+            assert!(end <= old_start || start >= old_end, "{desc:?} reuses quarantined {old:?}");
+        }
+        assert_eq!(found(&t, desc, &keys[5]), Some(B));
+        assert_eq!(found(&t, desc, &keys[0]), None);
+        assert!(keys.iter().all(|k| found(&t, big, k) == Some(A)), "the retired big table is intact too");
+    }
+
+    #[test]
+    fn lengths_that_do_not_fit_together_rebuild_and_too_many_are_refused() {
+        let mut t = tables(1 << 10);
+        let mut desc = TableDesc::NONE;
+        let first: Vec<(SlotKey, u64)> = (0..8).map(|i| (v4(1, [198, 18, 0, 0], 24 + i), A)).collect();
+        apply(&mut t, &mut desc, &wanted(&first));
+        let before = desc;
+        let other: Vec<(SlotKey, u64)> = (0..8).map(|i| (v4(1, [198, 18, 0, 0], 8 + i), A)).collect();
+        assert!(!apply(&mut t, &mut desc, &wanted(&other)), "16 lengths cannot be published at once");
+        assert_ne!(desc, before);
+        assert!(other.iter().all(|(k, v)| found(&t, desc, k) == Some(*v)));
+
+        let mut nine = wanted(&other);
+        nine.v4_lengths.push(1);
+        assert!(matches!(t.sync(desc, &nine), Err(TableError::TooManyLengths)));
+        assert_eq!(t.read(desc), wanted(&other), "a refused change leaves the table as it was");
+    }
+
+    #[test]
+    fn an_empty_list_has_no_table() {
+        let mut t = tables(1 << 6);
+        assert_eq!(t.sync(TableDesc::NONE, &TableContent::default()).unwrap(), Synced::InPlace);
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&[(v4(1, [198, 18, 0, 1], 32), A)]));
+        assert_eq!(t.sync(desc, &TableContent::default()).unwrap(), Synced::Replaced(TableDesc::NONE));
+    }
+
+    #[test]
+    fn a_full_array_is_an_error_and_a_quarantined_region_is_waited_for() {
+        // Room for exactly one 8-slot table.
+        let mut t = tables(9);
+        let keys: Vec<(SlotKey, u64)> = (0..5).map(|i| (v4(1, [198, 18, 0, i], 32), A)).collect();
+        assert!(matches!(t.sync(TableDesc::NONE, &wanted(&keys)), Err(TableError::Full { .. })));
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&keys[..2]));
+        assert_eq!(desc.header(), 0);
+        apply(&mut t, &mut desc, &TableContent::default());
+        // The only region is quarantined: the next table waits for it rather than fail.
+        let started = Instant::now();
+        apply(&mut t, &mut desc, &wanted(&keys[2..4]));
+        assert!(started.elapsed() >= super::super::regions::QUARANTINE - Duration::from_millis(50));
+        assert_eq!(desc.header(), 0);
+        assert_eq!(found(&t, desc, &keys[2].0), Some(A));
+    }
+
+    #[test]
+    fn published_regions_are_not_handed_out_again() {
+        let in_use = [TableDesc::new(0, 3), TableDesc::new(9, 4)];
+        let mut t = Tables::new(MmapArray::anonymous(100).unwrap(), in_use).unwrap();
+        assert_eq!(t.free_slots(), 100 - 9 - 17);
+        let desc = match t.sync(TableDesc::NONE, &wanted(&[(v4(1, [198, 18, 0, 1], 32), A)])).unwrap() {
+            Synced::Replaced(desc) => desc,
+            other => panic!("{other:?}"),
+        };
+        assert!(desc.header() >= 26, "{desc:?}");
+        let overlapping = [TableDesc::new(0, 3), TableDesc::new(4, 3)];
+        assert!(matches!(
+            Tables::new(MmapArray::anonymous(100).unwrap(), overlapping),
+            Err(TableError::Regions(RegionError::Overlap(4)))
+        ));
+    }
+
+    /// Model-based: random change sequences to several tables sharing one slot array, each
+    /// applied through the writer; after every change, each table's reader finds exactly the
+    /// wanted keys with their values and the header describes them. Replay a failure with
+    /// `IPACCESS_TABLES_SEED=<seed>`.
+    #[test]
+    fn random_changes_keep_every_table_exact() {
+        let seed = std::env::var("IPACCESS_TABLES_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        println!("tables model seed {seed}");
+        let mut rng = Rng(seed | 1);
+        const TABLES: usize = 4;
+        const STEPS: usize = 400;
+        const V4_LENGTHS: [u8; 6] = [8, 16, 20, 24, 28, 32];
+        const V6_LENGTHS: [u8; 5] = [32, 48, 64, 96, 128];
+        let mut t = tables(1 << 17);
+        let mut descs = [TableDesc::NONE; TABLES];
+        let mut wanted: Vec<BTreeMap<SlotKey, u64>> = vec![BTreeMap::new(); TABLES];
+        let mut ever: Vec<BTreeSet<SlotKey>> = vec![BTreeSet::new(); TABLES];
+        let (mut in_place, mut rebuilt) = (0, 0);
+        for step in 0..STEPS {
+            let table = rng.next() as usize % TABLES;
+            let owner = table as u32 + 1;
+            // This change's prefix lengths: a random few of each family.
+            let v4_lengths: Vec<u8> = V4_LENGTHS.iter().copied().filter(|_| rng.next().is_multiple_of(3)).collect();
+            let v6_lengths: Vec<u8> = V6_LENGTHS.iter().copied().filter(|_| rng.next().is_multiple_of(4)).collect();
+            let new_key = |rng: &mut Rng| {
+                // Table 0 is a binding table; the others are allowlists. A small address space,
+                // so keys come back after they were removed.
+                let pick = rng.next();
+                if table == 0 {
+                    let tag = Tag::port(FAMILY_V4, [6, 17][pick as usize % 2], 440 + (pick >> 8) as u16 % 8);
+                    return SlotKey { tag, hi: 0, lo: 0xc612_0000 | (rng.next() % 64) };
+                }
+                let addr = 0xc612_0000 | (rng.next() as u32 % 4096) << 4;
+                match (pick % 4, v4_lengths.is_empty(), v6_lengths.is_empty()) {
+                    (0, _, false) | (_, true, false) => {
+                        let len = v6_lengths[(pick >> 8) as usize % v6_lengths.len()];
+                        v6(owner, 0xfd00_0000_0000_0000 | (rng.next() % 256) << 40, rng.next() % 16, len)
+                    }
+                    (_, false, _) => v4(owner, addr.to_be_bytes(), v4_lengths[(pick >> 8) as usize % v4_lengths.len()]),
+                    (_, true, true) => v4(owner, addr.to_be_bytes(), 32),
+                }
+            };
+            let keys = &mut wanted[table];
+            match rng.next() % 10 {
+                0 => keys.clear(),
+                1 | 2 => {
+                    for _ in 0..20 + rng.next() % 200 {
+                        let key = new_key(&mut rng);
+                        keys.insert(key, rng.next());
+                    }
+                }
+                3 | 4 => keys.retain(|_, _| rng.next().is_multiple_of(4)),
+                _ => {
+                    keys.retain(|_, _| !rng.next().is_multiple_of(8));
+                    for value in keys.values_mut() {
+                        if rng.next().is_multiple_of(8) {
+                            *value = rng.next();
+                        }
+                    }
+                    for _ in 0..rng.next() % 6 {
+                        let key = new_key(&mut rng);
+                        keys.insert(key, NEVER_EXPIRES);
+                    }
+                }
+            }
+            ever[table].extend(keys.keys().copied());
+            let content = content(keys);
+            match t.sync(descs[table], &content) {
+                Ok(Synced::InPlace) => in_place += 1,
+                Ok(Synced::Replaced(new)) => {
+                    t.retire(descs[table]);
+                    descs[table] = new;
+                    rebuilt += 1;
+                }
+                Err(e) => panic!("seed {seed}, step {step}: {e}"),
+            }
+            take_trace(&t);
+            for i in 0..TABLES {
+                let (desc, keys) = (descs[i], &wanted[i]);
+                let context = format!("seed {seed}, step {step}, table {i}, {desc:?}");
+                if keys.is_empty() {
+                    assert_eq!(desc, TableDesc::NONE, "{context}");
+                    continue;
+                }
+                for (key, value) in keys {
+                    assert_eq!(found(&t, desc, key), Some(*value), "{context}: wanted {key:?} not found");
+                }
+                for key in ever[i].iter().filter(|k| !keys.contains_key(k)) {
+                    assert_eq!(found(&t, desc, key), None, "{context}: unwanted {key:?} found");
+                }
+                assert_eq!(t.read(desc), content_of(keys), "{context}");
+                if i != 0 {
+                    for (v4, family) in [(true, FAMILY_V4), (false, FAMILY_V6)] {
+                        let summary = read_summary(t.slots(), desc, v4).unwrap();
+                        for key in keys.keys().filter(|k| Tag::allow_parts(k.tag).map(|(f, _)| f) == Some(family)) {
+                            assert!(summary.may_cover(desc.seed(), top_bits(v4, key.hi, key.lo)), "{context}: {key:?}");
+                        }
+                    }
+                }
+            }
+            let published =
+                descs.iter().filter(|d| d.is_present()).map(|d| Region { start: d.header(), len: d.region_len() });
+            assert!(Regions::with_used(t.capacity(), published).is_ok(), "seed {seed}, step {step}: {descs:?} overlap");
+        }
+        println!("{in_place} changes in place, {rebuilt} rebuilt");
+        assert!(in_place > STEPS / 10 && rebuilt > STEPS / 20, "seed {seed}: {in_place} in place, {rebuilt} rebuilt");
+    }
+
+    fn content_of(keys: &BTreeMap<SlotKey, u64>) -> TableContent {
+        content(keys)
     }
 }

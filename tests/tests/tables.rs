@@ -1,0 +1,119 @@
+//! The table writer's in-place change against the real program in the real kernel: packets
+//! run (BPF_PROG_TEST_RUN) on one thread while another thread flips an allowlist in place
+//! between two lists that both cover the source. None may drop. (The writer's order of
+//! steps is asserted by the daemon's unit tests; this checks it holds against the kernel.)
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use ipaccess::datapath::{BindTarget, Binding, Datapath, DatapathOptions, Mode};
+use ipaccess_common::NEVER_EXPIRES;
+use ipaccess_tests::{netns::BpfFs, packets};
+use ipnet::IpNet;
+
+const XDP_PASS: u32 = 2;
+const ACCOUNT: u32 = 7;
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const FLIPPING: Duration = Duration::from_secs(3);
+
+/// One BPF_PROG_TEST_RUN of `frame`; the program's verdict. (aya's
+/// `test_run` needs the `Xdp`, which the flipping thread's `Datapath` holds mutably.)
+fn test_run(prog: &OwnedFd, frame: &[u8]) -> u32 {
+    /// The `test` member of `union bpf_attr` (linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut attr = TestAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr for this command, and `frame` outlives
+    // the call; the kernel writes only `retval` and `duration` back.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestAttr>() as libc::c_uint)
+    };
+    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    attr.retval
+}
+
+fn list(cidrs: &[&str]) -> Vec<(IpNet, u64)> {
+    cidrs.iter().map(|c| (c.parse().unwrap(), NEVER_EXPIRES)).collect()
+}
+
+/// The source is covered by a /24 in one list and a /16 in the other, so every flip adds a
+/// probe length and tombstones the key at the other: the case where a packet that read
+/// the old lengths must not meet the old key's tombstone. A host entry of another address
+/// is in both, untouched.
+#[test]
+fn flipping_an_allowlist_in_place_drops_no_packet_it_covers_throughout() {
+    let bpffs = BpfFs::new().unwrap();
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
+    let mut dp = Datapath::open(&options).expect("load the XDP program");
+    let target = BindTarget::Port { protocol: 6, port: 443 };
+    dp.set_bindings(&[Binding { addr: SERVER.into(), target, account: ACCOUNT }]).unwrap();
+    dp.set_policy(ACCOUNT, Mode::Enforce, false).unwrap();
+    let lists = [list(&["198.18.0.0/24", "198.18.5.5/32"]), list(&["198.18.0.0/16", "198.18.5.5/32"])];
+    dp.set_allowlist(ACCOUNT, &lists[0]).unwrap();
+
+    let frame = packets::ipv4_tcp(SOURCE, SERVER, 40000, 443);
+    let refused = packets::ipv4_tcp(Ipv4Addr::new(198, 19, 0, 10), SERVER, 40000, 443);
+    let prog = dp.program().fd().unwrap().as_fd().try_clone_to_owned().unwrap();
+    assert_eq!(test_run(&prog, &frame), XDP_PASS);
+    assert_ne!(test_run(&prog, &refused), XDP_PASS, "the test can see a drop");
+    let before = dp.counters(ACCOUNT).unwrap();
+
+    let done = AtomicBool::new(false);
+    let (runs, flips) = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            let mut runs = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                // One run per call, so every verdict is seen (with `repeat` the kernel returns
+                // the last run's only, and each such call costs milliseconds, not one).
+                assert_eq!(test_run(&prog, &frame), XDP_PASS, "a covered source dropped after {runs} runs");
+                runs += 1;
+            }
+            runs
+        });
+        let started = Instant::now();
+        let mut flips = 0usize;
+        while started.elapsed() < FLIPPING && !runner.is_finished() {
+            flips += 1;
+            dp.set_allowlist(ACCOUNT, &lists[flips % 2]).unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        (runner.join().unwrap(), flips)
+    });
+
+    // Every run is counted: none dropped, none missing.
+    let after = dp.counters(ACCOUNT).unwrap();
+    assert_eq!(after.dropped_packets, before.dropped_packets, "{runs} runs during {flips} flips");
+    assert_eq!(after.passed_packets - before.passed_packets, runs, "{flips} flips");
+    assert!(flips > 100 && runs > 100_000, "too little happened: {flips} flips, {runs} runs");
+    println!("{runs} runs of the program during {flips} in-place flips");
+}
