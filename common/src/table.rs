@@ -135,10 +135,7 @@ impl Tag {
     /// An allowlist entry: `owner` account, family and prefix length.
     #[inline(always)]
     pub const fn allow(owner: u32, family: u64, prefix_len: u8) -> u64 {
-        (Self::KIND_ALLOW << Self::KIND_SHIFT)
-            | (family << 40)
-            | ((prefix_len as u64) << 32)
-            | owner as u64
+        (Self::KIND_ALLOW << Self::KIND_SHIFT) | (family << 40) | ((prefix_len as u64) << 32) | owner as u64
     }
 
     /// The family and prefix length of an allowlist entry's tag; `None` for other kinds.
@@ -429,7 +426,13 @@ impl PackedLengths {
 /// The IPv4 address `addr` (host order) cut to `len` bits, as table key words.
 #[inline(always)]
 pub const fn v4_key(addr: u32, len: u8) -> (u64, u64) {
-    let masked = if len == 0 { 0 } else if len >= 32 { addr } else { addr & !(u32::MAX >> len) };
+    let masked = if len == 0 {
+        0
+    } else if len >= 32 {
+        addr
+    } else {
+        addr & !(u32::MAX >> len)
+    };
     (0, masked as u64)
 }
 

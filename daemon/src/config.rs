@@ -45,7 +45,13 @@
 //! needing a restart. A file that does not load is refused and the running one kept
 //! (docs/operations.md).
 
-use std::{collections::BTreeSet, ffi::CString, fs, io, net::SocketAddr, path::{Path, PathBuf}};
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    fs, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Deserializer, de::Error as _};
 

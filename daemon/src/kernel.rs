@@ -33,9 +33,8 @@ pub fn hint() -> Option<String> {
 }
 
 fn hint_for((major, minor): (u32, u32)) -> Option<String> {
-    ((major, minor) < MINIMUM).then(|| {
-        format!("this kernel is Linux {major}.{minor}; ipaccessd needs {}.{} or later", MINIMUM.0, MINIMUM.1)
-    })
+    ((major, minor) < MINIMUM)
+        .then(|| format!("this kernel is Linux {major}.{minor}; ipaccessd needs {}.{} or later", MINIMUM.0, MINIMUM.1))
 }
 
 #[cfg(test)]

@@ -149,7 +149,12 @@ pub fn render(s: &Snapshot) -> String {
         "Slots of the table map in use (allowlists and bindings).",
         &mut plain(s.table_slots_used.to_string()),
     );
-    family("ipaccess_table_slots", "gauge", "Capacity of the table map, in slots.", &mut plain(s.table_slots.to_string()));
+    family(
+        "ipaccess_table_slots",
+        "gauge",
+        "Capacity of the table map, in slots.",
+        &mut plain(s.table_slots.to_string()),
+    );
     family("ipaccess_accounts", "gauge", "Accounts in the store.", &mut plain(s.accounts.len().to_string()));
     family(
         "ipaccess_account_slots",
@@ -273,7 +278,9 @@ async fn scrape(stream: &mut TcpStream, service: Arc<Service>) -> std::io::Resul
             let snapshot = tokio::task::spawn_blocking(move || service.metrics()).await;
             match snapshot {
                 Ok(Ok(snapshot)) => respond(stream, "200 OK", &render(&snapshot), head_only).await,
-                Ok(Err(e)) => respond(stream, "500 Internal Server Error", &format!("{}\n", e.0.message), head_only).await,
+                Ok(Err(e)) => {
+                    respond(stream, "500 Internal Server Error", &format!("{}\n", e.0.message), head_only).await
+                }
                 Err(e) => respond(stream, "500 Internal Server Error", &format!("{e}\n"), head_only).await,
             }
         }
@@ -284,8 +291,11 @@ async fn scrape(stream: &mut TcpStream, service: Arc<Service>) -> std::io::Resul
 }
 
 async fn respond(stream: &mut TcpStream, status: &str, body: &str, head_only: bool) -> std::io::Result<()> {
-    let content_type =
-        if status.starts_with("200") { "text/plain; version=0.0.4; charset=utf-8" } else { "text/plain; charset=utf-8" };
+    let content_type = if status.starts_with("200") {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
     let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",

@@ -148,7 +148,9 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr,
             return result(
                 false,
                 Reason::ParentBanned,
-                format!("The account {parent} is banned, and with it all its sub-users. Support cannot reactivate them."),
+                format!(
+                    "The account {parent} is banned, and with it all its sub-users. Support cannot reactivate them."
+                ),
                 format!("{id} is suspended: its parent account {parent} is banned"),
             );
         }
@@ -279,9 +281,7 @@ pub fn normalise_cidr(net: IpNet) -> Result<(IpNet, Option<String>), String> {
         other => (other, None),
     };
     if canonical.prefix_len() == 0 {
-        return Err(format!(
-            "{net} would allow every address; to stop restricting an account, set its mode to off"
-        ));
+        return Err(format!("{net} would allow every address; to stop restricting an account, set its mode to off"));
     }
     if canonical.trunc() != canonical {
         return Err(format!(
@@ -387,8 +387,20 @@ mod tests {
         for good in ["acme", "a", "acme-dev", "user@example.org", "a.b_c+d", "A1", &"x".repeat(128)] {
             assert!(valid_account_id(good), "{good}");
         }
-        for bad in ["", " acme", "acme ", "-acme", ".acme", "ac me", "acme\n", "acme\u{202e}", "acme\u{200b}",
-                    "äcme", "acme/x", &"x".repeat(129)] {
+        for bad in [
+            "",
+            " acme",
+            "acme ",
+            "-acme",
+            ".acme",
+            "ac me",
+            "acme\n",
+            "acme\u{202e}",
+            "acme\u{200b}",
+            "äcme",
+            "acme/x",
+            &"x".repeat(129),
+        ] {
             assert!(!valid_account_id(bad), "{bad:?}");
         }
     }

@@ -30,7 +30,9 @@ pub enum Command {
         #[serde(default)]
         unconfirmed: bool,
     },
-    AccountShow { account: String },
+    AccountShow {
+        account: String,
+    },
     /// Remove an account with its allowlist, overrides, bindings and kernel state; refused
     /// while it has sub-users unless `recursive`.
     AccountRemove {
@@ -69,7 +71,9 @@ pub enum Command {
         #[serde(default)]
         force: bool,
     },
-    AllowList { account: String },
+    AllowList {
+        account: String,
+    },
     /// Keep an entry but let nothing in through it, in the kernel too (the lockout guard
     /// applies, as to a removal).
     AllowDisable {
@@ -140,7 +144,10 @@ pub enum Command {
         ticket: String,
         reason: String,
     },
-    OverrideRevoke { account: String, override_id: i64 },
+    OverrideRevoke {
+        account: String,
+        override_id: i64,
+    },
     /// Live overrides, of one account or all.
     OverrideList {
         #[serde(default)]
@@ -175,9 +182,13 @@ pub enum Command {
     },
     /// Bulk load: create or update many accounts, each with its whole allowlist, in one
     /// change. Importing the same batch twice leaves the same result.
-    Import { accounts: Vec<ImportAccount> },
+    Import {
+        accounts: Vec<ImportAccount>,
+    },
     /// Remove the filter from an interface (the only way it is ever removed).
-    Detach { interface: String },
+    Detach {
+        interface: String,
+    },
     Status {},
 }
 
@@ -486,14 +497,28 @@ mod tests {
         assert_eq!(parse_cidr("198.18.0.7").unwrap().to_string(), "198.18.0.7/32");
         assert_eq!(parse_cidr("fd00::1").unwrap().to_string(), "fd00::1/128");
         assert_eq!(parse_cidr("198.18.0.7/24").unwrap().to_string(), "198.18.0.7/24", "host bits are judged later");
-        for bad in ["010.0.0.0/8", "010.0.0.1", "198.18.0.0/024", "198.18.0.0/+24", "198.18.0.0/", "198.18.0.0/33",
-                    "fd00::/129", "/24", "198.18.0.0/24 ", " 198.18.0.0/24", "198.18.0.0/2a", "fd00::/0048", ""] {
+        for bad in [
+            "010.0.0.0/8",
+            "010.0.0.1",
+            "198.18.0.0/024",
+            "198.18.0.0/+24",
+            "198.18.0.0/",
+            "198.18.0.0/33",
+            "fd00::/129",
+            "/24",
+            "198.18.0.0/24 ",
+            " 198.18.0.0/24",
+            "198.18.0.0/2a",
+            "fd00::/0048",
+            "",
+        ] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
         let request: Result<Command, _> =
             serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "010.0.0.0/8"}"#);
         assert!(request.unwrap_err().to_string().contains("is not a CIDR"));
-        let request: Command = serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "198.18.0.9"}"#).unwrap();
+        let request: Command =
+            serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "198.18.0.9"}"#).unwrap();
         assert!(matches!(request, Command::AllowAdd { cidr, .. } if cidr.to_string() == "198.18.0.9/32"));
     }
 }

@@ -76,7 +76,9 @@ pub fn apply(service: &Service, current: &Config, next: Config) -> (Config, Stri
         }
     }
     for iface in &plan.left_attached {
-        warn!("reload: {iface} is no longer configured but stays filtered; `ipaccessctl detach {iface}` removes the filter");
+        warn!(
+            "reload: {iface} is no longer configured but stays filtered; `ipaccessctl detach {iface}` removes the filter"
+        );
     }
     for key in &plan.need_restart {
         warn!("reload: {key} changed; it takes effect when ipaccessd is restarted");
@@ -111,7 +113,10 @@ mod tests {
         let mut next = Config { interfaces: vec!["eth1".into(), "eth2".into()], ..Config::default() };
         next.retention_days = 7;
         next.roles.admin.uids.insert(1000);
-        assert_eq!(plan(&current, &next), Plan { attach: vec!["eth2".into()], left_attached: vec!["eth0".into()], need_restart: vec![] });
+        assert_eq!(
+            plan(&current, &next),
+            Plan { attach: vec!["eth2".into()], left_attached: vec!["eth0".into()], need_restart: vec![] }
+        );
         next.socket = "/tmp/other.sock".into();
         next.maps.slots = 4096;
         next.limits.max_connections = 1;

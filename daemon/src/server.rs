@@ -257,15 +257,15 @@ fn parse(text: &[u8]) -> Result<(&RawValue, Command), Box<Reply<'_>>> {
         }
         Err(e) => return Err(Box::new(error_reply(NO_ID, ErrorCode::BadJson, &format!("not JSON: {e}")))),
     };
-    let refused = |why: String| {
-        Err(Box::new(error_reply(id, ErrorCode::BadRequest, &format!("bad request: {why}"))))
-    };
+    let refused = |why: String| Err(Box::new(error_reply(id, ErrorCode::BadRequest, &format!("bad request: {why}"))));
     if let Some(key) = repeated {
         return refused(format!("field `{key}` appears more than once"));
     }
     match fields.iter().find(|(key, _)| key == "cmd") {
         None | Some((_, Value::String(_))) => {}
-        Some((_, other)) => return refused(format!("`cmd` must be a command name, a string, not {}", json_type(other))),
+        Some((_, other)) => {
+            return refused(format!("`cmd` must be a command name, a string, not {}", json_type(other)));
+        }
     }
     match Command::deserialize(MapDeserializer::<_, serde_json::Error>::new(fields.into_iter())) {
         Ok(command) => Ok((id, command)),
@@ -407,8 +407,16 @@ mod tests {
 
     #[test]
     fn an_id_comes_back_as_written() {
-        let ids = ["340282366920938463463374607431768211457", "-18446744073709551617", "1.10", "1e400", r#""\u00e9""#,
-            r#"{"a": [1, 2.50]}"#, "null", "0"];
+        let ids = [
+            "340282366920938463463374607431768211457",
+            "-18446744073709551617",
+            "1.10",
+            "1e400",
+            r#""\u00e9""#,
+            r#"{"a": [1, 2.50]}"#,
+            "null",
+            "0",
+        ];
         for written in ids {
             let request = format!(r#"{{"id":  {written} , "cmd": "status"}}"#);
             let (id, _) = parse(request.as_bytes()).unwrap();

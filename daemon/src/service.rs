@@ -23,12 +23,12 @@ use serde_json::{Value, json};
 use crate::{
     activity::{Drops, Signin},
     datapath::{self, BindTarget, Binding, Datapath, DatapathError},
+    logging::{self, PendingAudit},
+    metrics::{self, CheckCounters},
     policy::{
         ACCOUNT_ID_RULE, AccountPolicy, LiveOverride, MAX_LABEL, MAX_REASON, MAX_TICKET, check_text, decide,
         effective_state, normalise_addr, normalise_cidr, suspended, valid_account_id,
     },
-    logging::{self, PendingAudit},
-    metrics::{self, CheckCounters},
     protocol::{
         AccountState, ActivityKind, Caller, Command, EffectiveState, ErrorBody, ErrorCode, ImportAccount, Method, Mode,
         ReplaceEntry,
@@ -74,7 +74,6 @@ impl From<DatapathError> for Failure {
 }
 
 type Outcome = Result<Value, Failure>;
-
 
 /// The one writer: store and maps change together under this lock.
 struct Writer {
@@ -449,7 +448,8 @@ impl Service {
         }
         let cache = self.accounts.read().expect("cache lock");
         let slot = |id: &str| cache.get(id).map(|a| a.slot);
-        let wanted: Vec<Binding> = tx.bindings()?.iter().filter_map(|b| Some(to_binding(b, slot(&b.account)?))).collect();
+        let wanted: Vec<Binding> =
+            tx.bindings()?.iter().filter_map(|b| Some(to_binding(b, slot(&b.account)?))).collect();
         let before = datapath.bindings();
         let applied = datapath
             .set_bindings(&wanted)
@@ -478,7 +478,15 @@ impl Service {
         Ok(json!({ "removed": removed }))
     }
 
-    fn override_grant(&self, account: &str, cidr: IpNet, ttl_seconds: u64, ticket: &str, reason: &str, uid: u32) -> Outcome {
+    fn override_grant(
+        &self,
+        account: &str,
+        cidr: IpNet,
+        ttl_seconds: u64,
+        ticket: &str,
+        reason: &str,
+        uid: u32,
+    ) -> Outcome {
         let shortest = self.min_override_ttl.load(Ordering::Relaxed);
         if !(shortest..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
             return Err(Failure::new(
@@ -511,9 +519,15 @@ impl Service {
             self.refuse_useless_override(account, cidr)?;
             let at = now();
             let granted = tx.add_override(account, cidr, ticket, reason, uid, at, at + ttl_seconds as i64)?;
-            audit(tx, account, uid, "override_granted", json!({
+            audit(
+                tx,
+                account,
+                uid,
+                "override_granted",
+                json!({
                 "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
-                "reason": reason, "expires_at": granted.expires_at }))?;
+                "reason": reason, "expires_at": granted.expires_at }),
+            )?;
             let recent = tx.denied_summary(account, at - DENIED_LOOKBACK)?;
             let reply = json!({ "override": granted, "recent_denied": recent });
             Ok((row, with_notes(reply, note.into_iter().collect())))
@@ -707,7 +721,10 @@ impl Service {
     fn import(&self, accounts: Vec<ImportAccount>, uid: u32) -> Outcome {
         let mut seen = std::collections::HashSet::with_capacity(accounts.len());
         if let Some(twice) = accounts.iter().find(|a| !seen.insert(a.account.as_str())) {
-            return Err(Failure::new(ErrorCode::BadRequest, format!("account {} appears twice in the import", twice.account)));
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("account {} appears twice in the import", twice.account),
+            ));
         }
         self.change_accounts(|tx| {
             let at = now();
@@ -737,7 +754,8 @@ impl Service {
         let tx = store.transaction()?;
         let result = f(&tx)?;
         let cache = self.accounts.read().expect("cache lock");
-        let wanted: Vec<Binding> = tx.bindings()?.iter().map(|b| to_binding(b, cache[b.account.as_str()].slot)).collect();
+        let wanted: Vec<Binding> =
+            tx.bindings()?.iter().map(|b| to_binding(b, cache[b.account.as_str()].slot)).collect();
         let before = datapath.bindings();
         datapath.set_bindings(&wanted)?;
         if let Err(e) = tx.commit() {
@@ -827,7 +845,11 @@ impl Service {
         let Writer { store, datapath } = &mut *guard;
         let expired: Vec<String> = {
             let accounts = self.accounts.read().expect("cache lock");
-            accounts.iter().filter(|(_, a)| a.overrides.iter().any(|o| o.expires_at <= at)).map(|(id, _)| id.clone()).collect()
+            accounts
+                .iter()
+                .filter(|(_, a)| a.overrides.iter().any(|o| o.expires_at <= at))
+                .map(|(id, _)| id.clone())
+                .collect()
         };
         if !expired.is_empty() {
             let mut accounts = self.accounts.write().expect("cache lock");
@@ -843,8 +865,14 @@ impl Service {
         let pending_audit = PendingAudit::begin();
         let tx = store.transaction()?;
         for ended in tx.unaudited_expiries(at)? {
-            audit(&tx, &ended.account, ended.operator, "override_expired", json!({
-                "override": ended.id, "cidr": ended.cidr, "ticket": ended.ticket, "expires_at": ended.expires_at }))?;
+            audit(
+                &tx,
+                &ended.account,
+                ended.operator,
+                "override_expired",
+                json!({
+                "override": ended.id, "cidr": ended.cidr, "ticket": ended.ticket, "expires_at": ended.expires_at }),
+            )?;
             tx.mark_expiry_audited(ended.id)?;
         }
         tx.commit()?;
@@ -955,16 +983,19 @@ fn guard_lockout(
             ),
         ));
     }
-    let shut_out: Vec<RecentSignin> =
-        tx.recent_signins(account, at - RECENT_SIGNINS)?
-            .into_iter()
-            .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
-            .collect();
+    let shut_out: Vec<RecentSignin> = tx
+        .recent_signins(account, at - RECENT_SIGNINS)?
+        .into_iter()
+        .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
+        .collect();
     if let Some(first) = shut_out.first() {
         logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
         const LISTED: usize = 10;
-        let mut listed: Vec<String> =
-            shut_out.iter().take(LISTED).map(|s| format!("{} (last {} UTC)", s.address, crate::time::format_utc(s.last_seen))).collect();
+        let mut listed: Vec<String> = shut_out
+            .iter()
+            .take(LISTED)
+            .map(|s| format!("{} (last {} UTC)", s.address, crate::time::format_utc(s.last_seen)))
+            .collect();
         if shut_out.len() > LISTED {
             listed.push(format!("and {} more", shut_out.len() - LISTED));
         }
@@ -993,15 +1024,22 @@ fn policy_from_store(tx: &Tx, row: &AccountRow, now: i64) -> Result<AccountPolic
         .into_iter()
         .map(|o| LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at })
         .collect();
-    Ok(AccountPolicy { slot: row.slot, parent: row.parent.clone(), state: row.state, mode: row.mode, entries, overrides })
+    Ok(AccountPolicy {
+        slot: row.slot,
+        parent: row.parent.clone(),
+        state: row.state,
+        mode: row.mode,
+        entries,
+        overrides,
+    })
 }
 
 /// The account and one of its entries, or `unknown_entry`.
 fn existing_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<(AccountRow, EntryRow), Failure> {
     let row = tx.account(account)?.ok_or_else(|| unknown(account))?;
-    let entry = tx.entry(account, cidr)?.ok_or_else(|| {
-        Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist"))
-    })?;
+    let entry = tx
+        .entry(account, cidr)?
+        .ok_or_else(|| Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist")))?;
     Ok((row, entry))
 }
 
@@ -1025,7 +1063,10 @@ fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<((Acc
     let (mut row, created) = match tx.account(id)? {
         Some(row) => {
             if import.parent.is_some() && import.parent != row.parent {
-                return Err(Failure::new(ErrorCode::BadRequest, "it exists with another parent; a parent cannot be changed"));
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    "it exists with another parent; a parent cannot be changed",
+                ));
             }
             (row, false)
         }
@@ -1050,8 +1091,14 @@ fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<((Acc
         tx.replace_entries(id, wanted, uid, at)?;
     }
     let entries = replaced.as_ref().map_or(0, Vec::len);
-    audit(tx, id, uid, "import", json!({ "created": created, "state": import.state, "mode": import.mode,
-        "entries": replaced.as_ref().map(Vec::len) }))?;
+    audit(
+        tx,
+        id,
+        uid,
+        "import",
+        json!({ "created": created, "state": import.state, "mode": import.mode,
+        "entries": replaced.as_ref().map(Vec::len) }),
+    )?;
     Ok(((row, created), entries))
 }
 
@@ -1111,7 +1158,9 @@ fn canonical(command: Command) -> Result<Command, Failure> {
         None => Ok(()),
     };
     match &command {
-        Command::AllowAdd { label, .. } | Command::AllowLabel { label, .. } => text("a label", label.as_deref(), MAX_LABEL)?,
+        Command::AllowAdd { label, .. } | Command::AllowLabel { label, .. } => {
+            text("a label", label.as_deref(), MAX_LABEL)?
+        }
         Command::AllowReplace { entries, .. } => {
             entries.iter().try_for_each(|e| text("a label", e.label.as_deref(), MAX_LABEL))?
         }
@@ -1128,7 +1177,9 @@ fn canonical(command: Command) -> Result<Command, Failure> {
     }
     let ip = normalise_addr;
     Ok(match command {
-        Command::Check { account, addr, method, dry_run } => Command::Check { account, addr: ip(addr), method, dry_run },
+        Command::Check { account, addr, method, dry_run } => {
+            Command::Check { account, addr: ip(addr), method, dry_run }
+        }
         Command::AccountMode { account, mode, client_ip, force } => {
             Command::AccountMode { account, mode, client_ip: client_ip.map(ip), force }
         }

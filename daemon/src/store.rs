@@ -415,12 +415,9 @@ impl Store {
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
+        let mode: String = conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Corrupt(format!(
-                "journal mode stays {mode:?}, not wal"
-            )));
+            return Err(StoreError::Corrupt(format!("journal mode stays {mode:?}, not wal")));
         }
         // FULL makes a commit durable in WAL mode too; NORMAL could lose the last commits.
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -434,17 +431,13 @@ impl Store {
     /// Starts a write transaction; it takes the write lock at once, so it cannot fail later
     /// for lack of it.
     pub fn transaction(&mut self) -> Result<Tx<'_>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         Ok(Tx { tx, free_slots: RefCell::new(None) })
     }
 
     /// Starts a transaction for reading: a consistent snapshot that does not block writers.
     pub fn read(&mut self) -> Result<Tx<'_>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
         Ok(Tx { tx, free_slots: RefCell::new(None) })
     }
 
@@ -608,22 +601,13 @@ impl Tx<'_> {
     }
 
     /// Sets the state and its reason; `None` clears a previous reason.
-    pub fn set_state(
-        &self,
-        id: &str,
-        state: AccountState,
-        reason: Option<&str>,
-    ) -> Result<(), StoreError> {
+    pub fn set_state(&self, id: &str, state: AccountState, reason: Option<&str>) -> Result<(), StoreError> {
         let sql = "UPDATE accounts SET state = ?2, state_reason = ?3 WHERE id = ?1";
         self.update_account(id, sql, (id, name(state), reason))
     }
 
     pub fn set_mode(&self, id: &str, mode: Mode) -> Result<(), StoreError> {
-        self.update_account(
-            id,
-            "UPDATE accounts SET mode = ?2 WHERE id = ?1",
-            (id, name(mode)),
-        )
+        self.update_account(id, "UPDATE accounts SET mode = ?2 WHERE id = ?1", (id, name(mode)))
     }
 
     fn update_account(&self, id: &str, sql: &str, params: impl Params) -> Result<(), StoreError> {
@@ -650,10 +634,7 @@ impl Tx<'_> {
             (account, cidr.to_string(), label, now, created_by),
         )?;
         if added == 0 {
-            return Err(StoreError::EntryExists {
-                account: account.to_owned(),
-                cidr,
-            });
+            return Err(StoreError::EntryExists { account: account.to_owned(), cidr });
         }
         Ok(EntryRow {
             account: account.to_owned(),
@@ -731,26 +712,15 @@ impl Tx<'_> {
                 .query_row((addr.to_string(), proto, port), |r| r.get(0))?;
             return Err(StoreError::BindingExists { endpoint: endpoint(addr, target), owner });
         }
-        Ok(BindingRow {
-            account: account.to_owned(),
-            addr,
-            target,
-            created_at: now,
-        })
+        Ok(BindingRow { account: account.to_owned(), addr, target, created_at: now })
     }
 
     /// Removes a binding and returns it, or `None` if that endpoint was not bound.
-    pub fn remove_binding(
-        &self,
-        addr: IpAddr,
-        target: Option<(Proto, u16)>,
-    ) -> Result<Option<BindingRow>, StoreError> {
+    pub fn remove_binding(&self, addr: IpAddr, target: Option<(Proto, u16)>) -> Result<Option<BindingRow>, StoreError> {
         let (proto, port) = target_columns(target);
         let sql = "DELETE FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3
                    RETURNING account, addr, proto, port, created_at";
-        Ok(self
-            .rows(sql, (addr.to_string(), proto, port), binding_row)?
-            .pop())
+        Ok(self.rows(sql, (addr.to_string(), proto, port), binding_row)?.pop())
     }
 
     /// Every binding, ordered by address text, protocol, port.
@@ -818,11 +788,8 @@ impl Tx<'_> {
     }
 
     fn require_account(&self, id: &str) -> Result<(), StoreError> {
-        let found = self
-            .tx
-            .prepare_cached("SELECT 1 FROM accounts WHERE id = ?1")?
-            .query_row([id], |_| Ok(()))
-            .optional()?;
+        let found =
+            self.tx.prepare_cached("SELECT 1 FROM accounts WHERE id = ?1")?.query_row([id], |_| Ok(())).optional()?;
         found.ok_or_else(|| StoreError::UnknownAccount(id.to_owned()))
     }
 
@@ -949,8 +916,19 @@ impl Tx<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT DO UPDATE SET count = count + excluded.count,
                      first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
-                (&k.account, k.bucket, address, method, reason, uid, k.application, allows(k.reason), t.count,
-                 t.first_seen, t.last_seen),
+                (
+                    &k.account,
+                    k.bucket,
+                    address,
+                    method,
+                    reason,
+                    uid,
+                    k.application,
+                    allows(k.reason),
+                    t.count,
+                    t.first_seen,
+                    t.last_seen,
+                ),
             )?;
         }
         Ok(())
@@ -970,13 +948,14 @@ impl Tx<'_> {
             if self.execute(sql, (k.bucket, &address, &method, t.count, t.first_seen, t.last_seen))? > 0 {
                 continue;
             }
-            let rows = match rows_in_hour.entry(k.bucket) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(self.count(
-                    "SELECT COUNT(*) FROM unknown_signins WHERE bucket = ?1 AND address <> '*'",
-                    [k.bucket],
-                )?),
-            };
+            let rows =
+                match rows_in_hour.entry(k.bucket) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => e.insert(self.count(
+                        "SELECT COUNT(*) FROM unknown_signins WHERE bucket = ?1 AND address <> '*'",
+                        [k.bucket],
+                    )?),
+                };
             let address = if *rows < UNKNOWN_ROWS {
                 *rows += 1;
                 address.as_str()
@@ -1027,8 +1006,19 @@ impl Tx<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT DO UPDATE SET count = count + excluded.count,
                      first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
-                (&k.account, k.bucket, source, destination, protocol, port, k.reason, k.reason == "monitor_would_deny",
-                 t.count, t.first_seen, t.last_seen),
+                (
+                    &k.account,
+                    k.bucket,
+                    source,
+                    destination,
+                    protocol,
+                    port,
+                    k.reason,
+                    k.reason == "monitor_would_deny",
+                    t.count,
+                    t.first_seen,
+                    t.last_seen,
+                ),
             )?;
         }
         Ok(())
@@ -1271,9 +1261,7 @@ fn entry_row(r: &Row) -> Result<EntryRow, StoreError> {
     let cidr: String = r.get(1)?;
     Ok(EntryRow {
         account: r.get(0)?,
-        cidr: cidr
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("bad CIDR {cidr:?}")))?,
+        cidr: cidr.parse().map_err(|_| StoreError::Corrupt(format!("bad CIDR {cidr:?}")))?,
         label: r.get(2)?,
         created_at: r.get(3)?,
         created_by: int(r.get(4)?, "created_by")?,
@@ -1288,17 +1276,13 @@ fn binding_row(r: &Row) -> Result<BindingRow, StoreError> {
     let target = match (proto.as_str(), port) {
         ("", 0) => None,
         ("", _) => {
-            return Err(StoreError::Corrupt(format!(
-                "port {port} without a protocol"
-            )));
+            return Err(StoreError::Corrupt(format!("port {port} without a protocol")));
         }
         (p, _) => Some((parse_name(p, "protocol")?, port)),
     };
     Ok(BindingRow {
         account: r.get(0)?,
-        addr: addr
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("bad address {addr:?}")))?,
+        addr: addr.parse().map_err(|_| StoreError::Corrupt(format!("bad address {addr:?}")))?,
         target,
         created_at: r.get(4)?,
     })
@@ -1354,10 +1338,7 @@ mod tests {
         fn new() -> TempDir {
             static N: AtomicU32 = AtomicU32::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos();
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
             let name = format!("ipaccess-store-{}-{n}-{nanos}", std::process::id());
             TempDir(std::env::temp_dir().join(name))
         }
@@ -1381,8 +1362,7 @@ mod tests {
     }
 
     fn add(tx: &Tx, id: &str) -> AccountRow {
-        tx.add_account(id, None, AccountState::Active, Mode::Enforce, 100)
-            .unwrap()
+        tx.add_account(id, None, AccountState::Active, Mode::Enforce, 100).unwrap()
     }
 
     fn net(s: &str) -> IpNet {
@@ -1397,16 +1377,11 @@ mod tests {
     fn slots_start_at_one_and_reuse_the_lowest_free() {
         let (_dir, mut store) = open();
         let tx = store.transaction().unwrap();
-        let slots: Vec<u32> = ["a", "b", "c", "d"]
-            .iter()
-            .map(|id| add(&tx, id).slot)
-            .collect();
+        let slots: Vec<u32> = ["a", "b", "c", "d"].iter().map(|id| add(&tx, id).slot).collect();
         assert_eq!(slots, [1, 2, 3, 4]);
         // No delete command yet; free slots 1 and 3 by hand. A transaction reads the free
         // slots once, so the next one sees the gaps.
-        tx.tx
-            .execute("DELETE FROM accounts WHERE id IN ('a', 'c')", [])
-            .unwrap();
+        tx.tx.execute("DELETE FROM accounts WHERE id IN ('a', 'c')", []).unwrap();
         tx.commit().unwrap();
         let tx = store.transaction().unwrap();
         assert_eq!(add(&tx, "e").slot, 1);
@@ -1453,13 +1428,7 @@ mod tests {
         assert!(matches!(err, Err(StoreError::AccountExists(id)) if id == "acme"));
         let err = tx.add_account("bob", Some("nope"), AccountState::Active, Mode::Off, 1);
         assert!(matches!(err, Err(StoreError::UnknownParent(p)) if p == "nope"));
-        let sub = tx.add_account(
-            "bob",
-            Some("acme"),
-            AccountState::Unconfirmed,
-            Mode::Monitor,
-            7,
-        );
+        let sub = tx.add_account("bob", Some("acme"), AccountState::Unconfirmed, Mode::Monitor, 7);
         let sub = sub.unwrap();
         assert_eq!(sub.parent.as_deref(), Some("acme"));
         assert_eq!(tx.account("bob").unwrap(), Some(sub));
@@ -1467,7 +1436,9 @@ mod tests {
         let ids: Vec<String> = tx.accounts().unwrap().into_iter().map(|a| a.id).collect();
         assert_eq!(ids, ["acme", "bob"]);
         let err = tx.add_account("bob-sub", Some("bob"), AccountState::Active, Mode::Off, 1);
-        assert!(matches!(err, Err(StoreError::NestedParent { parent, grandparent }) if parent == "bob" && grandparent == "acme"));
+        assert!(
+            matches!(err, Err(StoreError::NestedParent { parent, grandparent }) if parent == "bob" && grandparent == "acme")
+        );
         assert_eq!(tx.account("bob-sub").unwrap(), None);
     }
 
@@ -1511,8 +1482,7 @@ mod tests {
         let (_dir, mut store) = open();
         let tx = store.transaction().unwrap();
         add(&tx, "acme");
-        tx.set_state("acme", AccountState::Banned, Some("fraud"))
-            .unwrap();
+        tx.set_state("acme", AccountState::Banned, Some("fraud")).unwrap();
         tx.set_mode("acme", Mode::Monitor).unwrap();
         let row = tx.account("acme").unwrap().unwrap();
         assert_eq!(
@@ -1523,10 +1493,7 @@ mod tests {
         assert_eq!(tx.account("acme").unwrap().unwrap().state_reason, None);
         let err = tx.set_state("nope", AccountState::Active, None);
         assert!(matches!(err, Err(StoreError::UnknownAccount(_))));
-        assert!(matches!(
-            tx.set_mode("nope", Mode::Off),
-            Err(StoreError::UnknownAccount(_))
-        ));
+        assert!(matches!(tx.set_mode("nope", Mode::Off), Err(StoreError::UnknownAccount(_))));
     }
 
     #[test]
@@ -1534,28 +1501,17 @@ mod tests {
         let (_dir, mut store) = open();
         let tx = store.transaction().unwrap();
         add(&tx, "acme");
-        let row = tx
-            .add_entry("acme", net("198.18.1.7/24"), Some("office"), 1000, 5)
-            .unwrap();
+        let row = tx.add_entry("acme", net("198.18.1.7/24"), Some("office"), 1000, 5).unwrap();
         assert_eq!(row.cidr, net("198.18.1.0/24"));
         let err = tx.add_entry("acme", net("198.18.1.0/24"), None, 0, 6);
-        assert!(
-            matches!(err, Err(StoreError::EntryExists { cidr, .. }) if cidr == net("198.18.1.0/24"))
-        );
-        assert!(matches!(
-            tx.add_entry("nope", net("10.0.0.0/8"), None, 0, 6),
-            Err(StoreError::UnknownAccount(_))
-        ));
-        tx.add_entry("acme", net("2001:db8::1/128"), None, 0, 6)
-            .unwrap();
+        assert!(matches!(err, Err(StoreError::EntryExists { cidr, .. }) if cidr == net("198.18.1.0/24")));
+        assert!(matches!(tx.add_entry("nope", net("10.0.0.0/8"), None, 0, 6), Err(StoreError::UnknownAccount(_))));
+        tx.add_entry("acme", net("2001:db8::1/128"), None, 0, 6).unwrap();
         assert_eq!(tx.entries("acme").unwrap().len(), 2);
         // Text order: "198.…" sorts before "2001:…".
         assert_eq!(tx.entries("acme").unwrap()[0], row);
         assert_eq!(tx.all_entries().unwrap().len(), 2);
-        assert!(matches!(
-            tx.entries("nope"),
-            Err(StoreError::UnknownAccount(_))
-        ));
+        assert!(matches!(tx.entries("nope"), Err(StoreError::UnknownAccount(_))));
         // Found by the other spelling too.
         assert!(tx.remove_entry("acme", net("198.18.1.200/24")).unwrap());
         assert!(!tx.remove_entry("acme", net("198.18.1.0/24")).unwrap());
@@ -1570,34 +1526,24 @@ mod tests {
         add(&tx, "other");
         let a = ip("192.0.2.10");
         let whole = tx.add_binding("acme", a, None, 1).unwrap();
-        let https = tx
-            .add_binding("other", a, Some((Proto::Tcp, 443)), 2)
-            .unwrap();
-        tx.add_binding("other", a, Some((Proto::Udp, 443)), 3)
-            .unwrap();
+        let https = tx.add_binding("other", a, Some((Proto::Tcp, 443)), 2).unwrap();
+        tx.add_binding("other", a, Some((Proto::Udp, 443)), 3).unwrap();
         let err = tx.add_binding("other", a, None, 4);
-        assert!(matches!(err, Err(StoreError::BindingExists { endpoint, owner }) if endpoint == "192.0.2.10" && owner == "acme"));
+        assert!(
+            matches!(err, Err(StoreError::BindingExists { endpoint, owner }) if endpoint == "192.0.2.10" && owner == "acme")
+        );
         let err = tx.add_binding("acme", a, Some((Proto::Tcp, 443)), 4);
         assert!(matches!(err, Err(StoreError::BindingExists { endpoint, .. }) if endpoint == "tcp 192.0.2.10:443"));
         let err = tx.add_binding("nope", ip("2001:db8::1"), None, 4);
         assert!(matches!(err, Err(StoreError::UnknownAccount(_))));
         assert_eq!(tx.bindings().unwrap().len(), 3);
-        assert_eq!(
-            tx.remove_binding(a, Some((Proto::Tcp, 443))).unwrap(),
-            Some(https)
-        );
+        assert_eq!(tx.remove_binding(a, Some((Proto::Tcp, 443))).unwrap(), Some(https));
         assert_eq!(tx.remove_binding(a, Some((Proto::Tcp, 443))).unwrap(), None);
         assert_eq!(tx.remove_binding(a, None).unwrap(), Some(whole.clone()));
         let json = serde_json::to_string(&whole).unwrap();
-        assert_eq!(
-            json,
-            r#"{"account":"acme","addr":"192.0.2.10","target":null,"created_at":1}"#
-        );
+        assert_eq!(json, r#"{"account":"acme","addr":"192.0.2.10","target":null,"created_at":1}"#);
         let left = serde_json::to_value(tx.bindings().unwrap()).unwrap();
-        assert_eq!(
-            left[0]["target"],
-            serde_json::json!({"proto": "udp", "port": 443})
-        );
+        assert_eq!(left[0]["target"], serde_json::json!({"proto": "udp", "port": 443}));
     }
 
     #[test]
@@ -1619,12 +1565,8 @@ mod tests {
         let mut store = Store::open(&dir.db()).unwrap();
         let tx = store.transaction().unwrap();
         let acct = add(&tx, "acme");
-        let entry = tx
-            .add_entry("acme", net("2001:db8::/32"), Some("v6"), 0, 1)
-            .unwrap();
-        let bind = tx
-            .add_binding("acme", ip("2001:db8::1"), Some((Proto::Udp, 53)), 2)
-            .unwrap();
+        let entry = tx.add_entry("acme", net("2001:db8::/32"), Some("v6"), 0, 1).unwrap();
+        let bind = tx.add_binding("acme", ip("2001:db8::1"), Some((Proto::Udp, 53)), 2).unwrap();
         tx.commit().unwrap();
         drop(store);
 
@@ -1754,9 +1696,6 @@ mod tests {
         let conn = Connection::open(dir.db()).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        assert!(matches!(
-            Store::open(&dir.db()),
-            Err(StoreError::Corrupt(_))
-        ));
+        assert!(matches!(Store::open(&dir.db()), Err(StoreError::Corrupt(_))));
     }
 }

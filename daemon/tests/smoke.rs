@@ -26,8 +26,12 @@ fn smoke() {
         let options = DatapathOptions { bpffs: dir.0.clone(), slots: 1 << 12, accounts: 64 };
         let mut dp = Datapath::open(&options).expect("open");
         let server = Ipv4Addr::new(198, 18, 0, 1);
-        dp.set_bindings(&[Binding { addr: server.into(), target: BindTarget::Port { protocol: 6, port: 443 }, account: 1 }])
-            .unwrap();
+        dp.set_bindings(&[Binding {
+            addr: server.into(),
+            target: BindTarget::Port { protocol: 6, port: 443 },
+            account: 1,
+        }])
+        .unwrap();
         dp.set_policy(1, Mode::Enforce, false).unwrap();
         dp.set_allowlist(1, &[("198.18.0.0/24".parse().unwrap(), NEVER_EXPIRES)]).unwrap();
         let run = |f: &[u8]| {

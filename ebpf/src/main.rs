@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use ipaccess_common::{
-    AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS,
-    DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, Policy,
-    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_family_lengths, read_summary, reason,
-    top_bits, v4_key, v6_key,
+    AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS, DropSample,
+    FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, Policy, SAMPLES_BYTES,
+    SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_family_lengths, read_summary, reason, top_bits,
+    v4_key, v6_key,
 };
 use parse::{Frame, Packet, parse};
 

@@ -221,9 +221,7 @@ fn parse_ipv6(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
     } else if next == IPPROTO_ICMPV6 {
         // Type, code and checksum: the whole fixed ICMPv6 header.
         match bytes::<4>(ctx, offset) {
-            Some(&[kind, ..]) if offset + 4 <= end => {
-                packet.ndp = (ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&kind)
-            }
+            Some(&[kind, ..]) if offset + 4 <= end => packet.ndp = (ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&kind),
             _ => packet.malformed = true,
         }
     }

@@ -1,9 +1,8 @@
-
-pub mod model;
-pub mod policy_model;
-pub mod packets;
-pub mod netns;
 pub mod client;
 pub mod daemon;
+pub mod model;
+pub mod netns;
 pub mod ops;
+pub mod packets;
+pub mod policy_model;
 pub mod xtask;

@@ -94,14 +94,10 @@ pub enum Outcome {
 impl Outcome {
     pub fn verdict(&self) -> Verdict {
         match self {
-            Outcome::NonIp
-            | Outcome::Unbound
-            | Outcome::Ndp
-            | Outcome::Passed { .. }
-            | Outcome::WouldDrop { .. } => Verdict::Pass,
-            Outcome::Unreadable | Outcome::Malformed { .. } | Outcome::Dropped { .. } => {
-                Verdict::Drop
+            Outcome::NonIp | Outcome::Unbound | Outcome::Ndp | Outcome::Passed { .. } | Outcome::WouldDrop { .. } => {
+                Verdict::Pass
             }
+            Outcome::Unreadable | Outcome::Malformed { .. } | Outcome::Dropped { .. } => Verdict::Drop,
         }
     }
 }
@@ -177,14 +173,7 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Parsed {
     let total_length = be16(h, 2) as usize;
     let frag_offset = be16(h, 6) & 0x1fff;
     let ihl = (h[0] & 0xf) as usize * 4;
-    let mut p = ParsedIp {
-        src,
-        dst,
-        protocol,
-        port: None,
-        malformed: false,
-        ndp: false,
-    };
+    let mut p = ParsedIp { src, dst, protocol, port: None, malformed: false, ndp: false };
 
     if ihl < IPV4_HDR_LEN || total_length < ihl || off + total_length > len {
         p.malformed = true;
@@ -207,10 +196,7 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Parsed {
 }
 
 fn is_ipv6_ext(next: u8) -> bool {
-    matches!(
-        next,
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT
-    )
+    matches!(next, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT)
 }
 
 fn parse_ipv6(frame: &[u8], off: usize) -> Parsed {
@@ -225,14 +211,7 @@ fn parse_ipv6(frame: &[u8], off: usize) -> Parsed {
     };
     let payload_length = be16(h, 4) as usize;
     let mut next = h[6];
-    let mut p = ParsedIp {
-        src: addr(8),
-        dst: addr(24),
-        protocol: next,
-        port: None,
-        malformed: false,
-        ndp: false,
-    };
+    let mut p = ParsedIp { src: addr(8), dst: addr(24), protocol: next, port: None, malformed: false, ndp: false };
     let malformed = |mut p: ParsedIp| {
         p.malformed = true;
         Parsed::Ip(p)
@@ -308,10 +287,7 @@ pub fn decide_ip(policy: &ModelPolicy, now_boot_ns: u64, p: &ParsedIp) -> Outcom
         return Outcome::Unbound;
     }
     if let (false, Some(port)) = (p.malformed, p.port) {
-        let target = BindTarget::Port {
-            protocol: p.protocol,
-            port,
-        };
+        let target = BindTarget::Port { protocol: p.protocol, port };
         if let Some(b) = find_binding(policy, p.dst, target) {
             return account_decision(policy, now_boot_ns, b.account, p.src);
         }
@@ -321,9 +297,7 @@ pub fn decide_ip(policy: &ModelPolicy, now_boot_ns: u64, p: &ParsedIp) -> Outcom
     }
     let whole = find_binding(policy, p.dst, BindTarget::WholeAddress);
     if p.malformed {
-        return Outcome::Malformed {
-            account: whole.map_or(0, |b| b.account),
-        };
+        return Outcome::Malformed { account: whole.map_or(0, |b| b.account) };
     }
     if p.ndp {
         return Outcome::Ndp;
@@ -335,40 +309,23 @@ pub fn decide_ip(policy: &ModelPolicy, now_boot_ns: u64, p: &ParsedIp) -> Outcom
 }
 
 fn find_binding(policy: &ModelPolicy, addr: IpAddr, target: BindTarget) -> Option<&ModelBinding> {
-    policy
-        .bindings
-        .iter()
-        .find(|b| b.addr == addr && b.target == target)
+    policy.bindings.iter().find(|b| b.addr == addr && b.target == target)
 }
 
 /// Rule 12: the per-account check.
-pub fn account_decision(
-    policy: &ModelPolicy,
-    now_boot_ns: u64,
-    account: u32,
-    src: IpAddr,
-) -> Outcome {
+pub fn account_decision(policy: &ModelPolicy, now_boot_ns: u64, account: u32, src: IpAddr) -> Outcome {
     let Some(acct) = policy.accounts.get(&account) else {
-        return Outcome::Dropped {
-            account,
-            reason: DropReason::AccountUnset,
-        };
+        return Outcome::Dropped { account, reason: DropReason::AccountUnset };
     };
     if acct.suspended {
-        return Outcome::Dropped {
-            account,
-            reason: DropReason::Suspended,
-        };
+        return Outcome::Dropped { account, reason: DropReason::Suspended };
     }
     if acct.mode == Mode::Off || source_allowed(acct, now_boot_ns, src) {
         return Outcome::Passed { account };
     }
     match acct.mode {
         Mode::Monitor => Outcome::WouldDrop { account },
-        _ => Outcome::Dropped {
-            account,
-            reason: DropReason::NotAllowed,
-        },
+        _ => Outcome::Dropped { account, reason: DropReason::NotAllowed },
     }
 }
 
@@ -475,11 +432,7 @@ struct EntryBuilder {
 
 impl EntryBuilder {
     fn room_for(&self, n: &IpNet) -> bool {
-        let lens = if n.addr().is_ipv4() {
-            &self.lens_v4
-        } else {
-            &self.lens_v6
-        };
+        let lens = if n.addr().is_ipv4() { &self.lens_v4 } else { &self.lens_v6 };
         lens.contains(&n.prefix_len()) || lens.len() < self.max_lens
     }
 
@@ -495,11 +448,7 @@ impl EntryBuilder {
             if !trial.room_for(n) {
                 return false;
             }
-            let lens = if n.addr().is_ipv4() {
-                &mut trial.lens_v4
-            } else {
-                &mut trial.lens_v6
-            };
+            let lens = if n.addr().is_ipv4() { &mut trial.lens_v4 } else { &mut trial.lens_v6 };
             lens.insert(n.prefix_len());
         }
         self.lens_v4 = trial.lens_v4;
@@ -514,11 +463,7 @@ impl EntryBuilder {
 ///
 /// Account slots are `1..=accounts + unset_accounts`, shuffled; binding keys are unique
 /// (one account per (addr, protocol, port) and per whole address), as in the kernel maps.
-pub fn random_policy<R: Rng + ?Sized>(
-    rng: &mut R,
-    params: &PolicyParams,
-    now_boot_ns: u64,
-) -> ModelPolicy {
+pub fn random_policy<R: Rng + ?Sized>(rng: &mut R, params: &PolicyParams, now_boot_ns: u64) -> ModelPolicy {
     let now = now_boot_ns;
     let total = (params.accounts + params.unset_accounts) as u32;
     let mut slots: Vec<u32> = (1..=total).collect();
@@ -545,10 +490,7 @@ pub fn random_policy<R: Rng + ?Sized>(
             // Expired narrow prefix inside a live wider one: the wider one must still allow.
             let base = bases[rng.random_range(0..bases.len())];
             let (narrow, wide) = if base.is_ipv4() { (24, 16) } else { (64, 48) };
-            eb.add_all(&[
-                (net(base, narrow), expired_expiry(rng, now)),
-                (net(base, wide), live_expiry(rng, now)),
-            ]);
+            eb.add_all(&[(net(base, narrow), expired_expiry(rng, now)), (net(base, wide), live_expiry(rng, now))]);
         }
         if rng.random_ratio(1, 2) {
             // Same prefix twice with different expiries: the live one must win.
@@ -565,10 +507,7 @@ pub fn random_policy<R: Rng + ?Sized>(
             let mut lens: Vec<u8> = (0..3).map(|_| random_len(rng, max)).collect();
             lens.sort();
             lens.dedup();
-            let nets: Vec<_> = lens
-                .iter()
-                .map(|&l| (net(base, l), random_expiry(rng, now)))
-                .collect();
+            let nets: Vec<_> = lens.iter().map(|&l| (net(base, l), random_expiry(rng, now))).collect();
             eb.add_all(&nets);
         }
 
@@ -588,64 +527,32 @@ pub fn random_policy<R: Rng + ?Sized>(
             eb.add_all(&[e]);
         }
         eb.entries.shuffle(rng);
-        accounts.insert(
-            slot,
-            ModelAccount {
-                mode,
-                suspended,
-                entries: eb.entries,
-            },
-        );
+        accounts.insert(slot, ModelAccount { mode, suspended, entries: eb.entries });
     }
 
     // Bindings: each destination gets some ports and maybe the whole address.
     let mut bindings = Vec::new();
     let common_ports = [22u16, 53, 80, 443, 8080];
-    let mut dsts: Vec<IpAddr> = (0..params.v4_destinations)
-        .map(|_| IpAddr::V4(random_v4(rng)))
-        .collect();
+    let mut dsts: Vec<IpAddr> = (0..params.v4_destinations).map(|_| IpAddr::V4(random_v4(rng))).collect();
     dsts.extend((0..params.v6_destinations).map(|_| IpAddr::V6(random_v6(rng))));
     let mut seen = BTreeSet::new();
     for addr in dsts {
         let pick_account = |rng: &mut R| {
-            if total == 0 {
-                1
-            } else {
-                rng.random_range(1..=total)
-            }
+            if total == 0 { 1 } else { rng.random_range(1..=total) }
         };
         if rng.random_ratio(2, 3) {
             let account = pick_account(rng);
-            bindings.push(ModelBinding {
-                addr,
-                target: BindTarget::WholeAddress,
-                account,
-            });
+            bindings.push(ModelBinding { addr, target: BindTarget::WholeAddress, account });
         }
         // At least one binding per address, so every destination is "bound".
-        let min_ports = if bindings.last().is_some_and(|b| b.addr == addr) {
-            0
-        } else {
-            1
-        };
+        let min_ports = if bindings.last().is_some_and(|b| b.addr == addr) { 0 } else { 1 };
         for _ in 0..rng.random_range(min_ports..=4) {
-            let protocol = if rng.random_bool(0.5) {
-                IPPROTO_TCP
-            } else {
-                IPPROTO_UDP
-            };
-            let port = if rng.random_bool(0.6) {
-                common_ports[rng.random_range(0..common_ports.len())]
-            } else {
-                rng.random()
-            };
+            let protocol = if rng.random_bool(0.5) { IPPROTO_TCP } else { IPPROTO_UDP };
+            let port =
+                if rng.random_bool(0.6) { common_ports[rng.random_range(0..common_ports.len())] } else { rng.random() };
             if seen.insert((addr, protocol, port)) {
                 let account = pick_account(rng);
-                bindings.push(ModelBinding {
-                    addr,
-                    target: BindTarget::Port { protocol, port },
-                    account,
-                });
+                bindings.push(ModelBinding { addr, target: BindTarget::Port { protocol, port }, account });
             }
         }
     }
@@ -739,10 +646,7 @@ mod tests {
         ModelAccount {
             mode,
             suspended: false,
-            entries: vec![
-                (n("198.51.100.0/24"), NEVER),
-                (n("2001:db8:aaaa::/48"), NEVER),
-            ],
+            entries: vec![(n("198.51.100.0/24"), NEVER), (n("2001:db8:aaaa::/48"), NEVER)],
         }
     }
 
@@ -752,11 +656,7 @@ mod tests {
         let mut accounts = BTreeMap::new();
         accounts.insert(1, account(Mode::Enforce));
         accounts.insert(2, account(Mode::Monitor));
-        let b = |addr, target, account| ModelBinding {
-            addr,
-            target,
-            account,
-        };
+        let b = |addr, target, account| ModelBinding { addr, target, account };
         let port = |protocol, port| BindTarget::Port { protocol, port };
         ModelPolicy {
             accounts,
@@ -777,10 +677,7 @@ mod tests {
     }
 
     const PASSED1: Outcome = Outcome::Passed { account: 1 };
-    const NOTALLOWED1: Outcome = Outcome::Dropped {
-        account: 1,
-        reason: DropReason::NotAllowed,
-    };
+    const NOTALLOWED1: Outcome = Outcome::Dropped { account: 1, reason: DropReason::NotAllowed };
 
     #[test]
     fn model_verdicts() {
@@ -856,10 +753,7 @@ mod tests {
         padded.extend_from_slice(&[0; 10]);
         assert_eq!(f(padded), PASSED1);
         // Options shift the transport header.
-        assert_eq!(
-            f(ip4(S4_OK, D4, IPPROTO_TCP, 0, &[1; 8], &tcp(80))),
-            PASSED1
-        );
+        assert_eq!(f(ip4(S4_OK, D4, IPPROTO_TCP, 0, &[1; 8], &tcp(80))), PASSED1);
         // Malformed to a port-only address: account 0.
         let mut bad = ip4(S4_OK, [192, 0, 2, 2], IPPROTO_TCP, 0, &[], &tcp(22));
         bad[0] = 0x43;
@@ -874,69 +768,30 @@ mod tests {
     fn model_ipv4_transport_and_fragments() {
         let f = |ip: Vec<u8>| d(&eth(ETH_P_IPV4, &ip));
         // TCP header shorter than 20 within total_length → malformed.
-        assert_eq!(
-            f(ip4(S4_OK, D4, IPPROTO_TCP, 0, &[], &tcp(80)[..19])),
-            Outcome::Malformed { account: 2 }
-        );
+        assert_eq!(f(ip4(S4_OK, D4, IPPROTO_TCP, 0, &[], &tcp(80)[..19])), Outcome::Malformed { account: 2 });
         // UDP needs only 8 bytes.
         assert_eq!(
             f(ip4(S4_OK, D4, IPPROTO_UDP, 0, &[], &udp(53))),
-            Outcome::Dropped {
-                account: 3,
-                reason: DropReason::AccountUnset
-            }
+            Outcome::Dropped { account: 3, reason: DropReason::AccountUnset }
         );
-        assert_eq!(
-            f(ip4(S4_OK, D4, IPPROTO_UDP, 0, &[], &udp(53)[..7])),
-            Outcome::Malformed { account: 2 }
-        );
+        assert_eq!(f(ip4(S4_OK, D4, IPPROTO_UDP, 0, &[], &udp(53)[..7])), Outcome::Malformed { account: 2 });
         // First fragment (MF set, offset 0) still carries the port.
-        assert_eq!(
-            f(ip4(S4_BAD, D4, IPPROTO_TCP, 0x2000, &[], &tcp(80))),
-            NOTALLOWED1
-        );
+        assert_eq!(f(ip4(S4_BAD, D4, IPPROTO_TCP, 0x2000, &[], &tcp(80))), NOTALLOWED1);
         // Offset-1 TCP fragment is malformed (RFC 1858), even if tiny.
-        assert_eq!(
-            f(ip4(S4_OK, D4, IPPROTO_TCP, 1, &[], &[0; 4])),
-            Outcome::Malformed { account: 2 }
-        );
+        assert_eq!(f(ip4(S4_OK, D4, IPPROTO_TCP, 1, &[], &[0; 4])), Outcome::Malformed { account: 2 });
         // Offset-1 UDP fragment is not; it has no port so the whole address decides.
-        assert_eq!(
-            f(ip4(S4_BAD, D4, IPPROTO_UDP, 1, &[], &[0; 4])),
-            Outcome::WouldDrop { account: 2 }
-        );
+        assert_eq!(f(ip4(S4_BAD, D4, IPPROTO_UDP, 1, &[], &[0; 4])), Outcome::WouldDrop { account: 2 });
         // Later fragments: no port, whole address decides; to a port-only address: unbound.
-        assert_eq!(
-            f(ip4(S4_OK, D4, IPPROTO_TCP, 185, &[], &[])),
-            Outcome::Passed { account: 2 }
-        );
-        assert_eq!(
-            f(ip4(S4_OK, [192, 0, 2, 2], IPPROTO_TCP, 185, &[], &[])),
-            Outcome::Unbound
-        );
+        assert_eq!(f(ip4(S4_OK, D4, IPPROTO_TCP, 185, &[], &[])), Outcome::Passed { account: 2 });
+        assert_eq!(f(ip4(S4_OK, [192, 0, 2, 2], IPPROTO_TCP, 185, &[], &[])), Outcome::Unbound);
         // Other protocols never have a port.
-        assert_eq!(
-            f(ip4(S4_BAD, D4, IPPROTO_ICMP, 0, &[], &[8, 0, 0, 0])),
-            Outcome::WouldDrop { account: 2 }
-        );
-        assert_eq!(
-            f(ip4(S4_BAD, D4, 99, 0, &[], &[])),
-            Outcome::WouldDrop { account: 2 }
-        );
+        assert_eq!(f(ip4(S4_BAD, D4, IPPROTO_ICMP, 0, &[], &[8, 0, 0, 0])), Outcome::WouldDrop { account: 2 });
+        assert_eq!(f(ip4(S4_BAD, D4, 99, 0, &[], &[])), Outcome::WouldDrop { account: 2 });
         // Unmatched port falls back to the whole address.
-        assert_eq!(
-            f(ip4(S4_BAD, D4, IPPROTO_TCP, 0, &[], &tcp(81))),
-            Outcome::WouldDrop { account: 2 }
-        );
+        assert_eq!(f(ip4(S4_BAD, D4, IPPROTO_TCP, 0, &[], &tcp(81))), Outcome::WouldDrop { account: 2 });
         // Port-only address, other port: unbound.
-        assert_eq!(
-            f(ip4(S4_BAD, [192, 0, 2, 2], IPPROTO_TCP, 0, &[], &tcp(23))),
-            Outcome::Unbound
-        );
-        assert_eq!(
-            f(ip4(S4_BAD, [192, 0, 2, 2], IPPROTO_TCP, 0, &[], &tcp(22))),
-            NOTALLOWED1
-        );
+        assert_eq!(f(ip4(S4_BAD, [192, 0, 2, 2], IPPROTO_TCP, 0, &[], &tcp(23))), Outcome::Unbound);
+        assert_eq!(f(ip4(S4_BAD, [192, 0, 2, 2], IPPROTO_TCP, 0, &[], &tcp(22))), NOTALLOWED1);
     }
 
     #[test]
@@ -944,15 +799,9 @@ mod tests {
         let f = |ip: Vec<u8>| d(&eth(ETH_P_IPV6, &ip));
         assert_eq!(f(ip6(S6_OK, D6, IPPROTO_UDP, &udp(53))), PASSED1);
         assert_eq!(f(ip6(S6_BAD, D6, IPPROTO_UDP, &udp(53))), NOTALLOWED1);
-        assert_eq!(
-            f(ip6(S6_BAD, D6, IPPROTO_TCP, &tcp(53))),
-            Outcome::WouldDrop { account: 2 }
-        );
+        assert_eq!(f(ip6(S6_BAD, D6, IPPROTO_TCP, &tcp(53))), Outcome::WouldDrop { account: 2 });
         // Rule 5: short header / wrong version.
-        assert_eq!(
-            f(ip6(S6_OK, D6, IPPROTO_UDP, &[])[..39].to_vec()),
-            Outcome::Unreadable
-        );
+        assert_eq!(f(ip6(S6_OK, D6, IPPROTO_UDP, &[])[..39].to_vec()), Outcome::Unreadable);
         let mut bad = ip6(S6_OK, D6, IPPROTO_UDP, &udp(53));
         bad[0] = 0x40;
         assert_eq!(f(bad), Outcome::Unreadable);
@@ -965,14 +814,8 @@ mod tests {
         bad[5] = 7;
         assert_eq!(f(bad), Outcome::Malformed { account: 2 });
         // Unbound v6 destination; a v4-mapped form of a bound v4 address is not it.
-        assert_eq!(
-            f(ip6(S6_OK, "2001:db8::2", IPPROTO_UDP, &udp(53))),
-            Outcome::Unbound
-        );
-        assert_eq!(
-            f(ip6(S6_OK, "::ffff:192.0.2.1", IPPROTO_TCP, &tcp(80))),
-            Outcome::Unbound
-        );
+        assert_eq!(f(ip6(S6_OK, "2001:db8::2", IPPROTO_UDP, &udp(53))), Outcome::Unbound);
+        assert_eq!(f(ip6(S6_OK, "::ffff:192.0.2.1", IPPROTO_TCP, &tcp(80))), Outcome::Unbound);
     }
 
     #[test]
@@ -992,41 +835,23 @@ mod tests {
         let nf = chain(&[frag(17, 100, false)], 44, &[1, 2]);
         assert_eq!(f(nf), Outcome::Passed { account: 2 });
         // Non-first fragment stops the walk even with more ext headers "after" it.
-        assert_eq!(
-            f(chain(&[frag(0, 100, false)], 44, &[])),
-            Outcome::Passed { account: 2 }
-        );
+        assert_eq!(f(chain(&[frag(0, 100, false)], 44, &[])), Outcome::Passed { account: 2 });
         // Exactly 6 extension headers then UDP: fine.
-        let six: Vec<_> = (0..6)
-            .map(|i| ext(if i == 5 { 17 } else { 60 }, 0))
-            .collect();
+        let six: Vec<_> = (0..6).map(|i| ext(if i == 5 { 17 } else { 60 }, 0)).collect();
         assert_eq!(f(chain(&six, 60, &udp(53))), PASSED1);
         // 7 extension headers: the walk gives up → malformed.
-        let seven: Vec<_> = (0..7)
-            .map(|i| ext(if i == 6 { 17 } else { 60 }, 0))
-            .collect();
-        assert_eq!(
-            f(chain(&seven, 60, &udp(53))),
-            Outcome::Malformed { account: 2 }
-        );
+        let seven: Vec<_> = (0..7).map(|i| ext(if i == 6 { 17 } else { 60 }, 0)).collect();
+        assert_eq!(f(chain(&seven, 60, &udp(53))), Outcome::Malformed { account: 2 });
         // 6 headers with the 6th a non-first fragment: not malformed.
-        let mut six_f: Vec<_> = (0..5)
-            .map(|i| ext(if i == 4 { 44 } else { 60 }, 0))
-            .collect();
+        let mut six_f: Vec<_> = (0..5).map(|i| ext(if i == 4 { 44 } else { 60 }, 0)).collect();
         six_f.push(frag(17, 9, false));
         assert_eq!(f(chain(&six_f, 60, &[])), Outcome::Passed { account: 2 });
         // Ext header longer than payload_length → malformed.
-        assert_eq!(
-            f(chain(&[ext(17, 3)], 0, &[])),
-            Outcome::Malformed { account: 2 }
-        );
+        assert_eq!(f(chain(&[ext(17, 3)], 0, &[])), Outcome::Malformed { account: 2 });
         // Ext header whose two first bytes are missing: payload ends right at pos.
         assert_eq!(f(chain(&[], 0, &[])), Outcome::Malformed { account: 2 });
         // Fragment header cut short.
-        assert_eq!(
-            f(chain(&[], 44, &[17, 0, 0, 0, 0])),
-            Outcome::Malformed { account: 2 }
-        );
+        assert_eq!(f(chain(&[], 44, &[17, 0, 0, 0, 0])), Outcome::Malformed { account: 2 });
         // payload_length too small for UDP after ext header, bytes present in the frame.
         let mut short = chain(&[ext(17, 0)], 0, &udp(53));
         short[5] = 8 + 7;
@@ -1037,43 +862,25 @@ mod tests {
     fn model_ipv6_ndp() {
         let f = |ip: Vec<u8>| d(&eth(ETH_P_IPV6, &ip));
         for t in 133..=137u8 {
-            assert_eq!(
-                f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[t, 0, 0, 0])),
-                Outcome::Ndp
-            );
+            assert_eq!(f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[t, 0, 0, 0])), Outcome::Ndp);
         }
         // Echo request is an ordinary packet.
-        assert_eq!(
-            f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[128, 0, 0, 0])),
-            Outcome::WouldDrop { account: 2 }
-        );
-        assert_eq!(
-            f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[138, 0, 0, 0])),
-            Outcome::WouldDrop { account: 2 }
-        );
+        assert_eq!(f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[128, 0, 0, 0])), Outcome::WouldDrop { account: 2 });
+        assert_eq!(f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[138, 0, 0, 0])), Outcome::WouldDrop { account: 2 });
         // A cut ICMPv6 header is malformed.
-        assert_eq!(
-            f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[135, 0])),
-            Outcome::Malformed { account: 2 }
-        );
+        assert_eq!(f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[135, 0])), Outcome::Malformed { account: 2 });
         // NDP behind an extension header.
         let mut p = ext(58, 0);
         p.extend([135, 0, 0, 0]);
         assert_eq!(f(ip6(S6_BAD, D6, 0, &p)), Outcome::Ndp);
         // ICMPv6 with no type byte → malformed.
-        assert_eq!(
-            f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[])),
-            Outcome::Malformed { account: 2 }
-        );
+        assert_eq!(f(ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[])), Outcome::Malformed { account: 2 });
         // Type byte present in the frame but beyond payload_length → malformed.
         let mut bad = ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[135]);
         bad[5] = 0;
         assert_eq!(f(bad), Outcome::Malformed { account: 2 });
         // NDP to an unbound address is just unbound.
-        assert_eq!(
-            f(ip6(S6_BAD, "2001:db8::2", IPPROTO_ICMPV6, &[135])),
-            Outcome::Unbound
-        );
+        assert_eq!(f(ip6(S6_BAD, "2001:db8::2", IPPROTO_ICMPV6, &[135])), Outcome::Unbound);
         // Empty policy: everything IP is unbound.
         let empty = ModelPolicy::default();
         let frame = eth(ETH_P_IPV6, &ip6(S6_BAD, D6, IPPROTO_ICMPV6, &[]));
@@ -1093,17 +900,11 @@ mod tests {
         assert_eq!(decide(&p, NOW, &bad), PASSED1);
         // Suspension beats every mode, including off, and an allowed source.
         p.accounts.get_mut(&1).unwrap().suspended = true;
-        let susp = Outcome::Dropped {
-            account: 1,
-            reason: DropReason::Suspended,
-        };
+        let susp = Outcome::Dropped { account: 1, reason: DropReason::Suspended };
         assert_eq!(decide(&p, NOW, &bad), susp);
         assert_eq!(decide(&p, NOW, &ok), susp);
         p.accounts.remove(&1);
-        let unset = Outcome::Dropped {
-            account: 1,
-            reason: DropReason::AccountUnset,
-        };
+        let unset = Outcome::Dropped { account: 1, reason: DropReason::AccountUnset };
         assert_eq!(decide(&p, NOW, &ok), unset);
     }
 

@@ -137,9 +137,7 @@ impl Netns {
                 }
                 f()
             });
-            handle
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 
@@ -183,18 +181,10 @@ impl Drop for Netns {
 }
 
 fn unique_name(prefix: &str) -> Result<String> {
-    let tail = format!(
-        "{}x{}",
-        std::process::id(),
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    );
+    let tail = format!("{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
     let room = 15usize.saturating_sub(tail.len());
     // Only characters that are valid in both namespace and interface names.
-    let head: String = prefix
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(room)
-        .collect();
+    let head: String = prefix.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(room).collect();
     let name = head + &tail;
     if name.len() > 15 {
         bail!("namespace name {name} would be longer than 15 bytes");
@@ -249,9 +239,7 @@ impl TestHosts {
         let server_v4 = Ipv4Addr::new(198, 18, 0, 1);
         let server_v6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
         let client_v4: Vec<_> = (10..14).map(|i| Ipv4Addr::new(198, 18, 0, i)).collect();
-        let client_v6: Vec<_> = (0x10..0x14)
-            .map(|i| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))
-            .collect();
+        let client_v6: Vec<_> = (0x10..0x14).map(|i| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i)).collect();
         configure(&server, &server_if, &[server_v4], &[server_v6])?;
         configure(&client, &client_if, &client_v4, &client_v6)?;
         wait_ready(&server, &server_if)?;
@@ -286,21 +274,12 @@ fn configure(ns: &Netns, ifname: &str, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Resu
     // No DAD for the link-local address either (it appears at link up), so no address is
     // ever tentative for long. /proc/sys/net follows the calling thread's namespace.
     let knob = format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad");
-    ns.run(|| std::fs::write(&knob, "0"))
-        .with_context(|| format!("write {knob}"))?;
+    ns.run(|| std::fs::write(&knob, "0")).with_context(|| format!("write {knob}"))?;
     for a in v4 {
         ns.ip(&["addr", "add", &format!("{a}/24"), "dev", ifname])?;
     }
     for a in v6 {
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{a}/64"),
-            "dev",
-            ifname,
-            "nodad",
-        ])?;
+        ns.ip(&["-6", "addr", "add", &format!("{a}/64"), "dev", ifname, "nodad"])?;
     }
     ns.ip(&["link", "set", ifname, "up"])?;
     Ok(())
@@ -319,10 +298,7 @@ fn wait_ready(ns: &Netns, ifname: &str) -> Result<()> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!(
-                "{ifname} in {} not ready after 5 s:\n{link}{addrs}",
-                ns.name()
-            );
+            bail!("{ifname} in {} not ready after 5 s:\n{link}{addrs}", ns.name());
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -348,15 +324,7 @@ impl BpfFs {
         std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
         let target = CString::new(path.as_os_str().as_bytes())?;
         // SAFETY: valid C strings; no mount data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
+        let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
         if rc != 0 {
             let err = io::Error::last_os_error();
             let _ = std::fs::remove_dir(&path);
@@ -393,14 +361,7 @@ pub fn tcp_connect(src: IpAddr, dst: SocketAddr, timeout: Duration) -> bool {
     };
     let (sa, len) = sockaddr(dst);
     // SAFETY: sa/len describe a valid sockaddr for this family.
-    if unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            &sa as *const _ as *const libc::sockaddr,
-            len,
-        )
-    } == 0
-    {
+    if unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) } == 0 {
         return true;
     }
     if io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
@@ -449,12 +410,7 @@ pub fn udp_roundtrip(src: IpAddr, dst: SocketAddr, payload: &[u8], timeout: Dura
             match sock.recv(&mut buf) {
                 Ok(n) if &buf[..n] == payload => return true,
                 Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     break;
                 }
                 Err(_) => return false,
@@ -515,32 +471,17 @@ pub fn icmp_echo(src: IpAddr, dst: IpAddr, timeout: Duration) -> bool {
     let mut buf = [0u8; 1500];
     // A raw socket sees every ICMP packet of the namespace: skip the ones that aren't ours.
     for _ in 0..256 {
-        if !wait_fd(
-            &fd,
-            libc::POLLIN,
-            deadline.saturating_duration_since(Instant::now()),
-        ) {
+        if !wait_fd(&fd, libc::POLLIN, deadline.saturating_duration_since(Instant::now())) {
             return false;
         }
         // SAFETY: buf is valid for its length.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
         if n <= 0 {
             return false;
         }
         let data = &buf[..n as usize];
         // Raw IPv4 sockets deliver the IP header too; IPv6 ones don't.
-        let icmp = if dst.is_ipv4() {
-            &data[((data[0] & 0x0f) as usize * 4).min(data.len())..]
-        } else {
-            data
-        };
+        let icmp = if dst.is_ipv4() { &data[((data[0] & 0x0f) as usize * 4).min(data.len())..] } else { data };
         if icmp.len() >= 8 && icmp[0] == reply && icmp[4..8] == pkt[4..8] {
             return true;
         }
@@ -560,31 +501,18 @@ pub struct Neighbour {
 
 /// The neighbour table (ARP and NDP) of `ns`.
 pub fn neighbours(ns: &Netns) -> Result<Vec<Neighbour>> {
-    Ok(ns
-        .ip(&["neigh", "show"])?
-        .lines()
-        .filter_map(parse_neighbour)
-        .collect())
+    Ok(ns.ip(&["neigh", "show"])?.lines().filter_map(parse_neighbour).collect())
 }
 
 fn parse_neighbour(line: &str) -> Option<Neighbour> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let addr = words.first()?.parse().ok()?;
-    let after = |key: &str| {
-        words
-            .iter()
-            .position(|w| *w == key)
-            .and_then(|i| words.get(i + 1))
-    };
+    let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1));
     Some(Neighbour {
         addr,
         dev: after("dev")?.to_string(),
         lladdr: after("lladdr").map(|s| s.to_string()),
-        state: words
-            .last()
-            .filter(|w| w.chars().all(|c| c.is_ascii_uppercase()))
-            .map_or("", |w| w)
-            .to_string(),
+        state: words.last().filter(|w| w.chars().all(|c| c.is_ascii_uppercase())).map_or("", |w| w).to_string(),
     })
 }
 
@@ -602,10 +530,7 @@ impl Worker {
     fn spawn(body: impl FnOnce(&AtomicBool) + Send + 'static) -> Worker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        Worker {
-            stop,
-            thread: Some(thread::spawn(move || body(&flag))),
-        }
+        Worker { stop, thread: Some(thread::spawn(move || body(&flag))) }
     }
 }
 
@@ -639,9 +564,8 @@ impl TcpServer {
     }
 
     fn start(ns: &Netns, addr: SocketAddr, echo: bool) -> Result<TcpServer> {
-        let listener = ns
-            .run(move || TcpListener::bind(addr))
-            .with_context(|| format!("bind tcp {addr} in {}", ns.name()))?;
+        let listener =
+            ns.run(move || TcpListener::bind(addr)).with_context(|| format!("bind tcp {addr} in {}", ns.name()))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -659,11 +583,7 @@ impl TcpServer {
                 }
             }
         });
-        Ok(TcpServer {
-            addr,
-            accepted,
-            _worker: worker,
-        })
+        Ok(TcpServer { addr, accepted, _worker: worker })
     }
 
     /// The bound address (with the real port when 0 was asked for).
@@ -691,9 +611,7 @@ fn echo_tcp(mut conn: TcpStream, stop: &AtomicBool) {
     let step = Duration::from_millis(50);
     if conn.set_nonblocking(false).is_err()
         || conn.set_read_timeout(Some(step)).is_err()
-        || conn
-            .set_write_timeout(Some(Duration::from_secs(1)))
-            .is_err()
+        || conn.set_write_timeout(Some(Duration::from_secs(1))).is_err()
     {
         return;
     }
@@ -707,11 +625,7 @@ fn echo_tcp(mut conn: TcpStream, stop: &AtomicBool) {
                     return;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(_) => return,
         }
     }
@@ -765,9 +679,8 @@ pub struct UdpEchoServer {
 impl UdpEchoServer {
     /// Port 0 picks a free port; see [`Self::addr`].
     pub fn start_in(ns: &Netns, addr: SocketAddr) -> Result<UdpEchoServer> {
-        let sock = ns
-            .run(move || UdpSocket::bind(addr))
-            .with_context(|| format!("bind udp {addr} in {}", ns.name()))?;
+        let sock =
+            ns.run(move || UdpSocket::bind(addr)).with_context(|| format!("bind udp {addr} in {}", ns.name()))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let addr = sock.local_addr()?;
         let received = Arc::new(AtomicUsize::new(0));
@@ -780,20 +693,12 @@ impl UdpEchoServer {
                         count.fetch_add(1, Ordering::Relaxed);
                         let _ = sock.send_to(&buf[..n], from);
                     }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) => {}
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                     Err(_) => thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
-        Ok(UdpEchoServer {
-            addr,
-            received,
-            _worker: worker,
-        })
+        Ok(UdpEchoServer { addr, received, _worker: worker })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -817,9 +722,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
@@ -831,9 +734,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
@@ -846,11 +747,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// A close-on-exec socket of `src`'s family, bound to `src` port 0.
 fn bound_socket(src: IpAddr, ty: libc::c_int, proto: libc::c_int) -> Option<OwnedFd> {
-    let domain = if src.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
+    let domain = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain syscall; the fd is owned right away.
     let raw = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
     if raw < 0 {
@@ -860,13 +757,7 @@ fn bound_socket(src: IpAddr, ty: libc::c_int, proto: libc::c_int) -> Option<Owne
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let (sa, len) = sockaddr(SocketAddr::new(src, 0));
     // SAFETY: sa/len describe a valid sockaddr.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sa as *const _ as *const libc::sockaddr,
-            len,
-        )
-    };
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
     (rc == 0).then_some(fd)
 }
 
@@ -875,11 +766,7 @@ fn wait_fd(fd: &OwnedFd, events: libc::c_short, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     for _ in 0..100 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
         let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
         // SAFETY: one valid pollfd.
         match unsafe { libc::poll(&mut pfd, 1, ms) } {
@@ -893,10 +780,7 @@ fn wait_fd(fd: &OwnedFd, events: libc::c_short, timeout: Duration) -> bool {
 }
 
 fn inet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum();
+    let mut sum: u32 = data.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -904,8 +788,7 @@ fn inet_checksum(data: &[u8]) -> u16 {
 }
 
 fn have_program(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 /// Sends `rate` datagrams/s of `[tag, sequence number (u32, big-endian), padding]` on a
@@ -1018,10 +901,7 @@ mod tests {
     const T: Duration = Duration::from_secs(2);
 
     fn netns_listed(name: &str) -> bool {
-        run_ok("ip", &["netns", "list"])
-            .unwrap()
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(name))
+        run_ok("ip", &["netns", "list"]).unwrap().lines().any(|l| l.split_whitespace().next() == Some(name))
     }
 
     fn bpf_mounted(path: &Path) -> bool {
@@ -1035,19 +915,10 @@ mod tests {
     #[test]
     fn netns_traffic_between_hosts() {
         let hosts = TestHosts::new().unwrap();
-        let names = [
-            hosts.server.name().to_string(),
-            hosts.client.name().to_string(),
-        ];
+        let names = [hosts.server.name().to_string(), hosts.client.name().to_string()];
         assert!(names.iter().all(|n| netns_listed(n)));
-        let link = hosts
-            .server
-            .ip(&["-o", "link", "show", "dev", &hosts.server_if])
-            .unwrap();
-        assert!(
-            link.starts_with(&format!("{}:", hosts.server_ifindex())),
-            "{link}"
-        );
+        let link = hosts.server.ip(&["-o", "link", "show", "dev", &hosts.server_if]).unwrap();
+        assert!(link.starts_with(&format!("{}:", hosts.server_ifindex())), "{link}");
         let knob = format!("/proc/sys/net/ipv6/conf/{}/accept_dad", hosts.client_if);
         assert_eq!(hosts.client.exec_ok(&["cat", &knob]).unwrap().trim(), "0");
 
@@ -1075,10 +946,7 @@ mod tests {
                 let closed = SocketAddr::new(t.ip(), 9);
                 let start = Instant::now();
                 assert!(!tcp_connect(src, closed, T), "tcp {src} -> {closed}");
-                assert!(
-                    !udp_roundtrip(src, closed, b"x", T),
-                    "udp {src} -> {closed}"
-                );
+                assert!(!udp_roundtrip(src, closed, b"x", T), "udp {src} -> {closed}");
                 assert!(start.elapsed() < 2 * T + Duration::from_millis(500));
             }
             let mut conn = TcpStream::connect_timeout(&t6, T).unwrap();
@@ -1095,19 +963,9 @@ mod tests {
         // A silent destination (no host answers ARP) fails within the timeout, not later.
         let src = sources[0];
         let start = Instant::now();
-        let ok = hosts.client.run(|| {
-            tcp_connect(
-                src,
-                "198.18.0.99:80".parse().unwrap(),
-                Duration::from_millis(300),
-            )
-        });
+        let ok = hosts.client.run(|| tcp_connect(src, "198.18.0.99:80".parse().unwrap(), Duration::from_millis(300)));
         assert!(!ok);
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
 
         // Neighbour discovery works both ways and shows up in the tables.
         let c6 = IpAddr::from(hosts.client_v6[1]);
@@ -1118,9 +976,7 @@ mod tests {
         let neigh = neighbours(&hosts.client).unwrap();
         for addr in [s4, s6] {
             assert!(
-                neigh
-                    .iter()
-                    .any(|n| n.addr == addr && n.lladdr.is_some() && n.dev == hosts.client_if),
+                neigh.iter().any(|n| n.addr == addr && n.lladdr.is_some() && n.dev == hosts.client_if),
                 "{addr} missing in {neigh:?}"
             );
         }
@@ -1146,17 +1002,12 @@ mod tests {
     #[test]
     fn netns_unique_names_and_isolation() {
         let all: Vec<Netns> = thread::scope(|s| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| Netns::new("a-long-prefix").unwrap()))
-                .collect();
+            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| Netns::new("a-long-prefix").unwrap())).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let names: HashSet<&str> = all.iter().map(|n| n.name()).collect();
         assert_eq!(names.len(), all.len());
-        assert!(
-            names.iter().all(|n| n.len() <= 15 && netns_listed(n)),
-            "{names:?}"
-        );
+        assert!(names.iter().all(|n| n.len() <= 15 && netns_listed(n)), "{names:?}");
 
         // run() really enters the namespace, and only for the closure's thread.
         let ino = |p: &str| std::fs::metadata(p).unwrap().ino();
@@ -1171,9 +1022,7 @@ mod tests {
         assert_eq!(links.lines().count(), 1, "{links}");
         let err = all[1].exec_ok(&["false"]).unwrap_err().to_string();
         assert!(err.contains("false") && err.contains("failed"), "{err}");
-        let err = all[1]
-            .exec_timeout(&["sleep", "5"], Duration::from_millis(200))
-            .unwrap_err();
+        let err = all[1].exec_timeout(&["sleep", "5"], Duration::from_millis(200)).unwrap_err();
         assert!(err.to_string().contains("timed out"), "{err}");
     }
 

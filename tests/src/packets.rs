@@ -42,16 +42,10 @@ pub struct VlanTag {
 
 impl VlanTag {
     pub fn dot1q(vid: u16) -> Self {
-        VlanTag {
-            tpid: ETH_P_8021Q,
-            tci: vid & 0x0fff,
-        }
+        VlanTag { tpid: ETH_P_8021Q, tci: vid & 0x0fff }
     }
     pub fn dot1ad(vid: u16) -> Self {
-        VlanTag {
-            tpid: ETH_P_8021AD,
-            tci: vid & 0x0fff,
-        }
+        VlanTag { tpid: ETH_P_8021AD, tci: vid & 0x0fff }
     }
 }
 
@@ -183,12 +177,8 @@ impl Ipv4Header {
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
         let hdr_len = IPV4_HDR_LEN + self.options.len();
         let ihl = self.ihl.unwrap_or((hdr_len / 4) as u8) & 0xf;
-        let total = self
-            .total_length
-            .unwrap_or((hdr_len + payload.len()) as u16);
-        let frag = (self.frag_offset & 0x1fff)
-            | (self.more_fragments as u16) << 13
-            | (self.dont_fragment as u16) << 14;
+        let total = self.total_length.unwrap_or((hdr_len + payload.len()) as u16);
+        let frag = (self.frag_offset & 0x1fff) | (self.more_fragments as u16) << 13 | (self.dont_fragment as u16) << 14;
         let mut p = Vec::with_capacity(hdr_len + payload.len());
         p.push((self.version << 4) | ihl);
         p.push(0); // DSCP/ECN
@@ -280,15 +270,7 @@ pub struct Ipv6Header {
 
 impl Ipv6Header {
     pub fn new(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8) -> Self {
-        Ipv6Header {
-            src,
-            dst,
-            next_header,
-            hop_limit: 64,
-            version: 6,
-            exts: Vec::new(),
-            payload_length: None,
-        }
+        Ipv6Header { src, dst, next_header, hop_limit: 64, version: 6, exts: Vec::new(), payload_length: None }
     }
 
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
@@ -298,9 +280,7 @@ impl Ipv6Header {
             chain.extend(e.build(next));
         }
         let first = self.exts.first().map_or(self.next_header, Ipv6Ext::code);
-        let plen = self
-            .payload_length
-            .unwrap_or((chain.len() + payload.len()) as u16);
+        let plen = self.payload_length.unwrap_or((chain.len() + payload.len()) as u16);
         let mut p = Vec::with_capacity(IPV6_HDR_LEN + chain.len() + payload.len());
         p.extend_from_slice(&[self.version << 4, 0, 0, 0]);
         p.extend_from_slice(&plen.to_be_bytes());
@@ -520,10 +500,7 @@ const COMMON_PORTS: [u16; 6] = [22, 53, 80, 443, 8080, 0];
 
 impl PacketGen {
     pub fn new(seed: u64, pool: AddressPool) -> Self {
-        PacketGen {
-            rng: StdRng::seed_from_u64(seed),
-            pool,
-        }
+        PacketGen { rng: StdRng::seed_from_u64(seed), pool }
     }
 
     pub fn pool(&self) -> &AddressPool {
@@ -566,11 +543,7 @@ impl PacketGen {
         };
         (0..n)
             .map(|_| VlanTag {
-                tpid: if self.rng.random_bool(0.5) {
-                    ETH_P_8021Q
-                } else {
-                    ETH_P_8021AD
-                },
+                tpid: if self.rng.random_bool(0.5) { ETH_P_8021Q } else { ETH_P_8021AD },
                 tci: self.rng.random(),
             })
             .collect()
@@ -602,45 +575,33 @@ impl PacketGen {
     }
 
     fn pick<T: Copy>(&mut self, v: &[T], p: f64) -> Option<T> {
-        if !v.is_empty() && self.rng.random_bool(p) {
-            Some(v[self.rng.random_range(0..v.len())])
-        } else {
-            None
-        }
+        if !v.is_empty() && self.rng.random_bool(p) { Some(v[self.rng.random_range(0..v.len())]) } else { None }
     }
 
     fn src_v4(&mut self) -> Ipv4Addr {
         let pool = std::mem::take(&mut self.pool.src_v4);
-        let a = self
-            .pick(&pool, 0.8)
-            .unwrap_or_else(|| Ipv4Addr::from(self.rng.random::<u32>()));
+        let a = self.pick(&pool, 0.8).unwrap_or_else(|| Ipv4Addr::from(self.rng.random::<u32>()));
         self.pool.src_v4 = pool;
         a
     }
 
     fn dst_v4(&mut self) -> Ipv4Addr {
         let pool = std::mem::take(&mut self.pool.dst_v4);
-        let a = self
-            .pick(&pool, 0.85)
-            .unwrap_or_else(|| Ipv4Addr::from(self.rng.random::<u32>()));
+        let a = self.pick(&pool, 0.85).unwrap_or_else(|| Ipv4Addr::from(self.rng.random::<u32>()));
         self.pool.dst_v4 = pool;
         a
     }
 
     fn src_v6(&mut self) -> Ipv6Addr {
         let pool = std::mem::take(&mut self.pool.src_v6);
-        let a = self
-            .pick(&pool, 0.8)
-            .unwrap_or_else(|| Ipv6Addr::from(self.rng.random::<u128>()));
+        let a = self.pick(&pool, 0.8).unwrap_or_else(|| Ipv6Addr::from(self.rng.random::<u128>()));
         self.pool.src_v6 = pool;
         a
     }
 
     fn dst_v6(&mut self) -> Ipv6Addr {
         let pool = std::mem::take(&mut self.pool.dst_v6);
-        let a = self
-            .pick(&pool, 0.85)
-            .unwrap_or_else(|| Ipv6Addr::from(self.rng.random::<u128>()));
+        let a = self.pick(&pool, 0.85).unwrap_or_else(|| Ipv6Addr::from(self.rng.random::<u128>()));
         self.pool.dst_v6 = pool;
         a
     }
@@ -649,8 +610,7 @@ impl PacketGen {
         let pool = std::mem::take(&mut self.pool.ports);
         let p = self.pick(&pool, 0.75);
         self.pool.ports = pool;
-        p.or_else(|| self.pick(&COMMON_PORTS, 0.5))
-            .unwrap_or_else(|| self.rng.random())
+        p.or_else(|| self.pick(&COMMON_PORTS, 0.5)).unwrap_or_else(|| self.rng.random())
     }
 
     /// Half the time, a source inside an allowlist of an account bound at `dst` (of either
@@ -662,13 +622,7 @@ impl PacketGen {
 
     /// A bound (protocol, port) of `dst`'s family, a quarter of the time.
     fn service(&mut self, v6: bool) -> Option<(IpAddr, u8, u16)> {
-        let of_family: Vec<_> = self
-            .pool
-            .services
-            .iter()
-            .copied()
-            .filter(|s| s.0.is_ipv6() == v6)
-            .collect();
+        let of_family: Vec<_> = self.pool.services.iter().copied().filter(|s| s.0.is_ipv6() == v6).collect();
         self.pick(&of_family, 0.25)
     }
 
@@ -780,23 +734,13 @@ impl PacketGen {
     }
 
     fn ipv6_ext(&mut self) -> Ipv6Ext {
-        let len8 = if self.rng.random_bool(0.7) {
-            0
-        } else {
-            self.rng.random_range(1..=3)
-        };
+        let len8 = if self.rng.random_bool(0.7) { 0 } else { self.rng.random_range(1..=3) };
         match self.rng.random_range(0..8) {
             0 | 1 => Ipv6Ext::HopByHop { len8 },
             2 | 3 => Ipv6Ext::Routing { len8 },
             4 | 5 => Ipv6Ext::DestOpts { len8 },
-            6 => Ipv6Ext::Fragment {
-                offset: 0,
-                more: true,
-            },
-            _ => Ipv6Ext::Fragment {
-                offset: self.rng.random_range(1..=0x1fff),
-                more: self.rng.random_bool(0.5),
-            },
+            6 => Ipv6Ext::Fragment { offset: 0, more: true },
+            _ => Ipv6Ext::Fragment { offset: self.rng.random_range(1..=0x1fff), more: self.rng.random_bool(0.5) },
         }
     }
 
@@ -852,30 +796,20 @@ mod tests {
 
     #[test]
     fn packets_builders_parse_as_intended() {
-        let (s4, d4): (Ipv4Addr, Ipv4Addr) =
-            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let (s6, d6): (Ipv6Addr, Ipv6Addr) = (
-            "2001:db8::1".parse().unwrap(),
-            "2001:db8::2".parse().unwrap(),
-        );
+        let (s4, d4): (Ipv4Addr, Ipv4Addr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let (s6, d6): (Ipv6Addr, Ipv6Addr) = ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap());
         let ip = |f: &[u8]| match model::parse(f) {
             model::Parsed::Ip(p) => p,
             other => panic!("not IP: {other:?}"),
         };
         let p = ip(&ipv4_tcp(s4, d4, 1000, 443));
-        assert_eq!(
-            (p.src, p.dst, p.protocol, p.port, p.malformed),
-            (s4.into(), d4.into(), 6, Some(443), false)
-        );
+        assert_eq!((p.src, p.dst, p.protocol, p.port, p.malformed), (s4.into(), d4.into(), 6, Some(443), false));
         assert_eq!(ipv4_tcp(s4, d4, 1, 2).len(), ETH_MIN_FRAME);
         let p = ip(&ipv4_udp(s4, d4, 1000, 53));
         assert_eq!((p.protocol, p.port, p.malformed), (17, Some(53), false));
         assert_eq!(ip(&ipv4_icmp(s4, d4)).port, None);
         let p = ip(&ipv6_tcp(s6, d6, 1000, 22));
-        assert_eq!(
-            (p.src, p.dst, p.port, p.malformed),
-            (s6.into(), d6.into(), Some(22), false)
-        );
+        assert_eq!((p.src, p.dst, p.port, p.malformed), (s6.into(), d6.into(), Some(22), false));
         assert_eq!(ip(&ipv6_udp(s6, d6, 1000, 53)).port, Some(53));
         assert!(ip(&ipv6_icmp(s6, d6, ICMPV6_NEIGHBOR_SOLICIT)).ndp);
         assert!(!ip(&ipv6_icmp(s6, d6, ICMPV6_ECHO_REQUEST)).ndp);
@@ -884,19 +818,10 @@ mod tests {
 
         // VLAN tags, up to two parse; three are refused.
         let f = ipv4_tcp(s4, d4, 1000, 443);
-        assert_eq!(
-            ip(&with_vlans(&f, &[VlanTag::dot1ad(1), VlanTag::dot1q(2)])).port,
-            Some(443)
-        );
+        assert_eq!(ip(&with_vlans(&f, &[VlanTag::dot1ad(1), VlanTag::dot1q(2)])).port, Some(443));
         let three = [VlanTag::dot1ad(1), VlanTag::dot1q(2), VlanTag::dot1q(3)];
-        assert_eq!(
-            model::parse(&with_vlans(&f, &three)),
-            model::Parsed::Unreadable
-        );
-        assert_eq!(
-            ethernet(&three, ETH_P_IPV4, &[]),
-            with_vlans(&ethernet(&[], ETH_P_IPV4, &[]), &three)
-        );
+        assert_eq!(model::parse(&with_vlans(&f, &three)), model::Parsed::Unreadable);
+        assert_eq!(ethernet(&three, ETH_P_IPV4, &[]), with_vlans(&ethernet(&[], ETH_P_IPV4, &[]), &three));
 
         assert_eq!(model::parse(&arp_request(s4, d4)), model::Parsed::NonIp);
         assert_eq!(model::parse(&lldp()), model::Parsed::NonIp);
@@ -907,23 +832,14 @@ mod tests {
         h.exts = vec![
             Ipv6Ext::HopByHop { len8: 1 },
             Ipv6Ext::Routing { len8: 0 },
-            Ipv6Ext::Fragment {
-                offset: 0,
-                more: true,
-            },
+            Ipv6Ext::Fragment { offset: 0, more: true },
             Ipv6Ext::DestOpts { len8: 2 },
         ];
         let f = ethernet(&[], ETH_P_IPV6, &h.build(&udp_header(5, 53, 0)));
         assert_eq!(ip(&f).port, Some(53));
-        h.exts[2] = Ipv6Ext::Fragment {
-            offset: 7,
-            more: false,
-        };
+        h.exts[2] = Ipv6Ext::Fragment { offset: 7, more: false };
         let p = ip(&ethernet(&[], ETH_P_IPV6, &h.build(&udp_header(5, 53, 0))));
-        assert_eq!(
-            (p.port, p.protocol, p.malformed),
-            (None, IPPROTO_DSTOPTS, false)
-        );
+        assert_eq!((p.port, p.protocol, p.malformed), (None, IPPROTO_DSTOPTS, false));
 
         // IPv4 options and fragment fields.
         let mut h4 = Ipv4Header::new(s4, d4, IPPROTO_TCP);
@@ -974,11 +890,7 @@ mod tests {
                     Outcome::Malformed { account: 0 } => "Malformed0".to_string(),
                     Outcome::Malformed { .. } => "MalformedN".to_string(),
                     Outcome::Dropped { reason, .. } => format!("Dropped{reason:?}"),
-                    other => format!("{other:?}")
-                        .split([' ', '{'])
-                        .next()
-                        .unwrap()
-                        .to_string(),
+                    other => format!("{other:?}").split([' ', '{']).next().unwrap().to_string(),
                 };
                 *counts.entry(key).or_default() += 1;
                 // Truncations must never make the model panic.
@@ -1010,9 +922,7 @@ mod tests {
         // Most frames should reach an account decision, not just the parser's edges.
         let decided: usize = counts
             .iter()
-            .filter(|(k, _)| {
-                k.starts_with("Passed") || k.starts_with("WouldDrop") || k.starts_with("Dropped")
-            })
+            .filter(|(k, _)| k.starts_with("Passed") || k.starts_with("WouldDrop") || k.starts_with("Dropped"))
             .map(|(_, n)| n)
             .sum();
         assert!(decided * 5 >= 50_000 * 2, "{counts:?}");

@@ -71,8 +71,7 @@ fn suspension_reaches_every_descendant() {
     let good = w.hosts.client_v4[0];
     let (top, _top_server) = guarded(&w, "bad", None, 7201, good);
     let (mid, _mid_server) = guarded(&w, "bad-sub", Some("bad"), 7202, good);
-    let (code, message) =
-        w.err(json!({"cmd": "account_add", "account": "bad-sub-sub", "parent": "bad-sub"}));
+    let (code, message) = w.err(json!({"cmd": "account_add", "account": "bad-sub-sub", "parent": "bad-sub"}));
     assert_eq!(code, "refused", "{message}");
     assert!(message.contains("bad-sub") && message.contains("cannot have sub-users"), "{message}");
     assert!(w.err(json!({"cmd": "account_show", "account": "bad-sub-sub"})).0 == "unknown_account");
@@ -102,7 +101,9 @@ fn suspension_reaches_every_descendant() {
     }
     assert_eq!(reason(&w, "bad-sub-sub", &good.to_string()), "allowed");
 
-    for (state, own, below) in [("banned", "banned", "parent_banned"), ("terminated", "terminated", "parent_terminated")] {
+    for (state, own, below) in
+        [("banned", "banned", "parent_banned"), ("terminated", "terminated", "parent_terminated")]
+    {
         w.ok(json!({"cmd": "account_state", "account": "bad", "state": state}));
         for restarted in [false, true] {
             if restarted {
@@ -121,7 +122,10 @@ fn suspension_reaches_every_descendant() {
                 assert!(code == "refused" && message.contains("parent account bad"), "{sub}: {code} {message}");
             }
             for dst in [top, mid, leaf] {
-                assert!(!tcp_ok(&w.hosts, good, dst, FAIL), "{dst} passes while bad is {state} (restarted: {restarted})");
+                assert!(
+                    !tcp_ok(&w.hosts, good, dst, FAIL),
+                    "{dst} passes while bad is {state} (restarted: {restarted})"
+                );
             }
             let states = effective_states(&w);
             assert!(states.contains(&("bad-sub-sub".into(), below.into())), "{states:?}");
@@ -284,7 +288,9 @@ fn cidrs_are_strict_and_overrides_narrow() {
 #[test]
 fn names_and_texts_are_validated() {
     let w = World::new("");
-    for bad in [" acme", "acme ", "ac me", "acme\n0.0.0.0/0", "acme\u{1b}[2J", "acme\u{202e}", "acme\u{200b}", "-acme", ""] {
+    for bad in
+        [" acme", "acme ", "ac me", "acme\n0.0.0.0/0", "acme\u{1b}[2J", "acme\u{202e}", "acme\u{200b}", "-acme", ""]
+    {
         let (code, message) = w.err(json!({"cmd": "account_add", "account": bad}));
         assert!(code == "bad_request" && message.contains("account id"), "{bad:?}: {code}: {message}");
     }
@@ -338,7 +344,8 @@ fn removal_entry_lifecycle_and_audit() {
     assert_eq!(w.err(json!({"cmd": "allow_enable", "account": "org", "cidr": "198.18.9.0/24"})).0, "unknown_entry");
 
     // The binding's owner is named to whoever tries to take it.
-    let (code, message) = w.err(json!({"cmd": "bind_add", "account": "org-dev", "addr": dst.ip().to_string(), "port": 7501}));
+    let (code, message) =
+        w.err(json!({"cmd": "bind_add", "account": "org-dev", "addr": dst.ip().to_string(), "port": 7501}));
     assert!(code == "binding_exists" && message.contains("\"org\""), "{code}: {message}");
 
     // Removal: refused with a sub-user, unless recursive; bindings and kernel state go too.
@@ -439,7 +446,8 @@ fn reads_are_open_to_every_role() {
     // caller's), not support's or the admin's own checks of it, and nothing from the dry runs.
     let granted = Conn::open_as(&w.socket(), SUPPORT).ok(grant("acme", "198.18.0.98"));
     let evidence = granted["recent_denied"].as_array().unwrap();
-    let from_98: i64 = evidence.iter().filter(|r| r["address"] == "198.18.0.98").map(|r| r["count"].as_i64().unwrap()).sum();
+    let from_98: i64 =
+        evidence.iter().filter(|r| r["address"] == "198.18.0.98").map(|r| r["count"].as_i64().unwrap()).sum();
     assert_eq!(from_98, 1, "{granted}");
     assert!(!evidence.iter().any(|r| r["address"] == "198.18.0.99"), "a dry run was recorded: {granted}");
 }

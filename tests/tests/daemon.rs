@@ -13,8 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -360,7 +360,10 @@ fn every_command() {
         (&json!("acme"), &json!("198.18.0.1"), &json!({"proto": "tcp", "port": 443})),
         "{b}"
     );
-    assert_eq!(w.ok(&["bind", "add", "acme", "198.18.0.1:53", "--proto", "udp"])["target"], json!({"proto": "udp", "port": 53}));
+    assert_eq!(
+        w.ok(&["bind", "add", "acme", "198.18.0.1:53", "--proto", "udp"])["target"],
+        json!({"proto": "udp", "port": 53})
+    );
     let b6 = w.ok(&["bind", "add", "acme-dev", "[fd00::1]:8443"]);
     assert_eq!((&b6["addr"], &b6["target"]), (&json!("fd00::1"), &json!({"proto": "tcp", "port": 8443})), "{b6}");
     assert_eq!(w.ok(&["bind", "add", "newco", "198.18.0.2"])["target"], Value::Null);
@@ -411,7 +414,10 @@ fn every_command() {
 
     // override grant / list / revoke (support.rs tests what they do; here, the client). In
     // monitor mode nothing is blocked, so an override would change nothing: enforce first.
-    assert_eq!(w.fails(&["override", "grant", "acme", "192.0.2.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"]), "refused");
+    assert_eq!(
+        w.fails(&["override", "grant", "acme", "192.0.2.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"]),
+        "refused"
+    );
     w.ok(&["account", "mode", "acme", "enforce", "--force"]);
     let grant = ["override", "grant", "acme", "192.0.2.1", "--ttl", "1h", "--ticket", "T-1", "--reason", "verified"];
     let granted = w.ctl(&grant);
@@ -430,8 +436,14 @@ fn every_command() {
     let rows = table(&w.ctl(&["override", "list"]));
     assert_eq!(rows[0], words(&["ID", "ACCOUNT", "CIDR", "EXPIRES", "TICKET", "OPERATOR", "REASON"]));
     assert_eq!(rows[1][..3], words(&[&id, "acme", "192.0.2.1/32"]), "{rows:?}");
-    assert_eq!(w.fails(&["override", "grant", "nope", "192.0.2.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"]), "unknown_account");
-    assert_eq!(w.ctl(&["override", "grant", "acme", "192.0.2.1", "--ttl", "soon", "--ticket", "T", "--reason", "r"]).code, 2);
+    assert_eq!(
+        w.fails(&["override", "grant", "nope", "192.0.2.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"]),
+        "unknown_account"
+    );
+    assert_eq!(
+        w.ctl(&["override", "grant", "acme", "192.0.2.1", "--ttl", "soon", "--ticket", "T", "--reason", "r"]).code,
+        2
+    );
     let log = w.daemon.as_ref().unwrap().log_text();
     assert!(
         log.lines().any(|l| l.contains("override_granted: account \"acme\" by uid 0 (")
@@ -761,7 +773,8 @@ fn restart_keeps_everything() {
     }
     let checks = ["198.18.0.10", "198.18.0.11", "198.18.0.13", "2001:db8::1", "fd00::10"];
     let before = snapshot(&w, &checks);
-    let slots: BTreeSet<u64> = before["accounts"].as_array().unwrap().iter().map(|a| a["slot"].as_u64().unwrap()).collect();
+    let slots: BTreeSet<u64> =
+        before["accounts"].as_array().unwrap().iter().map(|a| a["slot"].as_u64().unwrap()).collect();
     assert_eq!(slots.len(), 5);
     assert!(tcp_ok(&w.hosts, good, port, OK) && !tcp_ok(&w.hosts, bad, port, FAIL));
 
@@ -805,7 +818,9 @@ fn write_until_killed(mut conn: Conn) -> (Vec<Value>, Option<Value>) {
         let request = match i % 4 {
             0 => json!({"id": i, "cmd": "account_add", "account": format!("w{i}")}),
             1 => json!({"id": i, "cmd": "bind_add", "account": format!("w{}", i - 1), "addr": host}),
-            _ => json!({"id": i, "cmd": "allow_add", "account": "flow", "cidr": format!("{host}/32"), "label": format!("w{i}")}),
+            _ => {
+                json!({"id": i, "cmd": "allow_add", "account": "flow", "cidr": format!("{host}/32"), "label": format!("w{i}")})
+            }
         };
         let reply = match conn.send(request.to_string().as_bytes()) {
             Ok(()) => conn.reply(),
@@ -997,7 +1012,11 @@ fn malformed_requests() {
         (br#"{"id":1,"cmd":"status""#.to_vec(), "bad_json", Value::Null),
         (br#"{"id":1,"cmd":"status"} {"id":2,"cmd":"status"}"#.to_vec(), "bad_json", Value::Null),
         (b"\xff\xfe\x00garbage".to_vec(), "bad_json", Value::Null),
-        ([&br#"{"id":30,"cmd":"account_add","account":""#[..], b"\xc3\x28", br#""}"#].concat(), "bad_json", Value::Null),
+        (
+            [&br#"{"id":30,"cmd":"account_add","account":""#[..], b"\xc3\x28", br#""}"#].concat(),
+            "bad_json",
+            Value::Null,
+        ),
         (req(1, r#""account":"acme""#), "bad_request", json!(1)),
         (b"{}".to_vec(), "bad_request", Value::Null),
         (req(2, r#""cmd":"frobnicate""#), "bad_request", json!(2)),
@@ -1009,20 +1028,40 @@ fn malformed_requests() {
         (req(6, r#""cmd":"account_mode","account":"acme","mode":"enforce","force":"yes""#), "bad_request", json!(6)),
         (req(7, r#""cmd":"account_add","account":["acme"]"#), "bad_request", json!(7)),
         (req(8, r#""cmd":"account_list","extra":true"#), "bad_request", json!(8)),
-        (req(9, r#""cmd":"allow_remove","account":"acme","cidr":"198.18.0.0/24","force":true,"sudo":1"#), "bad_request", json!(9)),
+        (
+            req(9, r#""cmd":"allow_remove","account":"acme","cidr":"198.18.0.0/24","force":true,"sudo":1"#),
+            "bad_request",
+            json!(9),
+        ),
         (req(10, r#""cmd":"allow_add","account":"acme","cidr":"198.18.0.0/33""#), "bad_request", json!(10)),
         (req(11, r#""cmd":"allow_add","account":"acme","cidr":"x""#), "bad_request", json!(11)),
         (req(12, r#""cmd":"allow_remove","account":"acme","cidr":"198.18.0.0/-1""#), "bad_request", json!(12)),
         (req(13, r#""cmd":"check","account":"acme","addr":"198.18.0.256""#), "bad_request", json!(13)),
-        (req(14, r#""cmd":"check","account":"acme","addr":"198.18.0.10","method":"telepathy""#), "bad_request", json!(14)),
+        (
+            req(14, r#""cmd":"check","account":"acme","addr":"198.18.0.10","method":"telepathy""#),
+            "bad_request",
+            json!(14),
+        ),
         (req(15, r#""cmd":"bind_add","account":"acme","addr":"localhost","port":80"#), "bad_request", json!(15)),
         (req(16, r#""cmd":"bind_add","account":"acme","addr":"198.18.0.1","port":70000"#), "bad_request", json!(16)),
-        (req(17, r#""cmd":"bind_add","account":"acme","addr":"198.18.0.1","port":80,"proto":"sctp""#), "bad_request", json!(17)),
+        (
+            req(17, r#""cmd":"bind_add","account":"acme","addr":"198.18.0.1","port":80,"proto":"sctp""#),
+            "bad_request",
+            json!(17),
+        ),
         (req(18, r#""cmd":"account_state","account":"acme","state":"deleted""#), "bad_request", json!(18)),
         (req(19, r#""cmd":"account_mode","account":"acme","mode":"ENFORCE""#), "bad_request", json!(19)),
-        (req(20, r#""cmd":"account_mode","account":"acme","mode":"enforce","client_ip":"198.18.0""#), "bad_request", json!(20)),
+        (
+            req(20, r#""cmd":"account_mode","account":"acme","mode":"enforce","client_ip":"198.18.0""#),
+            "bad_request",
+            json!(20),
+        ),
         (req(21, &format!(r#""cmd":"allow_add","account":"acme","cidr":"{long}""#)), "bad_request", json!(21)),
-        (req(22, &format!(r#""cmd":"account_add","account":"{}","unconfirmed":"{}""#, &long[..1500], &long[..1500])), "bad_request", json!(22)),
+        (
+            req(22, &format!(r#""cmd":"account_add","account":"{}","unconfirmed":"{}""#, &long[..1500], &long[..1500])),
+            "bad_request",
+            json!(22),
+        ),
     ];
     // Blank lines get no reply: the next reply must be the next request's.
     corpus.insert(5, (b"".to_vec(), "", Value::Null));
@@ -1086,7 +1125,8 @@ fn proto_without_port_is_refused() {
     w.ok(&["account", "add", "acme"]);
     w.ok(&["bind", "add", "acme", "198.18.0.2"]);
     let mut conn = w.conn();
-    let add = conn.request(&json!({"id": 1, "cmd": "bind_add", "account": "acme", "addr": "198.18.0.3", "proto": "udp"}));
+    let add =
+        conn.request(&json!({"id": 1, "cmd": "bind_add", "account": "acme", "addr": "198.18.0.3", "proto": "udp"}));
     assert!(add.get("ok").is_none(), "proto without port accepted: {add}");
     let remove = conn.request(&json!({"id": 2, "cmd": "bind_remove", "addr": "198.18.0.2", "proto": "tcp"}));
     assert!(remove.get("ok").is_none(), "proto without port removed the whole-address binding: {remove}");
@@ -1125,7 +1165,11 @@ fn replace_stats_and_detach() {
     let refused = replace(&["--client-ip", &good_ip]);
     let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
     assert_eq!(w.fails(&refused), "lockout");
-    assert_eq!(strings(&w.ok(&["allow", "list", "acct"]), "cidr"), [format!("{good}/32")], "a refusal changed the list");
+    assert_eq!(
+        strings(&w.ok(&["allow", "list", "acct"]), "cidr"),
+        [format!("{good}/32")],
+        "a refusal changed the list"
+    );
     let forced = replace(&["--client-ip", &good_ip, "--force"]);
     let forced: Vec<&str> = forced.iter().map(String::as_str).collect();
     let listed = w.ok(&forced)["entries"].clone();
@@ -1168,7 +1212,8 @@ fn replace_stats_and_detach() {
 #[test]
 fn bulk_import() {
     const SMALL: usize = 2048;
-    let config = format!("socket_mode = 0o666\n[roles]\ncheck = {{ uids = [65534] }}\n[limits]\nmax_request_bytes = {SMALL}");
+    let config =
+        format!("socket_mode = 0o666\n[roles]\ncheck = {{ uids = [65534] }}\n[limits]\nmax_request_bytes = {SMALL}");
     let w = World::new(&config);
     let hosts = &w.hosts;
     let (good, bad) = (hosts.client_v4[0], hosts.client_v4[1]);
@@ -1195,7 +1240,11 @@ fn bulk_import() {
     let path = file.to_str().unwrap();
 
     let summary = w.ok(&["import", path, "--batch-bytes", "8192"]);
-    assert_eq!((&summary["accounts"], &summary["created"], &summary["entries"]), (&json!(43), &json!(42), &json!(1203)), "{summary}");
+    assert_eq!(
+        (&summary["accounts"], &summary["created"], &summary["entries"]),
+        (&json!(43), &json!(42), &json!(1203)),
+        "{summary}"
+    );
     assert!(summary["batches"].as_u64().unwrap() >= 4, "{summary}");
     assert_eq!(strings(&w.ok(&["allow", "list", "acme"]), "cidr"), [format!("{good}/32"), "fd00::/64".to_string()]);
     assert_eq!(w.ok(&["account", "show", "corp-dev"])["account"]["parent"], "corp");
@@ -1216,7 +1265,10 @@ fn bulk_import() {
     assert!(tcp_ok(hosts, good, bound, OK), "an imported entry is not enforced");
     assert!(!tcp_ok(hosts, bad, bound, FAIL), "an entry the import replaced still lets its source in");
     let audited = w.ok(&["activity", "acme"]);
-    assert!(audited.as_array().unwrap().iter().any(|r| r["reason"] == "import" && r["detail"]["entries"] == 2), "{audited}");
+    assert!(
+        audited.as_array().unwrap().iter().any(|r| r["reason"] == "import" && r["detail"]["entries"] == 2),
+        "{audited}"
+    );
 
     // Again: nothing new, nothing different.
     let before = snapshot(&w, &[&good.to_string(), "198.18.5.77"]);
@@ -1225,7 +1277,11 @@ fn bulk_import() {
     assert_eq!(snapshot(&w, &[&good.to_string(), "198.18.5.77"]), before);
 
     // A bad line: nothing is sent. A bad batch: none of it is applied.
-    fs::write(&file, format!("{}\n{{\"account\": \"new\", \"entries\": [{{\"cidr\": \"198.18.0.0/33\"}}]}}\n", lines[1])).unwrap();
+    fs::write(
+        &file,
+        format!("{}\n{{\"account\": \"new\", \"entries\": [{{\"cidr\": \"198.18.0.0/33\"}}]}}\n", lines[1]),
+    )
+    .unwrap();
     let out = w.ctl(&["import", path]);
     assert_eq!(out.code, 2, "{out:#?}");
     assert!(out.stderr.contains("line 2"), "{out:#?}");

@@ -68,7 +68,10 @@ fn drop_samples_describe_the_packet_and_respect_the_budget() {
     let samples = dp.drain_samples(100);
     assert_eq!(samples.len(), 5, "the burst caps the samples: {samples:?}");
     let s: DropSample = samples[0];
-    assert_eq!((s.account, s.reason, s.family, s.protocol, s.port), (ACCOUNT, reason::NOT_ALLOWED, FAMILY_V4 as u8, 6, 443));
+    assert_eq!(
+        (s.account, s.reason, s.family, s.protocol, s.port),
+        (ACCOUNT, reason::NOT_ALLOWED, FAMILY_V4 as u8, 6, 443)
+    );
     assert_eq!(s.src_lo as u32, u32::from(REFUSED));
     assert_eq!(s.dst_lo as u32, u32::from(SERVER));
     assert!(s.time_ns > 0 && s.time_ns <= ipaccess::datapath::boot_time_ns());
@@ -156,7 +159,11 @@ fn xdp_mode_on_an_interface_with_driver_support() {
         assert!(dp.detach(&iface).unwrap());
         assert_eq!(kernel_says(), None);
         for mode in [XdpMode::Native, XdpMode::Auto] {
-            assert_eq!(dp.attach(&iface, mode).unwrap(), Attachment { path: XdpPath::Native, reused: false }, "{mode:?}");
+            assert_eq!(
+                dp.attach(&iface, mode).unwrap(),
+                Attachment { path: XdpPath::Native, reused: false },
+                "{mode:?}"
+            );
             assert_eq!(dp.attachments(), [(iface.clone(), Some(XdpPath::Native))]);
             assert!(dp.detach(&iface).unwrap());
         }

@@ -18,7 +18,8 @@ fn http(ns: &Netns, addr: &str, request: &[u8]) -> (String, String) {
     let addr: SocketAddr = addr.parse().unwrap();
     let request = request.to_vec();
     ns.run(move || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to the metrics endpoint");
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to the metrics endpoint");
         stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         // The server may answer (and close) before a too-large request is fully written.
         let _ = stream.write_all(&request);
@@ -120,7 +121,10 @@ fn metrics_match_traffic_and_checks() {
     };
     let traffic = |account: &str, verdict: &str| {
         let labels = format!("{{account=\"{account}\",verdict=\"{verdict}\"}}");
-        (value(&metrics, &format!("ipaccess_account_packets_total{labels}")), value(&metrics, &format!("ipaccess_account_bytes_total{labels}")))
+        (
+            value(&metrics, &format!("ipaccess_account_packets_total{labels}")),
+            value(&metrics, &format!("ipaccess_account_bytes_total{labels}")),
+        )
     };
     let counted = |n: usize| (n as f64, n as f64 * FRAME);
     assert_eq!(traffic("acme", "dropped"), counted(DROPPED));

@@ -78,7 +78,8 @@ fn bench_object_loads_and_runs_alone() {
     assert_eq!(run(program("ipaccess_calibration_hash"), &frame), XDP_DROP, "key not in the map yet");
 
     let key = u64::from_ne_bytes(frame[26..34].try_into().unwrap());
-    let mut calibration: HashMap<_, u64, u64> = HashMap::try_from(bench.map_mut("IPACCESS_CALIBRATION").unwrap()).unwrap();
+    let mut calibration: HashMap<_, u64, u64> =
+        HashMap::try_from(bench.map_mut("IPACCESS_CALIBRATION").unwrap()).unwrap();
     calibration.insert(key, 1, 0).unwrap();
     let program = |name| -> &Xdp { bench.program(name).unwrap().try_into().unwrap() };
     assert_eq!(run(program("ipaccess_calibration_hash"), &frame), XDP_PASS, "key in the map");

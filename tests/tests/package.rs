@@ -75,8 +75,7 @@ fn package_control_fields() {
     assert_eq!(field("Section"), "net");
     // Depends: adduser for the postinst, the C library, and nothing else that would surprise.
     let depends = field("Depends");
-    let names: BTreeSet<&str> =
-        depends.split(',').map(|d| d.split_whitespace().next().unwrap_or_default()).collect();
+    let names: BTreeSet<&str> = depends.split(',').map(|d| d.split_whitespace().next().unwrap_or_default()).collect();
     assert!(names.contains("adduser") && names.contains("libc6"), "{depends}");
     assert!(names.iter().all(|n| ["adduser", "libc6", "libgcc-s1"].contains(n)), "{depends}");
     assert!(depends.contains("libc6 (>= 2."), "libc6 needs a minimum version: {depends}");
@@ -90,9 +89,8 @@ fn package_control_fields() {
 #[test]
 fn package_files() {
     let files = contents();
-    let entry = |path: &str| {
-        files.iter().find(|(p, ..)| p == path).unwrap_or_else(|| panic!("{path} is not in the package"))
-    };
+    let entry =
+        |path: &str| files.iter().find(|(p, ..)| p == path).unwrap_or_else(|| panic!("{path} is not in the package"));
     for bin in ["/usr/bin/ipaccessd", "/usr/bin/ipaccessctl"] {
         let (_, mode, owner) = entry(bin);
         assert_eq!((mode.as_str(), owner.as_str()), ("-rwxr-xr-x", "0/0"), "{bin}");

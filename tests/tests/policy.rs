@@ -78,9 +78,7 @@ fn check(conn: &mut Conn, account: &str, addr: IpAddr, dry_run: bool) -> Value {
 /// The first `"cidr"` anywhere in a reply (replies may wrap the entry or override).
 fn find_cidr(value: &Value) -> Option<&str> {
     match value {
-        Value::Object(map) => {
-            map.get("cidr").and_then(Value::as_str).or_else(|| map.values().find_map(find_cidr))
-        }
+        Value::Object(map) => map.get("cidr").and_then(Value::as_str).or_else(|| map.values().find_map(find_cidr)),
         Value::Array(items) => items.iter().find_map(find_cidr),
         _ => None,
     }

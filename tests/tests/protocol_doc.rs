@@ -118,9 +118,7 @@ fn normalise(v: &Value) -> Value {
 /// documented array's first.
 fn same_shape(doc: &Value, real: &Value) -> bool {
     match (doc, real) {
-        (Value::Object(d), Value::Object(r)) => {
-            d.keys().eq(r.keys()) && d.iter().all(|(k, dv)| same_shape(dv, &r[k]))
-        }
+        (Value::Object(d), Value::Object(r)) => d.keys().eq(r.keys()) && d.iter().all(|(k, dv)| same_shape(dv, &r[k])),
         (Value::Array(d), Value::Array(r)) => match d.first() {
             None => r.is_empty(),
             Some(first) => !r.is_empty() && r.iter().all(|rv| same_shape(first, rv)),
@@ -378,9 +376,8 @@ fn misfit(shape: &Shape, value: &Value, objects: &BTreeMap<String, Vec<(String, 
             Value::Array(items) => items.iter().find_map(|item| misfit(inner, item, objects)),
             _ => Some(format!("not a list: {value}")),
         },
-        Shape::Object(fields) => keys_fit(fields.iter().map(|(k, r, _)| (k.as_str(), *r)).collect()).or_else(|| {
-            fields.iter().find_map(|(k, _, s)| value.get(k).and_then(|v| misfit(s, v, objects)))
-        }),
+        Shape::Object(fields) => keys_fit(fields.iter().map(|(k, r, _)| (k.as_str(), *r)).collect())
+            .or_else(|| fields.iter().find_map(|(k, _, s)| value.get(k).and_then(|v| misfit(s, v, objects)))),
         Shape::Either(alternatives) => {
             let why: Vec<String> = alternatives.iter().filter_map(|s| misfit(s, value, objects)).collect();
             (why.len() == alternatives.len()).then(|| why.join("; or "))

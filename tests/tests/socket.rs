@@ -250,9 +250,28 @@ fn only_a_command_name_selects_a_command() {
     ok(json!({"id": 0, "cmd": "account_add", "account": "tagtest"}));
     let args = r#""account": "tagtest", "cidr": "198.18.5.0/24""#;
     let tags = [
-        "5", "0", "1", "22", "-1", "18446744073709551615", "5.0", "5e0", "-0.5", "true", "false", "null", "[5]",
-        r#"["allow_add"]"#, r#"{"allow_add": {}}"#, "{}", r#""5""#, r#""""#, r#""ALLOW_ADD""#, r#""allow-add""#,
-        r#""allow_add ""#, r#""AllowAdd""#,
+        "5",
+        "0",
+        "1",
+        "22",
+        "-1",
+        "18446744073709551615",
+        "5.0",
+        "5e0",
+        "-0.5",
+        "true",
+        "false",
+        "null",
+        "[5]",
+        r#"["allow_add"]"#,
+        r#"{"allow_add": {}}"#,
+        "{}",
+        r#""5""#,
+        r#""""#,
+        r#""ALLOW_ADD""#,
+        r#""allow-add""#,
+        r#""allow_add ""#,
+        r#""AllowAdd""#,
     ];
     for (i, tag) in tags.iter().enumerate() {
         let line = format!(r#"{{"id": {i}, "cmd": {tag}, {args}}}"#);

@@ -57,7 +57,11 @@ fn grant(account: &str, cidr: &str, ttl: u64) -> Value {
 fn assert_check(w: &World, account: &str, addr: impl Into<IpAddr>, method: &str, allowed: bool, reason: &str) {
     let addr = addr.into();
     let c = w.check(account, addr, method);
-    assert_eq!((&c["allowed"], &c["reason"]), (&json!(allowed), &json!(reason)), "check {account} {addr} {method}: {c}");
+    assert_eq!(
+        (&c["allowed"], &c["reason"]),
+        (&json!(allowed), &json!(reason)),
+        "check {account} {addr} {method}: {c}"
+    );
 }
 
 /// Waits until the daemon has written out the login checks it recorded so far (an `activity`
@@ -269,7 +273,14 @@ fn activity_log_records_checks_and_audits() {
     type Signin<'a> = (&'a str, &'a str, bool, &'a str);
     let mut expected: Vec<Signin> = Vec::new();
     type Expected<'a> = Vec<Signin<'a>>;
-    fn check<'a>(w: &World, addr: &'a str, method: &'a str, allowed: bool, reason: &'a str, expected: &mut Expected<'a>) {
+    fn check<'a>(
+        w: &World,
+        addr: &'a str,
+        method: &'a str,
+        allowed: bool,
+        reason: &'a str,
+        expected: &mut Expected<'a>,
+    ) {
         let c = w.ok(json!({"cmd": "check", "account": "acme", "addr": addr, "method": method}));
         assert_eq!((&c["allowed"], &c["reason"]), (&json!(allowed), &json!(reason)), "{c}");
         expected.push((addr, method, allowed, reason));
@@ -306,8 +317,12 @@ fn activity_log_records_checks_and_audits() {
     let counted = |list: &Value| {
         let mut counts = std::collections::BTreeMap::new();
         for r in list.as_array().unwrap().iter().filter(|r| r["kind"] == "signin") {
-            let key = (r["address"].as_str().unwrap().to_string(), r["method"].as_str().unwrap().to_string(),
-                       r["allowed"].as_bool().unwrap(), r["reason"].as_str().unwrap().to_string());
+            let key = (
+                r["address"].as_str().unwrap().to_string(),
+                r["method"].as_str().unwrap().to_string(),
+                r["allowed"].as_bool().unwrap(),
+                r["reason"].as_str().unwrap().to_string(),
+            );
             *counts.entry(key).or_insert(0) += r["count"].as_i64().unwrap();
         }
         counts
@@ -321,7 +336,11 @@ fn activity_log_records_checks_and_audits() {
     // Audit records: one each, newest first, who and what.
     let audits: Vec<&Value> = records.iter().filter(|r| r["kind"] == "audit").collect();
     let actions: Vec<&str> = audits.iter().map(|r| r["reason"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["state", "override_revoked", "override_granted", "mode", "allow_add", "account_add"], "{log:#}");
+    assert_eq!(
+        actions,
+        ["state", "override_revoked", "override_granted", "mode", "allow_add", "account_add"],
+        "{log:#}"
+    );
     let audit = |action: &str| audits.iter().find(|r| r["reason"] == action).unwrap()["detail"].clone();
     for action in ["mode", "override_granted", "override_revoked", "state"] {
         let detail = audit(action);
@@ -330,7 +349,10 @@ fn activity_log_records_checks_and_audits() {
     assert_eq!((&audit("mode")["mode"], &audit("mode")["was"]), (&json!("enforce"), &json!("off")));
     assert_eq!((&audit("state")["state"], &audit("state")["reason"]), (&json!("terminated"), &json!("unpaid")));
     let granted = audit("override_granted");
-    assert_eq!((&granted["override"], &granted["cidr"], &granted["ticket"]), (&id, &json!(format!("{b}/32")), &json!("SUP-1234")));
+    assert_eq!(
+        (&granted["override"], &granted["cidr"], &granted["ticket"]),
+        (&id, &json!(format!("{b}/32")), &json!("SUP-1234"))
+    );
     assert_eq!(audit("override_revoked")["override"], id);
 
     // Filters.
@@ -393,7 +415,11 @@ fn support_role_is_needed() {
         assert_eq!(code, "forbidden", "{request}: {message}");
         assert!(message.contains("65534") && message.contains("support"), "{message}");
     }
-    assert_eq!(ids(&w.ok(json!({"cmd": "override_list"}))), [root_grant.as_i64().unwrap()], "a forbidden request changed something");
+    assert_eq!(
+        ids(&w.ok(json!({"cmd": "override_list"}))),
+        [root_grant.as_i64().unwrap()],
+        "a forbidden request changed something"
+    );
 
     w.stop();
     w.start("socket_mode = 0o666\n[roles]\ncheck = { uids = [65534] }\nsupport = { uids = [65534] }");
@@ -412,7 +438,8 @@ fn support_role_is_needed() {
     settle(&w, "acme");
     nobody.ok(json!({"cmd": "override_revoke", "account": "acme", "override_id": root_grant}));
     let log = nobody.ok(json!({"cmd": "activity", "account": "acme", "kind": "audit", "limit": 2}));
-    let actions: Vec<(&Value, &Value)> = log.as_array().unwrap().iter().map(|r| (&r["reason"], &r["detail"]["uid"])).collect();
+    let actions: Vec<(&Value, &Value)> =
+        log.as_array().unwrap().iter().map(|r| (&r["reason"], &r["detail"]["uid"])).collect();
     let want = [(&json!("override_revoked"), &json!(NOBODY)), (&json!("override_granted"), &json!(NOBODY))];
     assert_eq!(actions, want, "{log:#}");
     // The sign-ins carry the uid that checked.
@@ -457,7 +484,9 @@ fn enforcing_customer(w: &World, good: Ipv4Addr) -> (SocketAddr, TcpServer) {
     let dst = sa(w.hosts.server_v4, 7100);
     let server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
     w.ok(json!({"cmd": "account_add", "account": "cust"}));
-    w.ok(json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": dst.port(), "proto": "tcp"}));
+    w.ok(
+        json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": dst.port(), "proto": "tcp"}),
+    );
     w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
     w.ok(json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": good.to_string()}));
     (dst, server)

@@ -37,7 +37,8 @@ fn unit_file_passes_systemd_analyze_verify() {
     let copy = dir.0.join("ipaccessd.service");
     let daemon = binaries().daemon.to_str().unwrap();
     fs::write(&copy, unit.replace("ExecStart=/usr/bin/ipaccessd", &format!("ExecStart={daemon}"))).unwrap();
-    let out = run_cmd("systemd-analyze", &["verify", "--man=no", copy.to_str().unwrap()], Duration::from_secs(60)).unwrap();
+    let out =
+        run_cmd("systemd-analyze", &["verify", "--man=no", copy.to_str().unwrap()], Duration::from_secs(60)).unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // Warnings (an unknown key, a bad value) do not change the exit status: read them too.
     let about_ours: Vec<&str> = text.lines().filter(|l| l.contains("ipaccessd")).collect();
@@ -47,8 +48,11 @@ fn unit_file_passes_systemd_analyze_verify() {
     assert_eq!(unit_values(&unit, "ExecReload"), ["/bin/kill -HUP $MAINPID"]);
     assert_eq!(unit_values(&unit, "WatchdogSec").len(), 1);
     // The unit grants exactly what was measured (see `capabilities_are_exactly_what_is_needed`).
-    let granted: BTreeSet<String> =
-        unit_values(&unit, "CapabilityBoundingSet").iter().flat_map(|v| v.split_whitespace()).map(str::to_string).collect();
+    let granted: BTreeSet<String> = unit_values(&unit, "CapabilityBoundingSet")
+        .iter()
+        .flat_map(|v| v.split_whitespace())
+        .map(str::to_string)
+        .collect();
     let needed: BTreeSet<String> = capabilities::REQUIRED.iter().map(|(_, name)| name.to_string()).collect();
     assert_eq!(granted, needed);
     assert!(unit_values(&unit, "AmbientCapabilities").is_empty());
@@ -225,9 +229,8 @@ fn watchdog_pauses_while_the_writer_is_stuck() {
     notifications.wait_for("WATCHDOG=1", WATCHDOG * 4, |m| has(m, "WATCHDOG=1"));
 
     // 200,000 entries in one change keep the writer lock for a few seconds.
-    let entries: Vec<_> = (0..200_000u32)
-        .map(|i| json!({ "cidr": format!("fd00:{:x}:{:x}::/48", i >> 16, i & 0xffff) }))
-        .collect();
+    let entries: Vec<_> =
+        (0..200_000u32).map(|i| json!({ "cidr": format!("fd00:{:x}:{:x}::/48", i >> 16, i & 0xffff) })).collect();
     let import = json!({ "cmd": "import", "accounts": [{ "account": "big", "entries": entries }] });
     let started = Instant::now();
     let reply = std::thread::scope(|s| {
@@ -265,7 +268,8 @@ fn effective_caps(pid: u32) -> BTreeSet<u32> {
 /// does for the unit) and a zero memlock limit (BPF memory is charged to the cgroup on 6.x).
 fn limited(caps: &[&str]) -> Launch {
     let set: String = caps.iter().map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase())).collect();
-    let wrapper = ["prlimit", "--memlock=0:0", "setpriv", &format!("--bounding-set=-all{set}"), "--inh-caps=-all", "--"];
+    let wrapper =
+        ["prlimit", "--memlock=0:0", "setpriv", &format!("--bounding-set=-all{set}"), "--inh-caps=-all", "--"];
     Launch { wrapper: wrapper.map(String::from).to_vec(), env: Vec::new() }
 }
 

@@ -19,8 +19,7 @@ use serde_json::Value;
 /// screen, sets the window title (OSC), turns the text red and reverses what follows.
 const LABEL: &str = "office\n0.0.0.0/0  forged  2000-01-01 00:00:00  0\x1b[2J\x1b]0;owned\x07\x1b[31m\u{202e}dlrow";
 /// A reason that forges an override row for everyone, with a hyperlink (OSC 8).
-const REASON: &str =
-    "verified\n9   acme     0.0.0.0/0      2099-01-01 00:00:00  T-9  0  forged\x1b]8;;http://198.18.0.66/\x07click\x1b]8;;\x07";
+const REASON: &str = "verified\n9   acme     0.0.0.0/0      2099-01-01 00:00:00  T-9  0  forged\x1b]8;;http://198.18.0.66/\x07click\x1b]8;;\x07";
 const TICKET: &str = "T-1\x1b[8m";
 
 struct Out {
@@ -79,7 +78,9 @@ fn plant(w: &mut World) {
     w.stop();
     let store = rusqlite::Connection::open(w.dir.0.join("state").join("ipaccess.db")).unwrap();
     let changed = store.execute("UPDATE allow_entries SET label = ?1 WHERE account = 'acme'", [LABEL]).unwrap()
-        + store.execute("UPDATE overrides SET ticket = ?1, reason = ?2 WHERE account = 'acme'", [TICKET, REASON]).unwrap();
+        + store
+            .execute("UPDATE overrides SET ticket = ?1, reason = ?2 WHERE account = 'acme'", [TICKET, REASON])
+            .unwrap();
     assert_eq!(changed, 2);
     drop(store);
     w.start("");

@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipaccess::datapath::{self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode, XdpMode, netlink::XdpPath};
+use ipaccess::datapath::{
+    self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode, XdpMode, netlink::XdpPath,
+};
 use ipaccess_common::{AccountCounters, NEVER_EXPIRES, PIN_SUBDIR};
 use ipaccess_tests::netns::{
-    BpfFs, Netns, TcpServer, TestHosts, UdpEchoServer, echoed_udp, icmp_echo, neighbours, send_udp, tcp_connect,
-    paced_udp_sender, receive_flows, set_rcvbuf, udp_client, udp_roundtrip,
+    BpfFs, Netns, TcpServer, TestHosts, UdpEchoServer, echoed_udp, icmp_echo, neighbours, paced_udp_sender,
+    receive_flows, send_udp, set_rcvbuf, tcp_connect, udp_client, udp_roundtrip,
 };
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -163,7 +165,8 @@ fn wire_allow_deny() {
     assert!(host_after.non_ip_packets > host_before.non_ip_packets, "ARP went through the filter");
     assert!(host_after.unbound_packets > host_before.unbound_packets, "ICMP counted as unbound");
 
-    for (good, bad, server) in [(IpAddr::from(good4), IpAddr::from(bad4), IpAddr::from(s4)), (good6.into(), bad6.into(), s6.into())]
+    for (good, bad, server) in
+        [(IpAddr::from(good4), IpAddr::from(bad4), IpAddr::from(s4)), (good6.into(), bad6.into(), s6.into())]
     {
         assert!(tcp_ok(&hosts, good, sa(server, P_TCP), OK), "tcp {good} -> {server}:{P_TCP}");
         assert!(udp_ok(&hosts, good, sa(server, P_UDP), OK), "udp {good} -> {server}:{P_UDP}");
@@ -446,8 +449,10 @@ fn layout_upgrade_takes_over_without_a_gap() {
         receive_flows(rx, (good.into(), TAG_GOOD), bad.into(), 100_000, rx_stop.clone(), Duration::from_secs(20));
     let tx_stop = Arc::new(AtomicBool::new(false));
     let limit = Duration::from_secs(10);
-    let good_tx = paced_udp_sender(udp_client(&hosts.client, good.into(), sa(s4, P_UDP)), TAG_GOOD, 5000, tx_stop.clone(), limit);
-    let bad_tx = paced_udp_sender(udp_client(&hosts.client, bad.into(), sa(s4, P_UDP)), TAG_BAD, 1000, tx_stop.clone(), limit);
+    let good_tx =
+        paced_udp_sender(udp_client(&hosts.client, good.into(), sa(s4, P_UDP)), TAG_GOOD, 5000, tx_stop.clone(), limit);
+    let bad_tx =
+        paced_udp_sender(udp_client(&hosts.client, bad.into(), sa(s4, P_UDP)), TAG_BAD, 1000, tx_stop.clone(), limit);
     thread::sleep(Duration::from_millis(500));
 
     // The new build: fresh maps filled first (as the daemon reconciles before attaching),
@@ -507,8 +512,20 @@ fn no_gap_on_reload() {
     let before = dp.counters(ACCOUNT).unwrap();
     let tx_stop = Arc::new(AtomicBool::new(false));
     let limit = Duration::from_secs(15);
-    let good_tx = paced_udp_sender(udp_client(&hosts.client, good.into(), sa(s4, P_UDP)), TAG_GOOD, GOOD_RATE, tx_stop.clone(), limit);
-    let bad_tx = paced_udp_sender(udp_client(&hosts.client, bad.into(), sa(s4, P_UDP)), TAG_BAD, BAD_RATE, tx_stop.clone(), limit);
+    let good_tx = paced_udp_sender(
+        udp_client(&hosts.client, good.into(), sa(s4, P_UDP)),
+        TAG_GOOD,
+        GOOD_RATE,
+        tx_stop.clone(),
+        limit,
+    );
+    let bad_tx = paced_udp_sender(
+        udp_client(&hosts.client, bad.into(), sa(s4, P_UDP)),
+        TAG_BAD,
+        BAD_RATE,
+        tx_stop.clone(),
+        limit,
+    );
 
     // Churn while it flows.
     let start = Instant::now();

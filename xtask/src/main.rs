@@ -18,11 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    bin_name = "cargo xtask",
-    about = "Development tasks for ipaccess"
-)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Development tasks for ipaccess")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -98,10 +94,7 @@ fn run(cli: Cli) -> Result<()> {
             cargo.args(["--exclude", "ipaccess-ebpf", "--"]);
             // The tests each set up namespaces and veth pairs; two at a time keeps them from
             // starving each other on small machines.
-            if !args
-                .iter()
-                .any(|a| a.to_string_lossy().starts_with("--test-threads"))
-            {
+            if !args.iter().any(|a| a.to_string_lossy().starts_with("--test-threads")) {
                 cargo.arg("--test-threads=2");
             }
             run_tests(cargo.args(args))
@@ -109,13 +102,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run { args } => {
             require_root("run")?;
             setup::run()?;
-            status(&mut cargo([
-                "build",
-                "--release",
-                "-p",
-                "ipaccess",
-                "--bins",
-            ]))?;
+            status(&mut cargo(["build", "--release", "-p", "ipaccess", "--bins"]))?;
             let daemon = target_dir().join("release/ipaccessd");
             let err = command(&daemon).args(args).exec();
             Err(err).with_context(|| format!("failed to exec {}", daemon.display()))
@@ -123,7 +110,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Lint => {
             setup::run()?;
             status(&mut cargo(["fmt", "--all", "--check"]))?;
-            status(&mut cargo(["clippy", "--workspace", "--exclude", "ipaccess-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+            status(&mut cargo([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "ipaccess-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             // The XDP program builds only for the BPF target, with nightly and core from source,
             // as aya-build builds it.
             let mut ebpf = command("cargo");
@@ -204,17 +200,14 @@ fn workspace_root() -> &'static Path {
 }
 
 fn target_dir() -> PathBuf {
-    env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+    env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// A command run from the workspace root with `~/.cargo/bin` on PATH, where `cargo install`
 /// puts bpf-linker; aya-build looks for it there through PATH.
 pub(crate) fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
-    cmd.current_dir(workspace_root())
-        .env("PATH", path_with_cargo_bin());
+    cmd.current_dir(workspace_root()).env("PATH", path_with_cargo_bin());
     cmd
 }
 
@@ -240,9 +233,7 @@ fn path_with_cargo_bin() -> OsString {
 
 /// Runs `cmd` with inherited stdio and fails unless it exits successfully.
 pub(crate) fn status(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("failed to start `{}`", show(cmd)))?;
+    let status = cmd.status().with_context(|| format!("failed to start `{}`", show(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", show(cmd));
     }
@@ -251,9 +242,7 @@ pub(crate) fn status(cmd: &mut Command) -> Result<()> {
 
 /// `program args…`, without the environment and directory that `{:?}` adds.
 fn show(cmd: &Command) -> String {
-    let program = Path::new(cmd.get_program())
-        .file_name()
-        .unwrap_or(cmd.get_program());
+    let program = Path::new(cmd.get_program()).file_name().unwrap_or(cmd.get_program());
     let mut line = program.to_string_lossy().into_owned();
     for arg in cmd.get_args() {
         line.push(' ');

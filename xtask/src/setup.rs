@@ -41,14 +41,12 @@ pub fn run() -> Result<()> {
 /// Output of a check command; None when it could not run or failed.
 fn query(program: &str, args: &[&str]) -> Option<String> {
     let out = command(program).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn nightly() -> Result<()> {
-    let toolchains = query("rustup", &["toolchain", "list"])
-        .context("`rustup toolchain list` failed; is rustup installed?")?;
+    let toolchains =
+        query("rustup", &["toolchain", "list"]).context("`rustup toolchain list` failed; is rustup installed?")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         bail!(
             "the nightly toolchain is missing; the XDP program needs it (`rustup toolchain \
@@ -61,8 +59,7 @@ fn nightly() -> Result<()> {
 
 fn packages() -> Result<()> {
     let installed = |pkg: &str| {
-        query("dpkg-query", &["-W", "-f=${Status}", pkg])
-            .is_some_and(|s| s.trim() == "install ok installed")
+        query("dpkg-query", &["-W", "-f=${Status}", pkg]).is_some_and(|s| s.trim() == "install ok installed")
     };
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
@@ -71,18 +68,10 @@ fn packages() -> Result<()> {
     }
     println!("setup: installing Debian packages: {}", missing.join(" "));
     if !is_root() {
-        bail!(
-            "installing {} needs root; run `cargo xtask setup` as root",
-            missing.join(" ")
-        );
+        bail!("installing {} needs root; run `cargo xtask setup` as root", missing.join(" "));
     }
     status(command("apt-get").arg("update"))?;
-    status(
-        command("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y"])
-            .args(missing),
-    )
+    status(command("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y"]).args(missing))
 }
 
 fn nightly_component(name: &str) -> Result<()> {

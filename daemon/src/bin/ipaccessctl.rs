@@ -364,9 +364,7 @@ fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>), String> {
         return Ok((addr, None));
     }
     match s.parse::<SocketAddr>() {
-        Ok(sa) if sa.port() == 0 => {
-            Err("port 0 cannot be bound; leave the port out to bind the whole address".into())
-        }
+        Ok(sa) if sa.port() == 0 => Err("port 0 cannot be bound; leave the port out to bind the whole address".into()),
         Ok(sa) => Ok((sa.ip(), Some(sa.port()))),
         Err(_) => Err(format!("`{s}` is not ADDR, ADDR:PORT or [IPv6]:PORT")),
     }
@@ -412,9 +410,7 @@ fn request(top: Top) -> Result<Command, Failure> {
         Top::Account(AccountCmd::Show { id }) => Command::AccountShow { account: id },
         Top::Account(AccountCmd::Remove { id, recursive }) => Command::AccountRemove { account: id, recursive },
         Top::Account(AccountCmd::List) => Command::AccountList {},
-        Top::Account(AccountCmd::State { id, state, reason }) => {
-            Command::AccountState { account: id, state, reason }
-        }
+        Top::Account(AccountCmd::State { id, state, reason }) => Command::AccountState { account: id, state, reason },
         Top::Account(AccountCmd::Mode { id, mode, client_ip, force }) => {
             Command::AccountMode { account: id, mode, client_ip, force }
         }
@@ -447,9 +443,7 @@ fn request(top: Top) -> Result<Command, Failure> {
         Top::Override(OverrideCmd::Grant { id, cidr, ttl, ticket, reason }) => {
             Command::OverrideGrant { account: id, cidr, ttl_seconds: ttl, ticket, reason }
         }
-        Top::Override(OverrideCmd::Revoke { id, override_id }) => {
-            Command::OverrideRevoke { account: id, override_id }
-        }
+        Top::Override(OverrideCmd::Revoke { id, override_id }) => Command::OverrideRevoke { account: id, override_id },
         Top::Override(OverrideCmd::List { id }) => Command::OverrideList { account: id },
         Top::Activity { id, since, denied, kind, summary, unknown_accounts, limit } => Command::Activity {
             account: id,
@@ -516,7 +510,9 @@ fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Value, Failure
         let lines = (batch[0].0, batch[batch.len() - 1].0);
         let accounts = batch.iter().map(|(_, a)| a.clone()).collect();
         let reply = call(socket, Command::Import { accounts }).map_err(|e| {
-            let applied = if done == 0 { "nothing was imported".to_string() } else {
+            let applied = if done == 0 {
+                "nothing was imported".to_string()
+            } else {
                 format!("lines before {} are imported; run the import again once this is fixed", lines.0)
             };
             match e {
@@ -530,7 +526,9 @@ fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Value, Failure
                     let message = format!("{place}: {} ({applied})", body.message);
                     body.with_message(message)
                 }
-                Failure::Local(message) => Failure::Local(format!("lines {}-{}: {message} ({applied})", lines.0, lines.1)),
+                Failure::Local(message) => {
+                    Failure::Local(format!("lines {}-{}: {message} ({applied})", lines.0, lines.1))
+                }
             }
         })?;
         for (key, sum) in total.iter_mut() {
@@ -636,8 +634,8 @@ fn call(socket: &Path, command: Command) -> Result<Value, Failure> {
     if BufReader::new(&stream).read_line(&mut reply).map_err(|e| io("cannot read from", e))? == 0 {
         return Err(Failure::Local(format!("{} closed the connection without replying", socket.display())));
     }
-    let reply: Value = serde_json::from_str(&reply)
-        .map_err(|e| Failure::Local(format!("unreadable reply from the daemon: {e}")))?;
+    let reply: Value =
+        serde_json::from_str(&reply).map_err(|e| Failure::Local(format!("unreadable reply from the daemon: {e}")))?;
     let Value::Object(reply) = reply else {
         return Err(Failure::Local("unreadable reply from the daemon: not a JSON object".into()));
     };
@@ -787,8 +785,13 @@ fn entries_table(out: &mut String, entries: &[Value]) {
                 Value::Bool(false) => "disabled",
                 _ => "-",
             };
-            vec![cell("", &r["cidr"]), status.into(), cell("", &r["label"]), cell("created_at", &r["created_at"]),
-                 cell("", &r["created_by"])]
+            vec![
+                cell("", &r["cidr"]),
+                status.into(),
+                cell("", &r["label"]),
+                cell("created_at", &r["created_at"]),
+                cell("", &r["created_by"]),
+            ]
         })
         .collect();
     table(out, &["CIDR", "STATUS", "LABEL", "CREATED", "BY"], rows);
@@ -897,9 +900,16 @@ fn human(command: &Command, v: &Value) -> String {
             let rows = rows(&v["accounts"])
                 .iter()
                 .map(|r| {
-                    ["account", "passed_packets", "passed_bytes", "dropped_packets", "dropped_bytes", "would_drop_packets"]
-                        .map(|k| col(r, k))
-                        .to_vec()
+                    [
+                        "account",
+                        "passed_packets",
+                        "passed_bytes",
+                        "dropped_packets",
+                        "dropped_bytes",
+                        "would_drop_packets",
+                    ]
+                    .map(|k| col(r, k))
+                    .to_vec()
                 })
                 .collect();
             table(&mut out, &["ACCOUNT", "PASSED", "BYTES", "DROPPED", "BYTES", "WOULD DROP"], rows);
@@ -992,7 +1002,9 @@ fn human(command: &Command, v: &Value) -> String {
             let interfaces: Vec<String> = rows(&v["xdp"])
                 .iter()
                 .map(|a| match &a["path"] {
-                    Value::Null => format!("{} (no XDP program: a reload attaches it again)", cell("", &a["interface"])),
+                    Value::Null => {
+                        format!("{} (no XDP program: a reload attaches it again)", cell("", &a["interface"]))
+                    }
                     path => format!("{} ({} XDP)", cell("", &a["interface"]), cell("", path)),
                 })
                 .collect();
@@ -1011,7 +1023,9 @@ fn human(command: &Command, v: &Value) -> String {
 fn key_values(out: &mut String, v: &Value, shown: impl Fn(&str) -> bool) {
     fn lines<'a>(out: &mut String, key: &str, v: &'a Value, tables: &mut Vec<(String, &'a [Value])>) {
         match v {
-            Value::Object(o) if !o.is_empty() => o.iter().for_each(|(k, v)| lines(out, &format!("{key}.{k}"), v, tables)),
+            Value::Object(o) if !o.is_empty() => {
+                o.iter().for_each(|(k, v)| lines(out, &format!("{key}.{k}"), v, tables))
+            }
             Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_object) => tables.push((key.to_string(), a)),
             _ => out.push_str(&format!("{}: {}\n", escape(key), escape(&cell(key, v)))),
         }
@@ -1147,14 +1161,7 @@ mod tests {
         assert_eq!(parse_endpoint("[fd00::1]:443"), Ok((v6, Some(443))));
         assert_eq!(parse_endpoint("fd00::1"), Ok((v6, None)));
         assert_eq!(parse_endpoint("[fd00::1]"), Ok((v6, None)));
-        for bad in [
-            "fd00::1:443x",
-            "198.18.0.1:",
-            "198.18.0.1:70000",
-            "host:443",
-            "[198.18.0.1]:443",
-            "198.18.0.1:0",
-        ] {
+        for bad in ["fd00::1:443x", "198.18.0.1:", "198.18.0.1:70000", "host:443", "[198.18.0.1]:443", "198.18.0.1:0"] {
             assert!(parse_endpoint(bad).is_err(), "{bad}");
         }
         assert_eq!(endpoint((v4, Some(53)), None).unwrap(), (v4, Some(53), Some(Proto::Tcp)));
@@ -1168,12 +1175,43 @@ mod tests {
         for (s, secs) in [("90s", 90), ("30m", 1800), ("2h", 7200), ("7d", 604_800), ("45", 45), ("0010m", 600)] {
             assert_eq!(parse_duration(s), Ok(secs), "{s}");
         }
-        for bad in ["", "0", "0s", "0d", "s", "h", "-5", "+5", "1.5h", "2w", "2 h", " 2h", "2H", "h2", "2hh", "1e3",
-                    "99999999999999999999", "999999999999999999d", "３s"] {
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "0d",
+            "s",
+            "h",
+            "-5",
+            "+5",
+            "1.5h",
+            "2w",
+            "2 h",
+            " 2h",
+            "2H",
+            "h2",
+            "2hh",
+            "1e3",
+            "99999999999999999999",
+            "999999999999999999d",
+            "３s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
-        let e = Cli::try_parse_from(["x", "override", "grant", "a", "192.0.2.1", "--ttl", "0", "--ticket", "T",
-                                     "--reason", "r"]).unwrap_err();
+        let e = Cli::try_parse_from([
+            "x",
+            "override",
+            "grant",
+            "a",
+            "192.0.2.1",
+            "--ttl",
+            "0",
+            "--ticket",
+            "T",
+            "--reason",
+            "r",
+        ])
+        .unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
         assert!(e.to_string().contains("more than zero"), "{e}");
         assert!(Cli::try_parse_from(["x", "activity", "a", "--since", "soon"]).is_err());
@@ -1237,10 +1275,7 @@ mod tests {
             json!({"ok": {"id": "acme", "slot": 1, "parent": null, "state": "unconfirmed", "mode": "off",
                           "state_reason": null, "created_at": 951_782_400}})
         });
-        assert_eq!(
-            request,
-            json!({"cmd": "account_add", "account": "acme", "parent": null, "unconfirmed": true})
-        );
+        assert_eq!(request, json!({"cmd": "account_add", "account": "acme", "parent": null, "unconfirmed": true}));
         assert_eq!(status, 0);
         assert!(out.contains("id: acme\n") && out.contains("created_at: 2000-02-29 00:00:00\n"), "{out}");
     }
@@ -1263,7 +1298,10 @@ mod tests {
         assert_eq!(status, 2);
         assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["code"], "unknown_account");
         let mut out = Vec::new();
-        assert_eq!(run(["ipaccessctl", "--socket", "/nonexistent/ipaccessd.sock", "status"], &mut out, &mut Vec::new()), 2);
+        assert_eq!(
+            run(["ipaccessctl", "--socket", "/nonexistent/ipaccessd.sock", "status"], &mut out, &mut Vec::new()),
+            2
+        );
     }
 
     #[test]
@@ -1295,13 +1333,20 @@ mod tests {
                    "ticket": "T-1", "reason": "locked out"})
         );
         assert_eq!(status, 0);
-        for line in ["id: 7\n", "cidr: fd00::9/128\n", "expires_at: 2000-02-29 02:00:00\n", "revoked_at: -\n",
-                     "\nrecent denied attempts:\nADDRESS  METHOD    FIRST SEEN           LAST SEEN            COUNT\n\
-                      fd00::9  password  2000-02-28 23:53:20  2000-02-28 23:58:20  3\n"] {
+        for line in [
+            "id: 7\n",
+            "cidr: fd00::9/128\n",
+            "expires_at: 2000-02-29 02:00:00\n",
+            "revoked_at: -\n",
+            "\nrecent denied attempts:\nADDRESS  METHOD    FIRST SEEN           LAST SEEN            COUNT\n\
+                      fd00::9  password  2000-02-28 23:53:20  2000-02-28 23:58:20  3\n",
+        ] {
             assert!(out.contains(line), "{line:?} not in:\n{out}");
         }
-        let (_, _, out) = against(&["--json", "override", "grant", "acme", "fd00::9", "--ttl", "2h", "--ticket",
-                                    "T-1", "--reason", "x"], move |_| reply);
+        let (_, _, out) = against(
+            &["--json", "override", "grant", "acme", "fd00::9", "--ttl", "2h", "--ticket", "T-1", "--reason", "x"],
+            move |_| reply,
+        );
         assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["recent_denied"][0]["count"], 3);
         let (_, _, out) = against(&args, |_| json!({"ok": {"override": {"id": 8}, "recent_denied": []}}));
         assert_eq!(out, "id: 8\n\nno denied attempts recorded\n");
@@ -1365,8 +1410,10 @@ mod tests {
     #[test]
     fn escapes() {
         assert_eq!(escape(HOSTILE), HOSTILE_SHOWN);
-        assert_eq!(escape("tab\there\r\0\u{7f}\u{85}\u{2028}\u{2066}\u{feff}"),
-                   "tab\\there\\r\\x00\\x7f\\u{85}\\u{2028}\\u{2066}\\u{feff}");
+        assert_eq!(
+            escape("tab\there\r\0\u{7f}\u{85}\u{2028}\u{2066}\u{feff}"),
+            "tab\\there\\r\\x00\\x7f\\u{85}\\u{2028}\\u{2066}\\u{feff}"
+        );
         // Ordinary text, accents and other scripts pass unchanged.
         assert_eq!(escape("Büro Zürich, 東京 – ok"), "Büro Zürich, 東京 – ok");
         // Cut to the width, between escapes, ellipsis included.
@@ -1434,9 +1481,10 @@ mod tests {
         assert_eq!(status, 0);
         assert_eq!(serde_json::from_str::<Value>(&out).unwrap()[0]["label"].as_str().unwrap().len(), 65_536);
         // A `key: value` line shows it all.
-        let (_, status, out) = against(&["allow", "add", "acme", "198.18.0.0/24", "--label", "x"], move |_| {
-            json!({"ok": {"account": "acme", "cidr": "198.18.0.0/24", "label": label}})
-        });
+        let (_, status, out) = against(
+            &["allow", "add", "acme", "198.18.0.0/24", "--label", "x"],
+            move |_| json!({"ok": {"account": "acme", "cidr": "198.18.0.0/24", "label": label}}),
+        );
         assert_eq!(status, 0);
         assert!(out.contains(&format!("label: {}\n", "x".repeat(65_536))), "{}", out.len());
     }
@@ -1461,22 +1509,32 @@ mod tests {
              -     -       -         -                     -\n"
         );
         for reply in [json!("text"), json!(42), json!(null), json!({"weird": {"deep": [[1, 2], {"k": "v\n"}]}})] {
-            for args in [&["account", "list"][..], &["account", "show", "a"], &["status"], &["bind", "list"],
-                         &["bind", "add", "a", "198.18.0.1"], &["stats"], &["override", "grant", "a", "198.18.0.1",
-                         "--ttl", "1h", "--ticket", "T", "--reason", "r"], &["override", "list"], &["allow", "list", "a"]] {
+            for args in [
+                &["account", "list"][..],
+                &["account", "show", "a"],
+                &["status"],
+                &["bind", "list"],
+                &["bind", "add", "a", "198.18.0.1"],
+                &["stats"],
+                &["override", "grant", "a", "198.18.0.1", "--ttl", "1h", "--ticket", "T", "--reason", "r"],
+                &["override", "list"],
+                &["allow", "list", "a"],
+            ] {
                 let sent = reply.clone();
                 let (_, status, out) = against(args, move |_| json!({"ok": sent}));
                 assert_eq!(status, 0, "{args:?} {reply}");
                 assert!(!out.contains("v\n"), "{args:?}: {out}");
             }
         }
-        let (_, _, out) = against(&["account", "add", "a"], |_| json!({"ok": {"weird": {"deep": [[1, 2], {"k": "v\n"}]}}}));
+        let (_, _, out) =
+            against(&["account", "add", "a"], |_| json!({"ok": {"weird": {"deep": [[1, 2], {"k": "v\n"}]}}}));
         assert_eq!(out, "weird.deep: 1, 2, k=v\\n\n");
         assert_eq!(format_time(i64::MAX), i64::MAX.to_string(), "out of range: the number, never a panic");
         // A check whose verdict is not a boolean is an error, never a pass.
-        let (_, status, out, err) = against_all(&["check", "a", "198.18.0.1"], |_| {
-            json!({"ok": {"allowed": "true", "reason": "allowed", "hint": ""}})
-        });
+        let (_, status, out, err) = against_all(
+            &["check", "a", "198.18.0.1"],
+            |_| json!({"ok": {"allowed": "true", "reason": "allowed", "hint": ""}}),
+        );
         assert_eq!((status, out.as_str()), (2, ""));
         assert!(err.contains("unreadable check result"), "{err}");
         // An error reply this client cannot fully read still shows what it says.
@@ -1491,7 +1549,10 @@ mod tests {
                           "hint": "Add it.\nallowed (allowed)\x1b[1A\x1b[2K", "detail": {"entries": 0}}})
         });
         assert_eq!(status, 1);
-        assert_eq!(out, "denied (address_not_allowed): Add it.\\nallowed (allowed)\\x1b[1A\\x1b[2K\ndetail.entries: 0\n");
+        assert_eq!(
+            out,
+            "denied (address_not_allowed): Add it.\\nallowed (allowed)\\x1b[1A\\x1b[2K\ndetail.entries: 0\n"
+        );
         // A reason this client does not know yet is still shown; the verdict is the boolean.
         let (_, status, out) = against(&["check", "acme", "198.18.0.9"], |_| {
             json!({"ok": {"allowed": true, "reason": "override\u{202e}", "hint": "",
@@ -1502,14 +1563,16 @@ mod tests {
 
         // Daemon messages quote what a tenant wrote: escaped on stderr, exact with --json.
         let message = "entry 198.18.0.0/24 of acme exists\n\x1b]8;;http://evil\x07label";
-        let (_, status, out, err) = against_all(&["allow", "add", "acme", "198.18.0.0/24"], move |_| {
-            json!({"error": {"code": "entry_exists", "message": message}})
-        });
+        let (_, status, out, err) = against_all(
+            &["allow", "add", "acme", "198.18.0.0/24"],
+            move |_| json!({"error": {"code": "entry_exists", "message": message}}),
+        );
         assert_eq!((status, out.as_str()), (2, ""));
         assert_eq!(err, "error: entry 198.18.0.0/24 of acme exists\\n\\x1b]8;;http://evil\\x07label (entry_exists)\n");
-        let (_, _, out, _) = against_all(&["--json", "allow", "add", "acme", "198.18.0.0/24"], move |_| {
-            json!({"error": {"code": "entry_exists", "message": message}})
-        });
+        let (_, _, out, _) = against_all(
+            &["--json", "allow", "add", "acme", "198.18.0.0/24"],
+            move |_| json!({"error": {"code": "entry_exists", "message": message}}),
+        );
         assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"code": "entry_exists", "message": message}));
 
         // A refusal's details, readably after the message.
@@ -1592,9 +1655,10 @@ mod tests {
                           "created_at": 951_782_400}})
         });
         assert_eq!(out, "bound 198.18.0.1 tcp/443 to acme\n");
-        let (_, _, out) = against(&["bind", "add", "acme\n", "fd00::1"], |_| {
-            json!({"ok": {"account": "acme\n", "addr": "fd00::1", "target": null, "created_at": 0}})
-        });
+        let (_, _, out) = against(
+            &["bind", "add", "acme\n", "fd00::1"],
+            |_| json!({"ok": {"account": "acme\n", "addr": "fd00::1", "target": null, "created_at": 0}}),
+        );
         assert_eq!(out, "bound fd00::1 (every port) to acme\\n\n");
     }
 
@@ -1602,22 +1666,35 @@ mod tests {
     fn new_commands_on_the_wire() {
         let cases: [(&[&str], Value); 7] = [
             (&["account", "remove", "acme"], json!({"cmd": "account_remove", "account": "acme", "recursive": false})),
-            (&["account", "remove", "acme", "--recursive"],
-             json!({"cmd": "account_remove", "account": "acme", "recursive": true})),
-            (&["allow", "enable", "acme", "198.18.0.0/24"],
-             json!({"cmd": "allow_enable", "account": "acme", "cidr": "198.18.0.0/24"})),
-            (&["allow", "disable", "acme", "198.18.0.7", "--client-ip", "198.18.0.9", "--force"],
-             json!({"cmd": "allow_disable", "account": "acme", "cidr": "198.18.0.7/32", "client_ip": "198.18.0.9",
-                    "force": true})),
-            (&["allow", "disable", "acme", "fd00::/48"],
-             json!({"cmd": "allow_disable", "account": "acme", "cidr": "fd00::/48", "client_ip": null, "force": false})),
-            (&["allow", "label", "acme", "198.18.0.0/24", "home office"],
-             json!({"cmd": "allow_label", "account": "acme", "cidr": "198.18.0.0/24", "label": "home office"})),
-            (&["check", "acme", "198.18.0.9", "--dry-run"],
-             json!({"cmd": "check", "account": "acme", "addr": "198.18.0.9", "method": null, "dry_run": true})),
+            (
+                &["account", "remove", "acme", "--recursive"],
+                json!({"cmd": "account_remove", "account": "acme", "recursive": true}),
+            ),
+            (
+                &["allow", "enable", "acme", "198.18.0.0/24"],
+                json!({"cmd": "allow_enable", "account": "acme", "cidr": "198.18.0.0/24"}),
+            ),
+            (
+                &["allow", "disable", "acme", "198.18.0.7", "--client-ip", "198.18.0.9", "--force"],
+                json!({"cmd": "allow_disable", "account": "acme", "cidr": "198.18.0.7/32", "client_ip": "198.18.0.9",
+                    "force": true}),
+            ),
+            (
+                &["allow", "disable", "acme", "fd00::/48"],
+                json!({"cmd": "allow_disable", "account": "acme", "cidr": "fd00::/48", "client_ip": null, "force": false}),
+            ),
+            (
+                &["allow", "label", "acme", "198.18.0.0/24", "home office"],
+                json!({"cmd": "allow_label", "account": "acme", "cidr": "198.18.0.0/24", "label": "home office"}),
+            ),
+            (
+                &["check", "acme", "198.18.0.9", "--dry-run"],
+                json!({"cmd": "check", "account": "acme", "addr": "198.18.0.9", "method": null, "dry_run": true}),
+            ),
         ];
         for (args, want) in cases {
-            let (request, status, _) = against(args, |_| json!({"ok": {"allowed": true, "reason": "allowed", "hint": ""}}));
+            let (request, status, _) =
+                against(args, |_| json!({"ok": {"allowed": true, "reason": "allowed", "hint": ""}}));
             assert_eq!((request, status), (want, 0), "{args:?}");
         }
         // Every argument has help text: the man pages are made from it.
@@ -1645,11 +1722,15 @@ mod tests {
         assert_eq!(blame(&batch, &error("bad ab and bc", Value::Null)), None);
 
         let path = std::env::temp_dir().join(format!("ipaccessctl-import-{}.jsonl", std::process::id()));
-        std::fs::write(&path, "# accounts\n{\"account\": \"acme\"}\n\n{\"account\": \"acme-dev\", \"parent\": \"x\"}\n")
-            .unwrap();
-        let (request, status, out, err) = against_all(&["import", path.to_str().unwrap()], |_| {
-            json!({"error": {"code": "unknown_account", "message": "acme-dev: there is no account x"}})
-        });
+        std::fs::write(
+            &path,
+            "# accounts\n{\"account\": \"acme\"}\n\n{\"account\": \"acme-dev\", \"parent\": \"x\"}\n",
+        )
+        .unwrap();
+        let (request, status, out, err) = against_all(
+            &["import", path.to_str().unwrap()],
+            |_| json!({"error": {"code": "unknown_account", "message": "acme-dev: there is no account x"}}),
+        );
         assert_eq!(request["accounts"].as_array().unwrap().len(), 2);
         assert_eq!((status, out.as_str()), (2, ""));
         assert_eq!(
@@ -1659,7 +1740,10 @@ mod tests {
         std::fs::write(&path, "{\"account\": \"acme\"}\n{\"account\": \"acme\", \"mode\": \"strict\"}\n").unwrap();
         let mut err = Vec::new();
         let socket = "/nonexistent/ipaccessd.sock";
-        assert_eq!(run(["ipaccessctl", "--socket", socket, "import", path.to_str().unwrap()], &mut Vec::new(), &mut err), 2);
+        assert_eq!(
+            run(["ipaccessctl", "--socket", socket, "import", path.to_str().unwrap()], &mut Vec::new(), &mut err),
+            2
+        );
         let err = String::from_utf8(err).unwrap();
         assert!(err.starts_with("error: line 2: unknown variant `strict`"), "{err}");
         std::fs::remove_file(&path).unwrap();

@@ -20,10 +20,10 @@ use std::{
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser};
 use ipaccess::{
-    capabilities, kernel,
+    capabilities,
     config::{self, Config},
     datapath::{self, Datapath, DatapathOptions, ensure_bpffs},
-    logging, metrics, reload, server,
+    kernel, logging, metrics, reload, server,
     service::{ActivityLog, Service},
     store::Store,
     systemd,
@@ -106,7 +106,8 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let options = DatapathOptions { bpffs: config.bpffs.clone(), slots: config.maps.slots, accounts: config.maps.accounts };
+    let options =
+        DatapathOptions { bpffs: config.bpffs.clone(), slots: config.maps.slots, accounts: config.maps.accounts };
     let mut datapath = explain_failure(Datapath::open(&options)).context("loading the XDP program")?;
     if !args.detach.is_empty() {
         for iface in &args.detach {
@@ -124,10 +125,11 @@ async fn main() -> anyhow::Result<()> {
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
-        let service = Service::start(store, datapath, activity, &config)
-            .map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
+        let service =
+            Service::start(store, datapath, activity, &config).map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
         for iface in &config.interfaces {
-            let how = explain_failure(service.attach(iface, config.xdp_mode)).with_context(|| format!("attaching to {iface}"))?;
+            let how = explain_failure(service.attach(iface, config.xdp_mode))
+                .with_context(|| format!("attaching to {iface}"))?;
             interfaces.push(format!("{iface} ({})", how.path));
         }
         // After an upgrade that changed the map layout, the old layout's pins outlive the
@@ -141,7 +143,9 @@ async fn main() -> anyhow::Result<()> {
 
     let listener = bind_socket(&config)?;
     let metrics_listener = match config.metrics.listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint {addr}"))?),
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint {addr}"))?)
+        }
         None => None,
     };
     // Signal handlers before READY=1: from then on a HUP or TERM must not find the default action.
@@ -149,10 +153,8 @@ async fn main() -> anyhow::Result<()> {
     let stop = shutdown().context("installing the SIGTERM handler")?;
     let status = format!("filtering on [{}], control socket {}", interfaces.join(", "), config.socket.display());
     info!("ready: {status}");
-    let mut tasks = vec![
-        tokio::spawn(sweep_forever(service.clone())),
-        tokio::spawn(drain_samples_forever(service.clone())),
-    ];
+    let mut tasks =
+        vec![tokio::spawn(sweep_forever(service.clone())), tokio::spawn(drain_samples_forever(service.clone()))];
     if let Some(listener) = metrics_listener {
         info!("metrics on http://{}/metrics", config.metrics.listen.expect("bound above"));
         tasks.push(tokio::spawn(metrics::serve(listener, service.clone())));

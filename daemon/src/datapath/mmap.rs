@@ -43,9 +43,7 @@ impl<T> MmapArray<T> {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
         // SAFETY: a fresh mapping, of a map fd (the kernel checks size and flags) or anonymous.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }

@@ -119,7 +119,9 @@ pub enum DatapathError {
     AccountSlot { slot: u32, limit: u32 },
     #[error("interface {0} does not exist")]
     NoInterface(String),
-    #[error("{iface}: native XDP is unavailable ({reason}); with xdp_mode = \"auto\" ipaccessd would fall back to generic XDP")]
+    #[error(
+        "{iface}: native XDP is unavailable ({reason}); with xdp_mode = \"auto\" ipaccessd would fall back to generic XDP"
+    )]
     NoNativeXdp { iface: String, reason: String },
     #[error(transparent)]
     Table(#[from] TableError),
@@ -218,9 +220,8 @@ impl Datapath {
         let slots = mmap_map(&ebpf, MAP_SLOTS, slots_len)?;
         let accounts = mmap_map::<AccountRecord>(&ebpf, MAP_ACCOUNTS, accounts_len)?;
         let config = mmap_map::<Config>(&ebpf, MAP_CONFIG, 1)?;
-        let in_use = (0..accounts_len)
-            .map(|slot| TableDesc(accounts.load(slot, 1)))
-            .chain([TableDesc(config.load(0, 0))]);
+        let in_use =
+            (0..accounts_len).map(|slot| TableDesc(accounts.load(slot, 1))).chain([TableDesc(config.load(0, 0))]);
         let tables = Tables::new(slots, in_use)?;
         let samples = ebpf.take_map(MAP_SAMPLES).expect("object has a sample ring");
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
@@ -272,7 +273,8 @@ impl Datapath {
         };
         let (id, path) = match mode {
             XdpMode::Generic => (
-                attached(program, KernelXdpMode::Skb)?.map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?,
+                attached(program, KernelXdpMode::Skb)?
+                    .map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?,
                 XdpPath::Generic,
             ),
             XdpMode::Native | XdpMode::Auto => match attached(program, KernelXdpMode::Driver)? {
@@ -292,7 +294,8 @@ impl Datapath {
         let link = FdLink::try_from(link)
             .map_err(|e| DatapathError::Io(format!("{iface}: XDP attached without a bpf_link"), io::Error::other(e)))?;
         // The pin keeps the link (and so the filter) alive after this process exits.
-        let pinned = link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
+        let pinned =
+            link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
         self.links.insert(iface.to_string(), FdLink::from(pinned));
         let attachment = Attachment { path, reused: false };
         info!("{iface}: attached ({attachment})");
@@ -343,7 +346,8 @@ impl Datapath {
     /// its own maps filled), then pinned here and unpinned there. Returns whether there was
     /// one.
     fn adopt_link_of_other_layout(&mut self, iface: &str) -> Result<bool> {
-        let Some(old) = self.other_layouts().into_iter().map(|dir| dir.join(format!("link-{iface}"))).find(|p| p.exists())
+        let Some(old) =
+            self.other_layouts().into_iter().map(|dir| dir.join(format!("link-{iface}"))).find(|p| p.exists())
         else {
             return Ok(false);
         };
@@ -355,7 +359,8 @@ impl Datapath {
             }
         };
         let pin = self.link_pin(iface);
-        let pinned = link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
+        let pinned =
+            link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
         self.links.insert(iface.to_string(), FdLink::from(pinned));
         fs::remove_file(&old).map_err(|e| DatapathError::Io(format!("unpinning {}", old.display()), e))?;
         info!("{iface}: took over the filter pinned at {} by a build with another map layout", old.display());
@@ -411,7 +416,9 @@ impl Datapath {
         let link = XdpLink::try_from(FdLink::from(pinned))
             .map_err(|e| DatapathError::Io(pin.display().to_string(), io::Error::other(e)))?;
         let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
-        let id = program.attach_to_link(link).map_err(|e| DatapathError::Program(format!("updating {}", pin.display()), e))?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|e| DatapathError::Program(format!("updating {}", pin.display()), e))?;
         let link = program.take_link(id).map_err(|e| DatapathError::Program(pin.display().to_string(), e))?;
         FdLink::try_from(link).map_err(|e| DatapathError::Io(pin.display().to_string(), io::Error::other(e)))
     }
@@ -620,9 +627,10 @@ impl Datapath {
             let fd = fd.map_err(|e| DatapathError::Io(format!("duplicating {name}"), e))?;
             MapData::from_fd(fd).map_err(|e| DatapathError::Map(name.into(), e))
         };
-        let accounts = PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?)).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
-        let host =
-            PerCpuArray::try_from(Map::PerCpuArray(open(MAP_HOST_COUNTERS)?)).map_err(|e| DatapathError::Map(MAP_HOST_COUNTERS.into(), e))?;
+        let accounts = PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))
+            .map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
+        let host = PerCpuArray::try_from(Map::PerCpuArray(open(MAP_HOST_COUNTERS)?))
+            .map_err(|e| DatapathError::Map(MAP_HOST_COUNTERS.into(), e))?;
         Ok(CounterReader { accounts, host })
     }
 
@@ -697,9 +705,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| DatapathError::Io(path.display().to_string(), e.into()))?;
     // SAFETY: plain mount(2) with NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), c_path.as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast())
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c_path.as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast()) };
     if rc != 0 {
         return Err(DatapathError::Io(format!("mounting bpffs at {}", path.display()), io::Error::last_os_error()));
     }
@@ -785,7 +791,10 @@ impl CounterReader {
     }
 }
 
-fn account_sum<M: std::borrow::Borrow<MapData>>(map: &PerCpuArray<M, AccountCounters>, slot: u32) -> Result<AccountCounters> {
+fn account_sum<M: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<M, AccountCounters>,
+    slot: u32,
+) -> Result<AccountCounters> {
     let values = map.get(&slot, 0).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
     Ok(values.iter().fold(AccountCounters::default(), |mut sum, c| {
         sum.passed_packets += c.passed_packets;

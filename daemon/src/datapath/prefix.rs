@@ -105,7 +105,10 @@ fn choose_lengths(counts: &BTreeMap<u8, u64>) -> Result<Vec<u8>, TooManyKeys> {
     // Keys created when lengths[a..=b] are all expanded to lengths[b].
     let group_cost = |a: usize, b: usize| -> u64 {
         (a..=b)
-            .map(|i| counts[&lengths[i]].saturating_mul(1u64.checked_shl((lengths[b] - lengths[i]) as u32).unwrap_or(u64::MAX)))
+            .map(|i| {
+                counts[&lengths[i]]
+                    .saturating_mul(1u64.checked_shl((lengths[b] - lengths[i]) as u32).unwrap_or(u64::MAX))
+            })
             .fold(0u64, u64::saturating_add)
     };
     // best[k][b]: fewest keys covering lengths[..=b] with k kept lengths, the last being b.

@@ -8,15 +8,11 @@
 //! descriptor in with one store. Either way no packet ever misses a key that is wanted both
 //! before and after the change. The protocol itself is described in `ipaccess_common::table`.
 
-use std::{
-    collections::BTreeMap,
-    thread,
-    time::Instant,
-};
+use std::{collections::BTreeMap, thread, time::Instant};
 
 use ipaccess_common::{
-    FAMILY_V4, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, Summary, TableDesc, Tag,
-    hash_key, home_offset, probe_index, read_lengths, state, top_bits,
+    FAMILY_V4, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, Summary, TableDesc, Tag, hash_key,
+    home_offset, probe_index, read_lengths, state, top_bits,
 };
 
 use super::{
@@ -118,10 +114,8 @@ const VALUE: usize = 3;
 impl Tables {
     /// Takes over the slot array; `in_use` are the descriptors published in the maps.
     pub fn new(slots: MmapArray<Slot>, in_use: impl IntoIterator<Item = TableDesc>) -> Result<Self, TableError> {
-        let regions = in_use
-            .into_iter()
-            .filter(|d| d.is_present())
-            .map(|d| Region { start: d.header(), len: d.region_len() });
+        let regions =
+            in_use.into_iter().filter(|d| d.is_present()).map(|d| Region { start: d.header(), len: d.region_len() });
         let regions = Regions::with_used(slots.len(), regions)?;
         Ok(Self {
             slots,
@@ -327,12 +321,7 @@ impl Tables {
     }
 
     /// The first reusable slot on `key`'s probe path (checking the key is not further on).
-    fn free_slot_for(
-        &self,
-        desc: TableDesc,
-        key: &SlotKey,
-        claimed: &std::collections::BTreeSet<u32>,
-    ) -> Option<u32> {
+    fn free_slot_for(&self, desc: TableDesc, key: &SlotKey, claimed: &std::collections::BTreeSet<u32>) -> Option<u32> {
         let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
         (0..MAX_PROBE).map(|step| probe_index(desc, home, step)).find(|&index| {
             let meta = self.slots.load(index, META);
@@ -771,9 +760,10 @@ mod tests {
     /// `IPACCESS_TABLES_SEED=<seed>`.
     #[test]
     fn random_changes_keep_every_table_exact() {
-        let seed = std::env::var("IPACCESS_TABLES_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64
-        });
+        let seed = std::env::var("IPACCESS_TABLES_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64);
         println!("tables model seed {seed}");
         let mut rng = Rng(seed | 1);
         const TABLES: usize = 4;

@@ -124,7 +124,8 @@ fn check_lines(accounts: usize, salt: usize) -> Vec<String> {
     (0..4096)
         .map(|i| {
             let a = (i * 7919 + salt) % accounts;
-            let ip = if i % 2 == 0 { allowed_source(a, i) } else { format!("198.19.{}.{}", (a + 1) % 256, i % 250 + 1) };
+            let ip =
+                if i % 2 == 0 { allowed_source(a, i) } else { format!("198.19.{}.{}", (a + 1) % 256, i % 250 + 1) };
             format!("{{\"id\":{i},\"cmd\":\"check\",\"account\":\"acct{a}\",\"addr\":\"{ip}\"}}\n")
         })
         .collect()
@@ -226,10 +227,16 @@ struct Enforcement {
 fn add_to_enforced(hosts: &TestHosts, socket: &Path) -> Enforcement {
     let bound = SocketAddr::new(hosts.server_v4.into(), 7001);
     let unbound = SocketAddr::new(hosts.server_v4.into(), 7002);
-    let _servers = [UdpEchoServer::start_in(&hosts.server, bound).unwrap(), UdpEchoServer::start_in(&hosts.server, unbound).unwrap()];
+    let _servers = [
+        UdpEchoServer::start_in(&hosts.server, bound).unwrap(),
+        UdpEchoServer::start_in(&hosts.server, unbound).unwrap(),
+    ];
     let mut ctl = Client::connect(socket);
     ctl.request("{\"cmd\":\"account_add\",\"account\":\"probe\"}\n");
-    ctl.request(&format!("{{\"cmd\":\"bind_add\",\"account\":\"probe\",\"addr\":\"{}\",\"port\":7001,\"proto\":\"udp\"}}\n", bound.ip()));
+    ctl.request(&format!(
+        "{{\"cmd\":\"bind_add\",\"account\":\"probe\",\"addr\":\"{}\",\"port\":7001,\"proto\":\"udp\"}}\n",
+        bound.ip()
+    ));
     ctl.request("{\"cmd\":\"allow_add\",\"account\":\"probe\",\"cidr\":\"198.18.200.0/24\"}\n");
     ctl.request("{\"cmd\":\"account_mode\",\"account\":\"probe\",\"mode\":\"enforce\",\"force\":true}\n");
     // Sockets made inside the client namespace stay there; one per (source, destination).
@@ -266,7 +273,9 @@ fn add_to_enforced(hosts: &TestHosts, socket: &Path) -> Enforcement {
             Some(rtt) => after_ack.push(rtt.as_nanos() as u64),
             None => dropped_after_ack += 1,
         }
-        ctl.request(&format!("{{\"cmd\":\"allow_remove\",\"account\":\"probe\",\"cidr\":\"{src}/32\",\"force\":true}}\n"));
+        ctl.request(&format!(
+            "{{\"cmd\":\"allow_remove\",\"account\":\"probe\",\"cidr\":\"{src}/32\",\"force\":true}}\n"
+        ));
         if round % 10 == 0 && one_datagram(to_bound, round + ENFORCE_ROUNDS).is_some() {
             passed_after_removal += 1;
         }
@@ -338,7 +347,10 @@ fn main() {
 
     println!("# ipaccess control benchmark");
     println!();
-    println!("{} accounts x {ENTRIES} entries ({total} entries), enforce mode, filter attached to a veth.", scale.accounts);
+    println!(
+        "{} accounts x {ENTRIES} entries ({total} entries), enforce mode, filter attached to a veth.",
+        scale.accounts
+    );
     println!();
 
     // 1. Bulk load from an empty start.
@@ -384,9 +396,18 @@ fn main() {
     println!();
     println!("| | p50 µs | p99 µs |");
     println!("|---|---:|---:|");
-    println!("| `allow add` request to acknowledgement (durable, in the maps) | {:.0} | {:.0} |", e.ack_p50_us, e.ack_p99_us);
-    println!("| first datagram sent after the acknowledgement, echoed back | {:.0} | {:.0} |", e.after_ack_p50_us, e.after_ack_p99_us);
-    println!("| baseline: the same round trip to an unbound port | {:.0} | {:.0} |", e.baseline_p50_us, e.baseline_p99_us);
+    println!(
+        "| `allow add` request to acknowledgement (durable, in the maps) | {:.0} | {:.0} |",
+        e.ack_p50_us, e.ack_p99_us
+    );
+    println!(
+        "| first datagram sent after the acknowledgement, echoed back | {:.0} | {:.0} |",
+        e.after_ack_p50_us, e.after_ack_p99_us
+    );
+    println!(
+        "| baseline: the same round trip to an unbound port | {:.0} | {:.0} |",
+        e.baseline_p50_us, e.baseline_p99_us
+    );
     println!();
     println!(
         "First datagrams dropped after an acknowledged add: {} of {ENFORCE_ROUNDS}; passed after an acknowledged \

@@ -164,7 +164,13 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
     calibration.insert(key, 1, 0).unwrap();
 
     let mut rows: Vec<(String, &Xdp, Vec<u8>, u32, bool)> = vec![
-        ("floor (returns at once)".into(), bench_program(&bench, "ipaccess_floor"), reference_frame.clone(), XDP_PASS, false),
+        (
+            "floor (returns at once)".into(),
+            bench_program(&bench, "ipaccess_floor"),
+            reference_frame.clone(),
+            XDP_PASS,
+            false,
+        ),
         (
             "one kernel hash lookup (reference)".into(),
             bench_program(&bench, "ipaccess_calibration_hash"),
