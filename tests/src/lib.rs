@@ -5,4 +5,5 @@ pub mod netns;
 pub mod ops;
 pub mod packets;
 pub mod policy_model;
+pub mod testrun;
 pub mod xtask;

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,7 @@ use ipaccess_tests::policy_model::{
     self as model, Account, Entry, Expect, Mode, Override, Policy, State, host_in, just_outside, mapped_addr,
     mapped_spelling, unmap_net,
 };
+use ipaccess_tests::testrun::run_xdp_once;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -100,46 +101,9 @@ fn pinned_program(w: &World) -> ProgramFd {
     info.fd().expect("a descriptor of the daemon's program")
 }
 
-/// The kernel's `bpf_attr` for BPF_PROG_TEST_RUN (aya 0.14 can run a loaded program, but
-/// does not export the attach type needed to wrap one it did not load).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
 /// XDP_PASS or XDP_DROP for one frame, from the kernel running the program once.
 fn run_frame(program: &ProgramFd, frame: &[u8]) -> u32 {
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_fd().as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    let size = std::mem::size_of::<TestRunAttr>();
-    // SAFETY: the attribute is a valid BPF_PROG_TEST_RUN request whose input points at
-    // `frame`, which outlives the call; there is no output buffer.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestRunAttr, size) };
-    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-    attr.retval
+    run_xdp_once(program.as_fd(), frame)
 }
 
 // ---------------------------------------------------------------------------------------------

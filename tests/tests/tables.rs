@@ -5,14 +5,14 @@
 
 use std::{
     net::Ipv4Addr,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use ipaccess::datapath::{BindTarget, Binding, Datapath, DatapathOptions, Mode};
 use ipaccess_common::NEVER_EXPIRES;
-use ipaccess_tests::{netns::BpfFs, packets};
+use ipaccess_tests::{netns::BpfFs, packets, testrun::run_xdp_once};
 use ipnet::IpNet;
 
 const XDP_PASS: u32 = 2;
@@ -24,42 +24,7 @@ const FLIPPING: Duration = Duration::from_secs(3);
 /// One BPF_PROG_TEST_RUN of `frame`; the program's verdict. (aya's
 /// `test_run` needs the `Xdp`, which the flipping thread's `Datapath` holds mutably.)
 fn test_run(prog: &OwnedFd, frame: &[u8]) -> u32 {
-    /// The `test` member of `union bpf_attr` (linux/bpf.h).
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    let mut attr = TestAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a valid, zero-padded bpf_attr for this command, and `frame` outlives
-    // the call; the kernel writes only `retval` and `duration` back.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, size_of::<TestAttr>() as libc::c_uint)
-    };
-    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-    attr.retval
+    run_xdp_once(prog.as_fd(), frame)
 }
 
 fn list(cidrs: &[&str]) -> Vec<(IpNet, u64)> {
