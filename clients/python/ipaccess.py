@@ -85,8 +85,15 @@ class Busy(IpaccessError):
     closes = True
 
 
+class TablesFull(IpaccessError):
+    """tables_full: no room in the kernel's tables; nothing was changed. Retrying will not
+    help until an operator makes room."""
+
+    retry = False
+
+
 class Internal(IpaccessError):
-    """internal: storage or kernel failure (tables full, say); nothing was changed."""
+    """internal: storage or kernel failure; nothing was changed."""
 
     retry = True
 
@@ -125,6 +132,7 @@ ERRORS = {
     "lockout": Refused,
     "has_sub_users": Refused,
     "busy": Busy,
+    "tables_full": TablesFull,
     "internal": Internal,
 }
 

@@ -402,6 +402,9 @@ pub enum ErrorCode {
     Busy,
     /// The account already has sub-users (remove them first, or `recursive`).
     HasSubUsers,
+    /// The kernel's tables have no room for the change (raise `[maps] slots`); nothing was
+    /// changed.
+    TablesFull,
     /// Storage or kernel failure; nothing was changed.
     Internal,
 }

@@ -69,7 +69,12 @@ impl From<StoreError> for Failure {
 
 impl From<DatapathError> for Failure {
     fn from(e: DatapathError) -> Self {
-        Failure::new(ErrorCode::Internal, format!("the kernel refused the change, nothing was changed: {e}"))
+        // Full tables are an operator's capacity problem with a known remedy, not a fault.
+        let code = match &e {
+            DatapathError::Table(datapath::tables::TableError::Full { .. }) => ErrorCode::TablesFull,
+            _ => ErrorCode::Internal,
+        };
+        Failure::new(code, format!("the kernel refused the change, nothing was changed: {e}"))
     }
 }
 

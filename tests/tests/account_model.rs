@@ -451,3 +451,22 @@ fn reads_are_open_to_every_role() {
     assert_eq!(from_98, 1, "{granted}");
     assert!(!evidence.iter().any(|r| r["address"] == "198.18.0.99"), "a dry run was recorded: {granted}");
 }
+
+/// Full kernel tables are an operator's capacity problem, not an internal fault: the error
+/// has its own code, says what to raise, and nothing is changed.
+#[test]
+fn full_tables_have_their_own_error_and_change_nothing() {
+    let w = World::new("");
+    w.ok(json!({"cmd": "account_add", "account": "big"}));
+    w.ok(json!({"cmd": "allow_add", "account": "big", "cidr": "198.18.0.10"}));
+    // The test maps hold 65,536 slots; 70,000 host entries cannot fit.
+    let entries: Vec<Value> = (0..70_000u32)
+        .map(|n| json!({"cidr": std::net::Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000u128 | n as u128).to_string()}))
+        .collect();
+    let (code, message) = w.err(json!({"cmd": "allow_replace", "account": "big", "entries": entries, "force": true}));
+    assert_eq!(code, "tables_full", "{message}");
+    assert!(message.contains("raise `slots`"), "{message}");
+    let list = w.ok(json!({"cmd": "allow_list", "account": "big"}));
+    assert_eq!(list.as_array().unwrap().len(), 1, "a refused replacement changed the list");
+    assert_eq!(reason(&w, "big", "198.18.0.10"), "allowed");
+}
