@@ -896,20 +896,14 @@ impl Tx<'_> {
             if self.execute(sql, row)? > 0 {
                 continue;
             }
-            let rows = match rows_in_hour.entry((&k.account, k.bucket)) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(self.count(
+            let fits = fits_in_hour(&mut rows_in_hour, (&k.account, k.bucket), SIGNIN_ROWS, || {
+                self.count(
                     "SELECT COUNT(*) FROM signins WHERE account = ?1 AND bucket = ?2 AND address <> '*'",
                     (&k.account, k.bucket),
-                )?),
-            };
+                )
+            })?;
             // Past the cap, the caller's uid goes too: one row per method, reason and kind of caller.
-            let (address, uid) = if *rows < SIGNIN_ROWS {
-                *rows += 1;
-                (address.as_str(), i64::from(k.uid))
-            } else {
-                (OTHER_ADDRESSES, -1)
-            };
+            let (address, uid) = if fits { (address.as_str(), i64::from(k.uid)) } else { (OTHER_ADDRESSES, -1) };
             self.execute(
                 "INSERT INTO signins (account, bucket, address, method, reason, uid, application, allowed, count,
                                       first_seen, last_seen)
@@ -948,20 +942,10 @@ impl Tx<'_> {
             if self.execute(sql, (k.bucket, &address, &method, t.count, t.first_seen, t.last_seen))? > 0 {
                 continue;
             }
-            let rows =
-                match rows_in_hour.entry(k.bucket) {
-                    Entry::Occupied(e) => e.into_mut(),
-                    Entry::Vacant(e) => e.insert(self.count(
-                        "SELECT COUNT(*) FROM unknown_signins WHERE bucket = ?1 AND address <> '*'",
-                        [k.bucket],
-                    )?),
-                };
-            let address = if *rows < UNKNOWN_ROWS {
-                *rows += 1;
-                address.as_str()
-            } else {
-                OTHER_ADDRESSES
-            };
+            let fits = fits_in_hour(&mut rows_in_hour, k.bucket, UNKNOWN_ROWS, || {
+                self.count("SELECT COUNT(*) FROM unknown_signins WHERE bucket = ?1 AND address <> '*'", [k.bucket])
+            })?;
+            let address = if fits { address.as_str() } else { OTHER_ADDRESSES };
             self.execute(
                 "INSERT INTO unknown_signins (bucket, address, method, count, first_seen, last_seen)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -987,15 +971,13 @@ impl Tx<'_> {
             if self.execute(sql, row)? > 0 {
                 continue;
             }
-            let rows = match rows_in_hour.entry((&k.account, k.bucket)) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(self.count(
+            let fits = fits_in_hour(&mut rows_in_hour, (&k.account, k.bucket), DROP_ROWS, || {
+                self.count(
                     "SELECT COUNT(*) FROM drops WHERE account = ?1 AND bucket = ?2 AND source <> '*'",
                     (&k.account, k.bucket),
-                )?),
-            };
-            let (source, destination, protocol, port) = if *rows < DROP_ROWS {
-                *rows += 1;
+                )
+            })?;
+            let (source, destination, protocol, port) = if fits {
                 (source.as_str(), destination.as_str(), k.protocol, k.port)
             } else {
                 (OTHER_ADDRESSES, OTHER_ADDRESSES, 0, 0)
@@ -1228,6 +1210,26 @@ impl Tx<'_> {
         }
         Ok(out)
     }
+}
+
+/// Whether one more distinct row fits under `cap` in its hour (`key`: one account's hour, or
+/// the hour of all unknown accounts). The rows already stored are counted (`stored`) once per
+/// key and write; the rows this write adds are counted here.
+fn fits_in_hour<K: std::hash::Hash + Eq>(
+    rows_in_hour: &mut HashMap<K, i64>,
+    key: K,
+    cap: i64,
+    stored: impl FnOnce() -> Result<i64, StoreError>,
+) -> Result<bool, StoreError> {
+    let rows = match rows_in_hour.entry(key) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(stored()?),
+    };
+    let fits = *rows < cap;
+    if fits {
+        *rows += 1;
+    }
+    Ok(fits)
 }
 
 fn account_row(r: &Row) -> Result<AccountRow, StoreError> {
