@@ -281,11 +281,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Root, with every role (tests and the daemon's own upkeep).
-    pub fn root() -> Caller {
-        Caller { uid: 0, roles: [Role::Check, Role::Admin, Role::Support].into() }
-    }
-
     /// An application's sign-in check counts as the customer's attempt (evidence for
     /// support, recent sign-ins for the lockout guard); one made by support or an admin
     /// without the check role does not.

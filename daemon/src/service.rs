@@ -234,11 +234,13 @@ impl Service {
             }
             Command::AccountShow { account } => self.read(|tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
-                Ok(json!({ "account": self.account_view(row), "entries": tx.entries(&account)?,
+                let view = account_view(&self.accounts.read().expect("cache lock"), row);
+                Ok(json!({ "account": view, "entries": tx.entries(&account)?,
                            "bindings": tx.bindings()?.into_iter().filter(|b| b.account == account).collect::<Vec<_>>() }))
             }),
             Command::AccountList {} => self.read(|tx| {
-                Ok(Value::Array(tx.accounts()?.into_iter().map(|row| self.account_view(row)).collect()))
+                let cache = self.accounts.read().expect("cache lock");
+                Ok(Value::Array(tx.accounts()?.into_iter().map(|row| account_view(&cache, row)).collect()))
             }),
             Command::AllowList { account } => self.read(|tx| {
                 tx.account(&account)?.ok_or_else(|| unknown(&account))?;
@@ -402,16 +404,6 @@ impl Service {
         }
     }
 
-    /// An account row as replies show it: with the state that takes effect, which differs
-    /// from its own when an ancestor is banned or terminated.
-    fn account_view(&self, row: AccountRow) -> Value {
-        let cache = self.accounts.read().expect("cache lock");
-        let effective = cache.get(&row.id).map(|a| effective_state(|id| cache.get(id), a).0);
-        let mut view = json!(row);
-        view["effective_state"] = json!(effective);
-        view
-    }
-
     fn account_add(&self, account: &str, parent: Option<String>, unconfirmed: bool, uid: u32) -> Outcome {
         if !valid_account_id(account) {
             return Err(Failure::new(ErrorCode::BadRequest, format!("{ACCOUNT_ID_RULE}; {account:?} is not one")));
@@ -446,8 +438,9 @@ impl Service {
         }
         // Deepest first: an account goes after everything below it.
         let removed: Vec<String> = below.into_iter().rev().chain([account.to_string()]).collect();
+        let bindings = tx.bindings()?;
         for id in &removed {
-            let bindings = tx.bindings()?.into_iter().filter(|b| &b.account == id).count();
+            let bindings = bindings.iter().filter(|b| &b.account == id).count();
             audit(&tx, id, uid, "account_remove", json!({ "removed_with": account, "bindings": bindings }))?;
             tx.remove_account(id)?;
         }
@@ -942,6 +935,15 @@ fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Resul
     let record = ActivityRecord { time: now(), account: account.to_string(), uid, action: action.to_string(), detail };
     tx.add_activity(&[record])?;
     Ok(())
+}
+
+/// An account row as replies show it: with the state that takes effect, which differs from
+/// its own when an ancestor is banned or terminated.
+fn account_view(cache: &HashMap<String, AccountPolicy>, row: AccountRow) -> Value {
+    let effective = cache.get(&row.id).map(|a| effective_state(|id| cache.get(id), a).0);
+    let mut view = json!(row);
+    view["effective_state"] = json!(effective);
+    view
 }
 
 /// How far back a successful sign-in counts for the lockout guard.

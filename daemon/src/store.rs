@@ -569,13 +569,6 @@ impl Tx<'_> {
         self.rows(sql, [], account_row)
     }
 
-    /// The ids of the account's sub-users.
-    pub fn children(&self, id: &str) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.tx.prepare_cached("SELECT id FROM accounts WHERE parent = ?1 ORDER BY id")?;
-        let ids = stmt.query_map([id], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
-        Ok(ids)
-    }
-
     /// Every account below `id`, nearest first. New stores hold one level of sub-users; a
     /// store written before that rule may hold deeper trees, and a suspension reaches all
     /// of them. The depth is bounded, so a damaged store with a cycle cannot loop.
