@@ -278,39 +278,31 @@ impl Service {
             }),
             Command::AllowRemove { account, cidr, client_ip, force } => self.change(&account, |tx| {
                 let (cidr, note) = network(cidr)?;
-                let (row, entry) = existing_entry(tx, &account, cidr)?;
-                let before = policy_from_store(tx, &row, now())?;
-                let mut after = before.clone();
-                after.entries.retain(|&net| net != cidr);
-                guard_lockout(tx, &account, uid, client_ip, force, &before, &after)?;
+                let (row, entry) = withdraw_entry(tx, &account, cidr, uid, client_ip, force)?;
                 tx.remove_entry(&account, cidr)?;
                 audit(tx, &account, uid, "allow_remove", json!({ "cidr": cidr, "label": entry.label, "forced": force }))?;
                 Ok((row, with_notes(json!({ "account": account, "removed": cidr }), note.into_iter().collect())))
             }),
             Command::AllowDisable { account, cidr, client_ip, force } => self.change(&account, |tx| {
-                let (cidr, _) = network(cidr)?;
-                let (row, _) = existing_entry(tx, &account, cidr)?;
-                let before = policy_from_store(tx, &row, now())?;
-                let mut after = before.clone();
-                after.entries.retain(|&net| net != cidr);
-                guard_lockout(tx, &account, uid, client_ip, force, &before, &after)?;
+                let (cidr, note) = network(cidr)?;
+                let (row, _) = withdraw_entry(tx, &account, cidr, uid, client_ip, force)?;
                 tx.set_entry_enabled(&account, cidr, false)?;
                 audit(tx, &account, uid, "allow_disable", json!({ "cidr": cidr, "forced": force }))?;
-                Ok((row, json!(tx.entry(&account, cidr)?)))
+                Ok((row, with_notes(json!(tx.entry(&account, cidr)?), note.into_iter().collect())))
             }),
             Command::AllowEnable { account, cidr } => self.change(&account, |tx| {
-                let (cidr, _) = network(cidr)?;
+                let (cidr, note) = network(cidr)?;
                 let (row, _) = existing_entry(tx, &account, cidr)?;
                 tx.set_entry_enabled(&account, cidr, true)?;
                 audit(tx, &account, uid, "allow_enable", json!({ "cidr": cidr }))?;
-                Ok((row, json!(tx.entry(&account, cidr)?)))
+                Ok((row, with_notes(json!(tx.entry(&account, cidr)?), note.into_iter().collect())))
             }),
             Command::AllowLabel { account, cidr, label } => self.change(&account, |tx| {
-                let (cidr, _) = network(cidr)?;
+                let (cidr, note) = network(cidr)?;
                 let (row, entry) = existing_entry(tx, &account, cidr)?;
                 tx.set_entry_label(&account, cidr, label.as_deref())?;
                 audit(tx, &account, uid, "allow_label", json!({ "cidr": cidr, "label": label, "was": entry.label }))?;
-                Ok((row, json!(tx.entry(&account, cidr)?)))
+                Ok((row, with_notes(json!(tx.entry(&account, cidr)?), note.into_iter().collect())))
             }),
             Command::AllowReplace { account, entries, client_ip, force } => self.change(&account, |tx| {
                 let row = tx.account(&account)?.ok_or_else(|| unknown(&account))?;
@@ -1047,6 +1039,24 @@ fn existing_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<(AccountRow, En
     let entry = tx
         .entry(account, cidr)?
         .ok_or_else(|| Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist")))?;
+    Ok((row, entry))
+}
+
+/// An entry about to stop letting anything in (removed or disabled): the account and the
+/// entry, once the lockout guard has accepted the account's policy without it.
+fn withdraw_entry(
+    tx: &Tx,
+    account: &str,
+    cidr: IpNet,
+    uid: u32,
+    client_ip: Option<IpAddr>,
+    force: bool,
+) -> Result<(AccountRow, EntryRow), Failure> {
+    let (row, entry) = existing_entry(tx, account, cidr)?;
+    let before = policy_from_store(tx, &row, now())?;
+    let mut after = before.clone();
+    after.entries.retain(|&net| net != cidr);
+    guard_lockout(tx, account, uid, client_ip, force, &before, &after)?;
     Ok((row, entry))
 }
 

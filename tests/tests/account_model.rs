@@ -238,6 +238,13 @@ fn ipv4_mapped_spellings_are_ipv4() {
     assert_eq!(c_check["via_override"]["id"], granted["override"]["id"], "{c_check}");
     assert!(tcp_ok(&w.hosts, b, dst, OK), "the mapped override does not reach the kernel");
     assert!(!tcp_ok(&w.hosts, c, dst, FAIL));
+    // Disabling and enabling in the mapped spelling reach the IPv4 entry, and say so.
+    for (cmd, enabled) in [("allow_disable", false), ("allow_enable", true)] {
+        let reply = w.ok(json!({"cmd": cmd, "account": "m", "cidr": format!("::ffff:{a}")}));
+        assert_eq!((&reply["cidr"], &reply["enabled"]), (&json!(format!("{a}/32")), &json!(enabled)), "{reply}");
+        assert!(reply["notes"][0].as_str().unwrap().contains("IPv4-mapped"), "{reply}");
+        assert_eq!(reason(&w, "m", &a.to_string()) == "allowed", enabled, "{cmd}");
+    }
     // Removing in the mapped spelling removes the IPv4 entry.
     w.ok(json!({"cmd": "allow_remove", "account": "m", "cidr": "::ffff:198.18.6.0/120", "force": true}));
     assert_eq!(reason(&w, "m", "198.18.6.77"), "address_not_allowed");
