@@ -23,7 +23,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::{datapath::netlink::XdpPath, protocol::Reason, service::Service};
+use crate::{datapath::netlink::XdpPath, protocol::Reason, service::ServiceError};
 
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,6 +76,12 @@ pub struct Snapshot {
     pub reconcile_seconds: f64,
     /// Interfaces with the filter pinned, and where the kernel runs it (`None`: not found).
     pub interfaces: Vec<(String, Option<XdpPath>)>,
+}
+
+/// What the endpoint reads at each scrape: the service implements it, and this module
+/// knows nothing else of it.
+pub trait Source: Send + Sync + 'static {
+    fn snapshot(&self) -> Result<Snapshot, ServiceError>;
 }
 
 /// The snapshot in the text exposition format.
@@ -191,7 +197,7 @@ fn label_value(raw: &str) -> String {
 }
 
 /// Serves scrapes on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, service: Arc<Service>) {
+pub async fn serve(listener: TcpListener, source: Arc<dyn Source>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let mut stream = match listener.accept().await {
@@ -209,9 +215,9 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>) {
             });
             continue;
         };
-        let service = service.clone();
+        let source = source.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT * 2, scrape(&mut stream, service)).await {
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT * 2, scrape(&mut stream, source)).await {
                 debug!("metrics connection timed out: {e}");
             }
             drop(permit);
@@ -248,7 +254,7 @@ fn parse_request(head: &[u8]) -> Request {
     }
 }
 
-async fn scrape(stream: &mut TcpStream, service: Arc<Service>) -> std::io::Result<()> {
+async fn scrape(stream: &mut TcpStream, source: Arc<dyn Source>) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     let complete = |head: &[u8]| head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n");
@@ -275,12 +281,10 @@ async fn scrape(stream: &mut TcpStream, service: Arc<Service>) -> std::io::Resul
     }
     match parse_request(&head) {
         Request::Metrics { head_only } => {
-            let snapshot = tokio::task::spawn_blocking(move || service.metrics()).await;
+            let snapshot = tokio::task::spawn_blocking(move || source.snapshot()).await;
             match snapshot {
                 Ok(Ok(snapshot)) => respond(stream, "200 OK", &render(&snapshot), head_only).await,
-                Ok(Err(e)) => {
-                    respond(stream, "500 Internal Server Error", &format!("{}\n", e.0.message), head_only).await
-                }
+                Ok(Err(e)) => respond(stream, "500 Internal Server Error", &format!("{e}\n"), head_only).await,
                 Err(e) => respond(stream, "500 Internal Server Error", &format!("{e}\n"), head_only).await,
             }
         }

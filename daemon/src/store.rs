@@ -8,17 +8,20 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::hash_map;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Serialize, Serializer};
 
-use crate::protocol::{AccountState, ActivityKind, Method, Mode, Proto, Reason};
+use crate::protocol::{
+    Account, AccountState, ActivityKind, ActivityRow, Binding, DeniedSummary, Entry, Method, Mode, Override, Proto,
+    Reason, RecentSignin, SigninSummary, UnknownSummary,
+};
 
 /// Schema migrations; `PRAGMA user_version` counts how many have been applied.
 const MIGRATIONS: &[&str] = &[
@@ -193,33 +196,6 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct AccountRow {
-    pub id: String,
-    /// The account's key in the kernel maps; slot 0 is reserved.
-    pub slot: u32,
-    pub parent: Option<String>,
-    pub state: AccountState,
-    pub mode: Mode,
-    pub state_reason: Option<String>,
-    pub created_at: i64,
-}
-
-/// A support override: `cidr` may reach `account` until `expires_at` (unix s).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct OverrideRow {
-    pub id: i64,
-    pub account: String,
-    pub cidr: IpNet,
-    pub ticket: String,
-    pub reason: String,
-    /// Uid of the support operator who granted it.
-    pub operator: u32,
-    pub created_at: i64,
-    pub expires_at: i64,
-    pub revoked_at: Option<i64>,
-}
-
 /// An audit record: one change, with the uid that made it, written in the change's own
 /// transaction.
 #[derive(Clone, Debug, PartialEq)]
@@ -292,103 +268,6 @@ pub struct DropKey {
     pub port: u16,
     /// `address_not_allowed`, `monitor_would_deny` (passed), `suspended`...
     pub reason: &'static str,
-}
-
-/// One row of an account's activity: an hour's count of sign-ins or drops (for one
-/// address, outcome and caller, or one source and destination), or one audit record.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ActivityRow {
-    pub kind: ActivityKind,
-    pub account: String,
-    /// When it was last seen (for audit records: when the change was made).
-    pub time: i64,
-    pub first_seen: i64,
-    pub count: i64,
-    /// The address signing in, or the packets' source; `*` for the addresses beyond an
-    /// hour's cap.
-    pub address: Option<String>,
-    pub method: Option<String>,
-    pub allowed: Option<bool>,
-    /// The check's or drop's reason, or the audited action.
-    pub reason: Option<String>,
-    /// Who checked, or who made the change.
-    pub uid: Option<u32>,
-    /// Drops: destination, protocol and port; sign-ins: whether an application checked;
-    /// audit records: what changed.
-    pub detail: Option<serde_json::Value>,
-}
-
-/// An account's sign-ins from one address with one method and one outcome, over a period.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct SigninSummary {
-    pub address: String,
-    pub method: String,
-    pub allowed: bool,
-    pub reason: String,
-    /// Whether these checks came from applications (false: support or admin staff).
-    pub application: bool,
-    pub count: i64,
-    pub first_seen: i64,
-    pub last_seen: i64,
-}
-
-/// Checks for accounts that do not exist, from one address with one method.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct UnknownSummary {
-    pub address: String,
-    pub method: String,
-    pub count: i64,
-    pub first_seen: i64,
-    pub last_seen: i64,
-}
-
-/// Denied checks from one (address, method), as hosted platforms show them to support.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct DeniedSummary {
-    pub address: Option<String>,
-    pub method: Option<String>,
-    pub first_seen: i64,
-    pub last_seen: i64,
-    pub count: i64,
-}
-
-/// An address that signed in successfully, and when it last did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct RecentSignin {
-    pub address: IpAddr,
-    pub last_seen: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct EntryRow {
-    pub account: String,
-    /// Always canonical: host bits are zero.
-    pub cidr: IpNet,
-    pub label: Option<String>,
-    pub created_at: i64,
-    /// Uid of the caller that added the entry.
-    pub created_by: u32,
-    /// A disabled entry is kept and listed but lets nothing in.
-    pub enabled: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct BindingRow {
-    pub account: String,
-    pub addr: IpAddr,
-    /// `None` binds the whole address; serialized as `{"proto": "tcp", "port": 443}` or null.
-    #[serde(serialize_with = "serialize_target")]
-    pub target: Option<(Proto, u16)>,
-    pub created_at: i64,
-}
-
-fn serialize_target<S: Serializer>(t: &Option<(Proto, u16)>, s: S) -> Result<S::Ok, S::Error> {
-    #[derive(Serialize)]
-    struct Target {
-        proto: Proto,
-        port: u16,
-    }
-    t.map(|(proto, port)| Target { proto, port }).serialize(s)
 }
 
 pub struct Store {
@@ -525,21 +404,21 @@ impl Tx<'_> {
         state: AccountState,
         mode: Mode,
         now: i64,
-    ) -> Result<AccountRow, StoreError> {
+    ) -> Result<Account, StoreError> {
         if self.account(id)?.is_some() {
             return Err(StoreError::AccountExists(id.to_owned()));
         }
         if let Some(p) = parent {
             match self.account(p)? {
                 None => return Err(StoreError::UnknownParent(p.to_owned())),
-                Some(AccountRow { parent: Some(grandparent), .. }) => {
+                Some(Account { parent: Some(grandparent), .. }) => {
                     return Err(StoreError::NestedParent { parent: p.to_owned(), grandparent });
                 }
                 Some(_) => {}
             }
         }
         let slot = self.free_slot()?;
-        let row = AccountRow {
+        let row = Account {
             id: id.to_owned(),
             slot,
             parent: parent.map(str::to_owned),
@@ -556,14 +435,14 @@ impl Tx<'_> {
         Ok(row)
     }
 
-    pub fn account(&self, id: &str) -> Result<Option<AccountRow>, StoreError> {
+    pub fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
         let sql = "SELECT id, slot, parent, state, mode, state_reason, created_at
                    FROM accounts WHERE id = ?1";
         Ok(self.rows(sql, [id], account_row)?.pop())
     }
 
     /// All accounts, ordered by id.
-    pub fn accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
+    pub fn accounts(&self) -> Result<Vec<Account>, StoreError> {
         let sql = "SELECT id, slot, parent, state, mode, state_reason, created_at
                    FROM accounts ORDER BY id";
         self.rows(sql, [], account_row)
@@ -618,7 +497,7 @@ impl Tx<'_> {
         label: Option<&str>,
         created_by: u32,
         now: i64,
-    ) -> Result<EntryRow, StoreError> {
+    ) -> Result<Entry, StoreError> {
         self.require_account(account)?;
         let cidr = cidr.trunc();
         let added = self.execute(
@@ -629,7 +508,7 @@ impl Tx<'_> {
         if added == 0 {
             return Err(StoreError::EntryExists { account: account.to_owned(), cidr });
         }
-        Ok(EntryRow {
+        Ok(Entry {
             account: account.to_owned(),
             cidr,
             label: label.map(str::to_owned),
@@ -640,7 +519,7 @@ impl Tx<'_> {
     }
 
     /// One entry of the account's allowlist, matched exactly (callers pass networks).
-    pub fn entry(&self, account: &str, cidr: IpNet) -> Result<Option<EntryRow>, StoreError> {
+    pub fn entry(&self, account: &str, cidr: IpNet) -> Result<Option<Entry>, StoreError> {
         let sql = "SELECT account, cidr, label, created_at, created_by, enabled
                    FROM allow_entries WHERE account = ?1 AND cidr = ?2";
         Ok(self.rows(sql, (account, cidr.to_string()), entry_row)?.pop())
@@ -669,7 +548,7 @@ impl Tx<'_> {
 
     /// The account's allowlist, ordered by CIDR text; `UnknownAccount` if there is no such
     /// account, so an empty list always means an existing account with no entries.
-    pub fn entries(&self, account: &str) -> Result<Vec<EntryRow>, StoreError> {
+    pub fn entries(&self, account: &str) -> Result<Vec<Entry>, StoreError> {
         self.require_account(account)?;
         let sql = "SELECT account, cidr, label, created_at, created_by, enabled
                    FROM allow_entries WHERE account = ?1 ORDER BY cidr";
@@ -677,7 +556,7 @@ impl Tx<'_> {
     }
 
     /// Every allowlist entry, ordered by account then CIDR text.
-    pub fn all_entries(&self) -> Result<Vec<EntryRow>, StoreError> {
+    pub fn all_entries(&self) -> Result<Vec<Entry>, StoreError> {
         let sql = "SELECT account, cidr, label, created_at, created_by, enabled
                    FROM allow_entries ORDER BY account, cidr";
         self.rows(sql, [], entry_row)
@@ -690,7 +569,7 @@ impl Tx<'_> {
         addr: IpAddr,
         target: Option<(Proto, u16)>,
         now: i64,
-    ) -> Result<BindingRow, StoreError> {
+    ) -> Result<Binding, StoreError> {
         self.require_account(account)?;
         let (proto, port) = target_columns(target);
         let added = self.execute(
@@ -705,11 +584,11 @@ impl Tx<'_> {
                 .query_row((addr.to_string(), proto, port), |r| r.get(0))?;
             return Err(StoreError::BindingExists { endpoint: endpoint(addr, target), owner });
         }
-        Ok(BindingRow { account: account.to_owned(), addr, target, created_at: now })
+        Ok(Binding { account: account.to_owned(), addr, target, created_at: now })
     }
 
     /// Removes a binding and returns it, or `None` if that endpoint was not bound.
-    pub fn remove_binding(&self, addr: IpAddr, target: Option<(Proto, u16)>) -> Result<Option<BindingRow>, StoreError> {
+    pub fn remove_binding(&self, addr: IpAddr, target: Option<(Proto, u16)>) -> Result<Option<Binding>, StoreError> {
         let (proto, port) = target_columns(target);
         let sql = "DELETE FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3
                    RETURNING account, addr, proto, port, created_at";
@@ -717,7 +596,7 @@ impl Tx<'_> {
     }
 
     /// Every binding, ordered by address text, protocol, port.
-    pub fn bindings(&self) -> Result<Vec<BindingRow>, StoreError> {
+    pub fn bindings(&self) -> Result<Vec<Binding>, StoreError> {
         let sql = "SELECT account, addr, proto, port, created_at
                    FROM bindings ORDER BY addr, proto, port";
         self.rows(sql, [], binding_row)
@@ -797,7 +676,7 @@ impl Tx<'_> {
         operator: u32,
         now: i64,
         expires_at: i64,
-    ) -> Result<OverrideRow, StoreError> {
+    ) -> Result<Override, StoreError> {
         self.require_account(account)?;
         let cidr = cidr.trunc();
         self.execute(
@@ -805,7 +684,7 @@ impl Tx<'_> {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             (account, cidr.to_string(), ticket, reason, operator, now, expires_at),
         )?;
-        Ok(OverrideRow {
+        Ok(Override {
             id: self.tx.last_insert_rowid(),
             account: account.to_owned(),
             cidr,
@@ -819,7 +698,7 @@ impl Tx<'_> {
     }
 
     /// Ends a live override of `account` now; `None` if there is no such live override.
-    pub fn revoke_override(&self, account: &str, id: i64, now: i64) -> Result<Option<OverrideRow>, StoreError> {
+    pub fn revoke_override(&self, account: &str, id: i64, now: i64) -> Result<Option<Override>, StoreError> {
         let changed = self.execute(
             "UPDATE overrides SET revoked_at = ?3
              WHERE id = ?1 AND account = ?2 AND revoked_at IS NULL AND expires_at > ?3",
@@ -834,7 +713,7 @@ impl Tx<'_> {
     }
 
     /// Overrides that have expired by `now` (not revoked) and whose expiry is not audited yet.
-    pub fn unaudited_expiries(&self, now: i64) -> Result<Vec<OverrideRow>, StoreError> {
+    pub fn unaudited_expiries(&self, now: i64) -> Result<Vec<Override>, StoreError> {
         let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
                    FROM overrides WHERE revoked_at IS NULL AND expires_at <= ?1 AND expiry_audited = 0
                    ORDER BY id LIMIT 1000";
@@ -847,7 +726,7 @@ impl Tx<'_> {
     }
 
     /// Overrides neither revoked nor expired at `now`, of one account or all, oldest first.
-    pub fn live_overrides(&self, account: Option<&str>, now: i64) -> Result<Vec<OverrideRow>, StoreError> {
+    pub fn live_overrides(&self, account: Option<&str>, now: i64) -> Result<Vec<Override>, StoreError> {
         let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
                    FROM overrides WHERE revoked_at IS NULL AND expires_at > ?1
                    AND (?2 IS NULL OR account = ?2) ORDER BY id";
@@ -1215,8 +1094,8 @@ fn fits_in_hour<K: std::hash::Hash + Eq>(
     stored: impl FnOnce() -> Result<i64, StoreError>,
 ) -> Result<bool, StoreError> {
     let rows = match rows_in_hour.entry(key) {
-        Entry::Occupied(e) => e.into_mut(),
-        Entry::Vacant(e) => e.insert(stored()?),
+        hash_map::Entry::Occupied(e) => e.into_mut(),
+        hash_map::Entry::Vacant(e) => e.insert(stored()?),
     };
     let fits = *rows < cap;
     if fits {
@@ -1225,8 +1104,8 @@ fn fits_in_hour<K: std::hash::Hash + Eq>(
     Ok(fits)
 }
 
-fn account_row(r: &Row) -> Result<AccountRow, StoreError> {
-    Ok(AccountRow {
+fn account_row(r: &Row) -> Result<Account, StoreError> {
+    Ok(Account {
         id: r.get(0)?,
         slot: int(r.get(1)?, "slot")?,
         parent: r.get(2)?,
@@ -1237,9 +1116,9 @@ fn account_row(r: &Row) -> Result<AccountRow, StoreError> {
     })
 }
 
-fn override_row(r: &Row) -> Result<OverrideRow, StoreError> {
+fn override_row(r: &Row) -> Result<Override, StoreError> {
     let cidr: String = r.get(2)?;
-    Ok(OverrideRow {
+    Ok(Override {
         id: r.get(0)?,
         account: r.get(1)?,
         cidr: cidr.parse().map_err(|_| StoreError::Corrupt(format!("bad CIDR {cidr:?}")))?,
@@ -1252,9 +1131,9 @@ fn override_row(r: &Row) -> Result<OverrideRow, StoreError> {
     })
 }
 
-fn entry_row(r: &Row) -> Result<EntryRow, StoreError> {
+fn entry_row(r: &Row) -> Result<Entry, StoreError> {
     let cidr: String = r.get(1)?;
-    Ok(EntryRow {
+    Ok(Entry {
         account: r.get(0)?,
         cidr: cidr.parse().map_err(|_| StoreError::Corrupt(format!("bad CIDR {cidr:?}")))?,
         label: r.get(2)?,
@@ -1264,7 +1143,7 @@ fn entry_row(r: &Row) -> Result<EntryRow, StoreError> {
     })
 }
 
-fn binding_row(r: &Row) -> Result<BindingRow, StoreError> {
+fn binding_row(r: &Row) -> Result<Binding, StoreError> {
     let addr: String = r.get(1)?;
     let proto: String = r.get(2)?;
     let port: u16 = int(r.get(3)?, "port")?;
@@ -1275,7 +1154,7 @@ fn binding_row(r: &Row) -> Result<BindingRow, StoreError> {
         }
         (p, _) => Some((parse_name(p, "protocol")?, port)),
     };
-    Ok(BindingRow {
+    Ok(Binding {
         account: r.get(0)?,
         addr: addr.parse().map_err(|_| StoreError::Corrupt(format!("bad address {addr:?}")))?,
         target,
@@ -1356,7 +1235,7 @@ mod tests {
         (dir, store)
     }
 
-    fn add(tx: &Tx, id: &str) -> AccountRow {
+    fn add(tx: &Tx, id: &str) -> Account {
         tx.add_account(id, None, AccountState::Active, Mode::Enforce, 100).unwrap()
     }
 

@@ -125,8 +125,7 @@ async fn main() -> anyhow::Result<()> {
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
-        let service =
-            Service::start(store, datapath, activity, &config).map_err(|f| anyhow::anyhow!("{}", f.0.message))?;
+        let service = Service::start(store, datapath, activity, &config)?;
         for iface in &config.interfaces {
             let how = explain_failure(service.attach(iface, config.xdp_mode))
                 .with_context(|| format!("attaching to {iface}"))?;
@@ -343,7 +342,7 @@ async fn sweep_forever(service: Arc<Service>) {
         every.tick().await;
         let service = service.clone();
         match tokio::task::spawn_blocking(move || service.sweep()).await {
-            Ok(Err(e)) => warn!("sweep failed: {}", e.0.message),
+            Ok(Err(e)) => warn!("sweep failed: {e}"),
             Err(e) => warn!("sweep failed: {e}"),
             Ok(Ok(())) => {}
         }

@@ -10,10 +10,10 @@ use netlink_packet_route::{
     link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where on an interface the XDP program runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum XdpPath {
     /// In the driver, before the kernel allocates a socket buffer (fast).

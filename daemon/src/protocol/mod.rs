@@ -1,0 +1,271 @@
+//! The control socket's wire format: one JSON object per line each way.
+//!
+//! A request is `{"id": <any JSON>, "cmd": "<command>", ...arguments}`; the reply echoes the
+//! id and carries either `"ok": <result>` or `"error": {"code": "...", "message": "..."}`.
+//! Each command has a request type and a reply type ([`request`], [`reply`]), tied together
+//! by [`Call`]; `docs/protocol.md` documents them (tests/tests/protocol_doc.rs keeps it
+//! true). The daemon, ipaccessctl, [`crate::client`] and the tests share these types.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub mod reply;
+pub mod request;
+
+pub use reply::*;
+pub use request::*;
+
+/// A request line. `id` is echoed unchanged in the reply.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Request {
+    #[serde(default)]
+    pub id: serde_json::Value,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// The kinds of activity records: login checks, packets the kernel dropped, audited changes.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivityKind {
+    Signin,
+    Drop,
+    Audit,
+}
+
+/// Who sent a request: the peer's uid and the roles the configuration in force gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub roles: BTreeSet<Role>,
+}
+
+impl Caller {
+    /// An application's sign-in check counts as the customer's attempt (evidence for
+    /// support, recent sign-ins for the lockout guard); one made by support or an admin
+    /// without the check role does not.
+    pub fn is_application(&self) -> bool {
+        self.roles.contains(&Role::Check)
+    }
+}
+
+/// What a caller may do; root has every role.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Login checks and reads.
+    Check,
+    /// Accounts, allowlists, modes, bindings.
+    Admin,
+    /// Overrides and activity.
+    Support,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountState {
+    Active,
+    Unconfirmed,
+    Terminated,
+    Banned,
+}
+
+impl AccountState {
+    /// Banned and terminated accounts have all their traffic dropped.
+    pub fn suspended(self) -> bool {
+        matches!(self, AccountState::Terminated | AccountState::Banned)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Off,
+    Monitor,
+    Enforce,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    #[default]
+    Password,
+    ApiKey,
+    Sso,
+}
+
+/// A reply line.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Reply {
+    pub id: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ok: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Structured facts behind the error, where a caller can act on them (for `lockout`:
+    /// the recent sign-ins the change would shut out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+/// Stable error codes: scripts match on these, people read the message.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not JSON, or not an object.
+    BadJson,
+    /// Unknown `cmd`, or missing/extra/mistyped arguments.
+    BadRequest,
+    /// The line is longer than the configured limit; the connection is closed.
+    TooLarge,
+    /// The caller's uid/gid has no role that allows the command.
+    Forbidden,
+    UnknownAccount,
+    AccountExists,
+    UnknownBinding,
+    BindingExists,
+    EntryExists,
+    UnknownEntry,
+    UnknownOverride,
+    /// The account's state forbids it (no override for a banned or terminated account).
+    Refused,
+    /// The change would lock out the address the caller named with `client_ip`.
+    Lockout,
+    /// The daemon is busy (too many requests in flight on this connection).
+    Busy,
+    /// The account already has sub-users (remove them first, or `recursive`).
+    HasSubUsers,
+    /// The kernel's tables have no room for the change (raise `[maps] slots`); nothing was
+    /// changed.
+    TablesFull,
+    /// Storage or kernel failure; nothing was changed.
+    Internal,
+}
+
+/// An account's state as it takes effect: its own, unless an ancestor's ban or termination
+/// suspends it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum EffectiveState {
+    Active,
+    Unconfirmed,
+    Terminated,
+    Banned,
+    ParentTerminated,
+    ParentBanned,
+}
+
+impl From<AccountState> for EffectiveState {
+    /// An account's own state, as it takes effect when no ancestor suspends it.
+    fn from(state: AccountState) -> Self {
+        match state {
+            AccountState::Active => EffectiveState::Active,
+            AccountState::Unconfirmed => EffectiveState::Unconfirmed,
+            AccountState::Terminated => EffectiveState::Terminated,
+            AccountState::Banned => EffectiveState::Banned,
+        }
+    }
+}
+
+/// Why a check came out as it did, first match wins in this order.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    UnknownAccount,
+    Banned,
+    ParentBanned,
+    Terminated,
+    /// The parent account was terminated for non-payment, and with it its sub-users.
+    ParentTerminated,
+    Unconfirmed,
+    AddressNotAllowed,
+    /// Monitor mode: the address is not on the list, but the check allows and records it.
+    MonitorWouldDeny,
+    Allowed,
+}
+
+/// A CIDR or a bare address (a host: /32 or /128), written strictly: decimal prefix
+/// lengths without a sign or leading zeros, and addresses as the standard library reads
+/// them (no leading zeros in IPv4 octets, which some parsers take for octal). Host bits
+/// are checked later, where the error can name the network.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let bad = || format!("{text:?} is not a CIDR (198.18.0.0/24, fd00::/48) or an address");
+    let (addr, prefix) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) => return Err(bad()),
+        Some(p) if p.len() > 1 && p.starts_with('0') => return Err(bad()),
+        Some(p) => p.parse().map_err(|_| bad())?,
+    };
+    IpNet::new(addr, prefix).map_err(|_| format!("{text:?}: the prefix length is at most {max}"))
+}
+
+fn cidr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::Error> {
+    let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+    parse_cidr(&text).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_cidrs() {
+        assert_eq!(parse_cidr("198.18.0.0/24").unwrap().to_string(), "198.18.0.0/24");
+        assert_eq!(parse_cidr("198.18.0.7").unwrap().to_string(), "198.18.0.7/32");
+        assert_eq!(parse_cidr("fd00::1").unwrap().to_string(), "fd00::1/128");
+        assert_eq!(parse_cidr("198.18.0.7/24").unwrap().to_string(), "198.18.0.7/24", "host bits are judged later");
+        for bad in [
+            "010.0.0.0/8",
+            "010.0.0.1",
+            "198.18.0.0/024",
+            "198.18.0.0/+24",
+            "198.18.0.0/",
+            "198.18.0.0/33",
+            "fd00::/129",
+            "/24",
+            "198.18.0.0/24 ",
+            " 198.18.0.0/24",
+            "198.18.0.0/2a",
+            "fd00::/0048",
+            "",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+        let request: Result<Command, _> =
+            serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "010.0.0.0/8"}"#);
+        assert!(request.unwrap_err().to_string().contains("is not a CIDR"));
+        let request: Command =
+            serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "198.18.0.9"}"#).unwrap();
+        assert!(matches!(request, Command::AllowAdd(AllowAdd { cidr, .. }) if cidr.to_string() == "198.18.0.9/32"));
+    }
+}

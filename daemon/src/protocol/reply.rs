@@ -1,0 +1,359 @@
+//! Replies: the `ok` value of each command (see [`super::Call::Reply`]), as the daemon
+//! writes it and as clients read it. Times are Unix seconds; uids are numbers.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{AccountState, ActivityKind, EffectiveState, Mode, Proto, Reason};
+use crate::datapath::netlink::XdpPath;
+
+/// An account as a change leaves it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    /// The account's key in the kernel maps; slot 0 is reserved.
+    pub slot: u32,
+    pub parent: Option<String>,
+    pub state: AccountState,
+    pub mode: Mode,
+    pub state_reason: Option<String>,
+    pub created_at: i64,
+}
+
+/// An account as lists show it: with the state in force, which differs from its own when an
+/// ancestor is banned or terminated.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ListedAccount {
+    #[serde(flatten)]
+    pub account: Account,
+    pub effective_state: EffectiveState,
+}
+
+/// `account_show`: the account with its allowlist and bindings.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct AccountDetails {
+    pub account: ListedAccount,
+    pub entries: Vec<Entry>,
+    pub bindings: Vec<Binding>,
+}
+
+/// `account_remove`: every account removed, deepest sub-user first.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Removed {
+    pub removed: Vec<String>,
+}
+
+/// An allowlist entry.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Entry {
+    pub account: String,
+    /// Always canonical: host bits are zero, IPv4-mapped networks are IPv4.
+    pub cidr: IpNet,
+    pub label: Option<String>,
+    pub created_at: i64,
+    /// Uid of the caller that added the entry.
+    pub created_by: u32,
+    /// A disabled entry is kept and listed but lets nothing in.
+    pub enabled: bool,
+}
+
+/// A reply with what the daemon rewrote on the way in (an IPv4-mapped network stored as
+/// IPv4, for instance); `notes` is left out when there is nothing to say.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Noted<T> {
+    #[serde(flatten)]
+    pub value: T,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl<T> Noted<T> {
+    pub fn new(value: T, notes: Vec<String>) -> Noted<T> {
+        Noted { value, notes }
+    }
+}
+
+/// `allow_remove`: the network that left the allowlist.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct EntryRemoved {
+    pub account: String,
+    pub removed: IpNet,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// `allow_replace`: the allowlist as the change left it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Allowlist {
+    pub entries: Vec<Entry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// An endpoint bound to an account.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Binding {
+    pub account: String,
+    pub addr: IpAddr,
+    /// `None` binds the whole address; on the wire `{"proto": "tcp", "port": 443}` or null.
+    #[serde(serialize_with = "write_target", deserialize_with = "read_target")]
+    pub target: Option<(Proto, u16)>,
+    pub created_at: i64,
+}
+
+/// A bound port as the wire shows it.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Port {
+    proto: Proto,
+    port: u16,
+}
+
+fn write_target<S: Serializer>(target: &Option<(Proto, u16)>, s: S) -> Result<S::Ok, S::Error> {
+    target.map(|(proto, port)| Port { proto, port }).serialize(s)
+}
+
+fn read_target<'de, D: Deserializer<'de>>(d: D) -> Result<Option<(Proto, u16)>, D::Error> {
+    Ok(Option::<Port>::deserialize(d)?.map(|Port { proto, port }| (proto, port)))
+}
+
+/// The outcome of a login check.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct CheckResult {
+    pub allowed: bool,
+    /// Stable reason code, see [`Reason`].
+    pub reason: Reason,
+    /// A sentence the person signing in can act on. It never tells whether an account
+    /// exists: an unknown account gets the hint of an address that is not allowed.
+    pub hint: String,
+    /// What an operator needs to know (which rule decided, and why); not for the person
+    /// signing in.
+    #[serde(default)]
+    pub detail: String,
+    /// The support override that let the address in, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_override: Option<OverrideRef>,
+}
+
+/// Which override allowed a check, and until when.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct OverrideRef {
+    pub id: i64,
+    pub expires_at: i64,
+}
+
+/// A support override: `cidr` may reach `account` until `expires_at`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Override {
+    pub id: i64,
+    pub account: String,
+    pub cidr: IpNet,
+    pub ticket: String,
+    pub reason: String,
+    /// Uid of the support operator who granted it.
+    pub operator: u32,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// `override_grant`: the override, and the customer's denied attempts of the last 7 days
+/// (the evidence support weighs).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Granted {
+    #[serde(rename = "override")]
+    pub granted: Override,
+    pub recent_denied: Vec<DeniedSummary>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Denied checks from one (address, method), as hosted platforms show them to support.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct DeniedSummary {
+    pub address: Option<String>,
+    pub method: Option<String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub count: i64,
+}
+
+/// `activity`: records, a summary of sign-ins, or the checks for unknown accounts, as the
+/// request asked.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum ActivityReport {
+    Records(Vec<ActivityRow>),
+    Signins(Vec<SigninSummary>),
+    UnknownAccounts(Vec<UnknownSummary>),
+}
+
+/// One row of an account's activity: an hour's count of sign-ins or drops (for one
+/// address, outcome and caller, or one source and destination), or one audit record.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ActivityRow {
+    pub kind: ActivityKind,
+    pub account: String,
+    /// When it was last seen (for audit records: when the change was made).
+    pub time: i64,
+    pub first_seen: i64,
+    pub count: i64,
+    /// The address signing in, or the packets' source; `*` for the addresses beyond an
+    /// hour's cap.
+    pub address: Option<String>,
+    pub method: Option<String>,
+    pub allowed: Option<bool>,
+    /// The check's or drop's reason, or the audited action.
+    pub reason: Option<String>,
+    /// Who checked, or who made the change.
+    pub uid: Option<u32>,
+    /// Drops: destination, protocol and port; sign-ins: whether an application checked;
+    /// audit records: what changed.
+    pub detail: Option<serde_json::Value>,
+}
+
+/// An account's sign-ins from one address with one method and one outcome, over a period.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct SigninSummary {
+    pub address: String,
+    pub method: String,
+    pub allowed: bool,
+    pub reason: String,
+    /// Whether these checks came from applications (false: support or admin staff).
+    pub application: bool,
+    pub count: i64,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+/// Checks for accounts that do not exist, from one address with one method.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct UnknownSummary {
+    pub address: String,
+    pub method: String,
+    pub count: i64,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+/// `stats`: kernel counters per account, and the host's.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct StatsReport {
+    pub accounts: Vec<AccountTraffic>,
+    pub host: HostTraffic,
+}
+
+/// One account's packets and bytes since its counters were created.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct AccountTraffic {
+    pub account: String,
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    /// Monitor mode: what enforcement would have dropped (it passed).
+    pub would_drop_packets: u64,
+    pub would_drop_bytes: u64,
+}
+
+/// Packets the filter passed without an account.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct HostTraffic {
+    pub non_ip: u64,
+    /// To addresses nobody bound.
+    pub unbound: u64,
+    /// IPv6 neighbour discovery, always passed.
+    pub ndp: u64,
+    /// Too short or malformed to judge.
+    pub malformed: u64,
+}
+
+/// `import`: how many accounts the batch held, how many were new, and how many allowlist
+/// entries it wrote.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Imported {
+    pub accounts: u64,
+    pub created: u64,
+    pub entries: u64,
+}
+
+/// `detach`: whether a filter was on the interface.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Detached {
+    pub interface: String,
+    pub detached: bool,
+}
+
+/// `status`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct StatusReport {
+    pub accounts: u64,
+    /// Interfaces the filter is attached to.
+    pub interfaces: Vec<String>,
+    /// Where each runs the program, as the kernel reports it (null: no program).
+    pub xdp: Vec<XdpInterface>,
+    pub pin_dir: String,
+    pub table_slots_used: u64,
+    pub table_slots: u64,
+    /// Null when the kernel's counters could not be read.
+    pub host_counters: Option<HostTraffic>,
+}
+
+/// An attached interface and the XDP path its program runs in.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct XdpInterface {
+    pub interface: String,
+    pub path: Option<XdpPath>,
+}
+
+/// What a lockout refusal carries in `details`: the recent sign-ins the change would shut
+/// out.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ShutOut {
+    pub shut_out: Vec<RecentSignin>,
+}
+
+/// An address that signed in successfully, and when it last did.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct RecentSignin {
+    pub address: IpAddr,
+    pub last_seen: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_only_when_there_are_some() {
+        let entry = Entry {
+            account: "acme".into(),
+            cidr: "198.18.0.0/24".parse().unwrap(),
+            label: None,
+            created_at: 1,
+            created_by: 0,
+            enabled: true,
+        };
+        let plain = serde_json::to_value(Noted::new(entry.clone(), vec![])).unwrap();
+        assert!(plain.get("notes").is_none() && plain["cidr"] == "198.18.0.0/24");
+        let noted = serde_json::to_string(&Noted::new(entry, vec!["rewritten".into()])).unwrap();
+        assert_eq!(serde_json::from_str::<Noted<Entry>>(&noted).unwrap().notes, ["rewritten"]);
+    }
+
+    #[test]
+    fn targets_and_activity_shapes() {
+        let binding: Binding = serde_json::from_str(
+            r#"{"account": "a", "addr": "198.18.0.1", "target": {"proto": "udp", "port": 53}, "created_at": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(binding.target, Some((Proto::Udp, 53)));
+        assert_eq!(serde_json::to_value(&binding).unwrap()["target"]["proto"], "udp");
+        let summary =
+            r#"[{"address": "198.18.0.9", "method": "password", "count": 2, "first_seen": 1, "last_seen": 2}]"#;
+        assert!(
+            matches!(serde_json::from_str(summary).unwrap(), ActivityReport::UnknownAccounts(rows) if rows.len() == 1)
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! Accounts: creating, showing, listing, removing, their state and mode, and bulk import.
+
+use std::collections::{HashMap, HashSet};
+
+use log::info;
+use serde_json::json;
+
+use super::{
+    Failure, Reply, Service,
+    allowlist::distinct_entries,
+    change::{audit, existing, policy_from_store},
+    lockout, now,
+};
+use crate::{
+    policy::{ACCOUNT_ID_RULE, AccountPolicy, effective_state, valid_account_id},
+    protocol::{
+        Account, AccountAdd, AccountDetails, AccountList, AccountMode, AccountRemove, AccountShow, AccountState,
+        ErrorCode, Import, ImportAccount, Imported, ListedAccount, Mode, Removed, SetAccountState,
+    },
+    store::Tx,
+};
+
+impl Service {
+    pub(super) fn account_add(&self, request: AccountAdd, uid: u32) -> Reply<AccountAdd> {
+        let AccountAdd { account, parent, unconfirmed } = request;
+        if !valid_account_id(&account) {
+            return Err(Failure::new(ErrorCode::BadRequest, format!("{ACCOUNT_ID_RULE}; {account:?} is not one")));
+        }
+        let state = if unconfirmed { AccountState::Unconfirmed } else { AccountState::Active };
+        // IP restriction is opt-in: a new account starts in mode `off`.
+        self.change(&account, |tx| {
+            let row = tx.add_account(&account, parent.as_deref(), state, Mode::Off, now())?;
+            audit(tx, &account, uid, "account_add", json!({ "parent": parent, "state": state }))?;
+            Ok((row.clone(), row))
+        })
+    }
+
+    pub(super) fn account_show(&self, AccountShow { account }: AccountShow) -> Reply<AccountShow> {
+        self.read(|tx| {
+            let row = existing(tx, &account)?;
+            let listed = listed(&self.accounts.read().expect("cache lock"), row);
+            let bindings = tx.bindings()?.into_iter().filter(|b| b.account == account).collect();
+            Ok(AccountDetails { account: listed, entries: tx.entries(&account)?, bindings })
+        })
+    }
+
+    pub(super) fn account_list(&self, _: AccountList) -> Reply<AccountList> {
+        self.read(|tx| {
+            let rows = tx.accounts()?;
+            let cache = self.accounts.read().expect("cache lock");
+            Ok(rows.into_iter().map(|row| listed(&cache, row)).collect())
+        })
+    }
+
+    /// Removes an account (and, with `recursive`, its sub-users, deepest first) from the
+    /// store and the kernel.
+    pub(super) fn account_remove(&self, request: AccountRemove, uid: u32) -> Reply<AccountRemove> {
+        let AccountRemove { account, recursive } = request;
+        let removed = self.remove_accounts(|tx| {
+            existing(tx, &account)?;
+            let below = tx.descendants(&account)?;
+            if !below.is_empty() && !recursive {
+                return Err(Failure::new(
+                    ErrorCode::HasSubUsers,
+                    format!(
+                        "{account} has sub-users ({}); remove them first, or repeat with --recursive to remove them \
+                         too",
+                        below.join(", ")
+                    ),
+                ));
+            }
+            let removed: Vec<String> = below.into_iter().rev().chain([account.clone()]).collect();
+            let bindings = tx.bindings()?;
+            for id in &removed {
+                let bindings = bindings.iter().filter(|b| &b.account == id).count();
+                audit(tx, id, uid, "account_remove", json!({ "removed_with": account, "bindings": bindings }))?;
+            }
+            Ok(removed)
+        })?;
+        Ok(Removed { removed })
+    }
+
+    pub(super) fn account_state(&self, request: SetAccountState, uid: u32) -> Reply<SetAccountState> {
+        let SetAccountState { account, state, reason } = request;
+        self.change(&account, |tx| {
+            let was = existing(tx, &account)?.state;
+            tx.set_state(&account, state, reason.as_deref())?;
+            audit(tx, &account, uid, "state", json!({ "state": state, "was": was, "reason": reason }))?;
+            let row = existing(tx, &account)?;
+            Ok((row.clone(), row))
+        })
+    }
+
+    pub(super) fn account_mode(&self, request: AccountMode, uid: u32) -> Reply<AccountMode> {
+        let AccountMode { account, mode, client_ip, force } = request;
+        self.change(&account, |tx| {
+            let row = existing(tx, &account)?;
+            let before = policy_from_store(tx, &row, now())?;
+            let after = AccountPolicy { mode, ..before.clone() };
+            lockout::guard(tx, &account, uid, client_ip, force, &before, &after)?;
+            tx.set_mode(&account, mode)?;
+            audit(tx, &account, uid, "mode", json!({ "mode": mode, "was": row.mode, "forced": force }))?;
+            let row = existing(tx, &account)?;
+            Ok((row.clone(), row))
+        })
+    }
+
+    /// Creates or updates every account of the batch, with its allowlist, in one change.
+    pub(super) fn import(&self, Import { accounts }: Import, uid: u32) -> Reply<Import> {
+        let mut seen = HashSet::with_capacity(accounts.len());
+        if let Some(twice) = accounts.iter().find(|a| !seen.insert(a.account.as_str())) {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("account {} appears twice in the import", twice.account),
+            ));
+        }
+        self.change_accounts(|tx| {
+            let at = now();
+            let mut totals = Imported::default();
+            let mut rows = Vec::with_capacity(accounts.len());
+            for import in accounts {
+                let id = import.account.clone();
+                let (row, created, entries) = import_one(tx, import, uid, at).map_err(|Failure(mut body)| {
+                    // The client maps the account back to its line in the file.
+                    body.message = format!("account {id}: {}", body.message);
+                    Failure(body)
+                })?;
+                totals.created += u64::from(created);
+                totals.entries += entries as u64;
+                rows.push(row);
+            }
+            totals.accounts = rows.len() as u64;
+            info!(
+                "import by uid {uid}: {} accounts ({} new), {} allowlist entries",
+                totals.accounts, totals.created, totals.entries
+            );
+            Ok((rows, totals))
+        })
+    }
+}
+
+/// An account row as lists show it: with the state that takes effect, which differs from
+/// its own when an ancestor is banned or terminated.
+fn listed(cache: &HashMap<String, AccountPolicy>, row: Account) -> ListedAccount {
+    let effective_state = match cache.get(&row.id) {
+        Some(policy) => effective_state(|id| cache.get(id), policy).0,
+        // Written since the cache was read: its own state is all there is to go on.
+        None => row.state.into(),
+    };
+    ListedAccount { account: row, effective_state }
+}
+
+/// One account of an import: created or updated, its allowlist replaced when given.
+/// Returns its row, whether it was created, and how many entries it now lists.
+fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Account, bool, usize), Failure> {
+    let id = import.account.as_str();
+    let (mut row, created) = match tx.account(id)? {
+        Some(row) => {
+            if import.parent.is_some() && import.parent != row.parent {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    "it exists with another parent; a parent cannot be changed",
+                ));
+            }
+            (row, false)
+        }
+        None => {
+            if !valid_account_id(id) {
+                return Err(Failure::new(ErrorCode::BadRequest, ACCOUNT_ID_RULE));
+            }
+            let state = import.state.unwrap_or(AccountState::Active);
+            (tx.add_account(id, import.parent.as_deref(), state, import.mode.unwrap_or(Mode::Off), at)?, true)
+        }
+    };
+    if let Some(state) = import.state.filter(|&s| s != row.state) {
+        tx.set_state(id, state, Some("import"))?;
+        (row.state, row.state_reason) = (state, Some("import".into()));
+    }
+    if let Some(mode) = import.mode.filter(|&m| m != row.mode) {
+        tx.set_mode(id, mode)?;
+        row.mode = mode;
+    }
+    let replaced = import.entries.map(distinct_entries).transpose()?.map(|(wanted, _)| wanted);
+    if let Some(wanted) = &replaced {
+        tx.replace_entries(id, wanted, uid, at)?;
+    }
+    let entries = replaced.as_ref().map_or(0, Vec::len);
+    audit(
+        tx,
+        id,
+        uid,
+        "import",
+        json!({ "created": created, "state": import.state, "mode": import.mode,
+        "entries": replaced.as_ref().map(Vec::len) }),
+    )?;
+    Ok((row, created, entries))
+}

@@ -1,0 +1,165 @@
+//! Allowlists: entries added, removed, disabled, enabled, labelled, listed and replaced.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use serde_json::json;
+
+use super::{
+    Failure, Reply, Service,
+    change::{audit, existing, policy_from_store},
+    lockout, now,
+};
+use crate::{
+    policy::normalise_cidr,
+    protocol::{
+        Account, AllowAdd, AllowDisable, AllowEnable, AllowLabel, AllowList, AllowRemove, AllowReplace, Allowlist,
+        Entry, EntryRemoved, ErrorCode, Noted, ReplaceEntry,
+    },
+    store::Tx,
+};
+
+/// A replacement allowlist: each network with its label.
+pub(super) type Wanted = Vec<(IpNet, Option<String>)>;
+
+impl Service {
+    pub(super) fn allow_add(&self, AllowAdd { account, cidr, label }: AllowAdd, uid: u32) -> Reply<AllowAdd> {
+        self.change(&account, |tx| {
+            let (cidr, notes) = network(cidr)?;
+            let entry = tx.add_entry(&account, cidr, label.as_deref(), uid, now())?;
+            audit(tx, &account, uid, "allow_add", json!({ "cidr": cidr, "label": label }))?;
+            Ok((existing(tx, &account)?, Noted::new(entry, notes)))
+        })
+    }
+
+    pub(super) fn allow_remove(&self, request: AllowRemove, uid: u32) -> Reply<AllowRemove> {
+        let AllowRemove { account, cidr, client_ip, force } = request;
+        self.change(&account, |tx| {
+            let (cidr, notes) = network(cidr)?;
+            let (row, entry) = withdraw_entry(tx, &account, cidr, uid, client_ip, force)?;
+            tx.remove_entry(&account, cidr)?;
+            audit(tx, &account, uid, "allow_remove", json!({ "cidr": cidr, "label": entry.label, "forced": force }))?;
+            Ok((row, EntryRemoved { account: account.clone(), removed: cidr, notes }))
+        })
+    }
+
+    pub(super) fn allow_list(&self, AllowList { account }: AllowList) -> Reply<AllowList> {
+        self.read(|tx| {
+            existing(tx, &account)?;
+            Ok(tx.entries(&account)?)
+        })
+    }
+
+    pub(super) fn allow_disable(&self, request: AllowDisable, uid: u32) -> Reply<AllowDisable> {
+        let AllowDisable { account, cidr, client_ip, force } = request;
+        self.change(&account, |tx| {
+            let (cidr, notes) = network(cidr)?;
+            let (row, _) = withdraw_entry(tx, &account, cidr, uid, client_ip, force)?;
+            tx.set_entry_enabled(&account, cidr, false)?;
+            audit(tx, &account, uid, "allow_disable", json!({ "cidr": cidr, "forced": force }))?;
+            Ok((row, Noted::new(changed_entry(tx, &account, cidr)?, notes)))
+        })
+    }
+
+    pub(super) fn allow_enable(&self, AllowEnable { account, cidr }: AllowEnable, uid: u32) -> Reply<AllowEnable> {
+        self.change(&account, |tx| {
+            let (cidr, notes) = network(cidr)?;
+            let (row, _) = existing_entry(tx, &account, cidr)?;
+            tx.set_entry_enabled(&account, cidr, true)?;
+            audit(tx, &account, uid, "allow_enable", json!({ "cidr": cidr }))?;
+            Ok((row, Noted::new(changed_entry(tx, &account, cidr)?, notes)))
+        })
+    }
+
+    pub(super) fn allow_label(&self, AllowLabel { account, cidr, label }: AllowLabel, uid: u32) -> Reply<AllowLabel> {
+        self.change(&account, |tx| {
+            let (cidr, notes) = network(cidr)?;
+            let (row, entry) = existing_entry(tx, &account, cidr)?;
+            tx.set_entry_label(&account, cidr, label.as_deref())?;
+            audit(tx, &account, uid, "allow_label", json!({ "cidr": cidr, "label": label, "was": entry.label }))?;
+            Ok((row, Noted::new(changed_entry(tx, &account, cidr)?, notes)))
+        })
+    }
+
+    pub(super) fn allow_replace(&self, request: AllowReplace, uid: u32) -> Reply<AllowReplace> {
+        let AllowReplace { account, entries, client_ip, force } = request;
+        self.change(&account, |tx| {
+            let row = existing(tx, &account)?;
+            let (wanted, notes) = distinct_entries(entries)?;
+            let disabled: HashSet<IpNet> =
+                tx.entries(&account)?.into_iter().filter(|e| !e.enabled).map(|e| e.cidr).collect();
+            let before = policy_from_store(tx, &row, now())?;
+            let mut after = before.clone();
+            after.entries = wanted.iter().map(|(c, _)| *c).filter(|c| !disabled.contains(c)).collect();
+            lockout::guard(tx, &account, uid, client_ip, force, &before, &after)?;
+            tx.replace_entries(&account, &wanted, uid, now())?;
+            audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
+            Ok((row, Allowlist { entries: tx.entries(&account)?, notes }))
+        })
+    }
+}
+
+/// The entries of a replacement in canonical form (see [`network`]); where a CIDR is given
+/// twice, the later one (and its label) counts. Also returns the notes on rewritten entries.
+pub(super) fn distinct_entries(entries: Vec<ReplaceEntry>) -> Result<(Wanted, Vec<String>), Failure> {
+    let mut positions: HashMap<IpNet, usize> = HashMap::with_capacity(entries.len());
+    let mut wanted: Wanted = Vec::with_capacity(entries.len());
+    let mut notes = Vec::new();
+    for (n, entry) in entries.into_iter().enumerate() {
+        let (cidr, note) = network(entry.cidr).map_err(|Failure(mut body)| {
+            body.message = format!("entry {}: {}", n + 1, body.message);
+            Failure(body)
+        })?;
+        notes.extend(note);
+        match positions.get(&cidr) {
+            Some(&at) => wanted[at].1 = entry.label,
+            None => {
+                positions.insert(cidr, wanted.len());
+                wanted.push((cidr, entry.label));
+            }
+        }
+    }
+    Ok((wanted, notes))
+}
+
+/// The account and one of its entries, or `unknown_entry`.
+fn existing_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<(Account, Entry), Failure> {
+    let row = existing(tx, account)?;
+    let entry = tx
+        .entry(account, cidr)?
+        .ok_or_else(|| Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist")))?;
+    Ok((row, entry))
+}
+
+/// An entry as a change in this transaction left it.
+fn changed_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<Entry, Failure> {
+    Ok(existing_entry(tx, account, cidr)?.1)
+}
+
+/// An entry about to stop letting anything in (removed or disabled): the account and the
+/// entry, once the lockout guard has accepted the account's policy without it.
+fn withdraw_entry(
+    tx: &Tx,
+    account: &str,
+    cidr: IpNet,
+    uid: u32,
+    client_ip: Option<IpAddr>,
+    force: bool,
+) -> Result<(Account, Entry), Failure> {
+    let (row, entry) = existing_entry(tx, account, cidr)?;
+    let before = policy_from_store(tx, &row, now())?;
+    let mut after = before.clone();
+    after.entries.retain(|&net| net != cidr);
+    lockout::guard(tx, account, uid, client_ip, force, &before, &after)?;
+    Ok((row, entry))
+}
+
+/// A CIDR as the store keeps it (see [`normalise_cidr`]) with a note when it was rewritten,
+/// or `bad_request` saying why not.
+pub(super) fn network(cidr: IpNet) -> Result<(IpNet, Vec<String>), Failure> {
+    let (cidr, note) = normalise_cidr(cidr).map_err(|why| Failure::new(ErrorCode::BadRequest, why))?;
+    Ok((cidr, note.into_iter().collect()))
+}

@@ -1,0 +1,226 @@
+//! What every change shares: the writer lock, the store transaction, the kernel update,
+//! and putting the kernel back when the commit fails. Reads, too, go through here.
+
+use std::collections::HashMap;
+
+use ipaccess_common::NEVER_EXPIRES;
+use ipnet::IpNet;
+use log::warn;
+use serde_json::{Value, json};
+
+use super::{Failure, Service, Writer, now, unknown};
+use crate::{
+    datapath::{self, Binding, Datapath, DatapathError},
+    logging::{self, PendingAudit},
+    policy::{AccountPolicy, LiveOverride, suspended},
+    protocol::Account,
+    store::{ActivityRecord, StoreError, Tx},
+};
+
+impl Service {
+    /// Runs `f` in a read transaction.
+    pub(super) fn read<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let tx = writer.store.transaction()?;
+        f(&tx)
+    }
+
+    /// A change to one account (and, through banning, to its sub-users): store, then
+    /// kernel, then commit; on any failure nothing is left changed. `f` returns the account
+    /// as changed and the reply.
+    pub(super) fn change<T>(
+        &self,
+        account: &str,
+        f: impl FnOnce(&Tx) -> Result<(Account, T), Failure>,
+    ) -> Result<T, Failure> {
+        self.change_accounts(|tx| {
+            let (row, reply) = f(tx)?;
+            debug_assert_eq!(row.id, account);
+            Ok((vec![row], reply))
+        })
+    }
+
+    /// A change to the accounts `f` returns (after it ran: their rows as changed) and, if
+    /// they are parents, to their sub-users. The cache is not copied: the accounts' new
+    /// versions are built beside it and moved in once the change is committed.
+    pub(super) fn change_accounts<T>(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<(Vec<Account>, T), Failure>,
+    ) -> Result<T, Failure> {
+        // Checks answered before this change reach the log before its audit record, so the
+        // log's order is the order things happened in.
+        self.activity.flush();
+        let mut guard = self.writer.lock().expect("writer lock");
+        let Writer { store, datapath } = &mut *guard;
+        let pending_audit = PendingAudit::begin();
+        let tx = store.transaction()?;
+        let (rows, reply) = f(&tx)?;
+        let at = now();
+        let mut updated: HashMap<String, AccountPolicy> = HashMap::with_capacity(rows.len());
+        let mut children = Vec::new();
+        for row in rows {
+            // A suspension reaches every account below, however deep an older store nests them.
+            children.extend(tx.descendants(&row.id)?);
+            let policy = policy_from_store(&tx, &row, at)?;
+            updated.insert(row.id, policy);
+        }
+        // Only holders of the writer lock replace the cache, so until the end it holds the
+        // previous state, which a failure puts back into the kernel.
+        let cache = self.accounts.read().expect("cache lock");
+        let next = |id: &str| updated.get(id).or_else(|| cache.get(id));
+        let mut affected: Vec<&str> = updated.keys().map(String::as_str).collect();
+        affected.extend(children.iter().map(String::as_str).filter(|id| !updated.contains_key(*id)));
+        let applied = affected.iter().try_for_each(|&id| {
+            let account = next(id).expect("affected accounts exist");
+            apply_account(datapath, account, suspended(next, id))
+        });
+        if let Err(e) = applied.map_err(Failure::from).and_then(|()| Ok(tx.commit()?)) {
+            for &id in &affected {
+                let restored = match cache.get(id) {
+                    Some(previous) => apply_account(datapath, previous, suspended(|p| cache.get(p), id)),
+                    None => datapath.remove_account(updated[id].slot),
+                };
+                if let Err(e) = restored {
+                    warn!("could not restore account {id} in the kernel: {e}");
+                }
+            }
+            return Err(e);
+        }
+        drop(cache);
+        self.accounts.write().expect("cache lock").extend(updated);
+        pending_audit.committed();
+        Ok(reply)
+    }
+
+    /// A change to the bindings: `f` changes the store, then the kernel's binding table is
+    /// rewritten from it, then the change commits (the table is put back if that fails).
+    pub(super) fn change_bindings<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
+        let mut guard = self.writer.lock().expect("writer lock");
+        let Writer { store, datapath } = &mut *guard;
+        let pending_audit = PendingAudit::begin();
+        let tx = store.transaction()?;
+        let result = f(&tx)?;
+        let cache = self.accounts.read().expect("cache lock");
+        let wanted: Vec<Binding> =
+            tx.bindings()?.iter().map(|b| super::bindings::in_kernel(b, cache[b.account.as_str()].slot)).collect();
+        let before = datapath.bindings();
+        datapath.set_bindings(&wanted)?;
+        if let Err(e) = tx.commit() {
+            if let Err(undo) = datapath.set_bindings(&before) {
+                warn!("could not restore the kernel's bindings after a failed commit: {undo}");
+            }
+            return Err(e.into());
+        }
+        pending_audit.committed();
+        Ok(result)
+    }
+
+    /// Removes accounts (listed deepest first) from the store and the kernel: bindings first,
+    /// so that no endpoint points at a slot being cleared. `f` runs first, in the same
+    /// transaction, and returns the ids to remove.
+    pub(super) fn remove_accounts(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<Vec<String>, Failure>,
+    ) -> Result<Vec<String>, Failure> {
+        self.activity.flush();
+        let mut guard = self.writer.lock().expect("writer lock");
+        let Writer { store, datapath } = &mut *guard;
+        let pending_audit = PendingAudit::begin();
+        let tx = store.transaction()?;
+        let removed = f(&tx)?;
+        for id in &removed {
+            tx.remove_account(id)?;
+        }
+        let cache = self.accounts.read().expect("cache lock");
+        let slot = |id: &str| cache.get(id).map(|a| a.slot);
+        let wanted: Vec<Binding> =
+            tx.bindings()?.iter().filter_map(|b| Some(super::bindings::in_kernel(b, slot(&b.account)?))).collect();
+        let before = datapath.bindings();
+        let applied = datapath
+            .set_bindings(&wanted)
+            .and_then(|()| removed.iter().filter_map(|id| slot(id)).try_for_each(|s| datapath.remove_account(s)))
+            .map_err(Failure::from)
+            .and_then(|()| Ok(tx.commit()?));
+        if let Err(e) = applied {
+            for id in &removed {
+                if let Some(previous) = cache.get(id)
+                    && let Err(undo) = apply_account(datapath, previous, suspended(|p| cache.get(p), id))
+                {
+                    warn!("could not restore account {id} in the kernel: {undo}");
+                }
+            }
+            if let Err(undo) = datapath.set_bindings(&before) {
+                warn!("could not restore the kernel's bindings after a failed removal: {undo}");
+            }
+            return Err(e);
+        }
+        drop(cache);
+        let mut cache = self.accounts.write().expect("cache lock");
+        for id in &removed {
+            cache.remove(id);
+        }
+        pending_audit.committed();
+        Ok(removed)
+    }
+}
+
+/// Writes one account's allowlist (entries and live overrides) and policy to the kernel.
+pub(super) fn apply_account(
+    datapath: &mut Datapath,
+    account: &AccountPolicy,
+    suspended: bool,
+) -> Result<(), DatapathError> {
+    let mut entries: Vec<(IpNet, u64)> = account.entries.iter().map(|&net| (net, NEVER_EXPIRES)).collect();
+    // Overrides expire in the kernel on their own: their expiry moves to the kernel's clock.
+    let (unix_now, boot_now) = (now(), datapath::boot_time_ns());
+    for &LiveOverride { cidr: net, expires_at: expires, .. } in &account.overrides {
+        if expires > unix_now {
+            entries.push((net, boot_now.saturating_add((expires - unix_now) as u64 * 1_000_000_000)));
+        }
+    }
+    datapath.set_allowlist(account.slot, &entries)?;
+    datapath.set_policy(account.slot, to_mode(account.mode), suspended)
+}
+
+fn to_mode(mode: crate::protocol::Mode) -> datapath::Mode {
+    use crate::protocol::Mode;
+    match mode {
+        Mode::Off => datapath::Mode::Off,
+        Mode::Monitor => datapath::Mode::Monitor,
+        Mode::Enforce => datapath::Mode::Enforce,
+    }
+}
+
+/// Records a change in the activity log, in the change's own transaction, and in the
+/// daemon's log once it commits.
+pub(super) fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Value) -> Result<(), StoreError> {
+    let mut detail = detail;
+    detail["uid"] = json!(uid);
+    detail["action"] = json!(action);
+    logging::audit(account, uid, action, &detail);
+    let record = ActivityRecord { time: now(), account: account.to_string(), uid, action: action.to_string(), detail };
+    tx.add_activity(&[record])
+}
+
+/// The account's policy as a change would leave it, read inside the change's transaction.
+pub(super) fn policy_from_store(tx: &Tx, row: &Account, now: i64) -> Result<AccountPolicy, Failure> {
+    let entries = tx.entries(&row.id)?.into_iter().filter(|e| e.enabled).map(|e| e.cidr).collect();
+    let overrides = tx
+        .live_overrides(Some(&row.id), now)?
+        .into_iter()
+        .map(|o| LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at })
+        .collect();
+    Ok(AccountPolicy {
+        slot: row.slot,
+        parent: row.parent.clone(),
+        state: row.state,
+        mode: row.mode,
+        entries,
+        overrides,
+    })
+}
+
+/// The account's row, or `unknown_account`.
+pub(super) fn existing(tx: &Tx, account: &str) -> Result<Account, Failure> {
+    tx.account(account)?.ok_or_else(|| unknown(account))
+}

@@ -1,0 +1,232 @@
+//! The daemon's core: every command, applied to the store and the kernel together.
+//!
+//! A change is written in a store transaction, applied to the maps, and only then
+//! committed; if the maps refuse it, the transaction is rolled back and the kernel put back
+//! as it was, so the caller's error means "nothing changed" (see [`change`]). Login checks
+//! are answered from an in-memory copy of the policy, never from the database; other reads
+//! run on the store's read connections, beside the writer.
+//!
+//! One module per command family: [`accounts`], [`allowlist`], [`bindings`], [`check`],
+//! [`support`] (overrides and activity) and [`operations`] (status, counters, detach,
+//! metrics). [`upkeep`] holds the periodic work: override sweeps and drop samples.
+
+mod accounts;
+mod allowlist;
+mod bindings;
+mod change;
+mod check;
+mod lockout;
+mod operations;
+mod support;
+mod upkeep;
+mod validate;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicU8, AtomicU32, AtomicU64},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use log::info;
+use serde_json::value::RawValue;
+
+pub use crate::activity::ActivityLog;
+use crate::{
+    datapath::{self, Datapath, DatapathError},
+    metrics::CheckCounters,
+    policy::{AccountPolicy, LiveOverride},
+    protocol::{Call, Caller, Command, ErrorBody, ErrorCode},
+    store::{Store, StoreError},
+};
+
+/// An error for the caller: a stable code and a sentence.
+#[derive(Debug)]
+pub struct Failure(pub ErrorBody);
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure(ErrorBody { code, message: message.into(), details: None })
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let code = match &e {
+            StoreError::AccountExists(_) => ErrorCode::AccountExists,
+            StoreError::UnknownAccount(_) | StoreError::UnknownParent(_) => ErrorCode::UnknownAccount,
+            StoreError::EntryExists { .. } => ErrorCode::EntryExists,
+            StoreError::BindingExists { .. } => ErrorCode::BindingExists,
+            StoreError::NestedParent { .. } => ErrorCode::Refused,
+            StoreError::Corrupt(_) | StoreError::Sqlite(_) | StoreError::Io(_) => ErrorCode::Internal,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<DatapathError> for Failure {
+    fn from(e: DatapathError) -> Self {
+        // Full tables are an operator's capacity problem with a known remedy, not a fault.
+        let code = match &e {
+            DatapathError::Table(datapath::tables::TableError::Full { .. }) => ErrorCode::TablesFull,
+            _ => ErrorCode::Internal,
+        };
+        Failure::new(code, format!("the kernel refused the change, nothing was changed: {e}"))
+    }
+}
+
+/// What went wrong in the daemon's own work (starting, upkeep, metrics), for its log: not a
+/// caller's error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the kernel's maps: {0}")]
+    Datapath(#[from] DatapathError),
+}
+
+/// A command's reply, serialized once (the server writes it as it is), or its error.
+pub type Outcome = Result<Box<RawValue>, Failure>;
+
+/// The one writer: store and maps change together under this lock.
+struct Writer {
+    store: Store,
+    datapath: Datapath,
+}
+
+pub struct Service {
+    writer: Mutex<Writer>,
+    /// Every account's policy, as committed; login checks read only this.
+    accounts: RwLock<HashMap<String, AccountPolicy>>,
+    activity: ActivityLog,
+    /// Settings a reload may change (see [`Service::reconfigure`]).
+    retention_days: AtomicU32,
+    min_override_ttl: AtomicU64,
+    /// The widest IPv4 and IPv6 prefixes an override may cover.
+    widest_override: (AtomicU8, AtomicU8),
+    checks: CheckCounters,
+    /// The kernel's packet counters, read without the writer lock.
+    counters: datapath::CounterReader,
+    /// How long [`Service::start`] took to make the kernel match the store.
+    reconcile: Duration,
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn unknown(account: &str) -> Failure {
+    Failure::new(ErrorCode::UnknownAccount, format!("there is no account {account}"))
+}
+
+impl Service {
+    /// Loads the store and makes the kernel's maps match it (changing only what differs).
+    pub fn start(
+        mut store: Store,
+        mut datapath: Datapath,
+        activity: ActivityLog,
+        config: &crate::config::Config,
+    ) -> Result<Service, ServiceError> {
+        let started = std::time::Instant::now();
+        let samples = config.drop_samples_per_second;
+        datapath.set_sampling(samples, samples.max(1) * 10);
+        let (accounts, entries, bindings, overrides) = {
+            let tx = store.transaction()?;
+            (tx.accounts()?, tx.all_entries()?, tx.bindings()?, tx.live_overrides(None, now())?)
+        };
+        let mut cache: HashMap<String, AccountPolicy> = accounts
+            .iter()
+            .map(|a| {
+                let cached = AccountPolicy {
+                    slot: a.slot,
+                    parent: a.parent.clone(),
+                    state: a.state,
+                    mode: a.mode,
+                    entries: Vec::new(),
+                    overrides: Vec::new(),
+                };
+                (a.id.clone(), cached)
+            })
+            .collect();
+        for e in entries.into_iter().filter(|e| e.enabled) {
+            if let Some(a) = cache.get_mut(&e.account) {
+                a.entries.push(e.cidr);
+            }
+        }
+        for o in overrides {
+            if let Some(a) = cache.get_mut(&o.account) {
+                a.overrides.push(LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at });
+            }
+        }
+        let wanted: HashSet<u32> = cache.values().map(|a| a.slot).collect();
+        for slot in datapath.configured_slots().into_iter().filter(|s| !wanted.contains(s)) {
+            datapath.remove_account(slot)?;
+        }
+        for (id, account) in &cache {
+            change::apply_account(&mut datapath, account, crate::policy::suspended(|a| cache.get(a), id))?;
+        }
+        let slots: HashMap<&str, u32> = cache.iter().map(|(id, a)| (id.as_str(), a.slot)).collect();
+        let bindings: Vec<_> = bindings.iter().map(|b| bindings::in_kernel(b, slots[b.account.as_str()])).collect();
+        datapath.set_bindings(&bindings)?;
+        let reconcile = started.elapsed();
+        info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
+        let counters = datapath.counter_reader()?;
+        Ok(Service {
+            writer: Mutex::new(Writer { store, datapath }),
+            accounts: RwLock::new(cache),
+            activity,
+            retention_days: config.retention_days.into(),
+            min_override_ttl: config.min_override_ttl_seconds.max(1).into(),
+            widest_override: (config.widest_override_ipv4.into(), config.widest_override_ipv6.into()),
+            checks: CheckCounters::default(),
+            counters,
+            reconcile,
+        })
+    }
+
+    /// Runs one command for `caller` (whose uid is recorded as the author of changes). Each
+    /// family's handler takes its typed request and returns its typed reply.
+    pub fn execute(&self, command: Command, caller: &Caller) -> Outcome {
+        let uid = caller.uid;
+        match validate::canonical(command)? {
+            Command::Check(r) => run(r, |r| self.check(r, caller)),
+            Command::AccountAdd(r) => run(r, |r| self.account_add(r, uid)),
+            Command::AccountShow(r) => run(r, |r| self.account_show(r)),
+            Command::AccountRemove(r) => run(r, |r| self.account_remove(r, uid)),
+            Command::AccountList(r) => run(r, |r| self.account_list(r)),
+            Command::AccountState(r) => run(r, |r| self.account_state(r, uid)),
+            Command::AccountMode(r) => run(r, |r| self.account_mode(r, uid)),
+            Command::Import(r) => run(r, |r| self.import(r, uid)),
+            Command::AllowAdd(r) => run(r, |r| self.allow_add(r, uid)),
+            Command::AllowRemove(r) => run(r, |r| self.allow_remove(r, uid)),
+            Command::AllowList(r) => run(r, |r| self.allow_list(r)),
+            Command::AllowDisable(r) => run(r, |r| self.allow_disable(r, uid)),
+            Command::AllowEnable(r) => run(r, |r| self.allow_enable(r, uid)),
+            Command::AllowLabel(r) => run(r, |r| self.allow_label(r, uid)),
+            Command::AllowReplace(r) => run(r, |r| self.allow_replace(r, uid)),
+            Command::BindAdd(r) => run(r, |r| self.bind_add(r, uid)),
+            Command::BindRemove(r) => run(r, |r| self.bind_remove(r, uid)),
+            Command::BindList(r) => run(r, |r| self.bind_list(r)),
+            Command::OverrideGrant(r) => run(r, |r| self.override_grant(r, uid)),
+            Command::OverrideRevoke(r) => run(r, |r| self.override_revoke(r, uid)),
+            Command::OverrideList(r) => run(r, |r| self.override_list(r)),
+            Command::Activity(r) => run(r, |r| self.activity(r)),
+            Command::Stats(r) => run(r, |r| self.stats(r)),
+            Command::Detach(r) => run(r, |r| self.detach(r, uid)),
+            Command::Status(r) => run(r, |r| self.status(r)),
+        }
+    }
+}
+
+/// Runs `handler` on its request and serializes its reply. The handler must return the
+/// reply type the protocol gives request type `C` ([`Call::Reply`]); the compiler checks it.
+fn run<C: Call>(request: C, handler: impl FnOnce(C) -> Reply<C>) -> Outcome {
+    let reply = handler(request)?;
+    serde_json::value::to_raw_value(&reply)
+        .map_err(|e| Failure::new(ErrorCode::Internal, format!("could not write the reply: {e}")))
+}
+
+/// A handler's result for request type `C`.
+type Reply<C> = Result<<C as Call>::Reply, Failure>;

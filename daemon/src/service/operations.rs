@@ -1,0 +1,144 @@
+//! Operations: the daemon's own state (status, counters, metrics), interfaces, and the
+//! settings a reload changes.
+
+use std::sync::atomic::Ordering;
+
+use super::{Reply, Service, ServiceError, now, unknown};
+use crate::{
+    datapath::{self, DatapathError},
+    logging, metrics,
+    protocol::{AccountTraffic, Detach, Detached, HostTraffic, Stats, StatsReport, Status, StatusReport, XdpInterface},
+};
+
+impl Service {
+    pub(super) fn stats(&self, Stats { account }: Stats) -> Reply<Stats> {
+        let slots: Vec<(String, u32)> = {
+            let accounts = self.accounts.read().expect("cache lock");
+            match account {
+                Some(id) => {
+                    let slot = accounts.get(&id).ok_or_else(|| unknown(&id))?.slot;
+                    vec![(id, slot)]
+                }
+                None => {
+                    let mut all: Vec<_> = accounts.iter().map(|(id, a)| (id.clone(), a.slot)).collect();
+                    all.sort();
+                    all
+                }
+            }
+        };
+        let mut accounts = Vec::with_capacity(slots.len());
+        for (account, slot) in slots {
+            let c = self.counters.account(slot)?;
+            accounts.push(AccountTraffic {
+                account,
+                passed_packets: c.passed_packets,
+                passed_bytes: c.passed_bytes,
+                dropped_packets: c.dropped_packets,
+                dropped_bytes: c.dropped_bytes,
+                would_drop_packets: c.would_drop_packets,
+                would_drop_bytes: c.would_drop_bytes,
+            });
+        }
+        Ok(StatsReport { accounts, host: host_traffic(&self.counters)? })
+    }
+
+    pub(super) fn status(&self, _: Status) -> Reply<Status> {
+        let writer = self.writer.lock().expect("writer lock");
+        let (table_slots_used, table_slots) = writer.datapath.slot_usage();
+        let attachments = writer.datapath.attachments();
+        Ok(StatusReport {
+            accounts: self.accounts.read().expect("cache lock").len() as u64,
+            interfaces: attachments.iter().map(|(interface, _)| interface.clone()).collect(),
+            xdp: attachments.into_iter().map(|(interface, path)| XdpInterface { interface, path }).collect(),
+            pin_dir: writer.datapath.pin_dir().display().to_string(),
+            table_slots_used,
+            table_slots,
+            host_counters: host_traffic(&self.counters).ok(),
+        })
+    }
+
+    pub(super) fn detach(&self, Detach { interface }: Detach, uid: u32) -> Reply<Detach> {
+        let detached = self.writer.lock().expect("writer lock").datapath.detach(&interface)?;
+        logging::detached(&interface, uid, detached);
+        Ok(Detached { interface, detached })
+    }
+
+    /// Applies the settings of a reloaded configuration that the service holds: activity
+    /// retention, the shortest and widest override, and the drop-sample budget in the kernel.
+    pub fn reconfigure(&self, config: &crate::config::Config) {
+        self.retention_days.store(config.retention_days, Ordering::Relaxed);
+        self.min_override_ttl.store(config.min_override_ttl_seconds.max(1), Ordering::Relaxed);
+        self.widest_override.0.store(config.widest_override_ipv4, Ordering::Relaxed);
+        self.widest_override.1.store(config.widest_override_ipv6, Ordering::Relaxed);
+        let samples = config.drop_samples_per_second;
+        self.writer.lock().expect("writer lock").datapath.set_sampling(samples, samples.max(1) * 10);
+    }
+
+    /// For the watchdog: the writer lock can be taken (no change is stuck holding it, and
+    /// no change panicked while holding it) and the kernel's maps answer.
+    pub fn healthy(&self) -> bool {
+        self.writer.lock().is_ok_and(|writer| writer.datapath.host_counters().is_ok())
+    }
+
+    /// Attaches the filter to an interface (see [`datapath::Datapath::attach`]).
+    pub fn attach(&self, iface: &str, mode: datapath::XdpMode) -> Result<datapath::Attachment, DatapathError> {
+        self.writer.lock().expect("writer lock").datapath.attach(iface, mode)
+    }
+
+    /// Does the kernel show an XDP program on `iface` (this daemon's or any other)? No lock:
+    /// the answer comes from rtnetlink.
+    pub fn is_filtered(&self, iface: &str) -> bool {
+        datapath::netlink::xdp_path(iface).is_ok_and(|path| path.is_some())
+    }
+
+    /// See [`datapath::Datapath::retire_other_layouts`].
+    pub fn retire_other_layouts(&self) {
+        self.writer.lock().expect("writer lock").datapath.retire_other_layouts();
+    }
+
+    /// Waits until recorded login checks are in the store (before shutting down).
+    pub fn flush_activity(&self) {
+        self.activity.flush();
+    }
+}
+
+impl metrics::Source for Service {
+    /// Every account's counters are read from the kernel (one map lookup per account)
+    /// without the writer lock, so a scrape does not hold up changes; the lock is taken only
+    /// for the table and interface figures.
+    fn snapshot(&self) -> Result<metrics::Snapshot, ServiceError> {
+        let at = now();
+        let mut accounts: Vec<(String, u32, usize)> = {
+            let cache = self.accounts.read().expect("cache lock");
+            cache.iter().map(|(id, a)| (id.clone(), a.slot, a.live_overrides(at).count())).collect()
+        };
+        accounts.sort_unstable();
+        let mut rows = Vec::with_capacity(accounts.len());
+        for (account, slot, live_overrides) in accounts {
+            rows.push(metrics::AccountMetrics { account, counters: self.counters.account(slot)?, live_overrides });
+        }
+        let host = self.counters.host()?;
+        let writer = self.writer.lock().expect("writer lock");
+        let (table_slots_used, table_slots) = writer.datapath.slot_usage();
+        Ok(metrics::Snapshot {
+            accounts: rows,
+            host,
+            checks: self.checks.read(),
+            table_slots_used,
+            table_slots,
+            account_slots: u64::from(writer.datapath.account_capacity().saturating_sub(1)),
+            reconcile_seconds: self.reconcile.as_secs_f64(),
+            interfaces: writer.datapath.attachments(),
+        })
+    }
+}
+
+fn host_traffic(counters: &datapath::CounterReader) -> Result<HostTraffic, DatapathError> {
+    let c = counters.host()?;
+    Ok(HostTraffic {
+        non_ip: c.non_ip_packets,
+        unbound: c.unbound_packets,
+        ndp: c.ndp_packets,
+        malformed: c.malformed_packets,
+    })
+}

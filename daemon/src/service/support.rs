@@ -1,0 +1,175 @@
+//! Support: time-limited overrides for locked-out customers, and the activity that shows
+//! what happened to them.
+
+use std::sync::atomic::Ordering;
+
+use ipnet::IpNet;
+use serde_json::json;
+
+use super::{
+    Failure, Reply, Service,
+    allowlist::network,
+    change::{audit, existing},
+    now, unknown,
+};
+use crate::{
+    policy::effective_state,
+    protocol::{
+        Activity, ActivityKind, ActivityReport, EffectiveState, ErrorCode, Granted, Mode, OverrideGrant, OverrideList,
+        OverrideRevoke,
+    },
+};
+
+/// Longest override support may grant (the shortest is configured).
+const MAX_OVERRIDE_TTL: u64 = 30 * 24 * 3600;
+/// How far back a grant looks for the customer's denied attempts.
+const DENIED_LOOKBACK: i64 = 7 * 24 * 3600;
+/// What `activity` looks back over, and how many rows it returns, unless asked otherwise.
+const ACTIVITY_SINCE: u64 = 7 * 24 * 3600;
+const ACTIVITY_LIMIT: u32 = 100;
+const ACTIVITY_MAX_LIMIT: u32 = 10_000;
+
+impl Service {
+    pub(super) fn override_grant(&self, request: OverrideGrant, uid: u32) -> Reply<OverrideGrant> {
+        let OverrideGrant { account, cidr, ttl_seconds, ticket, reason } = request;
+        let shortest = self.min_override_ttl.load(Ordering::Relaxed);
+        if !(shortest..=MAX_OVERRIDE_TTL).contains(&ttl_seconds) {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("an override lasts from {shortest} s to {MAX_OVERRIDE_TTL} s (30 days)"),
+            ));
+        }
+        if ticket.trim().is_empty() || reason.trim().is_empty() {
+            return Err(Failure::new(ErrorCode::BadRequest, "an override needs a ticket and a reason"));
+        }
+        let (cidr, notes) = network(cidr)?;
+        let widest = match cidr {
+            IpNet::V4(_) => self.widest_override.0.load(Ordering::Relaxed),
+            IpNet::V6(_) => self.widest_override.1.load(Ordering::Relaxed),
+        };
+        if cidr.prefix_len() < widest {
+            let (family, key) = if cidr.addr().is_ipv4() { ("IPv4", 4) } else { ("IPv6", 6) };
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{cidr} is wider than an override may be: at most a /{widest} for {family} \
+                     (widest_override_ipv{key} in the configuration); grant the customer's own address"
+                ),
+            ));
+        }
+        // `change` flushes the log first: the reply's denied attempts include the latest.
+        self.change(&account, |tx| {
+            let row = existing(tx, &account)?;
+            self.refuse_useless_override(&account, cidr)?;
+            let at = now();
+            let granted = tx.add_override(&account, cidr, &ticket, &reason, uid, at, at + ttl_seconds as i64)?;
+            let recorded = json!({ "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
+                "reason": reason, "expires_at": granted.expires_at });
+            audit(tx, &account, uid, "override_granted", recorded)?;
+            let recent_denied = tx.denied_summary(&account, at - DENIED_LOOKBACK)?;
+            Ok((row, Granted { granted, recent_denied, notes }))
+        })
+    }
+
+    /// An override is for a customer locked out by its allowlist. It is refused, with the
+    /// reason, where it cannot be that: the account (or an ancestor) is banned or terminated,
+    /// its email is unconfirmed, it blocks nothing (mode off or monitor), or the addresses are
+    /// already allowed.
+    fn refuse_useless_override(&self, account: &str, cidr: IpNet) -> Result<(), Failure> {
+        let refused = |why: String| Err(Failure::new(ErrorCode::Refused, why));
+        let cache = self.accounts.read().expect("cache lock");
+        let Some(policy) = cache.get(account) else { return Err(unknown(account)) };
+        match effective_state(|id| cache.get(id), policy) {
+            (EffectiveState::Banned, _) => refused(format!("{account} is banned; overrides cannot reactivate it")),
+            (EffectiveState::ParentBanned, Some(p)) => {
+                refused(format!("{account}'s parent account {p} is banned; overrides cannot reactivate it"))
+            }
+            (EffectiveState::Terminated, _) => refused(format!(
+                "{account} was terminated for non-payment; billing must reactivate it, an override would not help"
+            )),
+            (EffectiveState::ParentTerminated, Some(p)) => refused(format!(
+                "{account}'s parent account {p} was terminated for non-payment; billing must reactivate it, an \
+                 override would not help"
+            )),
+            (EffectiveState::Unconfirmed, _) => refused(format!(
+                "{account} has not confirmed its email address; an override would not let anyone in: confirm the \
+                 email first"
+            )),
+            _ if policy.mode == Mode::Off => {
+                refused(format!("{account} is in mode off: no address is blocked, so an override would change nothing"))
+            }
+            _ if policy.mode == Mode::Monitor => refused(format!(
+                "{account} is in monitor mode: no address is blocked, so an override would change nothing"
+            )),
+            _ => {
+                let at = now();
+                if let Some(entry) = policy.entries.iter().find(|net| net.contains(&cidr)) {
+                    return refused(format!("{cidr} is already allowed by {account}'s allowlist entry {entry}"));
+                }
+                if let Some(o) = policy.live_overrides(at).find(|o| o.cidr.contains(&cidr)) {
+                    return refused(format!(
+                        "{cidr} is already allowed by override {} until {} UTC",
+                        o.id,
+                        crate::time::format_utc(o.expires_at)
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn override_revoke(&self, request: OverrideRevoke, uid: u32) -> Reply<OverrideRevoke> {
+        let OverrideRevoke { account, override_id } = request;
+        self.change(&account, |tx| {
+            let row = existing(tx, &account)?;
+            let revoked = tx.revoke_override(&account, override_id, now())?.ok_or_else(|| {
+                Failure::new(ErrorCode::UnknownOverride, format!("{account} has no live override {override_id}"))
+            })?;
+            audit(tx, &account, uid, "override_revoked", json!({ "override": override_id, "cidr": revoked.cidr }))?;
+            Ok((row, revoked))
+        })
+    }
+
+    pub(super) fn override_list(&self, OverrideList { account }: OverrideList) -> Reply<OverrideList> {
+        self.read(|tx| {
+            if let Some(a) = account.as_deref() {
+                existing(tx, a)?;
+            }
+            Ok(tx.live_overrides(account.as_deref(), now())?)
+        })
+    }
+
+    pub(super) fn activity(&self, request: Activity) -> Reply<Activity> {
+        let Activity { account, since_seconds, denied_only, limit, kind, summary, unknown_accounts } = request;
+        let since = now() - since_seconds.unwrap_or(ACTIVITY_SINCE).min(i64::MAX as u64 / 2) as i64;
+        let limit = limit.unwrap_or(ACTIVITY_LIMIT).min(ACTIVITY_MAX_LIMIT);
+        let bad = |why: &str| Err(Failure::new(ErrorCode::BadRequest, why));
+        let account = match (account, unknown_accounts) {
+            (None, true) if kind.is_none() && !summary && !denied_only => None,
+            (None, true) => return bad("unknown_accounts is a summary of its own: no kind, summary or denied_only"),
+            (Some(_), true) => return bad("unknown_accounts is of no account: leave the account out"),
+            (None, false) => return bad("activity needs an account (or unknown_accounts)"),
+            (Some(account), false) => Some(account),
+        };
+        if summary && kind.is_some_and(|k| k != ActivityKind::Signin) {
+            return bad("a summary is of sign-ins only: leave kind out");
+        }
+        // Counts still in memory are written first, so the answer includes the latest.
+        self.activity.flush();
+        self.read(|tx| match account {
+            None => Ok(ActivityReport::UnknownAccounts(tx.unknown_summary(since, limit)?)),
+            Some(account) => {
+                // An account that was removed keeps its history; a name that never existed
+                // has none (checks for unknown accounts are not kept by name).
+                if tx.account(&account)?.is_none() && !tx.has_activity(&account)? {
+                    return Err(unknown(&account));
+                }
+                if summary {
+                    Ok(ActivityReport::Signins(tx.signin_summary(&account, since, denied_only, limit)?))
+                } else {
+                    Ok(ActivityReport::Records(tx.activity(&account, since, kind, denied_only, limit)?))
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! Periodic work: expired overrides leave the kernel's tables and are audited, old activity
+//! is pruned, and the kernel's drop samples move into the activity log.
+
+use std::{collections::HashMap, net::IpAddr, sync::atomic::Ordering};
+
+use log::info;
+use serde_json::json;
+
+use super::{
+    Service, ServiceError, Writer,
+    change::{apply_account, audit},
+    now,
+};
+use crate::{activity::Drops, datapath, logging::PendingAudit, policy::suspended};
+
+/// Most drop samples moved per drain (the ring holds more; the next drain takes them).
+const SAMPLES_PER_DRAIN: usize = 4096;
+
+impl Service {
+    /// Expired overrides leave the cache and the kernel's tables (the kernel already
+    /// ignores them) and are audited once each, also those that ended while the daemon was
+    /// stopped; activity older than the retention is pruned.
+    pub fn sweep(&self) -> Result<(), ServiceError> {
+        let at = now();
+        let mut guard = self.writer.lock().expect("writer lock");
+        let Writer { store, datapath } = &mut *guard;
+        let expired: Vec<String> = {
+            let accounts = self.accounts.read().expect("cache lock");
+            accounts
+                .iter()
+                .filter(|(_, a)| a.overrides.iter().any(|o| o.expires_at <= at))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        if !expired.is_empty() {
+            let mut accounts = self.accounts.write().expect("cache lock");
+            for id in &expired {
+                if let Some(a) = accounts.get_mut(id) {
+                    a.overrides.retain(|o| o.expires_at > at);
+                }
+                apply_account(datapath, &accounts[id], suspended(|a| accounts.get(a), id))?;
+                info!("account {id}: expired overrides swept");
+            }
+        }
+        let pending_audit = PendingAudit::begin();
+        let tx = store.transaction()?;
+        for ended in tx.unaudited_expiries(at)? {
+            let detail = json!({ "override": ended.id, "cidr": ended.cidr, "ticket": ended.ticket, "expires_at": ended.expires_at });
+            audit(&tx, &ended.account, ended.operator, "override_expired", detail)?;
+            tx.mark_expiry_audited(ended.id)?;
+        }
+        tx.commit()?;
+        pending_audit.committed();
+        let tx = store.transaction()?;
+        let retention_days = self.retention_days.load(Ordering::Relaxed);
+        let pruned = tx.prune_activity(at - retention_days as i64 * 24 * 3600)?;
+        tx.commit()?;
+        if pruned > 0 {
+            info!("pruned {pruned} activity records older than {retention_days} days");
+        }
+        Ok(())
+    }
+
+    /// Moves the kernel's drop samples into the activity log (kind "drop"), so that support
+    /// sees refused packets next to refused sign-ins. Returns how many were moved.
+    pub fn drain_drop_samples(&self) -> usize {
+        let samples = self.writer.lock().expect("writer lock").datapath.drain_samples(SAMPLES_PER_DRAIN);
+        if samples.is_empty() {
+            return 0;
+        }
+        let by_slot: HashMap<u32, String> =
+            self.accounts.read().expect("cache lock").iter().map(|(id, a)| (a.slot, id.clone())).collect();
+        let at = now();
+        // Many samples of one flow come in one drain: they are counted per endpoint here.
+        let mut counted: HashMap<(&str, IpAddr, IpAddr, u8, u16, &'static str), i64> = HashMap::new();
+        for sample in &samples {
+            let Some(account) = by_slot.get(&sample.account) else { continue };
+            let reason = match sample.reason {
+                ipaccess_common::reason::NOT_ALLOWED => "address_not_allowed",
+                ipaccess_common::reason::WOULD_DROP => "monitor_would_deny",
+                ipaccess_common::reason::SUSPENDED => "suspended",
+                ipaccess_common::reason::MALFORMED => "malformed",
+                _ => "account_unset",
+            };
+            let src = datapath::words_addr(sample.family as u64, sample.src_hi, sample.src_lo);
+            let dst = datapath::words_addr(sample.family as u64, sample.dst_hi, sample.dst_lo);
+            *counted.entry((account, src, dst, sample.protocol, sample.port, reason)).or_default() += 1;
+        }
+        let drops = counted
+            .into_iter()
+            .map(|((account, source, destination, protocol, port, reason), count)| Drops {
+                time: at,
+                account: account.to_string(),
+                source,
+                destination,
+                protocol,
+                port,
+                reason,
+                count,
+            })
+            .collect();
+        self.activity.drops(drops);
+        samples.len()
+    }
+}
