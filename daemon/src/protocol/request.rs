@@ -25,8 +25,8 @@ pub trait Call: Serialize + Into<Command> {
     const ROLE: Option<Role>;
 }
 
-/// The `commands!` table: each command's request type (also its variant of [`Command`]),
-/// reply type and role.
+/// The `commands!` table: each command's variant of [`Command`] (whose snake_case name is
+/// the wire's `cmd`), request type, reply type and role.
 macro_rules! commands {
     ($($name:ident($request:ident) => $reply:ty, $role:expr;)*) => {
         /// Any request, as it arrives on the socket: `{"cmd": "<name>", ...arguments}`.
@@ -56,8 +56,23 @@ macro_rules! commands {
                     $(Command::$name(_) => <$request as Call>::ROLE,)*
                 }
             }
+
+            /// Whether `ok` is a reply of this command's type: it reads as that type and
+            /// writes back as the same JSON (no key the type lacks, none it needs missing).
+            /// For tests that hold documents and other clients to the types.
+            pub fn check_reply(&self, ok: &serde_json::Value) -> Result<(), String> {
+                match self {
+                    $(Command::$name(_) => round_trips::<$reply>(ok),)*
+                }
+            }
         }
     };
+}
+
+fn round_trips<T: DeserializeOwned + Serialize>(ok: &serde_json::Value) -> Result<(), String> {
+    let typed: T = serde_json::from_value(ok.clone()).map_err(|e| e.to_string())?;
+    let again = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    if &again == ok { Ok(()) } else { Err(format!("{ok} reads as the reply type but writes back as {again}")) }
 }
 
 const ANY: Option<Role> = None;
@@ -433,11 +448,15 @@ mod tests {
         let check = Check { account: "acme".into(), addr: "198.18.0.9".parse().unwrap(), method: None, dry_run: false };
         let line = serde_json::to_string(&Command::from(check.clone())).unwrap();
         assert_eq!(line, r#"{"cmd":"check","account":"acme","addr":"198.18.0.9","dry_run":false}"#);
-        assert_eq!(serde_json::from_str::<Command>(&line).unwrap(), Command::Check(check));
+        assert_eq!(serde_json::from_str::<Command>(&line).unwrap(), Command::Check(check.clone()));
         let extra = serde_json::from_str::<Command>(r#"{"cmd": "status", "verbose": true}"#);
         assert!(extra.unwrap_err().to_string().contains("unknown field `verbose`"));
         let missing = serde_json::from_str::<Command>(r#"{"cmd": "allow_list"}"#);
         assert!(missing.unwrap_err().to_string().contains("missing field `account`"));
+        let ok = serde_json::json!({"allowed": false, "reason": "banned", "hint": "h", "detail": "d"});
+        assert_eq!(Command::from(check.clone()).check_reply(&ok), Ok(()));
+        let extra = serde_json::json!({"allowed": false, "reason": "banned", "hint": "h", "detail": "d", "more": 1});
+        assert!(Command::from(check).check_reply(&extra).is_err(), "a key the type lacks is caught");
     }
 
     #[test]
