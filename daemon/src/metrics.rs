@@ -23,37 +23,26 @@ use tokio::{
     sync::Semaphore,
 };
 
+use strum::VariantArray;
+
 use crate::{datapath::netlink::XdpPath, protocol::Reason, service::ServiceError};
 
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 8;
 
-/// Every check reason, in the order they are tried.
-const REASONS: [Reason; 9] = [
-    Reason::UnknownAccount,
-    Reason::Banned,
-    Reason::ParentBanned,
-    Reason::Terminated,
-    Reason::ParentTerminated,
-    Reason::Unconfirmed,
-    Reason::AddressNotAllowed,
-    Reason::MonitorWouldDeny,
-    Reason::Allowed,
-];
-
 /// Login checks answered since the daemon started, by reason.
 #[derive(Default)]
-pub struct CheckCounters([AtomicU64; REASONS.len()]);
+pub struct CheckCounters([AtomicU64; Reason::VARIANTS.len()]);
 
 impl CheckCounters {
     pub fn count(&self, reason: Reason) {
-        let index = REASONS.iter().position(|&r| r == reason).expect("every reason is listed");
+        let index = Reason::VARIANTS.iter().position(|&r| r == reason).expect("every reason is listed");
         self.0[index].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn read(&self) -> Vec<(Reason, u64)> {
-        REASONS.iter().zip(&self.0).map(|(&r, n)| (r, n.load(Ordering::Relaxed))).collect()
+        Reason::VARIANTS.iter().zip(&self.0).map(|(&r, n)| (r, n.load(Ordering::Relaxed))).collect()
     }
 }
 
@@ -136,7 +125,7 @@ pub fn render(s: &Snapshot) -> String {
         "ipaccess_checks_total",
         "counter",
         "Login checks answered since the daemon started, by reason.",
-        &mut s.checks.iter().map(|(reason, n)| (format!("{{reason=\"{}\"}}", reason_name(*reason)), n.to_string())),
+        &mut s.checks.iter().map(|(reason, n)| (format!("{{reason=\"{}\"}}", reason), n.to_string())),
     );
     family(
         "ipaccess_overrides_live",
@@ -185,10 +174,6 @@ pub fn render(s: &Snapshot) -> String {
         }),
     );
     out
-}
-
-fn reason_name(reason: Reason) -> String {
-    serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 /// A label value with `\`, `"` and newlines escaped, as the text format requires.
@@ -366,6 +351,6 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
-        assert_eq!(text.lines().filter(|l| l.starts_with("ipaccess_checks_total")).count(), REASONS.len());
+        assert_eq!(text.lines().filter(|l| l.starts_with("ipaccess_checks_total")).count(), Reason::VARIANTS.len());
     }
 }

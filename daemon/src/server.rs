@@ -224,7 +224,7 @@ async fn answer<'a>(text: &'a [u8], caller: Caller, service: &Arc<Service>) -> R
     if !command.permits(&caller.roles) {
         let uid = caller.uid;
         let message = match command.role() {
-            Some(needed) => format!("uid {uid} may not run this command (it needs the {needed:?} role)").to_lowercase(),
+            Some(needed) => format!("uid {uid} may not run this command (it needs the {needed} role)"),
             None => format!("uid {uid} has no role"),
         };
         return error_reply(id, ErrorCode::Forbidden, &message);

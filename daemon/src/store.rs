@@ -15,8 +15,6 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::protocol::{
     Account, AccountState, ActivityKind, ActivityRow, Binding, DeniedSummary, Entry, Method, Mode, Override, Proto,
@@ -430,7 +428,7 @@ impl Tx<'_> {
         self.execute(
             "INSERT INTO accounts (id, slot, parent, state, mode, state_reason, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)",
-            (id, slot, parent, name(state), name(mode), now),
+            (id, slot, parent, <&str>::from(state), <&str>::from(mode), now),
         )?;
         Ok(row)
     }
@@ -475,11 +473,11 @@ impl Tx<'_> {
     /// Sets the state and its reason; `None` clears a previous reason.
     pub fn set_state(&self, id: &str, state: AccountState, reason: Option<&str>) -> Result<(), StoreError> {
         let sql = "UPDATE accounts SET state = ?2, state_reason = ?3 WHERE id = ?1";
-        self.update_account(id, sql, (id, name(state), reason))
+        self.update_account(id, sql, (id, <&str>::from(state), reason))
     }
 
     pub fn set_mode(&self, id: &str, mode: Mode) -> Result<(), StoreError> {
-        self.update_account(id, "UPDATE accounts SET mode = ?2 WHERE id = ?1", (id, name(mode)))
+        self.update_account(id, "UPDATE accounts SET mode = ?2 WHERE id = ?1", (id, <&str>::from(mode)))
     }
 
     fn update_account(&self, id: &str, sql: &str, params: impl Params) -> Result<(), StoreError> {
@@ -758,7 +756,7 @@ impl Tx<'_> {
     ) -> Result<(), StoreError> {
         let mut rows_in_hour: HashMap<(&str, i64), i64> = HashMap::new();
         for (k, t) in tallies {
-            let (address, method, reason) = (k.address.to_string(), name(k.method), name(k.reason));
+            let (address, method, reason) = (k.address.to_string(), <&str>::from(k.method), <&str>::from(k.reason));
             let sql = "UPDATE signins SET count = count + ?8, first_seen = MIN(first_seen, ?9),
                        last_seen = MAX(last_seen, ?10) WHERE account = ?1 AND bucket = ?2 AND address = ?3
                        AND method = ?4 AND reason = ?5 AND uid = ?6 AND application = ?7";
@@ -808,7 +806,7 @@ impl Tx<'_> {
     ) -> Result<(), StoreError> {
         let mut rows_in_hour: HashMap<i64, i64> = HashMap::new();
         for (k, t) in tallies {
-            let (address, method) = (k.address.to_string(), name(k.method));
+            let (address, method) = (k.address.to_string(), <&str>::from(k.method));
             let sql = "UPDATE unknown_signins SET count = count + ?4, first_seen = MIN(first_seen, ?5),
                        last_seen = MAX(last_seen, ?6) WHERE bucket = ?1 AND address = ?2 AND method = ?3";
             if self.execute(sql, (k.bucket, &address, &method, t.count, t.first_seen, t.last_seen))? > 0 {
@@ -1163,15 +1161,15 @@ fn binding_row(r: &Row) -> Result<Binding, StoreError> {
 }
 
 /// The columns for a binding's target: a whole address is ('', 0).
-fn target_columns(target: Option<(Proto, u16)>) -> (String, u16) {
-    target.map_or((String::new(), 0), |(proto, port)| (name(proto), port))
+fn target_columns(target: Option<(Proto, u16)>) -> (&'static str, u16) {
+    target.map_or(("", 0), |(proto, port)| (proto.into(), port))
 }
 
 /// A binding's endpoint for messages: `192.0.2.1` or `tcp 192.0.2.1:443`.
 fn endpoint(addr: IpAddr, target: Option<(Proto, u16)>) -> String {
     match target {
         None => addr.to_string(),
-        Some((proto, port)) => format!("{} {}", name(proto), SocketAddr::new(addr, port)),
+        Some((proto, port)) => format!("{} {}", <&str>::from(proto), SocketAddr::new(addr, port)),
     }
 }
 
@@ -1181,17 +1179,9 @@ fn allows(reason: Reason) -> bool {
     matches!(reason, Reason::Allowed | Reason::MonitorWouldDeny)
 }
 
-/// An enum's snake_case name, as the wire protocol spells it.
-fn name<T: Serialize>(value: T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        other => unreachable!("unit variants serialize to strings, got {other:?}"),
-    }
-}
-
-fn parse_name<T: DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned()))
-        .map_err(|_| StoreError::Corrupt(format!("unknown {what} {s:?}")))
+/// A protocol name read back from a column (written with the same names).
+fn parse_name<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt(format!("unknown {what} {s:?}")))
 }
 
 fn int<T: TryFrom<i64>>(v: i64, column: &str) -> Result<T, StoreError> {

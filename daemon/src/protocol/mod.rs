@@ -29,6 +29,8 @@ pub struct Request {
 /// The kinds of activity records: login checks, packets the kernel dropped, audited changes.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum ActivityKind {
     Signin,
     Drop,
@@ -54,6 +56,8 @@ impl Caller {
 /// What a caller may do; root has every role.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Role {
     /// Login checks and reads.
     Check,
@@ -65,6 +69,8 @@ pub enum Role {
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum AccountState {
     Active,
     Unconfirmed,
@@ -81,6 +87,8 @@ impl AccountState {
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Mode {
     Off,
     Monitor,
@@ -89,12 +97,15 @@ pub enum Mode {
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Proto {
     Tcp,
     Udp,
 }
 
 impl Proto {
+    /// The IP protocol number.
     pub fn number(self) -> u8 {
         match self {
             Proto::Tcp => 6,
@@ -105,6 +116,8 @@ impl Proto {
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Method {
     #[default]
     Password,
@@ -135,6 +148,8 @@ pub struct ErrorBody {
 /// Stable error codes: scripts match on these, people read the message.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// The line is not JSON, or not an object.
     BadJson,
@@ -170,6 +185,8 @@ pub enum ErrorCode {
 /// suspends it.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum EffectiveState {
     Active,
     Unconfirmed,
@@ -194,6 +211,8 @@ impl From<AccountState> for EffectiveState {
 /// Why a check came out as it did, first match wins in this order.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::Display, strum::EnumString, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Reason {
     UnknownAccount,
     Banned,
@@ -236,7 +255,33 @@ fn cidr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::E
 
 #[cfg(test)]
 mod tests {
+    use strum::VariantArray;
+
     use super::*;
+
+    /// Names as text (the store's columns, log lines, metrics labels) are the wire's names.
+    #[test]
+    fn every_name_is_the_wire_name() {
+        fn same<T>()
+        where
+            T: VariantArray + Copy + Serialize + Into<&'static str> + std::str::FromStr + PartialEq + std::fmt::Debug,
+        {
+            for &variant in T::VARIANTS {
+                let name: &'static str = variant.into();
+                assert_eq!(serde_json::to_value(variant).unwrap(), name, "{variant:?}");
+                assert_eq!(name.parse::<T>().ok(), Some(variant));
+            }
+        }
+        same::<ActivityKind>();
+        same::<Role>();
+        same::<AccountState>();
+        same::<Mode>();
+        same::<Proto>();
+        same::<Method>();
+        same::<ErrorCode>();
+        same::<EffectiveState>();
+        same::<Reason>();
+    }
 
     #[test]
     fn strict_cidrs() {

@@ -66,7 +66,7 @@ fn target(port: Option<u16>, proto: Option<Proto>) -> Result<Option<(Proto, u16)
 
 fn describe(target: Option<(Proto, u16)>) -> String {
     match target {
-        Some((proto, port)) => format!(" {proto:?} port {port}").to_lowercase(),
+        Some((proto, port)) => format!(" {proto} port {port}"),
         None => " (whole address)".into(),
     }
 }
