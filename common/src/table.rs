@@ -173,7 +173,8 @@ pub enum TagKind {
 /// A key's tag: `kind << 44 | family << 40 | rest`, where `rest` is `prefix_len << 32 |
 /// owner` for allowlist entries and `protocol << 16 | port` for port bindings. The kind
 /// keeps entries of different tables apart even through a stale descriptor. 46 bits, so
-/// that it fits above the version and state in [`Meta`].
+/// that it fits above the version and state in [`Meta`]. `family` arguments must be
+/// [`FAMILY_V4`] or [`FAMILY_V6`] (not masked: the constructors sit on the packet path).
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Tag(u64);
@@ -191,7 +192,7 @@ impl Tag {
     #[inline(always)]
     pub const fn allow(owner: u32, family: u64, prefix_len: u8) -> Self {
         Tag((Self::KIND_ALLOW << Self::KIND_SHIFT)
-            | ((family & 1) << Self::FAMILY_SHIFT)
+            | (family << Self::FAMILY_SHIFT)
             | ((prefix_len as u64) << Self::PREFIX_SHIFT)
             | owner as u64)
     }
@@ -200,7 +201,7 @@ impl Tag {
     #[inline(always)]
     pub const fn port_binding(family: u64, protocol: u8, port: u16) -> Self {
         Tag((Self::KIND_PORT << Self::KIND_SHIFT)
-            | ((family & 1) << Self::FAMILY_SHIFT)
+            | (family << Self::FAMILY_SHIFT)
             | ((protocol as u64) << Self::PROTOCOL_SHIFT)
             | port as u64)
     }
@@ -208,7 +209,7 @@ impl Tag {
     /// The per-address binding record: whole-address binding and "has port bindings".
     #[inline(always)]
     pub const fn address(family: u64) -> Self {
-        Tag((Self::KIND_ADDR << Self::KIND_SHIFT) | ((family & 1) << Self::FAMILY_SHIFT))
+        Tag((Self::KIND_ADDR << Self::KIND_SHIFT) | (family << Self::FAMILY_SHIFT))
     }
 
     /// `None` for a word no constructor makes.

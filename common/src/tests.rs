@@ -39,7 +39,7 @@ fn account_word_round_trips() {
                         assert_eq!(word.table(), table);
                         assert_eq!(word.has_port_bindings(), ports);
                         assert_eq!(AccountWord::from_bits(word.to_bits()), word);
-                        assert_eq!(word.with_port_bindings(false).has_port_bindings(), false);
+                        assert!(!word.with_port_bindings(false).has_port_bindings());
                     }
                 }
             }
@@ -48,7 +48,8 @@ fn account_word_round_trips() {
     let none = AccountWord::NONE.with_port_bindings(true);
     assert_eq!((none.account(), none.table(), none.policy()), (NO_ACCOUNT, TableDesc::NONE, Policy::UNSET));
     // The pinned layout: account << 38 | ports << 37 | policy << 34 | present << 33 | log2 << 28 | header.
-    let word = AccountWord::new(7, Policy::new(PolicyMode::Monitor, true), TableDesc::new(5, 3)).with_port_bindings(true);
+    let word =
+        AccountWord::new(7, Policy::new(PolicyMode::Monitor, true), TableDesc::new(5, 3)).with_port_bindings(true);
     assert_eq!(word.to_bits(), 7 << 38 | 1 << 37 | 0b110 << 34 | 1 << 33 | 3 << 28 | 5);
 }
 
