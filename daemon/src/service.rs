@@ -106,14 +106,6 @@ fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-fn to_mode(mode: Mode) -> datapath::Mode {
-    match mode {
-        Mode::Off => datapath::Mode::Off,
-        Mode::Monitor => datapath::Mode::Monitor,
-        Mode::Enforce => datapath::Mode::Enforce,
-    }
-}
-
 fn to_binding(row: &BindingRow, slot: u32) -> Binding {
     let target = match row.target {
         Some((proto, port)) => BindTarget::Port { protocol: proto.number(), port },
@@ -797,18 +789,18 @@ impl Service {
         let at = now();
         // Many samples of one flow come in one drain: they are counted per endpoint here.
         let mut counted: HashMap<(&str, IpAddr, IpAddr, u8, u16, &'static str), i64> = HashMap::new();
+        let mut unknown = 0;
         for sample in &samples {
             let Some(account) = by_slot.get(&sample.account) else { continue };
-            let reason = match sample.reason {
-                ipaccess_common::reason::NOT_ALLOWED => "address_not_allowed",
-                ipaccess_common::reason::WOULD_DROP => "monitor_would_deny",
-                ipaccess_common::reason::SUSPENDED => "suspended",
-                ipaccess_common::reason::MALFORMED => "malformed",
-                _ => "account_unset",
+            let Ok(reason) = sample.drop_reason() else {
+                unknown += 1;
+                continue;
             };
-            let src = datapath::words_addr(sample.family as u64, sample.src_hi, sample.src_lo);
-            let dst = datapath::words_addr(sample.family as u64, sample.dst_hi, sample.dst_lo);
-            *counted.entry((account, src, dst, sample.protocol, sample.port, reason)).or_default() += 1;
+            let (src, dst) = (sample.source(), sample.destination());
+            *counted.entry((account, src, dst, sample.protocol, sample.port, reason.as_str())).or_default() += 1;
+        }
+        if unknown > 0 {
+            warn!("{unknown} drop samples give a reason this build does not know (a kernel program of another build?)");
         }
         let drops = counted
             .into_iter()
@@ -888,7 +880,7 @@ fn apply_account(datapath: &mut Datapath, account: &AccountPolicy, suspended: bo
         }
     }
     datapath.set_allowlist(account.slot, &entries)?;
-    datapath.set_policy(account.slot, to_mode(account.mode), suspended)
+    datapath.set_policy(account.slot, account.mode, suspended)
 }
 
 /// A replacement allowlist: each network with its label.
