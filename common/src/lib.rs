@@ -5,7 +5,7 @@
 //! them again. The kernel only ever *reads* these tables; `ipaccessd` is their single writer
 //! (see `table` for the concurrency protocol). Keeping the reader in this crate means the
 //! daemon's writer and the kernel's reader cannot disagree about where a key lives.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod maps;
 pub mod packet;
@@ -13,3 +13,6 @@ pub mod table;
 
 pub use maps::*;
 pub use table::*;
+
+#[cfg(test)]
+mod tests;

@@ -39,30 +39,90 @@ pub const NO_ACCOUNT: u32 = 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AccountRecord {
-    /// See [`Policy`].
+    /// A [`Policy`] word.
     pub policy: u64,
     /// [`crate::TableDesc`] of the account's allowlist (allowlist entries and overrides).
     pub table: u64,
 }
 
-/// The `policy` word of an [`AccountRecord`].
-pub struct Policy;
+/// The 8-byte words of an [`AccountRecord`], for writers that store one word at a time.
+#[repr(usize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccountField {
+    Policy = 0,
+    Table = 1,
+}
+
+impl AccountField {
+    /// Index of the word within the record.
+    pub const fn word(self) -> usize {
+        self as usize
+    }
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(AccountRecord, policy) == AccountField::Policy.word() * 8);
+    assert!(core::mem::offset_of!(AccountRecord, table) == AccountField::Table.word() * 8);
+};
+
+/// An account's filtering mode as the kernel encodes it in a [`Policy`] (two bits).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyMode {
+    /// A slot nobody configured: its bindings drop everything (fail closed).
+    Unset = 0,
+    /// No address check; only suspension applies.
+    Off = 1,
+    /// Disallowed sources pass but are counted and sampled as would-be drops.
+    Monitor = 2,
+    /// Disallowed sources are dropped.
+    Enforce = 3,
+}
+
+/// The `policy` word of an [`AccountRecord`]: `suspended << 2 | mode`.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy(u64);
 
 impl Policy {
-    pub const MODE_MASK: u64 = 0x3;
-    /// A slot nobody configured: its bindings drop everything (fail closed).
-    pub const MODE_UNSET: u64 = 0;
-    /// No address check; only suspension applies.
-    pub const MODE_OFF: u64 = 1;
-    /// Disallowed sources pass but are counted and sampled as would-be drops.
-    pub const MODE_MONITOR: u64 = 2;
-    /// Disallowed sources are dropped.
-    pub const MODE_ENFORCE: u64 = 3;
-    /// Banned or terminated: every packet to the account's bindings is dropped.
-    pub const SUSPENDED_BIT: u64 = 1 << 2;
+    const MODE_MASK: u64 = 0x3;
+    const SUSPENDED_BIT: u64 = 1 << 2;
+    /// Every bit a policy uses.
+    const MASK: u64 = Self::MODE_MASK | Self::SUSPENDED_BIT;
+    /// A slot nobody configured (all zero, as a fresh map holds it).
+    pub const UNSET: Policy = Policy(0);
 
-    pub const fn word(mode: u64, suspended: bool) -> u64 {
-        (mode & Self::MODE_MASK) | if suspended { Self::SUSPENDED_BIT } else { 0 }
+    #[inline(always)]
+    pub const fn new(mode: PolicyMode, suspended: bool) -> Self {
+        Policy(mode as u64 | if suspended { Self::SUSPENDED_BIT } else { 0 })
+    }
+
+    #[inline(always)]
+    pub const fn mode(self) -> PolicyMode {
+        // Two bits, four modes: every value is one of them.
+        match self.0 & Self::MODE_MASK {
+            0 => PolicyMode::Unset,
+            1 => PolicyMode::Off,
+            2 => PolicyMode::Monitor,
+            _ => PolicyMode::Enforce,
+        }
+    }
+
+    /// Banned or terminated: every packet to the account's bindings is dropped.
+    #[inline(always)]
+    pub const fn is_suspended(self) -> bool {
+        self.0 & Self::SUSPENDED_BIT != 0
+    }
+
+    /// The word as stored; bits a policy does not use are dropped.
+    #[inline(always)]
+    pub const fn from_bits(bits: u64) -> Self {
+        Policy(bits & Self::MASK)
+    }
+
+    #[inline(always)]
+    pub const fn to_bits(self) -> u64 {
+        self.0
     }
 }
 
@@ -74,49 +134,87 @@ impl Policy {
 /// `account << 38 | has_port_bindings << 37 | policy(mode, suspended) << 34 | table`, where
 /// `table` is the allowlist's [`crate::TableDesc`] squeezed into 34 bits (present, log2 and a
 /// 28-bit header index: the slot array has at most 2^28 slots).
-pub struct AccountWord;
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccountWord(u64);
 
 impl AccountWord {
     const HEADER_MASK: u64 = (1 << 28) - 1;
+    const LOG2_SHIFT: u32 = 28;
+    const LOG2_MASK: u64 = 0x1f;
+    const TABLE_PRESENT: u64 = 1 << 33;
     const POLICY_SHIFT: u32 = 34;
-    /// Address records only: some (protocol, port) of this address is bound, so packets to
-    /// it that cannot be parsed far enough to find their port are dropped rather than passed.
-    pub const HAS_PORT_BINDINGS: u64 = 1 << 37;
+    const HAS_PORT_BINDINGS: u64 = 1 << 37;
     const ACCOUNT_SHIFT: u32 = 38;
     /// Largest account slot the word can carry.
     pub const MAX_ACCOUNT: u32 = (1 << 24) - 1;
     /// Largest slot array the word can address.
     pub const MAX_SLOTS: u32 = 1 << 28;
+    /// No account, no table: an address record of an address only bound port by port.
+    pub const NONE: AccountWord = AccountWord(0);
 
-    pub const fn encode(account: u32, policy: u64, table: crate::TableDesc) -> u64 {
+    /// The word of `account` (at most [`Self::MAX_ACCOUNT`]) with its policy and allowlist.
+    #[inline(always)]
+    pub const fn new(account: u32, policy: Policy, table: crate::TableDesc) -> Self {
         let table_bits = if table.is_present() {
-            (1 << 33) | ((table.log2_slots() as u64) << 28) | (table.header() as u64 & Self::HEADER_MASK)
+            Self::TABLE_PRESENT
+                | ((table.log2_slots() as u64 & Self::LOG2_MASK) << Self::LOG2_SHIFT)
+                | (table.header() as u64 & Self::HEADER_MASK)
         } else {
             0
         };
-        ((account as u64) << Self::ACCOUNT_SHIFT)
-            | ((policy & (Policy::MODE_MASK | Policy::SUSPENDED_BIT)) << Self::POLICY_SHIFT)
-            | table_bits
+        AccountWord(
+            ((account & Self::MAX_ACCOUNT) as u64) << Self::ACCOUNT_SHIFT
+                | policy.to_bits() << Self::POLICY_SHIFT
+                | table_bits,
+        )
+    }
+
+    /// The same word saying whether some (protocol, port) of the address is bound (address
+    /// records only): packets to it that cannot be parsed far enough to find their port are
+    /// then dropped rather than passed.
+    #[inline(always)]
+    pub const fn with_port_bindings(self, has: bool) -> Self {
+        AccountWord(if has { self.0 | Self::HAS_PORT_BINDINGS } else { self.0 & !Self::HAS_PORT_BINDINGS })
     }
 
     #[inline(always)]
-    pub const fn account(word: u64) -> u32 {
-        (word >> Self::ACCOUNT_SHIFT) as u32 & Self::MAX_ACCOUNT
-    }
-
-    /// The account's policy in [`Policy`] form (mode and suspension).
-    #[inline(always)]
-    pub const fn policy(word: u64) -> u64 {
-        (word >> Self::POLICY_SHIFT) & (Policy::MODE_MASK | Policy::SUSPENDED_BIT)
+    pub const fn has_port_bindings(self) -> bool {
+        self.0 & Self::HAS_PORT_BINDINGS != 0
     }
 
     #[inline(always)]
-    pub const fn table(word: u64) -> crate::TableDesc {
-        if word & (1 << 33) == 0 {
+    pub const fn account(self) -> u32 {
+        (self.0 >> Self::ACCOUNT_SHIFT) as u32 & Self::MAX_ACCOUNT
+    }
+
+    /// The account's mode and suspension.
+    #[inline(always)]
+    pub const fn policy(self) -> Policy {
+        Policy::from_bits(self.0 >> Self::POLICY_SHIFT)
+    }
+
+    #[inline(always)]
+    pub const fn table(self) -> crate::TableDesc {
+        if self.0 & Self::TABLE_PRESENT == 0 {
             crate::TableDesc::NONE
         } else {
-            crate::TableDesc::new((word & Self::HEADER_MASK) as u32, ((word >> 28) & 0x1f) as u32)
+            crate::TableDesc::new(
+                (self.0 & Self::HEADER_MASK) as u32,
+                ((self.0 >> Self::LOG2_SHIFT) & Self::LOG2_MASK) as u32,
+            )
         }
+    }
+
+    /// The word as a table value.
+    #[inline(always)]
+    pub const fn from_bits(bits: u64) -> Self {
+        AccountWord(bits)
+    }
+
+    #[inline(always)]
+    pub const fn to_bits(self) -> u64 {
+        self.0
     }
 }
 
@@ -132,6 +230,28 @@ pub struct Config {
     pub sample_burst: u64,
     pub reserved: u64,
 }
+
+/// The 8-byte words of a [`Config`], for writers that store one word at a time.
+#[repr(usize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigField {
+    Bindings = 0,
+    SamplesPerSecond = 1,
+    SampleBurst = 2,
+}
+
+impl ConfigField {
+    /// Index of the word within the record.
+    pub const fn word(self) -> usize {
+        self as usize
+    }
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(Config, bindings) == ConfigField::Bindings.word() * 8);
+    assert!(core::mem::offset_of!(Config, samples_per_second) == ConfigField::SamplesPerSecond.word() * 8);
+    assert!(core::mem::offset_of!(Config, sample_burst) == ConfigField::SampleBurst.word() * 8);
+};
 
 /// Per-account, per-CPU packet and byte counters.
 #[repr(C)]
@@ -160,13 +280,64 @@ pub struct HostCounters {
     pub malformed_packets: u64,
 }
 
-/// Why a packet was dropped (or would have been, in monitor mode).
-pub mod reason {
-    pub const NOT_ALLOWED: u8 = 1;
-    pub const WOULD_DROP: u8 = 2;
-    pub const SUSPENDED: u8 = 3;
-    pub const MALFORMED: u8 = 4;
-    pub const ACCOUNT_UNSET: u8 = 5;
+/// Why a packet was dropped (or would have been, in monitor mode), as [`DropSample::reason`]
+/// carries it.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Enforce mode, and no live allowlist entry or override covers the source.
+    NotAllowed = 1,
+    /// Monitor mode: the packet passed, but enforcement would have dropped it.
+    WouldDrop = 2,
+    /// The account is banned or terminated.
+    Suspended = 3,
+    /// Bound destination, but the packet could not be parsed far enough to decide.
+    Malformed = 4,
+    /// The destination is bound to an account slot with no policy (fail closed).
+    AccountUnset = 5,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::NotAllowed,
+        DropReason::WouldDrop,
+        DropReason::Suspended,
+        DropReason::Malformed,
+        DropReason::AccountUnset,
+    ];
+
+    /// The reason a byte from the kernel names; `None` for a byte no reason has (a kernel
+    /// program of another build).
+    pub const fn from_u8(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(DropReason::NotAllowed),
+            2 => Some(DropReason::WouldDrop),
+            3 => Some(DropReason::Suspended),
+            4 => Some(DropReason::Malformed),
+            5 => Some(DropReason::AccountUnset),
+            _ => None,
+        }
+    }
+
+    /// The name the activity log and the protocol use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NotAllowed => "address_not_allowed",
+            DropReason::WouldDrop => "monitor_would_deny",
+            DropReason::Suspended => "suspended",
+            DropReason::Malformed => "malformed",
+            DropReason::AccountUnset => "account_unset",
+        }
+    }
+}
+
+impl TryFrom<u8> for DropReason {
+    /// The unknown byte.
+    type Error = u8;
+
+    fn try_from(byte: u8) -> Result<Self, u8> {
+        DropReason::from_u8(byte).ok_or(byte)
+    }
 }
 
 /// A sampled drop, sent to user space through the ring buffer.
@@ -188,6 +359,24 @@ pub struct DropSample {
     pub family: u8,
     pub protocol: u8,
     pub _pad: [u8; 7],
+}
+
+impl DropSample {
+    /// The reason the kernel gave; `Err` with the byte if this build knows no such reason.
+    pub const fn drop_reason(&self) -> Result<DropReason, u8> {
+        match DropReason::from_u8(self.reason) {
+            Some(reason) => Ok(reason),
+            None => Err(self.reason),
+        }
+    }
+
+    pub fn source(&self) -> core::net::IpAddr {
+        crate::AddrWords { hi: self.src_hi, lo: self.src_lo }.to_ip(self.family as u64)
+    }
+
+    pub fn destination(&self) -> core::net::IpAddr {
+        crate::AddrWords { hi: self.dst_hi, lo: self.dst_lo }.to_ip(self.family as u64)
+    }
 }
 
 /// Per-CPU token bucket for [`DropSample`]s.

@@ -64,7 +64,7 @@ pub const NEVER_EXPIRES: u64 = u64::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
-    /// State, version and tag; see [`Meta`]. Header: the IPv4 [`Summary`].
+    /// A [`Meta`] word: state, version and tag. Header: the IPv4 [`Summary`].
     pub meta: u64,
     /// High 64 bits of the key address (zero for IPv4). Header: IPv4 probe lengths.
     pub key_hi: u64,
@@ -77,44 +77,81 @@ pub struct Slot {
 }
 
 /// The three states of a table slot, in the low two bits of `meta`.
-pub mod state {
-    pub const EMPTY: u64 = 0;
-    pub const LIVE: u64 = 1;
-    pub const DEAD: u64 = 2;
-    pub const MASK: u64 = 3;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Never used since the region was initialised: probes stop here.
+    Empty,
+    Live,
+    /// A tombstone.
+    Dead,
 }
 
-/// Accessors for a slot's `meta` word: `tag << 18 | version << 2 | state`.
-pub struct Meta;
+/// A slot's `meta` word: `tag << 18 | version << 2 | state`.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta(u64);
 
 impl Meta {
-    pub const VERSION_SHIFT: u32 = 2;
-    pub const VERSION_MASK: u64 = 0xffff;
-    pub const TAG_SHIFT: u32 = 18;
+    const STATE_MASK: u64 = 3;
+    const EMPTY: u64 = 0;
+    const LIVE: u64 = 1;
+    const DEAD: u64 = 2;
+    const VERSION_SHIFT: u32 = 2;
+    const VERSION_MASK: u64 = 0xffff;
+    const TAG_SHIFT: u32 = 18;
 
+    /// A live slot holding a key with `tag`; versions wrap at 16 bits.
     #[inline(always)]
-    pub const fn state(meta: u64) -> u64 {
-        meta & state::MASK
+    pub const fn live(tag: Tag, version: u64) -> Self {
+        Meta((tag.0 << Self::TAG_SHIFT) | ((version & Self::VERSION_MASK) << Self::VERSION_SHIFT) | Self::LIVE)
+    }
+
+    /// A tombstone; versions wrap at 16 bits.
+    #[inline(always)]
+    pub const fn dead(version: u64) -> Self {
+        Meta(((version & Self::VERSION_MASK) << Self::VERSION_SHIFT) | Self::DEAD)
     }
 
     #[inline(always)]
-    pub const fn version(meta: u64) -> u64 {
-        (meta >> Self::VERSION_SHIFT) & Self::VERSION_MASK
+    pub const fn state(self) -> SlotState {
+        match self.0 & Self::STATE_MASK {
+            Self::EMPTY => SlotState::Empty,
+            Self::LIVE => SlotState::Live,
+            // The writer never stores 3; a reader treats it like a tombstone (not a key,
+            // not the end of a probe sequence).
+            _ => SlotState::Dead,
+        }
+    }
+
+    /// Cheaper than `state() == SlotState::Empty` on the kernel's probe path.
+    #[inline(always)]
+    pub const fn is_empty(self) -> bool {
+        self.0 & Self::STATE_MASK == Self::EMPTY
     }
 
     #[inline(always)]
-    pub const fn tag(meta: u64) -> u64 {
-        meta >> Self::TAG_SHIFT
+    pub const fn is_live(self) -> bool {
+        self.0 & Self::STATE_MASK == Self::LIVE
     }
 
     #[inline(always)]
-    pub const fn live(tag: u64, version: u64) -> u64 {
-        (tag << Self::TAG_SHIFT) | ((version & Self::VERSION_MASK) << Self::VERSION_SHIFT) | state::LIVE
+    pub const fn version(self) -> u64 {
+        (self.0 >> Self::VERSION_SHIFT) & Self::VERSION_MASK
     }
 
     #[inline(always)]
-    pub const fn dead(version: u64) -> u64 {
-        ((version & Self::VERSION_MASK) << Self::VERSION_SHIFT) | state::DEAD
+    pub const fn tag(self) -> Tag {
+        Tag(self.0 >> Self::TAG_SHIFT)
+    }
+
+    #[inline(always)]
+    pub const fn from_bits(bits: u64) -> Self {
+        Meta(bits)
+    }
+
+    #[inline(always)]
+    pub const fn to_bits(self) -> u64 {
+        self.0
     }
 }
 
@@ -122,41 +159,166 @@ impl Meta {
 pub const FAMILY_V4: u64 = 0;
 pub const FAMILY_V6: u64 = 1;
 
-/// Key tags. The top two bits of a tag name the kind of key, so that entries of different
-/// tables can never be confused even through a stale descriptor.
-pub struct Tag;
+/// The kind of key a [`Tag`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TagKind {
+    /// An allowlist entry (or override) of one account.
+    Allow,
+    /// A binding of one (destination address, protocol, port).
+    Port,
+    /// The per-address binding record.
+    Addr,
+}
+
+/// A key's tag: `kind << 44 | family << 40 | rest`, where `rest` is `prefix_len << 32 |
+/// owner` for allowlist entries and `protocol << 16 | port` for port bindings. The kind
+/// keeps entries of different tables apart even through a stale descriptor. 46 bits, so
+/// that it fits above the version and state in [`Meta`]. `family` arguments must be
+/// [`FAMILY_V4`] or [`FAMILY_V6`] (not masked: the constructors sit on the packet path).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tag(u64);
 
 impl Tag {
     const KIND_SHIFT: u32 = 44;
     const KIND_ALLOW: u64 = 1;
     const KIND_PORT: u64 = 2;
     const KIND_ADDR: u64 = 3;
+    const FAMILY_SHIFT: u32 = 40;
+    const PREFIX_SHIFT: u32 = 32;
+    const PROTOCOL_SHIFT: u32 = 16;
 
     /// An allowlist entry: `owner` account, family and prefix length.
     #[inline(always)]
-    pub const fn allow(owner: u32, family: u64, prefix_len: u8) -> u64 {
-        (Self::KIND_ALLOW << Self::KIND_SHIFT) | (family << 40) | ((prefix_len as u64) << 32) | owner as u64
-    }
-
-    /// The family and prefix length of an allowlist entry's tag; `None` for other kinds.
-    #[inline(always)]
-    pub const fn allow_parts(tag: u64) -> Option<(u64, u8)> {
-        if tag >> Self::KIND_SHIFT != Self::KIND_ALLOW {
-            return None;
-        }
-        Some(((tag >> 40) & 1, (tag >> 32) as u8))
+    pub const fn allow(owner: u32, family: u64, prefix_len: u8) -> Self {
+        Tag((Self::KIND_ALLOW << Self::KIND_SHIFT)
+            | (family << Self::FAMILY_SHIFT)
+            | ((prefix_len as u64) << Self::PREFIX_SHIFT)
+            | owner as u64)
     }
 
     /// A binding of one (destination address, protocol, port).
     #[inline(always)]
-    pub const fn port(family: u64, protocol: u8, port: u16) -> u64 {
-        (Self::KIND_PORT << Self::KIND_SHIFT) | (family << 40) | ((protocol as u64) << 16) | port as u64
+    pub const fn port_binding(family: u64, protocol: u8, port: u16) -> Self {
+        Tag((Self::KIND_PORT << Self::KIND_SHIFT)
+            | (family << Self::FAMILY_SHIFT)
+            | ((protocol as u64) << Self::PROTOCOL_SHIFT)
+            | port as u64)
     }
 
     /// The per-address binding record: whole-address binding and "has port bindings".
     #[inline(always)]
-    pub const fn addr(family: u64) -> u64 {
-        (Self::KIND_ADDR << Self::KIND_SHIFT) | (family << 40)
+    pub const fn address(family: u64) -> Self {
+        Tag((Self::KIND_ADDR << Self::KIND_SHIFT) | (family << Self::FAMILY_SHIFT))
+    }
+
+    /// `None` for a word no constructor makes.
+    #[inline(always)]
+    pub const fn kind(self) -> Option<TagKind> {
+        match self.0 >> Self::KIND_SHIFT {
+            Self::KIND_ALLOW => Some(TagKind::Allow),
+            Self::KIND_PORT => Some(TagKind::Port),
+            Self::KIND_ADDR => Some(TagKind::Addr),
+            _ => None,
+        }
+    }
+
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    #[inline(always)]
+    pub const fn family(self) -> u64 {
+        (self.0 >> Self::FAMILY_SHIFT) & 1
+    }
+
+    /// Allowlist entries: the entry's owner account.
+    #[inline(always)]
+    pub const fn owner(self) -> Option<u32> {
+        match self.kind() {
+            Some(TagKind::Allow) => Some(self.0 as u32),
+            _ => None,
+        }
+    }
+
+    /// Allowlist entries: the prefix length of the key.
+    #[inline(always)]
+    pub const fn prefix_len(self) -> Option<u8> {
+        match self.kind() {
+            Some(TagKind::Allow) => Some((self.0 >> Self::PREFIX_SHIFT) as u8),
+            _ => None,
+        }
+    }
+
+    /// Port bindings: the transport protocol.
+    #[inline(always)]
+    pub const fn protocol(self) -> Option<u8> {
+        match self.kind() {
+            Some(TagKind::Port) => Some((self.0 >> Self::PROTOCOL_SHIFT) as u8),
+            _ => None,
+        }
+    }
+
+    /// Port bindings: the destination port.
+    #[inline(always)]
+    pub const fn port(self) -> Option<u16> {
+        match self.kind() {
+            Some(TagKind::Port) => Some(self.0 as u16),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn to_bits(self) -> u64 {
+        self.0
+    }
+}
+
+/// An address as the two key words of a table slot: host-order halves, IPv4 in the low 32
+/// bits of `lo` (and `hi` zero).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AddrWords {
+    pub hi: u64,
+    pub lo: u64,
+}
+
+impl AddrWords {
+    /// `addr` in host order.
+    #[inline(always)]
+    pub const fn v4(addr: u32) -> Self {
+        AddrWords { hi: 0, lo: addr as u64 }
+    }
+
+    /// `addr` in host order.
+    #[inline(always)]
+    pub const fn v6(addr: u128) -> Self {
+        AddrWords { hi: (addr >> 64) as u64, lo: addr as u64 }
+    }
+
+    /// The address and its family ([`FAMILY_V4`] or [`FAMILY_V6`]).
+    pub const fn of(addr: core::net::IpAddr) -> (u64, Self) {
+        match addr {
+            core::net::IpAddr::V4(a) => (FAMILY_V4, Self::v4(a.to_bits())),
+            core::net::IpAddr::V6(a) => (FAMILY_V6, Self::v6(a.to_bits())),
+        }
+    }
+
+    /// The address these words hold in `family` ([`FAMILY_V4`], anything else is IPv6).
+    pub const fn to_ip(self, family: u64) -> core::net::IpAddr {
+        if family == FAMILY_V4 {
+            core::net::IpAddr::V4(core::net::Ipv4Addr::from_bits(self.lo as u32))
+        } else {
+            core::net::IpAddr::V6(core::net::Ipv6Addr::from_bits(((self.hi as u128) << 64) | self.lo as u128))
+        }
+    }
+
+    /// The top 64 bits of the address (IPv4 in the top half), as [`Summary`] compares them.
+    #[inline(always)]
+    pub const fn top(self, v4: bool) -> u64 {
+        top_bits(v4, self.hi, self.lo)
+    }
+}
+
+impl From<core::net::IpAddr> for AddrWords {
+    fn from(addr: core::net::IpAddr) -> Self {
+        Self::of(addr).1
     }
 }
 
@@ -220,8 +382,8 @@ impl TableDesc {
 /// all fit within `MAX_PROBE` is rebuilt elsewhere, so with another seed) keep crafted keys
 /// from building long chains.
 #[inline(always)]
-pub const fn hash_key(seed: u64, tag: u64, hi: u64, lo: u64) -> u64 {
-    let folded = seed ^ lo ^ tag.rotate_left(29) ^ hi.rotate_left(47) ^ (hi >> 13);
+pub const fn hash_key(seed: u64, tag: Tag, hi: u64, lo: u64) -> u64 {
+    let folded = seed ^ lo ^ tag.0.rotate_left(29) ^ hi.rotate_left(47) ^ (hi >> 13);
     folded.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
@@ -270,7 +432,7 @@ fn read_word(word: *const u64) -> u64 {
 
 /// Finds a key; returns its value word. See the module docs for the protocol.
 #[inline(always)]
-pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: u64, hi: u64, lo: u64) -> Option<u64> {
+pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: Tag, hi: u64, lo: u64) -> Option<u64> {
     // SAFETY (all reads below): pointers come from `slots.slot`, valid by the `SlotReader` contract.
     let home = home_offset(desc, hash_key(desc.seed(), tag, hi, lo));
     let mut step = 0;
@@ -278,16 +440,16 @@ pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: u64, hi: u64, lo: 
         let slot = slots.slot(probe_index(desc, home, step))?;
         // All four words at once (one cache line): the compares then wait for one load,
         // not two in a row.
-        let meta = read_word(unsafe { &raw const (*slot).meta });
+        let meta = Meta(read_word(unsafe { &raw const (*slot).meta }));
         let key_hi = read_word(unsafe { &raw const (*slot).key_hi });
         let key_lo = read_word(unsafe { &raw const (*slot).key_lo });
         let value = read_word(unsafe { &raw const (*slot).value });
-        if Meta::state(meta) == state::EMPTY {
+        if meta.is_empty() {
             return None;
         }
-        if meta == Meta::live(tag, Meta::version(meta)) && key_hi == hi && key_lo == lo {
+        if meta == Meta::live(tag, meta.version()) && key_hi == hi && key_lo == lo {
             // A changed meta means the slot was rewritten while we read it.
-            if read_word(unsafe { &raw const (*slot).meta }) == meta {
+            if read_word(unsafe { &raw const (*slot).meta }) == meta.0 {
                 return Some(value);
             }
         }

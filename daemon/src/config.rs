@@ -192,6 +192,8 @@ fn groups<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeSet<u32>, D::Error> {
 /// The gid of group `name` from the system's group database (NSS), `None` if there is none.
 fn gid_of(name: &str) -> io::Result<Option<u32>> {
     let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // libc, not rustix: the group database is NSS (files, LDAP, systemd...), which only the C
+    // library implements.
     let mut buf = vec![0 as libc::c_char; 4096];
     // The entry (with its member list) must fit in `buf`: grow it on ERANGE, a few times at most.
     for _ in 0..6 {

@@ -10,13 +10,7 @@ pub const MINIMUM: (u32, u32) = (5, 11);
 
 /// The running kernel's (major, minor), from uname(2).
 pub fn release() -> Option<(u32, u32)> {
-    // SAFETY: uname fills the struct we pass; its fields are NUL-terminated.
-    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut name) } != 0 {
-        return None;
-    }
-    let release = unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) };
-    parse_release(&release.to_string_lossy())
+    parse_release(&rustix::system::uname().release().to_string_lossy())
 }
 
 /// "6.18.0-13-amd64" → (6, 18).

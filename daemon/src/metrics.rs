@@ -239,6 +239,14 @@ fn parse_request(head: &[u8]) -> Request {
     }
 }
 
+/// Why a request head was not read.
+enum HeadError {
+    /// Longer than [`MAX_REQUEST_BYTES`] without its end.
+    TooLarge,
+    /// The client closed the connection or it failed.
+    Closed,
+}
+
 async fn scrape(stream: &mut TcpStream, source: Arc<dyn Source>) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -246,10 +254,10 @@ async fn scrape(stream: &mut TcpStream, source: Arc<dyn Source>) -> std::io::Res
     let read_head = async {
         while !complete(&head) {
             if head.len() > MAX_REQUEST_BYTES {
-                return Err("too large");
+                return Err(HeadError::TooLarge);
             }
             match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return Err("closed"),
+                Ok(0) | Err(_) => return Err(HeadError::Closed),
                 Ok(n) => head.extend_from_slice(&buf[..n]),
             }
         }
@@ -257,11 +265,11 @@ async fn scrape(stream: &mut TcpStream, source: Arc<dyn Source>) -> std::io::Res
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, read_head).await {
         Err(_) => return respond(stream, "408 Request Timeout", "request head not received in time\n", false).await,
-        Ok(Err("too large")) => {
+        Ok(Err(HeadError::TooLarge)) => {
             let body = format!("request head longer than {MAX_REQUEST_BYTES} bytes\n");
             return respond(stream, "431 Request Header Fields Too Large", &body, false).await;
         }
-        Ok(Err(_)) => return Ok(()),
+        Ok(Err(HeadError::Closed)) => return Ok(()),
         Ok(Ok(())) => {}
     }
     match parse_request(&head) {

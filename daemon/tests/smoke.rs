@@ -2,7 +2,10 @@
 use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
-use ipaccess::datapath::{BindTarget, Binding, Datapath, DatapathOptions, Mode};
+use ipaccess::{
+    datapath::{BindTarget, Binding, Datapath, DatapathOptions},
+    protocol::Mode,
+};
 use ipaccess_common::NEVER_EXPIRES;
 
 fn frame(src: Ipv4Addr, dst: Ipv4Addr, dport: u16) -> Vec<u8> {

@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use ipaccess_common::{
-    AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS, DropSample,
-    FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, Policy, SAMPLES_BYTES,
-    SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_family_lengths, read_summary, reason, top_bits,
-    v4_key, v6_key,
+    AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS, DropReason,
+    DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, PolicyMode,
+    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_family_lengths, read_summary, v4_key,
+    v6_key,
 };
 use parse::{Frame, Packet, parse};
 
@@ -103,27 +103,28 @@ fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
         count_host(|c| c.unbound_packets += 1);
         return XDP_PASS;
     }
-    let (dst_hi, dst_lo) = packet.dst;
+    let dst = packet.dst;
     if let (Some(port), false) = (packet.port, packet.malformed) {
-        let tag = Tag::port(packet.family, packet.protocol, port);
-        if let Some(account) = lookup(&Slots, bindings, tag, dst_hi, dst_lo) {
-            return decide_account(account, &cx);
+        let tag = Tag::port_binding(packet.family, packet.protocol, port);
+        if let Some(account) = lookup(&Slots, bindings, tag, dst.hi, dst.lo) {
+            return decide_account(AccountWord::from_bits(account), &cx);
         }
     }
-    let Some(addr) = lookup(&Slots, bindings, Tag::addr(packet.family), dst_hi, dst_lo) else {
+    let Some(addr) = lookup(&Slots, bindings, Tag::address(packet.family), dst.hi, dst.lo) else {
         count_host(|c| c.unbound_packets += 1);
         return XDP_PASS;
     };
+    let addr = AccountWord::from_bits(addr);
     if packet.malformed {
         count_host(|c| c.malformed_packets += 1);
-        sample(&cx, AccountWord::account(addr), reason::MALFORMED);
+        sample(&cx, addr.account(), DropReason::Malformed);
         return XDP_DROP;
     }
     if packet.ndp {
         count_host(|c| c.ndp_packets += 1);
         return XDP_PASS;
     }
-    if AccountWord::account(addr) == NO_ACCOUNT {
+    if addr.account() == NO_ACCOUNT {
         // Only some ports of this address are bound, and not this one.
         count_host(|c| c.unbound_packets += 1);
         return XDP_PASS;
@@ -131,41 +132,41 @@ fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
     decide_account(addr, &cx)
 }
 
-/// `word` is the binding's [`AccountWord`]: account, mode, state and allowlist in one.
+/// `word` is the binding's: account, mode, state and allowlist in one.
 #[inline(always)]
-fn decide_account(word: u64, cx: &Context) -> u32 {
-    let account = AccountWord::account(word);
-    let policy = AccountWord::policy(word);
-    let mode = policy & Policy::MODE_MASK;
+fn decide_account(word: AccountWord, cx: &Context) -> u32 {
+    let account = word.account();
+    let policy = word.policy();
+    let mode = policy.mode();
     let bytes = cx.bytes;
-    if mode == Policy::MODE_UNSET {
-        return drop(account, cx, reason::ACCOUNT_UNSET);
+    if mode == PolicyMode::Unset {
+        return drop(account, cx, DropReason::AccountUnset);
     }
-    if policy & Policy::SUSPENDED_BIT != 0 {
-        return drop(account, cx, reason::SUSPENDED);
+    if policy.is_suspended() {
+        return drop(account, cx, DropReason::Suspended);
     }
-    if mode == Policy::MODE_OFF || source_allowed(account, AccountWord::table(word), cx.packet) {
+    if mode == PolicyMode::Off || source_allowed(account, word.table(), cx.packet) {
         count_account(account, |c| {
             c.passed_packets += 1;
             c.passed_bytes += bytes;
         });
         return XDP_PASS;
     }
-    if mode == Policy::MODE_MONITOR {
+    if mode == PolicyMode::Monitor {
         count_account(account, |c| {
             c.would_drop_packets += 1;
             c.would_drop_bytes += bytes;
             c.passed_packets += 1;
             c.passed_bytes += bytes;
         });
-        sample(cx, account, reason::WOULD_DROP);
+        sample(cx, account, DropReason::WouldDrop);
         return XDP_PASS;
     }
-    drop(account, cx, reason::NOT_ALLOWED)
+    drop(account, cx, DropReason::NotAllowed)
 }
 
 #[inline(always)]
-fn drop(account: u32, cx: &Context, why: u8) -> u32 {
+fn drop(account: u32, cx: &Context, why: DropReason) -> u32 {
     count_account(account, |c| {
         c.dropped_packets += 1;
         c.dropped_bytes += cx.bytes;
@@ -198,7 +199,7 @@ fn source_allowed(account: u32, table: TableDesc, packet: &Packet) -> bool {
     let Some(summary) = read_summary(&Slots, table, v4) else {
         return false;
     };
-    if !summary.may_cover(table.seed(), top_bits(v4, packet.src.0, packet.src.1)) {
+    if !summary.may_cover(table.seed(), packet.src.top(v4)) {
         return false;
     }
     let Some(lengths) = read_family_lengths(&Slots, table, v4) else {
@@ -219,8 +220,8 @@ fn source_allowed(account: u32, table: TableDesc, packet: &Packet) -> bool {
 /// Is there a live entry for the source cut to `len` bits? `now` is read at most once.
 #[inline(always)]
 fn entry_live(account: u32, table: TableDesc, packet: &Packet, len: u8, now: &mut u64) -> bool {
-    let (src_hi, src_lo) = packet.src;
-    let (hi, lo) = if packet.family == FAMILY_V4 { v4_key(src_lo as u32, len) } else { v6_key(src_hi, src_lo, len) };
+    let src = packet.src;
+    let (hi, lo) = if packet.family == FAMILY_V4 { v4_key(src.lo as u32, len) } else { v6_key(src.hi, src.lo, len) };
     let Some(expires) = lookup(&Slots, table, Tag::allow(account, packet.family, len), hi, lo) else {
         return false;
     };
@@ -259,7 +260,7 @@ fn count_host(update: impl FnOnce(&mut HostCounters)) {
 /// the next tick at the latest, 1 to 10 ms late depending on the kernel's HZ. A rate of one
 /// sample per ns or more is no limit at all.
 #[inline(always)]
-fn sample(cx: &Context, account: u32, why: u8) {
+fn sample(cx: &Context, account: u32, why: DropReason) {
     const SECOND: u64 = 1_000_000_000;
     let (packet, config) = (cx.packet, cx.config);
     let rate = read(&config.samples_per_second);
@@ -295,13 +296,13 @@ fn sample(cx: &Context, account: u32, why: u8) {
     };
     entry.write(DropSample {
         time_ns: now,
-        src_hi: packet.src.0,
-        src_lo: packet.src.1,
-        dst_hi: packet.dst.0,
-        dst_lo: packet.dst.1,
+        src_hi: packet.src.hi,
+        src_lo: packet.src.lo,
+        dst_hi: packet.dst.hi,
+        dst_lo: packet.dst.lo,
         account,
         port: packet.port.unwrap_or(0),
-        reason: why,
+        reason: why as u8,
         family: packet.family as u8,
         protocol: packet.protocol,
         _pad: [0; 7],

@@ -3,14 +3,14 @@
 //! more than it carries is marked malformed rather than guessed at.
 
 use aya_ebpf::programs::XdpContext;
-use ipaccess_common::{FAMILY_V4, FAMILY_V6, packet::*};
+use ipaccess_common::{AddrWords, FAMILY_V4, FAMILY_V6, packet::*};
 
 /// What the parser learnt about an IP packet.
 pub struct Packet {
     pub family: u64,
-    /// Addresses as host-order (high, low) halves; IPv4 sits in the low 32 bits of `low`.
-    pub src: (u64, u64),
-    pub dst: (u64, u64),
+    /// Addresses as table key words.
+    pub src: AddrWords,
+    pub dst: AddrWords,
     /// The transport protocol (after IPv6 extension headers), or the last header reached.
     pub protocol: u8,
     /// TCP/UDP destination port; `None` for other protocols and non-first fragments.
@@ -114,8 +114,8 @@ fn parse_ipv4(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
     let protocol = header[9];
     let mut packet = Packet {
         family: FAMILY_V4,
-        src: (0, be32(header, 12) as u64),
-        dst: (0, be32(header, 16) as u64),
+        src: AddrWords::v4(be32(header, 12)),
+        dst: AddrWords::v4(be32(header, 16)),
         protocol,
         port: None,
         malformed: false,
@@ -154,8 +154,8 @@ fn parse_ipv6(ctx: &XdpContext, ip: usize, frame_len: usize) -> Frame {
     let payload_len = be16(header, 4);
     let mut packet = Packet {
         family: FAMILY_V6,
-        src: (be64(header, 8), be64(header, 16)),
-        dst: (be64(header, 24), be64(header, 32)),
+        src: AddrWords { hi: be64(header, 8), lo: be64(header, 16) },
+        dst: AddrWords { hi: be64(header, 24), lo: be64(header, 32) },
         protocol: first_next,
         port: None,
         malformed: false,

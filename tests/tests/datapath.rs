@@ -4,10 +4,11 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
-use ipaccess::datapath::{
-    Attachment, BindTarget, Binding, Datapath, DatapathError, DatapathOptions, Mode, XdpMode, netlink::XdpPath,
+use ipaccess::{
+    datapath::{Attachment, BindTarget, Binding, Datapath, DatapathError, DatapathOptions, XdpMode, netlink::XdpPath},
+    protocol::Mode,
 };
-use ipaccess_common::{DropSample, FAMILY_V4, NEVER_EXPIRES, reason};
+use ipaccess_common::{DropReason, DropSample, FAMILY_V4, NEVER_EXPIRES};
 use ipaccess_tests::{
     netns::{BpfFs, Netns, TestHosts},
     packets,
@@ -69,8 +70,8 @@ fn drop_samples_describe_the_packet_and_respect_the_budget() {
     assert_eq!(samples.len(), 5, "the burst caps the samples: {samples:?}");
     let s: DropSample = samples[0];
     assert_eq!(
-        (s.account, s.reason, s.family, s.protocol, s.port),
-        (ACCOUNT, reason::NOT_ALLOWED, FAMILY_V4 as u8, 6, 443)
+        (s.account, s.drop_reason(), s.family, s.protocol, s.port),
+        (ACCOUNT, Ok(DropReason::NotAllowed), FAMILY_V4 as u8, 6, 443)
     );
     assert_eq!(s.src_lo as u32, u32::from(REFUSED));
     assert_eq!(s.dst_lo as u32, u32::from(SERVER));
@@ -83,8 +84,8 @@ fn drop_samples_describe_the_packet_and_respect_the_budget() {
     assert_eq!(run(&dp, &refused), XDP_PASS, "monitor mode passes");
     configure(&mut dp, Mode::Enforce, true);
     assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_DROP, "suspended drops");
-    let reasons: Vec<u8> = dp.drain_samples(100).iter().map(|s| s.reason).collect();
-    assert_eq!(reasons, vec![reason::WOULD_DROP, reason::SUSPENDED]);
+    let reasons: Vec<_> = dp.drain_samples(100).iter().map(DropSample::drop_reason).collect();
+    assert_eq!(reasons, vec![Ok(DropReason::WouldDrop), Ok(DropReason::Suspended)]);
 }
 
 #[test]

@@ -8,7 +8,10 @@
 use std::collections::BTreeMap;
 
 use aya::programs::{TestRun, TestRunOptions};
-use ipaccess::datapath::{self, Datapath, DatapathOptions};
+use ipaccess::{
+    datapath::{self, Datapath, DatapathOptions},
+    protocol::Mode,
+};
 use ipaccess_common::AccountCounters;
 use ipaccess_tests::{
     model::{self, ModelPolicy, Outcome, PolicyParams, Verdict},
@@ -42,9 +45,9 @@ fn apply(dp: &mut Datapath, policy: &mut ModelPolicy) {
         match policy.accounts.get_mut(&slot) {
             Some(account) => {
                 let mode = match account.mode {
-                    model::Mode::Off => datapath::Mode::Off,
-                    model::Mode::Monitor => datapath::Mode::Monitor,
-                    model::Mode::Enforce => datapath::Mode::Enforce,
+                    model::Mode::Off => Mode::Off,
+                    model::Mode::Monitor => Mode::Monitor,
+                    model::Mode::Enforce => Mode::Enforce,
                 };
                 dp.set_policy(slot, mode, account.suspended).unwrap();
                 match dp.set_allowlist(slot, &account.entries) {

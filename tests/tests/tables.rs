@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipaccess::datapath::{BindTarget, Binding, Datapath, DatapathOptions, Mode};
+use ipaccess::{
+    datapath::{BindTarget, Binding, Datapath, DatapathOptions},
+    protocol::Mode,
+};
 use ipaccess_common::NEVER_EXPIRES;
 use ipaccess_tests::{netns::BpfFs, packets, testrun::run_xdp_once};
 use ipnet::IpNet;

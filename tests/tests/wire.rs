@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipaccess::datapath::{
-    self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, Mode, XdpMode, netlink::XdpPath,
+use ipaccess::{
+    datapath::{self, Attachment, BindTarget, Binding, Datapath, DatapathOptions, XdpMode, netlink::XdpPath},
+    protocol::Mode,
 };
 use ipaccess_common::{AccountCounters, NEVER_EXPIRES, PIN_SUBDIR};
 use ipaccess_tests::netns::{

@@ -237,7 +237,6 @@ fn open_store(config: &Config, datapath: &Datapath, accept_empty: bool) -> anyho
 /// daemon on the same state directory is refused, naming the first.
 fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<fs::File> {
     use std::io::{Read as _, Seek as _, Write as _};
-    use std::os::fd::AsRawFd as _;
     let path = dir.join("ipaccessd.lock");
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -247,11 +246,9 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<fs::File> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(error).with_context(|| format!("locking {}", path.display()));
+    if let Err(error) = rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if error != rustix::io::Errno::WOULDBLOCK {
+            return Err(std::io::Error::from(error)).with_context(|| format!("locking {}", path.display()));
         }
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);

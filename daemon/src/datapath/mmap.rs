@@ -7,10 +7,12 @@
 use std::{
     io,
     marker::PhantomData,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::BorrowedFd,
     ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
+
+use rustix::mm::{MapFlags, ProtFlags};
 
 /// A shared, writable mapping of an array map whose values are `T` (8-byte aligned words).
 pub struct MmapArray<T> {
@@ -27,26 +29,30 @@ unsafe impl<T: Sync> Sync for MmapArray<T> {}
 impl<T> MmapArray<T> {
     /// Maps all `len` values of the array map behind `fd`.
     pub fn new(fd: BorrowedFd<'_>, len: u32) -> io::Result<Self> {
-        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd())
+        Self::map(len, Some(fd))
     }
 
     /// `len` zeroed values in anonymous memory, as a freshly created map holds them: the
     /// table writer runs over it in unit tests, which need neither root nor a BPF map.
     #[cfg(test)]
     pub fn anonymous(len: u32) -> io::Result<Self> {
-        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+        Self::map(len, None)
     }
 
-    fn map(len: u32, flags: libc::c_int, fd: libc::c_int) -> io::Result<Self> {
+    /// Maps `fd` shared, or anonymous private memory without one.
+    fn map(len: u32, fd: Option<BorrowedFd<'_>>) -> io::Result<Self> {
         assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() <= 8, "array values must be whole words");
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let page = rustix::param::page_size();
         let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
-        // SAFETY: a fresh mapping, of a map fd (the kernel checks size and flags) or anonymous.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        // SAFETY: a fresh mapping at an address the kernel picks, so nothing else is
+        // overlaid; of a map fd (the kernel checks size and flags) or anonymous.
+        let ptr = unsafe {
+            match fd {
+                Some(fd) => rustix::mm::mmap(std::ptr::null_mut(), bytes, prot, MapFlags::SHARED, fd, 0),
+                None => rustix::mm::mmap_anonymous(std::ptr::null_mut(), bytes, prot, MapFlags::PRIVATE),
+            }
+        }?;
         Ok(Self { base: NonNull::new(ptr.cast()).expect("mmap returned null"), len, bytes, _values: PhantomData })
     }
 
@@ -86,7 +92,7 @@ impl<T> MmapArray<T> {
 
 impl<T> Drop for MmapArray<T> {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+        // SAFETY: unmapping exactly what `new` mapped; nothing borrows it past `self`.
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.bytes) };
     }
 }

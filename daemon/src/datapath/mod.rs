@@ -16,27 +16,30 @@ use std::{
     collections::BTreeMap,
     fs, io,
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray, RingBuf},
+    pin::PinError,
     programs::{
         ProgramError, Xdp, XdpMode as KernelXdpMode,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
 };
 use ipaccess_common::{
-    AccountCounters, AccountRecord, AccountWord, Config, DropSample, FAMILY_V4, FAMILY_V6, HostCounters, MAP_ACCOUNTS,
-    MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_SAMPLES, MAP_SLOTS, NO_ACCOUNT, PIN_SUBDIR, PROGRAM_NAME, Policy,
-    Slot, TableDesc, Tag,
+    AccountCounters, AccountField, AccountRecord, AccountWord, AddrWords, Config, ConfigField, DropSample,
+    HostCounters, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_SAMPLES, MAP_SLOTS, NO_ACCOUNT,
+    PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
 };
 use ipnet::IpNet;
 use log::{info, warn};
 use serde::Deserialize;
+
+use crate::protocol::Mode;
 
 use self::{
     mmap::MmapArray,
@@ -54,7 +57,7 @@ pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-bench"));
 
 /// The bpffs magic number from `statfs(2)`.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_FS_MAGIC: u32 = 0xcafe4a11;
 
 #[derive(Clone, Debug)]
 pub struct DatapathOptions {
@@ -76,17 +79,6 @@ impl Default for DatapathOptions {
     }
 }
 
-/// How an account's traffic is filtered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// No address check.
-    Off,
-    /// Disallowed sources pass and are counted as would-be drops.
-    Monitor,
-    /// Disallowed sources are dropped.
-    Enforce,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum BindTarget {
     Port { protocol: u8, port: u16 },
@@ -105,14 +97,40 @@ pub struct Binding {
 pub enum DatapathError {
     #[error("bpffs is not mounted at {0} (mount it with `mount -t bpf bpf {0}`)")]
     BpffsNotMounted(PathBuf),
-    #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
+    #[error("mounting bpffs at {path}: {source}")]
+    Mount { path: PathBuf, source: io::Error },
+    #[error("map sizes: {slots} slots and {accounts} accounts asked for, at most {max_slots} and {max_accounts}")]
+    MapSizes { slots: u32, accounts: u32, max_slots: u32, max_accounts: u32 },
+    #[error("creating the pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("locking {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("{0} is in use by another ipaccessd")]
+    InUse(PathBuf),
     #[error("loading the XDP program: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("the object has no XDP program {0}")]
+    NoProgram(String),
     #[error("{0}: {1}")]
     Program(String, #[source] aya::programs::ProgramError),
     #[error("{0}: {1}")]
     Map(String, #[source] aya::maps::MapError),
+    #[error("mapping {name}: {source}")]
+    Mmap { name: String, source: io::Error },
+    #[error("duplicating the descriptor of {name}: {source}")]
+    MapFd { name: String, source: io::Error },
+    #[error("counting CPUs for the per-CPU counters: {0}")]
+    Cpus(#[source] io::Error),
+    #[error("{what}: {source}")]
+    Link { what: String, source: LinkError },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: PinError },
+    #[error("unpinning {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+    #[error("{iface}: reading its XDP attachment over netlink: {source}")]
+    Netlink { iface: String, source: io::Error },
+    #[error("{0}: the pinned link attaches nothing")]
+    LinkDetached(String),
     #[error("pinned map {name} does not match this build ({detail}); remove {dir} to recreate the maps")]
     IncompatibleMap { name: &'static str, detail: String, dir: PathBuf },
     #[error("account slot {slot} is outside 1..{limit}")]
@@ -168,9 +186,9 @@ pub struct Datapath {
     accounts: MmapArray<AccountRecord>,
     config: MmapArray<Config>,
     samples: RingBuf<MapData>,
-    /// Each account's keys in the binding table, with the flags their values carry besides
-    /// the account word: the bindings to rewrite when the account changes.
-    bound: BTreeMap<u32, Vec<(SlotKey, u64)>>,
+    /// Each account's keys in the binding table: the bindings to rewrite when the account
+    /// changes.
+    bound: BindingIndex,
     /// Links this process attached or reused, by interface (each also pinned).
     links: BTreeMap<String, FdLink>,
     /// Held for the life of the Datapath: one writer per pin directory.
@@ -182,17 +200,15 @@ impl Datapath {
     pub fn open(options: &DatapathOptions) -> Result<Self> {
         check_bpffs(&options.bpffs)?;
         if options.slots > AccountWord::MAX_SLOTS || options.accounts > AccountWord::MAX_ACCOUNT + 1 {
-            return Err(DatapathError::Io(
-                "map sizes".into(),
-                io::Error::other(format!(
-                    "at most {} slots and {} accounts",
-                    AccountWord::MAX_SLOTS,
-                    AccountWord::MAX_ACCOUNT + 1
-                )),
-            ));
+            return Err(DatapathError::MapSizes {
+                slots: options.slots,
+                accounts: options.accounts,
+                max_slots: AccountWord::MAX_SLOTS,
+                max_accounts: AccountWord::MAX_ACCOUNT + 1,
+            });
         }
         let pin_dir = options.bpffs.join(PIN_SUBDIR);
-        fs::create_dir_all(&pin_dir).map_err(|e| DatapathError::Io(format!("creating {}", pin_dir.display()), e))?;
+        fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir { path: pin_dir.clone(), source })?;
         let lock = lock_dir(&pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
@@ -220,14 +236,13 @@ impl Datapath {
         let slots = mmap_map(&ebpf, MAP_SLOTS, slots_len)?;
         let accounts = mmap_map::<AccountRecord>(&ebpf, MAP_ACCOUNTS, accounts_len)?;
         let config = mmap_map::<Config>(&ebpf, MAP_CONFIG, 1)?;
-        let in_use =
-            (0..accounts_len).map(|slot| TableDesc(accounts.load(slot, 1))).chain([TableDesc(config.load(0, 0))]);
+        let in_use = (0..accounts_len).map(|slot| account_table(&accounts, slot)).chain([bindings_table(&config)]);
         let tables = Tables::new(slots, in_use)?;
         let samples = ebpf.take_map(MAP_SAMPLES).expect("object has a sample ring");
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
         program.load().map_err(|e| DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e))?;
-        let bound = bound_index(&tables, TableDesc(config.load(0, 0)));
+        let bound = bound_index(&tables, bindings_table(&config));
         Ok(Self { ebpf, pin_dir, tables, accounts, config, samples, bound, links: BTreeMap::new(), _lock: lock })
     }
 
@@ -291,11 +306,12 @@ impl Datapath {
             },
         };
         let link = program.take_link(id).map_err(|e| DatapathError::Program(format!("attaching to {iface}"), e))?;
-        let link = FdLink::try_from(link)
-            .map_err(|e| DatapathError::Io(format!("{iface}: XDP attached without a bpf_link"), io::Error::other(e)))?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            what: format!("{iface}: XDP attached without a bpf_link"),
+            source,
+        })?;
         // The pin keeps the link (and so the filter) alive after this process exits.
-        let pinned =
-            link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
+        let pinned = link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
         self.links.insert(iface.to_string(), FdLink::from(pinned));
         let attachment = Attachment { path, reused: false };
         info!("{iface}: attached ({attachment})");
@@ -305,8 +321,8 @@ impl Datapath {
     /// An existing link now runs this program: where it runs (it keeps its XDP path).
     fn reused_attachment(&self, iface: &str, mode: XdpMode) -> Result<Attachment> {
         let path = netlink::xdp_path(iface)
-            .map_err(|e| DatapathError::Io(format!("{iface}: reading its XDP attachment"), e))?
-            .ok_or_else(|| DatapathError::Io(iface.into(), io::Error::other("pinned link attaches nothing")))?;
+            .map_err(|source| DatapathError::Netlink { iface: iface.into(), source })?
+            .ok_or_else(|| DatapathError::LinkDetached(iface.into()))?;
         let wanted = match mode {
             XdpMode::Auto => path,
             XdpMode::Native => XdpPath::Native,
@@ -359,10 +375,9 @@ impl Datapath {
             }
         };
         let pin = self.link_pin(iface);
-        let pinned =
-            link.pin(&pin).map_err(|e| DatapathError::Io(format!("pinning {}", pin.display()), io::Error::other(e)))?;
+        let pinned = link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
         self.links.insert(iface.to_string(), FdLink::from(pinned));
-        fs::remove_file(&old).map_err(|e| DatapathError::Io(format!("unpinning {}", old.display()), e))?;
+        fs::remove_file(&old).map_err(|source| DatapathError::Unpin { path: old.clone(), source })?;
         info!("{iface}: took over the filter pinned at {} by a build with another map layout", old.display());
         Ok(true)
     }
@@ -412,15 +427,15 @@ impl Datapath {
     /// Atomically replaces the program in a pinned link (`bpf_link_update`).
     fn reuse_link(&mut self, pin: &Path) -> Result<FdLink> {
         let pinned = PinnedLink::from_pin(pin)
-            .map_err(|e| DatapathError::Io(format!("opening {}", pin.display()), io::Error::other(e)))?;
+            .map_err(|source| DatapathError::Link { what: format!("opening {}", pin.display()), source })?;
         let link = XdpLink::try_from(FdLink::from(pinned))
-            .map_err(|e| DatapathError::Io(pin.display().to_string(), io::Error::other(e)))?;
+            .map_err(|source| DatapathError::Link { what: pin.display().to_string(), source })?;
         let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
         let id = program
             .attach_to_link(link)
             .map_err(|e| DatapathError::Program(format!("updating {}", pin.display()), e))?;
         let link = program.take_link(id).map_err(|e| DatapathError::Program(pin.display().to_string(), e))?;
-        FdLink::try_from(link).map_err(|e| DatapathError::Io(pin.display().to_string(), io::Error::other(e)))
+        FdLink::try_from(link).map_err(|source| DatapathError::Link { what: pin.display().to_string(), source })
     }
 
     /// Removes the filter from `iface`: the only way the daemon ever detaches. Returns false
@@ -433,8 +448,8 @@ impl Datapath {
             return Ok(false);
         }
         let pinned = PinnedLink::from_pin(&pin)
-            .map_err(|e| DatapathError::Io(format!("opening {}", pin.display()), io::Error::other(e)))?;
-        let link = pinned.unpin().map_err(|e| DatapathError::Io(format!("unpinning {}", pin.display()), e))?;
+            .map_err(|source| DatapathError::Link { what: format!("opening {}", pin.display()), source })?;
+        let link = pinned.unpin().map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
         drop(link);
         info!("{iface}: detached");
         Ok(true)
@@ -447,7 +462,9 @@ impl Datapath {
 
     /// Account slots the maps hold a policy or an allowlist for.
     pub fn configured_slots(&self) -> Vec<u32> {
-        (1..self.accounts.len()).filter(|&s| self.accounts.load(s, 0) != 0 || self.accounts.load(s, 1) != 0).collect()
+        (1..self.accounts.len())
+            .filter(|&s| self.policy(s) != Policy::UNSET || account_table(&self.accounts, s) != TableDesc::NONE)
+            .collect()
     }
 
     pub fn account_capacity(&self) -> u32 {
@@ -461,15 +478,27 @@ impl Datapath {
         Ok(())
     }
 
+    fn policy(&self, slot: u32) -> Policy {
+        Policy::from_bits(self.accounts.load(slot, AccountField::Policy.word()))
+    }
+
+    fn store_policy(&self, slot: u32, policy: Policy) {
+        self.accounts.store(slot, AccountField::Policy.word(), policy.to_bits());
+    }
+
+    fn store_account_table(&self, slot: u32, table: TableDesc) {
+        self.accounts.store(slot, AccountField::Table.word(), table.0);
+    }
+
     /// Sets an account's mode and suspension (one atomic store).
     pub fn set_policy(&mut self, slot: u32, mode: Mode, suspended: bool) -> Result<()> {
         self.check_slot(slot)?;
         let mode = match mode {
-            Mode::Off => Policy::MODE_OFF,
-            Mode::Monitor => Policy::MODE_MONITOR,
-            Mode::Enforce => Policy::MODE_ENFORCE,
+            Mode::Off => PolicyMode::Off,
+            Mode::Monitor => PolicyMode::Monitor,
+            Mode::Enforce => PolicyMode::Enforce,
         };
-        self.accounts.store(slot, 0, Policy::word(mode, suspended));
+        self.store_policy(slot, Policy::new(mode, suspended));
         self.refresh_bindings(slot);
         Ok(())
     }
@@ -489,9 +518,9 @@ impl Datapath {
             v4_lengths: expanded.v4_lengths,
             v6_lengths: expanded.v6_lengths,
         };
-        let current = TableDesc(self.accounts.load(slot, 1));
+        let current = account_table(&self.accounts, slot);
         if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
-            self.accounts.store(slot, 1, new.0);
+            self.store_account_table(slot, new);
             // The bindings point the kernel at the new table before the old one is retired.
             self.refresh_bindings(slot);
             self.tables.retire(current);
@@ -503,26 +532,26 @@ impl Datapath {
     /// allowlist. Counters are zeroed so the slot can be reused.
     pub fn remove_account(&mut self, slot: u32) -> Result<()> {
         self.check_slot(slot)?;
-        self.accounts.store(slot, 0, Policy::word(Policy::MODE_UNSET, false));
-        let current = TableDesc(self.accounts.load(slot, 1));
-        self.accounts.store(slot, 1, TableDesc::NONE.0);
+        self.store_policy(slot, Policy::UNSET);
+        let current = account_table(&self.accounts, slot);
+        self.store_account_table(slot, TableDesc::NONE);
         self.refresh_bindings(slot);
         self.tables.retire(current);
         self.reset_counters(slot)
     }
 
     /// The word the kernel finds in an account's bindings.
-    fn account_word(&self, slot: u32) -> u64 {
-        AccountWord::encode(slot, self.accounts.load(slot, 0), TableDesc(self.accounts.load(slot, 1)))
+    fn account_word(&self, slot: u32) -> AccountWord {
+        AccountWord::new(slot, self.policy(slot), account_table(&self.accounts, slot))
     }
 
     /// Rewrites the account word in each of the account's bindings (one store each).
     fn refresh_bindings(&self, slot: u32) {
         let Some(keys) = self.bound.get(&slot) else { return };
-        let table = TableDesc(self.config.load(0, 0));
+        let table = bindings_table(&self.config);
         let word = self.account_word(slot);
-        for (key, flags) in keys {
-            let found = self.tables.set_value(table, key, word | flags);
+        for (key, has_ports) in keys {
+            let found = self.tables.set_value(table, key, word.with_port_bindings(*has_ports).to_bits());
             debug_assert!(found, "binding {key:?} of account {slot} is missing from the table");
         }
     }
@@ -533,35 +562,35 @@ impl Datapath {
             self.check_slot(b.account)?;
         }
         let mut entries = BTreeMap::new();
-        let mut bound: BTreeMap<u32, Vec<(SlotKey, u64)>> = BTreeMap::new();
+        let mut bound: BindingIndex = BTreeMap::new();
         // Address records: (whole-address account, has port bindings) per address.
-        let mut addrs: BTreeMap<(u64, u64, u64), (u32, bool)> = BTreeMap::new();
+        let mut addrs: BTreeMap<(u64, AddrWords), (u32, bool)> = BTreeMap::new();
         for b in bindings {
-            let (family, hi, lo) = addr_words(b.addr);
-            let record = addrs.entry((family, hi, lo)).or_insert((NO_ACCOUNT, false));
+            let (family, words) = AddrWords::of(b.addr);
+            let (hi, lo) = (words.hi, words.lo);
+            let record = addrs.entry((family, words)).or_insert((NO_ACCOUNT, false));
             match b.target {
                 BindTarget::Port { protocol, port } => {
-                    let key = SlotKey { tag: Tag::port(family, protocol, port), hi, lo };
-                    entries.insert(key, self.account_word(b.account));
-                    bound.entry(b.account).or_default().push((key, 0));
+                    let key = SlotKey { tag: Tag::port_binding(family, protocol, port), hi, lo };
+                    entries.insert(key, self.account_word(b.account).to_bits());
+                    bound.entry(b.account).or_default().push((key, false));
                     record.1 = true;
                 }
                 BindTarget::WholeAddress => record.0 = b.account,
             }
         }
-        for ((family, hi, lo), (account, has_ports)) in addrs {
-            let key = SlotKey { tag: Tag::addr(family), hi, lo };
-            let flags = if has_ports { AccountWord::HAS_PORT_BINDINGS } else { 0 };
-            let word = if account == NO_ACCOUNT { 0 } else { self.account_word(account) };
-            entries.insert(key, word | flags);
+        for ((family, words), (account, has_ports)) in addrs {
+            let key = SlotKey { tag: Tag::address(family), hi: words.hi, lo: words.lo };
+            let word = if account == NO_ACCOUNT { AccountWord::NONE } else { self.account_word(account) };
+            entries.insert(key, word.with_port_bindings(has_ports).to_bits());
             if account != NO_ACCOUNT {
-                bound.entry(account).or_default().push((key, flags));
+                bound.entry(account).or_default().push((key, has_ports));
             }
         }
         let content = TableContent { entries, ..Default::default() };
-        let current = TableDesc(self.config.load(0, 0));
+        let current = bindings_table(&self.config);
         if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
-            self.config.store(0, 0, new.0);
+            self.config.store(0, ConfigField::Bindings.word(), new.0);
             self.tables.retire(current);
         }
         self.bound = bound;
@@ -574,15 +603,13 @@ impl Datapath {
             .bound
             .iter()
             .flat_map(|(&account, keys)| {
-                keys.iter().map(move |(key, _)| {
-                    let family = (key.tag >> 40) & 1;
-                    let addr = words_addr(family, key.hi, key.lo);
-                    let target = if key.tag == Tag::addr(family) {
-                        BindTarget::WholeAddress
-                    } else {
-                        BindTarget::Port { protocol: (key.tag >> 16) as u8, port: key.tag as u16 }
+                keys.iter().filter_map(move |(key, _)| {
+                    let target = match key.tag.kind()? {
+                        TagKind::Addr => BindTarget::WholeAddress,
+                        TagKind::Port => BindTarget::Port { protocol: key.tag.protocol()?, port: key.tag.port()? },
+                        TagKind::Allow => return None,
                     };
-                    Binding { addr, target, account }
+                    Some(Binding { addr: key.addr(), target, account })
                 })
             })
             .collect();
@@ -592,8 +619,9 @@ impl Datapath {
 
     /// Rate and burst of drop samples per CPU (0 disables them).
     pub fn set_sampling(&self, per_second: u64, burst: u64) {
-        self.config.store(0, 2, burst);
-        self.config.store(0, 1, per_second);
+        // The burst first: a rate switched on is never read with a stale burst.
+        self.config.store(0, ConfigField::SampleBurst.word(), burst);
+        self.config.store(0, ConfigField::SamplesPerSecond.word(), per_second);
     }
 
     /// Drop samples waiting in the ring buffer, at most `max`.
@@ -624,7 +652,7 @@ impl Datapath {
     pub fn counter_reader(&self) -> Result<CounterReader> {
         let open = |name: &str| {
             let fd = map_data(&self.ebpf, name).fd().as_fd().try_clone_to_owned();
-            let fd = fd.map_err(|e| DatapathError::Io(format!("duplicating {name}"), e))?;
+            let fd = fd.map_err(|source| DatapathError::MapFd { name: name.into(), source })?;
             MapData::from_fd(fd).map_err(|e| DatapathError::Map(name.into(), e))
         };
         let accounts = PerCpuArray::try_from(Map::PerCpuArray(open(MAP_COUNTERS)?))
@@ -638,9 +666,9 @@ impl Datapath {
         let map = self.ebpf.map_mut(MAP_COUNTERS).expect("object has counters");
         let mut counters: PerCpuArray<_, AccountCounters> =
             PerCpuArray::try_from(map).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io("counting CPUs".into(), e))?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![AccountCounters::default(); cpus])
-            .map_err(|e| DatapathError::Io("counters".into(), e))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![AccountCounters::default(); cpus]).map_err(DatapathError::Cpus)?;
         counters.set(slot, zeros, 0).map_err(|e| DatapathError::Map(MAP_COUNTERS.into(), e))
     }
 
@@ -656,43 +684,34 @@ impl Datapath {
     }
 }
 
+/// Each account's keys in the binding table, with whether each (an address record) also
+/// says that the address has port bindings.
+type BindingIndex = BTreeMap<u32, Vec<(SlotKey, bool)>>;
+
 /// Which account each binding-table key belongs to, read back from the table.
-fn bound_index(tables: &Tables, bindings: TableDesc) -> BTreeMap<u32, Vec<(SlotKey, u64)>> {
-    let mut bound: BTreeMap<u32, Vec<(SlotKey, u64)>> = BTreeMap::new();
+fn bound_index(tables: &Tables, bindings: TableDesc) -> BindingIndex {
+    let mut bound: BindingIndex = BTreeMap::new();
     for (key, value) in tables.read(bindings).entries {
-        let account = AccountWord::account(value);
-        if account != NO_ACCOUNT {
-            bound.entry(account).or_default().push((key, value & AccountWord::HAS_PORT_BINDINGS));
+        let word = AccountWord::from_bits(value);
+        if word.account() != NO_ACCOUNT {
+            bound.entry(word.account()).or_default().push((key, word.has_port_bindings()));
         }
     }
     bound
 }
 
-/// An address as (family, high word, low word), the form table keys use.
-pub fn addr_words(addr: IpAddr) -> (u64, u64, u64) {
-    match addr {
-        IpAddr::V4(a) => (FAMILY_V4, 0, u32::from(a) as u64),
-        IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            (FAMILY_V6, (bits >> 64) as u64, bits as u64)
-        }
-    }
+fn account_table(accounts: &MmapArray<AccountRecord>, slot: u32) -> TableDesc {
+    TableDesc(accounts.load(slot, AccountField::Table.word()))
 }
 
-pub fn words_addr(family: u64, hi: u64, lo: u64) -> IpAddr {
-    if family == FAMILY_V4 {
-        IpAddr::V4((lo as u32).into())
-    } else {
-        IpAddr::V6((((hi as u128) << 64) | lo as u128).into())
-    }
+fn bindings_table(config: &MmapArray<Config>) -> TableDesc {
+    TableDesc(config.load(0, ConfigField::Bindings.word()))
 }
 
 /// Now on `CLOCK_BOOTTIME`, the clock the kernel compares override expiries with.
 pub fn boot_time_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Mounts bpffs at `path` unless it is mounted there already (systemd usually mounts
@@ -701,39 +720,26 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
     if check_bpffs(path).is_ok() {
         return Ok(());
     }
-    fs::create_dir_all(path).map_err(|e| DatapathError::Io(format!("creating {}", path.display()), e))?;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| DatapathError::Io(path.display().to_string(), e.into()))?;
-    // SAFETY: plain mount(2) with NUL-terminated strings.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c_path.as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast()) };
-    if rc != 0 {
-        return Err(DatapathError::Io(format!("mounting bpffs at {}", path.display()), io::Error::last_os_error()));
-    }
+    let mount_error = |source| DatapathError::Mount { path: path.to_path_buf(), source };
+    fs::create_dir_all(path).map_err(mount_error)?;
+    rustix::mount::mount("bpf", path, "bpf", rustix::mount::MountFlags::empty(), c"mode=0700")
+        .map_err(|e| mount_error(e.into()))?;
     info!("mounted bpffs at {}", path.display());
     Ok(())
 }
 
 fn check_bpffs(path: &Path) -> Result<()> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| DatapathError::Io(path.display().to_string(), e.into()))?;
-    // SAFETY: statfs fills the struct we pass.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 || stat.f_type as i64 != BPF_FS_MAGIC {
-        return Err(DatapathError::BpffsNotMounted(path.to_path_buf()));
+    match rustix::fs::statfs(path) {
+        Ok(stat) if u32::try_from(stat.f_type).ok() == Some(BPF_FS_MAGIC) => Ok(()),
+        _ => Err(DatapathError::BpffsNotMounted(path.to_path_buf())),
     }
-    Ok(())
 }
 
 /// The directory's lock if no other process holds it, at once.
 fn try_lock_dir(dir: &Path) -> io::Result<fs::File> {
     let file = fs::File::open(dir)?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        Ok(file)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+    Ok(file)
 }
 
 /// Takes an exclusive lock on the pin directory so two daemons never write the same maps.
@@ -746,11 +752,11 @@ fn lock_dir(dir: &Path) -> Result<fs::File> {
             Ok(file) => return Ok(file),
             Err(e) => e,
         };
-        if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(DatapathError::Io(format!("locking {}", dir.display()), error));
+        if error.kind() != io::ErrorKind::WouldBlock {
+            return Err(DatapathError::Lock { path: dir.to_path_buf(), source: error });
         }
         if std::time::Instant::now() > deadline {
-            return Err(DatapathError::Io(format!("{} is in use by another ipaccessd", dir.display()), error));
+            return Err(DatapathError::InUse(dir.to_path_buf()));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -758,7 +764,7 @@ fn lock_dir(dir: &Path) -> Result<fs::File> {
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     ebpf.program_mut(name)
-        .ok_or_else(|| DatapathError::Io(name.into(), std::io::Error::other("not in the object")))?
+        .ok_or_else(|| DatapathError::NoProgram(name.into()))?
         .try_into()
         .map_err(|e| DatapathError::Program(name.into(), e))
 }
@@ -850,7 +856,7 @@ fn map_len<T>(ebpf: &Ebpf, name: &'static str, dir: &Path) -> Result<u32> {
 
 fn mmap_map<T>(ebpf: &Ebpf, name: &str, len: u32) -> Result<MmapArray<T>> {
     let data = map_data(ebpf, name);
-    MmapArray::new(data.fd().as_fd(), len).map_err(|e| DatapathError::Io(format!("mapping {name}"), e))
+    MmapArray::new(data.fd().as_fd(), len).map_err(|source| DatapathError::Mmap { name: name.into(), source })
 }
 
 #[cfg(test)]

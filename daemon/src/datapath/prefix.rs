@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use ipaccess_common::{FAMILY_V4, FAMILY_V6, MAX_PROBE_LENGTHS, v4_key, v6_key};
+use ipaccess_common::{AddrWords, FAMILY_V4, FAMILY_V6, MAX_PROBE_LENGTHS, v4_key, v6_key};
 use ipnet::IpNet;
 
 /// Keys an expansion may produce per account before it is refused (a quarter of the default
@@ -32,8 +32,8 @@ impl PrefixKey {
                 PrefixKey { family: FAMILY_V4, len: n.prefix_len(), hi, lo }
             }
             IpNet::V6(n) => {
-                let bits = u128::from(n.addr());
-                let (hi, lo) = v6_key((bits >> 64) as u64, bits as u64, n.prefix_len());
+                let words = AddrWords::v6(u128::from(n.addr()));
+                let (hi, lo) = v6_key(words.hi, words.lo, n.prefix_len());
                 PrefixKey { family: FAMILY_V6, len: n.prefix_len(), hi, lo }
             }
         }

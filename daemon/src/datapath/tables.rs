@@ -11,8 +11,8 @@
 use std::{collections::BTreeMap, thread, time::Instant};
 
 use ipaccess_common::{
-    FAMILY_V4, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, Summary, TableDesc, Tag, hash_key,
-    home_offset, probe_index, read_lengths, state, top_bits,
+    AddrWords, FAMILY_V4, FAMILY_V6, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, SlotState,
+    Summary, TableDesc, Tag, hash_key, home_offset, probe_index, read_lengths,
 };
 
 use super::{
@@ -34,9 +34,26 @@ const MAX_LOG2_SLOTS: u32 = 30;
 /// A key as stored in a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SlotKey {
-    pub tag: u64,
+    pub tag: Tag,
     pub hi: u64,
     pub lo: u64,
+}
+
+impl SlotKey {
+    /// The address the key words hold, in the tag's family.
+    pub fn addr(&self) -> std::net::IpAddr {
+        self.words().to_ip(self.tag.family())
+    }
+
+    fn words(&self) -> AddrWords {
+        AddrWords { hi: self.hi, lo: self.lo }
+    }
+
+    /// Allowlist keys of `family`: the prefix length and the top bits a [`Summary`] takes.
+    fn summary_key(&self, family: u64) -> Option<(u8, u64)> {
+        let len = self.tag.prefix_len().filter(|_| self.tag.family() == family)?;
+        Some((len, self.words().top(family == FAMILY_V4)))
+    }
 }
 
 /// What a table should hold.
@@ -175,11 +192,11 @@ impl Tables {
         let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
         for step in 0..MAX_PROBE {
             let index = probe_index(desc, home, step);
-            let meta = self.slots.load(index, META);
-            match Meta::state(meta) {
-                state::EMPTY => return false,
-                state::LIVE
-                    if Meta::tag(meta) == key.tag
+            let meta = self.meta(index);
+            match meta.state() {
+                SlotState::Empty => return false,
+                SlotState::Live
+                    if meta.tag() == key.tag
                         && self.slots.load(index, KEY_HI) == key.hi
                         && self.slots.load(index, KEY_LO) == key.lo =>
                 {
@@ -199,16 +216,17 @@ impl Tables {
         }
     }
 
+    fn meta(&self, index: u32) -> Meta {
+        Meta::from_bits(self.slots.load(index, META))
+    }
+
     fn live_slots(&self, desc: TableDesc) -> impl Iterator<Item = (SlotKey, u64, u32)> + '_ {
         let first = desc.header() + 1;
         (first..first + desc.slots()).filter_map(move |index| {
-            let meta = self.slots.load(index, META);
-            (Meta::state(meta) == state::LIVE).then(|| {
-                let key = SlotKey {
-                    tag: Meta::tag(meta),
-                    hi: self.slots.load(index, KEY_HI),
-                    lo: self.slots.load(index, KEY_LO),
-                };
+            let meta = self.meta(index);
+            meta.is_live().then(|| {
+                let key =
+                    SlotKey { tag: meta.tag(), hi: self.slots.load(index, KEY_HI), lo: self.slots.load(index, KEY_LO) };
                 (key, self.slots.load(index, VALUE), index)
             })
         })
@@ -224,9 +242,8 @@ impl Tables {
         };
         let mut present: BTreeMap<SlotKey, (u64, u32)> =
             self.live_slots(desc).map(|(key, value, index)| (key, (value, index))).collect();
-        let occupied = (desc.header() + 1..desc.header() + 1 + desc.slots())
-            .filter(|&i| Meta::state(self.slots.load(i, META)) != state::EMPTY)
-            .count() as u64;
+        let occupied =
+            (desc.header() + 1..desc.header() + 1 + desc.slots()).filter(|&i| !self.meta(i).is_empty()).count() as u64;
         let inserts = wanted.entries.keys().filter(|k| !present.contains_key(k)).count() as u64;
         let slots = desc.slots() as u64;
         let too_full = (occupied + inserts) * 100 > slots * MAX_LOAD_PERCENT;
@@ -290,8 +307,8 @@ impl Tables {
     }
 
     fn tombstone(&self, index: u32) {
-        let meta = self.slots.load(index, META);
-        self.slots.store(index, META, Meta::dead(Meta::version(meta) + 1));
+        let meta = self.meta(index);
+        self.slots.store(index, META, Meta::dead(meta.version() + 1).to_bits());
         self.note(|| Step::Tombstone(index));
     }
 
@@ -307,14 +324,9 @@ impl Tables {
 
     /// Publishes the header summaries (see [`Summary`]) of allowlist keys; one store each.
     fn store_summaries<'k>(&self, desc: TableDesc, keys: impl Iterator<Item = &'k SlotKey> + Clone) {
-        let family = |want: u64| {
-            keys.clone().filter_map(move |key| match Tag::allow_parts(key.tag) {
-                Some((family, len)) if family == want => Some((len, top_bits(family == FAMILY_V4, key.hi, key.lo))),
-                _ => None,
-            })
-        };
+        let family = |want: u64| keys.clone().filter_map(move |key| key.summary_key(want));
         let v4 = Summary::of(desc.seed(), family(FAMILY_V4));
-        let v6 = Summary::of(desc.seed(), family(ipaccess_common::FAMILY_V6));
+        let v6 = Summary::of(desc.seed(), family(FAMILY_V6));
         self.slots.store(desc.header(), META, v4.0);
         self.slots.store(desc.header(), VALUE, v6.0);
         self.note(|| Step::Summaries(v4, v6));
@@ -323,18 +335,17 @@ impl Tables {
     /// The first reusable slot on `key`'s probe path (checking the key is not further on).
     fn free_slot_for(&self, desc: TableDesc, key: &SlotKey, claimed: &std::collections::BTreeSet<u32>) -> Option<u32> {
         let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
-        (0..MAX_PROBE).map(|step| probe_index(desc, home, step)).find(|&index| {
-            let meta = self.slots.load(index, META);
-            Meta::state(meta) != state::LIVE && !claimed.contains(&index)
-        })
+        (0..MAX_PROBE)
+            .map(|step| probe_index(desc, home, step))
+            .find(|&index| !self.meta(index).is_live() && !claimed.contains(&index))
     }
 
     fn write_live(&self, index: u32, key: SlotKey, value: u64) {
-        let version = Meta::version(self.slots.load(index, META)) + 1;
+        let version = self.meta(index).version() + 1;
         self.slots.store(index, KEY_HI, key.hi);
         self.slots.store(index, KEY_LO, key.lo);
         self.slots.store(index, VALUE, value);
-        self.slots.store(index, META, Meta::live(key.tag, version));
+        self.slots.store(index, META, Meta::live(key.tag, version).to_bits());
         self.note(|| Step::Live(index));
     }
 
@@ -392,9 +403,8 @@ impl Tables {
         }
         for (key, &value) in &wanted.entries {
             let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
-            let free = (0..MAX_PROBE)
-                .map(|step| probe_index(desc, home, step))
-                .find(|&index| Meta::state(self.slots.load(index, META)) == state::EMPTY);
+            let free =
+                (0..MAX_PROBE).map(|step| probe_index(desc, home, step)).find(|&index| self.meta(index).is_empty());
             match free {
                 Some(index) => self.write_live(index, *key, value),
                 None => return false,
@@ -424,7 +434,7 @@ mod tests {
         time::{Duration, SystemTime},
     };
 
-    use ipaccess_common::{FAMILY_V6, NEVER_EXPIRES, Summary, lookup, read_summary, top_bits, v4_key, v6_key};
+    use ipaccess_common::{NEVER_EXPIRES, Summary, lookup, read_summary, top_bits, v4_key, v6_key};
 
     use super::*;
 
@@ -518,12 +528,8 @@ mod tests {
     /// What the daemon asks for: the keys, and each family's distinct lengths, longest first.
     fn content(entries: &BTreeMap<SlotKey, u64>) -> TableContent {
         let lengths = |want: u64| {
-            let set: BTreeSet<u8> = entries
-                .keys()
-                .filter_map(|k| Tag::allow_parts(k.tag))
-                .filter(|&(family, _)| family == want)
-                .map(|(_, len)| len)
-                .collect();
+            let set: BTreeSet<u8> =
+                entries.keys().filter(|k| k.tag.family() == want).filter_map(|k| k.tag.prefix_len()).collect();
             set.into_iter().rev().collect::<Vec<u8>>()
         };
         TableContent { entries: entries.clone(), v4_lengths: lengths(FAMILY_V4), v6_lengths: lengths(FAMILY_V6) }
@@ -581,8 +587,8 @@ mod tests {
         assert_eq!(found(&t, desc, &b), Some(B), "a changed value is stored in place");
         assert_eq!(found(&t, desc, &c), None);
         assert_eq!(found(&t, desc, &d), Some(A));
-        let tomb = t.slots().load(slot_c, META);
-        assert_eq!((Meta::state(tomb), Meta::version(tomb)), (state::DEAD, Meta::version(meta_c) + 1), "a tombstone");
+        let (tomb, meta_c) = (Meta::from_bits(t.slots().load(slot_c, META)), Meta::from_bits(meta_c));
+        assert_eq!((tomb.state(), tomb.version()), (SlotState::Dead, meta_c.version() + 1), "a tombstone");
         assert_eq!(t.read(desc), next);
         let trace = take_trace(&t);
         assert!(!trace.contains(&Step::Grace), "the lengths did not grow, so nothing waits: {trace:?}");
@@ -590,10 +596,7 @@ mod tests {
     }
 
     fn summary_keys(content: &TableContent, want: u64) -> impl Iterator<Item = (u8, u64)> + Clone + '_ {
-        content.entries.keys().filter_map(move |k| match Tag::allow_parts(k.tag) {
-            Some((family, len)) if family == want => Some((len, top_bits(family == FAMILY_V4, k.hi, k.lo))),
-            _ => None,
-        })
+        content.entries.keys().filter_map(move |k| k.summary_key(want))
     }
 
     /// The order that keeps a source covered by an old key and a new key of another length
@@ -786,7 +789,7 @@ mod tests {
                 // so keys come back after they were removed.
                 let pick = rng.next();
                 if table == 0 {
-                    let tag = Tag::port(FAMILY_V4, [6, 17][pick as usize % 2], 440 + (pick >> 8) as u16 % 8);
+                    let tag = Tag::port_binding(FAMILY_V4, [6, 17][pick as usize % 2], 440 + (pick >> 8) as u16 % 8);
                     return SlotKey { tag, hi: 0, lo: 0xc612_0000 | (rng.next() % 64) };
                 }
                 let addr = 0xc612_0000 | (rng.next() as u32 % 4096) << 4;
@@ -851,7 +854,7 @@ mod tests {
                 if i != 0 {
                     for (v4, family) in [(true, FAMILY_V4), (false, FAMILY_V6)] {
                         let summary = read_summary(t.slots(), desc, v4).unwrap();
-                        for key in keys.keys().filter(|k| Tag::allow_parts(k.tag).map(|(f, _)| f) == Some(family)) {
+                        for key in keys.keys().filter(|k| k.summary_key(family).is_some()) {
                             assert!(summary.may_cover(desc.seed(), top_bits(v4, key.hi, key.lo)), "{context}: {key:?}");
                         }
                     }

@@ -108,8 +108,8 @@ impl Proto {
     /// The IP protocol number.
     pub fn number(self) -> u8 {
         match self {
-            Proto::Tcp => 6,
-            Proto::Udp => 17,
+            Proto::Tcp => ipaccess_common::packet::IPPROTO_TCP,
+            Proto::Udp => ipaccess_common::packet::IPPROTO_UDP,
         }
     }
 }

@@ -179,16 +179,7 @@ pub(super) fn apply_account(
         }
     }
     datapath.set_allowlist(account.slot, &entries)?;
-    datapath.set_policy(account.slot, to_mode(account.mode), suspended)
-}
-
-fn to_mode(mode: crate::protocol::Mode) -> datapath::Mode {
-    use crate::protocol::Mode;
-    match mode {
-        Mode::Off => datapath::Mode::Off,
-        Mode::Monitor => datapath::Mode::Monitor,
-        Mode::Enforce => datapath::Mode::Enforce,
-    }
+    datapath.set_policy(account.slot, account.mode, suspended)
 }
 
 /// Records a change in the activity log, in the change's own transaction, and in the

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, net::IpAddr, sync::atomic::Ordering};
 
-use log::info;
+use log::{info, warn};
 use serde_json::json;
 
 use super::{
@@ -11,7 +11,7 @@ use super::{
     change::{apply_account, audit},
     now,
 };
-use crate::{activity::Drops, datapath, logging::PendingAudit, policy::suspended};
+use crate::{activity::Drops, logging::PendingAudit, policy::suspended};
 
 /// Most drop samples moved per drain (the ring holds more; the next drain takes them).
 const SAMPLES_PER_DRAIN: usize = 4096;
@@ -73,18 +73,18 @@ impl Service {
         let at = now();
         // Many samples of one flow come in one drain: they are counted per endpoint here.
         let mut counted: HashMap<(&str, IpAddr, IpAddr, u8, u16, &'static str), i64> = HashMap::new();
+        let mut unknown = 0;
         for sample in &samples {
             let Some(account) = by_slot.get(&sample.account) else { continue };
-            let reason = match sample.reason {
-                ipaccess_common::reason::NOT_ALLOWED => "address_not_allowed",
-                ipaccess_common::reason::WOULD_DROP => "monitor_would_deny",
-                ipaccess_common::reason::SUSPENDED => "suspended",
-                ipaccess_common::reason::MALFORMED => "malformed",
-                _ => "account_unset",
+            let Ok(reason) = sample.drop_reason() else {
+                unknown += 1;
+                continue;
             };
-            let src = datapath::words_addr(sample.family as u64, sample.src_hi, sample.src_lo);
-            let dst = datapath::words_addr(sample.family as u64, sample.dst_hi, sample.dst_lo);
-            *counted.entry((account, src, dst, sample.protocol, sample.port, reason)).or_default() += 1;
+            let (src, dst) = (sample.source(), sample.destination());
+            *counted.entry((account, src, dst, sample.protocol, sample.port, reason.as_str())).or_default() += 1;
+        }
+        if unknown > 0 {
+            warn!("{unknown} drop samples give a reason this build does not know (a kernel program of another build?)");
         }
         let drops = counted
             .into_iter()

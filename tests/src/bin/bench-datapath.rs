@@ -20,7 +20,10 @@ use aya::{
     maps::HashMap,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use ipaccess::datapath::{BENCH_OBJECT, BindTarget, Binding, Datapath, DatapathOptions, Mode};
+use ipaccess::{
+    datapath::{BENCH_OBJECT, BindTarget, Binding, Datapath, DatapathOptions},
+    protocol::Mode,
+};
 use ipaccess_common::NEVER_EXPIRES;
 use ipaccess_tests::{netns::BpfFs, packets};
 use ipnet::IpNet;
