@@ -197,13 +197,16 @@ fn notifies_ready_watchdog_reload_and_stop() {
     let later = notifications.collect(WATCHDOG);
     assert!(later.iter().any(|(_, m)| has(m, "WATCHDOG=1")), "{later:?}");
 
-    // SIGTERM: STOPPING=1, a clean exit, and the filter stays.
+    // SIGTERM: STOPPING=1, a clean exit, and the filter stays. The socket file goes with
+    // the daemon, so clients see at once that nobody listens.
+    assert!(host.socket().exists());
     host.daemon().signal(libc::SIGTERM);
     notifications.wait_for("STOPPING=1", READY, |m| has(m, "STOPPING=1"));
     let status = host.daemon().wait_exit(READY);
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", host.log_text());
     host.daemon = None;
     assert!(host.xdp_attached(&server_if) && host.xdp_attached(extra));
+    assert!(!host.socket().exists(), "a clean exit left its socket file behind");
 }
 
 /// A change that holds the writer lock for long (a large import) stops the pings; they

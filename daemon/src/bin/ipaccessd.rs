@@ -158,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
         info!("metrics on http://{}/metrics", config.metrics.listen.expect("bound above"));
         tasks.push(tokio::spawn(metrics::serve(listener, service.clone())));
     }
+    let socket = config.socket.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     systemd::ready(&status);
     tasks.push(tokio::spawn(reload_on_sighup(hangups, args, service.clone(), config_tx)));
@@ -166,6 +167,11 @@ async fn main() -> anyhow::Result<()> {
     }
     server::serve(listener, service.clone(), config_rx, stop).await;
     systemd::stopping();
+    // A socket file with no daemon behind it is refused (ECONNREFUSED) until the next start
+    // replaces it; without it, clients see at once that the daemon is gone.
+    if let Err(e) = fs::remove_file(&socket) {
+        warn!("could not remove the control socket {}: {e}", socket.display());
+    }
     tasks.iter().for_each(|task| task.abort());
     service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
