@@ -163,3 +163,28 @@ pub(super) fn network(cidr: IpNet) -> Result<(IpNet, Vec<String>), Failure> {
     let (cidr, note) = normalise_cidr(cidr).map_err(|why| Failure::new(ErrorCode::BadRequest, why))?;
     Ok((cidr, note.into_iter().collect()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(cidr: &str, label: Option<&str>) -> ReplaceEntry {
+        ReplaceEntry { cidr: crate::protocol::parse_cidr(cidr).unwrap(), label: label.map(str::to_string) }
+    }
+
+    #[test]
+    fn a_replacement_is_canonical_and_its_last_label_wins() {
+        let (wanted, notes) = distinct_entries(vec![
+            entry("198.18.0.0/24", Some("old")),
+            entry("::ffff:198.18.1.0/120", None),
+            entry("198.18.0.0/24", Some("new")),
+        ])
+        .unwrap();
+        let shown: Vec<(String, Option<String>)> = wanted.into_iter().map(|(c, l)| (c.to_string(), l)).collect();
+        assert_eq!(shown, [("198.18.0.0/24".into(), Some("new".into())), ("198.18.1.0/24".into(), None)]);
+        assert_eq!(notes.len(), 1, "the mapped spelling is noted: {notes:?}");
+        let Failure(body) =
+            distinct_entries(vec![entry("198.18.0.0/24", None), entry("198.18.0.7/24", None)]).expect_err("host bits");
+        assert!(body.message.starts_with("entry 2: ") && body.message.contains("198.18.0.0/24"), "{}", body.message);
+    }
+}

@@ -70,3 +70,18 @@ fn describe(target: Option<(Proto, u16)>) -> String {
         None => " (whole address)".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_alone_is_tcp_and_odd_targets_are_refused() {
+        assert_eq!(target(Some(443), None).ok(), Some(Some((Proto::Tcp, 443))));
+        assert_eq!(target(Some(53), Some(Proto::Udp)).ok(), Some(Some((Proto::Udp, 53))));
+        assert_eq!(target(None, None).ok(), Some(None));
+        assert!(target(Some(0), Some(Proto::Tcp)).is_err());
+        assert!(target(None, Some(Proto::Udp)).is_err(), "a protocol alone is not the whole address");
+        assert_eq!(describe(Some((Proto::Udp, 53))), " udp port 53");
+    }
+}

@@ -87,3 +87,96 @@ pub(super) fn guard(
     refusal.0.details = Some(json!(ShutOut { shut_out }));
     Err(refusal)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        protocol::{AccountState, Method, Reason},
+        store::{SigninKey, Store, Tally, bucket},
+    };
+
+    fn policy(mode: Mode, entries: &[&str]) -> AccountPolicy {
+        AccountPolicy {
+            slot: 1,
+            parent: None,
+            state: AccountState::Active,
+            mode,
+            entries: entries.iter().map(|e| e.parse().unwrap()).collect(),
+            overrides: Vec::new(),
+        }
+    }
+
+    /// A store in which `acme` signed in successfully from each of `addresses` an hour ago.
+    fn store_with_signins(dir: &tempfile::TempDir, addresses: &[&str]) -> Store {
+        let mut store = Store::open(&dir.path().join("store.db")).unwrap();
+        let tx = store.transaction().unwrap();
+        tx.add_account("acme", None, AccountState::Active, Mode::Enforce, 0).unwrap();
+        let at = now() - 3600;
+        let keys: Vec<SigninKey> = addresses
+            .iter()
+            .map(|a| SigninKey {
+                account: "acme".into(),
+                bucket: bucket(at),
+                address: a.parse().unwrap(),
+                method: Method::Password,
+                reason: Reason::Allowed,
+                uid: 1000,
+                application: true,
+            })
+            .collect();
+        let once = Tally::new(1, at);
+        tx.add_signins(keys.iter().map(|k| (k, &once))).unwrap();
+        tx.commit().unwrap();
+        store
+    }
+
+    fn refusal(result: Result<(), Failure>) -> (ErrorCode, String, Option<serde_json::Value>) {
+        let Failure(body) = result.expect_err("refused");
+        (body.code, body.message, body.details)
+    }
+
+    #[test]
+    fn the_callers_own_address_and_an_empty_allowlist_are_guarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_with_signins(&dir, &[]);
+        let tx = store.transaction().unwrap();
+        let office = policy(Mode::Enforce, &["198.18.0.0/24"]);
+        let elsewhere = policy(Mode::Enforce, &["198.18.1.0/24"]);
+        let me = Some("198.18.0.9".parse().unwrap());
+        let (code, message, _) = refusal(guard(&tx, "acme", 0, me, false, &office, &elsewhere));
+        assert_eq!(code, ErrorCode::Lockout);
+        assert!(message.contains("198.18.0.9, the address you are using"), "{message}");
+        assert!(guard(&tx, "acme", 0, me, true, &office, &elsewhere).is_ok(), "force overrides the guard");
+        assert!(
+            guard(&tx, "acme", 0, me, false, &office, &policy(Mode::Monitor, &[])).is_ok(),
+            "monitor blocks nobody"
+        );
+        // Newly nothing allowed: refused; already nothing allowed: not this change's doing.
+        let (code, message, _) = refusal(guard(&tx, "acme", 0, None, false, &office, &policy(Mode::Enforce, &[])));
+        assert_eq!(code, ErrorCode::Lockout);
+        assert!(message.contains("no enabled entry"), "{message}");
+        let empty = policy(Mode::Enforce, &[]);
+        assert!(guard(&tx, "acme", 0, None, false, &empty, &empty).is_ok());
+    }
+
+    #[test]
+    fn recent_signins_that_would_be_shut_out_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_with_signins(&dir, &["198.18.0.9", "198.18.2.9", "fd00::9"]);
+        let tx = store.transaction().unwrap();
+        let before = policy(Mode::Enforce, &["198.18.0.0/24", "fd00::/64"]);
+        // Keeps 198.18.0.9, shuts out fd00::9; 198.18.2.9 was shut out already.
+        let after = policy(Mode::Enforce, &["198.18.0.0/24"]);
+        let (code, message, details) = refusal(guard(&tx, "acme", 0, None, false, &before, &after));
+        assert_eq!(code, ErrorCode::Lockout);
+        assert!(message.contains("would shut out 1 address ") && message.contains("add fd00::9 first"), "{message}");
+        let listed: ShutOut = serde_json::from_value(details.unwrap()).unwrap();
+        let addresses: Vec<String> = listed.shut_out.iter().map(|s| s.address.to_string()).collect();
+        assert_eq!(addresses, ["fd00::9"]);
+        // Turning enforcement on shuts out every recent address not on the list.
+        let off = policy(Mode::Off, &["198.18.0.0/24"]);
+        let (_, message, _) = refusal(guard(&tx, "acme", 0, None, false, &off, &after));
+        assert!(message.contains("would shut out 2 addresses"), "{message}");
+    }
+}

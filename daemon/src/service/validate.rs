@@ -61,3 +61,44 @@ pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
         other => other,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canonical_json(request: serde_json::Value) -> Result<Command, (ErrorCode, String)> {
+        canonical(serde_json::from_value(request).unwrap()).map_err(|Failure(body)| (body.code, body.message))
+    }
+
+    #[test]
+    fn mapped_addresses_become_ipv4_everywhere() {
+        let check = canonical_json(serde_json::json!({"cmd": "check", "account": "a", "addr": "::ffff:198.18.0.10"}));
+        assert!(matches!(check, Ok(Command::Check(Check { addr, .. })) if addr.to_string() == "198.18.0.10"));
+        let mode = canonical_json(serde_json::json!(
+            {"cmd": "account_mode", "account": "a", "mode": "enforce", "client_ip": "::ffff:198.18.0.9"}));
+        assert!(matches!(mode, Ok(Command::AccountMode(m)) if m.client_ip.unwrap().to_string() == "198.18.0.9"));
+        let bind = canonical_json(serde_json::json!({"cmd": "bind_remove", "addr": "::ffff:198.18.0.1"}));
+        assert!(matches!(bind, Ok(Command::BindRemove(b)) if b.addr.is_ipv4()));
+        let v6 = canonical_json(serde_json::json!({"cmd": "check", "account": "a", "addr": "fd00::1"}));
+        assert!(matches!(v6, Ok(Command::Check(Check { addr, .. })) if addr.is_ipv6()), "real IPv6 stays");
+    }
+
+    #[test]
+    fn ids_and_text_are_checked_in_every_command() {
+        for request in [
+            serde_json::json!({"cmd": "allow_list", "account": ""}),
+            serde_json::json!({"cmd": "stats", "account": "a\u{1b}[2J"}),
+            serde_json::json!({"cmd": "import", "accounts": [{"account": "ok"}, {"account": "x", "parent": "p\nq"}]}),
+        ] {
+            assert_eq!(canonical_json(request.clone()).unwrap_err().0, ErrorCode::BadRequest, "{request}");
+        }
+        let hostile = serde_json::json!({"cmd": "allow_add", "account": "a", "cidr": "198.18.0.0/24",
+            "label": "office\u{202e}"});
+        let (code, message) = canonical_json(hostile).unwrap_err();
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(message.contains("a label"), "{message}");
+        let long_ticket = serde_json::json!({"cmd": "override_grant", "account": "a", "cidr": "198.18.0.9",
+            "ttl_seconds": 600, "ticket": "t".repeat(MAX_TICKET + 1), "reason": "r"});
+        assert!(canonical_json(long_ticket).unwrap_err().1.contains("a ticket"));
+    }
+}
