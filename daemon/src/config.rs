@@ -423,10 +423,9 @@ mod tests {
     #[test]
     fn metrics_are_off_by_default_and_loopback_only_unless_allowed() {
         assert_eq!(Config::default().metrics.listen, None);
-        let dir = std::env::temp_dir().join(format!("ipaccess-config-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
         let load = |text: &str| {
-            let path = dir.join("ipaccessd.toml");
+            let path = dir.path().join("ipaccessd.toml");
             fs::write(&path, text).unwrap();
             Config::load(&path, true)
         };
@@ -438,7 +437,6 @@ mod tests {
         load("[metrics]\nlisten = \"198.18.0.1:9469\"\nallow_non_loopback = true").unwrap();
         assert_eq!(load("log_level = \"debug\"").unwrap().log_level, LogLevel::Debug);
         assert!(matches!(load("log_level = \"loud\""), Err(ConfigError::Parse(..))));
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -47,9 +46,9 @@ pub fn binaries() -> &'static Binaries {
     })
 }
 
-/// A fresh directory under the system temp dir, removed on Drop. Mode 0755, so that an
-/// unprivileged client can reach the socket inside.
-pub struct TempDir(pub PathBuf);
+/// A fresh directory under the system temp dir (its path, and the guard that removes it on
+/// Drop). Mode 0755, so that an unprivileged client can reach the socket inside.
+pub struct TempDir(pub PathBuf, #[allow(dead_code, reason = "held for its Drop")] tempfile::TempDir);
 
 impl Default for TempDir {
     fn default() -> Self {
@@ -59,19 +58,9 @@ impl Default for TempDir {
 
 impl TempDir {
     pub fn new() -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ipaccess-test-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir(&path).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let dir = tempfile::Builder::new().prefix("ipaccess-test-").tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(dir.path().to_path_buf(), dir)
     }
 }
 
