@@ -175,13 +175,17 @@ impl AsyncClient {
     async fn exchange(&mut self, line: &[u8], id: u64, deadline: Instant) -> Result<Result<Value, Error>, Attempt> {
         self.connection(deadline).await.map_err(Attempt::Failed)?;
         let mut conn = self.conn.take().expect("connected above");
-        let written = match timeout_at(deadline, conn.writer.write_all(line)).await {
+        match timeout_at(deadline, conn.writer.write_all(line)).await {
             Err(_) => return Err(Attempt::Failed(Error::Timeout)),
-            // Nothing reaches a daemon that has closed its end, so sending again is safe.
-            Ok(Err(why)) if is_gone(&why) => return Err(Attempt::Gone { sent: false, why }),
-            Ok(written) => written,
-        };
-        written.map_err(|e| Attempt::Failed(Error::Io(e)))?;
+            // Nothing reaches a daemon that has closed its end, so sending again is safe; it
+            // may have said why first (`busy` on accepting), which is then the reply.
+            Ok(Err(why)) if is_gone(&why) => match timeout_at(deadline, conn.read_line()).await {
+                Ok(Ok(said)) => return Ok(decode(&said, id)),
+                _ => return Err(Attempt::Gone { sent: false, why }),
+            },
+            Ok(Err(e)) => return Err(Attempt::Failed(Error::Io(e))),
+            Ok(Ok(())) => {}
+        }
         let reply = match timeout_at(deadline, conn.read_line()).await {
             Err(_) => return Err(Attempt::Failed(Error::Timeout)),
             Ok(Err(why)) if is_gone(&why) => return Err(Attempt::Gone { sent: true, why }),

@@ -172,11 +172,15 @@ impl Client {
     /// leaves it in doubt.
     fn exchange(&mut self, line: &[u8], id: u64, deadline: Instant) -> Result<Result<Value, Error>, Attempt> {
         let conn = self.connection(deadline).map_err(Attempt::Failed)?;
-        let result = conn.send(line, deadline).and_then(|()| match conn.read_line(deadline) {
-            Ok(reply) => Ok(reply),
-            Err(why) if is_gone(&why) => Err(Attempt::Gone { sent: true, why }),
-            Err(e) => Err(Attempt::Failed(timeout_or_io(e))),
-        });
+        let result = match conn.send(line, deadline) {
+            Ok(()) => conn.read_line(deadline).map_err(|why| match is_gone(&why) {
+                true => Attempt::Gone { sent: true, why },
+                false => Attempt::Failed(timeout_or_io(why)),
+            }),
+            // A daemon that closed at once may have said why first (`busy` on accepting).
+            Err(Attempt::Gone { sent, why }) => conn.read_line(deadline).map_err(|_| Attempt::Gone { sent, why }),
+            Err(failed) => Err(failed),
+        };
         let reply = result.map(|line| decode(&line, id));
         if !matches!(&reply, Ok(r) if !drops_connection(r) && !matches!(r, Err(Error::Protocol(_)))) {
             self.conn = None;
