@@ -54,7 +54,8 @@ fn the_async_rust_client_passes_the_conformance_list() {
 /// cases, the checks and the reads at least.
 fn held_to_types(output: &str) {
     let held = output.lines().find_map(|l| l.strip_prefix("replies held to their command's type: "));
-    let held: usize = held.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count of typed replies:\n{output}"));
+    let held: usize =
+        held.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count of typed replies:\n{output}"));
     assert!(held >= 30, "only {held} replies were held to their types:\n{output}");
 }
 

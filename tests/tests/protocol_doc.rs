@@ -391,7 +391,8 @@ fn misfit(shape: &Shape, value: &Value, objects: &BTreeMap<String, Vec<(String, 
 /// Whether `ok` is what the request's command replies with, as the Rust types say
 /// (`Command::check_reply`: it reads as the reply type and writes back as the same JSON).
 fn fits_its_type(request: &str, ok: &Value) -> Result<(), String> {
-    let mut request: Value = serde_json::from_str(request).map_err(|e| format!("answers a request that is not JSON: {e}"))?;
+    let mut request: Value =
+        serde_json::from_str(request).map_err(|e| format!("answers a request that is not JSON: {e}"))?;
     request.as_object_mut().map(|r| r.remove("id"));
     let command: Command =
         serde_json::from_value(request).map_err(|e| format!("answers a request that is not a command: {e}"))?;

@@ -159,10 +159,12 @@ impl AsyncClient {
                     self.conn = Some(Connection { reader: BufReader::new(reader), writer });
                     self.connects += 1;
                 }
-                Ok(Err(e)) if is_unreachable(&e) => match backoff.next(deadline.saturating_duration_since(Instant::now())) {
-                    Some(pause) => sleep(pause).await,
-                    None => return Err(Error::Io(e)),
-                },
+                Ok(Err(e)) if is_unreachable(&e) => {
+                    match backoff.next(deadline.saturating_duration_since(Instant::now())) {
+                        Some(pause) => sleep(pause).await,
+                        None => return Err(Error::Io(e)),
+                    }
+                }
                 Ok(Err(e)) => return Err(Error::Io(e)),
                 Err(_) => return Err(Error::Timeout),
             }

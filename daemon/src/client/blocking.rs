@@ -158,10 +158,12 @@ impl Client {
                     self.conn = Some(Connection { reader, writer: stream });
                     self.connects += 1;
                 }
-                Err(e) if is_unreachable(&e) => match backoff.next(deadline.saturating_duration_since(Instant::now())) {
-                    Some(pause) => thread::sleep(pause),
-                    None => return Err(Error::Io(e)),
-                },
+                Err(e) if is_unreachable(&e) => {
+                    match backoff.next(deadline.saturating_duration_since(Instant::now())) {
+                        Some(pause) => thread::sleep(pause),
+                        None => return Err(Error::Io(e)),
+                    }
+                }
                 Err(e) => return Err(Error::Io(e)),
             }
         }

@@ -357,11 +357,11 @@ fn step_blank_line(run: &mut Run) -> Result<Option<String>, Failed> {
 }
 
 fn step_pipeline(api: &mut impl Api, case: &Value) -> Result<Option<String>, Failed> {
-    let accounts = [("c-acme", "198.18.0.7", "allowed"), ("c-acme", "198.18.9.9", "address_not_allowed"), (
-        "c-ban",
-        "198.18.0.7",
-        "banned",
-    )];
+    let accounts = [
+        ("c-acme", "198.18.0.7", "allowed"),
+        ("c-acme", "198.18.9.9", "address_not_allowed"),
+        ("c-ban", "198.18.0.7", "banned"),
+    ];
     let count = case["count"].as_u64().unwrap_or(3000) as usize;
     let (requests, reasons): (Vec<_>, Vec<_>) = (0..count)
         .map(|i| {
@@ -486,7 +486,8 @@ fn step_idle(run: &mut Run, api: &mut impl Api, case: &Value) -> Result<Option<S
     // so sending again on a new connection is safe.
     expect(api.check("c-acme", addr, Method::Password)?.allowed, || "after the idle timeout".into())?;
     expect(api.connects() == before + 1, || format!("{} reconnects for the check", api.connects() - before))?;
-    let ban = SetAccountState { account: "c-ban".into(), state: ipaccess::protocol::AccountState::Banned, reason: None };
+    let ban =
+        SetAccountState { account: "c-ban".into(), state: ipaccess::protocol::AccountState::Banned, reason: None };
     let ban = SetAccountState { reason: Some("abuse".into()), ..ban };
     run.call(api, ban.clone().into())?;
     std::thread::sleep(idle);
@@ -588,10 +589,7 @@ fn main() {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect();
-    let passed = if asynchronous {
-        run_list::<Async>(socket, &cases, &skip)
-    } else {
-        run_list::<Client>(socket, &cases, &skip)
-    };
+    let passed =
+        if asynchronous { run_list::<Async>(socket, &cases, &skip) } else { run_list::<Client>(socket, &cases, &skip) };
     std::process::exit(if passed { 0 } else { 1 });
 }
