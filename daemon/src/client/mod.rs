@@ -272,6 +272,110 @@ mod tests {
         assert!(!Error::Daemon { code: ErrorCode::Lockout, message: String::new(), details: None }.is_retryable());
     }
 
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
+
+    use crate::protocol::{AccountAdd, Method};
+
+    /// A stand-in daemon on a fresh socket: each accepted connection is handed to `serve`
+    /// with the first line it read, in a thread of its own.
+    fn server(name: &str, serve: impl Fn(usize, UnixStream, String) + Send + Sync + 'static) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("ipaccess-client-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let serve = std::sync::Arc::new(serve);
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let serve = serve.clone();
+                std::thread::spawn(move || {
+                    let stream = stream.unwrap();
+                    let mut line = String::new();
+                    let _ = BufReader::new(stream.try_clone().unwrap()).read_line(&mut line);
+                    serve(n, stream, line);
+                });
+            }
+        });
+        path
+    }
+
+    fn id_of(line: &str) -> u64 {
+        serde_json::from_str::<Value>(line).unwrap()["id"].as_u64().unwrap()
+    }
+
+    const CHECKED: &str = r#""ok":{"allowed":true,"reason":"allowed","hint":"h","detail":"d"}"#;
+
+    #[test]
+    fn a_late_reply_is_never_taken_for_the_next_requests() {
+        // Every other connection answers after 300 ms, and with the id of the request after
+        // it too; the others answer at once.
+        let path = server("late", |n, mut stream, line| {
+            let id = id_of(&line);
+            if n % 2 == 0 {
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = write!(stream, "{{\"id\":{id},{CHECKED}}}\n{{\"id\":{},{CHECKED}}}\n", id + 1);
+            } else {
+                let _ = write!(stream, "{{\"id\":{id},{}}}\n", CHECKED.replace("true", "false"));
+            }
+        });
+        let mut client = Client::connect(&path).unwrap().with_timeout(Duration::from_millis(100));
+        let addr = "198.18.0.7".parse().unwrap();
+        assert!(matches!(client.check("acme", addr, Method::Password), Err(Error::Timeout)));
+        std::thread::sleep(Duration::from_millis(300));
+        let second = client.check("acme", addr, Method::Password).unwrap();
+        assert!(!second.allowed, "the reply came from the new connection");
+        assert_eq!(client.connects(), 2);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mut client = AsyncClient::lazy(&path).with_timeout(Duration::from_millis(100));
+            assert!(matches!(client.check("acme", addr, Method::Password).await, Err(Error::Timeout)));
+            assert!(!client.check("acme", addr, Method::Password).await.unwrap().allowed);
+            assert_eq!(client.connects(), 2);
+        });
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_connection_lost_after_writing_is_resent_only_when_nothing_changes() {
+        // Every connection reads one request and closes without a reply, except the third,
+        // which answers.
+        let path = server("lost", |n, mut stream, line| {
+            if n == 2 {
+                write!(stream, "{{\"id\":{},{CHECKED}}}\n", id_of(&line)).unwrap();
+            }
+        });
+        let mut client = Client::lazy(&path);
+        let add = AccountAdd { account: "acme".into(), parent: None, unconfirmed: false };
+        assert!(matches!(client.call(add), Err(Error::ConnectionLost)), "a change may have been applied");
+        let check = client.check("acme", "198.18.0.7".parse().unwrap(), Method::Password).unwrap();
+        assert!(check.allowed && client.connects() == 3, "a check is sent again");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_reply_with_another_id_drops_the_connection() {
+        let path = server("wrong-id", |n, mut stream, line| {
+            let id = id_of(&line) + u64::from(n == 0);
+            write!(stream, "{{\"id\":{id},{CHECKED}}}\n").unwrap();
+        });
+        let mut client = Client::lazy(&path);
+        let addr = "198.18.0.7".parse().unwrap();
+        assert!(matches!(client.check("acme", addr, Method::Password), Err(Error::Protocol(_))));
+        assert!(client.check("acme", addr, Method::Password).unwrap().allowed);
+        assert_eq!(client.connects(), 2);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_missing_socket_is_retried_until_the_deadline() {
+        let path = std::env::temp_dir().join(format!("ipaccess-client-none-{}.sock", std::process::id()));
+        let start = std::time::Instant::now();
+        let err = Client::lazy(&path).with_timeout(Duration::from_millis(300)).call(Status {}).unwrap_err();
+        assert!(matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::NotFound) && err.is_retryable());
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(150) && took < Duration::from_millis(400), "{took:?}");
+    }
+
     #[test]
     fn backoff_doubles_within_the_deadline() {
         let mut backoff = Backoff::new();
