@@ -315,7 +315,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(300));
                 let _ = write!(stream, "{{\"id\":{id},{CHECKED}}}\n{{\"id\":{},{CHECKED}}}\n", id + 1);
             } else {
-                let _ = write!(stream, "{{\"id\":{id},{}}}\n", CHECKED.replace("true", "false"));
+                let _ = writeln!(stream, "{{\"id\":{id},{}}}", CHECKED.replace("true", "false"));
             }
         });
         let mut client = Client::connect(&path).unwrap().with_timeout(Duration::from_millis(100));
@@ -341,7 +341,7 @@ mod tests {
         // which answers.
         let path = server("lost", |n, mut stream, line| {
             if n == 2 {
-                write!(stream, "{{\"id\":{},{CHECKED}}}\n", id_of(&line)).unwrap();
+                writeln!(stream, "{{\"id\":{},{CHECKED}}}", id_of(&line)).unwrap();
             }
         });
         let mut client = Client::lazy(&path);
@@ -356,7 +356,7 @@ mod tests {
     fn a_reply_with_another_id_drops_the_connection() {
         let path = server("wrong-id", |n, mut stream, line| {
             let id = id_of(&line) + u64::from(n == 0);
-            write!(stream, "{{\"id\":{id},{CHECKED}}}\n").unwrap();
+            writeln!(stream, "{{\"id\":{id},{CHECKED}}}").unwrap();
         });
         let mut client = Client::lazy(&path);
         let addr = "198.18.0.7".parse().unwrap();
