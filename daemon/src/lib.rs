@@ -7,7 +7,7 @@
 //!   and the rules for names, addresses and free text;
 //! - `service`: every command, applied to store and kernel together, and login checks;
 //! - `activity`: login checks and drops counted per hour into the store, off the request path;
-//! - `protocol` and `server`: the control socket;
+//! - `protocol` and `server`: the control socket; `client`: a client for it (blocking and async);
 //! - `config`: ipaccessd's configuration file;
 //! - `systemd`, `logging`, `reload`, `metrics`, `capabilities`, `kernel`: running as a service
 //!   (docs/operations.md).
@@ -15,6 +15,7 @@
 
 pub mod activity;
 pub mod capabilities;
+pub mod client;
 pub mod config;
 pub mod datapath;
 pub mod docs;

@@ -1,8 +1,10 @@
-//! The language-neutral conformance list (tests/conformance.jsonl), run by the Python
-//! reference client (clients/python/conformance.py, standard library only) against the real
-//! daemon over its real socket: every check reason, every error code a client can provoke,
-//! framing (blank lines, ids echoed exactly, pipelining and its window) and a daemon restart,
-//! which this test performs when the runner asks for it.
+//! The language-neutral conformance list (tests/conformance.jsonl), run against the real
+//! daemon over its real socket by the Python reference client (clients/python/conformance.py,
+//! standard library only) and by the Rust client, `ipaccess::client`, blocking and async
+//! (src/bin/conformance-rust.rs, which also holds every reply to its command's type): every
+//! check reason, every error code a client can provoke, framing (blank lines, ids echoed
+//! exactly, pipelining and its window) and a daemon restart, which this test performs when
+//! the runner asks for it. Each runner gets a daemon of its own.
 //!
 //! Build the binaries first: `cargo build --release -p ipaccess --bins`; needs `python3`.
 
@@ -25,12 +27,44 @@ const CONFIG: &str = "socket_mode = 0o666\n[roles]\ncheck = { uids = [65534] }\n
 /// Longest the whole list may take.
 const RUN: Duration = Duration::from_secs(240);
 
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
 #[test]
 fn the_python_client_passes_the_conformance_list() {
+    let mut python = Command::new("python3");
+    python.arg(root().join("clients/python/conformance.py"));
+    passes_the_list(python);
+}
+
+#[test]
+fn the_rust_client_passes_the_conformance_list() {
+    held_to_types(&passes_the_list(Command::new(env!("CARGO_BIN_EXE_conformance-rust"))));
+}
+
+#[test]
+fn the_async_rust_client_passes_the_conformance_list() {
+    let mut runner = Command::new(env!("CARGO_BIN_EXE_conformance-rust"));
+    runner.arg("--async");
+    held_to_types(&passes_the_list(runner));
+}
+
+/// The Rust runner held every `ok` it received to its command's reply type: the setup
+/// cases, the checks and the reads at least.
+fn held_to_types(output: &str) {
+    let held = output.lines().find_map(|l| l.strip_prefix("replies held to their command's type: "));
+    let held: usize =
+        held.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count of typed replies:\n{output}"));
+    assert!(held >= 30, "only {held} replies were held to their types:\n{output}");
+}
+
+/// Runs `runner --socket S --list L` against a fresh daemon, restarting the daemon when
+/// the runner asks; every case must pass. The runner's output.
+fn passes_the_list(mut runner: Command) -> String {
     let mut w = World::new(CONFIG);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut runner = Command::new("python3")
-        .arg(root.join("clients/python/conformance.py"))
+    let root = root();
+    let mut runner = runner
         .arg("--socket")
         .arg(w.socket())
         .arg("--list")
@@ -39,7 +73,7 @@ fn the_python_client_passes_the_conformance_list() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start python3");
+        .expect("start the conformance runner");
     let mut to_runner = runner.stdin.take().unwrap();
     let (lines, from_runner) = mpsc::channel();
     let stdout = runner.stdout.take().unwrap();
@@ -87,4 +121,5 @@ fn the_python_client_passes_the_conformance_list() {
     let cases = std::fs::read_to_string(root.join("tests/conformance.jsonl")).unwrap();
     let count = cases.lines().filter(|l| !l.trim().is_empty()).count();
     assert!(output.contains(&format!("conformance: {count} passed, 0 failed")), "{output}");
+    output
 }

@@ -14,7 +14,9 @@
 //! ("expected one of ...") has a table and an example; each table's arguments are exactly
 //! the fields the daemon accepts, those marked required are refused as missing when left
 //! out of the command's example, and every reply of an example has the shape its table's
-//! `Reply:` line gives (with the objects of "Reply objects").
+//! `Reply:` line gives (with the objects of "Reply objects"). Every `ok` of an example, the
+//! documented one and the daemon's, is also held to the Rust reply type of its command
+//! (`Command::check_reply`), so the document, the daemon and `ipaccess::client` agree.
 //!
 //! `IPACCESS_BLESS=1 cargo test --release -p ipaccess-tests --test protocol_doc` rewrites
 //! the documented replies that differ from the daemon's (and only those), so updating the
@@ -26,6 +28,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ipaccess::protocol::Command;
 use ipaccess_tests::daemon::World;
 use serde_json::{Value, json};
 
@@ -385,6 +388,17 @@ fn misfit(shape: &Shape, value: &Value, objects: &BTreeMap<String, Vec<(String, 
     }
 }
 
+/// Whether `ok` is what the request's command replies with, as the Rust types say
+/// (`Command::check_reply`: it reads as the reply type and writes back as the same JSON).
+fn fits_its_type(request: &str, ok: &Value) -> Result<(), String> {
+    let mut request: Value =
+        serde_json::from_str(request).map_err(|e| format!("answers a request that is not JSON: {e}"))?;
+    request.as_object_mut().map(|r| r.remove("id"));
+    let command: Command =
+        serde_json::from_value(request).map_err(|e| format!("answers a request that is not a command: {e}"))?;
+    command.check_reply(ok).map_err(|e| format!("does not fit the reply type of the command: {e}"))
+}
+
 #[test]
 fn protocol_doc_matches_the_daemon() {
     let path = doc_path();
@@ -415,6 +429,14 @@ fn protocol_doc_matches_the_daemon() {
                     let at = line + 1;
                     let shown = format!("line {at}: {request}\n  documented: {documented}\n  daemon:     {real_line}");
                     failures.push(shown);
+                }
+            }
+            let documented_ok = serde_json::from_str::<Value>(documented).ok().and_then(|d| d.get("ok").cloned());
+            for (whose, ok) in [("documented", documented_ok), ("daemon's", real.get("ok").cloned())] {
+                if let Some(ok) = ok
+                    && let Err(why) = fits_its_type(request, &ok)
+                {
+                    failures.push(format!("line {}: {request}\n  the {whose} reply {why}", line + 1));
                 }
             }
             if let Ok(req) = serde_json::from_str::<Value>(request)
