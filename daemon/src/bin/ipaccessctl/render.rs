@@ -76,20 +76,20 @@ pub fn escape_within(s: &str, max: usize) -> String {
     out
 }
 
-/// Columns padded to their widest cell; every cell escaped and cut to [`CELL_WIDTH`].
+/// Columns padded to their widest cell (as wide as the terminal shows it: `東京` takes four
+/// columns), two spaces apart, with no borders; every cell escaped and cut to [`CELL_WIDTH`]
+/// first, so the table crate only ever sees one line of inert text per cell.
 fn table(out: &mut String, head: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
-    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
-    let rows: Vec<Vec<String>> =
-        std::iter::once(head).chain(rows).map(|r| r.iter().map(|c| escape_within(c, CELL_WIDTH)).collect()).collect();
-    let mut widths = vec![0; rows.iter().map(Vec::len).max().unwrap_or(0)];
-    for row in &rows {
-        widths.iter_mut().zip(row).for_each(|(w, c)| *w = (*w).max(c.chars().count()));
-    }
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING).set_header(head.to_vec());
     for row in rows {
-        // Padded by hand: a format width (`{c:w$}`) is limited to 16 bits and panics beyond.
-        let cells: Vec<String> =
-            row.iter().zip(&widths).map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count()))).collect();
-        out.push_str(cells.join("  ").trim_end());
+        table.add_row(row.iter().map(|c| escape_within(c, CELL_WIDTH)).collect::<Vec<_>>());
+    }
+    table.column_iter_mut().for_each(|c| {
+        c.set_padding((0, 2));
+    });
+    for line in table.lines() {
+        out.push_str(line.trim_end());
         out.push('\n');
     }
 }
@@ -582,6 +582,19 @@ mod tests {
             out,
             "ID  ACCOUNT  CIDR           EXPIRES              TICKET    OPERATOR  REASON\n\
              1   acme     198.18.0.9/32  2000-02-29 00:00:00  T\\x1b[8m  1001      ok\\n2   acme     0.0.0.0/0\n"
+        );
+    }
+
+    #[test]
+    fn columns_line_up_as_the_terminal_shows_them() {
+        // Wide characters take two columns each, a combining accent none.
+        let out =
+            shown::<Vec<Entry>>(json!([entry("198.18.0.0/24", "東京", true), entry("fd00::/48", "Ze\u{301}ro", true)]));
+        assert_eq!(
+            out,
+            "CIDR           STATUS   LABEL  CREATED              BY\n\
+             198.18.0.0/24  enabled  東京   2000-02-29 00:00:00  0\n\
+             fd00::/48      enabled  Ze\u{301}ro   2000-02-29 00:00:00  0\n"
         );
     }
 
