@@ -1,0 +1,216 @@
+//! `ipaccessctl import`: a file of accounts, one JSON object a line, sent in batches; an
+//! error names the line a person has to fix.
+
+use std::path::Path;
+
+use ipaccess::protocol::{Import, ImportAccount, Imported};
+use serde::Serialize;
+
+use crate::args::read_input;
+use crate::transport::{self, DaemonError, Failure};
+
+/// What an import did, over all its batches.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    #[serde(flatten)]
+    pub imported: Imported,
+    pub batches: usize,
+}
+
+/// Reads an import file: one account per line; blank lines and lines starting with `#`
+/// are skipped. The whole file is checked before anything is sent.
+fn parse_import_file(text: &str) -> Result<Vec<(usize, ImportAccount)>, String> {
+    let mut accounts = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let account = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        accounts.push((n + 1, account));
+    }
+    Ok(accounts)
+}
+
+/// Accounts in batches whose requests stay within `batch_bytes` (an account larger than that
+/// goes alone), in file order.
+fn batches(accounts: Vec<(usize, ImportAccount)>, batch_bytes: u64) -> Vec<Vec<(usize, ImportAccount)>> {
+    let mut batches: Vec<Vec<(usize, ImportAccount)>> = Vec::new();
+    let mut size = 0;
+    for (line, account) in accounts {
+        let bytes = serde_json::to_string(&account).expect("accounts serialize").len() as u64 + 1;
+        match batches.last_mut() {
+            Some(batch) if size + bytes <= batch_bytes => batch.push((line, account)),
+            _ => {
+                batches.push(vec![(line, account)]);
+                size = 0;
+            }
+        }
+        size += bytes;
+    }
+    batches
+}
+
+/// Sends the import in file `file` (`-`: stdin) and totals the replies. Each batch is one
+/// change; after a failed batch the ones before it stay applied, and running the same file
+/// again finishes the job.
+pub fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Totals, Failure> {
+    let text = read_input(file).map_err(Failure::Local)?;
+    let batches = batches(parse_import_file(&text).map_err(Failure::Local)?, batch_bytes);
+    let mut totals = Totals { batches: batches.len(), ..Totals::default() };
+    for (done, batch) in batches.iter().enumerate() {
+        let lines = (batch[0].0, batch[batch.len() - 1].0);
+        let place = format!("lines {}-{}", lines.0, lines.1);
+        let applied = if done == 0 {
+            "nothing was imported".to_string()
+        } else {
+            format!("lines before {} are imported; run the import again once this is fixed", lines.0)
+        };
+        let accounts = batch.iter().map(|(_, a)| a.clone()).collect();
+        let reply = transport::call(socket, Import { accounts }).map_err(|e| match e {
+            Failure::Daemon(error) => {
+                // A person fixes a line, not a batch: name the line of the account the
+                // daemon complains about when its message (or details) names one.
+                let place = match blame(batch, &error) {
+                    Some((line, account)) => format!("line {line} (account {account})"),
+                    None => place.clone(),
+                };
+                let message = format!("{place}: {} ({applied})", error.message);
+                Failure::Daemon(error.with_message(message))
+            }
+            Failure::Local(message) => Failure::Local(format!("{place}: {message} ({applied})")),
+            // The batch went through, but its result cannot be added up.
+            Failure::Unreadable { raw, error } => Failure::Local(format!(
+                "{place}: sent, but the daemon's reply does not read as an import result ({error}): {raw}"
+            )),
+        })?;
+        let Imported { accounts, created, entries } = reply.reply;
+        totals.imported.accounts += accounts;
+        totals.imported.created += created;
+        totals.imported.entries += entries;
+    }
+    Ok(totals)
+}
+
+/// The line and id of the account in `batch` that a daemon error is about: the one its
+/// details name, else the one its message names first (the longest id where two start at the
+/// same place, so `acme.dev` wins over `acme`). Ids count only as whole words: `acme` is not
+/// named by `acme-dev`.
+fn blame<'a>(batch: &'a [(usize, ImportAccount)], error: &DaemonError) -> Option<(usize, &'a str)> {
+    let named = error.details.as_ref().and_then(|d| d.get("account")).and_then(|a| a.as_str());
+    if let Some(hit) = batch.iter().find(|(_, a)| Some(a.account.as_str()) == named) {
+        return Some((hit.0, &hit.1.account));
+    }
+    let id_char = |c: char| c.is_alphanumeric() || c == '-' || c == '_';
+    let message = error.message.as_str();
+    let first_word = |id: &str| {
+        message.match_indices(id).map(|(at, _)| at).find(|&at| {
+            let before = message[..at].chars().next_back();
+            let after = message[at + id.len()..].chars().next();
+            !before.is_some_and(id_char) && !after.is_some_and(id_char)
+        })
+    };
+    batch
+        .iter()
+        .filter(|(_, a)| !a.account.is_empty())
+        .filter_map(|(line, a)| first_word(&a.account).map(|at| (at, std::cmp::Reverse(a.account.len()), *line, a)))
+        .min_by_key(|&(at, len, line, _)| (at, len, line))
+        .map(|(_, _, line, a)| (line, a.account.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::{against_all, against_each};
+    use serde_json::{Value, json};
+
+    fn account(id: &str) -> ImportAccount {
+        serde_json::from_value(json!({"account": id})).unwrap()
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let batch: Vec<(usize, ImportAccount)> =
+            [(3, "acme"), (5, "acme-dev"), (8, "acme.dev"), (9, "b")].map(|(n, id)| (n, account(id))).to_vec();
+        let error = |message: &str, details: Value| {
+            DaemonError::from_reply(&json!({"code": "bad_request", "message": message, "details": details}))
+        };
+        assert_eq!(blame(&batch, &error("acme-dev exists with another parent", Value::Null)), Some((5, "acme-dev")));
+        assert_eq!(blame(&batch, &error("account acme.dev: parent acme", Value::Null)), Some((8, "acme.dev")));
+        assert_eq!(blame(&batch, &error("there is no account acme.", Value::Null)), Some((3, "acme")));
+        assert_eq!(blame(&batch, &error("x", json!({"account": "b"}))), Some((9, "b")));
+        assert_eq!(blame(&batch, &error("x", json!(["b"]))), None, "details of another shape name nobody");
+        assert_eq!(blame(&batch, &error("bad ab and bc", Value::Null)), None);
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            b"# accounts\n{\"account\": \"acme\"}\n\n{\"account\": \"acme-dev\", \"parent\": \"x\"}\n",
+        )
+        .unwrap();
+        let (request, status, out, err) = against_all(
+            &["import", file.path().to_str().unwrap()],
+            |_| json!({"error": {"code": "unknown_account", "message": "acme-dev: there is no account x"}}),
+        );
+        assert_eq!(request["accounts"].as_array().unwrap().len(), 2);
+        assert_eq!((status, out.as_str()), (2, ""));
+        assert_eq!(
+            err,
+            "error: line 4 (account acme-dev): acme-dev: there is no account x (nothing was imported) (unknown_account)\n"
+        );
+        // A line that is not an import account: nothing is sent (there is no daemon to send it to).
+        std::fs::write(file.path(), "{\"account\": \"acme\"}\n{\"account\": \"acme\", \"mode\": \"strict\"}\n")
+            .unwrap();
+        let mut err = Vec::new();
+        let argv = ["ipaccessctl", "--socket", "/nonexistent/ipaccessd.sock", "import", file.path().to_str().unwrap()];
+        assert_eq!(crate::run(argv, &mut Vec::new(), &mut err), 2);
+        let err = String::from_utf8(err).unwrap();
+        assert!(err.starts_with("error: line 2: unknown variant `strict`"), "{err}");
+    }
+
+    #[test]
+    fn batches_are_totalled_and_a_later_failure_says_what_stayed() {
+        // Three accounts of about 420 bytes each in batches of at most 1 KiB: two batches.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let lines: Vec<String> = (0..3)
+            .map(|n| {
+                let entries: Vec<Value> = (0..15).map(|h| json!({"cidr": format!("198.19.{n}.{h}/32")})).collect();
+                json!({"account": format!("a{n}"), "entries": entries}).to_string()
+            })
+            .collect();
+        std::io::Write::write_all(&mut file, lines.join("\n").as_bytes()).unwrap();
+        let path = file.path().to_str().unwrap();
+        let imported = |r: &Value| {
+            let n = r["accounts"].as_array().unwrap().len();
+            json!({"ok": {"accounts": n, "created": n, "entries": 15 * n}})
+        };
+        let (requests, status, out, _) =
+            against_each(&["--json", "import", path, "--batch-bytes", "1024"], 2, imported);
+        assert_eq!(requests.iter().map(|r| r["accounts"].as_array().unwrap().len()).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(status, 0);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap(),
+            json!({"accounts": 3, "created": 3, "entries": 45, "batches": 2})
+        );
+        let (_, status, out, err) = against_each(&["import", path, "--batch-bytes", "1024"], 2, |r| {
+            if r["accounts"].as_array().unwrap().len() == 2 {
+                json!({"ok": {"accounts": 2, "created": 2, "entries": 30}})
+            } else {
+                json!({"error": {"code": "tables_full", "message": "no room for a2's entries"}})
+            }
+        });
+        assert_eq!((status, out.as_str()), (2, ""));
+        assert_eq!(
+            err,
+            "error: line 3 (account a2): no room for a2's entries (lines before 3 are imported; run the import again \
+             once this is fixed) (tables_full)\n"
+        );
+        // A batch whose result does not read as one: an error, never a wrong total.
+        let (_, status, _, err) = against_each(&["import", path], 1, |_| json!({"ok": {"accounts": "three"}}));
+        assert_eq!(status, 2);
+        assert!(
+            err.starts_with("error: lines 1-3: sent, but the daemon's reply does not read as an import result"),
+            "{err}"
+        );
+    }
+}
