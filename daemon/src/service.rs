@@ -33,7 +33,7 @@ use crate::{
         AccountState, ActivityKind, Caller, Command, EffectiveState, ErrorBody, ErrorCode, ImportAccount, Method, Mode,
         ReplaceEntry,
     },
-    store::{AccountRow, ActivityRecord, BindingRow, EntryRow, RecentSignin, Store, StoreError, Tx},
+    store::{AccountRow, ActivityRecord, BindingRow, EntryRow, Readers, RecentSignin, Store, StoreError, Tx},
 };
 
 pub use crate::activity::ActivityLog;
@@ -88,6 +88,8 @@ struct Writer {
 
 pub struct Service {
     writer: Mutex<Writer>,
+    /// Connections for reads, so that they wait neither for the writer nor for each other.
+    readers: Readers,
     accounts: RwLock<HashMap<String, AccountPolicy>>,
     activity: ActivityLog,
     /// Settings a reload may change (see [`Service::reconfigure`]).
@@ -179,6 +181,7 @@ impl Service {
         info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
         let counters = datapath.counter_reader()?;
         Ok(Service {
+            readers: store.readers(4),
             writer: Mutex::new(Writer { store, datapath }),
             accounts: RwLock::new(cache),
             activity,
@@ -571,10 +574,9 @@ impl Service {
         }
     }
 
+    /// A read of the store, on a reader connection: it waits for no change.
     fn read(&self, f: impl FnOnce(&Tx) -> Outcome) -> Outcome {
-        let mut writer = self.writer.lock().expect("writer lock");
-        let tx = writer.store.transaction()?;
-        f(&tx)
+        self.readers.read(f)
     }
 
     fn stats(&self, account: Option<&str>) -> Outcome {
@@ -602,15 +604,26 @@ impl Service {
     }
 
     fn status(&self) -> Outcome {
-        let writer = self.writer.lock().expect("writer lock");
-        let (used, capacity) = writer.datapath.slot_usage();
-        let attachments = writer.datapath.attachments();
+        // The writer lock only for what the datapath holds in memory; the interfaces' XDP
+        // state is asked of the kernel without it.
+        let (used, capacity, pin_dir, interfaces) = {
+            let writer = self.writer.lock().expect("writer lock");
+            let (used, capacity) = writer.datapath.slot_usage();
+            (used, capacity, writer.datapath.pin_dir().to_path_buf(), writer.datapath.attached_interfaces())
+        };
+        let attachments: Vec<_> = interfaces
+            .into_iter()
+            .map(|interface| {
+                let path = datapath::netlink::xdp_path(&interface).ok().flatten();
+                (interface, path)
+            })
+            .collect();
         Ok(json!({
             "accounts": self.accounts.read().expect("cache lock").len(),
             "interfaces": attachments.iter().map(|(interface, _)| interface).collect::<Vec<_>>(),
             "xdp": attachments.iter().map(|(interface, path)| json!({ "interface": interface, "path": path }))
                 .collect::<Vec<_>>(),
-            "pin_dir": writer.datapath.pin_dir(),
+            "pin_dir": pin_dir,
             "table_slots_used": used,
             "table_slots": capacity,
             "host_counters": self.counters.host().ok().map(|c| json!({

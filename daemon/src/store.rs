@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -441,6 +442,21 @@ impl Store {
         Ok(Tx { tx, free_slots: RefCell::new(None) })
     }
 
+    /// Connections for reading beside this one (see [`Readers`]); at most `max` open at once.
+    pub fn readers(&self, max: usize) -> Readers {
+        let path = self.conn.path().map(std::path::PathBuf::from).unwrap_or_default();
+        Readers { path, max: max.max(1), pool: Mutex::new((Vec::new(), 0)), returned: Condvar::new() }
+    }
+
+    /// A connection that only reads (`query_only`): the schema is the writer's business.
+    fn open_reader(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "query_only", true)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Store { conn })
+    }
+
     /// Takes group and other access away from `file`, if it exists and has any.
     fn make_private(file: &Path) -> Result<(), StoreError> {
         use std::os::unix::fs::PermissionsExt as _;
@@ -462,6 +478,50 @@ impl Store {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
         name.into()
+    }
+}
+
+/// A small pool of read-only connections to the store. Reads take one and run a DEFERRED
+/// transaction on it: in WAL mode that is a consistent snapshot which neither waits for the
+/// writer's transaction nor holds it up, so reads need not queue behind changes (or behind
+/// each other) for the writer's connection.
+pub struct Readers {
+    path: std::path::PathBuf,
+    max: usize,
+    /// The idle connections, and how many are open in all.
+    pool: Mutex<(Vec<Store>, usize)>,
+    returned: Condvar,
+}
+
+impl Readers {
+    /// Runs `f` in a read transaction (rolled back afterwards: it changes nothing). Waits for
+    /// a connection when `max` are in use.
+    pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(&Tx) -> Result<T, E>) -> Result<T, E> {
+        let mut store = self.take()?;
+        let result = store.read().map_err(E::from).and_then(|tx| f(&tx));
+        let mut pool = self.pool.lock().expect("readers lock");
+        pool.0.push(store);
+        self.returned.notify_one();
+        result
+    }
+
+    fn take(&self) -> Result<Store, StoreError> {
+        let mut pool = self.pool.lock().expect("readers lock");
+        loop {
+            if let Some(store) = pool.0.pop() {
+                return Ok(store);
+            }
+            if pool.1 < self.max {
+                pool.1 += 1;
+                drop(pool);
+                // Opened outside the lock; a failure gives the place back.
+                return Store::open_reader(&self.path).inspect_err(|_| {
+                    self.pool.lock().expect("readers lock").1 -= 1;
+                    self.returned.notify_one();
+                });
+            }
+            pool = self.returned.wait(pool).expect("readers lock");
+        }
     }
 }
 
