@@ -114,6 +114,8 @@ struct Shared {
     checks: Mutex<Checks>,
     /// A [`LogMessage::Full`] is on its way: one is enough.
     full_sent: AtomicBool,
+    /// The writer holds counts it took and has not written yet.
+    unwritten: AtomicBool,
 }
 
 /// Counts not written yet.
@@ -131,7 +133,12 @@ impl Pending {
 
     /// Moves the checks counted so far in with the counts not written yet.
     fn take_checks(&mut self, shared: &Shared) {
-        let taken = std::mem::take(&mut *shared.checks.lock().expect("activity lock"));
+        let taken = {
+            let mut checks = shared.checks.lock().expect("activity lock");
+            // Set before the counts leave the map, so that they are always in one or the other.
+            shared.unwritten.store(true, Ordering::Release);
+            std::mem::take(&mut *checks)
+        };
         shared.full_sent.store(false, Ordering::Relaxed);
         if self.signins.is_empty() && self.unknown.is_empty() {
             (self.signins, self.unknown) = (taken.signins, taken.unknown);
@@ -212,6 +219,10 @@ impl ActivityLog {
 
     /// Starts the writer thread on `store` (a second connection to the daemon's database).
     pub fn start(mut store: Store) -> ActivityLog {
+        // The daemon checkpoints in the background: this writer's commits need not.
+        if let Err(e) = store.without_autocheckpoint() {
+            warn!("the activity log's commits may checkpoint the store: {e}");
+        }
         let (sender, receiver) = mpsc::sync_channel(Self::QUEUE);
         let shared = Arc::new(Shared::default());
         let checks = shared.clone();
@@ -243,6 +254,7 @@ impl ActivityLog {
                     {
                         pending.take_checks(&checks);
                         pending.write(&mut store);
+                        checks.unwritten.store(pending.len() > 0, Ordering::Release);
                         last_write = Instant::now();
                         waiting.drain(..).for_each(|done| {
                             let _ = done.send(());
@@ -289,6 +301,16 @@ impl ActivityLog {
         let dropped = self.dropped.fetch_add(1, Ordering::Relaxed);
         if (dropped + 1).is_power_of_two() {
             warn!("the activity log fell behind: {} records not counted so far", dropped + 1);
+        }
+    }
+
+    /// Waits until the checks of `account` recorded so far are in the store; at once when
+    /// none are waiting to be written.
+    pub fn flush_account(&self, account: &str) {
+        let waiting = self.shared.unwritten.load(Ordering::Acquire)
+            || self.shared.checks.lock().expect("activity lock").signins.keys().any(|k| k.account == account);
+        if waiting {
+            self.flush();
         }
     }
 

@@ -33,7 +33,7 @@ use crate::{
         AccountState, ActivityKind, Caller, Command, EffectiveState, ErrorBody, ErrorCode, ImportAccount, Method, Mode,
         ReplaceEntry,
     },
-    store::{AccountRow, ActivityRecord, BindingRow, EntryRow, Readers, RecentSignin, Store, StoreError, Tx},
+    store::{AccountRow, ActivityRecord, BindingRow, Checkpointer, EntryRow, Readers, RecentSignin, Store, StoreError, Tx},
 };
 
 pub use crate::activity::ActivityLog;
@@ -90,6 +90,8 @@ pub struct Service {
     writer: Mutex<Writer>,
     /// Connections for reads, so that they wait neither for the writer nor for each other.
     readers: Readers,
+    /// Checkpoints the WAL beside the writer, so no change's commit does it.
+    _checkpointer: Checkpointer,
     accounts: RwLock<HashMap<String, AccountPolicy>>,
     activity: ActivityLog,
     /// Settings a reload may change (see [`Service::reconfigure`]).
@@ -182,6 +184,7 @@ impl Service {
         let counters = datapath.counter_reader()?;
         Ok(Service {
             readers: store.readers(4),
+            _checkpointer: store.checkpoint_in_background()?,
             writer: Mutex::new(Writer { store, datapath }),
             accounts: RwLock::new(cache),
             activity,
@@ -664,6 +667,10 @@ impl Service {
     /// A change to one account (and, through banning, to its sub-users): store, then
     /// kernel, then commit; on any failure nothing is left changed.
     fn change(&self, account: &str, f: impl FnOnce(&Tx) -> Result<(AccountRow, Value), Failure>) -> Outcome {
+        // The lockout guard and a grant read the account's recent sign-ins: those answered
+        // before this change must be in the store first (and reach the log before its audit
+        // record). Only this account's: flushing everyone's costs a durable write per change.
+        self.activity.flush_account(account);
         self.change_accounts(|tx| {
             let (row, reply) = f(tx)?;
             debug_assert_eq!(row.id, account);
@@ -675,9 +682,6 @@ impl Service {
     /// they are parents, to their sub-users. The cache is not copied: the accounts' new
     /// versions are built beside it and moved in once the change is committed.
     fn change_accounts(&self, f: impl FnOnce(&Tx) -> Result<(Vec<AccountRow>, Value), Failure>) -> Outcome {
-        // Checks answered before this change reach the log before its audit record, so the
-        // log's order is the order things happened in.
-        self.activity.flush();
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let pending_audit = PendingAudit::begin();
