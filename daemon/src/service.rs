@@ -33,7 +33,9 @@ use crate::{
         AccountState, ActivityKind, Caller, Command, EffectiveState, ErrorBody, ErrorCode, ImportAccount, Method, Mode,
         ReplaceEntry,
     },
-    store::{AccountRow, ActivityRecord, BindingRow, Checkpointer, EntryRow, Readers, RecentSignin, Store, StoreError, Tx},
+    store::{
+        AccountRow, ActivityRecord, BindingRow, Checkpointer, EntryRow, Readers, RecentSignin, Store, StoreError, Tx,
+    },
 };
 
 pub use crate::activity::ActivityLog;

@@ -463,17 +463,15 @@ impl Store {
         let path = self.conn.path().map(std::path::PathBuf::from).unwrap_or_default();
         let conn = Connection::open(&path)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("checkpoint".into())
-            .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
-                    // PASSIVE: copies what no reader still needs, and waits for no one.
-                    let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
-                    if let Err(e) = done {
-                        log::warn!("checkpointing the store's WAL: {e}");
-                    }
+        let thread = std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                // PASSIVE: copies what no reader still needs, and waits for no one.
+                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                if let Err(e) = done {
+                    log::warn!("checkpointing the store's WAL: {e}");
                 }
-            })?;
+            }
+        })?;
         Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
     }
 
