@@ -1673,6 +1673,28 @@ mod tests {
     }
 
     #[test]
+    fn readers_see_the_last_commit_beside_an_open_write() {
+        let (_dir, mut store) = open();
+        let readers = store.readers(2);
+        let tx = store.transaction().unwrap();
+        add(&tx, "committed");
+        tx.commit().unwrap();
+        let tx = store.transaction().unwrap();
+        add(&tx, "pending");
+        // The writer holds the write lock; reads neither wait for it nor see its changes.
+        let started = std::time::Instant::now();
+        let seen = |id: &'static str| readers.read(|r| Ok::<_, StoreError>(r.account(id)?.is_some())).unwrap();
+        assert!(seen("committed"));
+        assert!(!seen("pending"));
+        assert!(started.elapsed() < Duration::from_secs(1), "a read waited for the writer");
+        // A reader connection does not write, whatever it is asked.
+        let refused = readers.read(|r| r.add_account("sneaky", None, AccountState::Active, Mode::Off, 0));
+        assert!(refused.is_err());
+        tx.commit().unwrap();
+        assert!(seen("pending"));
+    }
+
+    #[test]
     fn dropped_transaction_leaves_nothing() {
         let (_dir, mut store) = open();
         {
