@@ -3,16 +3,19 @@
 //! `store`), so the store grows with the number of distinct (address, method, outcome,
 //! caller) an hour brings, not with the number of checks.
 //!
-//! Recording stays off the request path: a check only puts a message on a bounded channel.
-//! A thread owns the counts and writes them out through its own connection once a second,
-//! when they grow large, and whenever someone asks with [`ActivityLog::flush`]. Audit
+//! Recording stays off the request path: a check adds one to a count in memory, under a
+//! lock held for a hash-map update, and wakes nobody (waking a thread per check cost more
+//! than answering it). A thread takes the counts and writes them out through its own
+//! connection once a second, when they grow large, and whenever someone asks with
+//! [`ActivityLog::flush`]. Drop samples come to it on a channel, a batch per drain. Audit
 //! records of changes do not come here; they are written in the change's own transaction.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -53,9 +56,66 @@ pub struct Drops {
 }
 
 enum LogMessage {
-    Signin(Signin),
     Drops(Vec<Drops>),
     Flush(mpsc::SyncSender<()>),
+    /// The counted checks reached [`ActivityLog::MAX_PENDING`] rows: write them out early.
+    Full,
+}
+
+/// Checks counted since the writer last took them, shared by the request path and the writer.
+#[derive(Default)]
+struct Checks {
+    signins: HashMap<SigninKey, Tally>,
+    unknown: HashMap<UnknownKey, Tally>,
+}
+
+impl Checks {
+    fn len(&self) -> usize {
+        self.signins.len() + self.unknown.len()
+    }
+
+    /// Counts one check; false if it would be a new row and `cap` rows are held already.
+    fn add(&mut self, s: Signin, cap: usize) -> bool {
+        let tally = Tally::new(1, s.time);
+        let full = self.len() >= cap;
+        // A check for an account that does not exist is counted per address: the name
+        // tried is not kept (credential stuffing invents them by the million).
+        if s.reason == Reason::UnknownAccount {
+            let key = UnknownKey { bucket: store::bucket(s.time), address: s.address, method: s.method };
+            return add_tally(&mut self.unknown, key, tally, full);
+        }
+        let key = SigninKey {
+            account: s.account,
+            bucket: store::bucket(s.time),
+            address: s.address,
+            method: s.method,
+            reason: s.reason,
+            uid: s.uid,
+            application: s.application,
+        };
+        add_tally(&mut self.signins, key, tally, full)
+    }
+}
+
+fn add_tally<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Tally>, key: K, tally: Tally, full: bool) -> bool {
+    match map.get_mut(&key) {
+        Some(t) => t.add(tally),
+        None if full => return false,
+        None => {
+            map.insert(key, tally);
+        }
+    }
+    true
+}
+
+/// What the request path and the writer thread share.
+#[derive(Default)]
+struct Shared {
+    checks: Mutex<Checks>,
+    /// A [`LogMessage::Full`] is on its way: one is enough.
+    full_sent: AtomicBool,
+    /// The writer holds counts it took and has not written yet.
+    unwritten: AtomicBool,
 }
 
 /// Counts not written yet.
@@ -71,27 +131,31 @@ impl Pending {
         self.signins.len() + self.unknown.len() + self.drops.len()
     }
 
+    /// Moves the checks counted so far in with the counts not written yet.
+    fn take_checks(&mut self, shared: &Shared) {
+        let taken = {
+            let mut checks = shared.checks.lock().expect("activity lock");
+            // Set before the counts leave the map, so that they are always in one or the other.
+            shared.unwritten.store(true, Ordering::Release);
+            std::mem::take(&mut *checks)
+        };
+        shared.full_sent.store(false, Ordering::Relaxed);
+        if self.signins.is_empty() && self.unknown.is_empty() {
+            (self.signins, self.unknown) = (taken.signins, taken.unknown);
+            return;
+        }
+        // Only after a failed write: the counts kept for the retry and the new ones add up.
+        for (key, tally) in taken.signins {
+            self.signins.entry(key).and_modify(|t| t.add(tally)).or_insert(tally);
+        }
+        for (key, tally) in taken.unknown {
+            self.unknown.entry(key).and_modify(|t| t.add(tally)).or_insert(tally);
+        }
+    }
+
     fn add(&mut self, message: LogMessage, waiting: &mut Vec<mpsc::SyncSender<()>>) {
         match message {
-            // A check for an account that does not exist is counted per address: the name
-            // tried is not kept (credential stuffing invents them by the million).
-            LogMessage::Signin(s) if s.reason == Reason::UnknownAccount => {
-                let key = UnknownKey { bucket: store::bucket(s.time), address: s.address, method: s.method };
-                self.unknown.entry(key).and_modify(|t| t.add(Tally::new(1, s.time))).or_insert(Tally::new(1, s.time));
-            }
-            LogMessage::Signin(s) => {
-                let tally = Tally::new(1, s.time);
-                let key = SigninKey {
-                    account: s.account,
-                    bucket: store::bucket(s.time),
-                    address: s.address,
-                    method: s.method,
-                    reason: s.reason,
-                    uid: s.uid,
-                    application: s.application,
-                };
-                self.signins.entry(key).and_modify(|t| t.add(tally)).or_insert(tally);
-            }
+            LogMessage::Full => {}
             LogMessage::Drops(drops) => {
                 for d in drops {
                     let tally = Tally::new(d.count, d.time);
@@ -137,12 +201,17 @@ impl Pending {
 /// The handle checks and the drop drain record through.
 pub struct ActivityLog {
     sender: mpsc::SyncSender<LogMessage>,
+    shared: Arc<Shared>,
     /// Checks not counted in the store because the writer fell behind (the queue was full).
     dropped: AtomicU64,
 }
 
 impl ActivityLog {
-    const QUEUE: usize = 65_536;
+    /// Drop batches and flush requests waiting for the writer.
+    const QUEUE: usize = 1024;
+    /// Distinct rows of check counts held in memory at most; a check that would need
+    /// another is not counted (and counted in `dropped`).
+    const MAX_CHECK_ROWS: usize = Self::MAX_PENDING * 4;
     /// How often counts are written out when nobody asks.
     const WRITE_EVERY: Duration = Duration::from_secs(1);
     /// Distinct rows of counts held before they are written out early.
@@ -150,7 +219,13 @@ impl ActivityLog {
 
     /// Starts the writer thread on `store` (a second connection to the daemon's database).
     pub fn start(mut store: Store) -> ActivityLog {
+        // The daemon checkpoints in the background: this writer's commits need not.
+        if let Err(e) = store.without_autocheckpoint() {
+            warn!("the activity log's commits may checkpoint the store: {e}");
+        }
         let (sender, receiver) = mpsc::sync_channel(Self::QUEUE);
+        let shared = Arc::new(Shared::default());
+        let checks = shared.clone();
         thread::Builder::new()
             .name("activity-log".into())
             .spawn(move || {
@@ -173,10 +248,13 @@ impl ActivityLog {
                     }
                     if stop
                         || !waiting.is_empty()
+                        || checks.full_sent.load(Ordering::Relaxed)
                         || pending.len() >= Self::MAX_PENDING
                         || last_write.elapsed() >= Self::WRITE_EVERY
                     {
+                        pending.take_checks(&checks);
                         pending.write(&mut store);
+                        checks.unwritten.store(pending.len() > 0, Ordering::Release);
                         last_write = Instant::now();
                         waiting.drain(..).for_each(|done| {
                             let _ = done.send(());
@@ -188,12 +266,22 @@ impl ActivityLog {
                 }
             })
             .expect("spawn the activity log thread");
-        ActivityLog { sender, dropped: AtomicU64::new(0) }
+        ActivityLog { sender, shared, dropped: AtomicU64::new(0) }
     }
 
-    /// Counts a login check (never blocks: if the writer is far behind, it is dropped).
+    /// Counts a login check (never waits for the writer: if it is far behind, a check that
+    /// needs a new row is dropped).
     pub fn signin(&self, signin: Signin) {
-        self.send(LogMessage::Signin(signin));
+        let (counted, rows) = {
+            let mut checks = self.shared.checks.lock().expect("activity lock");
+            (checks.add(signin, Self::MAX_CHECK_ROWS), checks.len())
+        };
+        if !counted {
+            self.count_dropped();
+        }
+        if rows >= Self::MAX_PENDING && !self.shared.full_sent.swap(true, Ordering::Relaxed) {
+            let _ = self.sender.try_send(LogMessage::Full);
+        }
     }
 
     /// Counts drained drop samples.
@@ -205,10 +293,24 @@ impl ActivityLog {
 
     fn send(&self, message: LogMessage) {
         if self.sender.try_send(message).is_err() {
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed);
-            if (dropped + 1).is_power_of_two() {
-                warn!("the activity log fell behind: {} records not counted so far", dropped + 1);
-            }
+            self.count_dropped();
+        }
+    }
+
+    fn count_dropped(&self) {
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed);
+        if (dropped + 1).is_power_of_two() {
+            warn!("the activity log fell behind: {} records not counted so far", dropped + 1);
+        }
+    }
+
+    /// Waits until the checks of `account` recorded so far are in the store; at once when
+    /// none are waiting to be written.
+    pub fn flush_account(&self, account: &str) {
+        let waiting = self.shared.unwritten.load(Ordering::Acquire)
+            || self.shared.checks.lock().expect("activity lock").signins.keys().any(|k| k.account == account);
+        if waiting {
+            self.flush();
         }
     }
 

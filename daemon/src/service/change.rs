@@ -18,11 +18,9 @@ use crate::{
 };
 
 impl Service {
-    /// Runs `f` in a read transaction.
+    /// Runs `f` in a read transaction on a reader connection: it waits for no change.
     pub(super) fn read<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
-        let mut writer = self.writer.lock().expect("writer lock");
-        let tx = writer.store.transaction()?;
-        f(&tx)
+        self.readers.read(f)
     }
 
     /// A change to one account (and, through banning, to its sub-users): store, then
@@ -33,6 +31,10 @@ impl Service {
         account: &str,
         f: impl FnOnce(&Tx) -> Result<(Account, T), Failure>,
     ) -> Result<T, Failure> {
+        // The lockout guard and a grant read the account's recent sign-ins: those answered
+        // before this change must be in the store first (and reach the log before its audit
+        // record). Only this account's: flushing everyone's costs a durable write per change.
+        self.activity.flush_account(account);
         self.change_accounts(|tx| {
             let (row, reply) = f(tx)?;
             debug_assert_eq!(row.id, account);
@@ -47,9 +49,6 @@ impl Service {
         &self,
         f: impl FnOnce(&Tx) -> Result<(Vec<Account>, T), Failure>,
     ) -> Result<T, Failure> {
-        // Checks answered before this change reach the log before its audit record, so the
-        // log's order is the order things happened in.
-        self.activity.flush();
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let pending_audit = PendingAudit::begin();

@@ -39,8 +39,12 @@ use crate::{
     metrics::CheckCounters,
     policy::{AccountPolicy, LiveOverride},
     protocol::{Call, Caller, Command, ErrorBody, ErrorCode},
-    store::{Store, StoreError},
+    store::{Checkpointer, Readers, Store, StoreError},
 };
+
+/// Read connections beside the writer (the machine this runs on has a few cores; reads are
+/// short).
+const READERS: usize = 4;
 
 /// An error for the caller: a stable code and a sentence.
 #[derive(Debug)]
@@ -98,6 +102,10 @@ struct Writer {
 
 pub struct Service {
     writer: Mutex<Writer>,
+    /// Connections for reads, so that they wait neither for the writer nor for each other.
+    readers: Readers,
+    /// Checkpoints the WAL beside the writer, so no change's commit does it.
+    _checkpointer: Checkpointer,
     /// Every account's policy, as committed; login checks read only this.
     accounts: RwLock<HashMap<String, AccountPolicy>>,
     activity: ActivityLog,
@@ -174,6 +182,8 @@ impl Service {
         info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
         let counters = datapath.counter_reader()?;
         Ok(Service {
+            readers: store.readers(READERS),
+            _checkpointer: store.checkpoint_in_background()?,
             writer: Mutex::new(Writer { store, datapath }),
             accounts: RwLock::new(cache),
             activity,

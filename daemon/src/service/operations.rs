@@ -43,14 +43,25 @@ impl Service {
     }
 
     pub(super) fn status(&self, _: Status) -> Reply<Status> {
-        let writer = self.writer.lock().expect("writer lock");
-        let (table_slots_used, table_slots) = writer.datapath.slot_usage();
-        let attachments = writer.datapath.attachments();
+        // The writer lock only for what the datapath holds in memory; the interfaces' XDP
+        // state is asked of the kernel without it.
+        let (table_slots_used, table_slots, pin_dir, interfaces) = {
+            let writer = self.writer.lock().expect("writer lock");
+            let (used, capacity) = writer.datapath.slot_usage();
+            (used, capacity, writer.datapath.pin_dir().display().to_string(), writer.datapath.attached_interfaces())
+        };
+        let xdp: Vec<XdpInterface> = interfaces
+            .into_iter()
+            .map(|interface| {
+                let path = datapath::netlink::xdp_path(&interface).ok().flatten();
+                XdpInterface { interface, path }
+            })
+            .collect();
         Ok(StatusReport {
             accounts: self.accounts.read().expect("cache lock").len() as u64,
-            interfaces: attachments.iter().map(|(interface, _)| interface.clone()).collect(),
-            xdp: attachments.into_iter().map(|(interface, path)| XdpInterface { interface, path }).collect(),
-            pin_dir: writer.datapath.pin_dir().display().to_string(),
+            interfaces: xdp.iter().map(|x| x.interface.clone()).collect(),
+            xdp,
+            pin_dir,
             table_slots_used,
             table_slots,
             host_counters: host_traffic(&self.counters).ok(),

@@ -10,7 +10,9 @@
 //!    the newly allowed source to the account's bound port must come back. Baseline: the
 //!    same round trip to an unbound port.
 //! 4. Login checks per second and their latency with 1, 16 and 64 clients. Baseline: an echo
-//!    server on a Unix socket answering the same lines, one thread per connection.
+//!    server on a Unix socket answering the same lines, one thread per connection. Then 16
+//!    clients again while an admin adds and removes an entry at 50 changes/s; baseline: the
+//!    16 clients without the admin.
 //! 5. What recording those checks costs in storage: 16 clients checking for 60 s must grow
 //!    the store (database and WAL, after a checkpoint) by at most 10 MB.
 //!
@@ -168,6 +170,50 @@ fn measure(socket: &Path, clients: usize, lines: &Arc<Vec<String>>, run: Duratio
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
     Figures { per_second: all.len() as f64 / elapsed, p50_us: percentile(&all, 0.50), p99_us: percentile(&all, 0.99) }
+}
+
+/// Admin changes per second while clients check.
+const ADMIN_CHANGES_PER_SECOND: u32 = 50;
+
+struct AdminLoad {
+    changes_per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// `measure` while one admin connection adds and removes an entry of its own account at a
+/// steady [`ADMIN_CHANGES_PER_SECOND`] (each change durable and in the kernel when answered).
+fn measure_with_admin(socket: &Path, clients: usize, lines: &Arc<Vec<String>>, run: Duration) -> (Figures, AdminLoad) {
+    let mut ctl = Client::connect(socket);
+    ctl.request("{\"cmd\":\"account_add\",\"account\":\"churn\"}\n");
+    let stop = Arc::new(AtomicBool::new(false));
+    let admin = {
+        let (stop, every) = (stop.clone(), Duration::from_secs(1) / ADMIN_CHANGES_PER_SECOND);
+        thread::spawn(move || {
+            let (started, mut latencies) = (Instant::now(), Vec::new());
+            let mut next = started;
+            while !stop.load(Ordering::Relaxed) {
+                let cmd = if latencies.len() % 2 == 0 { "allow_add" } else { "allow_remove" };
+                let sent = Instant::now();
+                ctl.request(&format!("{{\"cmd\":\"{cmd}\",\"account\":\"churn\",\"cidr\":\"198.18.201.0/24\"}}\n"));
+                latencies.push(sent.elapsed().as_nanos() as u64);
+                // A steady rate: the next change is due one period after this one was.
+                next += every;
+                thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            (latencies, started.elapsed())
+        })
+    };
+    let figures = measure(socket, clients, lines, run);
+    stop.store(true, Ordering::Relaxed);
+    let (mut latencies, elapsed) = admin.join().unwrap();
+    latencies.sort_unstable();
+    let load = AdminLoad {
+        changes_per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: percentile(&latencies, 0.5),
+        p99_us: percentile(&latencies, 0.99),
+    };
+    (figures, load)
 }
 
 /// The transport alone: reads request lines and answers each with a fixed check reply.
@@ -426,9 +472,13 @@ fn main() {
     println!();
     println!("| clients | checks/s | p50 µs | p99 µs | echo req/s | checks/s ÷ echo |");
     println!("|---:|---:|---:|---:|---:|---:|");
+    let mut without_admin = None;
     for clients in [1, 16, 64] {
         let baseline = measure(&echo, clients, &lines, scale.run);
         let real = measure(&socket, clients, &lines, scale.run);
+        if clients == 16 {
+            without_admin = Some((real.per_second, real.p99_us));
+        }
         println!(
             "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
             real.per_second,
@@ -438,6 +488,25 @@ fn main() {
             real.per_second / baseline.per_second
         );
     }
+    println!();
+    let (alone, alone_p99) = without_admin.expect("measured with 16 clients");
+    let (real, admin) = measure_with_admin(&socket, 16, &lines, scale.run);
+    println!("### 16 clients while an admin makes {ADMIN_CHANGES_PER_SECOND} changes/s");
+    println!();
+    println!(
+        "| checks/s | p50 µs | p99 µs | without admin: checks/s | p99 µs | checks/s ÷ without | admin changes/s | change p50 µs | change p99 µs |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.0} | {:.0} | {:.0} | {alone:.0} | {alone_p99:.0} | {:.2} | {:.1} | {:.0} | {:.0} |",
+        real.per_second,
+        real.p50_us,
+        real.p99_us,
+        real.per_second / alone,
+        admin.changes_per_second,
+        admin.p50_us,
+        admin.p99_us
+    );
     println!();
 
     // 5. The storage those checks cost, measured between two clean stops (each closes the
