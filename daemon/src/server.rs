@@ -16,9 +16,11 @@
 use std::{
     borrow::Cow,
     collections::HashMap,
-    fmt, fs, io,
-    sync::{Arc, Mutex},
-    time::Duration,
+    fmt, fs,
+    io::{self, BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream as StdUnixStream,
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
 };
 
 use log::{debug, warn};
@@ -27,12 +29,7 @@ use serde::{
     de::{MapAccess, Visitor, value::MapDeserializer},
 };
 use serde_json::{Value, json, value::RawValue};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-    sync::watch,
-    time::timeout,
-};
+use tokio::{net::UnixListener, sync::watch};
 
 use crate::{
     config::{Config, Limits},
@@ -63,8 +60,15 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// How long a refused connection may take to receive its `busy` line.
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 
-/// Accepts connections until `shutdown` completes. The number of connections stays the one
-/// configured at start; the other limits and the roles follow reloads.
+/// Accepts connections until `shutdown` completes, then closes the open ones for reading
+/// and waits (a bounded time) for the requests they are answering. The number of
+/// connections stays the one configured at start; the other limits and the roles follow
+/// reloads.
+///
+/// Each connection is served by a thread of its own, blocking on its socket, as the
+/// transport's own baseline does: a login check then costs one read and one write, with no
+/// event loop between the socket and the answer (the cost that mattered, measured in
+/// BENCHMARKS.md). Connections are bounded by `max_connections`.
 pub async fn serve(
     listener: UnixListener,
     service: Arc<Service>,
@@ -72,24 +76,92 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Slots { max: config.borrow().limits.max_connections, held: Mutex::default() });
+    let open = Arc::new(Open::default());
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = listener.accept() => match accepted.and_then(|(stream, _)| stream.into_std()) {
+                Ok(stream) => stream,
                 Err(e) => {
                     warn!("accepting a control connection: {e}");
                     continue;
                 }
             },
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
         };
-        let (service, config, slots) = (service.clone(), config.clone(), slots.clone());
-        tokio::spawn(async move {
-            if let Err(e) = connection(stream, service, config, slots).await {
+        let (service, config, slots, open) = (service.clone(), config.clone(), slots.clone(), open.clone());
+        let spawned = std::thread::Builder::new().name("ipaccess-conn".into()).spawn(move || {
+            let Some(_registered) = open.register(&stream) else { return };
+            if let Err(e) = connection(stream, &service, config, &slots) {
                 debug!("control connection ended: {e}");
             }
         });
+        if let Err(e) = spawned {
+            warn!("no thread for a control connection: {e}");
+        }
+    }
+    let waited = tokio::task::spawn_blocking(move || open.close_all(SHUTDOWN_GRACE)).await;
+    if !waited.unwrap_or(false) {
+        warn!("control connections still busy after {SHUTDOWN_GRACE:?}; stopping anyway");
+    }
+}
+
+/// How long a stop waits for the requests being answered.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The open connections, so that a stop can close them (for reading: a request being
+/// answered still gets its reply).
+#[derive(Default)]
+struct Open {
+    streams: Mutex<OpenStreams>,
+    /// Signalled whenever a connection ends.
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct OpenStreams {
+    next: u64,
+    by_id: HashMap<u64, StdUnixStream>,
+    closing: bool,
+}
+
+/// A connection's place in [`Open`], given back when it ends.
+struct Registered<'a> {
+    open: &'a Open,
+    id: u64,
+}
+
+impl Open {
+    /// Records a connection, or `None` once the daemon is stopping.
+    fn register(&self, stream: &StdUnixStream) -> Option<Registered<'_>> {
+        let copy = stream.try_clone().ok()?;
+        let mut streams = self.streams.lock().expect("open lock");
+        if streams.closing {
+            return None;
+        }
+        streams.next += 1;
+        let id = streams.next;
+        streams.by_id.insert(id, copy);
+        Some(Registered { open: self, id })
+    }
+
+    /// Stops every connection reading and waits until they have all ended, at most `grace`.
+    fn close_all(&self, grace: Duration) -> bool {
+        let mut streams = self.streams.lock().expect("open lock");
+        streams.closing = true;
+        for stream in streams.by_id.values() {
+            let _ = stream.shutdown(std::net::Shutdown::Read);
+        }
+        let (streams, waited) =
+            self.ended.wait_timeout_while(streams, grace, |s| !s.by_id.is_empty()).expect("open lock");
+        !waited.timed_out() || streams.by_id.is_empty()
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.open.streams.lock().expect("open lock").by_id.remove(&self.id);
+        self.open.ended.notify_all();
     }
 }
 
@@ -150,21 +222,83 @@ impl Drop for Slot {
 }
 
 /// Tells a connection over a limit why, and closes it.
-async fn refuse(mut stream: UnixStream, body: ErrorBody) {
+fn refuse(mut stream: &StdUnixStream, body: ErrorBody) {
     let reply = Reply { id: NO_ID, ok: None, error: Some(body) };
-    let _ = timeout(REFUSAL_WRITE, stream.write_all(&line(&reply))).await;
+    let _ = stream.set_write_timeout(Some(REFUSAL_WRITE));
+    let _ = stream.write_all(&line(&reply));
 }
 
-async fn connection(
-    stream: UnixStream,
-    service: Arc<Service>,
-    config: watch::Receiver<Arc<Config>>,
-    slots: Arc<Slots>,
+/// A socket whose reads fail with `TimedOut` once a line has taken longer than the idle
+/// timeout, so that a byte now and then does not keep a connection's slot. The socket's own
+/// timeout (`SO_RCVTIMEO`, the idle timeout) bounds each blocked read; the line's deadline is
+/// set at its second read, so a line that arrives whole (nearly all do) costs no clock read,
+/// and a line takes at most twice the idle timeout.
+struct Timed<'a> {
+    stream: &'a StdUnixStream,
+    idle: Duration,
+    /// Of the line being read, once it took more than one read.
+    deadline: Option<Instant>,
+    reads: u32,
+}
+
+impl Timed<'_> {
+    /// A new line begins.
+    fn start_line(&mut self, idle: Duration) {
+        (self.idle, self.deadline, self.reads) = (idle, None, 0);
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reads += 1;
+        match self.deadline {
+            Some(deadline) if Instant::now() > deadline => return Err(io::ErrorKind::TimedOut.into()),
+            None if self.reads > 1 => self.deadline = Some(Instant::now() + self.idle),
+            _ => {}
+        }
+        self.stream.read(buf)
+    }
+}
+
+/// Whether an I/O error is a timeout (the socket's own reports one as `WouldBlock`).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
+}
+
+/// Writes `bytes` within about the idle timeout: `SO_SNDTIMEO` bounds each blocked write,
+/// and a client that reads a little now and then gets until `idle` after the first partial
+/// write (a reply that goes out in one write, nearly all, costs no clock read).
+fn write_within(mut stream: &StdUnixStream, bytes: &[u8], idle: Duration) -> io::Result<()> {
+    let mut rest = bytes;
+    let mut deadline = None;
+    while !rest.is_empty() {
+        match deadline {
+            Some(deadline) if Instant::now() > deadline => return Err(io::ErrorKind::TimedOut.into()),
+            Some(_) => {}
+            None if rest.len() < bytes.len() => deadline = Some(Instant::now() + idle),
+            None => {}
+        }
+        match stream.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn connection(
+    stream: StdUnixStream,
+    service: &Service,
+    mut config: watch::Receiver<Arc<Config>>,
+    slots: &Arc<Slots>,
 ) -> io::Result<()> {
-    let cred = stream.peer_cred()?;
-    let uid = cred.uid();
-    let mut gids = cred.pid().map(supplementary_groups).unwrap_or_default();
-    gids.push(cred.gid());
+    stream.set_nonblocking(false)?;
+    let cred = rustix::net::sockopt::socket_peercred(&stream)?;
+    let uid = cred.uid.as_raw();
+    let mut gids = supplementary_groups(cred.pid.as_raw_nonzero().get());
+    gids.push(cred.gid.as_raw());
     let admitted = {
         let config = config.borrow().clone();
         slots.take(uid, config.roles.of(uid, &gids).contains(&Role::Admin), &config.limits)
@@ -173,51 +307,62 @@ async fn connection(
         Ok(slot) => slot,
         Err(busy) => {
             debug!("refusing a control connection from uid {uid}: {}", busy.message);
-            refuse(stream, busy).await;
+            refuse(&stream, busy);
             return Ok(());
         }
     };
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::with_capacity(READ_BUFFER, read);
+    let timed = Timed { stream: &stream, idle: Duration::ZERO, deadline: None, reads: 0 };
+    let mut reader = BufReader::with_capacity(READ_BUFFER, timed);
     let mut buf = Vec::new();
     // Replies not written yet: those to the requests already in `reader`'s buffer go out
     // together, in one write (pipelined checks cost a syscall each otherwise).
     let mut out = Vec::with_capacity(1024);
-    let mut config = config;
     let mut caller = Caller { uid, roles: config.borrow_and_update().roles.of(uid, &gids) };
+    let mut idle = Duration::ZERO;
     loop {
         // The configuration in force now: a reload between two requests applies to the next.
         // Roles are worked out again only when it changed.
         if config.has_changed().unwrap_or(false) {
             caller.roles = config.borrow_and_update().roles.of(uid, &gids);
         }
-        let (idle, max) = {
+        let max = {
             let in_force = config.borrow();
-            let max = if caller.roles.contains(&Role::Admin) {
+            let now_idle = Duration::from_secs(in_force.limits.idle_timeout_seconds.max(1));
+            if now_idle != idle {
+                idle = now_idle;
+                stream.set_read_timeout(Some(idle))?;
+                stream.set_write_timeout(Some(idle))?;
+            }
+            if caller.roles.contains(&Role::Admin) {
                 in_force.limits.max_admin_request_bytes.max(in_force.limits.max_request_bytes)
             } else {
                 in_force.limits.max_request_bytes
-            };
-            (Duration::from_secs(in_force.limits.idle_timeout_seconds), max)
+            }
         };
         // Never wait for the client while it waits for a reply: unless another whole request
         // is buffered already, whatever is answered goes out before reading on.
         if !out.is_empty() && (out.len() >= WRITE_BATCH || !reader.buffer().contains(&b'\n')) {
-            if timeout(idle, write.write_all(&out)).await.is_err() {
-                debug!("closing a control connection of uid {uid}: its replies were not read for {idle:?}");
-                return Ok(());
+            match write_within(&stream, &out, idle) {
+                Err(e) if timed_out(&e) => {
+                    debug!("closing a control connection of uid {uid}: its replies were not read for {idle:?}");
+                    return Ok(());
+                }
+                result => result?,
             }
             out.clear();
         }
         buf.clear();
         // The whole line must arrive in time, so a byte now and then does not keep a slot.
-        let mut limited = (&mut reader).take(max as u64 + 1);
-        let Ok(n) = timeout(idle, limited.read_until(b'\n', &mut buf)).await else {
-            debug!("closing a control connection of uid {uid}: no request for {idle:?}");
-            return Ok(());
+        reader.get_mut().start_line(idle);
+        let n = match (&mut reader).take(max as u64 + 1).read_until(b'\n', &mut buf) {
+            Err(e) if timed_out(&e) => {
+                debug!("closing a control connection of uid {uid}: no request for {idle:?}");
+                return Ok(());
+            }
+            read => read?,
         };
-        if n? == 0 {
-            return Ok(());
+        if n == 0 {
+            return write_within(&stream, &out, idle);
         }
         let reply = if buf.last() != Some(&b'\n') && buf.len() > max {
             let message = format!("request longer than {max} bytes; closing the connection");
@@ -231,19 +376,19 @@ async fn connection(
             if config.has_changed().unwrap_or(false) {
                 caller.roles = config.borrow_and_update().roles.of(uid, &gids);
             }
-            answer(text, &caller, &service).await
+            answer(text, &caller, service)
         };
         serde_json::to_writer(&mut out, &reply).expect("replies serialize");
         out.push(b'\n');
         if reply.error.as_ref().is_some_and(|e| e.code == ErrorCode::TooLarge) {
-            let _ = timeout(idle, write.write_all(&out)).await;
+            let _ = write_within(&stream, &out, idle);
             return Ok(());
         }
     }
 }
 
 /// One request line to one reply.
-async fn answer<'a>(text: &'a [u8], caller: &Caller, service: &Arc<Service>) -> Reply<'a> {
+fn answer<'a>(text: &'a [u8], caller: &Caller, service: &Service) -> Reply<'a> {
     let (id, command) = match parse(text) {
         Ok(parsed) => parsed,
         Err(reply) => return *reply,
@@ -256,18 +401,7 @@ async fn answer<'a>(text: &'a [u8], caller: &Caller, service: &Arc<Service>) -> 
         };
         return error_reply(id, ErrorCode::Forbidden, &message);
     }
-    let outcome = match command {
-        // Checks are answered from memory and never block.
-        command @ Command::Check(_) => service.execute(command, caller),
-        command => {
-            let (service, caller) = (service.clone(), caller.clone());
-            match tokio::task::spawn_blocking(move || service.execute(command, &caller)).await {
-                Ok(outcome) => outcome,
-                Err(e) => Err(Failure::new(ErrorCode::Internal, format!("the request failed: {e}"))),
-            }
-        }
-    };
-    match outcome {
+    match service.execute(command, caller) {
         Ok(ok) => Reply { id, ok: Some(ok), error: None },
         Err(Failure(body)) => Reply { id, ok: None, error: Some(body) },
     }
@@ -277,6 +411,9 @@ async fn answer<'a>(text: &'a [u8], caller: &Caller, service: &Arc<Service>) -> 
 /// parser alone: `cmd` must be a string (serde would take a variant's index, `"cmd": 5`, as
 /// a command) and no field may appear twice.
 fn parse(text: &[u8]) -> Result<(&RawValue, Command), Box<Reply<'_>>> {
+    if let Some(check) = check(text) {
+        return Ok(check);
+    }
     let Envelope { id, fields, repeated } = match serde_json::from_slice::<Envelope>(text) {
         Ok(envelope) => envelope,
         Err(e) if e.is_data() => {
@@ -301,6 +438,33 @@ fn parse(text: &[u8]) -> Result<(&RawValue, Command), Box<Reply<'_>>> {
         Ok(command) => Ok((id, command)),
         Err(e) => refused(e.to_string()),
     }
+}
+
+/// A login check read straight from its line: checks are nearly all the traffic, and the
+/// general path first builds a JSON value of every field. Anything unusual (a field unknown
+/// or given twice, another command, `cmd` not a string) is not a check here and goes the
+/// general path, which words the error.
+fn check(text: &[u8]) -> Option<(&RawValue, Command)> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CheckLine<'a> {
+        #[serde(borrow, default)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        cmd: Cow<'a, str>,
+        account: String,
+        addr: std::net::IpAddr,
+        #[serde(default)]
+        method: Option<crate::protocol::Method>,
+        #[serde(default)]
+        dry_run: bool,
+    }
+    let line: CheckLine = serde_json::from_slice(text).ok()?;
+    if line.cmd != "check" {
+        return None;
+    }
+    let CheckLine { id, account, addr, method, dry_run, .. } = line;
+    Some((id.unwrap_or(NO_ID), Command::Check(crate::protocol::Check { account, addr, method, dry_run })))
 }
 
 /// An import's accounts read straight from their parsed value. They are most of a bulk
@@ -427,6 +591,34 @@ mod tests {
             Ok((_, command)) => panic!("{line} was accepted as {command:?}"),
             Err(reply) => *reply,
         }
+    }
+
+    /// The quick path for checks reads what the general path reads, and leaves to it every
+    /// line it would word an error for.
+    #[test]
+    fn a_check_reads_alike_on_both_paths() {
+        for line in [
+            r#"{"id": 1, "cmd": "check", "account": "acme", "addr": "198.18.0.9"}"#,
+            r#"{"cmd": "check", "account": "a\u0063me", "addr": "fd00::1", "method": "sso", "dry_run": true}"#,
+            r#"{"account": "acme", "addr": "198.18.0.9", "cmd": "check", "id": {"trace": [1, 2]}}"#,
+            r#"{"id": null, "cmd": "check", "account": "acme", "addr": "::ffff:198.18.0.9"}"#,
+        ] {
+            let (quick_id, quick) = check(line.as_bytes()).expect(line);
+            let Envelope { id, fields, .. } = serde_json::from_slice(line.as_bytes()).unwrap();
+            let general = Command::deserialize(MapDeserializer::<_, serde_json::Error>::new(fields.into_iter()));
+            assert_eq!((quick_id.get(), quick), (id.get(), general.unwrap()), "{line}");
+        }
+        for line in [
+            r#"{"id": 1, "cmd": "check", "account": "acme", "addr": "198.18.0.9", "addr": "198.18.0.8"}"#,
+            r#"{"id": 1, "cmd": "check", "account": "acme", "addr": "198.18.0.9", "extra": 1}"#,
+            r#"{"id": 1, "cmd": "status"}"#,
+            r#"{"id": 1, "cmd": 5, "account": "acme", "addr": "198.18.0.9"}"#,
+            r#"{"id": 1, "cmd": "check", "account": "acme"}"#,
+        ] {
+            assert!(check(line.as_bytes()).is_none(), "{line} must go the general path");
+        }
+        let reply = refused(r#"{"id": 1, "cmd": "check", "account": "acme", "addr": "1.2.3.4", "addr": "1.2.3.5"}"#);
+        assert!(reply.error.unwrap().message.contains("`addr` appears more than once"));
     }
 
     #[test]
