@@ -118,10 +118,13 @@ impl Drop for PendingAudit {
 /// object), e.g. `override_granted: account "acme" by uid 0 (cidr="198.18.9.9/32" ticket=…)`.
 /// Inside a change (see [`PendingAudit`]) it is written once the change commits.
 pub fn audit(account: &str, uid: u32, action: &str, detail: &Value) {
-    let line = format!("{action}: account {account:?} by uid {uid}{}", fields(detail));
     // A bulk import audits every account it touches: those lines are detail, its summary
     // line says what happened.
     let level = if action == "import" { Level::Debug } else { Level::Info };
+    if !log::log_enabled!(target: AUDIT_TARGET, level) {
+        return;
+    }
+    let line = format!("{action}: account {account:?} by uid {uid}{}", fields(detail));
     let held = PENDING.with(|p| match p.borrow_mut().as_mut() {
         Some(pending) => {
             pending.push((level, line.clone()));

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::{
     Failure, Reply, Service,
     allowlist::distinct_entries,
-    change::{audit, existing, policy_from_store},
+    change::{Touched, audit, existing, policy_from_store},
     lockout, now,
 };
 use crate::{
@@ -120,14 +120,14 @@ impl Service {
             let mut rows = Vec::with_capacity(accounts.len());
             for import in accounts {
                 let id = import.account.clone();
-                let (row, created, entries) = import_one(tx, import, uid, at).map_err(|Failure(mut body)| {
+                let (touched, entries) = import_one(tx, import, uid, at).map_err(|Failure(mut body)| {
                     // The client maps the account back to its line in the file.
                     body.message = format!("account {id}: {}", body.message);
                     Failure(body)
                 })?;
-                totals.created += u64::from(created);
+                totals.created += u64::from(matches!(touched, Touched::Created(..)));
                 totals.entries += entries as u64;
-                rows.push(row);
+                rows.push(touched);
             }
             totals.accounts = rows.len() as u64;
             info!(
@@ -151,8 +151,8 @@ fn listed(cache: &HashMap<String, AccountPolicy>, row: Account) -> ListedAccount
 }
 
 /// One account of an import: created or updated, its allowlist replaced when given.
-/// Returns its row, whether it was created, and how many entries it now lists.
-fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Account, bool, usize), Failure> {
+/// Returns the account as touched, and how many entries the import gave it.
+fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Touched, usize), Failure> {
     let id = import.account.as_str();
     let (mut row, created) = match tx.account(id)? {
         Some(row) => {
@@ -193,5 +193,13 @@ fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Acco
         json!({ "created": created, "state": import.state, "mode": import.mode,
         "entries": replaced.as_ref().map(Vec::len) }),
     )?;
-    Ok((row, created, entries))
+    let touched = if created {
+        Touched::Created(
+            row,
+            replaced.map(|wanted| wanted.into_iter().map(|(cidr, _)| cidr).collect()).unwrap_or_default(),
+        )
+    } else {
+        Touched::Changed(row)
+    };
+    Ok((touched, entries))
 }

@@ -17,6 +17,16 @@ use crate::{
     store::{ActivityRecord, StoreError, Tx},
 };
 
+/// An account a change touched, as the change left it.
+pub(super) enum Touched {
+    /// One that existed: its policy is read back in the change's transaction, and its
+    /// sub-users follow it.
+    Changed(Account),
+    /// One the change created, with its allowlist (all enabled): nothing to read back, and
+    /// no sub-users but those the same change created.
+    Created(Account, Vec<IpNet>),
+}
+
 impl Service {
     /// Runs `f` in a read transaction on a reader connection: it waits for no change.
     pub(super) fn read<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
@@ -38,16 +48,16 @@ impl Service {
         self.change_accounts(|tx| {
             let (row, reply) = f(tx)?;
             debug_assert_eq!(row.id, account);
-            Ok((vec![row], reply))
+            Ok((vec![Touched::Changed(row)], reply))
         })
     }
 
-    /// A change to the accounts `f` returns (after it ran: their rows as changed) and, if
-    /// they are parents, to their sub-users. The cache is not copied: the accounts' new
-    /// versions are built beside it and moved in once the change is committed.
+    /// A change to the accounts `f` returns (after it ran: as changed) and, if they are
+    /// parents, to their sub-users. The cache is not copied: the accounts' new versions are
+    /// built beside it and moved in once the change is committed.
     pub(super) fn change_accounts<T>(
         &self,
-        f: impl FnOnce(&Tx) -> Result<(Vec<Account>, T), Failure>,
+        f: impl FnOnce(&Tx) -> Result<(Vec<Touched>, T), Failure>,
     ) -> Result<T, Failure> {
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
@@ -57,11 +67,28 @@ impl Service {
         let at = now();
         let mut updated: HashMap<String, AccountPolicy> = HashMap::with_capacity(rows.len());
         let mut children = Vec::new();
-        for row in rows {
-            // A suspension reaches every account below, however deep an older store nests them.
-            children.extend(tx.descendants(&row.id)?);
-            let policy = policy_from_store(&tx, &row, at)?;
-            updated.insert(row.id, policy);
+        for touched in rows {
+            let (id, policy) = match touched {
+                Touched::Changed(row) => {
+                    // A suspension reaches every account below, however deep an older store
+                    // nests them.
+                    children.extend(tx.descendants(&row.id)?);
+                    let policy = policy_from_store(&tx, &row, at)?;
+                    (row.id, policy)
+                }
+                Touched::Created(row, entries) => {
+                    let policy = AccountPolicy {
+                        slot: row.slot,
+                        parent: row.parent,
+                        state: row.state,
+                        mode: row.mode,
+                        entries,
+                        overrides: Vec::new(),
+                    };
+                    (row.id, policy)
+                }
+            };
+            updated.insert(id, policy);
         }
         // Only holders of the writer lock replace the cache, so until the end it holds the
         // previous state, which a failure puts back into the kernel.
