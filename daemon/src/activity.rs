@@ -11,7 +11,7 @@
 //! records of changes do not come here; they are written in the change's own transaction.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet, hash_map::Entry},
     net::IpAddr,
     sync::{
         Arc, Mutex,
@@ -67,6 +67,9 @@ enum LogMessage {
 struct Checks {
     signins: HashMap<SigninKey, Tally>,
     unknown: HashMap<UnknownKey, Tally>,
+    /// The accounts with a row in `signins`, so that a change asks in one lookup whether its
+    /// account has checks not written yet (a scan would hold up every check meanwhile).
+    accounts: HashSet<String>,
 }
 
 impl Checks {
@@ -93,7 +96,15 @@ impl Checks {
             uid: s.uid,
             application: s.application,
         };
-        add_tally(&mut self.signins, key, tally, full)
+        match self.signins.entry(key) {
+            Entry::Occupied(mut counted) => counted.get_mut().add(tally),
+            Entry::Vacant(_) if full => return false,
+            Entry::Vacant(new) => {
+                self.accounts.insert(new.key().account.clone());
+                new.insert(tally);
+            }
+        }
+        true
     }
 }
 
@@ -308,7 +319,7 @@ impl ActivityLog {
     /// none are waiting to be written.
     pub fn flush_account(&self, account: &str) {
         let waiting = self.shared.unwritten.load(Ordering::Acquire)
-            || self.shared.checks.lock().expect("activity lock").signins.keys().any(|k| k.account == account);
+            || self.shared.checks.lock().expect("activity lock").accounts.contains(account);
         if waiting {
             self.flush();
         }
