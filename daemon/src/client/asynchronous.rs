@@ -13,7 +13,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use super::{
     Attempt, BATCH, Backoff, DEFAULT_TIMEOUT, Error, closed_by_daemon, decode, drops_connection, encode, is_gone,
-    is_unreachable, read_only, typed,
+    is_unreachable, typed,
 };
 use crate::protocol::{Call, Check, CheckResult, Command, Method};
 
@@ -103,7 +103,7 @@ impl AsyncClient {
             let why = match self.exchange(&line, id, deadline).await {
                 Ok(reply) => return reply,
                 Err(Attempt::Failed(e)) => return Err(e),
-                Err(Attempt::Gone { sent: true, .. }) if !read_only(&command) => return Err(Error::ConnectionLost),
+                Err(Attempt::Gone { sent: true, .. }) if command.changes() => return Err(Error::ConnectionLost),
                 Err(Attempt::Gone { why, .. }) => why,
             };
             match backoff.next(deadline.saturating_duration_since(Instant::now())) {

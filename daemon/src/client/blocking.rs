@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{
     Attempt, BATCH, Backoff, DEFAULT_TIMEOUT, Error, closed_by_daemon, decode, drops_connection, encode, is_gone,
-    is_timeout, is_unreachable, read_only, typed,
+    is_timeout, is_unreachable, typed,
 };
 use crate::protocol::{Call, Check, CheckResult, Command, Method};
 
@@ -84,7 +84,7 @@ impl Client {
             let why = match self.exchange(&line, id, deadline) {
                 Ok(reply) => return reply,
                 Err(Attempt::Failed(e)) => return Err(e),
-                Err(Attempt::Gone { sent: true, .. }) if !read_only(&command) => return Err(Error::ConnectionLost),
+                Err(Attempt::Gone { sent: true, .. }) if command.changes() => return Err(Error::ConnectionLost),
                 Err(Attempt::Gone { why, .. }) => why,
             };
             match backoff.next(deadline.saturating_duration_since(Instant::now())) {

@@ -130,23 +130,6 @@ impl Error {
     }
 }
 
-/// Commands that change nothing (a check only adds to the activity counts): safe to send
-/// again after a connection broke with the request written.
-fn read_only(command: &Command) -> bool {
-    matches!(
-        command,
-        Command::Check(_)
-            | Command::Status(_)
-            | Command::Stats(_)
-            | Command::AccountShow(_)
-            | Command::AccountList(_)
-            | Command::AllowList(_)
-            | Command::BindList(_)
-            | Command::OverrideList(_)
-            | Command::Activity(_)
-    )
-}
-
 /// A request line: the command's JSON with `id` added, and `\n`.
 fn encode(id: u64, command: &Command) -> Result<Vec<u8>, Error> {
     let mut value = serde_json::to_value(command).map_err(|e| Error::Protocol(e.to_string()))?;

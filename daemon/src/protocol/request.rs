@@ -23,12 +23,15 @@ pub trait Call: Serialize + Into<Command> {
     type Reply: DeserializeOwned + Serialize;
     /// The role a caller needs, or `None` when any role will do.
     const ROLE: Option<Role>;
+    /// Whether it changes policy. One that does not (a read, or a check, which only adds to
+    /// the activity counts) is safe to send again when its reply was lost.
+    const CHANGES: bool;
 }
 
 /// The `commands!` table: each command's variant of [`Command`] (whose snake_case name is
-/// the wire's `cmd`), request type, reply type and role.
+/// the wire's `cmd`), request type, reply type, role, and whether it changes policy.
 macro_rules! commands {
-    ($($name:ident($request:ident) => $reply:ty, $role:expr;)*) => {
+    ($($name:ident($request:ident) => $reply:ty, $role:expr, $changes:expr;)*) => {
         /// Any request, as it arrives on the socket: `{"cmd": "<name>", ...arguments}`.
         #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
         #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -40,6 +43,7 @@ macro_rules! commands {
             impl Call for $request {
                 type Reply = $reply;
                 const ROLE: Option<Role> = $role;
+                const CHANGES: bool = $changes;
             }
 
             impl From<$request> for Command {
@@ -54,6 +58,13 @@ macro_rules! commands {
             pub fn role(&self) -> Option<Role> {
                 match self {
                     $(Command::$name(_) => <$request as Call>::ROLE,)*
+                }
+            }
+
+            /// Whether the command changes policy (see [`Call::CHANGES`]).
+            pub fn changes(&self) -> bool {
+                match self {
+                    $(Command::$name(_) => <$request as Call>::CHANGES,)*
                 }
             }
 
@@ -76,37 +87,39 @@ fn round_trips<T: DeserializeOwned + Serialize>(ok: &serde_json::Value) -> Resul
 }
 
 const ANY: Option<Role> = None;
+const CHANGES: bool = true;
+const READS: bool = false;
 const ADMIN: Option<Role> = Some(Role::Admin);
 const SUPPORT: Option<Role> = Some(Role::Support);
 
 // Reads (status, accounts, allowlists, bindings, counters) and login checks are open to
 // every role; changes need admin; overrides and activity need support.
 commands! {
-    AccountAdd(AccountAdd) => Account, ADMIN;
-    AccountShow(AccountShow) => AccountDetails, ANY;
-    AccountRemove(AccountRemove) => Removed, ADMIN;
-    AccountList(AccountList) => Vec<ListedAccount>, ANY;
-    AccountState(SetAccountState) => Account, ADMIN;
-    AccountMode(AccountMode) => Account, ADMIN;
-    AllowAdd(AllowAdd) => Noted<Entry>, ADMIN;
-    AllowRemove(AllowRemove) => EntryRemoved, ADMIN;
-    AllowList(AllowList) => Vec<Entry>, ANY;
-    AllowDisable(AllowDisable) => Noted<Entry>, ADMIN;
-    AllowEnable(AllowEnable) => Noted<Entry>, ADMIN;
-    AllowLabel(AllowLabel) => Noted<Entry>, ADMIN;
-    AllowReplace(AllowReplace) => Allowlist, ADMIN;
-    BindAdd(BindAdd) => Binding, ADMIN;
-    BindRemove(BindRemove) => Binding, ADMIN;
-    BindList(BindList) => Vec<Binding>, ANY;
-    Check(Check) => CheckResult, ANY;
-    OverrideGrant(OverrideGrant) => Granted, SUPPORT;
-    OverrideRevoke(OverrideRevoke) => Override, SUPPORT;
-    OverrideList(OverrideList) => Vec<Override>, SUPPORT;
-    Activity(Activity) => ActivityReport, SUPPORT;
-    Stats(Stats) => StatsReport, ANY;
-    Import(Import) => Imported, ADMIN;
-    Detach(Detach) => Detached, ADMIN;
-    Status(Status) => StatusReport, ANY;
+    AccountAdd(AccountAdd) => Account, ADMIN, CHANGES;
+    AccountShow(AccountShow) => AccountDetails, ANY, READS;
+    AccountRemove(AccountRemove) => Removed, ADMIN, CHANGES;
+    AccountList(AccountList) => Vec<ListedAccount>, ANY, READS;
+    AccountState(SetAccountState) => Account, ADMIN, CHANGES;
+    AccountMode(AccountMode) => Account, ADMIN, CHANGES;
+    AllowAdd(AllowAdd) => Noted<Entry>, ADMIN, CHANGES;
+    AllowRemove(AllowRemove) => EntryRemoved, ADMIN, CHANGES;
+    AllowList(AllowList) => Vec<Entry>, ANY, READS;
+    AllowDisable(AllowDisable) => Noted<Entry>, ADMIN, CHANGES;
+    AllowEnable(AllowEnable) => Noted<Entry>, ADMIN, CHANGES;
+    AllowLabel(AllowLabel) => Noted<Entry>, ADMIN, CHANGES;
+    AllowReplace(AllowReplace) => Allowlist, ADMIN, CHANGES;
+    BindAdd(BindAdd) => Binding, ADMIN, CHANGES;
+    BindRemove(BindRemove) => Binding, ADMIN, CHANGES;
+    BindList(BindList) => Vec<Binding>, ANY, READS;
+    Check(Check) => CheckResult, ANY, READS;
+    OverrideGrant(OverrideGrant) => Granted, SUPPORT, CHANGES;
+    OverrideRevoke(OverrideRevoke) => Override, SUPPORT, CHANGES;
+    OverrideList(OverrideList) => Vec<Override>, SUPPORT, READS;
+    Activity(Activity) => ActivityReport, SUPPORT, READS;
+    Stats(Stats) => StatsReport, ANY, READS;
+    Import(Import) => Imported, ADMIN, CHANGES;
+    Detach(Detach) => Detached, ADMIN, CHANGES;
+    Status(Status) => StatusReport, ANY, READS;
 }
 
 impl Command {
