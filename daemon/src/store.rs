@@ -752,11 +752,12 @@ impl Tx<'_> {
         created_by: u32,
         now: i64,
     ) -> Result<(), StoreError> {
-        let wanted: std::collections::HashSet<String> = entries.iter().map(|(c, _)| c.trunc().to_string()).collect();
+        let texts: Vec<String> = entries.iter().map(|(c, _)| c.trunc().to_string()).collect();
+        let wanted: std::collections::HashSet<&str> = texts.iter().map(String::as_str).collect();
         let mut delete = self.tx.prepare_cached("DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2")?;
         for old in self.entries(account)? {
             let cidr = old.cidr.to_string();
-            if !wanted.contains(&cidr) {
+            if !wanted.contains(cidr.as_str()) {
                 delete.execute((account, cidr))?;
             }
         }
@@ -765,8 +766,26 @@ impl Tx<'_> {
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT DO UPDATE SET label = excluded.label",
         )?;
+        for ((_, label), cidr) in entries.iter().zip(&texts) {
+            upsert.execute((account, cidr, label.as_deref(), now, created_by))?;
+        }
+        Ok(())
+    }
+
+    /// The allowlist of an account created in this transaction (it has none yet): `entries`
+    /// must be distinct, as [`Tx::replace_entries`] takes them.
+    pub fn add_entries(
+        &self,
+        account: &str,
+        entries: &[(IpNet, Option<String>)],
+        created_by: u32,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut insert = self.tx.prepare_cached(
+            "INSERT INTO allow_entries (account, cidr, label, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
         for (cidr, label) in entries {
-            upsert.execute((account, cidr.trunc().to_string(), label.as_deref(), now, created_by))?;
+            insert.execute((account, cidr.trunc().to_string(), label.as_deref(), now, created_by))?;
         }
         Ok(())
     }

@@ -181,8 +181,10 @@ fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Touc
         row.mode = mode;
     }
     let replaced = import.entries.map(distinct_entries).transpose()?.map(|(wanted, _)| wanted);
-    if let Some(wanted) = &replaced {
-        tx.replace_entries(id, wanted, uid, at)?;
+    match &replaced {
+        Some(wanted) if created => tx.add_entries(id, wanted, uid, at)?,
+        Some(wanted) => tx.replace_entries(id, wanted, uid, at)?,
+        None => {}
     }
     let entries = replaced.as_ref().map_or(0, Vec::len);
     audit(
