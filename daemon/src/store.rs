@@ -12,7 +12,7 @@ use std::collections::hash_map;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
@@ -341,12 +341,28 @@ impl Store {
         let conn = Connection::open(&path)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+            // `data_version` changes when another connection commits: it tells, without
+            // reading the database, whether writes came and whether they paused.
+            let version = || conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0));
+            let (mut seen, mut dirty) = (version().unwrap_or_default(), false);
+            let (mut changed_at, mut checkpointed_at) = (Instant::now(), Instant::now());
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_POLL) {
+                let now = Instant::now();
+                if let Ok(v) = version()
+                    && v != seen
+                {
+                    (seen, dirty, changed_at) = (v, true, now);
+                }
+                let paused = now - changed_at >= CHECKPOINT_WHEN_QUIET;
+                if !dirty || !(paused || now - checkpointed_at >= CHECKPOINT_AT_LEAST_EVERY) {
+                    continue;
+                }
                 // PASSIVE: copies what no reader still needs, and waits for no one.
                 let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
                 if let Err(e) = done {
                     log::warn!("checkpointing the store's WAL: {e}");
                 }
+                (dirty, checkpointed_at) = (false, now);
             }
         })?;
         Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
@@ -385,12 +401,16 @@ impl Store {
     }
 }
 
-/// How often the background checkpointer copies the WAL into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// The background checkpointer copies the WAL into the database once writes have paused
+/// this long (its sync then delays no change's own), and at least this often while they do
+/// not; it looks for new writes at each poll.
+const CHECKPOINT_WHEN_QUIET: Duration = Duration::from_millis(250);
+const CHECKPOINT_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
+const CHECKPOINT_POLL: Duration = Duration::from_millis(100);
 
-/// A thread that checkpoints the WAL once a second on a connection of its own, beside the
-/// writer: in WAL mode a checkpoint needs no write lock, so changes do not wait for it and
-/// the WAL stays small. Durability does not depend on it (a commit is synced in the WAL).
+/// A thread that checkpoints the WAL when writes pause (see [`CHECKPOINT_WHEN_QUIET`]), on a
+/// connection of its own beside the writer: in WAL mode a checkpoint needs no write lock,
+/// so changes do not wait for it and the WAL stays small. Durability does not depend on it (a commit is synced in the WAL).
 /// Stopped when dropped; the last connection to close checkpoints what is left.
 pub struct Checkpointer {
     stop: Option<std::sync::mpsc::Sender<()>>,
@@ -1324,31 +1344,20 @@ fn int<T: TryFrom<i64>>(v: i64, column: &str) -> Result<T, StoreError> {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
 
     /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    struct TempDir(tempfile::TempDir);
 
     impl TempDir {
         fn new() -> TempDir {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-            let name = format!("ipaccess-store-{}-{n}-{nanos}", std::process::id());
-            TempDir(std::env::temp_dir().join(name))
+            TempDir(tempfile::Builder::new().prefix("ipaccess-store-").tempdir().unwrap())
         }
 
         fn db(&self) -> PathBuf {
             // A subdirectory, so open() has to create it.
-            self.0.join("state").join("ipaccess.db")
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path().join("state").join("ipaccess.db")
         }
     }
 
@@ -1368,6 +1377,26 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// Writes reach the database file once they pause, with no help from the writer (whose
+    /// own checkpoints are off).
+    #[test]
+    fn the_wal_is_checkpointed_once_writes_pause() {
+        let (dir, mut store) = open();
+        let _checkpointer = store.checkpoint_in_background().unwrap();
+        let before = std::fs::metadata(dir.db()).unwrap().len();
+        let tx = store.transaction().unwrap();
+        for n in 0..2000 {
+            add(&tx, &format!("account-{n}"));
+        }
+        tx.commit().unwrap();
+        let waited = Instant::now();
+        while std::fs::metadata(dir.db()).unwrap().len() <= before {
+            assert!(waited.elapsed() < Duration::from_secs(5), "no checkpoint 5 s after the last write");
+            std::thread::sleep(CHECKPOINT_POLL);
+        }
+        assert!(waited.elapsed() >= CHECKPOINT_WHEN_QUIET - CHECKPOINT_POLL, "checkpointed before writes paused");
     }
 
     #[test]
