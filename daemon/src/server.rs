@@ -411,8 +411,8 @@ fn answer<'a>(text: &'a [u8], caller: &Caller, service: &Service) -> Reply<'a> {
 /// parser alone: `cmd` must be a string (serde would take a variant's index, `"cmd": 5`, as
 /// a command) and no field may appear twice.
 fn parse(text: &[u8]) -> Result<(&RawValue, Command), Box<Reply<'_>>> {
-    if let Some(check) = check(text) {
-        return Ok(check);
+    if let Some(direct) = check(text).or_else(|| import(text)) {
+        return Ok(direct);
     }
     let Envelope { id, fields, repeated } = match serde_json::from_slice::<Envelope>(text) {
         Ok(envelope) => envelope,
@@ -430,9 +430,6 @@ fn parse(text: &[u8]) -> Result<(&RawValue, Command), Box<Reply<'_>>> {
         Some((_, other)) => {
             return refused(format!("`cmd` must be a command name, a string, not {}", json_type(other)));
         }
-    }
-    if let Some(import) = import(&fields) {
-        return Ok((id, import));
     }
     match Command::deserialize(MapDeserializer::<_, serde_json::Error>::new(fields.into_iter())) {
         Ok(command) => Ok((id, command)),
@@ -467,18 +464,24 @@ fn check(text: &[u8]) -> Option<(&RawValue, Command)> {
     Some((id.unwrap_or(NO_ID), Command::Check(crate::protocol::Check { account, addr, method, dry_run })))
 }
 
-/// An import's accounts read straight from their parsed value. They are most of a bulk
-/// load's bytes, and the general path copies them once more (serde buffers the fields of an
-/// internally tagged enum). Anything unusual goes the general path, which words the error.
-fn import(fields: &[(Cow<'_, str>, Value)]) -> Option<Command> {
-    let [(k1, v1), (k2, v2)] = fields else { return None };
-    let accounts = match (k1.as_ref(), k2.as_ref()) {
-        ("cmd", "accounts") if v1 == "import" => v2,
-        ("accounts", "cmd") if v2 == "import" => v1,
-        _ => return None,
-    };
-    let accounts = Vec::<ImportAccount>::deserialize(accounts).ok()?;
-    Some(Command::Import(crate::protocol::Import { accounts }))
+/// An import read straight from its line: its accounts are most of a bulk load's bytes, and
+/// the general path would build a JSON value of each and then copy it into its type. As
+/// for checks, anything unusual goes the general path, which words the error.
+fn import(text: &[u8]) -> Option<(&RawValue, Command)> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ImportLine<'a> {
+        #[serde(borrow, default)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        cmd: Cow<'a, str>,
+        accounts: Vec<ImportAccount>,
+    }
+    let line: ImportLine = serde_json::from_slice(text).ok()?;
+    if line.cmd != "import" {
+        return None;
+    }
+    Some((line.id.unwrap_or(NO_ID), Command::Import(crate::protocol::Import { accounts: line.accounts })))
 }
 
 /// A request object split into its id (its text, as written) and the command's fields (keys
@@ -653,6 +656,9 @@ mod tests {
         assert!(refused(odd).error.unwrap().message.contains("unknown field `colour`"));
         let extra = r#"{"id": 9, "cmd": "import", "accounts": [], "force": true}"#;
         assert!(refused(extra).error.unwrap().message.contains("unknown field `force`"));
+        let twice = r#"{"id": 9, "cmd": "import", "accounts": [], "accounts": [{"account": "a"}]}"#;
+        assert!(refused(twice).error.unwrap().message.contains("`accounts` appears more than once"));
+        assert!(import(br#"{"cmd": "status"}"#).is_none() && import(br#"{"cmd": "check", "accounts": []}"#).is_none());
     }
 
     #[test]
