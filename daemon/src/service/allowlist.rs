@@ -128,15 +128,14 @@ pub(super) fn distinct_entries(entries: Vec<ReplaceEntry>) -> Result<(Wanted, Ve
 /// The account and one of its entries, or `unknown_entry`.
 fn existing_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<(Account, Entry), Failure> {
     let row = existing(tx, account)?;
-    let entry = tx
-        .entry(account, cidr)?
-        .ok_or_else(|| Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist")))?;
-    Ok((row, entry))
+    Ok((row, changed_entry(tx, account, cidr)?))
 }
 
-/// An entry as a change in this transaction left it.
+/// One of the account's entries as this transaction sees it (after a change in it, too), or
+/// `unknown_entry`.
 fn changed_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<Entry, Failure> {
-    Ok(existing_entry(tx, account, cidr)?.1)
+    tx.entry(account, cidr)?
+        .ok_or_else(|| Failure::new(ErrorCode::UnknownEntry, format!("{cidr} is not on {account}'s allowlist")))
 }
 
 /// An entry about to stop letting anything in (removed or disabled): the account and the
