@@ -1,5 +1,7 @@
 pub mod client;
 pub mod daemon;
+pub mod etcd;
+pub mod fleet;
 pub mod model;
 pub mod netns;
 pub mod ops;

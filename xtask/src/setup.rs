@@ -22,6 +22,12 @@ const PACKAGES: &[&str] = &[
     "dpkg-dev",
     "groff-base",
     "adduser",
+    // The fleet tests start real etcd members (etcd from etcd-server) and drive them with
+    // etcdctl (Debian's etcd-client, only suggested by etcd-server); the Rust etcd-client
+    // crate's build needs protoc.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
