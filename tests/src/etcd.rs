@@ -470,7 +470,7 @@ impl EtcdCluster {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("{}", self.log_tails(20));
+            eprintln!("{}", self.log_tails(10));
         }
         for member in &mut self.members {
             if let Some(mut child) = member.child.take() {
