@@ -204,7 +204,14 @@ impl EtcdCluster {
 
     fn log_tails(&self, lines: usize) -> String {
         (0..self.members.len())
-            .map(|i| format!("---- {} ({}) ----\n{}", self.members[i].name, self.members[i].log.display(), self.log_tail(i, lines)))
+            .map(|i| {
+                format!(
+                    "---- {} ({}) ----\n{}",
+                    self.members[i].name,
+                    self.members[i].log.display(),
+                    self.log_tail(i, lines)
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -435,7 +442,20 @@ impl EtcdCluster {
         // Each end is created directly inside its namespace; nothing appears in the root one.
         crate::netns::run_ok(
             "ip",
-            &["link", "add", &ours, "netns", self.ns.name(), "type", "veth", "peer", "name", &theirs, "netns", ns.name()],
+            &[
+                "link",
+                "add",
+                &ours,
+                "netns",
+                self.ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &theirs,
+                "netns",
+                ns.name(),
+            ],
         )?;
         self.links += 1;
         let server = Ipv4Addr::new(198, 18, net, 1);
@@ -502,12 +522,7 @@ pub fn etcdctl_in(ns: &Netns, endpoints: &[String], args: &[&str], command_timeo
     let limit = ETCDCTL_LIMIT + command_timeout;
     let out = run_cmd("ip", &full, limit)?;
     if !out.status.success() {
-        bail!(
-            "`etcdctl {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`etcdctl {}` failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -72,9 +72,8 @@ fn etcd_linked_namespaces_reach_every_member() {
     let b = Netns::new("nodeb").unwrap();
     let ends_a = etcd.link(&a).unwrap();
     let ends_b = etcd.link(&b).unwrap();
-    let want = |net: u8| -> Vec<String> {
-        [2379, 2381, 2383].iter().map(|p| format!("http://198.18.{net}.1:{p}")).collect()
-    };
+    let want =
+        |net: u8| -> Vec<String> { [2379, 2381, 2383].iter().map(|p| format!("http://198.18.{net}.1:{p}")).collect() };
     assert_eq!(ends_a, want(100));
     assert_eq!(ends_b, want(101));
 
@@ -114,7 +113,10 @@ fn etcd_leader_killed_new_leader_and_data_kept() {
     assert_ne!(new, old);
     // The first put may still meet the election's tail; it must go through within seconds.
     eventually(Duration::from_secs(5), || put(&etcd, "/harness/after", "written")).unwrap();
-    eprintln!("leader {old} killed: member {new} leads after {elected:?}, a put succeeded after {:?}", killed.elapsed());
+    eprintln!(
+        "leader {old} killed: member {new} leads after {elected:?}, a put succeeded after {:?}",
+        killed.elapsed()
+    );
     assert_eq!(get(&etcd, "/harness/before").as_deref(), Some("kept"));
 
     // Back on its data directory, the old leader catches up with what it missed.
