@@ -154,7 +154,13 @@ fn etcd_quorum_loss_blocks_writes_until_members_return() {
     let leader = etcd.wait_leader(Duration::from_secs(5)).unwrap();
     let survivor = (leader + 1) % 3;
     etcd.kill(leader).unwrap();
-    etcd.kill((leader + 2) % 3).unwrap();
+    // The other one stops the polite way (SIGTERM), and does so promptly.
+    let other = (leader + 2) % 3;
+    let pid = etcd.pid(other).unwrap();
+    let start = Instant::now();
+    etcd.stop(other).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5), "SIGTERM took {:?}", start.elapsed());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "member {other} (pid {pid}) still exists");
     assert_eq!(etcd.live_endpoints_local(), vec![EtcdCluster::endpoint_local(survivor)]);
 
     // One member of three cannot commit: the put fails, within etcdctl's own bounds.
@@ -167,7 +173,7 @@ fn etcd_quorum_loss_blocks_writes_until_members_return() {
     assert!(etcd.revision().is_err(), "a linearizable read without a quorum");
 
     etcd.start_member(leader).unwrap();
-    etcd.start_member((leader + 2) % 3).unwrap();
+    etcd.start_member(other).unwrap();
     etcd.wait_healthy(Duration::from_secs(15)).unwrap();
     eventually(Duration::from_secs(5), || put(&etcd, "/harness/after", "written")).unwrap();
     assert_eq!(get(&etcd, "/harness/before").as_deref(), Some("kept"));
