@@ -154,6 +154,27 @@ const MIGRATIONS: &[&str] = &[
               FROM activity WHERE kind = 'drop' AND json_valid(detail))
         GROUP BY account, bucket, source, destination, protocol, port, reason;
     DELETE FROM activity WHERE kind <> 'audit';",
+    // v6: audit records without AUTOINCREMENT, which updated `sqlite_sequence` (one more
+    // page in every change's commit, and a row per imported account). A new id is then the
+    // largest plus one, so it can repeat only once every row above it was pruned: ids are
+    // never shown, and they still order the rows that remain.
+    "CREATE TABLE activity_v6 (
+        id INTEGER PRIMARY KEY,
+        time INTEGER NOT NULL,
+        account TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        address TEXT,
+        method TEXT,
+        allowed INTEGER,
+        reason TEXT,
+        detail TEXT
+    );
+    INSERT INTO activity_v6 (id, time, account, kind, address, method, allowed, reason, detail)
+        SELECT id, time, account, kind, address, method, allowed, reason, detail FROM activity ORDER BY id;
+    DROP TABLE activity;
+    ALTER TABLE activity_v6 RENAME TO activity;
+    CREATE INDEX activity_account_time ON activity(account, time);
+    DELETE FROM sqlite_sequence WHERE name = 'activity';",
 ];
 
 /// Rows of sign-ins one account may add in one hour; further addresses are counted together
@@ -377,6 +398,7 @@ impl Store {
         Ok(Store { conn })
     }
 
+
     /// Takes group and other access away from `file`, if it exists and has any.
     fn make_private(file: &Path) -> Result<(), StoreError> {
         use std::os::unix::fs::PermissionsExt as _;
@@ -400,6 +422,7 @@ impl Store {
         name.into()
     }
 }
+
 
 /// The background checkpointer copies the WAL into the database once writes have paused
 /// this long (its sync then delays no change's own), and at least this often while they do
@@ -878,26 +901,43 @@ impl Tx<'_> {
 
     /// Overrides neither revoked nor expired at `now`, of one account or all, oldest first.
     pub fn live_overrides(&self, account: Option<&str>, now: i64) -> Result<Vec<Override>, StoreError> {
-        let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
-                   FROM overrides WHERE revoked_at IS NULL AND expires_at > ?1
-                   AND (?2 IS NULL OR account = ?2) ORDER BY id";
-        self.rows(sql, (now, account), override_row)
+        // Two statements: with `(?2 IS NULL OR account = ?2)` one account's overrides were
+        // found by scanning everyone's, in every change.
+        match account {
+            Some(account) => {
+                let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
+                           FROM overrides WHERE revoked_at IS NULL AND expires_at > ?1 AND account = ?2 ORDER BY id";
+                self.rows(sql, (now, account), override_row)
+            }
+            None => {
+                let sql = "SELECT id, account, cidr, ticket, reason, operator, created_at, expires_at, revoked_at
+                           FROM overrides WHERE revoked_at IS NULL AND expires_at > ?1 ORDER BY id";
+                self.rows(sql, [now], override_row)
+            }
+        }
     }
 
     /// Appends audit records.
     pub fn add_activity(&self, records: &[ActivityRecord]) -> Result<(), StoreError> {
-        let mut stmt = self.tx.prepare_cached(
-            "INSERT INTO activity (time, account, kind, address, method, allowed, reason, detail)
-             VALUES (?1, ?2, 'audit', NULL, NULL, NULL, ?3, ?4)",
-        )?;
         for r in records {
             let mut detail = r.detail.clone();
             if let serde_json::Value::Object(o) = &mut detail {
                 o.insert("uid".into(), r.uid.into());
                 o.insert("action".into(), r.action.clone().into());
             }
-            stmt.execute((r.time, &r.account, &r.action, detail.to_string()))?;
+            self.add_audit(r.time, &r.account, &r.action, &detail.to_string())?;
         }
+        Ok(())
+    }
+
+    /// Appends one audit record whose detail is already JSON text (holding its `uid` and
+    /// `action`): a bulk import writes one per account, and skips building a JSON value.
+    pub fn add_audit(&self, time: i64, account: &str, action: &str, detail: &str) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO activity (time, account, kind, address, method, allowed, reason, detail)
+             VALUES (?1, ?2, 'audit', NULL, NULL, NULL, ?3, ?4)",
+            (time, account, action, detail),
+        )?;
         Ok(())
     }
 
@@ -1753,6 +1793,48 @@ mod tests {
         assert!(!tx.has_activity("ghost-1").unwrap());
         assert_eq!(tx.denied_summary("acme", 0).unwrap()[0].count, 3);
     }
+
+    /// A store of schema v5: its audit records keep their ids and order through v6, and
+    /// new ones come after them.
+    #[test]
+    fn audit_records_keep_their_ids_without_autoincrement() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
+        let conn = Connection::open(dir.db()).unwrap();
+        for sql in &MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        let old =
+            "INSERT INTO activity (id, time, account, kind, reason, detail) VALUES (?1, 7200, 'acme', 'audit', ?2, ?3)";
+        for (id, action) in [(3, "account_add"), (9, "mode"), (12, "allow_add")] {
+            conn.execute(old, (id, action, format!(r#"{{"uid": 5, "action": "{action}"}}"#))).unwrap();
+        }
+        drop(conn);
+        let mut store = Store::open(&dir.db()).unwrap();
+        let tx = store.transaction().unwrap();
+        tx.add_audit(7200, "acme", "allow_remove", r#"{"uid": 6, "action": "allow_remove"}"#).unwrap();
+        let ids: Vec<(i64, String)> = tx
+            .tx
+            .prepare("SELECT id, reason FROM activity ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let ids: Vec<(i64, &str)> = ids.iter().map(|(id, r)| (*id, r.as_str())).collect();
+        assert_eq!(ids, [(3, "account_add"), (9, "mode"), (12, "allow_add"), (13, "allow_remove")]);
+        let sequence: i64 = tx.count("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'activity'", []).unwrap();
+        assert_eq!(sequence, 0, "activity no longer uses AUTOINCREMENT");
+        // Within one second, the newest record is listed first.
+        let rows = tx.activity("acme", 0, Some(ActivityKind::Audit), false, 10).unwrap();
+        let listed: Vec<(&str, Option<u32>)> = rows.iter().map(|r| (r.reason.as_deref().unwrap(), r.uid)).collect();
+        assert_eq!(
+            listed,
+            [("allow_remove", Some(6)), ("allow_add", Some(5)), ("mode", Some(5)), ("account_add", Some(5))]
+        );
+    }
+
 
     #[test]
     fn newer_schema_is_refused() {

@@ -187,14 +187,15 @@ fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Touc
         None => {}
     }
     let entries = replaced.as_ref().map_or(0, Vec::len);
-    audit(
-        tx,
-        id,
+    let detail = ImportAudit {
+        action: "import",
+        created,
+        entries: replaced.as_ref().map(Vec::len),
+        mode: import.mode,
+        state: import.state,
         uid,
-        "import",
-        json!({ "created": created, "state": import.state, "mode": import.mode,
-        "entries": replaced.as_ref().map(Vec::len) }),
-    )?;
+    };
+    audit_import(tx, id, &detail, at)?;
     let touched = if created {
         Touched::Created(
             row,
@@ -204,4 +205,27 @@ fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Touc
         Touched::Changed(row)
     };
     Ok((touched, entries))
+}
+
+/// The audit record of one imported account, in the same form as [`audit`] writes (keys in
+/// its order), serialized straight to text: an import writes one per account.
+#[derive(serde::Serialize)]
+struct ImportAudit {
+    action: &'static str,
+    created: bool,
+    entries: Option<usize>,
+    mode: Option<Mode>,
+    state: Option<AccountState>,
+    uid: u32,
+}
+
+fn audit_import(tx: &Tx, account: &str, detail: &ImportAudit, at: i64) -> Result<(), Failure> {
+    // Debug level: the import's summary line says what happened; build its fields only
+    // when they would be written.
+    if log::log_enabled!(target: crate::logging::AUDIT_TARGET, log::Level::Debug) {
+        let value = serde_json::to_value(detail).expect("an audit record serializes");
+        crate::logging::audit(account, detail.uid, detail.action, &value);
+    }
+    let text = serde_json::to_string(detail).expect("an audit record serializes");
+    Ok(tx.add_audit(at, account, detail.action, &text)?)
 }
