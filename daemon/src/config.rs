@@ -36,6 +36,16 @@
 //! [metrics]          # Prometheus text format on GET /metrics; off unless `listen` is set
 //! listen = "127.0.0.1:9469"
 //! allow_non_loopback = false  # a non-loopback `listen` is refused unless this is true
+//!
+//! [cluster]          # a fleet sharing its policy through etcd; without it, the local store
+//! endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379", "https://10.0.0.3:2379"]
+//! prefix = "/ipaccess/"      # every key this fleet writes starts with it
+//! node = "mx1"               # this host's name in the fleet (unique; [a-z0-9._-])
+//! username = "ipaccess"      # optional etcd user; its password is read from password_file
+//! password_file = "/etc/ipaccess/etcd-password"
+//! ca_file = "/etc/ipaccess/etcd-ca.pem"     # optional TLS: the CA that signed etcd's certificates
+//! cert_file = "/etc/ipaccess/etcd-client.pem" # optional client certificate and key (both or neither)
+//! key_file = "/etc/ipaccess/etcd-client.key"
 //! ```
 //!
 //! On SIGHUP (`systemctl reload ipaccessd`) the file is read again: `interfaces` (new ones
@@ -95,6 +105,8 @@ pub struct Config {
     pub limits: Limits,
     pub maps: Maps,
     pub metrics: Metrics,
+    /// The fleet's shared store; `None` runs this host on its own store alone.
+    pub cluster: Option<Cluster>,
 }
 
 impl Default for Config {
@@ -117,7 +129,59 @@ impl Default for Config {
             limits: Limits::default(),
             maps: Maps::default(),
             metrics: Metrics::default(),
+            cluster: None,
         }
+    }
+}
+
+/// `[cluster]`: where the fleet's etcd is and who this node is in it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// etcd client URLs (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// The prefix of every key the fleet writes: several fleets can share one etcd.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// This node's name: unique in the fleet, letters, digits, `.`, `_` and `-`.
+    pub node: String,
+    pub username: Option<String>,
+    /// A file holding the etcd user's password (not the password itself: the configuration
+    /// file is world-readable in the package).
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_prefix() -> String {
+    "/ipaccess/".into()
+}
+
+impl Cluster {
+    /// Refuses what would fail later, or silently: a node name that cannot be a key part,
+    /// a certificate without its key, a user without a password.
+    pub fn check(&self) -> Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("[cluster] endpoints is empty".into());
+        }
+        if let Some(e) = self.endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
+            return Err(format!("[cluster] endpoint {e:?} must start with http:// or https://"));
+        }
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if self.node.is_empty() || self.node.len() > 63 || !self.node.chars().all(name_ok) {
+            return Err(format!("[cluster] node {:?}: 1 to 63 letters, digits, '.', '_' or '-'", self.node));
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            return Err(format!("[cluster] prefix {:?} must start and end with '/'", self.prefix));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("[cluster] cert_file and key_file go together".into());
+        }
+        if self.username.is_some() != self.password_file.is_some() {
+            return Err("[cluster] username and password_file go together".into());
+        }
+        Ok(())
     }
 }
 
@@ -335,6 +399,9 @@ impl Config {
     /// What the types alone do not rule out.
     fn validate(&self) -> Result<(), String> {
         self.limits.validate()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.check()?;
+        }
         if let Some(listen) = self.metrics.listen
             && !listen.ip().is_loopback()
             && !self.metrics.allow_non_loopback

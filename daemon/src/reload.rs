@@ -40,6 +40,7 @@ pub fn plan(current: &Config, next: &Config) -> Plan {
         ("bpffs", current.bpffs != next.bpffs),
         ("maps", current.maps != next.maps),
         ("metrics", current.metrics != next.metrics),
+        ("cluster", current.cluster != next.cluster),
         ("limits.max_connections", current.limits.max_connections != next.limits.max_connections),
     ];
     Plan {

@@ -14,6 +14,9 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+mod cluster;
+
+pub use cluster::{AccountDoc, EntryDoc, Marks, OverrideDoc};
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
 
@@ -175,6 +178,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE activity_v6 RENAME TO activity;
     CREATE INDEX activity_account_time ON activity(account, time);
     DELETE FROM sqlite_sequence WHERE name = 'activity';",
+    // v7: a fleet node's local copy records the etcd revision it has applied.
+    "CREATE TABLE cluster (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
 ];
 
 /// Rows of sign-ins one account may add in one hour; further addresses are counted together

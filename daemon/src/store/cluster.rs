@@ -1,0 +1,211 @@
+//! The store as a fleet node's local copy of the cluster's policy: each account read and
+//! written as one document (its row, allowlist and live overrides), the etcd revision the
+//! copy has reached, and the audit records a change wrote.
+//!
+//! A document is what one etcd key holds (see `cluster::keys`). Applying one replaces the
+//! account's rows with what it says; reading one back gives the same document, so a node
+//! can tell which accounts differ from a snapshot without touching the others.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::{ActivityRecord, StoreError, Tx, account_row, int};
+use crate::protocol::{Account, AccountState, Binding, Mode, Proto};
+
+/// One account as the fleet shares it. Fields added later must default, so that nodes of
+/// two versions can share a cluster during an upgrade.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountDoc {
+    pub slot: u32,
+    pub parent: Option<String>,
+    pub state: AccountState,
+    pub state_reason: Option<String>,
+    pub mode: Mode,
+    pub created_at: i64,
+    /// Sorted by CIDR text, so equal allowlists give equal documents.
+    pub entries: Vec<EntryDoc>,
+    /// Live overrides (neither revoked nor expired when the document was written), by id.
+    #[serde(default)]
+    pub overrides: Vec<OverrideDoc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryDoc {
+    pub cidr: IpNet,
+    pub label: Option<String>,
+    pub enabled: bool,
+    pub created_at: i64,
+    pub created_by: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverrideDoc {
+    pub id: i64,
+    pub cidr: IpNet,
+    pub ticket: String,
+    pub reason: String,
+    pub operator: u32,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+impl AccountDoc {
+    pub fn account(&self, id: &str) -> Account {
+        Account {
+            id: id.to_owned(),
+            slot: self.slot,
+            parent: self.parent.clone(),
+            state: self.state,
+            mode: self.mode,
+            state_reason: self.state_reason.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// Where a change began, so that what it wrote can be found afterwards: the last audit
+/// record and the last override id before it.
+#[derive(Clone, Copy, Debug)]
+pub struct Marks {
+    last_activity: i64,
+    pub last_override: i64,
+}
+
+impl Tx<'_> {
+    /// The account as a document, or `None` if there is no such account. Overrides live at
+    /// `now` are included.
+    pub fn account_doc(&self, id: &str, now: i64) -> Result<Option<AccountDoc>, StoreError> {
+        let sql = "SELECT id, slot, parent, state, mode, state_reason, created_at FROM accounts WHERE id = ?1";
+        let Some(row) = self.rows(sql, [id], account_row)?.pop() else {
+            return Ok(None);
+        };
+        let mut entries: Vec<EntryDoc> = self
+            .entries(id)?
+            .into_iter()
+            .map(|e| EntryDoc {
+                cidr: e.cidr,
+                label: e.label,
+                enabled: e.enabled,
+                created_at: e.created_at,
+                created_by: e.created_by,
+            })
+            .collect();
+        entries.sort_by_key(|e| e.cidr.to_string());
+        let overrides = self
+            .live_overrides(Some(id), now)?
+            .into_iter()
+            .map(|o| OverrideDoc {
+                id: o.id,
+                cidr: o.cidr,
+                ticket: o.ticket,
+                reason: o.reason,
+                operator: o.operator,
+                created_at: o.created_at,
+                expires_at: o.expires_at,
+            })
+            .collect();
+        Ok(Some(AccountDoc {
+            slot: row.slot,
+            parent: row.parent,
+            state: row.state,
+            state_reason: row.state_reason,
+            mode: row.mode,
+            created_at: row.created_at,
+            entries,
+            overrides,
+        }))
+    }
+
+    /// Makes the account's rows say what `doc` says: the row written, the allowlist
+    /// replaced, its overrides added; a local live override the document no longer holds
+    /// was revoked elsewhere and is ended `now`.
+    pub fn put_account_doc(&self, id: &str, doc: &AccountDoc, now: i64) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO accounts (id, slot, parent, state, mode, state_reason, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (id) DO UPDATE SET slot = ?2, parent = ?3, state = ?4, mode = ?5,
+                 state_reason = ?6, created_at = ?7",
+            (
+                id,
+                doc.slot,
+                &doc.parent,
+                <&str>::from(doc.state),
+                <&str>::from(doc.mode),
+                &doc.state_reason,
+                doc.created_at,
+            ),
+        )?;
+        self.execute("DELETE FROM allow_entries WHERE account = ?1", [id])?;
+        for e in &doc.entries {
+            self.execute(
+                "INSERT INTO allow_entries (account, cidr, label, created_at, created_by, enabled)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                (id, e.cidr.to_string(), &e.label, e.created_at, e.created_by, e.enabled),
+            )?;
+        }
+        for o in &doc.overrides {
+            self.execute(
+                "INSERT INTO overrides (id, account, cidr, ticket, reason, operator, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
+                (o.id, id, o.cidr.to_string(), &o.ticket, &o.reason, o.operator, o.created_at, o.expires_at),
+            )?;
+        }
+        let kept: Vec<i64> = doc.overrides.iter().map(|o| o.id).collect();
+        for live in self.live_overrides(Some(id), now)? {
+            if !kept.contains(&live.id) {
+                self.revoke_override(id, live.id, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the binding table hold `binding` for its endpoint (whoever held it before).
+    pub fn put_binding(&self, binding: &Binding) -> Result<(), StoreError> {
+        let (proto, port): (&str, u16) = binding.target.map_or(("", 0), |(p, port): (Proto, u16)| (p.into(), port));
+        self.execute(
+            "INSERT INTO bindings (addr, proto, port, account, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (addr, proto, port) DO UPDATE SET account = ?4, created_at = ?5",
+            (binding.addr.to_string(), proto, port, &binding.account, binding.created_at),
+        )?;
+        Ok(())
+    }
+
+    /// The etcd revision this copy has applied (0: none yet).
+    pub fn applied_revision(&self) -> Result<i64, StoreError> {
+        self.count("SELECT COALESCE(MAX(value), 0) FROM cluster WHERE name = 'applied_revision'", [])
+    }
+
+    pub fn set_applied_revision(&self, revision: i64) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO cluster (name, value) VALUES ('applied_revision', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = ?1",
+            [revision],
+        )?;
+        Ok(())
+    }
+
+    pub fn marks(&self) -> Result<Marks, StoreError> {
+        Ok(Marks {
+            last_activity: self.count("SELECT COALESCE(MAX(id), 0) FROM activity", [])?,
+            last_override: self.count("SELECT COALESCE(MAX(id), 0) FROM overrides", [])?,
+        })
+    }
+
+    /// The highest override id now (compared with [`Marks::last_override`]: did this change
+    /// grant one?).
+    pub fn last_override(&self) -> Result<i64, StoreError> {
+        self.count("SELECT COALESCE(MAX(id), 0) FROM overrides", [])
+    }
+
+    /// The audit records written since `marks` were taken, oldest first.
+    pub fn audit_since(&self, marks: Marks) -> Result<Vec<ActivityRecord>, StoreError> {
+        let sql = "SELECT time, account, reason, detail FROM activity WHERE id > ?1 AND kind = 'audit' ORDER BY id";
+        self.rows(sql, [marks.last_activity], |r| {
+            let detail: String = r.get(3)?;
+            let detail: serde_json::Value =
+                serde_json::from_str(&detail).map_err(|e| StoreError::Corrupt(format!("audit detail: {e}")))?;
+            let uid = detail.get("uid").and_then(serde_json::Value::as_i64).unwrap_or(0);
+            Ok(ActivityRecord { time: r.get(0)?, account: r.get(1)?, uid: int(uid, "uid")?, action: r.get(2)?, detail })
+        })
+    }
+}
