@@ -98,6 +98,20 @@ class Internal(IpaccessError):
     retry = True
 
 
+class ClusterUnavailable(IpaccessError):
+    """cluster_unavailable: a fleet node cannot reach etcd's quorum; checks still work.
+    Retry after a pause; if the message says etcd did not confirm the change, look first."""
+
+    retry = True
+
+
+class Conflict(IpaccessError):
+    """conflict: another fleet node changed the same account first; nothing was changed.
+    Retry at once."""
+
+    retry = True
+
+
 class Unavailable(IpaccessError):
     """The daemon could not be reached, or gave no reply, within the request's deadline."""
 
@@ -134,6 +148,8 @@ ERRORS = {
     "busy": Busy,
     "tables_full": TablesFull,
     "internal": Internal,
+    "cluster_unavailable": ClusterUnavailable,
+    "conflict": Conflict,
 }
 
 

@@ -16,6 +16,7 @@
 pub mod activity;
 pub mod capabilities;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod docs;

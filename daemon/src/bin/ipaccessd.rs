@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser};
 use ipaccess::{
     capabilities,
+    cluster::{self, Cluster},
     config::{self, Config},
     datapath::{self, Datapath, DatapathOptions, ensure_bpffs},
     kernel, logging, metrics, reload, server,
@@ -136,6 +137,17 @@ async fn main() -> anyhow::Result<()> {
         service.retire_other_layouts();
         Arc::new(service)
     };
+    // A fleet node starts enforcing its local copy at once, then follows etcd from there.
+    let follower = match &config.cluster {
+        Some(fleet) => {
+            let applied = service.applied_revision().context("reading the applied revision")?;
+            let cluster = Cluster::new(fleet, tokio::runtime::Handle::current(), applied);
+            service.join(cluster.clone());
+            info!("fleet node {} under {} (local copy at revision {applied})", fleet.node, fleet.prefix);
+            Some(tokio::spawn(cluster::follow(cluster, service.clone())))
+        }
+        None => None,
+    };
     if config.interfaces.is_empty() {
         warn!("no interfaces configured (--iface NAME); the filter is loaded but attached nowhere");
     }
@@ -154,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
     info!("ready: {status}");
     let mut tasks =
         vec![tokio::spawn(sweep_forever(service.clone())), tokio::spawn(drain_samples_forever(service.clone()))];
+    tasks.extend(follower);
     if let Some(listener) = metrics_listener {
         info!("metrics on http://{}/metrics", config.metrics.listen.expect("bound above"));
         tasks.push(tokio::spawn(metrics::serve(listener, service.clone())));

@@ -100,12 +100,16 @@ fn code_name(code: ErrorCode) -> String {
 }
 
 impl Error {
-    /// Whether the same request may succeed later: `busy` and `internal` replies (the
-    /// retry table of docs/protocol.md), and a daemon that could not be reached or did not
-    /// answer in time. Every other error reply needs a different request.
+    /// Whether the same request may succeed later: `busy`, `internal`, and a fleet node's
+    /// `conflict` and `cluster_unavailable` replies (the retry table of docs/protocol.md),
+    /// and a daemon that could not be reached or did not answer in time. Every other error
+    /// reply needs a different request.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Daemon { code, .. } => matches!(code, ErrorCode::Busy | ErrorCode::Internal),
+            Error::Daemon { code, .. } => matches!(
+                code,
+                ErrorCode::Busy | ErrorCode::Internal | ErrorCode::Conflict | ErrorCode::ClusterUnavailable
+            ),
             Error::Timeout | Error::ConnectionLost | Error::Io(_) => true,
             Error::Protocol(_) => false,
         }

@@ -184,6 +184,13 @@ pub enum ErrorCode {
     TablesFull,
     /// Storage or kernel failure; nothing was changed.
     Internal,
+    /// A fleet node cannot reach a quorum of etcd: changes are refused (nothing was
+    /// changed), checks and enforcement go on with the policy last applied.
+    ClusterUnavailable,
+    /// A fleet node lost a race: another node committed a change to the same account or
+    /// endpoint first. Nothing was changed; the node has the winner now, so a retry is
+    /// checked against it.
+    Conflict,
 }
 
 /// An account's state as it takes effect: its own, unless an ancestor's ban or termination

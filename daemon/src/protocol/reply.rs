@@ -299,6 +299,26 @@ pub struct StatusReport {
     pub table_slots: u64,
     /// Null when the kernel's counters could not be read.
     pub host_counters: Option<HostTraffic>,
+    /// A fleet node's view of its cluster; absent on a single host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// Where a fleet node stands with etcd.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub node: String,
+    /// etcd answered within the last second or so.
+    pub connected: bool,
+    /// The revision this node's store and kernel reflect.
+    pub applied_revision: i64,
+    /// The latest revision etcd reported.
+    pub cluster_revision: i64,
+    /// Why etcd cannot be used now; null while it can.
+    pub last_error: Option<String>,
+    /// Accounts or bindings the fleet committed that this node's kernel refused (full
+    /// tables); see the log.
+    pub apply_failures: u64,
 }
 
 /// An attached interface and the XDP path its program runs in.

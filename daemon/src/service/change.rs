@@ -27,6 +27,14 @@ pub(super) enum Touched {
     Created(Account, Vec<IpNet>),
 }
 
+impl Touched {
+    fn into_id(self) -> String {
+        match self {
+            Touched::Changed(row) | Touched::Created(row, _) => row.id,
+        }
+    }
+}
+
 impl Service {
     /// Runs `f` in a read transaction on a reader connection: it waits for no change.
     pub(super) fn read<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
@@ -59,6 +67,12 @@ impl Service {
         &self,
         f: impl FnOnce(&Tx) -> Result<(Vec<Touched>, T), Failure>,
     ) -> Result<T, Failure> {
+        if let Some(cluster) = self.fleet() {
+            return self.submit(cluster, false, |tx| {
+                let (rows, reply) = f(tx)?;
+                Ok((rows.into_iter().map(Touched::into_id).collect(), reply))
+            });
+        }
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let pending_audit = PendingAudit::begin();
@@ -121,6 +135,9 @@ impl Service {
     /// A change to the bindings: `f` changes the store, then the kernel's binding table is
     /// rewritten from it, then the change commits (the table is put back if that fails).
     pub(super) fn change_bindings<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
+        if let Some(cluster) = self.fleet() {
+            return self.submit(cluster, true, |tx| Ok((Vec::new(), f(tx)?)));
+        }
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let pending_audit = PendingAudit::begin();
@@ -149,6 +166,15 @@ impl Service {
         f: impl FnOnce(&Tx) -> Result<Vec<String>, Failure>,
     ) -> Result<Vec<String>, Failure> {
         self.activity.flush();
+        if let Some(cluster) = self.fleet() {
+            return self.submit(cluster, true, |tx| {
+                let removed = f(tx)?;
+                for id in &removed {
+                    tx.remove_account(id)?;
+                }
+                Ok((removed.clone(), removed))
+            });
+        }
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let pending_audit = PendingAudit::begin();

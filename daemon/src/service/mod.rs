@@ -15,6 +15,7 @@ mod allowlist;
 mod bindings;
 mod change;
 mod check;
+mod fleet;
 mod lockout;
 mod operations;
 mod support;
@@ -24,7 +25,7 @@ mod validate;
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Mutex, RwLock,
+        Arc, Mutex, OnceLock, RwLock,
         atomic::{AtomicU8, AtomicU32, AtomicU64},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -119,6 +120,10 @@ pub struct Service {
     counters: datapath::CounterReader,
     /// How long [`Service::start`] took to make the kernel match the store.
     reconcile: Duration,
+    /// The fleet this node belongs to, if any (see [`fleet`]).
+    cluster: OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Changes the fleet committed that this node's kernel refused (full tables).
+    cluster_apply_failures: AtomicU64,
 }
 
 fn now() -> i64 {
@@ -193,6 +198,8 @@ impl Service {
             checks: CheckCounters::default(),
             counters,
             reconcile,
+            cluster: OnceLock::new(),
+            cluster_apply_failures: AtomicU64::new(0),
         })
     }
 

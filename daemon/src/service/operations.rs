@@ -7,7 +7,10 @@ use super::{Reply, Service, ServiceError, now, unknown};
 use crate::{
     datapath::{self, DatapathError},
     logging, metrics,
-    protocol::{AccountTraffic, Detach, Detached, HostTraffic, Stats, StatsReport, Status, StatusReport, XdpInterface},
+    protocol::{
+        AccountTraffic, ClusterStatus, Detach, Detached, HostTraffic, Stats, StatsReport, Status, StatusReport,
+        XdpInterface,
+    },
 };
 
 impl Service {
@@ -65,6 +68,17 @@ impl Service {
             table_slots_used,
             table_slots,
             host_counters: host_traffic(&self.counters).ok(),
+            cluster: self.cluster.get().map(|cluster| {
+                let health = cluster.health();
+                ClusterStatus {
+                    node: cluster.node().to_owned(),
+                    connected: health.connected,
+                    applied_revision: health.applied_revision,
+                    cluster_revision: health.cluster_revision.max(health.applied_revision),
+                    last_error: health.last_error,
+                    apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
+                }
+            }),
         })
     }
 

@@ -493,6 +493,19 @@ impl Render for StatusReport {
             None => "- (the kernel's counters could not be read)".into(),
         };
         line(out, "host_counters", host);
+        if let Some(c) = &self.cluster {
+            let health = match &c.last_error {
+                None if c.connected => "connected".to_owned(),
+                None => "not connected".to_owned(),
+                Some(why) => format!("unavailable: {why}"),
+            };
+            line(out, "cluster", format!("node {}, {health}", c.node));
+            let lag = c.cluster_revision - c.applied_revision;
+            line(out, "revision", format!("applied {} of {} (lag {lag})", c.applied_revision, c.cluster_revision));
+            if c.apply_failures > 0 {
+                line(out, "apply_failures", format!("{} (see the daemon's log)", c.apply_failures));
+            }
+        }
     }
 }
 

@@ -1,0 +1,176 @@
+//! The fleet's key layout in etcd, under the configured prefix `P`:
+//!
+//! | key | value |
+//! |---|---|
+//! | `P/accounts/<id>` | the account's [`AccountDoc`]: row, allowlist, live overrides |
+//! | `P/slots/<slot>` | the id of the account in that kernel slot |
+//! | `P/bindings/<addr>/<target>/<scope>` | the owning account; scope `*` is fleet-wide |
+//! | `P/sequences/overrides` | the highest override id granted |
+//! | `P/audit/<unix seconds>/<node>/<n>` | one audit record |
+//!
+//! Each rule is then a compare on the keys one change writes or reads: an account's own
+//! document carries everything its lockout check weighs; a sub-user or a binding rewrites
+//! the document of the account it hangs on, so a concurrent removal or ban of that account
+//! conflicts with it; a slot or an endpoint has one key, so two owners conflict. See
+//! docs/design.md, "A fleet".
+
+use std::net::IpAddr;
+
+use crate::protocol::{Binding, Proto};
+use crate::store::AccountDoc;
+
+/// Keys under one fleet's prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// What one key of the prefix is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Key {
+    Account(String),
+    Slot(u32),
+    /// An endpoint's binding: address, target, scope.
+    Binding(IpAddr, Option<(Proto, u16)>, String),
+    OverrideSequence,
+    Audit,
+    /// Written by a newer version, or by hand: ignored.
+    Other,
+}
+
+/// The scope of a binding every node enforces.
+pub const FLEET_WIDE: &str = "*";
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys { prefix: prefix.to_owned() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn account(&self, id: &str) -> String {
+        format!("{}accounts/{id}", self.prefix)
+    }
+
+    pub fn slot(&self, slot: u32) -> String {
+        format!("{}slots/{slot}", self.prefix)
+    }
+
+    pub fn binding(&self, addr: IpAddr, target: Option<(Proto, u16)>, scope: &str) -> String {
+        format!("{}{}{scope}", self.prefix, endpoint_part(addr, target))
+    }
+
+    /// Every scope's key of one endpoint: `[start, end)` of a range.
+    pub fn endpoint_range(&self, addr: IpAddr, target: Option<(Proto, u16)>) -> (String, String) {
+        let start = format!("{}{}", self.prefix, endpoint_part(addr, target));
+        let mut end = start.clone().into_bytes();
+        *end.last_mut().expect("not empty") += 1;
+        (start, String::from_utf8(end).expect("'/' + 1 is '0'"))
+    }
+
+    pub fn override_sequence(&self) -> String {
+        format!("{}sequences/overrides", self.prefix)
+    }
+
+    /// `unique` tells apart the records one node writes in the same second.
+    pub fn audit(&self, time: i64, node: &str, unique: &str) -> String {
+        format!("{}audit/{time:011}/{node}/{unique}", self.prefix)
+    }
+
+    /// Audit keys older than `time`: `[start, end)`.
+    pub fn audit_before(&self, time: i64) -> (String, String) {
+        (format!("{}audit/", self.prefix), format!("{}audit/{time:011}", self.prefix))
+    }
+
+    /// What `key` is, if it is under this prefix.
+    pub fn parse(&self, key: &[u8]) -> Key {
+        let Some(rest) = std::str::from_utf8(key).ok().and_then(|k| k.strip_prefix(self.prefix.as_str())) else {
+            return Key::Other;
+        };
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("accounts"), Some(id), None, ..) if !id.is_empty() => Key::Account(id.to_owned()),
+            (Some("slots"), Some(slot), None, ..) => slot.parse().map_or(Key::Other, Key::Slot),
+            (Some("bindings"), Some(addr), Some(target), Some(scope), None) => {
+                match (addr.parse(), parse_target(target)) {
+                    (Ok(addr), Some(target)) => Key::Binding(addr, target, scope.to_owned()),
+                    _ => Key::Other,
+                }
+            }
+            (Some("sequences"), Some("overrides"), None, ..) => Key::OverrideSequence,
+            (Some("audit"), ..) => Key::Audit,
+            _ => Key::Other,
+        }
+    }
+}
+
+fn endpoint_part(addr: IpAddr, target: Option<(Proto, u16)>) -> String {
+    let target = match target {
+        None => "all".to_owned(),
+        Some((proto, port)) => format!("{proto}:{port}"),
+    };
+    format!("bindings/{addr}/{target}/")
+}
+
+fn parse_target(text: &str) -> Option<Option<(Proto, u16)>> {
+    if text == "all" {
+        return Some(None);
+    }
+    let (proto, port) = text.split_once(':')?;
+    Some(Some((proto.parse().ok()?, port.parse().ok()?)))
+}
+
+/// A binding's value: its owner and when it was made.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct BindingValue {
+    pub account: String,
+    pub created_at: i64,
+}
+
+impl BindingValue {
+    pub fn of(binding: &Binding) -> BindingValue {
+        BindingValue { account: binding.account.clone(), created_at: binding.created_at }
+    }
+
+    pub fn binding(self, addr: IpAddr, target: Option<(Proto, u16)>) -> Binding {
+        Binding { account: self.account, addr, target, created_at: self.created_at }
+    }
+}
+
+pub fn encode(doc: &AccountDoc) -> Vec<u8> {
+    serde_json::to_vec(doc).expect("a document serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_reads_back_as_what_it_was_made_for() {
+        let keys = Keys::new("/ipa/");
+        assert_eq!(keys.parse(keys.account("acme").as_bytes()), Key::Account("acme".into()));
+        assert_eq!(keys.parse(keys.slot(7).as_bytes()), Key::Slot(7));
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        for target in [None, Some((Proto::Tcp, 443)), Some((Proto::Udp, 53))] {
+            let key = keys.binding(v6, target, FLEET_WIDE);
+            assert_eq!(keys.parse(key.as_bytes()), Key::Binding(v6, target, "*".into()), "{key}");
+            let (start, end) = keys.endpoint_range(v6, target);
+            assert!(key >= start && key < end, "{key} outside [{start}, {end})");
+            let node = keys.binding(v6, target, "mx1");
+            assert!(node >= start && node < end);
+        }
+        // A port binding's range does not reach another port's keys.
+        let (_, end) = keys.endpoint_range(v6, Some((Proto::Tcp, 44)));
+        assert!(keys.binding(v6, Some((Proto::Tcp, 443)), "*") > end);
+        assert_eq!(keys.parse(keys.override_sequence().as_bytes()), Key::OverrideSequence);
+        assert_eq!(keys.parse(keys.audit(1_700_000_000, "mx1", "0").as_bytes()), Key::Audit);
+        assert_eq!(keys.parse(b"/ipa/accounts/a/b"), Key::Other);
+        assert_eq!(keys.parse(b"/other/accounts/a"), Key::Other);
+        let (start, end) = keys.audit_before(1_700_000_001);
+        let old = keys.audit(1_700_000_000, "mx1", "3");
+        assert!(old >= start && old < end);
+        assert!(keys.audit(1_700_000_001, "mx1", "0") >= end);
+    }
+}

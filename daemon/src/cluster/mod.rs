@@ -1,0 +1,465 @@
+//! A fleet: many ipaccessd nodes sharing one policy through etcd.
+//!
+//! etcd is the source of truth. Each node follows the fleet's prefix ([`follow`]): it
+//! reads a snapshot at one revision, makes its local store and kernel match it (changing
+//! only what differs), then applies the watch's events in order, recording the revision it
+//! has applied. A change made through a node is checked there against its local copy,
+//! written to etcd in one transaction that holds only if none of the keys it read or writes
+//! changed since that copy's revision, and acknowledged once the node's own watch has
+//! applied it to the kernel.
+//!
+//! When etcd cannot be reached the node keeps enforcing and answering checks from what it
+//! last applied, and refuses changes with `cluster_unavailable`: it fails static, never open.
+
+pub mod keys;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use etcd_client::{
+    Client, Compare, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use log::{info, warn};
+use tokio::sync::watch;
+
+pub use keys::{BindingValue, FLEET_WIDE, Key, Keys};
+
+use crate::{
+    config,
+    protocol::{Binding, ErrorCode},
+    service::Failure,
+    store::{AccountDoc, ActivityRecord},
+};
+
+/// How long a change waits for etcd to answer before it is refused as unavailable.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a committed change waits for this node to apply it before the caller is told.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keys read per request of a snapshot (etcd answers at most a few MiB at once).
+const SNAPSHOT_PAGE: i64 = 1000;
+/// How often the node checks that etcd answers (and so how soon `status` shows an outage).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// What this node knows of its cluster, for `status` and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// etcd answered the last probe.
+    pub connected: bool,
+    /// The latest revision etcd reported.
+    pub cluster_revision: i64,
+    /// The revision this node's store and kernel reflect.
+    pub applied_revision: i64,
+    /// Why the last request to etcd failed, while it does.
+    pub last_error: Option<String>,
+}
+
+/// One key's change, as the watch delivers it.
+#[derive(Debug)]
+pub enum Change {
+    /// An account's document, or its removal.
+    Account(String, Option<AccountDoc>),
+    /// The binding of an endpoint this node enforces, or its removal.
+    Binding(Binding, bool),
+    Audit(ActivityRecord),
+}
+
+/// Everything under the prefix at one revision.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub accounts: Vec<(String, AccountDoc)>,
+    pub bindings: Vec<Binding>,
+}
+
+/// What a node's local copy must be able to do: the service implements it.
+pub trait Replica: Send + Sync + 'static {
+    /// Makes the local copy equal `snapshot`, changing only what differs.
+    fn resync(&self, snapshot: Snapshot) -> Result<(), String>;
+    /// Applies one batch of changes, all at or below `revision`, and records `revision`.
+    fn apply(&self, changes: Vec<Change>, revision: i64) -> Result<(), String>;
+}
+
+/// The outcome of a change's transaction in etcd.
+pub enum Committed {
+    /// Written, at this revision.
+    At(i64),
+    /// A key it depends on changed after the local copy's revision; nothing was written.
+    /// etcd was at this revision: the caller waits for it (without the writer lock) so that
+    /// a retry is checked against what won.
+    Conflict(i64),
+}
+
+/// This node's handle on its fleet.
+pub struct Cluster {
+    keys: Keys,
+    node: String,
+    config: config::Cluster,
+    runtime: tokio::runtime::Handle,
+    client: Mutex<Option<Client>>,
+    applied: watch::Sender<i64>,
+    health: Mutex<Health>,
+}
+
+impl Cluster {
+    /// A handle for a node whose local copy has applied `applied` (0 if none).
+    pub fn new(config: &config::Cluster, runtime: tokio::runtime::Handle, applied: i64) -> Arc<Cluster> {
+        let (applied_tx, _) = watch::channel(applied);
+        Arc::new(Cluster {
+            keys: Keys::new(&config.prefix),
+            node: config.node.clone(),
+            config: config.clone(),
+            runtime,
+            client: Mutex::new(None),
+            applied: applied_tx,
+            health: Mutex::new(Health { applied_revision: applied, ..Health::default() }),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn health(&self) -> Health {
+        let mut health = self.health.lock().expect("health lock").clone();
+        health.applied_revision = *self.applied.borrow();
+        health
+    }
+
+    /// The revision the local copy reflects.
+    pub fn applied(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    fn set_applied(&self, revision: i64) {
+        self.applied.send_if_modified(|applied| {
+            let newer = revision > *applied;
+            if newer {
+                *applied = revision;
+            }
+            newer
+        });
+    }
+
+    fn connected(&self, revision: i64) {
+        let mut health = self.health.lock().expect("health lock");
+        if !health.connected {
+            info!("cluster: etcd answers again (revision {revision})");
+        }
+        health.connected = true;
+        health.cluster_revision = health.cluster_revision.max(revision);
+        health.last_error = None;
+    }
+
+    fn failed(&self, why: String) {
+        let mut health = self.health.lock().expect("health lock");
+        if health.connected || health.last_error.is_none() {
+            warn!("cluster: {why}; enforcing the last policy applied (revision {})", self.applied());
+        }
+        health.connected = false;
+        health.last_error = Some(why);
+    }
+
+    /// Writes one change: `compares` must all hold in etcd, and then `ops` are applied
+    /// atomically. Blocks (the caller is a connection's thread, not the runtime).
+    pub fn commit(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Committed, Failure> {
+        let Some(mut client) = self.client.lock().expect("client lock").clone() else {
+            return Err(unavailable("this node has not reached etcd since it started"));
+        };
+        let txn = Txn::new().when(compares).and_then(ops);
+        // The timer is made inside the runtime: this thread is not one of its own.
+        let answer = self.runtime.block_on(async { tokio::time::timeout(WRITE_TIMEOUT, client.txn(txn)).await });
+        let response = match answer {
+            // Sent, and no answer: etcd may still commit it once a quorum is back.
+            Err(_) => {
+                self.failed(format!("etcd did not answer a change within {WRITE_TIMEOUT:?}"));
+                return Err(outcome_unknown(&format!("etcd did not answer within {WRITE_TIMEOUT:?}")));
+            }
+            Ok(Err(e)) => {
+                self.failed(format!("etcd refused a change: {e}"));
+                return Err(outcome_unknown(&e.to_string()));
+            }
+            Ok(Ok(response)) => response,
+        };
+        let revision = response.header().map_or(0, |h| h.revision());
+        self.connected(revision);
+        Ok(if response.succeeded() { Committed::At(revision) } else { Committed::Conflict(revision) })
+    }
+
+    /// Waits until the local copy has applied `revision`; false if it has not in time.
+    pub fn wait_applied(&self, revision: i64) -> bool {
+        let mut applied = self.applied.subscribe();
+        let wait = async { tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|&r| r >= revision)).await };
+        self.runtime.block_on(wait).is_ok_and(|r| r.is_ok())
+    }
+
+    async fn connect(&self) -> Result<Client, String> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(WRITE_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the others answers "no leader" instead of stale reads.
+            .with_require_leader(true);
+        let c = &self.config;
+        if let (Some(user), Some(file)) = (&c.username, &c.password_file) {
+            let password = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            options = options.with_user(user, password.trim_end_matches(['\r', '\n']));
+        }
+        if c.ca_file.is_some() || c.cert_file.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &c.ca_file {
+                let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&c.cert_file, &c.key_file) {
+                let cert = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+                let key = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+        }
+        Client::connect(&c.endpoints, Some(options)).await.map_err(|e| format!("cannot reach etcd: {e}"))
+    }
+
+    /// Reads everything under the prefix at one revision, a page at a time.
+    async fn snapshot(&self, client: &mut Client) -> Result<Snapshot, String> {
+        let prefix = self.keys.prefix().as_bytes().to_vec();
+        let mut end = prefix.clone();
+        *end.last_mut().expect("a prefix ends with '/'") += 1;
+        let mut snapshot = Snapshot::default();
+        let mut from = prefix;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(SNAPSHOT_PAGE);
+            if snapshot.revision > 0 {
+                options = options.with_revision(snapshot.revision);
+            }
+            let page = client.get(from.clone(), Some(options)).await.map_err(|e| format!("snapshot: {e}"))?;
+            if snapshot.revision == 0 {
+                snapshot.revision = page.header().map_or(0, |h| h.revision());
+            }
+            for kv in page.kvs() {
+                match self.decode(kv.key(), Some(kv.value())) {
+                    Some(Change::Account(id, Some(doc))) => snapshot.accounts.push((id, doc)),
+                    Some(Change::Binding(binding, true)) => snapshot.bindings.push(binding),
+                    _ => {}
+                }
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(snapshot),
+            }
+        }
+    }
+
+    /// What one key's new value (or `None`: its deletion) means for this node; `None` for
+    /// keys it has no use for (another node's bindings, sequences, unknown keys).
+    fn decode(&self, key: &[u8], value: Option<&[u8]>) -> Option<Change> {
+        match self.keys.parse(key) {
+            Key::Account(id) => match value.map(serde_json::from_slice::<AccountDoc>) {
+                None => Some(Change::Account(id, None)),
+                Some(Ok(doc)) => Some(Change::Account(id, Some(doc))),
+                Some(Err(e)) => {
+                    warn!("cluster: account {id}'s document does not read ({e}); ignored");
+                    None
+                }
+            },
+            Key::Binding(addr, target, scope) if scope == FLEET_WIDE || scope == self.node => match value {
+                None => Some(Change::Binding(Binding { account: String::new(), addr, target, created_at: 0 }, false)),
+                Some(value) => match serde_json::from_slice::<BindingValue>(value) {
+                    Ok(v) => Some(Change::Binding(v.binding(addr, target), true)),
+                    Err(e) => {
+                        warn!("cluster: the binding {} does not read ({e}); ignored", String::from_utf8_lossy(key));
+                        None
+                    }
+                },
+            },
+            Key::Audit => value.and_then(|v| serde_json::from_slice::<AuditValue>(v).ok()).map(|a| {
+                Change::Audit(ActivityRecord {
+                    time: a.time,
+                    account: a.account,
+                    uid: a.uid,
+                    action: a.action,
+                    detail: a.detail,
+                })
+            }),
+            _ => None,
+        }
+    }
+
+    /// One pass: connect, resynchronise from a snapshot, then apply the watch until it
+    /// fails. Returns why it stopped.
+    async fn follow_once(&self, replica: &Arc<dyn Replica>) -> String {
+        let mut client = match self.connect().await {
+            Ok(client) => client,
+            Err(e) => return e,
+        };
+        *self.client.lock().expect("client lock") = Some(client.clone());
+        let started = Instant::now();
+        let snapshot = match self.snapshot(&mut client).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => return e,
+        };
+        let revision = snapshot.revision;
+        let (accounts, bindings) = (snapshot.accounts.len(), snapshot.bindings.len());
+        let resync = {
+            let replica = replica.clone();
+            tokio::task::spawn_blocking(move || replica.resync(snapshot)).await
+        };
+        match resync {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return format!("resynchronising from revision {revision}: {e}"),
+            Err(e) => return format!("resynchronising from revision {revision}: {e}"),
+        }
+        self.set_applied(revision);
+        self.connected(revision);
+        info!(
+            "cluster: in step with etcd at revision {revision} ({accounts} accounts, {bindings} bindings, {:.2?})",
+            started.elapsed()
+        );
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
+        let mut stream = match client.watch(self.keys.prefix(), Some(options)).await {
+            Ok(stream) => stream,
+            Err(e) => return format!("watch: {e}"),
+        };
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => return "etcd ended the watch".into(),
+                Err(e) => return format!("watch: {e}"),
+            };
+            if response.canceled() {
+                let compacted = response.compact_revision();
+                return if compacted > 0 {
+                    format!("the watch fell behind etcd's compaction (revision {compacted}); resynchronising")
+                } else {
+                    format!("etcd cancelled the watch: {}", response.cancel_reason())
+                };
+            }
+            let header_revision = response.header().map_or(0, |h| h.revision());
+            self.connected(header_revision);
+            let events = response.events();
+            let Some(last) = events.iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() else {
+                continue;
+            };
+            let changes: Vec<Change> = events
+                .iter()
+                .filter_map(|event| {
+                    let kv = event.kv()?;
+                    let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                    self.decode(kv.key(), value)
+                })
+                .collect();
+            let replica = replica.clone();
+            match tokio::task::spawn_blocking(move || replica.apply(changes, last)).await {
+                Ok(Ok(())) => self.set_applied(last),
+                Ok(Err(e)) => return format!("applying revision {last}: {e}"),
+                Err(e) => return format!("applying revision {last}: {e}"),
+            }
+        }
+    }
+}
+
+/// Follows the fleet for as long as the daemon runs: after any failure, it reconnects (with
+/// a growing pause, up to 5 s) and resynchronises.
+pub async fn follow(cluster: Arc<Cluster>, replica: Arc<dyn Replica>) {
+    let _probe = AbortOnDrop(tokio::spawn(probe(cluster.clone())));
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let why = cluster.follow_once(&replica).await;
+        cluster.failed(why);
+        if started.elapsed() > Duration::from_secs(10) {
+            pause = Duration::from_millis(100);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Stops a task when its owner stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks etcd for one key every second, so that an outage shows in `status` even while no
+/// change is made and the watch is silent.
+async fn probe(cluster: Arc<Cluster>) {
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    loop {
+        every.tick().await;
+        let Some(mut client) = cluster.client.lock().expect("client lock").clone() else {
+            continue;
+        };
+        let key = cluster.keys.override_sequence();
+        match tokio::time::timeout(PROBE_EVERY, client.get(key, None)).await {
+            Ok(Ok(answer)) => cluster.connected(answer.header().map_or(0, |h| h.revision())),
+            Ok(Err(e)) => cluster.failed(format!("etcd: {e}")),
+            Err(_) => cluster.failed(format!("etcd did not answer within {PROBE_EVERY:?}")),
+        }
+    }
+}
+
+/// An audit record as the fleet stores it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct AuditValue {
+    pub time: i64,
+    pub account: String,
+    pub uid: u32,
+    pub action: String,
+    pub detail: serde_json::Value,
+}
+
+impl AuditValue {
+    pub fn of(record: &ActivityRecord) -> AuditValue {
+        AuditValue {
+            time: record.time,
+            account: record.account.clone(),
+            uid: record.uid,
+            action: record.action.clone(),
+            detail: record.detail.clone(),
+        }
+    }
+}
+
+pub fn unavailable(why: &str) -> Failure {
+    Failure::new(
+        ErrorCode::ClusterUnavailable,
+        format!(
+            "the fleet's store (etcd) cannot take changes now ({why}); nothing was changed, and the policy in force stays enforced"
+        ),
+    )
+}
+
+/// A change was sent and etcd did not confirm it: a quorum that comes back may still
+/// commit it, so the caller must look before repeating it.
+fn outcome_unknown(why: &str) -> Failure {
+    Failure::new(
+        ErrorCode::ClusterUnavailable,
+        format!(
+            "the fleet's store (etcd) did not confirm the change ({why}); it is not in force on this node, but etcd \
+             may still commit it when it recovers: check before repeating it. The policy in force stays enforced"
+        ),
+    )
+}
+
+/// The caller's change lost a race with another node's; nothing was written.
+pub fn conflict() -> Failure {
+    Failure::new(
+        ErrorCode::Conflict,
+        "another change to the same account or endpoint was committed first on another node; nothing was changed, \
+         and this node now has that change: try again",
+    )
+}

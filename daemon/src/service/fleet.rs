@@ -1,0 +1,356 @@
+//! The service as a fleet node: changes go to etcd instead of the local store, and what
+//! etcd holds comes back through the watch into the store, the kernel and the cache.
+//!
+//! A change runs exactly as on a single host, with every check, in a store transaction;
+//! that transaction is then rolled back, and the documents it left become one etcd
+//! transaction, guarded by "none of these keys changed after the revision my copy has"
+//! (see `cluster::keys` for why that is each rule's check). The change is acknowledged
+//! once this node's watch has applied it: committed in etcd and enforced here.
+
+use std::collections::{HashMap, HashSet};
+
+use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
+use log::{error, warn};
+
+use super::{Failure, Service, Writer, change::apply_account, change::policy_from_store, now};
+use crate::{
+    cluster::{self, AuditValue, BindingValue, Change, Cluster, Committed, FLEET_WIDE, Replica, Snapshot},
+    logging::PendingAudit,
+    policy::{AccountPolicy, suspended},
+    protocol::{Binding, ErrorCode},
+    store::{StoreError, Tx},
+};
+
+impl Service {
+    pub(super) fn fleet(&self) -> Option<&Cluster> {
+        self.cluster.get().map(|c| &**c)
+    }
+
+    /// Makes this service a node of `cluster`: from now on changes go through etcd.
+    pub fn join(&self, cluster: std::sync::Arc<Cluster>) {
+        if self.cluster.set(cluster).is_err() {
+            warn!("this node already belongs to a cluster");
+        }
+    }
+
+    /// The etcd revision the local copy has applied (0: none).
+    pub fn applied_revision(&self) -> Result<i64, StoreError> {
+        self.readers.read(|tx| tx.applied_revision())
+    }
+
+    /// Runs a change against the local copy without keeping it, and writes what it left to
+    /// etcd. `f` returns the accounts it touched (created, changed or removed) and the reply;
+    /// `bindings` says whether it may have changed bindings.
+    pub(super) fn submit<T>(
+        &self,
+        cluster: &Cluster,
+        bindings: bool,
+        f: impl FnOnce(&Tx) -> Result<(Vec<String>, T), Failure>,
+    ) -> Result<T, Failure> {
+        let mut guard = self.writer.lock().expect("writer lock");
+        let pending_audit = PendingAudit::begin();
+        let tx = guard.store.transaction()?;
+        // Only the writer lock's holder applies the watch, so this revision holds until the
+        // lock is released.
+        let applied = tx.applied_revision()?;
+        let marks = tx.marks()?;
+        let before = if bindings { tx.bindings()? } else { Vec::new() };
+        let (touched, reply) = f(&tx)?;
+        let (compares, ops) = self.transaction(cluster, &tx, applied, marks, &touched, bindings.then_some(before))?;
+        drop(tx);
+        let committed = cluster.commit(compares, ops);
+        drop(guard);
+        match committed? {
+            Committed::At(revision) => {
+                if !cluster.wait_applied(revision) {
+                    return Err(Failure::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "the change is committed in the fleet (revision {revision}) but this node has not applied it \
+                             yet; see its log"
+                        ),
+                    ));
+                }
+                pending_audit.committed();
+                Ok(reply)
+            }
+            Committed::Conflict(revision) => {
+                cluster.wait_applied(revision);
+                Err(cluster::conflict())
+            }
+        }
+    }
+
+    /// The etcd transaction for what `tx` holds now: compares and operations.
+    fn transaction(
+        &self,
+        cluster: &Cluster,
+        tx: &Tx,
+        applied: i64,
+        marks: crate::store::Marks,
+        touched: &[String],
+        bindings_before: Option<Vec<Binding>>,
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>), Failure> {
+        let keys = cluster.keys();
+        let unchanged = |key: &str| Compare::mod_revision(key, CompareOp::Less, applied + 1);
+        let (mut compares, mut ops) = (Vec::new(), Vec::new());
+        let at = now();
+        let cache = self.accounts.read().expect("cache lock");
+        let mut accounts: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut touch = |id: &str, accounts: &mut Vec<String>| {
+            if seen.insert(id.to_owned()) {
+                accounts.push(id.to_owned());
+            }
+        };
+        for id in touched {
+            touch(id, &mut accounts);
+        }
+        let mut added_bindings = Vec::new();
+        if let Some(bindings_before) = bindings_before {
+            let after = tx.bindings()?;
+            let endpoint = |b: &Binding| (b.addr, b.target);
+            let old: HashMap<_, &Binding> = bindings_before.iter().map(|b| (endpoint(b), b)).collect();
+            let new: HashMap<_, &Binding> = after.iter().map(|b| (endpoint(b), b)).collect();
+            for (&(addr, target), gone) in &old {
+                if new.get(&(addr, target)).is_none_or(|b| b.account != gone.account) {
+                    let key = keys.binding(addr, target, FLEET_WIDE);
+                    compares.push(unchanged(&key));
+                    ops.push(TxnOp::delete(key, None));
+                }
+            }
+            for (&(addr, target), &binding) in &new {
+                if old.get(&(addr, target)).is_none_or(|b| b.account != binding.account) {
+                    added_bindings.push(binding.clone());
+                    // An endpoint has one owner in every scope: no key of it may have
+                    // appeared since the local copy's revision.
+                    let (start, end) = keys.endpoint_range(addr, target);
+                    compares.push(Compare::mod_revision(start, CompareOp::Less, applied + 1).with_range(end));
+                    // The owner must still exist when the binding lands: rewriting its
+                    // document makes a concurrent removal conflict with this change.
+                    if tx.account(&binding.account)?.is_some() {
+                        touch(&binding.account, &mut accounts);
+                    }
+                }
+            }
+        }
+        // A new sub-user rewrites its parent's document too, for the same reason.
+        for id in accounts.clone() {
+            if !cache.contains_key(&id)
+                && let Some(row) = tx.account(&id)?
+                && let Some(parent) = row.parent
+            {
+                touch(&parent, &mut accounts);
+            }
+        }
+        for id in &accounts {
+            let key = keys.account(id);
+            compares.push(unchanged(&key));
+            match tx.account_doc(id, at)? {
+                Some(doc) => {
+                    if cache.get(id).is_none_or(|known| known.slot != doc.slot) {
+                        let slot = keys.slot(doc.slot);
+                        compares.push(unchanged(&slot));
+                        ops.push(TxnOp::put(slot, id.as_bytes(), None));
+                    }
+                    ops.push(TxnOp::put(key, cluster::keys::encode(&doc), None));
+                }
+                None => {
+                    ops.push(TxnOp::delete(key, None));
+                    if let Some(known) = cache.get(id) {
+                        let slot = keys.slot(known.slot);
+                        compares.push(unchanged(&slot));
+                        ops.push(TxnOp::delete(slot, None));
+                    }
+                }
+            }
+        }
+        // Bindings after the accounts they name, so a node applying the events in order
+        // never meets a binding to an account it does not have yet.
+        for binding in added_bindings {
+            let value = serde_json::to_vec(&BindingValue::of(&binding)).expect("a binding serializes");
+            ops.push(TxnOp::put(keys.binding(binding.addr, binding.target, FLEET_WIDE), value, None));
+        }
+        let last_override = tx.last_override()?;
+        if last_override > marks.last_override {
+            // Override ids are the fleet's: two nodes granting at once must not pick the same.
+            let key = keys.override_sequence();
+            compares.push(unchanged(&key));
+            ops.push(TxnOp::put(key, last_override.to_string(), None));
+        }
+        let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        for (n, record) in tx.audit_since(marks)?.iter().enumerate() {
+            let value = serde_json::to_vec(&AuditValue::of(record)).expect("an audit record serializes");
+            let key = keys.audit(record.time, cluster.node(), &format!("{unique}-{n}"));
+            ops.push(TxnOp::put(key, value, Some(PutOptions::new())));
+        }
+        Ok((compares, ops))
+    }
+
+    /// Applies a batch of the fleet's changes to the store, the kernel and the cache, under
+    /// the writer lock, and records `revision`. The kernel cannot refuse what the fleet has
+    /// committed: a failure there is logged and counted, and the store still follows etcd.
+    fn apply_locked(&self, writer: &mut Writer, changes: Vec<Change>, revision: i64) -> Result<(), StoreError> {
+        let Writer { store, datapath } = writer;
+        let tx = store.transaction()?;
+        let at = now();
+        let (mut put, mut removed, mut bindings_changed) = (Vec::new(), Vec::new(), false);
+        for change in changes {
+            match change {
+                Change::Account(id, None) => {
+                    if tx.account(&id)?.is_some() {
+                        // Sub-users go first: the fleet removes them in the same transaction.
+                        for child in tx.descendants(&id)?.into_iter().rev() {
+                            tx.remove_account(&child)?;
+                            removed.push(child);
+                        }
+                        tx.remove_account(&id)?;
+                        removed.push(id);
+                        bindings_changed = true;
+                    }
+                }
+                Change::Account(id, Some(doc)) => {
+                    tx.put_account_doc(&id, &doc, at)?;
+                    put.retain(|p| p != &id);
+                    removed.retain(|r| r != &id);
+                    put.push(id);
+                }
+                Change::Binding(binding, true) => {
+                    if tx.account(&binding.account)?.is_some() {
+                        tx.put_binding(&binding)?;
+                        bindings_changed = true;
+                    } else {
+                        warn!("cluster: a binding names account {} which this node does not have", binding.account);
+                    }
+                }
+                Change::Binding(binding, false) => {
+                    bindings_changed |= tx.remove_binding(binding.addr, binding.target)?.is_some();
+                }
+                Change::Audit(record) => tx.add_activity(&[record])?,
+            }
+        }
+        tx.set_applied_revision(revision)?;
+        let cache = self.accounts.read().expect("cache lock");
+        let mut updated: HashMap<String, AccountPolicy> = HashMap::with_capacity(put.len());
+        let mut children = Vec::new();
+        for id in &put {
+            let row = tx.account(id)?.ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+            children.extend(tx.descendants(id)?);
+            let policy = policy_from_store(&tx, &row, at).map_err(|f| StoreError::Corrupt(f.0.message))?;
+            updated.insert(id.clone(), policy);
+        }
+        let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
+        let next = |id: &str| updated.get(id).or_else(|| if gone.contains(id) { None } else { cache.get(id) });
+        let mut affected: Vec<&str> = put.iter().map(String::as_str).collect();
+        affected.extend(children.iter().map(String::as_str).filter(|id| !updated.contains_key(*id)));
+        let mut failures = 0;
+        for &id in &affected {
+            let Some(account) = next(id) else { continue };
+            if let Err(e) = apply_account(datapath, account, suspended(next, id)) {
+                error!("cluster: account {id} could not be enforced as the fleet has it (revision {revision}): {e}");
+                failures += 1;
+            }
+        }
+        let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
+        if bindings_changed || !put.is_empty() {
+            let wanted: Vec<_> = tx
+                .bindings()?
+                .iter()
+                .filter_map(|b| Some(super::bindings::in_kernel(b, next(&b.account)?.slot)))
+                .collect();
+            if let Err(e) = datapath.set_bindings(&wanted) {
+                error!("cluster: the bindings could not be written to the kernel (revision {revision}): {e}");
+                failures += 1;
+            }
+        }
+        // Slots freed: removed accounts, and accounts whose slot the fleet moved.
+        let freed = removed
+            .iter()
+            .filter_map(|id| cache.get(id).map(|a| a.slot))
+            .chain(updated.iter().filter_map(|(id, a)| cache.get(id).map(|old| old.slot).filter(|&s| s != a.slot)));
+        for slot in freed.filter(|s| !slots_in_use.contains(s)).collect::<Vec<_>>() {
+            if let Err(e) = datapath.remove_account(slot) {
+                error!("cluster: slot {slot} could not be cleared in the kernel: {e}");
+                failures += 1;
+            }
+        }
+        tx.commit()?;
+        drop(cache);
+        let mut cache = self.accounts.write().expect("cache lock");
+        for id in &removed {
+            cache.remove(id);
+        }
+        cache.extend(updated);
+        drop(cache);
+        if failures > 0 {
+            self.cluster_apply_failures.fetch_add(failures, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Replica for Service {
+    fn apply(&self, changes: Vec<Change>, revision: i64) -> Result<(), String> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        self.apply_locked(&mut writer, changes, revision).map_err(|e| e.to_string())
+    }
+
+    /// Compares every account's document and every binding with the snapshot, and applies
+    /// only the differences.
+    fn resync(&self, snapshot: Snapshot) -> Result<(), String> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let changes = {
+            let tx = writer.store.transaction().map_err(|e| e.to_string())?;
+            differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?
+        };
+        self.apply_locked(&mut writer, changes, snapshot.revision).map_err(|e| e.to_string())
+    }
+}
+
+/// What must change locally to match the fleet's accounts and bindings: removals first
+/// (so that slots and endpoints are free), then what differs.
+fn differences(
+    tx: &Tx,
+    accounts: Vec<(String, crate::store::AccountDoc)>,
+    bindings: Vec<Binding>,
+) -> Result<Vec<Change>, StoreError> {
+    let at = now();
+    let wanted: HashSet<&str> = accounts.iter().map(|(id, _)| id.as_str()).collect();
+    let mut changes: Vec<Change> = tx
+        .accounts()?
+        .into_iter()
+        .filter(|a| !wanted.contains(a.id.as_str()))
+        .map(|a| Change::Account(a.id, None))
+        .collect();
+    let local_bindings = tx.bindings()?;
+    let endpoint = |b: &Binding| (b.addr, b.target);
+    let fleet_endpoints: HashMap<_, &Binding> = bindings.iter().map(|b| (endpoint(b), b)).collect();
+    for b in &local_bindings {
+        if !fleet_endpoints.contains_key(&endpoint(b)) {
+            changes.push(Change::Binding(b.clone(), false));
+        }
+    }
+    // Parents before sub-users, so a sub-user's parent row exists when it is written.
+    let mut accounts = accounts;
+    accounts.sort_by_key(|(_, doc)| doc.parent.is_some());
+    for (id, doc) in accounts {
+        let ours = tx.account_doc(&id, at)?;
+        // Local overrides that expired since the fleet's document was written are left out
+        // of ours: compare without them.
+        let same = ours.as_ref().is_some_and(|ours| {
+            let mut theirs = doc.clone();
+            theirs.overrides.retain(|o| o.expires_at > at);
+            *ours == theirs
+        });
+        if !same {
+            changes.push(Change::Account(id, Some(doc)));
+        }
+    }
+    let local: HashMap<_, &Binding> = local_bindings.iter().map(|b| (endpoint(b), b)).collect();
+    for b in bindings {
+        if local.get(&endpoint(&b)).is_none_or(|ours| ours.account != b.account) {
+            changes.push(Change::Binding(b, true));
+        }
+    }
+    Ok(changes)
+}
