@@ -1,0 +1,195 @@
+//! A fleet on a real 3-member etcd cluster with 3 real ipaccessd nodes, each in its own
+//! namespaces with its own bpffs and veth: a change through one node is enforced on the
+//! wire at the others; losing etcd's quorum leaves every node enforcing what it had and
+//! refusing changes; a node that was away, or whose watch was compacted, converges.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipaccess_tests::fleet::{Fleet, FleetNode};
+use ipaccess_tests::netns::{TcpServer, tcp_connect};
+use serde_json::{Value, json};
+
+const PORT: u16 = 7443;
+
+/// The node's cluster status (`status.cluster`).
+fn cluster_status(node: &FleetNode) -> Value {
+    node.host.ok(json!({"cmd": "status"}))["cluster"].clone()
+}
+
+/// Waits (at most 10 s) until every running node has applied `revision`.
+fn converge(fleet: &Fleet, revision: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in fleet.nodes.iter().filter(|n| n.is_running()) {
+        loop {
+            let status = cluster_status(node);
+            if status["applied_revision"].as_i64().unwrap_or(0) >= revision {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} did not apply revision {revision}: {status}", node.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The revision a node has applied.
+fn applied(node: &FleetNode) -> i64 {
+    cluster_status(node)["applied_revision"].as_i64().expect("a fleet node reports its revision")
+}
+
+/// What a node answers for a password sign-in of `account` from `ip`.
+fn check(node: &FleetNode, account: &str, ip: IpAddr) -> (bool, String) {
+    let reply = node.host.ok(json!({"cmd": "check", "account": account, "addr": ip, "method": "password"}));
+    (reply["allowed"].as_bool().unwrap(), reply["reason"].as_str().unwrap().to_owned())
+}
+
+/// On the node's wire: the first client address gets through to the bound port, the
+/// second does not.
+fn enforces(node: &FleetNode) -> bool {
+    let hosts = &node.host.hosts;
+    let target = SocketAddr::new(hosts.server_v4.into(), PORT);
+    let (good, bad) = (IpAddr::V4(hosts.client_v4[0]), IpAddr::V4(hosts.client_v4[1]));
+    hosts.client.run(|| {
+        tcp_connect(good, target, Duration::from_secs(2)) && !tcp_connect(bad, target, Duration::from_millis(500))
+    })
+}
+
+/// acme allows the nodes' first client address only and owns the nodes' port `PORT`,
+/// made through `node`; returns the revision of the last change.
+fn restrict_acme(node: &FleetNode) -> i64 {
+    let good = node.host.hosts.client_v4[0];
+    let server = node.host.hosts.server_v4;
+    node.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    node.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    node.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT}));
+    node.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
+    applied(node)
+}
+
+fn listeners(fleet: &Fleet) -> Vec<TcpServer> {
+    fleet
+        .nodes
+        .iter()
+        .map(|n| {
+            let hosts = &n.host.hosts;
+            TcpServer::start_in(&hosts.server, SocketAddr::new(hosts.server_v4.into(), PORT)).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_change_through_one_node_is_enforced_on_every_node() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let _listeners = listeners(&fleet);
+    let revision = restrict_acme(&fleet.nodes[0]);
+    converge(&fleet, revision);
+    let (good, bad) = (IpAddr::V4(fleet.nodes[0].host.hosts.client_v4[0]), "198.18.77.7".parse().unwrap());
+    for node in &fleet.nodes {
+        assert_eq!(check(node, "acme", good), (true, "allowed".into()), "{}", node.name);
+        assert_eq!(check(node, "acme", bad), (false, "address_not_allowed".into()), "{}", node.name);
+        assert!(enforces(node), "{} does not enforce acme's allowlist on its wire", node.name);
+        let listed = node.host.ok(json!({"cmd": "allow_list", "account": "acme"}));
+        assert_eq!(listed.as_array().map(Vec::len), Some(1), "{}: {listed}", node.name);
+    }
+
+    // A ban through node C shuts the address out on A and B too.
+    let c = &fleet.nodes[2];
+    c.host.ok(json!({"cmd": "account_state", "account": "acme", "state": "banned", "reason": "abuse"}));
+    converge(&fleet, applied(c));
+    for node in &fleet.nodes {
+        assert_eq!(check(node, "acme", good), (false, "banned".into()), "{}", node.name);
+    }
+    // The audit records are the fleet's: node A lists the ban made through C.
+    let activity = fleet.nodes[0].host.ok(json!({"cmd": "activity", "account": "acme"}));
+    assert!(activity.to_string().contains("abuse"), "node A lacks C's audit record: {activity}");
+}
+
+#[test]
+fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let _listeners = listeners(&fleet);
+    let revision = restrict_acme(&fleet.nodes[0]);
+    converge(&fleet, revision);
+    let good = IpAddr::V4(fleet.nodes[0].host.hosts.client_v4[0]);
+
+    // Two of three members gone: no quorum.
+    let leader = fleet.etcd.leader().expect("a leader");
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    fleet.etcd.kill(leader).unwrap();
+    fleet.etcd.kill(others[0]).unwrap();
+
+    for node in &fleet.nodes {
+        assert!(enforces(node), "{} stopped enforcing without etcd", node.name);
+        assert_eq!(check(node, "acme", good), (true, "allowed".into()), "{}", node.name);
+        let refused = node.host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.60.0/24"}));
+        assert_eq!(refused["error"]["code"], "cluster_unavailable", "{}: {refused}", node.name);
+    }
+    let status = cluster_status(&fleet.nodes[1]);
+    assert_eq!(status["connected"], false, "{status}");
+    assert!(status["last_error"].is_string(), "{status}");
+
+    // A node restarted meanwhile enforces its last policy from its local copy.
+    fleet.nodes[1].stop();
+    fleet.nodes[1].start();
+    assert!(enforces(&fleet.nodes[1]), "a node restarted without etcd does not enforce its local copy");
+    assert_eq!(check(&fleet.nodes[1], "acme", good), (true, "allowed".into()));
+
+    // The quorum returns: changes are taken again, and every node converges on them.
+    fleet.etcd.start_member(leader).unwrap();
+    fleet.etcd.start_member(others[0]).unwrap();
+    fleet.etcd.wait_healthy(Duration::from_secs(20)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let added = loop {
+        let reply =
+            fleet.nodes[2].host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.61.0/24"}));
+        if reply.get("ok").is_some() {
+            break applied(&fleet.nodes[2]);
+        }
+        assert!(Instant::now() < deadline, "changes still refused after the quorum came back: {reply}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    converge(&fleet, added);
+    for node in &fleet.nodes {
+        assert_eq!(check(node, "acme", "198.18.61.9".parse().unwrap()), (true, "allowed".into()), "{}", node.name);
+        assert_eq!(cluster_status(node)["connected"], true, "{}", node.name);
+    }
+}
+
+#[test]
+fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let _listeners = listeners(&fleet);
+    let revision = restrict_acme(&fleet.nodes[0]);
+    converge(&fleet, revision);
+
+    // Node C is stopped; 50 accounts and 200 entries are made through A.
+    fleet.nodes[2].stop();
+    let a = &fleet.nodes[0];
+    for i in 0..50 {
+        a.host.ok(json!({"cmd": "account_add", "account": format!("away{i}")}));
+        for j in 0..4 {
+            a.host.ok(
+                json!({"cmd": "allow_add", "account": format!("away{i}"), "cidr": format!("198.18.{}.{j}/32", 20 + i)}),
+            );
+        }
+    }
+    a.host.ok(json!({"cmd": "account_remove", "account": "away0"}));
+    let revision = applied(a);
+    // And etcd compacts its history past what C saw.
+    fleet.etcd.compact_latest().unwrap();
+
+    // C starts on its local copy, enforcing at once, and catches up from a snapshot.
+    fleet.nodes[2].start();
+    assert!(enforces(&fleet.nodes[2]), "node C does not enforce while it catches up");
+    converge(&fleet, revision);
+    let c = &fleet.nodes[2];
+    assert!(check(c, "away7", "198.18.27.3".parse().unwrap()).0);
+    assert_eq!(check(c, "away0", "198.18.20.1".parse().unwrap()).1, "unknown_account");
+    let listed_a = fleet.nodes[0].host.ok(json!({"cmd": "account_list"}));
+    let listed_c = c.host.ok(json!({"cmd": "account_list"}));
+    assert_eq!(listed_a, listed_c, "node C's accounts differ from node A's");
+    assert!(enforces(c));
+}
