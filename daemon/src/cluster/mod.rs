@@ -19,7 +19,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use log::{info, warn};
 use tokio::sync::watch;
@@ -89,7 +90,36 @@ pub enum Committed {
     /// etcd was at this revision: the caller waits for it (without the writer lock) so that
     /// a retry is checked against what won.
     Conflict(i64),
+    /// A change too large for one etcd transaction was written in parts, and part `done`
+    /// (of `parts`) conflicted: the parts before it are committed, up to `revision`.
+    Partial { revision: i64, done: usize, parts: usize },
 }
+
+/// A key a change depends on: it must not have changed since the local copy's revision
+/// (or since an earlier part of the same change wrote it).
+pub enum Guard {
+    Key(String),
+    /// Every key in `[start, end)`.
+    Range(String, String),
+}
+
+pub enum Write {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// What one account, binding or record of a change writes, with its guards: a unit is
+/// never split between two etcd transactions.
+#[derive(Default)]
+pub struct Unit {
+    pub guards: Vec<Guard>,
+    pub writes: Vec<Write>,
+}
+
+/// etcd's defaults: 128 operations and 1.5 MiB per request. A change that needs more is
+/// written in parts of at most this many operations and bytes.
+const PART_OPERATIONS: usize = 100;
+const PART_BYTES: usize = 1 << 20;
 
 /// This node's handle on its fleet.
 pub struct Cluster {
@@ -189,6 +219,88 @@ impl Cluster {
         let revision = response.header().map_or(0, |h| h.revision());
         self.connected(revision);
         Ok(if response.succeeded() { Committed::At(revision) } else { Committed::Conflict(revision) })
+    }
+
+    /// Writes a change's units: in one etcd transaction when they fit (nearly every change),
+    /// else in parts, in order. `applied` is the local copy's revision the change was
+    /// checked against.
+    pub fn commit_units(&self, units: Vec<Unit>, applied: i64) -> Result<Committed, Failure> {
+        let mut parts: Vec<Vec<Unit>> = vec![Vec::new()];
+        let (mut operations, mut bytes) = (0, 0);
+        for unit in units {
+            let unit_operations = unit.guards.len().max(unit.writes.len());
+            let unit_bytes: usize = unit
+                .writes
+                .iter()
+                .map(|w| match w {
+                    Write::Put(key, value) => key.len() + value.len(),
+                    Write::Delete(key) => key.len(),
+                })
+                .sum();
+            if operations + unit_operations > PART_OPERATIONS || bytes + unit_bytes > PART_BYTES {
+                if !parts.last().expect("one part").is_empty() {
+                    parts.push(Vec::new());
+                }
+                (operations, bytes) = (0, 0);
+            }
+            operations += unit_operations;
+            bytes += unit_bytes;
+            parts.last_mut().expect("one part").push(unit);
+        }
+        let count = parts.len();
+        // Keys an earlier part wrote, and at which revision: later parts hold them to that.
+        let mut written_at: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        let mut revision = applied;
+        for (done, part) in parts.into_iter().enumerate() {
+            let mut compares = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut ops = Vec::new();
+            let mut written = Vec::new();
+            for unit in part {
+                for guard in unit.guards {
+                    let compare = match guard {
+                        Guard::Key(key) => {
+                            if !seen.insert(key.clone()) {
+                                continue;
+                            }
+                            let bound = written_at.get(&key).copied().unwrap_or(applied);
+                            Compare::mod_revision(key, CompareOp::Less, bound + 1)
+                        }
+                        Guard::Range(start, end) => {
+                            Compare::mod_revision(start, CompareOp::Less, applied + 1).with_range(end)
+                        }
+                    };
+                    compares.push(compare);
+                }
+                for write in unit.writes {
+                    match write {
+                        Write::Put(key, value) => {
+                            written.push(key.clone());
+                            ops.push(TxnOp::put(key, value, None));
+                        }
+                        Write::Delete(key) => {
+                            written.push(key.clone());
+                            ops.push(TxnOp::delete(key, None));
+                        }
+                    }
+                }
+            }
+            match self.commit(compares, ops) {
+                Ok(Committed::At(at)) => {
+                    revision = at;
+                    written_at.extend(written.into_iter().map(|key| (key, at)));
+                }
+                Ok(Committed::Conflict(at)) if done == 0 => return Ok(Committed::Conflict(at)),
+                Ok(Committed::Conflict(at)) => return Ok(Committed::Partial { revision: at, done, parts: count }),
+                Ok(partial @ Committed::Partial { .. }) => return Ok(partial),
+                Err(e) if done == 0 => return Err(e),
+                Err(e) => {
+                    warn!("cluster: a change in {count} parts stopped after {done}: {}", e.0.message);
+                    return Ok(Committed::Partial { revision, done, parts: count });
+                }
+            }
+        }
+        Ok(Committed::At(revision))
     }
 
     /// Waits until the local copy has applied `revision`; false if it has not in time.
@@ -451,6 +563,18 @@ fn outcome_unknown(why: &str) -> Failure {
         format!(
             "the fleet's store (etcd) did not confirm the change ({why}); it is not in force on this node, but etcd \
              may still commit it when it recovers: check before repeating it. The policy in force stays enforced"
+        ),
+    )
+}
+
+/// A change written in parts stopped part-way: what came before is committed.
+pub fn partial(done: usize, parts: usize) -> Failure {
+    Failure::new(
+        ErrorCode::Conflict,
+        format!(
+            "the change was too large for one etcd transaction and was written in {parts} parts; the first {done} \
+             are committed and in force, the rest conflicted with another node's change or could not be written. \
+             An import can be sent again as it is"
         ),
     )
 }

@@ -9,12 +9,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use log::{error, warn};
 
 use super::{Failure, Service, Writer, change::apply_account, change::policy_from_store, now};
 use crate::{
-    cluster::{self, AuditValue, BindingValue, Change, Cluster, Committed, FLEET_WIDE, Replica, Snapshot},
+    cluster::{
+        self, AuditValue, BindingValue, Change, Cluster, Committed, FLEET_WIDE, Guard, Replica, Snapshot, Unit, Write,
+    },
     logging::PendingAudit,
     policy::{AccountPolicy, suspended},
     protocol::{Binding, ErrorCode},
@@ -56,9 +57,9 @@ impl Service {
         let marks = tx.marks()?;
         let before = if bindings { tx.bindings()? } else { Vec::new() };
         let (touched, reply) = f(&tx)?;
-        let (compares, ops) = self.transaction(cluster, &tx, applied, marks, &touched, bindings.then_some(before))?;
+        let units = self.transaction(cluster, &tx, marks, &touched, bindings.then_some(before))?;
         drop(tx);
-        let committed = cluster.commit(compares, ops);
+        let committed = cluster.commit_units(units, applied);
         drop(guard);
         match committed? {
             Committed::At(revision) => {
@@ -78,22 +79,25 @@ impl Service {
                 cluster.wait_applied(revision);
                 Err(cluster::conflict())
             }
+            Committed::Partial { revision, done, parts } => {
+                cluster.wait_applied(revision);
+                pending_audit.committed();
+                Err(cluster::partial(done, parts))
+            }
         }
     }
 
-    /// The etcd transaction for what `tx` holds now: compares and operations.
+    /// What `tx` holds now, as the units of an etcd transaction: for each key written, the
+    /// keys whose change since the local copy's revision would invalidate it.
     fn transaction(
         &self,
         cluster: &Cluster,
         tx: &Tx,
-        applied: i64,
         marks: crate::store::Marks,
         touched: &[String],
         bindings_before: Option<Vec<Binding>>,
-    ) -> Result<(Vec<Compare>, Vec<TxnOp>), Failure> {
+    ) -> Result<Vec<Unit>, Failure> {
         let keys = cluster.keys();
-        let unchanged = |key: &str| Compare::mod_revision(key, CompareOp::Less, applied + 1);
-        let (mut compares, mut ops) = (Vec::new(), Vec::new());
         let at = now();
         let cache = self.accounts.read().expect("cache lock");
         let mut accounts: Vec<String> = Vec::new();
@@ -106,7 +110,7 @@ impl Service {
         for id in touched {
             touch(id, &mut accounts);
         }
-        let mut added_bindings = Vec::new();
+        let mut binding_units = Vec::new();
         if let Some(bindings_before) = bindings_before {
             let after = tx.bindings()?;
             let endpoint = |b: &Binding| (b.addr, b.target);
@@ -115,19 +119,20 @@ impl Service {
             for (&(addr, target), gone) in &old {
                 if new.get(&(addr, target)).is_none_or(|b| b.account != gone.account) {
                     let key = keys.binding(addr, target, FLEET_WIDE);
-                    compares.push(unchanged(&key));
-                    ops.push(TxnOp::delete(key, None));
+                    binding_units.push(Unit { guards: vec![Guard::Key(key.clone())], writes: vec![Write::Delete(key)] });
                 }
             }
             for (&(addr, target), &binding) in &new {
                 if old.get(&(addr, target)).is_none_or(|b| b.account != binding.account) {
-                    added_bindings.push(binding.clone());
                     // An endpoint has one owner in every scope: no key of it may have
-                    // appeared since the local copy's revision.
+                    // appeared since the local copy's revision. The owner's document is
+                    // rewritten too (below), so a concurrent removal of the owner conflicts.
                     let (start, end) = keys.endpoint_range(addr, target);
-                    compares.push(Compare::mod_revision(start, CompareOp::Less, applied + 1).with_range(end));
-                    // The owner must still exist when the binding lands: rewriting its
-                    // document makes a concurrent removal conflict with this change.
+                    let value = serde_json::to_vec(&BindingValue::of(binding)).expect("a binding serializes");
+                    binding_units.push(Unit {
+                        guards: vec![Guard::Range(start, end), Guard::Key(keys.account(&binding.account))],
+                        writes: vec![Write::Put(keys.binding(addr, target, FLEET_WIDE), value)],
+                    });
                     if tx.account(&binding.account)?.is_some() {
                         touch(&binding.account, &mut accounts);
                     }
@@ -135,56 +140,62 @@ impl Service {
             }
         }
         // A new sub-user rewrites its parent's document too, for the same reason.
+        let mut parent_of = HashMap::new();
         for id in accounts.clone() {
             if !cache.contains_key(&id)
                 && let Some(row) = tx.account(&id)?
                 && let Some(parent) = row.parent
             {
                 touch(&parent, &mut accounts);
+                parent_of.insert(id, parent);
             }
         }
+        let mut units = Vec::with_capacity(accounts.len() + binding_units.len() + 2);
         for id in &accounts {
             let key = keys.account(id);
-            compares.push(unchanged(&key));
+            let mut unit = Unit { guards: vec![Guard::Key(key.clone())], writes: Vec::new() };
+            if let Some(parent) = parent_of.get(id) {
+                unit.guards.push(Guard::Key(keys.account(parent)));
+            }
             match tx.account_doc(id, at)? {
                 Some(doc) => {
                     if cache.get(id).is_none_or(|known| known.slot != doc.slot) {
                         let slot = keys.slot(doc.slot);
-                        compares.push(unchanged(&slot));
-                        ops.push(TxnOp::put(slot, id.as_bytes(), None));
+                        unit.guards.push(Guard::Key(slot.clone()));
+                        unit.writes.push(Write::Put(slot, id.as_bytes().to_vec()));
                     }
-                    ops.push(TxnOp::put(key, cluster::keys::encode(&doc), None));
+                    unit.writes.push(Write::Put(key, cluster::keys::encode(&doc)));
                 }
                 None => {
-                    ops.push(TxnOp::delete(key, None));
+                    unit.writes.push(Write::Delete(key));
                     if let Some(known) = cache.get(id) {
                         let slot = keys.slot(known.slot);
-                        compares.push(unchanged(&slot));
-                        ops.push(TxnOp::delete(slot, None));
+                        unit.guards.push(Guard::Key(slot.clone()));
+                        unit.writes.push(Write::Delete(slot));
                     }
                 }
             }
+            units.push(unit);
         }
         // Bindings after the accounts they name, so a node applying the events in order
         // never meets a binding to an account it does not have yet.
-        for binding in added_bindings {
-            let value = serde_json::to_vec(&BindingValue::of(&binding)).expect("a binding serializes");
-            ops.push(TxnOp::put(keys.binding(binding.addr, binding.target, FLEET_WIDE), value, None));
-        }
+        units.extend(binding_units);
         let last_override = tx.last_override()?;
         if last_override > marks.last_override {
             // Override ids are the fleet's: two nodes granting at once must not pick the same.
             let key = keys.override_sequence();
-            compares.push(unchanged(&key));
-            ops.push(TxnOp::put(key, last_override.to_string(), None));
+            units.push(Unit {
+                guards: vec![Guard::Key(key.clone())],
+                writes: vec![Write::Put(key, last_override.to_string().into_bytes())],
+            });
         }
         let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         for (n, record) in tx.audit_since(marks)?.iter().enumerate() {
             let value = serde_json::to_vec(&AuditValue::of(record)).expect("an audit record serializes");
             let key = keys.audit(record.time, cluster.node(), &format!("{unique}-{n}"));
-            ops.push(TxnOp::put(key, value, Some(PutOptions::new())));
+            units.push(Unit { guards: Vec::new(), writes: vec![Write::Put(key, value)] });
         }
-        Ok((compares, ops))
+        Ok(units)
     }
 
     /// Applies a batch of the fleet's changes to the store, the kernel and the cache, under
