@@ -193,3 +193,39 @@ fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
     assert_eq!(listed_a, listed_c, "node C's accounts differ from node A's");
     assert!(enforces(c));
 }
+
+#[test]
+fn an_import_larger_than_one_etcd_transaction_reaches_every_node() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    // 250 accounts with 3 entries each, a parent among them with 20 sub-users: far more
+    // than etcd takes in one transaction (128 operations).
+    let mut accounts = vec![json!({"account": "corp", "entries": [{"cidr": "198.18.50.0/24"}]})];
+    for i in 0..249 {
+        let parent = (i < 20).then_some("corp");
+        let entries: Vec<Value> =
+            (0..3).map(|j| json!({"cidr": format!("198.18.{}.{}/32", 60 + i / 100, (i % 100) * 2 + j)})).collect();
+        accounts.push(json!({"account": format!("bulk{i}"), "parent": parent, "mode": "enforce", "entries": entries}));
+    }
+    let reply = fleet.nodes[0].host.ok(json!({"cmd": "import", "accounts": accounts}));
+    assert_eq!(reply["accounts"], 250, "{reply}");
+    converge(&fleet, applied(&fleet.nodes[0]));
+    let listed = fleet.nodes[0].host.ok(json!({"cmd": "account_list"}));
+    assert_eq!(listed.as_array().map(Vec::len), Some(250), "{listed}");
+    for node in &fleet.nodes[1..] {
+        assert_eq!(node.host.ok(json!({"cmd": "account_list"})), listed, "{} differs from node-a", node.name);
+        assert!(check(node, "bulk150", "198.18.61.101".parse().unwrap()).0, "{}", node.name);
+        assert!(!check(node, "bulk150", "198.18.61.120".parse().unwrap()).0, "{}", node.name);
+    }
+    // A ban of the parent reaches its sub-users on every node.
+    fleet.nodes[1].host.ok(json!({"cmd": "account_state", "account": "corp", "state": "banned", "reason": "abuse"}));
+    converge(&fleet, applied(&fleet.nodes[1]));
+    for node in &fleet.nodes {
+        assert_eq!(
+            check(node, "bulk3", "198.18.60.6".parse().unwrap()),
+            (false, "parent_banned".into()),
+            "{}",
+            node.name
+        );
+    }
+}

@@ -119,7 +119,8 @@ impl Service {
             for (&(addr, target), gone) in &old {
                 if new.get(&(addr, target)).is_none_or(|b| b.account != gone.account) {
                     let key = keys.binding(addr, target, FLEET_WIDE);
-                    binding_units.push(Unit { guards: vec![Guard::Key(key.clone())], writes: vec![Write::Delete(key)] });
+                    binding_units
+                        .push(Unit { guards: vec![Guard::Key(key.clone())], writes: vec![Write::Delete(key)] });
                 }
             }
             for (&(addr, target), &binding) in &new {
