@@ -6,6 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ipaccess_tests::daemon::binaries;
 use ipaccess_tests::fleet::{Fleet, FleetNode};
 use ipaccess_tests::netns::{TcpServer, tcp_connect};
 use serde_json::{Value, json};
@@ -103,6 +104,21 @@ fn a_change_through_one_node_is_enforced_on_every_node() {
     // The audit records are the fleet's: node A lists the ban made through C.
     let activity = fleet.nodes[0].host.ok(json!({"cmd": "activity", "account": "acme"}));
     assert!(activity.to_string().contains("abuse"), "node A lacks C's audit record: {activity}");
+
+    // `ipaccessctl --wait-fleet` returns once every live node has the change.
+    let status = cluster_status(&fleet.nodes[1]);
+    let named: Vec<&str> = status["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(named, ["node-a", "node-b", "node-c"], "{status}");
+    let socket = fleet.nodes[1].host.socket();
+    let out = std::process::Command::new(&binaries().ctl)
+        .args(["--socket", socket.to_str().unwrap(), "--wait-fleet", "account", "add", "beta"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in force on 3 live nodes"), "{out:?}");
+    for node in &fleet.nodes {
+        assert_eq!(check(node, "beta", good), (true, "allowed".into()), "{} lacks beta at once", node.name);
+    }
 }
 
 #[test]

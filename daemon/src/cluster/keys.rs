@@ -7,6 +7,10 @@
 //! | `P/bindings/<addr>/<target>/<scope>` | the owning account; scope `*` is fleet-wide |
 //! | `P/sequences/overrides` | the highest override id granted |
 //! | `P/audit/<unix seconds>/<node>/<n>` | one audit record |
+//! | `P/~nodes/<node>` | a live node's applied revision, under its lease |
+//!
+//! The policy is everything before `P/~`: nodes watch and read only that range, so a node
+//! publishing its revision is not itself an event every node must apply.
 //!
 //! Each rule is then a compare on the keys one change writes or reads: an account's own
 //! document carries everything its lockout check weighs; a sub-user or a binding rewrites
@@ -82,6 +86,20 @@ impl Keys {
     /// Audit keys older than `time`: `[start, end)`.
     pub fn audit_before(&self, time: i64) -> (String, String) {
         (format!("{}audit/", self.prefix), format!("{}audit/{time:011}", self.prefix))
+    }
+
+    /// The policy's keys: `[start, end)`, everything a node follows.
+    pub fn policy_range(&self) -> (String, String) {
+        (self.prefix.clone(), format!("{}~", self.prefix))
+    }
+
+    /// Where live nodes publish their applied revision.
+    pub fn nodes(&self) -> (String, String) {
+        (format!("{}~nodes/", self.prefix), format!("{}~nodes0", self.prefix))
+    }
+
+    pub fn node(&self, name: &str) -> String {
+        format!("{}~nodes/{name}", self.prefix)
     }
 
     /// What `key` is, if it is under this prefix.
@@ -168,6 +186,14 @@ mod tests {
         assert_eq!(keys.parse(keys.audit(1_700_000_000, "mx1", "0").as_bytes()), Key::Audit);
         assert_eq!(keys.parse(b"/ipa/accounts/a/b"), Key::Other);
         assert_eq!(keys.parse(b"/other/accounts/a"), Key::Other);
+        // Node records are outside the policy's range; every policy key is inside it.
+        let (start, end) = keys.policy_range();
+        assert!(keys.node("mx1") >= end);
+        for key in [keys.account("zz"), keys.slot(9), keys.override_sequence(), keys.audit(9, "mx1", "0")] {
+            assert!(key >= start && key < end, "{key}");
+        }
+        let (start, end) = keys.nodes();
+        assert!(keys.node("mx1") >= start && keys.node("mx1") < end);
         let (start, end) = keys.audit_before(1_700_000_001);
         let old = keys.audit(1_700_000_000, "mx1", "3");
         assert!(old >= start && old < end);

@@ -19,7 +19,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use log::{info, warn};
 use tokio::sync::watch;
@@ -39,6 +40,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys read per request of a snapshot (etcd answers at most a few MiB at once).
 const SNAPSHOT_PAGE: i64 = 1000;
+/// A node's record in etcd lapses this long after it stops renewing it.
+const NODE_LEASE_SECONDS: i64 = 10;
 /// How often the node checks that etcd answers (and so how soon `status` shows an outage).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -302,6 +305,31 @@ impl Cluster {
         Ok(Committed::At(revision))
     }
 
+    /// The live nodes and the revision each has applied, as they published it.
+    pub fn nodes(&self) -> Result<Vec<(String, i64)>, String> {
+        let Some(mut client) = self.client.lock().expect("client lock").clone() else {
+            return Err("this node has not reached etcd since it started".into());
+        };
+        let (start, end) = self.keys.nodes();
+        let read = async {
+            tokio::time::timeout(PROBE_EVERY, client.get(start.clone(), Some(GetOptions::new().with_range(end)))).await
+        };
+        let answer = match self.runtime.block_on(read) {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("etcd did not answer within {PROBE_EVERY:?}")),
+        };
+        Ok(answer
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let name = kv.key_str().ok()?.strip_prefix(start.as_str())?.to_owned();
+                let value: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+                Some((name, value.get("applied_revision")?.as_i64()?))
+            })
+            .collect())
+    }
+
     /// Waits until the local copy has applied `revision`; false if it has not in time.
     pub fn wait_applied(&self, revision: i64) -> bool {
         let mut applied = self.applied.subscribe();
@@ -340,9 +368,8 @@ impl Cluster {
 
     /// Reads everything under the prefix at one revision, a page at a time.
     async fn snapshot(&self, client: &mut Client) -> Result<Snapshot, String> {
-        let prefix = self.keys.prefix().as_bytes().to_vec();
-        let mut end = prefix.clone();
-        *end.last_mut().expect("a prefix ends with '/'") += 1;
+        let (prefix, end) = self.keys.policy_range();
+        let (prefix, end) = (prefix.into_bytes(), end.into_bytes());
         let mut snapshot = Snapshot::default();
         let mut from = prefix;
         loop {
@@ -436,8 +463,9 @@ impl Cluster {
             "cluster: in step with etcd at revision {revision} ({accounts} accounts, {bindings} bindings, {:.2?})",
             started.elapsed()
         );
-        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
-        let mut stream = match client.watch(self.keys.prefix(), Some(options)).await {
+        let (start, end) = self.keys.policy_range();
+        let options = WatchOptions::new().with_range(end).with_start_revision(revision + 1).with_progress_notify();
+        let mut stream = match client.watch(start, Some(options)).await {
             Ok(stream) => stream,
             Err(e) => return format!("watch: {e}"),
         };
@@ -469,6 +497,11 @@ impl Cluster {
                     self.decode(kv.key(), value)
                 })
                 .collect();
+            if changes.is_empty() {
+                // Keys this node has no use for (another node's bindings, the sequence).
+                self.set_applied(last);
+                continue;
+            }
             let replica = replica.clone();
             match tokio::task::spawn_blocking(move || replica.apply(changes, last)).await {
                 Ok(Ok(())) => self.set_applied(last),
@@ -483,6 +516,7 @@ impl Cluster {
 /// a growing pause, up to 5 s) and resynchronises.
 pub async fn follow(cluster: Arc<Cluster>, replica: Arc<dyn Replica>) {
     let _probe = AbortOnDrop(tokio::spawn(probe(cluster.clone())));
+    let _publish = AbortOnDrop(tokio::spawn(publish(cluster.clone())));
     let mut pause = Duration::from_millis(100);
     loop {
         let started = Instant::now();
@@ -502,6 +536,52 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Publishes this node's applied revision under `P/~nodes/<node>`, on a lease that lapses
+/// when the node stops, so that `status` (and `ipaccessctl --wait-fleet`) can see which
+/// live nodes have applied a change.
+async fn publish(cluster: Arc<Cluster>) {
+    let mut applied = cluster.applied.subscribe();
+    loop {
+        let Some(mut client) = cluster.client.lock().expect("client lock").clone() else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let lease = match client.lease_grant(NODE_LEASE_SECONDS, None).await {
+            Ok(lease) => lease.id(),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Ok((mut keeper, mut answers)) = client.lease_keep_alive(lease).await else {
+            continue;
+        };
+        let mut renew = tokio::time::interval(Duration::from_secs(NODE_LEASE_SECONDS as u64 / 3));
+        let mut published = -1;
+        loop {
+            let revision = *applied.borrow_and_update();
+            if revision != published {
+                let value = serde_json::json!({ "applied_revision": revision }).to_string();
+                let put =
+                    client.put(cluster.keys.node(&cluster.node), value, Some(PutOptions::new().with_lease(lease)));
+                if put.await.is_err() {
+                    break;
+                }
+                published = revision;
+            }
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() { return },
+                _ = renew.tick() => {
+                    if keeper.keep_alive().await.is_err() || !matches!(answers.message().await, Ok(Some(a)) if a.ttl() > 0) {
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -319,6 +319,16 @@ pub struct ClusterStatus {
     /// Accounts or bindings the fleet committed that this node's kernel refused (full
     /// tables); see the log.
     pub apply_failures: u64,
+    /// The live nodes of the fleet and the revision each has applied (empty while etcd
+    /// cannot be read).
+    pub nodes: Vec<FleetNode>,
+}
+
+/// A live fleet node, as it published itself in etcd.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct FleetNode {
+    pub node: String,
+    pub applied_revision: i64,
 }
 
 /// An attached interface and the XDP path its program runs in.

@@ -8,8 +8,8 @@ use crate::{
     datapath::{self, DatapathError},
     logging, metrics,
     protocol::{
-        AccountTraffic, ClusterStatus, Detach, Detached, HostTraffic, Stats, StatsReport, Status, StatusReport,
-        XdpInterface,
+        AccountTraffic, ClusterStatus, Detach, Detached, FleetNode, HostTraffic, Stats, StatsReport, Status,
+        StatusReport, XdpInterface,
     },
 };
 
@@ -77,6 +77,12 @@ impl Service {
                     cluster_revision: health.cluster_revision.max(health.applied_revision),
                     last_error: health.last_error,
                     apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
+                    nodes: cluster
+                        .nodes()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(node, applied_revision)| FleetNode { node, applied_revision })
+                        .collect(),
                 }
             }),
         })

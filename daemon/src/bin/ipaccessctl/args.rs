@@ -28,6 +28,10 @@ pub struct Cli {
     /// Print the daemon's result (or error object) as JSON on stdout
     #[arg(long, global = true)]
     pub json: bool,
+    /// On a fleet node: after a change, wait (at most SECONDS, 10 by default) until every
+    /// live node has applied it (`--wait-fleet=30` for another limit); exit 3 if some have not
+    #[arg(long, global = true, value_name = "SECONDS", num_args = 0..=1, require_equals = true, default_missing_value = "10")]
+    pub wait_fleet: Option<u64>,
     #[command(subcommand)]
     pub command: Top,
 }

@@ -115,7 +115,7 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
             Shown { text, status: 0 }
         }),
     };
-    let Shown { text, status } = match result {
+    let Shown { text, mut status } = match result {
         Ok(shown) => shown,
         Err(Failure::Daemon(e)) => {
             let _ = write!(err, "{}", error_text(&e));
@@ -139,6 +139,17 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
             return 2;
         }
     };
+    if let Some(seconds) = cli.wait_fleet.filter(|_| status == 0) {
+        match wait_fleet(&cli.socket, std::time::Duration::from_secs(seconds)) {
+            Ok(line) => {
+                let _ = writeln!(err, "{line}");
+            }
+            Err(message) => {
+                let _ = writeln!(err, "error: {}", escape(&message));
+                status = 3;
+            }
+        }
+    }
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         // `ipaccessctl account list | head` is not an error.
         Err(e) if e.kind() != ErrorKind::BrokenPipe => {
@@ -146,6 +157,38 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
             2
         }
         _ => status,
+    }
+}
+
+/// Waits until every live node of the fleet has applied what the node behind `socket` has
+/// applied now (the change just made, and anything before it).
+fn wait_fleet(socket: &Path, within: std::time::Duration) -> Result<String, String> {
+    let status = |socket: &Path| match transport::call(socket, ipaccess::protocol::Status {}) {
+        Ok(typed) => typed.reply.cluster.ok_or_else(|| "--wait-fleet: this daemon is not a fleet node".to_owned()),
+        Err(Failure::Daemon(e)) => Err(format!("--wait-fleet: {}", e.message)),
+        Err(Failure::Unreadable { error, .. }) => Err(format!("--wait-fleet: unreadable status: {error}")),
+        Err(Failure::Local(message)) => Err(format!("--wait-fleet: {message}")),
+    };
+    let target = status(socket)?.applied_revision;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let cluster = status(socket)?;
+        let behind: Vec<String> =
+            cluster.nodes.iter().filter(|n| n.applied_revision < target).map(|n| n.node.clone()).collect();
+        if behind.is_empty() && !cluster.nodes.is_empty() {
+            return Ok(format!("in force on {} live nodes (revision {target})", cluster.nodes.len()));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(if cluster.nodes.is_empty() {
+                format!(
+                    "the fleet's nodes could not be read within {within:?} ({})",
+                    cluster.last_error.unwrap_or_default()
+                )
+            } else {
+                format!("after {within:?}, {} have not applied revision {target}", behind.join(", "))
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
