@@ -65,6 +65,17 @@ pub struct Snapshot {
     pub reconcile_seconds: f64,
     /// Interfaces with the filter pinned, and where the kernel runs it (`None`: not found).
     pub interfaces: Vec<(String, Option<XdpPath>)>,
+    /// A fleet node's standing with etcd; `None` on a single host.
+    pub cluster: Option<ClusterMetrics>,
+}
+
+/// A fleet node's cluster health for the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterMetrics {
+    pub connected: bool,
+    pub applied_revision: i64,
+    pub cluster_revision: i64,
+    pub apply_failures: u64,
 }
 
 /// What the endpoint reads at each scrape: the service implements it, and this module
@@ -173,6 +184,32 @@ pub fn render(s: &Snapshot) -> String {
             (format!("{{interface=\"{}\",path=\"{path}\"}}", label_value(iface)), "1".to_string())
         }),
     );
+    if let Some(c) = &s.cluster {
+        family(
+            "ipaccess_cluster_connected",
+            "gauge",
+            "1 while etcd answers this fleet node; 0 while it enforces its last policy without it.",
+            &mut plain(u8::from(c.connected).to_string()),
+        );
+        family(
+            "ipaccess_cluster_applied_revision",
+            "gauge",
+            "The etcd revision this node's store and kernel reflect.",
+            &mut plain(c.applied_revision.to_string()),
+        );
+        family(
+            "ipaccess_cluster_revision",
+            "gauge",
+            "The latest etcd revision this node has seen (every write counts, node records too).",
+            &mut plain(c.cluster_revision.to_string()),
+        );
+        family(
+            "ipaccess_cluster_apply_failures_total",
+            "counter",
+            "Changes the fleet committed that this node's kernel could not take (full tables).",
+            &mut plain(c.apply_failures.to_string()),
+        );
+    }
     out
 }
 
@@ -340,6 +377,12 @@ mod tests {
             account_slots: 1023,
             reconcile_seconds: 0.25,
             interfaces: vec![("eth0".into(), Some(XdpPath::Generic)), ("eth1".into(), None)],
+            cluster: Some(ClusterMetrics {
+                connected: false,
+                applied_revision: 41,
+                cluster_revision: 44,
+                apply_failures: 0,
+            }),
         };
         let text = render(&snapshot);
         for line in [
@@ -356,6 +399,10 @@ mod tests {
             "# TYPE ipaccess_table_slots gauge",
             r#"ipaccess_interface_attached{interface="eth0",path="generic"} 1"#,
             r#"ipaccess_interface_attached{interface="eth1",path="none"} 1"#,
+            "ipaccess_cluster_connected 0",
+            "ipaccess_cluster_applied_revision 41",
+            "ipaccess_cluster_revision 44",
+            "ipaccess_cluster_apply_failures_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

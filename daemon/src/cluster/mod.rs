@@ -100,7 +100,11 @@ pub enum Committed {
 /// A key a change depends on: it must not have changed since the local copy's revision
 /// (or since an earlier part of the same change wrote it).
 pub enum Guard {
+    /// Not modified (nor created) since.
     Key(String),
+    /// Not modified since, and not deleted: a key the local copy has. (etcd compares a
+    /// deleted key as one never written, so a modification check alone would pass it.)
+    Existing(String),
     /// Every key in `[start, end)`.
     Range(String, String),
 }
@@ -212,6 +216,19 @@ impl Cluster {
                 self.failed(format!("etcd did not answer a change within {WRITE_TIMEOUT:?}"));
                 return Err(outcome_unknown(&format!("etcd did not answer within {WRITE_TIMEOUT:?}")));
             }
+            // Refused as it is (too many operations, too large, not permitted): etcd is well,
+            // and the change was not applied.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                return Err(Failure::new(
+                    ErrorCode::Internal,
+                    format!("etcd refused the change as it is ({}); nothing was changed", status.message()),
+                ));
+            }
             Ok(Err(e)) => {
                 self.failed(format!("etcd refused a change: {e}"));
                 return Err(outcome_unknown(&e.to_string()));
@@ -261,11 +278,14 @@ impl Cluster {
             for unit in part {
                 for guard in unit.guards {
                     let compare = match guard {
+                        Guard::Key(key) | Guard::Existing(key) if !seen.insert(key.clone()) => continue,
                         Guard::Key(key) => {
-                            if !seen.insert(key.clone()) {
-                                continue;
-                            }
                             let bound = written_at.get(&key).copied().unwrap_or(applied);
+                            Compare::mod_revision(key, CompareOp::Less, bound + 1)
+                        }
+                        Guard::Existing(key) => {
+                            let bound = written_at.get(&key).copied().unwrap_or(applied);
+                            compares.push(Compare::version(key.clone(), CompareOp::Greater, 0));
                             Compare::mod_revision(key, CompareOp::Less, bound + 1)
                         }
                         Guard::Range(start, end) => {

@@ -100,6 +100,12 @@ impl Service {
         let keys = cluster.keys();
         let at = now();
         let cache = self.accounts.read().expect("cache lock");
+        // An account this copy has must still exist unchanged; one it lacks must still be
+        // absent (a deleted key compares as never written, so existence is checked apart).
+        let known = |id: &str| {
+            let key = keys.account(id);
+            if cache.contains_key(id) { Guard::Existing(key) } else { Guard::Key(key) }
+        };
         let mut accounts: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
         let mut touch = |id: &str, accounts: &mut Vec<String>| {
@@ -120,7 +126,7 @@ impl Service {
                 if new.get(&(addr, target)).is_none_or(|b| b.account != gone.account) {
                     let key = keys.binding(addr, target, FLEET_WIDE);
                     binding_units
-                        .push(Unit { guards: vec![Guard::Key(key.clone())], writes: vec![Write::Delete(key)] });
+                        .push(Unit { guards: vec![Guard::Existing(key.clone())], writes: vec![Write::Delete(key)] });
                 }
             }
             for (&(addr, target), &binding) in &new {
@@ -131,7 +137,7 @@ impl Service {
                     let (start, end) = keys.endpoint_range(addr, target);
                     let value = serde_json::to_vec(&BindingValue::of(binding)).expect("a binding serializes");
                     binding_units.push(Unit {
-                        guards: vec![Guard::Range(start, end), Guard::Key(keys.account(&binding.account))],
+                        guards: vec![Guard::Range(start, end), known(&binding.account)],
                         writes: vec![Write::Put(keys.binding(addr, target, FLEET_WIDE), value)],
                     });
                     if tx.account(&binding.account)?.is_some() {
@@ -154,9 +160,9 @@ impl Service {
         let mut units = Vec::with_capacity(accounts.len() + binding_units.len() + 2);
         for id in &accounts {
             let key = keys.account(id);
-            let mut unit = Unit { guards: vec![Guard::Key(key.clone())], writes: Vec::new() };
+            let mut unit = Unit { guards: vec![known(id)], writes: Vec::new() };
             if let Some(parent) = parent_of.get(id) {
-                unit.guards.push(Guard::Key(keys.account(parent)));
+                unit.guards.push(known(parent));
             }
             match tx.account_doc(id, at)? {
                 Some(doc) => {
@@ -171,7 +177,7 @@ impl Service {
                     unit.writes.push(Write::Delete(key));
                     if let Some(known) = cache.get(id) {
                         let slot = keys.slot(known.slot);
-                        unit.guards.push(Guard::Key(slot.clone()));
+                        unit.guards.push(Guard::Existing(slot.clone()));
                         unit.writes.push(Write::Delete(slot));
                     }
                 }
@@ -206,7 +212,9 @@ impl Service {
         let Writer { store, datapath } = writer;
         let tx = store.transaction()?;
         let at = now();
+        let changes = in_order(changes);
         let (mut put, mut removed, mut bindings_changed) = (Vec::new(), Vec::new(), false);
+        let (mut put_set, mut removed_set) = (HashSet::new(), HashSet::new());
         for change in changes {
             match change {
                 Change::Account(id, None) => {
@@ -214,18 +222,27 @@ impl Service {
                         // Sub-users go first: the fleet removes them in the same transaction.
                         for child in tx.descendants(&id)?.into_iter().rev() {
                             tx.remove_account(&child)?;
+                            removed_set.insert(child.clone());
                             removed.push(child);
                         }
                         tx.remove_account(&id)?;
+                        if put_set.remove(&id) {
+                            put.retain(|p| p != &id);
+                        }
+                        removed_set.insert(id.clone());
                         removed.push(id);
                         bindings_changed = true;
                     }
                 }
                 Change::Account(id, Some(doc)) => {
                     tx.put_account_doc(&id, &doc, at)?;
-                    put.retain(|p| p != &id);
-                    removed.retain(|r| r != &id);
-                    put.push(id);
+                    // A resync's batch holds every account: sets, not scans of the lists.
+                    if removed_set.remove(&id) {
+                        removed.retain(|r| r != &id);
+                    }
+                    if put_set.insert(id.clone()) {
+                        put.push(id);
+                    }
                 }
                 Change::Binding(binding, true) => {
                     if tx.account(&binding.account)?.is_some() {
@@ -317,6 +334,31 @@ impl Replica for Service {
         };
         self.apply_locked(&mut writer, changes, snapshot.revision).map_err(|e| e.to_string())
     }
+}
+
+/// A batch as the store can take it: only the last change to each key (a batch may span
+/// several revisions), removals first, parents before sub-users, accounts before the
+/// bindings that name them.
+fn in_order(changes: Vec<Change>) -> Vec<Change> {
+    let key = |change: &Change| match change {
+        Change::Account(id, _) => Some(format!("account {id}")),
+        Change::Binding(b, _) => Some(format!("binding {} {:?}", b.addr, b.target)),
+        Change::Audit(_) => None,
+    };
+    let last: HashMap<String, usize> =
+        changes.iter().enumerate().filter_map(|(i, change)| Some((key(change)?, i))).collect();
+    let rank = |change: &Change| match change {
+        Change::Binding(_, false) => 0,
+        Change::Account(_, None) => 1,
+        Change::Account(_, Some(doc)) if doc.parent.is_none() => 2,
+        Change::Account(..) => 3,
+        Change::Binding(_, true) => 4,
+        Change::Audit(_) => 5,
+    };
+    let mut kept: Vec<(usize, Change)> =
+        changes.into_iter().enumerate().filter(|(i, change)| key(change).is_none_or(|k| last[&k] == *i)).collect();
+    kept.sort_by_key(|(i, change)| (rank(change), *i));
+    kept.into_iter().map(|(_, change)| change).collect()
 }
 
 /// What must change locally to match the fleet's accounts and bindings: removals first

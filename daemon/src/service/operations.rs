@@ -160,6 +160,15 @@ impl metrics::Source for Service {
             account_slots: u64::from(writer.datapath.account_capacity().saturating_sub(1)),
             reconcile_seconds: self.reconcile.as_secs_f64(),
             interfaces: writer.datapath.attachments(),
+            cluster: self.cluster.get().map(|cluster| {
+                let health = cluster.health();
+                metrics::ClusterMetrics {
+                    connected: health.connected,
+                    applied_revision: health.applied_revision,
+                    cluster_revision: health.cluster_revision.max(health.applied_revision),
+                    apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
+                }
+            }),
         })
     }
 }
