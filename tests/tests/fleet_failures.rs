@@ -73,9 +73,7 @@ fn check(node: &FleetNode, account: &str, ip: IpAddr) -> (bool, String) {
 fn allow_set(node: &FleetNode, account: &str) -> Option<BTreeSet<String>> {
     let reply = node.host.request(json!({"cmd": "allow_list", "account": account}));
     match code(&reply).as_deref() {
-        None => Some(
-            reply["ok"].as_array().unwrap().iter().map(|e| e["cidr"].as_str().unwrap().to_owned()).collect(),
-        ),
+        None => Some(reply["ok"].as_array().unwrap().iter().map(|e| e["cidr"].as_str().unwrap().to_owned()).collect()),
         Some("unknown_account") => None,
         Some(other) => panic!("{}: allow_list {account}: {other}: {reply}", node.name),
     }
@@ -159,11 +157,11 @@ fn unix_now() -> i64 {
 fn etcd_get_prefix(fleet: &Fleet, prefix: &str) -> Vec<(String, String)> {
     let text = fleet.etcd.etcdctl(&["get", "--prefix", prefix]).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines.len() % 2 == 0, "etcdctl get printed an odd number of lines:\n{text}");
+    assert!(lines.len().is_multiple_of(2), "etcdctl get printed an odd number of lines:\n{text}");
     lines.chunks(2).map(|kv| (kv[0].to_owned(), kv[1].to_owned())).collect()
 }
 
-/// 1. The etcd leader is killed (SIGKILL) in the middle of a stream of changes through node A:
+/// (1) The etcd leader is killed (SIGKILL) in the middle of a stream of changes through node A:
 /// changes are taken again within a bounded time after the election, and every change that
 /// was acknowledged is on every node afterwards. A change refused with `cluster_unavailable`
 /// may or may not have been committed; nothing is asserted about those.
@@ -251,7 +249,7 @@ fn racing_fleet() -> Fleet {
     fleet
 }
 
-/// 2a. Lockout prevention: X and Y are all an enforcing account allows; A removes X while B
+/// (2a) Lockout prevention: X and Y are all an enforcing account allows; A removes X while B
 /// removes Y. Each alone is fine; both would leave nothing allowed, which the guard refuses.
 #[test]
 fn racing_removals_never_leave_an_enforcing_account_with_nothing_allowed() {
@@ -290,7 +288,7 @@ fn racing_removals_never_leave_an_enforcing_account_with_nothing_allowed() {
     eprintln!("lockout race: {conflicts} conflicts met in {ROUNDS} rounds");
 }
 
-/// 2b. One endpoint: A binds it to acme while B binds it to other; one owner on every node.
+/// (2b) One endpoint: A binds it to acme while B binds it to other; one owner on every node.
 #[test]
 fn racing_bindings_leave_one_owner() {
     let fleet = racing_fleet();
@@ -329,7 +327,7 @@ fn racing_bindings_leave_one_owner() {
     eprintln!("binding race: {conflicts} conflicts met in {ROUNDS} rounds");
 }
 
-/// 2c. A sub-user under a parent being removed: A creates s under p while B removes p
+/// (2c) A sub-user under a parent being removed: A creates s under p while B removes p
 /// (without `recursive`). Exactly one is acknowledged, and no node ever has a sub-user whose
 /// parent is gone.
 #[test]
@@ -362,7 +360,11 @@ fn racing_sub_user_and_parent_removal_never_orphan_a_sub_user() {
             let all = accounts(node);
             for (id, (parent, _)) in &all {
                 if let Some(parent) = parent {
-                    assert!(all.contains_key(parent), "round {r}: {} has {id} whose parent {parent} is gone", node.name);
+                    assert!(
+                        all.contains_key(parent),
+                        "round {r}: {} has {id} whose parent {parent} is gone",
+                        node.name
+                    );
                 }
             }
             assert_eq!(all.contains_key(&sub), code(&ra).is_none(), "round {r}: {}: {all:?}", node.name);
@@ -376,7 +378,7 @@ fn racing_sub_user_and_parent_removal_never_orphan_a_sub_user() {
     eprintln!("sub-user vs removal race: {conflicts} conflicts met in {ROUNDS} rounds");
 }
 
-/// 2d. A sub-user under a parent being banned: A bans p while B creates s under p. If s
+/// (2d) A sub-user under a parent being banned: A bans p while B creates s under p. If s
 /// exists, it is suspended with its parent on every node.
 #[test]
 fn racing_sub_user_and_parent_ban_leave_the_sub_user_banned() {
@@ -412,7 +414,7 @@ fn racing_sub_user_and_parent_ban_leave_the_sub_user_banned() {
     eprintln!("sub-user vs ban race: {conflicts} conflicts met in {ROUNDS} rounds");
 }
 
-/// 3. Node A is killed (SIGKILL) right after a large import was sent to it, at moments
+/// (3) Node A is killed (SIGKILL) right after a large import was sent to it, at moments
 /// spread over the time such an import takes: etcd holds all of the import or none of it
 /// (every account document and slot key), and nodes B and C converge to the same state.
 /// 40 accounts is the largest import the fleet takes today (see the next test).
@@ -512,7 +514,7 @@ fn kill_in_the_middle_of_an_import(size: usize) {
     assert_eq!(accounts(&fleet.nodes[0]), accounts(&fleet.nodes[1]), "A differs after its restart");
 }
 
-/// 4. An override granted through node A is in force on every node; etcd then loses its
+/// (4) An override granted through node A is in force on every node; etcd then loses its
 /// quorum; the override still ends on time on every node, at sign-in and on the wire.
 #[test]
 fn an_override_expires_on_every_node_while_etcd_is_down() {
@@ -531,7 +533,11 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
     a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
     settle(&fleet);
     for node in &fleet.nodes {
-        assert!(!passes(node, guest.into(), Duration::from_millis(500)), "{}: guest passes before the grant", node.name);
+        assert!(
+            !passes(node, guest.into(), Duration::from_millis(500)),
+            "{}: guest passes before the grant",
+            node.name
+        );
     }
 
     let granted = fleet.nodes[0].host.ok(json!({
@@ -542,7 +548,11 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
     settle(&fleet);
     for node in &fleet.nodes {
         assert!(check(node, "acme", guest.into()).0, "{}: the override is not in force", node.name);
-        assert!(passes(node, guest.into(), Duration::from_secs(2)), "{}: the override does not pass the wire", node.name);
+        assert!(
+            passes(node, guest.into(), Duration::from_secs(2)),
+            "{}: the override does not pass the wire",
+            node.name
+        );
     }
 
     // Two of three members gone: no quorum, before the override ends.
@@ -575,13 +585,17 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
             "{}: the override outlived its expiry",
             node.name
         );
-        assert!(!passes(node, guest.into(), Duration::from_millis(700)), "{}: the wire still lets the guest in", node.name);
+        assert!(
+            !passes(node, guest.into(), Duration::from_millis(700)),
+            "{}: the wire still lets the guest in",
+            node.name
+        );
         assert!(passes(node, good.into(), Duration::from_secs(2)), "{}: the allowed address is shut out", node.name);
         assert_eq!(cluster_status(node)["connected"], false, "{}: etcd came back during the test", node.name);
     }
 }
 
-/// 5. Node C is stopped, 1,000 changes are made through A, and C starts again: not one
+/// (5) Node C is stopped, 1,000 changes are made through A, and C starts again: not one
 /// datagram from an allowed source is dropped on C's wire while it catches up (and not one
 /// from a disallowed source passes), and C ends equal to A.
 #[test]
@@ -595,7 +609,9 @@ fn a_node_catching_up_drops_no_allowed_packet() {
     let (good, bad) = (a.host.hosts.client_v4[0], a.host.hosts.client_v4[1]);
     a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
     a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
-    a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": a.host.hosts.server_v4, "port": UDP_PORT, "proto": "udp"}));
+    a.host.ok(
+        json!({"cmd": "bind_add", "account": "acme", "addr": a.host.hosts.server_v4, "port": UDP_PORT, "proto": "udp"}),
+    );
     a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
     settle(&fleet);
 
@@ -612,7 +628,8 @@ fn a_node_catching_up_drops_no_allowed_packet() {
         }
     }
     for j in 0..10 {
-        lines.insert(j * 97, json!({"cmd": "allow_add", "account": "acme", "cidr": format!("198.18.200.{}/32", j + 1)}));
+        lines
+            .insert(j * 97, json!({"cmd": "allow_add", "account": "acme", "cidr": format!("198.18.200.{}/32", j + 1)}));
     }
     assert_eq!(lines.len(), 1_010);
     let lines: Vec<String> = lines.iter().map(|l| format!("{l}\n")).collect();
