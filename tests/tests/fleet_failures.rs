@@ -93,7 +93,7 @@ fn accounts(node: &FleetNode) -> BTreeMap<String, (Option<String>, String)> {
         .collect()
 }
 
-/// Sends `request` on a fresh connection to `node` up to `tries` times while it is refused
+/// Sends `request` on `conn` again, up to `tries` times, while it is refused
 /// with `conflict` (the node has the winner by then, so a retry is checked against it).
 /// Returns the last reply and whether a conflict was seen.
 fn with_retries(conn: &mut Conn, request: &Value, tries: usize) -> (Value, bool) {
@@ -129,7 +129,7 @@ fn race(fleet: &Fleet, a: Value, b: Value) -> (Value, Value, usize) {
     (ra, rb, usize::from(xa) + usize::from(xb))
 }
 
-/// Node A's host address bound to `port` on every node (bindings here are fleet-wide, and
+/// A TCP listener on `TCP_PORT` of every node (bindings here are fleet-wide, and
 /// every node's server namespace has the same address).
 fn tcp_listeners(fleet: &Fleet) -> Vec<TcpServer> {
     fleet
