@@ -1,0 +1,682 @@
+//! The fleet under failure, on a real 3-member etcd cluster with real ipaccessd nodes: the
+//! etcd leader killed in the middle of a stream of changes, admins racing through two nodes,
+//! a node killed while its change is on the way, an override expiring while etcd is down,
+//! and a node catching up without dropping one allowed packet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipaccess_tests::client::Conn;
+use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
+use ipaccess_tests::netns::{TcpServer, paced_udp_sender, receive_flows, set_rcvbuf, tcp_connect, udp_client};
+use serde_json::{Value, json};
+
+const TCP_PORT: u16 = 7443;
+const UDP_PORT: u16 = 7553;
+
+/// The node's cluster status (`status.cluster`).
+fn cluster_status(node: &FleetNode) -> Value {
+    node.host.ok(json!({"cmd": "status"}))["cluster"].clone()
+}
+
+/// The revision a node has applied.
+fn applied(node: &FleetNode) -> i64 {
+    cluster_status(node)["applied_revision"].as_i64().expect("a fleet node reports its revision")
+}
+
+/// Waits (at most `within`) until every running node has applied `revision`.
+fn converge_within(fleet: &Fleet, revision: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    for node in fleet.nodes.iter().filter(|n| n.is_running()) {
+        loop {
+            let status = cluster_status(node);
+            if status["applied_revision"].as_i64().unwrap_or(0) >= revision {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} did not apply revision {revision}: {status}", node.name);
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn converge(fleet: &Fleet, revision: i64) {
+    converge_within(fleet, revision, Duration::from_secs(15));
+}
+
+/// Waits until every running node has applied the highest revision any of them has.
+fn settle(fleet: &Fleet) {
+    let revision = fleet.nodes.iter().filter(|n| n.is_running()).map(applied).max().unwrap_or(0);
+    converge(fleet, revision);
+}
+
+/// The error code of a reply, or None if it is `ok`.
+fn code(reply: &Value) -> Option<String> {
+    if reply.get("ok").is_some() {
+        return None;
+    }
+    Some(reply["error"]["code"].as_str().unwrap_or_else(|| panic!("neither ok nor error: {reply}")).to_owned())
+}
+
+/// What a node answers for a sign-in of `account` from `ip` (without recording it).
+fn check(node: &FleetNode, account: &str, ip: IpAddr) -> (bool, String) {
+    let reply = node.host.ok(json!({"cmd": "check", "account": account, "addr": ip, "dry_run": true}));
+    (reply["allowed"].as_bool().unwrap(), reply["reason"].as_str().unwrap().to_owned())
+}
+
+/// An account's allowlist on a node, as CIDR strings; None if the node does not know it.
+fn allow_set(node: &FleetNode, account: &str) -> Option<BTreeSet<String>> {
+    let reply = node.host.request(json!({"cmd": "allow_list", "account": account}));
+    match code(&reply).as_deref() {
+        None => Some(reply["ok"].as_array().unwrap().iter().map(|e| e["cidr"].as_str().unwrap().to_owned()).collect()),
+        Some("unknown_account") => None,
+        Some(other) => panic!("{}: allow_list {account}: {other}: {reply}", node.name),
+    }
+}
+
+/// Every account a node has: id -> (parent, effective state).
+fn accounts(node: &FleetNode) -> BTreeMap<String, (Option<String>, String)> {
+    let listed = node.host.ok(json!({"cmd": "account_list"}));
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let parent = a["parent"].as_str().map(str::to_owned);
+            (a["id"].as_str().unwrap().to_owned(), (parent, a["effective_state"].as_str().unwrap().to_owned()))
+        })
+        .collect()
+}
+
+/// Sends `request` on `conn` again, up to `tries` times, while it is refused
+/// with `conflict` (the node has the winner by then, so a retry is checked against it).
+/// Returns the last reply and whether a conflict was seen.
+fn with_retries(conn: &mut Conn, request: &Value, tries: usize) -> (Value, bool) {
+    let mut conflicted = false;
+    for _ in 0..tries {
+        let reply = conn.request(request.clone());
+        if code(&reply).as_deref() != Some("conflict") {
+            return (reply, conflicted);
+        }
+        conflicted = true;
+    }
+    (conn.request(request.clone()), conflicted)
+}
+
+/// Sends `a` through node A and `b` through node B at the same instant (each on a connection
+/// opened beforehand, released by one barrier), each retried on `conflict`; their final
+/// replies, and how many of them met a conflict.
+fn race(fleet: &Fleet, a: Value, b: Value) -> (Value, Value, usize) {
+    let mut conns = [Conn::open(&fleet.nodes[0].host.socket()), Conn::open(&fleet.nodes[1].host.socket())];
+    let barrier = Barrier::new(2);
+    let [ca, cb] = &mut conns;
+    let ((ra, xa), (rb, xb)) = thread::scope(|s| {
+        let ta = s.spawn(|| {
+            barrier.wait();
+            with_retries(ca, &a, 3)
+        });
+        let tb = s.spawn(|| {
+            barrier.wait();
+            with_retries(cb, &b, 3)
+        });
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    (ra, rb, usize::from(xa) + usize::from(xb))
+}
+
+/// A TCP listener on `TCP_PORT` of every node (bindings here are fleet-wide, and
+/// every node's server namespace has the same address).
+fn tcp_listeners(fleet: &Fleet) -> Vec<TcpServer> {
+    fleet
+        .nodes
+        .iter()
+        .map(|n| {
+            let hosts = &n.host.hosts;
+            TcpServer::start_in(&hosts.server, SocketAddr::new(hosts.server_v4.into(), TCP_PORT)).unwrap()
+        })
+        .collect()
+}
+
+/// Does `src` (one of the node's client addresses) get a TCP handshake through to the bound port?
+fn passes(node: &FleetNode, src: IpAddr, timeout: Duration) -> bool {
+    let hosts = &node.host.hosts;
+    let target = SocketAddr::new(hosts.server_v4.into(), TCP_PORT);
+    hosts.client.run(|| tcp_connect(src, target, timeout))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Keys and values under `prefix` in etcd (read with etcdctl in the etcd namespace).
+fn etcd_get_prefix(fleet: &Fleet, prefix: &str) -> Vec<(String, String)> {
+    let text = fleet.etcd.etcdctl(&["get", "--prefix", prefix]).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len().is_multiple_of(2), "etcdctl get printed an odd number of lines:\n{text}");
+    lines.chunks(2).map(|kv| (kv[0].to_owned(), kv[1].to_owned())).collect()
+}
+
+/// (1) The etcd leader is killed (SIGKILL) in the middle of a stream of changes through node A:
+/// changes are taken again within a bounded time after the election, and every change that
+/// was acknowledged is on every node afterwards. A change refused with `cluster_unavailable`
+/// may or may not have been committed; nothing is asserted about those.
+#[test]
+fn the_leader_killed_loses_no_acknowledged_change() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+
+    const BEFORE: usize = 30;
+    const AFTER: usize = 30;
+    const RESUME_WITHIN: Duration = Duration::from_secs(20);
+    let (mut acked, mut unsure) = (Vec::new(), Vec::new());
+    let mut killed: Option<(usize, Instant)> = None;
+    let mut resumed_after = None;
+    let mut acked_after_kill = 0;
+    let started = Instant::now();
+    for i in 0..2_000usize {
+        assert!(started.elapsed() < Duration::from_secs(90), "the loop took too long");
+        if killed.is_none() && acked.len() == BEFORE {
+            let leader = fleet.etcd.leader().expect("etcd has a leader");
+            fleet.etcd.kill(leader).unwrap();
+            killed = Some((leader, Instant::now()));
+        }
+        let cidr = format!("198.19.{}.{}/32", i / 200, i % 200 + 1);
+        let reply = fleet.nodes[0].host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": cidr}));
+        match code(&reply).as_deref() {
+            None => {
+                acked.push(cidr);
+                if let Some((_, at)) = killed {
+                    resumed_after.get_or_insert(at.elapsed());
+                    acked_after_kill += 1;
+                    if acked_after_kill == AFTER {
+                        break;
+                    }
+                }
+            }
+            // Not confirmed, or lost to this node's own unconfirmed change that etcd
+            // committed after all: not acknowledged, so either outcome is allowed.
+            Some("cluster_unavailable") | Some("conflict") => {
+                assert!(killed.is_some(), "refused while etcd was whole: {reply}");
+                unsure.push(cidr);
+                if let Some((_, at)) = killed {
+                    assert!(
+                        resumed_after.is_some() || at.elapsed() < RESUME_WITHIN,
+                        "changes still refused {RESUME_WITHIN:?} after the leader was killed: {reply}"
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            Some(other) => panic!("allow_add {cidr}: unexpected {other}: {reply}"),
+        }
+    }
+    let (leader, _) = killed.expect("the leader was killed");
+    assert_eq!(acked_after_kill, AFTER, "changes did not resume after the election");
+    eprintln!(
+        "killed member {leader}; writes resumed after {resumed_after:?}; {} acknowledged, {} refused while unsure",
+        acked.len(),
+        unsure.len()
+    );
+
+    // Every node converges on etcd's revision (unconfirmed changes it committed late
+    // included), and holds every acknowledged entry.
+    converge(&fleet, fleet.etcd.revision().unwrap());
+    for node in &fleet.nodes {
+        let listed = allow_set(node, "acme").expect("acme exists");
+        let missing: Vec<&String> = acked.iter().filter(|c| !listed.contains(*c)).collect();
+        assert!(missing.is_empty(), "{} lost acknowledged entries: {missing:?}", node.name);
+    }
+    // And the nodes agree with each other on the changes that were not confirmed as well.
+    let a_list = allow_set(&fleet.nodes[0], "acme");
+    for node in &fleet.nodes[1..] {
+        assert_eq!(allow_set(node, "acme"), a_list, "{} differs from node A", node.name);
+    }
+}
+
+/// Rounds of each race: enough for the two changes to meet in etcd in some of them.
+const ROUNDS: usize = 5;
+
+/// A fleet of three started nodes for the races.
+fn racing_fleet() -> Fleet {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    fleet
+}
+
+/// (2a) Lockout prevention: X and Y are all an enforcing account allows; A removes X while B
+/// removes Y. Each alone is fine; both would leave nothing allowed, which the guard refuses.
+#[test]
+fn racing_removals_never_leave_an_enforcing_account_with_nothing_allowed() {
+    let fleet = racing_fleet();
+    let mut conflicts = 0;
+    for r in 0..ROUNDS {
+        let (account, x, y) = (format!("lock{r}"), format!("198.19.{r}.1/32"), format!("198.19.{r}.2/32"));
+        let a = &fleet.nodes[0];
+        a.host.ok(json!({"cmd": "account_add", "account": account}));
+        a.host.ok(json!({"cmd": "allow_add", "account": account, "cidr": x}));
+        a.host.ok(json!({"cmd": "allow_add", "account": account, "cidr": y}));
+        a.host.ok(json!({"cmd": "account_mode", "account": account, "mode": "enforce"}));
+        settle(&fleet);
+        let (ra, rb, n) = race(
+            &fleet,
+            json!({"cmd": "allow_remove", "account": account, "cidr": x}),
+            json!({"cmd": "allow_remove", "account": account, "cidr": y}),
+        );
+        conflicts += n;
+        settle(&fleet);
+        for reply in [&ra, &rb] {
+            let c = code(reply);
+            assert!(matches!(c.as_deref(), None | Some("lockout")), "round {r}: {reply}");
+        }
+        assert!(code(&ra).is_some() || code(&rb).is_some(), "round {r}: both removals acknowledged: {ra} {rb}");
+        let expected: BTreeSet<String> = match (code(&ra), code(&rb)) {
+            (None, _) => [y.clone()].into(),
+            (_, None) => [x.clone()].into(),
+            _ => [x.clone(), y.clone()].into(),
+        };
+        for node in &fleet.nodes {
+            let listed = allow_set(node, &account).expect("the account exists");
+            assert_eq!(listed, expected, "round {r}: {} (A: {ra}, B: {rb})", node.name);
+        }
+    }
+    eprintln!("lockout race: {conflicts} conflicts met in {ROUNDS} rounds");
+}
+
+/// (2b) One endpoint: A binds it to acme while B binds it to other; one owner on every node.
+#[test]
+fn racing_bindings_leave_one_owner() {
+    let fleet = racing_fleet();
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "account_add", "account": "other"}));
+    let mut conflicts = 0;
+    for r in 0..ROUNDS {
+        settle(&fleet);
+        let port = 9000 + r as u16;
+        let addr = fleet.nodes[0].host.hosts.server_v4;
+        let (ra, rb, n) = race(
+            &fleet,
+            json!({"cmd": "bind_add", "account": "acme", "addr": addr, "port": port}),
+            json!({"cmd": "bind_add", "account": "other", "addr": addr, "port": port}),
+        );
+        conflicts += n;
+        settle(&fleet);
+        let owner = match (code(&ra).as_deref(), code(&rb).as_deref()) {
+            (None, Some("binding_exists" | "conflict")) => "acme",
+            (Some("binding_exists" | "conflict"), None) => "other",
+            _ => panic!("round {r}: not exactly one owner acknowledged: A {ra}, B {rb}"),
+        };
+        for node in &fleet.nodes {
+            let bound: Vec<Value> = node.host.ok(json!({"cmd": "bind_list"})).as_array().unwrap().clone();
+            let owners: Vec<&str> = bound
+                .iter()
+                .filter(|b| b["target"]["port"] == json!(port))
+                .map(|b| b["account"].as_str().unwrap())
+                .collect();
+            assert_eq!(owners, [owner], "round {r}: {} has owners {owners:?} for port {port}", node.name);
+        }
+        let keys = etcd_get_prefix(&fleet, &format!("{PREFIX}bindings/{addr}/tcp:{port}/"));
+        assert_eq!(keys.len(), 1, "round {r}: etcd holds {keys:?}");
+    }
+    eprintln!("binding race: {conflicts} conflicts met in {ROUNDS} rounds");
+}
+
+/// (2c) A sub-user under a parent being removed: A creates s under p while B removes p
+/// (without `recursive`). Exactly one is acknowledged, and no node ever has a sub-user whose
+/// parent is gone.
+#[test]
+#[ignore = "fleet bug: a change racing a removal passes its mod_revision guard (a deleted key's is 0); both acknowledged"]
+fn racing_sub_user_and_parent_removal_never_orphan_a_sub_user() {
+    let fleet = racing_fleet();
+    let mut conflicts = 0;
+    for r in 0..ROUNDS {
+        let (parent, sub) = (format!("p{r}"), format!("s{r}"));
+        fleet.nodes[0].host.ok(json!({"cmd": "account_add", "account": parent}));
+        settle(&fleet);
+        let (ra, rb, n) = race(
+            &fleet,
+            json!({"cmd": "account_add", "account": sub, "parent": parent}),
+            json!({"cmd": "account_remove", "account": parent}),
+        );
+        conflicts += n;
+        settle(&fleet);
+        let evidence = || {
+            let etcd = etcd_get_prefix(&fleet, &format!("{PREFIX}accounts/"));
+            let slots = etcd_get_prefix(&fleet, &format!("{PREFIX}slots/"));
+            let nodes: Vec<_> = fleet.nodes.iter().map(|n| (n.name.clone(), accounts(n))).collect();
+            format!("etcd accounts: {etcd:?}\netcd slots: {slots:?}\nnodes: {nodes:?}")
+        };
+        match (code(&ra).as_deref(), code(&rb).as_deref()) {
+            (None, Some("has_sub_users")) | (Some("unknown_account"), None) => {}
+            _ => panic!("round {r}: not exactly one of the two acknowledged: A {ra}, B {rb}\n{}", evidence()),
+        }
+        for node in &fleet.nodes {
+            let all = accounts(node);
+            for (id, (parent, _)) in &all {
+                if let Some(parent) = parent {
+                    assert!(
+                        all.contains_key(parent),
+                        "round {r}: {} has {id} whose parent {parent} is gone",
+                        node.name
+                    );
+                }
+            }
+            assert_eq!(all.contains_key(&sub), code(&ra).is_none(), "round {r}: {}: {all:?}", node.name);
+            assert_eq!(all.contains_key(&parent), code(&rb).is_some(), "round {r}: {}: {all:?}", node.name);
+            let shown = node.host.request(json!({"cmd": "account_show", "account": sub}));
+            if code(&ra).is_none() {
+                assert_eq!(shown["ok"]["account"]["parent"], json!(parent), "round {r}: {}: {shown}", node.name);
+            }
+        }
+    }
+    eprintln!("sub-user vs removal race: {conflicts} conflicts met in {ROUNDS} rounds");
+}
+
+/// (2d) A sub-user under a parent being banned: A bans p while B creates s under p. If s
+/// exists, it is suspended with its parent on every node.
+#[test]
+fn racing_sub_user_and_parent_ban_leave_the_sub_user_banned() {
+    let fleet = racing_fleet();
+    let mut conflicts = 0;
+    for r in 0..ROUNDS {
+        let (parent, sub) = (format!("bp{r}"), format!("bs{r}"));
+        fleet.nodes[0].host.ok(json!({"cmd": "account_add", "account": parent}));
+        settle(&fleet);
+        let (ra, rb, n) = race(
+            &fleet,
+            json!({"cmd": "account_state", "account": parent, "state": "banned", "reason": "abuse"}),
+            json!({"cmd": "account_add", "account": sub, "parent": parent}),
+        );
+        conflicts += n;
+        settle(&fleet);
+        assert_eq!(code(&ra), None, "round {r}: the ban was refused: {ra}");
+        // A sub-user may be created under a banned parent (it is suspended with it), so the
+        // creation normally succeeds whichever came first; a refusal must leave nothing.
+        let created = code(&rb).is_none();
+        assert!(created || code(&rb).as_deref() == Some("refused"), "round {r}: {rb}");
+        for node in &fleet.nodes {
+            let all = accounts(node);
+            assert_eq!(all.get(&parent).map(|a| a.1.as_str()), Some("banned"), "round {r}: {}", node.name);
+            assert_eq!(all.contains_key(&sub), created, "round {r}: {}: {all:?}", node.name);
+            if let Some((_, state)) = all.get(&sub) {
+                assert_eq!(state, "parent_banned", "round {r}: {}", node.name);
+                let answer = check(node, &sub, "198.18.0.10".parse().unwrap());
+                assert_eq!(answer, (false, "parent_banned".into()), "round {r}: {}", node.name);
+            }
+        }
+    }
+    eprintln!("sub-user vs ban race: {conflicts} conflicts met in {ROUNDS} rounds");
+}
+
+/// (3) Node A is killed (SIGKILL) right after a large import was sent to it, at moments
+/// spread over the time such an import takes: etcd holds all of the import or none of it
+/// (every account document and slot key), and nodes B and C converge to the same state.
+/// 40 accounts is the largest import the fleet takes today (see the next test).
+#[test]
+fn a_node_killed_in_the_middle_of_a_write_leaves_all_or_nothing() {
+    kill_in_the_middle_of_an_import(40);
+}
+
+/// The same with 60 accounts: their documents, slot keys and audit records are 180
+/// operations in one etcd transaction, over etcd's default limit of 128 (`--max-txn-ops`).
+#[test]
+#[ignore = "fleet bug: an import of 60 accounts exceeds etcd's 128 operations per transaction and is refused"]
+fn a_node_killed_in_the_middle_of_a_large_write_leaves_all_or_nothing() {
+    kill_in_the_middle_of_an_import(60);
+}
+
+fn kill_in_the_middle_of_an_import(size: usize) {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let batch = |round: usize| -> Vec<Value> {
+        (0..size)
+            .map(|i| {
+                json!({
+                    "account": format!("k{round}-{i}"),
+                    "mode": "enforce",
+                    "entries": [
+                        {"cidr": format!("198.19.{i}.{}/32", round + 1)},
+                        {"cidr": format!("198.18.{}.0/24", 100 + i)},
+                    ],
+                })
+            })
+            .collect()
+    };
+    // The same import, left to finish, is taken; how long it takes spreads the kills below.
+    let started = Instant::now();
+    let control = fleet.nodes[0].host.request(json!({"cmd": "import", "accounts": batch(99)}));
+    let took = started.elapsed();
+    assert!(code(&control).is_none(), "an import of {size} accounts is refused: {control}");
+    let mut landed = Vec::new();
+    // Different moments of the write: before the daemon reads it, while it checks, while
+    // etcd commits it, after.
+    let delays = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.4, 1.0].map(|f: f64| took.mul_f64(f));
+    for (round, delay) in delays.into_iter().enumerate() {
+        let line = format!("{}\n", json!({"id": 1, "cmd": "import", "accounts": batch(round)}));
+        let stream = UnixStream::connect(fleet.nodes[0].host.socket()).unwrap();
+        (&stream).write_all(line.as_bytes()).unwrap();
+        thread::sleep(delay);
+        fleet.nodes[0].kill();
+        drop(stream);
+        // A transaction already with etcd commits or not within its own bound; then it is final.
+        thread::sleep(Duration::from_millis(500));
+
+        let docs = etcd_get_prefix(&fleet, &format!("{PREFIX}accounts/k{round}-"));
+        let slots: Vec<(String, String)> = etcd_get_prefix(&fleet, &format!("{PREFIX}slots/"))
+            .into_iter()
+            .filter(|(_, id)| id.starts_with(&format!("k{round}-")))
+            .collect();
+        assert!(
+            (docs.is_empty() || docs.len() == size) && slots.len() == docs.len(),
+            "round {round} (kill after {delay:?}): {} of {size} documents and {} slot keys in etcd",
+            docs.len(),
+            slots.len()
+        );
+        for (key, value) in &docs {
+            let doc: Value = serde_json::from_str(value).unwrap_or_else(|e| panic!("{key}: {e}: {value}"));
+            assert_eq!(doc["entries"].as_array().map(Vec::len), Some(2), "round {round}: {key}: {value}");
+            assert_eq!(doc["mode"], "enforce", "round {round}: {key}: {value}");
+            let id = key.rsplit('/').next().unwrap();
+            assert!(
+                slots.iter().any(|(k, v)| v == id && k.ends_with(&format!("/{}", doc["slot"]))),
+                "round {round}: {id}'s slot {} has no key naming it",
+                doc["slot"]
+            );
+        }
+        let all = !docs.is_empty();
+        landed.push((delay, all));
+
+        // B and C converge to etcd's revision and agree with each other and with etcd.
+        let revision = fleet.etcd.revision().unwrap();
+        converge(&fleet, revision);
+        let (b, c) = (&fleet.nodes[1], &fleet.nodes[2]);
+        assert_eq!(accounts(b), accounts(c), "round {round}: B and C differ");
+        assert_eq!(b.host.ok(json!({"cmd": "account_list"})), c.host.ok(json!({"cmd": "account_list"})));
+        for i in (0..size).step_by(7) {
+            let id = format!("k{round}-{i}");
+            let (lb, lc) = (allow_set(b, &id), allow_set(c, &id));
+            assert_eq!(lb, lc, "round {round}: {id}");
+            assert_eq!(lb.is_some(), all, "round {round}: {id} on B disagrees with etcd");
+        }
+        fleet.nodes[0].start();
+    }
+    eprintln!("import of {size} taking {took:?}; landed (kill after, all): {landed:?}");
+    // The kills fell on both sides of the commit, so both outcomes were checked.
+    assert!(landed.iter().any(|l| l.1) && landed.iter().any(|l| !l.1), "one outcome only: {landed:?}");
+    // Node A, restarted on its local copy, caught up as well.
+    settle(&fleet);
+    assert_eq!(accounts(&fleet.nodes[0]), accounts(&fleet.nodes[1]), "A differs after its restart");
+}
+
+/// (4) An override granted through node A is in force on every node; etcd then loses its
+/// quorum; the override still ends on time on every node, at sign-in and on the wire.
+#[test]
+fn an_override_expires_on_every_node_while_etcd_is_down() {
+    const TTL: u64 = 8;
+    let mut fleet = Fleet::new(3).unwrap();
+    for node in &fleet.nodes {
+        node.write_config(PREFIX, "min_override_ttl_seconds = 1\n");
+    }
+    fleet.start_all();
+    let _listeners = tcp_listeners(&fleet);
+    let a = &fleet.nodes[0];
+    let (good, guest) = (a.host.hosts.client_v4[0], a.host.hosts.client_v4[1]);
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": a.host.hosts.server_v4, "port": TCP_PORT}));
+    a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
+    settle(&fleet);
+    for node in &fleet.nodes {
+        assert!(
+            !passes(node, guest.into(), Duration::from_millis(500)),
+            "{}: guest passes before the grant",
+            node.name
+        );
+    }
+
+    let granted = fleet.nodes[0].host.ok(json!({
+        "cmd": "override_grant", "account": "acme", "cidr": format!("{guest}/32"), "ttl_seconds": TTL,
+        "ticket": "SUP-1", "reason": "travelling",
+    }));
+    let expires_at = granted["override"]["expires_at"].as_i64().expect("expires_at");
+    settle(&fleet);
+    for node in &fleet.nodes {
+        assert!(check(node, "acme", guest.into()).0, "{}: the override is not in force", node.name);
+        assert!(
+            passes(node, guest.into(), Duration::from_secs(2)),
+            "{}: the override does not pass the wire",
+            node.name
+        );
+    }
+
+    // Two of three members gone: no quorum, before the override ends.
+    let leader = fleet.etcd.leader().expect("a leader");
+    let other = (0..3).find(|&i| i != leader).unwrap();
+    fleet.etcd.kill(leader).unwrap();
+    fleet.etcd.kill(other).unwrap();
+    assert!(
+        unix_now() < expires_at - 1,
+        "too slow: quorum was lost only at {} with the override ending at {expires_at}",
+        unix_now()
+    );
+    // Every node knows etcd is gone before the override ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for node in &fleet.nodes {
+        while cluster_status(node)["connected"] != false {
+            assert!(Instant::now() < deadline, "{} still reports etcd connected", node.name);
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(unix_now() < expires_at, "too slow: the nodes noticed the outage after the override ended");
+
+    // After the expiry (second granularity: one second of slack, plus the kernel's own check).
+    let wait = (expires_at + 1 - unix_now()).max(0) as u64;
+    thread::sleep(Duration::from_secs(wait));
+    for node in &fleet.nodes {
+        assert_eq!(
+            check(node, "acme", guest.into()),
+            (false, "address_not_allowed".into()),
+            "{}: the override outlived its expiry",
+            node.name
+        );
+        assert!(
+            !passes(node, guest.into(), Duration::from_millis(700)),
+            "{}: the wire still lets the guest in",
+            node.name
+        );
+        assert!(passes(node, good.into(), Duration::from_secs(2)), "{}: the allowed address is shut out", node.name);
+        assert_eq!(cluster_status(node)["connected"], false, "{}: etcd came back during the test", node.name);
+    }
+}
+
+/// (5) Node C is stopped, 1,000 changes are made through A, and C starts again: not one
+/// datagram from an allowed source is dropped on C's wire while it catches up (and not one
+/// from a disallowed source passes), and C ends equal to A.
+#[test]
+fn a_node_catching_up_drops_no_allowed_packet() {
+    const ACCOUNTS: usize = 100;
+    const GOOD_RATE: u64 = 2000;
+    const BAD_RATE: u64 = 200;
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let a = &fleet.nodes[0];
+    let (good, bad) = (a.host.hosts.client_v4[0], a.host.hosts.client_v4[1]);
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    a.host.ok(
+        json!({"cmd": "bind_add", "account": "acme", "addr": a.host.hosts.server_v4, "port": UDP_PORT, "proto": "udp"}),
+    );
+    a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
+    settle(&fleet);
+
+    fleet.nodes[2].stop();
+    // 1,000 changes: 100 accounts with 9 entries each, and acme's own list grows by 10 (so
+    // C rewrites the very account whose traffic flows while it catches up). Pipelined on one
+    // connection: the node still takes them one change, one etcd transaction at a time.
+    let mut lines = Vec::new();
+    for i in 0..ACCOUNTS {
+        let id = format!("bulk{i}");
+        lines.push(json!({"cmd": "account_add", "account": id}));
+        for j in 0..9 {
+            lines.push(json!({"cmd": "allow_add", "account": id, "cidr": format!("198.19.{i}.{}/32", j + 1)}));
+        }
+    }
+    for j in 0..10 {
+        lines
+            .insert(j * 97, json!({"cmd": "allow_add", "account": "acme", "cidr": format!("198.18.200.{}/32", j + 1)}));
+    }
+    assert_eq!(lines.len(), 1_010);
+    let lines: Vec<String> = lines.iter().map(|l| format!("{l}\n")).collect();
+    let started = Instant::now();
+    let ok = Conn::open(&fleet.nodes[0].host.socket()).pipelined(&lines);
+    assert_eq!(ok, lines.len(), "some of the changes through A were refused");
+    let revision = applied(&fleet.nodes[0]);
+    eprintln!("{} changes through A in {:.1?}", lines.len(), started.elapsed());
+
+    // Traffic to C's bound port from the allowed and a disallowed source, received (not
+    // echoed: a datagram lost on the way back would count as a drop) in C's server namespace.
+    let c = &fleet.nodes[2];
+    let hosts = &c.host.hosts;
+    let dst = SocketAddr::new(hosts.server_v4.into(), UDP_PORT);
+    let rx = hosts.server.run(move || UdpSocket::bind(dst)).unwrap();
+    set_rcvbuf(&rx, 16 << 20);
+    let rx_stop = Arc::new(AtomicBool::new(false));
+    let limit = Duration::from_secs(60);
+    let receiver = receive_flows(rx, (good.into(), 1), bad.into(), 200_000, rx_stop.clone(), limit + limit);
+    let tx_stop = Arc::new(AtomicBool::new(false));
+    let good_tx = paced_udp_sender(udp_client(&hosts.client, good.into(), dst), 1, GOOD_RATE, tx_stop.clone(), limit);
+    let bad_tx = paced_udp_sender(udp_client(&hosts.client, bad.into(), dst), 2, BAD_RATE, tx_stop.clone(), limit);
+    thread::sleep(Duration::from_millis(300));
+
+    let catch_up = Instant::now();
+    fleet.nodes[2].start();
+    converge_within(&fleet, revision, Duration::from_secs(30));
+    let caught_up = catch_up.elapsed();
+    thread::sleep(Duration::from_millis(300));
+    tx_stop.store(true, Ordering::Relaxed);
+    let (good_sent, bad_sent) = (good_tx.join().unwrap(), bad_tx.join().unwrap());
+    // Let the receiver drain its buffer.
+    thread::sleep(Duration::from_millis(500));
+    rx_stop.store(true, Ordering::Relaxed);
+    let seen = receiver.join().unwrap();
+    let received = seen.good.iter().filter(|&&s| s).count() as u64;
+    eprintln!("C caught up in {caught_up:.1?}; {good_sent} allowed and {bad_sent} disallowed datagrams sent");
+    assert!(good_sent >= GOOD_RATE / 2 && bad_sent > 0, "senders too slow: {good_sent}, {bad_sent}");
+    assert_eq!((seen.bad, seen.other, seen.good_dups), (0, 0, 0), "disallowed or unexpected datagrams passed");
+    let lost: Vec<usize> = (0..good_sent as usize).filter(|&i| !seen.good[i]).take(20).collect();
+    assert_eq!(received, good_sent, "allowed datagrams dropped while C caught up (first lost: {lost:?})");
+
+    // C equals A.
+    let (a, c) = (&fleet.nodes[0], &fleet.nodes[2]);
+    assert_eq!(c.host.ok(json!({"cmd": "account_list"})), a.host.ok(json!({"cmd": "account_list"})));
+    for id in ["acme".to_owned()].into_iter().chain((0..ACCOUNTS).step_by(9).map(|i| format!("bulk{i}"))) {
+        assert_eq!(allow_set(c, &id), allow_set(a, &id), "{id}: C differs from A");
+    }
+    assert_eq!(c.host.ok(json!({"cmd": "bind_list"})), a.host.ok(json!({"cmd": "bind_list"})));
+}
