@@ -19,7 +19,8 @@
 //!    is written straight into etcd under a prefix of its own, so that the three running
 //!    nodes (with test-size maps) do not follow it.
 //!
-//! `--quick` makes the joined fleet ten times smaller and the other runs shorter.
+//! `--quick` makes the joined fleet ten times smaller and the other runs shorter;
+//! `--join-only` measures the join alone (e.g. to profile the joining node).
 
 use std::{
     collections::BTreeMap,
@@ -130,8 +131,13 @@ struct Line {
 
 impl Line {
     fn connect(socket: &Path) -> Line {
+        Self::connect_within(socket, Duration::from_secs(30))
+    }
+
+    /// A connection whose replies may take up to `within`.
+    fn connect_within(socket: &Path, within: Duration) -> Line {
         let stream = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.set_read_timeout(Some(within)).unwrap();
         stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         Line { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream), line: String::new() }
     }
@@ -148,6 +154,12 @@ impl Line {
     fn allowed(&mut self, account: &str, addr: &str) -> bool {
         let reply = self.request(&format!("{{\"cmd\":\"check\",\"account\":\"{account}\",\"addr\":\"{addr}\"}}\n"));
         reply.contains("\"allowed\":true")
+    }
+
+    /// The revision this fleet node reports applied.
+    fn applied_revision(&mut self) -> i64 {
+        let reply: Value = serde_json::from_str(self.request("{\"cmd\":\"status\"}\n")).expect("status is JSON");
+        reply["ok"]["cluster"]["applied_revision"].as_i64().expect("a fleet node reports its revision")
     }
 }
 
@@ -386,6 +398,8 @@ struct Join {
     answered: Duration,
     in_step: Duration,
     enforcing: Duration,
+    /// The longest a `status` request waited for its answer meanwhile.
+    slowest_status: Duration,
 }
 
 /// Starts `node` (empty store and maps) on the seeded fleet and times it to enforcing: its
@@ -397,15 +411,22 @@ fn join(node: &mut FleetNode, accounts: usize, revision: i64) -> Join {
     let answered = start_to_answer(&mut node.host);
     let last = accounts - 1;
     let (account, source) = (format!("acct{last}"), entries_of(last)[3].addr().to_string());
-    let mut in_step = None;
-    let mut check = Line::connect(&node.host.socket());
+    let (mut in_step, mut slowest_status) = (None, Duration::ZERO);
+    // `status` waits while the node resynchronises (see BENCHMARKS.md): no short timeout.
+    let mut ctl = Line::connect_within(&node.host.socket(), JOIN_WITHIN);
     for _ in 0..1_000_000 {
-        if in_step.is_none() && applied(node) >= revision {
-            in_step = Some(started.elapsed());
+        if in_step.is_none() {
+            let asked = Instant::now();
+            let applied = ctl.applied_revision();
+            slowest_status = slowest_status.max(asked.elapsed());
+            if applied >= revision {
+                in_step = Some(started.elapsed());
+            }
         }
-        if in_step.is_some() && check.allowed(&account, &source) {
-            let enforcing = started.elapsed();
-            return Join { answered, in_step: in_step.unwrap(), enforcing };
+        if let Some(in_step) = in_step
+            && ctl.allowed(&account, &source)
+        {
+            return Join { answered, in_step, enforcing: started.elapsed(), slowest_status };
         }
         assert!(started.elapsed() < JOIN_WITHIN, "{} not in step after {JOIN_WITHIN:?}", node.name);
         thread::sleep(Duration::from_millis(10));
@@ -519,6 +540,7 @@ fn etcd_requests(etcd: &EtcdCluster) -> BTreeMap<String, u64> {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let join_only = std::env::args().any(|a| a == "--join-only");
     let scale = if quick {
         Scale { accounts: 10_000, changes: 200, sequential: 200, run: Duration::from_secs(1) }
     } else {
@@ -534,116 +556,117 @@ fn main() {
 
     let mut fleet = Fleet::new(3).expect("start etcd and the nodes' namespaces");
     fleet.start_all();
-    {
-        let a = &fleet.nodes[0];
-        a.host.ok(json!({"cmd": "account_add", "account": "probe"}));
-        a.host.ok(json!({"cmd": "allow_add", "account": "probe", "cidr": "198.18.200.0/24"}));
-        a.host.ok(json!({"cmd": "account_mode", "account": "probe", "mode": "enforce", "force": true}));
-    }
-    let nodes: Vec<&FleetNode> = fleet.nodes.iter().collect();
-    converge(&nodes, applied(nodes[0]));
+    if !join_only {
+        {
+            let a = &fleet.nodes[0];
+            a.host.ok(json!({"cmd": "account_add", "account": "probe"}));
+            a.host.ok(json!({"cmd": "allow_add", "account": "probe", "cidr": "198.18.200.0/24"}));
+            a.host.ok(json!({"cmd": "account_mode", "account": "probe", "mode": "enforce", "force": true}));
+        }
+        let nodes: Vec<&FleetNode> = fleet.nodes.iter().collect();
+        converge(&nodes, applied(nodes[0]));
 
-    // 1. Acknowledgement to enforced on every node.
-    let e = ack_to_enforced(&fleet, scale.changes);
-    println!("## Acknowledgement to enforced on every node ({} changes through node A)", scale.changes);
-    println!();
-    println!("| | p50 ms | p99 ms | max ms |");
-    println!("|---|---:|---:|---:|");
-    let row = |what: &str, v: &[Duration]| {
+        // 1. Acknowledgement to enforced on every node.
+        let e = ack_to_enforced(&fleet, scale.changes);
+        println!("## Acknowledgement to enforced on every node ({} changes through node A)", scale.changes);
+        println!();
+        println!("| | p50 ms | p99 ms | max ms |");
+        println!("|---|---:|---:|---:|");
+        let row = |what: &str, v: &[Duration]| {
+            println!(
+                "| {what} | {:.2} | {:.2} | {:.2} |",
+                ms(percentile(v, 0.5)),
+                ms(percentile(v, 0.99)),
+                ms(percentile(v, 1.0))
+            );
+        };
+        row("request to acknowledgement (committed in etcd, enforced on node A)", &e.ack);
+        for (k, node) in fleet.nodes.iter().enumerate() {
+            row(&format!("request to {}'s check giving the new answer", node.name), &e.per_node[k]);
+        }
+        row("acknowledgement to every node's check giving it", &e.after_ack);
+        row("**request to enforced on every node** (target: p99 <= 100 ms)", &e.total);
+        println!();
         println!(
-            "| {what} | {:.2} | {:.2} | {:.2} |",
-            ms(percentile(v, 0.5)),
-            ms(percentile(v, 0.99)),
-            ms(percentile(v, 1.0))
-        );
-    };
-    row("request to acknowledgement (committed in etcd, enforced on node A)", &e.ack);
-    for (k, node) in fleet.nodes.iter().enumerate() {
-        row(&format!("request to {}'s check giving the new answer", node.name), &e.per_node[k]);
-    }
-    row("acknowledgement to every node's check giving it", &e.after_ack);
-    row("**request to enforced on every node** (target: p99 <= 100 ms)", &e.total);
-    println!();
-    println!(
-        "Node A's first check after an acknowledgement still gave the old answer: {} of {} changes. Checks sent \
+            "Node A's first check after an acknowledgement still gave the old answer: {} of {} changes. Checks sent \
          while polling: {} rounds of up to 3.",
-        e.a_late, scale.changes, e.polls
-    );
-    println!();
+            e.a_late, scale.changes, e.polls
+        );
+        println!();
 
-    // 2. Change throughput against etcd's own.
-    let a = &fleet.nodes[0];
-    let changes_per_second = change_rate(a, scale.sequential);
-    let doc_len = document_len(&a.host.hosts.server, &a.endpoints, "probe");
-    let rates = etcd_rates(&a.host.hosts.server, &a.endpoints, doc_len, scale.sequential);
-    println!("## Change throughput through one node (one client, sequential, {} each)", scale.sequential);
-    println!();
-    println!("| | per second | changes/s ÷ it |");
-    println!("|---|---:|---:|");
-    println!("| `allow add` / `allow remove` through node A, each acknowledged | {changes_per_second:.0} | 1.00 |");
-    println!(
-        "| etcd put of a {}-byte value (`etcd-client`, from node A's namespace) | {:.0} | **{:.2}** |",
-        rates.value_len,
-        rates.puts_per_second,
-        changes_per_second / rates.puts_per_second
-    );
-    println!(
-        "| etcd transaction shaped like a change (a compare, that value, a 200-byte audit record) | {:.0} | {:.2} |",
-        rates.txns_per_second,
-        changes_per_second / rates.txns_per_second
-    );
-    println!();
+        // 2. Change throughput against etcd's own.
+        let a = &fleet.nodes[0];
+        let changes_per_second = change_rate(a, scale.sequential);
+        let doc_len = document_len(&a.host.hosts.server, &a.endpoints, "probe");
+        let rates = etcd_rates(&a.host.hosts.server, &a.endpoints, doc_len, scale.sequential);
+        println!("## Change throughput through one node (one client, sequential, {} each)", scale.sequential);
+        println!();
+        println!("| | per second | changes/s ÷ it |");
+        println!("|---|---:|---:|");
+        println!("| `allow add` / `allow remove` through node A, each acknowledged | {changes_per_second:.0} | 1.00 |");
+        println!(
+            "| etcd put of a {}-byte value (`etcd-client`, from node A's namespace) | {:.0} | **{:.2}** |",
+            rates.value_len,
+            rates.puts_per_second,
+            changes_per_second / rates.puts_per_second
+        );
+        println!(
+            "| etcd transaction shaped like a change (a compare, that value, a 200-byte audit record) | {:.0} | {:.2} |",
+            rates.txns_per_second,
+            changes_per_second / rates.txns_per_second
+        );
+        println!();
 
-    // 3. Login checks on 3 nodes against 1.
-    for i in 0..CHECK_ACCOUNTS {
-        let id = format!("chk{i}");
-        a.host.ok(json!({"cmd": "account_add", "account": id}));
-        a.host.ok(json!({"cmd": "allow_add", "account": id, "cidr": format!("198.18.{}.0/24", 210 + i / 8)}));
-        a.host.ok(json!({"cmd": "account_mode", "account": id, "mode": "enforce", "force": true}));
-    }
-    converge(&nodes, applied(a));
-    let lines = Arc::new(check_lines());
-    let sockets: Vec<PathBuf> = fleet.nodes.iter().map(|n| n.host.socket()).collect();
-    let one = checks(&sockets[..1], CLIENTS, &lines, scale.run)[0];
-    let one_wide = checks(&sockets[..1], CLIENTS * sockets.len(), &lines, scale.run)[0];
-    let (revision_before, requests_before) = (fleet.etcd.revision().unwrap(), etcd_requests(&fleet.etcd));
-    let all = checks(&sockets, CLIENTS, &lines, scale.run);
-    let (revision_after, requests_after) = (fleet.etcd.revision().unwrap(), etcd_requests(&fleet.etcd));
-    let sum: f64 = all.iter().sum();
-    println!("## Login checks: 3 nodes together against 1 ({} s per point)", scale.run.as_secs());
-    println!();
-    println!("| | clients | checks/s | ÷ one node, {CLIENTS} clients |");
-    println!("|---|---:|---:|---:|");
-    println!("| node A alone | {CLIENTS} | {one:.0} | 1.00 |");
-    println!(
-        "| node A alone (the machine's limit: the same client count as below) | {} | {one_wide:.0} | {:.2} |",
-        CLIENTS * 3,
-        one_wide / one
-    );
-    for (node, rate) in fleet.nodes.iter().zip(&all) {
-        println!("| {} while all three are checked | {CLIENTS} | {rate:.0} | {:.2} |", node.name, rate / one);
-    }
-    println!("| **3 nodes together** | {} | {sum:.0} | **{:.2}** |", CLIENTS * 3, sum / one);
-    println!();
-    let mut grown: Vec<String> = requests_after
-        .iter()
-        .filter_map(|(m, &after)| {
-            let d = after.saturating_sub(requests_before.get(m).copied().unwrap_or(0));
-            (d > 0).then(|| format!("{m} {d}"))
-        })
-        .collect();
-    if grown.is_empty() {
-        grown.push("none".into());
-    }
-    println!(
-        "etcd during the 3-node run: revision {revision_before} before, {revision_after} after; gRPC requests \
+        // 3. Login checks on 3 nodes against 1.
+        for i in 0..CHECK_ACCOUNTS {
+            let id = format!("chk{i}");
+            a.host.ok(json!({"cmd": "account_add", "account": id}));
+            a.host.ok(json!({"cmd": "allow_add", "account": id, "cidr": format!("198.18.{}.0/24", 210 + i / 8)}));
+            a.host.ok(json!({"cmd": "account_mode", "account": id, "mode": "enforce", "force": true}));
+        }
+        converge(&nodes, applied(a));
+        let lines = Arc::new(check_lines());
+        let sockets: Vec<PathBuf> = fleet.nodes.iter().map(|n| n.host.socket()).collect();
+        let one = checks(&sockets[..1], CLIENTS, &lines, scale.run)[0];
+        let one_wide = checks(&sockets[..1], CLIENTS * sockets.len(), &lines, scale.run)[0];
+        let (revision_before, requests_before) = (fleet.etcd.revision().unwrap(), etcd_requests(&fleet.etcd));
+        let all = checks(&sockets, CLIENTS, &lines, scale.run);
+        let (revision_after, requests_after) = (fleet.etcd.revision().unwrap(), etcd_requests(&fleet.etcd));
+        let sum: f64 = all.iter().sum();
+        println!("## Login checks: 3 nodes together against 1 ({} s per point)", scale.run.as_secs());
+        println!();
+        println!("| | clients | checks/s | ÷ one node, {CLIENTS} clients |");
+        println!("|---|---:|---:|---:|");
+        println!("| node A alone | {CLIENTS} | {one:.0} | 1.00 |");
+        println!(
+            "| node A alone (the machine's limit: the same client count as below) | {} | {one_wide:.0} | {:.2} |",
+            CLIENTS * 3,
+            one_wide / one
+        );
+        for (node, rate) in fleet.nodes.iter().zip(&all) {
+            println!("| {} while all three are checked | {CLIENTS} | {rate:.0} | {:.2} |", node.name, rate / one);
+        }
+        println!("| **3 nodes together** | {} | {sum:.0} | **{:.2}** |", CLIENTS * 3, sum / one);
+        println!();
+        let mut grown: Vec<String> = requests_after
+            .iter()
+            .filter_map(|(m, &after)| {
+                let d = after.saturating_sub(requests_before.get(m).copied().unwrap_or(0));
+                (d > 0).then(|| format!("{m} {d}"))
+            })
+            .collect();
+        if grown.is_empty() {
+            grown.push("none".into());
+        }
+        println!(
+            "etcd during the 3-node run: revision {revision_before} before, {revision_after} after; gRPC requests \
          started on its members (including the 2 etcdctl reads of the revision and the nodes' once-a-second \
          probes): {}; checks answered: {:.0}.",
-        grown.join(", "),
-        sum * scale.run.as_secs_f64()
-    );
-    println!();
-
+            grown.join(", "),
+            sum * scale.run.as_secs_f64()
+        );
+        println!();
+    }
     // 4. A new node joining a large fleet, against a standalone restart.
     let (revision, seeded) = seed(&fleet.etcd, scale.accounts);
     let total = scale.accounts * ENTRIES;
@@ -661,6 +684,10 @@ fn main() {
         seeded.as_secs_f64()
     );
     println!("| new node: start to its first answered request | {:.2} |", j.answered.as_secs_f64());
+    println!(
+        "| new node: the longest a `status` request waited for its answer meanwhile | {:.2} |",
+        j.slowest_status.as_secs_f64()
+    );
     println!(
         "| new node: start to its applied revision at the fleet's ({revision}) | {:.2} |",
         j.in_step.as_secs_f64()
