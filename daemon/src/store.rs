@@ -403,7 +403,6 @@ impl Store {
         Ok(Store { conn })
     }
 
-
     /// Takes group and other access away from `file`, if it exists and has any.
     fn make_private(file: &Path) -> Result<(), StoreError> {
         use std::os::unix::fs::PermissionsExt as _;
@@ -427,7 +426,6 @@ impl Store {
         name.into()
     }
 }
-
 
 /// The background checkpointer copies the WAL into the database once writes have paused
 /// this long (its sync then delays no change's own), and at least this often while they do
@@ -1839,7 +1837,6 @@ mod tests {
             [("allow_remove", Some(6)), ("allow_add", Some(5)), ("mode", Some(5)), ("account_add", Some(5))]
         );
     }
-
 
     #[test]
     fn newer_schema_is_refused() {
