@@ -1,6 +1,9 @@
 //! `cargo xtask demo`, run as a developer runs it: it must tell its whole story (an allowed
 //! and a blocked client, a refused login, an override letting the blocked address in, counters
 //! and the activity log) and leave nothing behind, also when interrupted with Ctrl-C halfway.
+//! `cargo xtask demo --fleet` likewise: a change through one node enforced on the others'
+//! wires, every node enforcing and refusing changes while etcd has no quorum, and no etcd
+//! member, namespace or file left afterwards.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -16,15 +19,20 @@ use ipaccess_tests::xtask::cargo_xtask;
 /// The tour takes seconds; the rest is room for building the binaries on a cold cache.
 const LIMIT: Duration = Duration::from_secs(15 * 60);
 
-/// The namespaces and directory the demo announced: "namespaces: S (server) and C (client);
-/// files in DIR".
+/// The namespaces and directory a demo announced: "namespaces: S (server) and C (client);
+/// files in DIR", or for the fleet "namespaces: E (etcd), S1 C1 (node-1), ...; files in DIR".
 fn created(output: &str) -> (Vec<String>, String) {
     let line = output
         .lines()
         .find_map(|l| l.trim().strip_prefix("namespaces: "))
         .unwrap_or_else(|| panic!("the demo did not name its namespaces:\n{output}"));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    (vec![words[0].to_string(), words[3].to_string()], words.last().unwrap().to_string())
+    let (names, dir) = line.split_once("; files in ").unwrap_or_else(|| panic!("no directory in `{line}`"));
+    let namespaces: Vec<String> = names
+        .split_whitespace()
+        .filter(|w| !w.starts_with('(') && *w != "and")
+        .map(|w| w.trim_end_matches(',').to_string())
+        .collect();
+    (namespaces, dir.trim().to_string())
 }
 
 /// Nothing the demo made is left: namespaces, directory, processes using it, mounts.
@@ -82,11 +90,18 @@ fn demo_tells_the_whole_story() {
 
 #[test]
 fn demo_cleans_up_when_interrupted() {
+    interrupt_at(&["demo"], "== 5.", &["stopped ipaccessd", "deleted namespace", "removed /"]);
+}
+
+/// Runs `cargo xtask ARGS`, sends it SIGINT as a terminal's Ctrl-C would once it prints a line
+/// starting with `step`, and checks that it stops, says `said`, and leaves nothing behind.
+fn interrupt_at(args: &[&str], step: &str, said: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // Its own process group, so that the SIGINT below reaches it the way a terminal's Ctrl-C
     // reaches a foreground job, and nothing else.
     let mut child = Command::new(cargo)
-        .args(["xtask", "demo"])
+        .arg("xtask")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -116,13 +131,13 @@ fn demo_cleans_up_when_interrupted() {
             Ok(line) => {
                 output.push_str(&line);
                 output.push('\n');
-                if line.starts_with("== 5.") {
+                if line.starts_with(step) {
                     break;
                 }
             }
             Err(_) => {
                 let _ = child.kill();
-                panic!("the demo did not reach step 5:\n{output}");
+                panic!("the demo did not reach `{step}`:\n{output}");
             }
         }
     }
@@ -147,8 +162,67 @@ fn demo_cleans_up_when_interrupted() {
     let errors = errors.join().unwrap();
     assert!(!status.success(), "an interrupted demo must not report success:\n{output}");
     assert!(errors.contains("interrupted: cleaning up"), "{errors}");
-    for text in ["stopped ipaccessd", "deleted namespace", "removed /"] {
+    for text in said {
         assert!(output.contains(text), "no `{text}` in:\n{output}\n{errors}");
     }
     assert_nothing_left(&output);
+}
+
+#[test]
+fn fleet_demo_tells_the_whole_story() {
+    let out = cargo_xtask(&["demo", "--fleet"], LIMIT).expect("run cargo xtask demo --fleet");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the fleet demo failed ({}):\n{stdout}\n{stderr}", out.status);
+    let results: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("result: ")).collect();
+    let office = "198.18.0.10 -> 198.18.0.1:8080: connected (hello 198.18.0.10, this is acme's service)";
+    let stranger_blocked = "198.18.0.20 -> 198.18.0.1:8080: blocked (no answer within 2s)";
+    let stranger = "198.18.0.20 -> 198.18.0.1:8080: connected (hello 198.18.0.20, this is acme's service)";
+    let mut expected = Vec::new();
+    // Made through node-1, enforced on the wires of nodes 2 and 3.
+    for node in ["node-2", "node-3"] {
+        expected.push(format!("{node}: {office}"));
+        expected.push(format!("{node}: {stranger_blocked}"));
+    }
+    // A ban through node-3 on node-1; lifted through node-1, seen on node-3.
+    expected.push("node-1: login from 198.18.0.10: denied (banned)".into());
+    expected.push("node-1: 198.18.0.10 -> 198.18.0.1:8080: blocked (no answer within 2s)".into());
+    expected.push(format!("node-3: {office}"));
+    // etcd without a quorum: every node enforces, answers checks, refuses changes.
+    for node in ["node-1", "node-2", "node-3"] {
+        expected.push(format!("{node}: {office}"));
+        expected.push(format!("{node}: {stranger_blocked}"));
+        expected.push(format!("{node}: login from 198.18.0.10: allowed"));
+        expected.push(format!("{node}: change refused (cluster_unavailable)"));
+    }
+    // etcd back: a change through node-2 is enforced everywhere.
+    for node in ["node-1", "node-2", "node-3"] {
+        expected.push(format!("{node}: {stranger}"));
+    }
+    assert_eq!(results, expected, "{stdout}");
+    for text in [
+        "node-1$ ipaccessctl bind add acme 198.18.0.1:8080",
+        "node-3$ ipaccessctl account state acme banned",
+        "node-2$ ipaccessctl status",
+        "cluster: node node-2, connected",
+        "cluster: node node-3, unavailable",
+        "killed etcd member",
+        "every node has applied etcd revision",
+        "everything it created is gone",
+    ] {
+        assert!(stdout.contains(text), "no `{text}` in:\n{stdout}");
+    }
+    // Each node's status shows it caught up with the cluster at the end.
+    assert!(stdout.lines().filter(|l| l.trim_start().starts_with("revision: applied")).any(|l| l.contains("(lag 0)")));
+    let (namespaces, _) = created(&stdout);
+    assert_eq!(namespaces.len(), 7, "etcd's and 2 per node: {namespaces:?}");
+    assert_nothing_left(&stdout);
+}
+
+#[test]
+fn fleet_demo_cleans_up_when_interrupted() {
+    // At step 4 etcd's three members, three daemons and seven namespaces are up.
+    let said =
+        ["stopped ipaccessd", "stopped etcd member m0", "stopped etcd member m2", "deleted namespace", "removed /"];
+    interrupt_at(&["demo", "--fleet"], "== 4.", &said);
 }

@@ -36,19 +36,19 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo, status, target_dir};
 
-const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub(crate) const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The customer's office: on the allowlist.
-const OFFICE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub(crate) const OFFICE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// The customer from a new address (their ISP changed it): not on the list, until support helps.
-const TRAVELLING: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
-const PORT: u16 = 8080;
-const ACCOUNT: &str = "acme";
+pub(crate) const TRAVELLING: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+pub(crate) const PORT: u16 = 8080;
+pub(crate) const ACCOUNT: &str = "acme";
 /// How long a refused connection attempt waits before it counts as blocked.
-const BLOCKED_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const BLOCKED_AFTER: Duration = Duration::from_secs(2);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-fn check_interrupted() -> Result<()> {
+pub(crate) fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::Relaxed) {
         bail!("interrupted");
     }
@@ -56,22 +56,31 @@ fn check_interrupted() -> Result<()> {
 }
 
 /// Sleeps `step`, or fails at once if the tour was interrupted.
-fn pause(step: Duration) -> Result<()> {
+pub(crate) fn pause(step: Duration) -> Result<()> {
     check_interrupted()?;
     thread::sleep(step);
     check_interrupted()
 }
 
-pub fn run() -> Result<()> {
+/// Ctrl-C (and SIGTERM, SIGHUP) only raise [`INTERRUPTED`]: the tour unwinds through its guards.
+pub(crate) fn on_interrupt_clean_up() -> Result<()> {
     ctrlc::set_handler(|| {
         if !INTERRUPTED.swap(true, Ordering::Relaxed) {
             eprintln!("\ninterrupted: cleaning up");
         }
     })
-    .context("installing the Ctrl-C handler")?;
+    .context("installing the Ctrl-C handler")
+}
 
+/// Builds the release binaries the tours run; returns their directory.
+pub(crate) fn build_binaries() -> Result<PathBuf> {
     status(&mut cargo(["build", "--release", "-p", "ipaccess", "--bins"]))?;
-    let release = target_dir().join("release");
+    Ok(target_dir().join("release"))
+}
+
+pub fn run() -> Result<()> {
+    on_interrupt_clean_up()?;
+    let release = build_binaries()?;
     let result = tour(&release.join("ipaccessd"), &release.join("ipaccessctl"));
     // The guards have run by now: the tour's own scope is closed.
     match &result {
@@ -83,7 +92,7 @@ pub fn run() -> Result<()> {
 
 fn tour(daemon_bin: &Path, ctl_bin: &Path) -> Result<()> {
     // Declared in this order, dropped in the reverse one: service, daemon, namespaces, directory.
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("ipaccess-demo")?;
     let id = std::process::id();
     heading("1. Two hosts: network namespaces joined by a veth pair");
     let server = Netns::new(format!("ipdemo{id}s"))?;
@@ -93,8 +102,9 @@ fn tour(daemon_bin: &Path, ctl_bin: &Path) -> Result<()> {
     println!("   server {SERVER}; client {OFFICE} (acme's office) and {TRAVELLING} (acme from a new address)");
 
     heading("2. ipaccessd in the server namespace, filtering its veth with XDP");
-    let daemon = Daemon::start(daemon_bin, &server, &dir)?;
-    let ctl = Ctl { bin: ctl_bin.to_path_buf(), socket: daemon.socket.clone() };
+    // Small tables: the tour needs a handful of slots, not the production default.
+    let daemon = Daemon::start(daemon_bin, &server, &dir.0, "[maps]\nslots = 65536\naccounts = 1024\n")?;
+    let ctl = Ctl { bin: ctl_bin.to_path_buf(), socket: daemon.socket.clone(), prompt: "$".into() };
     println!("   ready; ipaccessctl below talks to {}", daemon.socket.display());
 
     heading(&format!("3. A TCP service on {SERVER}:{PORT} (acme's endpoint)"));
@@ -157,7 +167,7 @@ fn tour(daemon_bin: &Path, ctl_bin: &Path) -> Result<()> {
     Ok(())
 }
 
-fn heading(text: &str) {
+pub(crate) fn heading(text: &str) {
     println!("\n== {text}");
 }
 
@@ -181,21 +191,29 @@ fn expect_connection(client: &Netns, src: Ipv4Addr, dst: SocketAddrV4, allowed: 
 // ---------------------------------------------------------------------------------------------
 // ipaccessctl
 
-struct Ctl {
-    bin: PathBuf,
-    socket: PathBuf,
+pub(crate) struct Ctl {
+    pub(crate) bin: PathBuf,
+    pub(crate) socket: PathBuf,
+    /// Shown before each command: `$`, or the node's name on a fleet.
+    pub(crate) prompt: String,
 }
 
 impl Ctl {
-    fn output(&self, args: &[&str]) -> Result<Output> {
+    /// Runs ipaccessctl without showing anything.
+    pub(crate) fn quiet(&self, args: &[&str]) -> Result<Output> {
         check_interrupted()?;
-        println!("\n$ ipaccessctl {}", shell_words(args));
-        let out = Command::new(&self.bin)
+        Command::new(&self.bin)
             .args(args)
             .env("IPACCESS_SOCKET", &self.socket)
             .stdin(Stdio::null())
             .output()
-            .context("running ipaccessctl")?;
+            .context("running ipaccessctl")
+    }
+
+    pub(crate) fn output(&self, args: &[&str]) -> Result<Output> {
+        check_interrupted()?;
+        println!("\n{} ipaccessctl {}", self.prompt, shell_words(args));
+        let out = self.quiet(args)?;
         for line in String::from_utf8_lossy(&out.stdout).lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
             println!("  {line}");
         }
@@ -203,12 +221,12 @@ impl Ctl {
     }
 
     /// Runs a command that must succeed; returns its standard output.
-    fn show(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn show(&self, args: &[&str]) -> Result<String> {
         self.show_expecting(args, 0)
     }
 
     /// Runs a command that must exit with `code` (`check` exits 1 for a denied login).
-    fn show_expecting(&self, args: &[&str], code: i32) -> Result<String> {
+    pub(crate) fn show_expecting(&self, args: &[&str], code: i32) -> Result<String> {
         let out = self.output(args)?;
         if out.status.code() != Some(code) {
             bail!("`ipaccessctl {}` exited with {}, expected {code}", shell_words(args), out.status);
@@ -218,7 +236,7 @@ impl Ctl {
 }
 
 /// The arguments as one would type them: quoted when they hold spaces.
-fn shell_words(args: &[&str]) -> String {
+pub(crate) fn shell_words(args: &[&str]) -> String {
     let quoted: Vec<String> =
         args.iter().map(|a| if a.contains(' ') { format!("\"{a}\"") } else { a.to_string() }).collect();
     quoted.join(" ")
@@ -228,11 +246,12 @@ fn shell_words(args: &[&str]) -> String {
 // Guards
 
 /// A directory under the system's temporary directory, removed with its contents on Drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> Result<TempDir> {
-        let path = std::env::temp_dir().join(format!("ipaccess-demo-{}", std::process::id()));
+    /// `<tmp>/<prefix>-<pid>`.
+    pub(crate) fn new(prefix: &str) -> Result<TempDir> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(TempDir(path))
@@ -249,7 +268,7 @@ impl Drop for TempDir {
 }
 
 /// Runs `ip ARGS` and fails with its message unless it succeeds.
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("running ip (iproute2)")?;
     if !out.status.success() {
         bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
@@ -258,18 +277,18 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// A named network namespace, deleted (with its interfaces) on Drop.
-struct Netns {
-    name: String,
+pub(crate) struct Netns {
+    pub(crate) name: String,
 }
 
 impl Netns {
-    fn new(name: String) -> Result<Netns> {
+    pub(crate) fn new(name: String) -> Result<Netns> {
         ip(&["netns", "add", &name])?;
         Ok(Netns { name })
     }
 
     /// Runs `f` on a thread that has joined this namespace (sockets made there stay in it).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    pub(crate) fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let path = format!("/run/netns/{}", self.name);
         let worker = thread::spawn(move || -> Result<T> {
             let ns = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
@@ -293,7 +312,7 @@ impl Drop for Netns {
 }
 
 /// The veth pair, one end in each namespace and named after it, with the addresses up.
-fn veth_pair(server: &Netns, client: &Netns) -> Result<()> {
+pub(crate) fn veth_pair(server: &Netns, client: &Netns) -> Result<()> {
     let (s, c) = (server.name.as_str(), client.name.as_str());
     ip(&["link", "add", s, "netns", s, "type", "veth", "peer", "name", c, "netns", c])?;
     for (ns, addrs) in [(s, vec![SERVER]), (c, vec![OFFICE, TRAVELLING])] {
@@ -309,19 +328,19 @@ fn veth_pair(server: &Netns, client: &Netns) -> Result<()> {
 /// ipaccessd in the server namespace, in its own process group so that a Ctrl-C at the
 /// terminal reaches only the tour, which then stops the daemon itself: SIGTERM on Drop,
 /// SIGKILL if it has not stopped within five seconds.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(bin: &Path, server: &Netns, dir: &TempDir) -> Result<Daemon> {
-        let config = dir.0.join("ipaccessd.toml");
-        // Small tables: the tour needs a handful of slots, not the production default.
-        fs::write(&config, "[maps]\nslots = 65536\naccounts = 1024\n")?;
-        let socket = dir.0.join("ipaccessd.sock");
-        let log = dir.0.join("ipaccessd.log");
+    /// Starts the daemon on `config` (the file's text), its files in `dir`.
+    pub(crate) fn start(bin: &Path, server: &Netns, dir: &Path, config_text: &str) -> Result<Daemon> {
+        let config = dir.join("ipaccessd.toml");
+        fs::write(&config, config_text)?;
+        let socket = dir.join("ipaccessd.sock");
+        let log = dir.join("ipaccessd.log");
         let out = fs::File::create(&log)?;
         // `ip netns exec` gives the daemon a mount namespace with a fresh /sys; ipaccessd mounts
         // bpffs at /sys/fs/bpf there, so the mount and its pins vanish with the daemon.
@@ -331,7 +350,7 @@ impl Daemon {
             .args([OsStr::new("--config"), config.as_os_str()])
             .args([OsStr::new("--iface"), OsStr::new(&server.name)])
             .args([OsStr::new("--socket"), socket.as_os_str()])
-            .args([OsStr::new("--state-dir"), dir.0.join("state").as_os_str()])
+            .args([OsStr::new("--state-dir"), dir.join("state").as_os_str()])
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -355,7 +374,7 @@ impl Daemon {
         Ok(daemon)
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -393,14 +412,14 @@ fn answers(socket: &Path) -> bool {
 
 /// A TCP service in a namespace that greets each client with the address it came from. Its
 /// thread stops on Drop.
-struct TcpService {
+pub(crate) struct TcpService {
     stop: Arc<AtomicBool>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl TcpService {
-    fn start(ns: &Netns, addr: SocketAddrV4) -> Result<TcpService> {
+    pub(crate) fn start(ns: &Netns, addr: SocketAddrV4) -> Result<TcpService> {
         let listener = ns.run(move || TcpListener::bind(addr))?.with_context(|| format!("listening on {addr}"))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -438,7 +457,7 @@ impl Drop for TcpService {
 
 /// Connects from `src` to `dst` and reads the greeting; `None` if no connection was made
 /// within [`BLOCKED_AFTER`]. std cannot choose a connection's source address, hence libc.
-fn tcp_greeting(src: Ipv4Addr, dst: SocketAddrV4) -> Option<String> {
+pub(crate) fn tcp_greeting(src: Ipv4Addr, dst: SocketAddrV4) -> Option<String> {
     let sockaddr = |addr: SocketAddrV4| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: addr.port().to_be(),

@@ -3,6 +3,7 @@
 //! `cargo xtask <command>`.
 
 mod demo;
+mod demo_fleet;
 mod package;
 mod setup;
 
@@ -51,7 +52,12 @@ enum Cmd {
     /// A narrated tour (needs root): two namespaced hosts, the real daemon filtering one of
     /// them, allowed and blocked clients, a refused login, a support override, counters and
     /// the activity log. Removes everything it made, also on Ctrl-C.
-    Demo,
+    Demo {
+        /// A fleet instead: a 3-member etcd and 3 nodes; a change through one node enforced on
+        /// all, and every node still enforcing while etcd has lost its quorum.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Build the Debian package: binaries, systemd unit, configuration, man pages and shell
     /// completions in target/debian/ipaccess_<version>_<arch>.deb.
     Package,
@@ -140,10 +146,10 @@ fn run(cli: Cli) -> Result<()> {
             // stable host build that the tests use.
             status(ebpf.env("CARGO_TARGET_DIR", target_dir().join("lint-ebpf")))
         }
-        Cmd::Demo => {
+        Cmd::Demo { fleet } => {
             require_root("demo")?;
             setup::run()?;
-            demo::run()
+            if fleet { demo_fleet::run() } else { demo::run() }
         }
         Cmd::Package => {
             setup::run()?;
