@@ -130,6 +130,16 @@ impl Fleet {
         self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
+    /// Writes a marker key inside the policy range the nodes follow and returns its
+    /// revision: a node that has applied it has applied everything before it. (etcd's own
+    /// revision counts the nodes' records too, which nodes do not follow.)
+    pub fn barrier(&self) -> Result<i64> {
+        let text = self.etcd.etcdctl(&["put", &format!("{PREFIX}zz-barrier"), "x", "-w", "json"])?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("etcdctl put: not JSON: {text}"))?;
+        value["header"]["revision"].as_i64().with_context(|| format!("no revision in {text}"))
+    }
+
     /// Waits until etcd has a leader and every live member agrees (see
     /// [`EtcdCluster::wait_healthy`]).
     pub fn wait_etcd(&self, within: Duration) -> Result<()> {

@@ -54,6 +54,8 @@ pub struct Health {
     pub cluster_revision: i64,
     /// The revision this node's store and kernel reflect.
     pub applied_revision: i64,
+    /// The revision of the last policy change (or snapshot) it applied.
+    pub policy_revision: i64,
     /// Why the last request to etcd failed, while it does.
     pub last_error: Option<String>,
 }
@@ -65,7 +67,8 @@ pub enum Change {
     Account(String, Option<AccountDoc>),
     /// The binding of an endpoint this node enforces, or its removal.
     Binding(Binding, bool),
-    Audit(ActivityRecord),
+    /// The audit records one change (or one part of it) wrote.
+    Audit(Vec<ActivityRecord>),
 }
 
 /// Everything under the prefix at one revision.
@@ -120,11 +123,14 @@ pub enum Write {
 pub struct Unit {
     pub guards: Vec<Guard>,
     pub writes: Vec<Write>,
+    /// Its audit records: written with the unit, all of one part's in one key.
+    pub audit: Vec<AuditValue>,
 }
 
-/// etcd's defaults: 128 operations and 1.5 MiB per request. A change that needs more is
-/// written in parts of at most this many operations and bytes.
-const PART_OPERATIONS: usize = 100;
+/// etcd's defaults: 128 operations (and as many compares) and 1.5 MiB per request. A change
+/// that needs more is written in parts of at most this many operations and bytes (one
+/// operation of each part is its audit records).
+const PART_OPERATIONS: usize = 127;
 const PART_BYTES: usize = 1 << 20;
 
 /// This node's handle on its fleet.
@@ -134,7 +140,12 @@ pub struct Cluster {
     config: config::Cluster,
     runtime: tokio::runtime::Handle,
     client: Mutex<Option<Client>>,
+    /// Every policy event up to this revision has been applied (events, a snapshot, or a
+    /// progress report from etcd saying nothing else came).
     applied: watch::Sender<i64>,
+    /// The revision of the last policy event or snapshot applied: what the node publishes
+    /// (publishing on every progress report would feed itself).
+    policy: watch::Sender<i64>,
     health: Mutex<Health>,
 }
 
@@ -142,6 +153,7 @@ impl Cluster {
     /// A handle for a node whose local copy has applied `applied` (0 if none).
     pub fn new(config: &config::Cluster, runtime: tokio::runtime::Handle, applied: i64) -> Arc<Cluster> {
         let (applied_tx, _) = watch::channel(applied);
+        let (policy_tx, _) = watch::channel(applied);
         Arc::new(Cluster {
             keys: Keys::new(&config.prefix),
             node: config.node.clone(),
@@ -149,6 +161,7 @@ impl Cluster {
             runtime,
             client: Mutex::new(None),
             applied: applied_tx,
+            policy: policy_tx,
             health: Mutex::new(Health { applied_revision: applied, ..Health::default() }),
         })
     }
@@ -164,6 +177,7 @@ impl Cluster {
     pub fn health(&self) -> Health {
         let mut health = self.health.lock().expect("health lock").clone();
         health.applied_revision = *self.applied.borrow();
+        health.policy_revision = *self.policy.borrow();
         health
     }
 
@@ -172,14 +186,20 @@ impl Cluster {
         *self.applied.borrow()
     }
 
-    fn set_applied(&self, revision: i64) {
-        self.applied.send_if_modified(|applied| {
+    /// Records that everything up to `revision` is applied; `policy` when a policy event or
+    /// a snapshot brought it (not a progress report).
+    fn set_applied(&self, revision: i64, policy: bool) {
+        let advance = |applied: &mut i64| {
             let newer = revision > *applied;
             if newer {
                 *applied = revision;
             }
             newer
-        });
+        };
+        if policy {
+            self.policy.send_if_modified(advance);
+        }
+        self.applied.send_if_modified(advance);
     }
 
     fn connected(&self, revision: i64) {
@@ -247,7 +267,8 @@ impl Cluster {
         let mut parts: Vec<Vec<Unit>> = vec![Vec::new()];
         let (mut operations, mut bytes) = (0, 0);
         for unit in units {
-            let unit_operations = unit.guards.len().max(unit.writes.len());
+            let compares: usize = unit.guards.iter().map(|g| if matches!(g, Guard::Existing(_)) { 2 } else { 1 }).sum();
+            let unit_operations = compares.max(unit.writes.len());
             let unit_bytes: usize = unit
                 .writes
                 .iter()
@@ -255,7 +276,8 @@ impl Cluster {
                     Write::Put(key, value) => key.len() + value.len(),
                     Write::Delete(key) => key.len(),
                 })
-                .sum();
+                .sum::<usize>()
+                + unit.audit.len() * 256;
             if operations + unit_operations > PART_OPERATIONS || bytes + unit_bytes > PART_BYTES {
                 if !parts.last().expect("one part").is_empty() {
                     parts.push(Vec::new());
@@ -275,7 +297,9 @@ impl Cluster {
             let mut seen = std::collections::HashSet::new();
             let mut ops = Vec::new();
             let mut written = Vec::new();
+            let mut audit = Vec::new();
             for unit in part {
+                audit.extend(unit.audit);
                 for guard in unit.guards {
                     let compare = match guard {
                         Guard::Key(key) | Guard::Existing(key) if !seen.insert(key.clone()) => continue,
@@ -307,6 +331,13 @@ impl Cluster {
                     }
                 }
             }
+            if !audit.is_empty() {
+                let unique =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+                let time = audit.iter().map(|a| a.time).min().unwrap_or(0);
+                let key = self.keys.audit(time, &self.node, &format!("{unique}-{done}"));
+                ops.push(TxnOp::put(key, serde_json::to_vec(&audit).expect("audit records serialize"), None));
+            }
             match self.commit(compares, ops) {
                 Ok(Committed::At(at)) => {
                     revision = at;
@@ -325,7 +356,7 @@ impl Cluster {
         Ok(Committed::At(revision))
     }
 
-    /// The live nodes and the revision each has applied, as they published it.
+    /// The live nodes and the policy revision each has applied, as they published it.
     pub fn nodes(&self) -> Result<Vec<(String, i64)>, String> {
         let Some(mut client) = self.client.lock().expect("client lock").clone() else {
             return Err("this node has not reached etcd since it started".into());
@@ -345,7 +376,7 @@ impl Cluster {
             .filter_map(|kv| {
                 let name = kv.key_str().ok()?.strip_prefix(start.as_str())?.to_owned();
                 let value: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
-                Some((name, value.get("applied_revision")?.as_i64()?))
+                Some((name, value.get("policy_revision")?.as_i64()?))
             })
             .collect())
     }
@@ -440,14 +471,19 @@ impl Cluster {
                     }
                 },
             },
-            Key::Audit => value.and_then(|v| serde_json::from_slice::<AuditValue>(v).ok()).map(|a| {
-                Change::Audit(ActivityRecord {
-                    time: a.time,
-                    account: a.account,
-                    uid: a.uid,
-                    action: a.action,
-                    detail: a.detail,
-                })
+            Key::Audit => value.and_then(|v| serde_json::from_slice::<Vec<AuditValue>>(v).ok()).map(|records| {
+                Change::Audit(
+                    records
+                        .into_iter()
+                        .map(|a| ActivityRecord {
+                            time: a.time,
+                            account: a.account,
+                            uid: a.uid,
+                            action: a.action,
+                            detail: a.detail,
+                        })
+                        .collect(),
+                )
             }),
             _ => None,
         }
@@ -477,7 +513,7 @@ impl Cluster {
             Ok(Err(e)) => return format!("resynchronising from revision {revision}: {e}"),
             Err(e) => return format!("resynchronising from revision {revision}: {e}"),
         }
-        self.set_applied(revision);
+        self.set_applied(revision, true);
         self.connected(revision);
         info!(
             "cluster: in step with etcd at revision {revision} ({accounts} accounts, {bindings} bindings, {:.2?})",
@@ -489,11 +525,22 @@ impl Cluster {
             Ok(stream) => stream,
             Err(e) => return format!("watch: {e}"),
         };
+        // etcd reports progress when asked: then this node knows it has every policy event
+        // up to etcd's revision, even when the last writes were other keys (node records).
+        let mut progress = tokio::time::interval(PROBE_EVERY);
         loop {
-            let response = match stream.message().await {
-                Ok(Some(response)) => response,
-                Ok(None) => return "etcd ended the watch".into(),
-                Err(e) => return format!("watch: {e}"),
+            let response = tokio::select! {
+                message = stream.message() => match message {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return "etcd ended the watch".into(),
+                    Err(e) => return format!("watch: {e}"),
+                },
+                _ = progress.tick() => {
+                    if let Err(e) = stream.request_progress().await {
+                        return format!("watch: {e}");
+                    }
+                    continue;
+                }
             };
             if response.canceled() {
                 let compacted = response.compact_revision();
@@ -507,6 +554,9 @@ impl Cluster {
             self.connected(header_revision);
             let events = response.events();
             let Some(last) = events.iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() else {
+                if !response.created() {
+                    self.set_applied(header_revision, false);
+                }
                 continue;
             };
             let changes: Vec<Change> = events
@@ -519,12 +569,12 @@ impl Cluster {
                 .collect();
             if changes.is_empty() {
                 // Keys this node has no use for (another node's bindings, the sequence).
-                self.set_applied(last);
+                self.set_applied(last, false);
                 continue;
             }
             let replica = replica.clone();
             match tokio::task::spawn_blocking(move || replica.apply(changes, last)).await {
-                Ok(Ok(())) => self.set_applied(last),
+                Ok(Ok(())) => self.set_applied(last, true),
                 Ok(Err(e)) => return format!("applying revision {last}: {e}"),
                 Err(e) => return format!("applying revision {last}: {e}"),
             }
@@ -563,7 +613,7 @@ impl Drop for AbortOnDrop {
 /// when the node stops, so that `status` (and `ipaccessctl --wait-fleet`) can see which
 /// live nodes have applied a change.
 async fn publish(cluster: Arc<Cluster>) {
-    let mut applied = cluster.applied.subscribe();
+    let mut applied = cluster.policy.subscribe();
     loop {
         let Some(mut client) = cluster.client.lock().expect("client lock").clone() else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -584,7 +634,7 @@ async fn publish(cluster: Arc<Cluster>) {
         loop {
             let revision = *applied.borrow_and_update();
             if revision != published {
-                let value = serde_json::json!({ "applied_revision": revision }).to_string();
+                let value = serde_json::json!({ "policy_revision": revision }).to_string();
                 let put =
                     client.put(cluster.keys.node(&cluster.node), value, Some(PutOptions::new().with_lease(lease)));
                 if put.await.is_err() {

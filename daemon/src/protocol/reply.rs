@@ -310,8 +310,10 @@ pub struct ClusterStatus {
     pub node: String,
     /// etcd answered within the last second or so.
     pub connected: bool,
-    /// The revision this node's store and kernel reflect.
+    /// Every policy change up to this revision is in this node's store and kernel.
     pub applied_revision: i64,
+    /// The revision of the last policy change (or snapshot) this node applied.
+    pub policy_revision: i64,
     /// The latest revision etcd reported.
     pub cluster_revision: i64,
     /// Why etcd cannot be used now; null while it can.
@@ -319,8 +321,8 @@ pub struct ClusterStatus {
     /// Accounts or bindings the fleet committed that this node's kernel refused (full
     /// tables); see the log.
     pub apply_failures: u64,
-    /// The live nodes of the fleet and the revision each has applied (empty while etcd
-    /// cannot be read).
+    /// The live nodes of the fleet and the policy revision each has applied (empty while
+    /// etcd cannot be read).
     pub nodes: Vec<FleetNode>,
 }
 
@@ -328,7 +330,7 @@ pub struct ClusterStatus {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct FleetNode {
     pub node: String,
-    pub applied_revision: i64,
+    pub policy_revision: i64,
 }
 
 /// An attached interface and the XDP path its program runs in.

@@ -125,8 +125,11 @@ impl Service {
             for (&(addr, target), gone) in &old {
                 if new.get(&(addr, target)).is_none_or(|b| b.account != gone.account) {
                     let key = keys.binding(addr, target, FLEET_WIDE);
-                    binding_units
-                        .push(Unit { guards: vec![Guard::Existing(key.clone())], writes: vec![Write::Delete(key)] });
+                    binding_units.push(Unit {
+                        guards: vec![Guard::Existing(key.clone())],
+                        writes: vec![Write::Delete(key)],
+                        audit: Vec::new(),
+                    });
                 }
             }
             for (&(addr, target), &binding) in &new {
@@ -139,6 +142,7 @@ impl Service {
                     binding_units.push(Unit {
                         guards: vec![Guard::Range(start, end), known(&binding.account)],
                         writes: vec![Write::Put(keys.binding(addr, target, FLEET_WIDE), value)],
+                        audit: Vec::new(),
                     });
                     if tx.account(&binding.account)?.is_some() {
                         touch(&binding.account, &mut accounts);
@@ -160,7 +164,7 @@ impl Service {
         let mut units = Vec::with_capacity(accounts.len() + binding_units.len() + 2);
         for id in &accounts {
             let key = keys.account(id);
-            let mut unit = Unit { guards: vec![known(id)], writes: Vec::new() };
+            let mut unit = Unit { guards: vec![known(id)], ..Unit::default() };
             if let Some(parent) = parent_of.get(id) {
                 unit.guards.push(known(parent));
             }
@@ -194,13 +198,19 @@ impl Service {
             units.push(Unit {
                 guards: vec![Guard::Key(key.clone())],
                 writes: vec![Write::Put(key, last_override.to_string().into_bytes())],
+                audit: Vec::new(),
             });
         }
-        let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        for (n, record) in tx.audit_since(marks)?.iter().enumerate() {
-            let value = serde_json::to_vec(&AuditValue::of(record)).expect("an audit record serializes");
-            let key = keys.audit(record.time, cluster.node(), &format!("{unique}-{n}"));
-            units.push(Unit { guards: Vec::new(), writes: vec![Write::Put(key, value)] });
+        // Each audit record goes with its account's unit (so with the part that writes it);
+        // the rest with the first.
+        let unit_of: HashMap<&str, usize> = accounts.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        for record in tx.audit_since(marks)? {
+            let at = unit_of.get(record.account.as_str()).copied().unwrap_or(0);
+            if units.is_empty() {
+                units.push(Unit::default());
+            }
+            let last = units.len() - 1;
+            units[at.min(last)].audit.push(AuditValue::of(&record));
         }
         Ok(units)
     }
@@ -255,7 +265,7 @@ impl Service {
                 Change::Binding(binding, false) => {
                     bindings_changed |= tx.remove_binding(binding.addr, binding.target)?.is_some();
                 }
-                Change::Audit(record) => tx.add_activity(&[record])?,
+                Change::Audit(records) => tx.add_activity(&records)?,
             }
         }
         tx.set_applied_revision(revision)?;

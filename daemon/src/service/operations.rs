@@ -74,6 +74,7 @@ impl Service {
                     node: cluster.node().to_owned(),
                     connected: health.connected,
                     applied_revision: health.applied_revision,
+                    policy_revision: health.policy_revision,
                     cluster_revision: health.cluster_revision.max(health.applied_revision),
                     last_error: health.last_error,
                     apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
@@ -81,7 +82,7 @@ impl Service {
                         .nodes()
                         .unwrap_or_default()
                         .into_iter()
-                        .map(|(node, applied_revision)| FleetNode { node, applied_revision })
+                        .map(|(node, policy_revision)| FleetNode { node, policy_revision })
                         .collect(),
                 }
             }),

@@ -169,12 +169,13 @@ fn wait_fleet(socket: &Path, within: std::time::Duration) -> Result<String, Stri
         Err(Failure::Unreadable { error, .. }) => Err(format!("--wait-fleet: unreadable status: {error}")),
         Err(Failure::Local(message)) => Err(format!("--wait-fleet: {message}")),
     };
-    let target = status(socket)?.applied_revision;
+    // A node whose policy revision is at least this one has every change up to it.
+    let target = status(socket)?.policy_revision;
     let deadline = std::time::Instant::now() + within;
     loop {
         let cluster = status(socket)?;
         let behind: Vec<String> =
-            cluster.nodes.iter().filter(|n| n.applied_revision < target).map(|n| n.node.clone()).collect();
+            cluster.nodes.iter().filter(|n| n.policy_revision < target).map(|n| n.node.clone()).collect();
         if behind.is_empty() && !cluster.nodes.is_empty() {
             return Ok(format!("in force on {} live nodes (revision {target})", cluster.nodes.len()));
         }
