@@ -245,3 +245,36 @@ fn an_import_larger_than_one_etcd_transaction_reaches_every_node() {
         );
     }
 }
+
+/// A host with its own policy that is pointed at an empty fleet keeps enforcing its policy:
+/// an empty prefix (a typo, a fleet not seeded yet) must not switch enforcement off.
+#[test]
+fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
+    let mut fleet = Fleet::new(1).unwrap();
+    let _listeners = listeners(&fleet);
+    let node = &mut fleet.nodes[0];
+    // First on its own store.
+    node.host.write_config(&format!("interfaces = [\"{}\"]\n", node.host.hosts.server_if));
+    node.start();
+    let (good, server) = (node.host.hosts.client_v4[0], node.host.hosts.server_v4);
+    node.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    node.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    node.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT}));
+    node.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
+    assert!(enforces(node));
+    node.stop();
+    // Then with the [cluster] section, the fleet's prefix empty.
+    node.write_config(ipaccess_tests::fleet::PREFIX, "");
+    node.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = cluster_status(node);
+        if status["last_error"].as_str().is_some_and(|e| e.contains("never followed this fleet")) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no refusal to wipe the host's policy: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(enforces(node), "the host's policy was dropped: {status}");
+    assert_eq!(check(node, "acme", IpAddr::V4(good)), (true, "allowed".into()));
+}

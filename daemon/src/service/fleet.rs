@@ -340,6 +340,17 @@ impl Replica for Service {
         let mut writer = self.writer.lock().expect("writer lock");
         let changes = {
             let tx = writer.store.transaction().map_err(|e| e.to_string())?;
+            // A host's own policy is never wiped by a fleet it has not been part of: an
+            // empty prefix (a wrong prefix, or a fleet not seeded yet) would switch its
+            // enforcement off.
+            let local = tx.accounts().map_err(|e| e.to_string())?.len();
+            if snapshot.accounts.is_empty() && local > 0 && tx.applied_revision().map_err(|e| e.to_string())? == 0 {
+                return Err(format!(
+                    "this host's store holds {local} accounts and has never followed this fleet, whose prefix is \
+                     empty; it keeps enforcing them and takes nothing from etcd. Seed the fleet first (ipaccessctl \
+                     import through a node with an empty store), or check [cluster] prefix"
+                ));
+            }
             differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?
         };
         self.apply_locked(&mut writer, changes, snapshot.revision).map_err(|e| e.to_string())
