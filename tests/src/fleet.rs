@@ -6,12 +6,16 @@
 //! The daemon filters only the node's `server_if`; its traffic to etcd goes over the separate
 //! `etcd<k>` link (198.18.(100+k).0/24), so the XDP program never sees it.
 
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
 
 use anyhow::{Context, Result};
 
 use crate::daemon::Launch;
 use crate::etcd::EtcdCluster;
+use crate::netns::TcpServer;
 use crate::ops::Host;
 
 /// The key prefix the fleet's configuration files name unless a test chooses another.
@@ -82,6 +86,30 @@ impl FleetNode {
     pub fn is_running(&self) -> bool {
         self.host.daemon.is_some()
     }
+
+    /// The node's `status.cluster`.
+    pub fn cluster_status(&self) -> Value {
+        self.host.ok(json!({"cmd": "status"}))["cluster"].clone()
+    }
+
+    /// Every policy change up to this revision is applied on the node.
+    pub fn applied(&self) -> i64 {
+        self.cluster_status()["applied_revision"].as_i64().expect("a fleet node reports its revision")
+    }
+
+    /// What the node answers for a sign-in of `account` from `ip` (a dry run: nothing is
+    /// recorded): allowed, and the reason.
+    pub fn check(&self, account: &str, ip: IpAddr) -> (bool, String) {
+        let reply = self.host.ok(json!({"cmd": "check", "account": account, "addr": ip, "dry_run": true}));
+        (reply["allowed"].as_bool().unwrap(), reply["reason"].as_str().unwrap().to_owned())
+    }
+
+    /// A TCP listener on the node's server address and `port` (fleet-wide bindings name the
+    /// same address on every node).
+    pub fn tcp_listener(&self, port: u16) -> TcpServer {
+        let hosts = &self.host.hosts;
+        TcpServer::start_in(&hosts.server, SocketAddr::new(hosts.server_v4.into(), port)).unwrap()
+    }
 }
 
 /// A TOML basic string. Names, URLs and interface names here are plain ASCII; the escapes
@@ -138,6 +166,26 @@ impl Fleet {
         let value: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("etcdctl put: not JSON: {text}"))?;
         value["header"]["revision"].as_i64().with_context(|| format!("no revision in {text}"))
+    }
+
+    /// Waits (at most `within`) until every running node has applied `revision`.
+    pub fn converge_within(&self, revision: i64, within: Duration) {
+        let deadline = Instant::now() + within;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            loop {
+                let status = node.cluster_status();
+                if status["applied_revision"].as_i64().unwrap_or(0) >= revision {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{} did not apply revision {revision}: {status}", node.name);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// [`Fleet::converge_within`] 15 s.
+    pub fn converge(&self, revision: i64) {
+        self.converge_within(revision, Duration::from_secs(15));
     }
 
     /// Waits until etcd has a leader and every live member agrees (see

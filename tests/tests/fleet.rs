@@ -13,37 +13,6 @@ use serde_json::{Value, json};
 
 const PORT: u16 = 7443;
 
-/// The node's cluster status (`status.cluster`).
-fn cluster_status(node: &FleetNode) -> Value {
-    node.host.ok(json!({"cmd": "status"}))["cluster"].clone()
-}
-
-/// Waits (at most 10 s) until every running node has applied `revision`.
-fn converge(fleet: &Fleet, revision: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for node in fleet.nodes.iter().filter(|n| n.is_running()) {
-        loop {
-            let status = cluster_status(node);
-            if status["applied_revision"].as_i64().unwrap_or(0) >= revision {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{} did not apply revision {revision}: {status}", node.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// The revision a node has applied.
-fn applied(node: &FleetNode) -> i64 {
-    cluster_status(node)["applied_revision"].as_i64().expect("a fleet node reports its revision")
-}
-
-/// What a node answers for a password sign-in of `account` from `ip`.
-fn check(node: &FleetNode, account: &str, ip: IpAddr) -> (bool, String) {
-    let reply = node.host.ok(json!({"cmd": "check", "account": account, "addr": ip, "method": "password"}));
-    (reply["allowed"].as_bool().unwrap(), reply["reason"].as_str().unwrap().to_owned())
-}
-
 /// On the node's wire: the first client address gets through to the bound port, the
 /// second does not.
 fn enforces(node: &FleetNode) -> bool {
@@ -64,18 +33,11 @@ fn restrict_acme(node: &FleetNode) -> i64 {
     node.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
     node.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT}));
     node.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
-    applied(node)
+    node.applied()
 }
 
 fn listeners(fleet: &Fleet) -> Vec<TcpServer> {
-    fleet
-        .nodes
-        .iter()
-        .map(|n| {
-            let hosts = &n.host.hosts;
-            TcpServer::start_in(&hosts.server, SocketAddr::new(hosts.server_v4.into(), PORT)).unwrap()
-        })
-        .collect()
+    fleet.nodes.iter().map(|n| n.tcp_listener(PORT)).collect()
 }
 
 #[test]
@@ -84,11 +46,11 @@ fn a_change_through_one_node_is_enforced_on_every_node() {
     fleet.start_all();
     let _listeners = listeners(&fleet);
     let revision = restrict_acme(&fleet.nodes[0]);
-    converge(&fleet, revision);
+    fleet.converge(revision);
     let (good, bad) = (IpAddr::V4(fleet.nodes[0].host.hosts.client_v4[0]), "198.18.77.7".parse().unwrap());
     for node in &fleet.nodes {
-        assert_eq!(check(node, "acme", good), (true, "allowed".into()), "{}", node.name);
-        assert_eq!(check(node, "acme", bad), (false, "address_not_allowed".into()), "{}", node.name);
+        assert_eq!(node.check("acme", good), (true, "allowed".into()), "{}", node.name);
+        assert_eq!(node.check("acme", bad), (false, "address_not_allowed".into()), "{}", node.name);
         assert!(enforces(node), "{} does not enforce acme's allowlist on its wire", node.name);
         let listed = node.host.ok(json!({"cmd": "allow_list", "account": "acme"}));
         assert_eq!(listed.as_array().map(Vec::len), Some(1), "{}: {listed}", node.name);
@@ -97,16 +59,16 @@ fn a_change_through_one_node_is_enforced_on_every_node() {
     // A ban through node C shuts the address out on A and B too.
     let c = &fleet.nodes[2];
     c.host.ok(json!({"cmd": "account_state", "account": "acme", "state": "banned", "reason": "abuse"}));
-    converge(&fleet, applied(c));
+    fleet.converge(c.applied());
     for node in &fleet.nodes {
-        assert_eq!(check(node, "acme", good), (false, "banned".into()), "{}", node.name);
+        assert_eq!(node.check("acme", good), (false, "banned".into()), "{}", node.name);
     }
     // The audit records are the fleet's: node A lists the ban made through C.
     let activity = fleet.nodes[0].host.ok(json!({"cmd": "activity", "account": "acme"}));
     assert!(activity.to_string().contains("abuse"), "node A lacks C's audit record: {activity}");
 
     // `ipaccessctl --wait-fleet` returns once every live node has the change.
-    let status = cluster_status(&fleet.nodes[1]);
+    let status = &fleet.nodes[1].cluster_status();
     let named: Vec<&str> = status["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
     assert_eq!(named, ["node-a", "node-b", "node-c"], "{status}");
     let socket = fleet.nodes[1].host.socket();
@@ -117,7 +79,7 @@ fn a_change_through_one_node_is_enforced_on_every_node() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in force on 3 live nodes"), "{out:?}");
     for node in &fleet.nodes {
-        assert_eq!(check(node, "beta", good), (true, "allowed".into()), "{} lacks beta at once", node.name);
+        assert_eq!(node.check("beta", good), (true, "allowed".into()), "{} lacks beta at once", node.name);
     }
 }
 
@@ -127,7 +89,7 @@ fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
     fleet.start_all();
     let _listeners = listeners(&fleet);
     let revision = restrict_acme(&fleet.nodes[0]);
-    converge(&fleet, revision);
+    fleet.converge(revision);
     let good = IpAddr::V4(fleet.nodes[0].host.hosts.client_v4[0]);
 
     // Two of three members gone: no quorum.
@@ -138,11 +100,11 @@ fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
 
     for node in &fleet.nodes {
         assert!(enforces(node), "{} stopped enforcing without etcd", node.name);
-        assert_eq!(check(node, "acme", good), (true, "allowed".into()), "{}", node.name);
+        assert_eq!(node.check("acme", good), (true, "allowed".into()), "{}", node.name);
         let refused = node.host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.60.0/24"}));
         assert_eq!(refused["error"]["code"], "cluster_unavailable", "{}: {refused}", node.name);
     }
-    let status = cluster_status(&fleet.nodes[1]);
+    let status = &fleet.nodes[1].cluster_status();
     assert_eq!(status["connected"], false, "{status}");
     assert!(status["last_error"].is_string(), "{status}");
 
@@ -150,7 +112,7 @@ fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
     fleet.nodes[1].stop();
     fleet.nodes[1].start();
     assert!(enforces(&fleet.nodes[1]), "a node restarted without etcd does not enforce its local copy");
-    assert_eq!(check(&fleet.nodes[1], "acme", good), (true, "allowed".into()));
+    assert_eq!(fleet.nodes[1].check("acme", good), (true, "allowed".into()));
 
     // The quorum returns: changes are taken again, and every node converges on them.
     fleet.etcd.start_member(leader).unwrap();
@@ -161,15 +123,15 @@ fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
         let reply =
             fleet.nodes[2].host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.61.0/24"}));
         if reply.get("ok").is_some() {
-            break applied(&fleet.nodes[2]);
+            break fleet.nodes[2].applied();
         }
         assert!(Instant::now() < deadline, "changes still refused after the quorum came back: {reply}");
         std::thread::sleep(Duration::from_millis(200));
     };
-    converge(&fleet, added);
+    fleet.converge(added);
     for node in &fleet.nodes {
-        assert_eq!(check(node, "acme", "198.18.61.9".parse().unwrap()), (true, "allowed".into()), "{}", node.name);
-        assert_eq!(cluster_status(node)["connected"], true, "{}", node.name);
+        assert_eq!(node.check("acme", "198.18.61.9".parse().unwrap()), (true, "allowed".into()), "{}", node.name);
+        assert_eq!(node.cluster_status()["connected"], true, "{}", node.name);
     }
 }
 
@@ -179,7 +141,7 @@ fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
     fleet.start_all();
     let _listeners = listeners(&fleet);
     let revision = restrict_acme(&fleet.nodes[0]);
-    converge(&fleet, revision);
+    fleet.converge(revision);
 
     // Node C is stopped; 50 accounts and 200 entries are made through A.
     fleet.nodes[2].stop();
@@ -193,17 +155,17 @@ fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
         }
     }
     a.host.ok(json!({"cmd": "account_remove", "account": "away0"}));
-    let revision = applied(a);
+    let revision = a.applied();
     // And etcd compacts its history past what C saw.
     fleet.etcd.compact_latest().unwrap();
 
     // C starts on its local copy, enforcing at once, and catches up from a snapshot.
     fleet.nodes[2].start();
     assert!(enforces(&fleet.nodes[2]), "node C does not enforce while it catches up");
-    converge(&fleet, revision);
+    fleet.converge(revision);
     let c = &fleet.nodes[2];
-    assert!(check(c, "away7", "198.18.27.3".parse().unwrap()).0);
-    assert_eq!(check(c, "away0", "198.18.20.1".parse().unwrap()).1, "unknown_account");
+    assert!(c.check("away7", "198.18.27.3".parse().unwrap()).0);
+    assert_eq!(c.check("away0", "198.18.20.1".parse().unwrap()).1, "unknown_account");
     let listed_a = fleet.nodes[0].host.ok(json!({"cmd": "account_list"}));
     let listed_c = c.host.ok(json!({"cmd": "account_list"}));
     assert_eq!(listed_a, listed_c, "node C's accounts differ from node A's");
@@ -225,20 +187,20 @@ fn an_import_larger_than_one_etcd_transaction_reaches_every_node() {
     }
     let reply = fleet.nodes[0].host.ok(json!({"cmd": "import", "accounts": accounts}));
     assert_eq!(reply["accounts"], 250, "{reply}");
-    converge(&fleet, applied(&fleet.nodes[0]));
+    fleet.converge(fleet.nodes[0].applied());
     let listed = fleet.nodes[0].host.ok(json!({"cmd": "account_list"}));
     assert_eq!(listed.as_array().map(Vec::len), Some(250), "{listed}");
     for node in &fleet.nodes[1..] {
         assert_eq!(node.host.ok(json!({"cmd": "account_list"})), listed, "{} differs from node-a", node.name);
-        assert!(check(node, "bulk150", "198.18.61.101".parse().unwrap()).0, "{}", node.name);
-        assert!(!check(node, "bulk150", "198.18.61.120".parse().unwrap()).0, "{}", node.name);
+        assert!(node.check("bulk150", "198.18.61.101".parse().unwrap()).0, "{}", node.name);
+        assert!(!node.check("bulk150", "198.18.61.120".parse().unwrap()).0, "{}", node.name);
     }
     // A ban of the parent reaches its sub-users on every node.
     fleet.nodes[1].host.ok(json!({"cmd": "account_state", "account": "corp", "state": "banned", "reason": "abuse"}));
-    converge(&fleet, applied(&fleet.nodes[1]));
+    fleet.converge(fleet.nodes[1].applied());
     for node in &fleet.nodes {
         assert_eq!(
-            check(node, "bulk3", "198.18.60.6".parse().unwrap()),
+            node.check("bulk3", "198.18.60.6".parse().unwrap()),
             (false, "parent_banned".into()),
             "{}",
             node.name
@@ -268,7 +230,7 @@ fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
     node.start();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        let status = cluster_status(node);
+        let status = node.cluster_status();
         if status["last_error"].as_str().is_some_and(|e| e.contains("never followed this fleet")) {
             break status;
         }
@@ -276,5 +238,5 @@ fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(enforces(node), "the host's policy was dropped: {status}");
-    assert_eq!(check(node, "acme", IpAddr::V4(good)), (true, "allowed".into()));
+    assert_eq!(node.check("acme", IpAddr::V4(good)), (true, "allowed".into()));
 }

@@ -20,39 +20,10 @@ use serde_json::{Value, json};
 const TCP_PORT: u16 = 7443;
 const UDP_PORT: u16 = 7553;
 
-/// The node's cluster status (`status.cluster`).
-fn cluster_status(node: &FleetNode) -> Value {
-    node.host.ok(json!({"cmd": "status"}))["cluster"].clone()
-}
-
-/// The revision a node has applied.
-fn applied(node: &FleetNode) -> i64 {
-    cluster_status(node)["applied_revision"].as_i64().expect("a fleet node reports its revision")
-}
-
-/// Waits (at most `within`) until every running node has applied `revision`.
-fn converge_within(fleet: &Fleet, revision: i64, within: Duration) {
-    let deadline = Instant::now() + within;
-    for node in fleet.nodes.iter().filter(|n| n.is_running()) {
-        loop {
-            let status = cluster_status(node);
-            if status["applied_revision"].as_i64().unwrap_or(0) >= revision {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{} did not apply revision {revision}: {status}", node.name);
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn converge(fleet: &Fleet, revision: i64) {
-    converge_within(fleet, revision, Duration::from_secs(15));
-}
-
 /// Waits until every running node has applied the highest revision any of them has.
 fn settle(fleet: &Fleet) {
-    let revision = fleet.nodes.iter().filter(|n| n.is_running()).map(applied).max().unwrap_or(0);
-    converge(fleet, revision);
+    let revision = fleet.nodes.iter().filter(|n| n.is_running()).map(FleetNode::applied).max().unwrap_or(0);
+    fleet.converge(revision);
 }
 
 /// The error code of a reply, or None if it is `ok`.
@@ -61,12 +32,6 @@ fn code(reply: &Value) -> Option<String> {
         return None;
     }
     Some(reply["error"]["code"].as_str().unwrap_or_else(|| panic!("neither ok nor error: {reply}")).to_owned())
-}
-
-/// What a node answers for a sign-in of `account` from `ip` (without recording it).
-fn check(node: &FleetNode, account: &str, ip: IpAddr) -> (bool, String) {
-    let reply = node.host.ok(json!({"cmd": "check", "account": account, "addr": ip, "dry_run": true}));
-    (reply["allowed"].as_bool().unwrap(), reply["reason"].as_str().unwrap().to_owned())
 }
 
 /// An account's allowlist on a node, as CIDR strings; None if the node does not know it.
@@ -132,14 +97,7 @@ fn race(fleet: &Fleet, a: Value, b: Value) -> (Value, Value, usize) {
 /// A TCP listener on `TCP_PORT` of every node (bindings here are fleet-wide, and
 /// every node's server namespace has the same address).
 fn tcp_listeners(fleet: &Fleet) -> Vec<TcpServer> {
-    fleet
-        .nodes
-        .iter()
-        .map(|n| {
-            let hosts = &n.host.hosts;
-            TcpServer::start_in(&hosts.server, SocketAddr::new(hosts.server_v4.into(), TCP_PORT)).unwrap()
-        })
-        .collect()
+    fleet.nodes.iter().map(|n| n.tcp_listener(TCP_PORT)).collect()
 }
 
 /// Does `src` (one of the node's client addresses) get a TCP handshake through to the bound port?
@@ -226,7 +184,7 @@ fn the_leader_killed_loses_no_acknowledged_change() {
 
     // Every node converges on etcd's revision (unconfirmed changes it committed late
     // included), and holds every acknowledged entry.
-    converge(&fleet, fleet.barrier().unwrap());
+    fleet.converge(fleet.barrier().unwrap());
     for node in &fleet.nodes {
         let listed = allow_set(node, "acme").expect("acme exists");
         let missing: Vec<&String> = acked.iter().filter(|c| !listed.contains(*c)).collect();
@@ -405,7 +363,7 @@ fn racing_sub_user_and_parent_ban_leave_the_sub_user_banned() {
             assert_eq!(all.contains_key(&sub), created, "round {r}: {}: {all:?}", node.name);
             if let Some((_, state)) = all.get(&sub) {
                 assert_eq!(state, "parent_banned", "round {r}: {}", node.name);
-                let answer = check(node, &sub, "198.18.0.10".parse().unwrap());
+                let answer = node.check(&sub, "198.18.0.10".parse().unwrap());
                 assert_eq!(answer, (false, "parent_banned".into()), "round {r}: {}", node.name);
             }
         }
@@ -492,7 +450,7 @@ fn kill_in_the_middle_of_an_import(size: usize) {
 
         // B and C converge to etcd's revision and agree with each other and with etcd.
         let revision = fleet.barrier().unwrap();
-        converge(&fleet, revision);
+        fleet.converge(revision);
         let (b, c) = (&fleet.nodes[1], &fleet.nodes[2]);
         assert_eq!(accounts(b), accounts(c), "round {round}: B and C differ");
         assert_eq!(b.host.ok(json!({"cmd": "account_list"})), c.host.ok(json!({"cmd": "account_list"})));
@@ -545,7 +503,7 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
     let expires_at = granted["override"]["expires_at"].as_i64().expect("expires_at");
     settle(&fleet);
     for node in &fleet.nodes {
-        assert!(check(node, "acme", guest.into()).0, "{}: the override is not in force", node.name);
+        assert!(node.check("acme", guest.into()).0, "{}: the override is not in force", node.name);
         assert!(
             passes(node, guest.into(), Duration::from_secs(2)),
             "{}: the override does not pass the wire",
@@ -566,7 +524,7 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
     // Every node knows etcd is gone before the override ends.
     let deadline = Instant::now() + Duration::from_secs(5);
     for node in &fleet.nodes {
-        while cluster_status(node)["connected"] != false {
+        while node.cluster_status()["connected"] != false {
             assert!(Instant::now() < deadline, "{} still reports etcd connected", node.name);
             thread::sleep(Duration::from_millis(100));
         }
@@ -578,7 +536,7 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
     thread::sleep(Duration::from_secs(wait));
     for node in &fleet.nodes {
         assert_eq!(
-            check(node, "acme", guest.into()),
+            node.check("acme", guest.into()),
             (false, "address_not_allowed".into()),
             "{}: the override outlived its expiry",
             node.name
@@ -589,7 +547,7 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
             node.name
         );
         assert!(passes(node, good.into(), Duration::from_secs(2)), "{}: the allowed address is shut out", node.name);
-        assert_eq!(cluster_status(node)["connected"], false, "{}: etcd came back during the test", node.name);
+        assert_eq!(node.cluster_status()["connected"], false, "{}: etcd came back during the test", node.name);
     }
 }
 
@@ -634,7 +592,7 @@ fn a_node_catching_up_drops_no_allowed_packet() {
     let started = Instant::now();
     let ok = Conn::open(&fleet.nodes[0].host.socket()).pipelined(&lines);
     assert_eq!(ok, lines.len(), "some of the changes through A were refused");
-    let revision = applied(&fleet.nodes[0]);
+    let revision = fleet.nodes[0].applied();
     eprintln!("{} changes through A in {:.1?}", lines.len(), started.elapsed());
 
     // Traffic to C's bound port from the allowed and a disallowed source, received (not
@@ -654,7 +612,7 @@ fn a_node_catching_up_drops_no_allowed_packet() {
 
     let catch_up = Instant::now();
     fleet.nodes[2].start();
-    converge_within(&fleet, revision, Duration::from_secs(30));
+    fleet.converge_within(revision, Duration::from_secs(30));
     let caught_up = catch_up.elapsed();
     thread::sleep(Duration::from_millis(300));
     tx_stop.store(true, Ordering::Relaxed);
