@@ -222,8 +222,8 @@ pub enum StoreError {
 }
 
 /// An audit record: one change, with the uid that made it, written in the change's own
-/// transaction.
-#[derive(Clone, Debug, PartialEq)]
+/// transaction. A fleet stores it in etcd as this JSON.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ActivityRecord {
     pub time: i64,
     pub account: String,

@@ -124,7 +124,7 @@ pub struct Unit {
     pub guards: Vec<Guard>,
     pub writes: Vec<Write>,
     /// Its audit records: written with the unit, all of one part's in one key.
-    pub audit: Vec<AuditValue>,
+    pub audit: Vec<ActivityRecord>,
 }
 
 /// etcd's defaults: 128 operations (and as many compares) and 1.5 MiB per request. A change
@@ -471,20 +471,7 @@ impl Cluster {
                     }
                 },
             },
-            Key::Audit => value.and_then(|v| serde_json::from_slice::<Vec<AuditValue>>(v).ok()).map(|records| {
-                Change::Audit(
-                    records
-                        .into_iter()
-                        .map(|a| ActivityRecord {
-                            time: a.time,
-                            account: a.account,
-                            uid: a.uid,
-                            action: a.action,
-                            detail: a.detail,
-                        })
-                        .collect(),
-                )
-            }),
+            Key::Audit => value.and_then(|v| serde_json::from_slice::<Vec<ActivityRecord>>(v).ok()).map(Change::Audit),
             _ => None,
         }
     }
@@ -669,28 +656,6 @@ async fn probe(cluster: Arc<Cluster>) {
             Ok(Ok(answer)) => cluster.connected(answer.header().map_or(0, |h| h.revision())),
             Ok(Err(e)) => cluster.failed(format!("etcd: {e}")),
             Err(_) => cluster.failed(format!("etcd did not answer within {PROBE_EVERY:?}")),
-        }
-    }
-}
-
-/// An audit record as the fleet stores it.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct AuditValue {
-    pub time: i64,
-    pub account: String,
-    pub uid: u32,
-    pub action: String,
-    pub detail: serde_json::Value,
-}
-
-impl AuditValue {
-    pub fn of(record: &ActivityRecord) -> AuditValue {
-        AuditValue {
-            time: record.time,
-            account: record.account.clone(),
-            uid: record.uid,
-            action: record.action.clone(),
-            detail: record.detail.clone(),
         }
     }
 }

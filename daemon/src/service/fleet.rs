@@ -13,9 +13,7 @@ use log::{error, warn};
 
 use super::{Failure, Service, Writer, change::apply_account, change::policy_from_store, now};
 use crate::{
-    cluster::{
-        self, AuditValue, BindingValue, Change, Cluster, Committed, FLEET_WIDE, Guard, Replica, Snapshot, Unit, Write,
-    },
+    cluster::{self, BindingValue, Change, Cluster, Committed, FLEET_WIDE, Guard, Replica, Snapshot, Unit, Write},
     logging::PendingAudit,
     policy::{AccountPolicy, suspended},
     protocol::{Binding, ErrorCode},
@@ -210,7 +208,7 @@ impl Service {
                 units.push(Unit::default());
             }
             let last = units.len() - 1;
-            units[at.min(last)].audit.push(AuditValue::of(&record));
+            units[at.min(last)].audit.push(record);
         }
         Ok(units)
     }

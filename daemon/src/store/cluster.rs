@@ -187,7 +187,7 @@ impl Tx<'_> {
     pub fn marks(&self) -> Result<Marks, StoreError> {
         Ok(Marks {
             last_activity: self.count("SELECT COALESCE(MAX(id), 0) FROM activity", [])?,
-            last_override: self.count("SELECT COALESCE(MAX(id), 0) FROM overrides", [])?,
+            last_override: self.last_override()?,
         })
     }
 
