@@ -76,6 +76,8 @@ pub struct ClusterMetrics {
     pub applied_revision: i64,
     pub cluster_revision: i64,
     pub apply_failures: u64,
+    /// This node's clock minus etcd's, in seconds; `None` until measured.
+    pub clock_offset_seconds: Option<f64>,
 }
 
 /// What the endpoint reads at each scrape: the service implements it, and this module
@@ -209,6 +211,14 @@ pub fn render(s: &Snapshot) -> String {
             "Changes the fleet committed that this node's kernel could not take (full tables).",
             &mut plain(c.apply_failures.to_string()),
         );
+        if let Some(offset) = c.clock_offset_seconds {
+            family(
+                "ipaccess_cluster_clock_offset_seconds",
+                "gauge",
+                "This node's clock minus etcd's, as last measured; override expiry needs it within 1 s.",
+                &mut plain(format!("{offset:.3}")),
+            );
+        }
     }
     out
 }
@@ -382,6 +392,7 @@ mod tests {
                 applied_revision: 41,
                 cluster_revision: 44,
                 apply_failures: 0,
+                clock_offset_seconds: Some(-1.25),
             }),
         };
         let text = render(&snapshot);
@@ -403,6 +414,7 @@ mod tests {
             "ipaccess_cluster_applied_revision 41",
             "ipaccess_cluster_revision 44",
             "ipaccess_cluster_apply_failures_total 0",
+            "ipaccess_cluster_clock_offset_seconds -1.250",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use ipaccess_tests::daemon::binaries;
+use ipaccess_tests::daemon::{Launch, binaries};
 use ipaccess_tests::fleet::{Fleet, FleetNode};
 use ipaccess_tests::netns::{TcpServer, tcp_connect};
 use serde_json::{Value, json};
@@ -239,4 +239,41 @@ fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
     };
     assert!(enforces(node), "the host's policy was dropped: {status}");
     assert_eq!(node.check("acme", IpAddr::V4(good)), (true, "allowed".into()));
+}
+
+/// Debian's libfaketime (package faketime): preloaded, it shifts the wall clock the daemon
+/// reads and nothing else on the machine.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[test]
+fn a_node_whose_clock_disagrees_with_etcds_says_so() {
+    let mut fleet = Fleet::new(2).unwrap();
+    fleet.nodes[0].start();
+    // Node B's wall clock runs 5 s ahead; its monotonic clock (timers, the runtime) is left
+    // alone.
+    let ahead = Launch {
+        wrapper: vec![],
+        env: [("LD_PRELOAD", FAKETIME), ("FAKETIME", "+5s"), ("FAKETIME_DONT_FAKE_MONOTONIC", "1")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .to_vec(),
+    };
+    fleet.nodes[1].host.start(&ahead);
+    let measured = |node: &FleetNode| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(ms) = node.cluster_status()["clock_offset_ms"].as_i64() {
+                return ms;
+            }
+            assert!(Instant::now() < deadline, "{} never measured its clock: {}", node.name, node.cluster_status());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let (a, b) = (measured(&fleet.nodes[0]), measured(&fleet.nodes[1]));
+    // etcd runs on this machine's clock: A agrees with it, B is 5 s ahead (within the
+    // measurement's tenth of a second and loopback's round trip).
+    assert!(a.abs() <= 250, "node A's clock is off by {a} ms against etcd on the same machine");
+    assert!((4750..=5250).contains(&b), "node B runs 5 s ahead, but measured {b} ms");
+    let log = fleet.nodes[1].host.log_text();
+    assert!(log.contains("clock is 5.0 s ahead of etcd"), "no warning in node B's log:\n{log}");
+    assert!(!fleet.nodes[0].host.log_text().contains("ahead of etcd"), "node A warned with a good clock");
 }

@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // libfaketime: a fleet test runs one daemon with its wall clock shifted.
+    "faketime",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -11,6 +11,7 @@
 //! When etcd cannot be reached the node keeps enforcing and answering checks from what it
 //! last applied, and refuses changes with `cluster_unavailable`: it fails static, never open.
 
+pub mod clock;
 pub mod keys;
 
 use std::{
@@ -58,6 +59,8 @@ pub struct Health {
     pub policy_revision: i64,
     /// Why the last request to etcd failed, while it does.
     pub last_error: Option<String>,
+    /// This node's clock minus etcd's, in milliseconds, as last measured ([`clock`]).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// One key's change, as the watch delivers it.
@@ -574,6 +577,7 @@ impl Cluster {
 pub async fn follow(cluster: Arc<Cluster>, replica: Arc<dyn Replica>) {
     let _probe = AbortOnDrop(tokio::spawn(probe(cluster.clone())));
     let _publish = AbortOnDrop(tokio::spawn(publish(cluster.clone())));
+    let _clock = AbortOnDrop(tokio::spawn(clock::watch(cluster.clone())));
     let mut pause = Duration::from_millis(100);
     loop {
         let started = Instant::now();

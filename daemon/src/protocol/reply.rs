@@ -321,6 +321,9 @@ pub struct ClusterStatus {
     /// Accounts or bindings the fleet committed that this node's kernel refused (full
     /// tables); see the log.
     pub apply_failures: u64,
+    /// This node's clock minus etcd's, in milliseconds, as last measured (every minute);
+    /// null until then. Override expiry is absolute: beyond 1000 either way the node warns.
+    pub clock_offset_ms: Option<i64>,
     /// The live nodes of the fleet and the policy revision each has applied (empty while
     /// etcd cannot be read).
     pub nodes: Vec<FleetNode>,

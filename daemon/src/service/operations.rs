@@ -77,6 +77,7 @@ impl Service {
                     policy_revision: health.policy_revision,
                     cluster_revision: health.cluster_revision.max(health.applied_revision),
                     last_error: health.last_error,
+                    clock_offset_ms: health.clock_offset_ms,
                     apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
                     nodes: cluster
                         .nodes()
@@ -168,6 +169,7 @@ impl metrics::Source for Service {
                     applied_revision: health.applied_revision,
                     cluster_revision: health.cluster_revision.max(health.applied_revision),
                     apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
+                    clock_offset_seconds: health.clock_offset_ms.map(|ms| ms as f64 / 1000.0),
                 }
             }),
         })
