@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipaccess_tests::daemon::{Launch, binaries};
-use ipaccess_tests::fleet::{Fleet, FleetNode};
+use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
 use ipaccess_tests::netns::{TcpServer, tcp_connect};
 use serde_json::{Value, json};
 
@@ -138,6 +138,9 @@ fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
 #[test]
 fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
     let mut fleet = Fleet::new(3).unwrap();
+    // An audit record from long before the retention (90 days): the nodes prune it from etcd.
+    let old_audit = format!("{PREFIX}audit/00100000000/node-x/0");
+    fleet.etcd.etcdctl(&["put", &old_audit, "[]"]).unwrap();
     fleet.start_all();
     let _listeners = listeners(&fleet);
     let revision = restrict_acme(&fleet.nodes[0]);
@@ -170,6 +173,22 @@ fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
     let listed_c = c.host.ok(json!({"cmd": "account_list"}));
     assert_eq!(listed_a, listed_c, "node C's accounts differ from node A's");
     assert!(enforces(c));
+    // The audit records written while C was away reached it through the snapshot.
+    let activity = c.host.ok(json!({"cmd": "activity", "account": "away7"}));
+    assert!(
+        activity.to_string().contains("198.18.27.3/32"),
+        "node C lacks the audit of a change made while away: {activity}"
+    );
+
+    // The old audit key is gone from etcd (each node prunes on its first sweep, every 10 s),
+    // and the fleet's recent ones stay.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fleet.etcd.etcdctl(&["get", "--keys-only", &old_audit]).unwrap().trim().is_empty() {
+        assert!(Instant::now() < deadline, "the audit key past the retention was never pruned from etcd");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let recent = fleet.etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}audit/")]).unwrap();
+    assert!(recent.lines().filter(|l| !l.is_empty()).count() > 50, "recent audit keys were pruned too:\n{recent}");
 }
 
 #[test]

@@ -20,8 +20,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use log::{info, warn};
 use tokio::sync::watch;
@@ -43,6 +43,10 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const SNAPSHOT_PAGE: i64 = 1000;
 /// A node's record in etcd lapses this long after it stops renewing it.
 const NODE_LEASE_SECONDS: i64 = 10;
+/// How often a node prunes old audit keys from etcd, and at most how many pages of keys
+/// at once (the rest waits for the next time).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const PRUNE_PAGES: usize = 100;
 /// How often the node checks that etcd answers (and so how soon `status` shows an outage).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -80,6 +84,10 @@ pub struct Snapshot {
     pub revision: i64,
     pub accounts: Vec<(String, AccountDoc)>,
     pub bindings: Vec<Binding>,
+    /// The audit records written after the revision the local copy had applied (all of
+    /// them for a copy that never followed the fleet), oldest first: a node that was away
+    /// or fell behind a compaction misses no record.
+    pub audit: Vec<ActivityRecord>,
 }
 
 /// What a node's local copy must be able to do: the service implements it.
@@ -143,6 +151,8 @@ pub struct Cluster {
     config: config::Cluster,
     runtime: tokio::runtime::Handle,
     client: Mutex<Option<Client>>,
+    /// When audit keys past the retention were last pruned from etcd.
+    pruned_at: Mutex<Option<Instant>>,
     /// Every policy event up to this revision has been applied (events, a snapshot, or a
     /// progress report from etcd saying nothing else came).
     applied: watch::Sender<i64>,
@@ -163,6 +173,7 @@ impl Cluster {
             config: config.clone(),
             runtime,
             client: Mutex::new(None),
+            pruned_at: Mutex::new(None),
             applied: applied_tx,
             policy: policy_tx,
             health: Mutex::new(Health { applied_revision: applied, ..Health::default() }),
@@ -385,6 +396,43 @@ impl Cluster {
     }
 
     /// Waits until the local copy has applied `revision`; false if it has not in time.
+    /// Deletes the fleet's audit records older than `before` (unix seconds), at most every
+    /// [`PRUNE_EVERY`] on this node; every node does it, so it goes on while any node runs.
+    /// Keys are deleted a page at a time, so no node's watch receives one huge event.
+    /// Blocks; failures wait for the next time.
+    pub fn prune_audit(&self, before: i64) {
+        let Some(mut client) = self.client.lock().expect("client lock").clone() else { return };
+        {
+            let mut pruned_at = self.pruned_at.lock().expect("prune lock");
+            if pruned_at.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+                return;
+            }
+            *pruned_at = Some(Instant::now());
+        }
+        let (start, end) = self.keys.audit_before(before);
+        let prune = async {
+            let mut deleted = 0;
+            for _ in 0..PRUNE_PAGES {
+                let page = GetOptions::new().with_range(end.clone()).with_keys_only().with_limit(SNAPSHOT_PAGE);
+                let page = client.get(start.clone(), Some(page)).await?;
+                let Some(last) = page.kvs().last() else { break };
+                let mut through = last.key().to_vec();
+                through.push(0);
+                let options = DeleteOptions::new().with_range(through);
+                deleted += client.delete(start.clone(), Some(options)).await?.deleted();
+                if !page.more() {
+                    break;
+                }
+            }
+            Ok::<i64, etcd_client::Error>(deleted)
+        };
+        match self.runtime.block_on(prune) {
+            Ok(0) => {}
+            Ok(deleted) => info!("cluster: pruned {deleted} audit keys older than the retention from etcd"),
+            Err(e) => warn!("cluster: pruning old audit keys from etcd failed ({e}); trying again later"),
+        }
+    }
+
     pub fn wait_applied(&self, revision: i64) -> bool {
         let mut applied = self.applied.subscribe();
         let wait = async { tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|&r| r >= revision)).await };
@@ -425,6 +473,7 @@ impl Cluster {
         let (prefix, end) = self.keys.policy_range();
         let (prefix, end) = (prefix.into_bytes(), end.into_bytes());
         let mut snapshot = Snapshot::default();
+        let applied = self.applied();
         let mut from = prefix;
         loop {
             let mut options = GetOptions::new().with_range(end.clone()).with_limit(SNAPSHOT_PAGE);
@@ -436,9 +485,14 @@ impl Cluster {
                 snapshot.revision = page.header().map_or(0, |h| h.revision());
             }
             for kv in page.kvs() {
+                // Records this copy already has are not even read.
+                if kv.mod_revision() <= applied && self.keys.parse(kv.key()) == Key::Audit {
+                    continue;
+                }
                 match self.decode(kv.key(), Some(kv.value())) {
                     Some(Change::Account(id, Some(doc))) => snapshot.accounts.push((id, doc)),
                     Some(Change::Binding(binding, true)) => snapshot.bindings.push(binding),
+                    Some(Change::Audit(records)) => snapshot.audit.extend(records),
                     _ => {}
                 }
             }

@@ -349,7 +349,11 @@ impl Replica for Service {
                      import through a node with an empty store), or check [cluster] prefix"
                 ));
             }
-            differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?
+            let mut changes = differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?;
+            if !snapshot.audit.is_empty() {
+                changes.push(Change::Audit(snapshot.audit));
+            }
+            changes
         };
         self.apply_locked(&mut writer, changes, snapshot.revision).map_err(|e| e.to_string())
     }

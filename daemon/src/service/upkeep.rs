@@ -53,10 +53,15 @@ impl Service {
         pending_audit.committed();
         let tx = store.transaction()?;
         let retention_days = self.retention_days.load(Ordering::Relaxed);
-        let pruned = tx.prune_activity(at - retention_days as i64 * 24 * 3600)?;
+        let cutoff = at - retention_days as i64 * 24 * 3600;
+        let pruned = tx.prune_activity(cutoff)?;
         tx.commit()?;
+        drop(guard);
         if pruned > 0 {
             info!("pruned {pruned} activity records older than {retention_days} days");
+        }
+        if let Some(cluster) = self.cluster.get() {
+            cluster.prune_audit(cutoff);
         }
         Ok(())
     }
