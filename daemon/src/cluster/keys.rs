@@ -88,6 +88,16 @@ impl Keys {
         (format!("{}audit/", self.prefix), format!("{}audit/{time:011}", self.prefix))
     }
 
+    /// What a snapshot reads, each `[start, end)`: accounts, bindings and audit records
+    /// (slots and the sequence are only guards; their content is in the documents).
+    pub fn snapshot_ranges(&self) -> [(String, String); 3] {
+        ["accounts/", "bindings/", "audit/"].map(|part| {
+            let start = format!("{}{part}", self.prefix);
+            let end = format!("{}{}0", self.prefix, part.trim_end_matches('/'));
+            (start, end)
+        })
+    }
+
     /// The policy's keys: `[start, end)`, everything a node follows.
     pub fn policy_range(&self) -> (String, String) {
         (self.prefix.clone(), format!("{}~", self.prefix))
@@ -194,6 +204,11 @@ mod tests {
         }
         let (start, end) = keys.nodes();
         assert!(keys.node("mx1") >= start && keys.node("mx1") < end);
+        let [accounts, bindings, audit] = keys.snapshot_ranges();
+        let inside = |key: &str, (start, end): &(String, String)| key >= start.as_str() && key < end.as_str();
+        assert!(inside(&keys.account("zz"), &accounts) && !inside(&keys.slot(1), &accounts));
+        assert!(inside(&keys.binding(v6, None, "*"), &bindings) && !inside(&keys.account("a"), &bindings));
+        assert!(inside(&keys.audit(9, "mx1", "0"), &audit) && !inside(&keys.override_sequence(), &audit));
         let (start, end) = keys.audit_before(1_700_000_001);
         let old = keys.audit(1_700_000_000, "mx1", "3");
         assert!(old >= start && old < end);

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use log::{error, warn};
 
-use super::{Failure, Service, Writer, change::apply_account, change::policy_from_store, now};
+use super::{Failure, Service, Writer, change::apply_account, now};
 use crate::{
     cluster::{self, BindingValue, Change, Cluster, Committed, FLEET_WIDE, Guard, Replica, Snapshot, Unit, Write},
     logging::PendingAudit,
@@ -221,8 +221,10 @@ impl Service {
         let tx = store.transaction()?;
         let at = now();
         let changes = in_order(changes);
-        let (mut put, mut removed, mut bindings_changed) = (Vec::new(), Vec::new(), false);
-        let (mut put_set, mut removed_set) = (HashSet::new(), HashSet::new());
+        // The policy of each account put comes from its document, as the store now holds
+        // it: no reading back. A resync's batch holds every account: maps, not lists.
+        let (mut updated, mut removed, mut bindings_changed) = (HashMap::new(), Vec::new(), false);
+        let mut removed_set = HashSet::new();
         for change in changes {
             match change {
                 Change::Account(id, None) => {
@@ -234,9 +236,7 @@ impl Service {
                             removed.push(child);
                         }
                         tx.remove_account(&id)?;
-                        if put_set.remove(&id) {
-                            put.retain(|p| p != &id);
-                        }
+                        updated.remove(&id);
                         removed_set.insert(id.clone());
                         removed.push(id);
                         bindings_changed = true;
@@ -244,13 +244,10 @@ impl Service {
                 }
                 Change::Account(id, Some(doc)) => {
                     tx.put_account_doc(&id, &doc, at)?;
-                    // A resync's batch holds every account: sets, not scans of the lists.
                     if removed_set.remove(&id) {
                         removed.retain(|r| r != &id);
                     }
-                    if put_set.insert(id.clone()) {
-                        put.push(id);
-                    }
+                    updated.insert(id, doc.policy(at));
                 }
                 Change::Binding(binding, true) => {
                     if tx.account(&binding.account)?.is_some() {
@@ -268,17 +265,11 @@ impl Service {
         }
         tx.set_applied_revision(revision)?;
         let cache = self.accounts.read().expect("cache lock");
-        let mut updated: HashMap<String, AccountPolicy> = HashMap::with_capacity(put.len());
-        let mut children = Vec::new();
-        for id in &put {
-            let row = tx.account(id)?.ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
-            children.extend(tx.descendants(id)?);
-            let policy = policy_from_store(&tx, &row, at).map_err(|f| StoreError::Corrupt(f.0.message))?;
-            updated.insert(id.clone(), policy);
-        }
         let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
         let next = |id: &str| updated.get(id).or_else(|| if gone.contains(id) { None } else { cache.get(id) });
-        let mut affected: Vec<&str> = put.iter().map(String::as_str).collect();
+        // Sub-users of a changed account may change with it (a ban reaches them).
+        let children = descendants(&tx, &updated, &cache, &gone)?;
+        let mut affected: Vec<&str> = updated.keys().map(String::as_str).collect();
         affected.extend(children.iter().map(String::as_str).filter(|id| !updated.contains_key(*id)));
         let mut failures = 0;
         for &id in &affected {
@@ -289,7 +280,7 @@ impl Service {
             }
         }
         let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
-        if bindings_changed || !put.is_empty() {
+        if bindings_changed || !updated.is_empty() {
             let wanted: Vec<_> = tx
                 .bindings()?
                 .iter()
@@ -359,6 +350,44 @@ impl Replica for Service {
     }
 }
 
+/// The sub-users (at any depth, for trees written by older versions) of the accounts in
+/// `updated`. A few accounts ask the store; a large batch (a resync) walks one map of the
+/// whole cache instead of a query per account.
+fn descendants(
+    tx: &Tx,
+    updated: &HashMap<String, AccountPolicy>,
+    cache: &HashMap<String, AccountPolicy>,
+    gone: &HashSet<&str>,
+) -> Result<Vec<String>, StoreError> {
+    const FEW: usize = 256;
+    if updated.len() <= FEW {
+        let mut all = Vec::new();
+        for id in updated.keys() {
+            all.extend(tx.descendants(id)?);
+        }
+        return Ok(all);
+    }
+    let mut below: HashMap<&str, Vec<&str>> = HashMap::new();
+    let accounts = cache.iter().filter(|(id, _)| !updated.contains_key(*id) && !gone.contains(id.as_str()));
+    for (id, policy) in updated.iter().chain(accounts) {
+        if let Some(parent) = &policy.parent {
+            below.entry(parent.as_str()).or_default().push(id.as_str());
+        }
+    }
+    let (mut found, mut seen) = (Vec::new(), HashSet::new());
+    let mut queue: Vec<&str> = updated.keys().map(String::as_str).collect();
+    while let Some(id) = queue.pop() {
+        for &child in below.get(id).map(Vec::as_slice).unwrap_or_default() {
+            // A cycle in a damaged store ends here.
+            if seen.insert(child) {
+                found.push(child.to_owned());
+                queue.push(child);
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// A batch as the store can take it: only the last change to each key (a batch may span
 /// several revisions), removals first, parents before sub-users, accounts before the
 /// bindings that name them.
@@ -393,12 +422,13 @@ fn differences(
 ) -> Result<Vec<Change>, StoreError> {
     let at = now();
     let wanted: HashSet<&str> = accounts.iter().map(|(id, _)| id.as_str()).collect();
-    let mut changes: Vec<Change> = tx
-        .accounts()?
-        .into_iter()
+    let local_accounts = tx.accounts()?;
+    let mut changes: Vec<Change> = local_accounts
+        .iter()
         .filter(|a| !wanted.contains(a.id.as_str()))
-        .map(|a| Change::Account(a.id, None))
+        .map(|a| Change::Account(a.id.clone(), None))
         .collect();
+    let local: HashSet<&str> = local_accounts.iter().map(|a| a.id.as_str()).collect();
     let local_bindings = tx.bindings()?;
     let endpoint = |b: &Binding| (b.addr, b.target);
     let fleet_endpoints: HashMap<_, &Binding> = bindings.iter().map(|b| (endpoint(b), b)).collect();
@@ -411,7 +441,8 @@ fn differences(
     let mut accounts = accounts;
     accounts.sort_by_key(|(_, doc)| doc.parent.is_some());
     for (id, doc) in accounts {
-        let ours = tx.account_doc(&id, at)?;
+        // An account this copy lacks is put without reading (a joining node lacks all).
+        let ours = if local.contains(id.as_str()) { tx.account_doc(&id, at)? } else { None };
         // Local overrides that expired since the fleet's document was written are left out
         // of ours: compare without them.
         let same = ours.as_ref().is_some_and(|ours| {

@@ -10,7 +10,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::{ActivityRecord, StoreError, Tx, account_row, int};
-use crate::protocol::{Account, AccountState, Binding, Mode, Proto};
+use crate::{
+    policy::{AccountPolicy, LiveOverride},
+    protocol::{Account, AccountState, Binding, Mode, Proto},
+};
 
 /// One account as the fleet shares it. Fields added later must default, so that nodes of
 /// two versions can share a cluster during an upgrade.
@@ -50,6 +53,24 @@ pub struct OverrideDoc {
 }
 
 impl AccountDoc {
+    /// What the kernel and the checks enforce for this document at `now`: its enabled
+    /// entries and the overrides still live.
+    pub fn policy(&self, now: i64) -> AccountPolicy {
+        AccountPolicy {
+            slot: self.slot,
+            parent: self.parent.clone(),
+            state: self.state,
+            mode: self.mode,
+            entries: self.entries.iter().filter(|e| e.enabled).map(|e| e.cidr).collect(),
+            overrides: self
+                .overrides
+                .iter()
+                .filter(|o| o.expires_at > now)
+                .map(|o| LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at })
+                .collect(),
+        }
+    }
+
     pub fn account(&self, id: &str) -> Account {
         Account {
             id: id.to_owned(),

@@ -400,6 +400,8 @@ struct Join {
     enforcing: Duration,
     /// The longest a `status` request waited for its answer meanwhile.
     slowest_status: Duration,
+    /// The node's own account of its resync (read from etcd, applied), from its log.
+    resync_log: String,
 }
 
 /// Starts `node` (empty store and maps) on the seeded fleet and times it to enforcing: its
@@ -426,7 +428,10 @@ fn join(node: &mut FleetNode, accounts: usize, revision: i64) -> Join {
         if let Some(in_step) = in_step
             && ctl.allowed(&account, &source)
         {
-            return Join { answered, in_step, enforcing: started.elapsed(), slowest_status };
+            let enforcing = started.elapsed();
+            let log = node.host.log_text();
+            let resync_log = log.lines().filter(|l| l.contains("in step with etcd")).last().unwrap_or("").to_owned();
+            return Join { answered, in_step, enforcing, slowest_status, resync_log };
         }
         assert!(started.elapsed() < JOIN_WITHIN, "{} not in step after {JOIN_WITHIN:?}", node.name);
         thread::sleep(Duration::from_millis(10));
@@ -705,6 +710,8 @@ fn main() {
         "| **standalone daemon: restart to its first answered request** (baseline) | {:.2} |",
         s.restart.as_secs_f64()
     );
+    println!();
+    println!("The new node's log: `{}`", j.resync_log.trim());
     println!();
     println!(
         "Joining ÷ standalone restart: **{:.1}x** (target <= 3x); joining ÷ standalone first start: {:.1}x.",
