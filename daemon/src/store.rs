@@ -1717,7 +1717,8 @@ mod tests {
         assert_eq!(tx.remove_binding_on(a, https, Some("mx-b")).unwrap(), None);
         assert_eq!(tx.bindings().unwrap().len(), 2);
         // The fleet's copy takes any scope as etcd has it.
-        let theirs = Binding { account: "other".into(), addr: a, target: https, created_at: 9, node: Some("mx-c".into()) };
+        let theirs =
+            Binding { account: "other".into(), addr: a, target: https, created_at: 9, node: Some("mx-c".into()) };
         tx.put_binding(&theirs).unwrap();
         assert!(tx.bindings().unwrap().contains(&theirs));
         let json = serde_json::to_value(&theirs).unwrap();

@@ -86,9 +86,9 @@ fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
     let server = fleet.nodes[0].host.hosts.server_v4;
     acme(&fleet.nodes[0]);
     // Through node A, a binding that only node B enforces.
-    let made = fleet.nodes[0].host.ok(
-        json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": "node-b"}),
-    );
+    let made = fleet.nodes[0]
+        .host
+        .ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": "node-b"}));
     assert_eq!(made["node"], "node-b", "{made}");
     settle(&fleet);
     for node in &fleet.nodes {
@@ -110,14 +110,16 @@ fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
     let both = c.host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT}));
     assert_eq!(code(&both).as_deref(), Some("binding_exists"), "{both}");
     assert!(both["error"]["message"].as_str().unwrap().contains("ambiguous"), "{both}");
-    let both =
-        c.host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": FLEET_PORT, "node": "node-c"}));
+    let both = c
+        .host
+        .request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": FLEET_PORT, "node": "node-c"}));
     assert_eq!(code(&both).as_deref(), Some("binding_exists"), "{both}");
     c.host.ok(json!({"cmd": "account_add", "account": "other"}));
     let stolen =
         c.host.request(json!({"cmd": "bind_add", "account": "other", "addr": server, "port": PORT, "node": "node-a"}));
     assert_eq!(code(&stolen).as_deref(), Some("binding_exists"), "{stolen}");
-    let odd = c.host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": "a/b"}));
+    let odd =
+        c.host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": "a/b"}));
     assert_eq!(code(&odd).as_deref(), Some("bad_request"), "{odd}");
 
     // The same owner on a second node: C enforces it as well.
@@ -218,7 +220,8 @@ fn racing_a_node_binding_and_a_fleet_wide_one_leave_one_owner() {
         for node in &fleet.nodes {
             assert_eq!(bound(node, port), [winner.clone()], "round {r}: {}", node.name);
         }
-        let keys = fleet.etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}bindings/{addr}/tcp:{port}/")]);
+        let keys =
+            fleet.etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}bindings/{addr}/tcp:{port}/")]);
         let keys: Vec<String> = keys.unwrap().lines().filter(|l| !l.is_empty()).map(str::to_owned).collect();
         assert_eq!(keys.len(), 1, "round {r}: etcd holds {keys:?}");
     }

@@ -465,7 +465,8 @@ impl Cluster {
             // those enforced here (see `service::bindings::for_kernel`).
             Key::Binding(addr, target, scope) => match value {
                 None => {
-                    let gone = Binding { account: String::new(), addr, target, created_at: 0, node: keys::node_of(&scope) };
+                    let gone =
+                        Binding { account: String::new(), addr, target, created_at: 0, node: keys::node_of(&scope) };
                     Some(Change::Binding(gone, false))
                 }
                 Some(value) => match serde_json::from_slice::<BindingValue>(value) {

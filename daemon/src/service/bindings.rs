@@ -42,7 +42,10 @@ impl Service {
                 let scope = node.as_ref().map_or_else(|| "fleet-wide".to_owned(), |n| format!("on node {n}"));
                 let mut message = format!("no binding for {addr}{} {scope}", describe(target));
                 if !elsewhere.is_empty() {
-                    message += &format!(" (it is bound {}: name that scope with --node, or leave it out)", elsewhere.join(", "));
+                    message += &format!(
+                        " (it is bound {}: name that scope with --node, or leave it out)",
+                        elsewhere.join(", ")
+                    );
                 }
                 Err(Failure::new(ErrorCode::UnknownBinding, message))
             }

@@ -144,7 +144,8 @@ impl Service {
         let tx = store.transaction()?;
         let result = f(&tx)?;
         let cache = self.accounts.read().expect("cache lock");
-        let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| cache.get(id).map(|a| a.slot));
+        let wanted =
+            super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| cache.get(id).map(|a| a.slot));
         let before = datapath.bindings();
         datapath.set_bindings(&wanted)?;
         if let Err(e) = tx.commit() {

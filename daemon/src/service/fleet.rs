@@ -294,8 +294,7 @@ impl Service {
         }
         let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
         if bindings_changed || !put.is_empty() {
-            let wanted =
-                super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| Some(next(id)?.slot));
+            let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| Some(next(id)?.slot));
             if let Err(e) = datapath.set_bindings(&wanted) {
                 error!("cluster: the bindings could not be written to the kernel (revision {revision}): {e}");
                 failures += 1;

@@ -282,7 +282,11 @@ impl Render for Vec<Binding> {
             }
             row
         });
-        let header: &[&str] = if scoped { &["ACCOUNT", "ADDRESS", "PROTO", "PORT", "NODE"] } else { &["ACCOUNT", "ADDRESS", "PROTO", "PORT"] };
+        let header: &[&str] = if scoped {
+            &["ACCOUNT", "ADDRESS", "PROTO", "PORT", "NODE"]
+        } else {
+            &["ACCOUNT", "ADDRESS", "PROTO", "PORT"]
+        };
         table(out, header, rows);
     }
 }
