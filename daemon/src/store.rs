@@ -1708,8 +1708,7 @@ mod tests {
         let err = tx.add_binding_on("acme", a, None, Some("mx-b"), 5).unwrap_err();
         assert!(err.to_string().contains("fleet-wide (on every node); binding it on node mx-b only"), "{err}");
         let all = tx.bindings().unwrap();
-        let scopes: Vec<(Option<(Proto, u16)>, Option<&str>)> =
-            all.iter().map(|b| (b.target, b.node.as_deref())).collect();
+        let scopes: Vec<_> = all.iter().map(|b| (b.target, b.node.as_deref())).collect();
         assert_eq!(scopes, [(None, None), (https, Some("mx-b")), (https, Some("mx-c"))]);
         // Removing names the scope: the fleet-wide removal leaves the node-scoped ones.
         assert_eq!(tx.remove_binding(a, https).unwrap(), None);

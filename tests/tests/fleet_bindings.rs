@@ -218,7 +218,7 @@ fn racing_a_node_binding_and_a_fleet_wide_one_leave_one_owner() {
             _ => panic!("round {r}: not exactly one binding acknowledged: A {ra}, C {rc}"),
         };
         for node in &fleet.nodes {
-            assert_eq!(bound(node, port), [winner.clone()], "round {r}: {}", node.name);
+            assert_eq!(bound(node, port), std::slice::from_ref(&winner), "round {r}: {}", node.name);
         }
         let keys =
             fleet.etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}bindings/{addr}/tcp:{port}/")]);
