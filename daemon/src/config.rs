@@ -154,6 +154,14 @@ pub struct Cluster {
     pub key_file: Option<PathBuf>,
 }
 
+/// What a node's name may be: it is a part of etcd keys (a binding's scope among them).
+pub const NODE_NAME_RULE: &str = "1 to 63 letters, digits, '.', '_' or '-'";
+
+pub fn node_name_ok(name: &str) -> bool {
+    let char_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    !name.is_empty() && name.len() <= 63 && name.chars().all(char_ok)
+}
+
 fn default_prefix() -> String {
     "/ipaccess/".into()
 }
@@ -168,9 +176,8 @@ impl Cluster {
         if let Some(e) = self.endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
             return Err(format!("[cluster] endpoint {e:?} must start with http:// or https://"));
         }
-        let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        if self.node.is_empty() || self.node.len() > 63 || !self.node.chars().all(name_ok) {
-            return Err(format!("[cluster] node {:?}: 1 to 63 letters, digits, '.', '_' or '-'", self.node));
+        if !node_name_ok(&self.node) {
+            return Err(format!("[cluster] node {:?}: {NODE_NAME_RULE}", self.node));
         }
         if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
             return Err(format!("[cluster] prefix {:?} must start and end with '/'", self.prefix));

@@ -180,6 +180,23 @@ const MIGRATIONS: &[&str] = &[
     DELETE FROM sqlite_sequence WHERE name = 'activity';",
     // v7: a fleet node's local copy records the etcd revision it has applied.
     "CREATE TABLE cluster (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    // v8: in a fleet, a binding can be scoped to one node; the local copy keeps every node's
+    // so that any node lists the fleet's bindings. '' is fleet-wide (not NULL: NULLs never
+    // collide in a key, so two fleet-wide rows of one endpoint would both be taken).
+    "CREATE TABLE bindings_v8 (
+        addr TEXT NOT NULL,
+        proto TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        node TEXT NOT NULL DEFAULT '',
+        account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (addr, proto, port, node)
+    );
+    INSERT INTO bindings_v8 (addr, proto, port, node, account, created_at)
+        SELECT addr, proto, port, '', account, created_at FROM bindings;
+    DROP TABLE bindings;
+    ALTER TABLE bindings_v8 RENAME TO bindings;
+    CREATE INDEX bindings_account ON bindings(account);",
 ];
 
 /// Rows of sign-ins one account may add in one hour; further addresses are counted together
@@ -211,6 +228,13 @@ pub enum StoreError {
     EntryExists { account: String, cidr: IpNet },
     #[error("{endpoint} is already bound to account {owner:?}; remove that binding first")]
     BindingExists { endpoint: String, owner: String },
+    /// An endpoint is bound either fleet-wide or on some nodes, never both: which would
+    /// a node named in both enforce?
+    #[error(
+        "{endpoint} is bound to account {owner:?} {held}; binding it {wanted} as well would be ambiguous: remove \
+         that binding first"
+    )]
+    BindingScope { endpoint: String, owner: String, held: String, wanted: String },
     #[error("{parent:?} is itself a sub-user of {grandparent:?}; a sub-user cannot have sub-users")]
     NestedParent { parent: String, grandparent: String },
     #[error("the store holds data this daemon cannot read ({0}); restore a backup or upgrade")]
@@ -724,7 +748,8 @@ impl Tx<'_> {
         self.rows(sql, [], entry_row)
     }
 
-    /// Binds `addr` (with `target` a single port, without it the whole address) to `account`.
+    /// Binds `addr` (with `target` a single port, without it the whole address) to `account`
+    /// on every node.
     pub fn add_binding(
         &self,
         account: &str,
@@ -732,35 +757,75 @@ impl Tx<'_> {
         target: Option<(Proto, u16)>,
         now: i64,
     ) -> Result<Binding, StoreError> {
+        self.add_binding_on(account, addr, target, None, now)
+    }
+
+    /// Binds an endpoint to `account` on `node` only, or (`None`) on every node. An endpoint
+    /// has one owner whatever its scopes: the same owner may bind it on several nodes, but
+    /// not on some nodes and fleet-wide.
+    pub fn add_binding_on(
+        &self,
+        account: &str,
+        addr: IpAddr,
+        target: Option<(Proto, u16)>,
+        node: Option<&str>,
+        now: i64,
+    ) -> Result<Binding, StoreError> {
         self.require_account(account)?;
         let (proto, port) = target_columns(target);
-        let added = self.execute(
-            "INSERT INTO bindings (addr, proto, port, account, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-            (addr.to_string(), &proto, port, account, now),
-        )?;
-        if added == 0 {
-            let owner: String = self
-                .tx
-                .prepare_cached("SELECT account FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3")?
-                .query_row((addr.to_string(), proto, port), |r| r.get(0))?;
-            return Err(StoreError::BindingExists { endpoint: endpoint(addr, target), owner });
+        let held: Vec<(String, String)> = self
+            .tx
+            .prepare_cached("SELECT account, node FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3")?
+            .query_map((addr.to_string(), proto, port), |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let scope = node.unwrap_or("");
+        if let Some((owner, _)) = held.iter().find(|(owner, held)| owner != account || held == scope) {
+            return Err(StoreError::BindingExists { endpoint: endpoint(addr, target), owner: owner.clone() });
         }
-        Ok(Binding { account: account.to_owned(), addr, target, created_at: now })
+        if !held.is_empty() && (scope.is_empty() || held.iter().any(|(_, held)| held.is_empty())) {
+            let nodes: Vec<&str> = held.iter().map(|(_, n)| n.as_str()).filter(|n| !n.is_empty()).collect();
+            let on = |nodes: &[&str]| match nodes {
+                [] => "fleet-wide (on every node)".to_owned(),
+                [one] => format!("on node {one} only"),
+                many => format!("on nodes {} only", many.join(", ")),
+            };
+            return Err(StoreError::BindingScope {
+                endpoint: endpoint(addr, target),
+                owner: account.to_owned(),
+                held: on(&nodes),
+                wanted: on(node.as_slice()),
+            });
+        }
+        self.execute(
+            "INSERT INTO bindings (addr, proto, port, node, account, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            (addr.to_string(), &proto, port, scope, account, now),
+        )?;
+        Ok(Binding { account: account.to_owned(), addr, target, created_at: now, node: node.map(str::to_owned) })
     }
 
-    /// Removes a binding and returns it, or `None` if that endpoint was not bound.
+    /// Removes a fleet-wide binding and returns it, or `None` if that endpoint was not bound.
     pub fn remove_binding(&self, addr: IpAddr, target: Option<(Proto, u16)>) -> Result<Option<Binding>, StoreError> {
-        let (proto, port) = target_columns(target);
-        let sql = "DELETE FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3
-                   RETURNING account, addr, proto, port, created_at";
-        Ok(self.rows(sql, (addr.to_string(), proto, port), binding_row)?.pop())
+        self.remove_binding_on(addr, target, None)
     }
 
-    /// Every binding, ordered by address text, protocol, port.
+    /// Removes the binding of an endpoint on `node` (`None`: fleet-wide) and returns it.
+    pub fn remove_binding_on(
+        &self,
+        addr: IpAddr,
+        target: Option<(Proto, u16)>,
+        node: Option<&str>,
+    ) -> Result<Option<Binding>, StoreError> {
+        let (proto, port) = target_columns(target);
+        let sql = "DELETE FROM bindings WHERE addr = ?1 AND proto = ?2 AND port = ?3 AND node = ?4
+                   RETURNING account, addr, proto, port, created_at, node";
+        Ok(self.rows(sql, (addr.to_string(), proto, port, node.unwrap_or("")), binding_row)?.pop())
+    }
+
+    /// Every binding of every scope, ordered by address text, protocol, port, node (the
+    /// fleet-wide one first).
     pub fn bindings(&self) -> Result<Vec<Binding>, StoreError> {
-        let sql = "SELECT account, addr, proto, port, created_at
-                   FROM bindings ORDER BY addr, proto, port";
+        let sql = "SELECT account, addr, proto, port, created_at, node
+                   FROM bindings ORDER BY addr, proto, port, node";
         self.rows(sql, [], binding_row)
     }
 
@@ -1361,6 +1426,7 @@ fn binding_row(r: &Row) -> Result<Binding, StoreError> {
         addr: addr.parse().map_err(|_| StoreError::Corrupt(format!("bad address {addr:?}")))?,
         target,
         created_at: r.get(4)?,
+        node: Some(r.get::<_, String>(5)?).filter(|n| !n.is_empty()),
     })
 }
 
@@ -1621,6 +1687,80 @@ mod tests {
         assert_eq!(json, r#"{"account":"acme","addr":"192.0.2.10","target":null,"created_at":1}"#);
         let left = serde_json::to_value(tx.bindings().unwrap()).unwrap();
         assert_eq!(left[0]["target"], serde_json::json!({"proto": "udp", "port": 443}));
+    }
+
+    /// An endpoint has one owner whatever its scopes; the owner may bind it on several
+    /// nodes, but not on some nodes and fleet-wide; removal names the scope.
+    #[test]
+    fn a_binding_is_scoped_to_nodes_or_fleet_wide_with_one_owner() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        add(&tx, "other");
+        let (a, https) = (ip("192.0.2.10"), Some((Proto::Tcp, 443)));
+        let on_b = tx.add_binding_on("acme", a, https, Some("mx-b"), 1).unwrap();
+        assert_eq!(on_b.node.as_deref(), Some("mx-b"));
+        tx.add_binding_on("acme", a, https, Some("mx-c"), 2).unwrap();
+        let again = tx.add_binding_on("acme", a, https, Some("mx-b"), 3);
+        assert!(matches!(again, Err(StoreError::BindingExists { owner, .. }) if owner == "acme"));
+        for node in [Some("mx-a"), None] {
+            let err = tx.add_binding_on("other", a, https, node, 3);
+            assert!(matches!(err, Err(StoreError::BindingExists { owner, .. }) if owner == "acme"), "{node:?}");
+        }
+        let err = tx.add_binding_on("acme", a, https, None, 3).unwrap_err();
+        assert!(matches!(err, StoreError::BindingScope { .. }));
+        let message = err.to_string();
+        assert!(message.contains("on nodes mx-b, mx-c only") && message.contains("fleet-wide"), "{message}");
+        // The other way round: fleet-wide first, then one node.
+        tx.add_binding("acme", a, None, 4).unwrap();
+        let err = tx.add_binding_on("acme", a, None, Some("mx-b"), 5).unwrap_err();
+        assert!(err.to_string().contains("fleet-wide (on every node); binding it on node mx-b only"), "{err}");
+        let all = tx.bindings().unwrap();
+        let scopes: Vec<_> = all.iter().map(|b| (b.target, b.node.as_deref())).collect();
+        assert_eq!(scopes, [(None, None), (https, Some("mx-b")), (https, Some("mx-c"))]);
+        // Removing names the scope: the fleet-wide removal leaves the node-scoped ones.
+        assert_eq!(tx.remove_binding(a, https).unwrap(), None);
+        assert_eq!(tx.remove_binding_on(a, https, Some("mx-b")).unwrap(), Some(on_b));
+        assert_eq!(tx.remove_binding_on(a, https, Some("mx-b")).unwrap(), None);
+        assert_eq!(tx.bindings().unwrap().len(), 2);
+        // The fleet's copy takes any scope as etcd has it.
+        let theirs =
+            Binding { account: "other".into(), addr: a, target: https, created_at: 9, node: Some("mx-c".into()) };
+        tx.put_binding(&theirs).unwrap();
+        assert!(tx.bindings().unwrap().contains(&theirs));
+        let json = serde_json::to_value(&theirs).unwrap();
+        assert_eq!(json["node"], "mx-c");
+    }
+
+    /// A store of schema v7 (bindings without a scope): its bindings become fleet-wide.
+    #[test]
+    fn bindings_of_an_older_store_become_fleet_wide() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
+        let conn = Connection::open(dir.db()).unwrap();
+        for sql in &MIGRATIONS[..7] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        conn.execute(
+            "INSERT INTO accounts (id, slot, state, mode, created_at) VALUES ('acme', 1, 'active', 'enforce', 5)",
+            [],
+        )
+        .unwrap();
+        conn.execute("INSERT INTO bindings VALUES ('198.18.0.1', 'tcp', 443, 'acme', 6)", []).unwrap();
+        conn.execute("INSERT INTO bindings VALUES ('fd00::1', '', 0, 'acme', 7)", []).unwrap();
+        drop(conn);
+        let mut store = Store::open(&dir.db()).unwrap();
+        let tx = store.transaction().unwrap();
+        let bindings = tx.bindings().unwrap();
+        assert_eq!(bindings.len(), 2);
+        assert!(bindings.iter().all(|b| b.node.is_none() && b.account == "acme"), "{bindings:?}");
+        assert_eq!(bindings[0].target, Some((Proto::Tcp, 443)));
+        // The new key: the same endpoint on a node is now a row of its own, and removing the
+        // account still removes its bindings.
+        tx.add_binding_on("acme", ip("fd00::2"), None, Some("mx-b"), 8).unwrap();
+        tx.remove_account("acme").unwrap();
+        assert!(tx.bindings().unwrap().is_empty());
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl Keys {
         match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some("accounts"), Some(id), None, ..) if !id.is_empty() => Key::Account(id.to_owned()),
             (Some("slots"), Some(slot), None, ..) => slot.parse().map_or(Key::Other, Key::Slot),
-            (Some("bindings"), Some(addr), Some(target), Some(scope), None) => {
+            (Some("bindings"), Some(addr), Some(target), Some(scope), None) if !scope.is_empty() => {
                 match (addr.parse(), parse_target(target)) {
                     (Ok(addr), Some(target)) => Key::Binding(addr, target, scope.to_owned()),
                     _ => Key::Other,
@@ -162,9 +162,20 @@ impl BindingValue {
         BindingValue { account: binding.account.clone(), created_at: binding.created_at }
     }
 
-    pub fn binding(self, addr: IpAddr, target: Option<(Proto, u16)>) -> Binding {
-        Binding { account: self.account, addr, target, created_at: self.created_at }
+    /// The binding of the key `(addr, target, scope)` this value was read from.
+    pub fn binding(self, addr: IpAddr, target: Option<(Proto, u16)>, scope: &str) -> Binding {
+        Binding { account: self.account, addr, target, created_at: self.created_at, node: node_of(scope) }
     }
+}
+
+/// The node a binding's scope names: `None` for fleet-wide.
+pub fn node_of(scope: &str) -> Option<String> {
+    (scope != FLEET_WIDE).then(|| scope.to_owned())
+}
+
+/// The scope part of a binding's key.
+pub fn scope_of(binding: &Binding) -> &str {
+    binding.node.as_deref().unwrap_or(FLEET_WIDE)
 }
 
 pub fn encode(doc: &AccountDoc) -> Vec<u8> {

@@ -74,7 +74,7 @@ pub struct Health {
 pub enum Change {
     /// An account's document, or its removal.
     Account(String, Option<AccountDoc>),
-    /// The binding of an endpoint this node enforces, or its removal.
+    /// A binding of any scope (its `node`), or its removal.
     Binding(Binding, bool),
     /// The audit records one change (or one part of it) wrote.
     Audit(Vec<ActivityRecord>),
@@ -512,7 +512,7 @@ impl Cluster {
     }
 
     /// What one key's new value (or `None`: its deletion) means for this node; `None` for
-    /// keys it has no use for (another node's bindings, sequences, unknown keys).
+    /// keys it has no use for (sequences, unknown keys).
     fn decode(&self, key: &[u8], value: Option<&[u8]>) -> Option<Change> {
         match self.keys.parse(key) {
             Key::Account(id) => match value.map(serde_json::from_slice::<AccountDoc>) {
@@ -523,10 +523,16 @@ impl Cluster {
                     None
                 }
             },
-            Key::Binding(addr, target, scope) if scope == FLEET_WIDE || scope == self.node => match value {
-                None => Some(Change::Binding(Binding { account: String::new(), addr, target, created_at: 0 }, false)),
+            // Every node's bindings: the local copy lists the fleet's; the kernel takes only
+            // those enforced here (see `service::bindings::for_kernel`).
+            Key::Binding(addr, target, scope) => match value {
+                None => {
+                    let gone =
+                        Binding { account: String::new(), addr, target, created_at: 0, node: keys::node_of(&scope) };
+                    Some(Change::Binding(gone, false))
+                }
                 Some(value) => match serde_json::from_slice::<BindingValue>(value) {
-                    Ok(v) => Some(Change::Binding(v.binding(addr, target), true)),
+                    Ok(v) => Some(Change::Binding(v.binding(addr, target, &scope), true)),
                     Err(e) => {
                         warn!("cluster: the binding {} does not read ({e}); ignored", String::from_utf8_lossy(key));
                         None
@@ -618,7 +624,7 @@ impl Cluster {
                 })
                 .collect();
             if changes.is_empty() {
-                // Keys this node has no use for (another node's bindings, the sequence).
+                // Keys this node has no use for (the sequence, unknown keys).
                 self.set_applied(last, false);
                 continue;
             }

@@ -101,6 +101,9 @@ pub struct Binding {
     #[serde(serialize_with = "write_target", deserialize_with = "read_target")]
     pub target: Option<(Proto, u16)>,
     pub created_at: i64,
+    /// In a fleet, the one node that enforces it; absent (or null): every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A bound port as the wire shows it.

@@ -321,6 +321,10 @@ pub struct BindAdd {
     pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<Proto>,
+    /// In a fleet: the one node that enforces it (its `[cluster] node`); without it, every
+    /// node does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Remove a binding.
@@ -332,6 +336,9 @@ pub struct BindRemove {
     pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<Proto>,
+    /// The node of a binding scoped to one node; without it, the fleet-wide binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Every binding.

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::{Failure, Service, Writer, now, unknown};
 use crate::{
-    datapath::{self, Binding, Datapath, DatapathError},
+    datapath::{self, Datapath, DatapathError},
     logging::{self, PendingAudit},
     policy::{AccountPolicy, LiveOverride, suspended},
     protocol::Account,
@@ -144,8 +144,8 @@ impl Service {
         let tx = store.transaction()?;
         let result = f(&tx)?;
         let cache = self.accounts.read().expect("cache lock");
-        let wanted: Vec<Binding> =
-            tx.bindings()?.iter().map(|b| super::bindings::in_kernel(b, cache[b.account.as_str()].slot)).collect();
+        let wanted =
+            super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| cache.get(id).map(|a| a.slot));
         let before = datapath.bindings();
         datapath.set_bindings(&wanted)?;
         if let Err(e) = tx.commit() {
@@ -185,8 +185,7 @@ impl Service {
         }
         let cache = self.accounts.read().expect("cache lock");
         let slot = |id: &str| cache.get(id).map(|a| a.slot);
-        let wanted: Vec<Binding> =
-            tx.bindings()?.iter().filter_map(|b| Some(super::bindings::in_kernel(b, slot(&b.account)?))).collect();
+        let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), slot);
         let before = datapath.bindings();
         let applied = datapath
             .set_bindings(&wanted)

@@ -13,7 +13,7 @@ use log::{error, warn};
 
 use super::{Failure, Service, Writer, change::apply_account, now};
 use crate::{
-    cluster::{self, BindingValue, Change, Cluster, Committed, FLEET_WIDE, Guard, Replica, Snapshot, Unit, Write},
+    cluster::{self, BindingValue, Change, Cluster, Committed, Guard, Replica, Snapshot, Unit, Write},
     logging::PendingAudit,
     policy::{AccountPolicy, suspended},
     protocol::{Binding, ErrorCode},
@@ -117,12 +117,14 @@ impl Service {
         let mut binding_units = Vec::new();
         if let Some(bindings_before) = bindings_before {
             let after = tx.bindings()?;
-            let endpoint = |b: &Binding| (b.addr, b.target);
+            // One key per endpoint and scope.
+            let endpoint = |b: &Binding| (b.addr, b.target, cluster::keys::scope_of(b).to_owned());
             let old: HashMap<_, &Binding> = bindings_before.iter().map(|b| (endpoint(b), b)).collect();
             let new: HashMap<_, &Binding> = after.iter().map(|b| (endpoint(b), b)).collect();
-            for (&(addr, target), gone) in &old {
-                if new.get(&(addr, target)).is_none_or(|b| b.account != gone.account) {
-                    let key = keys.binding(addr, target, FLEET_WIDE);
+            for ((addr, target, scope), gone) in &old {
+                let (addr, target) = (*addr, *target);
+                if new.get(&(addr, target, scope.clone())).is_none_or(|b| b.account != gone.account) {
+                    let key = keys.binding(addr, target, scope);
                     binding_units.push(Unit {
                         guards: vec![Guard::Existing(key.clone())],
                         writes: vec![Write::Delete(key)],
@@ -130,8 +132,9 @@ impl Service {
                     });
                 }
             }
-            for (&(addr, target), &binding) in &new {
-                if old.get(&(addr, target)).is_none_or(|b| b.account != binding.account) {
+            for ((addr, target, scope), &binding) in &new {
+                let (addr, target) = (*addr, *target);
+                if old.get(&(addr, target, scope.clone())).is_none_or(|b| b.account != binding.account) {
                     // An endpoint has one owner in every scope: no key of it may have
                     // appeared since the local copy's revision. The owner's document is
                     // rewritten too (below), so a concurrent removal of the owner conflicts.
@@ -139,7 +142,7 @@ impl Service {
                     let value = serde_json::to_vec(&BindingValue::of(binding)).expect("a binding serializes");
                     binding_units.push(Unit {
                         guards: vec![Guard::Range(start, end), known(&binding.account)],
-                        writes: vec![Write::Put(keys.binding(addr, target, FLEET_WIDE), value)],
+                        writes: vec![Write::Put(keys.binding(addr, target, scope), value)],
                         audit: Vec::new(),
                     });
                     if tx.account(&binding.account)?.is_some() {
@@ -258,7 +261,8 @@ impl Service {
                     }
                 }
                 Change::Binding(binding, false) => {
-                    bindings_changed |= tx.remove_binding(binding.addr, binding.target)?.is_some();
+                    let node = binding.node.as_deref();
+                    bindings_changed |= tx.remove_binding_on(binding.addr, binding.target, node)?.is_some();
                 }
                 Change::Audit(records) => tx.add_activity(&records)?,
             }
@@ -281,11 +285,7 @@ impl Service {
         }
         let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
         if bindings_changed || !updated.is_empty() {
-            let wanted: Vec<_> = tx
-                .bindings()?
-                .iter()
-                .filter_map(|b| Some(super::bindings::in_kernel(b, next(&b.account)?.slot)))
-                .collect();
+            let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| Some(next(id)?.slot));
             if let Err(e) = datapath.set_bindings(&wanted) {
                 error!("cluster: the bindings could not be written to the kernel (revision {revision}): {e}");
                 failures += 1;
@@ -394,7 +394,7 @@ fn descendants(
 fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let key = |change: &Change| match change {
         Change::Account(id, _) => Some(format!("account {id}")),
-        Change::Binding(b, _) => Some(format!("binding {} {:?}", b.addr, b.target)),
+        Change::Binding(b, _) => Some(format!("binding {} {:?} {:?}", b.addr, b.target, b.node)),
         Change::Audit(_) => None,
     };
     let last: HashMap<String, usize> =
@@ -430,7 +430,7 @@ fn differences(
         .collect();
     let local: HashSet<&str> = local_accounts.iter().map(|a| a.id.as_str()).collect();
     let local_bindings = tx.bindings()?;
-    let endpoint = |b: &Binding| (b.addr, b.target);
+    let endpoint = |b: &Binding| (b.addr, b.target, b.node.clone());
     let fleet_endpoints: HashMap<_, &Binding> = bindings.iter().map(|b| (endpoint(b), b)).collect();
     for b in &local_bindings {
         if !fleet_endpoints.contains_key(&endpoint(b)) {

@@ -63,7 +63,7 @@ impl From<StoreError> for Failure {
             StoreError::AccountExists(_) => ErrorCode::AccountExists,
             StoreError::UnknownAccount(_) | StoreError::UnknownParent(_) => ErrorCode::UnknownAccount,
             StoreError::EntryExists { .. } => ErrorCode::EntryExists,
-            StoreError::BindingExists { .. } => ErrorCode::BindingExists,
+            StoreError::BindingExists { .. } | StoreError::BindingScope { .. } => ErrorCode::BindingExists,
             StoreError::NestedParent { .. } => ErrorCode::Refused,
             StoreError::Corrupt(_) | StoreError::Sqlite(_) | StoreError::Io(_) => ErrorCode::Internal,
         };
@@ -122,6 +122,9 @@ pub struct Service {
     reconcile: Duration,
     /// The fleet this node belongs to, if any (see [`fleet`]).
     cluster: OnceLock<Arc<crate::cluster::Cluster>>,
+    /// This node's name in its fleet (`[cluster] node`): which node-scoped bindings its
+    /// kernel enforces, from the start (also before it reaches etcd).
+    node: Option<String>,
     /// Changes the fleet committed that this node's kernel refused (full tables).
     cluster_apply_failures: AtomicU64,
 }
@@ -180,8 +183,8 @@ impl Service {
         for (id, account) in &cache {
             change::apply_account(&mut datapath, account, crate::policy::suspended(|a| cache.get(a), id))?;
         }
-        let slots: HashMap<&str, u32> = cache.iter().map(|(id, a)| (id.as_str(), a.slot)).collect();
-        let bindings: Vec<_> = bindings.iter().map(|b| bindings::in_kernel(b, slots[b.account.as_str()])).collect();
+        let node = config.cluster.as_ref().map(|c| c.node.clone());
+        let bindings = bindings::for_kernel(&bindings, node.as_deref(), |id| cache.get(id).map(|a| a.slot));
         datapath.set_bindings(&bindings)?;
         let reconcile = started.elapsed();
         info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
@@ -199,6 +202,7 @@ impl Service {
             counters,
             reconcile,
             cluster: OnceLock::new(),
+            node,
             cluster_apply_failures: AtomicU64::new(0),
         })
     }

@@ -180,13 +180,15 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Makes the binding table hold `binding` for its endpoint (whoever held it before).
+    /// Makes the binding table hold `binding` for its endpoint and scope (whoever held it
+    /// before).
     pub fn put_binding(&self, binding: &Binding) -> Result<(), StoreError> {
         let (proto, port): (&str, u16) = binding.target.map_or(("", 0), |(p, port): (Proto, u16)| (p.into(), port));
+        let node = binding.node.as_deref().unwrap_or("");
         self.execute(
-            "INSERT INTO bindings (addr, proto, port, account, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (addr, proto, port) DO UPDATE SET account = ?4, created_at = ?5",
-            (binding.addr.to_string(), proto, port, &binding.account, binding.created_at),
+            "INSERT INTO bindings (addr, proto, port, node, account, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (addr, proto, port, node) DO UPDATE SET account = ?5, created_at = ?6",
+            (binding.addr.to_string(), proto, port, node, &binding.account, binding.created_at),
         )?;
         Ok(())
     }

@@ -299,6 +299,10 @@ pub enum BindCmd {
         /// Protocol of a port binding [default: tcp]
         #[arg(long)]
         proto: Option<Proto>,
+        /// In a fleet: bind it on this node only (its [cluster] node name), since the address
+        /// is that host's; without it every node enforces it. May be repeated per node.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
     },
     /// Remove a binding
     Remove {
@@ -308,8 +312,11 @@ pub enum BindCmd {
         /// Protocol of a port binding [default: tcp]
         #[arg(long)]
         proto: Option<Proto>,
+        /// The node of a binding made with --node; without it, the fleet-wide binding
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
     },
-    /// List all bindings
+    /// List all bindings (in a fleet, every node's: NODE is the one node that enforces it, * every node)
     List,
 }
 
@@ -418,13 +425,13 @@ pub fn action(top: Top) -> Result<Action, String> {
         }
         Top::Stats { id } => Command::Stats(Stats { account: id }),
         Top::Detach { interface } => Command::Detach(Detach { interface }),
-        Top::Bind(BindCmd::Add { id, addr, proto }) => {
+        Top::Bind(BindCmd::Add { id, addr, proto, node }) => {
             let (addr, port, proto) = endpoint(addr, proto)?;
-            Command::BindAdd(BindAdd { account: id, addr, port, proto })
+            Command::BindAdd(BindAdd { account: id, addr, port, proto, node })
         }
-        Top::Bind(BindCmd::Remove { addr, proto }) => {
+        Top::Bind(BindCmd::Remove { addr, proto, node }) => {
             let (addr, port, proto) = endpoint(addr, proto)?;
-            Command::BindRemove(BindRemove { addr, port, proto })
+            Command::BindRemove(BindRemove { addr, port, proto, node })
         }
         Top::Bind(BindCmd::List) => Command::BindList(BindList {}),
         Top::Check { account, addr, method, dry_run } => Command::Check(Check { account, addr, method, dry_run }),

@@ -247,6 +247,9 @@ impl Render for Binding {
             _ => "every port".into(),
         };
         line(out, "target", target);
+        if let Some(node) = &self.node {
+            line(out, "node", node);
+        }
         line(out, "created_at", time(self.created_at));
     }
 }
@@ -261,18 +264,30 @@ impl Render for Bound<'_> {
             Some((proto, port)) => format!("{} {}/{port}", b.addr, name(&proto)),
             None => format!("{} (every port)", b.addr),
         };
-        out.push_str(&escape(&format!("bound {what} to {}", b.account)));
+        let on = b.node.as_ref().map_or_else(String::new, |node| format!(" on node {node}"));
+        out.push_str(&escape(&format!("bound {what} to {}{on}", b.account)));
         out.push('\n');
     }
 }
 
 impl Render for Vec<Binding> {
     fn render(&self, out: &mut String) {
+        // A node column once some binding is scoped to a node (only a fleet has them).
+        let scoped = self.iter().any(|b| b.node.is_some());
         let rows = self.iter().map(|b| {
             let (proto, port) = target(b);
-            vec![b.account.clone(), b.addr.to_string(), proto, port]
+            let mut row = vec![b.account.clone(), b.addr.to_string(), proto, port];
+            if scoped {
+                row.push(b.node.clone().unwrap_or_else(|| "*".into()));
+            }
+            row
         });
-        table(out, &["ACCOUNT", "ADDRESS", "PROTO", "PORT"], rows);
+        let header: &[&str] = if scoped {
+            &["ACCOUNT", "ADDRESS", "PROTO", "PORT", "NODE"]
+        } else {
+            &["ACCOUNT", "ADDRESS", "PROTO", "PORT"]
+        };
+        table(out, header, rows);
     }
 }
 
@@ -726,6 +741,15 @@ mod tests {
         let mut out = String::new();
         Bound(&first).render(&mut out);
         assert_eq!(out, "bound 198.18.0.1 tcp/443 to acme\n");
+        let scoped = json!([{"account": "acme", "addr": "198.18.0.1", "target": null, "created_at": 0, "node": "mx2"},
+                            {"account": "b", "addr": "fd00::1", "target": null, "created_at": 0}]);
+        assert_eq!(
+            shown::<Vec<Binding>>(scoped.clone()),
+            "ACCOUNT  ADDRESS     PROTO  PORT  NODE\nacme     198.18.0.1  *      *     mx2\nb        fd00::1     *      *     *\n"
+        );
+        let mut out = String::new();
+        Bound(&serde_json::from_value(scoped[0].clone()).unwrap()).render(&mut out);
+        assert_eq!(out, "bound 198.18.0.1 (every port) to acme on node mx2\n");
         assert_eq!(
             shown::<Binding>(bindings[1].clone()),
             "account: b\naddr: fd00::1\ntarget: every port\ncreated_at: 1970-01-01 00:00:00\n"
