@@ -82,6 +82,10 @@ fn support_on_any_node_sees_the_attempts_made_on_every_node() {
     assert_eq!(both["nodes"], json!(["node-a", "node-c"]), "{both}");
     assert!((started..=on_a).contains(&both["first_seen"].as_i64().unwrap()), "{both}");
     assert!((started..=on_c).contains(&both["last_seen"].as_i64().unwrap()), "{both}");
+    // Once C has published its own checks too (a pass is 2 s), it does not count them twice.
+    std::thread::sleep(Duration::from_secs(5));
+    let settled = denied_summary(c);
+    assert_eq!(row(&settled, ATTACKER, "password").map(|r| r["count"].clone()), Some(json!(8)), "{settled}");
     let on_b = wait_for_count(b, ATTACKER, "password", 8);
     assert_eq!(on_b["nodes"], json!(["node-a", "node-c"]), "{on_b}");
     // The full summary (allowed and denied) has them too.

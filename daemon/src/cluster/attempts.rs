@@ -170,6 +170,8 @@ pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
     // 0: the first pass takes the whole window (after a restart, etcd may lack some of it).
     let mut changed_since = 0;
     let mut forgotten = 0;
+    // Said once per outage, not every pass.
+    let mut failing = false;
     let mut every = tokio::time::interval(PERIOD);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -230,14 +232,22 @@ pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
                 Err(e) => Err(e),
             };
             if let Err(e) = put {
-                // etcd is away (or lost the lease): everything not written waits for a later pass.
-                info!("cluster: denied checks not published yet ({} keys waiting): {e}", outbox.pending() + 1);
-                lease = None;
-                outbox.failed(key, value, last_seen);
+                // etcd is away (or lost the lease): everything not written waits for a later
+                // pass, in its order (each goes in front of the waiting keys).
                 for (key, value, last_seen) in batch.rev() {
                     outbox.failed(key, value, last_seen);
                 }
+                outbox.failed(key, value, last_seen);
+                if !failing {
+                    info!("cluster: denied checks not published yet ({} keys waiting): {e}", outbox.pending());
+                    failing = true;
+                }
+                lease = None;
                 break;
+            }
+            if failing {
+                info!("cluster: publishing denied checks again ({} keys waiting)", outbox.pending());
+                failing = false;
             }
             outbox.written(key, value, last_seen);
         }
