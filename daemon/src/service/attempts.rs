@@ -35,7 +35,10 @@ pub(super) struct FleetAttempts {
 impl FleetAttempts {
     pub fn note(&self) -> Option<String> {
         self.remote.as_ref().err().map(|e| {
-            format!("the attempts other nodes saw could not be read from etcd ({e}); these are node {}'s alone", self.node)
+            format!(
+                "the attempts other nodes saw could not be read from etcd ({e}); these are node {}'s alone",
+                self.node
+            )
         })
     }
 
