@@ -2,7 +2,6 @@
 //! 3-member etcd cluster and 3 real ipaccessd nodes, checks answered on node A (and C),
 //! support's `activity` and an override grant's evidence read on node C (and B).
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
