@@ -14,8 +14,10 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+mod attempts;
 mod cluster;
 
+pub use attempts::DeniedTally;
 pub use cluster::{AccountDoc, EntryDoc, Marks, OverrideDoc};
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
@@ -1258,6 +1260,7 @@ impl Tx<'_> {
                 count: r.get(5)?,
                 first_seen: r.get(6)?,
                 last_seen: r.get(7)?,
+                nodes: Vec::new(),
             })
         })
     }
@@ -1300,6 +1303,7 @@ impl Tx<'_> {
                 first_seen: r.get(2)?,
                 last_seen: r.get(3)?,
                 count: r.get(4)?,
+                nodes: Vec::new(),
             })
         })
     }
@@ -1893,6 +1897,34 @@ mod tests {
         let mut reasons: Vec<&str> = denied.iter().map(|s| s.reason.as_str()).collect();
         reasons.sort();
         assert_eq!(reasons, ["address_not_allowed", "address_not_allowed", "monitor_would_deny"]);
+    }
+
+    /// What a fleet node publishes: denied checks per day, of the groups that changed, over
+    /// the whole window.
+    #[test]
+    fn denied_tallies_are_per_day_and_whole_for_a_group_that_changed() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        let denied = signin("acme", "198.18.0.3", Reason::AddressNotAllowed, 33, true);
+        let later = SigninKey { bucket: bucket(90_000), ..denied.clone() };
+        let allowed = signin("acme", "198.18.0.4", Reason::Allowed, 33, true);
+        let quiet = signin("acme", "198.18.0.5", Reason::Banned, 33, true);
+        tx.add_signins([
+            (&denied, &Tally::new(2, 7300)),
+            (&later, &Tally::new(3, 90_100)),
+            (&allowed, &Tally::new(5, 90_100)),
+            (&quiet, &Tally::new(1, 7300)),
+        ])
+        .unwrap();
+        let all = tx.denied_tallies(0, 0).unwrap();
+        let days: Vec<_> = all.iter().map(|t| (t.address.as_str(), t.day, t.count)).collect();
+        assert_eq!(days, [("198.18.0.3", 0, 2), ("198.18.0.3", 86_400, 3), ("198.18.0.5", 0, 1)]);
+        // Only 198.18.0.3 changed since 90,000: all of its days come, nothing of the others.
+        let changed = tx.denied_tallies(0, 90_000).unwrap();
+        assert_eq!(changed, all[..2]);
+        // The window bounds what comes.
+        assert_eq!(tx.denied_tallies(8000, 0).unwrap(), all[1..2]);
     }
 
     /// A store of schema v4 with one row per check and drop: the migration counts them per

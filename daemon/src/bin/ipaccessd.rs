@@ -144,7 +144,9 @@ async fn main() -> anyhow::Result<()> {
             let cluster = Cluster::new(fleet, tokio::runtime::Handle::current(), applied);
             service.join(cluster.clone());
             info!("fleet node {} under {} (local copy at revision {applied})", fleet.node, fleet.prefix);
-            Some(tokio::spawn(cluster::follow(cluster, service.clone())))
+            // Denied checks are published for support on the other nodes (cluster::attempts).
+            let attempts = tokio::spawn(cluster::attempts::publish(cluster.clone(), service.clone()));
+            Some([tokio::spawn(cluster::follow(cluster, service.clone())), attempts])
         }
         None => None,
     };
@@ -166,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
     info!("ready: {status}");
     let mut tasks =
         vec![tokio::spawn(sweep_forever(service.clone())), tokio::spawn(drain_samples_forever(service.clone()))];
-    tasks.extend(follower);
+    tasks.extend(follower.into_iter().flatten());
     if let Some(listener) = metrics_listener {
         info!("metrics on http://{}/metrics", config.metrics.listen.expect("bound above"));
         tasks.push(tokio::spawn(metrics::serve(listener, service.clone())));

@@ -8,6 +8,7 @@
 //! | `P/sequences/overrides` | the highest override id granted |
 //! | `P/audit/<unix seconds>/<node>/<n>` | one audit record |
 //! | `P/~nodes/<node>` | a live node's applied revision, under its lease |
+//! | `P/~attempts/<account>/<addr>/<method>/<node>` | that node's denied checks, under a lease of the retention |
 //!
 //! The policy is everything before `P/~`: nodes watch and read only that range, so a node
 //! publishing its revision is not itself an event every node must apply.
@@ -110,6 +111,27 @@ impl Keys {
 
     pub fn node(&self, name: &str) -> String {
         format!("{}~nodes/{name}", self.prefix)
+    }
+
+    /// Where `node` publishes the denied checks of `account` from `address` with `method`
+    /// (see `cluster::attempts`). Account ids and methods have no `/`, nor do addresses.
+    pub fn attempts(&self, account: &str, address: &str, method: &str, node: &str) -> String {
+        format!("{}~attempts/{account}/{address}/{method}/{node}", self.prefix)
+    }
+
+    /// Every node's published denied checks of `account`: `[start, end)`.
+    pub fn account_attempts(&self, account: &str) -> (String, String) {
+        (format!("{}~attempts/{account}/", self.prefix), format!("{}~attempts/{account}0", self.prefix))
+    }
+
+    /// The address, method and node of a key of [`Keys::account_attempts`]`(account)`.
+    pub fn parse_attempts<'k>(&self, account: &str, key: &'k str) -> Option<(&'k str, &'k str, &'k str)> {
+        let rest = key.strip_prefix(self.account_attempts(account).0.as_str())?;
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(address), Some(method), Some(node), None) if !node.is_empty() => Some((address, method, node)),
+            _ => None,
+        }
     }
 
     /// What `key` is, if it is under this prefix.
@@ -220,6 +242,17 @@ mod tests {
         assert!(inside(&keys.account("zz"), &accounts) && !inside(&keys.slot(1), &accounts));
         assert!(inside(&keys.binding(v6, None, "*"), &bindings) && !inside(&keys.account("a"), &bindings));
         assert!(inside(&keys.audit(9, "mx1", "0"), &audit) && !inside(&keys.override_sequence(), &audit));
+        // Published attempts are outside the policy, and one account's range holds no other's.
+        let attempt = keys.attempts("acme", "fd00::1", "password", "mx1");
+        assert!(attempt >= keys.policy_range().1, "{attempt}");
+        assert!(attempt < keys.nodes().0 || attempt >= keys.nodes().1);
+        assert_eq!(keys.parse_attempts("acme", &attempt), Some(("fd00::1", "password", "mx1")));
+        let (start, end) = keys.account_attempts("acme");
+        assert!(attempt >= start && attempt < end);
+        for other in [keys.attempts("acme.b", "*", "sso", "mx1"), keys.attempts("acm", "198.18.0.1", "sso", "mx1")] {
+            assert!(other < start || other >= end, "{other}");
+            assert_eq!(keys.parse_attempts("acme", &other), None);
+        }
         let (start, end) = keys.audit_before(1_700_000_001);
         let old = keys.audit(1_700_000_000, "mx1", "3");
         assert!(old >= start && old < end);

@@ -11,6 +11,7 @@
 //! When etcd cannot be reached the node keeps enforcing and answering checks from what it
 //! last applied, and refuses changes with `cluster_unavailable`: it fails static, never open.
 
+pub mod attempts;
 pub mod clock;
 pub mod keys;
 

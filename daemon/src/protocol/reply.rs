@@ -181,6 +181,9 @@ pub struct DeniedSummary {
     pub first_seen: i64,
     pub last_seen: i64,
     pub count: i64,
+    /// In a fleet: the nodes whose checks are counted here (see `SigninSummary::nodes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 /// `activity`: records, a summary of sign-ins, or the checks for unknown accounts, as the
@@ -229,6 +232,11 @@ pub struct SigninSummary {
     pub count: i64,
     pub first_seen: i64,
     pub last_seen: i64,
+    /// In a fleet: the nodes whose checks are counted here, this one included. Only this
+    /// node's name when etcd could not be read (the reply is then this node's alone); empty
+    /// on a host outside a fleet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 /// Checks for accounts that do not exist, from one address with one method.

@@ -12,6 +12,7 @@
 
 mod accounts;
 mod allowlist;
+mod attempts;
 mod bindings;
 mod change;
 mod check;

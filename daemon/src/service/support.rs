@@ -9,6 +9,7 @@ use serde_json::json;
 use super::{
     Failure, Reply, Service,
     allowlist::network,
+    attempts::{merge_denied, merge_signins},
     change::{audit, existing},
     now, unknown,
 };
@@ -24,6 +25,8 @@ use crate::{
 const MAX_OVERRIDE_TTL: u64 = 30 * 24 * 3600;
 /// How far back a grant looks for the customer's denied attempts.
 const DENIED_LOOKBACK: i64 = 7 * 24 * 3600;
+/// The (address, method) rows of a grant's evidence (the store's `denied_summary` keeps as many).
+const DENIED_ROWS: usize = 50;
 /// What `activity` looks back over, and how many rows it returns, unless asked otherwise.
 const ACTIVITY_SINCE: u64 = 7 * 24 * 3600;
 const ACTIVITY_LIMIT: u32 = 100;
@@ -58,7 +61,7 @@ impl Service {
             ));
         }
         // `change` flushes the log first: the reply's denied attempts include the latest.
-        self.change(&account, |tx| {
+        let mut granted = self.change(&account, |tx| {
             let row = existing(tx, &account)?;
             self.refuse_useless_override(&account, cidr)?;
             let at = now();
@@ -68,7 +71,14 @@ impl Service {
             audit(tx, &account, uid, "override_granted", recorded)?;
             let recent_denied = tx.denied_summary(&account, at - DENIED_LOOKBACK)?;
             Ok((row, Granted { granted, recent_denied, notes }))
-        })
+        })?;
+        // In a fleet, the evidence includes the attempts the other nodes saw.
+        if let Some(fleet) = self.fleet_attempts(&account) {
+            let local = std::mem::take(&mut granted.recent_denied);
+            granted.recent_denied = merge_denied(local, &fleet, now() - DENIED_LOOKBACK, DENIED_ROWS);
+            granted.notes.extend(fleet.note());
+        }
+        Ok(granted)
     }
 
     /// An override is for a customer locked out by its allowlist. It is refused, with the
@@ -154,6 +164,13 @@ impl Service {
         if summary && kind.is_some_and(|k| k != ActivityKind::Signin) {
             return bad("a summary is of sign-ins only: leave kind out");
         }
+        // In a fleet, a summary adds the attempts the other nodes published (read before
+        // the local rows, so that the local limit leaves room for them).
+        let fleet = match &account {
+            Some(account) if summary => self.fleet_attempts(account),
+            _ => None,
+        };
+        let room = fleet.as_ref().and_then(|f| f.remote.as_ref().ok()).map_or(0, |r| r.len() as u32);
         // Counts still in memory are written first, so the answer includes the latest.
         self.activity.flush();
         self.read(|tx| match account {
@@ -165,7 +182,11 @@ impl Service {
                     return Err(unknown(&account));
                 }
                 if summary {
-                    Ok(ActivityReport::Signins(tx.signin_summary(&account, since, denied_only, limit)?))
+                    let local = tx.signin_summary(&account, since, denied_only, limit.saturating_add(room))?;
+                    Ok(ActivityReport::Signins(match &fleet {
+                        Some(fleet) => merge_signins(local, fleet, since, limit),
+                        None => local,
+                    }))
                 } else {
                     Ok(ActivityReport::Records(tx.activity(&account, since, kind, denied_only, limit)?))
                 }

@@ -328,11 +328,18 @@ impl Render for Override {
 }
 
 fn denied_table(out: &mut String, denied: &[DeniedSummary]) {
+    let fleet = denied.iter().any(|d| !d.nodes.is_empty());
     let rows = denied.iter().map(|d| {
         let (address, method) = (or_dash(d.address.as_deref()), or_dash(d.method.as_deref()));
-        vec![address, method, time(d.first_seen), time(d.last_seen), d.count.to_string()]
+        let mut row = vec![address, method, time(d.first_seen), time(d.last_seen), d.count.to_string()];
+        // In a fleet: which nodes saw them.
+        if fleet {
+            row.push(d.nodes.join(","));
+        }
+        row
     });
-    table(out, &["ADDRESS", "METHOD", "FIRST SEEN", "LAST SEEN", "COUNT"], rows);
+    let head = ["ADDRESS", "METHOD", "FIRST SEEN", "LAST SEEN", "COUNT", "NODES"];
+    table(out, &head[..if fleet { head.len() } else { head.len() - 1 }], rows);
 }
 
 impl Render for Granted {
@@ -417,14 +424,19 @@ fn records(out: &mut String, rows: &[ActivityRow]) {
 }
 
 fn signins(out: &mut String, rows: &[SigninSummary]) {
+    let fleet = rows.iter().any(|s| !s.nodes.is_empty());
     let rows = rows.iter().map(|s| {
         let by = if s.application { "application" } else { "staff" };
         let mut row = vec![s.address.clone(), s.method.clone(), result(Some(s.allowed)), s.reason.clone()];
         row.extend([s.count.to_string(), time(s.first_seen), time(s.last_seen), by.into()]);
+        // In a fleet: which nodes saw them.
+        if fleet {
+            row.push(s.nodes.join(","));
+        }
         row
     });
-    let head = ["ADDRESS", "METHOD", "RESULT", "REASON", "COUNT", "FIRST SEEN", "LAST SEEN", "BY"];
-    table(out, &head, rows);
+    let head = ["ADDRESS", "METHOD", "RESULT", "REASON", "COUNT", "FIRST SEEN", "LAST SEEN", "BY", "NODES"];
+    table(out, &head[..if fleet { head.len() } else { head.len() - 1 }], rows);
 }
 
 fn unknown(out: &mut String, rows: &[UnknownSummary]) {
