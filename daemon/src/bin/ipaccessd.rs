@@ -146,7 +146,10 @@ async fn main() -> anyhow::Result<()> {
             info!("fleet node {} under {} (local copy at revision {applied})", fleet.node, fleet.prefix);
             Some(tokio::spawn(cluster::follow(cluster, service.clone())))
         }
-        None => None,
+        None => {
+            service.leave_fleet().context("reading the applied revision")?;
+            None
+        }
     };
     if config.interfaces.is_empty() {
         warn!("no interfaces configured (--iface NAME); the filter is loaded but attached nowhere");
