@@ -258,9 +258,13 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     assert_eq!(policy(a), changed);
     assert_eq!(a.cluster_status()["last_error"], Value::Null);
 
-    // Something else under the prefix: refused, naming the key, and nothing written.
+    // Something else under the prefix (acme's document as another policy has it: mode
+    // off): refused, naming the key, and nothing written.
     let other = "/seed-3/";
-    fleet.etcd.etcdctl(&["put", &format!("{other}accounts/acme"), "{\"not\": \"this store's\"}"]).unwrap();
+    let acme = &complete.iter().find(|(key, _)| key == &format!("{first}accounts/acme")).unwrap().1;
+    assert!(acme.contains("\"mode\":\"enforce\""), "{acme}");
+    let acme = acme.replace("\"mode\":\"enforce\"", "\"mode\":\"off\"");
+    fleet.etcd.etcdctl(&["put", &format!("{other}accounts/acme"), &acme]).unwrap();
     let a = &mut fleet.nodes[0];
     a.stop();
     standalone(a);
