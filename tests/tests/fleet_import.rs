@@ -80,8 +80,7 @@ fn policy(node: &FleetNode) -> Value {
             checks.push(json!([account, addr, node.check(account, addr)]));
         }
     }
-    let allow: Vec<Value> =
-        ACCOUNTS.iter().map(|a| h.ok(json!({"cmd": "allow_list", "account": a}))).collect();
+    let allow: Vec<Value> = ACCOUNTS.iter().map(|a| h.ok(json!({"cmd": "allow_list", "account": a}))).collect();
     let overrides = h.ok(json!({"cmd": "override_list"}));
     json!({
         "accounts": h.ok(json!({"cmd": "account_list"})),
@@ -237,7 +236,9 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     let mut copied = 0;
     for (key, value) in &complete {
         let rest = key.strip_prefix(first).unwrap();
-        let keep = rest == "accounts/acme" || rest == "accounts/beta" || (rest.starts_with("slots/") && (value == "acme" || value == "beta"));
+        let keep = rest == "accounts/acme"
+            || rest == "accounts/beta"
+            || (rest.starts_with("slots/") && (value == "acme" || value == "beta"));
         if keep {
             fleet.etcd.etcdctl(&["put", &format!("{partial}{rest}"), value]).unwrap();
             copied += 1;

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use super::{
     AccountState, ActivityKind, Method, Mode, Proto, Role, cidr,
     reply::{
-        Account, AccountDetails, ActivityReport, Allowlist, Binding, CheckResult, Detached, Entry, EntryRemoved,
-        ClusterImported, Granted, Imported, ListedAccount, Noted, Override, Removed, StatsReport, StatusReport,
+        Account, AccountDetails, ActivityReport, Allowlist, Binding, CheckResult, ClusterImported, Detached, Entry,
+        EntryRemoved, Granted, Imported, ListedAccount, Noted, Override, Removed, StatsReport, StatusReport,
     },
 };
 

@@ -352,7 +352,11 @@ impl Replica for Service {
             let (fleet_accounts, empty) = (snapshot.accounts.len(), snapshot.accounts.is_empty());
             let changes = differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?;
             if own && !changes.is_empty() {
-                let fleet = if empty { "whose prefix is empty".to_owned() } else { format!("which has {fleet_accounts} other accounts") };
+                let fleet = if empty {
+                    "whose prefix is empty".to_owned()
+                } else {
+                    format!("which has {fleet_accounts} other accounts")
+                };
                 return Err(format!(
                     "this host's store holds {local} accounts and has never followed this fleet, {fleet}; it keeps \
                      enforcing them and takes nothing from etcd. Seed an empty fleet from it (ipaccessctl cluster \

@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use ipaccess::protocol::{
     AccountAdd, AccountList, AccountMode, AccountRemove, AccountShow, AccountState, Activity, ActivityKind, AllowAdd,
     AllowDisable, AllowEnable, AllowLabel, AllowList, AllowRemove, AllowReplace, BindAdd, BindList, BindRemove, Check,
-    ClusterImport, Command, Detach, Method, Mode, OverrideGrant, OverrideList, OverrideRevoke, Proto, ReplaceEntry, SetAccountState,
-    Stats, Status, parse_cidr,
+    ClusterImport, Command, Detach, Method, Mode, OverrideGrant, OverrideList, OverrideRevoke, Proto, ReplaceEntry,
+    SetAccountState, Stats, Status, parse_cidr,
 };
 use ipnet::IpNet;
 

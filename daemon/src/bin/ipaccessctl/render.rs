@@ -6,9 +6,9 @@
 //! row nor steer the terminal.
 
 use ipaccess::protocol::{
-    Account, AccountDetails, ActivityKind, ActivityReport, ActivityRow, Allowlist, Binding, CheckResult, DeniedSummary,
-    ClusterImported, Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount, Noted, Override, Removed, ShutOut,
-    SigninSummary, StatsReport, StatusReport, UnknownSummary,
+    Account, AccountDetails, ActivityKind, ActivityReport, ActivityRow, Allowlist, Binding, CheckResult,
+    ClusterImported, DeniedSummary, Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount,
+    Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
 };
 use ipaccess::time::format_utc;
 use serde::{Deserialize, Serialize};
