@@ -7,9 +7,12 @@ use etcd_client::GetOptions;
 use super::{Cluster, SNAPSHOT_PAGE, WRITE_TIMEOUT, unavailable};
 use crate::service::Failure;
 
+/// Keys and their values, as etcd holds them.
+pub type RawKeys = Vec<(String, Vec<u8>)>;
+
 impl Cluster {
     /// Every key and value in the policy's range at one revision, and that revision.
-    pub fn policy_keys(&self) -> Result<(i64, Vec<(String, Vec<u8>)>), Failure> {
+    pub fn policy_keys(&self) -> Result<(i64, RawKeys), Failure> {
         let Some(mut client) = self.client.lock().expect("client lock").clone() else {
             return Err(unavailable("this node has not reached etcd since it started"));
         };
