@@ -148,7 +148,10 @@ async fn main() -> anyhow::Result<()> {
             let attempts = tokio::spawn(cluster::attempts::publish(cluster.clone(), service.clone()));
             Some([tokio::spawn(cluster::follow(cluster, service.clone())), attempts])
         }
-        None => None,
+        None => {
+            service.leave_fleet().context("reading the applied revision")?;
+            None
+        }
     };
     if config.interfaces.is_empty() {
         warn!("no interfaces configured (--iface NAME); the filter is loaded but attached nowhere");

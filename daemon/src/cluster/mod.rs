@@ -14,6 +14,7 @@
 pub mod attempts;
 pub mod clock;
 pub mod keys;
+mod seed;
 
 use std::{
     sync::{Arc, Mutex},

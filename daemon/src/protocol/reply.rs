@@ -297,6 +297,21 @@ pub struct Detached {
     pub detached: bool,
 }
 
+/// `cluster_import`: what the fleet's prefix now holds of this host's store.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ClusterImported {
+    pub prefix: String,
+    pub accounts: u64,
+    pub bindings: u64,
+    /// Keys this run wrote.
+    pub written: u64,
+    /// Keys an earlier run that stopped part-way had already written, holding exactly what
+    /// this one would have.
+    pub already_present: u64,
+    /// The etcd revision of the last key written; this node has applied it.
+    pub revision: i64,
+}
+
 /// `status`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct StatusReport {

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use super::{
     AccountState, ActivityKind, Method, Mode, Proto, Role, cidr,
     reply::{
-        Account, AccountDetails, ActivityReport, Allowlist, Binding, CheckResult, Detached, Entry, EntryRemoved,
-        Granted, Imported, ListedAccount, Noted, Override, Removed, StatsReport, StatusReport,
+        Account, AccountDetails, ActivityReport, Allowlist, Binding, CheckResult, ClusterImported, Detached, Entry,
+        EntryRemoved, Granted, Imported, ListedAccount, Noted, Override, Removed, StatsReport, StatusReport,
     },
 };
 
@@ -120,6 +120,7 @@ commands! {
     Import(Import) => Imported, ADMIN, CHANGES;
     Detach(Detach) => Detached, ADMIN, CHANGES;
     Status(Status) => StatusReport, ANY, READS;
+    ClusterImport(ClusterImport) => ClusterImported, ADMIN, CHANGES;
 }
 
 impl Command {
@@ -160,7 +161,8 @@ impl Command {
             | Command::BindList(_)
             | Command::Import(_)
             | Command::Detach(_)
-            | Command::Status(_) => None,
+            | Command::Status(_)
+            | Command::ClusterImport(_) => None,
         }
     }
 }
@@ -453,6 +455,12 @@ pub struct ImportAccount {
 pub struct Detach {
     pub interface: String,
 }
+
+/// Seed an empty fleet from this host's store: a node with a `[cluster]` section whose
+/// prefix is empty writes every account, slot, binding and the override sequence there.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterImport {}
 
 /// The daemon's own state: accounts, interfaces, table use.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -52,6 +52,9 @@ impl Service {
         // Only the writer lock's holder applies the watch, so this revision holds until the
         // lock is released.
         let applied = tx.applied_revision()?;
+        if applied == 0 {
+            return Err(not_following(&tx, cluster)?);
+        }
         let marks = tx.marks()?;
         let before = if bindings { tx.bindings()? } else { Vec::new() };
         let (touched, reply) = f(&tx)?;
@@ -332,15 +335,25 @@ impl Replica for Service {
             // A host's own policy is never wiped by a fleet it has not been part of: an
             // empty prefix (a wrong prefix, or a fleet not seeded yet) would switch its
             // enforcement off.
+            // Nor is it merged into another: such a host follows a fleet only once the fleet
+            // holds exactly its policy (after `ipaccessctl cluster import`), so a fleet seeded
+            // part-way is never taken either.
             let local = tx.accounts().map_err(|e| e.to_string())?.len();
-            if snapshot.accounts.is_empty() && local > 0 && tx.applied_revision().map_err(|e| e.to_string())? == 0 {
+            let own = local > 0 && tx.applied_revision().map_err(|e| e.to_string())? == 0;
+            let (fleet_accounts, empty) = (snapshot.accounts.len(), snapshot.accounts.is_empty());
+            let mut changes = differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?;
+            if own && !changes.is_empty() {
+                let fleet = if empty {
+                    "whose prefix is empty".to_owned()
+                } else {
+                    format!("which has {fleet_accounts} other accounts")
+                };
                 return Err(format!(
-                    "this host's store holds {local} accounts and has never followed this fleet, whose prefix is \
-                     empty; it keeps enforcing them and takes nothing from etcd. Seed the fleet first (ipaccessctl \
-                     import through a node with an empty store), or check [cluster] prefix"
+                    "this host's store holds {local} accounts and has never followed this fleet, {fleet}; it keeps \
+                     enforcing them and takes nothing from etcd. Seed an empty fleet from it (ipaccessctl cluster \
+                     import), join with an empty store, or check [cluster] prefix"
                 ));
             }
-            let mut changes = differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?;
             if !snapshot.audit.is_empty() {
                 changes.push(Change::Audit(snapshot.audit));
             }
@@ -386,6 +399,24 @@ fn descendants(
         }
     }
     Ok(found)
+}
+
+/// Why a node whose copy has never taken the fleet's policy refuses a change: checked
+/// against that copy, it could undo the fleet (or, on a host with its own policy, seed it with
+/// one account).
+fn not_following(tx: &Tx, cluster: &Cluster) -> Result<Failure, Failure> {
+    let prefix = cluster.keys().prefix();
+    Ok(if tx.accounts()?.is_empty() {
+        cluster::unavailable(&format!("this node has not taken the fleet's policy under {prefix} yet"))
+    } else {
+        Failure::new(
+            ErrorCode::Refused,
+            format!(
+                "this host enforces its own store and does not follow the fleet under {prefix} yet: seed the fleet \
+                 from it first (ipaccessctl cluster import); nothing was changed"
+            ),
+        )
+    })
 }
 
 /// A batch as the store can take it: only the last change to each key (a batch may span

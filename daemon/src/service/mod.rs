@@ -19,6 +19,7 @@ mod check;
 mod fleet;
 mod lockout;
 mod operations;
+mod seed;
 mod support;
 mod upkeep;
 mod validate;
@@ -238,6 +239,7 @@ impl Service {
             Command::Stats(r) => run(r, |r| self.stats(r)),
             Command::Detach(r) => run(r, |r| self.detach(r, uid)),
             Command::Status(r) => run(r, |r| self.status(r)),
+            Command::ClusterImport(r) => run(r, |r| self.cluster_import(r, uid)),
         }
     }
 }

@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use ipaccess::protocol::{
     AccountAdd, AccountList, AccountMode, AccountRemove, AccountShow, AccountState, Activity, ActivityKind, AllowAdd,
     AllowDisable, AllowEnable, AllowLabel, AllowList, AllowRemove, AllowReplace, BindAdd, BindList, BindRemove, Check,
-    Command, Detach, Method, Mode, OverrideGrant, OverrideList, OverrideRevoke, Proto, ReplaceEntry, SetAccountState,
-    Stats, Status, parse_cidr,
+    ClusterImport, Command, Detach, Method, Mode, OverrideGrant, OverrideList, OverrideRevoke, Proto, ReplaceEntry,
+    SetAccountState, Stats, Status, parse_cidr,
 };
 use ipnet::IpNet;
 
@@ -117,6 +117,19 @@ pub enum Top {
     },
     /// Daemon status: interfaces and where XDP runs on them, accounts, table fill, host counters
     Status,
+    /// The fleet this node belongs to (etcd)
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Seed an empty fleet from this host's store: every account (with its allowlist, live
+    /// overrides and sub-users), binding and the override sequence are written under the
+    /// [cluster] prefix, which must be empty. Run it on the standalone host after adding
+    /// [cluster] and restarting it; it then follows the fleet. An import that stopped part-way
+    /// can be run again to finish
+    Import,
 }
 
 #[derive(Subcommand, Debug)]
@@ -452,6 +465,7 @@ pub fn action(top: Top) -> Result<Action, String> {
             unknown_accounts,
         }),
         Top::Status => Command::Status(Status {}),
+        Top::Cluster(ClusterCmd::Import) => Command::ClusterImport(ClusterImport {}),
         Top::Import { file, batch_bytes } => return Ok(Action::Import { file, batch_bytes }),
     }))
 }

@@ -87,6 +87,7 @@ fn send(socket: &Path, command: Command, json: bool) -> Result<Shown, Failure> {
         Command::Import(r) => answer(socket, r, json, plain),
         Command::Detach(r) => answer(socket, r, json, plain),
         Command::Status(r) => answer(socket, r, json, plain),
+        Command::ClusterImport(r) => answer(socket, r, json, plain),
     }
 }
 

@@ -6,9 +6,9 @@
 //! row nor steer the terminal.
 
 use ipaccess::protocol::{
-    Account, AccountDetails, ActivityKind, ActivityReport, ActivityRow, Allowlist, Binding, CheckResult, DeniedSummary,
-    Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount, Noted, Override, Removed, ShutOut,
-    SigninSummary, StatsReport, StatusReport, UnknownSummary,
+    Account, AccountDetails, ActivityKind, ActivityReport, ActivityRow, Allowlist, Binding, CheckResult,
+    ClusterImported, DeniedSummary, Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount,
+    Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
 };
 use ipaccess::time::format_utc;
 use serde::{Deserialize, Serialize};
@@ -489,6 +489,17 @@ impl Render for Totals {
     }
 }
 
+impl Render for ClusterImported {
+    fn render(&self, out: &mut String) {
+        line(out, "prefix", &self.prefix);
+        line(out, "accounts", self.accounts.to_string());
+        line(out, "bindings", self.bindings.to_string());
+        line(out, "keys written", self.written.to_string());
+        line(out, "keys already there", self.already_present.to_string());
+        line(out, "revision", self.revision.to_string());
+    }
+}
+
 impl Render for Detached {
     fn render(&self, out: &mut String) {
         line(out, "interface", &self.interface);
@@ -850,6 +861,11 @@ mod tests {
         let mut out = String::new();
         totals.render(&mut out);
         assert_eq!(out, "accounts: 3\ncreated: 2\nentries: 5\nbatches: 1\n");
+        assert_eq!(
+            shown::<ClusterImported>(json!({"prefix": "/ipa/", "accounts": 2, "bindings": 1, "written": 5,
+                "already_present": 0, "revision": 9})),
+            "prefix: /ipa/\naccounts: 2\nbindings: 1\nkeys written: 5\nkeys already there: 0\nrevision: 9\n"
+        );
         assert_eq!(
             shown::<Detached>(json!({"interface": "eth0", "detached": true})),
             "interface: eth0\ndetached: true\n"

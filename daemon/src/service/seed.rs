@@ -1,0 +1,213 @@
+//! `cluster_import`: a standalone host's store seeds an empty fleet.
+//!
+//! The import writes exactly the keys the fleet's own changes would have written for this
+//! store (each account's document and slot, each binding fleet-wide, the override
+//! sequence), as the units of one change, so that afterwards the fleet equals this store and
+//! this node's next resynchronisation changes nothing: it then follows the fleet without
+//! having stopped enforcing its own policy.
+//!
+//! etcd takes a large store in several transactions. A run that stops part-way (the node
+//! killed, etcd lost) leaves the parts before it; a second run accepts every key that
+//! already holds exactly what it would write and writes the rest. Anything else under the
+//! prefix (another policy, an audit record: a fleet that has already started) refuses it.
+//! The import's audit record goes with the last part, so its presence marks a finished one.
+
+use std::collections::HashMap;
+
+use serde_json::json;
+
+use super::{Failure, Reply, Service, now};
+use crate::{
+    cluster::{self, BindingValue, Committed, FLEET_WIDE, Guard, Key, Unit, Write},
+    protocol::{ClusterImport, ClusterImported, ErrorCode},
+    store::{AccountDoc, ActivityRecord},
+};
+
+/// What one key of the import must hold: account documents are compared as documents
+/// (overrides that expired since an earlier run wrote them do not count), the rest as bytes.
+enum Wanted {
+    Account(AccountDoc),
+    Bytes(Vec<u8>),
+}
+
+impl Service {
+    pub(super) fn cluster_import(&self, _: ClusterImport, uid: u32) -> Reply<ClusterImport> {
+        let Some(cluster) = self.fleet() else {
+            return Err(Failure::new(
+                ErrorCode::Refused,
+                "this host has no [cluster] section: there is no fleet to import its store into. Add [cluster] to \
+                 its configuration and restart it, then import",
+            ));
+        };
+        let keys = cluster.keys().clone();
+        let prefix = keys.prefix().to_owned();
+        let refused = |why: String| Failure::new(ErrorCode::Refused, why);
+        let mut guard = self.writer.lock().expect("writer lock");
+        let tx = guard.store.transaction()?;
+        let applied = tx.applied_revision()?;
+        if applied > 0 {
+            return Err(refused(format!(
+                "this node already follows the fleet under {prefix} (revision {applied}): its store is the fleet's \
+                 copy, not a policy of its own; nothing was imported"
+            )));
+        }
+        let at = now();
+        let mut accounts = tx.accounts()?;
+        if accounts.is_empty() {
+            return Err(refused(format!("this host's store has no accounts: nothing to import into {prefix}")));
+        }
+        // Parents before sub-users, so that a node applying the parts in order always has
+        // the parent first.
+        accounts.sort_by_key(|a| a.parent.is_some());
+        let bindings = tx.bindings()?;
+        let last_override = tx.last_override()?;
+        // Each unit's keys and what they must hold, in the order the parts are written.
+        let mut planned: Vec<Vec<(String, Wanted)>> = Vec::new();
+        for account in &accounts {
+            let doc = tx.account_doc(&account.id, at)?.ok_or_else(|| super::unknown(&account.id))?;
+            planned.push(vec![
+                (keys.slot(doc.slot), Wanted::Bytes(account.id.as_bytes().to_vec())),
+                (keys.account(&account.id), Wanted::Account(doc)),
+            ]);
+        }
+        for b in &bindings {
+            let value = serde_json::to_vec(&BindingValue::of(b)).expect("a binding serializes");
+            planned.push(vec![(keys.binding(b.addr, b.target, FLEET_WIDE), Wanted::Bytes(value))]);
+        }
+        if last_override > 0 {
+            planned.push(vec![(keys.override_sequence(), Wanted::Bytes(last_override.to_string().into_bytes()))]);
+        }
+        drop(tx);
+
+        let (revision, present) = cluster.policy_keys()?;
+        let mut present: HashMap<String, Vec<u8>> = present.into_iter().collect();
+        let (mut units, mut written, mut already) = (Vec::new(), 0u64, 0u64);
+        for unit_keys in planned {
+            let mut unit = Unit::default();
+            for (key, wanted) in unit_keys {
+                match present.remove(&key) {
+                    None => {
+                        // Absent when the prefix was read, and still absent when written.
+                        unit.guards.push(Guard::Key(key.clone()));
+                        let value = match wanted {
+                            Wanted::Account(doc) => cluster::keys::encode(&doc),
+                            Wanted::Bytes(bytes) => bytes,
+                        };
+                        unit.writes.push(Write::Put(key, value));
+                        written += 1;
+                    }
+                    Some(value) if holds(&value, &wanted, at) => {
+                        unit.guards.push(Guard::Existing(key));
+                        already += 1;
+                    }
+                    Some(_) => {
+                        return Err(refused(format!(
+                            "the fleet's prefix {prefix} is not empty: {key} holds something other than this host's \
+                             store would write there; nothing was imported. An import only seeds an empty prefix \
+                             (or finishes one of the same store that stopped part-way)"
+                        )));
+                    }
+                }
+            }
+            if !unit.writes.is_empty() {
+                units.push(unit);
+            }
+        }
+        // Whatever is left is under the prefix and not this store's: another policy, or the
+        // audit record of a finished import or of changes made through the fleet.
+        if let Some(key) = present.keys().min() {
+            let what = match keys.parse(key.as_bytes()) {
+                Key::Audit => "an audit record: the fleet has already been seeded or changed",
+                _ => "a key this host's store would not write",
+            };
+            return Err(refused(format!(
+                "the fleet's prefix {prefix} is not empty: {key} is there ({what}); nothing was imported"
+            )));
+        }
+        // Nothing under the prefix may change between the read and the first part.
+        let (start, end) = keys.policy_range();
+        match units.first_mut() {
+            Some(first) => first.guards.push(Guard::Range(start, end)),
+            None => {
+                return Err(refused(format!(
+                    "every key of this store is already under {prefix}, without the import's audit record: write \
+                     nothing more; restart this node to follow the fleet"
+                )));
+            }
+        }
+        let detail = json!({
+            "prefix": prefix, "node": cluster.node(), "accounts": accounts.len(), "bindings": bindings.len(),
+            "uid": uid, "action": "cluster_import",
+        });
+        let record = ActivityRecord { time: at, account: String::new(), uid, action: "cluster_import".into(), detail };
+        units.last_mut().expect("one unit").audit.push(record);
+        let committed = cluster.commit_units(units, revision);
+        drop(guard);
+        let revision = match committed? {
+            Committed::At(revision) => revision,
+            Committed::Conflict(_) => {
+                return Err(Failure::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "a key under {prefix} was written by someone else while the import ran; nothing was \
+                         imported. Make no changes through the fleet until the import is done"
+                    ),
+                ));
+            }
+            Committed::Partial { done, parts, .. } => return Err(cluster::partial(done, parts)),
+        };
+        // The node's follower takes the fleet once it finds this store's policy there: from
+        // then on it is a node like the others.
+        if !cluster.wait_applied(revision) {
+            return Err(Failure::new(
+                ErrorCode::Internal,
+                format!(
+                    "the store is imported under {prefix} (revision {revision}) but this node does not follow the \
+                     fleet yet; see its log"
+                ),
+            ));
+        }
+        // The record reaches this node too: its snapshot brings every audit record newer than
+        // the revision it had applied (none).
+        Ok(ClusterImported {
+            prefix,
+            accounts: accounts.len() as u64,
+            bindings: bindings.len() as u64,
+            written,
+            already_present: already,
+            revision,
+        })
+    }
+}
+
+impl Service {
+    /// On a host started without `[cluster]`: a store that was a fleet node's copy is from
+    /// now on this host's own policy (the way back from a fleet). Forgetting the fleet's
+    /// revision means that, pointed at a fleet again, it is treated as a host with its own
+    /// policy: it neither takes an empty prefix nor is merged into another policy.
+    pub fn leave_fleet(&self) -> Result<(), crate::store::StoreError> {
+        let mut guard = self.writer.lock().expect("writer lock");
+        let tx = guard.store.transaction()?;
+        let applied = tx.applied_revision()?;
+        if applied > 0 {
+            tx.set_applied_revision(0)?;
+            tx.commit()?;
+            log::info!(
+                "this store was a fleet node's copy (revision {applied}); without [cluster] it is now this host's \
+                 own policy"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Does `value`, found under the prefix, hold what the import would write there?
+fn holds(value: &[u8], wanted: &Wanted, at: i64) -> bool {
+    match wanted {
+        Wanted::Bytes(bytes) => value == bytes.as_slice(),
+        Wanted::Account(doc) => serde_json::from_slice::<AccountDoc>(value).is_ok_and(|mut found| {
+            found.overrides.retain(|o| o.expires_at > at);
+            found == *doc
+        }),
+    }
+}
