@@ -927,9 +927,13 @@ impl Tx<'_> {
     ) -> Result<Override, StoreError> {
         self.require_account(account)?;
         let cidr = cidr.trunc();
+        // Above every id here and every id a fleet this copy follows has granted (a node
+        // that joined later holds only the overrides still live).
         self.execute(
-            "INSERT INTO overrides (account, cidr, ticket, reason, operator, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO overrides (id, account, cidr, ticket, reason, operator, created_at, expires_at)
+             VALUES (MAX((SELECT COALESCE(MAX(id), 0) FROM overrides),
+                         (SELECT COALESCE(MAX(value), 0) FROM cluster WHERE name = 'override_sequence')) + 1,
+                     ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             (account, cidr.to_string(), ticket, reason, operator, now, expires_at),
         )?;
         Ok(Override {

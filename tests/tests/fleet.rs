@@ -296,3 +296,37 @@ fn a_node_whose_clock_disagrees_with_etcds_says_so() {
     assert!(log.contains("clock is 5.0 s ahead of etcd"), "no warning in node B's log:\n{log}");
     assert!(!fleet.nodes[0].host.log_text().contains("ahead of etcd"), "node A warned with a good clock");
 }
+
+#[test]
+fn a_node_that_joined_after_an_override_ended_grants_a_new_id() {
+    let mut fleet = Fleet::new(2).unwrap();
+    fleet.nodes[0].start();
+    let _listeners = listeners(&fleet);
+    let a = &fleet.nodes[0];
+    restrict_acme(a);
+    let guest = a.host.hosts.client_v4[1];
+    let grant = |node: &FleetNode, ticket: &str| {
+        node.host.ok(json!({
+            "cmd": "override_grant", "account": "acme", "cidr": format!("{guest}/32"), "ttl_seconds": 600,
+            "ticket": ticket, "reason": "travelling",
+        }))["override"]["id"]
+            .as_i64()
+            .unwrap()
+    };
+    // An override granted and revoked through A: the fleet's documents no longer hold it.
+    let first = grant(a, "SUP-1");
+    a.host.ok(json!({"cmd": "override_revoke", "account": "acme", "override_id": first}));
+
+    // B joins with an empty store and grants one: a new id, which A takes like any other.
+    fleet.nodes[1].start();
+    let revision = fleet.nodes[0].applied();
+    fleet.converge(revision);
+    let second = grant(&fleet.nodes[1], "SUP-2");
+    assert!(second > first, "node B reused override id {second} (the fleet had granted {first})");
+    fleet.converge(fleet.nodes[1].applied());
+    for node in &fleet.nodes {
+        assert!(node.check("acme", guest.into()).0, "{}: the override granted through B is not in force", node.name);
+        let listed = node.host.ok(json!({"cmd": "override_list", "account": "acme"}));
+        assert!(listed.to_string().contains("SUP-2"), "{}: {listed}", node.name);
+    }
+}

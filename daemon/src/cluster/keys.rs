@@ -89,10 +89,10 @@ impl Keys {
         (format!("{}audit/", self.prefix), format!("{}audit/{time:011}", self.prefix))
     }
 
-    /// What a snapshot reads, each `[start, end)`: accounts, bindings and audit records
-    /// (slots and the sequence are only guards; their content is in the documents).
-    pub fn snapshot_ranges(&self) -> [(String, String); 3] {
-        ["accounts/", "bindings/", "audit/"].map(|part| {
+    /// What a snapshot reads, each `[start, end)`: accounts, bindings, audit records and
+    /// the sequence (slots are only guards; their content is in the documents).
+    pub fn snapshot_ranges(&self) -> [(String, String); 4] {
+        ["accounts/", "bindings/", "audit/", "sequences/"].map(|part| {
             let start = format!("{}{part}", self.prefix);
             let end = format!("{}{}0", self.prefix, part.trim_end_matches('/'));
             (start, end)
@@ -237,7 +237,8 @@ mod tests {
         }
         let (start, end) = keys.nodes();
         assert!(keys.node("mx1") >= start && keys.node("mx1") < end);
-        let [accounts, bindings, audit] = keys.snapshot_ranges();
+        let [accounts, bindings, audit, sequences] = keys.snapshot_ranges();
+        assert!(inside(&keys.override_sequence(), &sequences) && !inside(&keys.slot(1), &sequences));
         let inside = |key: &str, (start, end): &(String, String)| key >= start.as_str() && key < end.as_str();
         assert!(inside(&keys.account("zz"), &accounts) && !inside(&keys.slot(1), &accounts));
         assert!(inside(&keys.binding(v6, None, "*"), &bindings) && !inside(&keys.account("a"), &bindings));

@@ -80,6 +80,9 @@ pub enum Change {
     Binding(Binding, bool),
     /// The audit records one change (or one part of it) wrote.
     Audit(Vec<ActivityRecord>),
+    /// The highest override id the fleet has granted: a node's next id is above it, also
+    /// when that node joined after the overrides below it had ended.
+    OverrideSequence(i64),
 }
 
 /// Everything under the prefix at one revision.
@@ -92,6 +95,8 @@ pub struct Snapshot {
     /// them for a copy that never followed the fleet), oldest first: a node that was away
     /// or fell behind a compaction misses no record.
     pub audit: Vec<ActivityRecord>,
+    /// The highest override id the fleet has granted (0: none).
+    pub override_sequence: i64,
 }
 
 /// What a node's local copy must be able to do: the service implements it.
@@ -498,6 +503,7 @@ impl Cluster {
                         Some(Change::Account(id, Some(doc))) => snapshot.accounts.push((id, doc)),
                         Some(Change::Binding(binding, true)) => snapshot.bindings.push(binding),
                         Some(Change::Audit(records)) => snapshot.audit.extend(records),
+                        Some(Change::OverrideSequence(n)) => snapshot.override_sequence = n,
                         _ => {}
                     }
                 }
@@ -542,6 +548,9 @@ impl Cluster {
                 },
             },
             Key::Audit => value.and_then(|v| serde_json::from_slice::<Vec<ActivityRecord>>(v).ok()).map(Change::Audit),
+            Key::OverrideSequence => {
+                value.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()).map(Change::OverrideSequence)
+            }
             _ => None,
         }
     }

@@ -268,6 +268,7 @@ impl Service {
                     bindings_changed |= tx.remove_binding_on(binding.addr, binding.target, node)?.is_some();
                 }
                 Change::Audit(records) => tx.add_activity(&records)?,
+                Change::OverrideSequence(n) => tx.raise_override_sequence(n)?,
             }
         }
         tx.set_applied_revision(revision)?;
@@ -357,6 +358,7 @@ impl Replica for Service {
             if !snapshot.audit.is_empty() {
                 changes.push(Change::Audit(snapshot.audit));
             }
+            changes.push(Change::OverrideSequence(snapshot.override_sequence));
             changes
         };
         self.apply_locked(&mut writer, changes, snapshot.revision).map_err(|e| e.to_string())
@@ -426,7 +428,7 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let key = |change: &Change| match change {
         Change::Account(id, _) => Some(format!("account {id}")),
         Change::Binding(b, _) => Some(format!("binding {} {:?} {:?}", b.addr, b.target, b.node)),
-        Change::Audit(_) => None,
+        Change::Audit(_) | Change::OverrideSequence(_) => None,
     };
     let last: HashMap<String, usize> =
         changes.iter().enumerate().filter_map(|(i, change)| Some((key(change)?, i))).collect();
@@ -436,7 +438,7 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
         Change::Account(_, Some(doc)) if doc.parent.is_none() => 2,
         Change::Account(..) => 3,
         Change::Binding(_, true) => 4,
-        Change::Audit(_) => 5,
+        Change::Audit(_) | Change::OverrideSequence(_) => 5,
     };
     let mut kept: Vec<(usize, Change)> =
         changes.into_iter().enumerate().filter(|(i, change)| key(change).is_none_or(|k| last[&k] == *i)).collect();

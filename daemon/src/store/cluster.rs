@@ -198,6 +198,17 @@ impl Tx<'_> {
         self.count("SELECT COALESCE(MAX(value), 0) FROM cluster WHERE name = 'applied_revision'", [])
     }
 
+    /// Records that the fleet has granted override ids up to `n`: the next one granted here
+    /// is above it ([`Tx::add_override`]).
+    pub fn raise_override_sequence(&self, n: i64) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO cluster (name, value) VALUES ('override_sequence', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = MAX(value, ?1)",
+            [n],
+        )?;
+        Ok(())
+    }
+
     pub fn set_applied_revision(&self, revision: i64) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO cluster (name, value) VALUES ('applied_revision', ?1)
