@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         Some(fleet) => {
             let applied = service.applied_revision().context("reading the applied revision")?;
             let cluster = Cluster::new(fleet, tokio::runtime::Handle::current(), applied);
-            service.join(cluster.clone());
+            service.join(cluster.clone()).context("recording the node's name")?;
             info!("fleet node {} under {} (local copy at revision {applied})", fleet.node, fleet.prefix);
             // Denied checks are published for support on the other nodes (cluster::attempts).
             let attempts = tokio::spawn(cluster::attempts::publish(cluster.clone(), service.clone()));

@@ -26,10 +26,17 @@ impl Service {
     }
 
     /// Makes this service a node of `cluster`: from now on changes go through etcd.
-    pub fn join(&self, cluster: std::sync::Arc<Cluster>) {
+    pub fn join(&self, cluster: std::sync::Arc<Cluster>) -> Result<(), StoreError> {
+        // Remembered for the way back: a host that leaves the fleet keeps the bindings that
+        // were scoped to it ([`Service::leave_fleet`]).
+        let mut guard = self.writer.lock().expect("writer lock");
+        let tx = guard.store.transaction()?;
+        tx.set_node_name(cluster.node())?;
+        tx.commit()?;
         if self.cluster.set(cluster).is_err() {
             warn!("this node already belongs to a cluster");
         }
+        Ok(())
     }
 
     /// The etcd revision the local copy has applied (0: none).

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use serde_json::json;
 
-use super::{Failure, Reply, Service, now};
+use super::{Failure, Reply, Service, Writer, now};
 use crate::{
     cluster::{self, BindingValue, Committed, FLEET_WIDE, Guard, Key, Unit, Write},
     protocol::{ClusterImport, ClusterImported, ErrorCode},
@@ -187,16 +187,31 @@ impl Service {
     /// policy: it neither takes an empty prefix nor is merged into another policy.
     pub fn leave_fleet(&self) -> Result<(), crate::store::StoreError> {
         let mut guard = self.writer.lock().expect("writer lock");
-        let tx = guard.store.transaction()?;
+        let Writer { store, datapath } = &mut *guard;
+        let tx = store.transaction()?;
         let applied = tx.applied_revision()?;
-        if applied > 0 {
-            tx.set_applied_revision(0)?;
-            tx.commit()?;
-            log::info!(
-                "this store was a fleet node's copy (revision {applied}); without [cluster] it is now this host's \
-                 own policy"
-            );
+        let node = tx.node_name()?;
+        let (kept, dropped) = tx.keep_bindings_of(node.as_deref())?;
+        if applied == 0 && kept + dropped == 0 {
+            return Ok(());
         }
+        tx.set_applied_revision(0)?;
+        if kept > 0 {
+            // Started without a node name, the service left these out of the kernel.
+            let cache = self.accounts.read().expect("cache lock");
+            let wanted = super::bindings::for_kernel(&tx.bindings()?, None, |id| cache.get(id).map(|a| a.slot));
+            if let Err(e) = datapath.set_bindings(&wanted) {
+                // Nothing is committed: the next start tries again.
+                log::error!("leaving the fleet: the bindings could not be written to the kernel: {e}");
+                return Ok(());
+            }
+        }
+        tx.commit()?;
+        log::info!(
+            "this store was fleet node {}'s copy (revision {applied}); without [cluster] it is now this host's own \
+             policy: {kept} bindings scoped to this node are now its own, {dropped} of other nodes were dropped",
+            node.as_deref().unwrap_or("?")
+        );
         Ok(())
     }
 }

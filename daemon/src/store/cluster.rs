@@ -209,6 +209,32 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// The node name this copy followed a fleet as (a text value in the `cluster` table).
+    pub fn set_node_name(&self, name: &str) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO cluster (name, value) VALUES ('node_name', ?1) ON CONFLICT (name) DO UPDATE SET value = ?1",
+            [name],
+        )?;
+        Ok(())
+    }
+
+    pub fn node_name(&self) -> Result<Option<String>, StoreError> {
+        let sql = "SELECT CAST(value AS TEXT) FROM cluster WHERE name = 'node_name'";
+        Ok(self.rows(sql, [], |r| Ok(r.get::<_, String>(0)?))?.pop())
+    }
+
+    /// A fleet node's copy becomes a standalone host's store: the bindings scoped to
+    /// `node` become its own (unscoped), those of other nodes (endpoints of other hosts)
+    /// go. Returns how many of each.
+    pub fn keep_bindings_of(&self, node: Option<&str>) -> Result<(usize, usize), StoreError> {
+        let kept = match node {
+            Some(node) => self.execute("UPDATE bindings SET node = '' WHERE node = ?1", [node])?,
+            None => 0,
+        };
+        let dropped = self.execute("DELETE FROM bindings WHERE node != ''", [])?;
+        Ok((kept, dropped))
+    }
+
     pub fn set_applied_revision(&self, revision: i64) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO cluster (name, value) VALUES ('applied_revision', ?1)
