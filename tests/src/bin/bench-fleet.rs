@@ -430,7 +430,7 @@ fn join(node: &mut FleetNode, accounts: usize, revision: i64) -> Join {
         {
             let enforcing = started.elapsed();
             let log = node.host.log_text();
-            let resync_log = log.lines().filter(|l| l.contains("in step with etcd")).last().unwrap_or("").to_owned();
+            let resync_log = log.lines().rfind(|l| l.contains("in step with etcd")).unwrap_or("").to_owned();
             return Join { answered, in_step, enforcing, slowest_status, resync_log };
         }
         assert!(started.elapsed() < JOIN_WITHIN, "{} not in step after {JOIN_WITHIN:?}", node.name);
