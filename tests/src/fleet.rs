@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 
 use crate::daemon::Launch;
 use crate::etcd::EtcdCluster;
-use crate::netns::TcpServer;
+use crate::netns::{TcpServer, tcp_connect};
 use crate::ops::Host;
 
 /// The key prefix the fleet's configuration files name unless a test chooses another.
@@ -104,12 +104,31 @@ impl FleetNode {
         (reply["allowed"].as_bool().unwrap(), reply["reason"].as_str().unwrap().to_owned())
     }
 
+    /// On the node's wire: its first client address gets through to `port` on its server
+    /// address, the second does not (the tests' accounts allow the first only).
+    pub fn enforces(&self, port: u16) -> bool {
+        let hosts = &self.host.hosts;
+        let target = SocketAddr::new(hosts.server_v4.into(), port);
+        let (good, bad) = (IpAddr::V4(hosts.client_v4[0]), IpAddr::V4(hosts.client_v4[1]));
+        hosts.client.run(|| {
+            tcp_connect(good, target, Duration::from_secs(2)) && !tcp_connect(bad, target, Duration::from_millis(500))
+        })
+    }
+
     /// A TCP listener on the node's server address and `port` (fleet-wide bindings name the
     /// same address on every node).
     pub fn tcp_listener(&self, port: u16) -> TcpServer {
         let hosts = &self.host.hosts;
         TcpServer::start_in(&hosts.server, SocketAddr::new(hosts.server_v4.into(), port)).unwrap()
     }
+}
+
+/// The error code of a reply, or None if it is `ok`.
+pub fn error_code(reply: &Value) -> Option<String> {
+    if reply.get("ok").is_some() {
+        return None;
+    }
+    Some(reply["error"]["code"].as_str().unwrap_or_else(|| panic!("neither ok nor error: {reply}")).to_owned())
 }
 
 /// A TOML basic string. Names, URLs and interface names here are plain ASCII; the escapes
@@ -144,6 +163,17 @@ impl Fleet {
             nodes.push(node);
         }
         Ok(Fleet { etcd, nodes })
+    }
+
+    /// Waits until every running node has applied the highest revision any of them has.
+    pub fn settle(&self) {
+        let revision = self.nodes.iter().filter(|n| n.is_running()).map(FleetNode::applied).max().unwrap_or(0);
+        self.converge(revision);
+    }
+
+    /// A TCP listener on every node's server address and `port`.
+    pub fn listeners(&self, port: u16) -> Vec<TcpServer> {
+        self.nodes.iter().map(|n| n.tcp_listener(port)).collect()
     }
 
     /// Starts every node's daemon that is not running yet, one after another.

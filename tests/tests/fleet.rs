@@ -3,26 +3,14 @@
 //! wire at the others; losing etcd's quorum leaves every node enforcing what it had and
 //! refusing changes; a node that was away, or whose watch was compacted, converges.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ipaccess_tests::daemon::{Launch, binaries};
 use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
-use ipaccess_tests::netns::{TcpServer, tcp_connect};
 use serde_json::{Value, json};
 
 const PORT: u16 = 7443;
-
-/// On the node's wire: the first client address gets through to the bound port, the
-/// second does not.
-fn enforces(node: &FleetNode) -> bool {
-    let hosts = &node.host.hosts;
-    let target = SocketAddr::new(hosts.server_v4.into(), PORT);
-    let (good, bad) = (IpAddr::V4(hosts.client_v4[0]), IpAddr::V4(hosts.client_v4[1]));
-    hosts.client.run(|| {
-        tcp_connect(good, target, Duration::from_secs(2)) && !tcp_connect(bad, target, Duration::from_millis(500))
-    })
-}
 
 /// acme allows the nodes' first client address only and owns the nodes' port `PORT`,
 /// made through `node`; returns the revision of the last change.
@@ -36,22 +24,18 @@ fn restrict_acme(node: &FleetNode) -> i64 {
     node.applied()
 }
 
-fn listeners(fleet: &Fleet) -> Vec<TcpServer> {
-    fleet.nodes.iter().map(|n| n.tcp_listener(PORT)).collect()
-}
-
 #[test]
 fn a_change_through_one_node_is_enforced_on_every_node() {
     let mut fleet = Fleet::new(3).unwrap();
     fleet.start_all();
-    let _listeners = listeners(&fleet);
+    let _listeners = fleet.listeners(PORT);
     let revision = restrict_acme(&fleet.nodes[0]);
     fleet.converge(revision);
     let (good, bad) = (IpAddr::V4(fleet.nodes[0].host.hosts.client_v4[0]), "198.18.77.7".parse().unwrap());
     for node in &fleet.nodes {
         assert_eq!(node.check("acme", good), (true, "allowed".into()), "{}", node.name);
         assert_eq!(node.check("acme", bad), (false, "address_not_allowed".into()), "{}", node.name);
-        assert!(enforces(node), "{} does not enforce acme's allowlist on its wire", node.name);
+        assert!(node.enforces(PORT), "{} does not enforce acme's allowlist on its wire", node.name);
         let listed = node.host.ok(json!({"cmd": "allow_list", "account": "acme"}));
         assert_eq!(listed.as_array().map(Vec::len), Some(1), "{}: {listed}", node.name);
     }
@@ -87,7 +71,7 @@ fn a_change_through_one_node_is_enforced_on_every_node() {
 fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
     let mut fleet = Fleet::new(3).unwrap();
     fleet.start_all();
-    let _listeners = listeners(&fleet);
+    let _listeners = fleet.listeners(PORT);
     let revision = restrict_acme(&fleet.nodes[0]);
     fleet.converge(revision);
     let good = IpAddr::V4(fleet.nodes[0].host.hosts.client_v4[0]);
@@ -99,19 +83,26 @@ fn without_a_quorum_every_node_keeps_enforcing_and_refuses_changes() {
     fleet.etcd.kill(others[0]).unwrap();
 
     for node in &fleet.nodes {
-        assert!(enforces(node), "{} stopped enforcing without etcd", node.name);
+        assert!(node.enforces(PORT), "{} stopped enforcing without etcd", node.name);
         assert_eq!(node.check("acme", good), (true, "allowed".into()), "{}", node.name);
         let refused = node.host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.60.0/24"}));
         assert_eq!(refused["error"]["code"], "cluster_unavailable", "{}: {refused}", node.name);
     }
-    let status = &fleet.nodes[1].cluster_status();
-    assert_eq!(status["connected"], false, "{status}");
-    assert!(status["last_error"].is_string(), "{status}");
+    // The health probe (once a second) sees it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = fleet.nodes[1].cluster_status();
+        if status["connected"] == false && status["last_error"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status does not show the outage: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // A node restarted meanwhile enforces its last policy from its local copy.
     fleet.nodes[1].stop();
     fleet.nodes[1].start();
-    assert!(enforces(&fleet.nodes[1]), "a node restarted without etcd does not enforce its local copy");
+    assert!(fleet.nodes[1].enforces(PORT), "a node restarted without etcd does not enforce its local copy");
     assert_eq!(fleet.nodes[1].check("acme", good), (true, "allowed".into()));
 
     // The quorum returns: changes are taken again, and every node converges on them.
@@ -142,7 +133,7 @@ fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
     let old_audit = format!("{PREFIX}audit/00100000000/node-x/0");
     fleet.etcd.etcdctl(&["put", &old_audit, "[]"]).unwrap();
     fleet.start_all();
-    let _listeners = listeners(&fleet);
+    let _listeners = fleet.listeners(PORT);
     let revision = restrict_acme(&fleet.nodes[0]);
     fleet.converge(revision);
 
@@ -164,7 +155,7 @@ fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
 
     // C starts on its local copy, enforcing at once, and catches up from a snapshot.
     fleet.nodes[2].start();
-    assert!(enforces(&fleet.nodes[2]), "node C does not enforce while it catches up");
+    assert!(fleet.nodes[2].enforces(PORT), "node C does not enforce while it catches up");
     fleet.converge(revision);
     let c = &fleet.nodes[2];
     assert!(c.check("away7", "198.18.27.3".parse().unwrap()).0);
@@ -172,7 +163,7 @@ fn a_node_that_was_away_or_compacted_converges_without_a_gap() {
     let listed_a = fleet.nodes[0].host.ok(json!({"cmd": "account_list"}));
     let listed_c = c.host.ok(json!({"cmd": "account_list"}));
     assert_eq!(listed_a, listed_c, "node C's accounts differ from node A's");
-    assert!(enforces(c));
+    assert!(c.enforces(PORT));
     // The audit records written while C was away reached it through the snapshot.
     let activity = c.host.ok(json!({"cmd": "activity", "account": "away7"}));
     assert!(
@@ -232,7 +223,7 @@ fn an_import_larger_than_one_etcd_transaction_reaches_every_node() {
 #[test]
 fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
     let mut fleet = Fleet::new(1).unwrap();
-    let _listeners = listeners(&fleet);
+    let _listeners = fleet.listeners(PORT);
     let node = &mut fleet.nodes[0];
     // First on its own store.
     node.host.write_config(&format!("interfaces = [\"{}\"]\n", node.host.hosts.server_if));
@@ -242,7 +233,7 @@ fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
     node.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
     node.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT}));
     node.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
-    assert!(enforces(node));
+    assert!(node.enforces(PORT));
     node.stop();
     // Then with the [cluster] section, the fleet's prefix empty.
     node.write_config(ipaccess_tests::fleet::PREFIX, "");
@@ -256,7 +247,7 @@ fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
         assert!(Instant::now() < deadline, "no refusal to wipe the host's policy: {status}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(enforces(node), "the host's policy was dropped: {status}");
+    assert!(node.enforces(PORT), "the host's policy was dropped: {status}");
     assert_eq!(node.check("acme", IpAddr::V4(good)), (true, "allowed".into()));
 }
 
@@ -301,7 +292,7 @@ fn a_node_whose_clock_disagrees_with_etcds_says_so() {
 fn a_node_that_joined_after_an_override_ended_grants_a_new_id() {
     let mut fleet = Fleet::new(2).unwrap();
     fleet.nodes[0].start();
-    let _listeners = listeners(&fleet);
+    let _listeners = fleet.listeners(PORT);
     let a = &fleet.nodes[0];
     restrict_acme(a);
     let guest = a.host.hosts.client_v4[1];

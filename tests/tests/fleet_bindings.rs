@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ipaccess_tests::client::Conn;
 use ipaccess_tests::daemon::{Launch, binaries};
-use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
-use ipaccess_tests::netns::{TcpServer, tcp_connect};
+use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX, error_code};
+use ipaccess_tests::netns::tcp_connect;
 use ipaccess_tests::ops::Host;
 use serde_json::{Value, json};
 
@@ -34,24 +34,6 @@ fn passes(node: &FleetNode, port: u16) -> (bool, bool) {
 const FILTERED: (bool, bool) = (true, false);
 /// Not bound on this node: both addresses get through.
 const OPEN: (bool, bool) = (true, true);
-
-fn listeners(fleet: &Fleet, port: u16) -> Vec<TcpServer> {
-    fleet.nodes.iter().map(|n| n.tcp_listener(port)).collect()
-}
-
-/// Waits until every running node has applied the highest revision any of them has.
-fn settle(fleet: &Fleet) {
-    let revision = fleet.nodes.iter().filter(|n| n.is_running()).map(FleetNode::applied).max().unwrap_or(0);
-    fleet.converge(revision);
-}
-
-/// The error code of a reply, or None if it is `ok`.
-fn code(reply: &Value) -> Option<String> {
-    if reply.get("ok").is_some() {
-        return None;
-    }
-    Some(reply["error"]["code"].as_str().unwrap_or_else(|| panic!("neither ok nor error: {reply}")).to_owned())
-}
 
 /// A node's bindings of the server address's `port`: (account, node) pairs, node `*` for
 /// fleet-wide.
@@ -82,7 +64,7 @@ fn acme(node: &FleetNode) {
 fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
     let mut fleet = Fleet::new(3).unwrap();
     fleet.start_all();
-    let (_scoped, _wide) = (listeners(&fleet, PORT), listeners(&fleet, FLEET_PORT));
+    let (_scoped, _wide) = (fleet.listeners(PORT), fleet.listeners(FLEET_PORT));
     let server = fleet.nodes[0].host.hosts.server_v4;
     acme(&fleet.nodes[0]);
     // Through node A, a binding that only node B enforces.
@@ -90,7 +72,7 @@ fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
         .host
         .ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": "node-b"}));
     assert_eq!(made["node"], "node-b", "{made}");
-    settle(&fleet);
+    fleet.settle();
     for node in &fleet.nodes {
         assert_eq!(bound(node, PORT), [pair("acme", "node-b")], "{} lists the fleet's bindings", node.name);
         let expected = if node.name == "node-b" { FILTERED } else { OPEN };
@@ -99,7 +81,7 @@ fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
 
     // A fleet-wide binding (through C) is enforced on every node.
     fleet.nodes[2].host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": FLEET_PORT}));
-    settle(&fleet);
+    fleet.settle();
     for node in &fleet.nodes {
         assert_eq!(bound(node, FLEET_PORT), [pair("acme", "*")], "{}", node.name);
         assert_eq!(passes(node, FLEET_PORT), FILTERED, "{} does not enforce the fleet-wide binding", node.name);
@@ -108,23 +90,23 @@ fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
     // One owner per endpoint whatever the scope; never fleet-wide and on a node at once.
     let c = &fleet.nodes[2];
     let both = c.host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT}));
-    assert_eq!(code(&both).as_deref(), Some("binding_exists"), "{both}");
+    assert_eq!(error_code(&both).as_deref(), Some("binding_exists"), "{both}");
     assert!(both["error"]["message"].as_str().unwrap().contains("ambiguous"), "{both}");
     let both = c
         .host
         .request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": FLEET_PORT, "node": "node-c"}));
-    assert_eq!(code(&both).as_deref(), Some("binding_exists"), "{both}");
+    assert_eq!(error_code(&both).as_deref(), Some("binding_exists"), "{both}");
     c.host.ok(json!({"cmd": "account_add", "account": "other"}));
     let stolen =
         c.host.request(json!({"cmd": "bind_add", "account": "other", "addr": server, "port": PORT, "node": "node-a"}));
-    assert_eq!(code(&stolen).as_deref(), Some("binding_exists"), "{stolen}");
+    assert_eq!(error_code(&stolen).as_deref(), Some("binding_exists"), "{stolen}");
     let odd =
         c.host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": "a/b"}));
-    assert_eq!(code(&odd).as_deref(), Some("bad_request"), "{odd}");
+    assert_eq!(error_code(&odd).as_deref(), Some("bad_request"), "{odd}");
 
     // The same owner on a second node: C enforces it as well.
     c.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": "node-c"}));
-    settle(&fleet);
+    fleet.settle();
     let out = Command::new(&binaries().ctl)
         .args(["--socket", fleet.nodes[0].host.socket().to_str().unwrap(), "bind", "list"])
         .output()
@@ -142,14 +124,14 @@ fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    settle(&fleet);
+    fleet.settle();
     for node in &fleet.nodes {
         assert_eq!(bound(node, PORT), [pair("acme", "node-c")], "{}", node.name);
         let expected = if node.name == "node-c" { FILTERED } else { OPEN };
         assert_eq!(passes(node, PORT), expected, "{} after the removal from node-b", node.name);
     }
     let wrong_scope = fleet.nodes[1].host.request(json!({"cmd": "bind_remove", "addr": server, "port": PORT}));
-    assert_eq!(code(&wrong_scope).as_deref(), Some("unknown_binding"), "{wrong_scope}");
+    assert_eq!(error_code(&wrong_scope).as_deref(), Some("unknown_binding"), "{wrong_scope}");
     assert!(wrong_scope["error"]["message"].as_str().unwrap().contains("on node node-c"), "{wrong_scope}");
 
     // A restart loads the kernel from the local copy: still only this node's bindings.
@@ -157,7 +139,7 @@ fn a_binding_scoped_to_one_node_is_enforced_on_that_nodes_wire_only() {
         fleet.nodes[i].stop();
         fleet.nodes[i].start();
     }
-    settle(&fleet);
+    fleet.settle();
     for node in &fleet.nodes {
         let expected = if node.name == "node-c" { FILTERED } else { OPEN };
         assert_eq!(passes(node, PORT), expected, "{} after a restart", node.name);
@@ -176,7 +158,7 @@ fn race(fleet: &Fleet, a: Value, c: Value) -> (Value, Value, usize) {
         let mut conflicted = false;
         for _ in 0..3 {
             let reply = conn.request(request.clone());
-            if code(&reply).as_deref() != Some("conflict") {
+            if error_code(&reply).as_deref() != Some("conflict") {
                 return (reply, conflicted);
             }
             conflicted = true;
@@ -203,7 +185,7 @@ fn racing_a_node_binding_and_a_fleet_wide_one_leave_one_owner() {
     let addr = a.host.hosts.server_v4;
     let mut conflicts = 0;
     for r in 0..5 {
-        settle(&fleet);
+        fleet.settle();
         let port = 9100 + r as u16;
         let (ra, rc, n) = race(
             &fleet,
@@ -211,8 +193,8 @@ fn racing_a_node_binding_and_a_fleet_wide_one_leave_one_owner() {
             json!({"cmd": "bind_add", "account": "other", "addr": addr, "port": port}),
         );
         conflicts += n;
-        settle(&fleet);
-        let winner = match (code(&ra).as_deref(), code(&rc).as_deref()) {
+        fleet.settle();
+        let winner = match (error_code(&ra).as_deref(), error_code(&rc).as_deref()) {
             (None, Some("binding_exists" | "conflict")) => pair("acme", "node-b"),
             (Some("binding_exists" | "conflict"), None) => pair("other", "*"),
             _ => panic!("round {r}: not exactly one binding acknowledged: A {ra}, C {rc}"),
@@ -238,7 +220,7 @@ fn a_standalone_host_refuses_node_scoped_bindings() {
     host.ok(json!({"cmd": "account_add", "account": "acme"}));
     let server = host.hosts.server_v4;
     let refused = host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "node": "mx1"}));
-    assert_eq!(code(&refused).as_deref(), Some("bad_request"), "{refused}");
+    assert_eq!(error_code(&refused).as_deref(), Some("bad_request"), "{refused}");
     assert!(refused["error"]["message"].as_str().unwrap().contains("need a fleet"), "{refused}");
     let out = Command::new(&binaries().ctl)
         .args(["--socket", host.socket().to_str().unwrap(), "bind", "add", "acme"])

@@ -13,31 +13,17 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipaccess_tests::client::Conn;
-use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
-use ipaccess_tests::netns::{TcpServer, paced_udp_sender, receive_flows, set_rcvbuf, tcp_connect, udp_client};
+use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX, error_code};
+use ipaccess_tests::netns::{paced_udp_sender, receive_flows, set_rcvbuf, tcp_connect, udp_client};
 use serde_json::{Value, json};
 
 const TCP_PORT: u16 = 7443;
 const UDP_PORT: u16 = 7553;
 
-/// Waits until every running node has applied the highest revision any of them has.
-fn settle(fleet: &Fleet) {
-    let revision = fleet.nodes.iter().filter(|n| n.is_running()).map(FleetNode::applied).max().unwrap_or(0);
-    fleet.converge(revision);
-}
-
-/// The error code of a reply, or None if it is `ok`.
-fn code(reply: &Value) -> Option<String> {
-    if reply.get("ok").is_some() {
-        return None;
-    }
-    Some(reply["error"]["code"].as_str().unwrap_or_else(|| panic!("neither ok nor error: {reply}")).to_owned())
-}
-
 /// An account's allowlist on a node, as CIDR strings; None if the node does not know it.
 fn allow_set(node: &FleetNode, account: &str) -> Option<BTreeSet<String>> {
     let reply = node.host.request(json!({"cmd": "allow_list", "account": account}));
-    match code(&reply).as_deref() {
+    match error_code(&reply).as_deref() {
         None => Some(reply["ok"].as_array().unwrap().iter().map(|e| e["cidr"].as_str().unwrap().to_owned()).collect()),
         Some("unknown_account") => None,
         Some(other) => panic!("{}: allow_list {account}: {other}: {reply}", node.name),
@@ -65,7 +51,7 @@ fn with_retries(conn: &mut Conn, request: &Value, tries: usize) -> (Value, bool)
     let mut conflicted = false;
     for _ in 0..tries {
         let reply = conn.request(request.clone());
-        if code(&reply).as_deref() != Some("conflict") {
+        if error_code(&reply).as_deref() != Some("conflict") {
             return (reply, conflicted);
         }
         conflicted = true;
@@ -92,12 +78,6 @@ fn race(fleet: &Fleet, a: Value, b: Value) -> (Value, Value, usize) {
         (ta.join().unwrap(), tb.join().unwrap())
     });
     (ra, rb, usize::from(xa) + usize::from(xb))
-}
-
-/// A TCP listener on `TCP_PORT` of every node (bindings here are fleet-wide, and
-/// every node's server namespace has the same address).
-fn tcp_listeners(fleet: &Fleet) -> Vec<TcpServer> {
-    fleet.nodes.iter().map(|n| n.tcp_listener(TCP_PORT)).collect()
 }
 
 /// Does `src` (one of the node's client addresses) get a TCP handshake through to the bound port?
@@ -147,7 +127,7 @@ fn the_leader_killed_loses_no_acknowledged_change() {
         }
         let cidr = format!("198.19.{}.{}/32", i / 200, i % 200 + 1);
         let reply = fleet.nodes[0].host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": cidr}));
-        match code(&reply).as_deref() {
+        match error_code(&reply).as_deref() {
             None => {
                 acked.push(cidr);
                 if let Some((_, at)) = killed {
@@ -220,20 +200,23 @@ fn racing_removals_never_leave_an_enforcing_account_with_nothing_allowed() {
         a.host.ok(json!({"cmd": "allow_add", "account": account, "cidr": x}));
         a.host.ok(json!({"cmd": "allow_add", "account": account, "cidr": y}));
         a.host.ok(json!({"cmd": "account_mode", "account": account, "mode": "enforce"}));
-        settle(&fleet);
+        fleet.settle();
         let (ra, rb, n) = race(
             &fleet,
             json!({"cmd": "allow_remove", "account": account, "cidr": x}),
             json!({"cmd": "allow_remove", "account": account, "cidr": y}),
         );
         conflicts += n;
-        settle(&fleet);
+        fleet.settle();
         for reply in [&ra, &rb] {
-            let c = code(reply);
+            let c = error_code(reply);
             assert!(matches!(c.as_deref(), None | Some("lockout")), "round {r}: {reply}");
         }
-        assert!(code(&ra).is_some() || code(&rb).is_some(), "round {r}: both removals acknowledged: {ra} {rb}");
-        let expected: BTreeSet<String> = match (code(&ra), code(&rb)) {
+        assert!(
+            error_code(&ra).is_some() || error_code(&rb).is_some(),
+            "round {r}: both removals acknowledged: {ra} {rb}"
+        );
+        let expected: BTreeSet<String> = match (error_code(&ra), error_code(&rb)) {
             (None, _) => [y.clone()].into(),
             (_, None) => [x.clone()].into(),
             _ => [x.clone(), y.clone()].into(),
@@ -255,7 +238,7 @@ fn racing_bindings_leave_one_owner() {
     a.host.ok(json!({"cmd": "account_add", "account": "other"}));
     let mut conflicts = 0;
     for r in 0..ROUNDS {
-        settle(&fleet);
+        fleet.settle();
         let port = 9000 + r as u16;
         let addr = fleet.nodes[0].host.hosts.server_v4;
         let (ra, rb, n) = race(
@@ -264,8 +247,8 @@ fn racing_bindings_leave_one_owner() {
             json!({"cmd": "bind_add", "account": "other", "addr": addr, "port": port}),
         );
         conflicts += n;
-        settle(&fleet);
-        let owner = match (code(&ra).as_deref(), code(&rb).as_deref()) {
+        fleet.settle();
+        let owner = match (error_code(&ra).as_deref(), error_code(&rb).as_deref()) {
             (None, Some("binding_exists" | "conflict")) => "acme",
             (Some("binding_exists" | "conflict"), None) => "other",
             _ => panic!("round {r}: not exactly one owner acknowledged: A {ra}, B {rb}"),
@@ -295,21 +278,21 @@ fn racing_sub_user_and_parent_removal_never_orphan_a_sub_user() {
     for r in 0..ROUNDS {
         let (parent, sub) = (format!("p{r}"), format!("s{r}"));
         fleet.nodes[0].host.ok(json!({"cmd": "account_add", "account": parent}));
-        settle(&fleet);
+        fleet.settle();
         let (ra, rb, n) = race(
             &fleet,
             json!({"cmd": "account_add", "account": sub, "parent": parent}),
             json!({"cmd": "account_remove", "account": parent}),
         );
         conflicts += n;
-        settle(&fleet);
+        fleet.settle();
         let evidence = || {
             let etcd = etcd_get_prefix(&fleet, &format!("{PREFIX}accounts/"));
             let slots = etcd_get_prefix(&fleet, &format!("{PREFIX}slots/"));
             let nodes: Vec<_> = fleet.nodes.iter().map(|n| (n.name.clone(), accounts(n))).collect();
             format!("etcd accounts: {etcd:?}\netcd slots: {slots:?}\nnodes: {nodes:?}")
         };
-        match (code(&ra).as_deref(), code(&rb).as_deref()) {
+        match (error_code(&ra).as_deref(), error_code(&rb).as_deref()) {
             (None, Some("has_sub_users")) | (Some("unknown_account"), None) => {}
             _ => panic!("round {r}: not exactly one of the two acknowledged: A {ra}, B {rb}\n{}", evidence()),
         }
@@ -324,10 +307,10 @@ fn racing_sub_user_and_parent_removal_never_orphan_a_sub_user() {
                     );
                 }
             }
-            assert_eq!(all.contains_key(&sub), code(&ra).is_none(), "round {r}: {}: {all:?}", node.name);
-            assert_eq!(all.contains_key(&parent), code(&rb).is_some(), "round {r}: {}: {all:?}", node.name);
+            assert_eq!(all.contains_key(&sub), error_code(&ra).is_none(), "round {r}: {}: {all:?}", node.name);
+            assert_eq!(all.contains_key(&parent), error_code(&rb).is_some(), "round {r}: {}: {all:?}", node.name);
             let shown = node.host.request(json!({"cmd": "account_show", "account": sub}));
-            if code(&ra).is_none() {
+            if error_code(&ra).is_none() {
                 assert_eq!(shown["ok"]["account"]["parent"], json!(parent), "round {r}: {}: {shown}", node.name);
             }
         }
@@ -344,19 +327,19 @@ fn racing_sub_user_and_parent_ban_leave_the_sub_user_banned() {
     for r in 0..ROUNDS {
         let (parent, sub) = (format!("bp{r}"), format!("bs{r}"));
         fleet.nodes[0].host.ok(json!({"cmd": "account_add", "account": parent}));
-        settle(&fleet);
+        fleet.settle();
         let (ra, rb, n) = race(
             &fleet,
             json!({"cmd": "account_state", "account": parent, "state": "banned", "reason": "abuse"}),
             json!({"cmd": "account_add", "account": sub, "parent": parent}),
         );
         conflicts += n;
-        settle(&fleet);
-        assert_eq!(code(&ra), None, "round {r}: the ban was refused: {ra}");
+        fleet.settle();
+        assert_eq!(error_code(&ra), None, "round {r}: the ban was refused: {ra}");
         // A sub-user may be created under a banned parent (it is suspended with it), so the
         // creation normally succeeds whichever came first; a refusal must leave nothing.
-        let created = code(&rb).is_none();
-        assert!(created || code(&rb).as_deref() == Some("refused"), "round {r}: {rb}");
+        let created = error_code(&rb).is_none();
+        assert!(created || error_code(&rb).as_deref() == Some("refused"), "round {r}: {rb}");
         for node in &fleet.nodes {
             let all = accounts(node);
             assert_eq!(all.get(&parent).map(|a| a.1.as_str()), Some("banned"), "round {r}: {}", node.name);
@@ -408,7 +391,7 @@ fn kill_in_the_middle_of_an_import(size: usize) {
     let started = Instant::now();
     let control = fleet.nodes[0].host.request(json!({"cmd": "import", "accounts": batch(99)}));
     let took = started.elapsed();
-    assert!(code(&control).is_none(), "an import of {size} accounts is refused: {control}");
+    assert!(error_code(&control).is_none(), "an import of {size} accounts is refused: {control}");
     let mut landed = Vec::new();
     // Different moments of the write: before the daemon reads it, while it checks, while
     // etcd commits it, after.
@@ -466,7 +449,7 @@ fn kill_in_the_middle_of_an_import(size: usize) {
     // The kills fell on both sides of the commit, so both outcomes were checked.
     assert!(landed.iter().any(|l| l.1) && landed.iter().any(|l| !l.1), "one outcome only: {landed:?}");
     // Node A, restarted on its local copy, caught up as well.
-    settle(&fleet);
+    fleet.settle();
     assert_eq!(accounts(&fleet.nodes[0]), accounts(&fleet.nodes[1]), "A differs after its restart");
 }
 
@@ -480,14 +463,14 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
         node.write_config(PREFIX, "min_override_ttl_seconds = 1\n");
     }
     fleet.start_all();
-    let _listeners = tcp_listeners(&fleet);
+    let _listeners = fleet.listeners(TCP_PORT);
     let a = &fleet.nodes[0];
     let (good, guest) = (a.host.hosts.client_v4[0], a.host.hosts.client_v4[1]);
     a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
     a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
     a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": a.host.hosts.server_v4, "port": TCP_PORT}));
     a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
-    settle(&fleet);
+    fleet.settle();
     for node in &fleet.nodes {
         assert!(
             !passes(node, guest.into(), Duration::from_millis(500)),
@@ -501,7 +484,7 @@ fn an_override_expires_on_every_node_while_etcd_is_down() {
         "ticket": "SUP-1", "reason": "travelling",
     }));
     let expires_at = granted["override"]["expires_at"].as_i64().expect("expires_at");
-    settle(&fleet);
+    fleet.settle();
     for node in &fleet.nodes {
         assert!(node.check("acme", guest.into()).0, "{}: the override is not in force", node.name);
         assert!(
@@ -569,7 +552,7 @@ fn a_node_catching_up_drops_no_allowed_packet() {
         json!({"cmd": "bind_add", "account": "acme", "addr": a.host.hosts.server_v4, "port": UDP_PORT, "proto": "udp"}),
     );
     a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
-    settle(&fleet);
+    fleet.settle();
 
     fleet.nodes[2].stop();
     // 1,000 changes: 100 accounts with 9 entries each, and acme's own list grows by 10 (so

@@ -4,32 +4,16 @@
 //! part-way can be run again; anything else under the prefix refuses it. And the way back: a
 //! fleet node started without `[cluster]` is a standalone host with the same policy.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ipaccess_tests::daemon::binaries;
 use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
-use ipaccess_tests::netns::{TcpServer, tcp_connect};
 use serde_json::{Value, json};
 
 const PORT: u16 = 7443;
-
-/// On the node's wire: the first client address gets through to the bound port, the
-/// second does not.
-fn enforces(node: &FleetNode) -> bool {
-    let hosts = &node.host.hosts;
-    let target = SocketAddr::new(hosts.server_v4.into(), PORT);
-    let (good, bad) = (IpAddr::V4(hosts.client_v4[0]), IpAddr::V4(hosts.client_v4[1]));
-    hosts.client.run(|| {
-        tcp_connect(good, target, Duration::from_secs(2)) && !tcp_connect(bad, target, Duration::from_millis(500))
-    })
-}
-
-fn listeners(fleet: &Fleet) -> Vec<TcpServer> {
-    fleet.nodes.iter().map(|n| n.tcp_listener(PORT)).collect()
-}
 
 /// The node's configuration without `[cluster]`: a standalone host.
 fn standalone(node: &FleetNode) {
@@ -130,7 +114,7 @@ fn keys_under(fleet: &Fleet, prefix: &str) -> Vec<(String, String)> {
 #[test]
 fn a_standalone_host_seeds_an_empty_fleet_and_every_node_follows() {
     let mut fleet = Fleet::new(3).unwrap();
-    let _listeners = listeners(&fleet);
+    let _listeners = fleet.listeners(PORT);
     let a = &mut fleet.nodes[0];
     standalone(a);
     a.start();
@@ -140,7 +124,7 @@ fn a_standalone_host_seeds_an_empty_fleet_and_every_node_follows() {
     assert_eq!(reply["code"], "refused", "{reply}");
     assert!(stderr.contains("no [cluster] section"), "{stderr}");
     build_store(a);
-    assert!(enforces(a));
+    assert!(a.enforces(PORT));
     let before = policy(a);
     a.stop();
 
@@ -149,7 +133,7 @@ fn a_standalone_host_seeds_an_empty_fleet_and_every_node_follows() {
     a.write_config(PREFIX, "");
     a.start();
     wait_error(a, "never followed this fleet");
-    assert!(enforces(a), "the host's policy was dropped before the import");
+    assert!(a.enforces(PORT), "the host's policy was dropped before the import");
     let refused = a.host.request(json!({"cmd": "allow_add", "account": "beta", "cidr": "192.0.2.0/24"}));
     assert_eq!(refused["error"]["code"], "refused", "{refused}");
     assert!(keys_under(&fleet, PREFIX).is_empty(), "a refused change reached etcd");
@@ -172,7 +156,7 @@ fn a_standalone_host_seeds_an_empty_fleet_and_every_node_follows() {
     fleet.converge(revision);
     for node in &fleet.nodes {
         assert_eq!(policy(node), before, "{} differs from the standalone host's store", node.name);
-        assert!(enforces(node), "{} does not enforce the imported policy on its wire", node.name);
+        assert!(node.enforces(PORT), "{} does not enforce the imported policy on its wire", node.name);
     }
     // One audit record of the import, fleet-wide.
     let audit = keys_under(&fleet, &format!("{PREFIX}audit/"));
@@ -202,7 +186,7 @@ fn a_standalone_host_seeds_an_empty_fleet_and_every_node_follows() {
 #[test]
 fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalone() {
     let mut fleet = Fleet::new(1).unwrap();
-    let _listeners = listeners(&fleet);
+    let _listeners = fleet.listeners(PORT);
     let a = &mut fleet.nodes[0];
     standalone(a);
     a.start();
@@ -222,7 +206,7 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     a.host.ok(json!({"cmd": "bind_remove", "addr": server, "port": PORT}));
     a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": PORT, "node": a.name}));
     a.host.ok(json!({"cmd": "bind_add", "account": "beta", "addr": server, "port": PORT + 1, "node": "node-z"}));
-    assert!(enforces(a), "the node does not enforce its own node-scoped binding");
+    assert!(a.enforces(PORT), "the node does not enforce its own node-scoped binding");
     let in_fleet = keys_under(&fleet, first);
 
     // The way back: stopped, [cluster] removed, started: the same policy, and changes are
@@ -238,7 +222,7 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
         policy
     };
     assert_eq!(binding_times(policy(a)), binding_times(before.clone()), "the node's copy is not its policy");
-    assert!(enforces(a), "the binding that was scoped to this node is not enforced on its own");
+    assert!(a.enforces(PORT), "the binding that was scoped to this node is not enforced on its own");
     a.host.ok(json!({"cmd": "allow_add", "account": "acme-dev", "cidr": "192.0.2.0/24"}));
     let changed = policy(a);
     assert_eq!(keys_under(&fleet, first), in_fleet, "a standalone host wrote to etcd");
@@ -291,5 +275,5 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     assert_eq!(reply["code"], "refused", "{reply}");
     assert!(stderr.contains(&format!("{other}accounts/acme")), "{stderr}");
     assert_eq!(keys_under(&fleet, other).len(), 1, "a refused import wrote keys");
-    assert!(enforces(&fleet.nodes[0]));
+    assert!(fleet.nodes[0].enforces(PORT));
 }

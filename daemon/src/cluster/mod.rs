@@ -235,6 +235,11 @@ impl Cluster {
         health.last_error = None;
     }
 
+    fn saw_revision(&self, revision: i64) {
+        let mut health = self.health.lock().expect("health lock");
+        health.cluster_revision = health.cluster_revision.max(revision);
+    }
+
     fn failed(&self, why: String) {
         let mut health = self.health.lock().expect("health lock");
         if health.connected || health.last_error.is_none() {
@@ -442,6 +447,21 @@ impl Cluster {
         }
     }
 
+    /// Waits (at most [`WRITE_TIMEOUT`]) until this node has taken a first snapshot, unless
+    /// it has taken one already or its follower has failed.
+    pub fn wait_first_snapshot(&self) {
+        let mut applied = self.applied.subscribe();
+        let failed = || self.health.lock().expect("health lock").last_error.is_some();
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        while *applied.borrow_and_update() == 0 && !failed() && Instant::now() < deadline {
+            // Short waits: the follower's failure does not wake this.
+            let wait = async { tokio::time::timeout(Duration::from_millis(100), applied.changed()).await };
+            if self.runtime.block_on(wait).is_ok_and(|closed| closed.is_err()) {
+                return;
+            }
+        }
+    }
+
     pub fn wait_applied(&self, revision: i64) -> bool {
         let mut applied = self.applied.subscribe();
         let wait = async { tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|&r| r >= revision)).await };
@@ -618,7 +638,9 @@ impl Cluster {
                 };
             }
             let header_revision = response.header().map_or(0, |h| h.revision());
-            self.connected(header_revision);
+            // A member answers the watch from its own state, also for a while after it has
+            // lost its quorum: only the probe (a linearizable read) says etcd can be used.
+            self.saw_revision(header_revision);
             let events = response.events();
             let Some(last) = events.iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() else {
                 if !response.created() {

@@ -53,6 +53,10 @@ impl Service {
         bindings: bool,
         f: impl FnOnce(&Tx) -> Result<(Vec<String>, T), Failure>,
     ) -> Result<T, Failure> {
+        // A node that has just started takes the fleet's policy within moments: a change sent
+        // meanwhile waits for it (without the writer lock, which the resync needs) rather
+        // than being refused.
+        cluster.wait_first_snapshot();
         let mut guard = self.writer.lock().expect("writer lock");
         let pending_audit = PendingAudit::begin();
         let tx = guard.store.transaction()?;
