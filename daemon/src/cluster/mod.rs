@@ -510,7 +510,20 @@ impl Cluster {
                 if snapshot.revision > 0 {
                     options = options.with_revision(snapshot.revision);
                 }
-                let page = kv.get(from.clone(), Some(options)).await.map_err(|e| format!("snapshot: {e}"))?;
+                // The client spreads requests over the endpoints and tries a member that has
+                // gone down again now and then: such a page is asked again (a few times)
+                // rather than the whole snapshot started over.
+                let mut tries = 0;
+                let page = loop {
+                    match kv.get(from.clone(), Some(options.clone())).await {
+                        Ok(page) => break page,
+                        Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unavailable && tries < 5 => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => return Err(format!("snapshot: {e}")),
+                    }
+                };
                 if snapshot.revision == 0 {
                     snapshot.revision = page.header().map_or(0, |h| h.revision());
                 }
