@@ -22,8 +22,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
-    Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use log::{info, warn};
 use tokio::sync::watch;
@@ -499,55 +499,24 @@ impl Cluster {
 
     /// Reads the accounts, bindings and audit records under the prefix at one revision, a
     /// page at a time.
-    async fn snapshot(&self, client: &mut Client) -> Result<Snapshot, String> {
-        let mut kv = client.kv_client().max_decoding_message_size(LARGEST_ANSWER);
+    async fn snapshot(&self, client: &Client) -> Result<Snapshot, String> {
         let mut snapshot = Snapshot::default();
         let applied = self.applied();
         for (start, end) in self.keys.snapshot_ranges() {
-            let (mut from, end) = (start.into_bytes(), end.into_bytes());
-            loop {
-                let mut options = GetOptions::new().with_range(end.clone()).with_limit(SNAPSHOT_PAGE);
-                if snapshot.revision > 0 {
-                    options = options.with_revision(snapshot.revision);
+            let read = read_range(client, start, end, snapshot.revision, |kv| {
+                // Records this copy already has are not even read.
+                if kv.mod_revision() <= applied && self.keys.parse(kv.key()) == Key::Audit {
+                    return;
                 }
-                // The client spreads requests over the endpoints and tries a member that has
-                // gone down again now and then: such a page is asked again (a few times)
-                // rather than the whole snapshot started over.
-                let mut tries = 0;
-                let page = loop {
-                    match kv.get(from.clone(), Some(options.clone())).await {
-                        Ok(page) => break page,
-                        Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unavailable && tries < 5 => {
-                            tries += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(e) => return Err(format!("snapshot: {e}")),
-                    }
-                };
-                if snapshot.revision == 0 {
-                    snapshot.revision = page.header().map_or(0, |h| h.revision());
+                match self.decode(kv.key(), Some(kv.value())) {
+                    Some(Change::Account(id, Some(doc))) => snapshot.accounts.push((id, doc)),
+                    Some(Change::Binding(binding, true)) => snapshot.bindings.push(binding),
+                    Some(Change::Audit(records)) => snapshot.audit.extend(records),
+                    Some(Change::OverrideSequence(n)) => snapshot.override_sequence = n,
+                    _ => {}
                 }
-                for kv in page.kvs() {
-                    // Records this copy already has are not even read.
-                    if kv.mod_revision() <= applied && self.keys.parse(kv.key()) == Key::Audit {
-                        continue;
-                    }
-                    match self.decode(kv.key(), Some(kv.value())) {
-                        Some(Change::Account(id, Some(doc))) => snapshot.accounts.push((id, doc)),
-                        Some(Change::Binding(binding, true)) => snapshot.bindings.push(binding),
-                        Some(Change::Audit(records)) => snapshot.audit.extend(records),
-                        Some(Change::OverrideSequence(n)) => snapshot.override_sequence = n,
-                        _ => {}
-                    }
-                }
-                match page.kvs().last() {
-                    Some(last) if page.more() => {
-                        from = last.key().to_vec();
-                        from.push(0);
-                    }
-                    _ => break,
-                }
-            }
+            });
+            snapshot.revision = read.await.map_err(|e| format!("snapshot: {e}"))?;
         }
         Ok(snapshot)
     }
@@ -597,7 +566,7 @@ impl Cluster {
         };
         *self.client.lock().expect("client lock") = Some(client.clone());
         let started = Instant::now();
-        let snapshot = match self.snapshot(&mut client).await {
+        let snapshot = match self.snapshot(&client).await {
             Ok(snapshot) => snapshot,
             Err(e) => return e,
         };
@@ -680,6 +649,51 @@ impl Cluster {
                 Ok(Err(e)) => return format!("applying revision {last}: {e}"),
                 Err(e) => return format!("applying revision {last}: {e}"),
             }
+        }
+    }
+}
+
+/// Reads every key in `[start, end)` at `revision` (etcd's latest when 0), a page at a
+/// time, handing each to `each`; returns the revision read at.
+async fn read_range(
+    client: &Client,
+    start: String,
+    end: String,
+    mut revision: i64,
+    mut each: impl FnMut(&KeyValue),
+) -> Result<i64, etcd_client::Error> {
+    let mut kv = client.kv_client().max_decoding_message_size(LARGEST_ANSWER);
+    let (mut from, end) = (start.into_bytes(), end.into_bytes());
+    // Bounded: each page moves `from` past its last key, and the range is finite.
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(SNAPSHOT_PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        // The client spreads requests over the endpoints and tries a member that has gone
+        // down again now and then: such a page is asked again (a few times) rather than the
+        // whole read started over.
+        let mut tries = 0;
+        let page = loop {
+            match kv.get(from.clone(), Some(options.clone())).await {
+                Ok(page) => break page,
+                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unavailable && tries < 5 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        page.kvs().iter().for_each(&mut each);
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(revision),
         }
     }
 }

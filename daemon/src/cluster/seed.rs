@@ -2,9 +2,7 @@
 //! raw, to tell an empty prefix (or one an earlier run of the same import left part-way)
 //! from a fleet that already has a policy.
 
-use etcd_client::GetOptions;
-
-use super::{Cluster, SNAPSHOT_PAGE, WRITE_TIMEOUT, unavailable};
+use super::{Cluster, WRITE_TIMEOUT, read_range, unavailable};
 use crate::service::Failure;
 
 /// Keys and their values, as etcd holds them.
@@ -13,34 +11,17 @@ pub type RawKeys = Vec<(String, Vec<u8>)>;
 impl Cluster {
     /// Every key and value in the policy's range at one revision, and that revision.
     pub fn policy_keys(&self) -> Result<(i64, RawKeys), Failure> {
-        let Some(mut client) = self.client.lock().expect("client lock").clone() else {
+        let Some(client) = self.client.lock().expect("client lock").clone() else {
             return Err(unavailable("this node has not reached etcd since it started"));
         };
         let (start, end) = self.keys.policy_range();
         let read = async {
-            let (mut revision, mut keys) = (0, Vec::new());
-            let mut from = start.into_bytes();
-            // Bounded: each page moves `from` past its last key, and the range is finite.
-            loop {
-                let mut options = GetOptions::new().with_range(end.clone()).with_limit(SNAPSHOT_PAGE);
-                if revision > 0 {
-                    options = options.with_revision(revision);
-                }
-                let page = client.get(from.clone(), Some(options)).await?;
-                if revision == 0 {
-                    revision = page.header().map_or(0, |h| h.revision());
-                }
-                for kv in page.kvs() {
-                    keys.push((String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()));
-                }
-                match page.kvs().last() {
-                    Some(last) if page.more() => {
-                        from = last.key().to_vec();
-                        from.push(0);
-                    }
-                    _ => return Ok::<_, etcd_client::Error>((revision, keys)),
-                }
-            }
+            let mut keys = Vec::new();
+            let revision = read_range(&client, start, end, 0, |kv| {
+                keys.push((String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()));
+            })
+            .await?;
+            Ok::<_, etcd_client::Error>((revision, keys))
         };
         match self.runtime.block_on(async { tokio::time::timeout(WRITE_TIMEOUT * 4, read).await }) {
             Ok(Ok(answer)) => Ok(answer),
