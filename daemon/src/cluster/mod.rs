@@ -662,7 +662,7 @@ async fn read_range(
     mut revision: i64,
     mut each: impl FnMut(&KeyValue),
 ) -> Result<i64, etcd_client::Error> {
-    let mut kv = client.kv_client().max_decoding_message_size(LARGEST_ANSWER);
+    let kv = client.kv_client().max_decoding_message_size(LARGEST_ANSWER);
     let (mut from, end) = (start.into_bytes(), end.into_bytes());
     // Bounded: each page moves `from` past its last key, and the range is finite.
     loop {
@@ -670,20 +670,13 @@ async fn read_range(
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        // The client spreads requests over the endpoints and tries a member that has gone
-        // down again now and then: such a page is asked again (a few times) rather than the
-        // whole read started over.
-        let mut tries = 0;
-        let page = loop {
-            match kv.get(from.clone(), Some(options.clone())).await {
-                Ok(page) => break page,
-                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unavailable && tries < 5 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        // A page is asked again rather than the whole read started over.
+        let page = read_again_if_unavailable(|| {
+            // The clients are handles on one shared connection: a copy per try is cheap.
+            let (mut kv, from, options) = (kv.clone(), from.clone(), options.clone());
+            async move { kv.get(from, Some(options)).await }
+        })
+        .await?;
         if revision == 0 {
             revision = page.header().map_or(0, |h| h.revision());
         }
@@ -694,6 +687,27 @@ async fn read_range(
                 from.push(0);
             }
             _ => return Ok(revision),
+        }
+    }
+}
+
+/// Runs a read, and runs it again (a few times, 50 ms apart) when the member it reached is
+/// unavailable. The client spreads requests over the endpoints and now and then tries one
+/// that is down or not yet listening, while the others hold a quorum: one such answer says
+/// nothing about the fleet's store. Only reads go through here; they are safe to repeat.
+async fn read_again_if_unavailable<T, F, Fut>(mut read: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match read().await {
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Unavailable && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answer => return answer,
         }
     }
 }
@@ -778,11 +792,15 @@ async fn probe(cluster: Arc<Cluster>) {
     let mut every = tokio::time::interval(PROBE_EVERY);
     loop {
         every.tick().await;
-        let Some(mut client) = cluster.client.lock().expect("client lock").clone() else {
+        let Some(client) = cluster.client.lock().expect("client lock").clone() else {
             continue;
         };
         let key = cluster.keys.override_sequence();
-        match tokio::time::timeout(PROBE_EVERY, client.get(key, None)).await {
+        let read = read_again_if_unavailable(|| {
+            let (mut client, key) = (client.clone(), key.clone());
+            async move { client.get(key, None).await }
+        });
+        match tokio::time::timeout(PROBE_EVERY, read).await {
             Ok(Ok(answer)) => cluster.connected(answer.header().map_or(0, |h| h.revision())),
             Ok(Err(e)) => cluster.failed(format!("etcd: {e}")),
             Err(_) => cluster.failed(format!("etcd did not answer within {PROBE_EVERY:?}")),
