@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ipaccess::protocol::{Import, ImportAccount, Imported};
+use ipaccess::protocol::{ImportAccount, Imported};
 use serde::Serialize;
 
 use crate::args::read_input;
@@ -17,32 +17,43 @@ pub struct Totals {
     pub batches: usize,
 }
 
+/// One account of an import file: where it is, its id, and its line as written, which is
+/// what is sent once the line has been read as an account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileAccount<'a> {
+    line: usize,
+    id: String,
+    json: &'a str,
+}
+
 /// Reads an import file: one account per line; blank lines and lines starting with `#`
 /// are skipped. The whole file is checked before anything is sent.
-fn parse_import_file(text: &str) -> Result<Vec<(usize, ImportAccount)>, String> {
+fn parse_import_file(text: &str) -> Result<Vec<FileAccount<'_>>, String> {
     let mut accounts = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+        let json = line.trim();
+        if json.is_empty() || json.starts_with('#') {
             continue;
         }
-        let account = serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
-        accounts.push((n + 1, account));
+        // Read as the daemon will read it (unknown or repeated fields are refused), so the
+        // line itself can be sent.
+        let account: ImportAccount = serde_json::from_str(json).map_err(|e| format!("line {}: {e}", n + 1))?;
+        accounts.push(FileAccount { line: n + 1, id: account.account, json });
     }
     Ok(accounts)
 }
 
 /// Accounts in batches whose requests stay within `batch_bytes` (an account larger than that
 /// goes alone), in file order.
-fn batches(accounts: Vec<(usize, ImportAccount)>, batch_bytes: u64) -> Vec<Vec<(usize, ImportAccount)>> {
-    let mut batches: Vec<Vec<(usize, ImportAccount)>> = Vec::new();
+fn batches(accounts: Vec<FileAccount<'_>>, batch_bytes: u64) -> Vec<Vec<FileAccount<'_>>> {
+    let mut batches: Vec<Vec<FileAccount>> = Vec::new();
     let mut size = 0;
-    for (line, account) in accounts {
-        let bytes = serde_json::to_string(&account).expect("accounts serialize").len() as u64 + 1;
+    for account in accounts {
+        let bytes = account.json.len() as u64 + 1;
         match batches.last_mut() {
-            Some(batch) if size + bytes <= batch_bytes => batch.push((line, account)),
+            Some(batch) if size + bytes <= batch_bytes => batch.push(account),
             _ => {
-                batches.push(vec![(line, account)]);
+                batches.push(vec![account]);
                 size = 0;
             }
         }
@@ -59,15 +70,15 @@ pub fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Totals, Fa
     let batches = batches(parse_import_file(&text).map_err(Failure::Local)?, batch_bytes);
     let mut totals = Totals { batches: batches.len(), ..Totals::default() };
     for (done, batch) in batches.iter().enumerate() {
-        let lines = (batch[0].0, batch[batch.len() - 1].0);
+        let lines = (batch[0].line, batch[batch.len() - 1].line);
         let place = format!("lines {}-{}", lines.0, lines.1);
         let applied = if done == 0 {
             "nothing was imported".to_string()
         } else {
             format!("lines before {} are imported; run the import again once this is fixed", lines.0)
         };
-        let accounts = batch.iter().map(|(_, a)| a.clone()).collect();
-        let reply = transport::call(socket, Import { accounts }).map_err(|e| match e {
+        let accounts: Vec<&str> = batch.iter().map(|a| a.json).collect();
+        let reply = transport::call_import(socket, &accounts).map_err(|e| match e {
             Failure::Daemon(error) => {
                 // A person fixes a line, not a batch: name the line of the account the
                 // daemon complains about when its message (or details) names one.
@@ -96,10 +107,10 @@ pub fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Totals, Fa
 /// details name, else the one its message names first (the longest id where two start at the
 /// same place, so `acme.dev` wins over `acme`). Ids count only as whole words: `acme` is not
 /// named by `acme-dev`.
-fn blame<'a>(batch: &'a [(usize, ImportAccount)], error: &DaemonError) -> Option<(usize, &'a str)> {
+fn blame<'a>(batch: &'a [FileAccount], error: &DaemonError) -> Option<(usize, &'a str)> {
     let named = error.details.as_ref().and_then(|d| d.get("account")).and_then(|a| a.as_str());
-    if let Some(hit) = batch.iter().find(|(_, a)| Some(a.account.as_str()) == named) {
-        return Some((hit.0, &hit.1.account));
+    if let Some(hit) = batch.iter().find(|a| Some(a.id.as_str()) == named) {
+        return Some((hit.line, &hit.id));
     }
     let id_char = |c: char| c.is_alphanumeric() || c == '-' || c == '_';
     let message = error.message.as_str();
@@ -112,10 +123,10 @@ fn blame<'a>(batch: &'a [(usize, ImportAccount)], error: &DaemonError) -> Option
     };
     batch
         .iter()
-        .filter(|(_, a)| !a.account.is_empty())
-        .filter_map(|(line, a)| first_word(&a.account).map(|at| (at, std::cmp::Reverse(a.account.len()), *line, a)))
+        .filter(|a| !a.id.is_empty())
+        .filter_map(|a| first_word(&a.id).map(|at| (at, std::cmp::Reverse(a.id.len()), a.line, a)))
         .min_by_key(|&(at, len, line, _)| (at, len, line))
-        .map(|(_, _, line, a)| (line, a.account.as_str()))
+        .map(|(_, _, line, a)| (line, a.id.as_str()))
 }
 
 #[cfg(test)]
@@ -124,14 +135,13 @@ mod tests {
     use crate::tests::{against_all, against_each};
     use serde_json::{Value, json};
 
-    fn account(id: &str) -> ImportAccount {
-        serde_json::from_value(json!({"account": id})).unwrap()
+    fn account(line: usize, id: &str) -> FileAccount<'static> {
+        FileAccount { line, id: id.into(), json: "{}" }
     }
 
     #[test]
     fn errors_name_the_line() {
-        let batch: Vec<(usize, ImportAccount)> =
-            [(3, "acme"), (5, "acme-dev"), (8, "acme.dev"), (9, "b")].map(|(n, id)| (n, account(id))).to_vec();
+        let batch = [(3, "acme"), (5, "acme-dev"), (8, "acme.dev"), (9, "b")].map(|(n, id)| account(n, id));
         let error = |message: &str, details: Value| {
             DaemonError::from_reply(&json!({"code": "bad_request", "message": message, "details": details}))
         };

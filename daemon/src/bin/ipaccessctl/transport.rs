@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use ipaccess::protocol::{Call, Request};
+use ipaccess::protocol::{Call, Import, Request};
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -83,7 +83,29 @@ struct Line<'a> {
 
 /// Sends `request` to the daemon at `socket` and reads the reply as `C::Reply`.
 pub fn call<C: Call>(socket: &Path, request: C) -> Result<Typed<C::Reply>, Failure> {
-    let line = exchange(socket, &Request { id: Value::from(std::process::id()), command: request.into() })?;
+    let line = serde_json::to_string(&Request { id: Value::from(std::process::id()), command: request.into() })
+        .expect("requests serialize");
+    reply_to::<C>(exchange(socket, line)?)
+}
+
+/// Sends an `import` of accounts that are already JSON text (checked by the caller as
+/// [`ipaccess::protocol::ImportAccount`]s): a large import is not written out a second time.
+pub fn call_import(socket: &Path, accounts: &[&str]) -> Result<Typed<<Import as Call>::Reply>, Failure> {
+    let size = accounts.iter().map(|a| a.len() + 1).sum::<usize>() + 64;
+    let mut line = String::with_capacity(size);
+    line.push_str(&format!("{{\"id\":{},\"cmd\":\"import\",\"accounts\":[", std::process::id()));
+    for (n, account) in accounts.iter().enumerate() {
+        if n > 0 {
+            line.push(',');
+        }
+        line.push_str(account);
+    }
+    line.push_str("]}");
+    reply_to::<Import>(exchange(socket, line)?)
+}
+
+/// Reads the reply line to this process's request as `C::Reply`.
+fn reply_to<C: Call>(line: String) -> Result<Typed<C::Reply>, Failure> {
     let reply: Line =
         serde_json::from_str(&line).map_err(|e| Failure::Local(format!("unreadable reply from the daemon: {e}")))?;
     let id = Value::from(std::process::id());
@@ -105,7 +127,7 @@ pub fn call<C: Call>(socket: &Path, request: C) -> Result<Typed<C::Reply>, Failu
 }
 
 /// Writes one request line and reads one reply line.
-fn exchange(socket: &Path, request: &Request) -> Result<String, Failure> {
+fn exchange(socket: &Path, mut line: String) -> Result<String, Failure> {
     let io = |what: &str, e: std::io::Error| match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => {
             Failure::Local(format!("no reply from {} within 10 s", socket.display()))
@@ -123,7 +145,6 @@ fn exchange(socket: &Path, request: &Request) -> Result<String, Failure> {
         .set_read_timeout(Some(TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
         .map_err(|e| io("cannot set timeouts on", e))?;
-    let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
     (&stream).write_all(line.as_bytes()).map_err(|e| io("cannot send to", e))?;
     let mut reply = String::new();
