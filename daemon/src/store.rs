@@ -1265,6 +1265,7 @@ impl Tx<'_> {
                 first_seen: r.get(6)?,
                 last_seen: r.get(7)?,
                 nodes: Vec::new(),
+                location: None,
             })
         })
     }
@@ -1308,6 +1309,7 @@ impl Tx<'_> {
                 last_seen: r.get(3)?,
                 count: r.get(4)?,
                 nodes: Vec::new(),
+                location: None,
             })
         })
     }
