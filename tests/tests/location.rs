@@ -218,8 +218,8 @@ fn a_database_that_does_not_load_is_refused_at_start_and_on_reload() {
 
     let asn = dir.0.join("asn.mmdb");
     let net = "198.18.0.0/15".parse().unwrap();
-    fs::write(&asn, mmdb::build("GeoLite2-ASN", &[(net, mmdb::map([("autonomous_system_number", mmdb::Data::U32(64512))]))]))
-        .unwrap();
+    let number = mmdb::map([("autonomous_system_number", mmdb::Data::U32(64512))]);
+    fs::write(&asn, mmdb::build("GeoLite2-ASN", &[(net, number)])).unwrap();
     with(&asn).unwrap();
     let log = refused_start(&w, "asn.log");
     assert!(log.contains("\"GeoLite2-ASN\" database, which has no countries or cities"), "{log}");
