@@ -15,6 +15,7 @@
 //! widest_override_ipv4 = 24   # the widest prefix an override may cover
 //! widest_override_ipv6 = 48
 //! log_level = "info" # error, warn, info, debug or trace; RUST_LOG, when set, wins
+//! location_database = "/var/lib/GeoIP/GeoLite2-City.mmdb" # optional: places addresses in activity summaries
 //!
 //! [roles]            # uids by number, groups by name or gid; root has every role
 //! check = { gids = ["ipaccess", 998] }
@@ -51,7 +52,8 @@
 //! On SIGHUP (`systemctl reload ipaccessd`) the file is read again: `interfaces` (new ones
 //! are attached, in the new `xdp_mode`; removed ones stay attached), `roles`, `limits` (except
 //! `max_connections`), `retention_days`, `min_override_ttl_seconds`, `widest_override_*`,
-//! `drop_samples_per_second` and `log_level` change at once; the others are logged as
+//! `drop_samples_per_second` and `log_level` change at once, and `location_database` is read
+//! again (a database that does not load refuses the reload); the others are logged as
 //! needing a restart. A file that does not load is refused and the running one kept
 //! (docs/operations.md).
 
@@ -101,6 +103,9 @@ pub struct Config {
     pub drop_samples_per_second: u64,
     /// The most detailed log messages written (unless `RUST_LOG` is set).
     pub log_level: LogLevel,
+    /// A MaxMind-format City or Country database (GeoLite2-City, ...) that places the
+    /// addresses of activity summaries for support; none: no locations.
+    pub location_database: Option<PathBuf>,
     pub roles: Roles,
     pub limits: Limits,
     pub maps: Maps,
@@ -125,6 +130,7 @@ impl Default for Config {
             widest_override_ipv4: 24,
             widest_override_ipv6: 48,
             log_level: LogLevel::Info,
+            location_database: None,
             roles: Roles::default(),
             limits: Limits::default(),
             maps: Maps::default(),

@@ -8,7 +8,8 @@
 //! - `service`: every command, applied to store and kernel together, and login checks;
 //! - `activity`: login checks and drops counted per hour into the store, off the request path;
 //! - `protocol` and `server`: the control socket; `client`: a client for it (blocking and async);
-//! - `config`: ipaccessd's configuration file;
+//! - `config`: ipaccessd's configuration file; `location`: the optional database that places
+//!   addresses for support;
 //! - `systemd`, `logging`, `reload`, `metrics`, `capabilities`, `kernel`: running as a service
 //!   (docs/operations.md).
 //! - `docs`: man pages and shell completions generated from the command lines.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod datapath;
 pub mod docs;
 pub mod kernel;
+pub mod location;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

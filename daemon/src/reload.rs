@@ -6,7 +6,9 @@
 //!   sizes and the idle timeout apply from the next request of every control connection,
 //!   open ones included; the per-uid cap and the reserved slots from the next connection;
 //!   `retention_days`, `min_override_ttl_seconds`, `drop_samples_per_second` and
-//!   `log_level` at once.
+//!   `log_level` at once; `location_database` is read again, whether or not its path
+//!   changed (ipaccessd does that before applying the rest, and refuses the reload if it
+//!   does not load).
 //! - Interfaces no longer listed stay attached, with a warning naming the way to detach.
 //! - The socket, state directory, bpffs, map sizes, metrics endpoint and `max_connections`
 //!   are logged as needing a restart, and keep their running values.

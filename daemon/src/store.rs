@@ -1287,6 +1287,7 @@ impl Tx<'_> {
                 first_seen: r.get(6)?,
                 last_seen: r.get(7)?,
                 nodes: Vec::new(),
+                location: None,
             })
         })
     }
@@ -1330,6 +1331,7 @@ impl Tx<'_> {
                 last_seen: r.get(3)?,
                 count: r.get(4)?,
                 nodes: Vec::new(),
+                location: None,
             })
         })
     }

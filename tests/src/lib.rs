@@ -2,6 +2,7 @@ pub mod client;
 pub mod daemon;
 pub mod etcd;
 pub mod fleet;
+pub mod mmdb;
 pub mod model;
 pub mod netns;
 pub mod ops;

@@ -24,7 +24,9 @@ use ipaccess::{
     cluster::{self, Cluster},
     config::{self, Config},
     datapath::{self, Datapath, DatapathOptions, ensure_bpffs},
-    kernel, logging, metrics, reload, server,
+    kernel,
+    location::Locator,
+    logging, metrics, reload, server,
     service::{ActivityLog, Service},
     store::Store,
     systemd,
@@ -121,12 +123,19 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // A named location database that does not load is a configuration error: refused here,
+    // before the kernel is touched, rather than found missing by support later.
+    let locator = Locator::load(config.location_database.as_deref())?;
     let (_lock, store) = open_store(&config, &datapath, args.accept_empty_store)?;
     let activity = ActivityLog::start(Store::open(&config.database()).context("opening the store")?);
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
         let service = Service::start(store, datapath, activity, &config)?;
+        if let Some(locator) = &locator {
+            info!("locations from {}", locator.describe());
+        }
+        service.set_locator(locator);
         for iface in &config.interfaces {
             let how = explain_failure(service.attach(iface, config.xdp_mode))
                 .with_context(|| format!("attaching to {iface}"))?;
@@ -315,11 +324,25 @@ async fn reload_on_sighup(mut hangups: Signal, args: Args, service: Arc<Service>
             }
             Ok(next) => {
                 let (service, current) = (service.clone(), config.borrow().clone());
-                match tokio::task::spawn_blocking(move || reload::apply(&service, &current, next)).await {
-                    Ok((in_force, status)) => {
+                // The location database is read again first (a newer file at the same path
+                // is how it is updated); one that does not load refuses the whole reload.
+                let reloaded = tokio::task::spawn_blocking(move || {
+                    let locator = Locator::load(next.location_database.as_deref())?;
+                    if let Some(locator) = &locator {
+                        info!("reload: locations from {}", locator.describe());
+                    }
+                    service.set_locator(locator);
+                    Ok::<_, ipaccess::location::LocationError>(reload::apply(&service, &current, next))
+                });
+                match reloaded.await {
+                    Ok(Ok((in_force, status))) => {
                         config.send_replace(Arc::new(in_force));
                         info!("{status}");
                         status
+                    }
+                    Ok(Err(e)) => {
+                        error!("reload refused, the configuration in force is kept: {e}");
+                        format!("reload refused ({e}); running with the previous configuration")
                     }
                     Err(e) => {
                         error!("reload failed: {e}");

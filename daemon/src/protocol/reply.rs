@@ -184,6 +184,9 @@ pub struct DeniedSummary {
     /// In a fleet: the nodes whose checks are counted here (see `SigninSummary::nodes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// Where the address is (see `SigninSummary::location`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
 }
 
 /// `activity`: records, a summary of sign-ins, or the checks for unknown accounts, as the
@@ -237,6 +240,22 @@ pub struct SigninSummary {
     /// on a host outside a fleet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// Where the address is, by the configured location database (`location_database`),
+    /// looked up when the summary is read; absent without a database, or where it gives
+    /// no place for the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+}
+
+/// A place as a MaxMind-format database gives it: the country's ISO 3166-1 alpha-2 code and
+/// the city's English name, each absent where the database has none (a Country database
+/// has no cities).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Location {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
 }
 
 /// Checks for accounts that do not exist, from one address with one method.

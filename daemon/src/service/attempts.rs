@@ -89,6 +89,7 @@ pub(super) fn merge_signins(
                     first_seen: t.first_seen,
                     last_seen: t.last_seen,
                     nodes: Vec::new(),
+                    location: None,
                 }),
             };
             row.count += t.count;
@@ -136,6 +137,7 @@ pub(super) fn merge_denied(
                 last_seen: t.last_seen,
                 count: 0,
                 nodes: Vec::new(),
+                location: None,
             });
             row.count += t.count;
             row.first_seen = row.first_seen.min(t.first_seen);
@@ -175,6 +177,7 @@ mod tests {
             last_seen: 200,
             count: 3,
             nodes: Vec::new(),
+            location: None,
         }];
         let fleet = FleetAttempts {
             node: "c".into(),

@@ -129,6 +129,8 @@ pub struct Service {
     node: Option<String>,
     /// Changes the fleet committed that this node's kernel refused (full tables).
     cluster_apply_failures: AtomicU64,
+    /// The location database, if one is configured (replaced whole on reload).
+    locator: RwLock<Option<Arc<crate::location::Locator>>>,
 }
 
 fn now() -> i64 {
@@ -206,6 +208,7 @@ impl Service {
             cluster: OnceLock::new(),
             node,
             cluster_apply_failures: AtomicU64::new(0),
+            locator: RwLock::new(None),
         })
     }
 

@@ -1,7 +1,7 @@
 //! Support: time-limited overrides for locked-out customers, and the activity that shows
 //! what happened to them.
 
-use std::sync::atomic::Ordering;
+use std::sync::{Arc, atomic::Ordering};
 
 use ipnet::IpNet;
 use serde_json::json;
@@ -16,8 +16,8 @@ use super::{
 use crate::{
     policy::effective_state,
     protocol::{
-        Activity, ActivityKind, ActivityReport, EffectiveState, ErrorCode, Granted, Mode, OverrideGrant, OverrideList,
-        OverrideRevoke,
+        Activity, ActivityKind, ActivityReport, EffectiveState, ErrorCode, Granted, Location, Mode, OverrideGrant,
+        OverrideList, OverrideRevoke,
     },
 };
 
@@ -78,7 +78,22 @@ impl Service {
             granted.recent_denied = merge_denied(local, &fleet, now() - DENIED_LOOKBACK, DENIED_ROWS);
             granted.notes.extend(fleet.note());
         }
+        self.locate(granted.recent_denied.iter_mut().map(|r| (r.address.as_deref(), &mut r.location)));
         Ok(granted)
+    }
+
+    /// Uses `locator` (or none) for the locations of sign-ins from now on.
+    pub fn set_locator(&self, locator: Option<crate::location::Locator>) {
+        *self.locator.write().expect("locator lock") = locator.map(Arc::new);
+    }
+
+    /// Fills in each row's location, once its rows are final (merged with the fleet's, so
+    /// every node places the same rows alike). Nothing without a database.
+    fn locate<'a>(&self, rows: impl Iterator<Item = (Option<&'a str>, &'a mut Option<Location>)>) {
+        let Some(locator) = self.locator.read().expect("locator lock").clone() else { return };
+        for (address, location) in rows {
+            *location = address.and_then(|a| locator.locate(a));
+        }
     }
 
     /// An override is for a customer locked out by its allowlist. It is refused, with the
@@ -183,10 +198,12 @@ impl Service {
                 }
                 if summary {
                     let local = tx.signin_summary(&account, since, denied_only, limit.saturating_add(room))?;
-                    Ok(ActivityReport::Signins(match &fleet {
+                    let mut rows = match &fleet {
                         Some(fleet) => merge_signins(local, fleet, since, limit),
                         None => local,
-                    }))
+                    };
+                    self.locate(rows.iter_mut().map(|r| (Some(r.address.as_str()), &mut r.location)));
+                    Ok(ActivityReport::Signins(rows))
                 } else {
                     Ok(ActivityReport::Records(tx.activity(&account, since, kind, denied_only, limit)?))
                 }

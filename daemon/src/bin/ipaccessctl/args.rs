@@ -79,7 +79,8 @@ pub enum Top {
         /// Only sign-ins (login checks), drops (refused packets) or audit (changes)
         #[arg(long)]
         kind: Option<ActivityKind>,
-        /// Sign-ins per address and method: count, first and last seen, allowed or denied
+        /// Sign-ins per address and method: count, first and last seen, allowed or denied, and
+        /// the address's location (country, city) when ipaccessd has a location_database
         #[arg(long)]
         summary: bool,
         /// Sign-ins for accounts that do not exist, per address (the names tried are not kept)

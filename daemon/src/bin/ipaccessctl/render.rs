@@ -8,7 +8,7 @@
 use ipaccess::protocol::{
     Account, AccountDetails, ActivityKind, ActivityReport, ActivityRow, Allowlist, Binding, CheckResult,
     ClusterImported, DeniedSummary, Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount,
-    Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
+    Location, Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
 };
 use ipaccess::time::format_utc;
 use serde::{Deserialize, Serialize};
@@ -327,18 +327,30 @@ impl Render for Override {
     }
 }
 
+/// A place as `Amsterdam, NL` (or just the country, or just the city); `-` for none. The
+/// database's text is escaped with the rest of the cell.
+fn place(location: Option<&Location>) -> String {
+    let Some(l) = location else { return "-".into() };
+    match (l.city.as_deref(), l.country.as_deref()) {
+        (Some(city), Some(country)) => format!("{city}, {country}"),
+        (Some(one), None) | (None, Some(one)) => one.to_string(),
+        (None, None) => "-".into(),
+    }
+}
+
 fn denied_table(out: &mut String, denied: &[DeniedSummary]) {
     let fleet = denied.iter().any(|d| !d.nodes.is_empty());
     let rows = denied.iter().map(|d| {
         let (address, method) = (or_dash(d.address.as_deref()), or_dash(d.method.as_deref()));
-        let mut row = vec![address, method, time(d.first_seen), time(d.last_seen), d.count.to_string()];
+        let mut row = vec![address, place(d.location.as_ref()), method, time(d.first_seen), time(d.last_seen)];
+        row.push(d.count.to_string());
         // In a fleet: which nodes saw them.
         if fleet {
             row.push(d.nodes.join(","));
         }
         row
     });
-    let head = ["ADDRESS", "METHOD", "FIRST SEEN", "LAST SEEN", "COUNT", "NODES"];
+    let head = ["ADDRESS", "LOCATION", "METHOD", "FIRST SEEN", "LAST SEEN", "COUNT", "NODES"];
     table(out, &head[..if fleet { head.len() } else { head.len() - 1 }], rows);
 }
 
@@ -427,7 +439,8 @@ fn signins(out: &mut String, rows: &[SigninSummary]) {
     let fleet = rows.iter().any(|s| !s.nodes.is_empty());
     let rows = rows.iter().map(|s| {
         let by = if s.application { "application" } else { "staff" };
-        let mut row = vec![s.address.clone(), s.method.clone(), result(Some(s.allowed)), s.reason.clone()];
+        let (address, location) = (s.address.clone(), place(s.location.as_ref()));
+        let mut row = vec![address, location, s.method.clone(), result(Some(s.allowed)), s.reason.clone()];
         row.extend([s.count.to_string(), time(s.first_seen), time(s.last_seen), by.into()]);
         // In a fleet: which nodes saw them.
         if fleet {
@@ -435,7 +448,7 @@ fn signins(out: &mut String, rows: &[SigninSummary]) {
         }
         row
     });
-    let head = ["ADDRESS", "METHOD", "RESULT", "REASON", "COUNT", "FIRST SEEN", "LAST SEEN", "BY", "NODES"];
+    let head = ["ADDRESS", "LOCATION", "METHOD", "RESULT", "REASON", "COUNT", "FIRST SEEN", "LAST SEEN", "BY", "NODES"];
     table(out, &head[..if fleet { head.len() } else { head.len() - 1 }], rows);
 }
 
@@ -782,14 +795,14 @@ mod tests {
                          "operator": 0, "created_at": 951_782_400, "expires_at": 951_789_600, "revoked_at": null});
         let out = shown::<Granted>(json!({"override": row, "recent_denied": [
             {"address": "fd00::9", "method": "password", "first_seen": 951_782_000, "last_seen": 951_782_300,
-             "count": 3}]}));
+             "count": 3, "location": {"country": "NL"}}]}));
         for line in [
             "id: 7\n",
             "cidr: fd00::9/128\n",
             "expires_at: 2000-02-29 02:00:00\n",
             "revoked_at: -\n",
-            "\nrecent denied attempts:\nADDRESS  METHOD    FIRST SEEN           LAST SEEN            COUNT\n\
-                      fd00::9  password  2000-02-28 23:53:20  2000-02-28 23:58:20  3\n",
+            "\nrecent denied attempts:\nADDRESS  LOCATION  METHOD    FIRST SEEN           LAST SEEN            COUNT\n\
+                      fd00::9  NL        password  2000-02-28 23:53:20  2000-02-28 23:58:20  3\n",
         ] {
             assert!(out.contains(line), "{line:?} not in:\n{out}");
         }
@@ -822,13 +835,21 @@ mod tests {
              2000-02-28 23:59:58  drop    fd00::9     [fd00::1]:53/udp  -         denied  address_not_allowed  12     -\n"
         );
         let summary = Asked { summary: true, unknown_accounts: false };
-        assert_eq!(render(json!([]), summary), "ADDRESS  METHOD  RESULT  REASON  COUNT  FIRST SEEN  LAST SEEN  BY\n");
+        assert_eq!(
+            render(json!([]), summary),
+            "ADDRESS  LOCATION  METHOD  RESULT  REASON  COUNT  FIRST SEEN  LAST SEEN  BY\n"
+        );
+        // A location as the database gives it, its text escaped like a tenant's.
         let signins = json!([{"address": "198.18.0.9", "method": "sso", "allowed": true, "reason": "allowed",
-                              "application": false, "count": 2, "first_seen": 0, "last_seen": 60}]);
+                              "application": false, "count": 2, "first_seen": 0, "last_seen": 60,
+                              "location": {"country": "XA", "city": "Gr\u{1b}[2Jn"}},
+                             {"address": "fd00::7", "method": "sso", "allowed": true, "reason": "allowed",
+                              "application": false, "count": 1, "first_seen": 0, "last_seen": 0}]);
         assert_eq!(
             render(signins, summary),
-            "ADDRESS     METHOD  RESULT   REASON   COUNT  FIRST SEEN           LAST SEEN            BY\n\
-             198.18.0.9  sso     allowed  allowed  2      1970-01-01 00:00:00  1970-01-01 00:01:00  staff\n"
+            "ADDRESS     LOCATION        METHOD  RESULT   REASON   COUNT  FIRST SEEN           LAST SEEN            BY\n\
+             198.18.0.9  Gr\\x1b[2Jn, XA  sso     allowed  allowed  2      1970-01-01 00:00:00  1970-01-01 00:01:00  staff\n\
+             fd00::7     -               sso     allowed  allowed  1      1970-01-01 00:00:00  1970-01-01 00:00:00  staff\n"
         );
         let unknown = Asked { summary: false, unknown_accounts: true };
         let rows =
