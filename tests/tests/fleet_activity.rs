@@ -4,11 +4,15 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ipaccess_tests::daemon::TempDir;
 use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
+use ipaccess_tests::mmdb;
 use serde_json::{Value, json};
 
 const ATTACKER: &str = "203.0.113.7";
 const OTHER: &str = "203.0.113.8";
+/// In the test location database's Testville (198.18.0.0/16).
+const TRAVELLER: &str = "198.18.77.7";
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
@@ -49,6 +53,11 @@ fn wait_for_count(node: &FleetNode, addr: &str, method: &str, count: i64) -> Val
 #[test]
 fn support_on_any_node_sees_the_attempts_made_on_every_node() {
     let mut fleet = Fleet::new(3).unwrap();
+    // Node C places addresses (a made-up database); A, which answers the checks, does not.
+    let places = TempDir::new();
+    let database = places.0.join("test-city.mmdb");
+    std::fs::write(&database, mmdb::test_city_database()).unwrap();
+    fleet.nodes[2].write_config(PREFIX, &format!("location_database = {:?}", database.to_str().unwrap()));
     fleet.start_all();
     let a = &fleet.nodes[0];
     a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
@@ -73,6 +82,11 @@ fn support_on_any_node_sees_the_attempts_made_on_every_node() {
     }
     let other = wait_for_count(c, OTHER, "api_key", 2);
     assert_eq!(other["nodes"], json!(["node-a"]), "{other}");
+    // Rows that came from another node are placed by the node that reads them.
+    denied_checks(a, TRAVELLER, "password", 1);
+    let placed = wait_for_count(c, TRAVELLER, "password", 1);
+    assert_eq!(placed["location"], json!({"country": "XA", "city": "Testville"}), "{placed}");
+    assert!(attacker.get("location").is_none(), "{attacker}");
 
     // Attempts from the same address on A and C add up, on C and on B alike.
     denied_checks(c, ATTACKER, "password", 3);
