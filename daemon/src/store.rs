@@ -649,6 +649,11 @@ impl Tx<'_> {
         Ok(self.rows(sql, [id], account_row)?.pop())
     }
 
+    /// The id of the account in `slot`, if one is.
+    pub fn account_in_slot(&self, slot: u32) -> Result<Option<String>, StoreError> {
+        Ok(self.rows("SELECT id FROM accounts WHERE slot = ?1", [slot], |r| Ok(r.get(0)?))?.pop())
+    }
+
     /// All accounts, ordered by id.
     pub fn accounts(&self) -> Result<Vec<Account>, StoreError> {
         let sql = "SELECT id, slot, parent, state, mode, state_reason, created_at

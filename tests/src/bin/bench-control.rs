@@ -43,7 +43,7 @@ use ipaccess_tests::{
 use ipnet::IpNet;
 
 const ENTRIES: usize = 10;
-const ENFORCE_ROUNDS: usize = 200;
+const ENFORCE_ROUNDS: usize = 1000;
 
 struct Scale {
     accounts: usize,
