@@ -217,26 +217,37 @@ impl World {
         self.dir.0.join("ipaccessd.sock")
     }
 
+    /// The configuration file's path: [`World::start`] writes it.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.0.join("ipaccessd.toml")
+    }
+
+    /// The daemon's arguments: this world's configuration file, interface, state directory,
+    /// socket and bpffs.
+    pub fn daemon_args(&self) -> Vec<String> {
+        let text = |p: &Path| p.to_str().unwrap().to_string();
+        vec![
+            "--config".into(),
+            text(&self.config_path()),
+            "--iface".into(),
+            self.hosts.server_if.clone(),
+            "--state-dir".into(),
+            text(&self.dir.0.join("state")),
+            "--socket".into(),
+            text(&self.socket()),
+            "--bpffs".into(),
+            text(self.bpffs.path()),
+        ]
+    }
+
     /// Starts the daemon on the same state directory, bpffs and socket as before.
     pub fn start(&mut self, config: &str) {
         assert!(self.daemon.is_none(), "the daemon is already running");
-        let path = |name: &str| self.dir.0.join(name).to_str().unwrap().to_string();
-        let (cfg, state, log) = (path("ipaccessd.toml"), path("state"), path("ipaccessd.log"));
-        fs::write(&cfg, format!("{config}\n{TEST_MAPS}")).unwrap();
-        let socket = self.socket();
-        let args = [
-            "--config",
-            &cfg,
-            "--iface",
-            &self.hosts.server_if,
-            "--state-dir",
-            &state,
-            "--socket",
-            socket.to_str().unwrap(),
-            "--bpffs",
-            self.bpffs.path().to_str().unwrap(),
-        ];
-        self.daemon = Some(Daemon::start(self.hosts.server.name(), &args, &socket, Path::new(&log)));
+        fs::write(self.config_path(), format!("{config}\n{TEST_MAPS}")).unwrap();
+        let args = self.daemon_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.dir.0.join("ipaccessd.log");
+        self.daemon = Some(Daemon::start(self.hosts.server.name(), &args, &self.socket(), &log));
     }
 
     /// SIGTERM; asserts that the daemon stopped by itself, promptly and successfully.

@@ -148,22 +148,9 @@ fn without_a_database_there_is_no_location() {
 
 /// `ipaccessd` on the configuration, state and socket of `w`; does not wait.
 fn spawn(w: &World, log: &str) -> Daemon {
-    let dir = &w.dir.0;
-    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    let (cfg, state, socket) = (path("ipaccessd.toml"), path("state"), w.socket());
-    let args = [
-        "--config",
-        &cfg,
-        "--iface",
-        &w.hosts.server_if,
-        "--state-dir",
-        &state,
-        "--socket",
-        socket.to_str().unwrap(),
-        "--bpffs",
-        w.bpffs.path().to_str().unwrap(),
-    ];
-    Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &dir.join(log))
+    let args = w.daemon_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join(log))
 }
 
 /// Restarts `w`'s daemon on its configuration file as it now is; the start must be refused.
