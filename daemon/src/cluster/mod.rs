@@ -467,10 +467,23 @@ impl Cluster {
         }
     }
 
+    /// Waits (at most [`APPLY_TIMEOUT`]) until this node is in step with etcd at `revision`,
+    /// however it learnt so (events, a snapshot, or etcd's progress report).
     pub fn wait_applied(&self, revision: i64) -> bool {
-        let mut applied = self.applied.subscribe();
-        let wait = async { tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|&r| r >= revision)).await };
-        self.runtime.block_on(wait).is_ok_and(|r| r.is_ok())
+        Self::wait_for(&self.runtime, &self.applied, revision)
+    }
+
+    /// Waits (at most [`APPLY_TIMEOUT`]) until this node has applied the policy events of
+    /// revision `revision`, a change of its own it is about to acknowledge: only applied
+    /// events or a snapshot count, never a progress report.
+    pub fn wait_enforced(&self, revision: i64) -> bool {
+        Self::wait_for(&self.runtime, &self.policy, revision)
+    }
+
+    fn wait_for(runtime: &tokio::runtime::Handle, revision: &watch::Sender<i64>, wanted: i64) -> bool {
+        let mut seen = revision.subscribe();
+        let wait = async { tokio::time::timeout(APPLY_TIMEOUT, seen.wait_for(|&r| r >= wanted)).await };
+        runtime.block_on(wait).is_ok_and(|r| r.is_ok())
     }
 
     async fn connect(&self) -> Result<Client, String> {
@@ -602,6 +615,10 @@ impl Cluster {
         // etcd reports progress when asked: then this node knows it has every policy event
         // up to etcd's revision, even when the last writes were other keys (node records).
         let mut progress = tokio::time::interval(PROBE_EVERY);
+        // etcd 3.4 before 3.4.24 may send a progress report ahead of events it has queued
+        // for this watch: a report is believed only when the next one comes (a second
+        // later), by which time those events have arrived.
+        let mut reported: Option<i64> = None;
         loop {
             let response = tokio::select! {
                 message = stream.message() => match message {
@@ -631,7 +648,9 @@ impl Cluster {
             let events = response.events();
             let Some(last) = events.iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() else {
                 if !response.created() {
-                    self.set_applied(header_revision, false);
+                    if let Some(earlier) = reported.replace(header_revision) {
+                        self.set_applied(earlier, false);
+                    }
                 }
                 continue;
             };

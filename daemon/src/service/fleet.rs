@@ -75,7 +75,7 @@ impl Service {
         drop(guard);
         match committed? {
             Committed::At(revision) => {
-                if !cluster.wait_applied(revision) {
+                if !cluster.wait_enforced(revision) {
                     return Err(Failure::new(
                         ErrorCode::Internal,
                         format!(
@@ -92,7 +92,7 @@ impl Service {
                 Err(cluster::conflict())
             }
             Committed::Partial { revision, done, parts } => {
-                cluster.wait_applied(revision);
+                cluster.wait_enforced(revision);
                 pending_audit.committed();
                 Err(cluster::partial(done, parts))
             }

@@ -158,7 +158,7 @@ impl Service {
         };
         // The node's follower takes the fleet once it finds this store's policy there: from
         // then on it is a node like the others.
-        if !cluster.wait_applied(revision) {
+        if !cluster.wait_enforced(revision) {
             return Err(Failure::new(
                 ErrorCode::Internal,
                 format!(
