@@ -647,10 +647,10 @@ impl Cluster {
             self.saw_revision(header_revision);
             let events = response.events();
             let Some(last) = events.iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() else {
-                if !response.created() {
-                    if let Some(earlier) = reported.replace(header_revision) {
-                        self.set_applied(earlier, false);
-                    }
+                if !response.created()
+                    && let Some(earlier) = reported.replace(header_revision)
+                {
+                    self.set_applied(earlier, false);
                 }
                 continue;
             };
