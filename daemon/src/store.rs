@@ -416,23 +416,26 @@ impl Store {
     pub fn checkpoint_in_background(&self) -> Result<Checkpointer, StoreError> {
         self.without_autocheckpoint()?;
         let path = self.conn.path().map(std::path::PathBuf::from).unwrap_or_default();
+        let shm = Store::sibling(&path, "-shm");
         let conn = Connection::open(&path)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
-            // `data_version` changes when another connection commits: it tells, without
-            // reading the database, whether writes came and whether they paused.
-            let version = || conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0));
-            let (mut seen, mut dirty) = (version().unwrap_or_default(), false);
-            let (mut changed_at, mut checkpointed_at) = (Instant::now(), Instant::now());
+            let mut seen = WalIndex::read(&shm);
+            let (mut changed_at, mut large_since) = (Instant::now(), None);
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_POLL) {
                 let now = Instant::now();
-                if let Ok(v) = version()
-                    && v != seen
-                {
-                    (seen, dirty, changed_at) = (v, true, now);
+                let index = WalIndex::read(&shm);
+                if index.last_frame != seen.last_frame {
+                    changed_at = now;
                 }
+                seen = index;
+                if index.waiting() < CHECKPOINT_FRAMES {
+                    large_since = None;
+                    continue;
+                }
+                let large_since = *large_since.get_or_insert(now);
                 let paused = now - changed_at >= CHECKPOINT_WHEN_QUIET;
-                if !dirty || !(paused || now - checkpointed_at >= CHECKPOINT_AT_LEAST_EVERY) {
+                if !(paused || now - large_since >= CHECKPOINT_AT_LATEST) {
                     continue;
                 }
                 // PASSIVE: copies what no reader still needs, and waits for no one.
@@ -440,7 +443,6 @@ impl Store {
                 if let Err(e) = done {
                     log::warn!("checkpointing the store's WAL: {e}");
                 }
-                (dirty, checkpointed_at) = (false, now);
             }
         })?;
         Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
@@ -479,16 +481,55 @@ impl Store {
     }
 }
 
-/// The background checkpointer copies the WAL into the database once writes have paused
-/// this long (its sync then delays no change's own), and at least this often while they do
-/// not; it looks for new writes at each poll.
+/// The background checkpointer copies the WAL into the database once this many frames wait
+/// in it (SQLite's own default, about 4 MiB)...
+const CHECKPOINT_FRAMES: u32 = 1000;
+/// ...and writes have paused this long, so that its sync delays no change's own...
 const CHECKPOINT_WHEN_QUIET: Duration = Duration::from_millis(250);
-const CHECKPOINT_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
+/// ...or, while they do not pause, once that many have waited this long.
+const CHECKPOINT_AT_LATEST: Duration = Duration::from_secs(10);
+/// How often it looks at the WAL.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(100);
 
-/// A thread that checkpoints the WAL when writes pause (see [`CHECKPOINT_WHEN_QUIET`]), on a
-/// connection of its own beside the writer: in WAL mode a checkpoint needs no write lock,
-/// so changes do not wait for it and the WAL stays small. Durability does not depend on it (a commit is synced in the WAL).
+/// What the WAL holds, as the WAL index (the `-shm` file SQLite shares between the
+/// connections) says. Its layout is part of SQLite's documented file format: two copies of
+/// a 48-byte header, the last valid frame at byte 16 of each, then the checkpoint's
+/// progress, frames copied into the database, at byte 96; all in native byte order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct WalIndex {
+    last_frame: u32,
+    copied: u32,
+}
+
+impl WalIndex {
+    /// Read without SQLite's locks: a torn or stale read only moves a checkpoint by a poll.
+    /// A missing file reads as an empty WAL.
+    fn read(shm: &Path) -> WalIndex {
+        use std::os::unix::fs::FileExt as _;
+        let mut bytes = [0u8; 100];
+        let read = std::fs::File::open(shm).and_then(|f| f.read_exact_at(&mut bytes, 0));
+        if read.is_err() {
+            return WalIndex::default();
+        }
+        let word = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("four bytes"));
+        WalIndex { last_frame: word(16), copied: word(96) }
+    }
+
+    /// Frames not yet copied into the database.
+    fn waiting(&self) -> u32 {
+        self.last_frame.saturating_sub(self.copied)
+    }
+}
+
+/// A thread that checkpoints the WAL when it has grown and writes pause (see
+/// [`CHECKPOINT_FRAMES`]), on a connection of its own beside the writer: in WAL mode a
+/// checkpoint needs no write lock, so changes do not wait for it. Durability does not
+/// depend on it (a commit is synced in the WAL).
+///
+/// A small WAL is left alone on purpose. Once a checkpoint has copied all of it, the next
+/// commit starts the WAL over, which costs that commit a second sync (of the WAL's new
+/// header). Checkpointing whenever writes paused made the first change after every pause
+/// pay it: the changes an operator makes one at a time.
 /// Stopped when dropped; the last connection to close checkpoints what is left.
 pub struct Checkpointer {
     stop: Option<std::sync::mpsc::Sender<()>>,
@@ -1555,16 +1596,25 @@ mod tests {
         assert!(tx.account("first").unwrap().is_some() && tx.account("second").unwrap().is_some());
     }
 
-    /// Writes reach the database file once they pause, with no help from the writer (whose
-    /// own checkpoints are off).
+    /// A WAL that has grown reaches the database file once writes pause, with no help from
+    /// the writer (whose own checkpoints are off); a small one is left for later.
     #[test]
-    fn the_wal_is_checkpointed_once_writes_pause() {
+    fn a_grown_wal_is_checkpointed_once_writes_pause() {
         let (dir, mut store) = open();
         let _checkpointer = store.checkpoint_in_background().unwrap();
         let before = std::fs::metadata(dir.db()).unwrap().len();
         let tx = store.transaction().unwrap();
-        for n in 0..2000 {
-            add(&tx, &format!("account-{n}"));
+        add(&tx, "small");
+        tx.commit().unwrap();
+        std::thread::sleep(CHECKPOINT_WHEN_QUIET + 3 * CHECKPOINT_POLL);
+        assert_eq!(std::fs::metadata(dir.db()).unwrap().len(), before, "a small WAL was checkpointed");
+
+        let tx = store.transaction().unwrap();
+        let label = "x".repeat(1000);
+        let owner = add(&tx, "large");
+        for n in 0..CHECKPOINT_FRAMES * 5 {
+            let cidr = IpNet::new(IpAddr::from(std::net::Ipv6Addr::from(u128::from(n) << 64)), 64).unwrap();
+            tx.add_entry(&owner.id, cidr, Some(&label), 0, 100).unwrap();
         }
         tx.commit().unwrap();
         let waited = Instant::now();
