@@ -193,6 +193,9 @@ impl Service {
         let reconcile = started.elapsed();
         info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
         let counters = datapath.counter_reader()?;
+        if config.cluster.is_some() {
+            store.as_copy_of_a_durable_source()?;
+        }
         Ok(Service {
             readers: store.readers(READERS),
             _checkpointer: store.checkpoint_in_background()?,
