@@ -107,7 +107,10 @@ fn the_entry_limit_holds_on_add_replace_and_import() {
     assert_eq!(code, 2);
     let error: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(error["code"], "too_many_entries", "{error}");
-    assert_eq!(error["details"], json!({"account": "acme", "entries": 4, "limit": "limits.max_entries_per_account", "max": 3}));
+    assert_eq!(
+        error["details"],
+        json!({"account": "acme", "entries": 4, "limit": "limits.max_entries_per_account", "max": 3})
+    );
     // A retried add of an entry it has is still `entry_exists`, as clients rely on.
     assert_eq!(w.err(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.0/24"})).0, "entry_exists");
     // A disabled entry still counts.
