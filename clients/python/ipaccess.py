@@ -92,6 +92,13 @@ class TablesFull(IpaccessError):
     retry = False
 
 
+class TooManyEntries(IpaccessError):
+    """too_many_entries: the change would take an account over the configured number of
+    allowlist entries; nothing was changed. `details` names the account and the limit."""
+
+    retry = False
+
+
 class Internal(IpaccessError):
     """internal: storage or kernel failure; nothing was changed."""
 
@@ -147,6 +154,7 @@ ERRORS = {
     "has_sub_users": Refused,
     "busy": Busy,
     "tables_full": TablesFull,
+    "too_many_entries": TooManyEntries,
     "internal": Internal,
     "cluster_unavailable": ClusterUnavailable,
     "conflict": Conflict,

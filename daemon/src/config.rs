@@ -29,6 +29,7 @@
 //! reserved_admin_connections = 8    # of max_connections, kept for root and admins
 //! max_connections_per_uid = 64
 //! idle_timeout_seconds = 30          # no complete request for this long: closed
+//! max_entries_per_account = 1000     # allowlist entries, enabled or disabled (overrides apart)
 //!
 //! [maps]             # used when the maps are first created
 //! slots = 1048576
@@ -309,6 +310,10 @@ pub struct Limits {
     /// A connection that sends no complete request for this long is closed, and so is one
     /// that does not read its replies for this long.
     pub idle_timeout_seconds: u64,
+    /// Allowlist entries one account may hold, enabled and disabled alike (overrides are not
+    /// entries). A change that would go over it is refused with `too_many_entries`; an
+    /// account already over it (the limit was lowered) keeps its entries.
+    pub max_entries_per_account: u32,
 }
 
 impl Default for Limits {
@@ -320,6 +325,9 @@ impl Default for Limits {
             reserved_admin_connections: 8,
             max_connections_per_uid: 64,
             idle_timeout_seconds: 30,
+            // SendGrid's limit: large enough for any office list, small enough that one
+            // account cannot fill the kernel's tables.
+            max_entries_per_account: 1000,
         }
     }
 }
@@ -329,6 +337,10 @@ impl Limits {
     fn validate(&self) -> Result<(), String> {
         if self.max_connections_per_uid == 0 || self.idle_timeout_seconds == 0 {
             return Err("limits.max_connections_per_uid and limits.idle_timeout_seconds must be at least 1".into());
+        }
+        if self.max_entries_per_account == 0 {
+            // 0 would refuse every entry; an account without restriction uses mode `off`.
+            return Err("limits.max_entries_per_account must be at least 1".into());
         }
         Ok(())
     }
@@ -525,7 +537,11 @@ mod tests {
         assert_eq!(limits.shared_connections(256), 252);
         assert_eq!(limits.shared_connections(4), 1, "one slot stays shared however many are reserved");
         assert_eq!(limits.shared_connections(0), 0);
-        for bad in ["[limits]\nmax_connections_per_uid = 0", "[limits]\nidle_timeout_seconds = 0"] {
+        for bad in [
+            "[limits]\nmax_connections_per_uid = 0",
+            "[limits]\nidle_timeout_seconds = 0",
+            "[limits]\nmax_entries_per_account = 0",
+        ] {
             let refused = toml::from_str::<Config>(bad).unwrap().validate().unwrap_err();
             assert!(refused.contains("at least 1"), "{bad}: {refused}");
         }

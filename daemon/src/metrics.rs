@@ -25,7 +25,11 @@ use tokio::{
 
 use strum::VariantArray;
 
-use crate::{datapath::netlink::XdpPath, protocol::Reason, service::ServiceError};
+use crate::{
+    datapath::netlink::XdpPath,
+    protocol::{ErrorCode, Reason},
+    service::ServiceError,
+};
 
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +50,34 @@ impl CheckCounters {
     }
 }
 
+/// Changes refused since the daemon started because there was no room: the kernel's tables
+/// were full (`tables_full`), or the account was at `[limits] max_entries_per_account`
+/// (`too_many_entries`).
+#[derive(Default)]
+pub struct RefusalCounters {
+    tables_full: AtomicU64,
+    too_many_entries: AtomicU64,
+}
+
+impl RefusalCounters {
+    /// Counts a refusal with `code`, if it is one of the two; other errors are not counted.
+    pub fn count(&self, code: ErrorCode) {
+        let counter = match code {
+            ErrorCode::TablesFull => &self.tables_full,
+            ErrorCode::TooManyEntries => &self.too_many_entries,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> Vec<(ErrorCode, u64)> {
+        vec![
+            (ErrorCode::TablesFull, self.tables_full.load(Ordering::Relaxed)),
+            (ErrorCode::TooManyEntries, self.too_many_entries.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
 /// One account's figures.
 pub struct AccountMetrics {
     pub account: String,
@@ -58,6 +90,8 @@ pub struct Snapshot {
     pub accounts: Vec<AccountMetrics>,
     pub host: HostCounters,
     pub checks: Vec<(Reason, u64)>,
+    /// Changes refused for want of room, by error code (see [`RefusalCounters`]).
+    pub refused: Vec<(ErrorCode, u64)>,
     pub table_slots_used: u64,
     pub table_slots: u64,
     /// Account slots the maps have room for (slot 0 means "no account" and is not counted).
@@ -149,6 +183,13 @@ pub fn render(s: &Snapshot) -> String {
             .iter()
             .filter(|a| a.live_overrides > 0)
             .map(|a| (format!("{{account=\"{}\"}}", label_value(&a.account)), a.live_overrides.to_string())),
+    );
+    family(
+        "ipaccess_changes_refused_total",
+        "counter",
+        "Changes refused since the daemon started for want of room: the kernel's tables full (tables_full) \
+         or the account at limits.max_entries_per_account (too_many_entries).",
+        &mut s.refused.iter().map(|(code, n)| (format!("{{reason=\"{code}\"}}"), n.to_string())),
     );
     let plain = |value: String| std::iter::once((String::new(), value));
     family(
@@ -382,6 +423,12 @@ mod tests {
             }],
             host: HostCounters { unbound_packets: 5, ..Default::default() },
             checks: checks.read(),
+            refused: {
+                let refused = RefusalCounters::default();
+                refused.count(ErrorCode::TooManyEntries);
+                refused.count(ErrorCode::Lockout);
+                refused.read()
+            },
             table_slots_used: 10,
             table_slots: 100,
             account_slots: 1023,
@@ -405,6 +452,8 @@ mod tests {
             r#"ipaccess_checks_total{reason="banned"} 1"#,
             r#"ipaccess_checks_total{reason="monitor_would_deny"} 0"#,
             "ipaccess_accounts 1",
+            r#"ipaccess_changes_refused_total{reason="tables_full"} 0"#,
+            r#"ipaccess_changes_refused_total{reason="too_many_entries"} 1"#,
             "ipaccess_account_slots 1023",
             "ipaccess_reconcile_duration_seconds 0.250000",
             "# TYPE ipaccess_table_slots gauge",

@@ -5,8 +5,9 @@
 //!   no XDP program on (detached by hand, or deleted and created again); `roles`, request
 //!   sizes and the idle timeout apply from the next request of every control connection,
 //!   open ones included; the per-uid cap and the reserved slots from the next connection;
-//!   `retention_days`, `min_override_ttl_seconds`, `drop_samples_per_second` and
-//!   `log_level` at once; `location_database` is read again, whether or not its path
+//!   `retention_days`, `min_override_ttl_seconds`, `drop_samples_per_second`,
+//!   `log_level` and `limits.max_entries_per_account` at once (a lower limit refuses
+//!   further entries and removes none); `location_database` is read again, whether or not its path
 //!   changed (ipaccessd does that before applying the rest, and refuses the reload if it
 //!   does not load).
 //! - Interfaces no longer listed stay attached, with a warning naming the way to detach.

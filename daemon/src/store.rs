@@ -824,6 +824,12 @@ impl Tx<'_> {
         Ok(rows)
     }
 
+    /// How many entries the account's allowlist holds, enabled or not (what
+    /// `[limits] max_entries_per_account` counts).
+    pub fn entry_count(&self, account: &str) -> Result<u64, StoreError> {
+        Ok(self.count("SELECT COUNT(*) FROM allow_entries WHERE account = ?1", [account])? as u64)
+    }
+
     /// Every allowlist entry, ordered by account then CIDR text.
     pub fn all_entries(&self) -> Result<Vec<Entry>, StoreError> {
         let sql = "SELECT account, cidr, label, created_at, created_by, enabled

@@ -240,10 +240,23 @@ impl World {
         ]
     }
 
+    /// Like [`World::new`], with `maps` (a `[maps]` section) instead of [`TEST_MAPS`]: for
+    /// kernel tables small enough to fill.
+    pub fn with_maps(config: &str, maps: &str) -> World {
+        let mut world =
+            World { daemon: None, hosts: TestHosts::new().unwrap(), bpffs: BpfFs::new().unwrap(), dir: TempDir::new() };
+        world.start_with_maps(config, maps);
+        world
+    }
+
     /// Starts the daemon on the same state directory, bpffs and socket as before.
     pub fn start(&mut self, config: &str) {
+        self.start_with_maps(config, TEST_MAPS);
+    }
+
+    fn start_with_maps(&mut self, config: &str, maps: &str) {
         assert!(self.daemon.is_none(), "the daemon is already running");
-        fs::write(self.config_path(), format!("{config}\n{TEST_MAPS}")).unwrap();
+        fs::write(self.config_path(), format!("{config}\n{maps}")).unwrap();
         let args = self.daemon_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.dir.0.join("ipaccessd.log");

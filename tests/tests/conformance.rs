@@ -19,10 +19,11 @@ use ipaccess_tests::daemon::World;
 
 /// Uid 65534 may only check (the list's `"as": "nobody"` cases); root may open 16 connections
 /// (the `busy` step); a line over 64 KiB is `too_large` even for root; idle connections are
-/// closed after 2 s (the `idle` step).
+/// closed after 2 s (the `idle` step); an account holds at most 2 allowlist entries (the
+/// `too_many_entries` case).
 const CONFIG: &str = "socket_mode = 0o666\n[roles]\ncheck = { uids = [65534] }\n\
                       [limits]\nmax_connections_per_uid = 16\nmax_request_bytes = 4096\n\
-                      max_admin_request_bytes = 65536\nidle_timeout_seconds = 2";
+                      max_admin_request_bytes = 65536\nidle_timeout_seconds = 2\nmax_entries_per_account = 2";
 
 /// Longest the whole list may take.
 const RUN: Duration = Duration::from_secs(240);

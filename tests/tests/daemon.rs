@@ -846,7 +846,10 @@ fn write_until_killed(mut conn: Conn) -> (Vec<Value>, Option<Value>) {
 /// restarting; every acknowledged change is there after the restart.
 #[test]
 fn kill_minus_9_under_traffic() {
-    let mut w = World::new("");
+    // Thousands of entries may be added to one account before the kill: above the default
+    // per-account limit.
+    const CONFIG: &str = "[limits]\nmax_entries_per_account = 100000";
+    let mut w = World::new(CONFIG);
     let (good, bad) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
     let dst = sa(w.hosts.server_v4, 7002);
     for args in [
@@ -883,7 +886,7 @@ fn kill_minus_9_under_traffic() {
     w.kill9();
     let (acked, in_flight) = writer.join().unwrap();
     thread::sleep(Duration::from_millis(300));
-    w.start("");
+    w.start(CONFIG);
     let back_at = flow.started.elapsed();
     // A change while it flows, straight after the restart.
     w.ok(&["allow", "add", "flow", "198.18.1.0/24", "--label", "after"]);

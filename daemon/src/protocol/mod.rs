@@ -182,6 +182,9 @@ pub enum ErrorCode {
     /// The kernel's tables have no room for the change (raise `[maps] slots`); nothing was
     /// changed.
     TablesFull,
+    /// The change would leave an account with more allowlist entries than
+    /// `[limits] max_entries_per_account` allows; nothing was changed.
+    TooManyEntries,
     /// Storage or kernel failure; nothing was changed.
     Internal,
     /// A fleet node cannot reach a quorum of etcd: changes are refused (nothing was

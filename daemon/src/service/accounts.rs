@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::{
     Failure, Reply, Service,
-    allowlist::distinct_entries,
+    allowlist::{distinct_entries, entry_limit},
     change::{Touched, audit, existing, policy_from_store},
     lockout, now,
 };
@@ -114,17 +114,19 @@ impl Service {
                 format!("account {} appears twice in the import", twice.account),
             ));
         }
+        let max_entries = self.max_entries();
         self.change_accounts(|tx| {
             let at = now();
             let mut totals = Imported::default();
             let mut rows = Vec::with_capacity(accounts.len());
             for import in accounts {
                 let id = import.account.clone();
-                let (touched, entries) = import_one(tx, import, uid, at).map_err(|Failure(mut body)| {
-                    // The client maps the account back to its line in the file.
-                    body.message = format!("account {id}: {}", body.message);
-                    Failure(body)
-                })?;
+                let (touched, entries) =
+                    import_one(tx, import, uid, at, max_entries).map_err(|Failure(mut body)| {
+                        // The client maps the account back to its line in the file.
+                        body.message = format!("account {id}: {}", body.message);
+                        Failure(body)
+                    })?;
                 totals.created += u64::from(matches!(touched, Touched::Created(..)));
                 totals.entries += entries as u64;
                 rows.push(touched);
@@ -151,8 +153,15 @@ fn listed(cache: &HashMap<String, AccountPolicy>, row: Account) -> ListedAccount
 }
 
 /// One account of an import: created or updated, its allowlist replaced when given.
-/// Returns the account as touched, and how many entries the import gave it.
-fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Touched, usize), Failure> {
+/// Returns the account as touched, and how many entries the import gave it. An allowlist
+/// longer than `max_entries` is refused (see [`entry_limit`]).
+fn import_one(
+    tx: &Tx,
+    import: ImportAccount,
+    uid: u32,
+    at: i64,
+    max_entries: u32,
+) -> Result<(Touched, usize), Failure> {
     let id = import.account.as_str();
     let (mut row, created) = match tx.account(id)? {
         Some(row) => {
@@ -181,6 +190,11 @@ fn import_one(tx: &Tx, import: ImportAccount, uid: u32, at: i64) -> Result<(Touc
         row.mode = mode;
     }
     let replaced = import.entries.map(distinct_entries).transpose()?.map(|(wanted, _)| wanted);
+    if let Some(wanted) = &replaced {
+        let before = if created { 0 } else { tx.entry_count(id)? };
+        // The whole batch is one change: refused here, none of its accounts is imported.
+        entry_limit(max_entries, id, before, wanted.len() as u64)?;
+    }
     match &replaced {
         Some(wanted) if created => tx.add_entries(id, wanted, uid, at)?,
         Some(wanted) => tx.replace_entries(id, wanted, uid, at)?,

@@ -30,6 +30,9 @@ impl Service {
         self.change(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
             let entry = tx.add_entry(&account, cidr, label.as_deref(), uid, now())?;
+            // Counted after the insert, so a retried add still gets `entry_exists`.
+            let after = tx.entry_count(&account)?;
+            entry_limit(self.max_entries(), &account, after - 1, after)?;
             audit(tx, &account, uid, "allow_add", json!({ "cidr": cidr, "label": label }))?;
             Ok((existing(tx, &account)?, Noted::new(entry, notes)))
         })
@@ -89,8 +92,10 @@ impl Service {
         self.change(&account, |tx| {
             let row = existing(tx, &account)?;
             let (wanted, notes) = distinct_entries(entries)?;
-            let disabled: HashSet<IpNet> =
-                tx.entries(&account)?.into_iter().filter(|e| !e.enabled).map(|e| e.cidr).collect();
+            let current = tx.entries(&account)?;
+            // The replacement is the whole list afterwards (disabled entries it names stay).
+            entry_limit(self.max_entries(), &account, current.len() as u64, wanted.len() as u64)?;
+            let disabled: HashSet<IpNet> = current.into_iter().filter(|e| !e.enabled).map(|e| e.cidr).collect();
             let before = policy_from_store(tx, &row, now())?;
             let mut after = before.clone();
             after.entries = wanted.iter().map(|(c, _)| *c).filter(|c| !disabled.contains(c)).collect();
@@ -100,6 +105,44 @@ impl Service {
             Ok((row, Allowlist { entries: tx.entries(&account)?, notes }))
         })
     }
+}
+
+impl Service {
+    /// `[limits] max_entries_per_account` as configured now (a reload changes it).
+    pub(super) fn max_entries(&self) -> u32 {
+        self.max_entries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Refuses, with `too_many_entries`, a change that takes `account` from `before` to
+/// `after` allowlist entries (enabled and disabled; overrides are not entries) when
+/// `after` is over `[limits] max_entries_per_account`. A change that does not add to the
+/// count passes: an account over a limit lowered since keeps working and can shrink.
+///
+/// Callers count inside the change's transaction. On a fleet node that is the local copy
+/// at the revision the change is checked against, and the change rewrites the account's
+/// document under a guard that it is unmodified since that revision (`fleet::submit`):
+/// two nodes adding the last entry the limit allows at once cannot both commit; the loser
+/// gets `conflict`, and its retry is counted against the winner's list.
+pub(super) fn entry_limit(max: u32, account: &str, before: u64, after: u64) -> Result<(), Failure> {
+    let max = u64::from(max);
+    if after <= max || after <= before {
+        return Ok(());
+    }
+    let Failure(mut body) = Failure::new(
+        ErrorCode::TooManyEntries,
+        format!(
+            "{account}'s allowlist would have {after} entries; the limit is {max} per account \
+             ([limits] max_entries_per_account); nothing was changed"
+        ),
+    );
+    body.details = Some(json!({
+        "account": account,
+        "entries": after,
+        "limit": "limits.max_entries_per_account",
+        "max": max,
+    }));
+    Err(Failure(body))
 }
 
 /// The entries of a replacement in canonical form (see [`network`]); where a CIDR is given
@@ -169,6 +212,18 @@ mod tests {
 
     fn entry(cidr: &str, label: Option<&str>) -> ReplaceEntry {
         ReplaceEntry { cidr: crate::protocol::parse_cidr(cidr).unwrap(), label: label.map(str::to_string) }
+    }
+
+    #[test]
+    fn the_entry_limit_refuses_growth_past_it_only() {
+        entry_limit(3, "acme", 2, 3).expect("up to the limit");
+        entry_limit(3, "acme", 5, 4).expect("an account over a lowered limit may shrink");
+        entry_limit(3, "acme", 5, 5).expect("and keep what it has");
+        let Failure(body) = entry_limit(3, "acme", 3, 4).expect_err("one past it");
+        assert_eq!(body.code, ErrorCode::TooManyEntries);
+        assert!(body.message.contains("acme's allowlist would have 4 entries; the limit is 3"), "{}", body.message);
+        assert_eq!(body.details.unwrap()["account"], "acme");
+        assert!(entry_limit(3, "acme", 5, 6).is_err(), "over a lowered limit, nothing is added");
     }
 
     #[test]

@@ -129,6 +129,10 @@ pub struct Service {
     node: Option<String>,
     /// Changes the fleet committed that this node's kernel refused (full tables).
     cluster_apply_failures: AtomicU64,
+    /// `[limits] max_entries_per_account` (a reload may change it).
+    max_entries: AtomicU32,
+    /// Changes refused for want of room: the kernel's tables, the per-account limit.
+    refusals: crate::metrics::RefusalCounters,
     /// The location database, if one is configured (replaced whole on reload).
     locator: RwLock<Option<Arc<crate::location::Locator>>>,
 }
@@ -211,6 +215,8 @@ impl Service {
             cluster: OnceLock::new(),
             node,
             cluster_apply_failures: AtomicU64::new(0),
+            max_entries: config.limits.max_entries_per_account.into(),
+            refusals: Default::default(),
             locator: RwLock::new(None),
         })
     }
@@ -218,6 +224,16 @@ impl Service {
     /// Runs one command for `caller` (whose uid is recorded as the author of changes). Each
     /// family's handler takes its typed request and returns its typed reply.
     pub fn execute(&self, command: Command, caller: &Caller) -> Outcome {
+        let outcome = self.dispatch(command, caller);
+        // Counted here, once for every command family: what an operator watches is how often
+        // a full table or the per-account limit turned a change away.
+        if let Err(Failure(body)) = &outcome {
+            self.refusals.count(body.code);
+        }
+        outcome
+    }
+
+    fn dispatch(&self, command: Command, caller: &Caller) -> Outcome {
         let uid = caller.uid;
         match validate::canonical(command)? {
             Command::Check(r) => run(r, |r| self.check(r, caller)),

@@ -97,12 +97,15 @@ impl Service {
     }
 
     /// Applies the settings of a reloaded configuration that the service holds: activity
-    /// retention, the shortest and widest override, and the drop-sample budget in the kernel.
+    /// retention, the shortest and widest override, the per-account entry limit, and the
+    /// drop-sample budget in the kernel.
     pub fn reconfigure(&self, config: &crate::config::Config) {
         self.retention_days.store(config.retention_days, Ordering::Relaxed);
         self.min_override_ttl.store(config.min_override_ttl_seconds.max(1), Ordering::Relaxed);
         self.widest_override.0.store(config.widest_override_ipv4, Ordering::Relaxed);
         self.widest_override.1.store(config.widest_override_ipv6, Ordering::Relaxed);
+        // A lower limit refuses further entries only; entries already over it stay.
+        self.max_entries.store(config.limits.max_entries_per_account, Ordering::Relaxed);
         let samples = config.drop_samples_per_second;
         self.writer.lock().expect("writer lock").datapath.set_sampling(samples, samples.max(1) * 10);
     }
@@ -157,6 +160,7 @@ impl metrics::Source for Service {
             accounts: rows,
             host,
             checks: self.checks.read(),
+            refused: self.refusals.read(),
             table_slots_used,
             table_slots,
             account_slots: u64::from(writer.datapath.account_capacity().saturating_sub(1)),

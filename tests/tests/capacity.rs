@@ -1,0 +1,248 @@
+//! Allowlist capacity against the real daemon, its socket, its CLI and its kernel maps: the
+//! per-account entry limit (`[limits] max_entries_per_account`) on every path that adds
+//! entries, a limit lowered by a reload, full kernel tables, and the metric that counts
+//! both refusals.
+//!
+//! Build the binaries first: `cargo build --release -p ipaccess --bins`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ipaccess_tests::client::Client;
+use ipaccess_tests::daemon::{World, binaries};
+use ipaccess_tests::netns::run_cmd;
+use serde_json::{Value, json};
+
+const LISTEN: &str = "127.0.0.1:9469";
+
+fn config(max_entries: u32) -> String {
+    format!("[limits]\nmax_entries_per_account = {max_entries}\n[metrics]\nlisten = \"{LISTEN}\"\n")
+}
+
+/// `GET /metrics` from inside the daemon's namespace, as `name{labels}` → value.
+fn scrape(w: &World) -> BTreeMap<String, f64> {
+    let addr: SocketAddr = LISTEN.parse().unwrap();
+    let body = w.hosts.server.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to /metrics");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        response[response.find("\r\n\r\n").unwrap() + 4..].to_string()
+    });
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+fn refused(w: &World, reason: &str) -> f64 {
+    let series = format!("ipaccess_changes_refused_total{{reason=\"{reason}\"}}");
+    let metrics = scrape(w);
+    *metrics.get(&series).unwrap_or_else(|| panic!("no {series} in {metrics:#?}"))
+}
+
+/// The account's allowlist as CIDR texts.
+fn cidrs(w: &World, account: &str) -> Vec<String> {
+    let list = w.ok(json!({"cmd": "allow_list", "account": account}));
+    list.as_array().unwrap().iter().map(|e| e["cidr"].as_str().unwrap().to_string()).collect()
+}
+
+fn entries(cidrs: &[&str]) -> Value {
+    cidrs.iter().map(|c| json!({"cidr": c})).collect()
+}
+
+/// `ipaccessctl --socket S ARGS`: (exit code, stdout, stderr).
+fn ctl(w: &World, args: &[&str]) -> (i32, String, String) {
+    let socket = w.socket();
+    let mut argv = vec!["--socket", socket.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap(), text(&out.stdout), text(&out.stderr))
+}
+
+/// Sends SIGHUP and waits until the log says the reload is done.
+fn reload(w: &World) {
+    let daemon = w.daemon.as_ref().unwrap();
+    let before = daemon.log_text().len();
+    daemon.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = daemon.log_text();
+        if log[before..].contains("configuration reloaded") {
+            return;
+        }
+        assert!(!log[before..].contains("reload refused"), "{log}");
+        assert!(Instant::now() < deadline, "no reload in the log:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Adding, replacing and importing stop at the limit, each with `too_many_entries`, a message
+/// naming the account and nothing applied; disabled entries count, overrides do not; each
+/// refusal is counted in the metric.
+#[test]
+fn the_entry_limit_holds_on_add_replace_and_import() {
+    let w = World::new(&config(3));
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    for cidr in ["198.18.0.0/24", "198.18.1.0/24"] {
+        w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": cidr}));
+    }
+    // The third through the real CLI; the fourth refused by it, with the code on stderr.
+    let (code, _, stderr) = ctl(&w, &["allow", "add", "acme", "198.18.2.7"]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = ctl(&w, &["allow", "add", "acme", "198.18.3.7"]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("(too_many_entries)"), "{stderr}");
+    assert!(stderr.contains("acme's allowlist would have 4 entries; the limit is 3"), "{stderr}");
+    let (code, stdout, _) = ctl(&w, &["--json", "allow", "add", "acme", "198.18.3.7"]);
+    assert_eq!(code, 2);
+    let error: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(error["code"], "too_many_entries", "{error}");
+    assert_eq!(
+        error["details"],
+        json!({"account": "acme", "entries": 4, "limit": "limits.max_entries_per_account", "max": 3})
+    );
+    // A retried add of an entry it has is still `entry_exists`, as clients rely on.
+    assert_eq!(w.err(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.0/24"})).0, "entry_exists");
+    // A disabled entry still counts.
+    w.ok(json!({"cmd": "allow_disable", "account": "acme", "cidr": "198.18.1.0/24"}));
+    let (code, message) = w.err(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.4.0/24"}));
+    assert_eq!(code, "too_many_entries", "{message}");
+    assert_eq!(cidrs(&w, "acme"), ["198.18.0.0/24", "198.18.1.0/24", "198.18.2.7/32"]);
+    assert_eq!(refused(&w, "too_many_entries"), 3.0);
+    assert_eq!(refused(&w, "tables_full"), 0.0);
+
+    // An override is not an entry: support can still let an address in.
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "force": true}));
+    w.ok(json!({"cmd": "override_grant", "account": "acme", "cidr": "198.18.9.9", "ttl_seconds": 3600,
+                "ticket": "T-1", "reason": "at the limit"}));
+
+    // A replacement is the whole list: four are refused, and the list is as it was.
+    let four = entries(&["198.18.5.0/24", "198.18.6.0/24", "198.18.7.0/24", "198.18.8.0/24"]);
+    let (code, message) = w.err(json!({"cmd": "allow_replace", "account": "acme", "entries": four, "force": true}));
+    assert_eq!(code, "too_many_entries", "{message}");
+    assert_eq!(cidrs(&w, "acme"), ["198.18.0.0/24", "198.18.1.0/24", "198.18.2.7/32"]);
+    let three = entries(&["198.18.5.0/24", "198.18.6.0/24", "198.18.5.0/24", "198.18.7.0/24"]);
+    w.ok(json!({"cmd": "allow_replace", "account": "acme", "entries": three, "force": true}));
+    assert_eq!(cidrs(&w, "acme"), ["198.18.5.0/24", "198.18.6.0/24", "198.18.7.0/24"]);
+
+    // An import is one change: an account over the limit refuses the whole request, the
+    // account created before it in the same request included.
+    let import = json!({"cmd": "import", "accounts": [
+        {"account": "fresh", "entries": entries(&["198.19.0.0/24"])},
+        {"account": "acme", "entries": four},
+    ]});
+    let reply = w.conn().request(import);
+    assert_eq!(reply["error"]["code"], "too_many_entries", "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().starts_with("account acme: "), "{reply}");
+    assert_eq!(reply["error"]["details"]["account"], "acme", "{reply}");
+    assert_eq!(w.err(json!({"cmd": "allow_list", "account": "fresh"})).0, "unknown_account");
+    assert_eq!(cidrs(&w, "acme"), ["198.18.5.0/24", "198.18.6.0/24", "198.18.7.0/24"]);
+    // The CLI names the file's line.
+    let file = w.dir.0.join("import.jsonl");
+    std::fs::write(
+        &file,
+        "{\"account\": \"fresh\", \"entries\": [{\"cidr\": \"198.19.0.0/24\"}]}\n\
+         {\"account\": \"new\", \"entries\": [{\"cidr\": \"198.19.1.0/24\"}, {\"cidr\": \"198.19.2.0/24\"}, \
+         {\"cidr\": \"198.19.3.0/24\"}, {\"cidr\": \"198.19.4.0/24\"}]}\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = ctl(&w, &["import", file.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("line 2 (account new)") && stderr.contains("(too_many_entries)"), "{stderr}");
+    assert!(stderr.contains("nothing was imported"), "{stderr}");
+    assert_eq!(w.err(json!({"cmd": "allow_list", "account": "fresh"})).0, "unknown_account");
+    assert_eq!(refused(&w, "too_many_entries"), 6.0);
+    // Still enforced as before.
+    assert_eq!(w.check("acme", [198, 18, 6, 1], "password")["reason"], "allowed");
+    assert_eq!(w.check("acme", [198, 18, 0, 1], "password")["reason"], "address_not_allowed");
+}
+
+/// A limit lowered by a reload removes nothing: the account keeps every entry, enforced; it
+/// may not grow, but it may shrink.
+#[test]
+fn a_lowered_limit_keeps_every_entry() {
+    let w = World::new(&config(5));
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    let four = ["198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24", "198.18.3.0/24"];
+    w.ok(json!({"cmd": "allow_replace", "account": "acme", "entries": entries(&four)}));
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "force": true}));
+    std::fs::write(w.config_path(), format!("{}\n{}", config(2), ipaccess_tests::daemon::TEST_MAPS)).unwrap();
+    reload(&w);
+    assert_eq!(cidrs(&w, "acme"), four);
+    for addr in [[198, 18, 0, 1], [198, 18, 3, 1]] {
+        assert_eq!(w.check("acme", addr, "password")["reason"], "allowed", "{addr:?}");
+    }
+    let (code, message) = w.err(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.4.0/24"}));
+    assert_eq!(code, "too_many_entries", "{message}");
+    assert!(message.contains("the limit is 2"), "{message}");
+    // Same length, then shorter: accepted; longer again: refused.
+    let swapped = ["198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24", "198.18.9.0/24"];
+    w.ok(json!({"cmd": "allow_replace", "account": "acme", "entries": entries(&swapped), "force": true}));
+    w.ok(json!({"cmd": "allow_replace", "account": "acme", "entries": entries(&four[..3]), "force": true}));
+    let (code, _) = w.err(json!({"cmd": "allow_replace", "account": "acme", "entries": entries(&four), "force": true}));
+    assert_eq!(code, "too_many_entries");
+    assert_eq!(cidrs(&w, "acme"), four[..3]);
+    assert_eq!(refused(&w, "too_many_entries"), 2.0);
+}
+
+/// Kernel tables too small for what is asked: `tables_full` for an add and an import, nothing
+/// changed in the store or the kernel, the daemon answering, and the metric counting both.
+#[test]
+fn full_kernel_tables_refuse_with_tables_full_and_count_it() {
+    let w = World::with_maps(&config(100_000), "[maps]\nslots = 4096\naccounts = 64\n");
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.7"}));
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "force": true}));
+    // Host entries one at a time until the tables have no room for the next.
+    let mut added = vec!["198.18.0.7/32".to_string()];
+    let full = (1..4096u32).find_map(|n| {
+        let cidr = format!("fd00::{n:x}/128");
+        match w.conn().request(json!({"cmd": "allow_add", "account": "acme", "cidr": cidr})) {
+            reply if reply.get("ok").is_some() => {
+                added.push(cidr);
+                None
+            }
+            reply => Some((cidr, reply)),
+        }
+    });
+    let (cidr, reply) = full.expect("4096 slots take fewer than 4096 entries");
+    assert_eq!(reply["error"]["code"], "tables_full", "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("raise `slots`"), "{reply}");
+    let mut listed = cidrs(&w, "acme");
+    listed.sort();
+    added.sort();
+    assert_eq!(listed, added, "{cidr} was refused but listed");
+    // An import that does not fit leaves nothing of itself either.
+    let many: Vec<String> = (0..2048u32).map(|n| format!("fd01::{n:x}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let reply = w.conn().request(json!({"cmd": "import", "accounts": [
+        {"account": "other", "entries": entries(&["198.19.0.0/24"])},
+        {"account": "big", "entries": entries(&many)},
+    ]}));
+    assert_eq!(reply["error"]["code"], "tables_full", "{reply}");
+    assert_eq!(w.err(json!({"cmd": "allow_list", "account": "other"})).0, "unknown_account");
+    assert_eq!(refused(&w, "tables_full"), 2.0);
+    assert_eq!(refused(&w, "too_many_entries"), 0.0);
+    let status = w.ok(json!({"cmd": "status"}));
+    assert_eq!(status["table_slots"], 4096, "{status}");
+    assert!(status["table_slots_used"].as_u64().unwrap() <= 4096, "{status}");
+    let metrics = scrape(&w);
+    assert_eq!(metrics["ipaccess_table_slots"], 4096.0);
+    assert_eq!(metrics["ipaccess_table_slots_used"], status["table_slots_used"].as_f64().unwrap());
+    // The kernel still enforces what it had.
+    assert_eq!(w.check("acme", [198, 18, 0, 7], "password")["reason"], "allowed");
+    assert_eq!(w.check("acme", [198, 18, 0, 8], "password")["reason"], "address_not_allowed");
+    // And room made is room to use.
+    w.ok(json!({"cmd": "allow_remove", "account": "acme", "cidr": added.last().unwrap(), "force": true}));
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.8"}));
+}
