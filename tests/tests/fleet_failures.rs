@@ -1,7 +1,8 @@
 //! The fleet under failure, on a real 3-member etcd cluster with real ipaccessd nodes: the
 //! etcd leader killed in the middle of a stream of changes, admins racing through two nodes,
 //! a node killed while its change is on the way, an override expiring while etcd is down,
-//! and a node catching up without dropping one allowed packet.
+//! a node catching up without dropping one allowed packet, and a node whose kernel tables
+//! cannot take a change the fleet committed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -618,4 +619,34 @@ fn a_node_catching_up_drops_no_allowed_packet() {
         assert_eq!(allow_set(c, &id), allow_set(a, &id), "{id}: C differs from A");
     }
     assert_eq!(c.host.ok(json!({"cmd": "bind_list"})), a.host.ok(json!({"cmd": "bind_list"})));
+}
+
+/// A change the asking node's kernel cannot take is the fleet's all the same (another node
+/// enforces it), but the asking node does not acknowledge it as enforced: it answers
+/// `tables_full`, saying the change is committed, and keeps enforcing the previous list.
+#[test]
+fn a_change_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
+    let mut fleet = Fleet::new(2).unwrap();
+    let small = "[maps]\nslots = 4096\naccounts = 64\n[limits]\nmax_entries_per_account = 100000\n";
+    let a = &fleet.nodes[0];
+    std::fs::write(a.host.path("ipaccessd.toml"), a.config(PREFIX, small)).unwrap();
+    fleet.start_all();
+    let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
+    a.host.ok(json!({"cmd": "account_add", "account": "big"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "big", "cidr": "198.18.0.7"}));
+    let mut wanted: Vec<Value> = (1..=3000u32).map(|n| json!({"cidr": format!("fd00::{n:x}/128")})).collect();
+    wanted.push(json!({"cidr": "198.18.0.7/32"}));
+    let reply = a.host.request(json!({"cmd": "allow_replace", "account": "big", "entries": wanted, "force": true}));
+    assert_eq!(error_code(&reply).as_deref(), Some("tables_full"), "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("committed in the fleet") && message.contains("big"), "{message}");
+    fleet.settle();
+    assert_eq!(allow_set(b, "big").map(|l| l.len()), Some(3001), "node B has the fleet's list");
+    assert_eq!(b.check("big", "fd00::bb8".parse().unwrap()), (true, "allowed".to_string()));
+    let failures = a.cluster_status()["apply_failures"].as_u64().unwrap();
+    assert!(failures >= 1, "node A counts the account it could not enforce: {failures}");
+    // Once the list fits again, a change made on node A is acknowledged as before.
+    let reply = a.host.request(json!({"cmd": "allow_replace", "account": "big", "entries": [{"cidr": "198.18.0.7"}]}));
+    assert_eq!(error_code(&reply), None, "{reply}");
+    a.host.ok(json!({"cmd": "allow_add", "account": "big", "cidr": "198.18.0.8"}));
 }

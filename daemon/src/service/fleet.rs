@@ -85,6 +85,7 @@ impl Service {
                     ));
                 }
                 pending_audit.committed();
+                self.refused_here(&touched, revision)?;
                 Ok(reply)
             }
             Committed::Conflict(revision) => {
@@ -97,6 +98,26 @@ impl Service {
                 Err(cluster::partial(done, parts))
             }
         }
+    }
+
+    /// `tables_full` if this node's kernel refused one of `accounts` as the fleet has it
+    /// since `revision` (a change of ours committed then): the fleet has the change, but it
+    /// is not enforced here, so it is not acknowledged as if it were.
+    fn refused_here(&self, accounts: &[String], revision: i64) -> Result<(), Failure> {
+        let unenforced = self.unenforced.lock().expect("unenforced lock");
+        let Some((id, _)) =
+            accounts.iter().find_map(|id| unenforced.get_key_value(id).filter(|(_, r)| **r >= revision))
+        else {
+            return Ok(());
+        };
+        Err(Failure::new(
+            ErrorCode::TablesFull,
+            format!(
+                "the change is committed in the fleet (revision {revision}), but this node's kernel tables have no room \
+                 for account {id}: this node keeps enforcing its previous allowlist (raise [maps] slots, or remove \
+                 entries)"
+            ),
+        ))
     }
 
     /// What `tx` holds now, as the units of an etcd transaction: for each key written, the
@@ -291,13 +312,21 @@ impl Service {
         let mut affected: Vec<&str> = updated.keys().map(String::as_str).collect();
         affected.extend(children.iter().map(String::as_str).filter(|id| !updated.contains_key(*id)));
         let mut failures = 0;
+        let mut unenforced = self.unenforced.lock().expect("unenforced lock");
         for &id in &affected {
             let Some(account) = next(id) else { continue };
             if let Err(e) = apply_account(datapath, account, suspended(next, id)) {
                 error!("cluster: account {id} could not be enforced as the fleet has it (revision {revision}): {e}");
+                unenforced.insert(id.to_owned(), revision);
                 failures += 1;
+            } else {
+                unenforced.remove(id);
             }
         }
+        for id in &removed {
+            unenforced.remove(id);
+        }
+        drop(unenforced);
         let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
         if bindings_changed || !updated.is_empty() {
             let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| Some(next(id)?.slot));

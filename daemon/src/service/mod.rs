@@ -129,6 +129,9 @@ pub struct Service {
     node: Option<String>,
     /// Changes the fleet committed that this node's kernel refused (full tables).
     cluster_apply_failures: AtomicU64,
+    /// Accounts whose latest version from the fleet this node's kernel refused, with that
+    /// version's revision: a change to them made here is not acknowledged as enforced.
+    unenforced: Mutex<HashMap<String, i64>>,
     /// `[limits] max_entries_per_account` (a reload may change it).
     max_entries: AtomicU32,
     /// Changes refused for want of room: the kernel's tables, the per-account limit.
@@ -215,6 +218,7 @@ impl Service {
             cluster: OnceLock::new(),
             node,
             cluster_apply_failures: AtomicU64::new(0),
+            unenforced: Mutex::default(),
             max_entries: config.limits.max_entries_per_account.into(),
             refusals: Default::default(),
             locator: RwLock::new(None),
