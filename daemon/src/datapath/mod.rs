@@ -670,7 +670,7 @@ impl Datapath {
                 continue;
             }
             if let Some((account, key)) = self.tables.allow_key_at(index) {
-                out.push(LastUse { account, key, clock: stamp });
+                out.push(LastUse { index, account, key, clock: stamp });
             }
         }
         out
@@ -740,6 +740,8 @@ impl Datapath {
 /// or override, or a longer key the entry was expanded to) and the clock it was stamped with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LastUse {
+    /// The slot of the tables (and of the stamps) the key is in.
+    pub index: u32,
     pub account: u32,
     pub key: IpNet,
     pub clock: u64,
