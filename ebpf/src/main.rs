@@ -19,8 +19,8 @@ use aya_ebpf::{
 use ipaccess_common::{
     AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS, DropReason,
     DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, PolicyMode,
-    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, lookup_at, read_family_lengths, read_summary, v4_key,
-    v6_key,
+    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, lookup_at, read_family_lengths,
+    read_summary, v4_key, v6_key,
 };
 use parse::{Frame, Packet, parse};
 

@@ -33,8 +33,7 @@ use aya::{
 use ipaccess_common::{
     AccountCounters, AccountField, AccountRecord, AccountWord, AddrWords, Config, ConfigField, DropSample,
     HostCounters, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLES, MAP_SLOTS,
-    NO_ACCOUNT,
-    PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
+    NO_ACCOUNT, PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
 };
 use ipnet::IpNet;
 use log::{info, warn};

@@ -26,7 +26,9 @@ impl Service {
             // The entry to credit with the sign-in: only when an entry let it in (not mode
             // off, not an override), the most specific one, as `allow list` attributes packets.
             let entry = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())
-                .then(|| accounts.get(&account).filter(|a| a.mode != Mode::Off).and_then(|a| most_specific(&a.entries, addr)))
+                .then(|| {
+                    accounts.get(&account).filter(|a| a.mode != Mode::Off).and_then(|a| most_specific(&a.entries, addr))
+                })
                 .flatten();
             (result, entry)
         };

@@ -86,7 +86,10 @@ fn prefix_source(i: u32) -> Ipv4Addr {
 
 /// The account after the others has no host entries, only networks (an office and a branch).
 fn office_allowlist() -> Vec<(IpNet, u64)> {
-    ["198.51.100.0/24", "203.0.113.0/24", "2001:db8:1::/48"].iter().map(|n| (n.parse().unwrap(), NEVER_EXPIRES)).collect()
+    ["198.51.100.0/24", "203.0.113.0/24", "2001:db8:1::/48"]
+        .iter()
+        .map(|n| (n.parse().unwrap(), NEVER_EXPIRES))
+        .collect()
 }
 
 /// The allowed sources of account `i` (first v4 host, the v6 host).
@@ -143,7 +146,12 @@ fn cases(accounts: u32) -> Vec<Case> {
         case("unbound pass, IPv6", packets::ipv6_tcp(bad6, unbound6, 40000, 443), XDP_PASS, false),
         case("bound allowed, IPv4", packets::ipv4_tcp(ok4, v4_dst(i), 40000, 443), XDP_PASS, false),
         case("bound allowed, IPv6", packets::ipv6_tcp(ok6, v6_dst(i), 40000, 443), XDP_PASS, false),
-        case("bound allowed by a /24, IPv4", packets::ipv4_tcp(prefix_source(i), v4_dst(i), 40000, 443), XDP_PASS, false),
+        case(
+            "bound allowed by a /24, IPv4",
+            packets::ipv4_tcp(prefix_source(i), v4_dst(i), 40000, 443),
+            XDP_PASS,
+            false,
+        ),
         case(
             "bound allowed by a /24, no host entries, IPv4",
             packets::ipv4_tcp(Ipv4Addr::new(198, 51, 100, 77), v4_dst(accounts + 1), 40000, 443),
@@ -174,7 +182,11 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
     let office = accounts + 1;
     dp.set_policy(office, Mode::Enforce, false).unwrap();
     dp.set_allowlist(office, &office_allowlist()).unwrap();
-    bindings.push(Binding { addr: v4_dst(office).into(), target: BindTarget::Port { protocol: 6, port: 443 }, account: office });
+    bindings.push(Binding {
+        addr: v4_dst(office).into(),
+        target: BindTarget::Port { protocol: 6, port: 443 },
+        account: office,
+    });
     dp.set_bindings(&bindings).unwrap();
     // A ticking clock, as under ipaccessd: an allowed packet pays for its key's last-used
     // stamp (its first packet writes it; the rest read it, as in the second after a tick).
