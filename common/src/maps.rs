@@ -23,6 +23,12 @@ pub const MAP_SAMPLES: &str = "IPACCESS_SAMPLES";
 /// Per-CPU token bucket limiting samples.
 pub const MAP_SAMPLE_BUDGET: &str = "IPACCESS_SAMPLE_BUDGET";
 
+/// Per slot of [`MAP_SLOTS`], a `u32`: the [`Config::clock`] at which the allowlist key in
+/// that slot last let a packet through (0: not since the slot was last reused). Written by
+/// the program only when older than the clock, so at most once a second per key.
+/// `BPF_F_MMAPABLE`.
+pub const MAP_LAST_USED: &str = "IPACCESS_LAST_USED";
+
 /// `BPF_F_MMAPABLE` from the kernel UAPI.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -228,7 +234,11 @@ pub struct Config {
     pub samples_per_second: u64,
     /// Largest burst of samples per CPU.
     pub sample_burst: u64,
-    pub reserved: u64,
+    /// A coarse clock the daemon ticks about once a second (`CLOCK_BOOTTIME` seconds; 0 while
+    /// no daemon ticks it): the stamp an entry's key gets in [`MAP_LAST_USED`] when it lets a
+    /// packet through. A word of the config, which every packet reads already, costs the
+    /// program no clock read. (Once a word nobody used, so the pinned layout is unchanged.)
+    pub clock: u64,
 }
 
 /// The 8-byte words of a [`Config`], for writers that store one word at a time.
@@ -238,6 +248,7 @@ pub enum ConfigField {
     Bindings = 0,
     SamplesPerSecond = 1,
     SampleBurst = 2,
+    Clock = 3,
 }
 
 impl ConfigField {
@@ -251,6 +262,7 @@ const _: () = {
     assert!(core::mem::offset_of!(Config, bindings) == ConfigField::Bindings.word() * 8);
     assert!(core::mem::offset_of!(Config, samples_per_second) == ConfigField::SamplesPerSecond.word() * 8);
     assert!(core::mem::offset_of!(Config, sample_burst) == ConfigField::SampleBurst.word() * 8);
+    assert!(core::mem::offset_of!(Config, clock) == ConfigField::Clock.word() * 8);
 };
 
 /// Per-account, per-CPU packet and byte counters.

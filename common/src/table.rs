@@ -433,11 +433,19 @@ fn read_word(word: *const u64) -> u64 {
 /// Finds a key; returns its value word. See the module docs for the protocol.
 #[inline(always)]
 pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: Tag, hi: u64, lo: u64) -> Option<u64> {
+    lookup_at(slots, desc, tag, hi, lo).map(|(_, value)| value)
+}
+
+/// Finds a key; returns the index of its slot (where the program stamps its last use) and
+/// its value word.
+#[inline(always)]
+pub fn lookup_at<R: SlotReader>(slots: &R, desc: TableDesc, tag: Tag, hi: u64, lo: u64) -> Option<(u32, u64)> {
     // SAFETY (all reads below): pointers come from `slots.slot`, valid by the `SlotReader` contract.
     let home = home_offset(desc, hash_key(desc.seed(), tag, hi, lo));
     let mut step = 0;
     while step < MAX_PROBE {
-        let slot = slots.slot(probe_index(desc, home, step))?;
+        let index = probe_index(desc, home, step);
+        let slot = slots.slot(index)?;
         // All four words at once (one cache line): the compares then wait for one load,
         // not two in a row.
         let meta = Meta(read_word(unsafe { &raw const (*slot).meta }));
@@ -450,7 +458,7 @@ pub fn lookup<R: SlotReader>(slots: &R, desc: TableDesc, tag: Tag, hi: u64, lo: 
         if meta == Meta::live(tag, meta.version()) && key_hi == hi && key_lo == lo {
             // A changed meta means the slot was rewritten while we read it.
             if read_word(unsafe { &raw const (*slot).meta }) == meta.0 {
-                return Some(value);
+                return Some((index, value));
             }
         }
         step += 1;

@@ -157,12 +157,13 @@ fn record_fields_name_their_words() {
     assert_eq!(size_of::<AccountWord>(), 8);
     assert_eq!(size_of::<Meta>(), 8);
     assert_eq!(size_of::<Tag>(), 8);
-    let config = Config { bindings: 10, samples_per_second: 11, sample_burst: 12, reserved: 13 };
+    let config = Config { bindings: 10, samples_per_second: 11, sample_burst: 12, clock: 13 };
     // SAFETY: Config is repr(C), four u64 words.
     let words: [u64; 4] = unsafe { std::mem::transmute(config) };
     assert_eq!(words[ConfigField::Bindings.word()], 10);
     assert_eq!(words[ConfigField::SamplesPerSecond.word()], 11);
     assert_eq!(words[ConfigField::SampleBurst.word()], 12);
+    assert_eq!(words[ConfigField::Clock.word()], 13);
     let record = AccountRecord { policy: 20, table: 21 };
     // SAFETY: AccountRecord is repr(C), two u64 words.
     let words: [u64; 2] = unsafe { std::mem::transmute(record) };

@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ipnet::IpNet;
 use log::warn;
 
 use crate::{
@@ -40,6 +41,8 @@ pub struct Signin {
     pub uid: u32,
     /// The caller holds the check role: the check is the customer's own attempt.
     pub application: bool,
+    /// The allowlist entry that let it through (the most specific one covering the address).
+    pub entry: Option<IpNet>,
 }
 
 /// Dropped packets of one account from one source to one endpoint, already counted.
@@ -55,8 +58,13 @@ pub struct Drops {
     pub count: i64,
 }
 
+/// Last uses of allowlist entries: (account, entry) and unix seconds.
+pub type EntryUses = HashMap<(String, IpNet), i64>;
+
 enum LogMessage {
     Drops(Vec<Drops>),
+    /// Packets the kernel let through, per entry, as the stamps say.
+    Packets(EntryUses),
     Flush(mpsc::SyncSender<()>),
     /// The counted checks reached [`ActivityLog::MAX_PENDING`] rows: write them out early.
     Full,
@@ -67,6 +75,8 @@ enum LogMessage {
 struct Checks {
     signins: HashMap<SigninKey, Tally>,
     unknown: HashMap<UnknownKey, Tally>,
+    /// The last sign-in each entry let through.
+    entry_signins: EntryUses,
     /// The accounts with a row in `signins`, so that a change asks in one lookup whether its
     /// account has checks not written yet (a scan would hold up every check meanwhile).
     accounts: HashSet<String>,
@@ -81,6 +91,11 @@ impl Checks {
     fn add(&mut self, s: Signin, cap: usize) -> bool {
         let tally = Tally::new(1, s.time);
         let full = self.len() >= cap;
+        if let Some(entry) = s.entry {
+            // One row per entry in use, however many checks: not held to the cap.
+            let last = self.entry_signins.entry((s.account.clone(), entry)).or_default();
+            *last = (*last).max(s.time);
+        }
         // A check for an account that does not exist is counted per address: the name
         // tried is not kept (credential stuffing invents them by the million).
         if s.reason == Reason::UnknownAccount {
@@ -105,6 +120,14 @@ impl Checks {
             }
         }
         true
+    }
+}
+
+/// Adds `more` to `uses`, keeping the later time of each entry.
+fn merge_latest(uses: &mut EntryUses, more: EntryUses) {
+    for (key, at) in more {
+        let last = uses.entry(key).or_default();
+        *last = (*last).max(at);
     }
 }
 
@@ -135,11 +158,13 @@ struct Pending {
     signins: HashMap<SigninKey, Tally>,
     unknown: HashMap<UnknownKey, Tally>,
     drops: HashMap<DropKey, Tally>,
+    entry_signins: EntryUses,
+    entry_packets: EntryUses,
 }
 
 impl Pending {
     fn len(&self) -> usize {
-        self.signins.len() + self.unknown.len() + self.drops.len()
+        self.signins.len() + self.unknown.len() + self.drops.len() + self.entry_signins.len() + self.entry_packets.len()
     }
 
     /// Moves the checks counted so far in with the counts not written yet.
@@ -151,6 +176,7 @@ impl Pending {
             std::mem::take(&mut *checks)
         };
         shared.full_sent.store(false, Ordering::Relaxed);
+        merge_latest(&mut self.entry_signins, taken.entry_signins);
         if self.signins.is_empty() && self.unknown.is_empty() {
             (self.signins, self.unknown) = (taken.signins, taken.unknown);
             return;
@@ -182,6 +208,7 @@ impl Pending {
                     self.drops.entry(key).and_modify(|t| t.add(tally)).or_insert(tally);
                 }
             }
+            LogMessage::Packets(uses) => merge_latest(&mut self.entry_packets, uses),
             LogMessage::Flush(done) => waiting.push(done),
         }
     }
@@ -196,6 +223,8 @@ impl Pending {
             tx.add_signins(&self.signins)?;
             tx.add_unknown_signins(&self.unknown)?;
             tx.add_drops(&self.drops)?;
+            tx.note_entry_signins(&self.entry_signins)?;
+            tx.note_entry_packets(&self.entry_packets)?;
             tx.commit()
         });
         match written {
@@ -292,6 +321,13 @@ impl ActivityLog {
         }
         if rows >= Self::MAX_PENDING && !self.shared.full_sent.swap(true, Ordering::Relaxed) {
             let _ = self.sender.try_send(LogMessage::Full);
+        }
+    }
+
+    /// Records the packets entries let through (written with the next write).
+    pub fn packets(&self, uses: EntryUses) {
+        if !uses.is_empty() {
+            self.send(LogMessage::Packets(uses));
         }
     }
 

@@ -199,6 +199,17 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE bindings;
     ALTER TABLE bindings_v8 RENAME TO bindings;
     CREATE INDEX bindings_account ON bindings(account);",
+    // v9: last-used evidence of allowlist entries, node-local (a fleet node keeps its own):
+    // the last sign-in each entry let through and the last packet, unix seconds. Not a
+    // foreign key of allow_entries: a removed entry's row is ignored (older than the entry
+    // added again) and pruned with the account.
+    "CREATE TABLE entry_use (
+        account TEXT NOT NULL,
+        cidr TEXT NOT NULL,
+        last_signin INTEGER,
+        last_packet INTEGER,
+        PRIMARY KEY (account, cidr)
+    ) WITHOUT ROWID;",
 ];
 
 /// Rows of sign-ins one account may add in one hour; further addresses are counted together
@@ -733,6 +744,8 @@ impl Tx<'_> {
     /// Deletes an account with its allowlist, overrides and bindings (its activity stays,
     /// for the record). Sub-users must be gone first.
     pub fn remove_account(&self, id: &str) -> Result<(), StoreError> {
+        // Its entries' last-used evidence goes with it (no foreign key: the rows are node-local).
+        self.execute("DELETE FROM entry_use WHERE account = ?1", [id])?;
         match self.execute("DELETE FROM accounts WHERE id = ?1", [id])? {
             0 => Err(StoreError::UnknownAccount(id.to_owned())),
             _ => Ok(()),
@@ -782,6 +795,8 @@ impl Tx<'_> {
             created_at: now,
             created_by,
             enabled: true,
+            last_signin_at: None,
+            last_packet_at: None,
         })
     }
 
@@ -828,6 +843,53 @@ impl Tx<'_> {
     /// `[limits] max_entries_per_account` counts).
     pub fn entry_count(&self, account: &str) -> Result<u64, StoreError> {
         Ok(self.count("SELECT COUNT(*) FROM allow_entries WHERE account = ?1", [account])? as u64)
+    }
+
+    /// Records the last sign-in each (account, entry) let through, keeping the later time.
+    pub fn note_entry_signins<'k>(
+        &self,
+        uses: impl IntoIterator<Item = (&'k (String, IpNet), &'k i64)>,
+    ) -> Result<(), StoreError> {
+        for ((account, cidr), at) in uses {
+            self.execute(
+                "INSERT INTO entry_use (account, cidr, last_signin) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO UPDATE SET last_signin = MAX(COALESCE(last_signin, 0), excluded.last_signin)",
+                (account, cidr.to_string(), at),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records the last packet each (account, entry) let through, keeping the later time.
+    pub fn note_entry_packets<'k>(
+        &self,
+        uses: impl IntoIterator<Item = (&'k (String, IpNet), &'k i64)>,
+    ) -> Result<(), StoreError> {
+        for ((account, cidr), at) in uses {
+            self.execute(
+                "INSERT INTO entry_use (account, cidr, last_packet) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO UPDATE SET last_packet = MAX(COALESCE(last_packet, 0), excluded.last_packet)",
+                (account, cidr.to_string(), at),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The account's entries with their last-used evidence filled in. Evidence older than
+    /// the entry is an earlier entry's of the same network (removed, then added again), not
+    /// this one's.
+    pub fn entries_with_use(&self, account: &str) -> Result<Vec<Entry>, StoreError> {
+        let mut entries = self.entries(account)?;
+        let sql = "SELECT cidr, last_signin, last_packet FROM entry_use WHERE account = ?1";
+        let used: HashMap<String, (Option<i64>, Option<i64>)> =
+            self.rows(sql, [account], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?.into_iter().collect();
+        for e in &mut entries {
+            if let Some(&(signin, packet)) = used.get(&e.cidr.to_string()) {
+                e.last_signin_at = signin.filter(|&t| t >= e.created_at);
+                e.last_packet_at = packet.filter(|&t| t >= e.created_at);
+            }
+        }
+        Ok(entries)
     }
 
     /// Every allowlist entry, ordered by account then CIDR text.
@@ -1504,6 +1566,8 @@ fn entry_row(r: &Row) -> Result<Entry, StoreError> {
         created_at: r.get(3)?,
         created_by: int(r.get(4)?, "created_by")?,
         enabled: r.get::<_, i64>(5)? != 0,
+        last_signin_at: None,
+        last_packet_at: None,
     })
 }
 

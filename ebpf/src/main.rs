@@ -19,8 +19,8 @@ use aya_ebpf::{
 use ipaccess_common::{
     AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS, DropReason,
     DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, PolicyMode,
-    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, read_family_lengths, read_summary, v4_key,
-    v6_key,
+    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, lookup_at, read_family_lengths,
+    read_summary, v4_key, v6_key,
 };
 use parse::{Frame, Packet, parse};
 
@@ -44,6 +44,11 @@ static SAMPLES: RingBuf = RingBuf::pinned(SAMPLES_BYTES, 0);
 
 #[map(name = "IPACCESS_SAMPLE_BUDGET")]
 static SAMPLE_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::pinned(1, 0);
+
+/// Per slot of `SLOTS`, the config's clock when the allowlist key there last let a packet
+/// through (see `stamp`).
+#[map(name = "IPACCESS_LAST_USED")]
+static LAST_USED: Array<u64> = Array::pinned(DEFAULT_SLOTS, BPF_F_MMAPABLE);
 
 /// Per CPU, the timer tick (jiffies) at which an empty sample budget was last checked
 /// against the clock. Not pinned: it only saves clock reads, and a fresh one costs one.
@@ -145,7 +150,7 @@ fn decide_account(word: AccountWord, cx: &Context) -> u32 {
     if policy.is_suspended() {
         return drop(account, cx, DropReason::Suspended);
     }
-    if mode == PolicyMode::Off || source_allowed(account, word.table(), cx.packet) {
+    if mode == PolicyMode::Off || source_allowed(account, word.table(), cx) {
         count_account(account, |c| {
             c.passed_packets += 1;
             c.passed_bytes += bytes;
@@ -177,62 +182,90 @@ fn drop(account: u32, cx: &Context, why: DropReason) -> u32 {
 
 /// Does a live entry of the account's allowlist (or an override) cover the source?
 /// Every probe length is tried until a live entry is found, so an expired entry never hides
-/// a live one at another length.
+/// a live one at another length. The key that lets the packet through is stamped.
 #[inline(always)]
-fn source_allowed(account: u32, table: TableDesc, packet: &Packet) -> bool {
+fn source_allowed(account: u32, table: TableDesc, cx: &Context) -> bool {
     if !table.is_present() {
         return false;
     }
+    let packet = cx.packet;
     let v4 = packet.family == FAMILY_V4;
     let mut now = 0;
-    // Host entries are the common case: the full-length key is tried before the header is
-    // read, so a source allowed by its own address costs one probe. (A length the table
-    // does not use simply misses.)
+    // The most specific length the account uses is probed first, before the summary: the
+    // host length when it has host entries (a source allowed by its own address costs one
+    // probe), otherwise its longest prefix (an office /24 of an account without host
+    // entries costs one probe too, not a host miss and the summary first). The lengths are
+    // in the header, which the binding's word locates, so its load does not wait for a probe.
+    let Some(lengths) = read_family_lengths(&Slots, table, v4) else {
+        return false;
+    };
     let host_len = if v4 { 32 } else { 128 };
-    if entry_live(account, table, packet, host_len, &mut now) {
+    let first = lengths.get(0);
+    if first == NO_LENGTH {
+        return false;
+    }
+    // A constant length for the host probe: its key needs no masking.
+    let hit = if first == host_len {
+        entry_live(account, table, packet, host_len, &mut now)
+    } else {
+        entry_live(account, table, packet, first, &mut now)
+    };
+    if let Some(index) = hit {
+        stamp(index, cx);
         return true;
     }
-    // The header's summary refuses most uncovered sources with one load and no further
-    // probe. (Checking it before the host probe makes refusals about 4 ns cheaper but every
-    // allowed packet 2 ns dearer; the header's address comes from the binding's word alone,
-    // so its load need not wait for the host probe either way.)
+    // The header's summary refuses most uncovered sources with no further probe.
     let Some(summary) = read_summary(&Slots, table, v4) else {
         return false;
     };
     if !summary.may_cover(table.seed(), packet.src.top(v4)) {
         return false;
     }
-    let Some(lengths) = read_family_lengths(&Slots, table, v4) else {
-        return false;
-    };
-    for i in 0..MAX_PROBE_LENGTHS {
+    for i in 1..MAX_PROBE_LENGTHS {
         let len = lengths.get(i);
         if len == NO_LENGTH {
             break;
         }
-        if len != host_len && entry_live(account, table, packet, len, &mut now) {
+        if let Some(index) = entry_live(account, table, packet, len, &mut now) {
+            stamp(index, cx);
             return true;
         }
     }
     false
 }
 
-/// Is there a live entry for the source cut to `len` bits? `now` is read at most once.
+/// The slot of a live entry for the source cut to `len` bits, if there is one. `now` is
+/// read at most once.
 #[inline(always)]
-fn entry_live(account: u32, table: TableDesc, packet: &Packet, len: u8, now: &mut u64) -> bool {
+fn entry_live(account: u32, table: TableDesc, packet: &Packet, len: u8, now: &mut u64) -> Option<u32> {
     let src = packet.src;
     let (hi, lo) = if packet.family == FAMILY_V4 { v4_key(src.lo as u32, len) } else { v6_key(src.hi, src.lo, len) };
-    let Some(expires) = lookup(&Slots, table, Tag::allow(account, packet.family, len), hi, lo) else {
-        return false;
-    };
+    let (index, expires) = lookup_at(&Slots, table, Tag::allow(account, packet.family, len), hi, lo)?;
     if expires == NEVER_EXPIRES {
-        return true;
+        return Some(index);
     }
     if *now == 0 {
         // SAFETY: a plain helper call.
         *now = unsafe { bpf_ktime_get_boot_ns() };
     }
-    *now < expires
+    (*now < expires).then_some(index)
+}
+
+/// Records that the key in slot `index` let a packet through: its stamp becomes the config's
+/// clock, but only if it is older. So a busy key costs one load and a compare, and its stamp's
+/// cache line is written (and taken from the other CPUs) at most once a second. CPUs that race
+/// store the same clock, or one a second apart: either is right.
+#[inline(always)]
+fn stamp(index: u32, cx: &Context) {
+    let clock = read(&cx.config.clock);
+    if let Some(last) = LAST_USED.get_ptr_mut(index) {
+        // SAFETY: a pointer into the array map's value memory; the daemon only reads it.
+        unsafe {
+            if core::ptr::read_volatile(last) < clock {
+                core::ptr::write_volatile(last, clock);
+            }
+        }
+    }
 }
 
 #[inline(always)]

@@ -207,3 +207,54 @@ fn state_survives_a_restart_and_one_writer_holds_the_pins() {
     assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_PASS);
     assert_eq!(run(&dp, &packets::ipv4_tcp(REFUSED, SERVER, 40000, 443)), XDP_DROP);
 }
+
+/// Last-used evidence: the key that lets a packet through gets the config's clock in its
+/// stamp, the host key for a host and the /24's key for a source only the /24 covers; a
+/// stamp that is not older than the clock is left alone (no store on a busy key's every
+/// packet); a refused packet and a stopped clock stamp nothing.
+#[test]
+fn an_allowed_packet_stamps_its_key_once_per_clock_tick() {
+    use aya::maps::{Array, Map, MapData};
+    use ipaccess::datapath::LastUse;
+
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    configure(&mut dp, Mode::Enforce, false);
+    let office: ipnet::IpNet = "198.18.1.0/24".parse().unwrap();
+    dp.set_allowlist(ACCOUNT, &[(IpAddr::V4(ALLOWED).into(), NEVER_EXPIRES), (office, NEVER_EXPIRES)]).unwrap();
+    let host = packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443);
+    let in_office = packets::ipv4_tcp(Ipv4Addr::new(198, 18, 1, 77), SERVER, 40000, 443);
+    let refused = packets::ipv4_tcp(REFUSED, SERVER, 40000, 443);
+
+    // No daemon ticks the clock: nothing is stamped.
+    assert_eq!(run(&dp, &host), XDP_PASS);
+    assert!(dp.used_since(0).is_empty(), "stamped without a clock: {:?}", dp.used_since(0));
+
+    dp.set_clock(100);
+    assert_eq!(run(&dp, &refused), XDP_DROP);
+    assert!(dp.used_since(0).is_empty(), "a refused packet stamped a key");
+    assert_eq!(run(&dp, &host), XDP_PASS);
+    let used = dp.used_since(0);
+    let host_key: ipnet::IpNet = IpAddr::V4(ALLOWED).into();
+    assert_eq!(used.iter().map(|u| (u.account, u.key, u.clock)).collect::<Vec<_>>(), [(ACCOUNT, host_key, 100)]);
+    let LastUse { index, .. } = used[0];
+
+    // Another CPU stamped the key a tick later (written here through the pinned map): a
+    // packet at the older clock must not store its clock over it.
+    let pin = dp.pin_dir().join(ipaccess_common::MAP_LAST_USED);
+    let mut stamps: Array<MapData, u64> = Array::try_from(Map::Array(MapData::from_pin(&pin).unwrap())).unwrap();
+    stamps.set(index, 101, 0).unwrap();
+    for _ in 0..3 {
+        assert_eq!(run(&dp, &host), XDP_PASS);
+    }
+    assert_eq!(stamps.get(&index, 0).unwrap(), 101, "a stamp newer than the clock was written over");
+
+    // The next tick: the first packet moves the stamp; the office's key gets its own.
+    dp.set_clock(102);
+    assert_eq!(run(&dp, &host), XDP_PASS);
+    assert_eq!(run(&dp, &in_office), XDP_PASS);
+    let mut used: Vec<_> = dp.used_since(102).into_iter().map(|u| (u.key, u.clock)).collect();
+    used.sort();
+    assert_eq!(used, [(host_key, 102), (office, 102)]);
+    assert!(dp.used_since(103).is_empty(), "used_since returns only stamps from its clock on");
+}

@@ -393,13 +393,18 @@ async fn sweep_forever(service: Arc<Service>) {
     }
 }
 
-/// The kernel's drop samples are moved into the activity log every second.
+/// The kernel's drop samples are moved into the activity log every second, and the entries
+/// that let packets through are noted.
 async fn drain_samples_forever(service: Arc<Service>) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         every.tick().await;
         let service = service.clone();
-        let _ = tokio::task::spawn_blocking(move || service.drain_drop_samples()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            service.drain_drop_samples();
+            service.note_packets();
+        })
+        .await;
     }
 }
 

@@ -26,7 +26,7 @@
 //! let mut client = Client::connect(DEFAULT_SOCKET).unwrap().with_timeout(Duration::from_millis(500));
 //! may_sign_in(&mut client, "acme", "198.18.0.7".parse().unwrap()).unwrap();
 //! // Any command, typed: the reply of `AllowList` is `Vec<Entry>`.
-//! let entries = client.call(ipaccess::protocol::AllowList { account: "acme".into() }).unwrap();
+//! let entries = client.call(ipaccess::protocol::AllowList { account: "acme".into(), unused: None }).unwrap();
 //! ```
 //!
 //! What the client does for you, as docs/protocol.md ("Framing") asks of every client:

@@ -32,8 +32,8 @@ use aya::{
 };
 use ipaccess_common::{
     AccountCounters, AccountField, AccountRecord, AccountWord, AddrWords, Config, ConfigField, DropSample,
-    HostCounters, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_SAMPLES, MAP_SLOTS, NO_ACCOUNT,
-    PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
+    HostCounters, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLES, MAP_SLOTS,
+    NO_ACCOUNT, PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
 };
 use ipnet::IpNet;
 use log::{info, warn};
@@ -185,6 +185,8 @@ pub struct Datapath {
     tables: Tables,
     accounts: MmapArray<AccountRecord>,
     config: MmapArray<Config>,
+    /// Per slot of the tables, the clock at which its key last let a packet through.
+    last_used: MmapArray<u64>,
     samples: RingBuf<MapData>,
     /// Each account's keys in the binding table: the bindings to rewrite when the account
     /// changes.
@@ -210,9 +212,16 @@ impl Datapath {
         let pin_dir = options.bpffs.join(PIN_SUBDIR);
         fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir { path: pin_dir.clone(), source })?;
         let lock = lock_dir(&pin_dir)?;
+        // One stamp per slot: as many as the slot array has, which a reused pin may have
+        // sized otherwise than the configuration (a build before stamps pinned no stamps).
+        let stamps = MapData::from_pin(pin_dir.join(MAP_SLOTS))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map_or(options.slots, |info| info.max_entries());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .map_max_entries(MAP_SLOTS, options.slots)
+            .map_max_entries(MAP_LAST_USED, stamps)
             .map_max_entries(MAP_ACCOUNTS, options.accounts)
             .map_max_entries(MAP_COUNTERS, options.accounts)
             .load(PROGRAM_OBJECT)?;
@@ -236,6 +245,8 @@ impl Datapath {
         let slots = mmap_map(&ebpf, MAP_SLOTS, slots_len)?;
         let accounts = mmap_map::<AccountRecord>(&ebpf, MAP_ACCOUNTS, accounts_len)?;
         let config = mmap_map::<Config>(&ebpf, MAP_CONFIG, 1)?;
+        let last_used_len = map_len::<u64>(&ebpf, MAP_LAST_USED, &pin_dir)?;
+        let last_used = mmap_map::<u64>(&ebpf, MAP_LAST_USED, last_used_len)?;
         let in_use = (0..accounts_len).map(|slot| account_table(&accounts, slot)).chain([bindings_table(&config)]);
         let tables = Tables::new(slots, in_use)?;
         let samples = ebpf.take_map(MAP_SAMPLES).expect("object has a sample ring");
@@ -243,7 +254,18 @@ impl Datapath {
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
         program.load().map_err(|e| DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e))?;
         let bound = bound_index(&tables, bindings_table(&config));
-        Ok(Self { ebpf, pin_dir, tables, accounts, config, samples, bound, links: BTreeMap::new(), _lock: lock })
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            tables,
+            accounts,
+            config,
+            last_used,
+            samples,
+            bound,
+            links: BTreeMap::new(),
+            _lock: lock,
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -624,6 +646,35 @@ impl Datapath {
         self.config.store(0, ConfigField::SamplesPerSecond.word(), per_second);
     }
 
+    /// Sets the clock the program stamps used keys with ([`LastUse`]); 0 stops stamping.
+    pub fn set_clock(&self, clock: u64) {
+        self.config.store(0, ConfigField::Clock.word(), clock);
+    }
+
+    /// The clock as last set.
+    pub fn clock(&self) -> u64 {
+        self.config.load(0, ConfigField::Clock.word())
+    }
+
+    /// The allowlist keys stamped at `since` or later, with their stamps: one pass over the
+    /// stamps (8 bytes a slot, a few ms for millions), then the key of each stamped slot.
+    pub fn used_since(&self, since: u64) -> Vec<LastUse> {
+        let since = since.max(1);
+        let mut out = Vec::new();
+        for index in 0..self.last_used.len() {
+            let Some(stamp) = self.last_used.get(index) else { break };
+            // SAFETY: in bounds of the mapping; the program writes whole aligned words.
+            let stamp = unsafe { std::ptr::read_volatile(stamp) };
+            if stamp < since {
+                continue;
+            }
+            if let Some((account, key)) = self.tables.allow_key_at(index) {
+                out.push(LastUse { index, account, key, clock: stamp });
+            }
+        }
+        out
+    }
+
     /// Drop samples waiting in the ring buffer, at most `max`.
     pub fn drain_samples(&mut self, max: usize) -> Vec<DropSample> {
         let mut out = Vec::new();
@@ -682,6 +733,17 @@ impl Datapath {
         let capacity = self.tables.capacity() as u64;
         (capacity - self.tables.free_slots(), capacity)
     }
+}
+
+/// A kernel key that let a packet through: the account slot, the key (an allowlist entry
+/// or override, or a longer key the entry was expanded to) and the clock it was stamped with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastUse {
+    /// The slot of the tables (and of the stamps) the key is in.
+    pub index: u32,
+    pub account: u32,
+    pub key: IpNet,
+    pub clock: u64,
 }
 
 /// Each account's keys in the binding table, with whether each (an address record) also

@@ -216,6 +216,24 @@ impl Tables {
         }
     }
 
+    /// The allowlist key live in slot `index` right now: its owner account and network.
+    /// (Last-used stamps are kept per slot index; this names what a stamp belongs to.)
+    pub fn allow_key_at(&self, index: u32) -> Option<(u32, ipnet::IpNet)> {
+        if index >= self.slots.len() {
+            return None;
+        }
+        let meta = self.meta(index);
+        let tag = meta.tag();
+        let (owner, len) = (tag.owner()?, tag.prefix_len()?);
+        if !meta.is_live() {
+            return None;
+        }
+        let key = SlotKey { tag, hi: self.slots.load(index, KEY_HI), lo: self.slots.load(index, KEY_LO) };
+        let net = ipnet::IpNet::new(key.addr(), len).ok()?;
+        // The seqlock's second read: a slot rewritten meanwhile names nothing.
+        (self.meta(index) == meta).then_some((owner, net))
+    }
+
     fn meta(&self, index: u32) -> Meta {
         Meta::from_bits(self.slots.load(index, META))
     }

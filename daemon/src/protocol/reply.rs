@@ -57,6 +57,14 @@ pub struct Entry {
     pub created_by: u32,
     /// A disabled entry is kept and listed but lets nothing in.
     pub enabled: bool,
+    /// `allow_list` only: when the entry last let a sign-in through (an allowed check whose
+    /// address it is the most specific entry to cover), unix seconds, on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_signin_at: Option<i64>,
+    /// `allow_list` only: when the entry last let a packet through in this node's kernel,
+    /// unix seconds (to within the daemon's one-second clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_packet_at: Option<i64>,
 }
 
 /// A reply with what the daemon rewrote on the way in (an IPv4-mapped network stored as
@@ -415,6 +423,8 @@ mod tests {
             created_at: 1,
             created_by: 0,
             enabled: true,
+            last_signin_at: None,
+            last_packet_at: None,
         };
         let plain = serde_json::to_value(Noted::new(entry.clone(), vec![])).unwrap();
         assert!(plain.get("notes").is_none() && plain["cidr"] == "198.18.0.0/24");

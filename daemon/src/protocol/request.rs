@@ -143,7 +143,7 @@ impl Command {
             | Command::AccountMode(AccountMode { account, .. })
             | Command::AllowAdd(AllowAdd { account, .. })
             | Command::AllowRemove(AllowRemove { account, .. })
-            | Command::AllowList(AllowList { account })
+            | Command::AllowList(AllowList { account, .. })
             | Command::AllowDisable(AllowDisable { account, .. })
             | Command::AllowEnable(AllowEnable { account, .. })
             | Command::AllowLabel(AllowLabel { account, .. })
@@ -254,6 +254,10 @@ pub struct AllowRemove {
 #[serde(deny_unknown_fields)]
 pub struct AllowList {
     pub account: String,
+    /// Only the entries that let no sign-in and no packet through in this many seconds and
+    /// are at least that old.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unused: Option<u64>,
 }
 
 /// Keep an entry but let nothing in through it, in the kernel too (the lockout guard

@@ -49,11 +49,24 @@ impl Service {
         })
     }
 
-    pub(super) fn allow_list(&self, AllowList { account }: AllowList) -> Reply<AllowList> {
-        self.read(|tx| {
+    pub(super) fn allow_list(&self, AllowList { account, unused }: AllowList) -> Reply<AllowList> {
+        // Sign-ins counted but not written yet would be missing from the evidence.
+        self.activity.flush_account(&account);
+        let entries = self.read(|tx| {
             existing(tx, &account)?;
-            Ok(tx.entries(&account)?)
-        })
+            Ok(tx.entries_with_use(&account)?)
+        })?;
+        let Some(window) = unused else {
+            return Ok(entries);
+        };
+        // Unused: nothing let in within the window, and old enough to have had the chance (an
+        // entry added yesterday is not unused for 90 days).
+        let since = now().saturating_sub(i64::try_from(window).unwrap_or(i64::MAX));
+        let used = |t: Option<i64>| t.is_some_and(|t| t > since);
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.created_at <= since && !used(e.last_signin_at) && !used(e.last_packet_at))
+            .collect())
     }
 
     pub(super) fn allow_disable(&self, request: AllowDisable, uid: u32) -> Reply<AllowDisable> {

@@ -1,16 +1,37 @@
 //! Login checks, answered from memory by the pure decision in [`crate::policy::decide`].
 
 use super::{Reply, Service, now};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
 use crate::{
     activity::Signin,
     policy::decide,
-    protocol::{Caller, Check},
+    protocol::{Caller, Check, Mode, Reason},
 };
+
+/// The most specific of `entries` that covers `addr`: the one a sign-in or packet from it is
+/// credited to (removing it alone could shut the address out only if no other covers it).
+pub(super) fn most_specific(entries: &[IpNet], addr: IpAddr) -> Option<IpNet> {
+    entries.iter().filter(|n| n.contains(&addr)).max_by_key(|n| n.prefix_len()).copied()
+}
 
 impl Service {
     pub(super) fn check(&self, Check { account, addr, method, dry_run }: Check, caller: &Caller) -> Reply<Check> {
         let at = now();
-        let result = decide(&self.accounts.read().expect("cache lock"), &account, addr, at);
+        let (result, entry) = {
+            let accounts = self.accounts.read().expect("cache lock");
+            let result = decide(&accounts, &account, addr, at);
+            // The entry to credit with the sign-in: only when an entry let it in (not mode
+            // off, not an override), the most specific one, as `allow list` attributes packets.
+            let entry = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())
+                .then(|| {
+                    accounts.get(&account).filter(|a| a.mode != Mode::Off).and_then(|a| most_specific(&a.entries, addr))
+                })
+                .flatten();
+            (result, entry)
+        };
         if dry_run {
             return Ok(result);
         }
@@ -25,6 +46,7 @@ impl Service {
             reason: result.reason,
             uid: caller.uid,
             application: caller.is_application(),
+            entry,
         });
         Ok(result)
     }

@@ -15,7 +15,11 @@ use super::{
     change::{apply_account, audit},
     now,
 };
-use crate::{activity::Drops, logging::PendingAudit, policy::suspended};
+use crate::{
+    activity::{Drops, EntryUses},
+    logging::PendingAudit,
+    policy::suspended,
+};
 
 /// Most drop samples moved per drain (the ring holds more; the next drain takes them).
 const SAMPLES_PER_DRAIN: usize = 4096;
@@ -68,6 +72,61 @@ impl Service {
             cluster.prune_audit(cutoff);
         }
         Ok(())
+    }
+
+    /// Ticks the kernel's last-used clock and records which entries let packets through since
+    /// the last tick (runs every second, with the drop drain). The clock is `CLOCK_BOOTTIME`
+    /// seconds: it never goes back, so a key's stamp only ever grows; the clock in the map
+    /// before this tick says where the last scan (this daemon's or a previous one's) ended.
+    /// Returns how many entries' last packet moved.
+    pub fn note_packets(&self) -> usize {
+        let clock = crate::datapath::boot_time_ns() / 1_000_000_000;
+        let used = {
+            let guard = self.writer.lock().expect("writer lock");
+            let since = guard.datapath.clock();
+            guard.datapath.set_clock(clock);
+            guard.datapath.used_since(since)
+        };
+        if used.is_empty() {
+            return 0;
+        }
+        let at = now();
+        let slots: HashSet<u32> = used.iter().map(|u| u.account).collect();
+        let by_slot: HashMap<u32, String> = match self.read(|tx| {
+            let mut found = HashMap::with_capacity(slots.len());
+            for &slot in &slots {
+                if let Some(id) = tx.account_in_slot(slot)? {
+                    found.insert(slot, id);
+                }
+            }
+            Ok(found)
+        }) {
+            Ok(found) => found,
+            Err(e) => {
+                warn!("last packets of {} keys not recorded: {}", used.len(), e.0.message);
+                return 0;
+            }
+        };
+        let mut uses = EntryUses::new();
+        {
+            let accounts = self.accounts.read().expect("cache lock");
+            for u in used {
+                let Some(policy) = by_slot.get(&u.account).and_then(|id| Some((id, accounts.get(id)?))) else {
+                    continue;
+                };
+                // A key is one entry's, or a longer key one was expanded to (prefix.rs), or an
+                // override's (no entry holds it): credited like a sign-in from its address.
+                let entry = policy.1.entries.iter().filter(|n| n.contains(&u.key)).max_by_key(|n| n.prefix_len());
+                if let Some(&entry) = entry {
+                    let time = at - clock.saturating_sub(u.clock) as i64;
+                    let last = uses.entry((policy.0.clone(), entry)).or_default();
+                    *last = (*last).max(time);
+                }
+            }
+        }
+        let moved = uses.len();
+        self.activity.packets(uses);
+        moved
     }
 
     /// Moves the kernel's drop samples into the activity log (kind "drop"), so that support

@@ -78,6 +78,20 @@ fn allowlist(i: u32) -> Vec<(IpNet, u64)> {
     list
 }
 
+/// A source of account `i` covered by its first /24 and by none of its hosts: the office
+/// network, the common allowed case after a host entry.
+fn prefix_source(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0xc612_0000u32 | (((i * 2 + 6) & 0xff) << 8) | 77)
+}
+
+/// The account after the others has no host entries, only networks (an office and a branch).
+fn office_allowlist() -> Vec<(IpNet, u64)> {
+    ["198.51.100.0/24", "203.0.113.0/24", "2001:db8:1::/48"]
+        .iter()
+        .map(|n| (n.parse().unwrap(), NEVER_EXPIRES))
+        .collect()
+}
+
 /// The allowed sources of account `i` (first v4 host, the v6 host).
 fn allowed_sources(i: u32) -> (Ipv4Addr, Ipv6Addr) {
     let v4 = Ipv4Addr::from(0xc613_0000u32 | ((i * 8) & 0xffff));
@@ -132,6 +146,18 @@ fn cases(accounts: u32) -> Vec<Case> {
         case("unbound pass, IPv6", packets::ipv6_tcp(bad6, unbound6, 40000, 443), XDP_PASS, false),
         case("bound allowed, IPv4", packets::ipv4_tcp(ok4, v4_dst(i), 40000, 443), XDP_PASS, false),
         case("bound allowed, IPv6", packets::ipv6_tcp(ok6, v6_dst(i), 40000, 443), XDP_PASS, false),
+        case(
+            "bound allowed by a /24, IPv4",
+            packets::ipv4_tcp(prefix_source(i), v4_dst(i), 40000, 443),
+            XDP_PASS,
+            false,
+        ),
+        case(
+            "bound allowed by a /24, no host entries, IPv4",
+            packets::ipv4_tcp(Ipv4Addr::new(198, 51, 100, 77), v4_dst(accounts + 1), 40000, 443),
+            XDP_PASS,
+            false,
+        ),
         case("bound dropped, IPv4", packets::ipv4_tcp(bad4, v4_dst(i), 40000, 443), XDP_DROP, false),
         case("bound dropped, IPv6", packets::ipv6_tcp(bad6, v6_dst(i), 40000, 443), XDP_DROP, false),
         case("bound dropped, IPv4, samples on", packets::ipv4_tcp(bad4, v4_dst(i), 40000, 443), XDP_DROP, true),
@@ -141,7 +167,7 @@ fn cases(accounts: u32) -> Vec<Case> {
 
 fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
     let bpffs = BpfFs::new().expect("mount a private bpffs");
-    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 23, accounts: accounts + 1 };
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 23, accounts: accounts + 2 };
     let mut dp = Datapath::open(&options).expect("load the XDP program");
     let started = Instant::now();
     let mut bindings = Vec::with_capacity(2 * accounts as usize);
@@ -152,7 +178,19 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
         bindings.push(Binding { addr: v4_dst(i).into(), target: tcp443, account: i });
         bindings.push(Binding { addr: v6_dst(i).into(), target: tcp443, account: i });
     }
+    // One more account, without host entries: an office /24 and a branch /24.
+    let office = accounts + 1;
+    dp.set_policy(office, Mode::Enforce, false).unwrap();
+    dp.set_allowlist(office, &office_allowlist()).unwrap();
+    bindings.push(Binding {
+        addr: v4_dst(office).into(),
+        target: BindTarget::Port { protocol: 6, port: 443 },
+        account: office,
+    });
     dp.set_bindings(&bindings).unwrap();
+    // A ticking clock, as under ipaccessd: an allowed packet pays for its key's last-used
+    // stamp (its first packet writes it; the rest read it, as in the second after a tick).
+    dp.set_clock(1);
     let load_time = started.elapsed().as_secs_f64();
     let mut bench = Ebpf::load(BENCH_OBJECT).expect("load the benchmark's reference programs");
     for name in ["ipaccess_floor", "ipaccess_calibration_hash"] {

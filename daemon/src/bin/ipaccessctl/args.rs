@@ -248,10 +248,15 @@ pub enum AllowCmd {
         #[arg(long)]
         force: bool,
     },
-    /// List an account's allowlist
+    /// List an account's allowlist, with when each entry last let a sign-in and a packet
+    /// through (as this node saw them)
     List {
         /// Account id
         id: String,
+        /// Only the entries that let no sign-in and no packet through for this long (and are
+        /// older than that): candidates for removal. 90d, 12h, 30m, 45s or seconds
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        unused: Option<u64>,
     },
     /// Turn a disabled entry back on
     Enable {
@@ -428,7 +433,7 @@ pub fn action(top: Top) -> Result<Action, String> {
         Top::Allow(AllowCmd::Remove { id, cidr, client_ip, force }) => {
             Command::AllowRemove(AllowRemove { account: id, cidr, client_ip, force })
         }
-        Top::Allow(AllowCmd::List { id }) => Command::AllowList(AllowList { account: id }),
+        Top::Allow(AllowCmd::List { id, unused }) => Command::AllowList(AllowList { account: id, unused }),
         Top::Allow(AllowCmd::Enable { id, cidr }) => Command::AllowEnable(AllowEnable { account: id, cidr }),
         Top::Allow(AllowCmd::Disable { id, cidr, client_ip, force }) => {
             Command::AllowDisable(AllowDisable { account: id, cidr, client_ip, force })

@@ -217,9 +217,18 @@ impl Render for Vec<Entry> {
     fn render(&self, out: &mut String) {
         let rows = self.iter().map(|e| {
             let label = or_dash(e.label.as_deref());
-            vec![e.cidr.to_string(), status(e).into(), label, time(e.created_at), e.created_by.to_string()]
+            let last = |t: Option<i64>| t.map_or_else(|| "-".into(), time);
+            vec![
+                e.cidr.to_string(),
+                status(e).into(),
+                label,
+                time(e.created_at),
+                e.created_by.to_string(),
+                last(e.last_signin_at),
+                last(e.last_packet_at),
+            ]
         });
-        table(out, &["CIDR", "STATUS", "LABEL", "CREATED", "BY"], rows);
+        table(out, &["CIDR", "STATUS", "LABEL", "CREATED", "BY", "LAST SIGN-IN", "LAST PACKET"], rows);
     }
 }
 

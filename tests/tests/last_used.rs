@@ -1,0 +1,123 @@
+//! Last-used evidence end to end: the real `ipaccessd` in the server namespace of a
+//! [`TestHosts`](ipaccess_tests::netns::TestHosts) pair, real UDP through its XDP program on
+//! the veth, checks and `allow list` over its control socket and through the real
+//! `ipaccessctl`. An entry that lets a datagram through shows a last packet, one that lets a
+//! check through a last sign-in, and `--unused` lists only the entry that did neither; the
+//! evidence survives a restart of the daemon. Build the binaries first:
+//! `cargo build --release -p ipaccess --bins`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipaccess_tests::client::Conn;
+use ipaccess_tests::daemon::{World, binaries};
+use ipaccess_tests::netns::{UdpEchoServer, echoed_udp, udp_client};
+use serde_json::{Value, json};
+
+fn ok(w: &World, request: Value) -> Value {
+    Conn::open(&w.socket()).ok(request)
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// `allow_list` as (cidr, last_signin, last_packet).
+fn listed(w: &World, unused: Option<u64>) -> Vec<(String, Option<i64>, Option<i64>)> {
+    let mut request = json!({"cmd": "allow_list", "account": "cust"});
+    if let Some(unused) = unused {
+        request["unused"] = json!(unused);
+    }
+    let list = ok(w, request);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["cidr"].as_str().unwrap().to_string(), e["last_signin_at"].as_i64(), e["last_packet_at"].as_i64()))
+        .collect()
+}
+
+fn ctl(w: &World, args: &[&str]) -> String {
+    let out = Command::new(&binaries().ctl).arg("--socket").arg(w.socket()).args(args).output().unwrap();
+    assert!(out.status.success(), "ipaccessctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn entries_show_their_last_packet_and_sign_in_and_unused_lists_the_rest() {
+    let mut w = World::new("");
+    let (packets_from, checks_from) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7400);
+    let _server = UdpEchoServer::start_in(&w.hosts.server, dst).unwrap();
+    ok(&w, json!({"cmd": "account_add", "account": "cust"}));
+    ok(&w, json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": 7400, "proto": "udp"}));
+    let host = format!("{packets_from}/32");
+    // The checks come from an address inside a /24 that also holds a /16's: the /24 is the
+    // most specific entry and gets the sign-in, the /16 nothing.
+    let net24 = format!("{}/24", Ipv4Addr::from(u32::from(checks_from) & 0xffff_ff00));
+    let net16 = format!("{}/16", Ipv4Addr::from(u32::from(checks_from) & 0xffff_0000));
+    let idle = "203.0.113.0/24".to_string();
+    for cidr in [&host, &net24, &net16, &idle] {
+        ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": cidr}));
+    }
+    ok(&w, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "force": true}));
+    let added = now();
+    // Fresh entries: no evidence, and none is unused yet (none is older than a second's window).
+    assert!(listed(&w, None).iter().all(|(_, s, p)| s.is_none() && p.is_none()), "{:?}", listed(&w, None));
+    assert!(listed(&w, Some(3600)).is_empty(), "an entry added just now is not unused for an hour");
+    // Entries old enough for a window of 4 s before anything uses them (see below).
+    thread::sleep(Duration::from_secs(6));
+
+    // A datagram through the host entry, in the kernel; a check through the /24.
+    let sock = udp_client(&w.hosts.client, packets_from.into(), dst);
+    assert!(echoed_udp(&sock, b"hello", 3, Duration::from_secs(2)) > 0, "the allowed datagram was not echoed");
+    assert_eq!(
+        ok(&w, json!({"cmd": "check", "account": "cust", "addr": checks_from.to_string(), "method": "password"}))["reason"],
+        "allowed"
+    );
+    // The stamps are read once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let seen = listed(&w, None);
+        if seen.iter().any(|(c, _, p)| *c == host && p.is_some()) || Instant::now() > deadline {
+            break seen;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    let find = |seen: &[(String, Option<i64>, Option<i64>)], cidr: &str| {
+        seen.iter().find(|(c, ..)| c == cidr).cloned().unwrap_or_else(|| panic!("{cidr} not listed: {seen:?}"))
+    };
+    let (_, signin, packet) = find(&seen, &host);
+    let packet = packet.expect("the host entry shows no last packet");
+    assert!(signin.is_none() && (added - 2..=now() + 1).contains(&packet), "{seen:?}");
+    let (_, signin, packet) = find(&seen, &net24);
+    assert!(packet.is_none() && signin.is_some_and(|t| (added..=now()).contains(&t)), "{seen:?}");
+    for idle in [&net16, &idle] {
+        assert_eq!(find(&seen, idle), (idle.clone(), None, None), "credited though it let nothing in");
+    }
+
+    // A window of 4 s: the entries are older than that, the evidence is younger (read within
+    // a second or two, and a packet's time may read up to a second early), so the entries
+    // that let nothing in are unused, and only they; through the CLI too, with its columns.
+    let unused: Vec<String> = listed(&w, Some(4)).into_iter().map(|(c, ..)| c).collect();
+    let mut expected = vec![net16.clone(), idle.clone()];
+    expected.sort();
+    let mut got = unused.clone();
+    got.sort();
+    assert_eq!(got, expected);
+    let shown = ctl(&w, &["allow", "list", "cust", "--unused", "4s"]);
+    assert!(shown.contains("LAST SIGN-IN") && shown.contains("LAST PACKET"), "{shown}");
+    assert!(shown.contains(&idle) && !shown.contains(&host) && !shown.contains(&net24), "{shown}");
+    let all = ctl(&w, &["allow", "list", "cust"]);
+    assert!(all.contains(&host) && all.contains(&net24), "{all}");
+    // With a window of an hour, none is old enough to be unused.
+    assert!(listed(&w, Some(3600)).is_empty());
+
+    // The evidence is in the store: a restarted daemon still shows it.
+    w.stop();
+    w.start("");
+    let again = listed(&w, None);
+    assert_eq!(find(&again, &host).2, find(&seen, &host).2, "the last packet was lost in a restart");
+    assert_eq!(find(&again, &net24).1, find(&seen, &net24).1, "the last sign-in was lost in a restart");
+}
