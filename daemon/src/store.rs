@@ -199,6 +199,9 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE bindings;
     ALTER TABLE bindings_v8 RENAME TO bindings;
     CREATE INDEX bindings_account ON bindings(account);",
+    // v9: an entry can expire (unix s; NULL never), and the sweep audits each expiry once.
+    "ALTER TABLE allow_entries ADD COLUMN expires_at INTEGER;
+    ALTER TABLE allow_entries ADD COLUMN expiry_audited INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Rows of sign-ins one account may add in one hour; further addresses are counted together
@@ -568,7 +571,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// One account's allowlist (see [`Tx::entries`]).
-const ENTRIES_OF_ACCOUNT: &str = "SELECT account, cidr, label, created_at, created_by, enabled
+const ENTRIES_OF_ACCOUNT: &str = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
                                   FROM allow_entries WHERE account = ?1";
 
 /// A transaction on the store. Dropping it without [`Tx::commit`] rolls it back.
@@ -728,12 +731,13 @@ impl Tx<'_> {
             created_at: now,
             created_by,
             enabled: true,
+            expires_at: None,
         })
     }
 
     /// One entry of the account's allowlist, matched exactly (callers pass networks).
     pub fn entry(&self, account: &str, cidr: IpNet) -> Result<Option<Entry>, StoreError> {
-        let sql = "SELECT account, cidr, label, created_at, created_by, enabled
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
                    FROM allow_entries WHERE account = ?1 AND cidr = ?2";
         Ok(self.rows(sql, (account, cidr.to_string()), entry_row)?.pop())
     }
@@ -742,6 +746,26 @@ impl Tx<'_> {
     pub fn set_entry_enabled(&self, account: &str, cidr: IpNet, enabled: bool) -> Result<bool, StoreError> {
         let sql = "UPDATE allow_entries SET enabled = ?3 WHERE account = ?1 AND cidr = ?2";
         Ok(self.execute(sql, (account, cidr.to_string(), enabled))? > 0)
+    }
+
+    /// Sets (unix s) or clears an entry's expiry; false if there is no such entry. A new
+    /// expiry is audited again when it comes.
+    pub fn set_entry_expiry(&self, account: &str, cidr: IpNet, expires_at: Option<i64>) -> Result<bool, StoreError> {
+        let sql = "UPDATE allow_entries SET expires_at = ?3, expiry_audited = 0 WHERE account = ?1 AND cidr = ?2";
+        Ok(self.execute(sql, (account, cidr.to_string(), expires_at))? > 0)
+    }
+
+    /// Entries whose expiry has come by `now` and is not audited yet (at most 1000 a call).
+    pub fn unaudited_entry_expiries(&self, now: i64) -> Result<Vec<Entry>, StoreError> {
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
+                   FROM allow_entries WHERE expires_at <= ?1 AND expiry_audited = 0 LIMIT 1000";
+        self.rows(sql, [now], entry_row)
+    }
+
+    pub fn mark_entry_expiry_audited(&self, account: &str, cidr: IpNet) -> Result<(), StoreError> {
+        let sql = "UPDATE allow_entries SET expiry_audited = 1 WHERE account = ?1 AND cidr = ?2";
+        self.execute(sql, (account, cidr.to_string()))?;
+        Ok(())
     }
 
     /// Sets or clears an entry's label; false if there is no such entry.
@@ -772,7 +796,7 @@ impl Tx<'_> {
 
     /// Every allowlist entry, ordered by account then CIDR text.
     pub fn all_entries(&self) -> Result<Vec<Entry>, StoreError> {
-        let sql = "SELECT account, cidr, label, created_at, created_by, enabled
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
                    FROM allow_entries ORDER BY account, cidr";
         self.rows(sql, [], entry_row)
     }
@@ -1444,6 +1468,7 @@ fn entry_row(r: &Row) -> Result<Entry, StoreError> {
         created_at: r.get(3)?,
         created_by: int(r.get(4)?, "created_by")?,
         enabled: r.get::<_, i64>(5)? != 0,
+        expires_at: r.get(6)?,
     })
 }
 

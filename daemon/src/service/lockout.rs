@@ -46,8 +46,8 @@ pub(super) fn guard(
             ),
         ));
     }
-    let lets_in_now = |addr: IpAddr| before.mode != Mode::Enforce || before.covers(addr, at);
-    let allows_nothing = |p: &AccountPolicy| p.entries.is_empty() && p.live_overrides(at).next().is_none();
+    let allows_nothing =
+        |p: &AccountPolicy| p.live_entries(at).next().is_none() && p.live_overrides(at).next().is_none();
     if allows_nothing(after) && (before.mode != Mode::Enforce || !allows_nothing(before)) {
         logging::lockout_refused_because(account, uid, "nothing allowed");
         return Err(Failure::new(
@@ -58,11 +58,7 @@ pub(super) fn guard(
             ),
         ));
     }
-    let shut_out: Vec<RecentSignin> = tx
-        .recent_signins(account, at - RECENT_SIGNINS)?
-        .into_iter()
-        .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
-        .collect();
+    let shut_out = shut_out(tx, account, before, after, at)?;
     let Some(first) = shut_out.first() else { return Ok(()) };
     logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
     let mut listed: Vec<String> = shut_out
@@ -88,6 +84,29 @@ pub(super) fn guard(
     Err(refusal)
 }
 
+/// The addresses that signed in successfully in the last seven days, are let in at `at` by
+/// `before` and would not be by `after` (nobody, unless `after` enforces). Entries and
+/// overrides count as they are at `at`: one live then counts however soon it expires (its
+/// end was chosen when it was added, and is not the change's doing); an expired one lets
+/// nobody in, before or after.
+pub(super) fn shut_out(
+    tx: &Tx,
+    account: &str,
+    before: &AccountPolicy,
+    after: &AccountPolicy,
+    at: i64,
+) -> Result<Vec<RecentSignin>, Failure> {
+    if after.mode != Mode::Enforce {
+        return Ok(Vec::new());
+    }
+    let lets_in_now = |addr: IpAddr| before.mode != Mode::Enforce || before.covers(addr, at);
+    Ok(tx
+        .recent_signins(account, at - RECENT_SIGNINS)?
+        .into_iter()
+        .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +122,7 @@ mod tests {
             state: AccountState::Active,
             mode,
             entries: entries.iter().map(|e| e.parse().unwrap()).collect(),
+            expiring: Vec::new(),
             overrides: Vec::new(),
         }
     }

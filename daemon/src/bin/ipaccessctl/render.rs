@@ -11,6 +11,7 @@ use ipaccess::protocol::{
     Location, Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
 };
 use ipaccess::time::format_utc;
+use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -192,6 +193,13 @@ fn status(entry: &Entry) -> &'static str {
     if entry.enabled { "enabled" } else { "disabled" }
 }
 
+/// When an entry expires, `-` for never, marked once it has.
+fn expires(entry: &Entry) -> String {
+    let Some(at) = entry.expires_at else { return "-".into() };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if at <= now { format!("{} (expired)", time(at)) } else { time(at) }
+}
+
 impl Render for Noted<Entry> {
     fn render(&self, out: &mut String) {
         let entry = &self.value;
@@ -199,6 +207,9 @@ impl Render for Noted<Entry> {
         line(out, "cidr", entry.cidr.to_string());
         line(out, "label", or_dash(entry.label.as_deref()));
         line(out, "status", status(entry));
+        if entry.expires_at.is_some() {
+            line(out, "expires_at", expires(entry));
+        }
         line(out, "created_at", time(entry.created_at));
         line(out, "created_by", entry.created_by.to_string());
         notes(out, &self.notes);
@@ -217,15 +228,31 @@ impl Render for Vec<Entry> {
     fn render(&self, out: &mut String) {
         let rows = self.iter().map(|e| {
             let label = or_dash(e.label.as_deref());
-            vec![e.cidr.to_string(), status(e).into(), label, time(e.created_at), e.created_by.to_string()]
+            vec![e.cidr.to_string(), status(e).into(), label, expires(e), time(e.created_at), e.created_by.to_string()]
         });
-        table(out, &["CIDR", "STATUS", "LABEL", "CREATED", "BY"], rows);
+        table(out, &["CIDR", "STATUS", "LABEL", "EXPIRES", "CREATED", "BY"], rows);
     }
 }
 
 impl Render for Allowlist {
     fn render(&self, out: &mut String) {
-        self.entries.render(out);
+        match &self.dry_run {
+            None => self.entries.render(out),
+            Some(plan) => {
+                out.push_str("dry run: nothing was changed\n");
+                let cidrs = |list: &[ipnet::IpNet]| list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                for (what, list) in [("added", &plan.added), ("removed", &plan.removed), ("unchanged", &plan.unchanged)] {
+                    line(out, what, if list.is_empty() { "-".into() } else { cidrs(list) });
+                }
+                let rows = plan.shut_out.iter().map(|s| vec![s.address.to_string(), time(s.last_seen)]);
+                if plan.shut_out.is_empty() {
+                    line(out, "shut_out", "nobody who signed in in the last 7 days");
+                } else {
+                    out.push_str("would shut out these recent sign-ins (--force would be needed):\n");
+                    table(out, &["ADDRESS", "LAST SIGN-IN"], rows);
+                }
+            }
+        }
         notes(out, &self.notes);
     }
 }
