@@ -439,6 +439,45 @@ mod tests {
     }
 
     #[test]
+    fn an_expiring_entry_lets_in_until_its_expiry_only() {
+        let mut accounts = HashMap::new();
+        let mut acme = account(None, AccountState::Active, Mode::Enforce, &["198.18.0.0/24"]);
+        acme.expiring.push(ExpiringEntry { cidr: net("198.18.5.0/24"), expires_at: 100 });
+        acme.expiring.push(ExpiringEntry { cidr: net("198.18.5.7/32"), expires_at: 200 });
+        accounts.insert("acme".to_string(), acme);
+        let at = |addr: &str, now| decide(&accounts, "acme", ip(addr), now);
+        let until = at("198.18.5.7", 99);
+        assert!(until.allowed && until.detail.contains("198.18.5.7/32 until"), "the longest-lived is named: {until:?}");
+        assert!(at("198.18.5.8", 99).allowed);
+        assert_eq!(at("198.18.5.8", 100).reason, Reason::AddressNotAllowed, "at its expiry second it is over");
+        assert!(at("198.18.5.7", 199).allowed);
+        let over = at("198.18.5.7", 200);
+        assert_eq!(over.reason, Reason::AddressNotAllowed);
+        assert!(over.detail.contains("1 enabled entries"), "expired entries are not counted: {}", over.detail);
+        assert!(at("198.18.0.1", 1_000).detail.ends_with("entry 198.18.0.0/24"), "a permanent entry has no end");
+        let acme = &accounts["acme"];
+        assert_eq!(acme.live_entries(150).count(), 2);
+        let mut withdrawn = acme.clone();
+        withdrawn.withdraw(net("198.18.5.7/32"));
+        assert!(!withdrawn.covers(ip("198.18.5.7"), 150) && withdrawn.expiring.len() == 1);
+    }
+
+    #[test]
+    fn entries_split_into_permanent_and_expiring_enabled_ones() {
+        let (entries, expiring) = split_entries(
+            [
+                (net("198.18.0.0/24"), true, None),
+                (net("198.18.1.0/24"), false, None),
+                (net("198.18.2.0/24"), true, Some(50)),
+                (net("198.18.3.0/24"), false, Some(50)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(entries, [net("198.18.0.0/24")]);
+        assert_eq!(expiring, [ExpiringEntry { cidr: net("198.18.2.0/24"), expires_at: 50 }]);
+    }
+
+    #[test]
     fn account_ids() {
         for good in ["acme", "a", "acme-dev", "user@example.org", "a.b_c+d", "A1", &"x".repeat(128)] {
             assert!(valid_account_id(good), "{good}");

@@ -1705,6 +1705,30 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_expiry_is_kept_and_audited_once() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        tx.add_entry("acme", net("198.18.0.0/24"), None, 7, 1).unwrap();
+        tx.add_entry("acme", net("198.18.1.0/24"), None, 7, 1).unwrap();
+        assert!(tx.set_entry_expiry("acme", net("198.18.0.0/24"), Some(100)).unwrap());
+        assert!(!tx.set_entry_expiry("acme", net("198.18.9.0/24"), Some(100)).unwrap());
+        let entry = tx.entry("acme", net("198.18.0.0/24")).unwrap().unwrap();
+        assert_eq!(entry.expires_at, Some(100));
+        assert_eq!(tx.entry("acme", net("198.18.1.0/24")).unwrap().unwrap().expires_at, None);
+        assert!(tx.unaudited_entry_expiries(99).unwrap().is_empty());
+        let ended = tx.unaudited_entry_expiries(100).unwrap();
+        assert_eq!(ended, [entry.clone()]);
+        tx.mark_entry_expiry_audited("acme", entry.cidr).unwrap();
+        assert!(tx.unaudited_entry_expiries(1_000).unwrap().is_empty());
+        // A replacement keeps the expiry; a new one is audited again when it comes.
+        tx.replace_entries("acme", &[(net("198.18.0.0/24"), Some("kept".into()))], 0, 2).unwrap();
+        assert_eq!(tx.entry("acme", net("198.18.0.0/24")).unwrap().unwrap().expires_at, Some(100));
+        tx.set_entry_expiry("acme", net("198.18.0.0/24"), Some(500)).unwrap();
+        assert_eq!(tx.unaudited_entry_expiries(500).unwrap().len(), 1);
+    }
+
+    #[test]
     fn state_and_mode_updates() {
         let (_dir, mut store) = open();
         let tx = store.transaction().unwrap();

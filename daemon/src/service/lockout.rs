@@ -111,6 +111,7 @@ pub(super) fn shut_out(
 mod tests {
     use super::*;
     use crate::{
+        policy::ExpiringEntry,
         protocol::{AccountState, Method, Reason},
         store::{SigninKey, Store, Tally, bucket},
     };
@@ -194,6 +195,14 @@ mod tests {
         let listed: ShutOut = serde_json::from_value(details.unwrap()).unwrap();
         let addresses: Vec<String> = listed.shut_out.iter().map(|s| s.address.to_string()).collect();
         assert_eq!(addresses, ["fd00::9"]);
+        // An expiring entry counts while it is live, however soon it ends; once expired,
+        // it lets nobody in, so withdrawing it shuts out nobody.
+        let mut expiring = policy(Mode::Enforce, &["198.18.0.0/24"]);
+        expiring.expiring.push(ExpiringEntry { cidr: "fd00::/64".parse().unwrap(), expires_at: now() + 5 });
+        let (_, message, _) = refusal(guard(&tx, "acme", 0, None, false, &expiring, &after));
+        assert!(message.contains("add fd00::9 first"), "{message}");
+        expiring.expiring[0].expires_at = now() - 1;
+        assert!(guard(&tx, "acme", 0, None, false, &expiring, &after).is_ok());
         // Turning enforcement on shuts out every recent address not on the list.
         let off = policy(Mode::Off, &["198.18.0.0/24"]);
         let (_, message, _) = refusal(guard(&tx, "acme", 0, None, false, &off, &after));

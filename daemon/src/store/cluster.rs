@@ -284,3 +284,33 @@ impl Tx<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[test]
+    fn an_older_document_reads_and_an_audited_expiry_stays_audited() {
+        let old = r#"{"cidr":"198.18.0.0/24","label":null,"enabled":true,"created_at":1,"created_by":0}"#;
+        assert_eq!(serde_json::from_str::<EntryDoc>(old).unwrap().expires_at, None);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db")).unwrap();
+        let tx = store.transaction().unwrap();
+        tx.add_account("acme", None, AccountState::Active, Mode::Enforce, 0).unwrap();
+        tx.add_entry("acme", "198.18.0.0/24".parse().unwrap(), None, 0, 1).unwrap();
+        tx.set_entry_expiry("acme", "198.18.0.0/24".parse().unwrap(), Some(50)).unwrap();
+        let doc = tx.account_doc("acme", 100).unwrap().unwrap();
+        assert_eq!(doc.entries[0].expires_at, Some(50));
+        assert!(doc.policy(100).live_entries(100).next().is_none(), "expired at 50");
+        let ended = tx.unaudited_entry_expiries(100).unwrap();
+        tx.mark_entry_expiry_audited("acme", ended[0].cidr).unwrap();
+        // The document applied again (another change to the account) is not a new expiry.
+        tx.put_account_doc("acme", &doc, 100).unwrap();
+        assert!(tx.unaudited_entry_expiries(100).unwrap().is_empty());
+        let mut renewed = doc.clone();
+        renewed.entries[0].expires_at = Some(200);
+        tx.put_account_doc("acme", &renewed, 100).unwrap();
+        assert_eq!(tx.unaudited_entry_expiries(200).unwrap().len(), 1, "a renewed entry's end is audited again");
+    }
+}
