@@ -235,7 +235,12 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr,
     }
     match account.entry_covering(addr, now) {
         Some((net, None)) => {
-            return result(true, Reason::Allowed, String::new(), format!("{addr} is covered by the allowlist entry {net}"));
+            return result(
+                true,
+                Reason::Allowed,
+                String::new(),
+                format!("{addr} is covered by the allowlist entry {net}"),
+            );
         }
         Some((net, Some(until))) => {
             let detail =

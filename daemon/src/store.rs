@@ -1718,7 +1718,7 @@ mod tests {
         assert_eq!(tx.entry("acme", net("198.18.1.0/24")).unwrap().unwrap().expires_at, None);
         assert!(tx.unaudited_entry_expiries(99).unwrap().is_empty());
         let ended = tx.unaudited_entry_expiries(100).unwrap();
-        assert_eq!(ended, [entry.clone()]);
+        assert_eq!(ended, std::slice::from_ref(&entry));
         tx.mark_entry_expiry_audited("acme", entry.cidr).unwrap();
         assert!(tx.unaudited_entry_expiries(1_000).unwrap().is_empty());
         // A replacement keeps the expiry; a new one is audited again when it comes.

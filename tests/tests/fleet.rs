@@ -348,7 +348,11 @@ fn an_entry_expiry_reaches_another_node_and_ends_there() {
     // Stored in whole seconds, the entry lives 3 to 4 s.
     assert_eq!(c.check("acme", visitor.into()), (true, "allowed".into()));
     assert!(reaches(Duration::from_millis(900)), "node C does not let the expiring entry in on its wire");
-    assert!(added_at.elapsed() < Duration::from_millis(2900), "too slow to test before expiry: {:?}", added_at.elapsed());
+    assert!(
+        added_at.elapsed() < Duration::from_millis(2900),
+        "too slow to test before expiry: {:?}",
+        added_at.elapsed()
+    );
 
     std::thread::sleep(Duration::from_millis(4300).saturating_sub(added_at.elapsed()));
     assert!(!reaches(Duration::from_millis(500)), "node C let the entry in after its expiry");

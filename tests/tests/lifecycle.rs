@@ -99,7 +99,11 @@ fn an_entry_added_for_two_seconds_ends_on_the_wire_by_itself() {
     // Stored in whole seconds, the entry lives 1 to 2 s: the checks come within the first.
     assert_eq!(check(&w, "cust", temp), (true, "allowed".into()));
     assert!(udp_ok(&w.hosts, temp, Duration::from_millis(900)), "the expiring entry does not reach the kernel");
-    assert!(added_at.elapsed() < Duration::from_millis(950), "too slow to test before expiry: {:?}", added_at.elapsed());
+    assert!(
+        added_at.elapsed() < Duration::from_millis(950),
+        "too slow to test before expiry: {:?}",
+        added_at.elapsed()
+    );
     let listed = ctl(&w, &["allow", "list", "cust"]);
     assert!(listed.stdout.contains("EXPIRES") && listed.stdout.contains("visitor"), "{}", listed.stdout);
 
@@ -194,7 +198,8 @@ fn replace_dry_run_changes_nothing_and_names_the_shut_out() {
     assert_eq!(dry["added"], json!(["198.18.60.0/24"]), "{plan}");
     assert_eq!(dry["removed"], json!([format!("{b}/32")]), "{plan}");
     assert_eq!(dry["unchanged"], json!([format!("{good}/32")]), "{plan}");
-    let shut_out: Vec<&str> = dry["shut_out"].as_array().unwrap().iter().map(|s| s["address"].as_str().unwrap()).collect();
+    let shut_out: Vec<&str> =
+        dry["shut_out"].as_array().unwrap().iter().map(|s| s["address"].as_str().unwrap()).collect();
     assert_eq!(shut_out, [b.to_string()], "{plan}");
     assert_eq!(plan["entries"], before, "{plan}");
 

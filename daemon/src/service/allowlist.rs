@@ -34,7 +34,9 @@ impl Service {
         if let Some(ttl) = ttl_seconds
             && !(1..=MAX_ENTRY_TTL).contains(&ttl)
         {
-            let why = format!("an entry's ttl_seconds is from 1 to {MAX_ENTRY_TTL} (a year); leave it out to keep it");
+            let why = format!(
+                "an entry lasts from 1 s to {MAX_ENTRY_TTL} s (366 days); leave ttl_seconds out for one that never expires"
+            );
             return Err(Failure::new(ErrorCode::BadRequest, why));
         }
         self.change(&account, |tx| {
@@ -96,7 +98,11 @@ impl Service {
         })
     }
 
-    pub(super) fn allow_enable(&self, AllowEnable { account, cidr, also }: AllowEnable, uid: u32) -> Reply<AllowEnable> {
+    pub(super) fn allow_enable(
+        &self,
+        AllowEnable { account, cidr, also }: AllowEnable,
+        uid: u32,
+    ) -> Reply<AllowEnable> {
         self.change(&account, |tx| {
             let (cidrs, notes) = networks(cidr, also)?;
             let row = existing(tx, &account)?;

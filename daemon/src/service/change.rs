@@ -277,7 +277,6 @@ pub(super) fn policy_from_store(tx: &Tx, row: &Account, now: i64) -> Result<Acco
     })
 }
 
-
 /// The account's row, or `unknown_account`.
 pub(super) fn existing(tx: &Tx, account: &str) -> Result<Account, Failure> {
     tx.account(account)?.ok_or_else(|| unknown(account))

@@ -11,9 +11,9 @@ use ipaccess::protocol::{
     Location, Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
 };
 use ipaccess::time::format_utc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::import::Totals;
 use crate::transport::DaemonError;
@@ -241,7 +241,8 @@ impl Render for Allowlist {
             Some(plan) => {
                 out.push_str("dry run: nothing was changed\n");
                 let cidrs = |list: &[ipnet::IpNet]| list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-                for (what, list) in [("added", &plan.added), ("removed", &plan.removed), ("unchanged", &plan.unchanged)] {
+                for (what, list) in [("added", &plan.added), ("removed", &plan.removed), ("unchanged", &plan.unchanged)]
+                {
                     line(out, what, if list.is_empty() { "-".into() } else { cidrs(list) });
                 }
                 let rows = plan.shut_out.iter().map(|s| vec![s.address.to_string(), time(s.last_seen)]);
