@@ -662,9 +662,9 @@ mod tests {
         assert_eq!(
             out,
             format!(
-                "CIDR           STATUS   {}  CREATED              BY\n\
-                 198.18.0.0/24  enabled  {HOSTILE_SHOWN}  2000-02-29 00:00:00  0\n\
-                 198.18.1.0/24  enabled  {}  2000-02-29 00:00:00  0\n",
+                "CIDR           STATUS   {}  EXPIRES  CREATED              BY\n\
+                 198.18.0.0/24  enabled  {HOSTILE_SHOWN}  -        2000-02-29 00:00:00  0\n\
+                 198.18.1.0/24  enabled  {}  -        2000-02-29 00:00:00  0\n",
                 pad("LABEL"),
                 pad("plain")
             )
@@ -688,9 +688,9 @@ mod tests {
             shown::<Vec<Entry>>(json!([entry("198.18.0.0/24", "東京", true), entry("fd00::/48", "Ze\u{301}ro", true)]));
         assert_eq!(
             out,
-            "CIDR           STATUS   LABEL  CREATED              BY\n\
-             198.18.0.0/24  enabled  東京   2000-02-29 00:00:00  0\n\
-             fd00::/48      enabled  Ze\u{301}ro   2000-02-29 00:00:00  0\n"
+            "CIDR           STATUS   LABEL  EXPIRES  CREATED              BY\n\
+             198.18.0.0/24  enabled  東京   -        2000-02-29 00:00:00  0\n\
+             fd00::/48      enabled  Ze\u{301}ro   -        2000-02-29 00:00:00  0\n"
         );
     }
 
@@ -701,7 +701,7 @@ mod tests {
         let cut = format!("{}…", "x".repeat(CELL_WIDTH - 1));
         assert_eq!(
             out.lines().nth(1),
-            Some(format!("198.18.0.0/24  disabled  {cut}  2000-02-29 00:00:00  0").as_str())
+            Some(format!("198.18.0.0/24  disabled  {cut}  -        2000-02-29 00:00:00  0").as_str())
         );
         // A `key: value` line shows it all.
         let out = shown::<Noted<Entry>>(entry("198.18.0.0/24", &label, true));
@@ -761,8 +761,8 @@ mod tests {
             "id: acme-dev\nparent: acme\nstate: parent_banned (own state: active)\nstate_reason: -\nmode: enforce\n\
              slot: 2\ncreated_at: 2000-02-29 00:00:00\n\
              \nallowlist:\n\
-             CIDR           STATUS    LABEL   CREATED              BY\n\
-             198.18.0.0/24  disabled  office  2000-02-29 00:00:00  0\n\
+             CIDR           STATUS    LABEL   EXPIRES  CREATED              BY\n\
+             198.18.0.0/24  disabled  office  -        2000-02-29 00:00:00  0\n\
              \nbindings:\n\
              ACCOUNT   ADDRESS     PROTO  PORT\n\
              acme-dev  198.18.0.1  tcp    443\n"
