@@ -22,9 +22,20 @@ pub struct AccountPolicy {
     pub parent: Option<String>,
     pub state: AccountState,
     pub mode: Mode,
-    /// The enabled allowlist entries (disabled ones let nothing in and are not here).
+    /// The enabled allowlist entries that never expire (disabled ones let nothing in and
+    /// are not here).
     pub entries: Vec<IpNet>,
+    /// The enabled entries with an expiry: each lets in until its `expires_at`, then nothing
+    /// (the kernel stops on its own, as for overrides; the sweep then drops them from here).
+    pub expiring: Vec<ExpiringEntry>,
     pub overrides: Vec<LiveOverride>,
+}
+
+/// An enabled allowlist entry that lets in until `expires_at` (unix s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpiringEntry {
+    pub cidr: IpNet,
+    pub expires_at: i64,
 }
 
 /// A support override as the policy sees it: it covers `cidr` until `expires_at` (unix s).
@@ -36,9 +47,32 @@ pub struct LiveOverride {
 }
 
 impl AccountPolicy {
-    /// The enabled entry that covers `addr`, if any.
-    pub fn entry_covering(&self, addr: IpAddr) -> Option<IpNet> {
-        self.entries.iter().copied().find(|net| net.contains(&addr))
+    /// The enabled entry, live at `now`, that covers `addr`, if any: a permanent one first,
+    /// then the one that lasts longest, so the answer does not name one about to expire.
+    pub fn entry_covering(&self, addr: IpAddr, now: i64) -> Option<(IpNet, Option<i64>)> {
+        if let Some(net) = self.entries.iter().copied().find(|net| net.contains(&addr)) {
+            return Some((net, None));
+        }
+        self.live_expiring(now)
+            .filter(|e| e.cidr.contains(&addr))
+            .max_by_key(|e| e.expires_at)
+            .map(|e| (e.cidr, Some(e.expires_at)))
+    }
+
+    /// Entries with an expiry that are still live at `now`.
+    pub fn live_expiring(&self, now: i64) -> impl Iterator<Item = &ExpiringEntry> {
+        self.expiring.iter().filter(move |e| e.expires_at > now)
+    }
+
+    /// Every enabled entry live at `now`, permanent or not.
+    pub fn live_entries(&self, now: i64) -> impl Iterator<Item = IpNet> + '_ {
+        self.entries.iter().copied().chain(self.live_expiring(now).map(|e| e.cidr))
+    }
+
+    /// Takes `cidr` out of the enabled entries (removed or disabled), expiring or not.
+    pub fn withdraw(&mut self, cidr: IpNet) {
+        self.entries.retain(|&net| net != cidr);
+        self.expiring.retain(|e| e.cidr != cidr);
     }
 
     /// The override, live at `now`, that covers `addr`, if any.
@@ -47,13 +81,26 @@ impl AccountPolicy {
     }
 
     pub fn covers(&self, addr: IpAddr, now: i64) -> bool {
-        self.entry_covering(addr).is_some() || self.override_covering(addr, now).is_some()
+        self.entry_covering(addr, now).is_some() || self.override_covering(addr, now).is_some()
     }
 
     /// Live overrides at `now`.
     pub fn live_overrides(&self, now: i64) -> impl Iterator<Item = &LiveOverride> {
         self.overrides.iter().filter(move |o| o.expires_at > now)
     }
+}
+
+/// Enabled entries (network, enabled, expiry) as the policy holds them: the permanent ones,
+/// and those with an expiry (kept even once past: [`AccountPolicy`] ignores them then).
+pub fn split_entries(all: impl Iterator<Item = (IpNet, bool, Option<i64>)>) -> (Vec<IpNet>, Vec<ExpiringEntry>) {
+    let (mut entries, mut expiring) = (Vec::new(), Vec::new());
+    for (cidr, _, expires_at) in all.filter(|&(_, enabled, _)| enabled) {
+        match expires_at {
+            None => entries.push(cidr),
+            Some(expires_at) => expiring.push(ExpiringEntry { cidr, expires_at }),
+        }
+    }
+    (entries, expiring)
 }
 
 /// The account's state as it takes effect, and the ancestor it comes from when it is not
@@ -186,8 +233,21 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr,
     if account.mode == Mode::Off {
         return result(true, Reason::Allowed, String::new(), format!("{id} does not restrict addresses (mode off)"));
     }
-    if let Some(net) = account.entry_covering(addr) {
-        return result(true, Reason::Allowed, String::new(), format!("{addr} is covered by the allowlist entry {net}"));
+    match account.entry_covering(addr, now) {
+        Some((net, None)) => {
+            return result(
+                true,
+                Reason::Allowed,
+                String::new(),
+                format!("{addr} is covered by the allowlist entry {net}"),
+            );
+        }
+        Some((net, Some(until))) => {
+            let detail =
+                format!("{addr} is covered by the allowlist entry {net} until {} UTC", crate::time::format_utc(until));
+            return result(true, Reason::Allowed, String::new(), detail);
+        }
+        None => {}
     }
     if let Some(granted) = account.override_covering(addr, now) {
         let mut allowed = result(
@@ -204,7 +264,7 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr,
         allowed.via_override = Some(OverrideRef { id: granted.id, expires_at: granted.expires_at });
         return allowed;
     }
-    let entries = account.entries.len();
+    let entries = account.live_entries(now).count();
     let overrides = account.live_overrides(now).count();
     let unmatched = format!("{addr} matches none of {id}'s {entries} enabled entries and {overrides} live overrides");
     match account.mode {
@@ -310,6 +370,7 @@ mod tests {
             state,
             mode,
             entries: entries.iter().map(|e| e.parse().unwrap()).collect(),
+            expiring: Vec::new(),
             overrides: Vec::new(),
         }
     }
@@ -380,6 +441,45 @@ mod tests {
         assert_eq!(decide(&accounts, "acme", ip("198.18.7.1"), 0).reason, Reason::Allowed);
         accounts.get_mut("acme").unwrap().state = AccountState::Unconfirmed;
         assert_eq!(decide(&accounts, "acme", ip("198.18.0.5"), 0).reason, Reason::Unconfirmed);
+    }
+
+    #[test]
+    fn an_expiring_entry_lets_in_until_its_expiry_only() {
+        let mut accounts = HashMap::new();
+        let mut acme = account(None, AccountState::Active, Mode::Enforce, &["198.18.0.0/24"]);
+        acme.expiring.push(ExpiringEntry { cidr: net("198.18.5.0/24"), expires_at: 100 });
+        acme.expiring.push(ExpiringEntry { cidr: net("198.18.5.7/32"), expires_at: 200 });
+        accounts.insert("acme".to_string(), acme);
+        let at = |addr: &str, now| decide(&accounts, "acme", ip(addr), now);
+        let until = at("198.18.5.7", 99);
+        assert!(until.allowed && until.detail.contains("198.18.5.7/32 until"), "the longest-lived is named: {until:?}");
+        assert!(at("198.18.5.8", 99).allowed);
+        assert_eq!(at("198.18.5.8", 100).reason, Reason::AddressNotAllowed, "at its expiry second it is over");
+        assert!(at("198.18.5.7", 199).allowed);
+        let over = at("198.18.5.7", 200);
+        assert_eq!(over.reason, Reason::AddressNotAllowed);
+        assert!(over.detail.contains("1 enabled entries"), "expired entries are not counted: {}", over.detail);
+        assert!(at("198.18.0.1", 1_000).detail.ends_with("entry 198.18.0.0/24"), "a permanent entry has no end");
+        let acme = &accounts["acme"];
+        assert_eq!(acme.live_entries(150).count(), 2);
+        let mut withdrawn = acme.clone();
+        withdrawn.withdraw(net("198.18.5.7/32"));
+        assert!(!withdrawn.covers(ip("198.18.5.7"), 150) && withdrawn.expiring.len() == 1);
+    }
+
+    #[test]
+    fn entries_split_into_permanent_and_expiring_enabled_ones() {
+        let (entries, expiring) = split_entries(
+            [
+                (net("198.18.0.0/24"), true, None),
+                (net("198.18.1.0/24"), false, None),
+                (net("198.18.2.0/24"), true, Some(50)),
+                (net("198.18.3.0/24"), false, Some(50)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(entries, [net("198.18.0.0/24")]);
+        assert_eq!(expiring, [ExpiringEntry { cidr: net("198.18.2.0/24"), expires_at: 50 }]);
     }
 
     #[test]

@@ -210,6 +210,9 @@ const MIGRATIONS: &[&str] = &[
         last_packet INTEGER,
         PRIMARY KEY (account, cidr)
     ) WITHOUT ROWID;",
+    // v10: an entry can expire (unix s; NULL never), and the sweep audits each expiry once.
+    "ALTER TABLE allow_entries ADD COLUMN expires_at INTEGER;
+    ALTER TABLE allow_entries ADD COLUMN expiry_audited INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Rows of sign-ins one account may add in one hour; further addresses are counted together
@@ -633,7 +636,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// One account's allowlist (see [`Tx::entries`]).
-const ENTRIES_OF_ACCOUNT: &str = "SELECT account, cidr, label, created_at, created_by, enabled
+const ENTRIES_OF_ACCOUNT: &str = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
                                   FROM allow_entries WHERE account = ?1";
 
 /// A transaction on the store. Dropping it without [`Tx::commit`] rolls it back.
@@ -797,12 +800,13 @@ impl Tx<'_> {
             enabled: true,
             last_signin_at: None,
             last_packet_at: None,
+            expires_at: None,
         })
     }
 
     /// One entry of the account's allowlist, matched exactly (callers pass networks).
     pub fn entry(&self, account: &str, cidr: IpNet) -> Result<Option<Entry>, StoreError> {
-        let sql = "SELECT account, cidr, label, created_at, created_by, enabled
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
                    FROM allow_entries WHERE account = ?1 AND cidr = ?2";
         Ok(self.rows(sql, (account, cidr.to_string()), entry_row)?.pop())
     }
@@ -811,6 +815,26 @@ impl Tx<'_> {
     pub fn set_entry_enabled(&self, account: &str, cidr: IpNet, enabled: bool) -> Result<bool, StoreError> {
         let sql = "UPDATE allow_entries SET enabled = ?3 WHERE account = ?1 AND cidr = ?2";
         Ok(self.execute(sql, (account, cidr.to_string(), enabled))? > 0)
+    }
+
+    /// Sets (unix s) or clears an entry's expiry; false if there is no such entry. A new
+    /// expiry is audited again when it comes.
+    pub fn set_entry_expiry(&self, account: &str, cidr: IpNet, expires_at: Option<i64>) -> Result<bool, StoreError> {
+        let sql = "UPDATE allow_entries SET expires_at = ?3, expiry_audited = 0 WHERE account = ?1 AND cidr = ?2";
+        Ok(self.execute(sql, (account, cidr.to_string(), expires_at))? > 0)
+    }
+
+    /// Entries whose expiry has come by `now` and is not audited yet (at most 1000 a call).
+    pub fn unaudited_entry_expiries(&self, now: i64) -> Result<Vec<Entry>, StoreError> {
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
+                   FROM allow_entries WHERE expires_at <= ?1 AND expiry_audited = 0 LIMIT 1000";
+        self.rows(sql, [now], entry_row)
+    }
+
+    pub fn mark_entry_expiry_audited(&self, account: &str, cidr: IpNet) -> Result<(), StoreError> {
+        let sql = "UPDATE allow_entries SET expiry_audited = 1 WHERE account = ?1 AND cidr = ?2";
+        self.execute(sql, (account, cidr.to_string()))?;
+        Ok(())
     }
 
     /// Sets or clears an entry's label; false if there is no such entry.
@@ -894,7 +918,7 @@ impl Tx<'_> {
 
     /// Every allowlist entry, ordered by account then CIDR text.
     pub fn all_entries(&self) -> Result<Vec<Entry>, StoreError> {
-        let sql = "SELECT account, cidr, label, created_at, created_by, enabled
+        let sql = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at
                    FROM allow_entries ORDER BY account, cidr";
         self.rows(sql, [], entry_row)
     }
@@ -1568,6 +1592,7 @@ fn entry_row(r: &Row) -> Result<Entry, StoreError> {
         enabled: r.get::<_, i64>(5)? != 0,
         last_signin_at: None,
         last_packet_at: None,
+        expires_at: r.get(6)?,
     })
 }
 
@@ -1810,6 +1835,30 @@ mod tests {
         // A replacement that keeps the entry keeps it disabled.
         tx.replace_entries("acme", &[(net("198.18.0.0/24"), None)], 0, 2).unwrap();
         assert!(!tx.entry("acme", net("198.18.0.0/24")).unwrap().unwrap().enabled);
+    }
+
+    #[test]
+    fn an_entry_expiry_is_kept_and_audited_once() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        tx.add_entry("acme", net("198.18.0.0/24"), None, 7, 1).unwrap();
+        tx.add_entry("acme", net("198.18.1.0/24"), None, 7, 1).unwrap();
+        assert!(tx.set_entry_expiry("acme", net("198.18.0.0/24"), Some(100)).unwrap());
+        assert!(!tx.set_entry_expiry("acme", net("198.18.9.0/24"), Some(100)).unwrap());
+        let entry = tx.entry("acme", net("198.18.0.0/24")).unwrap().unwrap();
+        assert_eq!(entry.expires_at, Some(100));
+        assert_eq!(tx.entry("acme", net("198.18.1.0/24")).unwrap().unwrap().expires_at, None);
+        assert!(tx.unaudited_entry_expiries(99).unwrap().is_empty());
+        let ended = tx.unaudited_entry_expiries(100).unwrap();
+        assert_eq!(ended, std::slice::from_ref(&entry));
+        tx.mark_entry_expiry_audited("acme", entry.cidr).unwrap();
+        assert!(tx.unaudited_entry_expiries(1_000).unwrap().is_empty());
+        // A replacement keeps the expiry; a new one is audited again when it comes.
+        tx.replace_entries("acme", &[(net("198.18.0.0/24"), Some("kept".into()))], 0, 2).unwrap();
+        assert_eq!(tx.entry("acme", net("198.18.0.0/24")).unwrap().unwrap().expires_at, Some(100));
+        tx.set_entry_expiry("acme", net("198.18.0.0/24"), Some(500)).unwrap();
+        assert_eq!(tx.unaudited_entry_expiries(500).unwrap().len(), 1);
     }
 
     #[test]

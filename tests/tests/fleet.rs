@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ipaccess_tests::daemon::{Launch, binaries};
 use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
+use ipaccess_tests::netns::tcp_connect;
 use serde_json::{Value, json};
 
 const PORT: u16 = 7443;
@@ -320,4 +321,41 @@ fn a_node_that_joined_after_an_override_ended_grants_a_new_id() {
         let listed = node.host.ok(json!({"cmd": "override_list", "account": "acme"}));
         assert!(listed.to_string().contains("SUP-2"), "{}: {listed}", node.name);
     }
+}
+
+/// An entry added for a few seconds through node A reaches node C, which lets its address
+/// in at sign-in and on its wire until the expiry, then stops by itself (no further change
+/// goes through etcd).
+#[test]
+fn an_entry_expiry_reaches_another_node_and_ends_there() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let _listeners = fleet.listeners(PORT);
+    fleet.converge(restrict_acme(&fleet.nodes[0]));
+    let c = &fleet.nodes[2];
+    let (visitor, server) = (c.host.hosts.client_v4[1], c.host.hosts.server_v4);
+    let target = std::net::SocketAddr::new(server.into(), PORT);
+    let reaches = |timeout| c.host.hosts.client.run(|| tcp_connect(visitor.into(), target, timeout));
+    assert!(!reaches(Duration::from_millis(500)), "{visitor} got through before it was added");
+
+    let added_at = Instant::now();
+    let entry = fleet.nodes[0].host.ok(json!({"cmd": "allow_add", "account": "acme",
+        "cidr": format!("{visitor}/32"), "ttl_seconds": 4}));
+    let expires_at = entry["expires_at"].as_i64().unwrap_or_else(|| panic!("no expiry: {entry}"));
+    fleet.converge(fleet.nodes[0].applied());
+    let listed = c.host.ok(json!({"cmd": "allow_list", "account": "acme"}));
+    assert!(listed.as_array().unwrap().iter().any(|e| e["expires_at"] == expires_at), "{listed}");
+    // Stored in whole seconds, the entry lives 3 to 4 s.
+    assert_eq!(c.check("acme", visitor.into()), (true, "allowed".into()));
+    assert!(reaches(Duration::from_millis(900)), "node C does not let the expiring entry in on its wire");
+    assert!(
+        added_at.elapsed() < Duration::from_millis(2900),
+        "too slow to test before expiry: {:?}",
+        added_at.elapsed()
+    );
+
+    std::thread::sleep(Duration::from_millis(4300).saturating_sub(added_at.elapsed()));
+    assert!(!reaches(Duration::from_millis(500)), "node C let the entry in after its expiry");
+    assert_eq!(c.check("acme", visitor.into()), (false, "address_not_allowed".into()));
+    assert!(c.enforces(PORT), "node C stopped enforcing the permanent entry");
 }

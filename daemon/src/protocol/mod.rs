@@ -268,6 +268,11 @@ fn cidr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::E
     parse_cidr(&text).map_err(serde::de::Error::custom)
 }
 
+fn cidrs<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    let texts = <Vec<std::borrow::Cow<'de, str>>>::deserialize(deserializer)?;
+    texts.iter().map(|text| parse_cidr(text).map_err(serde::de::Error::custom)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use strum::VariantArray;

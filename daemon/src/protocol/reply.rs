@@ -65,6 +65,10 @@ pub struct Entry {
     /// unix seconds (to within the daemon's one-second clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_packet_at: Option<i64>,
+    /// When the entry stops letting anything in (unix s); left out when it never does. An
+    /// expired entry stays listed until it is removed or added again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 /// A reply with what the daemon rewrote on the way in (an IPv4-mapped network stored as
@@ -92,12 +96,27 @@ pub struct EntryRemoved {
     pub notes: Vec<String>,
 }
 
-/// `allow_replace`: the allowlist as the change left it.
+/// `allow_replace`: the allowlist as the change left it (with `dry_run`, as it is, unchanged).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Allowlist {
     pub entries: Vec<Entry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Only for a `dry_run`: what the replacement would do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<ReplacePlan>,
+}
+
+/// What an `allow_replace` would change, computed without changing anything.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ReplacePlan {
+    /// Networks the replacement adds, removes, and keeps (canonical, in CIDR text order).
+    pub added: Vec<IpNet>,
+    pub removed: Vec<IpNet>,
+    pub unchanged: Vec<IpNet>,
+    /// Addresses that signed in successfully in the last 7 days, are let in now and would
+    /// not be after the replacement (what the lockout guard would refuse it for).
+    pub shut_out: Vec<RecentSignin>,
 }
 
 /// An endpoint bound to an account.
@@ -425,6 +444,7 @@ mod tests {
             enabled: true,
             last_signin_at: None,
             last_packet_at: None,
+            expires_at: None,
         };
         let plain = serde_json::to_value(Noted::new(entry.clone(), vec![])).unwrap();
         assert!(plain.get("notes").is_none() && plain["cidr"] == "198.18.0.0/24");

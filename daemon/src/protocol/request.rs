@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
-    AccountState, ActivityKind, Method, Mode, Proto, Role, cidr,
+    AccountState, ActivityKind, Method, Mode, Proto, Role, cidr, cidrs,
     reply::{
         Account, AccountDetails, ActivityReport, Allowlist, Binding, CheckResult, ClusterImported, Detached, Entry,
         EntryRemoved, Granted, Imported, ListedAccount, Noted, Override, Removed, StatsReport, StatusReport,
@@ -234,6 +234,10 @@ pub struct AllowAdd {
     pub cidr: IpNet,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// The entry lets in for this many seconds from now, then nothing (as an override
+    /// does); left out, it never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
 }
 
 /// Remove an entry (the lockout guard applies).
@@ -268,6 +272,10 @@ pub struct AllowDisable {
     pub account: String,
     #[serde(deserialize_with = "cidr")]
     pub cidr: IpNet,
+    /// Further entries disabled in the same change: all of them or none, the lockout guard
+    /// judging the result once.
+    #[serde(default, deserialize_with = "cidrs", skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
@@ -281,6 +289,9 @@ pub struct AllowEnable {
     pub account: String,
     #[serde(deserialize_with = "cidr")]
     pub cidr: IpNet,
+    /// Further entries enabled in the same change: all of them or none.
+    #[serde(default, deserialize_with = "cidrs", skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<IpNet>,
 }
 
 /// Change an entry's label (`null` clears it).
@@ -304,6 +315,10 @@ pub struct AllowReplace {
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
+    /// Change nothing: the reply's `dry_run` says what the replacement would add, remove
+    /// and keep, and which recent sign-ins it would shut out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// One line of an `allow_replace`.

@@ -14,10 +14,10 @@ use super::{
     lockout, now,
 };
 use crate::{
-    policy::normalise_cidr,
+    policy::{AccountPolicy, normalise_cidr, split_entries},
     protocol::{
         Account, AllowAdd, AllowDisable, AllowEnable, AllowLabel, AllowList, AllowRemove, AllowReplace, Allowlist,
-        Entry, EntryRemoved, ErrorCode, Noted, ReplaceEntry,
+        Entry, EntryRemoved, ErrorCode, Noted, RecentSignin, ReplaceEntry, ReplacePlan,
     },
     store::Tx,
 };
@@ -25,15 +25,40 @@ use crate::{
 /// A replacement allowlist: each network with its label.
 pub(super) type Wanted = Vec<(IpNet, Option<String>)>;
 
+/// The longest an entry may be added for.
+const MAX_ENTRY_TTL: u64 = 366 * 24 * 3600;
+
 impl Service {
-    pub(super) fn allow_add(&self, AllowAdd { account, cidr, label }: AllowAdd, uid: u32) -> Reply<AllowAdd> {
+    pub(super) fn allow_add(&self, request: AllowAdd, uid: u32) -> Reply<AllowAdd> {
+        let AllowAdd { account, cidr, label, ttl_seconds } = request;
+        if let Some(ttl) = ttl_seconds
+            && !(1..=MAX_ENTRY_TTL).contains(&ttl)
+        {
+            let why = format!(
+                "an entry lasts from 1 s to {MAX_ENTRY_TTL} s (366 days); leave ttl_seconds out for one that never expires"
+            );
+            return Err(Failure::new(ErrorCode::BadRequest, why));
+        }
         self.change(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
-            let entry = tx.add_entry(&account, cidr, label.as_deref(), uid, now())?;
-            // Counted after the insert, so a retried add still gets `entry_exists`.
+            let at = now();
+            // An expired entry is still listed; adding its network again renews it.
+            let renewed = tx.entry(&account, cidr)?.filter(|e| e.expires_at.is_some_and(|end| end <= at));
+            if renewed.is_some() {
+                tx.remove_entry(&account, cidr)?;
+            }
+            let mut entry = tx.add_entry(&account, cidr, label.as_deref(), uid, at)?;
+            // Counted after the insert, so a retried add still gets `entry_exists`; a renewal
+            // does not add to the count.
             let after = tx.entry_count(&account)?;
-            entry_limit(self.max_entries(), &account, after - 1, after)?;
-            audit(tx, &account, uid, "allow_add", json!({ "cidr": cidr, "label": label }))?;
+            entry_limit(self.max_entries(), &account, after - u64::from(renewed.is_none()), after)?;
+            if let Some(ttl) = ttl_seconds {
+                entry.expires_at = Some(at + ttl as i64);
+                tx.set_entry_expiry(&account, cidr, entry.expires_at)?;
+            }
+            let detail = json!({ "cidr": cidr, "label": label, "expires_at": entry.expires_at,
+                "renewed": renewed.is_some() });
+            audit(tx, &account, uid, "allow_add", detail)?;
             Ok((existing(tx, &account)?, Noted::new(entry, notes)))
         })
     }
@@ -70,23 +95,42 @@ impl Service {
     }
 
     pub(super) fn allow_disable(&self, request: AllowDisable, uid: u32) -> Reply<AllowDisable> {
-        let AllowDisable { account, cidr, client_ip, force } = request;
+        let AllowDisable { account, cidr, also, client_ip, force } = request;
         self.change(&account, |tx| {
-            let (cidr, notes) = network(cidr)?;
-            let (row, _) = withdraw_entry(tx, &account, cidr, uid, client_ip, force)?;
-            tx.set_entry_enabled(&account, cidr, false)?;
-            audit(tx, &account, uid, "allow_disable", json!({ "cidr": cidr, "forced": force }))?;
-            Ok((row, Noted::new(changed_entry(tx, &account, cidr)?, notes)))
+            let (cidrs, notes) = networks(cidr, also)?;
+            let row = existing(tx, &account)?;
+            for &cidr in &cidrs {
+                changed_entry(tx, &account, cidr)?;
+            }
+            // The guard judges the result of the whole request, once.
+            let before = policy_from_store(tx, &row, now())?;
+            let mut after = before.clone();
+            cidrs.iter().for_each(|&cidr| after.withdraw(cidr));
+            lockout::guard(tx, &account, uid, client_ip, force, &before, &after)?;
+            for &cidr in &cidrs {
+                tx.set_entry_enabled(&account, cidr, false)?;
+                audit(tx, &account, uid, "allow_disable", json!({ "cidr": cidr, "forced": force }))?;
+            }
+            Ok((row, bulk_reply(tx, &account, &cidrs, notes, "disabled")?))
         })
     }
 
-    pub(super) fn allow_enable(&self, AllowEnable { account, cidr }: AllowEnable, uid: u32) -> Reply<AllowEnable> {
+    pub(super) fn allow_enable(
+        &self,
+        AllowEnable { account, cidr, also }: AllowEnable,
+        uid: u32,
+    ) -> Reply<AllowEnable> {
         self.change(&account, |tx| {
-            let (cidr, notes) = network(cidr)?;
-            let (row, _) = existing_entry(tx, &account, cidr)?;
-            tx.set_entry_enabled(&account, cidr, true)?;
-            audit(tx, &account, uid, "allow_enable", json!({ "cidr": cidr }))?;
-            Ok((row, Noted::new(changed_entry(tx, &account, cidr)?, notes)))
+            let (cidrs, notes) = networks(cidr, also)?;
+            let row = existing(tx, &account)?;
+            for &cidr in &cidrs {
+                changed_entry(tx, &account, cidr)?;
+            }
+            for &cidr in &cidrs {
+                tx.set_entry_enabled(&account, cidr, true)?;
+                audit(tx, &account, uid, "allow_enable", json!({ "cidr": cidr }))?;
+            }
+            Ok((row, bulk_reply(tx, &account, &cidrs, notes, "enabled")?))
         })
     }
 
@@ -101,21 +145,25 @@ impl Service {
     }
 
     pub(super) fn allow_replace(&self, request: AllowReplace, uid: u32) -> Reply<AllowReplace> {
-        let AllowReplace { account, entries, client_ip, force } = request;
+        let AllowReplace { account, entries, client_ip, force, dry_run } = request;
+        if dry_run {
+            // The shut-out sign-ins include those answered just before.
+            self.activity.flush_account(&account);
+            return self.read(|tx| {
+                let replacement = Replacement::of(tx, &account, entries)?;
+                let shut_out = lockout::shut_out(tx, &account, &replacement.before, &replacement.after, now())?;
+                let plan = replacement.plan(shut_out);
+                Ok(Allowlist { entries: tx.entries_with_use(&account)?, notes: replacement.notes, dry_run: Some(plan) })
+            });
+        }
         self.change(&account, |tx| {
-            let row = existing(tx, &account)?;
-            let (wanted, notes) = distinct_entries(entries)?;
-            let current = tx.entries(&account)?;
+            let Replacement { row, wanted, notes, current, before, after } = Replacement::of(tx, &account, entries)?;
             // The replacement is the whole list afterwards (disabled entries it names stay).
             entry_limit(self.max_entries(), &account, current.len() as u64, wanted.len() as u64)?;
-            let disabled: HashSet<IpNet> = current.into_iter().filter(|e| !e.enabled).map(|e| e.cidr).collect();
-            let before = policy_from_store(tx, &row, now())?;
-            let mut after = before.clone();
-            after.entries = wanted.iter().map(|(c, _)| *c).filter(|c| !disabled.contains(c)).collect();
             lockout::guard(tx, &account, uid, client_ip, force, &before, &after)?;
             tx.replace_entries(&account, &wanted, uid, now())?;
             audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
-            Ok((row, Allowlist { entries: tx.entries(&account)?, notes }))
+            Ok((row, Allowlist { entries: tx.entries(&account)?, notes, dry_run: None }))
         })
     }
 }
@@ -156,6 +204,46 @@ pub(super) fn entry_limit(max: u32, account: &str, before: u64, after: u64) -> R
         "max": max,
     }));
     Err(Failure(body))
+}
+
+/// An `allow_replace` worked out in a transaction, before anything changes.
+struct Replacement {
+    row: Account,
+    wanted: Wanted,
+    notes: Vec<String>,
+    /// The allowlist as it is.
+    current: Vec<Entry>,
+    /// The account's policy as it is and as the replacement would leave it: a kept entry
+    /// keeps whether it is enabled and its expiry; a new one is enabled and permanent.
+    before: AccountPolicy,
+    after: AccountPolicy,
+}
+
+impl Replacement {
+    fn of(tx: &Tx, account: &str, entries: Vec<ReplaceEntry>) -> Result<Replacement, Failure> {
+        let row = existing(tx, account)?;
+        let (wanted, notes) = distinct_entries(entries)?;
+        let current = tx.entries(account)?;
+        let kept: HashMap<IpNet, &Entry> = current.iter().map(|e| (e.cidr, e)).collect();
+        let before = policy_from_store(tx, &row, now())?;
+        let (entries, expiring) = split_entries(wanted.iter().map(|(cidr, _)| match kept.get(cidr) {
+            Some(e) => (e.cidr, e.enabled, e.expires_at),
+            None => (*cidr, true, None),
+        }));
+        let after = AccountPolicy { entries, expiring, ..before.clone() };
+        Ok(Replacement { row, wanted, notes, current, before, after })
+    }
+
+    fn plan(&self, shut_out: Vec<RecentSignin>) -> ReplacePlan {
+        let wanted: HashSet<IpNet> = self.wanted.iter().map(|(c, _)| *c).collect();
+        let (mut added, mut unchanged): (Vec<IpNet>, Vec<IpNet>) =
+            wanted.iter().partition(|&c| !self.current.iter().any(|e| e.cidr == *c));
+        let mut removed: Vec<IpNet> = self.current.iter().map(|e| e.cidr).filter(|c| !wanted.contains(c)).collect();
+        for list in [&mut added, &mut removed, &mut unchanged] {
+            list.sort_by_cached_key(|c| c.to_string());
+        }
+        ReplacePlan { added, removed, unchanged, shut_out }
+    }
 }
 
 /// The entries of a replacement in canonical form (see [`network`]); where a CIDR is given
@@ -207,9 +295,37 @@ fn withdraw_entry(
     let (row, entry) = existing_entry(tx, account, cidr)?;
     let before = policy_from_store(tx, &row, now())?;
     let mut after = before.clone();
-    after.entries.retain(|&net| net != cidr);
+    after.withdraw(cidr);
     lockout::guard(tx, account, uid, client_ip, force, &before, &after)?;
     Ok((row, entry))
+}
+
+/// The entries a bulk request names (`cidr`, then `also`), canonical and each once, with
+/// the notes on rewritten ones.
+fn networks(cidr: IpNet, also: Vec<IpNet>) -> Result<(Vec<IpNet>, Vec<String>), Failure> {
+    let mut cidrs = Vec::with_capacity(1 + also.len());
+    let mut notes = Vec::new();
+    for given in std::iter::once(cidr).chain(also) {
+        let (cidr, note) = network(given)?;
+        notes.extend(note);
+        if !cidrs.contains(&cidr) {
+            cidrs.push(cidr);
+        }
+    }
+    Ok((cidrs, notes))
+}
+
+/// The reply of a bulk enable or disable: the first entry as changed (as for one entry),
+/// and a note for each further one.
+fn bulk_reply(
+    tx: &Tx,
+    account: &str,
+    cidrs: &[IpNet],
+    mut notes: Vec<String>,
+    done: &str,
+) -> Result<Noted<Entry>, Failure> {
+    notes.extend(cidrs[1..].iter().map(|cidr| format!("{cidr} {done} too")));
+    Ok(Noted::new(changed_entry(tx, account, cidrs[0])?, notes))
 }
 
 /// A CIDR as the store keeps it (see [`normalise_cidr`]) with a note when it was rewritten,

@@ -1,7 +1,10 @@
 //! What every change shares: the writer lock, the store transaction, the kernel update,
 //! and putting the kernel back when the commit fails. Reads, too, go through here.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use ipaccess_common::NEVER_EXPIRES;
 use ipnet::IpNet;
@@ -12,7 +15,7 @@ use super::{Failure, Service, Writer, now, unknown};
 use crate::{
     datapath::{self, Datapath, DatapathError},
     logging::{self, PendingAudit},
-    policy::{AccountPolicy, LiveOverride, suspended},
+    policy::{AccountPolicy, LiveOverride, split_entries, suspended},
     protocol::Account,
     store::{ActivityRecord, StoreError, Tx},
 };
@@ -97,6 +100,7 @@ impl Service {
                         state: row.state,
                         mode: row.mode,
                         entries,
+                        expiring: Vec::new(),
                         overrides: Vec::new(),
                     };
                     (row.id, policy)
@@ -222,13 +226,23 @@ pub(super) fn apply_account(
     suspended: bool,
 ) -> Result<(), DatapathError> {
     let mut entries: Vec<(IpNet, u64)> = account.entries.iter().map(|&net| (net, NEVER_EXPIRES)).collect();
-    // Overrides expire in the kernel on their own: their expiry moves to the kernel's clock.
-    let (unix_now, boot_now) = (now(), datapath::boot_time_ns());
-    for &LiveOverride { cidr: net, expires_at: expires, .. } in &account.overrides {
-        if expires > unix_now {
-            entries.push((net, boot_now.saturating_add((expires - unix_now) as u64 * 1_000_000_000)));
+    // Overrides and expiring entries end in the kernel on their own: their expiry moves to
+    // the kernel's clock.
+    // Measured to the nanosecond: in whole seconds the kernel could let in up to a second
+    // after the checks stop.
+    let unix_now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+    let boot_now = datapath::boot_time_ns();
+    let timed = account.overrides.iter().map(|o| (o.cidr, o.expires_at));
+    let timed = timed.chain(account.expiring.iter().map(|e| (e.cidr, e.expires_at)));
+    for (net, expires) in timed {
+        let left = expires as i128 * 1_000_000_000 - unix_now_ns;
+        if left > 0 {
+            entries.push((net, boot_now.saturating_add(left as u64)));
         }
     }
+    // One key holds one expiry: where an entry and an override share a network, the later.
+    entries.sort_unstable_by_key(|&(net, expires)| (net, std::cmp::Reverse(expires)));
+    entries.dedup_by_key(|&mut (net, _)| net);
     datapath.set_allowlist(account.slot, &entries)?;
     datapath.set_policy(account.slot, account.mode, suspended)
 }
@@ -246,7 +260,7 @@ pub(super) fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Valu
 
 /// The account's policy as a change would leave it, read inside the change's transaction.
 pub(super) fn policy_from_store(tx: &Tx, row: &Account, now: i64) -> Result<AccountPolicy, Failure> {
-    let entries = tx.entries(&row.id)?.into_iter().filter(|e| e.enabled).map(|e| e.cidr).collect();
+    let (entries, expiring) = split_entries(tx.entries(&row.id)?.iter().map(|e| (e.cidr, e.enabled, e.expires_at)));
     let overrides = tx
         .live_overrides(Some(&row.id), now)?
         .into_iter()
@@ -258,6 +272,7 @@ pub(super) fn policy_from_store(tx: &Tx, row: &Account, now: i64) -> Result<Acco
         state: row.state,
         mode: row.mode,
         entries,
+        expiring,
         overrides,
     })
 }

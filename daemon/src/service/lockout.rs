@@ -46,8 +46,8 @@ pub(super) fn guard(
             ),
         ));
     }
-    let lets_in_now = |addr: IpAddr| before.mode != Mode::Enforce || before.covers(addr, at);
-    let allows_nothing = |p: &AccountPolicy| p.entries.is_empty() && p.live_overrides(at).next().is_none();
+    let allows_nothing =
+        |p: &AccountPolicy| p.live_entries(at).next().is_none() && p.live_overrides(at).next().is_none();
     if allows_nothing(after) && (before.mode != Mode::Enforce || !allows_nothing(before)) {
         logging::lockout_refused_because(account, uid, "nothing allowed");
         return Err(Failure::new(
@@ -58,11 +58,7 @@ pub(super) fn guard(
             ),
         ));
     }
-    let shut_out: Vec<RecentSignin> = tx
-        .recent_signins(account, at - RECENT_SIGNINS)?
-        .into_iter()
-        .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
-        .collect();
+    let shut_out = shut_out(tx, account, before, after, at)?;
     let Some(first) = shut_out.first() else { return Ok(()) };
     logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
     let mut listed: Vec<String> = shut_out
@@ -88,10 +84,34 @@ pub(super) fn guard(
     Err(refusal)
 }
 
+/// The addresses that signed in successfully in the last seven days, are let in at `at` by
+/// `before` and would not be by `after` (nobody, unless `after` enforces). Entries and
+/// overrides count as they are at `at`: one live then counts however soon it expires (its
+/// end was chosen when it was added, and is not the change's doing); an expired one lets
+/// nobody in, before or after.
+pub(super) fn shut_out(
+    tx: &Tx,
+    account: &str,
+    before: &AccountPolicy,
+    after: &AccountPolicy,
+    at: i64,
+) -> Result<Vec<RecentSignin>, Failure> {
+    if after.mode != Mode::Enforce {
+        return Ok(Vec::new());
+    }
+    let lets_in_now = |addr: IpAddr| before.mode != Mode::Enforce || before.covers(addr, at);
+    Ok(tx
+        .recent_signins(account, at - RECENT_SIGNINS)?
+        .into_iter()
+        .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
+        policy::ExpiringEntry,
         protocol::{AccountState, Method, Reason},
         store::{SigninKey, Store, Tally, bucket},
     };
@@ -103,6 +123,7 @@ mod tests {
             state: AccountState::Active,
             mode,
             entries: entries.iter().map(|e| e.parse().unwrap()).collect(),
+            expiring: Vec::new(),
             overrides: Vec::new(),
         }
     }
@@ -174,6 +195,14 @@ mod tests {
         let listed: ShutOut = serde_json::from_value(details.unwrap()).unwrap();
         let addresses: Vec<String> = listed.shut_out.iter().map(|s| s.address.to_string()).collect();
         assert_eq!(addresses, ["fd00::9"]);
+        // An expiring entry counts while it is live, however soon it ends; once expired,
+        // it lets nobody in, so withdrawing it shuts out nobody.
+        let mut expiring = policy(Mode::Enforce, &["198.18.0.0/24"]);
+        expiring.expiring.push(ExpiringEntry { cidr: "fd00::/64".parse().unwrap(), expires_at: now() + 5 });
+        let (_, message, _) = refusal(guard(&tx, "acme", 0, None, false, &expiring, &after));
+        assert!(message.contains("add fd00::9 first"), "{message}");
+        expiring.expiring[0].expires_at = now() - 1;
+        assert!(guard(&tx, "acme", 0, None, false, &expiring, &after).is_ok());
         // Turning enforcement on shuts out every recent address not on the list.
         let off = policy(Mode::Off, &["198.18.0.0/24"]);
         let (_, message, _) = refusal(guard(&tx, "acme", 0, None, false, &off, &after));

@@ -33,7 +33,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use log::info;
+use log::{info, warn};
 use serde_json::value::RawValue;
 
 pub use crate::activity::ActivityLog;
@@ -172,14 +172,26 @@ impl Service {
                     state: a.state,
                     mode: a.mode,
                     entries: Vec::new(),
+                    expiring: Vec::new(),
                     overrides: Vec::new(),
                 };
                 (a.id.clone(), cached)
             })
             .collect();
         for e in entries.into_iter().filter(|e| e.enabled) {
-            if let Some(a) = cache.get_mut(&e.account) {
-                a.entries.push(e.cidr);
+            // Such an entry is refused today; one from an older version keeps being
+            // enforced as it was (the store is not rewritten behind the customer's back).
+            if e.cidr.prefix_len() == 0 {
+                warn!(
+                    "account {}: allowlist entry {} allows every address; it is kept and enforced, but it is refused \
+                     today: set the account's mode to off and remove the entry",
+                    e.account, e.cidr
+                );
+            }
+            let Some(a) = cache.get_mut(&e.account) else { continue };
+            match e.expires_at {
+                None => a.entries.push(e.cidr),
+                Some(expires_at) => a.expiring.push(crate::policy::ExpiringEntry { cidr: e.cidr, expires_at }),
             }
         }
         for o in overrides {

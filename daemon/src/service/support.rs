@@ -128,6 +128,7 @@ impl Service {
             )),
             _ => {
                 let at = now();
+                // An entry that will expire does not make an override useless.
                 if let Some(entry) = policy.entries.iter().find(|net| net.contains(&cidr)) {
                     return refused(format!("{cidr} is already allowed by {account}'s allowlist entry {entry}"));
                 }

@@ -1,5 +1,5 @@
-//! Periodic work: expired overrides leave the kernel's tables and are audited, old activity
-//! is pruned, and the kernel's drop samples move into the activity log.
+//! Periodic work: expired overrides and entries leave the kernel's tables and are audited,
+//! old activity is pruned, and the kernel's drop samples move into the activity log.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,7 +36,9 @@ impl Service {
             let accounts = self.accounts.read().expect("cache lock");
             accounts
                 .iter()
-                .filter(|(_, a)| a.overrides.iter().any(|o| o.expires_at <= at))
+                .filter(|(_, a)| {
+                    a.overrides.iter().any(|o| o.expires_at <= at) || a.expiring.iter().any(|e| e.expires_at <= at)
+                })
                 .map(|(id, _)| id.clone())
                 .collect()
         };
@@ -45,9 +47,10 @@ impl Service {
             for id in &expired {
                 if let Some(a) = accounts.get_mut(id) {
                     a.overrides.retain(|o| o.expires_at > at);
+                    a.expiring.retain(|e| e.expires_at > at);
                 }
                 apply_account(datapath, &accounts[id], suspended(|a| accounts.get(a), id))?;
-                info!("account {id}: expired overrides swept");
+                info!("account {id}: expired overrides and entries swept");
             }
         }
         let pending_audit = PendingAudit::begin();
@@ -56,6 +59,13 @@ impl Service {
             let detail = json!({ "override": ended.id, "cidr": ended.cidr, "ticket": ended.ticket, "expires_at": ended.expires_at });
             audit(&tx, &ended.account, ended.operator, "override_expired", detail)?;
             tx.mark_expiry_audited(ended.id)?;
+        }
+        // An expired entry stays listed (its owner removes it or adds it again); its end is
+        // audited under the uid that added it, as an override's is under its operator's.
+        for ended in tx.unaudited_entry_expiries(at)? {
+            let detail = json!({ "cidr": ended.cidr, "label": ended.label, "expires_at": ended.expires_at });
+            audit(&tx, &ended.account, ended.created_by, "entry_expired", detail)?;
+            tx.mark_entry_expiry_audited(&ended.account, ended.cidr)?;
         }
         tx.commit()?;
         pending_audit.committed();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ActivityRecord, StoreError, Tx, account_row, int};
 use crate::{
-    policy::{AccountPolicy, LiveOverride},
+    policy::{AccountPolicy, LiveOverride, split_entries},
     protocol::{Account, AccountState, Binding, Mode, Proto},
 };
 
@@ -39,6 +39,9 @@ pub struct EntryDoc {
     pub enabled: bool,
     pub created_at: i64,
     pub created_by: u32,
+    /// Unix s; absent (as in documents of older versions) never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,12 +59,14 @@ impl AccountDoc {
     /// What the kernel and the checks enforce for this document at `now`: its enabled
     /// entries and the overrides still live.
     pub fn policy(&self, now: i64) -> AccountPolicy {
+        let (entries, expiring) = split_entries(self.entries.iter().map(|e| (e.cidr, e.enabled, e.expires_at)));
         AccountPolicy {
             slot: self.slot,
             parent: self.parent.clone(),
             state: self.state,
             mode: self.mode,
-            entries: self.entries.iter().filter(|e| e.enabled).map(|e| e.cidr).collect(),
+            entries,
+            expiring,
             overrides: self
                 .overrides
                 .iter()
@@ -109,6 +114,7 @@ impl Tx<'_> {
                 enabled: e.enabled,
                 created_at: e.created_at,
                 created_by: e.created_by,
+                expires_at: e.expires_at,
             })
             .collect();
         entries.sort_by_key(|e| e.cidr.to_string());
@@ -156,12 +162,21 @@ impl Tx<'_> {
                 doc.created_at,
             ),
         )?;
+        // Which expiries this node has audited is local: rewriting the rows keeps it.
+        let audited: Vec<(String, Option<i64>)> = self.rows(
+            "SELECT cidr, expires_at FROM allow_entries WHERE account = ?1 AND expiry_audited = 1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         self.execute("DELETE FROM allow_entries WHERE account = ?1", [id])?;
         for e in &doc.entries {
+            let cidr = e.cidr.to_string();
+            let done = audited.iter().any(|(c, at)| *c == cidr && *at == e.expires_at);
             self.execute(
-                "INSERT INTO allow_entries (account, cidr, label, created_at, created_by, enabled)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                (id, e.cidr.to_string(), &e.label, e.created_at, e.created_by, e.enabled),
+                "INSERT INTO allow_entries (account, cidr, label, created_at, created_by, enabled, expires_at,
+                     expiry_audited)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                (id, &cidr, &e.label, e.created_at, e.created_by, e.enabled, e.expires_at, done),
             )?;
         }
         for o in &doc.overrides {
@@ -267,5 +282,35 @@ impl Tx<'_> {
             let uid = detail.get("uid").and_then(serde_json::Value::as_i64).unwrap_or(0);
             Ok(ActivityRecord { time: r.get(0)?, account: r.get(1)?, uid: int(uid, "uid")?, action: r.get(2)?, detail })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[test]
+    fn an_older_document_reads_and_an_audited_expiry_stays_audited() {
+        let old = r#"{"cidr":"198.18.0.0/24","label":null,"enabled":true,"created_at":1,"created_by":0}"#;
+        assert_eq!(serde_json::from_str::<EntryDoc>(old).unwrap().expires_at, None);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db")).unwrap();
+        let tx = store.transaction().unwrap();
+        tx.add_account("acme", None, AccountState::Active, Mode::Enforce, 0).unwrap();
+        tx.add_entry("acme", "198.18.0.0/24".parse().unwrap(), None, 0, 1).unwrap();
+        tx.set_entry_expiry("acme", "198.18.0.0/24".parse().unwrap(), Some(50)).unwrap();
+        let doc = tx.account_doc("acme", 100).unwrap().unwrap();
+        assert_eq!(doc.entries[0].expires_at, Some(50));
+        assert!(doc.policy(100).live_entries(100).next().is_none(), "expired at 50");
+        let ended = tx.unaudited_entry_expiries(100).unwrap();
+        tx.mark_entry_expiry_audited("acme", ended[0].cidr).unwrap();
+        // The document applied again (another change to the account) is not a new expiry.
+        tx.put_account_doc("acme", &doc, 100).unwrap();
+        assert!(tx.unaudited_entry_expiries(100).unwrap().is_empty());
+        let mut renewed = doc.clone();
+        renewed.entries[0].expires_at = Some(200);
+        tx.put_account_doc("acme", &renewed, 100).unwrap();
+        assert_eq!(tx.unaudited_entry_expiries(200).unwrap().len(), 1, "a renewed entry's end is audited again");
     }
 }

@@ -96,7 +96,14 @@ fn entries_of(a: usize) -> Vec<IpNet> {
 fn doc_of(a: usize) -> AccountDoc {
     let mut entries: Vec<EntryDoc> = entries_of(a)
         .into_iter()
-        .map(|cidr| EntryDoc { cidr, label: None, enabled: true, created_at: CREATED_AT, created_by: 0 })
+        .map(|cidr| EntryDoc {
+            cidr,
+            label: None,
+            enabled: true,
+            created_at: CREATED_AT,
+            created_by: 0,
+            expires_at: None,
+        })
         .collect();
     entries.sort_by_key(|e| e.cidr.to_string());
     AccountDoc {

@@ -521,7 +521,8 @@ fn step_restart(run: &mut Run, api: &mut impl Api) -> Result<Option<String>, Fai
     expect(result.allowed, || format!("after the restart: {result:?}"))?;
     expect(api.connects() > before, || "the client did not reconnect".into())?;
     // A mutating request on the new connection; state from before the restart is there.
-    let again = AllowAdd { account: "c-acme".into(), cidr: "198.18.0.0/24".parse().unwrap(), label: None };
+    let again =
+        AllowAdd { account: "c-acme".into(), cidr: "198.18.0.0/24".parse().unwrap(), label: None, ttl_seconds: None };
     match run.call(api, again.into()) {
         Err(Error::Daemon { code: ErrorCode::EntryExists, .. }) => {}
         other => return Err(Failed(format!("the entry added before the restart: {other:?}"))),

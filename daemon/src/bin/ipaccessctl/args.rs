@@ -233,6 +233,11 @@ pub enum AllowCmd {
         /// A note shown with the entry, e.g. "office"
         #[arg(long, value_name = "TEXT")]
         label: Option<String>,
+        /// Let the entry in for this long only (90s, 30m, 2h, 7d; at most 366d), then
+        /// nothing, in the kernel too; without it the entry never expires. Adding an expired
+        /// entry again renews it
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires_in: Option<u64>,
     },
     /// Remove an allowlist entry
     Remove {
@@ -258,22 +263,23 @@ pub enum AllowCmd {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         unused: Option<u64>,
     },
-    /// Turn a disabled entry back on
+    /// Turn disabled entries back on (several: all of them or none)
     Enable {
         /// Account id
         id: String,
-        /// The entry, as added
-        #[arg(value_parser = parse_cidr)]
-        cidr: IpNet,
+        /// The entries, as added
+        #[arg(value_name = "CIDR", required = true, value_parser = parse_cidr)]
+        cidrs: Vec<IpNet>,
     },
-    /// Keep an entry on the list but ignore it, at sign-in and on the wire
+    /// Keep entries on the list but ignore them, at sign-in and on the wire (several: all of
+    /// them or none, the lockout guard judging the result once)
     Disable {
         /// Account id
         id: String,
-        /// The entry, as added
-        #[arg(value_parser = parse_cidr)]
-        cidr: IpNet,
-        /// Your own address: refused if disabling the entry would lock it out
+        /// The entries, as added
+        #[arg(value_name = "CIDR", required = true, value_parser = parse_cidr)]
+        cidrs: Vec<IpNet>,
+        /// Your own address: refused if disabling the entries would lock it out
         #[arg(long, value_name = "ADDR")]
         client_ip: Option<IpAddr>,
         /// Disable even if it locks out --client-ip or a recent sign-in
@@ -304,6 +310,10 @@ pub enum AllowCmd {
         /// Replace even if it locks out --client-ip
         #[arg(long)]
         force: bool,
+        /// Change nothing: show what would be added, removed and kept, and which recent
+        /// sign-ins would be shut out
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -338,6 +348,12 @@ pub enum BindCmd {
     },
     /// List all bindings (in a fleet, every node's: NODE is the one node that enforces it, * every node)
     List,
+}
+
+/// The first of a command's CIDRs (clap requires one) and the rest.
+fn first_and_rest(mut cidrs: Vec<IpNet>) -> (IpNet, Vec<IpNet>) {
+    let first = cidrs.remove(0);
+    (first, cidrs)
 }
 
 /// `90s`, `30m`, `2h`, `7d` or plain seconds, as seconds; zero is refused.
@@ -429,19 +445,25 @@ pub fn action(top: Top) -> Result<Action, String> {
         Top::Account(AccountCmd::Mode { id, mode, client_ip, force }) => {
             Command::AccountMode(AccountMode { account: id, mode, client_ip, force })
         }
-        Top::Allow(AllowCmd::Add { id, cidr, label }) => Command::AllowAdd(AllowAdd { account: id, cidr, label }),
+        Top::Allow(AllowCmd::Add { id, cidr, label, expires_in }) => {
+            Command::AllowAdd(AllowAdd { account: id, cidr, label, ttl_seconds: expires_in })
+        }
         Top::Allow(AllowCmd::Remove { id, cidr, client_ip, force }) => {
             Command::AllowRemove(AllowRemove { account: id, cidr, client_ip, force })
         }
         Top::Allow(AllowCmd::List { id, unused }) => Command::AllowList(AllowList { account: id, unused }),
-        Top::Allow(AllowCmd::Enable { id, cidr }) => Command::AllowEnable(AllowEnable { account: id, cidr }),
-        Top::Allow(AllowCmd::Disable { id, cidr, client_ip, force }) => {
-            Command::AllowDisable(AllowDisable { account: id, cidr, client_ip, force })
+        Top::Allow(AllowCmd::Enable { id, cidrs }) => {
+            let (cidr, also) = first_and_rest(cidrs);
+            Command::AllowEnable(AllowEnable { account: id, cidr, also })
+        }
+        Top::Allow(AllowCmd::Disable { id, cidrs, client_ip, force }) => {
+            let (cidr, also) = first_and_rest(cidrs);
+            Command::AllowDisable(AllowDisable { account: id, cidr, also, client_ip, force })
         }
         Top::Allow(AllowCmd::Label { id, cidr, label }) => Command::AllowLabel(AllowLabel { account: id, cidr, label }),
-        Top::Allow(AllowCmd::Replace { id, file, client_ip, force }) => {
-            let text = read_input(&file)?;
-            Command::AllowReplace(AllowReplace { account: id, entries: parse_allow_file(&text)?, client_ip, force })
+        Top::Allow(AllowCmd::Replace { id, file, client_ip, force, dry_run }) => {
+            let entries = parse_allow_file(&read_input(&file)?)?;
+            Command::AllowReplace(AllowReplace { account: id, entries, client_ip, force, dry_run })
         }
         Top::Stats { id } => Command::Stats(Stats { account: id }),
         Top::Detach { interface } => Command::Detach(Detach { interface }),

@@ -13,6 +13,7 @@ use ipaccess::protocol::{
 use ipaccess::time::format_utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::import::Totals;
 use crate::transport::DaemonError;
@@ -192,6 +193,13 @@ fn status(entry: &Entry) -> &'static str {
     if entry.enabled { "enabled" } else { "disabled" }
 }
 
+/// When an entry expires, `-` for never, marked once it has.
+fn expires(entry: &Entry) -> String {
+    let Some(at) = entry.expires_at else { return "-".into() };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if at <= now { format!("{} (expired)", time(at)) } else { time(at) }
+}
+
 impl Render for Noted<Entry> {
     fn render(&self, out: &mut String) {
         let entry = &self.value;
@@ -199,6 +207,9 @@ impl Render for Noted<Entry> {
         line(out, "cidr", entry.cidr.to_string());
         line(out, "label", or_dash(entry.label.as_deref()));
         line(out, "status", status(entry));
+        if entry.expires_at.is_some() {
+            line(out, "expires_at", expires(entry));
+        }
         line(out, "created_at", time(entry.created_at));
         line(out, "created_by", entry.created_by.to_string());
         notes(out, &self.notes);
@@ -222,19 +233,37 @@ impl Render for Vec<Entry> {
                 e.cidr.to_string(),
                 status(e).into(),
                 label,
+                expires(e),
                 time(e.created_at),
                 e.created_by.to_string(),
                 last(e.last_signin_at),
                 last(e.last_packet_at),
             ]
         });
-        table(out, &["CIDR", "STATUS", "LABEL", "CREATED", "BY", "LAST SIGN-IN", "LAST PACKET"], rows);
+        table(out, &["CIDR", "STATUS", "LABEL", "EXPIRES", "CREATED", "BY", "LAST SIGN-IN", "LAST PACKET"], rows);
     }
 }
 
 impl Render for Allowlist {
     fn render(&self, out: &mut String) {
-        self.entries.render(out);
+        match &self.dry_run {
+            None => self.entries.render(out),
+            Some(plan) => {
+                out.push_str("dry run: nothing was changed\n");
+                let cidrs = |list: &[ipnet::IpNet]| list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                for (what, list) in [("added", &plan.added), ("removed", &plan.removed), ("unchanged", &plan.unchanged)]
+                {
+                    line(out, what, if list.is_empty() { "-".into() } else { cidrs(list) });
+                }
+                let rows = plan.shut_out.iter().map(|s| vec![s.address.to_string(), time(s.last_seen)]);
+                if plan.shut_out.is_empty() {
+                    line(out, "shut_out", "nobody who signed in in the last 7 days");
+                } else {
+                    out.push_str("would shut out these recent sign-ins (--force would be needed):\n");
+                    table(out, &["ADDRESS", "LAST SIGN-IN"], rows);
+                }
+            }
+        }
         notes(out, &self.notes);
     }
 }
@@ -643,9 +672,9 @@ mod tests {
         assert_eq!(
             out,
             format!(
-                "CIDR           STATUS   {}  CREATED              BY\n\
-                 198.18.0.0/24  enabled  {HOSTILE_SHOWN}  2000-02-29 00:00:00  0\n\
-                 198.18.1.0/24  enabled  {}  2000-02-29 00:00:00  0\n",
+                "CIDR           STATUS   {}  EXPIRES  CREATED              BY  LAST SIGN-IN  LAST PACKET\n\
+                 198.18.0.0/24  enabled  {HOSTILE_SHOWN}  -        2000-02-29 00:00:00  0   -             -\n\
+                 198.18.1.0/24  enabled  {}  -        2000-02-29 00:00:00  0   -             -\n",
                 pad("LABEL"),
                 pad("plain")
             )
@@ -669,9 +698,9 @@ mod tests {
             shown::<Vec<Entry>>(json!([entry("198.18.0.0/24", "東京", true), entry("fd00::/48", "Ze\u{301}ro", true)]));
         assert_eq!(
             out,
-            "CIDR           STATUS   LABEL  CREATED              BY\n\
-             198.18.0.0/24  enabled  東京   2000-02-29 00:00:00  0\n\
-             fd00::/48      enabled  Ze\u{301}ro   2000-02-29 00:00:00  0\n"
+            "CIDR           STATUS   LABEL  EXPIRES  CREATED              BY  LAST SIGN-IN  LAST PACKET\n\
+             198.18.0.0/24  enabled  東京   -        2000-02-29 00:00:00  0   -             -\n\
+             fd00::/48      enabled  Ze\u{301}ro   -        2000-02-29 00:00:00  0   -             -\n"
         );
     }
 
@@ -682,7 +711,7 @@ mod tests {
         let cut = format!("{}…", "x".repeat(CELL_WIDTH - 1));
         assert_eq!(
             out.lines().nth(1),
-            Some(format!("198.18.0.0/24  disabled  {cut}  2000-02-29 00:00:00  0").as_str())
+            Some(format!("198.18.0.0/24  disabled  {cut}  -        2000-02-29 00:00:00  0   -             -").as_str())
         );
         // A `key: value` line shows it all.
         let out = shown::<Noted<Entry>>(entry("198.18.0.0/24", &label, true));
@@ -742,8 +771,8 @@ mod tests {
             "id: acme-dev\nparent: acme\nstate: parent_banned (own state: active)\nstate_reason: -\nmode: enforce\n\
              slot: 2\ncreated_at: 2000-02-29 00:00:00\n\
              \nallowlist:\n\
-             CIDR           STATUS    LABEL   CREATED              BY\n\
-             198.18.0.0/24  disabled  office  2000-02-29 00:00:00  0\n\
+             CIDR           STATUS    LABEL   EXPIRES  CREATED              BY  LAST SIGN-IN  LAST PACKET\n\
+             198.18.0.0/24  disabled  office  -        2000-02-29 00:00:00  0   -             -\n\
              \nbindings:\n\
              ACCOUNT   ADDRESS     PROTO  PORT\n\
              acme-dev  198.18.0.1  tcp    443\n"

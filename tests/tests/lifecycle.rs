@@ -1,0 +1,248 @@
+//! End to end, an allowlist entry's life: added for a while (it ends on the wire and at
+//! sign-in by itself, and its end is audited), disabled and enabled several at a time (all or
+//! nothing, the lockout guard judging the whole), a replacement tried first with `--dry-run`,
+//! and the whole-Internet entries refused in every spelling. The real daemon over its real
+//! socket, the real `ipaccessctl`, the real kernel.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ipaccess_tests::client::Client;
+use ipaccess_tests::daemon::{World, binaries};
+use ipaccess_tests::netns::{TestHosts, UdpEchoServer, icmp_echo, run_cmd, udp_roundtrip};
+use serde_json::{Value, json};
+
+const OK: Duration = Duration::from_secs(2);
+const FAIL: Duration = Duration::from_millis(500);
+const PORT: u16 = 7200;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// `ipaccessctl ARGS` against the world's daemon.
+fn ctl(w: &World, args: &[&str]) -> Out {
+    let socket = w.socket();
+    let mut argv = vec!["--socket", socket.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
+    Out {
+        code: out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status)),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// `ipaccessctl --json ARGS`, which must succeed; its result.
+fn ctl_ok(w: &World, args: &[&str]) -> Value {
+    let out = ctl(w, &[&["--json"], args].concat());
+    assert_eq!(out.code, 0, "ipaccessctl {args:?}: {}{}", out.stdout, out.stderr);
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ipaccessctl {args:?}: {e}: {}", out.stdout))
+}
+
+/// A UDP datagram from `src` reaches the account's port and comes back.
+fn udp_ok(hosts: &TestHosts, src: Ipv4Addr, timeout: Duration) -> bool {
+    let dst = SocketAddr::new(hosts.server_v4.into(), PORT);
+    hosts.client.run(move || udp_roundtrip(src.into(), dst, b"lifecycle", timeout))
+}
+
+/// Account `cust` owning UDP `PORT` on the server, enforcing with `good` allowed; the echo
+/// server (keep it alive).
+fn enforcing_customer(w: &World, good: Ipv4Addr) -> UdpEchoServer {
+    let server = UdpEchoServer::start_in(&w.hosts.server, SocketAddr::new(w.hosts.server_v4.into(), PORT)).unwrap();
+    w.ok(json!({"cmd": "account_add", "account": "cust"}));
+    w.ok(json!({"cmd": "bind_add", "account": "cust", "addr": w.hosts.server_v4.to_string(), "port": PORT,
+                "proto": "udp"}));
+    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
+    w.ok(json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": good.to_string()}));
+    let dst = IpAddr::from(w.hosts.server_v4);
+    for &src in &w.hosts.client_v4 {
+        assert!(w.hosts.client.run(move || icmp_echo(src.into(), dst, OK)), "ping {src} -> {dst}");
+    }
+    server
+}
+
+fn check(w: &World, account: &str, addr: impl Into<IpAddr>) -> (bool, String) {
+    let c = w.ok(json!({"cmd": "check", "account": account, "addr": addr.into(), "dry_run": true}));
+    (c["allowed"].as_bool().unwrap(), c["reason"].as_str().unwrap().to_string())
+}
+
+fn enabled(w: &World, account: &str) -> Vec<(String, bool)> {
+    let list = w.ok(json!({"cmd": "allow_list", "account": account}));
+    list.as_array().unwrap().iter().map(|e| (e["cidr"].as_str().unwrap().into(), e["enabled"] == true)).collect()
+}
+
+/// The account's audit records (the action is the `reason`).
+fn audits(w: &World, account: &str) -> Vec<Value> {
+    let records = w.ok(json!({"cmd": "activity", "account": account, "kind": "audit", "limit": 1000}));
+    records.as_array().unwrap().clone()
+}
+
+/// An entry added for two seconds lets a datagram through on the wire and at sign-in, then
+/// stops by itself, with no command; the sweep audits its end; `allow list` shows it expired,
+/// and adding it again renews it.
+#[test]
+fn an_entry_added_for_two_seconds_ends_on_the_wire_by_itself() {
+    let w = World::new("");
+    let (good, temp) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let _server = enforcing_customer(&w, good);
+    assert!(!udp_ok(&w.hosts, temp, FAIL), "{temp} got through before it was added");
+
+    let added_at = Instant::now();
+    let entry = ctl_ok(&w, &["allow", "add", "cust", &temp.to_string(), "--expires-in", "2s", "--label", "visitor"]);
+    let expires_at = entry["expires_at"].as_i64().unwrap_or_else(|| panic!("no expiry: {entry}"));
+    assert_eq!(expires_at - entry["created_at"].as_i64().unwrap(), 2, "{entry}");
+    // Stored in whole seconds, the entry lives 1 to 2 s: the checks come within the first.
+    assert_eq!(check(&w, "cust", temp), (true, "allowed".into()));
+    assert!(udp_ok(&w.hosts, temp, Duration::from_millis(900)), "the expiring entry does not reach the kernel");
+    assert!(
+        added_at.elapsed() < Duration::from_millis(950),
+        "too slow to test before expiry: {:?}",
+        added_at.elapsed()
+    );
+    let listed = ctl(&w, &["allow", "list", "cust"]);
+    assert!(listed.stdout.contains("EXPIRES") && listed.stdout.contains("visitor"), "{}", listed.stdout);
+
+    thread::sleep(Duration::from_millis(2300).saturating_sub(added_at.elapsed()));
+    assert!(!udp_ok(&w.hosts, temp, FAIL), "the entry for {temp} outlived its expiry on the wire");
+    assert!(udp_ok(&w.hosts, good, OK), "the permanent entry ended with the expiring one");
+    assert_eq!(check(&w, "cust", temp), (false, "address_not_allowed".into()));
+    let listed = ctl(&w, &["allow", "list", "cust"]);
+    assert!(listed.stdout.contains("(expired)"), "{}", listed.stdout);
+
+    // The sweep (every 10 s) audits the end once.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let expired = loop {
+        let found: Vec<Value> = audits(&w, "cust").into_iter().filter(|r| r["reason"] == "entry_expired").collect();
+        if !found.is_empty() || Instant::now() > deadline {
+            break found;
+        }
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0]["detail"]["cidr"], format!("{temp}/32"), "{expired:?}");
+
+    // Added again: renewed, in force again; a bad duration is refused by the daemon.
+    let renewed = ctl_ok(&w, &["allow", "add", "cust", &temp.to_string(), "--expires-in", "1h"]);
+    assert!(renewed["expires_at"].as_i64().unwrap() > expires_at + 3000, "{renewed}");
+    assert!(udp_ok(&w.hosts, temp, OK), "the renewed entry does not reach the kernel");
+    let (code, message) = w.err(json!({"cmd": "allow_add", "account": "cust", "cidr": "198.18.50.0/24",
+                                       "ttl_seconds": 400 * 24 * 3600}));
+    assert_eq!(code, "bad_request", "{message}");
+    assert_eq!(enabled(&w, "cust").len(), 2, "a refused add was stored");
+}
+
+/// `allow disable ACCOUNT CIDR...` is one request: refused as a whole when the result would
+/// shut out a recent sign-in (nothing disabled, in the store or the kernel), applied as a
+/// whole with --force; `allow enable` takes several too; an unknown entry among them
+/// changes nothing.
+#[test]
+fn bulk_disable_is_all_or_nothing() {
+    let w = World::new("");
+    let (good, b, c) = (w.hosts.client_v4[0], w.hosts.client_v4[1], w.hosts.client_v4[2]);
+    let _server = enforcing_customer(&w, good);
+    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{b}/32")}));
+    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{c}/32")}));
+    // b signs in: the guard protects it.
+    w.check("cust", b, "password");
+    let all_on = enabled(&w, "cust");
+    assert!(all_on.iter().all(|(_, on)| *on) && all_on.len() == 3, "{all_on:?}");
+
+    let (bs, cs) = (format!("{b}/32"), format!("{c}/32"));
+    let refused = ctl(&w, &["allow", "disable", "cust", &cs, &bs]);
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    assert!(refused.stderr.contains("lockout") && refused.stderr.contains(&b.to_string()), "{}", refused.stderr);
+    assert_eq!(enabled(&w, "cust"), all_on, "a refused bulk disable changed entries");
+    assert!(udp_ok(&w.hosts, c, OK) && udp_ok(&w.hosts, b, OK), "a refused bulk disable reached the kernel");
+
+    let (code, _) = w.err(json!({"cmd": "allow_disable", "account": "cust", "cidr": cs,
+                                 "also": ["198.18.99.0/24"], "force": true}));
+    assert_eq!(code, "unknown_entry");
+    assert_eq!(enabled(&w, "cust"), all_on, "a bulk disable naming an unknown entry changed entries");
+
+    let forced = ctl_ok(&w, &["allow", "disable", "cust", &cs, &bs, "--force"]);
+    assert_eq!(forced["enabled"], false, "{forced}");
+    let now_on: Vec<bool> = enabled(&w, "cust").into_iter().map(|(_, on)| on).collect();
+    assert_eq!(now_on.iter().filter(|on| !**on).count(), 2, "{now_on:?}");
+    assert!(!udp_ok(&w.hosts, b, FAIL) && !udp_ok(&w.hosts, c, FAIL), "the bulk disable did not reach the kernel");
+    assert_eq!(check(&w, "cust", b), (false, "address_not_allowed".into()));
+
+    ctl_ok(&w, &["allow", "enable", "cust", &bs, &cs]);
+    assert_eq!(enabled(&w, "cust"), all_on);
+    assert!(udp_ok(&w.hosts, b, OK) && udp_ok(&w.hosts, c, OK), "the bulk enable did not reach the kernel");
+    let actions: Vec<String> = audits(&w, "cust").iter().map(|r| r["reason"].as_str().unwrap().to_string()).collect();
+    assert_eq!(actions.iter().filter(|a| *a == "allow_disable").count(), 2, "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| *a == "allow_enable").count(), 2, "{actions:?}");
+}
+
+/// `allow replace --dry-run` changes nothing and says what the replacement would add,
+/// remove and keep, and the recent sign-in it would shut out; readable and as JSON.
+#[test]
+fn replace_dry_run_changes_nothing_and_names_the_shut_out() {
+    let w = World::new("");
+    let (good, b) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let _server = enforcing_customer(&w, good);
+    w.ok(json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{b}/32"), "label": "home"}));
+    w.check("cust", b, "password");
+    let before = w.ok(json!({"cmd": "allow_list", "account": "cust"}));
+    let file = w.dir.0.join("new-list");
+    fs::write(&file, format!("{good}/32 office\n198.18.60.0/24 branch\n")).unwrap();
+    let path = file.to_str().unwrap();
+
+    let plan = ctl_ok(&w, &["allow", "replace", "cust", "--file", path, "--dry-run"]);
+    let dry = &plan["dry_run"];
+    assert_eq!(dry["added"], json!(["198.18.60.0/24"]), "{plan}");
+    assert_eq!(dry["removed"], json!([format!("{b}/32")]), "{plan}");
+    assert_eq!(dry["unchanged"], json!([format!("{good}/32")]), "{plan}");
+    let shut_out: Vec<&str> =
+        dry["shut_out"].as_array().unwrap().iter().map(|s| s["address"].as_str().unwrap()).collect();
+    assert_eq!(shut_out, [b.to_string()], "{plan}");
+    assert_eq!(plan["entries"], before, "{plan}");
+
+    let shown = ctl(&w, &["allow", "replace", "cust", "--file", path, "--dry-run"]);
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    for part in ["nothing was changed", "added: 198.18.60.0/24", &format!("removed: {b}/32"), &b.to_string()] {
+        assert!(shown.stdout.contains(part), "{part:?} missing:\n{}", shown.stdout);
+    }
+
+    assert_eq!(w.ok(json!({"cmd": "allow_list", "account": "cust"})), before, "the dry run changed the allowlist");
+    assert!(udp_ok(&w.hosts, b, OK), "the dry run reached the kernel");
+    assert!(!audits(&w, "cust").iter().any(|r| r["reason"] == "allow_replace"), "the dry run was audited");
+    // For real, the guard refuses what the dry run named.
+    let (code, message) = w.err(json!({"cmd": "allow_replace", "account": "cust",
+        "entries": [{"cidr": format!("{good}/32")}, {"cidr": "198.18.60.0/24"}]}));
+    assert!(code == "lockout" && message.contains(&b.to_string()), "{code}: {message}");
+}
+
+/// No entry may allow every address, however it is spelled, in `allow_add`,
+/// `allow_replace` or `import`: `bad_request`, pointing to mode off, nothing stored.
+#[test]
+fn the_whole_internet_is_refused_in_every_spelling() {
+    let w = World::new("");
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.0/24"}));
+    let before = w.ok(json!({"cmd": "allow_list", "account": "acme"}));
+    for spelling in ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96", "::ffff:0:0/96", "::0/0"] {
+        let requests = [
+            json!({"cmd": "allow_add", "account": "acme", "cidr": spelling}),
+            json!({"cmd": "allow_replace", "account": "acme", "entries": [{"cidr": "198.18.1.0/24"}, {"cidr": spelling}]}),
+            json!({"cmd": "import", "accounts": [{"account": "acme", "entries": [{"cidr": spelling}]},
+                                                 {"account": "newco", "entries": [{"cidr": "198.18.2.0/24"}]}]}),
+        ];
+        for request in requests {
+            let (code, message) = w.err(request.clone());
+            assert_eq!(code, "bad_request", "{request}: {message}");
+            assert!(message.contains("mode") && message.contains("off"), "{request}: {message}");
+        }
+        let out = ctl(&w, &["allow", "add", "acme", spelling]);
+        assert_ne!(out.code, 0, "{spelling}");
+        assert!(out.stderr.contains("off"), "{spelling}: {}", out.stderr);
+    }
+    assert_eq!(w.ok(json!({"cmd": "allow_list", "account": "acme"})), before);
+    let (code, _) = w.err(json!({"cmd": "allow_list", "account": "newco"}));
+    assert_eq!(code, "unknown_account", "a refused import created an account");
+}
