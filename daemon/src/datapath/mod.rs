@@ -659,9 +659,20 @@ impl Datapath {
     /// The allowlist keys stamped at `since` or later, with their stamps: one pass over the
     /// stamps (8 bytes a slot, a few ms for millions), then the key of each stamped slot.
     pub fn used_since(&self, since: u64) -> Vec<LastUse> {
+        self.used_since_among(since, 0..self.last_used_slots())
+    }
+
+    /// How many slots carry a last-used stamp (as many as the tables have).
+    pub fn last_used_slots(&self) -> u32 {
+        self.last_used.len()
+    }
+
+    /// [`Datapath::used_since`] over the slots in `slots` only: a caller that holds a lock
+    /// to read the stamps can scan them a part at a time.
+    pub fn used_since_among(&self, since: u64, slots: std::ops::Range<u32>) -> Vec<LastUse> {
         let since = since.max(1);
         let mut out = Vec::new();
-        for index in 0..self.last_used.len() {
+        for index in slots.start..slots.end.min(self.last_used.len()) {
             let Some(stamp) = self.last_used.get(index) else { break };
             // SAFETY: in bounds of the mapping; the program writes whole aligned words.
             let stamp = unsafe { std::ptr::read_volatile(stamp) };
