@@ -273,4 +273,22 @@ impl World {
     pub fn kill9(&mut self) {
         self.daemon.take().expect("the daemon is running").kill9();
     }
+
+    /// Sends SIGHUP and waits for the reload's outcome in the log: what the log gained since,
+    /// which says "configuration reloaded" or "reload refused".
+    pub fn reload(&self) -> String {
+        let daemon = self.daemon.as_ref().expect("the daemon is running");
+        let before = daemon.log_text().len();
+        daemon.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = daemon.log_text();
+            let new = &log[before..];
+            if new.contains("configuration reloaded") || new.contains("reload refused") {
+                return new.to_string();
+            }
+            assert!(Instant::now() < deadline, "no reload in the log:\n{log}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -10,8 +10,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant};
 
 use ipaccess_tests::client::Conn;
 use ipaccess_tests::daemon::{Daemon, Launch, READY, TempDir, World, binaries};
@@ -162,23 +160,6 @@ fn refused_start(w: &World, log: &str) -> String {
     text
 }
 
-/// Sends SIGHUP and waits for the reload's outcome in the log, past what it held before.
-fn reload(w: &World) -> String {
-    let daemon = w.daemon.as_ref().unwrap();
-    let before = daemon.log_text().len();
-    daemon.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = daemon.log_text();
-        let new = &log[before..];
-        if new.contains("configuration reloaded") || new.contains("reload refused") {
-            return new.to_string();
-        }
-        assert!(Instant::now() < deadline, "no reload in the log:\n{log}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A missing file, one that is no database, and a database without places each refuse the
 /// start with an error that names the file and what is wrong; on reload, the same refuse
 /// the reload and the database in force stays; a good new file at the same path is read.
@@ -219,19 +200,19 @@ fn a_database_that_does_not_load_is_refused_at_start_and_on_reload() {
     let placed = |w: &World| locations(w).into_iter().find(|(a, _)| a == "198.18.0.7").unwrap().1;
     assert_eq!(placed(&w), testville());
     fs::write(&db, b"truncated").unwrap();
-    let log = reload(&w);
+    let log = w.reload();
     assert!(log.contains("reload refused") && log.contains(&db.display().to_string()), "{log}");
     assert_eq!(placed(&w), testville(), "the database in force is kept");
 
     // geoipupdate's way: a new file at the same path, then a reload.
     let renamed = mmdb::build("ipaccess-Test-City", &[(net, mmdb::place("XC", Some("Newtown")))]);
     fs::write(&db, renamed).unwrap();
-    let log = reload(&w);
+    let log = w.reload();
     assert!(log.contains("configuration reloaded"), "{log}");
     assert_eq!(placed(&w), json!({"country": "XC", "city": "Newtown"}));
 
     // And a reload without the setting leaves no location.
     fs::write(&cfg, ipaccess_tests::daemon::TEST_MAPS).unwrap();
-    assert!(reload(&w).contains("configuration reloaded"));
+    assert!(w.reload().contains("configuration reloaded"));
     assert_eq!(placed(&w), Value::Null);
 }

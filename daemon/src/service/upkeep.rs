@@ -11,7 +11,7 @@ use log::{info, warn};
 use serde_json::json;
 
 use super::{
-    Service, ServiceError, Writer,
+    Failure, Service, ServiceError, Writer,
     change::{apply_account, audit},
     now,
 };
@@ -87,6 +87,21 @@ impl Service {
         Ok(())
     }
 
+    /// The accounts in the kernel slots `slots` name, looked up by the store's index on a
+    /// reader (a slot no account holds any more is left out).
+    fn accounts_in_slots(&self, slots: impl Iterator<Item = u32>) -> Result<HashMap<u32, String>, Failure> {
+        let slots: HashSet<u32> = slots.collect();
+        self.read(|tx| {
+            let mut found = HashMap::with_capacity(slots.len());
+            for &slot in &slots {
+                if let Some(id) = tx.account_in_slot(slot)? {
+                    found.insert(slot, id);
+                }
+            }
+            Ok(found)
+        })
+    }
+
     /// Ticks the kernel's last-used clock and records which entries let packets through since
     /// the last tick (runs every second, with the drop drain). The clock is `CLOCK_BOOTTIME`
     /// seconds: it never goes back, so a key's stamp only ever grows; the clock in the map
@@ -113,16 +128,7 @@ impl Service {
             return 0;
         }
         let at = now();
-        let slots: HashSet<u32> = used.iter().map(|u| u.account).collect();
-        let by_slot: HashMap<u32, String> = match self.read(|tx| {
-            let mut found = HashMap::with_capacity(slots.len());
-            for &slot in &slots {
-                if let Some(id) = tx.account_in_slot(slot)? {
-                    found.insert(slot, id);
-                }
-            }
-            Ok(found)
-        }) {
+        let by_slot = match self.accounts_in_slots(used.iter().map(|u| u.account)) {
             Ok(found) => found,
             Err(e) => {
                 warn!("last packets of {} keys not recorded: {}", used.len(), e.0.message);
@@ -158,19 +164,10 @@ impl Service {
         if samples.is_empty() {
             return 0;
         }
-        // The few slots the samples name, looked up by the store's index on a reader: a map
-        // of every account's slot, built under the cache's lock, held up changes for
-        // milliseconds at 100,000 accounts.
-        let slots: HashSet<u32> = samples.iter().map(|s| s.account).collect();
-        let by_slot: HashMap<u32, String> = match self.read(|tx| {
-            let mut found = HashMap::with_capacity(slots.len());
-            for &slot in &slots {
-                if let Some(id) = tx.account_in_slot(slot)? {
-                    found.insert(slot, id);
-                }
-            }
-            Ok(found)
-        }) {
+        // The few slots the samples name, looked up in the store: a map of every account's
+        // slot, built under the cache's lock, held up changes for milliseconds at 100,000
+        // accounts.
+        let by_slot = match self.accounts_in_slots(samples.iter().map(|s| s.account)) {
             Ok(found) => found,
             Err(e) => {
                 warn!("{} drop samples not recorded: {}", samples.len(), e.0.message);
