@@ -64,7 +64,19 @@ fn policy(node: &FleetNode) -> Value {
             checks.push(json!([account, addr, node.check(account, addr)]));
         }
     }
-    let allow: Vec<Value> = ACCOUNTS.iter().map(|a| h.ok(json!({"cmd": "allow_list", "account": a}))).collect();
+    // Without the last-used evidence: each node and host keeps its own, moved by traffic.
+    let allow: Vec<Value> = ACCOUNTS
+        .iter()
+        .map(|a| {
+            let mut entries = h.ok(json!({"cmd": "allow_list", "account": a}));
+            for entry in entries.as_array_mut().expect("allow_list is a list") {
+                let entry = entry.as_object_mut().expect("an entry is an object");
+                entry.remove("last_signin_at");
+                entry.remove("last_packet_at");
+            }
+            entries
+        })
+        .collect();
     let overrides = h.ok(json!({"cmd": "override_list"}));
     json!({
         "accounts": h.ok(json!({"cmd": "account_list"})),

@@ -13,7 +13,8 @@ use aya::{
 use aya_obj::Object;
 use ipaccess::datapath::{BENCH_OBJECT, PROGRAM_OBJECT};
 use ipaccess_common::{
-    MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_SAMPLE_BUDGET, MAP_SAMPLES, MAP_SLOTS, PROGRAM_NAME,
+    MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLE_BUDGET, MAP_SAMPLES,
+    MAP_SLOTS, PROGRAM_NAME,
 };
 use ipaccess_tests::packets;
 
@@ -43,6 +44,7 @@ fn production_object_holds_only_the_filter_and_its_maps() {
         MAP_CONFIG,
         MAP_COUNTERS,
         MAP_HOST_COUNTERS,
+        MAP_LAST_USED,
         MAP_SAMPLES,
         MAP_SAMPLE_BUDGET,
         "IPACCESS_SAMPLE_TICK",
