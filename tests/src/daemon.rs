@@ -292,3 +292,15 @@ impl World {
         }
     }
 }
+
+/// An `allow_list` reply without its entries' last-used evidence (`last_signin_at`,
+/// `last_packet_at`): what a test compares as policy, since checks and traffic move it and
+/// each node keeps its own.
+pub fn without_last_used(mut entries: serde_json::Value) -> serde_json::Value {
+    for entry in entries.as_array_mut().expect("allow_list is a list") {
+        let entry = entry.as_object_mut().expect("an entry is an object");
+        entry.remove("last_signin_at");
+        entry.remove("last_packet_at");
+    }
+    entries
+}

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ipaccess_tests::daemon::{World, binaries};
+use ipaccess_tests::daemon::{World, binaries, without_last_used};
 use ipaccess_tests::netns::{
     FlowsSeen, TcpServer, TestHosts, icmp_echo, paced_udp_sender, receive_flows, run_cmd, set_rcvbuf, tcp_connect,
     udp_client,
@@ -737,13 +737,7 @@ fn snapshot(w: &World, checks: &[&str]) -> Value {
     let mut out = json!({"accounts": accounts, "bindings": conn.ok(json!({"id": 2, "cmd": "bind_list"}))});
     for id in strings(&accounts, "id") {
         // Without the last-used evidence, which the checks below (and the wire) move on.
-        let mut entries = conn.ok(json!({"id": 3, "cmd": "allow_list", "account": id}));
-        for entry in entries.as_array_mut().expect("allow_list is a list") {
-            let entry = entry.as_object_mut().expect("an entry is an object");
-            entry.remove("last_signin_at");
-            entry.remove("last_packet_at");
-        }
-        out["entries"][&id] = entries;
+        out["entries"][&id] = without_last_used(conn.ok(json!({"id": 3, "cmd": "allow_list", "account": id})));
         for addr in checks {
             out["checks"][&id][*addr] = conn.ok(json!({"id": 4, "cmd": "check", "account": id, "addr": addr}));
         }

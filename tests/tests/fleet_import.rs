@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ipaccess_tests::daemon::binaries;
+use ipaccess_tests::daemon::{binaries, without_last_used};
 use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
 use serde_json::{Value, json};
 
@@ -65,18 +65,8 @@ fn policy(node: &FleetNode) -> Value {
         }
     }
     // Without the last-used evidence: each node and host keeps its own, moved by traffic.
-    let allow: Vec<Value> = ACCOUNTS
-        .iter()
-        .map(|a| {
-            let mut entries = h.ok(json!({"cmd": "allow_list", "account": a}));
-            for entry in entries.as_array_mut().expect("allow_list is a list") {
-                let entry = entry.as_object_mut().expect("an entry is an object");
-                entry.remove("last_signin_at");
-                entry.remove("last_packet_at");
-            }
-            entries
-        })
-        .collect();
+    let allow: Vec<Value> =
+        ACCOUNTS.iter().map(|a| without_last_used(h.ok(json!({"cmd": "allow_list", "account": a})))).collect();
     let overrides = h.ok(json!({"cmd": "override_list"}));
     json!({
         "accounts": h.ok(json!({"cmd": "account_list"})),
