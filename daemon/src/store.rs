@@ -881,14 +881,11 @@ impl Tx<'_> {
         &self,
         uses: impl IntoIterator<Item = (&'k (String, IpNet), &'k i64)>,
     ) -> Result<(), StoreError> {
-        for ((account, cidr), at) in uses {
-            self.execute(
-                "INSERT INTO entry_use (account, cidr, last_signin) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO UPDATE SET last_signin = MAX(COALESCE(last_signin, 0), excluded.last_signin)",
-                (account, cidr.to_string(), at),
-            )?;
-        }
-        Ok(())
+        self.note_entry_uses(
+            "INSERT INTO entry_use (account, cidr, last_signin) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO UPDATE SET last_signin = MAX(COALESCE(last_signin, 0), excluded.last_signin)",
+            uses,
+        )
     }
 
     /// Records the last packet each (account, entry) let through, keeping the later time.
@@ -896,12 +893,21 @@ impl Tx<'_> {
         &self,
         uses: impl IntoIterator<Item = (&'k (String, IpNet), &'k i64)>,
     ) -> Result<(), StoreError> {
+        self.note_entry_uses(
+            "INSERT INTO entry_use (account, cidr, last_packet) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO UPDATE SET last_packet = MAX(COALESCE(last_packet, 0), excluded.last_packet)",
+            uses,
+        )
+    }
+
+    /// Runs `upsert` (account, CIDR, time) for each use.
+    fn note_entry_uses<'k>(
+        &self,
+        upsert: &str,
+        uses: impl IntoIterator<Item = (&'k (String, IpNet), &'k i64)>,
+    ) -> Result<(), StoreError> {
         for ((account, cidr), at) in uses {
-            self.execute(
-                "INSERT INTO entry_use (account, cidr, last_packet) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO UPDATE SET last_packet = MAX(COALESCE(last_packet, 0), excluded.last_packet)",
-                (account, cidr.to_string(), at),
-            )?;
+            self.execute(upsert, (account, cidr.to_string(), at))?;
         }
         Ok(())
     }
