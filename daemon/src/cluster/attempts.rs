@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{GetOptions, PutOptions};
+use etcd_client::PutOptions;
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
@@ -36,8 +36,11 @@ pub const MAX_KEYS_PER_SECOND: usize = 50;
 const SLACK_SECONDS: i64 = 60;
 /// How long a read or write waits for etcd.
 const TIMEOUT: Duration = Duration::from_secs(1);
-/// Keys one `activity` reads at most (one account's addresses and methods, times nodes).
-const MAX_READ: i64 = 10_000;
+/// How long one account's attempts may take to read, every page together.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keys one `activity` counts at most (one account's addresses and methods, times nodes);
+/// the rest are read past and said to be missing.
+const MAX_REMOTE: usize = 100_000;
 const DAY: i64 = 24 * 3600;
 
 /// One day's denied checks of one outcome and kind of caller, as published.
@@ -254,38 +257,53 @@ pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
     }
 }
 
+/// What the other nodes published for one account.
+#[derive(Debug, Default)]
+pub struct RemoteAttempts {
+    pub rows: Vec<Remote>,
+    /// Keys past [`MAX_REMOTE`], read and not counted.
+    pub left_out: usize,
+}
+
 impl Cluster {
-    /// The denied checks of `account` the other nodes published: one range read.
-    pub fn attempts(&self, account: &str) -> Result<Vec<Remote>, String> {
-        let Some(mut client) = self.client.lock().expect("client lock").clone() else {
+    /// The denied checks of `account` the other nodes published: one range, read a page at
+    /// a time at one revision, so that an account with more keys than a page is counted
+    /// whole (up to [`MAX_REMOTE`] keys; what is left out is counted).
+    pub fn attempts(&self, account: &str) -> Result<RemoteAttempts, String> {
+        let Some(client) = self.client.lock().expect("client lock").clone() else {
             return Err("this node has not reached etcd since it started".into());
         };
         let (start, end) = self.keys.account_attempts(account);
-        let options = GetOptions::new().with_range(end).with_limit(MAX_READ);
-        let read = async { tokio::time::timeout(TIMEOUT, client.get(start, Some(options))).await };
-        let answer = match self.runtime.block_on(read) {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("etcd did not answer within {TIMEOUT:?}")),
-        };
-        Ok(answer
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let (address, method, node) = self.keys.parse_attempts(account, kv.key_str().ok()?)?;
-                // This node's own checks are read from its store, which is never behind.
-                if node == self.node {
-                    return None;
-                }
-                let value: Published = serde_json::from_slice(kv.value()).ok()?;
-                Some(Remote {
-                    node: node.to_owned(),
-                    address: address.to_owned(),
-                    method: method.to_owned(),
-                    tallies: value.tallies,
-                })
-            })
-            .collect())
+        let mut found = RemoteAttempts::default();
+        let read = super::read_range(&client, start, end, 0, |kv| {
+            let Some(remote) = self.remote_attempt(account, kv) else { return };
+            if found.rows.len() < MAX_REMOTE {
+                found.rows.push(remote);
+            } else {
+                found.left_out += 1;
+            }
+        });
+        match self.runtime.block_on(async { tokio::time::timeout(READ_TIMEOUT, read).await }) {
+            Ok(Ok(_)) => Ok(found),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("etcd did not answer within {READ_TIMEOUT:?}")),
+        }
+    }
+
+    /// One key of [`Keys::account_attempts`] as another node's tallies; `None` for this
+    /// node's own (its store, never behind, has them) and for a key or value it cannot read.
+    fn remote_attempt(&self, account: &str, kv: &etcd_client::KeyValue) -> Option<Remote> {
+        let (address, method, node) = self.keys.parse_attempts(account, kv.key_str().ok()?)?;
+        if node == self.node {
+            return None;
+        }
+        let value: Published = serde_json::from_slice(kv.value()).ok()?;
+        Some(Remote {
+            node: node.to_owned(),
+            address: address.to_owned(),
+            method: method.to_owned(),
+            tallies: value.tallies,
+        })
     }
 }
 

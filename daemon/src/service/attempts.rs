@@ -11,7 +11,7 @@ use log::warn;
 
 use super::{Failure, Service, now};
 use crate::{
-    cluster::attempts::{AttemptSource, Remote},
+    cluster::attempts::{AttemptSource, Remote, RemoteAttempts},
     protocol::{DeniedSummary, SigninSummary},
     store::DeniedTally,
 };
@@ -29,21 +29,27 @@ impl AttemptSource for Service {
 /// a note) when etcd could not be read, and then the reply is this node's alone.
 pub(super) struct FleetAttempts {
     pub node: String,
-    pub remote: Result<Vec<Remote>, String>,
+    pub remote: Result<RemoteAttempts, String>,
 }
 
 impl FleetAttempts {
     pub fn note(&self) -> Option<String> {
-        self.remote.as_ref().err().map(|e| {
-            format!(
+        match &self.remote {
+            Err(e) => Some(format!(
                 "the attempts other nodes saw could not be read from etcd ({e}); these are node {}'s alone",
                 self.node
-            )
-        })
+            )),
+            Ok(found) if found.left_out > 0 => Some(format!(
+                "other nodes published {} more summaries of this account than one reply counts; \
+                 these figures leave them out",
+                found.left_out
+            )),
+            Ok(_) => None,
+        }
     }
 
     fn remote(&self) -> &[Remote] {
-        self.remote.as_deref().unwrap_or_default()
+        self.remote.as_ref().map_or(&[], |found| &found.rows)
     }
 }
 
@@ -181,14 +187,21 @@ mod tests {
         }];
         let fleet = FleetAttempts {
             node: "c".into(),
-            remote: Ok(vec![
-                remote("a", "198.18.0.7", vec![tally("address_not_allowed", true, 5, 50, 150)]),
-                remote("b", "198.18.0.7", vec![tally("address_not_allowed", true, 1, 300, 300)]),
-                // Support's own checks, monitor mode's, and those before the window are no evidence.
-                remote("b", "198.18.0.9", vec![tally("address_not_allowed", false, 9, 300, 300)]),
-                remote("b", "198.18.0.10", vec![tally("monitor_would_deny", true, 9, 300, 300)]),
-                remote("a", "198.18.0.11", vec![tally("banned", true, 2, 10, 20), tally("banned", true, 4, 60, 90)]),
-            ]),
+            remote: Ok(RemoteAttempts {
+                rows: vec![
+                    remote("a", "198.18.0.7", vec![tally("address_not_allowed", true, 5, 50, 150)]),
+                    remote("b", "198.18.0.7", vec![tally("address_not_allowed", true, 1, 300, 300)]),
+                    // Support's own checks, monitor mode's, and those before the window are no evidence.
+                    remote("b", "198.18.0.9", vec![tally("address_not_allowed", false, 9, 300, 300)]),
+                    remote("b", "198.18.0.10", vec![tally("monitor_would_deny", true, 9, 300, 300)]),
+                    remote(
+                        "a",
+                        "198.18.0.11",
+                        vec![tally("banned", true, 2, 10, 20), tally("banned", true, 4, 60, 90)],
+                    ),
+                ],
+                left_out: 0,
+            }),
         };
         let merged = merge_denied(local, &fleet, 30, 50);
         assert_eq!(merged.len(), 2, "{merged:?}");
@@ -211,5 +224,16 @@ mod tests {
         let away = FleetAttempts { node: "c".into(), remote: Err("no leader".into()) };
         assert_eq!(merge_denied(Vec::new(), &away, 0, 50), []);
         assert!(away.note().unwrap().contains("no leader"));
+
+        // More keys than one reply counts: what was counted, and a note of what was not.
+        let crowded = FleetAttempts {
+            node: "c".into(),
+            remote: Ok(RemoteAttempts {
+                rows: vec![remote("a", "198.18.0.7", vec![tally("address_not_allowed", true, 2, 50, 60)])],
+                left_out: 7,
+            }),
+        };
+        assert_eq!(merge_denied(Vec::new(), &crowded, 0, 50).len(), 1);
+        assert!(crowded.note().unwrap().contains("7 more summaries"), "{:?}", crowded.note());
     }
 }

@@ -186,7 +186,7 @@ impl Service {
             Some(account) if summary => self.fleet_attempts(account),
             _ => None,
         };
-        let room = fleet.as_ref().and_then(|f| f.remote.as_ref().ok()).map_or(0, |r| r.len() as u32);
+        let room = fleet.as_ref().and_then(|f| f.remote.as_ref().ok()).map_or(0, |r| r.rows.len() as u32);
         // Counts still in memory are written first, so the answer includes the latest.
         self.activity.flush();
         self.read(|tx| match account {
