@@ -9,6 +9,10 @@
 //! to it: the ratio is what carries over between machines. The floor and the one-hash-lookup
 //! reference come from the benchmark's own object (`ipaccess::datapath::BENCH_OBJECT`), not
 //! from the object ipaccessd loads.
+//!
+//! The allowed cases are timed a second time with the filter built without its last-used
+//! stamp (`ipaccess::datapath::BENCH_NO_STAMP_OBJECT`), loaded over the same pinned maps, so
+//! the stamp's cost is a difference within one run.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -16,15 +20,15 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::HashMap,
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use ipaccess::{
-    datapath::{BENCH_OBJECT, BindTarget, Binding, Datapath, DatapathOptions},
+    datapath::{BENCH_NO_STAMP_OBJECT, BENCH_OBJECT, BindTarget, Binding, Datapath, DatapathOptions},
     protocol::Mode,
 };
-use ipaccess_common::NEVER_EXPIRES;
+use ipaccess_common::{NEVER_EXPIRES, PROGRAM_NAME};
 use ipaccess_tests::{netns::BpfFs, packets};
 use ipnet::IpNet;
 
@@ -220,7 +224,20 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
             false,
         ),
     ];
+    // The filter without stamps reads the very tables filled above: its pinned maps are
+    // reused by name from the daemon's pin directory.
+    let mut no_stamp = EbpfLoader::new()
+        .default_map_pin_directory(dp.pin_dir())
+        .load(BENCH_NO_STAMP_OBJECT)
+        .expect("load the filter without stamps over the pinned maps");
+    let program: &mut Xdp = no_stamp.program_mut(PROGRAM_NAME).expect("in the object").try_into().unwrap();
+    program.load().expect("verifying the filter without stamps");
+    let no_stamp: &Xdp = no_stamp.program(PROGRAM_NAME).and_then(|p| p.try_into().ok()).expect("loaded above");
     for case in cases(accounts) {
+        if case.expect == XDP_PASS && case.name.starts_with("bound allowed") {
+            let name = format!("{}{NO_STAMP}", case.name);
+            rows.push((name, no_stamp, case.frame.clone(), case.expect, case.sampling));
+        }
         rows.push((case.name.into(), dp.program(), case.frame, case.expect, case.sampling));
     }
     // Rounds interleave the cases so that drift of the machine touches all of them alike;
@@ -235,6 +252,32 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
         }
     }
     (rows.iter().zip(best).map(|((name, ..), t)| (name.clone(), t)).collect(), load_time)
+}
+
+/// Appended to a case's name for its run of the filter without stamps.
+const NO_STAMP: &str = ", without the stamp";
+
+/// What the last-used stamp costs each allowed case: the case with and without it, side by
+/// side from the same run, and the difference in ns and in multiples of the floor.
+fn print_stamp_cost(rows: &[(String, Timing)]) {
+    let floor = rows[0].1;
+    println!();
+    println!("What the last-used stamp costs an allowed packet (same run, same maps):");
+    println!();
+    println!("| case | clock | with stamp | without | difference | x floor |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (name, with) in rows {
+        let Some((_, without)) = rows.iter().find(|(n, _)| *n == format!("{name}{NO_STAMP}")) else {
+            continue;
+        };
+        for (clock, with, without, floor) in [
+            ("wall", with.wall, without.wall, floor.wall),
+            ("kernel", with.kernel, without.kernel, floor.kernel),
+        ] {
+            let diff = with - without;
+            println!("| {name} | {clock} | {with:.1} | {without:.1} | {diff:+.1} | {:+.2}x |", diff / floor);
+        }
+    }
 }
 
 fn bench_program<'a>(bench: &'a Ebpf, name: &str) -> &'a Xdp {
@@ -264,7 +307,7 @@ fn main() {
         println!("| case | wall ns/packet | x floor | kernel ns/packet | x floor |");
         println!("|---|---:|---:|---:|---:|");
         let floor = rows[0].1;
-        for (name, t) in rows {
+        for (name, t) in &rows {
             println!(
                 "| {name} | {:.1} | {:.2}x | {:.0} | {:.2}x |",
                 t.wall,
@@ -273,5 +316,6 @@ fn main() {
                 t.kernel / floor.kernel
             );
         }
+        print_stamp_cost(&rows);
     }
 }
