@@ -40,10 +40,14 @@ struct Args {
     samples: usize,
     /// Only the smaller policy size.
     quick: bool,
+    /// Another build of the filter (an object file) to time beside the real one in place of
+    /// the build without stamps, over the same maps: how an experiment on the program is
+    /// measured in the same run as the program it would replace.
+    variant: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { repeat: 1_000_000, samples: 5, quick: false };
+    let mut args = Args { repeat: 1_000_000, samples: 5, quick: false, variant: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().and_then(|v| v.parse().ok()).expect("flag needs a number");
@@ -51,7 +55,8 @@ fn parse_args() -> Args {
             "--repeat" => args.repeat = value() as u32,
             "--samples" => args.samples = value(),
             "--quick" => args.quick = true,
-            other => panic!("unknown argument {other} (use --repeat N, --samples N, --quick)"),
+            "--variant" => args.variant = Some(it.next().expect("--variant needs an object file").into()),
+            other => panic!("unknown argument {other} (use --repeat N, --samples N, --quick, --variant OBJECT)"),
         }
     }
     assert!(args.repeat >= 1_000_000, "the benchmark's contract is at least 1,000,000 repetitions");
@@ -226,17 +231,20 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
     ];
     // The filter without stamps reads the very tables filled above: its pinned maps are
     // reused by name from the daemon's pin directory.
-    let mut no_stamp = EbpfLoader::new()
+    let variant_bytes = args.variant.as_ref().map(|path| std::fs::read(path).expect("read the variant object"));
+    let mut variant = EbpfLoader::new()
         .default_map_pin_directory(dp.pin_dir())
-        .load(BENCH_NO_STAMP_OBJECT)
-        .expect("load the filter without stamps over the pinned maps");
-    let program: &mut Xdp = no_stamp.program_mut(PROGRAM_NAME).expect("in the object").try_into().unwrap();
-    program.load().expect("verifying the filter without stamps");
-    let no_stamp: &Xdp = no_stamp.program(PROGRAM_NAME).and_then(|p| p.try_into().ok()).expect("loaded above");
+        .load(variant_bytes.as_deref().unwrap_or(BENCH_NO_STAMP_OBJECT))
+        .expect("load the variant filter over the pinned maps");
+    let program: &mut Xdp = variant.program_mut(PROGRAM_NAME).expect("in the object").try_into().unwrap();
+    program.load().expect("verifying the variant filter");
+    let variant: &Xdp = variant.program(PROGRAM_NAME).and_then(|p| p.try_into().ok()).expect("loaded above");
     for case in cases(accounts) {
-        if case.expect == XDP_PASS && case.name.starts_with("bound allowed") {
-            let name = format!("{}{NO_STAMP}", case.name);
-            rows.push((name, no_stamp, case.frame.clone(), case.expect, case.sampling));
+        // Without stamps only allowed packets differ; an experiment may change any bound case.
+        let allowed = case.expect == XDP_PASS && case.name.starts_with("bound allowed");
+        if allowed || (args.variant.is_some() && case.name.starts_with("bound")) {
+            let name = format!("{}{}", case.name, variant_suffix(args));
+            rows.push((name, variant, case.frame.clone(), case.expect, case.sampling));
         }
         rows.push((case.name.into(), dp.program(), case.frame, case.expect, case.sampling));
     }
@@ -254,20 +262,30 @@ fn run_size(accounts: u32, args: &Args) -> (Vec<(String, Timing)>, f64) {
     (rows.iter().zip(best).map(|((name, ..), t)| (name.clone(), t)).collect(), load_time)
 }
 
-/// Appended to a case's name for its run of the filter without stamps.
-const NO_STAMP: &str = ", without the stamp";
+/// Appended to a case's name for its run of the variant filter.
+fn variant_suffix(args: &Args) -> &'static str {
+    if args.variant.is_some() { ", variant" } else { ", without the stamp" }
+}
 
-/// What the last-used stamp costs each allowed case: the case with and without it, side by
-/// side from the same run, and the difference in ns and in multiples of the floor.
-fn print_stamp_cost(rows: &[(String, Timing)]) {
+/// Each case the variant ran, side by side with the real filter from the same run, and the
+/// difference in ns and in multiples of the floor: without `--variant`, what the last-used
+/// stamp costs.
+fn print_variant_cost(rows: &[(String, Timing)], args: &Args) {
     let floor = rows[0].1;
+    let suffix = variant_suffix(args);
     println!();
-    println!("What the last-used stamp costs an allowed packet (same run, same maps):");
-    println!();
-    println!("| case | clock | with stamp | without | difference | x floor |");
+    if args.variant.is_some() {
+        println!("The real filter against the variant (same run, same maps):");
+        println!();
+        println!("| case | clock | real filter | variant | difference | x floor |");
+    } else {
+        println!("What the last-used stamp costs an allowed packet (same run, same maps):");
+        println!();
+        println!("| case | clock | with stamp | without | difference | x floor |");
+    }
     println!("|---|---|---:|---:|---:|---:|");
     for (name, with) in rows {
-        let Some((_, without)) = rows.iter().find(|(n, _)| *n == format!("{name}{NO_STAMP}")) else {
+        let Some((_, without)) = rows.iter().find(|(n, _)| *n == format!("{name}{suffix}")) else {
             continue;
         };
         for (clock, with, without, floor) in [
@@ -316,6 +334,6 @@ fn main() {
                 t.kernel / floor.kernel
             );
         }
-        print_stamp_cost(&rows);
+        print_variant_cost(&rows, &args);
     }
 }
