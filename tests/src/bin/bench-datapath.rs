@@ -288,10 +288,9 @@ fn print_variant_cost(rows: &[(String, Timing)], args: &Args) {
         let Some((_, without)) = rows.iter().find(|(n, _)| *n == format!("{name}{suffix}")) else {
             continue;
         };
-        for (clock, with, without, floor) in [
-            ("wall", with.wall, without.wall, floor.wall),
-            ("kernel", with.kernel, without.kernel, floor.kernel),
-        ] {
+        for (clock, with, without, floor) in
+            [("wall", with.wall, without.wall, floor.wall), ("kernel", with.kernel, without.kernel, floor.kernel)]
+        {
             let diff = with - without;
             println!("| {name} | {clock} | {with:.1} | {without:.1} | {diff:+.1} | {:+.2}x |", diff / floor);
         }
