@@ -13,8 +13,8 @@ use aya::{
 use aya_obj::Object;
 use ipaccess::datapath::{BENCH_NO_STAMP_OBJECT, BENCH_OBJECT, PROGRAM_OBJECT};
 use ipaccess_common::{
-    MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLE_BUDGET, MAP_SAMPLES,
-    MAP_SLOTS, PROGRAM_NAME,
+    MAP_ACCOUNT_SETS, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLE_BUDGET,
+    MAP_SAMPLES, MAP_SET_GROUPS, MAP_SLOTS, PROGRAM_NAME,
 };
 use ipaccess_tests::packets;
 
@@ -47,6 +47,8 @@ fn production_object_holds_only_the_filter_and_its_maps() {
         MAP_LAST_USED,
         MAP_SAMPLES,
         MAP_SAMPLE_BUDGET,
+        MAP_SET_GROUPS,
+        MAP_ACCOUNT_SETS,
         "IPACCESS_SAMPLE_TICK",
     ];
     assert_eq!(maps, set(&expected));
