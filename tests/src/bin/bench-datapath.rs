@@ -12,7 +12,10 @@
 //!
 //! The allowed cases are timed a second time with the filter built without its last-used
 //! stamp (`ipaccess::datapath::BENCH_NO_STAMP_OBJECT`), loaded over the same pinned maps, so
-//! the stamp's cost is a difference within one run.
+//! the stamp's cost is a difference within one run; `--variant OBJECT` times another build of
+//! the filter that way instead. A last part has the accounts reference one shared set of
+//! 1,000 entries and times their packets, the set's update and its slots, beside a copy of
+//! the set in each account's own allowlist.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
