@@ -1,7 +1,8 @@
 //! Builds the XDP program (ebpf/) for the BPF target with the nightly toolchain and
 //! bpf-linker, and leaves its objects in OUT_DIR for `include_bytes_aligned!`: `ipaccess-ebpf`
-//! (the filter ipaccessd loads) and `ipaccess-bench` (the benchmark's reference programs).
-//! `cargo xtask setup` installs what this needs.
+//! (the filter ipaccessd loads), `ipaccess-bench` (the benchmark's reference programs) and
+//! `ipaccess-bench-no-stamp` (the filter built with the ebpf crate's `no-stamp` feature, which
+//! only the benchmark loads). `cargo xtask setup` installs what this needs.
 //!
 //! aya-build forwards the inner cargo's whole log as `cargo:warning=` lines, so every build
 //! would print a dozen `warning:` lines that warn of nothing. The script therefore runs
@@ -10,27 +11,48 @@
 //! progress lines (a compiler warning, a skipped build).
 
 use std::{
-    env,
+    env, fs,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use anyhow::Context;
 
-/// Set in the environment of the copy that runs aya-build.
+/// Set in the environment of the copy that runs aya-build: the ebpf crate's features, comma
+/// separated (empty for the objects ipaccessd and the benchmark load as they are).
 const INNER: &str = "IPACCESS_EBPF_BUILD_INNER";
 
+/// The variant's own output directory under OUT_DIR: aya-build names each object after its
+/// binary, so the variant's filter would otherwise overwrite the production one.
+const NO_STAMP_DIR: &str = "no-stamp";
+
 fn main() -> anyhow::Result<()> {
-    if env::var_os(INNER).is_some() {
+    if let Some(features) = env::var_os(INNER) {
+        let features = features.to_string_lossy().into_owned();
         // Said without a backtrace: the cargo log above it tells what went wrong.
-        if let Err(error) = build() {
+        if let Err(error) = build(&features) {
             eprintln!("{error:#}");
             std::process::exit(1);
         }
         return Ok(());
     }
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
+    run_inner("", &out_dir)?;
+    let variant_dir = out_dir.join(NO_STAMP_DIR);
+    fs::create_dir_all(&variant_dir).with_context(|| format!("creating {}", variant_dir.display()))?;
+    run_inner("no-stamp", &variant_dir)?;
+    let (from, to) = (variant_dir.join("ipaccess-ebpf"), out_dir.join("ipaccess-bench-no-stamp"));
+    fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// Runs aya-build in a copy of this script with the ebpf crate's `features`, leaving the
+/// objects in `out_dir`, and passes its log on as described above.
+fn run_inner(features: &str, out_dir: &Path) -> anyhow::Result<()> {
     let me = env::current_exe().context("locating the build script")?;
     let output = Command::new(&me)
-        .env(INNER, "1")
+        .env(INNER, features)
+        .env("OUT_DIR", out_dir)
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", me.display()))?;
@@ -59,10 +81,12 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build() -> anyhow::Result<()> {
+fn build(features: &str) -> anyhow::Result<()> {
+    let features: Vec<&str> = features.split(',').filter(|f| !f.is_empty()).collect();
     let ebpf = aya_build::Package {
         name: "ipaccess-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf"),
+        features: &features,
         ..Default::default()
     };
     println!("cargo:rerun-if-changed=../common/src");

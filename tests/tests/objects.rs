@@ -11,10 +11,10 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use aya_obj::Object;
-use ipaccess::datapath::{BENCH_OBJECT, PROGRAM_OBJECT};
+use ipaccess::datapath::{BENCH_NO_STAMP_OBJECT, BENCH_OBJECT, PROGRAM_OBJECT};
 use ipaccess_common::{
-    MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLE_BUDGET, MAP_SAMPLES,
-    MAP_SLOTS, PROGRAM_NAME,
+    MAP_ACCOUNT_SETS, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLE_BUDGET,
+    MAP_SAMPLES, MAP_SET_GROUPS, MAP_SLOTS, PROGRAM_NAME,
 };
 use ipaccess_tests::packets;
 
@@ -47,6 +47,8 @@ fn production_object_holds_only_the_filter_and_its_maps() {
         MAP_LAST_USED,
         MAP_SAMPLES,
         MAP_SAMPLE_BUDGET,
+        MAP_SET_GROUPS,
+        MAP_ACCOUNT_SETS,
         "IPACCESS_SAMPLE_TICK",
     ];
     assert_eq!(maps, set(&expected));
@@ -57,6 +59,14 @@ fn bench_object_holds_only_the_reference_programs() {
     let (programs, maps) = contents(BENCH_OBJECT);
     assert_eq!(programs, set(&["ipaccess_floor", "ipaccess_calibration_hash"]));
     assert_eq!(maps, set(&["IPACCESS_CALIBRATION"]));
+}
+
+/// The benchmark's filter without stamps declares what the production filter declares, so
+/// that loaded over the daemon's pin directory it reuses every pinned map and reads the
+/// tables the daemon filled.
+#[test]
+fn bench_no_stamp_object_matches_the_production_object() {
+    assert_eq!(contents(BENCH_NO_STAMP_OBJECT), contents(PROGRAM_OBJECT));
 }
 
 fn run(program: &Xdp, frame: &[u8]) -> u32 {

@@ -57,6 +57,12 @@ pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT
 /// `cargo xtask bench datapath` does, beside [`PROGRAM_OBJECT`].
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-bench"));
 
+/// The filter ([`PROGRAM_NAME`]) built without its last-used stamp (the ebpf crate's `no-stamp`
+/// feature). Only the benchmark loads it, over the maps [`PROGRAM_OBJECT`]'s filter pinned, to
+/// time what the stamp costs an allowed packet in the same run.
+pub static BENCH_NO_STAMP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-bench-no-stamp"));
+
 /// The bpffs magic number from `statfs(2)`.
 const BPF_FS_MAGIC: u32 = 0xcafe4a11;
 
