@@ -194,6 +194,21 @@ pub fn answers(socket: &Path) -> bool {
 /// Map sizes for end-to-end tests: quick to create, ample for every test's policy.
 pub const TEST_MAPS: &str = "[maps]\nslots = 65536\naccounts = 1024\n";
 
+/// The output of one `ipaccessctl` run.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    /// Standard output as JSON (`--json`).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+}
+
 /// One end-to-end test's world: client and server namespaces joined by a veth, a private
 /// bpffs, a directory for the configuration, store, socket and log, and the daemon filtering
 /// the server's veth (stopped first on Drop: fields drop in order).
@@ -215,6 +230,39 @@ impl World {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.0.join("ipaccessd.sock")
+    }
+
+    /// `ipaccessctl --socket SOCKET ARGS` against this world's daemon.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        self.ctl_with(&[], args)
+    }
+
+    /// `[wrapper...] ipaccessctl --socket SOCKET ARGS` (a wrapper such as `setpriv` runs it as
+    /// another user).
+    pub fn ctl_with(&self, wrapper: &[String], args: &[&str]) -> CtlOutput {
+        let socket = self.socket();
+        let ctl = binaries().ctl.to_str().unwrap();
+        let mut argv: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        argv.extend([ctl, "--socket", socket.to_str().unwrap()]);
+        argv.extend_from_slice(args);
+        let out = crate::netns::run_cmd(argv[0], &argv[1..], Duration::from_secs(15)).unwrap();
+        // What ipaccessctl prints reaches a terminal: it must be text, whatever the daemon
+        // holds (see tests/tests/terminal.rs).
+        let text = |bytes: Vec<u8>, what: &str| {
+            String::from_utf8(bytes).unwrap_or_else(|e| panic!("ipaccessctl {args:?}: {what} is not UTF-8: {e}"))
+        };
+        CtlOutput {
+            code: out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status)),
+            stdout: text(out.stdout, "stdout"),
+            stderr: text(out.stderr, "stderr"),
+        }
+    }
+
+    /// `ipaccessctl ARGS`, which must succeed: its standard output.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert_eq!(out.code, 0, "ipaccessctl {args:?}: {out:#?}");
+        out.stdout
     }
 
     /// The configuration file's path: [`World::start`] writes it.

@@ -11,8 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use ipaccess_tests::client::Client;
-use ipaccess_tests::daemon::{World, binaries};
-use ipaccess_tests::netns::run_cmd;
+use ipaccess_tests::daemon::World;
 use serde_json::{Value, json};
 
 const LISTEN: &str = "127.0.0.1:9469";
@@ -60,12 +59,8 @@ fn entries(cidrs: &[&str]) -> Value {
 
 /// `ipaccessctl --socket S ARGS`: (exit code, stdout, stderr).
 fn ctl(w: &World, args: &[&str]) -> (i32, String, String) {
-    let socket = w.socket();
-    let mut argv = vec!["--socket", socket.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap(), text(&out.stdout), text(&out.stderr))
+    let out = w.ctl(args);
+    (out.code, out.stdout, out.stderr)
 }
 
 /// Adding, replacing and importing stop at the limit, each with `too_many_entries`, a message

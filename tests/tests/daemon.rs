@@ -18,10 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ipaccess_tests::daemon::{World, binaries, without_last_used};
+use ipaccess_tests::daemon::{CtlOutput, World, without_last_used};
 use ipaccess_tests::netns::{
-    FlowsSeen, TcpServer, TestHosts, icmp_echo, paced_udp_sender, receive_flows, run_cmd, set_rcvbuf, tcp_connect,
-    udp_client,
+    FlowsSeen, TcpServer, TestHosts, icmp_echo, paced_udp_sender, receive_flows, set_rcvbuf, tcp_connect, udp_client,
 };
 use serde_json::{Value, json};
 
@@ -29,20 +28,6 @@ use serde_json::{Value, json};
 const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
 const NOBODY: &str = "65534";
-
-/// The output of one `ipaccessctl` run.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
-    }
-}
 
 /// Runs a command as uid/gid 65534 with no supplementary groups.
 fn as_nobody() -> Vec<String> {
@@ -58,32 +43,12 @@ fn as_nobody() -> Vec<String> {
 
 /// The client side of the shared test world: `ipaccessctl` runs and raw connections.
 trait Client {
-    fn ctl_with(&self, wrapper: &[String], args: &[&str]) -> Out;
-    fn ctl(&self, args: &[&str]) -> Out;
     fn ok(&self, args: &[&str]) -> Value;
     fn fails(&self, args: &[&str]) -> String;
     fn conn(&self) -> Conn;
 }
 
 impl Client for World {
-    /// `[wrapper...] ipaccessctl --socket SOCKET ARGS`.
-    fn ctl_with(&self, wrapper: &[String], args: &[&str]) -> Out {
-        let socket = self.socket();
-        let mut argv: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-        argv.extend([binaries().ctl.to_str().unwrap(), "--socket", socket.to_str().unwrap()]);
-        argv.extend_from_slice(args);
-        let out = run_cmd(argv[0], &argv[1..], Duration::from_secs(15)).unwrap();
-        Out {
-            code: out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status)),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> Out {
-        self.ctl_with(&[], args)
-    }
-
     /// `ipaccessctl --json ARGS`, which must succeed; its result.
     fn ok(&self, args: &[&str]) -> Value {
         let out = self.ctl(&[&["--json"], args].concat());
@@ -103,7 +68,7 @@ impl Client for World {
 }
 
 /// The error code of a failed `ipaccessctl --json` run (exit status 2).
-fn error_code(out: &Out, args: &[&str]) -> String {
+fn error_code(out: &CtlOutput, args: &[&str]) -> String {
     assert_eq!(out.code, 2, "ipaccessctl {args:?} should have failed: {out:#?}");
     let error = out.json();
     let code = error["code"].as_str().unwrap_or_else(|| panic!("no error code: {out:#?}")).to_string();
@@ -240,7 +205,7 @@ fn strings(v: &Value, key: &str) -> Vec<String> {
 }
 
 /// The rows of a human table, split into words (header first).
-fn table(out: &Out) -> Vec<Vec<String>> {
+fn table(out: &CtlOutput) -> Vec<Vec<String>> {
     assert_eq!(out.code, 0, "{out:#?}");
     out.stdout.lines().map(|l| l.split_whitespace().map(String::from).collect()).collect()
 }
@@ -945,7 +910,7 @@ fn roleless_uid_is_refused() {
     assert_eq!(mode, 0o666, "socket mode {mode:o}");
     w.ok(&["account", "add", "acme"]);
     w.ok(&["allow", "add", "acme", "198.18.0.10"]);
-    fn run_as_nobody(w: &World, args: &[&str]) -> Out {
+    fn run_as_nobody(w: &World, args: &[&str]) -> CtlOutput {
         w.ctl_with(&as_nobody(), &[&["--json"], args].concat())
     }
     fn forbidden(w: &World, args: &[&str]) {

@@ -7,12 +7,11 @@
 //! `cargo build --release -p ipaccess --bins`.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipaccess_tests::client::Conn;
-use ipaccess_tests::daemon::{World, binaries};
+use ipaccess_tests::daemon::World;
 use ipaccess_tests::netns::{UdpEchoServer, echoed_udp, udp_client};
 use serde_json::{Value, json};
 
@@ -36,12 +35,6 @@ fn listed(w: &World, unused: Option<u64>) -> Vec<(String, Option<i64>, Option<i6
         .iter()
         .map(|e| (e["cidr"].as_str().unwrap().to_string(), e["last_signin_at"].as_i64(), e["last_packet_at"].as_i64()))
         .collect()
-}
-
-fn ctl(w: &World, args: &[&str]) -> String {
-    let out = Command::new(&binaries().ctl).arg("--socket").arg(w.socket()).args(args).output().unwrap();
-    assert!(out.status.success(), "ipaccessctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -106,10 +99,10 @@ fn entries_show_their_last_packet_and_sign_in_and_unused_lists_the_rest() {
     let mut got = unused.clone();
     got.sort();
     assert_eq!(got, expected);
-    let shown = ctl(&w, &["allow", "list", "cust", "--unused", "4s"]);
+    let shown = w.ctl_ok(&["allow", "list", "cust", "--unused", "4s"]);
     assert!(shown.contains("LAST SIGN-IN") && shown.contains("LAST PACKET"), "{shown}");
     assert!(shown.contains(&idle) && !shown.contains(&host) && !shown.contains(&net24), "{shown}");
-    let all = ctl(&w, &["allow", "list", "cust"]);
+    let all = w.ctl_ok(&["allow", "list", "cust"]);
     assert!(all.contains(&host) && all.contains(&net24), "{all}");
     // With a window of an hour, none is old enough to be unused.
     assert!(listed(&w, Some(3600)).is_empty());

@@ -10,36 +10,17 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ipaccess_tests::client::Client;
-use ipaccess_tests::daemon::{World, binaries};
-use ipaccess_tests::netns::{TestHosts, UdpEchoServer, icmp_echo, run_cmd, udp_roundtrip};
+use ipaccess_tests::daemon::World;
+use ipaccess_tests::netns::{TestHosts, UdpEchoServer, icmp_echo, udp_roundtrip};
 use serde_json::{Value, json};
 
 const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
 const PORT: u16 = 7200;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// `ipaccessctl ARGS` against the world's daemon.
-fn ctl(w: &World, args: &[&str]) -> Out {
-    let socket = w.socket();
-    let mut argv = vec!["--socket", socket.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
-    Out {
-        code: out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status)),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
 /// `ipaccessctl --json ARGS`, which must succeed; its result.
 fn ctl_ok(w: &World, args: &[&str]) -> Value {
-    let out = ctl(w, &[&["--json"], args].concat());
+    let out = w.ctl(&[&["--json"], args].concat());
     assert_eq!(out.code, 0, "ipaccessctl {args:?}: {}{}", out.stdout, out.stderr);
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ipaccessctl {args:?}: {e}: {}", out.stdout))
 }
@@ -104,14 +85,14 @@ fn an_entry_added_for_two_seconds_ends_on_the_wire_by_itself() {
         "too slow to test before expiry: {:?}",
         added_at.elapsed()
     );
-    let listed = ctl(&w, &["allow", "list", "cust"]);
+    let listed = w.ctl(&["allow", "list", "cust"]);
     assert!(listed.stdout.contains("EXPIRES") && listed.stdout.contains("visitor"), "{}", listed.stdout);
 
     thread::sleep(Duration::from_millis(2300).saturating_sub(added_at.elapsed()));
     assert!(!udp_ok(&w.hosts, temp, FAIL), "the entry for {temp} outlived its expiry on the wire");
     assert!(udp_ok(&w.hosts, good, OK), "the permanent entry ended with the expiring one");
     assert_eq!(check(&w, "cust", temp), (false, "address_not_allowed".into()));
-    let listed = ctl(&w, &["allow", "list", "cust"]);
+    let listed = w.ctl(&["allow", "list", "cust"]);
     assert!(listed.stdout.contains("(expired)"), "{}", listed.stdout);
 
     // The sweep (every 10 s) audits the end once.
@@ -153,7 +134,7 @@ fn bulk_disable_is_all_or_nothing() {
     assert!(all_on.iter().all(|(_, on)| *on) && all_on.len() == 3, "{all_on:?}");
 
     let (bs, cs) = (format!("{b}/32"), format!("{c}/32"));
-    let refused = ctl(&w, &["allow", "disable", "cust", &cs, &bs]);
+    let refused = w.ctl(&["allow", "disable", "cust", &cs, &bs]);
     assert_ne!(refused.code, 0, "{}", refused.stdout);
     assert!(refused.stderr.contains("lockout") && refused.stderr.contains(&b.to_string()), "{}", refused.stderr);
     assert_eq!(enabled(&w, "cust"), all_on, "a refused bulk disable changed entries");
@@ -203,7 +184,7 @@ fn replace_dry_run_changes_nothing_and_names_the_shut_out() {
     assert_eq!(shut_out, [b.to_string()], "{plan}");
     assert_eq!(plan["entries"], before, "{plan}");
 
-    let shown = ctl(&w, &["allow", "replace", "cust", "--file", path, "--dry-run"]);
+    let shown = w.ctl(&["allow", "replace", "cust", "--file", path, "--dry-run"]);
     assert_eq!(shown.code, 0, "{}", shown.stderr);
     for part in ["nothing was changed", "added: 198.18.60.0/24", &format!("removed: {b}/32"), &b.to_string()] {
         assert!(shown.stdout.contains(part), "{part:?} missing:\n{}", shown.stdout);
@@ -238,7 +219,7 @@ fn the_whole_internet_is_refused_in_every_spelling() {
             assert_eq!(code, "bad_request", "{request}: {message}");
             assert!(message.contains("mode") && message.contains("off"), "{request}: {message}");
         }
-        let out = ctl(&w, &["allow", "add", "acme", spelling]);
+        let out = w.ctl(&["allow", "add", "acme", spelling]);
         assert_ne!(out.code, 0, "{spelling}");
         assert!(out.stderr.contains("off"), "{spelling}: {}", out.stderr);
     }

@@ -9,10 +9,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ipaccess_tests::client::Conn;
-use ipaccess_tests::daemon::{Daemon, Launch, READY, TempDir, World, binaries};
+use ipaccess_tests::daemon::{Daemon, Launch, READY, TempDir, World};
 use ipaccess_tests::mmdb::{self, HOSTILE_CITY};
 use serde_json::{Value, json};
 
@@ -74,12 +73,6 @@ fn locations(w: &World) -> Vec<(String, Value)> {
     got
 }
 
-fn ctl(w: &World, args: &[&str]) -> String {
-    let out = Command::new(&binaries().ctl).arg("--socket").arg(w.socket()).args(args).output().unwrap();
-    assert!(out.status.success(), "ipaccessctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The table line of `address` in `table`.
 fn line<'a>(table: &'a str, address: &str) -> &'a str {
     let prefix = format!("{address} ");
@@ -120,7 +113,7 @@ fn summary_rows_carry_the_location_of_their_address() {
     assert_eq!(placed("198.19.0.9"), Some(Some(json!({"country": "XB"}))), "{granted:#}");
     assert_eq!(placed("192.0.2.1"), Some(None), "{granted:#}");
 
-    let table = ctl(&w, &["activity", "acme", "--summary"]);
+    let table = w.ctl_ok(&["activity", "acme", "--summary"]);
     let head: Vec<&str> = table.lines().next().unwrap().split_whitespace().take(3).collect();
     assert_eq!(head, ["ADDRESS", "LOCATION", "METHOD"], "{table}");
     assert!(line(&table, "198.18.0.7").contains(" Testville, XA "), "{table}");
@@ -137,7 +130,7 @@ fn without_a_database_there_is_no_location() {
     let w = World::new("");
     sign_in(&w);
     assert!(locations(&w).iter().all(|(_, l)| l.is_null()), "{:?}", locations(&w));
-    let table = ctl(&w, &["activity", "acme", "--summary"]);
+    let table = w.ctl_ok(&["activity", "acme", "--summary"]);
     assert!(table.lines().next().unwrap().contains(" LOCATION "), "{table}");
     for (addr, _, _) in SIGNINS {
         assert_eq!(line(&table, addr).split_whitespace().nth(1), Some("-"), "{table}");

@@ -23,8 +23,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{ProgramFd, loaded_programs};
 use ipaccess_common::PIN_SUBDIR;
 use ipaccess_tests::client::Conn;
-use ipaccess_tests::daemon::{World, binaries};
-use ipaccess_tests::netns::{TcpServer, TestHosts, icmp_echo, run_cmd, tcp_connect};
+use ipaccess_tests::daemon::World;
+use ipaccess_tests::netns::{TcpServer, TestHosts, icmp_echo, tcp_connect};
 use ipaccess_tests::packets;
 use ipaccess_tests::policy_model::{
     self as model, Account, Entry, Expect, Mode, Override, Policy, State, host_in, just_outside, mapped_addr,
@@ -814,12 +814,8 @@ fn a_check_just_after_an_overrides_expiry_is_denied() {
 
 /// `ipaccessctl --socket SOCKET ARGS`: exit code, stdout and stderr.
 fn ctl(w: &World, args: &[&str]) -> (i32, String, String) {
-    let socket = w.socket();
-    let mut argv = vec!["--socket", socket.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
-    let code = out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status));
-    (code, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = w.ctl(args);
+    (out.code, out.stdout, out.stderr)
 }
 
 /// `ipaccessctl --json ARGS` with the expected exit code (0 allowed/ok, 1 denied); its JSON.

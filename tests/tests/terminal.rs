@@ -9,10 +9,7 @@
 //! be safe whatever the daemon returns. Build the binaries first:
 //! `cargo build --release -p ipaccess --bins`.
 
-use std::time::Duration;
-
-use ipaccess_tests::daemon::{World, binaries};
-use ipaccess_tests::netns::run_cmd;
+use ipaccess_tests::daemon::World;
 use serde_json::Value;
 
 /// A label that starts a new line looking like an allow-everything row, then clears the
@@ -22,27 +19,9 @@ const LABEL: &str = "office\n0.0.0.0/0  forged  2000-01-01 00:00:00  0\x1b[2J\x1
 const REASON: &str = "verified\n9   acme     0.0.0.0/0      2099-01-01 00:00:00  T-9  0  forged\x1b]8;;http://198.18.0.66/\x07click\x1b]8;;\x07";
 const TICKET: &str = "T-1\x1b[8m";
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn ctl(w: &World, args: &[&str]) -> Out {
-    let socket = w.socket();
-    let mut argv = vec!["--socket", socket.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
-    Out {
-        code: out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status)),
-        stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(out.stderr).expect("stderr is UTF-8"),
-    }
-}
-
 /// `ipaccessctl --json ARGS`, which must succeed; its result.
 fn ok(w: &World, args: &[&str]) -> Value {
-    let out = ctl(w, &[&["--json"], args].concat());
+    let out = w.ctl(&[&["--json"], args].concat());
     assert_eq!(out.code, 0, "ipaccessctl {args:?}: {}{}", out.stdout, out.stderr);
     serde_json::from_str(&out.stdout).unwrap()
 }
@@ -61,14 +40,14 @@ fn assert_inert(what: &str, text: &str) {
 /// stopped.
 fn plant(w: &mut World) {
     ok(w, &["account", "add", "acme"]);
-    let entry = ctl(w, &["--json", "allow", "add", "acme", "198.18.0.0/24", "--label", LABEL]);
+    let entry = w.ctl(&["--json", "allow", "add", "acme", "198.18.0.0/24", "--label", LABEL]);
     if entry.code != 0 {
         ok(w, &["allow", "add", "acme", "198.18.0.0/24", "--label", "office"]);
     }
     // Enforcing, so that an override can change something.
     ok(w, &["account", "mode", "acme", "enforce", "--force"]);
     let grant = ["override", "grant", "acme", "198.18.7.7", "--ttl", "1h"];
-    let granted = ctl(w, &[&["--json"][..], &grant, &["--ticket", TICKET, "--reason", REASON]].concat());
+    let granted = w.ctl(&[&["--json"][..], &grant, &["--ticket", TICKET, "--reason", REASON]].concat());
     if granted.code != 0 {
         ok(w, &[&grant[..], &["--ticket", "T-1", "--reason", "verified"]].concat());
     }
@@ -98,7 +77,7 @@ fn hostile_text_forges_no_row_and_reaches_no_terminal() {
     let id = overrides[0]["id"].to_string();
 
     // allow list: the header and the one real row; the label shown escaped (cut to the cell).
-    let list = ctl(&w, &["allow", "list", "acme"]);
+    let list = w.ctl(&["allow", "list", "acme"]);
     assert_eq!(list.code, 0, "{}", list.stderr);
     assert_inert("allow list", &list.stdout);
     let lines: Vec<&str> = list.stdout.lines().collect();
@@ -108,7 +87,7 @@ fn hostile_text_forges_no_row_and_reaches_no_terminal() {
 
     // override list, of one account and of all: one row, with the reason and ticket escaped.
     for args in [&["override", "list", "acme"][..], &["override", "list"]] {
-        let list = ctl(&w, args);
+        let list = w.ctl(args);
         assert_eq!(list.code, 0, "{}", list.stderr);
         assert_inert("override list", &list.stdout);
         let lines: Vec<&str> = list.stdout.lines().collect();
@@ -118,7 +97,7 @@ fn hostile_text_forges_no_row_and_reaches_no_terminal() {
     }
 
     // account show: the fields, then the allowlist as a table with the same one row.
-    let show = ctl(&w, &["account", "show", "acme"]);
+    let show = w.ctl(&["account", "show", "acme"]);
     assert_eq!(show.code, 0, "{}", show.stderr);
     assert_inert("account show", &show.stdout);
     assert!(show.stdout.contains("\nallowlist:\nCIDR "), "{}", show.stdout);
@@ -127,16 +106,16 @@ fn hostile_text_forges_no_row_and_reaches_no_terminal() {
 
     // A daemon message quoting what a caller wrote reaches stderr escaped.
     let name = "nobody\u{202e}txet";
-    let missing = ctl(&w, &["allow", "list", name]);
+    let missing = w.ctl(&["allow", "list", name]);
     assert_eq!((missing.code, missing.stdout.as_str()), (2, ""), "{}", missing.stderr);
     assert_inert("an error", &missing.stderr);
     assert!(missing.stderr.starts_with("error: ") && missing.stderr.lines().count() == 1, "{}", missing.stderr);
 
     // A label of 65,536 characters: the table cuts it, --json has all of it, nothing crashes.
     let long = "x".repeat(65_536);
-    let added = ctl(&w, &["--json", "allow", "add", "acme", "198.18.1.0/24", "--label", &long]);
+    let added = w.ctl(&["--json", "allow", "add", "acme", "198.18.1.0/24", "--label", &long]);
     if added.code == 0 {
-        let list = ctl(&w, &["allow", "list", "acme"]);
+        let list = w.ctl(&["allow", "list", "acme"]);
         assert_eq!(list.code, 0, "{}", list.stderr);
         assert!(list.stdout.lines().all(|l| l.chars().count() < 200), "{}", list.stdout);
         let entries = ok(&w, &["allow", "list", "acme"]);
