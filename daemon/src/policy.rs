@@ -518,6 +518,30 @@ mod tests {
     }
 
     #[test]
+    fn an_enabled_set_lets_in_after_own_entries_and_names_itself() {
+        let mut accounts = HashMap::new();
+        let mut acme = account(None, AccountState::Active, Mode::Enforce, &["198.18.0.0/24"]);
+        acme.sets.push(SetUse { name: "corp-vpn".into(), kernel_id: 3 });
+        // A reference to a set the cache lacks lets nothing in.
+        acme.sets.push(SetUse { name: "gone".into(), kernel_id: 4 });
+        accounts.insert("acme".to_string(), acme);
+        let mut sets = Sets::new();
+        sets.insert("corp-vpn".into(), SetPolicy { kernel_id: 3, entries: vec![net("198.18.40.0/24"), net("198.18.40.7/32")] });
+        let via_set = decide(&accounts, &sets, "acme", ip("198.18.40.7"), 0);
+        assert_eq!((via_set.allowed, via_set.reason), (true, Reason::Allowed));
+        assert!(via_set.detail.contains("198.18.40.7/32 of the shared set corp-vpn"), "the most specific: {}", via_set.detail);
+        let own = decide(&accounts, &sets, "acme", ip("198.18.0.1"), 0);
+        assert!(own.detail.contains("allowlist entry"), "own entries first: {}", own.detail);
+        let denied = decide(&accounts, &sets, "acme", ip("198.18.41.1"), 0);
+        assert_eq!(denied.reason, Reason::AddressNotAllowed);
+        assert!(denied.detail.contains("nor its 2 enabled shared sets"), "{}", denied.detail);
+        assert_eq!(decide(&accounts, &Sets::new(), "acme", ip("198.18.40.7"), 0).reason, Reason::AddressNotAllowed);
+        // The lockout guard's view: the set's networks counted as the account's own.
+        let flat = accounts["acme"].with_set_entries(&sets);
+        assert!(flat.covers(ip("198.18.40.9"), 0) && !accounts["acme"].covers(ip("198.18.40.9"), 0));
+    }
+
+    #[test]
     fn entries_split_into_permanent_and_expiring_enabled_ones() {
         let (entries, expiring) = split_entries(
             [

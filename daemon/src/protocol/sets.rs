@@ -148,3 +148,22 @@ pub struct SetDeleted {
     pub set: String,
     pub references_removed: Vec<String>,
 }
+
+/// The `details` of a `lockout` refusing a change to a set: the recent sign-ins it would
+/// shut out, per account, and the enforcing accounts it would leave letting nobody in (the
+/// first 1,000 of each).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetShutOut {
+    pub shut_out: Vec<AccountSignin>,
+    pub allows_nothing: Vec<String>,
+}
+
+/// An account's successful sign-in from `address`, last at `last_seen`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSignin {
+    pub account: String,
+    pub address: IpAddr,
+    pub last_seen: i64,
+}

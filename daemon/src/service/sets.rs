@@ -20,8 +20,8 @@ use crate::{
     logging::{self, PendingAudit},
     policy::{AccountPolicy, MAX_LABEL, SetPolicy, check_text, valid_account_id},
     protocol::{
-        AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, ErrorCode, ListedSet, Mode, SetAdd, SetDelete,
-        SetDeleted, SetList, SetReference, SetRemove, SetShow, SharedSet,
+        AccountSignin, AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, ErrorCode, ListedSet, Mode, SetAdd,
+        SetDelete, SetDeleted, SetList, SetReference, SetRemove, SetShow, SetShutOut, SharedSet,
     },
     store::{SetRefRow, Tx},
 };
@@ -186,6 +186,7 @@ impl Service {
     }
 
     pub(super) fn allow_add_set(&self, AllowAddSet { account, set }: AllowAddSet, uid: u32) -> Reply<AllowAddSet> {
+        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let row = existing(tx, &account)?;
@@ -201,6 +202,7 @@ impl Service {
 
     pub(super) fn allow_remove_set(&self, request: AllowRemoveSet, uid: u32) -> Reply<AllowRemoveSet> {
         let AllowRemoveSet { account, set, client_ip, force } = request;
+        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let (row, was) = self.withdraw_reference(tx, &account, &set, uid, client_ip, force)?;
@@ -212,6 +214,7 @@ impl Service {
 
     pub(super) fn allow_disable_set(&self, request: AllowDisableSet, uid: u32) -> Reply<AllowDisableSet> {
         let AllowDisableSet { account, set, client_ip, force } = request;
+        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let (row, _) = self.withdraw_reference(tx, &account, &set, uid, client_ip, force)?;
@@ -222,6 +225,7 @@ impl Service {
     }
 
     pub(super) fn allow_enable_set(&self, AllowEnableSet { account, set }: AllowEnableSet, uid: u32) -> Reply<AllowEnableSet> {
+        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let row = existing(tx, &account)?;
@@ -231,6 +235,12 @@ impl Service {
             audit(tx, &account, uid, "allow_enable_set", json!({ "set": set }))?;
             Ok((row, reference(tx, &account, &set)?))
         })
+    }
+
+    /// Refuses set commands on a fleet node (see [`not_in_a_fleet`]): a reference would be
+    /// written to this node's copy only, not to the account's document.
+    fn no_fleet(&self) -> Result<(), Failure> {
+        if self.fleet().is_some() { Err(not_in_a_fleet()) } else { Ok(()) }
     }
 
     /// A reference about to stop letting anything in (removed or disabled): the account and
@@ -330,13 +340,13 @@ impl Service {
             ErrorCode::Lockout,
             format!("refused: changing the set {set}: {}; add the addresses elsewhere first, or repeat with --force", why.join("; ")),
         );
-        let shut_out: Vec<_> = shut_out
-            .iter()
+        let shut_out = shut_out
+            .into_iter()
             .take(DETAILED)
-            .map(|s| json!({"account": s.account, "address": s.signin.address, "last_seen": s.signin.last_seen}))
+            .map(|s| AccountSignin { account: s.account, address: s.signin.address, last_seen: s.signin.last_seen })
             .collect();
         nothing.truncate(DETAILED);
-        body.details = Some(json!({ "shut_out": shut_out, "allows_nothing": nothing }));
+        body.details = Some(json!(SetShutOut { shut_out, allows_nothing: nothing }));
         Err(Failure(body))
     }
 
@@ -346,9 +356,7 @@ impl Service {
     /// references rewritten, and the change committed. If the kernel refuses or the commit
     /// fails, the kernel is put back and nothing is changed.
     fn change_set<T>(&self, set: &str, f: impl FnOnce(&Tx) -> Result<(Vec<String>, T), Failure>) -> Result<T, Failure> {
-        if self.fleet().is_some() {
-            return Err(not_in_a_fleet());
-        }
+        self.no_fleet()?;
         // The guard reads the sign-ins of every referencing account: those answered before
         // the change must be in the store.
         self.activity.flush();

@@ -10,7 +10,7 @@ use ipaccess::protocol::{
     ClusterImported, DeniedSummary, Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount,
     Location, Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
 };
-use ipaccess::protocol::{ListedSet, SetDeleted, SetReference, SharedSet};
+use ipaccess::protocol::{ListedSet, SetDeleted, SetReference, SetShutOut, SharedSet};
 use ipaccess::time::format_utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -682,12 +682,22 @@ pub fn error_text(e: &DaemonError) -> String {
     let mut text = format!("error: {}\n", escape(&format!("{}{code}", e.message)));
     if let Some(details) = &e.details {
         let mut shown = String::new();
-        match ShutOut::deserialize(details) {
-            Ok(ShutOut { shut_out }) => {
-                let rows = shut_out.iter().map(|s| vec![s.address.to_string(), time(s.last_seen)]);
-                table(&mut shown, &["ADDRESS", "LAST SEEN"], rows);
+        // A set change's refusal names the account of each sign-in, and those left with
+        // nothing.
+        if let Ok(SetShutOut { shut_out, allows_nothing }) = SetShutOut::deserialize(details) {
+            let rows = shut_out.iter().map(|s| vec![s.account.clone(), s.address.to_string(), time(s.last_seen)]);
+            table(&mut shown, &["ACCOUNT", "ADDRESS", "LAST SEEN"], rows);
+            if !allows_nothing.is_empty() {
+                line(&mut shown, "would let nobody in", allows_nothing.join(", "));
             }
-            Err(_) => line(&mut shown, "details", details.to_string()),
+        } else {
+            match ShutOut::deserialize(details) {
+                Ok(ShutOut { shut_out }) => {
+                    let rows = shut_out.iter().map(|s| vec![s.address.to_string(), time(s.last_seen)]);
+                    table(&mut shown, &["ADDRESS", "LAST SEEN"], rows);
+                }
+                Err(_) => line(&mut shown, "details", details.to_string()),
+            }
         }
         shown.lines().for_each(|l| text.push_str(&format!("  {l}\n")));
     }
