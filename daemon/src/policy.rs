@@ -312,7 +312,8 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, sets: &Sets, id: &str, 
     }
     let entries = account.live_entries(now).count();
     let overrides = account.live_overrides(now).count();
-    let mut unmatched = format!("{addr} matches none of {id}'s {entries} enabled entries and {overrides} live overrides");
+    let mut unmatched =
+        format!("{addr} matches none of {id}'s {entries} enabled entries and {overrides} live overrides");
     if !account.sets.is_empty() {
         unmatched.push_str(&format!(", nor its {} enabled shared sets", account.sets.len()));
     }
@@ -526,10 +527,17 @@ mod tests {
         acme.sets.push(SetUse { name: "gone".into(), kernel_id: 4 });
         accounts.insert("acme".to_string(), acme);
         let mut sets = Sets::new();
-        sets.insert("corp-vpn".into(), SetPolicy { kernel_id: 3, entries: vec![net("198.18.40.0/24"), net("198.18.40.7/32")] });
+        sets.insert(
+            "corp-vpn".into(),
+            SetPolicy { kernel_id: 3, entries: vec![net("198.18.40.0/24"), net("198.18.40.7/32")] },
+        );
         let via_set = decide(&accounts, &sets, "acme", ip("198.18.40.7"), 0);
         assert_eq!((via_set.allowed, via_set.reason), (true, Reason::Allowed));
-        assert!(via_set.detail.contains("198.18.40.7/32 of the shared set corp-vpn"), "the most specific: {}", via_set.detail);
+        assert!(
+            via_set.detail.contains("198.18.40.7/32 of the shared set corp-vpn"),
+            "the most specific: {}",
+            via_set.detail
+        );
         let own = decide(&accounts, &sets, "acme", ip("198.18.0.1"), 0);
         assert!(own.detail.contains("allowlist entry"), "own entries first: {}", own.detail);
         let denied = decide(&accounts, &sets, "acme", ip("198.18.41.1"), 0);

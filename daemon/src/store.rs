@@ -20,9 +20,9 @@ mod sets;
 
 pub use attempts::DeniedTally;
 pub use cluster::{AccountDoc, EntryDoc, Marks, OverrideDoc};
-pub use sets::{SetRefRow, SetRow, SignedInThroughSet};
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
+pub use sets::{SetRefRow, SetRow, SignedInThroughSet};
 
 use crate::protocol::{
     Account, AccountState, ActivityKind, ActivityRow, Binding, DeniedSummary, Entry, Method, Mode, Override, Proto,

@@ -40,10 +40,10 @@ use serde_json::value::RawValue;
 pub use crate::activity::ActivityLog;
 use crate::{
     datapath::{self, Datapath, DatapathError},
-    service::sets::SetTables as _,
     metrics::CheckCounters,
     policy::{AccountPolicy, LiveOverride, SetPolicy, SetUse, Sets},
     protocol::{Call, Caller, Command, ErrorBody, ErrorCode},
+    service::sets::SetTables as _,
     store::{Checkpointer, Readers, Store, StoreError},
 };
 
@@ -208,8 +208,10 @@ impl Service {
                 a.overrides.push(LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at });
             }
         }
-        let mut sets: Sets =
-            set_rows.iter().map(|s| (s.name.clone(), SetPolicy { kernel_id: s.kernel_id, entries: Vec::new() })).collect();
+        let mut sets: Sets = set_rows
+            .iter()
+            .map(|s| (s.name.clone(), SetPolicy { kernel_id: s.kernel_id, entries: Vec::new() }))
+            .collect();
         for (name, entry) in set_entries {
             if let Some(set) = sets.get_mut(&name) {
                 set.entries.push(entry.cidr);

@@ -20,8 +20,8 @@ use crate::{
     logging::{self, PendingAudit},
     policy::{AccountPolicy, MAX_LABEL, SetPolicy, check_text, valid_account_id},
     protocol::{
-        AccountSignin, AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, ErrorCode, ListedSet, Mode, SetAdd,
-        SetDelete, SetDeleted, SetList, SetReference, SetRemove, SetShow, SetShutOut, SharedSet,
+        AccountSignin, AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, ErrorCode, ListedSet, Mode,
+        SetAdd, SetDelete, SetDeleted, SetList, SetReference, SetRemove, SetShow, SetShutOut, SharedSet,
     },
     store::{SetRefRow, Tx},
 };
@@ -138,11 +138,23 @@ impl Service {
             let mut removed = Vec::with_capacity(referrers.len());
             for r in referrers {
                 tx.remove_set_ref(&r.account, &set)?;
-                audit(tx, &r.account, uid, "allow_remove_set", json!({ "set": set, "forced": true, "set_deleted": true }))?;
+                audit(
+                    tx,
+                    &r.account,
+                    uid,
+                    "allow_remove_set",
+                    json!({ "set": set, "forced": true, "set_deleted": true }),
+                )?;
                 removed.push(r.account);
             }
             tx.remove_set(&set)?;
-            audit(tx, &set_subject(&set), uid, "set_delete", json!({ "references_removed": removed.len(), "forced": force, "entries": before.len() }))?;
+            audit(
+                tx,
+                &set_subject(&set),
+                uid,
+                "set_delete",
+                json!({ "references_removed": removed.len(), "forced": force, "entries": before.len() }),
+            )?;
             Ok((removed.clone(), SetDeleted { set: set.clone(), references_removed: removed }))
         })
     }
@@ -192,7 +204,10 @@ impl Service {
             let row = existing(tx, &account)?;
             existing_set(tx, &set)?;
             if !tx.add_set_ref(&account, &set, uid, now())? {
-                return Err(Failure::new(ErrorCode::EntryExists, format!("{account} references the set {set} already")));
+                return Err(Failure::new(
+                    ErrorCode::EntryExists,
+                    format!("{account} references the set {set} already"),
+                ));
             }
             reference_limit(tx, &account)?;
             audit(tx, &account, uid, "allow_add_set", json!({ "set": set }))?;
@@ -224,7 +239,11 @@ impl Service {
         })
     }
 
-    pub(super) fn allow_enable_set(&self, AllowEnableSet { account, set }: AllowEnableSet, uid: u32) -> Reply<AllowEnableSet> {
+    pub(super) fn allow_enable_set(
+        &self,
+        AllowEnableSet { account, set }: AllowEnableSet,
+        uid: u32,
+    ) -> Reply<AllowEnableSet> {
         self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
@@ -277,7 +296,10 @@ impl Service {
         // overrides and other sets, as committed: nothing else changes in this transaction).
         let elsewhere = |p: &AccountPolicy, addr: IpAddr| {
             p.covers(addr, at)
-                || p.sets.iter().filter(|s| s.name != set).any(|s| sets.get(&s.name).is_some_and(|s| covered(&s.entries, addr)))
+                || p.sets
+                    .iter()
+                    .filter(|s| s.name != set)
+                    .any(|s| sets.get(&s.name).is_some_and(|s| covered(&s.entries, addr)))
         };
         let mut shut_out = Vec::new();
         for s in tx.signins_through_set(set, at - RECENT_SIGNINS)? {
@@ -295,7 +317,11 @@ impl Service {
         if after.is_empty() && !before.is_empty() {
             for r in tx.set_referrers(set)?.into_iter().filter(|r| r.enabled) {
                 let Some(p) = accounts.get(&r.account) else { continue };
-                let others = p.sets.iter().filter(|s| s.name != set).any(|s| sets.get(&s.name).is_some_and(|s| !s.entries.is_empty()));
+                let others = p
+                    .sets
+                    .iter()
+                    .filter(|s| s.name != set)
+                    .any(|s| sets.get(&s.name).is_some_and(|s| !s.entries.is_empty()));
                 if p.mode == Mode::Enforce
                     && p.live_entries(at).next().is_none()
                     && p.live_overrides(at).next().is_none()
@@ -312,7 +338,14 @@ impl Service {
         let mut listed: Vec<String> = shut_out
             .iter()
             .take(LISTED)
-            .map(|s| format!("{} from {} (last {} UTC)", s.account, s.signin.address, crate::time::format_utc(s.signin.last_seen)))
+            .map(|s| {
+                format!(
+                    "{} from {} (last {} UTC)",
+                    s.account,
+                    s.signin.address,
+                    crate::time::format_utc(s.signin.last_seen)
+                )
+            })
             .collect();
         if shut_out.len() > LISTED {
             listed.push(format!("and {} more", shut_out.len() - LISTED));
@@ -338,7 +371,10 @@ impl Service {
         }
         let Failure(mut body) = Failure::new(
             ErrorCode::Lockout,
-            format!("refused: changing the set {set}: {}; add the addresses elsewhere first, or repeat with --force", why.join("; ")),
+            format!(
+                "refused: changing the set {set}: {}; add the addresses elsewhere first, or repeat with --force",
+                why.join("; ")
+            ),
         );
         let shut_out = shut_out
             .into_iter()
@@ -495,7 +531,13 @@ fn shared_set(tx: &Tx, set: &str, notes: Vec<String>) -> Result<SharedSet, Failu
 }
 
 fn as_reference(r: SetRefRow) -> SetReference {
-    SetReference { account: r.account, set: r.set, enabled: r.enabled, created_at: r.created_at, created_by: r.created_by }
+    SetReference {
+        account: r.account,
+        set: r.set,
+        enabled: r.enabled,
+        created_at: r.created_at,
+        created_by: r.created_by,
+    }
 }
 
 /// The account's reference to the set: `unknown_set` without such a set, `unknown_entry`
