@@ -316,3 +316,32 @@ fn bad_input_changes_nothing() {
     let stderr = ctl_fails(&w, &["allow", "add-set", "acme", "s8"]);
     assert!(stderr.contains("(entry_exists)"), "{stderr}");
 }
+
+/// Shared sets are not fleet documents yet: on a fleet node every set command is refused
+/// with a clear `refused` (never a change made on this node only), the reads answer, and
+/// the node's allowlists stay what the fleet says.
+#[test]
+fn a_fleet_node_refuses_set_commands() {
+    use ipaccess_tests::fleet::{Fleet, error_code};
+    let mut fleet = Fleet::new(1).unwrap();
+    fleet.start_all();
+    let node = &fleet.nodes[0].host;
+    node.ok(json!({"cmd": "account_add", "account": "acme"}));
+    let before = node.ok(json!({"cmd": "allow_list", "account": "acme"}));
+    for request in [
+        json!({"cmd": "set_add", "set": "corp-vpn", "cidrs": ["198.18.40.0/24"]}),
+        json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": ["198.18.40.0/24"]}),
+        json!({"cmd": "set_delete", "set": "corp-vpn"}),
+        json!({"cmd": "allow_add_set", "account": "acme", "set": "corp-vpn"}),
+        json!({"cmd": "allow_remove_set", "account": "acme", "set": "corp-vpn"}),
+        json!({"cmd": "allow_disable_set", "account": "acme", "set": "corp-vpn"}),
+        json!({"cmd": "allow_enable_set", "account": "acme", "set": "corp-vpn"}),
+    ] {
+        let reply = node.request(request.clone());
+        assert_eq!(error_code(&reply).as_deref(), Some("refused"), "{request} -> {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains("fleet") && message.contains("nothing was changed"), "{message}");
+    }
+    assert_eq!(node.ok(json!({"cmd": "set_list"})), json!([]));
+    assert_eq!(node.ok(json!({"cmd": "allow_list", "account": "acme"})), before);
+}
