@@ -29,6 +29,23 @@ pub const MAP_SAMPLE_BUDGET: &str = "IPACCESS_SAMPLE_BUDGET";
 /// `BPF_F_MMAPABLE`.
 pub const MAP_LAST_USED: &str = "IPACCESS_LAST_USED";
 
+/// The tables of the shared-set groups. An account that references shared sets has one
+/// group: the union of the sets it references, stored once for every account that
+/// references the same sets (see docs/datapath.md). Word 0 is the generation in use (0 or
+/// 1); group `g` of generation `n` is word `n * MAX_SET_GROUPS + g`, a [`crate::TableDesc`].
+/// The daemon writes a change's new group tables into the other generation, then switches
+/// with one store of word 0. `BPF_F_MMAPABLE`.
+pub const MAP_SET_GROUPS: &str = "IPACCESS_SET_GROUPS";
+/// Per account slot, a `u64`: its set group (0: none). `BPF_F_MMAPABLE`.
+pub const MAP_ACCOUNT_SETS: &str = "IPACCESS_ACCOUNT_SETS";
+
+/// Set groups per generation; group ids run from 1 to `MAX_SET_GROUPS - 1`.
+pub const MAX_SET_GROUPS: u32 = 1 << 12;
+/// Shared set ids run from 1 to `MAX_SETS - 1` (0 is "no set").
+pub const MAX_SETS: u32 = 1 << 12;
+/// Shared sets one account may reference (its enabled references).
+pub const MAX_SETS_PER_ACCOUNT: usize = 8;
+
 /// `BPF_F_MMAPABLE` from the kernel UAPI.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -137,7 +154,7 @@ impl Policy {
 /// only lookup before the allowlist. The daemon rewrites this word in each of an account's
 /// bindings whenever the account's mode, state or allowlist table changes.
 ///
-/// `account << 38 | has_port_bindings << 37 | policy(mode, suspended) << 34 | table`, where
+/// `has_sets << 62 | account << 38 | has_port_bindings << 37 | policy(mode, suspended) << 34 | table`, where
 /// `table` is the allowlist's [`crate::TableDesc`] squeezed into 34 bits (present, log2 and a
 /// 28-bit header index: the slot array has at most 2^28 slots).
 #[repr(transparent)]
@@ -152,6 +169,7 @@ impl AccountWord {
     const POLICY_SHIFT: u32 = 34;
     const HAS_PORT_BINDINGS: u64 = 1 << 37;
     const ACCOUNT_SHIFT: u32 = 38;
+    const HAS_SETS: u64 = 1 << 62;
     /// Largest account slot the word can carry.
     pub const MAX_ACCOUNT: u32 = (1 << 24) - 1;
     /// Largest slot array the word can address.
@@ -187,6 +205,18 @@ impl AccountWord {
     #[inline(always)]
     pub const fn has_port_bindings(self) -> bool {
         self.0 & Self::HAS_PORT_BINDINGS != 0
+    }
+
+    /// The same word saying whether the account has a set group ([`MAP_ACCOUNT_SETS`]): only
+    /// then does a source its own allowlist misses cost the program a look at its sets.
+    #[inline(always)]
+    pub const fn with_sets(self, has: bool) -> Self {
+        AccountWord(if has { self.0 | Self::HAS_SETS } else { self.0 & !Self::HAS_SETS })
+    }
+
+    #[inline(always)]
+    pub const fn has_sets(self) -> bool {
+        self.0 & Self::HAS_SETS != 0
     }
 
     #[inline(always)]

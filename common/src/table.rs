@@ -187,6 +187,8 @@ impl Tag {
     const FAMILY_SHIFT: u32 = 40;
     const PREFIX_SHIFT: u32 = 32;
     const PROTOCOL_SHIFT: u32 = 16;
+    /// The owner bit of a shared set's entries (see [`Tag::set_entry`]).
+    pub const SET_OWNER: u32 = 1 << 31;
 
     /// An allowlist entry: `owner` account, family and prefix length.
     #[inline(always)]
@@ -229,7 +231,8 @@ impl Tag {
         (self.0 >> Self::FAMILY_SHIFT) & 1
     }
 
-    /// Allowlist entries: the entry's owner account.
+    /// Allowlist entries: the entry's owner, an account slot or, with [`Tag::SET_OWNER`],
+    /// a shared set.
     #[inline(always)]
     pub const fn owner(self) -> Option<u32> {
         match self.kind() {
@@ -238,11 +241,35 @@ impl Tag {
         }
     }
 
+    /// The same allowlist tag at another prefix length (`self` built with length 0, so the
+    /// packet path only ORs the length in).
+    #[inline(always)]
+    pub const fn with_prefix_len(self, prefix_len: u8) -> Self {
+        Tag(self.0 | ((prefix_len as u64) << Self::PREFIX_SHIFT))
+    }
+
     /// Allowlist entries: the prefix length of the key.
     #[inline(always)]
     pub const fn prefix_len(self) -> Option<u8> {
         match self.kind() {
             Some(TagKind::Allow) => Some((self.0 >> Self::PREFIX_SHIFT) as u8),
+            _ => None,
+        }
+    }
+
+    /// An entry of shared-set group `group` (below [`crate::MAX_SET_GROUPS`]): an allowlist
+    /// key whose owner has [`Tag::SET_OWNER`] set, which no account slot has (they stay below
+    /// 2^24), so a group's key and an account's key never match each other's probes.
+    #[inline(always)]
+    pub const fn set_entry(group: u32, family: u64, prefix_len: u8) -> Self {
+        Self::allow(Self::SET_OWNER | group, family, prefix_len)
+    }
+
+    /// Allowlist entries: the shared-set group the key belongs to, if it is a group's.
+    #[inline(always)]
+    pub const fn set_group(self) -> Option<u32> {
+        match self.owner() {
+            Some(owner) if owner & Self::SET_OWNER != 0 => Some(owner & !Self::SET_OWNER),
             _ => None,
         }
     }

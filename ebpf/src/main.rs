@@ -18,8 +18,8 @@ use aya_ebpf::{
 };
 use ipaccess_common::{
     AccountCounters, AccountRecord, AccountWord, BPF_F_MMAPABLE, Config, DEFAULT_ACCOUNTS, DEFAULT_SLOTS, DropReason,
-    DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH, PolicyMode,
-    SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, lookup_at, read_family_lengths,
+    DropSample, FAMILY_V4, HostCounters, MAX_PROBE_LENGTHS, MAX_SET_GROUPS, NEVER_EXPIRES, NO_ACCOUNT, NO_LENGTH,
+    PolicyMode, SAMPLES_BYTES, SampleBudget, Slot, SlotReader, TableDesc, Tag, lookup, lookup_at, read_family_lengths,
     read_summary, v4_key, v6_key,
 };
 use parse::{Frame, Packet, parse};
@@ -49,6 +49,15 @@ static SAMPLE_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::pinned(1, 0);
 /// through (see `stamp`).
 #[map(name = "IPACCESS_LAST_USED")]
 static LAST_USED: Array<u64> = Array::pinned(DEFAULT_SLOTS, BPF_F_MMAPABLE);
+
+/// The tables of the set groups (see `sets_allow`), in two generations, and the generation
+/// in use in word 0.
+#[map(name = "IPACCESS_SET_GROUPS")]
+static SET_GROUPS: Array<u64> = Array::pinned(2 * MAX_SET_GROUPS, BPF_F_MMAPABLE);
+
+/// Per account slot, its set group (0: none).
+#[map(name = "IPACCESS_ACCOUNT_SETS")]
+static ACCOUNT_SETS: Array<u64> = Array::pinned(DEFAULT_ACCOUNTS, BPF_F_MMAPABLE);
 
 /// Per CPU, the timer tick (jiffies) at which an empty sample budget was last checked
 /// against the clock. Not pinned: it only saves clock reads, and a fresh one costs one.
@@ -103,38 +112,52 @@ fn decide_ip(packet: &Packet, bytes: u64) -> u32 {
         return XDP_PASS;
     };
     let cx = Context { packet, bytes, config };
-    let bindings = TableDesc(read(&config.bindings));
+    // One call of the account's decision, whichever binding found the account: the verifier
+    // then walks the allowlist probes once, not once per way of reaching them.
+    match bound_account(&cx) {
+        Ok(word) => decide_account(word, &cx),
+        Err(verdict) => verdict,
+    }
+}
+
+/// The account word of the binding that owns the packet's destination: the exact (protocol,
+/// port) first, then the whole address. `Err` holds the verdict for a packet that is no
+/// account's business (passed) or cannot be decided (dropped), already counted.
+#[inline(always)]
+fn bound_account(cx: &Context) -> Result<AccountWord, u32> {
+    let packet = cx.packet;
+    let bindings = TableDesc(read(&cx.config.bindings));
     if !bindings.is_present() {
         count_host(|c| c.unbound_packets += 1);
-        return XDP_PASS;
+        return Err(XDP_PASS);
     }
     let dst = packet.dst;
     if let (Some(port), false) = (packet.port, packet.malformed) {
         let tag = Tag::port_binding(packet.family, packet.protocol, port);
         if let Some(account) = lookup(&Slots, bindings, tag, dst.hi, dst.lo) {
-            return decide_account(AccountWord::from_bits(account), &cx);
+            return Ok(AccountWord::from_bits(account));
         }
     }
     let Some(addr) = lookup(&Slots, bindings, Tag::address(packet.family), dst.hi, dst.lo) else {
         count_host(|c| c.unbound_packets += 1);
-        return XDP_PASS;
+        return Err(XDP_PASS);
     };
     let addr = AccountWord::from_bits(addr);
     if packet.malformed {
         count_host(|c| c.malformed_packets += 1);
-        sample(&cx, addr.account(), DropReason::Malformed);
-        return XDP_DROP;
+        sample(cx, addr.account(), DropReason::Malformed);
+        return Err(XDP_DROP);
     }
     if packet.ndp {
         count_host(|c| c.ndp_packets += 1);
-        return XDP_PASS;
+        return Err(XDP_PASS);
     }
     if addr.account() == NO_ACCOUNT {
         // Only some ports of this address are bound, and not this one.
         count_host(|c| c.unbound_packets += 1);
-        return XDP_PASS;
+        return Err(XDP_PASS);
     }
-    decide_account(addr, &cx)
+    Ok(addr)
 }
 
 /// `word` is the binding's: account, mode, state and allowlist in one.
@@ -150,7 +173,10 @@ fn decide_account(word: AccountWord, cx: &Context) -> u32 {
     if policy.is_suspended() {
         return drop(account, cx, DropReason::Suspended);
     }
-    if mode == PolicyMode::Off || source_allowed(account, word.table(), cx) {
+    if mode == PolicyMode::Off
+        || source_allowed(Tag::allow(account, cx.packet.family, 0), word.table(), cx)
+        || (word.has_sets() && sets_allow(account, cx))
+    {
         count_account(account, |c| {
             c.passed_packets += 1;
             c.passed_bytes += bytes;
@@ -180,11 +206,12 @@ fn drop(account: u32, cx: &Context, why: DropReason) -> u32 {
     XDP_DROP
 }
 
-/// Does a live entry of the account's allowlist (or an override) cover the source?
+/// Does a live entry of `table` cover the source? `owner` is the tag of the table's keys
+/// with prefix length 0 (an account's allowlist, entries and overrides, or a shared set).
 /// Every probe length is tried until a live entry is found, so an expired entry never hides
 /// a live one at another length. The key that lets the packet through is stamped.
 #[inline(always)]
-fn source_allowed(account: u32, table: TableDesc, cx: &Context) -> bool {
+fn source_allowed(owner: Tag, table: TableDesc, cx: &Context) -> bool {
     if !table.is_present() {
         return false;
     }
@@ -206,9 +233,9 @@ fn source_allowed(account: u32, table: TableDesc, cx: &Context) -> bool {
     }
     // A constant length for the host probe: its key needs no masking.
     let hit = if first == host_len {
-        entry_live(account, table, packet, host_len, &mut now)
+        entry_live(owner, table, packet, host_len, &mut now)
     } else {
-        entry_live(account, table, packet, first, &mut now)
+        entry_live(owner, table, packet, first, &mut now)
     };
     if let Some(index) = hit {
         stamp(index, cx);
@@ -226,7 +253,7 @@ fn source_allowed(account: u32, table: TableDesc, cx: &Context) -> bool {
         if len == NO_LENGTH {
             break;
         }
-        if let Some(index) = entry_live(account, table, packet, len, &mut now) {
+        if let Some(index) = entry_live(owner, table, packet, len, &mut now) {
             stamp(index, cx);
             return true;
         }
@@ -234,13 +261,58 @@ fn source_allowed(account: u32, table: TableDesc, cx: &Context) -> bool {
     false
 }
 
-/// The slot of a live entry for the source cut to `len` bits, if there is one. `now` is
-/// read at most once.
+/// Does one of the account's shared sets cover the source? Only accounts whose binding word
+/// says they reference sets come here, after their own allowlist missed. The daemon merges
+/// the sets an account references into one table, its set group, shared by every account
+/// that references the same sets; the group's table is found through the generation in use,
+/// so the daemon changes a set in every group that holds it with one store.
 #[inline(always)]
-fn entry_live(account: u32, table: TableDesc, packet: &Packet, len: u8, now: &mut u64) -> Option<u32> {
+fn sets_allow(account: u32, cx: &Context) -> bool {
+    let (Some(group), Some(generation)) = (ACCOUNT_SETS.get(account), SET_GROUPS.get(0)) else {
+        return false;
+    };
+    let group = read(group) as u32 % MAX_SET_GROUPS;
+    let Some(desc) = SET_GROUPS.get((read(generation) as u32 & 1) * MAX_SET_GROUPS + group) else {
+        return false;
+    };
+    let table = TableDesc(read(desc));
+    if !table.is_present() {
+        return false;
+    }
+    // Set entries never expire, and a group is probed after the account's own allowlist
+    // missed, so the summary comes first and no probe length is special.
+    let packet = cx.packet;
+    let v4 = packet.family == FAMILY_V4;
+    let (Some(summary), Some(lengths)) = (read_summary(&Slots, table, v4), read_family_lengths(&Slots, table, v4))
+    else {
+        return false;
+    };
+    if !summary.may_cover(table.seed(), packet.src.top(v4)) {
+        return false;
+    }
+    let owner = Tag::set_entry(group, packet.family, 0);
+    for i in 0..MAX_PROBE_LENGTHS {
+        let len = lengths.get(i);
+        if len == NO_LENGTH {
+            break;
+        }
+        let src = packet.src;
+        let (hi, lo) = if v4 { v4_key(src.lo as u32, len) } else { v6_key(src.hi, src.lo, len) };
+        if let Some((index, _)) = lookup_at(&Slots, table, owner.with_prefix_len(len), hi, lo) {
+            stamp(index, cx);
+            return true;
+        }
+    }
+    false
+}
+
+/// The slot of a live entry for the source cut to `len` bits, if there is one. `owner` is
+/// the keys' tag with prefix length 0; `now` is read at most once.
+#[inline(always)]
+fn entry_live(owner: Tag, table: TableDesc, packet: &Packet, len: u8, now: &mut u64) -> Option<u32> {
     let src = packet.src;
     let (hi, lo) = if packet.family == FAMILY_V4 { v4_key(src.lo as u32, len) } else { v6_key(src.hi, src.lo, len) };
-    let (index, expires) = lookup_at(&Slots, table, Tag::allow(account, packet.family, len), hi, lo)?;
+    let (index, expires) = lookup_at(&Slots, table, owner.with_prefix_len(len), hi, lo)?;
     if expires == NEVER_EXPIRES {
         return Some(index);
     }

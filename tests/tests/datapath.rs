@@ -215,7 +215,7 @@ fn state_survives_a_restart_and_one_writer_holds_the_pins() {
 #[test]
 fn an_allowed_packet_stamps_its_key_once_per_clock_tick() {
     use aya::maps::{Array, Map, MapData};
-    use ipaccess::datapath::LastUse;
+    use ipaccess::datapath::{KeyOwner, LastUse};
 
     let bpffs = BpfFs::new().unwrap();
     let mut dp = open(&bpffs);
@@ -236,7 +236,10 @@ fn an_allowed_packet_stamps_its_key_once_per_clock_tick() {
     assert_eq!(run(&dp, &host), XDP_PASS);
     let used = dp.used_since(0);
     let host_key: ipnet::IpNet = IpAddr::V4(ALLOWED).into();
-    assert_eq!(used.iter().map(|u| (u.account, u.key, u.clock)).collect::<Vec<_>>(), [(ACCOUNT, host_key, 100)]);
+    assert_eq!(
+        used.iter().map(|u| (u.owner, u.key, u.clock)).collect::<Vec<_>>(),
+        [(KeyOwner::Account(ACCOUNT), host_key, 100)]
+    );
     let LastUse { index, .. } = used[0];
 
     // Another CPU stamped the key a tick later (written here through the pinned map): a
@@ -257,4 +260,98 @@ fn an_allowed_packet_stamps_its_key_once_per_clock_tick() {
     used.sort();
     assert_eq!(used, [(host_key, 102), (office, 102)]);
     assert!(dp.used_since(103).is_empty(), "used_since returns only stamps from its clock on");
+}
+
+/// Shared sets in the kernel: two accounts reference one set and share its table; a change
+/// of the set reaches both, also where one of them unites it with a second set; a reference
+/// dropped for one account shuts out only that one; a set's key is stamped as its group's;
+/// and a restarted daemon's datapath enforces the sets until they are given again, then
+/// frees the groups it found.
+#[test]
+fn shared_sets_let_in_every_account_that_references_them_and_change_for_all() {
+    use ipaccess::datapath::KeyOwner;
+    const OTHER: u32 = 8;
+    const OTHER_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    let target = BindTarget::Port { protocol: 6, port: 443 };
+    dp.set_bindings(&[
+        Binding { addr: SERVER.into(), target, account: ACCOUNT },
+        Binding { addr: OTHER_SERVER.into(), target, account: OTHER },
+    ])
+    .unwrap();
+    for slot in [ACCOUNT, OTHER] {
+        dp.set_policy(slot, Mode::Enforce, false).unwrap();
+    }
+    dp.set_allowlist(ACCOUNT, &[(IpAddr::V4(ALLOWED).into(), NEVER_EXPIRES)]).unwrap();
+    let to = |server: Ipv4Addr, src: Ipv4Addr| packets::ipv4_tcp(src, server, 40000, 443);
+    let net = |cidr: &str| -> ipnet::IpNet { cidr.parse().unwrap() };
+    let (vpn, moved, partner) =
+        (Ipv4Addr::new(198, 18, 40, 7), Ipv4Addr::new(198, 18, 41, 9), Ipv4Addr::new(198, 18, 50, 1));
+
+    dp.set_shared_set(1, &[net("198.18.40.0/24")]).unwrap();
+    assert_eq!(run(&dp, &to(SERVER, vpn)), XDP_DROP, "a set nobody references let a packet in");
+    let (own_tables_only, _) = dp.slot_usage();
+    dp.set_account_sets(ACCOUNT, &[1]).unwrap();
+    let (with_one_group, _) = dp.slot_usage();
+    assert!(with_one_group > own_tables_only);
+    dp.set_account_sets(OTHER, &[1]).unwrap();
+    assert_eq!(dp.slot_usage().0, with_one_group, "a second account referencing the set took slots of its own");
+    for server in [SERVER, OTHER_SERVER] {
+        assert_eq!(run(&dp, &to(server, vpn)), XDP_PASS, "set entry, account at {server}");
+    }
+    assert_eq!(run(&dp, &to(SERVER, ALLOWED)), XDP_PASS, "the account's own entry beside its set");
+    assert_eq!(run(&dp, &to(OTHER_SERVER, ALLOWED)), XDP_DROP, "one account's own entry let another in");
+
+    dp.set_shared_set(1, &[net("198.18.41.0/24")]).unwrap();
+    for server in [SERVER, OTHER_SERVER] {
+        assert_eq!(run(&dp, &to(server, vpn)), XDP_DROP, "a network taken out of the set, account at {server}");
+        assert_eq!(run(&dp, &to(server, moved)), XDP_PASS, "a network put into the set, account at {server}");
+    }
+
+    // A second set for one account: a group of its own, and a change of the first set still
+    // reaches both groups.
+    dp.set_shared_set(2, &[net("198.18.50.1/32")]).unwrap();
+    dp.set_account_sets(ACCOUNT, &[2, 1]).unwrap();
+    assert_eq!(dp.account_sets(ACCOUNT), [1, 2]);
+    assert_eq!(run(&dp, &to(SERVER, partner)), XDP_PASS);
+    assert_eq!(run(&dp, &to(OTHER_SERVER, partner)), XDP_DROP, "a set the account does not reference");
+    dp.set_shared_set(1, &[net("198.18.42.0/24")]).unwrap();
+    let third = Ipv4Addr::new(198, 18, 42, 1);
+    for server in [SERVER, OTHER_SERVER] {
+        assert_eq!(run(&dp, &to(server, third)), XDP_PASS, "account at {server}");
+        assert_eq!(run(&dp, &to(server, moved)), XDP_DROP, "account at {server}");
+    }
+
+    // The key that let the packet in is stamped as its group's.
+    dp.set_clock(100);
+    assert_eq!(run(&dp, &to(SERVER, partner)), XDP_PASS);
+    let used = dp.used_since(100);
+    assert_eq!(used.len(), 1, "{used:?}");
+    let KeyOwner::SetGroup(group) = used[0].owner else { panic!("stamped as {:?}", used[0].owner) };
+    assert_eq!((dp.sets_of_group(group), used[0].key), (vec![1, 2], net("198.18.50.1/32")));
+
+    // One account drops its references: only it is shut out.
+    dp.set_account_sets(OTHER, &[]).unwrap();
+    assert_eq!(run(&dp, &to(OTHER_SERVER, third)), XDP_DROP);
+    assert_eq!(run(&dp, &to(SERVER, third)), XDP_PASS);
+    assert!(matches!(dp.set_account_sets(ACCOUNT, &(1..=9).collect::<Vec<_>>()), Err(DatapathError::TooManySets(9))));
+    assert!(matches!(dp.set_shared_set(0, &[]), Err(DatapathError::SetId(0))));
+
+    // A restart: the pinned maps go on enforcing; the sets given again move the account to a
+    // new group and the one found is freed.
+    let in_use = dp.slot_usage().0;
+    drop(dp);
+    let mut dp = open(&bpffs);
+    assert_eq!(run(&dp, &to(SERVER, third)), XDP_PASS, "a set's entry after a restart");
+    assert_eq!(run(&dp, &to(OTHER_SERVER, third)), XDP_DROP);
+    dp.set_shared_set(1, &[net("198.18.42.0/24")]).unwrap();
+    dp.set_shared_set(2, &[net("198.18.50.1/32")]).unwrap();
+    dp.set_account_sets(ACCOUNT, &[1, 2]).unwrap();
+    assert_eq!(run(&dp, &to(SERVER, third)), XDP_PASS);
+    assert_eq!(dp.slot_usage().0, in_use, "the group found at the restart was not freed");
+    dp.set_account_sets(ACCOUNT, &[]).unwrap();
+    assert_eq!(run(&dp, &to(SERVER, third)), XDP_DROP);
+    assert_eq!(run(&dp, &to(SERVER, ALLOWED)), XDP_PASS);
+    assert_eq!(dp.slot_usage().0, own_tables_only, "the last account out of a group leaves its table behind");
 }

@@ -85,3 +85,69 @@ fn flipping_an_allowlist_in_place_drops_no_packet_it_covers_throughout() {
     assert!(flips > 100 && runs > 100_000, "too little happened: {flips} flips, {runs} runs");
     println!("{runs} runs of the program during {flips} in-place flips");
 }
+
+/// A shared set changed while packets flow: two accounts reference it (one of them with a
+/// second set, so in another set group), the source is covered by the set before and after
+/// every change (a /24, then a /16), and each change republishes both groups' tables with
+/// one generation switch. No run of either account may drop.
+#[test]
+fn changing_a_shared_set_drops_no_packet_it_covers_in_any_account() {
+    const OTHER: u32 = 8;
+    const OTHER_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    let bpffs = BpfFs::new().unwrap();
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
+    let mut dp = Datapath::open(&options).expect("load the XDP program");
+    let target = BindTarget::Port { protocol: 6, port: 443 };
+    dp.set_bindings(&[
+        Binding { addr: SERVER.into(), target, account: ACCOUNT },
+        Binding { addr: OTHER_SERVER.into(), target, account: OTHER },
+    ])
+    .unwrap();
+    let nets = |cidrs: &[&str]| -> Vec<IpNet> { cidrs.iter().map(|c| c.parse().unwrap()).collect() };
+    let versions = [nets(&["198.18.0.0/24", "198.18.5.5/32"]), nets(&["198.18.0.0/16"])];
+    dp.set_shared_set(1, &versions[0]).unwrap();
+    dp.set_shared_set(2, &nets(&["198.18.9.9/32"])).unwrap();
+    for (slot, sets) in [(ACCOUNT, &[1][..]), (OTHER, &[1, 2][..])] {
+        dp.set_policy(slot, Mode::Enforce, false).unwrap();
+        dp.set_account_sets(slot, sets).unwrap();
+    }
+
+    let frames = [SERVER, OTHER_SERVER].map(|server| packets::ipv4_tcp(SOURCE, server, 40000, 443));
+    let refused = packets::ipv4_tcp(Ipv4Addr::new(198, 19, 0, 10), SERVER, 40000, 443);
+    let prog = dp.program().fd().unwrap().as_fd().try_clone_to_owned().unwrap();
+    for frame in &frames {
+        assert_eq!(test_run(&prog, frame), XDP_PASS);
+    }
+    assert_ne!(test_run(&prog, &refused), XDP_PASS, "the test can see a drop");
+    let before = [ACCOUNT, OTHER].map(|slot| dp.counters(slot).unwrap());
+
+    let done = AtomicBool::new(false);
+    let (runs, changes) = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            let mut runs = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                for frame in &frames {
+                    assert_eq!(test_run(&prog, frame), XDP_PASS, "a covered source dropped after {runs} runs");
+                }
+                runs += 1;
+            }
+            runs
+        });
+        let started = Instant::now();
+        let mut changes = 0usize;
+        while started.elapsed() < FLIPPING && !runner.is_finished() {
+            changes += 1;
+            dp.set_shared_set(1, &versions[changes % 2]).unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        (runner.join().unwrap(), changes)
+    });
+
+    for (slot, before) in [ACCOUNT, OTHER].into_iter().zip(before) {
+        let after = dp.counters(slot).unwrap();
+        assert_eq!(after.dropped_packets, before.dropped_packets, "account {slot}: {runs} runs, {changes} changes");
+        assert_eq!(after.passed_packets - before.passed_packets, runs, "account {slot}");
+    }
+    assert!(changes > 100 && runs > 10_000, "too little happened: {changes} changes, {runs} runs");
+    println!("{runs} runs of each account during {changes} changes of the set");
+}

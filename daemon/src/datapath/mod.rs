@@ -32,8 +32,9 @@ use aya::{
 };
 use ipaccess_common::{
     AccountCounters, AccountField, AccountRecord, AccountWord, AddrWords, Config, ConfigField, DropSample,
-    HostCounters, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLES, MAP_SLOTS,
-    NO_ACCOUNT, PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
+    HostCounters, MAP_ACCOUNT_SETS, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED,
+    MAP_SAMPLES, MAP_SET_GROUPS, MAP_SLOTS, MAX_SET_GROUPS, MAX_SETS, MAX_SETS_PER_ACCOUNT, NEVER_EXPIRES, NO_ACCOUNT,
+    PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
 };
 use ipnet::IpNet;
 use log::{info, warn};
@@ -135,6 +136,15 @@ pub enum DatapathError {
     IncompatibleMap { name: &'static str, detail: String, dir: PathBuf },
     #[error("account slot {slot} is outside 1..{limit}")]
     AccountSlot { slot: u32, limit: u32 },
+    #[error("shared set id {0} is outside 1..{MAX_SETS}")]
+    SetId(u32),
+    #[error("an account can use at most {MAX_SETS_PER_ACCOUNT} shared sets, {0} were asked for")]
+    TooManySets(usize),
+    #[error(
+        "the kernel holds at most {} distinct combinations of shared sets that accounts use; no room for another",
+        MAX_SET_GROUPS - 1
+    )]
+    TooManySetGroups,
     #[error("interface {0} does not exist")]
     NoInterface(String),
     #[error(
@@ -187,6 +197,12 @@ pub struct Datapath {
     config: MmapArray<Config>,
     /// Per slot of the tables, the clock at which its key last let a packet through.
     last_used: MmapArray<u64>,
+    /// The set groups' tables, in two generations ([`MAP_SET_GROUPS`]).
+    set_groups: MmapArray<u64>,
+    /// Per account slot, its set group.
+    account_sets: MmapArray<u64>,
+    /// The shared sets and the groups built from them.
+    sets: SetGroups,
     samples: RingBuf<MapData>,
     /// Each account's keys in the binding table: the bindings to rewrite when the account
     /// changes.
@@ -224,6 +240,7 @@ impl Datapath {
             .map_max_entries(MAP_LAST_USED, stamps)
             .map_max_entries(MAP_ACCOUNTS, options.accounts)
             .map_max_entries(MAP_COUNTERS, options.accounts)
+            .map_max_entries(MAP_ACCOUNT_SETS, options.accounts)
             .load(PROGRAM_OBJECT)?;
         let slots_len = map_len::<Slot>(&ebpf, MAP_SLOTS, &pin_dir)?;
         let accounts_len = map_len::<AccountRecord>(&ebpf, MAP_ACCOUNTS, &pin_dir)?;
@@ -232,6 +249,23 @@ impl Datapath {
             return Err(DatapathError::IncompatibleMap {
                 name: MAP_COUNTERS,
                 detail: format!("{counters_len} counters for {accounts_len} accounts"),
+                dir: pin_dir,
+            });
+        }
+        // Created beside maps pinned by a build before shared sets: sized like them.
+        let account_sets_len = map_len::<u64>(&ebpf, MAP_ACCOUNT_SETS, &pin_dir)?;
+        if account_sets_len != accounts_len {
+            return Err(DatapathError::IncompatibleMap {
+                name: MAP_ACCOUNT_SETS,
+                detail: format!("set groups for {account_sets_len} accounts, {accounts_len} accounts"),
+                dir: pin_dir,
+            });
+        }
+        let groups_len = map_len::<u64>(&ebpf, MAP_SET_GROUPS, &pin_dir)?;
+        if groups_len != 2 * MAX_SET_GROUPS {
+            return Err(DatapathError::IncompatibleMap {
+                name: MAP_SET_GROUPS,
+                detail: format!("{groups_len} words instead of {}", 2 * MAX_SET_GROUPS),
                 dir: pin_dir,
             });
         }
@@ -247,7 +281,13 @@ impl Datapath {
         let config = mmap_map::<Config>(&ebpf, MAP_CONFIG, 1)?;
         let last_used_len = map_len::<u64>(&ebpf, MAP_LAST_USED, &pin_dir)?;
         let last_used = mmap_map::<u64>(&ebpf, MAP_LAST_USED, last_used_len)?;
-        let in_use = (0..accounts_len).map(|slot| account_table(&accounts, slot)).chain([bindings_table(&config)]);
+        let set_groups = mmap_map::<u64>(&ebpf, MAP_SET_GROUPS, groups_len)?;
+        let account_sets = mmap_map::<u64>(&ebpf, MAP_ACCOUNT_SETS, account_sets_len)?;
+        let sets = SetGroups::found(&set_groups, &account_sets);
+        let in_use = (0..accounts_len)
+            .map(|slot| account_table(&accounts, slot))
+            .chain(sets.groups.values().map(|g| g.table))
+            .chain([bindings_table(&config)]);
         let tables = Tables::new(slots, in_use)?;
         let samples = ebpf.take_map(MAP_SAMPLES).expect("object has a sample ring");
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
@@ -261,6 +301,9 @@ impl Datapath {
             accounts,
             config,
             last_used,
+            set_groups,
+            account_sets,
+            sets,
             samples,
             bound,
             links: BTreeMap::new(),
@@ -530,16 +573,7 @@ impl Datapath {
     /// allowed throughout it.
     pub fn set_allowlist(&mut self, slot: u32, entries: &[(IpNet, u64)]) -> Result<()> {
         self.check_slot(slot)?;
-        let expanded = expand(entries)?;
-        let content = TableContent {
-            entries: expanded
-                .keys
-                .iter()
-                .map(|(k, &expiry)| (SlotKey { tag: Tag::allow(slot, k.family, k.len), hi: k.hi, lo: k.lo }, expiry))
-                .collect(),
-            v4_lengths: expanded.v4_lengths,
-            v6_lengths: expanded.v6_lengths,
-        };
+        let content = table_content(entries, |family, len| Tag::allow(slot, family, len))?;
         let current = account_table(&self.accounts, slot);
         if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
             self.store_account_table(slot, new);
@@ -550,10 +584,175 @@ impl Datapath {
         Ok(())
     }
 
-    /// Forgets an account: unset policy (its bindings, if any remain, drop everything) and no
-    /// allowlist. Counters are zeroed so the slot can be reused.
+    /// Replaces shared set `set`'s entries (they never expire). Every set group holding the
+    /// set gets a new table; all of them are published with one store (the generation
+    /// switch), so every account referencing the set sees the whole change at the same
+    /// moment. On an error nothing has changed.
+    pub fn set_shared_set(&mut self, set: u32, entries: &[IpNet]) -> Result<()> {
+        check_set(set)?;
+        let previous = self.sets.sets.insert(set, entries.to_vec());
+        let rebuilt = self.rebuild_groups_with(set);
+        if rebuilt.is_err() {
+            match previous {
+                Some(old) => self.sets.sets.insert(set, old),
+                None => self.sets.sets.remove(&set),
+            };
+        }
+        rebuilt
+    }
+
+    /// Forgets a shared set: accounts that still reference it get nothing from it.
+    pub fn remove_shared_set(&mut self, set: u32) -> Result<()> {
+        check_set(set)?;
+        let Some(previous) = self.sets.sets.remove(&set) else { return Ok(()) };
+        let rebuilt = self.rebuild_groups_with(set);
+        if rebuilt.is_err() {
+            self.sets.sets.insert(set, previous);
+        }
+        rebuilt
+    }
+
+    /// The shared sets given to this Datapath (by [`Self::set_shared_set`]) and not removed.
+    pub fn configured_sets(&self) -> Vec<u32> {
+        self.sets.sets.keys().copied().collect()
+    }
+
+    /// Rebuilds every group that holds `set` and publishes them all with one store.
+    fn rebuild_groups_with(&mut self, set: u32) -> Result<()> {
+        let affected: Vec<u32> = self
+            .sets
+            .groups
+            .iter()
+            .filter(|(_, g)| g.sets.as_ref().is_some_and(|sets| sets.contains(&set)))
+            .map(|(&id, _)| id)
+            .collect();
+        let mut built: Vec<(u32, TableDesc)> = Vec::with_capacity(affected.len());
+        for &id in &affected {
+            let sets = self.sets.groups[&id].sets.clone().unwrap_or_default();
+            match self.build_group(id, &sets) {
+                Ok(table) => built.push((id, table)),
+                Err(e) => {
+                    // Never published: give the regions back.
+                    for (_, table) in built {
+                        self.tables.retire(table);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if built.is_empty() {
+            return Ok(());
+        }
+        // The new tables go into the generation not in use, beside the unchanged ones, and
+        // one store switches every account to them.
+        let active = self.set_groups.load(0, 0) & 1;
+        let next = active ^ 1;
+        for (&id, group) in &self.sets.groups {
+            let table = built.iter().find(|(b, _)| *b == id).map_or(group.table, |(_, t)| *t);
+            self.set_groups.store(group_word(next, id), 0, table.0);
+        }
+        self.set_groups.store(0, 0, next);
+        for (id, table) in built {
+            let group = self.sets.groups.get_mut(&id).expect("affected groups exist");
+            let old = std::mem::replace(&mut group.table, table);
+            // The generation now idle says the same, for the next switch.
+            self.set_groups.store(group_word(active, id), 0, table.0);
+            self.tables.retire(old);
+        }
+        Ok(())
+    }
+
+    /// A table holding the union of `sets`' entries, keyed for group `id`.
+    fn build_group(&mut self, id: u32, sets: &[u32]) -> Result<TableDesc> {
+        let mut entries: Vec<(IpNet, u64)> =
+            sets.iter().filter_map(|set| self.sets.sets.get(set)).flatten().map(|&net| (net, NEVER_EXPIRES)).collect();
+        entries.sort_unstable();
+        entries.dedup();
+        let content = table_content(&entries, |family, len| Tag::set_entry(id, family, len))?;
+        Ok(self.tables.rebuild(&content)?)
+    }
+
+    /// The shared sets whose entries also let sources through to account `slot` (its enabled
+    /// references), replacing the previous list. The account moves to the group of exactly
+    /// these sets, which is built if no other account uses it, with one store.
+    pub fn set_account_sets(&mut self, slot: u32, sets: &[u32]) -> Result<()> {
+        self.check_slot(slot)?;
+        sets.iter().try_for_each(|&set| check_set(set))?;
+        let mut wanted = sets.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.len() > MAX_SETS_PER_ACCOUNT {
+            return Err(DatapathError::TooManySets(wanted.len()));
+        }
+        let current = self.account_sets.load(slot, 0) as u32;
+        let target = if wanted.is_empty() { 0 } else { self.group_of(&wanted)? };
+        if target == current {
+            return Ok(());
+        }
+        if target == 0 {
+            // The binding word stops sending packets to the group before the group goes.
+            self.refresh_bindings_with(slot, false);
+            self.account_sets.store(slot, 0, 0);
+        } else {
+            self.account_sets.store(slot, 0, target as u64);
+            self.sets.groups.get_mut(&target).expect("group just found").accounts += 1;
+            if current == 0 {
+                self.refresh_bindings(slot);
+            }
+        }
+        self.leave_group(current);
+        Ok(())
+    }
+
+    /// The group of exactly `sets`, built and published if none exists.
+    fn group_of(&mut self, sets: &[u32]) -> Result<u32> {
+        if let Some(&id) = self.sets.by_sets.get(sets) {
+            return Ok(id);
+        }
+        let id =
+            (1..MAX_SET_GROUPS).find(|id| !self.sets.groups.contains_key(id)).ok_or(DatapathError::TooManySetGroups)?;
+        let table = self.build_group(id, sets)?;
+        // Both generations, so that the group is there whichever one a packet reads.
+        self.set_groups.store(group_word(0, id), 0, table.0);
+        self.set_groups.store(group_word(1, id), 0, table.0);
+        self.sets.groups.insert(id, SetGroup { sets: Some(sets.to_vec()), table, accounts: 0 });
+        self.sets.by_sets.insert(sets.to_vec(), id);
+        Ok(id)
+    }
+
+    /// One account fewer uses group `id`; the last one out removes it.
+    fn leave_group(&mut self, id: u32) {
+        let Some(group) = self.sets.groups.get_mut(&id) else { return };
+        group.accounts = group.accounts.saturating_sub(1);
+        if group.accounts > 0 {
+            return;
+        }
+        let group = self.sets.groups.remove(&id).expect("just found");
+        if let Some(sets) = &group.sets {
+            self.sets.by_sets.remove(sets);
+        }
+        self.set_groups.store(group_word(0, id), 0, 0);
+        self.set_groups.store(group_word(1, id), 0, 0);
+        self.tables.retire(group.table);
+    }
+
+    /// The shared sets account `slot` references in the kernel (empty also for a group an
+    /// earlier daemon made, until the account's sets are given again).
+    pub fn account_sets(&self, slot: u32) -> Vec<u32> {
+        let group = self.account_sets.load(slot, 0) as u32;
+        self.sets.groups.get(&group).and_then(|g| g.sets.clone()).unwrap_or_default()
+    }
+
+    /// The shared sets whose union set group `group` holds ([`KeyOwner::SetGroup`]).
+    pub fn sets_of_group(&self, group: u32) -> Vec<u32> {
+        self.sets.groups.get(&group).and_then(|g| g.sets.clone()).unwrap_or_default()
+    }
+
+    /// Forgets an account: unset policy (its bindings, if any remain, drop everything), no
+    /// allowlist and no shared sets. Counters are zeroed so the slot can be reused.
     pub fn remove_account(&mut self, slot: u32) -> Result<()> {
         self.check_slot(slot)?;
+        self.set_account_sets(slot, &[])?;
         self.store_policy(slot, Policy::UNSET);
         let current = account_table(&self.accounts, slot);
         self.store_account_table(slot, TableDesc::NONE);
@@ -564,14 +763,20 @@ impl Datapath {
 
     /// The word the kernel finds in an account's bindings.
     fn account_word(&self, slot: u32) -> AccountWord {
-        AccountWord::new(slot, self.policy(slot), account_table(&self.accounts, slot))
+        let has_sets = self.account_sets.load(slot, 0) != 0;
+        AccountWord::new(slot, self.policy(slot), account_table(&self.accounts, slot)).with_sets(has_sets)
     }
 
     /// Rewrites the account word in each of the account's bindings (one store each).
     fn refresh_bindings(&self, slot: u32) {
+        self.refresh_bindings_with(slot, self.account_word(slot).has_sets());
+    }
+
+    /// [`Self::refresh_bindings`], saying `has_sets` whatever the references hold now.
+    fn refresh_bindings_with(&self, slot: u32, has_sets: bool) {
         let Some(keys) = self.bound.get(&slot) else { return };
         let table = bindings_table(&self.config);
-        let word = self.account_word(slot);
+        let word = self.account_word(slot).with_sets(has_sets);
         for (key, has_ports) in keys {
             let found = self.tables.set_value(table, key, word.with_port_bindings(*has_ports).to_bits());
             debug_assert!(found, "binding {key:?} of account {slot} is missing from the table");
@@ -679,8 +884,8 @@ impl Datapath {
             if stamp < since {
                 continue;
             }
-            if let Some((account, key)) = self.tables.allow_key_at(index) {
-                out.push(LastUse { index, account, key, clock: stamp });
+            if let Some((owner, key)) = self.tables.allow_key_at(index) {
+                out.push(LastUse { index, owner: KeyOwner::of(owner), key, clock: stamp });
             }
         }
         out
@@ -746,15 +951,44 @@ impl Datapath {
     }
 }
 
-/// A kernel key that let a packet through: the account slot, the key (an allowlist entry
-/// or override, or a longer key the entry was expanded to) and the clock it was stamped with.
+/// A kernel key that let a packet through: whose it is, the key (an allowlist entry or
+/// override, a shared set's entry, or a longer key one was expanded to) and the clock it
+/// was stamped with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LastUse {
     /// The slot of the tables (and of the stamps) the key is in.
     pub index: u32,
-    pub account: u32,
+    pub owner: KeyOwner,
     pub key: IpNet,
     pub clock: u64,
+}
+
+/// Whose table an allowlist key is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyOwner {
+    /// An account's own allowlist (entries and overrides), by account slot.
+    Account(u32),
+    /// A shared-set group (the union of the sets some accounts reference): see
+    /// [`Datapath::sets_of_group`].
+    SetGroup(u32),
+}
+
+impl KeyOwner {
+    fn of(tag_owner: u32) -> Self {
+        if tag_owner & Tag::SET_OWNER != 0 {
+            KeyOwner::SetGroup(tag_owner & !Tag::SET_OWNER)
+        } else {
+            KeyOwner::Account(tag_owner)
+        }
+    }
+
+    /// The account slot, for an account's own key.
+    pub fn account(self) -> Option<u32> {
+        match self {
+            KeyOwner::Account(slot) => Some(slot),
+            KeyOwner::SetGroup(_) => None,
+        }
+    }
 }
 
 /// Each account's keys in the binding table, with whether each (an address record) also
@@ -771,6 +1005,72 @@ fn bound_index(tables: &Tables, bindings: TableDesc) -> BindingIndex {
         }
     }
     bound
+}
+
+/// The keys of an allowlist or a shared set (each network with its expiry), expanded to the
+/// prefix lengths the kernel probes, each tagged by `tag(family, length)`.
+fn table_content(entries: &[(IpNet, u64)], tag: impl Fn(u64, u8) -> Tag) -> Result<TableContent> {
+    let expanded = expand(entries)?;
+    Ok(TableContent {
+        entries: expanded
+            .keys
+            .iter()
+            .map(|(k, &expiry)| (SlotKey { tag: tag(k.family, k.len), hi: k.hi, lo: k.lo }, expiry))
+            .collect(),
+        v4_lengths: expanded.v4_lengths,
+        v6_lengths: expanded.v6_lengths,
+    })
+}
+
+/// The shared sets the datapath was given and the set groups built from them. A group is
+/// the union of the sets some accounts reference, so that the kernel probes one table per
+/// account for its sets, and a set's entries are stored once per distinct combination of
+/// sets in use, never per account.
+#[derive(Default)]
+struct SetGroups {
+    /// Each set's entries, as last given.
+    sets: BTreeMap<u32, Vec<IpNet>>,
+    groups: BTreeMap<u32, SetGroup>,
+    /// Each group's id by its sets.
+    by_sets: BTreeMap<Vec<u32>, u32>,
+}
+
+struct SetGroup {
+    /// The sets it unites; `None` for a group found in the maps at start (an earlier
+    /// daemon's), which accounts leave as their sets are given again.
+    sets: Option<Vec<u32>>,
+    table: TableDesc,
+    /// Accounts in the group.
+    accounts: u32,
+}
+
+impl SetGroups {
+    /// The groups the maps hold, with the accounts in each.
+    fn found(set_groups: &MmapArray<u64>, account_sets: &MmapArray<u64>) -> Self {
+        let active = set_groups.load(0, 0) & 1;
+        let mut found = SetGroups::default();
+        for slot in 0..account_sets.len() {
+            let id = account_sets.load(slot, 0) as u32;
+            if id == 0 || id >= MAX_SET_GROUPS {
+                continue;
+            }
+            let table = TableDesc(set_groups.load(group_word(active, id), 0));
+            found.groups.entry(id).or_insert(SetGroup { sets: None, table, accounts: 0 }).accounts += 1;
+        }
+        found
+    }
+}
+
+/// The word of group `id`'s table in `generation` of [`MAP_SET_GROUPS`].
+fn group_word(generation: u64, id: u32) -> u32 {
+    generation as u32 * MAX_SET_GROUPS + id
+}
+
+fn check_set(set: u32) -> Result<()> {
+    if set == 0 || set >= MAX_SETS {
+        return Err(DatapathError::SetId(set));
+    }
+    Ok(())
 }
 
 fn account_table(accounts: &MmapArray<AccountRecord>, slot: u32) -> TableDesc {

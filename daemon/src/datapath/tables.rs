@@ -184,6 +184,18 @@ impl Tables {
         self.build(wanted, v4, v6).map(Synced::Replaced)
     }
 
+    /// Builds `wanted` as a new table, never changing one in place: the caller publishes the
+    /// whole change with one store of the descriptor (NONE when `wanted` is empty), then
+    /// retires the old table.
+    pub fn rebuild(&mut self, wanted: &TableContent) -> Result<TableDesc, TableError> {
+        let v4 = PackedLengths::pack(&wanted.v4_lengths).ok_or(TableError::TooManyLengths)?;
+        let v6 = PackedLengths::pack(&wanted.v6_lengths).ok_or(TableError::TooManyLengths)?;
+        if wanted.entries.is_empty() {
+            return Ok(TableDesc::NONE);
+        }
+        self.build(wanted, v4, v6)
+    }
+
     /// Rewrites the value of a key that is in the table (one atomic store); false if absent.
     pub fn set_value(&self, desc: TableDesc, key: &SlotKey, value: u64) -> bool {
         if !desc.is_present() {
@@ -216,7 +228,8 @@ impl Tables {
         }
     }
 
-    /// The allowlist key live in slot `index` right now: its owner account and network.
+    /// The allowlist key live in slot `index` right now: its owner (an account slot, or a
+    /// shared set with [`ipaccess_common::Tag::SET_OWNER`]) and network.
     /// (Last-used stamps are kept per slot index; this names what a stamp belongs to.)
     pub fn allow_key_at(&self, index: u32) -> Option<(u32, ipnet::IpNet)> {
         if index >= self.slots.len() {

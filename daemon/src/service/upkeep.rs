@@ -128,7 +128,7 @@ impl Service {
             return 0;
         }
         let at = now();
-        let by_slot = match self.accounts_in_slots(used.iter().map(|u| u.account)) {
+        let by_slot = match self.accounts_in_slots(used.iter().filter_map(|u| u.owner.account())) {
             Ok(found) => found,
             Err(e) => {
                 warn!("last packets of {} keys not recorded: {}", used.len(), e.0.message);
@@ -139,7 +139,8 @@ impl Service {
         {
             let accounts = self.accounts.read().expect("cache lock");
             for u in used {
-                let Some(policy) = by_slot.get(&u.account).and_then(|id| Some((id, accounts.get(id)?))) else {
+                let Some(slot) = u.owner.account() else { continue };
+                let Some(policy) = by_slot.get(&slot).and_then(|id| Some((id, accounts.get(id)?))) else {
                     continue;
                 };
                 // A key is one entry's, or a longer key one was expanded to (prefix.rs), or an
