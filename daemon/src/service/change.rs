@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use log::warn;
 use serde_json::{Value, json};
 
-use super::{Failure, Service, Writer, now, sets::SetTables as _, unknown};
+use super::{Failure, Service, Writer, now, unknown};
 use crate::{
     datapath::{self, Datapath, DatapathError},
     logging::{self, PendingAudit},

@@ -43,7 +43,6 @@ use crate::{
     metrics::CheckCounters,
     policy::{AccountPolicy, LiveOverride, SetPolicy, SetUse, Sets},
     protocol::{Call, Caller, Command, ErrorBody, ErrorCode},
-    service::sets::SetTables as _,
     store::{Checkpointer, Readers, Store, StoreError},
 };
 
@@ -80,6 +79,9 @@ impl From<DatapathError> for Failure {
         // Full tables are an operator's capacity problem with a known remedy, not a fault.
         let code = match &e {
             DatapathError::Table(datapath::tables::TableError::Full { .. }) => ErrorCode::TablesFull,
+            // Every distinct combination of shared sets in use has a kernel table.
+            DatapathError::TooManySetGroups => ErrorCode::TablesFull,
+            DatapathError::TooManySets(_) => ErrorCode::TooManySets,
             _ => ErrorCode::Internal,
         };
         Failure::new(code, format!("the kernel refused the change, nothing was changed: {e}"))
@@ -223,10 +225,9 @@ impl Service {
             }
         }
         // Sets before accounts, so that no account's reference names a set the kernel lacks.
-        let wanted_sets: HashSet<u32> = sets.values().map(|s| s.kernel_id).collect();
-        for id in datapath.configured_sets().into_iter().filter(|id| !wanted_sets.contains(id)) {
-            datapath.remove_shared_set(id)?;
-        }
+        // The kernel's tables are per combination of sets (a set group); the groups an
+        // earlier daemon left go on enforcing until each account is given its sets again
+        // below, which moves it to a group built from these, so no stale set outlives this.
         for set in sets.values() {
             datapath.set_shared_set(set.kernel_id, &set.entries)?;
         }

@@ -5,6 +5,7 @@
 
 use std::{collections::HashMap, net::IpAddr};
 
+use ipaccess_common::{MAX_SETS, MAX_SETS_PER_ACCOUNT};
 use ipnet::IpNet;
 use log::warn;
 use serde_json::json;
@@ -16,7 +17,7 @@ use super::{
     lockout, now,
 };
 use crate::{
-    datapath::{Datapath, DatapathError},
+    datapath::DatapathError,
     logging::{self, PendingAudit},
     policy::{AccountPolicy, MAX_LABEL, SetPolicy, check_text, valid_account_id},
     protocol::{
@@ -25,35 +26,6 @@ use crate::{
     },
     store::{SetRefRow, Tx},
 };
-
-/// The kernel side of shared sets, until the datapath's own methods land (see
-/// docs/datapath.md): the calls this module makes, as the datapath will take them.
-pub(super) trait SetTables {
-    fn set_shared_set(&mut self, set: u32, entries: &[IpNet]) -> Result<(), DatapathError>;
-    fn remove_shared_set(&mut self, set: u32) -> Result<(), DatapathError>;
-    fn set_account_sets(&mut self, slot: u32, sets: &[u32]) -> Result<(), DatapathError>;
-    fn configured_sets(&self) -> Vec<u32>;
-}
-
-impl SetTables for Datapath {
-    fn set_shared_set(&mut self, _set: u32, _entries: &[IpNet]) -> Result<(), DatapathError> {
-        Ok(())
-    }
-    fn remove_shared_set(&mut self, _set: u32) -> Result<(), DatapathError> {
-        Ok(())
-    }
-    fn set_account_sets(&mut self, _slot: u32, _sets: &[u32]) -> Result<(), DatapathError> {
-        Ok(())
-    }
-    fn configured_sets(&self) -> Vec<u32> {
-        Vec::new()
-    }
-}
-
-/// Kernel set ids run from 1 below this.
-const MAX_SETS: u32 = 4096;
-/// Enabled set references an account may have (what the kernel holds per account).
-pub(super) const MAX_SETS_PER_ACCOUNT: usize = 8;
 
 /// The most networks one set may hold.
 pub const MAX_SET_ENTRIES: u64 = 10_000;
