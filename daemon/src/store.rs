@@ -246,7 +246,15 @@ const MIGRATIONS: &[&str] = &[
         created_by INTEGER NOT NULL,
         PRIMARY KEY (account, set_name)
     ) WITHOUT ROWID;
-    CREATE INDEX set_refs_set ON set_refs(set_name, account);",
+    CREATE INDEX set_refs_set ON set_refs(set_name, account);
+    -- Node-local, as entry_use: when each network of a set last let a packet through (to any
+    -- account referencing it; the kernel stamps a set's key once for all of them).
+    CREATE TABLE set_entry_use (
+        set_name TEXT NOT NULL,
+        cidr TEXT NOT NULL,
+        last_packet INTEGER,
+        PRIMARY KEY (set_name, cidr)
+    ) WITHOUT ROWID;",
 ];
 
 /// Entries whose end is due and not audited yet (by `allow_entries_expiring`, migration v10).

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use ipaccess_tests::client::Client;
-use ipaccess_tests::daemon::{World, binaries};
+use ipaccess_tests::daemon::{World, binaries, without_last_used};
 use ipaccess_tests::netns::{TestHosts, UdpEchoServer, icmp_echo, run_cmd, udp_roundtrip};
 use serde_json::{Value, json};
 
@@ -115,6 +115,21 @@ fn a_set_changes_every_referencing_account_at_once() {
     assert_eq!(both(&w, vpn), (true, true), "both references let the set's network in");
     let (_, detail) = would(&w, "cust", vpn);
     assert!(detail.contains("corp-vpn") && detail.contains(&host(vpn)), "the check names the set: {detail}");
+    // The datagrams are the set network's last-used evidence (the kernel's stamp, read
+    // every second), in `set show` and in each account's inherited row.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let shown = loop {
+        let shown = w.ok(json!({"cmd": "set_show", "set": "corp-vpn"}));
+        if shown["entries"][0].get("last_packet_at").is_some() || std::time::Instant::now() > deadline {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let last_packet =
+        shown["entries"][0]["last_packet_at"].as_i64().unwrap_or_else(|| panic!("no last packet: {shown}"));
+    let list = w.ok(json!({"cmd": "allow_list", "account": "cust2"}));
+    let row = list.as_array().unwrap().iter().find(|e| e["source"] == "set:corp-vpn").unwrap().clone();
+    assert_eq!(row["last_packet_at"], last_packet, "{list}");
 
     // One command, both accounts: in and out.
     ctl_ok(&w, &["set", "add", "corp-vpn", &host(ci)]);
@@ -236,12 +251,15 @@ fn a_restart_keeps_sets_and_references() {
     ctl_ok(&w, &["allow", "add-set", "cust2", "corp-vpn"]);
     ctl_ok(&w, &["allow", "add-set", "cust2", "ci"]);
     ctl_ok(&w, &["allow", "disable-set", "cust2", "corp-vpn"]);
+    // Compared as policy: without the last-used evidence the test's own datagrams move.
     let snapshot = |w: &World| {
+        let mut shown = w.ok(json!({"cmd": "set_show", "set": "corp-vpn"}));
+        shown["entries"] = without_last_used(shown["entries"].take());
         json!([
             w.ok(json!({"cmd": "set_list"})),
-            w.ok(json!({"cmd": "set_show", "set": "corp-vpn"})),
-            w.ok(json!({"cmd": "allow_list", "account": "cust"})),
-            w.ok(json!({"cmd": "allow_list", "account": "cust2"}))
+            shown,
+            without_last_used(w.ok(json!({"cmd": "allow_list", "account": "cust"}))),
+            without_last_used(w.ok(json!({"cmd": "allow_list", "account": "cust2"})))
         ])
     };
     let before = snapshot(&w);

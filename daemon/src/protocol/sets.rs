@@ -105,6 +105,10 @@ pub struct SetEntry {
     pub created_at: i64,
     /// Uid of the caller that added it.
     pub created_by: u32,
+    /// `set_show` only: when it last let a packet through in this node's kernel (to any
+    /// referencing account), unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_packet_at: Option<i64>,
 }
 
 /// An account's reference to a set.

@@ -213,7 +213,7 @@ pub(super) fn entry_limit(max: u32, account: &str, before: u64, after: u64) -> R
 fn inherited_entries(tx: &Tx, account: &str) -> Result<Vec<Entry>, Failure> {
     let mut rows = Vec::new();
     for r in tx.set_refs(account)? {
-        rows.extend(tx.set_entries(&r.set)?.into_iter().map(|e| Entry {
+        rows.extend(tx.set_entries_with_use(&r.set)?.into_iter().map(|e| Entry {
             account: account.to_owned(),
             cidr: e.cidr,
             label: e.label,
@@ -221,7 +221,8 @@ fn inherited_entries(tx: &Tx, account: &str) -> Result<Vec<Entry>, Failure> {
             created_by: e.created_by,
             enabled: r.enabled,
             last_signin_at: None,
-            last_packet_at: None,
+            // The set's: the kernel stamps a set's key once for every account using it.
+            last_packet_at: e.last_packet_at,
             expires_at: None,
             source: Some(format!("set:{}", r.set)),
         }));

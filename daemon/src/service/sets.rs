@@ -165,7 +165,9 @@ impl Service {
         set_name(&set)?;
         self.read(|tx| {
             existing_set(tx, &set)?;
-            shared_set(tx, &set, Vec::new())
+            let mut shown = shared_set(tx, &set, Vec::new())?;
+            shown.entries = tx.set_entries_with_use(&set)?;
+            Ok(shown)
         })
     }
 

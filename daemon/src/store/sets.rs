@@ -1,7 +1,7 @@
 //! Shared named sets: a set's entries, stored once, and the accounts that reference it
 //! (migration v11). A set's `kernel_id` is its key in this node's kernel set tables.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use ipnet::IpNet;
 use rusqlite::Row;
@@ -76,7 +76,36 @@ impl Tx<'_> {
     /// Deletes a set and its entries; its references must be gone first (the foreign key
     /// refuses otherwise). False if there was no such set.
     pub fn remove_set(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.execute("DELETE FROM sets WHERE name = ?1", [name])? > 0)
+        let removed = self.execute("DELETE FROM sets WHERE name = ?1", [name])? > 0;
+        if removed {
+            self.execute("DELETE FROM set_entry_use WHERE set_name = ?1", [name])?;
+        }
+        Ok(removed)
+    }
+
+    /// Records the last packet each (set, network) let through, keeping the later time.
+    pub fn note_set_packets(&self, uses: &HashMap<(String, IpNet), i64>) -> Result<(), StoreError> {
+        for ((set, cidr), at) in uses {
+            self.execute(
+                "INSERT INTO set_entry_use (set_name, cidr, last_packet) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO UPDATE SET last_packet = MAX(COALESCE(last_packet, 0), excluded.last_packet)",
+                (set, cidr.to_string(), at),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A set's networks with their last packet filled in (evidence older than the network is
+    /// an earlier one's of the same CIDR, removed and added again).
+    pub fn set_entries_with_use(&self, set: &str) -> Result<Vec<SetEntry>, StoreError> {
+        let mut entries = self.set_entries(set)?;
+        let sql = "SELECT cidr, last_packet FROM set_entry_use WHERE set_name = ?1";
+        let used: HashMap<String, Option<i64>> =
+            self.rows(sql, [set], |r| Ok((r.get(0)?, r.get(1)?)))?.into_iter().collect();
+        for e in &mut entries {
+            e.last_packet_at = used.get(&e.cidr.to_string()).copied().flatten().filter(|&t| t >= e.created_at);
+        }
+        Ok(entries)
     }
 
     /// Adds `cidr` (canonical) to a set; false if the set holds it already.
@@ -176,6 +205,7 @@ fn set_entry_row(r: &Row) -> Result<SetEntry, StoreError> {
         label: r.get(1)?,
         created_at: r.get(2)?,
         created_by: r.get(3)?,
+        last_packet_at: None,
     })
 }
 
