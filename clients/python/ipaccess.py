@@ -67,7 +67,7 @@ class Forbidden(IpaccessError):
 
 
 class NotFound(IpaccessError):
-    """unknown_account, unknown_entry, unknown_binding, unknown_override."""
+    """unknown_account, unknown_entry, unknown_binding, unknown_override, unknown_set."""
 
 
 class AlreadyExists(IpaccessError):
@@ -75,7 +75,8 @@ class AlreadyExists(IpaccessError):
 
 
 class Refused(IpaccessError):
-    """refused, lockout, has_sub_users: the change is not allowed as asked; nothing changed."""
+    """refused, lockout, has_sub_users, set_in_use: the change is not allowed as asked;
+    nothing changed."""
 
 
 class Busy(IpaccessError):
@@ -95,6 +96,13 @@ class TablesFull(IpaccessError):
 class TooManyEntries(IpaccessError):
     """too_many_entries: the change would take an account over the configured number of
     allowlist entries; nothing was changed. `details` names the account and the limit."""
+
+    retry = False
+
+
+class TooManySets(IpaccessError):
+    """too_many_sets: the change would give an account more enabled shared-set references
+    than the kernel holds per account; nothing was changed. `details` names the limit."""
 
     retry = False
 
@@ -146,15 +154,18 @@ ERRORS = {
     "unknown_entry": NotFound,
     "unknown_binding": NotFound,
     "unknown_override": NotFound,
+    "unknown_set": NotFound,
     "account_exists": AlreadyExists,
     "entry_exists": AlreadyExists,
     "binding_exists": AlreadyExists,
     "refused": Refused,
     "lockout": Refused,
     "has_sub_users": Refused,
+    "set_in_use": Refused,
     "busy": Busy,
     "tables_full": TablesFull,
     "too_many_entries": TooManyEntries,
+    "too_many_sets": TooManySets,
     "internal": Internal,
     "cluster_unavailable": ClusterUnavailable,
     "conflict": Conflict,

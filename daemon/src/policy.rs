@@ -29,7 +29,28 @@ pub struct AccountPolicy {
     /// (the kernel stops on its own, as for overrides; the sweep then drops them from here).
     pub expiring: Vec<ExpiringEntry>,
     pub overrides: Vec<LiveOverride>,
+    /// The shared sets whose entries also let in (its enabled references only; their
+    /// entries live once, in [`Sets`], not here).
+    pub sets: Vec<SetUse>,
 }
+
+/// An enabled reference to a shared set: its name and its id in this node's kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetUse {
+    pub name: String,
+    pub kernel_id: u32,
+}
+
+/// A shared set as the checks and the kernel need it: its networks, held once for every
+/// account that references it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetPolicy {
+    pub kernel_id: u32,
+    pub entries: Vec<IpNet>,
+}
+
+/// Every shared set, by name.
+pub type Sets = HashMap<String, SetPolicy>;
 
 /// An enabled allowlist entry that lets in until `expires_at` (unix s).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +108,27 @@ impl AccountPolicy {
     /// Live overrides at `now`.
     pub fn live_overrides(&self, now: i64) -> impl Iterator<Item = &LiveOverride> {
         self.overrides.iter().filter(move |o| o.expires_at > now)
+    }
+
+    /// The most specific network of an enabled referenced set that covers `addr`, with the
+    /// set's name (sets the account references but `sets` lacks let nothing in).
+    pub fn set_entry_covering<'s>(&'s self, sets: &'s Sets, addr: IpAddr) -> Option<(&'s str, IpNet)> {
+        self.sets
+            .iter()
+            .filter_map(|r| sets.get(&r.name).map(|set| (r.name.as_str(), set)))
+            .flat_map(|(name, set)| set.entries.iter().filter(|n| n.contains(&addr)).map(move |&n| (name, n)))
+            .max_by_key(|(_, n)| n.prefix_len())
+    }
+
+    /// This policy with the networks of its enabled sets (as `sets` holds them) counted as
+    /// its own permanent entries: what the lockout guard weighs. A copy for one change, never
+    /// the cache's.
+    pub fn with_set_entries(&self, sets: &Sets) -> AccountPolicy {
+        let mut flat = self.clone();
+        for r in &self.sets {
+            flat.entries.extend(sets.get(&r.name).into_iter().flat_map(|s| s.entries.iter().copied()));
+        }
+        flat
     }
 }
 
@@ -171,7 +213,7 @@ fn not_allowed_hint(addr: IpAddr) -> String {
 /// ancestor's); terminated (own, then an ancestor's); unconfirmed; mode off; covered by an
 /// enabled entry or a live override; otherwise denied in `enforce`, allowed and flagged in
 /// `monitor`.
-pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr, now: i64) -> CheckResult {
+pub fn decide(accounts: &HashMap<String, AccountPolicy>, sets: &Sets, id: &str, addr: IpAddr, now: i64) -> CheckResult {
     let result = |allowed, reason, hint: String, detail: String| CheckResult {
         allowed,
         reason,
@@ -249,6 +291,10 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr,
         }
         None => {}
     }
+    if let Some((set, net)) = account.set_entry_covering(sets, addr) {
+        let detail = format!("{addr} is covered by {net} of the shared set {set}");
+        return result(true, Reason::Allowed, String::new(), detail);
+    }
     if let Some(granted) = account.override_covering(addr, now) {
         let mut allowed = result(
             true,
@@ -266,7 +312,11 @@ pub fn decide(accounts: &HashMap<String, AccountPolicy>, id: &str, addr: IpAddr,
     }
     let entries = account.live_entries(now).count();
     let overrides = account.live_overrides(now).count();
-    let unmatched = format!("{addr} matches none of {id}'s {entries} enabled entries and {overrides} live overrides");
+    let mut unmatched =
+        format!("{addr} matches none of {id}'s {entries} enabled entries and {overrides} live overrides");
+    if !account.sets.is_empty() {
+        unmatched.push_str(&format!(", nor its {} enabled shared sets", account.sets.len()));
+    }
     match account.mode {
         Mode::Monitor => result(
             true,
@@ -372,6 +422,7 @@ mod tests {
             entries: entries.iter().map(|e| e.parse().unwrap()).collect(),
             expiring: Vec::new(),
             overrides: Vec::new(),
+            sets: Vec::new(),
         }
     }
 
@@ -391,21 +442,21 @@ mod tests {
         accounts.insert("mid".to_string(), account(Some("top"), Active, Mode::Off, &[]));
         accounts.insert("leaf".to_string(), account(Some("mid"), Active, Mode::Off, &[]));
         let a = ip("198.18.0.1");
-        assert_eq!(decide(&accounts, "leaf", a, 0).reason, Reason::Allowed);
+        assert_eq!(decide(&accounts, &Sets::new(), "leaf", a, 0).reason, Reason::Allowed);
         accounts.get_mut("top").unwrap().state = Terminated;
-        let leaf = decide(&accounts, "leaf", a, 0);
+        let leaf = decide(&accounts, &Sets::new(), "leaf", a, 0);
         assert_eq!((leaf.allowed, leaf.reason), (false, Reason::ParentTerminated));
         assert!(leaf.hint.contains("top") && leaf.hint.contains("billing"), "{}", leaf.hint);
         accounts.get_mut("mid").unwrap().state = Banned;
         // A ban anywhere above comes before a termination anywhere above.
-        assert_eq!(decide(&accounts, "leaf", a, 0).reason, Reason::ParentBanned);
-        assert_eq!(decide(&accounts, "mid", a, 0).reason, Reason::Banned);
-        assert_eq!(decide(&accounts, "top", a, 0).reason, Reason::Terminated);
+        assert_eq!(decide(&accounts, &Sets::new(), "leaf", a, 0).reason, Reason::ParentBanned);
+        assert_eq!(decide(&accounts, &Sets::new(), "mid", a, 0).reason, Reason::Banned);
+        assert_eq!(decide(&accounts, &Sets::new(), "top", a, 0).reason, Reason::Terminated);
         assert!(suspended(|id| accounts.get(id), "leaf"));
         accounts.get_mut("mid").unwrap().state = Unconfirmed;
         accounts.get_mut("top").unwrap().state = Active;
         // An unconfirmed parent does not suspend: only bans and terminations cascade.
-        assert_eq!(decide(&accounts, "leaf", a, 0).reason, Reason::Allowed);
+        assert_eq!(decide(&accounts, &Sets::new(), "leaf", a, 0).reason, Reason::Allowed);
         assert!(!suspended(|id| accounts.get(id), "leaf"));
     }
 
@@ -414,7 +465,7 @@ mod tests {
         let mut accounts = HashMap::new();
         accounts.insert("a".to_string(), account(Some("b"), AccountState::Active, Mode::Off, &[]));
         accounts.insert("b".to_string(), account(Some("a"), AccountState::Banned, Mode::Off, &[]));
-        assert_eq!(decide(&accounts, "a", ip("198.18.0.1"), 0).reason, Reason::ParentBanned);
+        assert_eq!(decide(&accounts, &Sets::new(), "a", ip("198.18.0.1"), 0).reason, Reason::ParentBanned);
     }
 
     #[test]
@@ -423,24 +474,24 @@ mod tests {
         let mut acme = account(None, AccountState::Active, Mode::Enforce, &["198.18.0.0/24"]);
         acme.overrides.push(LiveOverride { id: 7, cidr: net("198.18.9.9/32"), expires_at: 100 });
         accounts.insert("acme".to_string(), acme);
-        let allowed = decide(&accounts, "acme", ip("198.18.0.5"), 50);
+        let allowed = decide(&accounts, &Sets::new(), "acme", ip("198.18.0.5"), 50);
         assert_eq!((allowed.allowed, allowed.reason, allowed.via_override), (true, Reason::Allowed, None));
-        let by_override = decide(&accounts, "acme", ip("198.18.9.9"), 99);
+        let by_override = decide(&accounts, &Sets::new(), "acme", ip("198.18.9.9"), 99);
         assert_eq!(by_override.via_override, Some(OverrideRef { id: 7, expires_at: 100 }));
         // At its expiry second the override is over.
-        let expired = decide(&accounts, "acme", ip("198.18.9.9"), 100);
+        let expired = decide(&accounts, &Sets::new(), "acme", ip("198.18.9.9"), 100);
         assert_eq!((expired.allowed, expired.reason), (false, Reason::AddressNotAllowed));
-        let unknown = decide(&accounts, "nobody", ip("198.18.9.9"), 100);
+        let unknown = decide(&accounts, &Sets::new(), "nobody", ip("198.18.9.9"), 100);
         assert_eq!(unknown.reason, Reason::UnknownAccount);
         assert_eq!(unknown.hint, expired.hint, "the hint must not tell whether an account exists");
         assert!(expired.detail.contains("1 enabled entries and 0 live overrides"), "{}", expired.detail);
         accounts.get_mut("acme").unwrap().mode = Mode::Monitor;
-        let monitored = decide(&accounts, "acme", ip("198.18.7.1"), 0);
+        let monitored = decide(&accounts, &Sets::new(), "acme", ip("198.18.7.1"), 0);
         assert_eq!((monitored.allowed, monitored.reason), (true, Reason::MonitorWouldDeny));
         accounts.get_mut("acme").unwrap().mode = Mode::Off;
-        assert_eq!(decide(&accounts, "acme", ip("198.18.7.1"), 0).reason, Reason::Allowed);
+        assert_eq!(decide(&accounts, &Sets::new(), "acme", ip("198.18.7.1"), 0).reason, Reason::Allowed);
         accounts.get_mut("acme").unwrap().state = AccountState::Unconfirmed;
-        assert_eq!(decide(&accounts, "acme", ip("198.18.0.5"), 0).reason, Reason::Unconfirmed);
+        assert_eq!(decide(&accounts, &Sets::new(), "acme", ip("198.18.0.5"), 0).reason, Reason::Unconfirmed);
     }
 
     #[test]
@@ -450,7 +501,7 @@ mod tests {
         acme.expiring.push(ExpiringEntry { cidr: net("198.18.5.0/24"), expires_at: 100 });
         acme.expiring.push(ExpiringEntry { cidr: net("198.18.5.7/32"), expires_at: 200 });
         accounts.insert("acme".to_string(), acme);
-        let at = |addr: &str, now| decide(&accounts, "acme", ip(addr), now);
+        let at = |addr: &str, now| decide(&accounts, &Sets::new(), "acme", ip(addr), now);
         let until = at("198.18.5.7", 99);
         assert!(until.allowed && until.detail.contains("198.18.5.7/32 until"), "the longest-lived is named: {until:?}");
         assert!(at("198.18.5.8", 99).allowed);
@@ -465,6 +516,37 @@ mod tests {
         let mut withdrawn = acme.clone();
         withdrawn.withdraw(net("198.18.5.7/32"));
         assert!(!withdrawn.covers(ip("198.18.5.7"), 150) && withdrawn.expiring.len() == 1);
+    }
+
+    #[test]
+    fn an_enabled_set_lets_in_after_own_entries_and_names_itself() {
+        let mut accounts = HashMap::new();
+        let mut acme = account(None, AccountState::Active, Mode::Enforce, &["198.18.0.0/24"]);
+        acme.sets.push(SetUse { name: "corp-vpn".into(), kernel_id: 3 });
+        // A reference to a set the cache lacks lets nothing in.
+        acme.sets.push(SetUse { name: "gone".into(), kernel_id: 4 });
+        accounts.insert("acme".to_string(), acme);
+        let mut sets = Sets::new();
+        sets.insert(
+            "corp-vpn".into(),
+            SetPolicy { kernel_id: 3, entries: vec![net("198.18.40.0/24"), net("198.18.40.7/32")] },
+        );
+        let via_set = decide(&accounts, &sets, "acme", ip("198.18.40.7"), 0);
+        assert_eq!((via_set.allowed, via_set.reason), (true, Reason::Allowed));
+        assert!(
+            via_set.detail.contains("198.18.40.7/32 of the shared set corp-vpn"),
+            "the most specific: {}",
+            via_set.detail
+        );
+        let own = decide(&accounts, &sets, "acme", ip("198.18.0.1"), 0);
+        assert!(own.detail.contains("allowlist entry"), "own entries first: {}", own.detail);
+        let denied = decide(&accounts, &sets, "acme", ip("198.18.41.1"), 0);
+        assert_eq!(denied.reason, Reason::AddressNotAllowed);
+        assert!(denied.detail.contains("nor its 2 enabled shared sets"), "{}", denied.detail);
+        assert_eq!(decide(&accounts, &Sets::new(), "acme", ip("198.18.40.7"), 0).reason, Reason::AddressNotAllowed);
+        // The lockout guard's view: the set's networks counted as the account's own.
+        let flat = accounts["acme"].with_set_entries(&sets);
+        assert!(flat.covers(ip("198.18.40.9"), 0) && !accounts["acme"].covers(ip("198.18.40.9"), 0));
     }
 
     #[test]

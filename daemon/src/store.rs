@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 mod attempts;
 mod cluster;
+mod sets;
 
 pub use attempts::DeniedTally;
 pub use cluster::{AccountDoc, EntryDoc, Marks, OverrideDoc};
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
+pub use sets::{SetRefRow, SetRow, SignedInThroughSet};
 
 use crate::protocol::{
     Account, AccountState, ActivityKind, ActivityRow, Binding, DeniedSummary, Entry, Method, Mode, Override, Proto,
@@ -218,6 +220,41 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE allow_entries ADD COLUMN expiry_audited INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX allow_entries_expiring ON allow_entries(expires_at)
         WHERE expires_at IS NOT NULL AND expiry_audited = 0;",
+    // v11: shared named sets (a company VPN, a CI provider's ranges), defined once and
+    // referenced by any number of accounts. `kernel_id` is the set's key in the kernel's
+    // set tables (node-local, reused once freed). A reference holds its set: deleting a
+    // referenced set fails here unless its references go first (`set_delete --force`).
+    "CREATE TABLE sets (
+        name TEXT PRIMARY KEY,
+        kernel_id INTEGER NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        created_by INTEGER NOT NULL
+    );
+    CREATE TABLE set_entries (
+        set_name TEXT NOT NULL REFERENCES sets(name) ON DELETE CASCADE,
+        cidr TEXT NOT NULL,
+        label TEXT,
+        created_at INTEGER NOT NULL,
+        created_by INTEGER NOT NULL,
+        PRIMARY KEY (set_name, cidr)
+    ) WITHOUT ROWID;
+    CREATE TABLE set_refs (
+        account TEXT NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        set_name TEXT NOT NULL REFERENCES sets(name),
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created_at INTEGER NOT NULL,
+        created_by INTEGER NOT NULL,
+        PRIMARY KEY (account, set_name)
+    ) WITHOUT ROWID;
+    CREATE INDEX set_refs_set ON set_refs(set_name, account);
+    -- Node-local, as entry_use: when each network of a set last let a packet through (to any
+    -- account referencing it; the kernel stamps a set's key once for all of them).
+    CREATE TABLE set_entry_use (
+        set_name TEXT NOT NULL,
+        cidr TEXT NOT NULL,
+        last_packet INTEGER,
+        PRIMARY KEY (set_name, cidr)
+    ) WITHOUT ROWID;",
 ];
 
 /// Entries whose end is due and not audited yet (by `allow_entries_expiring`, migration v10).
@@ -810,6 +847,7 @@ impl Tx<'_> {
             last_signin_at: None,
             last_packet_at: None,
             expires_at: None,
+            source: None,
         })
     }
 
@@ -1606,6 +1644,7 @@ fn entry_row(r: &Row) -> Result<Entry, StoreError> {
         last_signin_at: None,
         last_packet_at: None,
         expires_at: r.get(6)?,
+        source: None,
     })
 }
 

@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod reply;
 pub mod request;
+pub mod sets;
 
 pub use reply::*;
 pub use request::*;
+pub use sets::*;
 
 /// A request line. `id` is echoed unchanged in the reply.
 #[derive(Debug, Deserialize, Serialize)]
@@ -185,6 +187,14 @@ pub enum ErrorCode {
     /// The change would leave an account with more allowlist entries than
     /// `[limits] max_entries_per_account` allows; nothing was changed.
     TooManyEntries,
+    /// No shared set of that name.
+    UnknownSet,
+    /// `set_delete` of a set that accounts still reference (without `force`); `details`
+    /// lists them.
+    SetInUse,
+    /// The change would give an account more enabled set references than the kernel holds
+    /// per account; nothing was changed.
+    TooManySets,
     /// Storage or kernel failure; nothing was changed.
     Internal,
     /// A fleet node cannot reach a quorum of etcd: changes are refused (nothing was

@@ -69,6 +69,12 @@ pub struct Entry {
     /// expired entry stays listed until it is removed or added again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    /// `allow_list` only: where an inherited row comes from (`set:<name>`, a shared set the
+    /// account references); left out for the account's own entries. Such a row is one of
+    /// the set's networks, `enabled` says whether the reference is, and it changes with
+    /// the set (`set_add`, `set_remove`), not with the `allow_*` entry commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// A reply with what the daemon rewrote on the way in (an IPv4-mapped network stored as
@@ -445,6 +451,7 @@ mod tests {
             last_signin_at: None,
             last_packet_at: None,
             expires_at: None,
+            source: None,
         };
         let plain = serde_json::to_value(Noted::new(entry.clone(), vec![])).unwrap();
         assert!(plain.get("notes").is_none() && plain["cidr"] == "198.18.0.0/24");

@@ -15,6 +15,10 @@ use super::{
         Account, AccountDetails, ActivityReport, Allowlist, Binding, CheckResult, ClusterImported, Detached, Entry,
         EntryRemoved, Granted, Imported, ListedAccount, Noted, Override, Removed, StatsReport, StatusReport,
     },
+    sets::{
+        AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, ListedSet, SetAdd, SetDelete, SetDeleted,
+        SetList, SetReference, SetRemove, SetShow, SharedSet,
+    },
 };
 
 /// A request type and what the daemon answers it with.
@@ -121,6 +125,15 @@ commands! {
     Detach(Detach) => Detached, ADMIN, CHANGES;
     Status(Status) => StatusReport, ANY, READS;
     ClusterImport(ClusterImport) => ClusterImported, ADMIN, CHANGES;
+    SetAdd(SetAdd) => SharedSet, ADMIN, CHANGES;
+    SetRemove(SetRemove) => SharedSet, ADMIN, CHANGES;
+    SetDelete(SetDelete) => SetDeleted, ADMIN, CHANGES;
+    SetList(SetList) => Vec<ListedSet>, ANY, READS;
+    SetShow(SetShow) => SharedSet, ANY, READS;
+    AllowAddSet(AllowAddSet) => SetReference, ADMIN, CHANGES;
+    AllowRemoveSet(AllowRemoveSet) => SetReference, ADMIN, CHANGES;
+    AllowDisableSet(AllowDisableSet) => SetReference, ADMIN, CHANGES;
+    AllowEnableSet(AllowEnableSet) => SetReference, ADMIN, CHANGES;
 }
 
 impl Command {
@@ -151,7 +164,11 @@ impl Command {
             | Command::BindAdd(BindAdd { account, .. })
             | Command::Check(Check { account, .. })
             | Command::OverrideGrant(OverrideGrant { account, .. })
-            | Command::OverrideRevoke(OverrideRevoke { account, .. }) => Some(account),
+            | Command::OverrideRevoke(OverrideRevoke { account, .. })
+            | Command::AllowAddSet(AllowAddSet { account, .. })
+            | Command::AllowRemoveSet(AllowRemoveSet { account, .. })
+            | Command::AllowDisableSet(AllowDisableSet { account, .. })
+            | Command::AllowEnableSet(AllowEnableSet { account, .. }) => Some(account),
             Command::OverrideList(OverrideList { account }) | Command::Activity(Activity { account, .. }) => {
                 account.as_deref()
             }
@@ -162,7 +179,12 @@ impl Command {
             | Command::Import(_)
             | Command::Detach(_)
             | Command::Status(_)
-            | Command::ClusterImport(_) => None,
+            | Command::ClusterImport(_)
+            | Command::SetAdd(_)
+            | Command::SetRemove(_)
+            | Command::SetDelete(_)
+            | Command::SetList(_)
+            | Command::SetShow(_) => None,
         }
     }
 }

@@ -77,13 +77,15 @@ impl Service {
     pub(super) fn allow_list(&self, AllowList { account, unused }: AllowList) -> Reply<AllowList> {
         // Sign-ins counted but not written yet would be missing from the evidence.
         self.activity.flush_account(&account);
-        let entries = self.read(|tx| {
+        let (entries, inherited) = self.read(|tx| {
             existing(tx, &account)?;
-            Ok(tx.entries_with_use(&account)?)
+            Ok((tx.entries_with_use(&account)?, inherited_entries(tx, &account)?))
         })?;
         let Some(window) = unused else {
-            return Ok(entries);
+            return Ok(entries.into_iter().chain(inherited).collect());
         };
+        // A set's networks are reviewed with the set (`set show`), not per account: they are
+        // never listed as one account's unused entries.
         // Unused: nothing let in within the window, and old enough to have had the chance (an
         // entry added yesterday is not unused for 90 days).
         let since = now().saturating_sub(i64::try_from(window).unwrap_or(i64::MAX));
@@ -204,6 +206,28 @@ pub(super) fn entry_limit(max: u32, account: &str, before: u64, after: u64) -> R
         "max": max,
     }));
     Err(Failure(body))
+}
+
+/// The rows an account inherits from the sets it references, after its own: each network
+/// of each set, `enabled` as the reference is, `source` naming the set.
+fn inherited_entries(tx: &Tx, account: &str) -> Result<Vec<Entry>, Failure> {
+    let mut rows = Vec::new();
+    for r in tx.set_refs(account)? {
+        rows.extend(tx.set_entries_with_use(&r.set)?.into_iter().map(|e| Entry {
+            account: account.to_owned(),
+            cidr: e.cidr,
+            label: e.label,
+            created_at: e.created_at,
+            created_by: e.created_by,
+            enabled: r.enabled,
+            last_signin_at: None,
+            // The set's: the kernel stamps a set's key once for every account using it.
+            last_packet_at: e.last_packet_at,
+            expires_at: None,
+            source: Some(format!("set:{}", r.set)),
+        }));
+    }
+    Ok(rows)
 }
 
 /// An `allow_replace` worked out in a transaction, before anything changes.

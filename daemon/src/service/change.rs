@@ -15,7 +15,7 @@ use super::{Failure, Service, Writer, now, unknown};
 use crate::{
     datapath::{self, Datapath, DatapathError},
     logging::{self, PendingAudit},
-    policy::{AccountPolicy, LiveOverride, split_entries, suspended},
+    policy::{AccountPolicy, LiveOverride, SetUse, split_entries, suspended},
     protocol::Account,
     store::{ActivityRecord, StoreError, Tx},
 };
@@ -102,6 +102,7 @@ impl Service {
                         entries,
                         expiring: Vec::new(),
                         overrides: Vec::new(),
+                        sets: Vec::new(),
                     };
                     (row.id, policy)
                 }
@@ -244,6 +245,8 @@ pub(super) fn apply_account(
     entries.sort_unstable_by_key(|&(net, expires)| (net, std::cmp::Reverse(expires)));
     entries.dedup_by_key(|&mut (net, _)| net);
     datapath.set_allowlist(account.slot, &entries)?;
+    let sets: Vec<u32> = account.sets.iter().map(|s| s.kernel_id).collect();
+    datapath.set_account_sets(account.slot, &sets)?;
     datapath.set_policy(account.slot, account.mode, suspended)
 }
 
@@ -274,7 +277,18 @@ pub(super) fn policy_from_store(tx: &Tx, row: &Account, now: i64) -> Result<Acco
         entries,
         expiring,
         overrides,
+        sets: enabled_sets(tx, &row.id)?,
     })
+}
+
+/// The account's enabled set references, as this transaction sees them.
+pub(super) fn enabled_sets(tx: &Tx, account: &str) -> Result<Vec<SetUse>, StoreError> {
+    Ok(tx
+        .set_refs(account)?
+        .into_iter()
+        .filter(|r| r.enabled)
+        .map(|r| SetUse { name: r.set, kernel_id: r.kernel_id })
+        .collect())
 }
 
 /// The account's row, or `unknown_account`.

@@ -22,7 +22,8 @@ impl Service {
         let at = now();
         let (result, entry) = {
             let accounts = self.accounts.read().expect("cache lock");
-            let result = decide(&accounts, &account, addr, at);
+            let sets = self.sets.read().expect("set cache lock");
+            let result = decide(&accounts, &sets, &account, addr, at);
             // The entry to credit with the sign-in: only when an entry let it in (not mode
             // off, not an override), the most specific one, as `allow list` attributes packets.
             let entry = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())

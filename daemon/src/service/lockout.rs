@@ -7,7 +7,7 @@ use serde_json::json;
 use super::{Failure, now};
 use crate::{
     logging,
-    policy::AccountPolicy,
+    policy::{AccountPolicy, SetPolicy, Sets},
     protocol::{ErrorCode, Mode, RecentSignin, ShutOut},
     store::Tx,
 };
@@ -35,6 +35,8 @@ pub(super) fn guard(
     if force || after.mode != Mode::Enforce {
         return Ok(());
     }
+    // The networks of the sets it references let in as its own entries do.
+    let (before, after) = (&with_sets(tx, before)?, &with_sets(tx, after)?);
     let at = now();
     if let Some(ip) = client_ip.filter(|&ip| !after.covers(ip, at)) {
         logging::lockout_refused(account, uid, ip);
@@ -58,7 +60,7 @@ pub(super) fn guard(
             ),
         ));
     }
-    let shut_out = shut_out(tx, account, before, after, at)?;
+    let shut_out = flat_shut_out(tx, account, before, after, at)?;
     let Some(first) = shut_out.first() else { return Ok(()) };
     logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
     let mut listed: Vec<String> = shut_out
@@ -96,6 +98,31 @@ pub(super) fn shut_out(
     after: &AccountPolicy,
     at: i64,
 ) -> Result<Vec<RecentSignin>, Failure> {
+    flat_shut_out(tx, account, &with_sets(tx, before)?, &with_sets(tx, after)?, at)
+}
+
+/// The policy with the networks of its enabled sets, as the transaction holds them, counted
+/// as its own.
+fn with_sets(tx: &Tx, policy: &AccountPolicy) -> Result<AccountPolicy, Failure> {
+    if policy.sets.is_empty() {
+        return Ok(policy.clone());
+    }
+    let mut sets = Sets::new();
+    for r in &policy.sets {
+        let entries = tx.set_entries(&r.name)?.into_iter().map(|e| e.cidr).collect();
+        sets.insert(r.name.clone(), SetPolicy { kernel_id: r.kernel_id, entries });
+    }
+    Ok(policy.with_set_entries(&sets))
+}
+
+/// [`shut_out`] of policies whose sets are already counted as their own entries.
+fn flat_shut_out(
+    tx: &Tx,
+    account: &str,
+    before: &AccountPolicy,
+    after: &AccountPolicy,
+    at: i64,
+) -> Result<Vec<RecentSignin>, Failure> {
     if after.mode != Mode::Enforce {
         return Ok(Vec::new());
     }
@@ -125,6 +152,7 @@ mod tests {
             entries: entries.iter().map(|e| e.parse().unwrap()).collect(),
             expiring: Vec::new(),
             overrides: Vec::new(),
+            sets: Vec::new(),
         }
     }
 

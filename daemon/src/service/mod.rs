@@ -7,8 +7,8 @@
 //! run on the store's read connections, beside the writer.
 //!
 //! One module per command family: [`accounts`], [`allowlist`], [`bindings`], [`check`],
-//! [`support`] (overrides and activity) and [`operations`] (status, counters, detach,
-//! metrics). [`upkeep`] holds the periodic work: override sweeps and drop samples.
+//! [`support`] (overrides and activity), [`sets`] (shared named sets) and [`operations`]
+//! (status, counters, detach, metrics). [`upkeep`] holds the periodic work: override sweeps and drop samples.
 
 mod accounts;
 mod allowlist;
@@ -20,6 +20,7 @@ mod fleet;
 mod lockout;
 mod operations;
 mod seed;
+mod sets;
 mod support;
 mod upkeep;
 mod validate;
@@ -40,7 +41,7 @@ pub use crate::activity::ActivityLog;
 use crate::{
     datapath::{self, Datapath, DatapathError},
     metrics::CheckCounters,
-    policy::{AccountPolicy, LiveOverride},
+    policy::{AccountPolicy, LiveOverride, SetPolicy, SetUse, Sets},
     protocol::{Call, Caller, Command, ErrorBody, ErrorCode},
     store::{Checkpointer, Readers, Store, StoreError},
 };
@@ -78,6 +79,9 @@ impl From<DatapathError> for Failure {
         // Full tables are an operator's capacity problem with a known remedy, not a fault.
         let code = match &e {
             DatapathError::Table(datapath::tables::TableError::Full { .. }) => ErrorCode::TablesFull,
+            // Every distinct combination of shared sets in use has a kernel table.
+            DatapathError::TooManySetGroups => ErrorCode::TablesFull,
+            DatapathError::TooManySets(_) => ErrorCode::TooManySets,
             _ => ErrorCode::Internal,
         };
         Failure::new(code, format!("the kernel refused the change, nothing was changed: {e}"))
@@ -111,6 +115,8 @@ pub struct Service {
     _checkpointer: Checkpointer,
     /// Every account's policy, as committed; login checks read only this.
     accounts: RwLock<HashMap<String, AccountPolicy>>,
+    /// Every shared set's networks, as committed, held once for all referencing accounts.
+    sets: RwLock<Sets>,
     activity: ActivityLog,
     /// Settings a reload may change (see [`Service::reconfigure`]).
     retention_days: AtomicU32,
@@ -163,6 +169,10 @@ impl Service {
             let tx = store.transaction()?;
             (tx.accounts()?, tx.all_entries()?, tx.bindings()?, tx.live_overrides(None, now())?)
         };
+        let (set_rows, set_entries, set_refs) = {
+            let tx = store.transaction()?;
+            (tx.sets()?, tx.all_set_entries()?, tx.all_set_refs()?)
+        };
         let mut cache: HashMap<String, AccountPolicy> = accounts
             .iter()
             .map(|a| {
@@ -174,6 +184,7 @@ impl Service {
                     entries: Vec::new(),
                     expiring: Vec::new(),
                     overrides: Vec::new(),
+                    sets: Vec::new(),
                 };
                 (a.id.clone(), cached)
             })
@@ -199,6 +210,27 @@ impl Service {
                 a.overrides.push(LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at });
             }
         }
+        let mut sets: Sets = set_rows
+            .iter()
+            .map(|s| (s.name.clone(), SetPolicy { kernel_id: s.kernel_id, entries: Vec::new() }))
+            .collect();
+        for (name, entry) in set_entries {
+            if let Some(set) = sets.get_mut(&name) {
+                set.entries.push(entry.cidr);
+            }
+        }
+        for r in set_refs.into_iter().filter(|r| r.enabled) {
+            if let Some(a) = cache.get_mut(&r.account) {
+                a.sets.push(SetUse { name: r.set, kernel_id: r.kernel_id });
+            }
+        }
+        // Sets before accounts, so that no account's reference names a set the kernel lacks.
+        // The kernel's tables are per combination of sets (a set group); the groups an
+        // earlier daemon left go on enforcing until each account is given its sets again
+        // below, which moves it to a group built from these, so no stale set outlives this.
+        for set in sets.values() {
+            datapath.set_shared_set(set.kernel_id, &set.entries)?;
+        }
         let wanted: HashSet<u32> = cache.values().map(|a| a.slot).collect();
         for slot in datapath.configured_slots().into_iter().filter(|s| !wanted.contains(s)) {
             datapath.remove_account(slot)?;
@@ -210,7 +242,12 @@ impl Service {
         let bindings = bindings::for_kernel(&bindings, node.as_deref(), |id| cache.get(id).map(|a| a.slot));
         datapath.set_bindings(&bindings)?;
         let reconcile = started.elapsed();
-        info!("reconciled {} accounts and {} bindings with the kernel in {reconcile:.2?}", cache.len(), bindings.len());
+        info!(
+            "reconciled {} accounts, {} shared sets and {} bindings with the kernel in {reconcile:.2?}",
+            cache.len(),
+            sets.len(),
+            bindings.len()
+        );
         let counters = datapath.counter_reader()?;
         if config.cluster.is_some() {
             store.as_copy_of_a_durable_source()?;
@@ -220,6 +257,7 @@ impl Service {
             _checkpointer: store.checkpoint_in_background()?,
             writer: Mutex::new(Writer { store, datapath }),
             accounts: RwLock::new(cache),
+            sets: RwLock::new(sets),
             activity,
             retention_days: config.retention_days.into(),
             min_override_ttl: config.min_override_ttl_seconds.max(1).into(),
@@ -278,6 +316,15 @@ impl Service {
             Command::Detach(r) => run(r, |r| self.detach(r, uid)),
             Command::Status(r) => run(r, |r| self.status(r)),
             Command::ClusterImport(r) => run(r, |r| self.cluster_import(r, uid)),
+            Command::SetAdd(r) => run(r, |r| self.set_add(r, uid)),
+            Command::SetRemove(r) => run(r, |r| self.set_remove(r, uid)),
+            Command::SetDelete(r) => run(r, |r| self.set_delete(r, uid)),
+            Command::SetList(r) => run(r, |r| self.set_list(r)),
+            Command::SetShow(r) => run(r, |r| self.set_show(r)),
+            Command::AllowAddSet(r) => run(r, |r| self.allow_add_set(r, uid)),
+            Command::AllowRemoveSet(r) => run(r, |r| self.allow_remove_set(r, uid)),
+            Command::AllowDisableSet(r) => run(r, |r| self.allow_disable_set(r, uid)),
+            Command::AllowEnableSet(r) => run(r, |r| self.allow_enable_set(r, uid)),
         }
     }
 }

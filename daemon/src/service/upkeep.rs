@@ -7,6 +7,7 @@ use std::{
     sync::atomic::Ordering,
 };
 
+use ipnet::IpNet;
 use log::{info, warn};
 use serde_json::json;
 
@@ -128,11 +129,12 @@ impl Service {
             return 0;
         }
         let at = now();
+        let set_moved = self.note_set_packets(&used, at, clock);
         let by_slot = match self.accounts_in_slots(used.iter().filter_map(|u| u.owner.account())) {
             Ok(found) => found,
             Err(e) => {
                 warn!("last packets of {} keys not recorded: {}", used.len(), e.0.message);
-                return 0;
+                return set_moved;
             }
         };
         let mut uses = EntryUses::new();
@@ -153,9 +155,58 @@ impl Service {
                 }
             }
         }
-        let moved = uses.len();
+        let moved = uses.len() + set_moved;
         self.activity.packets(uses);
         moved
+    }
+
+    /// Credits the set keys among `used` to the most specific network, among the sets their
+    /// group unites, that covers them, and records it (node-local, once for every account
+    /// using the set). Returns how many networks' last packet moved.
+    fn note_set_packets(&self, used: &[crate::datapath::LastUse], at: i64, clock: u64) -> usize {
+        let groups: HashSet<u32> = used
+            .iter()
+            .filter_map(|u| match u.owner {
+                crate::datapath::KeyOwner::SetGroup(g) => Some(g),
+                crate::datapath::KeyOwner::Account(_) => None,
+            })
+            .collect();
+        if groups.is_empty() {
+            return 0;
+        }
+        let mut guard = self.writer.lock().expect("writer lock");
+        let members: HashMap<u32, Vec<u32>> = groups.iter().map(|&g| (g, guard.datapath.sets_of_group(g))).collect();
+        let mut uses: HashMap<(String, IpNet), i64> = HashMap::new();
+        {
+            let sets = self.sets.read().expect("set cache lock");
+            let by_id: HashMap<u32, (&String, &Vec<IpNet>)> =
+                sets.iter().map(|(name, s)| (s.kernel_id, (name, &s.entries))).collect();
+            for u in used {
+                let crate::datapath::KeyOwner::SetGroup(g) = u.owner else { continue };
+                let covering = members[&g]
+                    .iter()
+                    .filter_map(|id| by_id.get(id))
+                    .flat_map(|&(name, entries)| entries.iter().filter(|n| n.contains(&u.key)).map(move |n| (name, *n)))
+                    .max_by_key(|(_, n)| n.prefix_len());
+                if let Some((name, net)) = covering {
+                    let time = at - clock.saturating_sub(u.clock) as i64;
+                    let last = uses.entry((name.clone(), net)).or_default();
+                    *last = (*last).max(time);
+                }
+            }
+        }
+        if uses.is_empty() {
+            return 0;
+        }
+        let recorded = guard.store.transaction().and_then(|tx| {
+            tx.note_set_packets(&uses)?;
+            tx.commit()
+        });
+        if let Err(e) = recorded {
+            warn!("last packets of {} shared-set networks not recorded: {e}", uses.len());
+            return 0;
+        }
+        uses.len()
     }
 
     /// Moves the kernel's drop samples into the activity log (kind "drop"), so that support

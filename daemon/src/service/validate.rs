@@ -4,8 +4,8 @@ use super::Failure;
 use crate::{
     policy::{ACCOUNT_ID_RULE, MAX_LABEL, MAX_REASON, MAX_TICKET, check_text, normalise_addr},
     protocol::{
-        AccountMode, AllowAdd, AllowDisable, AllowLabel, AllowRemove, AllowReplace, BindAdd, BindRemove, Check,
-        Command, ErrorCode, Import, OverrideGrant, SetAccountState,
+        AccountMode, AllowAdd, AllowDisable, AllowDisableSet, AllowLabel, AllowRemove, AllowRemoveSet, AllowReplace,
+        BindAdd, BindRemove, Check, Command, ErrorCode, Import, OverrideGrant, SetAccountState,
     },
 };
 
@@ -56,6 +56,10 @@ pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
         Command::AllowRemove(c) => Command::AllowRemove(AllowRemove { client_ip: c.client_ip.map(ip), ..c }),
         Command::AllowDisable(c) => Command::AllowDisable(AllowDisable { client_ip: c.client_ip.map(ip), ..c }),
         Command::AllowReplace(c) => Command::AllowReplace(AllowReplace { client_ip: c.client_ip.map(ip), ..c }),
+        Command::AllowRemoveSet(c) => Command::AllowRemoveSet(AllowRemoveSet { client_ip: c.client_ip.map(ip), ..c }),
+        Command::AllowDisableSet(c) => {
+            Command::AllowDisableSet(AllowDisableSet { client_ip: c.client_ip.map(ip), ..c })
+        }
         Command::BindAdd(c) => Command::BindAdd(BindAdd { addr: ip(c.addr), ..c }),
         Command::BindRemove(c) => Command::BindRemove(BindRemove { addr: ip(c.addr), ..c }),
         other => other,

@@ -73,6 +73,8 @@ impl AccountDoc {
                 .filter(|o| o.expires_at > now)
                 .map(|o| LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at })
                 .collect(),
+            // Shared sets are not part of a fleet's documents yet (sets are refused there).
+            sets: Vec::new(),
         }
     }
 

@@ -11,6 +11,9 @@ use ipaccess::protocol::{
     ClusterImport, Command, Detach, Method, Mode, OverrideGrant, OverrideList, OverrideRevoke, Proto, ReplaceEntry,
     SetAccountState, Stats, Status, parse_cidr,
 };
+use ipaccess::protocol::{
+    AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, SetAdd, SetDelete, SetList, SetRemove, SetShow,
+};
 use ipnet::IpNet;
 
 const DEFAULT_SOCKET: &str = "/run/ipaccess/ipaccessd.sock";
@@ -47,6 +50,10 @@ pub enum Top {
     /// Destination endpoints owned by accounts
     #[command(subcommand)]
     Bind(BindCmd),
+    /// Shared named sets of networks (a company VPN, a CI provider's ranges), defined once
+    /// and referenced by any number of accounts (allow add-set)
+    #[command(subcommand)]
+    Set(SetCmd),
     /// May ACCOUNT log in from ADDR? Exit 0 if allowed, 1 if denied, 2 on error
     Check {
         /// The account signing in
@@ -297,6 +304,48 @@ pub enum AllowCmd {
         #[arg(value_name = "TEXT")]
         label: Option<String>,
     },
+    /// Let an account in through a shared set's networks (they show in `allow list` as
+    /// inherited, SOURCE set:NAME)
+    AddSet {
+        /// Account id
+        id: String,
+        /// Set name
+        set: String,
+    },
+    /// Stop an account referencing a shared set (the lockout guard applies)
+    RemoveSet {
+        /// Account id
+        id: String,
+        /// Set name
+        set: String,
+        /// Your own address: refused if the removal would lock it out
+        #[arg(long, value_name = "ADDR")]
+        client_ip: Option<IpAddr>,
+        /// Remove even if it locks out --client-ip or a recent sign-in
+        #[arg(long)]
+        force: bool,
+    },
+    /// Keep an account's reference to a shared set but let nothing in through it, for this
+    /// account only (the lockout guard applies)
+    DisableSet {
+        /// Account id
+        id: String,
+        /// Set name
+        set: String,
+        /// Your own address: refused if disabling would lock it out
+        #[arg(long, value_name = "ADDR")]
+        client_ip: Option<IpAddr>,
+        /// Disable even if it locks out --client-ip or a recent sign-in
+        #[arg(long)]
+        force: bool,
+    },
+    /// Turn a disabled reference to a shared set back on
+    EnableSet {
+        /// Account id
+        id: String,
+        /// Set name
+        set: String,
+    },
     /// Replace the whole allowlist from FILE: one `CIDR [label]` per line, `#` comments
     Replace {
         /// Account id
@@ -314,6 +363,50 @@ pub enum AllowCmd {
         /// sign-ins would be shut out
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SetCmd {
+    /// Add networks to a set, creating it when it is new; every account that references it
+    /// is let in through them at once, in the kernel too
+    Add {
+        /// Set name (letters, digits and . _ @ + -)
+        name: String,
+        /// IPv4 or IPv6 CIDRs, or bare addresses
+        #[arg(value_name = "CIDR", required = true, value_parser = parse_cidr)]
+        cidrs: Vec<IpNet>,
+        /// A note shown with each network added, e.g. "corporate VPN"
+        #[arg(long, value_name = "TEXT")]
+        label: Option<String>,
+    },
+    /// Remove networks from a set, for every account that references it at once (refused if
+    /// that shuts out a recent sign-in of an enforcing account, unless --force)
+    Remove {
+        /// Set name
+        name: String,
+        /// The networks, as added
+        #[arg(value_name = "CIDR", required = true, value_parser = parse_cidr)]
+        cidrs: Vec<IpNet>,
+        /// Remove even if it shuts out recent sign-ins
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a set (refused while accounts reference it, unless --force, which removes
+    /// their references too)
+    Delete {
+        /// Set name
+        name: String,
+        /// Delete even while referenced, removing the references
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the sets, with how many networks and references each has
+    List,
+    /// A set's networks and the accounts that reference it
+    Show {
+        /// Set name
+        name: String,
     },
 }
 
@@ -465,6 +558,19 @@ pub fn action(top: Top) -> Result<Action, String> {
             let entries = parse_allow_file(&read_input(&file)?)?;
             Command::AllowReplace(AllowReplace { account: id, entries, client_ip, force, dry_run })
         }
+        Top::Allow(AllowCmd::AddSet { id, set }) => Command::AllowAddSet(AllowAddSet { account: id, set }),
+        Top::Allow(AllowCmd::RemoveSet { id, set, client_ip, force }) => {
+            Command::AllowRemoveSet(AllowRemoveSet { account: id, set, client_ip, force })
+        }
+        Top::Allow(AllowCmd::DisableSet { id, set, client_ip, force }) => {
+            Command::AllowDisableSet(AllowDisableSet { account: id, set, client_ip, force })
+        }
+        Top::Allow(AllowCmd::EnableSet { id, set }) => Command::AllowEnableSet(AllowEnableSet { account: id, set }),
+        Top::Set(SetCmd::Add { name, cidrs, label }) => Command::SetAdd(SetAdd { set: name, cidrs, label }),
+        Top::Set(SetCmd::Remove { name, cidrs, force }) => Command::SetRemove(SetRemove { set: name, cidrs, force }),
+        Top::Set(SetCmd::Delete { name, force }) => Command::SetDelete(SetDelete { set: name, force }),
+        Top::Set(SetCmd::List) => Command::SetList(SetList {}),
+        Top::Set(SetCmd::Show { name }) => Command::SetShow(SetShow { set: name }),
         Top::Stats { id } => Command::Stats(Stats { account: id }),
         Top::Detach { interface } => Command::Detach(Detach { interface }),
         Top::Bind(BindCmd::Add { id, addr, proto, node }) => {

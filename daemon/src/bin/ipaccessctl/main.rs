@@ -88,6 +88,15 @@ fn send(socket: &Path, command: Command, json: bool) -> Result<Shown, Failure> {
         Command::Detach(r) => answer(socket, r, json, plain),
         Command::Status(r) => answer(socket, r, json, plain),
         Command::ClusterImport(r) => answer(socket, r, json, plain),
+        Command::SetAdd(r) => answer(socket, r, json, plain),
+        Command::SetRemove(r) => answer(socket, r, json, plain),
+        Command::SetDelete(r) => answer(socket, r, json, plain),
+        Command::SetList(r) => answer(socket, r, json, plain),
+        Command::SetShow(r) => answer(socket, r, json, plain),
+        Command::AllowAddSet(r) => answer(socket, r, json, plain),
+        Command::AllowRemoveSet(r) => answer(socket, r, json, plain),
+        Command::AllowDisableSet(r) => answer(socket, r, json, plain),
+        Command::AllowEnableSet(r) => answer(socket, r, json, plain),
     }
 }
 

@@ -10,6 +10,7 @@ use ipaccess::protocol::{
     ClusterImported, DeniedSummary, Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount,
     Location, Noted, Override, Removed, ShutOut, SigninSummary, StatsReport, StatusReport, UnknownSummary,
 };
+use ipaccess::protocol::{ListedSet, SetDeleted, SetReference, SetShutOut, SharedSet};
 use ipaccess::time::format_utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -226,10 +227,13 @@ impl Render for EntryRemoved {
 
 impl Render for Vec<Entry> {
     fn render(&self, out: &mut String) {
+        // Inherited rows (a shared set's networks) say where they come from; a list with
+        // none keeps the columns it always had.
+        let inherited = self.iter().any(|e| e.source.is_some());
         let rows = self.iter().map(|e| {
             let label = or_dash(e.label.as_deref());
             let last = |t: Option<i64>| t.map_or_else(|| "-".into(), time);
-            vec![
+            let mut row = vec![
                 e.cidr.to_string(),
                 status(e).into(),
                 label,
@@ -238,9 +242,78 @@ impl Render for Vec<Entry> {
                 e.created_by.to_string(),
                 last(e.last_signin_at),
                 last(e.last_packet_at),
+            ];
+            if inherited {
+                row.push(or_dash(e.source.as_deref()));
+            }
+            row
+        });
+        let mut head = vec!["CIDR", "STATUS", "LABEL", "EXPIRES", "CREATED", "BY", "LAST SIGN-IN", "LAST PACKET"];
+        if inherited {
+            head.push("SOURCE");
+        }
+        table(out, &head, rows);
+    }
+}
+
+impl Render for SharedSet {
+    fn render(&self, out: &mut String) {
+        line(out, "set", &self.set);
+        line(out, "created_at", time(self.created_at));
+        line(out, "created_by", self.created_by.to_string());
+        if self.entries.is_empty() {
+            out.push_str("\nnetworks: none\n");
+        } else {
+            out.push_str("\nnetworks:\n");
+            let rows = self.entries.iter().map(|e| {
+                vec![e.cidr.to_string(), or_dash(e.label.as_deref()), time(e.created_at), e.created_by.to_string()]
+            });
+            table(out, &["CIDR", "LABEL", "CREATED", "BY"], rows);
+        }
+        if self.references.is_empty() {
+            out.push_str("\nreferenced by: nobody\n");
+        } else {
+            out.push_str("\nreferenced by:\n");
+            let rows = self.references.iter().map(|r| {
+                let status = if r.enabled { "enabled" } else { "disabled" };
+                vec![r.account.clone(), status.into(), time(r.created_at), r.created_by.to_string()]
+            });
+            table(out, &["ACCOUNT", "STATUS", "CREATED", "BY"], rows);
+        }
+        notes(out, &self.notes);
+    }
+}
+
+impl Render for Vec<ListedSet> {
+    fn render(&self, out: &mut String) {
+        let rows = self.iter().map(|s| {
+            vec![
+                s.set.clone(),
+                s.entries.to_string(),
+                s.references.to_string(),
+                s.enabled_references.to_string(),
+                time(s.created_at),
             ]
         });
-        table(out, &["CIDR", "STATUS", "LABEL", "EXPIRES", "CREATED", "BY", "LAST SIGN-IN", "LAST PACKET"], rows);
+        table(out, &["SET", "NETWORKS", "REFERENCES", "ENABLED", "CREATED"], rows);
+    }
+}
+
+impl Render for SetDeleted {
+    fn render(&self, out: &mut String) {
+        line(out, "deleted", &self.set);
+        let removed = if self.references_removed.is_empty() { "-".into() } else { self.references_removed.join(", ") };
+        line(out, "references_removed", removed);
+    }
+}
+
+impl Render for SetReference {
+    fn render(&self, out: &mut String) {
+        line(out, "account", &self.account);
+        line(out, "set", &self.set);
+        line(out, "status", if self.enabled { "enabled" } else { "disabled" });
+        line(out, "created_at", time(self.created_at));
+        line(out, "created_by", self.created_by.to_string());
     }
 }
 
@@ -609,12 +682,22 @@ pub fn error_text(e: &DaemonError) -> String {
     let mut text = format!("error: {}\n", escape(&format!("{}{code}", e.message)));
     if let Some(details) = &e.details {
         let mut shown = String::new();
-        match ShutOut::deserialize(details) {
-            Ok(ShutOut { shut_out }) => {
-                let rows = shut_out.iter().map(|s| vec![s.address.to_string(), time(s.last_seen)]);
-                table(&mut shown, &["ADDRESS", "LAST SEEN"], rows);
+        // A set change's refusal names the account of each sign-in, and those left with
+        // nothing.
+        if let Ok(SetShutOut { shut_out, allows_nothing }) = SetShutOut::deserialize(details) {
+            let rows = shut_out.iter().map(|s| vec![s.account.clone(), s.address.to_string(), time(s.last_seen)]);
+            table(&mut shown, &["ACCOUNT", "ADDRESS", "LAST SEEN"], rows);
+            if !allows_nothing.is_empty() {
+                line(&mut shown, "would let nobody in", allows_nothing.join(", "));
             }
-            Err(_) => line(&mut shown, "details", details.to_string()),
+        } else {
+            match ShutOut::deserialize(details) {
+                Ok(ShutOut { shut_out }) => {
+                    let rows = shut_out.iter().map(|s| vec![s.address.to_string(), time(s.last_seen)]);
+                    table(&mut shown, &["ADDRESS", "LAST SEEN"], rows);
+                }
+                Err(_) => line(&mut shown, "details", details.to_string()),
+            }
         }
         shown.lines().for_each(|l| text.push_str(&format!("  {l}\n")));
     }

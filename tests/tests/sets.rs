@@ -1,0 +1,365 @@
+//! End to end, shared named sets: a set defined once lets every account that references it
+//! in, on the wire and at sign-in; changing the set changes all of them with one command;
+//! a reference can be disabled for one account; the lockout guard weighs set changes; a
+//! restart keeps sets, references and the kernel's tables; bad input changes nothing. The
+//! real daemon over its real socket, the real `ipaccessctl`, the real kernel.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ipaccess_tests::client::Client;
+use ipaccess_tests::daemon::{World, binaries, without_last_used};
+use ipaccess_tests::netns::{TestHosts, UdpEchoServer, icmp_echo, run_cmd, udp_roundtrip};
+use serde_json::{Value, json};
+
+const OK: Duration = Duration::from_secs(2);
+const FAIL: Duration = Duration::from_millis(500);
+/// Account `cust` owns UDP `PORT`, `cust2` the next port.
+const PORT: u16 = 7300;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// `ipaccessctl ARGS` against the world's daemon.
+fn ctl(w: &World, args: &[&str]) -> Out {
+    let socket = w.socket();
+    let mut argv = vec!["--socket", socket.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
+    Out {
+        code: out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status)),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// `ipaccessctl --json ARGS`, which must succeed; its result.
+fn ctl_ok(w: &World, args: &[&str]) -> Value {
+    let out = ctl(w, &[&["--json"], args].concat());
+    assert_eq!(out.code, 0, "ipaccessctl {args:?}: {}{}", out.stdout, out.stderr);
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ipaccessctl {args:?}: {e}: {}", out.stdout))
+}
+
+/// `ipaccessctl ARGS`, which must fail; the error code it printed (`(code)` on stderr).
+fn ctl_fails(w: &World, args: &[&str]) -> String {
+    let out = ctl(w, args);
+    assert_ne!(out.code, 0, "ipaccessctl {args:?} succeeded: {}", out.stdout);
+    out.stderr
+}
+
+/// A UDP datagram from `src` reaches `port` on the server and comes back.
+fn udp_ok(hosts: &TestHosts, src: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+    let dst = SocketAddr::new(hosts.server_v4.into(), port);
+    hosts.client.run(move || udp_roundtrip(src.into(), dst, b"sets", timeout))
+}
+
+/// Accounts `cust` (UDP `PORT`) and `cust2` (`PORT + 1`), each enforcing with only `good`
+/// on its own allowlist; the echo servers (keep them alive).
+fn two_enforcing_customers(w: &World, good: Ipv4Addr) -> Vec<UdpEchoServer> {
+    let mut servers = Vec::new();
+    for (account, port) in [("cust", PORT), ("cust2", PORT + 1)] {
+        let addr = SocketAddr::new(w.hosts.server_v4.into(), port);
+        servers.push(UdpEchoServer::start_in(&w.hosts.server, addr).unwrap());
+        w.ok(json!({"cmd": "account_add", "account": account}));
+        w.ok(json!({"cmd": "bind_add", "account": account, "addr": w.hosts.server_v4.to_string(), "port": port,
+                    "proto": "udp"}));
+        w.ok(json!({"cmd": "allow_add", "account": account, "cidr": format!("{good}/32")}));
+        w.ok(json!({"cmd": "account_mode", "account": account, "mode": "enforce", "client_ip": good.to_string()}));
+    }
+    let dst = IpAddr::from(w.hosts.server_v4);
+    for &src in &w.hosts.client_v4 {
+        assert!(w.hosts.client.run(move || icmp_echo(src.into(), dst, OK)), "ping {src} -> {dst}");
+    }
+    servers
+}
+
+/// A check that records nothing: (allowed, detail).
+fn would(w: &World, account: &str, addr: Ipv4Addr) -> (bool, String) {
+    let c = w.ok(json!({"cmd": "check", "account": account, "addr": addr.to_string(), "dry_run": true}));
+    (c["allowed"].as_bool().unwrap(), c["detail"].as_str().unwrap().to_string())
+}
+
+/// Whether `src` gets through to `cust` and to `cust2`, on the wire and at sign-in (which
+/// must agree).
+fn both(w: &World, src: Ipv4Addr) -> (bool, bool) {
+    let wire = (udp_ok(&w.hosts, src, PORT, OK), udp_ok(&w.hosts, src, PORT + 1, OK));
+    let checks = (would(w, "cust", src).0, would(w, "cust2", src).0);
+    assert_eq!(wire, checks, "{src}: the kernel (cust, cust2) and the checks disagree");
+    wire
+}
+
+fn host(addr: Ipv4Addr) -> String {
+    format!("{addr}/32")
+}
+
+/// A set referenced by two accounts lets both in on the wire and at sign-in; adding a
+/// network to it and removing one change both with one command each; disabling the
+/// reference for one account shuts only that one out; `allow list` shows the set's networks
+/// as inherited rows, marked with their source and whether the reference is enabled.
+#[test]
+fn a_set_changes_every_referencing_account_at_once() {
+    let w = World::new("");
+    let [good, vpn, ci, _] = w.hosts.client_v4[..] else { panic!() };
+    let _servers = two_enforcing_customers(&w, good);
+    assert_eq!(both(&w, vpn), (false, false), "before the set");
+
+    let created = ctl_ok(&w, &["set", "add", "corp-vpn", &host(vpn), "--label", "office VPN"]);
+    assert_eq!(created["entries"][0]["cidr"], host(vpn), "{created}");
+    assert_eq!(created["references"], json!([]), "{created}");
+    assert_eq!(both(&w, vpn), (false, false), "a set nobody references lets nobody in");
+    ctl_ok(&w, &["allow", "add-set", "cust", "corp-vpn"]);
+    ctl_ok(&w, &["allow", "add-set", "cust2", "corp-vpn"]);
+    assert_eq!(both(&w, vpn), (true, true), "both references let the set's network in");
+    let (_, detail) = would(&w, "cust", vpn);
+    assert!(detail.contains("corp-vpn") && detail.contains(&host(vpn)), "the check names the set: {detail}");
+    // The datagrams are the set network's last-used evidence (the kernel's stamp, read
+    // every second), in `set show` and in each account's inherited row.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let shown = loop {
+        let shown = w.ok(json!({"cmd": "set_show", "set": "corp-vpn"}));
+        if shown["entries"][0].get("last_packet_at").is_some() || std::time::Instant::now() > deadline {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let last_packet =
+        shown["entries"][0]["last_packet_at"].as_i64().unwrap_or_else(|| panic!("no last packet: {shown}"));
+    let list = w.ok(json!({"cmd": "allow_list", "account": "cust2"}));
+    let row = list.as_array().unwrap().iter().find(|e| e["source"] == "set:corp-vpn").unwrap().clone();
+    assert_eq!(row["last_packet_at"], last_packet, "{list}");
+
+    // One command, both accounts: in and out.
+    ctl_ok(&w, &["set", "add", "corp-vpn", &host(ci)]);
+    assert_eq!(both(&w, ci), (true, true), "a network added to the set");
+    ctl_ok(&w, &["set", "remove", "corp-vpn", &host(ci)]);
+    assert_eq!(both(&w, ci), (false, false), "a network removed from the set");
+    assert_eq!(both(&w, good), (true, true), "own entries stay");
+
+    // Disabled for cust2 only.
+    let disabled = ctl_ok(&w, &["allow", "disable-set", "cust2", "corp-vpn"]);
+    assert_eq!(disabled["enabled"], false, "{disabled}");
+    assert_eq!(both(&w, vpn), (true, false), "the disabled reference shuts out only cust2");
+    let listed = ctl(&w, &["allow", "list", "cust2"]);
+    assert!(listed.stdout.contains("SOURCE") && listed.stdout.contains("set:corp-vpn"), "{}", listed.stdout);
+    let inherited: Vec<Value> = w
+        .ok(json!({"cmd": "allow_list", "account": "cust2"}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("source").is_some())
+        .cloned()
+        .collect();
+    assert_eq!(inherited.len(), 1, "{inherited:?}");
+    assert_eq!(inherited[0]["source"], "set:corp-vpn");
+    assert_eq!(inherited[0]["enabled"], false);
+    assert_eq!(inherited[0]["label"], "office VPN");
+    let own = w.ok(json!({"cmd": "allow_list", "account": "cust"}));
+    assert!(own.as_array().unwrap().iter().any(|e| e["cidr"] == host(good) && e.get("source").is_none()), "{own}");
+    // --unused lists own entries only: a set's networks are reviewed with the set.
+    let unused = w.ok(json!({"cmd": "allow_list", "account": "cust", "unused": 0}));
+    assert!(unused.as_array().unwrap().iter().all(|e| e.get("source").is_none()), "{unused}");
+
+    ctl_ok(&w, &["allow", "enable-set", "cust2", "corp-vpn"]);
+    assert_eq!(both(&w, vpn), (true, true), "enabled again");
+    let shown = ctl_ok(&w, &["set", "show", "corp-vpn"]);
+    let referrers: Vec<&str> =
+        shown["references"].as_array().unwrap().iter().map(|r| r["account"].as_str().unwrap()).collect();
+    assert_eq!(referrers, ["cust", "cust2"], "{shown}");
+    let list = ctl_ok(&w, &["set", "list"]);
+    assert_eq!(
+        list,
+        json!([{"set": "corp-vpn", "entries": 1, "references": 2, "enabled_references": 2,
+                             "created_at": list[0]["created_at"], "created_by": 0}])
+    );
+    let removed = ctl_ok(&w, &["allow", "remove-set", "cust", "corp-vpn"]);
+    assert_eq!(removed["set"], "corp-vpn");
+    assert_eq!(both(&w, vpn), (false, true), "the removed reference");
+    let audits = w.ok(json!({"cmd": "activity", "account": "set:corp-vpn", "kind": "audit"}));
+    let actions: Vec<&str> = audits.as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    assert_eq!(actions.iter().filter(|a| **a == "set_add").count(), 2, "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| **a == "set_remove").count(), 1, "{actions:?}");
+}
+
+/// A set change that would shut out a recent successful sign-in of an enforcing account
+/// (one that nothing else of the account lets in) is refused, naming the account and the
+/// address, and changes nothing; so are disabling and removing the reference; deleting a
+/// referenced set is refused naming the accounts; --force does each.
+#[test]
+fn the_lockout_guard_weighs_set_changes() {
+    let w = World::new("");
+    let [good, vpn, other, _] = w.hosts.client_v4[..] else { panic!() };
+    let _servers = two_enforcing_customers(&w, good);
+    ctl_ok(&w, &["set", "add", "corp-vpn", &host(vpn), &host(other)]);
+    ctl_ok(&w, &["allow", "add-set", "cust", "corp-vpn"]);
+    ctl_ok(&w, &["allow", "add-set", "cust2", "corp-vpn"]);
+    // cust signs in through the set from vpn; cust2 has its own entry for it too.
+    ctl_ok(&w, &["allow", "add", "cust2", &host(vpn)]);
+    assert_eq!(w.check("cust", vpn, "password")["allowed"], true);
+    assert_eq!(w.check("cust2", vpn, "password")["allowed"], true);
+    let before = ctl_ok(&w, &["set", "show", "corp-vpn"]);
+
+    let (code, message) = w.err(json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": [host(vpn)]}));
+    assert_eq!(code, "lockout", "{message}");
+    assert!(message.contains("cust from 198.18.0.11"), "names the account and the address: {message}");
+    assert!(!message.contains("cust2"), "cust2 keeps its own entry for it: {message}");
+    let reply = w.conn().request(json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": [host(vpn)]}));
+    let details = &reply["error"]["details"];
+    assert_eq!(details["shut_out"][0]["account"], "cust", "{reply}");
+    assert_eq!(details["shut_out"][0]["address"], vpn.to_string(), "{reply}");
+    // Removing a network nobody signed in from passes.
+    ctl_ok(&w, &["set", "remove", "corp-vpn", &host(other)]);
+    ctl_ok(&w, &["set", "add", "corp-vpn", &host(other)]);
+    let cidrs = |set: &Value| set["entries"].as_array().unwrap().iter().map(|e| e["cidr"].clone()).collect::<Vec<_>>();
+    assert_eq!(cidrs(&ctl_ok(&w, &["set", "show", "corp-vpn"])), cidrs(&before));
+
+    for args in [&["allow", "disable-set", "cust", "corp-vpn"][..], &["allow", "remove-set", "cust", "corp-vpn"]] {
+        let stderr = ctl_fails(&w, args);
+        assert!(stderr.contains("(lockout)") && stderr.contains(&vpn.to_string()), "{args:?}: {stderr}");
+    }
+    let stderr = ctl_fails(&w, &["set", "delete", "corp-vpn"]);
+    assert!(stderr.contains("(set_in_use)") && stderr.contains("cust, cust2"), "{stderr}");
+    // Nothing of those changed, in the store or the kernel.
+    assert_eq!(ctl_ok(&w, &["set", "show", "corp-vpn"])["references"], before["references"]);
+    assert!(udp_ok(&w.hosts, vpn, PORT, OK), "a refused change reached the kernel");
+
+    ctl_ok(&w, &["set", "remove", "corp-vpn", &host(vpn), "--force"]);
+    assert!(!udp_ok(&w.hosts, vpn, PORT, FAIL), "the forced removal did not reach the kernel");
+    assert!(!would(&w, "cust", vpn).0);
+    assert!(udp_ok(&w.hosts, vpn, PORT + 1, OK), "cust2's own entry stays");
+    let deleted = ctl_ok(&w, &["set", "delete", "corp-vpn", "--force"]);
+    assert_eq!(deleted["references_removed"], json!(["cust", "cust2"]), "{deleted}");
+    assert_eq!(w.err(json!({"cmd": "set_show", "set": "corp-vpn"})).0, "unknown_set");
+    assert!(!udp_ok(&w.hosts, other, PORT, FAIL) && !udp_ok(&w.hosts, other, PORT + 1, FAIL), "the deleted set");
+    let listed = w.ok(json!({"cmd": "allow_list", "account": "cust"}));
+    assert!(listed.as_array().unwrap().iter().all(|e| e.get("source").is_none()), "{listed}");
+}
+
+/// A restart keeps sets, references (a disabled one too) and the kernel's set tables: the
+/// datagram passes while the daemon is down and after it is back, and the daemon reports
+/// the same sets.
+#[test]
+fn a_restart_keeps_sets_and_references() {
+    let mut w = World::new("");
+    let [good, vpn, ci, _] = w.hosts.client_v4[..] else { panic!() };
+    let _servers = two_enforcing_customers(&w, good);
+    ctl_ok(&w, &["set", "add", "corp-vpn", &host(vpn)]);
+    ctl_ok(&w, &["set", "add", "ci", &host(ci)]);
+    ctl_ok(&w, &["allow", "add-set", "cust", "corp-vpn"]);
+    ctl_ok(&w, &["allow", "add-set", "cust2", "corp-vpn"]);
+    ctl_ok(&w, &["allow", "add-set", "cust2", "ci"]);
+    ctl_ok(&w, &["allow", "disable-set", "cust2", "corp-vpn"]);
+    // Compared as policy: without the last-used evidence the test's own datagrams move.
+    let snapshot = |w: &World| {
+        let mut shown = w.ok(json!({"cmd": "set_show", "set": "corp-vpn"}));
+        shown["entries"] = without_last_used(shown["entries"].take());
+        json!([
+            w.ok(json!({"cmd": "set_list"})),
+            shown,
+            without_last_used(w.ok(json!({"cmd": "allow_list", "account": "cust"}))),
+            without_last_used(w.ok(json!({"cmd": "allow_list", "account": "cust2"})))
+        ])
+    };
+    let before = snapshot(&w);
+    assert_eq!(both(&w, vpn), (true, false));
+    assert_eq!(both(&w, ci), (false, true));
+
+    w.stop();
+    assert!(
+        udp_ok(&w.hosts, vpn, PORT, OK) && udp_ok(&w.hosts, ci, PORT + 1, OK),
+        "the kernel forgot a set while the daemon was down"
+    );
+    assert!(!udp_ok(&w.hosts, vpn, PORT + 1, FAIL), "the disabled reference let in while the daemon was down");
+    w.start("");
+    assert_eq!(snapshot(&w), before, "the restart changed what the daemon reports");
+    assert_eq!(both(&w, vpn), (true, false), "after the restart");
+    assert_eq!(both(&w, ci), (false, true), "after the restart");
+    // It goes on working: a set change after the restart reaches the kernel.
+    ctl_ok(&w, &["set", "remove", "ci", &host(ci)]);
+    assert_eq!(both(&w, ci), (false, false));
+}
+
+/// Bad input gets a structured error and changes nothing: unknown sets, whole-Internet and
+/// host-bit networks, bad names, a network the set holds already among new ones, one it
+/// lacks, and a reference over the per-account limit.
+#[test]
+fn bad_input_changes_nothing() {
+    let w = World::new("");
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    let code = |request: Value| w.err(request).0;
+    assert_eq!(code(json!({"cmd": "allow_add_set", "account": "acme", "set": "nope"})), "unknown_set");
+    assert_eq!(code(json!({"cmd": "allow_add_set", "account": "ghost", "set": "nope"})), "unknown_account");
+    assert_eq!(code(json!({"cmd": "set_remove", "set": "nope", "cidrs": ["198.18.1.0/24"]})), "unknown_set");
+    assert_eq!(code(json!({"cmd": "set_delete", "set": "nope"})), "unknown_set");
+    for cidr in ["0.0.0.0/0", "::/0", "198.18.1.7/24"] {
+        let (c, message) = w.err(json!({"cmd": "set_add", "set": "vpn", "cidrs": ["198.18.1.0/24", cidr]}));
+        assert_eq!(c, "bad_request", "{cidr}: {message}");
+    }
+    for name in ["-vpn", "corp vpn", "set:vpn", "vpn\u{202e}", ""] {
+        assert_eq!(code(json!({"cmd": "set_add", "set": name, "cidrs": ["198.18.1.0/24"]})), "bad_request", "{name:?}");
+    }
+    assert_eq!(code(json!({"cmd": "set_add", "set": "vpn", "cidrs": []})), "bad_request");
+    assert_eq!(w.ok(json!({"cmd": "set_list"})), json!([]), "a refused set_add created a set");
+
+    w.ok(json!({"cmd": "set_add", "set": "vpn", "cidrs": ["198.18.1.0/24"]}));
+    let vpn = w.ok(json!({"cmd": "set_show", "set": "vpn"}));
+    assert_eq!(
+        code(json!({"cmd": "set_add", "set": "vpn", "cidrs": ["198.18.2.0/24", "198.18.1.0/24"]})),
+        "entry_exists"
+    );
+    assert_eq!(
+        code(json!({"cmd": "set_remove", "set": "vpn", "cidrs": ["198.18.1.0/24", "198.18.9.0/24"]})),
+        "unknown_entry"
+    );
+    assert_eq!(w.ok(json!({"cmd": "set_show", "set": "vpn"})), vpn, "a refused change changed the set");
+    assert_eq!(code(json!({"cmd": "allow_remove_set", "account": "acme", "set": "vpn"})), "unknown_entry");
+
+    // Eight enabled references at most; a ninth, or enabling one over the limit, is refused.
+    for n in 0..9 {
+        w.ok(json!({"cmd": "set_add", "set": format!("s{n}"), "cidrs": [format!("198.18.{}.0/24", 100 + n)]}));
+    }
+    for n in 0..8 {
+        w.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": format!("s{n}")}));
+    }
+    let before = w.ok(json!({"cmd": "allow_list", "account": "acme"}));
+    let reply = w.conn().request(json!({"cmd": "allow_add_set", "account": "acme", "set": "s8"}));
+    assert_eq!(reply["error"]["code"], "too_many_sets", "{reply}");
+    assert_eq!(reply["error"]["details"]["max"], 8, "{reply}");
+    assert_eq!(w.ok(json!({"cmd": "allow_list", "account": "acme"})), before, "a refused reference was stored");
+    w.ok(json!({"cmd": "allow_disable_set", "account": "acme", "set": "s0"}));
+    w.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": "s8"}));
+    assert_eq!(code(json!({"cmd": "allow_enable_set", "account": "acme", "set": "s0"})), "too_many_sets");
+    let stderr = ctl_fails(&w, &["allow", "add-set", "acme", "s8"]);
+    assert!(stderr.contains("(entry_exists)"), "{stderr}");
+}
+
+/// Shared sets are not fleet documents yet: on a fleet node every set command is refused
+/// with a clear `refused` (never a change made on this node only), the reads answer, and
+/// the node's allowlists stay what the fleet says.
+#[test]
+fn a_fleet_node_refuses_set_commands() {
+    use ipaccess_tests::fleet::{Fleet, error_code};
+    let mut fleet = Fleet::new(1).unwrap();
+    fleet.start_all();
+    let node = &fleet.nodes[0].host;
+    node.ok(json!({"cmd": "account_add", "account": "acme"}));
+    let before = node.ok(json!({"cmd": "allow_list", "account": "acme"}));
+    for request in [
+        json!({"cmd": "set_add", "set": "corp-vpn", "cidrs": ["198.18.40.0/24"]}),
+        json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": ["198.18.40.0/24"]}),
+        json!({"cmd": "set_delete", "set": "corp-vpn"}),
+        json!({"cmd": "allow_add_set", "account": "acme", "set": "corp-vpn"}),
+        json!({"cmd": "allow_remove_set", "account": "acme", "set": "corp-vpn"}),
+        json!({"cmd": "allow_disable_set", "account": "acme", "set": "corp-vpn"}),
+        json!({"cmd": "allow_enable_set", "account": "acme", "set": "corp-vpn"}),
+    ] {
+        let reply = node.request(request.clone());
+        assert_eq!(error_code(&reply).as_deref(), Some("refused"), "{request} -> {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains("fleet") && message.contains("nothing was changed"), "{message}");
+    }
+    assert_eq!(node.ok(json!({"cmd": "set_list"})), json!([]));
+    assert_eq!(node.ok(json!({"cmd": "allow_list", "account": "acme"})), before);
+}
