@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use ipaccess_tests::client::Client;
-use ipaccess_tests::daemon::{World, binaries, without_last_used};
-use ipaccess_tests::netns::{TestHosts, UdpEchoServer, icmp_echo, run_cmd, udp_roundtrip};
+use ipaccess_tests::daemon::{World, without_last_used};
+use ipaccess_tests::netns::{TestHosts, UdpEchoServer, icmp_echo, udp_roundtrip};
 use serde_json::{Value, json};
 
 const OK: Duration = Duration::from_secs(2);
@@ -17,35 +17,16 @@ const FAIL: Duration = Duration::from_millis(500);
 /// Account `cust` owns UDP `PORT`, `cust2` the next port.
 const PORT: u16 = 7300;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// `ipaccessctl ARGS` against the world's daemon.
-fn ctl(w: &World, args: &[&str]) -> Out {
-    let socket = w.socket();
-    let mut argv = vec!["--socket", socket.to_str().unwrap()];
-    argv.extend_from_slice(args);
-    let out = run_cmd(binaries().ctl.to_str().unwrap(), &argv, Duration::from_secs(15)).unwrap();
-    Out {
-        code: out.status.code().unwrap_or_else(|| panic!("ipaccessctl {args:?} died: {}", out.status)),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
 /// `ipaccessctl --json ARGS`, which must succeed; its result.
 fn ctl_ok(w: &World, args: &[&str]) -> Value {
-    let out = ctl(w, &[&["--json"], args].concat());
+    let out = w.ctl(&[&["--json"], args].concat());
     assert_eq!(out.code, 0, "ipaccessctl {args:?}: {}{}", out.stdout, out.stderr);
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ipaccessctl {args:?}: {e}: {}", out.stdout))
+    out.json()
 }
 
 /// `ipaccessctl ARGS`, which must fail; the error code it printed (`(code)` on stderr).
 fn ctl_fails(w: &World, args: &[&str]) -> String {
-    let out = ctl(w, args);
+    let out = w.ctl(args);
     assert_ne!(out.code, 0, "ipaccessctl {args:?} succeeded: {}", out.stdout);
     out.stderr
 }
@@ -142,7 +123,7 @@ fn a_set_changes_every_referencing_account_at_once() {
     let disabled = ctl_ok(&w, &["allow", "disable-set", "cust2", "corp-vpn"]);
     assert_eq!(disabled["enabled"], false, "{disabled}");
     assert_eq!(both(&w, vpn), (true, false), "the disabled reference shuts out only cust2");
-    let listed = ctl(&w, &["allow", "list", "cust2"]);
+    let listed = w.ctl(&["allow", "list", "cust2"]);
     assert!(listed.stdout.contains("SOURCE") && listed.stdout.contains("set:corp-vpn"), "{}", listed.stdout);
     let inherited: Vec<Value> = w
         .ok(json!({"cmd": "allow_list", "account": "cust2"}))
