@@ -57,14 +57,17 @@ impl CheckCounters {
 pub struct RefusalCounters {
     tables_full: AtomicU64,
     too_many_entries: AtomicU64,
+    too_many_sets: AtomicU64,
 }
 
 impl RefusalCounters {
-    /// Counts a refusal with `code`, if it is one of the two; other errors are not counted.
+    /// Counts a refusal with `code`, if it is one for want of room; other errors are not
+    /// counted.
     pub fn count(&self, code: ErrorCode) {
         let counter = match code {
             ErrorCode::TablesFull => &self.tables_full,
             ErrorCode::TooManyEntries => &self.too_many_entries,
+            ErrorCode::TooManySets => &self.too_many_sets,
             _ => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -74,6 +77,7 @@ impl RefusalCounters {
         vec![
             (ErrorCode::TablesFull, self.tables_full.load(Ordering::Relaxed)),
             (ErrorCode::TooManyEntries, self.too_many_entries.load(Ordering::Relaxed)),
+            (ErrorCode::TooManySets, self.too_many_sets.load(Ordering::Relaxed)),
         ]
     }
 }
@@ -396,6 +400,18 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &str, head_only: bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_for_want_of_room_are_counted_by_code() {
+        let refusals = RefusalCounters::default();
+        for code in [ErrorCode::TooManySets, ErrorCode::TooManySets, ErrorCode::TablesFull, ErrorCode::BadRequest] {
+            refusals.count(code);
+        }
+        assert_eq!(
+            refusals.read(),
+            [(ErrorCode::TablesFull, 1), (ErrorCode::TooManyEntries, 0), (ErrorCode::TooManySets, 2)]
+        );
+    }
 
     #[test]
     fn requests_are_classified() {
