@@ -43,6 +43,9 @@ pub struct Signin {
     pub application: bool,
     /// The allowlist entry that let it through (the most specific one covering the address).
     pub entry: Option<IpNet>,
+    /// Or the network of a shared set that did (no own entry covering the address): the
+    /// set's name and the network.
+    pub set_entry: Option<(String, IpNet)>,
 }
 
 /// Dropped packets of one account from one source to one endpoint, already counted.
@@ -77,6 +80,8 @@ struct Checks {
     unknown: HashMap<UnknownKey, Tally>,
     /// The last sign-in each entry let through.
     entry_signins: EntryUses,
+    /// The last sign-in each (set, network) let through.
+    set_signins: EntryUses,
     /// The accounts with a row in `signins`, so that a change asks in one lookup whether its
     /// account has checks not written yet (a scan would hold up every check meanwhile).
     accounts: HashSet<String>,
@@ -94,6 +99,10 @@ impl Checks {
         if let Some(entry) = s.entry {
             // One row per entry in use, however many checks: not held to the cap.
             let last = self.entry_signins.entry((s.account.clone(), entry)).or_default();
+            *last = (*last).max(s.time);
+        }
+        if let Some(key) = s.set_entry {
+            let last = self.set_signins.entry(key).or_default();
             *last = (*last).max(s.time);
         }
         // A check for an account that does not exist is counted per address: the name
@@ -160,11 +169,18 @@ struct Pending {
     drops: HashMap<DropKey, Tally>,
     entry_signins: EntryUses,
     entry_packets: EntryUses,
+    /// Per (set, network): the last sign-in it let through.
+    set_signins: EntryUses,
 }
 
 impl Pending {
     fn len(&self) -> usize {
-        self.signins.len() + self.unknown.len() + self.drops.len() + self.entry_signins.len() + self.entry_packets.len()
+        self.signins.len()
+            + self.unknown.len()
+            + self.drops.len()
+            + self.entry_signins.len()
+            + self.entry_packets.len()
+            + self.set_signins.len()
     }
 
     /// Moves the checks counted so far in with the counts not written yet.
@@ -177,6 +193,7 @@ impl Pending {
         };
         shared.full_sent.store(false, Ordering::Relaxed);
         merge_latest(&mut self.entry_signins, taken.entry_signins);
+        merge_latest(&mut self.set_signins, taken.set_signins);
         if self.signins.is_empty() && self.unknown.is_empty() {
             (self.signins, self.unknown) = (taken.signins, taken.unknown);
             return;
@@ -225,6 +242,7 @@ impl Pending {
             tx.add_drops(&self.drops)?;
             tx.note_entry_signins(&self.entry_signins)?;
             tx.note_entry_packets(&self.entry_packets)?;
+            tx.note_set_signins(&self.set_signins)?;
             tx.commit()
         });
         match written {

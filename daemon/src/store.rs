@@ -253,6 +253,7 @@ const MIGRATIONS: &[&str] = &[
         set_name TEXT NOT NULL,
         cidr TEXT NOT NULL,
         last_packet INTEGER,
+        last_signin INTEGER,
         PRIMARY KEY (set_name, cidr)
     ) WITHOUT ROWID;",
 ];

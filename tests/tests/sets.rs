@@ -162,6 +162,28 @@ fn a_set_changes_every_referencing_account_at_once() {
     let actions: Vec<&str> = audits.as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
     assert_eq!(actions.iter().filter(|a| **a == "set_add").count(), 2, "{actions:?}");
     assert_eq!(actions.iter().filter(|a| **a == "set_remove").count(), 1, "{actions:?}");
+
+    // A sign-in through the set (a check that is recorded; last, since the lockout guard
+    // then protects it) is the set network's evidence too, in `set show` (the CLI's table as
+    // well) and in the account's inherited row.
+    assert_eq!(w.ok(json!({"cmd": "check", "account": "cust2", "addr": vpn.to_string()}))["allowed"], true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let shown = loop {
+        let shown = w.ok(json!({"cmd": "set_show", "set": "corp-vpn"}));
+        if shown["entries"][0].get("last_signin_at").is_some() || std::time::Instant::now() > deadline {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let last_signin =
+        shown["entries"][0]["last_signin_at"].as_i64().unwrap_or_else(|| panic!("no last sign-in: {shown}"));
+    let list = w.ok(json!({"cmd": "allow_list", "account": "cust2"}));
+    let row = list.as_array().unwrap().iter().find(|e| e["source"] == "set:corp-vpn").unwrap().clone();
+    assert_eq!(row["last_signin_at"], last_signin, "{list}");
+    let table = w.ctl_ok(&["set", "show", "corp-vpn"]);
+    assert!(table.contains("LAST SIGN-IN") && table.contains("LAST PACKET"), "{table}");
+    let network_row = table.lines().find(|l| l.starts_with(&host(vpn))).unwrap_or_else(|| panic!("{table}"));
+    assert!(!network_row.trim_end().ends_with('-'), "no evidence shown: {network_row}");
 }
 
 /// A set change that would shut out a recent successful sign-in of an enforcing account

@@ -105,6 +105,10 @@ pub struct SetEntry {
     pub created_at: i64,
     /// Uid of the caller that added it.
     pub created_by: u32,
+    /// `set_show` only: when it last let a sign-in through (an allowed `check` of any
+    /// referencing account that no own entry of the account covered), unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_signin_at: Option<i64>,
     /// `set_show` only: when it last let a packet through in this node's kernel (to any
     /// referencing account), unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -220,8 +220,9 @@ fn inherited_entries(tx: &Tx, account: &str) -> Result<Vec<Entry>, Failure> {
             created_at: e.created_at,
             created_by: e.created_by,
             enabled: r.enabled,
-            last_signin_at: None,
-            // The set's: the kernel stamps a set's key once for every account using it.
+            // The set's: the kernel stamps a set's key once for every account using it, and a
+            // sign-in is credited to the set's network whichever account it was for.
+            last_signin_at: e.last_signin_at,
             last_packet_at: e.last_packet_at,
             expires_at: None,
             source: Some(format!("set:{}", r.set)),

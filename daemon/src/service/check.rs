@@ -20,18 +20,22 @@ pub(super) fn most_specific(entries: &[IpNet], addr: IpAddr) -> Option<IpNet> {
 impl Service {
     pub(super) fn check(&self, Check { account, addr, method, dry_run }: Check, caller: &Caller) -> Reply<Check> {
         let at = now();
-        let (result, entry) = {
+        let (result, entry, set_entry) = {
             let accounts = self.accounts.read().expect("cache lock");
             let sets = self.sets.read().expect("set cache lock");
             let result = decide(&accounts, &sets, &account, addr, at);
             // The entry to credit with the sign-in: only when an entry let it in (not mode
-            // off, not an override), the most specific one, as `allow list` attributes packets.
-            let entry = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())
-                .then(|| {
-                    accounts.get(&account).filter(|a| a.mode != Mode::Off).and_then(|a| most_specific(&a.entries, addr))
-                })
+            // off, not an override), the most specific one, as `allow list` attributes packets;
+            // a network of a referenced set when no own entry covers the address.
+            let credited = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())
+                .then(|| accounts.get(&account).filter(|a| a.mode != Mode::Off))
                 .flatten();
-            (result, entry)
+            let entry = credited.and_then(|a| most_specific(&a.entries, addr));
+            let set_entry = credited
+                .filter(|_| entry.is_none())
+                .and_then(|a| a.set_entry_covering(&sets, addr))
+                .map(|(set, net)| (set.to_owned(), net));
+            (result, entry, set_entry)
         };
         if dry_run {
             return Ok(result);
@@ -48,6 +52,7 @@ impl Service {
             uid: caller.uid,
             application: caller.is_application(),
             entry,
+            set_entry,
         });
         Ok(result)
     }

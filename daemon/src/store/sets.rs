@@ -95,15 +95,30 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// A set's networks with their last packet filled in (evidence older than the network is
-    /// an earlier one's of the same CIDR, removed and added again).
+    /// Records the last sign-in each (set, network) let through (to any account
+    /// referencing the set), keeping the later time.
+    pub fn note_set_signins(&self, uses: &HashMap<(String, IpNet), i64>) -> Result<(), StoreError> {
+        for ((set, cidr), at) in uses {
+            self.execute(
+                "INSERT INTO set_entry_use (set_name, cidr, last_signin) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO UPDATE SET last_signin = MAX(COALESCE(last_signin, 0), excluded.last_signin)",
+                (set, cidr.to_string(), at),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A set's networks with their last sign-in and last packet filled in (evidence older
+    /// than the network is an earlier one's of the same CIDR, removed and added again).
     pub fn set_entries_with_use(&self, set: &str) -> Result<Vec<SetEntry>, StoreError> {
         let mut entries = self.set_entries(set)?;
-        let sql = "SELECT cidr, last_packet FROM set_entry_use WHERE set_name = ?1";
-        let used: HashMap<String, Option<i64>> =
-            self.rows(sql, [set], |r| Ok((r.get(0)?, r.get(1)?)))?.into_iter().collect();
+        let sql = "SELECT cidr, last_signin, last_packet FROM set_entry_use WHERE set_name = ?1";
+        let used: HashMap<String, (Option<i64>, Option<i64>)> =
+            self.rows(sql, [set], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?.into_iter().collect();
         for e in &mut entries {
-            e.last_packet_at = used.get(&e.cidr.to_string()).copied().flatten().filter(|&t| t >= e.created_at);
+            let (signin, packet) = used.get(&e.cidr.to_string()).copied().unwrap_or_default();
+            e.last_signin_at = signin.filter(|&t| t >= e.created_at);
+            e.last_packet_at = packet.filter(|&t| t >= e.created_at);
         }
         Ok(entries)
     }
@@ -205,6 +220,7 @@ fn set_entry_row(r: &Row) -> Result<SetEntry, StoreError> {
         label: r.get(1)?,
         created_at: r.get(2)?,
         created_by: r.get(3)?,
+        last_signin_at: None,
         last_packet_at: None,
     })
 }

@@ -265,10 +265,18 @@ impl Render for SharedSet {
             out.push_str("\nnetworks: none\n");
         } else {
             out.push_str("\nnetworks:\n");
+            let last = |t: Option<i64>| t.map_or_else(|| "-".into(), time);
             let rows = self.entries.iter().map(|e| {
-                vec![e.cidr.to_string(), or_dash(e.label.as_deref()), time(e.created_at), e.created_by.to_string()]
+                vec![
+                    e.cidr.to_string(),
+                    or_dash(e.label.as_deref()),
+                    time(e.created_at),
+                    e.created_by.to_string(),
+                    last(e.last_signin_at),
+                    last(e.last_packet_at),
+                ]
             });
-            table(out, &["CIDR", "LABEL", "CREATED", "BY"], rows);
+            table(out, &["CIDR", "LABEL", "CREATED", "BY", "LAST SIGN-IN", "LAST PACKET"], rows);
         }
         if self.references.is_empty() {
             out.push_str("\nreferenced by: nobody\n");
