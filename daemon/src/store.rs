@@ -939,7 +939,7 @@ impl Tx<'_> {
         )
     }
 
-    /// Runs `upsert` (account, CIDR, time) for each use.
+    /// Runs `upsert` (owner: an account or a shared set; CIDR; time) for each use.
     fn note_entry_uses<'k>(
         &self,
         upsert: &str,

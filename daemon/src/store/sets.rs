@@ -85,27 +85,21 @@ impl Tx<'_> {
 
     /// Records the last packet each (set, network) let through, keeping the later time.
     pub fn note_set_packets(&self, uses: &HashMap<(String, IpNet), i64>) -> Result<(), StoreError> {
-        for ((set, cidr), at) in uses {
-            self.execute(
-                "INSERT INTO set_entry_use (set_name, cidr, last_packet) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO UPDATE SET last_packet = MAX(COALESCE(last_packet, 0), excluded.last_packet)",
-                (set, cidr.to_string(), at),
-            )?;
-        }
-        Ok(())
+        self.note_entry_uses(
+            "INSERT INTO set_entry_use (set_name, cidr, last_packet) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO UPDATE SET last_packet = MAX(COALESCE(last_packet, 0), excluded.last_packet)",
+            uses,
+        )
     }
 
     /// Records the last sign-in each (set, network) let through (to any account
     /// referencing the set), keeping the later time.
     pub fn note_set_signins(&self, uses: &HashMap<(String, IpNet), i64>) -> Result<(), StoreError> {
-        for ((set, cidr), at) in uses {
-            self.execute(
-                "INSERT INTO set_entry_use (set_name, cidr, last_signin) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO UPDATE SET last_signin = MAX(COALESCE(last_signin, 0), excluded.last_signin)",
-                (set, cidr.to_string(), at),
-            )?;
-        }
-        Ok(())
+        self.note_entry_uses(
+            "INSERT INTO set_entry_use (set_name, cidr, last_signin) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO UPDATE SET last_signin = MAX(COALESCE(last_signin, 0), excluded.last_signin)",
+            uses,
+        )
     }
 
     /// A set's networks with their last sign-in and last packet filled in (evidence older
