@@ -61,13 +61,18 @@ pub struct Drops {
     pub count: i64,
 }
 
-/// Last uses of allowlist entries: (account, entry) and unix seconds.
+/// Last uses of allowlist entries: (account, entry) and unix seconds; of shared sets'
+/// networks, (set, network).
 pub type EntryUses = HashMap<(String, IpNet), i64>;
 
 enum LogMessage {
     Drops(Vec<Drops>),
-    /// Packets the kernel let through, per entry, as the stamps say.
-    Packets(EntryUses),
+    /// Packets the kernel let through, as the stamps say: per entry, and per network of a
+    /// shared set.
+    Packets {
+        entries: EntryUses,
+        sets: EntryUses,
+    },
     Flush(mpsc::SyncSender<()>),
     /// The counted checks reached [`ActivityLog::MAX_PENDING`] rows: write them out early.
     Full,
@@ -171,6 +176,8 @@ struct Pending {
     entry_packets: EntryUses,
     /// Per (set, network): the last sign-in it let through.
     set_signins: EntryUses,
+    /// Per (set, network): the last packet it let through.
+    set_packets: EntryUses,
 }
 
 impl Pending {
@@ -181,6 +188,7 @@ impl Pending {
             + self.entry_signins.len()
             + self.entry_packets.len()
             + self.set_signins.len()
+            + self.set_packets.len()
     }
 
     /// Moves the checks counted so far in with the counts not written yet.
@@ -225,7 +233,10 @@ impl Pending {
                     self.drops.entry(key).and_modify(|t| t.add(tally)).or_insert(tally);
                 }
             }
-            LogMessage::Packets(uses) => merge_latest(&mut self.entry_packets, uses),
+            LogMessage::Packets { entries, sets } => {
+                merge_latest(&mut self.entry_packets, entries);
+                merge_latest(&mut self.set_packets, sets);
+            }
             LogMessage::Flush(done) => waiting.push(done),
         }
     }
@@ -243,6 +254,7 @@ impl Pending {
             tx.note_entry_signins(&self.entry_signins)?;
             tx.note_entry_packets(&self.entry_packets)?;
             tx.note_set_signins(&self.set_signins)?;
+            tx.note_set_packets(&self.set_packets)?;
             tx.commit()
         });
         match written {
@@ -342,10 +354,11 @@ impl ActivityLog {
         }
     }
 
-    /// Records the packets entries let through (written with the next write).
-    pub fn packets(&self, uses: EntryUses) {
-        if !uses.is_empty() {
-            self.send(LogMessage::Packets(uses));
+    /// Records the packets entries and shared sets' networks let through (written with the
+    /// next write).
+    pub fn packets(&self, entries: EntryUses, sets: EntryUses) {
+        if !entries.is_empty() || !sets.is_empty() {
+            self.send(LogMessage::Packets { entries, sets });
         }
     }
 

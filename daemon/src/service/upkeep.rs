@@ -129,12 +129,14 @@ impl Service {
             return 0;
         }
         let at = now();
-        let set_moved = self.note_set_packets(&used, at, clock);
+        let set_uses = self.set_packets(&used, at, clock);
         let by_slot = match self.accounts_in_slots(used.iter().filter_map(|u| u.owner.account())) {
             Ok(found) => found,
             Err(e) => {
                 warn!("last packets of {} keys not recorded: {}", used.len(), e.0.message);
-                return set_moved;
+                let moved = set_uses.len();
+                self.activity.packets(EntryUses::new(), set_uses);
+                return moved;
             }
         };
         let mut uses = EntryUses::new();
@@ -155,15 +157,15 @@ impl Service {
                 }
             }
         }
-        let moved = uses.len() + set_moved;
-        self.activity.packets(uses);
+        let moved = uses.len() + set_uses.len();
+        self.activity.packets(uses, set_uses);
         moved
     }
 
     /// Credits the set keys among `used` to the most specific network, among the sets their
-    /// group unites, that covers them, and records it (node-local, once for every account
-    /// using the set). Returns how many networks' last packet moved.
-    fn note_set_packets(&self, used: &[crate::datapath::LastUse], at: i64, clock: u64) -> usize {
+    /// group unites, that covers them (node-local, once for every account using the set):
+    /// each network's last packet, for the activity log to write as it writes entries'.
+    fn set_packets(&self, used: &[crate::datapath::LastUse], at: i64, clock: u64) -> EntryUses {
         let groups: HashSet<u32> = used
             .iter()
             .filter_map(|u| match u.owner {
@@ -172,11 +174,13 @@ impl Service {
             })
             .collect();
         if groups.is_empty() {
-            return 0;
+            return EntryUses::new();
         }
-        let mut guard = self.writer.lock().expect("writer lock");
-        let members: HashMap<u32, Vec<u32>> = groups.iter().map(|&g| (g, guard.datapath.sets_of_group(g))).collect();
-        let mut uses: HashMap<(String, IpNet), i64> = HashMap::new();
+        let members: HashMap<u32, Vec<u32>> = {
+            let guard = self.writer.lock().expect("writer lock");
+            groups.iter().map(|&g| (g, guard.datapath.sets_of_group(g))).collect()
+        };
+        let mut uses = EntryUses::new();
         {
             let sets = self.sets.read().expect("set cache lock");
             let by_id: HashMap<u32, (&String, &Vec<IpNet>)> =
@@ -195,18 +199,7 @@ impl Service {
                 }
             }
         }
-        if uses.is_empty() {
-            return 0;
-        }
-        let recorded = guard.store.transaction().and_then(|tx| {
-            tx.note_set_packets(&uses)?;
-            tx.commit()
-        });
-        if let Err(e) = recorded {
-            warn!("last packets of {} shared-set networks not recorded: {e}", uses.len());
-            return 0;
-        }
-        uses.len()
+        uses
     }
 
     /// Moves the kernel's drop samples into the activity log (kind "drop"), so that support
