@@ -265,15 +265,6 @@ impl Tag {
         Self::allow(Self::SET_OWNER | group, family, prefix_len)
     }
 
-    /// Allowlist entries: the shared-set group the key belongs to, if it is a group's.
-    #[inline(always)]
-    pub const fn set_group(self) -> Option<u32> {
-        match self.owner() {
-            Some(owner) if owner & Self::SET_OWNER != 0 => Some(owner & !Self::SET_OWNER),
-            _ => None,
-        }
-    }
-
     /// Port bindings: the transport protocol.
     #[inline(always)]
     pub const fn protocol(self) -> Option<u8> {

@@ -618,11 +618,6 @@ impl Datapath {
         rebuilt
     }
 
-    /// The shared sets given to this Datapath (by [`Self::set_shared_set`]) and not removed.
-    pub fn configured_sets(&self) -> Vec<u32> {
-        self.sets.sets.keys().copied().collect()
-    }
-
     /// Rebuilds every group that holds `set` and publishes them all with one store.
     fn rebuild_groups_with(&mut self, set: u32) -> Result<()> {
         let affected: Vec<u32> = self
