@@ -19,7 +19,7 @@ mod cluster;
 mod sets;
 
 pub use attempts::DeniedTally;
-pub use cluster::{AccountDoc, EntryDoc, Marks, OverrideDoc};
+pub use cluster::{AccountDoc, EntryDoc, Marks, OverrideDoc, SetDoc, SetEntryDoc, SetRefDoc};
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
 pub use sets::{SetRefRow, SetRow, SignedInThroughSet};

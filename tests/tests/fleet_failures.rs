@@ -21,7 +21,8 @@ use serde_json::{Value, json};
 const TCP_PORT: u16 = 7443;
 const UDP_PORT: u16 = 7553;
 
-/// An account's allowlist on a node, as CIDR strings; None if the node does not know it.
+/// An account's allowlist on a node, as CIDR strings (its own entries and its sets'
+/// networks); None if the node does not know it.
 fn allow_set(node: &FleetNode, account: &str) -> Option<BTreeSet<String>> {
     let reply = node.host.request(json!({"cmd": "allow_list", "account": account}));
     match error_code(&reply).as_deref() {
@@ -353,6 +354,90 @@ fn racing_sub_user_and_parent_ban_leave_the_sub_user_banned() {
         }
     }
     eprintln!("sub-user vs ban race: {conflicts} conflicts met in {ROUNDS} rounds");
+}
+
+/// (2e) A reference to a set being deleted: A references set s from an account while B
+/// deletes s (without `force`). Exactly one is acknowledged, and no account document in etcd
+/// nor any node holds a reference to a set that is gone.
+#[test]
+fn racing_set_reference_and_set_deletion_leave_no_dangling_reference() {
+    let fleet = racing_fleet();
+    let mut conflicts = 0;
+    for r in 0..ROUNDS {
+        let (account, set) = (format!("ref{r}"), format!("vpn{r}"));
+        fleet.nodes[0].host.ok(json!({"cmd": "account_add", "account": account}));
+        fleet.nodes[0].host.ok(json!({"cmd": "set_add", "set": set, "cidrs": [format!("198.19.{r}.0/24")]}));
+        fleet.settle();
+        let (ra, rb, n) = race(
+            &fleet,
+            json!({"cmd": "allow_add_set", "account": account, "set": set}),
+            json!({"cmd": "set_delete", "set": set}),
+        );
+        conflicts += n;
+        fleet.settle();
+        let referenced = match (error_code(&ra).as_deref(), error_code(&rb).as_deref()) {
+            (None, Some("set_in_use")) => true,
+            (Some("unknown_set"), None) => false,
+            _ => panic!("round {r}: not exactly one of the two acknowledged: A {ra}, B {rb}"),
+        };
+        let doc = etcd_get_prefix(&fleet, &format!("{PREFIX}accounts/{account}"));
+        let set_key = etcd_get_prefix(&fleet, &format!("{PREFIX}sets/{set}"));
+        assert_eq!(doc[0].1.contains(&format!("\"set\":\"{set}\"")), referenced, "round {r}: {doc:?}");
+        assert_eq!(set_key.iter().any(|(k, _)| k.ends_with(&format!("/{set}"))), referenced, "round {r}");
+        for node in &fleet.nodes {
+            let rows = node.host.ok(json!({"cmd": "allow_list", "account": account}));
+            assert_eq!(rows.to_string().contains(&format!("set:{set}")), referenced, "round {r}: {}", node.name);
+            let sets = node.host.ok(json!({"cmd": "set_list"})).to_string();
+            assert_eq!(sets.contains(&format!("\"{set}\"")), referenced, "round {r}: {}: {sets}", node.name);
+        }
+    }
+    eprintln!("set reference vs deletion race: {conflicts} conflicts met in {ROUNDS} rounds");
+}
+
+/// (2f) Lockout prevention across a set: an enforcing account lets in X (its own entry) and
+/// Y (through set s). A removes X (fine alone: the set still lets Y in) while B removes Y
+/// from s (fine alone: X remains). Both would leave the account letting nobody in: never
+/// both acknowledged.
+#[test]
+fn racing_entry_and_set_network_removals_never_leave_an_account_with_nothing() {
+    let fleet = racing_fleet();
+    let mut conflicts = 0;
+    for r in 0..ROUNDS {
+        let (account, set) = (format!("mix{r}"), format!("egress{r}"));
+        let (x, y) = (format!("198.19.{}.1/32", 100 + r), format!("198.19.{}.2/32", 100 + r));
+        let a = &fleet.nodes[0];
+        a.host.ok(json!({"cmd": "set_add", "set": set, "cidrs": [y]}));
+        a.host.ok(json!({"cmd": "account_add", "account": account}));
+        a.host.ok(json!({"cmd": "allow_add", "account": account, "cidr": x}));
+        a.host.ok(json!({"cmd": "allow_add_set", "account": account, "set": set}));
+        a.host.ok(json!({"cmd": "account_mode", "account": account, "mode": "enforce"}));
+        fleet.settle();
+        let (ra, rb, n) = race(
+            &fleet,
+            json!({"cmd": "allow_remove", "account": account, "cidr": x}),
+            json!({"cmd": "set_remove", "set": set, "cidrs": [y]}),
+        );
+        conflicts += n;
+        fleet.settle();
+        for reply in [&ra, &rb] {
+            assert!(matches!(error_code(reply).as_deref(), None | Some("lockout")), "round {r}: {reply}");
+        }
+        assert!(
+            error_code(&ra).is_some() || error_code(&rb).is_some(),
+            "round {r}: both removals acknowledged: {ra} {rb}"
+        );
+        // What the account lets in, on every node: its own entries and the set's networks.
+        let expected: BTreeSet<String> = match (error_code(&ra), error_code(&rb)) {
+            (None, _) => [y.clone()].into(),
+            (_, None) => [x.clone()].into(),
+            _ => [x.clone(), y.clone()].into(),
+        };
+        for node in &fleet.nodes {
+            let listed = allow_set(node, &account).expect("the account exists");
+            assert_eq!(listed, expected, "round {r}: {} (A: {ra}, B: {rb})", node.name);
+        }
+    }
+    eprintln!("entry vs set network race: {conflicts} conflicts met in {ROUNDS} rounds");
 }
 
 /// (3) Node A is killed (SIGKILL) right after a large import was sent to it, at moments

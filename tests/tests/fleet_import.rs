@@ -21,7 +21,8 @@ fn standalone(node: &FleetNode) {
 }
 
 /// A store with what a fleet must carry: accounts with a sub-user, enabled and disabled
-/// entries, a banned account, a live override, a binding, all made through the socket.
+/// entries, a banned account, a live override, a binding, a shared set referenced by one
+/// account, all made through the socket.
 /// Every node's clients and server have the same addresses, so the policy means the same
 /// on each.
 fn build_store(node: &FleetNode) {
@@ -44,6 +45,9 @@ fn build_store(node: &FleetNode) {
     }));
     h.ok(json!({"cmd": "account_add", "account": "gone"}));
     h.ok(json!({"cmd": "account_state", "account": "gone", "state": "banned", "reason": "abuse"}));
+    let partner = node.host.hosts.client_v4[1];
+    h.ok(json!({"cmd": "set_add", "set": "partners", "cidrs": [format!("{partner}/32")], "label": "egress"}));
+    h.ok(json!({"cmd": "allow_add_set", "account": "beta", "set": "partners"}));
 }
 
 const ACCOUNTS: [&str; 4] = ["acme", "acme-dev", "beta", "gone"];
@@ -72,6 +76,7 @@ fn policy(node: &FleetNode) -> Value {
         "accounts": h.ok(json!({"cmd": "account_list"})),
         "allow": allow,
         "bindings": h.ok(json!({"cmd": "bind_list"})),
+        "sets": h.ok(json!({"cmd": "set_list"})),
         "overrides": overrides,
         "checks": checks,
     })
@@ -147,9 +152,10 @@ fn a_standalone_host_seeds_an_empty_fleet_and_every_node_follows() {
     assert_eq!(code, 0, "{imported} {stderr}");
     assert_eq!(imported["accounts"], 4, "{imported}");
     assert_eq!(imported["bindings"], 1, "{imported}");
+    assert_eq!(imported["sets"], 1, "{imported}");
     assert_eq!(imported["already_present"], 0, "{imported}");
-    // 4 documents, 4 slots, 1 binding, the override sequence.
-    assert_eq!(imported["written"], 10, "{imported}");
+    // 4 documents, 4 slots, 1 binding, 1 set, the override sequence.
+    assert_eq!(imported["written"], 11, "{imported}");
     let revision = imported["revision"].as_i64().unwrap();
     // The import returned once the importing node followed the fleet.
     let a = &fleet.nodes[0];
@@ -254,7 +260,7 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     let (code, imported, stderr) = ctl_import(&a.host.socket());
     assert_eq!(code, 0, "{imported} {stderr}");
     assert_eq!(imported["already_present"], 4, "{imported}");
-    assert_eq!(imported["written"], 6, "{imported}");
+    assert_eq!(imported["written"], 7, "{imported}");
     assert_eq!(policy(a), changed);
     assert_eq!(a.cluster_status()["last_error"], Value::Null);
 

@@ -338,31 +338,107 @@ fn bad_input_changes_nothing() {
     assert!(stderr.contains("(entry_exists)"), "{stderr}");
 }
 
-/// Shared sets are not fleet documents yet: on a fleet node every set command is refused
-/// with a clear `refused` (never a change made on this node only), the reads answer, and
-/// the node's allowlists stay what the fleet says.
+/// In a fleet a set is one etcd document and a reference part of the account's: a set made
+/// through one node, referenced through another and changed through a third lets in (and
+/// stops letting in) on every node's wire and in every node's checks; a reference disabled
+/// on one node is disabled everywhere; a forced delete takes the references with it on
+/// every node; a node that was away while a set was made, referenced and its watch
+/// compacted takes it from the snapshot.
 #[test]
-fn a_fleet_node_refuses_set_commands() {
-    use ipaccess_tests::fleet::{Fleet, error_code};
-    let mut fleet = Fleet::new(1).unwrap();
+fn a_fleet_shares_sets_and_references() {
+    use ipaccess_tests::fleet::{Fleet, FleetNode, error_code};
+    const TCP_PORT: u16 = 7444;
+    let mut fleet = Fleet::new(3).unwrap();
     fleet.start_all();
-    let node = &fleet.nodes[0].host;
-    node.ok(json!({"cmd": "account_add", "account": "acme"}));
-    let before = node.ok(json!({"cmd": "allow_list", "account": "acme"}));
-    for request in [
-        json!({"cmd": "set_add", "set": "corp-vpn", "cidrs": ["198.18.40.0/24"]}),
-        json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": ["198.18.40.0/24"]}),
-        json!({"cmd": "set_delete", "set": "corp-vpn"}),
-        json!({"cmd": "allow_add_set", "account": "acme", "set": "corp-vpn"}),
-        json!({"cmd": "allow_remove_set", "account": "acme", "set": "corp-vpn"}),
-        json!({"cmd": "allow_disable_set", "account": "acme", "set": "corp-vpn"}),
-        json!({"cmd": "allow_enable_set", "account": "acme", "set": "corp-vpn"}),
-    ] {
-        let reply = node.request(request.clone());
-        assert_eq!(error_code(&reply).as_deref(), Some("refused"), "{request} -> {reply}");
-        let message = reply["error"]["message"].as_str().unwrap();
-        assert!(message.contains("fleet") && message.contains("nothing was changed"), "{message}");
+    let _listeners = fleet.listeners(TCP_PORT);
+    let hosts = &fleet.nodes[0].host.hosts;
+    let (good, bad, server) = (hosts.client_v4[0], hosts.client_v4[1], hosts.server_v4);
+    let (a, b, c) = (&fleet.nodes[0], &fleet.nodes[1], &fleet.nodes[2]);
+    // acme's own allowlist lets in an unrelated address only; its port on every node.
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.77.7/32"}));
+    a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": TCP_PORT}));
+    b.host.ok(json!({"cmd": "set_add", "set": "corp-vpn", "cidrs": [host(good)], "label": "office"}));
+    // (A change is in force on the node that made it when acknowledged; on the others once
+    // they have applied it.)
+    fleet.settle();
+    c.host.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": "corp-vpn"}));
+    fleet.settle();
+    // The lockout guard on node A counts the set node C referenced: enforcing is accepted.
+    a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good.to_string()}));
+    fleet.settle();
+    let reaches = |node: &FleetNode, src: Ipv4Addr| {
+        let target = SocketAddr::new(server.into(), TCP_PORT);
+        let timeout = if node.check("acme", src.into()).0 { OK } else { FAIL };
+        let wire = node.host.hosts.client.run(|| ipaccess_tests::netns::tcp_connect(src.into(), target, timeout));
+        assert_eq!(wire, node.check("acme", src.into()).0, "{}: {src}: the wire and the checks disagree", node.name);
+        wire
+    };
+    let listed = a.host.ok(json!({"cmd": "set_list"}));
+    for node in &fleet.nodes {
+        assert!(reaches(node, good) && !reaches(node, bad), "{}: the set does not let in alone", node.name);
+        assert_eq!(node.host.ok(json!({"cmd": "set_list"})), listed, "{}", node.name);
+        let inherited = without_last_used(node.host.ok(json!({"cmd": "allow_list", "account": "acme"})));
+        let inherited = inherited.as_array().unwrap().iter().find(|r| r["source"] == "set:corp-vpn").cloned();
+        assert_eq!(inherited.map(|r| r["cidr"].clone()), Some(json!(host(good))), "{}", node.name);
     }
-    assert_eq!(node.ok(json!({"cmd": "set_list"})), json!([]));
-    assert_eq!(node.ok(json!({"cmd": "allow_list", "account": "acme"})), before);
+    assert_eq!(listed[0]["references"], 1, "{listed}");
+
+    // One command through node A adds a network to the set for every node; one through B
+    // takes it away again.
+    a.host.ok(json!({"cmd": "set_add", "set": "corp-vpn", "cidrs": [host(bad)]}));
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert!(reaches(node, bad), "{}: the set's new network does not let in", node.name);
+    }
+    b.host.ok(json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": [host(bad)]}));
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert!(!reaches(node, bad) && reaches(node, good), "{}", node.name);
+    }
+
+    // Disabled through B: no node lets the set's networks in for acme; enabled through C.
+    b.host.ok(json!({"cmd": "allow_disable_set", "account": "acme", "set": "corp-vpn", "force": true}));
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert!(!reaches(node, good), "{}: a disabled reference still lets in", node.name);
+    }
+    c.host.ok(json!({"cmd": "allow_enable_set", "account": "acme", "set": "corp-vpn"}));
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert!(reaches(node, good), "{}", node.name);
+    }
+
+    // A referenced set is not deleted without --force, through any node.
+    let refused = b.host.request(json!({"cmd": "set_delete", "set": "corp-vpn"}));
+    assert_eq!(error_code(&refused).as_deref(), Some("set_in_use"), "{refused}");
+
+    // Node C is away while a second set is made and referenced, and etcd compacts its history.
+    fleet.nodes[2].stop();
+    let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
+    a.host.ok(json!({"cmd": "set_add", "set": "partners", "cidrs": [host(bad)]}));
+    fleet.settle();
+    b.host.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": "partners"}));
+    let revision = b.applied();
+    fleet.etcd.compact_latest().unwrap();
+    fleet.nodes[2].start();
+    fleet.converge(revision);
+    let c = &fleet.nodes[2];
+    assert!(reaches(c, bad) && reaches(c, good), "node C lacks the set made while it was away");
+    assert_eq!(c.host.ok(json!({"cmd": "set_list"})), fleet.nodes[0].host.ok(json!({"cmd": "set_list"})));
+
+    // A forced delete through C takes the set and its reference away on every node.
+    let deleted = c.host.ok(json!({"cmd": "set_delete", "set": "partners", "force": true}));
+    assert_eq!(deleted["references_removed"], json!(["acme"]), "{deleted}");
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert!(!reaches(node, bad) && reaches(node, good), "{}", node.name);
+        let sets: Vec<Value> = node.host.ok(json!({"cmd": "set_list"})).as_array().unwrap().to_vec();
+        assert_eq!(sets.iter().map(|s| s["set"].clone()).collect::<Vec<_>>(), [json!("corp-vpn")], "{}", node.name);
+        let rows = node.host.ok(json!({"cmd": "allow_list", "account": "acme"}));
+        assert!(!rows.to_string().contains("set:partners"), "{}: {rows}", node.name);
+    }
+    // The fleet's audit holds the set changes, whichever node made them.
+    let activity = fleet.nodes[1].host.ok(json!({"cmd": "activity", "account": "set:partners"}));
+    assert!(activity.to_string().contains("set_delete"), "{activity}");
 }

@@ -2,7 +2,8 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `P/accounts/<id>` | the account's [`AccountDoc`]: row, allowlist, live overrides |
+//! | `P/accounts/<id>` | the account's [`AccountDoc`]: row, allowlist, live overrides, set references |
+//! | `P/sets/<name>` | a shared set's [`crate::store::SetDoc`]: its networks |
 //! | `P/slots/<slot>` | the id of the account in that kernel slot |
 //! | `P/bindings/<addr>/<target>/<scope>` | the owning account; scope `*` is fleet-wide |
 //! | `P/sequences/overrides` | the highest override id granted |
@@ -16,8 +17,10 @@
 //! Each rule is then a compare on the keys one change writes or reads: an account's own
 //! document carries everything its lockout check weighs; a sub-user or a binding rewrites
 //! the document of the account it hangs on, so a concurrent removal or ban of that account
-//! conflicts with it; a slot or an endpoint has one key, so two owners conflict. See
-//! docs/design.md, "A fleet".
+//! conflicts with it; a slot or an endpoint has one key, so two owners conflict. A change
+//! whose check reads a set (a reference made, an account's lockout check) holds the set's
+//! key; a set change that takes networks away (or the set) holds every account's, since
+//! any account may have come to depend on it. See docs/design.md, "A fleet".
 
 use std::net::IpAddr;
 
@@ -34,6 +37,7 @@ pub struct Keys {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Key {
     Account(String),
+    Set(String),
     Slot(u32),
     /// An endpoint's binding: address, target, scope.
     Binding(IpAddr, Option<(Proto, u16)>, String),
@@ -57,6 +61,15 @@ impl Keys {
 
     pub fn account(&self, id: &str) -> String {
         format!("{}accounts/{id}", self.prefix)
+    }
+
+    pub fn set(&self, name: &str) -> String {
+        format!("{}sets/{name}", self.prefix)
+    }
+
+    /// Every account's document: `[start, end)`.
+    pub fn accounts_range(&self) -> (String, String) {
+        (format!("{}accounts/", self.prefix), format!("{}accounts0", self.prefix))
     }
 
     pub fn slot(&self, slot: u32) -> String {
@@ -89,10 +102,10 @@ impl Keys {
         (format!("{}audit/", self.prefix), format!("{}audit/{time:011}", self.prefix))
     }
 
-    /// What a snapshot reads, each `[start, end)`: accounts, bindings, audit records and
-    /// the sequence (slots are only guards; their content is in the documents).
-    pub fn snapshot_ranges(&self) -> [(String, String); 4] {
-        ["accounts/", "bindings/", "audit/", "sequences/"].map(|part| {
+    /// What a snapshot reads, each `[start, end)`: sets, accounts, bindings, audit records
+    /// and the sequence (slots are only guards; their content is in the documents).
+    pub fn snapshot_ranges(&self) -> [(String, String); 5] {
+        ["sets/", "accounts/", "bindings/", "audit/", "sequences/"].map(|part| {
             let start = format!("{}{part}", self.prefix);
             let end = format!("{}{}0", self.prefix, part.trim_end_matches('/'));
             (start, end)
@@ -142,6 +155,7 @@ impl Keys {
         let mut parts = rest.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some("accounts"), Some(id), None, ..) if !id.is_empty() => Key::Account(id.to_owned()),
+            (Some("sets"), Some(name), None, ..) if !name.is_empty() => Key::Set(name.to_owned()),
             (Some("slots"), Some(slot), None, ..) => slot.parse().map_or(Key::Other, Key::Slot),
             (Some("bindings"), Some(addr), Some(target), Some(scope), None) if !scope.is_empty() => {
                 match (addr.parse(), parse_target(target)) {
@@ -212,6 +226,8 @@ mod tests {
     fn every_key_reads_back_as_what_it_was_made_for() {
         let keys = Keys::new("/ipa/");
         assert_eq!(keys.parse(keys.account("acme").as_bytes()), Key::Account("acme".into()));
+        assert_eq!(keys.parse(keys.set("corp-vpn").as_bytes()), Key::Set("corp-vpn".into()));
+        assert_eq!(keys.parse(b"/ipa/sets/a/b"), Key::Other);
         assert_eq!(keys.parse(keys.slot(7).as_bytes()), Key::Slot(7));
         let v6: IpAddr = "fd00::1".parse().unwrap();
         for target in [None, Some((Proto::Tcp, 443)), Some((Proto::Udp, 53))] {
@@ -237,9 +253,13 @@ mod tests {
         }
         let (start, end) = keys.nodes();
         assert!(keys.node("mx1") >= start && keys.node("mx1") < end);
-        let [accounts, bindings, audit, sequences] = keys.snapshot_ranges();
+        let [sets, accounts, bindings, audit, sequences] = keys.snapshot_ranges();
+        assert_eq!(accounts, keys.accounts_range());
+        assert!(keys.set("a") >= keys.policy_range().0 && keys.set("a") < keys.policy_range().1);
         let inside = |key: &str, (start, end): &(String, String)| key >= start.as_str() && key < end.as_str();
         assert!(inside(&keys.account("zz"), &accounts) && !inside(&keys.slot(1), &accounts));
+        assert!(inside(&keys.set("zz"), &sets) && !inside(&keys.account("a"), &sets));
+        assert!(!inside(&keys.set("zz"), &accounts));
         assert!(inside(&keys.binding(v6, None, "*"), &bindings) && !inside(&keys.account("a"), &bindings));
         assert!(inside(&keys.audit(9, "mx1", "0"), &audit) && !inside(&keys.override_sequence(), &audit));
         assert!(inside(&keys.override_sequence(), &sequences) && !inside(&keys.slot(1), &sequences));

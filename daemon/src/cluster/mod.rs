@@ -34,7 +34,7 @@ use crate::{
     config,
     protocol::{Binding, ErrorCode},
     service::Failure,
-    store::{AccountDoc, ActivityRecord},
+    store::{AccountDoc, ActivityRecord, SetDoc},
 };
 
 /// How long a change waits for etcd to answer before it is refused as unavailable.
@@ -81,6 +81,8 @@ pub struct Health {
 pub enum Change {
     /// An account's document, or its removal.
     Account(String, Option<AccountDoc>),
+    /// A shared set's document, or its removal.
+    Set(String, Option<SetDoc>),
     /// A binding of any scope (its `node`), or its removal.
     Binding(Binding, bool),
     /// The audit records one change (or one part of it) wrote.
@@ -94,6 +96,7 @@ pub enum Change {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub revision: i64,
+    pub sets: Vec<(String, SetDoc)>,
     pub accounts: Vec<(String, AccountDoc)>,
     pub bindings: Vec<Binding>,
     /// The audit records written after the revision the local copy had applied (all of
@@ -157,6 +160,9 @@ pub struct Unit {
 /// operation of each part is its audit records).
 const PART_OPERATIONS: usize = 127;
 const PART_BYTES: usize = 1 << 20;
+/// The largest document one key may hold: a part of its own, with room for its key and
+/// audit record under etcd's request limit.
+pub const MAX_DOCUMENT_BYTES: usize = PART_BYTES;
 
 /// This node's handle on its fleet.
 pub struct Cluster {
@@ -528,6 +534,7 @@ impl Cluster {
                 }
                 match self.decode(kv.key(), Some(kv.value())) {
                     Some(Change::Account(id, Some(doc))) => snapshot.accounts.push((id, doc)),
+                    Some(Change::Set(name, Some(doc))) => snapshot.sets.push((name, doc)),
                     Some(Change::Binding(binding, true)) => snapshot.bindings.push(binding),
                     Some(Change::Audit(records)) => snapshot.audit.extend(records),
                     Some(Change::OverrideSequence(n)) => snapshot.override_sequence = n,
@@ -548,6 +555,14 @@ impl Cluster {
                 Some(Ok(doc)) => Some(Change::Account(id, Some(doc))),
                 Some(Err(e)) => {
                     warn!("cluster: account {id}'s document does not read ({e}); ignored");
+                    None
+                }
+            },
+            Key::Set(name) => match value.map(serde_json::from_slice::<SetDoc>) {
+                None => Some(Change::Set(name, None)),
+                Some(Ok(doc)) => Some(Change::Set(name, Some(doc))),
+                Some(Err(e)) => {
+                    warn!("cluster: the set {name}'s document does not read ({e}); ignored");
                     None
                 }
             },

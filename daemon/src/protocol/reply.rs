@@ -355,6 +355,9 @@ pub struct ClusterImported {
     pub prefix: String,
     pub accounts: u64,
     pub bindings: u64,
+    /// Shared sets (absent in replies of versions without them).
+    #[serde(default)]
+    pub sets: u64,
     /// Keys this run wrote.
     pub written: u64,
     /// Keys an earlier run that stopped part-way had already written, holding exactly what

@@ -71,7 +71,7 @@ impl Service {
         f: impl FnOnce(&Tx) -> Result<(Vec<Touched>, T), Failure>,
     ) -> Result<T, Failure> {
         if let Some(cluster) = self.fleet() {
-            return self.submit(cluster, false, |tx| {
+            return self.submit(cluster, false, None, |tx| {
                 let (rows, reply) = f(tx)?;
                 Ok((rows.into_iter().map(Touched::into_id).collect(), reply))
             });
@@ -141,7 +141,7 @@ impl Service {
     /// rewritten from it, then the change commits (the table is put back if that fails).
     pub(super) fn change_bindings<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
         if let Some(cluster) = self.fleet() {
-            return self.submit(cluster, true, |tx| Ok((Vec::new(), f(tx)?)));
+            return self.submit(cluster, true, None, |tx| Ok((Vec::new(), f(tx)?)));
         }
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
@@ -172,7 +172,7 @@ impl Service {
     ) -> Result<Vec<String>, Failure> {
         self.activity.flush();
         if let Some(cluster) = self.fleet() {
-            return self.submit(cluster, true, |tx| {
+            return self.submit(cluster, true, None, |tx| {
                 let removed = f(tx)?;
                 for id in &removed {
                     tx.remove_account(id)?;

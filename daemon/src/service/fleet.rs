@@ -12,12 +12,14 @@ use std::collections::{HashMap, HashSet};
 use log::{error, warn};
 
 use super::{Failure, Service, Writer, change::apply_account, now};
+use ipaccess_common::MAX_SETS;
+
 use crate::{
     cluster::{self, BindingValue, Change, Cluster, Committed, Guard, Replica, Snapshot, Unit, Write},
     logging::PendingAudit,
-    policy::{AccountPolicy, suspended},
+    policy::{AccountPolicy, SetPolicy, suspended},
     protocol::{Binding, ErrorCode},
-    store::{StoreError, Tx},
+    store::{SetDoc, StoreError, Tx},
 };
 
 impl Service {
@@ -47,10 +49,12 @@ impl Service {
     /// Runs a change against the local copy without keeping it, and writes what it left to
     /// etcd. `f` returns the accounts it touched (created, changed or removed) and the reply;
     /// `bindings` says whether it may have changed bindings.
+    /// `set` names the shared set it may change, if any.
     pub(super) fn submit<T>(
         &self,
         cluster: &Cluster,
         bindings: bool,
+        set: Option<&str>,
         f: impl FnOnce(&Tx) -> Result<(Vec<String>, T), Failure>,
     ) -> Result<T, Failure> {
         // A node that has just started takes the fleet's policy within moments: a change sent
@@ -69,7 +73,7 @@ impl Service {
         let marks = tx.marks()?;
         let before = if bindings { tx.bindings()? } else { Vec::new() };
         let (touched, reply) = f(&tx)?;
-        let units = self.transaction(cluster, &tx, marks, &touched, bindings.then_some(before))?;
+        let units = self.transaction(cluster, &tx, marks, &touched, bindings.then_some(before), set)?;
         drop(tx);
         let committed = cluster.commit_units(units, applied);
         drop(guard);
@@ -85,7 +89,9 @@ impl Service {
                     ));
                 }
                 pending_audit.committed();
-                self.refused_here(&touched, revision)?;
+                let mut enforced_here = touched;
+                enforced_here.extend(set.map(super::sets::set_subject));
+                self.refused_here(&enforced_here, revision)?;
                 Ok(reply)
             }
             Committed::Conflict(revision) => {
@@ -100,9 +106,9 @@ impl Service {
         }
     }
 
-    /// `tables_full` if this node's kernel refused one of `accounts` as the fleet has it
-    /// since `revision` (a change of ours committed then): the fleet has the change, but it
-    /// is not enforced here, so it is not acknowledged as if it were.
+    /// `tables_full` if this node's kernel refused one of `accounts` (or a set, `set:NAME`)
+    /// as the fleet has it since `revision` (a change of ours committed then): the fleet has
+    /// the change, but it is not enforced here, so it is not acknowledged as if it were.
     fn refused_here(&self, accounts: &[String], revision: i64) -> Result<(), Failure> {
         let unenforced = self.unenforced.lock().expect("unenforced lock");
         let Some((id, _)) =
@@ -114,8 +120,8 @@ impl Service {
             ErrorCode::TablesFull,
             format!(
                 "the change is committed in the fleet (revision {revision}), but this node's kernel tables have no room \
-                 for account {id}: this node keeps enforcing its previous allowlist (raise [maps] slots, or remove \
-                 entries)"
+                 for {}: this node keeps enforcing its previous allowlist (raise [maps] slots, or remove entries)",
+                id.strip_prefix("set:").map_or(format!("account {id}"), |set| format!("the set {set}"))
             ),
         ))
     }
@@ -129,9 +135,11 @@ impl Service {
         marks: crate::store::Marks,
         touched: &[String],
         bindings_before: Option<Vec<Binding>>,
+        set: Option<&str>,
     ) -> Result<Vec<Unit>, Failure> {
         let keys = cluster.keys();
         let at = now();
+        let set_unit = set.map(|name| self.set_unit(cluster, tx, name)).transpose()?;
         let cache = self.accounts.read().expect("cache lock");
         // An account this copy has must still exist unchanged; one it lacks must still be
         // absent (a deleted key compares as never written, so existence is checked apart).
@@ -206,6 +214,9 @@ impl Service {
             }
             match tx.account_doc(id, at)? {
                 Some(doc) => {
+                    // Its references were checked against the sets as this copy has them
+                    // (that each exists; its lockout check counts their networks).
+                    unit.guards.extend(doc.sets.iter().map(|r| Guard::Existing(keys.set(&r.set))));
                     if cache.get(id).is_none_or(|known| known.slot != doc.slot) {
                         let slot = keys.slot(doc.slot);
                         unit.guards.push(Guard::Key(slot.clone()));
@@ -224,6 +235,12 @@ impl Service {
             }
             units.push(unit);
         }
+        // A set before the accounts, so that a new reference never names a set a node
+        // applying the parts in order lacks (a deleted set's references are dropped with it).
+        let first_account = usize::from(set_unit.is_some());
+        if let Some(unit) = set_unit {
+            units.insert(0, unit);
+        }
         // Bindings after the accounts they name, so a node applying the events in order
         // never meets a binding to an account it does not have yet.
         units.extend(binding_units);
@@ -238,8 +255,9 @@ impl Service {
             });
         }
         // Each audit record goes with its account's unit (so with the part that writes it);
-        // the rest with the first.
-        let unit_of: HashMap<&str, usize> = accounts.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        // the rest (a set's, under `set:NAME`) with the first.
+        let unit_of: HashMap<&str, usize> =
+            accounts.iter().enumerate().map(|(i, id)| (id.as_str(), first_account + i)).collect();
         for record in tx.audit_since(marks)? {
             let at = unit_of.get(record.account.as_str()).copied().unwrap_or(0);
             if units.is_empty() {
@@ -249,6 +267,51 @@ impl Service {
             units[at.min(last)].audit.push(record);
         }
         Ok(units)
+    }
+
+    /// The unit of a change to shared set `name`: its document as `tx` leaves it (or its
+    /// deletion). A set that loses networks (or goes) holds every account's document too:
+    /// whatever an account changed meanwhile was checked against the set as it was.
+    fn set_unit(&self, cluster: &Cluster, tx: &Tx, name: &str) -> Result<Unit, Failure> {
+        let keys = cluster.keys();
+        let key = keys.set(name);
+        let before = self.sets.read().expect("set cache lock").get(name).cloned();
+        let after = tx.set_doc(name)?;
+        let mut unit = Unit::default();
+        unit.guards.push(if before.is_some() { Guard::Existing(key.clone()) } else { Guard::Key(key.clone()) });
+        let lost = before.as_ref().is_some_and(|before| {
+            after
+                .as_ref()
+                .is_none_or(|after| before.entries.iter().any(|c| !after.entries.iter().any(|e| e.cidr == *c)))
+        });
+        if lost {
+            let (start, end) = keys.accounts_range();
+            unit.guards.push(Guard::Range(start, end));
+        }
+        match after {
+            Some(doc) => {
+                let value = serde_json::to_vec(&doc).expect("a set serializes");
+                if value.len() > cluster::MAX_DOCUMENT_BYTES {
+                    let Failure(mut body) = Failure::new(
+                        ErrorCode::TooManyEntries,
+                        format!(
+                            "the set {name} would take {} bytes in etcd; a fleet keeps a set in one key of at most {} \
+                             bytes (about 10,000 networks with short labels); nothing was changed",
+                            value.len(),
+                            cluster::MAX_DOCUMENT_BYTES
+                        ),
+                    );
+                    body.details = Some(serde_json::json!({
+                        "set": name, "entries": doc.entries.len(), "limit": "max_document_bytes",
+                        "bytes": value.len(), "max": cluster::MAX_DOCUMENT_BYTES,
+                    }));
+                    return Err(Failure(body));
+                }
+                unit.writes.push(Write::Put(key, value));
+            }
+            None => unit.writes.push(Write::Delete(key)),
+        }
+        Ok(unit)
     }
 
     /// Applies a batch of the fleet's changes to the store, the kernel and the cache, under
@@ -263,8 +326,35 @@ impl Service {
         // it: no reading back. A resync's batch holds every account: maps, not lists.
         let (mut updated, mut removed, mut bindings_changed) = (HashMap::new(), Vec::new(), false);
         let mut removed_set = HashSet::new();
+        // Shared sets put (with this node's kernel id for each) and removed (with the id
+        // they had); accounts that lost a reference with a removed set.
+        let (mut sets_put, mut sets_removed, mut dereferenced) = (HashMap::new(), Vec::new(), Vec::new());
+        let mut failures = 0;
+        let mut unenforced = self.unenforced.lock().expect("unenforced lock");
         for change in changes {
             match change {
+                Change::Set(name, Some(doc)) => match tx.put_set_doc(&name, &doc, MAX_SETS)? {
+                    Some(kernel_id) => {
+                        let entries = doc.entries.iter().map(|e| e.cidr).collect();
+                        sets_put.insert(name, SetPolicy { kernel_id, entries });
+                    }
+                    None => {
+                        error!(
+                            "cluster: the set {name} cannot be enforced here (revision {revision}): this node's kernel \
+                             holds {} sets",
+                            MAX_SETS - 1
+                        );
+                        unenforced.insert(super::sets::set_subject(&name), revision);
+                        failures += 1;
+                    }
+                },
+                Change::Set(name, None) => {
+                    if let Some(row) = tx.set(&name)? {
+                        dereferenced.extend(tx.remove_set_doc(&name)?);
+                        sets_put.remove(&name);
+                        sets_removed.push((name, row.kernel_id));
+                    }
+                }
                 Change::Account(id, None) => {
                     if tx.account(&id)?.is_some() {
                         // Sub-users go first: the fleet removes them in the same transaction.
@@ -285,7 +375,9 @@ impl Service {
                     if removed_set.remove(&id) {
                         removed.retain(|r| r != &id);
                     }
-                    updated.insert(id, doc.policy(at));
+                    let mut policy = doc.policy(at);
+                    policy.sets = super::change::enabled_sets(&tx, &id)?;
+                    updated.insert(id, policy);
                 }
                 Change::Binding(binding, true) => {
                     if tx.account(&binding.account)?.is_some() {
@@ -305,14 +397,31 @@ impl Service {
         }
         tx.set_applied_revision(revision)?;
         let cache = self.accounts.read().expect("cache lock");
+        // Accounts whose reference went with its set (the fleet drops references first, so
+        // these are only a damaged or hand-written fleet's): enforced without it.
+        for id in dereferenced {
+            if let (false, Some(policy)) = (updated.contains_key(&id), cache.get(&id)) {
+                let mut policy = policy.clone();
+                policy.sets = super::change::enabled_sets(&tx, &id)?;
+                updated.insert(id, policy);
+            }
+        }
         let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
         let next = |id: &str| updated.get(id).or_else(|| if gone.contains(id) { None } else { cache.get(id) });
+        // Sets first: an account's new reference then finds its set in the kernel.
+        for (name, set) in &sets_put {
+            if let Err(e) = datapath.set_shared_set(set.kernel_id, &set.entries) {
+                error!("cluster: the set {name} could not be enforced as the fleet has it (revision {revision}): {e}");
+                unenforced.insert(super::sets::set_subject(name), revision);
+                failures += 1;
+            } else {
+                unenforced.remove(&super::sets::set_subject(name));
+            }
+        }
         // Sub-users of a changed account may change with it (a ban reaches them).
         let children = descendants(&tx, &updated, &cache, &gone)?;
         let mut affected: Vec<&str> = updated.keys().map(String::as_str).collect();
         affected.extend(children.iter().map(String::as_str).filter(|id| !updated.contains_key(*id)));
-        let mut failures = 0;
-        let mut unenforced = self.unenforced.lock().expect("unenforced lock");
         for &id in &affected {
             let Some(account) = next(id) else { continue };
             if let Err(e) = apply_account(datapath, account, suspended(next, id)) {
@@ -325,6 +434,14 @@ impl Service {
         }
         for id in &removed {
             unenforced.remove(id);
+        }
+        // A set goes from the kernel once no account's kernel list names it.
+        for (name, kernel_id) in &sets_removed {
+            unenforced.remove(&super::sets::set_subject(name));
+            if let Err(e) = datapath.remove_shared_set(*kernel_id) {
+                error!("cluster: the set {name} could not be removed from the kernel (revision {revision}): {e}");
+                failures += 1;
+            }
         }
         drop(unenforced);
         let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
@@ -348,6 +465,13 @@ impl Service {
         }
         tx.commit()?;
         drop(cache);
+        {
+            let mut sets = self.sets.write().expect("set cache lock");
+            for (name, _) in &sets_removed {
+                sets.remove(name);
+            }
+            sets.extend(sets_put);
+        }
         let mut cache = self.accounts.write().expect("cache lock");
         for id in &removed {
             cache.remove(id);
@@ -367,8 +491,8 @@ impl Replica for Service {
         self.apply_locked(&mut writer, changes, revision).map_err(|e| e.to_string())
     }
 
-    /// Compares every account's document and every binding with the snapshot, and applies
-    /// only the differences.
+    /// Compares every set's and account's document and every binding with the snapshot, and
+    /// applies only the differences.
     fn resync(&self, snapshot: Snapshot) -> Result<(), String> {
         let mut writer = self.writer.lock().expect("writer lock");
         let changes = {
@@ -382,7 +506,8 @@ impl Replica for Service {
             let local = tx.accounts().map_err(|e| e.to_string())?.len();
             let own = local > 0 && tx.applied_revision().map_err(|e| e.to_string())? == 0;
             let (fleet_accounts, empty) = (snapshot.accounts.len(), snapshot.accounts.is_empty());
-            let mut changes = differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?;
+            let mut changes = set_differences(&tx, snapshot.sets).map_err(|e| e.to_string())?;
+            changes.extend(differences(&tx, snapshot.accounts, snapshot.bindings).map_err(|e| e.to_string())?);
             if own && !changes.is_empty() {
                 let fleet = if empty {
                     "whose prefix is empty".to_owned()
@@ -462,11 +587,13 @@ fn not_following(tx: &Tx, cluster: &Cluster) -> Result<Failure, Failure> {
 }
 
 /// A batch as the store can take it: only the last change to each key (a batch may span
-/// several revisions), removals first, parents before sub-users, accounts before the
-/// bindings that name them.
+/// several revisions), removals first, sets before the accounts that reference them and
+/// removed after them, parents before sub-users, accounts before the bindings that name
+/// them.
 fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let key = |change: &Change| match change {
         Change::Account(id, _) => Some(format!("account {id}")),
+        Change::Set(name, _) => Some(format!("set {name}")),
         Change::Binding(b, _) => Some(format!("binding {} {:?} {:?}", b.addr, b.target, b.node)),
         Change::Audit(_) | Change::OverrideSequence(_) => None,
     };
@@ -475,15 +602,35 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let rank = |change: &Change| match change {
         Change::Binding(_, false) => 0,
         Change::Account(_, None) => 1,
-        Change::Account(_, Some(doc)) if doc.parent.is_none() => 2,
-        Change::Account(..) => 3,
-        Change::Binding(_, true) => 4,
-        Change::Audit(_) | Change::OverrideSequence(_) => 5,
+        Change::Set(_, Some(_)) => 2,
+        Change::Account(_, Some(doc)) if doc.parent.is_none() => 3,
+        Change::Account(..) => 4,
+        Change::Set(_, None) => 5,
+        Change::Binding(_, true) => 6,
+        Change::Audit(_) | Change::OverrideSequence(_) => 7,
     };
     let mut kept: Vec<(usize, Change)> =
         changes.into_iter().enumerate().filter(|(i, change)| key(change).is_none_or(|k| last[&k] == *i)).collect();
     kept.sort_by_key(|(i, change)| (rank(change), *i));
     kept.into_iter().map(|(_, change)| change).collect()
+}
+
+/// What must change locally to match the fleet's shared sets (`in_order` puts them around
+/// the accounts).
+fn set_differences(tx: &Tx, sets: Vec<(String, SetDoc)>) -> Result<Vec<Change>, StoreError> {
+    let wanted: HashSet<&str> = sets.iter().map(|(name, _)| name.as_str()).collect();
+    let mut changes: Vec<Change> = tx
+        .sets()?
+        .into_iter()
+        .filter(|s| !wanted.contains(s.name.as_str()))
+        .map(|s| Change::Set(s.name, None))
+        .collect();
+    for (name, doc) in sets {
+        if tx.set_doc(&name)?.as_ref() != Some(&doc) {
+            changes.push(Change::Set(name, Some(doc)));
+        }
+    }
+    Ok(changes)
 }
 
 /// What must change locally to match the fleet's accounts and bindings: removals first

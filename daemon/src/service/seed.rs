@@ -1,8 +1,8 @@
 //! `cluster_import`: a standalone host's store seeds an empty fleet.
 //!
 //! The import writes exactly the keys the fleet's own changes would have written for this
-//! store (each account's document and slot, each binding fleet-wide, the override
-//! sequence), as the units of one change, so that afterwards the fleet equals this store and
+//! store (each shared set's document, each account's document and slot, each binding
+//! fleet-wide, the override sequence), as the units of one change, so that afterwards the fleet equals this store and
 //! this node's next resynchronisation changes nothing: it then follows the fleet without
 //! having stopped enforcing its own policy.
 //!
@@ -61,8 +61,24 @@ impl Service {
         accounts.sort_by_key(|a| a.parent.is_some());
         let bindings = tx.bindings()?;
         let last_override = tx.last_override()?;
-        // Each unit's keys and what they must hold, in the order the parts are written.
+        // Each unit's keys and what they must hold, in the order the parts are written:
+        // sets before the accounts that reference them.
         let mut planned: Vec<Vec<(String, Wanted)>> = Vec::new();
+        let sets = tx.sets()?;
+        for set in &sets {
+            let doc = tx.set_doc(&set.name)?.ok_or_else(|| super::sets::unknown_set(&set.name))?;
+            let value = serde_json::to_vec(&doc).expect("a set serializes");
+            if value.len() > cluster::MAX_DOCUMENT_BYTES {
+                return Err(refused(format!(
+                    "the set {} takes {} bytes, more than one etcd key of a fleet holds ({} bytes); shorten its \
+                     labels or split it, then import; nothing was imported",
+                    set.name,
+                    value.len(),
+                    cluster::MAX_DOCUMENT_BYTES
+                )));
+            }
+            planned.push(vec![(keys.set(&set.name), Wanted::Bytes(value))]);
+        }
         for account in &accounts {
             let doc = tx.account_doc(&account.id, at)?.ok_or_else(|| super::unknown(&account.id))?;
             planned.push(vec![
@@ -137,7 +153,7 @@ impl Service {
         }
         let detail = json!({
             "prefix": prefix, "node": cluster.node(), "accounts": accounts.len(), "bindings": bindings.len(),
-            "uid": uid, "action": "cluster_import",
+            "sets": sets.len(), "uid": uid, "action": "cluster_import",
         });
         let record = ActivityRecord { time: at, account: String::new(), uid, action: "cluster_import".into(), detail };
         units.last_mut().expect("one unit").audit.push(record);
@@ -173,6 +189,7 @@ impl Service {
             prefix,
             accounts: accounts.len() as u64,
             bindings: bindings.len() as u64,
+            sets: sets.len() as u64,
             written,
             already_present: already,
             revision,

@@ -172,7 +172,6 @@ impl Service {
     }
 
     pub(super) fn allow_add_set(&self, AllowAddSet { account, set }: AllowAddSet, uid: u32) -> Reply<AllowAddSet> {
-        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let row = existing(tx, &account)?;
@@ -191,7 +190,6 @@ impl Service {
 
     pub(super) fn allow_remove_set(&self, request: AllowRemoveSet, uid: u32) -> Reply<AllowRemoveSet> {
         let AllowRemoveSet { account, set, client_ip, force } = request;
-        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let (row, was) = self.withdraw_reference(tx, &account, &set, uid, client_ip, force)?;
@@ -203,7 +201,6 @@ impl Service {
 
     pub(super) fn allow_disable_set(&self, request: AllowDisableSet, uid: u32) -> Reply<AllowDisableSet> {
         let AllowDisableSet { account, set, client_ip, force } = request;
-        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let (row, _) = self.withdraw_reference(tx, &account, &set, uid, client_ip, force)?;
@@ -218,7 +215,6 @@ impl Service {
         AllowEnableSet { account, set }: AllowEnableSet,
         uid: u32,
     ) -> Reply<AllowEnableSet> {
-        self.no_fleet()?;
         set_name(&set)?;
         self.change(&account, |tx| {
             let row = existing(tx, &account)?;
@@ -228,12 +224,6 @@ impl Service {
             audit(tx, &account, uid, "allow_enable_set", json!({ "set": set }))?;
             Ok((row, reference(tx, &account, &set)?))
         })
-    }
-
-    /// Refuses set commands on a fleet node (see [`not_in_a_fleet`]): a reference would be
-    /// written to this node's copy only, not to the account's document.
-    fn no_fleet(&self) -> Result<(), Failure> {
-        if self.fleet().is_some() { Err(not_in_a_fleet()) } else { Ok(()) }
     }
 
     /// A reference about to stop letting anything in (removed or disabled): the account and
@@ -364,12 +354,16 @@ impl Service {
     /// it changed (a forced delete) with the reply; then the set's one kernel table is
     /// replaced (every referencing account sees the change at once), those accounts' kernel
     /// references rewritten, and the change committed. If the kernel refuses or the commit
-    /// fails, the kernel is put back and nothing is changed.
+    /// fails, the kernel is put back and nothing is changed. On a fleet node the change goes
+    /// to etcd as the set's document (and those accounts' documents), and comes back through
+    /// the watch as every other change does.
     fn change_set<T>(&self, set: &str, f: impl FnOnce(&Tx) -> Result<(Vec<String>, T), Failure>) -> Result<T, Failure> {
-        self.no_fleet()?;
         // The guard reads the sign-ins of every referencing account: those answered before
         // the change must be in the store.
         self.activity.flush();
+        if let Some(cluster) = self.fleet() {
+            return self.submit(cluster, false, Some(set), f);
+        }
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
         let pending_audit = PendingAudit::begin();
@@ -437,7 +431,7 @@ impl Service {
 
 /// What a set change is recorded under in the activity log (`activity set:corp-vpn`): no
 /// account id holds a colon.
-fn set_subject(set: &str) -> String {
+pub(super) fn set_subject(set: &str) -> String {
     format!("set:{set}")
 }
 
@@ -479,16 +473,6 @@ fn existing_set(tx: &Tx, set: &str) -> Result<Vec<IpNet>, Failure> {
 
 pub(super) fn unknown_set(set: &str) -> Failure {
     Failure::new(ErrorCode::UnknownSet, format!("there is no shared set {set}; create it with set add"))
-}
-
-/// Shared sets are not shared by a fleet yet: a change made on one node would not reach
-/// the others, so none is made.
-pub(super) fn not_in_a_fleet() -> Failure {
-    Failure::new(
-        ErrorCode::Refused,
-        "shared sets are not available on a fleet node yet (a set changed here would not reach the other nodes); \
-         nothing was changed",
-    )
 }
 
 /// The set as the transaction holds it.

@@ -4,7 +4,8 @@
 //!
 //! A document is what one etcd key holds (see `cluster::keys`). Applying one replaces the
 //! account's rows with what it says; reading one back gives the same document, so a node
-//! can tell which accounts differ from a snapshot without touching the others.
+//! can tell which accounts differ from a snapshot without touching the others. A shared
+//! set is one document too ([`SetDoc`]); its kernel id is not in it: each node picks its own.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,37 @@ pub struct AccountDoc {
     /// Live overrides (neither revoked nor expired when the document was written), by id.
     #[serde(default)]
     pub overrides: Vec<OverrideDoc>,
+    /// References to shared sets, by set name. Left out when there are none, so documents
+    /// of accounts without sets read the same to nodes of older versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<SetRefDoc>,
+}
+
+/// An account's reference to a shared set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRefDoc {
+    pub set: String,
+    pub enabled: bool,
+    pub created_at: i64,
+    pub created_by: u32,
+}
+
+/// A shared set as the fleet shares it: one key, its networks sorted by CIDR text, so equal
+/// sets give equal bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetDoc {
+    pub created_at: i64,
+    pub created_by: u32,
+    pub entries: Vec<SetEntryDoc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetEntryDoc {
+    pub cidr: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub created_at: i64,
+    pub created_by: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +105,8 @@ impl AccountDoc {
                 .filter(|o| o.expires_at > now)
                 .map(|o| LiveOverride { id: o.id, cidr: o.cidr, expires_at: o.expires_at })
                 .collect(),
-            // Shared sets are not part of a fleet's documents yet (sets are refused there).
+            // Which kernel id each set has is this node's: the caller fills them in from the
+            // store once the document is applied (`service::change::enabled_sets`).
             sets: Vec::new(),
         }
     }
@@ -133,6 +166,11 @@ impl Tx<'_> {
                 expires_at: o.expires_at,
             })
             .collect();
+        let sets = self
+            .set_refs(id)?
+            .into_iter()
+            .map(|r| SetRefDoc { set: r.set, enabled: r.enabled, created_at: r.created_at, created_by: r.created_by })
+            .collect();
         Ok(Some(AccountDoc {
             slot: row.slot,
             parent: row.parent,
@@ -142,7 +180,55 @@ impl Tx<'_> {
             created_at: row.created_at,
             entries,
             overrides,
+            sets,
         }))
+    }
+
+    /// The set as a document, or `None` if there is no such set.
+    pub fn set_doc(&self, name: &str) -> Result<Option<SetDoc>, StoreError> {
+        let Some(row) = self.set(name)? else {
+            return Ok(None);
+        };
+        let mut entries: Vec<SetEntryDoc> = self
+            .set_entries(name)?
+            .into_iter()
+            .map(|e| SetEntryDoc { cidr: e.cidr, label: e.label, created_at: e.created_at, created_by: e.created_by })
+            .collect();
+        entries.sort_by_key(|e| e.cidr.to_string());
+        Ok(Some(SetDoc { created_at: row.created_at, created_by: row.created_by, entries }))
+    }
+
+    /// Makes the set's rows say what `doc` says: created with the lowest free kernel id below
+    /// `max_id` if this copy lacks it, its networks replaced. Returns its kernel id, or `None`
+    /// when no id is free (the fleet holds more sets than this node's kernel).
+    pub fn put_set_doc(&self, name: &str, doc: &SetDoc, max_id: u32) -> Result<Option<u32>, StoreError> {
+        let kernel_id = match self.set(name)? {
+            Some(row) => {
+                self.execute(
+                    "UPDATE sets SET created_at = ?2, created_by = ?3 WHERE name = ?1",
+                    (name, doc.created_at, doc.created_by),
+                )?;
+                row.kernel_id
+            }
+            None => match self.add_set(name, doc.created_by, doc.created_at, max_id)? {
+                Some(row) => row.kernel_id,
+                None => return Ok(None),
+            },
+        };
+        self.execute("DELETE FROM set_entries WHERE set_name = ?1", [name])?;
+        for e in &doc.entries {
+            self.add_set_entry(name, e.cidr, e.label.as_deref(), e.created_by, e.created_at)?;
+        }
+        Ok(Some(kernel_id))
+    }
+
+    /// Removes a set the fleet no longer has, with any reference this copy still holds to it
+    /// (the fleet removes them in the same change): returns the accounts that lost one.
+    pub fn remove_set_doc(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let referrers: Vec<String> = self.set_referrers(name)?.into_iter().map(|r| r.account).collect();
+        self.execute("DELETE FROM set_refs WHERE set_name = ?1", [name])?;
+        self.remove_set(name)?;
+        Ok(referrers)
     }
 
     /// Makes the account's rows say what `doc` says: the row written, the allowlist
@@ -192,6 +278,19 @@ impl Tx<'_> {
         for live in self.live_overrides(Some(id), now)? {
             if !kept.contains(&live.id) {
                 self.revoke_override(id, live.id, now)?;
+            }
+        }
+        self.execute("DELETE FROM set_refs WHERE account = ?1", [id])?;
+        for r in &doc.sets {
+            // The fleet writes a set before any reference to it; a reference to a set this
+            // copy lacks (written by hand, or by a newer version) lets nothing in.
+            if self.set(&r.set)?.is_none() {
+                log::warn!("cluster: account {id} references the set {} which this node does not have", r.set);
+                continue;
+            }
+            self.add_set_ref(id, &r.set, r.created_by, r.created_at)?;
+            if !r.enabled {
+                self.set_set_ref_enabled(id, &r.set, false)?;
             }
         }
         Ok(())

@@ -115,6 +115,7 @@ fn doc_of(a: usize) -> AccountDoc {
         created_at: CREATED_AT,
         entries,
         overrides: Vec::new(),
+        sets: Vec::new(),
     }
 }
 

@@ -626,6 +626,7 @@ impl Render for ClusterImported {
         line(out, "prefix", &self.prefix);
         line(out, "accounts", self.accounts.to_string());
         line(out, "bindings", self.bindings.to_string());
+        line(out, "shared sets", self.sets.to_string());
         line(out, "keys written", self.written.to_string());
         line(out, "keys already there", self.already_present.to_string());
         line(out, "revision", self.revision.to_string());
@@ -1014,7 +1015,7 @@ mod tests {
         assert_eq!(
             shown::<ClusterImported>(json!({"prefix": "/ipa/", "accounts": 2, "bindings": 1, "written": 5,
                 "already_present": 0, "revision": 9})),
-            "prefix: /ipa/\naccounts: 2\nbindings: 1\nkeys written: 5\nkeys already there: 0\nrevision: 9\n"
+            "prefix: /ipa/\naccounts: 2\nbindings: 1\nshared sets: 0\nkeys written: 5\nkeys already there: 0\nrevision: 9\n"
         );
         assert_eq!(
             shown::<Detached>(json!({"interface": "eth0", "detached": true})),
