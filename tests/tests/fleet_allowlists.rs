@@ -5,7 +5,8 @@
 //! to the account; the per-account entry limit refuses an add or an import through any node
 //! before anything reaches etcd.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ use ipaccess_tests::netns::tcp_connect;
 use serde_json::{Value, json};
 
 const PORT: u16 = 7460;
+/// Each node's metrics endpoint, inside its own server namespace.
+const METRICS: &str = "127.0.0.1:9470";
 
 /// Every key the nodes follow (the policy: accounts, sets, slots, bindings, sequences,
 /// audit), each with its value and revisions; the nodes' own records (`P/~nodes/`,
@@ -237,15 +240,32 @@ fn last_used_evidence_is_each_nodes_own_and_outlives_later_changes() {
     assert_eq!(used(&evidence(c, None), &packet_entry).1, Some(packet), "C lost its packet to A's change");
 }
 
+/// `ipaccess_changes_refused_total{reason="too_many_entries"}` as the node's endpoint says.
+fn too_many_entries_refused(node: &FleetNode) -> f64 {
+    let addr: SocketAddr = METRICS.parse().unwrap();
+    let response = node.host.hosts.server.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to /metrics");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    });
+    let series = "ipaccess_changes_refused_total{reason=\"too_many_entries\"} ";
+    let line = response.lines().find(|l| l.starts_with(series));
+    line.and_then(|l| l[series.len()..].parse().ok())
+        .unwrap_or_else(|| panic!("{}: no {series}in {response}", node.name))
+}
+
 /// `[limits] max_entries_per_account = 3` on every node: an `allow_add` past it through B
 /// or C, and an `import` past it through C (alone or with an account it would create), are
-/// refused with `too_many_entries` and its details; etcd's policy keys and every node's
-/// lists stay as they were. Up to the limit, an import through C reaches every node.
+/// refused with `too_many_entries` and its details, and counted in the refusing node's
+/// metric; etcd's policy keys and every node's lists stay as they were. Up to the limit, an import through C reaches every node.
 #[test]
 fn the_entry_limit_refuses_through_any_node_before_etcd() {
     let mut fleet = Fleet::new(3).unwrap();
     for node in &fleet.nodes {
-        node.write_config(PREFIX, "[limits]\nmax_entries_per_account = 3\n");
+        node.write_config(PREFIX, &format!("[limits]\nmax_entries_per_account = 3\n[metrics]\nlisten = {METRICS:?}\n"));
     }
     fleet.start_all();
     let a = &fleet.nodes[0];
@@ -278,6 +298,9 @@ fn the_entry_limit_refuses_through_any_node_before_etcd() {
         assert_eq!(error["details"]["entries"], 4, "{import}: {error}");
     }
     assert_eq!(policy_keys(&fleet), keys, "a refused change reached etcd");
+    // Each node counts the refusals it made: B one add, C one add and two imports.
+    let counted: Vec<f64> = fleet.nodes.iter().map(too_many_entries_refused).collect();
+    assert_eq!(counted, [0.0, 1.0, 3.0]);
     fleet.converge(fleet.barrier().unwrap());
     for (node, before) in fleet.nodes.iter().zip(&lists) {
         assert_eq!(&allow_list(node), before, "{}: a refused change reached the node", node.name);
