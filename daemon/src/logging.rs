@@ -116,6 +116,7 @@ impl Drop for PendingAudit {
 
 /// An audited change to `account` by `uid`: `action` and the fields of `detail` (a JSON
 /// object), e.g. `override_granted: account "acme" by uid 0 (cidr="198.18.9.9/32" ticket=…)`.
+/// A shared set's changes are recorded under `set:NAME` and logged as `set "NAME"`.
 /// Inside a change (see [`PendingAudit`]) it is written once the change commits.
 pub fn audit(account: &str, uid: u32, action: &str, detail: &Value) {
     // A bulk import audits every account it touches: those lines are detail, its summary
@@ -124,7 +125,7 @@ pub fn audit(account: &str, uid: u32, action: &str, detail: &Value) {
     if level > log::max_level() {
         return;
     }
-    let line = format!("{action}: account {account:?} by uid {uid}{}", fields(detail));
+    let line = format!("{action}: {} by uid {uid}{}", subject(account), fields(detail));
     let held = PENDING.with(|p| match p.borrow_mut().as_mut() {
         Some(pending) => {
             pending.push((level, line.clone()));
@@ -144,7 +145,16 @@ pub fn lockout_refused(account: &str, uid: u32, client_ip: std::net::IpAddr) {
 
 /// A change refused by the lockout guard for another reason than the caller's own address.
 pub fn lockout_refused_because(account: &str, uid: u32, why: &str) {
-    warn!(target: AUDIT_TARGET, "lockout_refused: account {account:?} by uid {uid} (because={why:?})");
+    warn!(target: AUDIT_TARGET, "lockout_refused: {} by uid {uid} (because={why:?})", subject(account));
+}
+
+/// What a log line names: an account, or a shared set (recorded as `set:NAME`; no account id
+/// holds a colon).
+fn subject(recorded_as: &str) -> String {
+    match recorded_as.strip_prefix("set:") {
+        Some(set) => format!("set {set:?}"),
+        None => format!("account {recorded_as:?}"),
+    }
 }
 
 /// The filter removed from an interface (the only way it is ever removed).
@@ -182,6 +192,12 @@ mod tests {
         assert_eq!(fields(&detail), r#" (cidr="198.18.0.0/24" override=3 reason="two\nlines \"quoted\"")"#);
         assert_eq!(fields(&json!({ "uid": 1 })), "");
         assert_eq!(fields(&Value::Null), "");
+    }
+
+    #[test]
+    fn a_set_is_named_as_a_set() {
+        assert_eq!(subject("acme"), r#"account "acme""#);
+        assert_eq!(subject("set:corp-vpn"), r#"set "corp-vpn""#);
     }
 
     #[test]
