@@ -125,6 +125,14 @@ fn a_set_changes_every_referencing_account_at_once() {
     assert_eq!(both(&w, vpn), (true, false), "the disabled reference shuts out only cust2");
     let listed = w.ctl(&["allow", "list", "cust2"]);
     assert!(listed.stdout.contains("SOURCE") && listed.stdout.contains("set:corp-vpn"), "{}", listed.stdout);
+    // `account show` names the account's references, disabled ones too.
+    let shown = ctl_ok(&w, &["account", "show", "cust2"]);
+    assert_eq!(
+        (shown["sets"][0]["set"].clone(), shown["sets"][0]["enabled"].clone()),
+        (json!("corp-vpn"), json!(false))
+    );
+    let shown = w.ctl(&["account", "show", "cust2"]).stdout;
+    assert!(shown.contains("shared sets:\nSET") && shown.contains("corp-vpn  disabled"), "{shown}");
     let inherited: Vec<Value> = w
         .ok(json!({"cmd": "allow_list", "account": "cust2"}))
         .as_array()

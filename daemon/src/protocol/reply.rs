@@ -31,12 +31,16 @@ pub struct ListedAccount {
     pub effective_state: EffectiveState,
 }
 
-/// `account_show`: the account with its allowlist and bindings.
+/// `account_show`: the account with its allowlist, bindings and shared-set references.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct AccountDetails {
     pub account: ListedAccount,
     pub entries: Vec<Entry>,
     pub bindings: Vec<Binding>,
+    /// Its references to shared sets, enabled and disabled, by set name (absent in replies
+    /// of versions without sets).
+    #[serde(default)]
+    pub sets: Vec<crate::protocol::SetReference>,
 }
 
 /// `account_remove`: every account removed, deepest sub-user first.

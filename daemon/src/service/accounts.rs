@@ -40,7 +40,8 @@ impl Service {
             let row = existing(tx, &account)?;
             let listed = listed(&self.accounts.read().expect("cache lock"), row);
             let bindings = tx.bindings()?.into_iter().filter(|b| b.account == account).collect();
-            Ok(AccountDetails { account: listed, entries: tx.entries(&account)?, bindings })
+            let sets = tx.set_refs(&account)?.into_iter().map(super::sets::as_reference).collect();
+            Ok(AccountDetails { account: listed, entries: tx.entries(&account)?, bindings, sets })
         })
     }
 

@@ -488,7 +488,7 @@ fn shared_set(tx: &Tx, set: &str, notes: Vec<String>) -> Result<SharedSet, Failu
     })
 }
 
-fn as_reference(r: SetRefRow) -> SetReference {
+pub(super) fn as_reference(r: SetRefRow) -> SetReference {
     SetReference {
         account: r.account,
         set: r.set,

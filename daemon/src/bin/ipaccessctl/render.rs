@@ -164,6 +164,15 @@ impl Render for AccountDetails {
             out.push_str("\nbindings:\n");
             self.bindings.render(out);
         }
+        // Most accounts reference no set: the section is left out rather than said empty.
+        if !self.sets.is_empty() {
+            out.push_str("\nshared sets:\n");
+            let rows = self.sets.iter().map(|r| {
+                let status = if r.enabled { "enabled" } else { "disabled" };
+                vec![r.set.clone(), status.to_owned(), time(r.created_at), r.created_by.to_string()]
+            });
+            table(out, &["SET", "STATUS", "ADDED", "BY"], rows);
+        }
     }
 }
 
@@ -873,6 +882,14 @@ mod tests {
         banned["effective_state"] = json!("active");
         let out = shown::<AccountDetails>(json!({"account": banned, "entries": [], "bindings": []}));
         assert!(out.contains("state: active\n") && out.ends_with("\nallowlist: none\n\nbindings: none\n"), "{out}");
+        let with_sets = json!({"account": banned, "entries": [], "bindings": [], "sets": [
+            {"account": "acme-dev", "set": "corp-vpn", "enabled": false, "created_at": 951_782_400, "created_by": 0}]});
+        assert!(
+            shown::<AccountDetails>(with_sets).ends_with(
+                "\nshared sets:\nSET       STATUS    ADDED                BY\ncorp-vpn  disabled  2000-02-29 00:00:00  0\n"
+            ),
+            "shared sets section"
+        );
         let mut top = account.clone();
         (top["id"], top["slot"], top["parent"], top["effective_state"]) =
             (json!("acme"), json!(1), json!(null), json!("banned"));
