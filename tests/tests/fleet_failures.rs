@@ -209,26 +209,29 @@ fn racing_removals_never_leave_an_enforcing_account_with_nothing_allowed() {
             json!({"cmd": "allow_remove", "account": account, "cidr": y}),
         );
         conflicts += n;
-        fleet.settle();
-        for reply in [&ra, &rb] {
-            let c = error_code(reply);
-            assert!(matches!(c.as_deref(), None | Some("lockout")), "round {r}: {reply}");
-        }
-        assert!(
-            error_code(&ra).is_some() || error_code(&rb).is_some(),
-            "round {r}: both removals acknowledged: {ra} {rb}"
-        );
-        let expected: BTreeSet<String> = match (error_code(&ra), error_code(&rb)) {
-            (None, _) => [y.clone()].into(),
-            (_, None) => [x.clone()].into(),
-            _ => [x.clone(), y.clone()].into(),
-        };
-        for node in &fleet.nodes {
-            let listed = allow_set(node, &account).expect("the account exists");
-            assert_eq!(listed, expected, "round {r}: {} (A: {ra}, B: {rb})", node.name);
-        }
+        at_most_one_removal(&fleet, &format!("round {r}"), &account, (&x, &ra), (&y, &rb));
     }
     eprintln!("lockout race: {conflicts} conflicts met in {ROUNDS} rounds");
+}
+
+/// Two removals raced, of `x` (answered `ra`) and `y` (`rb`), the account's only two ways
+/// in: never both acknowledged, each refused only with `lockout`, and every node lets in
+/// exactly what the acknowledged one left.
+fn at_most_one_removal(fleet: &Fleet, round: &str, account: &str, (x, ra): (&str, &Value), (y, rb): (&str, &Value)) {
+    fleet.settle();
+    for reply in [ra, rb] {
+        assert!(matches!(error_code(reply).as_deref(), None | Some("lockout")), "{round}: {reply}");
+    }
+    assert!(error_code(ra).is_some() || error_code(rb).is_some(), "{round}: both removals acknowledged: {ra} {rb}");
+    let expected: BTreeSet<String> = match (error_code(ra), error_code(rb)) {
+        (None, _) => [y.to_owned()].into(),
+        (_, None) => [x.to_owned()].into(),
+        _ => [x.to_owned(), y.to_owned()].into(),
+    };
+    for node in &fleet.nodes {
+        let listed = allow_set(node, account).expect("the account exists");
+        assert_eq!(listed, expected, "{round}: {} (A: {ra}, B: {rb})", node.name);
+    }
 }
 
 /// (2b) One endpoint: A binds it to acme while B binds it to other; one owner on every node.
@@ -418,24 +421,8 @@ fn racing_entry_and_set_network_removals_never_leave_an_account_with_nothing() {
             json!({"cmd": "set_remove", "set": set, "cidrs": [y]}),
         );
         conflicts += n;
-        fleet.settle();
-        for reply in [&ra, &rb] {
-            assert!(matches!(error_code(reply).as_deref(), None | Some("lockout")), "round {r}: {reply}");
-        }
-        assert!(
-            error_code(&ra).is_some() || error_code(&rb).is_some(),
-            "round {r}: both removals acknowledged: {ra} {rb}"
-        );
-        // What the account lets in, on every node: its own entries and the set's networks.
-        let expected: BTreeSet<String> = match (error_code(&ra), error_code(&rb)) {
-            (None, _) => [y.clone()].into(),
-            (_, None) => [x.clone()].into(),
-            _ => [x.clone(), y.clone()].into(),
-        };
-        for node in &fleet.nodes {
-            let listed = allow_set(node, &account).expect("the account exists");
-            assert_eq!(listed, expected, "round {r}: {} (A: {ra}, B: {rb})", node.name);
-        }
+        // What the account lets in counts its own entries and the set's networks alike.
+        at_most_one_removal(&fleet, &format!("round {r}"), &account, (&x, &ra), (&y, &rb));
     }
     eprintln!("entry vs set network race: {conflicts} conflicts met in {ROUNDS} rounds");
 }
