@@ -12,6 +12,7 @@
 //! last applied, and refuses changes with `cluster_unavailable`: it fails static, never open.
 
 pub mod attempts;
+pub mod signins;
 pub mod clock;
 pub mod keys;
 mod seed;
