@@ -3,7 +3,8 @@
 //! through three different nodes read the same on every node (and the disable holds on the
 //! wire); last-used evidence is each node's own and survives the node applying later changes
 //! to the account; the per-account entry limit refuses an add or an import through any node
-//! before anything reaches etcd; the lockout guard on any node weighs the sign-ins made on another.
+//! before anything reaches etcd; the lockout guard on any node weighs the sign-ins made on
+//! another.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -384,8 +385,12 @@ fn the_lockout_guard_on_any_node_weighs_sign_ins_made_on_another() {
     let shrink = json!({"cmd": "set_remove", "set": "office", "cidrs": [set_cidr]});
     let error = refused(a, shrink.clone());
     assert_eq!(error["code"], "lockout", "{error}");
-    assert_eq!(error["details"]["shut_out"], json!([{"account": "acme", "address": through_set,
-        "last_seen": error["details"]["shut_out"][0]["last_seen"]}]), "{error}");
+    assert_eq!(
+        error["details"]["shut_out"],
+        json!([{"account": "acme", "address": through_set,
+        "last_seen": error["details"]["shut_out"][0]["last_seen"]}]),
+        "{error}"
+    );
     assert!(error["message"].as_str().unwrap().contains(&format!("acme from {through_set}")), "{error}");
 
     // Forced, both go through A, and reach every node.

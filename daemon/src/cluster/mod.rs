@@ -12,10 +12,10 @@
 //! last applied, and refuses changes with `cluster_unavailable`: it fails static, never open.
 
 pub mod attempts;
-pub mod signins;
 pub mod clock;
 pub mod keys;
 mod seed;
+pub mod signins;
 
 use std::{
     sync::{Arc, Mutex},

@@ -117,7 +117,9 @@ impl Cluster {
             Ok::<_, etcd_client::Error>(())
         };
         match self.runtime.block_on(async { tokio::time::timeout(READ_TIMEOUT, read).await }) {
-            Ok(Ok(())) if too_many => Err(format!("the other nodes published more than {MAX_REMOTE} sign-ins to weigh")),
+            Ok(Ok(())) if too_many => {
+                Err(format!("the other nodes published more than {MAX_REMOTE} sign-ins to weigh"))
+            }
             Ok(Ok(())) => Ok(found),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("etcd did not answer within {READ_TIMEOUT:?}")),

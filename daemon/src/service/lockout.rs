@@ -15,6 +15,8 @@ use crate::{
 
 /// How far back a successful sign-in counts for the lockout guard.
 pub(super) const RECENT_SIGNINS: i64 = 7 * 24 * 3600;
+/// How many shut-out addresses a refusal's message names (`details` has them all).
+const LISTED: usize = 10;
 
 /// The successful sign-ins the other nodes of a fleet answered, which the guard counts with
 /// the store's: checks stay on the node that answered them.
@@ -32,7 +34,7 @@ impl OtherNodes for Service {
                 ErrorCode::ClusterUnavailable,
                 format!(
                     "the sign-ins other nodes published could not be read from etcd ({e}), so the lockout guard \
-                     cannot weigh them; nothing was changed; repeat later, or with --force"
+                     cannot weigh them; nothing was changed; repeat once etcd answers, or force the change with --force"
                 ),
             )
         })
@@ -56,14 +58,12 @@ fn recent_signins(tx: &Tx, others: &dyn OtherNodes, account: &str, since: i64) -
 }
 
 /// Sign-ins one per address, its latest, newest first.
-pub(super) fn merge(mut signins: Vec<RecentSignin>) -> Vec<RecentSignin> {
+fn merge(mut signins: Vec<RecentSignin>) -> Vec<RecentSignin> {
     signins.sort_by(|a, b| a.address.cmp(&b.address).then(b.last_seen.cmp(&a.last_seen)));
     signins.dedup_by_key(|s| s.address);
     signins.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.address.cmp(&b.address)));
     signins
 }
-/// How many shut-out addresses a refusal's message names (`details` has them all).
-const LISTED: usize = 10;
 
 /// Unless `force`, a change that leaves the account enforcing (`before` and `after` are its
 /// policy as it is and as the change would leave it) is refused when it would shut out the
@@ -277,7 +277,8 @@ mod tests {
             "monitor blocks nobody"
         );
         // Newly nothing allowed: refused; already nothing allowed: not this change's doing.
-        let (code, message, _) = refusal(guard(&tx, &Alone, "acme", 0, None, false, &office, &policy(Mode::Enforce, &[])));
+        let (code, message, _) =
+            refusal(guard(&tx, &Alone, "acme", 0, None, false, &office, &policy(Mode::Enforce, &[])));
         assert_eq!(code, ErrorCode::Lockout);
         assert!(message.contains("no enabled entry"), "{message}");
         let empty = policy(Mode::Enforce, &[]);
