@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 mod attempts;
 mod cluster;
 mod sets;
+mod signins;
 
 pub use attempts::DeniedTally;
 pub use cluster::{AccountDoc, EntryDoc, Marks, OverrideDoc, SetDoc, SetEntryDoc, SetRefDoc};
 use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, Params, Row, TransactionBehavior};
 pub use sets::{SetRefRow, SetRow, SignedInThroughSet};
+pub use signins::LastSignin;
 
 use crate::protocol::{
     Account, AccountState, ActivityKind, ActivityRow, Binding, DeniedSummary, Entry, Method, Mode, Override, Proto,

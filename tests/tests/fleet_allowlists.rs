@@ -3,7 +3,8 @@
 //! through three different nodes read the same on every node (and the disable holds on the
 //! wire); last-used evidence is each node's own and survives the node applying later changes
 //! to the account; the per-account entry limit refuses an add or an import through any node
-//! before anything reaches etcd.
+//! before anything reaches etcd; the lockout guard on any node weighs the sign-ins made on
+//! another.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -315,5 +316,90 @@ fn the_entry_limit_refuses_through_any_node_before_etcd() {
     for node in &fleet.nodes {
         let newco = node.host.ok(json!({"cmd": "allow_list", "account": "newco"}));
         assert_eq!(newco.as_array().map(Vec::len), Some(3), "{}: {newco}", node.name);
+    }
+}
+
+/// The value node `node` published for acme's sign-ins from `address`, once it has (a pass
+/// is 2 s; bounded).
+fn published_signin(fleet: &Fleet, address: &str, node: &str) -> Value {
+    let key = format!("{PREFIX}~signins/acme/{address}/{node}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = fleet.etcd.etcdctl(&["get", "--prefix", &key, "--print-value-only"]).unwrap();
+        if let Some(line) = text.lines().find(|l| !l.trim().is_empty()) {
+            return serde_json::from_str(line).unwrap_or_else(|e| panic!("{key}: {e}: {line}"));
+        }
+        assert!(Instant::now() < deadline, "{node} did not publish {key} within 20 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A customer signs in on node B, through an entry and through a shared set; once B has
+/// published the sign-ins (`P/~signins/`), node A, which answered neither, refuses to remove
+/// the entry or the set's network (`lockout`, naming the address), lists the address in a
+/// replacement's dry run, and node C refuses too; forced, the removal goes through A and
+/// reaches every node.
+#[test]
+fn the_lockout_guard_on_any_node_weighs_sign_ins_made_on_another() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let (through_entry, through_set) = ("198.18.0.11", "198.18.0.12");
+    let (entry_cidr, set_cidr, kept) = (format!("{through_entry}/32"), format!("{through_set}/32"), "203.0.113.0/24");
+    enforcing_acme(&fleet, &[(&entry_cidr, None), (kept, None)]);
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "set_add", "set": "office", "cidrs": [set_cidr]}));
+    a.host.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": "office"}));
+    fleet.settle();
+    let (a, b, c) = (&fleet.nodes[0], &fleet.nodes[1], &fleet.nodes[2]);
+    let dry_run = json!({"cmd": "allow_replace", "account": "acme", "entries": [{"cidr": kept}], "dry_run": true});
+    // Nobody has signed in yet: nothing to shut out.
+    assert_eq!(a.host.ok(dry_run.clone())["dry_run"]["shut_out"], json!([]));
+
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    for address in [through_entry, through_set] {
+        let check = b.host.ok(json!({"cmd": "check", "account": "acme", "addr": address, "method": "password"}));
+        assert_eq!(check["reason"], "allowed", "{check}");
+    }
+    for address in [through_entry, through_set] {
+        let published = published_signin(&fleet, address, &b.name);
+        assert!(published["last_seen"].as_i64().unwrap() >= started, "{published}");
+    }
+
+    let remove = json!({"cmd": "allow_remove", "account": "acme", "cidr": entry_cidr});
+    for node in [a, c, b] {
+        let error = refused(node, remove.clone());
+        assert_eq!(error["code"], "lockout", "{}: {error}", node.name);
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(&format!("add {through_entry} first")), "{}: {message}", node.name);
+        let shut_out = &error["details"]["shut_out"];
+        assert_eq!(shut_out.as_array().map(Vec::len), Some(1), "{}: {error}", node.name);
+        assert_eq!(shut_out[0]["address"], through_entry, "{}: {error}", node.name);
+        assert!(shut_out[0]["last_seen"].as_i64().unwrap() >= started, "{}: {error}", node.name);
+    }
+    // The dry run through A names the address signed in from on B (the set's stays in).
+    let plan = a.host.ok(dry_run);
+    let shut_out = &plan["dry_run"]["shut_out"];
+    assert_eq!(shut_out.as_array().map(Vec::len), Some(1), "{plan}");
+    assert_eq!(shut_out[0]["address"], through_entry, "{plan}");
+    // A set change weighs every referencing account's sign-ins, made on any node.
+    let shrink = json!({"cmd": "set_remove", "set": "office", "cidrs": [set_cidr]});
+    let error = refused(a, shrink.clone());
+    assert_eq!(error["code"], "lockout", "{error}");
+    assert_eq!(
+        error["details"]["shut_out"],
+        json!([{"account": "acme", "address": through_set,
+        "last_seen": error["details"]["shut_out"][0]["last_seen"]}]),
+        "{error}"
+    );
+    assert!(error["message"].as_str().unwrap().contains(&format!("acme from {through_set}")), "{error}");
+
+    // Forced, both go through A, and reach every node.
+    a.host.ok(json!({"cmd": "allow_remove", "account": "acme", "cidr": entry_cidr, "force": true}));
+    a.host.ok(json!({"cmd": "set_remove", "set": "office", "cidrs": [set_cidr], "force": true}));
+    fleet.settle();
+    for node in &fleet.nodes {
+        let list = allow_list(node);
+        let cidrs: Vec<&str> = list.as_array().unwrap().iter().filter_map(|e| e["cidr"].as_str()).collect();
+        assert_eq!(cidrs, [kept], "{}: {list}", node.name);
     }
 }

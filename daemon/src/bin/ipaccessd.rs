@@ -155,7 +155,10 @@ async fn main() -> anyhow::Result<()> {
             info!("fleet node {} under {} (local copy at revision {applied})", fleet.node, fleet.prefix);
             // Denied checks are published for support on the other nodes (cluster::attempts).
             let attempts = tokio::spawn(cluster::attempts::publish(cluster.clone(), service.clone()));
-            Some([tokio::spawn(cluster::follow(cluster, service.clone())), attempts])
+            // Successful sign-ins are published for the lockout guard on the other nodes
+            // (cluster::signins).
+            let signins = tokio::spawn(cluster::signins::publish(cluster.clone(), service.clone()));
+            Some([tokio::spawn(cluster::follow(cluster, service.clone())), attempts, signins])
         }
         None => {
             service.leave_fleet().context("reading the applied revision")?;

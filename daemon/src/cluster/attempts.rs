@@ -41,7 +41,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Keys one `activity` counts at most (one account's addresses and methods, times nodes);
 /// the rest are read past and said to be missing.
 const MAX_REMOTE: usize = 100_000;
-const DAY: i64 = 24 * 3600;
+pub(super) const DAY: i64 = 24 * 3600;
 
 /// One day's denied checks of one outcome and kind of caller, as published.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,9 +77,13 @@ pub trait AttemptSource: Send + Sync + 'static {
 }
 
 /// Keys to write, coalesced: one value per key, the newest, and nothing that equals what
-/// was written last. Pure, so that the cap and the coalescing are tested alone.
+/// was written last (nor, with a granularity, anything seen less than it after what was
+/// written). Pure, so that the cap and the coalescing are tested alone.
 #[derive(Default)]
 pub struct Outbox {
+    /// Seconds: a key is offered again only once its last time seen is this much newer than
+    /// the written one's (0: whenever its value differs).
+    granularity: i64,
     /// What was written, and the last time seen in it (to forget keys past the retention).
     written: HashMap<String, (Vec<u8>, i64)>,
     pending: HashMap<String, (Vec<u8>, i64)>,
@@ -88,9 +92,17 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Offers a key's current value; it waits only if it differs from what was written.
+    /// An outbox for values that only say when something was last seen, rewritten only
+    /// when that moved by `granularity` seconds or more (see `cluster::signins`).
+    pub fn with_granularity(granularity: i64) -> Outbox {
+        Outbox { granularity, ..Outbox::default() }
+    }
+
+    /// Offers a key's current value; it waits only if it differs from what was written (and
+    /// with a granularity, if it was last seen that much after the written one).
     pub fn offer(&mut self, key: String, value: Vec<u8>, last_seen: i64) {
-        if self.written.get(&key).is_some_and(|(v, _)| *v == value) {
+        let fresh_enough = |seen: i64| self.granularity > 0 && last_seen < seen.saturating_add(self.granularity);
+        if self.written.get(&key).is_some_and(|(v, seen)| *v == value || fresh_enough(*seen)) {
             self.pending.remove(&key);
             return;
         }
@@ -161,13 +173,29 @@ fn values(cluster: &Cluster, tallies: Vec<DeniedTally>) -> Vec<(String, Vec<u8>,
         .collect()
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Publishes this node's denied checks for as long as the daemon runs.
 pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
-    let mut outbox = Outbox::default();
+    let keys = cluster.clone();
+    let read = move |changed_since| {
+        let (retention, tallies) = source.denied_attempts(changed_since)?;
+        Ok((i64::from(retention) * DAY, values(&keys, tallies)))
+    };
+    run(cluster, "denied checks", Outbox::default(), read).await
+}
+
+/// One node's publishing of `what` for as long as the daemon runs: every [`PERIOD`], `read`
+/// (blocking: it reads the store) gives how long keys are kept, in seconds, and the keys
+/// whose value may have changed since the time it is given; what the `outbox` lets through
+/// is written, at most [`MAX_KEYS_PER_SECOND`], under a lease of that time plus a day.
+pub(super) async fn run<R>(cluster: Arc<Cluster>, what: &'static str, mut outbox: Outbox, read: R)
+where
+    R: Fn(i64) -> Result<(i64, Vec<(String, Vec<u8>, i64)>), String> + Send + Sync + 'static,
+{
+    let read = Arc::new(read);
     // The lease of the current day, granted on its first write.
     let mut lease: Option<(i64, i64)> = None;
     // 0: the first pass takes the whole window (after a restart, etcd may lack some of it).
@@ -180,24 +208,24 @@ pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
     loop {
         every.tick().await;
         let started = now();
-        let read = {
-            let source = source.clone();
-            tokio::task::spawn_blocking(move || source.denied_attempts(changed_since)).await
+        let pass = {
+            let read = read.clone();
+            tokio::task::spawn_blocking(move || read(changed_since)).await
         };
-        let retention = match read {
-            Ok(Ok((retention, tallies))) => {
-                for (key, value, last_seen) in values(&cluster, tallies) {
+        let retention = match pass {
+            Ok(Ok((retention, values))) => {
+                for (key, value, last_seen) in values {
                     outbox.offer(key, value, last_seen);
                 }
                 changed_since = started - SLACK_SECONDS;
-                i64::from(retention) * DAY
+                retention
             }
             Ok(Err(e)) => {
-                warn!("cluster: could not read the denied checks to publish: {e}");
+                warn!("cluster: could not read the {what} to publish: {e}");
                 continue;
             }
             Err(e) => {
-                warn!("cluster: could not read the denied checks to publish: {e}");
+                warn!("cluster: could not read the {what} to publish: {e}");
                 continue;
             }
         };
@@ -242,14 +270,14 @@ pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
                 }
                 outbox.failed(key, value, last_seen);
                 if !failing {
-                    info!("cluster: denied checks not published yet ({} keys waiting): {e}", outbox.pending());
+                    info!("cluster: {what} not published yet ({} keys waiting): {e}", outbox.pending());
                     failing = true;
                 }
                 lease = None;
                 break;
             }
             if failing {
-                info!("cluster: publishing denied checks again ({} keys waiting)", outbox.pending());
+                info!("cluster: publishing {what} again ({} keys waiting)", outbox.pending());
                 failing = false;
             }
             outbox.written(key, value, last_seen);

@@ -10,6 +10,7 @@
 //! | `P/audit/<unix seconds>/<node>/<n>` | one audit record |
 //! | `P/~nodes/<node>` | a live node's applied revision, under its lease |
 //! | `P/~attempts/<account>/<addr>/<method>/<node>` | that node's denied checks, under a lease of the retention |
+//! | `P/~signins/<account>/<addr>/<node>` | that node's last successful sign-in from there, under a lease of 8 days |
 //!
 //! The policy is everything before `P/~`: nodes watch and read only that range, so a node
 //! publishing its revision is not itself an event every node must apply.
@@ -147,6 +148,34 @@ impl Keys {
         }
     }
 
+    /// Where `node` publishes the last successful sign-in of `account` from `address` (see
+    /// `cluster::signins`).
+    pub fn signins(&self, account: &str, address: &str, node: &str) -> String {
+        format!("{}~signins/{account}/{address}/{node}", self.prefix)
+    }
+
+    /// Every node's published sign-ins of `account`: `[start, end)`.
+    pub fn account_signins(&self, account: &str) -> (String, String) {
+        (format!("{}~signins/{account}/", self.prefix), format!("{}~signins/{account}0", self.prefix))
+    }
+
+    /// Every node's published sign-ins of every account: `[start, end)`.
+    pub fn all_signins(&self) -> (String, String) {
+        (format!("{}~signins/", self.prefix), format!("{}~signins0", self.prefix))
+    }
+
+    /// The account, address and node of a key of [`Keys::all_signins`].
+    pub fn parse_signins<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str, &'k str)> {
+        let rest = key.strip_prefix(self.all_signins().0.as_str())?;
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(account), Some(address), Some(node), None) if !account.is_empty() && !node.is_empty() => {
+                Some((account, address, node))
+            }
+            _ => None,
+        }
+    }
+
     /// What `key` is, if it is under this prefix.
     pub fn parse(&self, key: &[u8]) -> Key {
         let Some(rest) = std::str::from_utf8(key).ok().and_then(|k| k.strip_prefix(self.prefix.as_str())) else {
@@ -274,6 +303,21 @@ mod tests {
             assert!(other < start || other >= end, "{other}");
             assert_eq!(keys.parse_attempts("acme", &other), None);
         }
+        // So are published sign-ins; an account's range holds its keys and no other's.
+        let signin = keys.signins("acme", "fd00::1", "mx1");
+        assert!(signin >= keys.policy_range().1 && (signin < keys.nodes().0 || signin >= keys.nodes().1));
+        assert!(signin >= keys.account_attempts("acme").1 || signin < keys.account_attempts("acme").0);
+        assert_eq!(keys.parse_signins(&signin), Some(("acme", "fd00::1", "mx1")));
+        let (start, end) = keys.account_signins("acme");
+        assert!(signin >= start && signin < end);
+        let (all_start, all_end) = keys.all_signins();
+        assert!(start >= all_start && end <= all_end);
+        for other in [keys.signins("acme.b", "fd00::1", "mx1"), keys.signins("acm", "198.18.0.1", "mx1")] {
+            assert!(other < start || other >= end, "{other}");
+            assert!(other >= all_start && other < all_end, "{other}");
+        }
+        assert_eq!(keys.parse_signins(&attempt), None);
+        assert_eq!(keys.parse_signins("/ipa/~signins/acme/fd00::1/mx1/x"), None);
         let (start, end) = keys.audit_before(1_700_000_001);
         let old = keys.audit(1_700_000_000, "mx1", "3");
         assert!(old >= start && old < end);

@@ -15,6 +15,7 @@ pub mod attempts;
 pub mod clock;
 pub mod keys;
 mod seed;
+pub mod signins;
 
 use std::{
     sync::{Arc, Mutex},

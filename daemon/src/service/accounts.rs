@@ -98,7 +98,7 @@ impl Service {
             let row = existing(tx, &account)?;
             let before = policy_from_store(tx, &row, now())?;
             let after = AccountPolicy { mode, ..before.clone() };
-            lockout::guard(tx, &account, uid, client_ip, force, &before, &after)?;
+            lockout::guard(tx, self, &account, uid, client_ip, force, &before, &after)?;
             tx.set_mode(&account, mode)?;
             audit(tx, &account, uid, "mode", json!({ "mode": mode, "was": row.mode, "forced": force }))?;
             let row = existing(tx, &account)?;

@@ -67,7 +67,7 @@ impl Service {
         let AllowRemove { account, cidr, client_ip, force } = request;
         self.change(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
-            let (row, entry) = withdraw_entry(tx, &account, cidr, uid, client_ip, force)?;
+            let (row, entry) = withdraw_entry(tx, self, &account, cidr, uid, client_ip, force)?;
             tx.remove_entry(&account, cidr)?;
             audit(tx, &account, uid, "allow_remove", json!({ "cidr": cidr, "label": entry.label, "forced": force }))?;
             Ok((row, EntryRemoved { account: account.clone(), removed: cidr, notes }))
@@ -108,7 +108,7 @@ impl Service {
             let before = policy_from_store(tx, &row, now())?;
             let mut after = before.clone();
             cidrs.iter().for_each(|&cidr| after.withdraw(cidr));
-            lockout::guard(tx, &account, uid, client_ip, force, &before, &after)?;
+            lockout::guard(tx, self, &account, uid, client_ip, force, &before, &after)?;
             for &cidr in &cidrs {
                 tx.set_entry_enabled(&account, cidr, false)?;
                 audit(tx, &account, uid, "allow_disable", json!({ "cidr": cidr, "forced": force }))?;
@@ -153,7 +153,7 @@ impl Service {
             self.activity.flush_account(&account);
             return self.read(|tx| {
                 let replacement = Replacement::of(tx, &account, entries)?;
-                let shut_out = lockout::shut_out(tx, &account, &replacement.before, &replacement.after, now())?;
+                let shut_out = lockout::shut_out(tx, self, &account, &replacement.before, &replacement.after, now())?;
                 let plan = replacement.plan(shut_out);
                 Ok(Allowlist { entries: tx.entries_with_use(&account)?, notes: replacement.notes, dry_run: Some(plan) })
             });
@@ -162,7 +162,7 @@ impl Service {
             let Replacement { row, wanted, notes, current, before, after } = Replacement::of(tx, &account, entries)?;
             // The replacement is the whole list afterwards (disabled entries it names stay).
             entry_limit(self.max_entries(), &account, current.len() as u64, wanted.len() as u64)?;
-            lockout::guard(tx, &account, uid, client_ip, force, &before, &after)?;
+            lockout::guard(tx, self, &account, uid, client_ip, force, &before, &after)?;
             tx.replace_entries(&account, &wanted, uid, now())?;
             audit(tx, &account, uid, "allow_replace", json!({ "entries": wanted.len(), "forced": force }))?;
             Ok((row, Allowlist { entries: tx.entries(&account)?, notes, dry_run: None }))
@@ -311,6 +311,7 @@ fn changed_entry(tx: &Tx, account: &str, cidr: IpNet) -> Result<Entry, Failure> 
 /// entry, once the lockout guard has accepted the account's policy without it.
 fn withdraw_entry(
     tx: &Tx,
+    others: &dyn lockout::OtherNodes,
     account: &str,
     cidr: IpNet,
     uid: u32,
@@ -321,7 +322,7 @@ fn withdraw_entry(
     let before = policy_from_store(tx, &row, now())?;
     let mut after = before.clone();
     after.withdraw(cidr);
-    lockout::guard(tx, account, uid, client_ip, force, &before, &after)?;
+    lockout::guard(tx, others, account, uid, client_ip, force, &before, &after)?;
     Ok((row, entry))
 }
 

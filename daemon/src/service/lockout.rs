@@ -4,18 +4,66 @@ use std::net::IpAddr;
 
 use serde_json::json;
 
-use super::{Failure, now};
+use super::{Failure, Service, now};
 use crate::{
+    cluster::signins::{RemoteSignin, SigninSource},
     logging,
     policy::{AccountPolicy, SetPolicy, Sets},
     protocol::{ErrorCode, Mode, RecentSignin, ShutOut},
-    store::Tx,
+    store::{LastSignin, Tx},
 };
 
 /// How far back a successful sign-in counts for the lockout guard.
-const RECENT_SIGNINS: i64 = 7 * 24 * 3600;
+pub(super) const RECENT_SIGNINS: i64 = 7 * 24 * 3600;
 /// How many shut-out addresses a refusal's message names (`details` has them all).
 const LISTED: usize = 10;
+
+/// The successful sign-ins the other nodes of a fleet answered, which the guard counts with
+/// the store's: checks stay on the node that answered them.
+pub(super) trait OtherNodes {
+    /// Those of `accounts` last seen at or after `since`; none on a single host. Fails
+    /// (closed: the guarded change is refused) when they cannot be read.
+    fn signins(&self, accounts: &[&str], since: i64) -> Result<Vec<RemoteSignin>, Failure>;
+}
+
+impl OtherNodes for Service {
+    fn signins(&self, accounts: &[&str], since: i64) -> Result<Vec<RemoteSignin>, Failure> {
+        let Some(cluster) = self.fleet() else { return Ok(Vec::new()) };
+        cluster.signins(accounts, since).map_err(|e| {
+            Failure::new(
+                ErrorCode::ClusterUnavailable,
+                format!(
+                    "the sign-ins other nodes published could not be read from etcd ({e}), so the lockout guard \
+                     cannot weigh them; nothing was changed; repeat once etcd answers, or force the change with --force"
+                ),
+            )
+        })
+    }
+}
+
+impl SigninSource for Service {
+    fn last_signins(&self, changed_since: i64) -> Result<(i64, Vec<LastSignin>), String> {
+        let since = now() - RECENT_SIGNINS;
+        let signins = self.read(|tx| Ok(tx.last_signins(since, changed_since)?)).map_err(|e: Failure| e.0.message)?;
+        Ok((RECENT_SIGNINS, signins))
+    }
+}
+
+/// The store's recent sign-ins of `account` and the other nodes', one per address (its
+/// latest), newest first.
+fn recent_signins(tx: &Tx, others: &dyn OtherNodes, account: &str, since: i64) -> Result<Vec<RecentSignin>, Failure> {
+    let mut all = tx.recent_signins(account, since)?;
+    all.extend(others.signins(&[account], since)?.into_iter().map(|r| r.signin));
+    Ok(merge(all))
+}
+
+/// Sign-ins one per address, its latest, newest first.
+fn merge(mut signins: Vec<RecentSignin>) -> Vec<RecentSignin> {
+    signins.sort_by(|a, b| a.address.cmp(&b.address).then(b.last_seen.cmp(&a.last_seen)));
+    signins.dedup_by_key(|s| s.address);
+    signins.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.address.cmp(&b.address)));
+    signins
+}
 
 /// Unless `force`, a change that leaves the account enforcing (`before` and `after` are its
 /// policy as it is and as the change would leave it) is refused when it would shut out the
@@ -23,8 +71,10 @@ const LISTED: usize = 10;
 /// address that signed in successfully in the last seven days and is let in now (the
 /// refusal lists those, in `details`). A change that shuts out nobody who gets in today,
 /// such as removing a disabled entry, is not refused.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn guard(
     tx: &Tx,
+    others: &dyn OtherNodes,
     account: &str,
     uid: u32,
     client_ip: Option<IpAddr>,
@@ -60,7 +110,7 @@ pub(super) fn guard(
             ),
         ));
     }
-    let shut_out = flat_shut_out(tx, account, before, after, at)?;
+    let shut_out = flat_shut_out(tx, others, account, before, after, at)?;
     let Some(first) = shut_out.first() else { return Ok(()) };
     logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
     let mut listed: Vec<String> = shut_out
@@ -93,12 +143,13 @@ pub(super) fn guard(
 /// nobody in, before or after.
 pub(super) fn shut_out(
     tx: &Tx,
+    others: &dyn OtherNodes,
     account: &str,
     before: &AccountPolicy,
     after: &AccountPolicy,
     at: i64,
 ) -> Result<Vec<RecentSignin>, Failure> {
-    flat_shut_out(tx, account, &with_sets(tx, before)?, &with_sets(tx, after)?, at)
+    flat_shut_out(tx, others, account, &with_sets(tx, before)?, &with_sets(tx, after)?, at)
 }
 
 /// The policy with the networks of its enabled sets, as the transaction holds them, counted
@@ -118,6 +169,7 @@ fn with_sets(tx: &Tx, policy: &AccountPolicy) -> Result<AccountPolicy, Failure> 
 /// [`shut_out`] of policies whose sets are already counted as their own entries.
 fn flat_shut_out(
     tx: &Tx,
+    others: &dyn OtherNodes,
     account: &str,
     before: &AccountPolicy,
     after: &AccountPolicy,
@@ -127,8 +179,8 @@ fn flat_shut_out(
         return Ok(Vec::new());
     }
     let lets_in_now = |addr: IpAddr| before.mode != Mode::Enforce || before.covers(addr, at);
-    Ok(tx
-        .recent_signins(account, at - RECENT_SIGNINS)?
+    // Another node's sign-ins count as this one's: they are the same customers.
+    Ok(recent_signins(tx, others, account, at - RECENT_SIGNINS)?
         .into_iter()
         .filter(|s| lets_in_now(s.address) && !after.covers(s.address, at))
         .collect())
@@ -180,6 +232,29 @@ mod tests {
         store
     }
 
+    /// A single host: no other node.
+    struct Alone;
+
+    impl OtherNodes for Alone {
+        fn signins(&self, _: &[&str], _: i64) -> Result<Vec<RemoteSignin>, Failure> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Other nodes that published these sign-ins, or whose etcd cannot be read (`None`).
+    struct Others(Option<Vec<RemoteSignin>>);
+
+    impl OtherNodes for Others {
+        fn signins(&self, accounts: &[&str], since: i64) -> Result<Vec<RemoteSignin>, Failure> {
+            let Some(all) = &self.0 else { return Err(Failure::new(ErrorCode::ClusterUnavailable, "etcd is away")) };
+            Ok(all
+                .iter()
+                .filter(|r| accounts.contains(&r.account.as_str()) && r.signin.last_seen >= since)
+                .cloned()
+                .collect())
+        }
+    }
+
     fn refusal(result: Result<(), Failure>) -> (ErrorCode, String, Option<serde_json::Value>) {
         let Failure(body) = result.expect_err("refused");
         (body.code, body.message, body.details)
@@ -193,20 +268,21 @@ mod tests {
         let office = policy(Mode::Enforce, &["198.18.0.0/24"]);
         let elsewhere = policy(Mode::Enforce, &["198.18.1.0/24"]);
         let me = Some("198.18.0.9".parse().unwrap());
-        let (code, message, _) = refusal(guard(&tx, "acme", 0, me, false, &office, &elsewhere));
+        let (code, message, _) = refusal(guard(&tx, &Alone, "acme", 0, me, false, &office, &elsewhere));
         assert_eq!(code, ErrorCode::Lockout);
         assert!(message.contains("198.18.0.9, the address you are using"), "{message}");
-        assert!(guard(&tx, "acme", 0, me, true, &office, &elsewhere).is_ok(), "force overrides the guard");
+        assert!(guard(&tx, &Alone, "acme", 0, me, true, &office, &elsewhere).is_ok(), "force overrides the guard");
         assert!(
-            guard(&tx, "acme", 0, me, false, &office, &policy(Mode::Monitor, &[])).is_ok(),
+            guard(&tx, &Alone, "acme", 0, me, false, &office, &policy(Mode::Monitor, &[])).is_ok(),
             "monitor blocks nobody"
         );
         // Newly nothing allowed: refused; already nothing allowed: not this change's doing.
-        let (code, message, _) = refusal(guard(&tx, "acme", 0, None, false, &office, &policy(Mode::Enforce, &[])));
+        let (code, message, _) =
+            refusal(guard(&tx, &Alone, "acme", 0, None, false, &office, &policy(Mode::Enforce, &[])));
         assert_eq!(code, ErrorCode::Lockout);
         assert!(message.contains("no enabled entry"), "{message}");
         let empty = policy(Mode::Enforce, &[]);
-        assert!(guard(&tx, "acme", 0, None, false, &empty, &empty).is_ok());
+        assert!(guard(&tx, &Alone, "acme", 0, None, false, &empty, &empty).is_ok());
     }
 
     #[test]
@@ -217,7 +293,7 @@ mod tests {
         let before = policy(Mode::Enforce, &["198.18.0.0/24", "fd00::/64"]);
         // Keeps 198.18.0.9, shuts out fd00::9; 198.18.2.9 was shut out already.
         let after = policy(Mode::Enforce, &["198.18.0.0/24"]);
-        let (code, message, details) = refusal(guard(&tx, "acme", 0, None, false, &before, &after));
+        let (code, message, details) = refusal(guard(&tx, &Alone, "acme", 0, None, false, &before, &after));
         assert_eq!(code, ErrorCode::Lockout);
         assert!(message.contains("would shut out 1 address ") && message.contains("add fd00::9 first"), "{message}");
         let listed: ShutOut = serde_json::from_value(details.unwrap()).unwrap();
@@ -227,13 +303,50 @@ mod tests {
         // it lets nobody in, so withdrawing it shuts out nobody.
         let mut expiring = policy(Mode::Enforce, &["198.18.0.0/24"]);
         expiring.expiring.push(ExpiringEntry { cidr: "fd00::/64".parse().unwrap(), expires_at: now() + 5 });
-        let (_, message, _) = refusal(guard(&tx, "acme", 0, None, false, &expiring, &after));
+        let (_, message, _) = refusal(guard(&tx, &Alone, "acme", 0, None, false, &expiring, &after));
         assert!(message.contains("add fd00::9 first"), "{message}");
         expiring.expiring[0].expires_at = now() - 1;
-        assert!(guard(&tx, "acme", 0, None, false, &expiring, &after).is_ok());
+        assert!(guard(&tx, &Alone, "acme", 0, None, false, &expiring, &after).is_ok());
         // Turning enforcement on shuts out every recent address not on the list.
         let off = policy(Mode::Off, &["198.18.0.0/24"]);
-        let (_, message, _) = refusal(guard(&tx, "acme", 0, None, false, &off, &after));
+        let (_, message, _) = refusal(guard(&tx, &Alone, "acme", 0, None, false, &off, &after));
         assert!(message.contains("would shut out 2 addresses"), "{message}");
+    }
+
+    #[test]
+    fn other_nodes_signins_count_and_unread_ones_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_with_signins(&dir, &["198.18.0.9"]);
+        let tx = store.transaction().unwrap();
+        let before = policy(Mode::Enforce, &["198.18.0.0/24", "fd00::/64"]);
+        let after = policy(Mode::Enforce, &["198.18.0.0/24"]);
+        assert!(guard(&tx, &Alone, "acme", 0, None, false, &before, &after).is_ok(), "nobody here used fd00::");
+        let remote = |account: &str, address: &str, ago: i64| RemoteSignin {
+            account: account.into(),
+            signin: RecentSignin { address: address.parse().unwrap(), last_seen: now() - ago },
+        };
+        // Signed in on another node: refused as if here. Another account's, or one past the
+        // window, does not count.
+        let others = Others(Some(vec![
+            remote("acme", "fd00::9", 60),
+            remote("acme", "fd00::9", 7200),
+            remote("acme", "fd00::8", RECENT_SIGNINS + 60),
+            remote("globex", "fd00::7", 60),
+        ]));
+        let (code, message, details) = refusal(guard(&tx, &others, "acme", 0, None, false, &before, &after));
+        assert_eq!(code, ErrorCode::Lockout);
+        assert!(message.contains("would shut out 1 address ") && message.contains("add fd00::9 first"), "{message}");
+        let listed: ShutOut = serde_json::from_value(details.unwrap()).unwrap();
+        assert_eq!(listed.shut_out.len(), 1);
+        assert_eq!(listed.shut_out[0].last_seen, now() - 60, "the latest of the address");
+        let shut = shut_out(&tx, &others, "acme", &before, &after, now()).unwrap();
+        assert_eq!(shut.iter().map(|s| s.address.to_string()).collect::<Vec<_>>(), ["fd00::9"]);
+        // etcd unread: refused (fail closed), unless forced; a change that cannot shut out
+        // anybody does not need it.
+        let away = Others(None);
+        let (code, _, _) = refusal(guard(&tx, &away, "acme", 0, None, false, &before, &after));
+        assert_eq!(code, ErrorCode::ClusterUnavailable);
+        assert!(guard(&tx, &away, "acme", 0, None, true, &before, &after).is_ok());
+        assert!(guard(&tx, &away, "acme", 0, None, false, &before, &policy(Mode::Monitor, &[])).is_ok());
     }
 }

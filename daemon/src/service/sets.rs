@@ -14,7 +14,8 @@ use super::{
     Failure, Reply, Service, Writer,
     allowlist::network,
     change::{audit, existing, policy_from_store},
-    lockout, now,
+    lockout::{self, RECENT_SIGNINS},
+    now,
 };
 use crate::{
     datapath::DatapathError,
@@ -24,13 +25,11 @@ use crate::{
         AccountSignin, AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, ErrorCode, ListedSet, Mode,
         SetAdd, SetDelete, SetDeleted, SetList, SetReference, SetRemove, SetShow, SetShutOut, SharedSet,
     },
-    store::{SetRefRow, Tx},
+    store::{SetRefRow, SignedInThroughSet, Tx},
 };
 
 /// The most networks one set may hold.
 pub const MAX_SET_ENTRIES: u64 = 10_000;
-/// How far back a successful sign-in counts for the lockout guard (as for one account).
-const RECENT_SIGNINS: i64 = 7 * 24 * 3600;
 /// How many accounts or addresses a refusal's message names (`details` has more).
 const LISTED: usize = 10;
 /// How many a refusal's `details` lists at most (a set may have 10,000 references).
@@ -242,7 +241,7 @@ impl Service {
         let before = policy_from_store(tx, &row, now())?;
         let mut after = before.clone();
         after.sets.retain(|s| s.name != set);
-        lockout::guard(tx, account, uid, client_ip, force, &before, &after)?;
+        lockout::guard(tx, self, account, uid, client_ip, force, &before, &after)?;
         Ok((row, was))
     }
 
@@ -266,7 +265,7 @@ impl Service {
                     .any(|s| sets.get(&s.name).is_some_and(|s| covered(&s.entries, addr)))
         };
         let mut shut_out = Vec::new();
-        for s in tx.signins_through_set(set, at - RECENT_SIGNINS)? {
+        for s in self.signins_through_set(tx, set, &accounts, at - RECENT_SIGNINS)? {
             let addr = s.signin.address;
             if !covered(before, addr) || covered(after, addr) {
                 continue;
@@ -348,6 +347,40 @@ impl Service {
         nothing.truncate(DETAILED);
         body.details = Some(json!(SetShutOut { shut_out, allows_nothing: nothing }));
         Err(Failure(body))
+    }
+
+    /// [`Tx::signins_through_set`], with (on a fleet node) the sign-ins the other nodes
+    /// published of the same accounts: enforcing, with the reference enabled. One read for
+    /// them all, however many (`Cluster::signins` picks per-account ranges or the whole one).
+    fn signins_through_set(
+        &self,
+        tx: &Tx,
+        set: &str,
+        accounts: &HashMap<String, AccountPolicy>,
+        since: i64,
+    ) -> Result<Vec<SignedInThroughSet>, Failure> {
+        let mut signins = tx.signins_through_set(set, since)?;
+        if self.fleet().is_none() {
+            return Ok(signins);
+        }
+        let referrers = tx.set_referrers(set)?;
+        let enforcing: Vec<&str> = referrers
+            .iter()
+            .filter(|r| r.enabled && accounts.get(&r.account).is_some_and(|p| p.mode == Mode::Enforce))
+            .map(|r| r.account.as_str())
+            .collect();
+        if enforcing.is_empty() {
+            return Ok(signins);
+        }
+        let remote = lockout::OtherNodes::signins(self, &enforcing, since)?;
+        signins.extend(remote.into_iter().map(|r| SignedInThroughSet { account: r.account, signin: r.signin }));
+        // One per account and address, its latest, as the store's query gives them.
+        signins.sort_by(|a, b| {
+            (&a.account, a.signin.address, b.signin.last_seen).cmp(&(&b.account, b.signin.address, a.signin.last_seen))
+        });
+        signins.dedup_by(|a, b| a.account == b.account && a.signin.address == b.signin.address);
+        signins.sort_by(|a, b| (&a.account, b.signin.last_seen).cmp(&(&b.account, a.signin.last_seen)));
+        Ok(signins)
     }
 
     /// A change to one set: `f` changes the store and returns the accounts whose references
