@@ -262,7 +262,7 @@ fn every_command() {
     let shown = w.ok(&["account", "show", "acme"]);
     let mut acme_view = acme.clone();
     acme_view["effective_state"] = json!("active");
-    assert_eq!(shown, json!({"account": acme_view, "entries": [], "bindings": []}));
+    assert_eq!(shown, json!({"account": acme_view, "entries": [], "bindings": [], "sets": []}));
     let list = w.ok(&["account", "list"]);
     assert_eq!(strings(&list, "id"), ["acme", "acme-dev", "newco", "plain"]);
     assert_eq!(list[0], acme_view);
