@@ -279,10 +279,12 @@ impl Service {
         let after = tx.set_doc(name)?;
         let mut unit = Unit::default();
         unit.guards.push(if before.is_some() { Guard::Existing(key.clone()) } else { Guard::Key(key.clone()) });
+        // A set holds up to 10,000 networks: compared through a hash set, not pair by pair.
         let lost = before.as_ref().is_some_and(|before| {
-            after
-                .as_ref()
-                .is_none_or(|after| before.entries.iter().any(|c| !after.entries.iter().any(|e| e.cidr == *c)))
+            after.as_ref().is_none_or(|after| {
+                let kept: HashSet<ipnet::IpNet> = after.entries.iter().map(|e| e.cidr).collect();
+                before.entries.iter().any(|c| !kept.contains(c))
+            })
         });
         if lost {
             let (start, end) = keys.accounts_range();
