@@ -7,6 +7,8 @@
 //! can tell which accounts differ from a snapshot without touching the others. A shared
 //! set is one document too ([`SetDoc`]); its kernel id is not in it: each node picks its own.
 
+use std::collections::HashMap;
+
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -250,22 +252,42 @@ impl Tx<'_> {
                 doc.created_at,
             ),
         )?;
-        // Which expiries this node has audited is local: rewriting the rows keeps it.
-        let audited: Vec<(String, Option<i64>)> = self.rows(
-            "SELECT cidr, expires_at FROM allow_entries WHERE account = ?1 AND expiry_audited = 1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        self.execute("DELETE FROM allow_entries WHERE account = ?1", [id])?;
+        // Every event carries the whole document, and most change one entry: only the rows
+        // that differ are written. Which expiries this node has audited is local, so it
+        // stays while an entry's expiry does.
+        type EntryRow = (Option<String>, i64, u32, bool, Option<i64>);
+        let mut had: HashMap<String, EntryRow> = self
+            .rows(
+                "SELECT cidr, label, created_at, created_by, enabled, expires_at FROM allow_entries WHERE account = ?1",
+                [id],
+                |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))),
+            )?
+            .into_iter()
+            .collect();
         for e in &doc.entries {
             let cidr = e.cidr.to_string();
-            let done = audited.iter().any(|(c, at)| *c == cidr && *at == e.expires_at);
-            self.execute(
-                "INSERT INTO allow_entries (account, cidr, label, created_at, created_by, enabled, expires_at,
-                     expiry_audited)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                (id, &cidr, &e.label, e.created_at, e.created_by, e.enabled, e.expires_at, done),
-            )?;
+            let row: EntryRow = (e.label.clone(), e.created_at, e.created_by, e.enabled, e.expires_at);
+            match had.remove(&cidr) {
+                Some(old) if old == row => {}
+                Some(_) => {
+                    self.execute(
+                        "UPDATE allow_entries SET label = ?3, created_at = ?4, created_by = ?5, enabled = ?6,
+                             expires_at = ?7, expiry_audited = expiry_audited AND expires_at IS ?7
+                         WHERE account = ?1 AND cidr = ?2",
+                        (id, &cidr, &e.label, e.created_at, e.created_by, e.enabled, e.expires_at),
+                    )?;
+                }
+                None => {
+                    self.execute(
+                        "INSERT INTO allow_entries (account, cidr, label, created_at, created_by, enabled, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        (id, &cidr, &e.label, e.created_at, e.created_by, e.enabled, e.expires_at),
+                    )?;
+                }
+            }
+        }
+        for cidr in had.keys() {
+            self.execute("DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2", (id, cidr))?;
         }
         for o in &doc.overrides {
             self.execute(
@@ -413,5 +435,37 @@ mod tests {
         renewed.entries[0].expires_at = Some(200);
         tx.put_account_doc("acme", &renewed, 100).unwrap();
         assert_eq!(tx.unaudited_entry_expiries(200).unwrap().len(), 1, "a renewed entry's end is audited again");
+    }
+
+    #[test]
+    fn a_document_applied_over_another_reads_back_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db")).unwrap();
+        let tx = store.transaction().unwrap();
+        tx.add_account("acme", None, AccountState::Active, Mode::Enforce, 0).unwrap();
+        for cidr in ["198.18.0.0/24", "198.18.1.1/32", "fd00::/64"] {
+            tx.add_entry("acme", cidr.parse().unwrap(), None, 0, 1).unwrap();
+        }
+        let mut doc = tx.account_doc("acme", 100).unwrap().unwrap();
+        // One entry kept as it is, one relabelled and disabled, one given an end, one gone
+        // and one new: each kind of row the apply writes differently.
+        doc.entries.retain(|e| e.cidr.to_string() != "198.18.1.1/32");
+        doc.entries[0].label = Some("office".into());
+        doc.entries[0].enabled = false;
+        doc.entries[1].expires_at = Some(500);
+        doc.entries.push(EntryDoc {
+            cidr: "198.18.2.0/24".parse().unwrap(),
+            label: Some("branch".into()),
+            enabled: true,
+            created_at: 7,
+            created_by: 3,
+            expires_at: None,
+        });
+        tx.put_account_doc("acme", &doc, 100).unwrap();
+        let mut expected = doc.entries.clone();
+        expected.sort_by_key(|e| e.cidr.to_string());
+        let mut read = tx.account_doc("acme", 100).unwrap().unwrap().entries;
+        read.sort_by_key(|e| e.cidr.to_string());
+        assert_eq!(read, expected);
     }
 }
