@@ -64,8 +64,8 @@ impl Service {
         let mut guard = self.writer.lock().expect("writer lock");
         let pending_audit = PendingAudit::begin();
         let tx = guard.store.transaction()?;
-        // Only the writer lock's holder applies the watch, so this revision holds until the
-        // lock is released.
+        // Only the writer lock's holder applies the watch, so this revision holds while the
+        // change runs against the copy.
         let applied = tx.applied_revision()?;
         if applied == 0 {
             return Err(not_following(&tx, cluster)?);
@@ -75,8 +75,13 @@ impl Service {
         let (touched, reply) = f(&tx)?;
         let units = self.transaction(cluster, &tx, marks, &touched, bindings.then_some(before), set)?;
         drop(tx);
-        let committed = cluster.commit_units(units, applied);
+        // etcd's answer is not waited for under the lock. The transaction's guards compare
+        // with `applied`, the revision the change was checked at, whatever the store applies
+        // meanwhile; holding the lock would only queue this node's other changes behind
+        // etcd's round trip, and keep the watch from applying this one (its event usually
+        // arrives before etcd's answer does).
         drop(guard);
+        let committed = cluster.commit_units(units, applied);
         match committed? {
             Committed::At(revision) => {
                 if !cluster.wait_enforced(revision) {
