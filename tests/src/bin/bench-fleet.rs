@@ -68,6 +68,8 @@ struct Scale {
 const ENTRIES: usize = 10;
 /// Clients per node for the login checks.
 const CLIENTS: usize = 8;
+/// Clients sending changes through one node at once, for the concurrent throughput figure.
+const CHANGE_CLIENTS: usize = 8;
 /// Accounts the login checks spread over (made through node A).
 const CHECK_ACCOUNTS: usize = 32;
 /// etcd transactions of at most this many puts (etcd's default limit is 128).
@@ -278,6 +280,58 @@ fn change_rate(node: &FleetNode, n: usize) -> f64 {
         }
     }
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `clients` connections to node A at once, each alternating an add and a removal on an
+/// account of its own, `per_client` changes each; changes per second, all together.
+fn concurrent_change_rate(node: &FleetNode, clients: usize, per_client: usize) -> f64 {
+    for c in 0..clients {
+        node.host.ok(json!({"cmd": "account_add", "account": format!("busy{c}")}));
+    }
+    let socket = node.host.socket();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for c in 0..clients {
+            let socket = &socket;
+            scope.spawn(move || {
+                let mut ctl = Conn::open(socket);
+                let (account, cidr) = (format!("busy{c}"), format!("198.18.203.{c}/32"));
+                for i in 0..per_client {
+                    if i % 2 == 0 {
+                        ctl.ok(json!({"cmd": "allow_add", "account": account, "cidr": cidr}));
+                    } else {
+                        ctl.ok(json!({"cmd": "allow_remove", "account": account, "cidr": cidr, "force": true}));
+                    }
+                }
+            });
+        }
+    });
+    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// etcd's puts from `clients` tasks at once on one client (its connections shared, as a
+/// node's are), `per_client` each, each task on a key of its own; puts per second.
+fn concurrent_put_rate(ns: &Netns, endpoints: &[String], value_len: usize, clients: usize, per_client: usize) -> f64 {
+    ns.run(|| {
+        runtime().block_on(async {
+            let etcd = Etcd::connect(endpoints, None).await.expect("connect to etcd");
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for c in 0..clients {
+                let mut etcd = etcd.clone();
+                let value = vec![b'x'; value_len];
+                tasks.spawn(async move {
+                    for _ in 0..per_client {
+                        etcd.put(format!("/bench-etcd/busy{c}"), value.clone(), None).await.expect("put");
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.expect("a put task");
+            }
+            (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+        })
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -627,6 +681,19 @@ fn main() {
             "| etcd transaction shaped like a change (a compare, that value, a 200-byte audit record) | {:.0} | {:.2} |",
             rates.txns_per_second,
             changes_per_second / rates.txns_per_second
+        );
+        let per_client = scale.sequential / 2;
+        let concurrent = concurrent_change_rate(a, CHANGE_CLIENTS, per_client);
+        let concurrent_puts =
+            concurrent_put_rate(&a.host.hosts.server, &a.endpoints, doc_len, CHANGE_CLIENTS, per_client);
+        println!(
+            "| {CHANGE_CLIENTS} clients at once through node A, {per_client} changes each, each on its own account | \
+             {concurrent:.0} | |"
+        );
+        println!(
+            "| etcd puts from {CHANGE_CLIENTS} tasks at once on one client, {per_client} each | {concurrent_puts:.0} | \
+             **{:.2}** |",
+            concurrent / concurrent_puts
         );
         println!();
 
