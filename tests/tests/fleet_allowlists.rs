@@ -435,8 +435,9 @@ fn the_guard_refuses_while_the_other_nodes_sign_ins_are_not_current_and_recovers
     assert_eq!(check["reason"], "allowed", "{check}");
     published_signin(&fleet, signs_in, &b.name);
     let dry_run = json!({"cmd": "allow_replace", "account": "acme", "entries": [{"cidr": kept}], "dry_run": true});
-    let names_b_signin =
-        |reply: &Value| reply["ok"]["dry_run"]["shut_out"].as_array().is_some_and(|s| s.len() == 1 && s[0]["address"] == signs_in);
+    let names_b_signin = |reply: &Value| {
+        reply["ok"]["dry_run"]["shut_out"].as_array().is_some_and(|s| s.len() == 1 && s[0]["address"] == signs_in)
+    };
     until(a, &dry_run, Duration::from_secs(5), names_b_signin);
 
     for member in 0..fleet.etcd.len() {

@@ -125,7 +125,7 @@ pub async fn follow(cluster: Arc<Cluster>) {
         let started = Instant::now();
         let (why, full) = follow_once(&cluster, client).await;
         if cluster.signin_mirror.stop(why.clone()) {
-            warn!("cluster: the other nodes' sign-ins are not current here ({why}); the lockout guard refuses until they are read again");
+            warn!("cluster: the other nodes' sign-ins are not current here ({why}); guarded changes are refused");
         }
         if full {
             tokio::time::sleep(FULL_PAUSE).await;
