@@ -42,6 +42,8 @@ pub const GRANULARITY: i64 = 3600;
 const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 /// A confirmation not answered in this long means the watch is stuck: it is read again.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
+/// How long a guarded change on a node that has just started waits for the first read.
+const FIRST_READ_WITHIN: Duration = Duration::from_secs(3);
 /// How long a snapshot of `~signins/` may take (a paged read of up to [`MAX_KEYS`] keys).
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The pause before reading again after the mirror overflowed: the keys only get fewer as
@@ -100,6 +102,13 @@ impl Cluster {
     /// the mirror is not known to be in step (never read, its watch stopped, or etcd has not
     /// confirmed it within [`MAX_LAG`]), or overflowed.
     pub fn signins(&self, accounts: &[&str], since: i64) -> Result<Vec<RemoteSignin>, String> {
+        // A node that has just started reads them within moments of reaching etcd: a guarded
+        // change sent meanwhile waits for that (or for the first read's failure) rather than
+        // being refused. Short sleeps: only until the first read, never again.
+        let deadline = Instant::now() + FIRST_READ_WITHIN;
+        while !self.signin_mirror.tried() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.signin_mirror.signins(accounts, since, Instant::now())
     }
 

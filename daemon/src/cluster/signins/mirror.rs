@@ -197,6 +197,11 @@ impl Mirror {
         matches!(before, Standing::Confirmed(_))
     }
 
+    /// Whether it has been read, or has failed to be, since the node started.
+    pub fn tried(&self) -> bool {
+        !matches!(self.state.lock().expect("mirror lock").1, Standing::NotRead)
+    }
+
     /// Whether the table is in step now.
     pub fn in_step(&self, now: Instant) -> bool {
         matches!(self.state.lock().expect("mirror lock").1, Standing::Confirmed(at) if now.saturating_duration_since(at) <= MAX_LAG)
@@ -312,7 +317,9 @@ mod tests {
         let t0 = Instant::now();
         let err = mirror.signins(&["acme"], 0, t0).unwrap_err();
         assert!(err.contains("not read them"), "{err}");
+        assert!(!mirror.tried());
         mirror.load(mirror.table(), t0);
+        assert!(mirror.tried());
         assert!(mirror.signins(&["acme"], 0, t0 + MAX_LAG).is_ok());
         let err = mirror.signins(&["acme"], 0, t0 + MAX_LAG + Duration::from_millis(1)).unwrap_err();
         assert!(err.contains("last confirmed"), "{err}");
