@@ -403,3 +403,65 @@ fn the_lockout_guard_on_any_node_weighs_sign_ins_made_on_another() {
         assert_eq!(cidrs, [kept], "{}: {list}", node.name);
     }
 }
+
+/// A guarded request through `node` until `done` says its answer is the one waited for
+/// (bounded by `within`); the last answer.
+fn until(node: &FleetNode, request: &Value, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let reply = node.host.request(request.clone());
+        if done(&reply) {
+            return reply;
+        }
+        assert!(Instant::now() < deadline, "{}: {request} still answers {reply} after {within:?}", node.name);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Each node keeps the other nodes' sign-ins in memory, fed by a watch, and counts on it
+/// only while etcd confirms it: with every etcd member hung (SIGSTOP: no error, just
+/// silence), node A's guard refuses a replacement's dry run and an unforced removal with
+/// `cluster_unavailable` saying why, rather than weigh a list it cannot vouch for; once etcd
+/// is back, A reads the sign-ins again and its guard names B's sign-in once more.
+#[test]
+fn the_guard_refuses_while_the_other_nodes_sign_ins_are_not_current_and_recovers() {
+    let mut fleet = Fleet::new(3).unwrap();
+    fleet.start_all();
+    let signs_in = "198.18.0.21";
+    let (entry_cidr, kept) = (format!("{signs_in}/32"), "203.0.113.0/24");
+    enforcing_acme(&fleet, &[(&entry_cidr, None), (kept, None)]);
+    let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
+    let check = b.host.ok(json!({"cmd": "check", "account": "acme", "addr": signs_in, "method": "password"}));
+    assert_eq!(check["reason"], "allowed", "{check}");
+    published_signin(&fleet, signs_in, &b.name);
+    let dry_run = json!({"cmd": "allow_replace", "account": "acme", "entries": [{"cidr": kept}], "dry_run": true});
+    let names_b_signin = |reply: &Value| {
+        reply["ok"]["dry_run"]["shut_out"].as_array().is_some_and(|s| s.len() == 1 && s[0]["address"] == signs_in)
+    };
+    until(a, &dry_run, Duration::from_secs(5), names_b_signin);
+
+    for member in 0..fleet.etcd.len() {
+        fleet.etcd.pause(member).unwrap();
+    }
+    let paused = Instant::now();
+    let unavailable = |reply: &Value| reply["error"]["code"] == "cluster_unavailable";
+    let a = &fleet.nodes[0];
+    let reply = until(a, &dry_run, Duration::from_secs(20), unavailable);
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.contains("sign-ins other nodes published are not known to be current"), "{message}");
+    let remove = json!({"cmd": "allow_remove", "account": "acme", "cidr": entry_cidr});
+    let error = refused(a, remove.clone());
+    assert_eq!(error["code"], "cluster_unavailable", "{error}");
+    assert!(error["message"].as_str().unwrap().contains("lockout guard cannot weigh them"), "{error}");
+    eprintln!("refused {:.1?} after etcd hung: {message}", paused.elapsed());
+
+    for member in 0..fleet.etcd.len() {
+        fleet.etcd.resume(member).unwrap();
+    }
+    fleet.wait_etcd(Duration::from_secs(30)).unwrap();
+    let a = &fleet.nodes[0];
+    until(a, &dry_run, Duration::from_secs(60), names_b_signin);
+    let error = refused(a, remove);
+    assert_eq!(error["code"], "lockout", "{error}");
+    assert!(error["message"].as_str().unwrap().contains(&format!("add {signs_in} first")), "{error}");
+}

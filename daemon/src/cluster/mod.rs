@@ -181,6 +181,8 @@ pub struct Cluster {
     /// (publishing on every progress report would feed itself).
     policy: watch::Sender<i64>,
     health: Mutex<Health>,
+    /// The other nodes' published sign-ins, for the lockout guard ([`signins::follow`]).
+    signin_mirror: signins::Mirror,
 }
 
 impl Cluster {
@@ -198,6 +200,7 @@ impl Cluster {
             applied: applied_tx,
             policy: policy_tx,
             health: Mutex::new(Health { applied_revision: applied, ..Health::default() }),
+            signin_mirror: signins::Mirror::new(&config.node),
         })
     }
 
@@ -758,6 +761,7 @@ pub async fn follow(cluster: Arc<Cluster>, replica: Arc<dyn Replica>) {
     let _probe = AbortOnDrop(tokio::spawn(probe(cluster.clone())));
     let _publish = AbortOnDrop(tokio::spawn(publish(cluster.clone())));
     let _clock = AbortOnDrop(tokio::spawn(clock::watch(cluster.clone())));
+    let _signins = AbortOnDrop(tokio::spawn(signins::follow(cluster.clone())));
     let mut pause = Duration::from_millis(100);
     loop {
         let started = Instant::now();

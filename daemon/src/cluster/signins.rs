@@ -10,13 +10,24 @@
 //! writes share the attempts' cap and [`Outbox`]. Keys carry a lease of the window plus one
 //! day, one lease per node and day, as the attempts' do.
 //!
-//! The guard reads one account's range ([`Cluster::signins`]) and counts the other nodes'
-//! sign-ins with its own store's.
+//! Every node keeps the other nodes' sign-ins in memory ([`Mirror`]), fed by a watch of
+//! `P/~signins/` ([`follow`]); the guard counts them with its own store's and never reads
+//! etcd on the change's path ([`Cluster::signins`]).
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
+mod mirror;
 
+use std::{
+    collections::VecDeque,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, EventType, WatchOptions};
+use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
+pub use self::mirror::{MAX_KEYS, MAX_LAG, Mirror};
 use super::{
     Cluster,
     attempts::{self, Outbox},
@@ -26,15 +37,18 @@ use crate::{protocol::RecentSignin, store::LastSignin};
 /// A published sign-in is rewritten only once the last one is this much newer: the guard's
 /// window is 7 days, so another node may count a sign-in as gone up to this much early.
 pub const GRANULARITY: i64 = 3600;
-/// How long the guard waits for one change's sign-ins, every read together.
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
-/// Above this many accounts, a set change's guard reads the whole `~signins/` range once
-/// rather than one range per account: a range read per account is a round trip each, with
-/// the writer lock held, while the whole range is one paged read.
-pub const MAX_ACCOUNT_READS: usize = 8;
-/// Keys one guard counts at most. Past it, the guard cannot weigh every sign-in and refuses
-/// (fail closed); `force` still passes.
-const MAX_REMOTE: usize = 200_000;
+/// How often the watch asks etcd to confirm that it has delivered everything: what keeps
+/// the mirror in step while nobody signs in (well within [`MAX_LAG`]).
+const CONFIRM_EVERY: Duration = Duration::from_secs(1);
+/// A confirmation not answered in this long means the watch is stuck: it is read again.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
+/// How long a guarded change on a node that has just started waits for the first read.
+const FIRST_READ_WITHIN: Duration = Duration::from_secs(3);
+/// How long a snapshot of `~signins/` may take (a paged read of up to [`MAX_KEYS`] keys).
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The pause before reading again after the mirror overflowed: the keys only get fewer as
+/// their leases lapse, which takes hours.
+const FULL_PAUSE: Duration = Duration::from_secs(60);
 
 /// A key's value: when the node last saw a successful sign-in from the address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,59 +98,148 @@ pub struct RemoteSignin {
 
 impl Cluster {
     /// The successful sign-ins of `accounts` the other nodes published, last seen at or
-    /// after `since`: a range per account, or the whole range once for more than
-    /// [`MAX_ACCOUNT_READS`] accounts. An error when etcd cannot be read in time, or holds
-    /// more than the guard can weigh.
+    /// after `since`, from this node's mirror: no read of etcd. An error saying why when
+    /// the mirror is not known to be in step (never read, its watch stopped, or etcd has not
+    /// confirmed it within [`MAX_LAG`]), or overflowed.
     pub fn signins(&self, accounts: &[&str], since: i64) -> Result<Vec<RemoteSignin>, String> {
-        let Some(client) = self.client.lock().expect("client lock").clone() else {
-            return Err("this node has not reached etcd since it started".into());
-        };
-        let wanted: HashSet<&str> = accounts.iter().copied().collect();
-        let ranges = if wanted.len() > MAX_ACCOUNT_READS {
-            vec![self.keys.all_signins()]
-        } else {
-            wanted.iter().map(|a| self.keys.account_signins(a)).collect()
-        };
-        let mut found = Vec::new();
-        let mut too_many = false;
-        let read = async {
-            for (start, end) in ranges {
-                super::read_range(&client, start, end, 0, |kv| {
-                    let Some(remote) = self.remote_signin(kv) else { return };
-                    if remote.signin.last_seen < since || !wanted.contains(remote.account.as_str()) {
-                        return;
-                    }
-                    if found.len() < MAX_REMOTE {
-                        found.push(remote);
-                    } else {
-                        too_many = true;
-                    }
-                })
-                .await?;
-            }
-            Ok::<_, etcd_client::Error>(())
-        };
-        match self.runtime.block_on(async { tokio::time::timeout(READ_TIMEOUT, read).await }) {
-            Ok(Ok(())) if too_many => {
-                Err(format!("the other nodes published more than {MAX_REMOTE} sign-ins to weigh"))
-            }
-            Ok(Ok(())) => Ok(found),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("etcd did not answer within {READ_TIMEOUT:?}")),
+        // A node that has just started reads them within moments of reaching etcd: a guarded
+        // change sent meanwhile waits for that (or for the first read's failure) rather than
+        // being refused. Short sleeps: only until the first read, never again.
+        let deadline = Instant::now() + FIRST_READ_WITHIN;
+        while !self.signin_mirror.tried() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
+        self.signin_mirror.signins(accounts, since, Instant::now())
     }
 
-    /// One key of [`super::keys::Keys::all_signins`] as another node's sign-in; `None` for
-    /// this node's own (its store, never behind, has them) and for a key or value it cannot
-    /// read (written by a newer version, or by hand).
-    fn remote_signin(&self, kv: &etcd_client::KeyValue) -> Option<RemoteSignin> {
-        let (account, address, node) = self.keys.parse_signins(kv.key_str().ok()?)?;
-        if node == self.node {
-            return None;
+    /// One key of [`super::keys::Keys::all_signins`] as (account, address, node); `None`
+    /// for a key it cannot read (written by a newer version, or by hand).
+    fn signin_key<'k>(&self, key: &'k [u8]) -> Option<(&'k str, IpAddr, &'k str)> {
+        let (account, address, node) = self.keys.parse_signins(std::str::from_utf8(key).ok()?)?;
+        Some((account, address.parse().ok()?, node))
+    }
+}
+
+/// Keeps this node's [`Mirror`] of the other nodes' sign-ins for as long as the daemon
+/// runs: reads `~signins/` whole, then follows its watch; after any failure (a compaction,
+/// a broken watch, etcd unreachable) the mirror stops being believed at once and is read
+/// again once etcd answers.
+pub async fn follow(cluster: Arc<Cluster>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let Some(client) = cluster.client.lock().expect("client lock").clone() else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let started = Instant::now();
+        let (why, full) = follow_once(&cluster, client).await;
+        if cluster.signin_mirror.stop(why.clone()) {
+            warn!("cluster: the other nodes' sign-ins are not current here ({why}); guarded changes are refused");
         }
-        let address: IpAddr = address.parse().ok()?;
-        let value: Published = serde_json::from_slice(kv.value()).ok()?;
-        Some(RemoteSignin { account: account.to_owned(), signin: RecentSignin { address, last_seen: value.last_seen } })
+        if full {
+            tokio::time::sleep(FULL_PAUSE).await;
+            continue;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            pause = Duration::from_millis(100);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One pass: a snapshot, then the watch until it fails. Returns why it stopped, and
+/// whether because the mirror overflowed.
+async fn follow_once(cluster: &Cluster, mut client: Client) -> (String, bool) {
+    let mirror = &cluster.signin_mirror;
+    let (start, end) = cluster.keys.all_signins();
+    let mut table = mirror.table();
+    let mut full = None;
+    let asked = Instant::now();
+    let read = super::read_range(&client, start.clone(), end.clone(), 0, |kv| {
+        let Some((account, address, node)) = cluster.signin_key(kv.key()) else { return };
+        let Ok(value) = serde_json::from_slice::<Published>(kv.value()) else { return };
+        if full.is_none()
+            && let Err(e) = table.put(account, address, node, value.last_seen)
+        {
+            full = Some(e);
+        }
+    });
+    let revision = match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(revision)) => revision,
+        Ok(Err(e)) => return (format!("reading them: {e}"), false),
+        Err(_) => return (format!("reading them took more than {READ_TIMEOUT:?}"), false),
+    };
+    if let Some(full) = full {
+        return (full.to_string(), true);
+    }
+    let keys = table.len();
+    mirror.load(table, asked);
+    info!("cluster: the other nodes' sign-ins read at revision {revision} ({keys} keys); following them");
+    let options = WatchOptions::new().with_range(end).with_start_revision(revision + 1);
+    let mut stream = match client.watch(start, Some(options)).await {
+        Ok(stream) => stream,
+        Err(e) => return (format!("watch: {e}"), false),
+    };
+    let mut confirm = tokio::time::interval(CONFIRM_EVERY);
+    // When each confirmation still unanswered was asked for, oldest first.
+    let mut asked: VecDeque<Instant> = VecDeque::new();
+    // etcd 3.4 before 3.4.24 may report progress ahead of events it has queued for the
+    // watch: a report vouches for the time of the one before it.
+    let mut answered: Option<Instant> = None;
+    loop {
+        let response = tokio::select! {
+            message = stream.message() => match message {
+                Ok(Some(response)) => response,
+                Ok(None) => return ("etcd ended the watch".into(), false),
+                Err(e) => return (format!("watch: {e}"), false),
+            },
+            _ = confirm.tick() => {
+                if asked.front().is_some_and(|at| at.elapsed() > CONFIRM_WITHIN) {
+                    return (format!("etcd did not confirm the watch within {CONFIRM_WITHIN:?}"), false);
+                }
+                if let Err(e) = stream.request_progress().await {
+                    return (format!("watch: {e}"), false);
+                }
+                asked.push_back(Instant::now());
+                continue;
+            }
+        };
+        if response.canceled() {
+            let compacted = response.compact_revision();
+            return if compacted > 0 {
+                (format!("the watch fell behind etcd's compaction (revision {compacted})"), false)
+            } else {
+                (format!("etcd cancelled the watch: {}", response.cancel_reason()), false)
+            };
+        }
+        if response.created() {
+            continue;
+        }
+        let events = response.events();
+        if events.is_empty() {
+            // A progress report: every event up to etcd's revision when it was asked for
+            // has been delivered.
+            if let Some(at) = asked.pop_front()
+                && let Some(earlier) = answered.replace(at)
+            {
+                mirror.confirm(earlier);
+            }
+            continue;
+        }
+        let changes = events.iter().filter_map(|event| {
+            let kv = event.kv()?;
+            let (account, address, node) = cluster.signin_key(kv.key())?;
+            let last_seen = match event.event_type() {
+                // A value it cannot read no longer says what the key said: dropped.
+                EventType::Put => serde_json::from_slice::<Published>(kv.value()).ok().map(|p| p.last_seen),
+                EventType::Delete => None,
+            };
+            Some((account, address, node, last_seen))
+        });
+        if let Err(full) = mirror.apply(changes) {
+            return (full.to_string(), true);
+        }
     }
 }
 

@@ -22,7 +22,8 @@ const LISTED: usize = 10;
 /// the store's: checks stay on the node that answered them.
 pub(super) trait OtherNodes {
     /// Those of `accounts` last seen at or after `since`; none on a single host. Fails
-    /// (closed: the guarded change is refused) when they cannot be read.
+    /// (closed: the guarded change is refused) when this node's copy of them is not known
+    /// to be in step with etcd (`cluster::signins::Mirror`).
     fn signins(&self, accounts: &[&str], since: i64) -> Result<Vec<RemoteSignin>, Failure>;
 }
 
@@ -33,8 +34,9 @@ impl OtherNodes for Service {
             Failure::new(
                 ErrorCode::ClusterUnavailable,
                 format!(
-                    "the sign-ins other nodes published could not be read from etcd ({e}), so the lockout guard \
-                     cannot weigh them; nothing was changed; repeat once etcd answers, or force the change with --force"
+                    "the sign-ins other nodes published are not known to be current on this node ({e}), so the \
+                     lockout guard cannot weigh them; nothing was changed; repeat once etcd answers, or force the \
+                     change with --force"
                 ),
             )
         })
