@@ -1,7 +1,8 @@
 //! The fleet's shared sets in the paths between commands, on a real 3-member etcd cluster
 //! with real ipaccessd nodes: a node that was away while the fleet, at the kernel's limit
-//! of shared sets, deleted one set and made another takes the new one like every other
-//! node (the id the deleted set frees is the one the new set needs).
+//! of shared sets, deleted a referenced set (forced) and made another takes the new one like
+//! every other node (the id the deleted set frees is the one the new set needs), and lets
+//! nothing in through the deleted one.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -51,7 +52,8 @@ fn reaches(node: &FleetNode, src: Ipv4Addr) -> bool {
 }
 
 /// Every kernel set id is taken (MAX_SETS - 1 sets). Node B is away while, through node A,
-/// one set is deleted and a new one made and referenced by an enforcing account. Node B
+/// a set an enforcing account references is deleted (forced) and a new one made and
+/// referenced by the same account. Node B
 /// catches up in one batch holding both changes; it must take the new set (with the id the
 /// deleted one frees) and enforce it like node A, not count it as a set its kernel cannot
 /// hold and leave the account without it until the set changes again.
@@ -64,7 +66,7 @@ fn a_node_that_was_away_takes_a_set_made_at_the_limit_in_place_of_a_deleted_one(
     fleet.settle();
     let _listeners = fleet.listeners(TCP_PORT);
     let hosts = &fleet.nodes[0].host.hosts;
-    let (good, guest, server) = (hosts.client_v4[0], hosts.client_v4[1], hosts.server_v4);
+    let (good, guest, old, server) = (hosts.client_v4[0], hosts.client_v4[1], hosts.client_v4[2], hosts.server_v4);
     let a = &fleet.nodes[0];
     assert_eq!(a.host.ok(json!({"cmd": "set_list"})).as_array().unwrap().len(), full);
     // At the limit, a new set is refused through any node, and nothing is written.
@@ -74,18 +76,23 @@ fn a_node_that_was_away_takes_a_set_made_at_the_limit_in_place_of_a_deleted_one(
     a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
     a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": TCP_PORT}));
     a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good.to_string()}));
+    // acme also lets `old` in through the set that will be deleted (its kernel id is the one
+    // the new set takes).
+    a.host.ok(json!({"cmd": "set_add", "set": "fill0", "cidrs": [format!("{old}/32")]}));
+    a.host.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": "fill0"}));
     fleet.settle();
     for node in &fleet.nodes {
-        assert!(reaches(node, good) && !reaches(node, guest), "{}: before", node.name);
+        assert!(reaches(node, good) && reaches(node, old) && !reaches(node, guest), "{}: before", node.name);
     }
 
     fleet.nodes[1].stop();
     let a = &fleet.nodes[0];
-    a.host.ok(json!({"cmd": "set_delete", "set": "fill0"}));
+    let deleted = a.host.ok(json!({"cmd": "set_delete", "set": "fill0", "force": true}));
+    assert_eq!(deleted["references_removed"], json!(["acme"]), "{deleted}");
     a.host.ok(json!({"cmd": "set_add", "set": "partners", "cidrs": [format!("{guest}/32")]}));
     a.host.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": "partners"}));
     let revision = a.applied();
-    assert!(reaches(a, guest), "node A does not enforce the set it made");
+    assert!(reaches(a, guest) && !reaches(a, old), "node A does not enforce the sets as changed");
 
     fleet.nodes[1].start();
     fleet.converge(revision);
@@ -97,6 +104,8 @@ fn a_node_that_was_away_takes_a_set_made_at_the_limit_in_place_of_a_deleted_one(
     assert!(listed.to_string().contains("set:partners"), "node B lost acme's reference: {listed}");
     assert!(reaches(b, guest), "node B does not let the set's network in");
     assert!(reaches(b, good), "node B shut acme's own entry out");
+    assert!(!reaches(b, old), "node B still lets the deleted set's network in");
+    assert!(!listed.to_string().contains("set:fill0"), "node B kept the deleted set's reference: {listed}");
     let failures = b.cluster_status()["apply_failures"].as_u64().unwrap();
     assert_eq!(failures, 0, "node B counted a change it could not enforce since it started");
 }
