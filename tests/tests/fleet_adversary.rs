@@ -7,7 +7,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use etcd_client::{Client as Etcd, Txn, TxnOp};
+use etcd_client::{Client as Etcd, GetOptions, Txn, TxnOp};
 use ipaccess::cluster::Keys;
 use ipaccess::store::SetDoc;
 use ipaccess_common::MAX_SETS;
@@ -108,4 +108,62 @@ fn a_node_that_was_away_takes_a_set_made_at_the_limit_in_place_of_a_deleted_one(
     assert!(!listed.to_string().contains("set:fill0"), "node B kept the deleted set's reference: {listed}");
     let failures = b.cluster_status()["apply_failures"].as_u64().unwrap();
     assert_eq!(failures, 0, "node B counted a change it could not enforce since it started");
+}
+
+/// A forced delete of a set that 130 accounts reference rewrites 130 documents besides the
+/// set's: more than one etcd transaction takes, so it is written in parts. At no revision in
+/// between may etcd hold the set gone while documents still name it (the nodes apply every
+/// revision; and a set made again under that name would let those accounts in on the nodes
+/// that read their documents anew). etcd's history is read revision by revision.
+#[test]
+fn a_forced_delete_of_a_widely_referenced_set_never_leaves_references_to_a_missing_set() {
+    const ACCOUNTS: usize = 130;
+    let mut fleet = Fleet::new(2).unwrap();
+    fleet.start_all();
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "set_add", "set": "wide", "cidrs": ["198.18.50.0/24"]}));
+    let mut lines = Vec::new();
+    for i in 0..ACCOUNTS {
+        lines.push(format!("{}\n", json!({"cmd": "account_add", "account": format!("t{i}")})));
+        lines.push(format!("{}\n", json!({"cmd": "allow_add_set", "account": format!("t{i}"), "set": "wide"})));
+    }
+    let ok = ipaccess_tests::client::Conn::open(&a.host.socket()).pipelined(&lines);
+    assert_eq!(ok, lines.len(), "some accounts or references were refused");
+    let deleted = a.host.ok(json!({"cmd": "set_delete", "set": "wide", "force": true}));
+    assert_eq!(deleted["references_removed"].as_array().unwrap().len(), ACCOUNTS, "{deleted}");
+    fleet.settle();
+
+    let endpoints = fleet.etcd.endpoints_local();
+    let keys = Keys::new(PREFIX);
+    let torn: Vec<(i64, usize)> = fleet.etcd.netns().run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mut etcd = Etcd::connect(&endpoints, None).await.expect("connect to etcd");
+            let (start, end) = keys.accounts_range();
+            // The revisions the delete wrote the documents at (every one of them it rewrote).
+            let now = etcd.get(start.clone(), Some(GetOptions::new().with_range(end.clone()))).await.unwrap();
+            assert_eq!(now.kvs().len(), ACCOUNTS);
+            let written: Vec<i64> = now.kvs().iter().map(|kv| kv.mod_revision()).collect();
+            let (first, last) = (*written.iter().min().unwrap(), *written.iter().max().unwrap());
+            let mut torn = Vec::new();
+            for revision in first..=last {
+                let at = GetOptions::new().with_revision(revision);
+                let set = etcd.get(keys.set("wide"), Some(at)).await.unwrap();
+                let docs =
+                    etcd.get(start.clone(), Some(GetOptions::new().with_range(end.clone()).with_revision(revision)));
+                let naming =
+                    docs.await.unwrap().kvs().iter().filter(|kv| kv.value_str().unwrap().contains("\"wide\"")).count();
+                if set.kvs().is_empty() && naming > 0 {
+                    torn.push((revision, naming));
+                }
+            }
+            torn
+        })
+    });
+    assert_eq!(torn, [], "(revision, documents naming the set) while etcd no longer held the set");
+    for node in &fleet.nodes {
+        assert_eq!(node.host.ok(json!({"cmd": "set_list"})), json!([]), "{}", node.name);
+        let listed = node.host.ok(json!({"cmd": "allow_list", "account": "t129"}));
+        assert!(!listed.to_string().contains("set:wide"), "{}: {listed}", node.name);
+    }
 }

@@ -237,11 +237,22 @@ impl Service {
             units.push(unit);
         }
         // A set before the accounts, so that a new reference never names a set a node
-        // applying the parts in order lacks (a deleted set's references are dropped with it).
-        let first_account = usize::from(set_unit.is_some());
+        // applying the parts in order lacks; a deleted set after them, so that a change
+        // written in parts (a forced delete of a set hundreds reference) never leaves etcd
+        // with references to a set it no longer holds. A set losing networks holds every
+        // account's document in every part (see `set_unit`).
+        let mut set_at = None;
         if let Some(unit) = set_unit {
-            units.insert(0, unit);
+            let ranges: Vec<Guard> = unit.guards.iter().filter(|g| matches!(g, Guard::Range(..))).cloned().collect();
+            for account in &mut units {
+                account.guards.extend(ranges.iter().cloned());
+            }
+            let deleted = unit.writes.iter().any(|w| matches!(w, Write::Delete(_)));
+            let at = if deleted { units.len() } else { 0 };
+            units.insert(at, unit);
+            set_at = Some(at);
         }
+        let first_account = usize::from(set_at == Some(0));
         // Bindings after the accounts they name, so a node applying the events in order
         // never meets a binding to an account it does not have yet.
         units.extend(binding_units);
@@ -257,8 +268,12 @@ impl Service {
         }
         // Each audit record goes with its account's unit (so with the part that writes it);
         // the rest (a set's, under `set:NAME`) with the first.
-        let unit_of: HashMap<&str, usize> =
+        let mut unit_of: HashMap<&str, usize> =
             accounts.iter().enumerate().map(|(i, id)| (id.as_str(), first_account + i)).collect();
+        let subject = set.map(super::sets::set_subject);
+        if let (Some(subject), Some(at)) = (&subject, set_at) {
+            unit_of.insert(subject.as_str(), at);
+        }
         for record in tx.audit_since(marks)? {
             let at = unit_of.get(record.account.as_str()).copied().unwrap_or(0);
             if units.is_empty() {
