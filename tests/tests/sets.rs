@@ -346,6 +346,35 @@ fn bad_input_changes_nothing() {
     assert!(stderr.contains("(entry_exists)"), "{stderr}");
 }
 
+/// Spellings of one network name one set entry: an IPv4-mapped IPv6 network is the IPv4
+/// network (added, found as a duplicate and removed under either spelling), and so is a
+/// sign-in from an IPv4-mapped address (dual-stack sockets report them); upper-case and
+/// zero-compressed IPv6 name one entry; a zero-padded octet is refused and changes nothing.
+#[test]
+fn spellings_of_one_network_name_one_set_entry() {
+    let w = World::new("");
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.10/32"}));
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": "198.18.0.10"}));
+    let added = w.ok(json!({"cmd": "set_add", "set": "vpn", "cidrs": ["::ffff:198.18.1.0/120", "FD00:0:0:0::/64"]}));
+    let cidrs: Vec<&str> = added["entries"].as_array().unwrap().iter().map(|e| e["cidr"].as_str().unwrap()).collect();
+    assert_eq!(cidrs, ["198.18.1.0/24", "fd00::/64"], "{added}");
+    assert_eq!(w.err(json!({"cmd": "set_add", "set": "vpn", "cidrs": ["198.18.1.0/24"]})).0, "entry_exists");
+    assert_eq!(w.err(json!({"cmd": "set_add", "set": "vpn", "cidrs": ["fd00::/64"]})).0, "entry_exists");
+    assert_eq!(w.err(json!({"cmd": "set_add", "set": "vpn", "cidrs": ["198.018.2.0/24"]})).0, "bad_request");
+    w.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": "vpn"}));
+    let check = |addr: &str| w.ok(json!({"cmd": "check", "account": "acme", "addr": addr, "dry_run": true}));
+    for addr in ["::ffff:198.18.1.9", "198.18.1.9", "FD00::9"] {
+        assert_eq!(check(addr)["allowed"], true, "{addr}: {}", check(addr));
+    }
+    w.ok(json!({"cmd": "set_remove", "set": "vpn", "cidrs": ["::ffff:198.18.1.0/120", "fd00:0::/64"], "force": true}));
+    for addr in ["::ffff:198.18.1.9", "198.18.1.9", "fd00::9"] {
+        assert_eq!(check(addr)["allowed"], false, "{addr}: {}", check(addr));
+    }
+    let shown = w.ok(json!({"cmd": "set_show", "set": "vpn"}));
+    assert_eq!(shown["entries"], json!([]), "{shown}");
+}
+
 /// In a fleet a set is one etcd document and a reference part of the account's: a set made
 /// through one node, referenced through another and changed through a third lets in (and
 /// stops letting in) on every node's wire and in every node's checks; a reference disabled

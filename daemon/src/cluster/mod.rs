@@ -131,6 +131,7 @@ pub enum Committed {
 
 /// A key a change depends on: it must not have changed since the local copy's revision
 /// (or since an earlier part of the same change wrote it).
+#[derive(Clone)]
 pub enum Guard {
     /// Not modified (nor created) since.
     Key(String),
@@ -356,7 +357,16 @@ impl Cluster {
                             Compare::mod_revision(key, CompareOp::Less, bound + 1)
                         }
                         Guard::Range(start, end) => {
-                            Compare::mod_revision(start, CompareOp::Less, applied + 1).with_range(end)
+                            if !seen.insert(format!("{start}\0{end}")) {
+                                continue;
+                            }
+                            // Keys of the range an earlier part wrote are this change's own.
+                            let bound = written_at
+                                .iter()
+                                .filter(|(key, _)| **key >= start && **key < end)
+                                .map(|(_, &at)| at)
+                                .fold(applied, i64::max);
+                            Compare::mod_revision(start, CompareOp::Less, bound + 1).with_range(end)
                         }
                     };
                     compares.push(compare);

@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use log::{error, warn};
 
 use super::{Failure, Service, Writer, change::apply_account, now};
+use crate::datapath::Datapath;
 use ipaccess_common::MAX_SETS;
 
 use crate::{
@@ -241,11 +242,22 @@ impl Service {
             units.push(unit);
         }
         // A set before the accounts, so that a new reference never names a set a node
-        // applying the parts in order lacks (a deleted set's references are dropped with it).
-        let first_account = usize::from(set_unit.is_some());
+        // applying the parts in order lacks; a deleted set after them, so that a change
+        // written in parts (a forced delete of a set hundreds reference) never leaves etcd
+        // with references to a set it no longer holds. A set losing networks holds every
+        // account's document in every part (see `set_unit`).
+        let mut set_at = None;
         if let Some(unit) = set_unit {
-            units.insert(0, unit);
+            let ranges: Vec<Guard> = unit.guards.iter().filter(|g| matches!(g, Guard::Range(..))).cloned().collect();
+            for account in &mut units {
+                account.guards.extend(ranges.iter().cloned());
+            }
+            let deleted = unit.writes.iter().any(|w| matches!(w, Write::Delete(_)));
+            let at = if deleted { units.len() } else { 0 };
+            units.insert(at, unit);
+            set_at = Some(at);
         }
+        let first_account = usize::from(set_at == Some(0));
         // Bindings after the accounts they name, so a node applying the events in order
         // never meets a binding to an account it does not have yet.
         units.extend(binding_units);
@@ -261,8 +273,12 @@ impl Service {
         }
         // Each audit record goes with its account's unit (so with the part that writes it);
         // the rest (a set's, under `set:NAME`) with the first.
-        let unit_of: HashMap<&str, usize> =
+        let mut unit_of: HashMap<&str, usize> =
             accounts.iter().enumerate().map(|(i, id)| (id.as_str(), first_account + i)).collect();
+        let subject = set.map(super::sets::set_subject);
+        if let (Some(subject), Some(at)) = (&subject, set_at) {
+            unit_of.insert(subject.as_str(), at);
+        }
         for record in tx.audit_since(marks)? {
             let at = unit_of.get(record.account.as_str()).copied().unwrap_or(0);
             if units.is_empty() {
@@ -415,15 +431,35 @@ impl Service {
         }
         let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
         let next = |id: &str| updated.get(id).or_else(|| if gone.contains(id) { None } else { cache.get(id) });
-        // Sets first: an account's new reference then finds its set in the kernel.
-        for (name, set) in &sets_put {
-            if let Err(e) = datapath.set_shared_set(set.kernel_id, &set.entries) {
-                error!("cluster: the set {name} could not be enforced as the fleet has it (revision {revision}): {e}");
-                unenforced.insert(super::sets::set_subject(name), revision);
+        // A kernel id a set removed in this batch freed and a new set took (at the limit of
+        // ids, the only one free): until the accounts below are applied, the removed set's
+        // referrers still point at it, so the id is emptied now and filled after them.
+        let put_ids: HashSet<u32> = sets_put.values().map(|s| s.kernel_id).collect();
+        let reused: HashSet<u32> = sets_removed.iter().map(|&(_, id)| id).filter(|id| put_ids.contains(id)).collect();
+        for id in &reused {
+            if let Err(e) = datapath.remove_shared_set(*id) {
+                error!("cluster: set id {id} could not be emptied in the kernel (revision {revision}): {e}");
                 failures += 1;
-            } else {
-                unenforced.remove(&super::sets::set_subject(name));
             }
+        }
+        let put_set = |datapath: &mut Datapath, name: &str, set: &SetPolicy, unenforced: &mut HashMap<String, i64>| {
+            let result = datapath.set_shared_set(set.kernel_id, &set.entries);
+            match &result {
+                Err(e) => {
+                    error!(
+                        "cluster: the set {name} could not be enforced as the fleet has it (revision {revision}): {e}"
+                    );
+                    unenforced.insert(super::sets::set_subject(name), revision);
+                }
+                Ok(()) => {
+                    unenforced.remove(&super::sets::set_subject(name));
+                }
+            }
+            u64::from(result.is_err())
+        };
+        // Sets first: an account's new reference then finds its set in the kernel.
+        for (name, set) in sets_put.iter().filter(|(_, s)| !reused.contains(&s.kernel_id)) {
+            failures += put_set(datapath, name, set, &mut unenforced);
         }
         // Sub-users of a changed account may change with it (a ban reaches them).
         let children = descendants(&tx, &updated, &cache, &gone)?;
@@ -442,9 +478,15 @@ impl Service {
         for id in &removed {
             unenforced.remove(id);
         }
+        for (name, set) in sets_put.iter().filter(|(_, s)| reused.contains(&s.kernel_id)) {
+            failures += put_set(datapath, name, set, &mut unenforced);
+        }
         // A set goes from the kernel once no account's kernel list names it.
         for (name, kernel_id) in &sets_removed {
             unenforced.remove(&super::sets::set_subject(name));
+            if reused.contains(kernel_id) {
+                continue;
+            }
             if let Err(e) = datapath.remove_shared_set(*kernel_id) {
                 error!("cluster: the set {name} could not be removed from the kernel (revision {revision}): {e}");
                 failures += 1;
@@ -594,9 +636,9 @@ fn not_following(tx: &Tx, cluster: &Cluster) -> Result<Failure, Failure> {
 }
 
 /// A batch as the store can take it: only the last change to each key (a batch may span
-/// several revisions), removals first, sets before the accounts that reference them and
-/// removed after them, parents before sub-users, accounts before the bindings that name
-/// them.
+/// several revisions), removals first (a removed set's too, so that its kernel id is free
+/// for a set put), sets before the accounts that reference them, parents before sub-users,
+/// accounts before the bindings that name them.
 fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let key = |change: &Change| match change {
         Change::Account(id, _) => Some(format!("account {id}")),
@@ -609,10 +651,12 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let rank = |change: &Change| match change {
         Change::Binding(_, false) => 0,
         Change::Account(_, None) => 1,
-        Change::Set(_, Some(_)) => 2,
-        Change::Account(_, Some(doc)) if doc.parent.is_none() => 3,
-        Change::Account(..) => 4,
-        Change::Set(_, None) => 5,
+        // Removed before those put: the kernel id a removed set frees may be the only one
+        // left for a new set (`apply_locked` keeps the kernel's order safe).
+        Change::Set(_, None) => 2,
+        Change::Set(_, Some(_)) => 3,
+        Change::Account(_, Some(doc)) if doc.parent.is_none() => 4,
+        Change::Account(..) => 5,
         Change::Binding(_, true) => 6,
         Change::Audit(_) | Change::OverrideSequence(_) => 7,
     };
