@@ -301,11 +301,14 @@ impl Service {
         let mut unit = Unit::default();
         unit.guards.push(if before.is_some() { Guard::Existing(key.clone()) } else { Guard::Key(key.clone()) });
         // A set holds up to 10,000 networks: compared through a hash set, not pair by pair.
-        let lost = before.as_ref().is_some_and(|before| {
-            after.as_ref().is_none_or(|after| {
+        // A deletion holds the accounts even when the set is empty: a reference made
+        // meanwhile would name a set that is gone.
+        let lost = before.as_ref().is_some_and(|before| match &after {
+            None => true,
+            Some(after) => {
                 let kept: HashSet<ipnet::IpNet> = after.entries.iter().map(|e| e.cidr).collect();
                 before.entries.iter().any(|c| !kept.contains(c))
-            })
+            }
         });
         if lost {
             let (start, end) = keys.accounts_range();
