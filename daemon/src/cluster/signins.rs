@@ -18,7 +18,6 @@ mod mirror;
 
 use std::{
     collections::VecDeque,
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -112,11 +111,13 @@ impl Cluster {
         self.signin_mirror.signins(accounts, since, Instant::now())
     }
 
-    /// One key of [`super::keys::Keys::all_signins`] as (account, address, node); `None`
-    /// for a key it cannot read (written by a newer version, or by hand).
-    fn signin_key<'k>(&self, key: &'k [u8]) -> Option<(&'k str, IpAddr, &'k str)> {
-        let (account, address, node) = self.keys.parse_signins(std::str::from_utf8(key).ok()?)?;
-        Some((account, address.parse().ok()?, node))
+    /// One key of [`super::keys::Keys::all_signins`], put (`put`) or deleted, as a mirror
+    /// event; `None` for a key it cannot read (written by a newer version, or by hand). A
+    /// value it cannot read no longer says what the key said: the key counts as deleted.
+    fn signin_event<'k>(&self, kv: &'k etcd_client::KeyValue, put: bool) -> Option<mirror::Event<'k>> {
+        let (account, address, node) = self.keys.parse_signins(std::str::from_utf8(kv.key()).ok()?)?;
+        let last_seen = put.then(|| serde_json::from_slice::<Published>(kv.value()).ok()).flatten();
+        Some((account, address.parse().ok()?, node, last_seen.map(|p| p.last_seen)))
     }
 }
 
@@ -157,10 +158,9 @@ async fn follow_once(cluster: &Cluster, mut client: Client) -> (String, bool) {
     let mut full = None;
     let asked = Instant::now();
     let read = super::read_range(&client, start.clone(), end.clone(), 0, |kv| {
-        let Some((account, address, node)) = cluster.signin_key(kv.key()) else { return };
-        let Ok(value) = serde_json::from_slice::<Published>(kv.value()) else { return };
+        let Some((account, address, node, Some(last_seen))) = cluster.signin_event(kv, true) else { return };
         if full.is_none()
-            && let Err(e) = table.put(account, address, node, value.last_seen)
+            && let Err(e) = table.put(account, address, node, last_seen)
         {
             full = Some(e);
         }
@@ -227,16 +227,8 @@ async fn follow_once(cluster: &Cluster, mut client: Client) -> (String, bool) {
             }
             continue;
         }
-        let changes = events.iter().filter_map(|event| {
-            let kv = event.kv()?;
-            let (account, address, node) = cluster.signin_key(kv.key())?;
-            let last_seen = match event.event_type() {
-                // A value it cannot read no longer says what the key said: dropped.
-                EventType::Put => serde_json::from_slice::<Published>(kv.value()).ok().map(|p| p.last_seen),
-                EventType::Delete => None,
-            };
-            Some((account, address, node, last_seen))
-        });
+        let changes =
+            events.iter().filter_map(|event| cluster.signin_event(event.kv()?, event.event_type() == EventType::Put));
         if let Err(full) = mirror.apply(changes) {
             return (full.to_string(), true);
         }
