@@ -270,16 +270,21 @@ fn ack_to_enforced(fleet: &Fleet, changes: usize) -> Enforcement {
 /// `n` sequential changes through node A; changes per second.
 fn change_rate(node: &FleetNode, n: usize) -> f64 {
     let mut ctl = Conn::open(&node.host.socket());
-    let cidr = "198.18.202.7/32";
     let started = Instant::now();
+    add_and_remove(&mut ctl, "probe", "198.18.202.7/32", n);
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `n` changes of `account` through `ctl`, each acknowledged: `cidr` added, then removed
+/// (forced past the lockout guard), and so on.
+fn add_and_remove(ctl: &mut Conn, account: &str, cidr: &str, n: usize) {
     for i in 0..n {
         if i % 2 == 0 {
-            ctl.ok(json!({"cmd": "allow_add", "account": "probe", "cidr": cidr}));
+            ctl.ok(json!({"cmd": "allow_add", "account": account, "cidr": cidr}));
         } else {
-            ctl.ok(json!({"cmd": "allow_remove", "account": "probe", "cidr": cidr, "force": true}));
+            ctl.ok(json!({"cmd": "allow_remove", "account": account, "cidr": cidr, "force": true}));
         }
     }
-    n as f64 / started.elapsed().as_secs_f64()
 }
 
 /// `clients` connections to node A at once, each alternating an add and a removal on an
@@ -295,14 +300,7 @@ fn concurrent_change_rate(node: &FleetNode, clients: usize, per_client: usize) -
             let socket = &socket;
             scope.spawn(move || {
                 let mut ctl = Conn::open(socket);
-                let (account, cidr) = (format!("busy{c}"), format!("198.18.203.{c}/32"));
-                for i in 0..per_client {
-                    if i % 2 == 0 {
-                        ctl.ok(json!({"cmd": "allow_add", "account": account, "cidr": cidr}));
-                    } else {
-                        ctl.ok(json!({"cmd": "allow_remove", "account": account, "cidr": cidr, "force": true}));
-                    }
-                }
+                add_and_remove(&mut ctl, &format!("busy{c}"), &format!("198.18.203.{c}/32"), per_client);
             });
         }
     });
