@@ -114,6 +114,8 @@ pub struct ClusterMetrics {
     pub applied_revision: i64,
     pub cluster_revision: i64,
     pub apply_failures: u64,
+    /// Accounts and sets whose latest version from the fleet the kernel still refuses.
+    pub unenforced: u64,
     /// This node's clock minus etcd's, in seconds; `None` until measured.
     pub clock_offset_seconds: Option<f64>,
 }
@@ -255,6 +257,13 @@ pub fn render(s: &Snapshot) -> String {
             "counter",
             "Changes the fleet committed that this node's kernel could not take (full tables).",
             &mut plain(c.apply_failures.to_string()),
+        );
+        family(
+            "ipaccess_cluster_unenforced",
+            "gauge",
+            "Accounts and shared sets whose latest version from the fleet this node's kernel still refuses \
+             (it enforces their previous version and retries every 10 s).",
+            &mut plain(c.unenforced.to_string()),
         );
         if let Some(offset) = c.clock_offset_seconds {
             family(
@@ -455,6 +464,7 @@ mod tests {
                 applied_revision: 41,
                 cluster_revision: 44,
                 apply_failures: 0,
+                unenforced: 2,
                 clock_offset_seconds: Some(-1.25),
             }),
         };
@@ -479,6 +489,7 @@ mod tests {
             "ipaccess_cluster_applied_revision 41",
             "ipaccess_cluster_revision 44",
             "ipaccess_cluster_apply_failures_total 0",
+            "ipaccess_cluster_unenforced 2",
             "ipaccess_cluster_clock_offset_seconds -1.250",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

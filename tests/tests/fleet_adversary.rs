@@ -167,3 +167,61 @@ fn a_forced_delete_of_a_widely_referenced_set_never_leaves_references_to_a_missi
         assert!(!listed.to_string().contains("set:wide"), "{}: {listed}", node.name);
     }
 }
+
+/// etcd holds one shared set more than a node's kernel has ids for (written by hand, or by
+/// two nodes adding the last sets at once): each node names the set it could not take in
+/// `status` and has no such set. Once a set is deleted, freeing an id, every node takes the
+/// missing set from etcd on its own (a resync it asks for), and an account can use it.
+#[test]
+fn a_set_no_kernel_id_was_free_for_is_taken_once_one_is() {
+    let mut fleet = Fleet::new(2).unwrap();
+    seed_sets(&fleet, MAX_SETS as usize);
+    fleet.start_all();
+    fleet.settle();
+    let _listeners = fleet.listeners(TCP_PORT);
+    let hosts = &fleet.nodes[0].host.hosts;
+    let (good, guest, server) = (hosts.client_v4[0], hosts.client_v4[1], hosts.server_v4);
+    let mut missing = Vec::new();
+    for node in &fleet.nodes {
+        let unenforced = node.cluster_status()["unenforced"].clone();
+        let names = unenforced.as_array().expect("unenforced is a list");
+        assert_eq!(names.len(), 1, "{}: one set more than the kernel's ids: {unenforced}", node.name);
+        let name = names[0].as_str().unwrap().strip_prefix("set:").expect("a set").to_owned();
+        let shown = node.host.request(json!({"cmd": "set_show", "set": name}));
+        assert_eq!(error_code(&shown).as_deref(), Some("unknown_set"), "{}: {shown}", node.name);
+        missing.push(name);
+    }
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": TCP_PORT}));
+    a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good.to_string()}));
+    // A set every node has goes, freeing an id on each.
+    let gone = (0..MAX_SETS).map(|i| format!("fill{i}")).find(|n| !missing.contains(n)).unwrap();
+    a.host.ok(json!({"cmd": "set_delete", "set": gone}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    for (node, name) in fleet.nodes.iter().zip(&missing) {
+        loop {
+            let shown = node.host.request(json!({"cmd": "set_show", "set": name}));
+            let unenforced = node.cluster_status()["unenforced"].clone();
+            if error_code(&shown).is_none() && unenforced == json!([]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: never took the set {name} once an id was free: {shown} {unenforced}",
+                node.name
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    // Usable on every node: acme lets the guest in through it once it holds the guest.
+    let name = &missing[0];
+    a.host.ok(json!({"cmd": "set_add", "set": name, "cidrs": [format!("{guest}/32")]}));
+    a.host.ok(json!({"cmd": "allow_add_set", "account": "acme", "set": name}));
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert!(reaches(node, guest), "{}: the set taken late does not let its network in", node.name);
+        assert!(reaches(node, good), "{}: acme's own entry", node.name);
+    }
+}

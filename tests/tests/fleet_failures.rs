@@ -748,3 +748,52 @@ fn a_change_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
     assert_eq!(error_code(&reply), None, "{reply}");
     a.host.ok(json!({"cmd": "allow_add", "account": "big", "cidr": "198.18.0.8"}));
 }
+
+/// A node whose kernel refused a version of an account the fleet committed (full tables)
+/// names it in `status` and enforces its previous version; once room is made anywhere in the
+/// fleet's policy, it enforces the fleet's version on its own (it retries every 10 s), with no
+/// further change to that account.
+#[test]
+fn a_node_enforces_what_its_tables_refused_once_room_is_made() {
+    let mut fleet = Fleet::new(2).unwrap();
+    // 4,096 slots: two tables of 2,048 (990 entries each, at most half full) do not fit.
+    let small = "[maps]\nslots = 4096\naccounts = 64\n[limits]\nmax_entries_per_account = 100000\n";
+    let b = &fleet.nodes[1];
+    std::fs::write(b.host.path("ipaccessd.toml"), b.config(PREFIX, small)).unwrap();
+    fleet.start_all();
+    let _listeners = fleet.listeners(TCP_PORT);
+    let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
+    let (good, guest) = (a.host.hosts.client_v4[0], a.host.hosts.client_v4[1]);
+    let hosts = |block: u32| (0..990u32).map(move |n| json!({"cidr": format!("fd00::{block:x}:{n:x}/128")}));
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": a.host.hosts.server_v4, "port": TCP_PORT}));
+    a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
+    a.host.ok(json!({"cmd": "account_add", "account": "filler"}));
+    a.host.ok(json!({"cmd": "allow_replace", "account": "filler", "entries": hosts(1).collect::<Vec<_>>()}));
+    fleet.settle();
+    assert_eq!(b.cluster_status()["unenforced"], json!([]), "B took the filler");
+    assert!(!passes(b, guest.into(), Duration::from_millis(500)), "B lets the guest in before the change");
+
+    let mut wanted: Vec<Value> = hosts(2).collect();
+    wanted.extend([json!({"cidr": format!("{good}/32")}), json!({"cidr": format!("{guest}/32")})]);
+    a.host.ok(json!({"cmd": "allow_replace", "account": "acme", "entries": wanted}));
+    fleet.settle();
+    assert_eq!(b.cluster_status()["unenforced"], json!(["acme"]), "B names what its kernel refused");
+    assert!(passes(a, guest.into(), Duration::from_secs(2)), "A enforces the fleet's list");
+    assert!(!passes(b, guest.into(), Duration::from_millis(500)), "B keeps enforcing acme's previous list");
+    assert!(passes(b, good.into(), Duration::from_secs(2)), "B keeps enforcing acme's previous list");
+
+    // Room is made by another account's removal; acme itself does not change again.
+    a.host.ok(json!({"cmd": "account_remove", "account": "filler"}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let unenforced = b.cluster_status()["unenforced"].clone();
+        if unenforced == json!([]) && passes(b, guest.into(), Duration::from_millis(500)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never enforced acme's list once room was made: {unenforced}");
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert!(passes(b, good.into(), Duration::from_secs(2)), "B lets acme's own address in");
+}

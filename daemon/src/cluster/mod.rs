@@ -114,6 +114,10 @@ pub trait Replica: Send + Sync + 'static {
     fn resync(&self, snapshot: Snapshot) -> Result<(), String>;
     /// Applies one batch of changes, all at or below `revision`, and records `revision`.
     fn apply(&self, changes: Vec<Change>, revision: i64) -> Result<(), String>;
+    /// Whether the copy asks for a fresh snapshot (asked once: the answer resets it).
+    fn wants_resync(&self) -> bool {
+        false
+    }
 }
 
 /// The outcome of a change's transaction in etcd.
@@ -612,95 +616,103 @@ impl Cluster {
             Err(e) => return e,
         };
         *self.client.lock().expect("client lock") = Some(client.clone());
-        let started = Instant::now();
-        let snapshot = match self.snapshot(&client).await {
-            Ok(snapshot) => snapshot,
-            Err(e) => return e,
-        };
-        let (revision, read) = (snapshot.revision, started.elapsed());
-        let (accounts, bindings) = (snapshot.accounts.len(), snapshot.bindings.len());
-        let resync = {
-            let replica = replica.clone();
-            tokio::task::spawn_blocking(move || replica.resync(snapshot)).await
-        };
-        match resync {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return format!("resynchronising from revision {revision}: {e}"),
-            Err(e) => return format!("resynchronising from revision {revision}: {e}"),
-        }
-        self.set_applied(revision, true);
-        self.connected(revision);
-        info!(
-            "cluster: in step with etcd at revision {revision} ({accounts} accounts, {bindings} bindings; read in \
-             {read:.2?}, applied in {:.2?})",
-            started.elapsed() - read
-        );
-        let (start, end) = self.keys.policy_range();
-        let options = WatchOptions::new().with_range(end).with_start_revision(revision + 1).with_progress_notify();
-        let mut stream = match client.watch(start, Some(options)).await {
-            Ok(stream) => stream,
-            Err(e) => return format!("watch: {e}"),
-        };
-        // etcd reports progress when asked: then this node knows it has every policy event
-        // up to etcd's revision, even when the last writes were other keys (node records).
-        let mut progress = tokio::time::interval(PROBE_EVERY);
-        // etcd 3.4 before 3.4.24 may send a progress report ahead of events it has queued
-        // for this watch: a report is believed only when the next one comes (a second
-        // later), by which time those events have arrived.
-        let mut reported: Option<i64> = None;
+        // Each turn: a snapshot, then the watch from its revision. The watch ends the turn
+        // early only when the copy asks for a fresh snapshot (see `Replica::wants_resync`).
         loop {
-            let response = tokio::select! {
-                message = stream.message() => match message {
-                    Ok(Some(response)) => response,
-                    Ok(None) => return "etcd ended the watch".into(),
-                    Err(e) => return format!("watch: {e}"),
-                },
-                _ = progress.tick() => {
-                    if let Err(e) = stream.request_progress().await {
-                        return format!("watch: {e}");
+            let started = Instant::now();
+            let snapshot = match self.snapshot(&client).await {
+                Ok(snapshot) => snapshot,
+                Err(e) => return e,
+            };
+            let (revision, read) = (snapshot.revision, started.elapsed());
+            let (accounts, bindings) = (snapshot.accounts.len(), snapshot.bindings.len());
+            let resync = {
+                let replica = replica.clone();
+                tokio::task::spawn_blocking(move || replica.resync(snapshot)).await
+            };
+            match resync {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return format!("resynchronising from revision {revision}: {e}"),
+                Err(e) => return format!("resynchronising from revision {revision}: {e}"),
+            }
+            self.set_applied(revision, true);
+            self.connected(revision);
+            info!(
+                "cluster: in step with etcd at revision {revision} ({accounts} accounts, {bindings} bindings; read in \
+             {read:.2?}, applied in {:.2?})",
+                started.elapsed() - read
+            );
+            let (start, end) = self.keys.policy_range();
+            let options = WatchOptions::new().with_range(end).with_start_revision(revision + 1).with_progress_notify();
+            let mut stream = match client.watch(start, Some(options)).await {
+                Ok(stream) => stream,
+                Err(e) => return format!("watch: {e}"),
+            };
+            // etcd reports progress when asked: then this node knows it has every policy event
+            // up to etcd's revision, even when the last writes were other keys (node records).
+            let mut progress = tokio::time::interval(PROBE_EVERY);
+            // etcd 3.4 before 3.4.24 may send a progress report ahead of events it has queued
+            // for this watch: a report is believed only when the next one comes (a second
+            // later), by which time those events have arrived.
+            let mut reported: Option<i64> = None;
+            loop {
+                let response = tokio::select! {
+                    message = stream.message() => match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => return "etcd ended the watch".into(),
+                        Err(e) => return format!("watch: {e}"),
+                    },
+                    _ = progress.tick() => {
+                        if replica.wants_resync() {
+                            info!("cluster: a resync was asked for by this node's copy; taking a fresh snapshot");
+                            break;
+                        }
+                        if let Err(e) = stream.request_progress().await {
+                            return format!("watch: {e}");
+                        }
+                        continue;
+                    }
+                };
+                if response.canceled() {
+                    let compacted = response.compact_revision();
+                    return if compacted > 0 {
+                        format!("the watch fell behind etcd's compaction (revision {compacted}); resynchronising")
+                    } else {
+                        format!("etcd cancelled the watch: {}", response.cancel_reason())
+                    };
+                }
+                let header_revision = response.header().map_or(0, |h| h.revision());
+                // A member answers the watch from its own state, also for a while after it has
+                // lost its quorum: only the probe (a linearizable read) says etcd can be used.
+                self.saw_revision(header_revision);
+                let events = response.events();
+                let Some(last) = events.iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() else {
+                    if !response.created()
+                        && let Some(earlier) = reported.replace(header_revision)
+                    {
+                        self.set_applied(earlier, false);
                     }
                     continue;
-                }
-            };
-            if response.canceled() {
-                let compacted = response.compact_revision();
-                return if compacted > 0 {
-                    format!("the watch fell behind etcd's compaction (revision {compacted}); resynchronising")
-                } else {
-                    format!("etcd cancelled the watch: {}", response.cancel_reason())
                 };
-            }
-            let header_revision = response.header().map_or(0, |h| h.revision());
-            // A member answers the watch from its own state, also for a while after it has
-            // lost its quorum: only the probe (a linearizable read) says etcd can be used.
-            self.saw_revision(header_revision);
-            let events = response.events();
-            let Some(last) = events.iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() else {
-                if !response.created()
-                    && let Some(earlier) = reported.replace(header_revision)
-                {
-                    self.set_applied(earlier, false);
+                let changes: Vec<Change> = events
+                    .iter()
+                    .filter_map(|event| {
+                        let kv = event.kv()?;
+                        let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                        self.decode(kv.key(), value)
+                    })
+                    .collect();
+                if changes.is_empty() {
+                    // Keys this node has no use for (the sequence, unknown keys).
+                    self.set_applied(last, false);
+                    continue;
                 }
-                continue;
-            };
-            let changes: Vec<Change> = events
-                .iter()
-                .filter_map(|event| {
-                    let kv = event.kv()?;
-                    let value = (event.event_type() == EventType::Put).then(|| kv.value());
-                    self.decode(kv.key(), value)
-                })
-                .collect();
-            if changes.is_empty() {
-                // Keys this node has no use for (the sequence, unknown keys).
-                self.set_applied(last, false);
-                continue;
-            }
-            let replica = replica.clone();
-            match tokio::task::spawn_blocking(move || replica.apply(changes, last)).await {
-                Ok(Ok(())) => self.set_applied(last, true),
-                Ok(Err(e)) => return format!("applying revision {last}: {e}"),
-                Err(e) => return format!("applying revision {last}: {e}"),
+                let replica = replica.clone();
+                match tokio::task::spawn_blocking(move || replica.apply(changes, last)).await {
+                    Ok(Ok(())) => self.set_applied(last, true),
+                    Ok(Err(e)) => return format!("applying revision {last}: {e}"),
+                    Err(e) => return format!("applying revision {last}: {e}"),
+                }
             }
         }
     }
@@ -884,13 +896,22 @@ fn outcome_unknown(why: &str) -> Failure {
 }
 
 /// A change written in parts stopped part-way: what came before is committed.
-pub fn partial(done: usize, parts: usize) -> Failure {
+/// `set` names the shared set the change deleted or changed, if it did.
+pub fn partial(done: usize, parts: usize, set: Option<&str>) -> Failure {
+    let again = match set {
+        // The set's own document goes in the last part (see `service::fleet`).
+        Some(set) => format!(
+            "A forced deletion of the set {set} writes the set's own removal last, so the set is still there and \
+             still referenced where the failed parts did not reach: send the same request again to finish it"
+        ),
+        None => "An import can be sent again as it is".to_owned(),
+    };
     Failure::new(
         ErrorCode::Conflict,
         format!(
             "the change was too large for one etcd transaction and was written in {parts} parts; the first {done} \
              are committed and in force, the rest conflicted with another node's change or could not be written. \
-             An import can be sent again as it is"
+             {again}"
         ),
     )
 }

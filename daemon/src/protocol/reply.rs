@@ -406,6 +406,10 @@ pub struct ClusterStatus {
     /// Accounts or bindings the fleet committed that this node's kernel refused (full
     /// tables); see the log.
     pub apply_failures: u64,
+    /// The accounts and shared sets (`set:NAME`) whose latest version from the fleet this
+    /// node's kernel still refuses, by name (at most 100; the metric counts them all). The
+    /// node keeps enforcing their previous version and tries again every 10 s.
+    pub unenforced: Vec<String>,
     /// This node's clock minus etcd's, in milliseconds, as last measured (every minute);
     /// null until then. Override expiry is absolute: beyond 1000 either way the node warns.
     pub clock_offset_ms: Option<i64>,

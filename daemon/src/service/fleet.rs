@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use log::{error, warn};
+use log::{error, info, warn};
 
 use super::{Failure, Service, Writer, change::apply_account, now};
 use crate::datapath::Datapath;
@@ -107,7 +107,7 @@ impl Service {
             Committed::Partial { revision, done, parts } => {
                 cluster.wait_enforced(revision);
                 pending_audit.committed();
-                Err(cluster::partial(done, parts))
+                Err(cluster::partial(done, parts, set))
             }
         }
     }
@@ -127,9 +127,63 @@ impl Service {
             format!(
                 "the change is committed in the fleet (revision {revision}), but this node's kernel tables have no room \
                  for {}: this node keeps enforcing its previous allowlist (raise [maps] slots, or remove entries)",
-                id.strip_prefix("set:").map_or(format!("account {id}"), |set| format!("the set {set}"))
+                describe_subject(id)
             ),
         ))
+    }
+
+    /// Enforces again what this node's kernel refused from the fleet (full tables): room may
+    /// have been made since, by entries or accounts removed. Run by the sweep, under the
+    /// writer lock, so the kernel meets each refused account or set every ten seconds rather
+    /// than only when the fleet next changes it. A set that found no kernel id cannot be
+    /// put from here (the store holds no copy of it): once an id is free, this node asks for
+    /// a resync, which takes it from etcd.
+    pub(super) fn retry_unenforced(&self, datapath: &mut Datapath) {
+        let mut unenforced = self.unenforced.lock().expect("unenforced lock");
+        if unenforced.is_empty() {
+            return;
+        }
+        let sets = self.sets.read().expect("set cache lock");
+        let accounts = self.accounts.read().expect("cache lock");
+        // Sets before accounts: an account's reference then finds its set in the kernel.
+        let mut subjects: Vec<String> = unenforced.keys().cloned().collect();
+        subjects.sort_by_key(|s| (!s.starts_with(super::sets::SET_SUBJECT), s.clone()));
+        for subject in subjects {
+            let result = match subject.strip_prefix(super::sets::SET_SUBJECT) {
+                Some(name) => match sets.get(name) {
+                    Some(set) => datapath.set_shared_set(set.kernel_id, &set.entries),
+                    None => {
+                        if sets.len() < MAX_SETS as usize - 1 {
+                            self.resync_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                },
+                None => match accounts.get(&subject) {
+                    Some(policy) => apply_account(datapath, policy, suspended(|a| accounts.get(a), &subject)),
+                    // Gone since: nothing of it is left to enforce.
+                    None => {
+                        unenforced.remove(&subject);
+                        continue;
+                    }
+                },
+            };
+            match result {
+                Ok(()) => {
+                    info!("cluster: {} is now enforced here as the fleet has it", describe_subject(&subject));
+                    unenforced.remove(&subject);
+                }
+                Err(e) => warn!("cluster: {} is still not enforced here: {e}", describe_subject(&subject)),
+            }
+        }
+    }
+
+    /// The accounts and sets (`set:NAME`) this node's kernel does not enforce as the fleet
+    /// has them, by name.
+    pub(super) fn unenforced(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.unenforced.lock().expect("unenforced lock").keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// What `tx` holds now, as the units of an etcd transaction: for each key written, the
@@ -538,6 +592,10 @@ impl Service {
 }
 
 impl Replica for Service {
+    fn wants_resync(&self) -> bool {
+        self.resync_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn apply(&self, changes: Vec<Change>, revision: i64) -> Result<(), String> {
         let mut writer = self.writer.lock().expect("writer lock");
         self.apply_locked(&mut writer, changes, revision).map_err(|e| e.to_string())
@@ -579,6 +637,14 @@ impl Replica for Service {
             changes
         };
         self.apply_locked(&mut writer, changes, snapshot.revision).map_err(|e| e.to_string())
+    }
+}
+
+/// An entry of `unenforced` as a person reads it: "account acme", "the set corp-vpn".
+fn describe_subject(subject: &str) -> String {
+    match subject.strip_prefix(super::sets::SET_SUBJECT) {
+        Some(set) => format!("the set {set}"),
+        None => format!("account {subject}"),
     }
 }
 

@@ -29,7 +29,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, OnceLock, RwLock,
-        atomic::{AtomicU8, AtomicU32, AtomicU64},
+        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -138,6 +138,9 @@ pub struct Service {
     /// Accounts whose latest version from the fleet this node's kernel refused, with that
     /// version's revision: a change to them made here is not acknowledged as enforced.
     unenforced: Mutex<HashMap<String, i64>>,
+    /// A set waits for a kernel id and one is free: the watch resynchronises (see
+    /// `retry_unenforced`).
+    resync_wanted: AtomicBool,
     /// `[limits] max_entries_per_account` (a reload may change it).
     max_entries: AtomicU32,
     /// Changes refused for want of room: the kernel's tables, the per-account limit.
@@ -269,6 +272,7 @@ impl Service {
             node,
             cluster_apply_failures: AtomicU64::new(0),
             unenforced: Mutex::default(),
+            resync_wanted: AtomicBool::new(false),
             max_entries: config.limits.max_entries_per_account.into(),
             refusals: Default::default(),
             locator: RwLock::new(None),

@@ -170,7 +170,7 @@ impl Service {
                     ),
                 ));
             }
-            Committed::Partial { done, parts, .. } => return Err(cluster::partial(done, parts)),
+            Committed::Partial { done, parts, .. } => return Err(cluster::partial(done, parts, None)),
         };
         // The node's follower takes the fleet once it finds this store's policy there: from
         // then on it is a node like the others.

@@ -465,8 +465,11 @@ impl Service {
 /// What a set change is recorded under in the activity log (`activity set:corp-vpn`): no
 /// account id holds a colon.
 pub(super) fn set_subject(set: &str) -> String {
-    format!("set:{set}")
+    format!("{SET_SUBJECT}{set}")
 }
+
+/// The prefix of [`set_subject`].
+pub(super) const SET_SUBJECT: &str = "set:";
 
 /// Set names follow the account id rule.
 fn set_name(set: &str) -> Result<(), Failure> {

@@ -31,7 +31,8 @@ const LAST_USED_SCAN_SLOTS: u32 = 1 << 16;
 impl Service {
     /// Expired overrides leave the cache and the kernel's tables (the kernel already
     /// ignores them) and are audited once each, also those that ended while the daemon was
-    /// stopped; activity older than the retention is pruned.
+    /// stopped; activity older than the retention is pruned. A fleet node also enforces
+    /// again what its kernel refused from the fleet, in case room has been made.
     pub fn sweep(&self) -> Result<(), ServiceError> {
         let at = now();
         let mut guard = self.writer.lock().expect("writer lock");
@@ -53,9 +54,17 @@ impl Service {
                     a.overrides.retain(|o| o.expires_at > at);
                     a.expiring.retain(|e| e.expires_at > at);
                 }
-                apply_account(datapath, &accounts[id], suspended(|a| accounts.get(a), id))?;
-                info!("account {id}: expired overrides and entries swept");
+                // The kernel already ignores the expired keys, so a table that cannot be
+                // rewritten now (full) keeps them a while longer and nothing more: the rest
+                // of the sweep (the audit of the expiry) must not wait for it.
+                match apply_account(datapath, &accounts[id], suspended(|a| accounts.get(a), id)) {
+                    Ok(()) => info!("account {id}: expired overrides and entries swept"),
+                    Err(e) => warn!("account {id}: expired overrides and entries stay in the kernel for now: {e}"),
+                }
             }
+        }
+        if self.cluster.get().is_some() {
+            self.retry_unenforced(datapath);
         }
         let pending_audit = PendingAudit::begin();
         let tx = store.transaction()?;

@@ -685,6 +685,10 @@ impl Render for StatusReport {
             if c.apply_failures > 0 {
                 line(out, "apply_failures", format!("{} (see the daemon's log)", c.apply_failures));
             }
+            if !c.unenforced.is_empty() {
+                let names = c.unenforced.join(", ");
+                line(out, "unenforced", format!("{names} (the previous version is enforced here; retried every 10 s)"));
+            }
             if let Some(ms) = c.clock_offset_ms {
                 let off = if ms.abs() > 1000 { " (more than 1 s: overrides end at the wrong time here)" } else { "" };
                 line(out, "clock", format!("{:+.3} s against etcd{off}", ms as f64 / 1000.0));
