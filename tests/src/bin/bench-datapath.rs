@@ -16,6 +16,11 @@
 //! the filter that way instead. A last part has the accounts reference one shared set of
 //! 1,000 entries and times their packets, the set's update and its slots, beside a copy of
 //! the set in each account's own allowlist.
+//!
+//! Before timing, two accounts of the same shape send a few seconds of real packets, one
+//! from a host entry and one from its office /24, and the daemon's probe-order decision
+//! (`Datapath::order_probes`) runs on the stamps they leave, as ipaccessd runs it each
+//! second: the /24 rows then show what each account's own traffic made of its order.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
