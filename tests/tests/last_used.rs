@@ -114,3 +114,56 @@ fn entries_show_their_last_packet_and_sign_in_and_unused_lists_the_rest() {
     assert_eq!(find(&again, &host).2, find(&seen, &host).2, "the last packet was lost in a restart");
     assert_eq!(find(&again, &net24).1, find(&seen, &net24).1, "the last sign-in was lost in a restart");
 }
+
+/// The probe order follows the traffic under the real daemon: datagrams from an address in
+/// an account's /24 (the account also has host entries, so its host length is probed first
+/// at the start) make ipaccessd, from its once-a-second stamp scan, put the /24 first in the
+/// account's table header within a few seconds. Read from the pinned maps, as the kernel
+/// reads them.
+#[test]
+fn traffic_through_a_24_makes_the_daemon_probe_it_first() {
+    use aya::maps::{Array, Map, MapData};
+    use ipaccess_common::{AccountRecord, MAP_ACCOUNTS, MAP_SLOTS, PIN_SUBDIR, PackedLengths, Slot, TableDesc};
+
+    let w = World::new("");
+    let from = w.hosts.client_v4[0];
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7401);
+    let _server = UdpEchoServer::start_in(&w.hosts.server, dst).unwrap();
+    ok(&w, json!({"cmd": "account_add", "account": "cust"}));
+    ok(&w, json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": 7401, "proto": "udp"}));
+    let net24 = format!("{}/24", Ipv4Addr::from(u32::from(from) & 0xffff_ff00));
+    for cidr in [net24.as_str(), "198.19.250.1/32", "198.19.250.2/32"] {
+        ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": cidr}));
+    }
+    ok(&w, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "force": true}));
+    // The IPv4 lengths of the one account table in the pinned maps, in probe order.
+    let pins = w.bpffs.path().join(PIN_SUBDIR);
+    let first_length = || {
+        let accounts: Array<MapData, AccountRecord> =
+            Array::try_from(Map::Array(MapData::from_pin(pins.join(MAP_ACCOUNTS)).unwrap())).unwrap();
+        let slots: Array<MapData, Slot> =
+            Array::try_from(Map::Array(MapData::from_pin(pins.join(MAP_SLOTS)).unwrap())).unwrap();
+        let tables: Vec<TableDesc> = (0..accounts.len())
+            .filter_map(|i| Some(TableDesc(accounts.get(&i, 0).ok()?.table)).filter(|d| d.is_present()))
+            .collect();
+        assert_eq!(tables.len(), 1, "one account with an allowlist: {tables:?}");
+        PackedLengths(slots.get(&tables[0].header(), 0).unwrap().key_hi).get(0)
+    };
+    assert_eq!(first_length(), 32, "the host length first at the start");
+
+    let sock = udp_client(&w.hosts.client, from.into(), dst);
+    let started = Instant::now();
+    let mut moved = None;
+    while started.elapsed() < Duration::from_secs(15) {
+        assert!(echoed_udp(&sock, b"office", 1, Duration::from_secs(2)) > 0, "the /24 lets the datagram through");
+        if first_length() == 24 {
+            moved = Some(started.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let moved = moved.expect("the daemon never put the /24 first");
+    println!("the /24 went first after {moved:?} of traffic");
+    assert!(moved < Duration::from_secs(10), "{moved:?}");
+    assert_eq!(echoed_udp(&sock, b"office", 3, Duration::from_secs(2)), 3, "still allowed");
+}

@@ -151,3 +151,91 @@ fn changing_a_shared_set_drops_no_packet_it_covers_in_any_account() {
     assert!(changes > 100 && runs > 10_000, "too little happened: {changes} changes, {runs} runs");
     println!("{runs} runs of each account during {changes} changes of the set");
 }
+
+/// The probe order follows the traffic, in the real kernel: packets (BPF_PROG_TEST_RUN) from
+/// an account's office /24 stamp its key, each "second" the stamps go to the decision the
+/// daemon runs (`Datapath::order_probes`), and within a few seconds the /24 is probed
+/// first; a later change of the allowlist keeps it first. Then the order is flipped between
+/// the /24 and the hosts, and the allowlist changed in place, again and again while packets
+/// from a host and from the /24 (covered by both orders) run: none may drop.
+#[test]
+fn traffic_through_a_24_puts_it_first_and_flipping_the_order_drops_nothing() {
+    const V4: u64 = ipaccess_common::FAMILY_V4;
+    let bpffs = BpfFs::new().unwrap();
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
+    let mut dp = Datapath::open(&options).expect("load the XDP program");
+    let target = BindTarget::Port { protocol: 6, port: 443 };
+    dp.set_bindings(&[Binding { addr: SERVER.into(), target, account: ACCOUNT }]).unwrap();
+    dp.set_policy(ACCOUNT, Mode::Enforce, false).unwrap();
+    let hosts = ["198.18.5.5/32", "198.18.5.6/32", "198.18.5.7/32"];
+    let base = [hosts.as_slice(), &["198.18.0.0/24"]].concat();
+    dp.set_allowlist(ACCOUNT, &list(&base)).unwrap();
+    assert_eq!(dp.probe_lengths(ACCOUNT, V4), [32, 24], "the most specific first by default");
+
+    let office = packets::ipv4_tcp(SOURCE, SERVER, 40000, 443);
+    let host = packets::ipv4_tcp(Ipv4Addr::new(198, 18, 5, 6), SERVER, 40000, 443);
+    let prog = dp.program().fd().unwrap().as_fd().try_clone_to_owned().unwrap();
+    // A second at a time, as ipaccessd's scan: packets stamp their keys with the clock, the
+    // clock ticks, the keys stamped since the last tick go to the decision.
+    let mut moved_after = None;
+    for clock in 1..=10 {
+        dp.set_clock(clock);
+        for _ in 0..3 {
+            assert_eq!(test_run(&prog, &office), XDP_PASS);
+        }
+        dp.set_clock(clock + 1);
+        let used = dp.used_since(clock);
+        assert!(used.iter().any(|u| u.key.to_string() == "198.18.0.0/24"), "the /24's stamp: {used:?}");
+        dp.order_probes(&used);
+        if dp.probe_lengths(ACCOUNT, V4)[0] == 24 {
+            moved_after = Some(clock);
+            break;
+        }
+    }
+    let seconds = moved_after.expect("the /24 never went first");
+    assert!(seconds <= 5, "after {seconds} seconds");
+    assert_eq!(dp.probe_lengths(ACCOUNT, V4), [24, 32]);
+    // A change in place (a host added) and one that adds a length both keep it first.
+    dp.set_allowlist(ACCOUNT, &list(&[base.as_slice(), &["198.18.5.8/32"]].concat())).unwrap();
+    assert_eq!(dp.probe_lengths(ACCOUNT, V4), [24, 32]);
+    dp.set_allowlist(ACCOUNT, &list(&[base.as_slice(), &["198.19.0.0/16"]].concat())).unwrap();
+    assert_eq!(dp.probe_lengths(ACCOUNT, V4), [24, 32, 16]);
+    assert_eq!(test_run(&prog, &office), XDP_PASS);
+    assert_eq!(test_run(&prog, &host), XDP_PASS);
+
+    // Flipping: the order between the /24 and the hosts, and the list between one with a
+    // /16 elsewhere and one with another host (a length added and removed, with its grace
+    // wait), both covering the two sources.
+    let lists =
+        [list(&[base.as_slice(), &["198.19.0.0/16"]].concat()), list(&[base.as_slice(), &["198.18.5.9/32"]].concat())];
+    let before = dp.counters(ACCOUNT).unwrap();
+    let done = AtomicBool::new(false);
+    let (runs, flips) = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            let mut runs = 0u64;
+            while !done.load(Ordering::Relaxed) && runs < 50_000_000 {
+                for frame in [&office, &host] {
+                    assert_eq!(test_run(&prog, frame), XDP_PASS, "a covered source dropped after {runs} runs");
+                    runs += 1;
+                }
+            }
+            runs
+        });
+        let started = Instant::now();
+        let mut flips = 0usize;
+        while started.elapsed() < FLIPPING && !runner.is_finished() && flips < 10_000_000 {
+            flips += 1;
+            assert!(dp.put_first(ACCOUNT, V4, if flips.is_multiple_of(2) { 24 } else { 32 }).unwrap(), "flip {flips}");
+            if flips.is_multiple_of(16) {
+                dp.set_allowlist(ACCOUNT, &lists[(flips / 16) % 2]).unwrap();
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        (runner.join().unwrap(), flips)
+    });
+    let after = dp.counters(ACCOUNT).unwrap();
+    assert_eq!(after.dropped_packets, before.dropped_packets, "{runs} runs during {flips} flips");
+    assert_eq!(after.passed_packets - before.passed_packets, runs, "{flips} flips");
+    assert!(flips > 1000 && runs > 100_000, "too little happened: {flips} flips, {runs} runs");
+    println!("{runs} runs of the program during {flips} flips of the order");
+}

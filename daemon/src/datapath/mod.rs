@@ -8,6 +8,7 @@
 
 pub mod mmap;
 pub mod netlink;
+pub mod order;
 pub mod prefix;
 pub mod regions;
 pub mod tables;
@@ -45,8 +46,9 @@ use crate::protocol::Mode;
 use self::{
     mmap::MmapArray,
     netlink::XdpPath,
+    order::ProbeOrder,
     prefix::{TooManyKeys, expand},
-    tables::{SlotKey, Synced, TableContent, TableError, Tables},
+    tables::{FirstLengths, SlotKey, Synced, TableContent, TableError, Tables},
 };
 
 /// The XDP object built by build.rs: the filter ([`PROGRAM_NAME`]) and its maps, nothing else.
@@ -215,6 +217,12 @@ pub struct Datapath {
     bound: BindingIndex,
     /// Links this process attached or reused, by interface (each also pinned).
     links: BTreeMap<String, FdLink>,
+    /// Per account slot, the length its table probes first per family (IPv4, IPv6;
+    /// [`NO_LENGTH`] for the writer's default, the most specific), kept through every
+    /// later change of its allowlist.
+    first_lengths: FirstLengths,
+    /// Which length lets each account's packets through ([`Datapath::order_probes`]).
+    probe_order: ProbeOrder,
     /// Held for the life of the Datapath: one writer per pin directory.
     _lock: fs::File,
 }
@@ -300,6 +308,7 @@ impl Datapath {
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
         program.load().map_err(|e| DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e))?;
         let bound = bound_index(&tables, bindings_table(&config));
+        let first_lengths = first_lengths_found(&tables, &accounts);
         Ok(Self {
             ebpf,
             pin_dir,
@@ -313,6 +322,8 @@ impl Datapath {
             samples,
             bound,
             links: BTreeMap::new(),
+            first_lengths,
+            probe_order: ProbeOrder::new(),
             _lock: lock,
         })
     }
@@ -579,7 +590,8 @@ impl Datapath {
     /// allowed throughout it.
     pub fn set_allowlist(&mut self, slot: u32, entries: &[(IpNet, u64)]) -> Result<()> {
         self.check_slot(slot)?;
-        let content = table_content(entries, |family, len| Tag::allow(slot, family, len))?;
+        let mut content = table_content(entries, |family, len| Tag::allow(slot, family, len))?;
+        self.first_lengths.apply(slot, &mut content);
         let current = account_table(&self.accounts, slot);
         if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
             self.store_account_table(slot, new);
@@ -754,6 +766,7 @@ impl Datapath {
     pub fn remove_account(&mut self, slot: u32) -> Result<()> {
         self.check_slot(slot)?;
         self.set_account_sets(slot, &[])?;
+        self.first_lengths.forget(slot);
         self.store_policy(slot, Policy::UNSET);
         let current = account_table(&self.accounts, slot);
         self.store_account_table(slot, TableDesc::NONE);
@@ -892,6 +905,38 @@ impl Datapath {
         out
     }
 
+    /// The prefix lengths account `slot`'s table probes in `family`, in the order the kernel
+    /// probes them (empty without a table).
+    pub fn probe_lengths(&self, slot: u32, family: u64) -> Vec<u8> {
+        let table = if slot < self.accounts.len() { account_table(&self.accounts, slot) } else { TableDesc::NONE };
+        self.tables.read_lengths(table, family == ipaccess_common::FAMILY_V4)
+    }
+
+    /// Makes account `slot`'s table probe `first` first in `family` (one store of the
+    /// header's lengths word, the same lengths in another order), and keeps it first through
+    /// later changes of the allowlist while the allowlist has keys of that length. False if
+    /// the table holds no such length or has it first already (the preference is kept).
+    pub fn put_first(&mut self, slot: u32, family: u64, first: u8) -> Result<bool> {
+        self.check_slot(slot)?;
+        self.first_lengths.set(slot, family, first);
+        Ok(self.tables.reorder(account_table(&self.accounts, slot), family == ipaccess_common::FAMILY_V4, first))
+    }
+
+    /// One second of the probe order: the keys `used` stamped since the last call go into
+    /// the tally, and each account whose traffic comes mostly through another length than
+    /// the one probed first gets that length first ([`order`]). Returns the changes made.
+    pub fn order_probes(&mut self, used: &[LastUse]) -> Vec<order::Reorder> {
+        self.probe_order.tick_uses(used);
+        let changes = self.probe_order.decide(|slot, family| self.probe_lengths(slot, family));
+        let mut made = Vec::with_capacity(changes.len());
+        for change in changes {
+            if let Ok(true) = self.put_first(change.slot, change.family, change.first) {
+                made.push(change);
+            }
+        }
+        made
+    }
+
     /// Drop samples waiting in the ring buffer, at most `max`.
     pub fn drain_samples(&mut self, max: usize) -> Vec<DropSample> {
         let mut out = Vec::new();
@@ -990,6 +1035,19 @@ impl KeyOwner {
             KeyOwner::SetGroup(_) => None,
         }
     }
+}
+
+/// The first lengths the account tables in the maps probe where they are not the most
+/// specific (a previous daemon's [`Datapath::put_first`]): kept across a restart.
+fn first_lengths_found(tables: &Tables, accounts: &MmapArray<AccountRecord>) -> FirstLengths {
+    let mut found = FirstLengths::default();
+    for slot in 0..accounts.len() {
+        let table = account_table(accounts, slot);
+        if table.is_present() {
+            found.found(tables, slot, table);
+        }
+    }
+    found
 }
 
 /// Each account's keys in the binding table, with whether each (an address record) also

@@ -11,8 +11,8 @@
 use std::{collections::BTreeMap, thread, time::Instant};
 
 use ipaccess_common::{
-    AddrWords, FAMILY_V4, FAMILY_V6, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, PackedLengths, Slot, SlotReader, SlotState,
-    Summary, TableDesc, Tag, hash_key, home_offset, probe_index, read_lengths,
+    AddrWords, FAMILY_V4, FAMILY_V6, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, NO_LENGTH, PackedLengths, Slot, SlotReader,
+    SlotState, Summary, TableDesc, Tag, hash_key, home_offset, probe_index, read_lengths,
 };
 
 use super::{
@@ -171,6 +171,15 @@ impl Tables {
         content
     }
 
+    /// The probe lengths of one family (IPv4 if `v4`) in a published table's header, in the
+    /// order the kernel probes them.
+    pub fn read_lengths(&self, desc: TableDesc, v4: bool) -> Vec<u8> {
+        if !desc.is_present() {
+            return Vec::new();
+        }
+        read_lengths(&self.slots, desc).map_or_else(Vec::new, |(l4, l6)| unpack(if v4 { l4 } else { l6 }))
+    }
+
     /// Makes the table named by `current` hold exactly `wanted`.
     pub fn sync(&mut self, current: TableDesc, wanted: &TableContent) -> Result<Synced, TableError> {
         let v4 = PackedLengths::pack(&wanted.v4_lengths).ok_or(TableError::TooManyLengths)?;
@@ -226,6 +235,28 @@ impl Tables {
         if old.is_present() {
             self.regions.free(Region { start: old.header(), len: old.region_len() });
         }
+    }
+
+    /// Makes a published allowlist table probe `first` first in one family (IPv4 if `v4`), the
+    /// other lengths keeping their order: one aligned store of that family's lengths word.
+    /// The same lengths in another order, so a packet that read either word probes the same
+    /// keys: nothing about the in-place protocol changes (and [`Self::sync`], which reads the
+    /// lengths it starts from, never runs at the same time: one writer). False, and nothing
+    /// stored, when `first` is not among the lengths or is first already.
+    pub fn reorder(&self, desc: TableDesc, v4: bool, first: u8) -> bool {
+        if !desc.is_present() {
+            return false;
+        }
+        let Some((old_v4, old_v6)) = read_lengths(&self.slots, desc) else { return false };
+        let mut lengths = unpack(if v4 { old_v4 } else { old_v6 });
+        if lengths.first() == Some(&first) || !lengths.contains(&first) {
+            return false;
+        }
+        put_first(&mut lengths, first);
+        let word = PackedLengths::pack(&lengths).expect("a permutation fits where the lengths did");
+        self.slots.store(desc.header(), if v4 { KEY_HI } else { KEY_LO }, word.0);
+        self.note(|| if v4 { Step::Lengths(word, old_v6) } else { Step::Lengths(old_v4, word) });
+        true
     }
 
     /// The allowlist key live in slot `index` right now: its owner (an account slot, or a
@@ -317,8 +348,9 @@ impl Tables {
         // A packet that read the old lengths just before the union was published would not
         // probe a new key at a new length; if it then met a removed key's tombstone, a
         // source covered by both would be dropped. Such a packet's program finishes within
-        // microseconds, so the removals wait that long (only when both happen at once).
-        let lengths_grew = union_v4 != old_v4 || union_v6 != old_v6;
+        // microseconds, so the removals wait that long (only when both happen at once). A
+        // new order of the same lengths is no new length.
+        let lengths_grew = grew(old_v4, union_v4) || grew(old_v6, union_v6);
         if lengths_grew && !present.is_empty() {
             self.wait_for_readers();
         }
@@ -449,13 +481,76 @@ fn unpack(lengths: PackedLengths) -> Vec<u8> {
     (0..MAX_PROBE_LENGTHS).map(|i| lengths.get(i)).take_while(|&l| l != ipaccess_common::NO_LENGTH).collect()
 }
 
-/// Lengths in either list, if they still fit in one word (longest first).
-fn union(a: PackedLengths, b: PackedLengths) -> Option<PackedLengths> {
-    let mut all = unpack(a);
-    all.extend(unpack(b));
-    all.sort_unstable_by(|x, y| y.cmp(x));
-    all.dedup();
+/// Lengths in either list, if they still fit in one word: `wanted`'s in its order (so a
+/// length put first stays first while a change is under way), then the old ones it lacks.
+fn union(old: PackedLengths, wanted: PackedLengths) -> Option<PackedLengths> {
+    let mut all = unpack(wanted);
+    for len in unpack(old) {
+        if !all.contains(&len) {
+            all.push(len);
+        }
+    }
     PackedLengths::pack(&all)
+}
+
+/// Does `now` hold a length `before` did not?
+fn grew(before: PackedLengths, now: PackedLengths) -> bool {
+    let before = unpack(before);
+    unpack(now).iter().any(|len| !before.contains(len))
+}
+
+/// The length each account's table probes first per family, where it is not the writer's
+/// default (the most specific): what [`Tables::reorder`] was asked for, applied to every
+/// later [`TableContent`] of that account before [`Tables::sync`], so that an in-place
+/// change (its union of lengths included) or a rebuild keeps it first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FirstLengths(BTreeMap<u32, [u8; 2]>);
+
+impl FirstLengths {
+    /// Account `slot` wants `first` probed first in `family`.
+    pub fn set(&mut self, slot: u32, family: u64, first: u8) {
+        let firsts = self.0.entry(slot).or_insert([NO_LENGTH; 2]);
+        firsts[usize::from(family != FAMILY_V4)] = first;
+    }
+
+    pub fn get(&self, slot: u32, family: u64) -> Option<u8> {
+        let first = self.0.get(&slot)?[usize::from(family != FAMILY_V4)];
+        (first != NO_LENGTH).then_some(first)
+    }
+
+    pub fn forget(&mut self, slot: u32) {
+        self.0.remove(&slot);
+    }
+
+    /// Puts the account's preferred lengths first in `content` (those it holds).
+    pub fn apply(&self, slot: u32, content: &mut TableContent) {
+        if let Some(&[v4, v6]) = self.0.get(&slot) {
+            put_first(&mut content.v4_lengths, v4);
+            put_first(&mut content.v6_lengths, v6);
+        }
+    }
+
+    /// The preferences a published table's header shows (a first length that is not the
+    /// family's longest), as a previous writer left them: how they survive a restart.
+    pub fn found(&mut self, tables: &Tables, slot: u32, desc: TableDesc) {
+        for family in [FAMILY_V4, FAMILY_V6] {
+            let lengths = tables.read_lengths(desc, family == FAMILY_V4);
+            if let (Some(&first), Some(&max)) = (lengths.first(), lengths.iter().max())
+                && first != max
+            {
+                self.set(slot, family, first);
+            }
+        }
+    }
+}
+
+/// `lengths` with `first` moved to the front, the others in their order (unchanged if
+/// `first` is not among them).
+pub fn put_first(lengths: &mut Vec<u8>, first: u8) {
+    if let Some(at) = lengths.iter().position(|&l| l == first) {
+        let len = lengths.remove(at);
+        lengths.insert(0, len);
+    }
 }
 
 #[cfg(test)]
@@ -650,7 +745,8 @@ mod tests {
         assert!(started.elapsed() >= READER_GRACE);
         let trace = take_trace(&t);
         let at = |want: &dyn Fn(&Step) -> bool| trace.iter().position(want).unwrap_or_else(|| panic!("{trace:?}"));
-        let union = PackedLengths::pack(&[32, 24, 16]).unwrap();
+        // The wanted lengths in their order, then the old ones they lack.
+        let union = PackedLengths::pack(&[32, 16, 24]).unwrap();
         let final_lengths = PackedLengths::pack(&[32, 16]).unwrap();
         let no_v6 = PackedLengths::pack(&[]).unwrap();
         let inserted = at(&|s| *s == Step::Live(slot_of(&t, desc, &new)));
@@ -679,6 +775,75 @@ mod tests {
         assert!(last_at > tombstone);
         assert_eq!(last, Summary::of(desc.seed(), summary_keys(&after, FAMILY_V4)));
         assert_eq!(t.read(desc), after);
+    }
+
+    /// A reorder is one store of one family's lengths word; a preference then survives an
+    /// in-place change (its union of lengths too), a change that adds a length, and a
+    /// rebuild; and it comes back from the header as a restarted writer finds it.
+    #[test]
+    fn a_first_length_put_first_stays_first_through_later_changes() {
+        let mut t = tables(1 << 12);
+        let mut firsts = FirstLengths::default();
+        let (host, office, branch) =
+            (v4(1, [198, 18, 0, 9], 32), v4(1, [198, 18, 1, 0], 24), v4(1, [198, 18, 0, 0], 16));
+        let host6 = v6(1, 0xfd00 << 48, 1, 128);
+        // Room in the table (16 slots) for the changes below to be made in place.
+        let (a6, b6) = (v6(1, 0xfd00 << 48, 2, 128), v6(1, 0xfd00 << 48, 3, 128));
+        let mut desc = TableDesc::NONE;
+        let sync = |t: &mut Tables, desc: &mut TableDesc, firsts: &FirstLengths, keys: &[(SlotKey, u64)]| {
+            let mut content = wanted(keys);
+            firsts.apply(1, &mut content);
+            apply(t, desc, &content)
+        };
+        sync(&mut t, &mut desc, &firsts, &[(host, A), (office, A), (host6, A), (a6, A), (b6, A)]);
+        assert_eq!(t.read_lengths(desc, true), [32, 24], "the most specific first by default");
+        take_trace(&t);
+
+        firsts.set(1, FAMILY_V4, 24);
+        assert!(t.reorder(desc, true, 24));
+        let v6_word = PackedLengths::pack(&[128]).unwrap();
+        assert_eq!(take_trace(&t), [Step::Lengths(PackedLengths::pack(&[24, 32]).unwrap(), v6_word)], "one store");
+        assert!(!t.reorder(desc, true, 24), "first already");
+        assert!(!t.reorder(desc, true, 16), "not a length of the table");
+        assert!(!t.reorder(desc, false, 64), "not a length of the table");
+        assert_eq!(t.read_lengths(desc, false), [128], "the other family untouched");
+
+        // In place: a host added, then a /16 added while a host goes (the union published,
+        // the wait, the tombstone): the /24 is first at every step the writer publishes.
+        let other = v4(1, [198, 18, 0, 10], 32);
+        assert!(sync(&mut t, &mut desc, &firsts, &[(host, A), (other, A), (office, A), (host6, A), (a6, A), (b6, A)]));
+        assert!(sync(
+            &mut t,
+            &mut desc,
+            &firsts,
+            &[(other, A), (office, A), (branch, A), (host6, A), (a6, A), (b6, A)]
+        ));
+        let trace = take_trace(&t);
+        let published: Vec<PackedLengths> =
+            trace.iter().filter_map(|s| if let Step::Lengths(v4, _) = s { Some(*v4) } else { None }).collect();
+        assert!(trace.contains(&Step::Grace), "{trace:?}");
+        assert!(published.len() >= 4, "{trace:?}");
+        assert!(published.iter().all(|l| l.get(0) == 24), "{published:?}");
+        assert_eq!(t.read_lengths(desc, true), [24, 32, 16]);
+        assert!([other, office, branch, host6].iter().all(|k| found(&t, desc, k) == Some(A)));
+        assert_eq!(found(&t, desc, &host), None);
+
+        // A rebuild (many more keys than the table holds) keeps it first too.
+        let mut many: Vec<(SlotKey, u64)> = (0..40).map(|i| (v4(1, [198, 18, 2, i], 32), A)).collect();
+        many.push((office, A));
+        let before = desc;
+        assert!(!sync(&mut t, &mut desc, &firsts, &many), "rebuilt");
+        assert_ne!(desc, before);
+        assert_eq!(t.read_lengths(desc, true), [24, 32]);
+
+        // A writer starting over these slots finds the preference in the header.
+        let mut restarted = FirstLengths::default();
+        restarted.found(&t, 1, desc);
+        assert_eq!(restarted, firsts);
+        // Without the /24 the default order comes back; the preference waits for a /24.
+        sync(&mut t, &mut desc, &firsts, &many[..40]);
+        assert_eq!(t.read_lengths(desc, true), [32]);
+        assert_eq!(firsts.get(1, FAMILY_V4), Some(24));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde_json::json;
 
 use super::{
@@ -133,6 +133,15 @@ impl Service {
         for start in (0..slots).step_by(LAST_USED_SCAN_SLOTS as usize) {
             let guard = self.writer.lock().expect("writer lock");
             used.extend(guard.datapath.used_since_among(since, start..start.saturating_add(LAST_USED_SCAN_SLOTS)));
+        }
+        // The probe order follows the traffic: each account's table probes first the length
+        // most of its packets come through (datapath::order). Every second, also when nothing
+        // was stamped, so that old tallies fade.
+        {
+            let mut guard = self.writer.lock().expect("writer lock");
+            for change in guard.datapath.order_probes(&used) {
+                debug!("account slot {}: /{} now probed first", change.slot, change.first);
+            }
         }
         if used.is_empty() {
             return 0;

@@ -16,6 +16,11 @@
 //! the filter that way instead. A last part has the accounts reference one shared set of
 //! 1,000 entries and times their packets, the set's update and its slots, beside a copy of
 //! the set in each account's own allowlist.
+//!
+//! Before timing, two accounts of the same shape send a few seconds of real packets, one
+//! from a host entry and one from its office /24, and the daemon's probe-order decision
+//! (`Datapath::order_probes`) runs on the stamps they leave, as ipaccessd runs it each
+//! second: the /24 rows then show what each account's own traffic made of its order.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -147,6 +152,7 @@ const DAEMON_SAMPLE_BURST: u64 = 10 * DAEMON_SAMPLES_PER_SECOND;
 fn cases(accounts: u32) -> Vec<Case> {
     // An account in the middle, so nothing is special about its place in the tables.
     let i = accounts / 2;
+    let j = office_account(accounts);
     let (ok4, ok6) = allowed_sources(i);
     let bad4 = Ipv4Addr::new(198, 19, 255, 254);
     let bad6: Ipv6Addr = "fd02::bad".parse().unwrap();
@@ -159,8 +165,20 @@ fn cases(accounts: u32) -> Vec<Case> {
         case("bound allowed, IPv4", packets::ipv4_tcp(ok4, v4_dst(i), 40000, 443), XDP_PASS, false),
         case("bound allowed, IPv6", packets::ipv6_tcp(ok6, v6_dst(i), 40000, 443), XDP_PASS, false),
         case(
-            "bound allowed by a /24, IPv4",
+            "bound allowed by a /24, account's traffic mostly to its hosts, IPv4",
             packets::ipv4_tcp(prefix_source(i), v4_dst(i), 40000, 443),
+            XDP_PASS,
+            false,
+        ),
+        case(
+            "bound allowed by a /24, account's traffic through it (its order), IPv4",
+            packets::ipv4_tcp(prefix_source(j), v4_dst(j), 40000, 443),
+            XDP_PASS,
+            false,
+        ),
+        case(
+            "bound allowed by a host, that account (its /24 first), IPv4",
+            packets::ipv4_tcp(allowed_sources(j).0, v4_dst(j), 40000, 443),
             XDP_PASS,
             false,
         ),
@@ -211,9 +229,11 @@ fn run_size(accounts: u32, args: &Args, shared: bool) -> SizeRun {
         account: office,
     });
     dp.set_bindings(&bindings).unwrap();
+    // The probe order the daemon's decision gives two accounts from their packets' stamps.
+    let clock = if shared { 1 } else { learn_probe_order(&mut dp, accounts, &mut notes) };
     // A ticking clock, as under ipaccessd: an allowed packet pays for its key's last-used
     // stamp (its first packet writes it; the rest read it, as in the second after a tick).
-    dp.set_clock(1);
+    dp.set_clock(clock);
     let load_time = started.elapsed().as_secs_f64();
     let mut bench = Ebpf::load(BENCH_OBJECT).expect("load the benchmark's reference programs");
     for name in ["ipaccess_floor", "ipaccess_calibration_hash"] {
@@ -283,6 +303,49 @@ fn run_size(accounts: u32, args: &Args, shared: bool) -> SizeRun {
         time_set_changes(&mut dp, accounts, first_copy, &mut notes);
     }
     SizeRun { rows, load_time, notes }
+}
+
+/// The account whose traffic comes through its first /24 (the office), beside account
+/// `accounts / 2`, whose traffic comes to its hosts: the same allowlist shape.
+fn office_account(accounts: u32) -> u32 {
+    accounts / 2 + 1
+}
+
+/// Runs what ipaccessd runs each second (`Datapath::order_probes` on the keys stamped since
+/// the last tick) over real packets (BPF_PROG_TEST_RUN, one a second per account): account
+/// `accounts / 2` sends from a host entry, [`office_account`] from its office /24. Returns
+/// the clock to time with, once the decision has put the /24 first (bounded: 10 seconds).
+fn learn_probe_order(dp: &mut Datapath, accounts: u32, notes: &mut Vec<String>) -> u64 {
+    const V4: u64 = ipaccess_common::FAMILY_V4;
+    let (hosts, office) = (accounts / 2, office_account(accounts));
+    let frames = [
+        packets::ipv4_tcp(allowed_sources(hosts).0, v4_dst(hosts), 40000, 443),
+        packets::ipv4_tcp(prefix_source(office), v4_dst(office), 40000, 443),
+    ];
+    for clock in 1..=10 {
+        dp.set_clock(clock);
+        for frame in &frames {
+            let result = dp
+                .program()
+                .test_run(TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() })
+                .expect("BPF_PROG_TEST_RUN");
+            assert_eq!(result.return_value, XDP_PASS);
+        }
+        dp.set_clock(clock + 1);
+        let used = dp.used_since(clock);
+        dp.order_probes(&used);
+        if dp.probe_lengths(office, V4).first() == Some(&24) {
+            assert_eq!(dp.probe_lengths(hosts, V4).first(), Some(&32), "hosts' traffic keeps hosts first");
+            notes.push(format!(
+                "probe order from the stamps of {clock} seconds of packets: account {office} (office /24) probes {:?}, \
+                 account {hosts} (hosts) {:?}",
+                dp.probe_lengths(office, V4),
+                dp.probe_lengths(hosts, V4)
+            ));
+            return clock + 1;
+        }
+    }
+    panic!("the decision did not put the office /24 first in 10 seconds");
 }
 
 /// The shared set's id (ids start at 1).
