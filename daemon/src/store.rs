@@ -460,6 +460,37 @@ impl Store {
         Ok(())
     }
 
+    /// SQLite's `PRAGMA data_version`: it changes when another connection has committed to
+    /// the database since this one last asked (in WAL mode such a commit also makes this
+    /// connection drop its whole page cache at its next transaction). Its own commits
+    /// leave it alone.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    /// `PRAGMA synchronous` as a number (1 NORMAL, 2 FULL).
+    #[cfg(test)]
+    pub(crate) fn synchronous(&self) -> i64 {
+        self.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap()
+    }
+
+    /// Runs `f` with this connection's commits durable (`synchronous=FULL`) even if it is
+    /// otherwise [a copy of a durable source](Store::as_copy_of_a_durable_source): for what
+    /// only this store holds, such as the activity log's counts, on a fleet node too.
+    pub fn durably<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        const FULL: i64 = 2;
+        let level: i64 = self.conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+        if level >= FULL {
+            return f(self);
+        }
+        self.conn.pragma_update(None, "synchronous", FULL)?;
+        let result = f(self);
+        let restored = self.conn.pragma_update(None, "synchronous", level);
+        let result = result?;
+        restored?;
+        Ok(result)
+    }
+
     /// Starts a write transaction; it takes the write lock at once, so it cannot fail later
     /// for lack of it.
     pub fn transaction(&mut self) -> Result<Tx<'_>, StoreError> {
