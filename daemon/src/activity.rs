@@ -38,7 +38,8 @@ use crate::{
 
 /// How the writer thread reaches the store: runs one write (a whole transaction) on the
 /// daemon's write connection, under the lock every change takes, and returns its result.
-pub type StoreAccess = Box<dyn FnMut(&mut dyn FnMut(&mut Store) -> Result<(), StoreError>) -> Result<(), StoreError> + Send>;
+pub type StoreAccess =
+    Box<dyn FnMut(&mut dyn FnMut(&mut Store) -> Result<(), StoreError>) -> Result<(), StoreError> + Send>;
 
 /// Access to the store inside `writer` (its `store` part), taking its lock for each write,
 /// so that no connection but the writer's commits to the database. Its commits are durable
@@ -525,5 +526,84 @@ mod tests {
         .unwrap();
         assert_eq!(seen, Some(2), "FULL while the log writes");
         assert_eq!(writer.lock().unwrap().synchronous(), 1, "NORMAL again afterwards");
+    }
+
+    /// Not a check: what the first change after one of the log's commits costs, on a store
+    /// the size of the control bench's (100,000 accounts x 10 entries), with the log on the
+    /// writer's connection and on one of its own. Thread CPU time of `BEGIN`, the change's
+    /// SQL and its audit record (not the commit's disk flush), so a busy machine's
+    /// scheduling does not count. `cargo test --release -p ipaccess --lib -- --ignored
+    /// --nocapture first_change_after_a_log_commit`.
+    #[test]
+    #[ignore = "a measurement, about a minute"]
+    fn first_change_after_a_log_commit() {
+        use rustix::time::{ClockId, clock_gettime};
+        const ACCOUNTS: usize = 100_000;
+        const ROUNDS: usize = 400;
+        let dir = tempfile::Builder::new().prefix("ipaccess-activity-").tempdir().unwrap();
+        let path = dir.path().join("ipaccess.db");
+        let mut store = Store::open(&path).unwrap();
+        store.without_autocheckpoint().unwrap();
+        let tx = store.transaction().unwrap();
+        for a in 0..ACCOUNTS {
+            let id = format!("acct{a}");
+            tx.add_account(&id, None, AccountState::Active, Mode::Enforce, 0).unwrap();
+            let entries: Vec<(IpNet, Option<String>)> = (0..10u32)
+                .map(|e| (IpNet::from(IpAddr::V4(Ipv4Addr::from(0xc612_0000 + (a as u32) * 10 + e))), None))
+                .collect();
+            tx.replace_entries(&id, &entries, 0, 0).unwrap();
+        }
+        tx.commit().unwrap();
+        let writer = Arc::new(Mutex::new(store));
+        let cpu = || {
+            let t = clock_gettime(ClockId::ThreadCPUTime);
+            t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
+        };
+        let mut measure = |log: &ActivityLog, round0: usize| {
+            let mut costs = Vec::with_capacity(ROUNDS);
+            for r in 0..ROUNDS {
+                let n = round0 + r;
+                log.signin(signin(&format!("acct{}", (n * 7919) % ACCOUNTS), n as i64));
+                log.flush();
+                let account = format!("acct{}", (n * 104_729) % ACCOUNTS);
+                let cidr = IpNet::from(IpAddr::V4(Ipv4Addr::from(0xc613_0000 + n as u32)));
+                let mut store = writer.lock().unwrap();
+                let started = cpu();
+                let tx = store.transaction().unwrap();
+                tx.add_entry(&account, cidr, None, 0, n as i64).unwrap();
+                tx.add_audit(n as i64, &account, "allow_add", "{}").unwrap();
+                costs.push(cpu() - started);
+                tx.commit().unwrap();
+            }
+            costs.sort_by(f64::total_cmp);
+            (costs[ROUNDS / 2], costs[ROUNDS * 9 / 10], costs[ROUNDS * 99 / 100])
+        };
+        for round in 0..2 {
+            let shared = ActivityLog::start(shared_access(&writer, |s| s));
+            let (p50, p90, p99) = measure(&shared, round * 3 * ROUNDS);
+            println!(
+                "log on the writer's connection: BEGIN + SQL, thread CPU µs p50 {p50:.0} p90 {p90:.0} p99 {p99:.0}"
+            );
+            drop(shared);
+            let mut own = Store::open(&path).unwrap();
+            own.without_autocheckpoint().unwrap();
+            let separate = ActivityLog::start(Box::new(move |write| write(&mut own)));
+            let (p50, p90, p99) = measure(&separate, (round * 3 + 1) * ROUNDS);
+            println!(
+                "log on a connection of its own: BEGIN + SQL, thread CPU µs p50 {p50:.0} p90 {p90:.0} p99 {p99:.0}"
+            );
+            drop(separate);
+            // Candidate not taken: the pages read again come from a mapping of the database
+            // file (pages still in the WAL are read as before).
+            writer.lock().unwrap().set_mmap_size(1 << 30);
+            let mut own = Store::open(&path).unwrap();
+            own.without_autocheckpoint().unwrap();
+            let separate = ActivityLog::start(Box::new(move |write| write(&mut own)));
+            let (p50, p90, p99) = measure(&separate, (round * 3 + 2) * ROUNDS);
+            println!(
+                "the same, writer with mmap_size 1 GiB:  BEGIN + SQL, thread CPU µs p50 {p50:.0} p90 {p90:.0} p99 {p99:.0}"
+            );
+            writer.lock().unwrap().set_mmap_size(0);
+        }
     }
 }

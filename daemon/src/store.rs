@@ -283,8 +283,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Makes `conn` wait up to [`BUSY_TIMEOUT`] for another connection's lock, looking again
 /// every 50 µs for the first 5 ms. SQLite's own wait sleeps a whole millisecond first, then
-/// longer, while the other connection (the activity log's writer, say) holds the lock for a
-/// commit of a few hundred microseconds: a change that met one would wait 1 ms or more.
+/// longer, while the other connection holds the lock for a commit of a few hundred
+/// microseconds: a change that met one would wait 1 ms or more. (Inside the daemon every
+/// write goes through the one writer connection, the activity log's too; another process
+/// writing to the store meets this.)
 fn wait_when_busy(conn: &mut Connection) -> Result<(), StoreError> {
     let mut waiting_since = Instant::now();
     conn.busy_handler(Some(move |tries: i32| {
@@ -466,6 +468,12 @@ impl Store {
     /// leave it alone.
     pub fn data_version(&self) -> Result<i64, StoreError> {
         Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    /// Sets `PRAGMA mmap_size` (for measurements).
+    #[cfg(test)]
+    pub(crate) fn set_mmap_size(&self, bytes: i64) {
+        self.conn.pragma_update(None, "mmap_size", bytes).unwrap();
     }
 
     /// `PRAGMA synchronous` as a number (1 NORMAL, 2 FULL).
