@@ -559,7 +559,7 @@ mod tests {
             let t = clock_gettime(ClockId::ThreadCPUTime);
             t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
         };
-        let mut measure = |log: &ActivityLog, round0: usize| {
+        let measure = |log: &ActivityLog, round0: usize| {
             let mut costs = Vec::with_capacity(ROUNDS);
             for r in 0..ROUNDS {
                 let n = round0 + r;
