@@ -283,8 +283,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Makes `conn` wait up to [`BUSY_TIMEOUT`] for another connection's lock, looking again
 /// every 50 µs for the first 5 ms. SQLite's own wait sleeps a whole millisecond first, then
-/// longer, while the other connection (the activity log's writer, say) holds the lock for a
-/// commit of a few hundred microseconds: a change that met one would wait 1 ms or more.
+/// longer, while the other connection holds the lock for a commit of a few hundred
+/// microseconds: a change that met one would wait 1 ms or more. (Inside the daemon every
+/// write goes through the one writer connection, the activity log's too; another process
+/// writing to the store meets this.)
 fn wait_when_busy(conn: &mut Connection) -> Result<(), StoreError> {
     let mut waiting_since = Instant::now();
     conn.busy_handler(Some(move |tries: i32| {
@@ -458,6 +460,43 @@ impl Store {
     pub fn as_copy_of_a_durable_source(&self) -> Result<(), StoreError> {
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(())
+    }
+
+    /// SQLite's `PRAGMA data_version`: it changes when another connection has committed to
+    /// the database since this one last asked (in WAL mode such a commit also makes this
+    /// connection drop its whole page cache at its next transaction). Its own commits
+    /// leave it alone.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    /// Sets `PRAGMA mmap_size` (for measurements).
+    #[cfg(test)]
+    pub(crate) fn set_mmap_size(&self, bytes: i64) {
+        self.conn.pragma_update(None, "mmap_size", bytes).unwrap();
+    }
+
+    /// `PRAGMA synchronous` as a number (1 NORMAL, 2 FULL).
+    #[cfg(test)]
+    pub(crate) fn synchronous(&self) -> i64 {
+        self.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap()
+    }
+
+    /// Runs `f` with this connection's commits durable (`synchronous=FULL`) even if it is
+    /// otherwise [a copy of a durable source](Store::as_copy_of_a_durable_source): for what
+    /// only this store holds, such as the activity log's counts, on a fleet node too.
+    pub fn durably<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        const FULL: i64 = 2;
+        let level: i64 = self.conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+        if level >= FULL {
+            return f(self);
+        }
+        self.conn.pragma_update(None, "synchronous", FULL)?;
+        let result = f(self);
+        let restored = self.conn.pragma_update(None, "synchronous", level);
+        let result = result?;
+        restored?;
+        Ok(result)
     }
 
     /// Starts a write transaction; it takes the write lock at once, so it cannot fail later

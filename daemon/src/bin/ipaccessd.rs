@@ -27,7 +27,7 @@ use ipaccess::{
     kernel,
     location::Locator,
     logging, metrics, reload, server,
-    service::{ActivityLog, Service},
+    service::Service,
     store::Store,
     systemd,
 };
@@ -127,11 +127,10 @@ async fn main() -> anyhow::Result<()> {
     // before the kernel is touched, rather than found missing by support later.
     let locator = Locator::load(config.location_database.as_deref())?;
     let (_lock, store) = open_store(&config, &datapath, args.accept_empty_store)?;
-    let activity = ActivityLog::start(Store::open(&config.database()).context("opening the store")?);
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
-        let service = Service::start(store, datapath, activity, &config)?;
+        let service = Service::start(store, datapath, &config)?;
         if let Some(locator) = &locator {
             info!("locations from {}", locator.describe());
         }

@@ -108,7 +108,10 @@ struct Writer {
 }
 
 pub struct Service {
-    writer: Mutex<Writer>,
+    /// Writes through the writer (see [`crate::activity`]); before it, so that dropping it
+    /// writes out its counts while the writer is there.
+    activity: ActivityLog,
+    writer: Arc<Mutex<Writer>>,
     /// Connections for reads, so that they wait neither for the writer nor for each other.
     readers: Readers,
     /// Checkpoints the WAL beside the writer, so no change's commit does it.
@@ -117,7 +120,6 @@ pub struct Service {
     accounts: RwLock<HashMap<String, AccountPolicy>>,
     /// Every shared set's networks, as committed, held once for all referencing accounts.
     sets: RwLock<Sets>,
-    activity: ActivityLog,
     /// Settings a reload may change (see [`Service::reconfigure`]).
     retention_days: AtomicU32,
     min_override_ttl: AtomicU64,
@@ -162,7 +164,6 @@ impl Service {
     pub fn start(
         mut store: Store,
         mut datapath: Datapath,
-        activity: ActivityLog,
         config: &crate::config::Config,
     ) -> Result<Service, ServiceError> {
         let started = std::time::Instant::now();
@@ -255,13 +256,17 @@ impl Service {
         if config.cluster.is_some() {
             store.as_copy_of_a_durable_source()?;
         }
+        let readers = store.readers(READERS);
+        let checkpointer = store.checkpoint_in_background()?;
+        let writer = Arc::new(Mutex::new(Writer { store, datapath }));
+        let activity = ActivityLog::start(crate::activity::shared_access(&writer, |w| &mut w.store));
         Ok(Service {
-            readers: store.readers(READERS),
-            _checkpointer: store.checkpoint_in_background()?,
-            writer: Mutex::new(Writer { store, datapath }),
+            readers,
+            _checkpointer: checkpointer,
+            activity,
+            writer,
             accounts: RwLock::new(cache),
             sets: RwLock::new(sets),
-            activity,
             retention_days: config.retention_days.into(),
             min_override_ttl: config.min_override_ttl_seconds.max(1).into(),
             widest_override: (config.widest_override_ipv4.into(), config.widest_override_ipv6.into()),
