@@ -34,6 +34,41 @@ fn list(cidrs: &[&str]) -> Vec<(IpNet, u64)> {
     cidrs.iter().map(|c| (c.parse().unwrap(), NEVER_EXPIRES)).collect()
 }
 
+/// Runs the program over each of `frames` (sources covered throughout) again and again on
+/// one thread while `change` is made again and again on this one, for [`FLIPPING`] (and a
+/// bounded count). Every run must pass. Returns the rounds (one run of each frame) and the
+/// changes made.
+fn run_while_changing(
+    prog: &OwnedFd,
+    frames: &[&[u8]],
+    dp: &mut Datapath,
+    mut change: impl FnMut(&mut Datapath, usize),
+) -> (u64, usize) {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            let mut rounds = 0u64;
+            while !done.load(Ordering::Relaxed) && rounds < 50_000_000 {
+                // One run per call, so every verdict is seen (with `repeat` the kernel returns
+                // the last run's only, and each such call costs milliseconds, not one).
+                for frame in frames {
+                    assert_eq!(test_run(prog, frame), XDP_PASS, "a covered source dropped after {rounds} rounds");
+                }
+                rounds += 1;
+            }
+            rounds
+        });
+        let started = Instant::now();
+        let mut changes = 0usize;
+        while started.elapsed() < FLIPPING && !runner.is_finished() && changes < 10_000_000 {
+            changes += 1;
+            change(dp, changes);
+        }
+        done.store(true, Ordering::Relaxed);
+        (runner.join().unwrap(), changes)
+    })
+}
+
 /// The source is covered by a /24 in one list and a /16 in the other, so every flip adds a
 /// probe length and tombstones the key at the other: the case where a packet that read
 /// the old lengths must not meet the old key's tombstone. A host entry of another address
@@ -56,27 +91,8 @@ fn flipping_an_allowlist_in_place_drops_no_packet_it_covers_throughout() {
     assert_ne!(test_run(&prog, &refused), XDP_PASS, "the test can see a drop");
     let before = dp.counters(ACCOUNT).unwrap();
 
-    let done = AtomicBool::new(false);
-    let (runs, flips) = std::thread::scope(|scope| {
-        let runner = scope.spawn(|| {
-            let mut runs = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                // One run per call, so every verdict is seen (with `repeat` the kernel returns
-                // the last run's only, and each such call costs milliseconds, not one).
-                assert_eq!(test_run(&prog, &frame), XDP_PASS, "a covered source dropped after {runs} runs");
-                runs += 1;
-            }
-            runs
-        });
-        let started = Instant::now();
-        let mut flips = 0usize;
-        while started.elapsed() < FLIPPING && !runner.is_finished() {
-            flips += 1;
-            dp.set_allowlist(ACCOUNT, &lists[flips % 2]).unwrap();
-        }
-        done.store(true, Ordering::Relaxed);
-        (runner.join().unwrap(), flips)
-    });
+    let (runs, flips) =
+        run_while_changing(&prog, &[&frame], &mut dp, |dp, flip| dp.set_allowlist(ACCOUNT, &lists[flip % 2]).unwrap());
 
     // Every run is counted: none dropped, none missing.
     let after = dp.counters(ACCOUNT).unwrap();
@@ -121,26 +137,8 @@ fn changing_a_shared_set_drops_no_packet_it_covers_in_any_account() {
     assert_ne!(test_run(&prog, &refused), XDP_PASS, "the test can see a drop");
     let before = [ACCOUNT, OTHER].map(|slot| dp.counters(slot).unwrap());
 
-    let done = AtomicBool::new(false);
-    let (runs, changes) = std::thread::scope(|scope| {
-        let runner = scope.spawn(|| {
-            let mut runs = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                for frame in &frames {
-                    assert_eq!(test_run(&prog, frame), XDP_PASS, "a covered source dropped after {runs} runs");
-                }
-                runs += 1;
-            }
-            runs
-        });
-        let started = Instant::now();
-        let mut changes = 0usize;
-        while started.elapsed() < FLIPPING && !runner.is_finished() {
-            changes += 1;
-            dp.set_shared_set(1, &versions[changes % 2]).unwrap();
-        }
-        done.store(true, Ordering::Relaxed);
-        (runner.join().unwrap(), changes)
+    let (runs, changes) = run_while_changing(&prog, &[&frames[0], &frames[1]], &mut dp, |dp, change| {
+        dp.set_shared_set(1, &versions[change % 2]).unwrap()
     });
 
     for (slot, before) in [ACCOUNT, OTHER].into_iter().zip(before) {
@@ -209,30 +207,14 @@ fn traffic_through_a_24_puts_it_first_and_flipping_the_order_drops_nothing() {
     let lists =
         [list(&[base.as_slice(), &["198.19.0.0/16"]].concat()), list(&[base.as_slice(), &["198.18.5.9/32"]].concat())];
     let before = dp.counters(ACCOUNT).unwrap();
-    let done = AtomicBool::new(false);
-    let (runs, flips) = std::thread::scope(|scope| {
-        let runner = scope.spawn(|| {
-            let mut runs = 0u64;
-            while !done.load(Ordering::Relaxed) && runs < 50_000_000 {
-                for frame in [&office, &host] {
-                    assert_eq!(test_run(&prog, frame), XDP_PASS, "a covered source dropped after {runs} runs");
-                    runs += 1;
-                }
-            }
-            runs
-        });
-        let started = Instant::now();
-        let mut flips = 0usize;
-        while started.elapsed() < FLIPPING && !runner.is_finished() && flips < 10_000_000 {
-            flips += 1;
-            assert!(dp.put_first(ACCOUNT, V4, if flips.is_multiple_of(2) { 24 } else { 32 }).unwrap(), "flip {flips}");
-            if flips.is_multiple_of(16) {
-                dp.set_allowlist(ACCOUNT, &lists[(flips / 16) % 2]).unwrap();
-            }
+    let (rounds, flips) = run_while_changing(&prog, &[&office, &host], &mut dp, |dp, flip| {
+        assert!(dp.put_first(ACCOUNT, V4, if flip.is_multiple_of(2) { 24 } else { 32 }).unwrap(), "flip {flip}");
+        if flip.is_multiple_of(16) {
+            dp.set_allowlist(ACCOUNT, &lists[(flip / 16) % 2]).unwrap();
         }
-        done.store(true, Ordering::Relaxed);
-        (runner.join().unwrap(), flips)
     });
+    // Both sources are the account's: two packets a round.
+    let runs = rounds * 2;
     let after = dp.counters(ACCOUNT).unwrap();
     assert_eq!(after.dropped_packets, before.dropped_packets, "{runs} runs during {flips} flips");
     assert_eq!(after.passed_packets - before.passed_packets, runs, "{flips} flips");
