@@ -187,10 +187,20 @@ impl Tables {
         if wanted.entries.is_empty() {
             return Ok(if current.is_present() { Synced::Replaced(TableDesc::NONE) } else { Synced::InPlace });
         }
-        if current.is_present() && self.try_in_place(current, wanted, v4, v6) {
+        if current.is_present() && self.try_in_place(current, wanted, v4, v6, false) {
             return Ok(Synced::InPlace);
         }
-        self.build(wanted, v4, v6).map(Synced::Replaced)
+        let built = self.build(wanted, v4, v6);
+        // No room for the new table (a smaller one, after removals): the change is made in
+        // the table there is, sparse or full of tombstones as it leaves it, if it can be. A
+        // removal must not wait for room, or the kernel keeps letting the removed network in.
+        if matches!(built, Err(TableError::Full { .. }))
+            && current.is_present()
+            && self.try_in_place(current, wanted, v4, v6, true)
+        {
+            return Ok(Synced::InPlace);
+        }
+        built.map(Synced::Replaced)
     }
 
     /// Builds `wanted` as a new table, never changing one in place: the caller publishes the
@@ -295,7 +305,16 @@ impl Tables {
     }
 
     /// Applies the change without moving the table, if its size and lengths allow.
-    fn try_in_place(&mut self, desc: TableDesc, wanted: &TableContent, v4: PackedLengths, v6: PackedLengths) -> bool {
+    /// `any_load`: make the change even where the table would be too full or too sparse for
+    /// its size (when no other table can be had); a key that finds no free slot still fails it.
+    fn try_in_place(
+        &mut self,
+        desc: TableDesc,
+        wanted: &TableContent,
+        v4: PackedLengths,
+        v6: PackedLengths,
+        any_load: bool,
+    ) -> bool {
         let Some((old_v4, old_v6)) = read_lengths(&self.slots, desc) else {
             return false;
         };
@@ -311,7 +330,7 @@ impl Tables {
         let too_full = (occupied + inserts) * 100 > slots * MAX_LOAD_PERCENT;
         let too_sparse =
             desc.log2_slots() > MIN_LOG2_SLOTS && (wanted.entries.len() as u64) * 100 < slots * MIN_LOAD_PERCENT;
-        if too_full || too_sparse {
+        if (too_full || too_sparse) && !any_load {
             return false;
         }
         // Place every new key first; if one does not fit within MAX_PROBE, nothing has been
@@ -857,6 +876,27 @@ mod tests {
             assert!(apply(&mut t, &mut desc, &next));
             let trace = take_trace(&t);
             assert!(!trace.contains(&Step::Grace), "{trace:?}");
+        }
+    }
+
+    /// Most of a big table's keys removed while the slot array has no room for the smaller
+    /// table a rebuild would want: the removal is made in place (the removed keys found no
+    /// more), not refused as full.
+    #[test]
+    fn a_removal_with_no_room_for_a_smaller_table_is_made_in_place() {
+        // One 1,024-slot table and its header, and less than any other table needs.
+        let mut t = tables((1 << 10) + 2);
+        let keys: Vec<(SlotKey, u64)> = (0..400u32).map(|i| (v4(1, (0xc612_0000 + i).to_be_bytes(), 32), A)).collect();
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&keys));
+        assert_eq!(desc.log2_slots(), 10);
+        // Ten keys left: far below the least load a 1,024-slot table keeps.
+        assert!(apply(&mut t, &mut desc, &wanted(&keys[..10])), "made in place");
+        for (key, _) in &keys[10..] {
+            assert_eq!(found(&t, desc, key), None, "a removed key is still found");
+        }
+        for (key, value) in &keys[..10] {
+            assert_eq!(found(&t, desc, key), Some(*value));
         }
     }
 
