@@ -20,6 +20,9 @@ use serde_json::{Value, json};
 
 const TCP_PORT: u16 = 7443;
 const UDP_PORT: u16 = 7553;
+/// Kernel tables of 4,096 slots (and no per-account entry limit in the way): a few thousand
+/// entries fill them.
+const SMALL_MAPS: &str = "[maps]\nslots = 4096\naccounts = 64\n[limits]\nmax_entries_per_account = 100000\n";
 
 /// An account's allowlist on a node, as CIDR strings (its own entries and its sets'
 /// networks); None if the node does not know it.
@@ -725,9 +728,8 @@ fn a_node_catching_up_drops_no_allowed_packet() {
 #[test]
 fn a_change_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
     let mut fleet = Fleet::new(2).unwrap();
-    let small = "[maps]\nslots = 4096\naccounts = 64\n[limits]\nmax_entries_per_account = 100000\n";
     let a = &fleet.nodes[0];
-    std::fs::write(a.host.path("ipaccessd.toml"), a.config(PREFIX, small)).unwrap();
+    std::fs::write(a.host.path("ipaccessd.toml"), a.config(PREFIX, SMALL_MAPS)).unwrap();
     fleet.start_all();
     let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
     a.host.ok(json!({"cmd": "account_add", "account": "big"}));
@@ -756,10 +758,9 @@ fn a_change_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
 #[test]
 fn a_node_enforces_what_its_tables_refused_once_room_is_made() {
     let mut fleet = Fleet::new(2).unwrap();
-    // 4,096 slots: two tables of 2,048 (990 entries each, at most half full) do not fit.
-    let small = "[maps]\nslots = 4096\naccounts = 64\n[limits]\nmax_entries_per_account = 100000\n";
+    // SMALL_MAPS: two tables of 2,048 slots (990 entries each, at most half full) do not fit.
     let b = &fleet.nodes[1];
-    std::fs::write(b.host.path("ipaccessd.toml"), b.config(PREFIX, small)).unwrap();
+    std::fs::write(b.host.path("ipaccessd.toml"), b.config(PREFIX, SMALL_MAPS)).unwrap();
     fleet.start_all();
     let _listeners = fleet.listeners(TCP_PORT);
     let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);

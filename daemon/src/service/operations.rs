@@ -174,7 +174,7 @@ impl metrics::Source for Service {
                     applied_revision: health.applied_revision,
                     cluster_revision: health.cluster_revision.max(health.applied_revision),
                     apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
-                    unenforced: self.unenforced().len() as u64,
+                    unenforced: self.unenforced.lock().expect("unenforced lock").len() as u64,
                     clock_offset_seconds: health.clock_offset_ms.map(|ms| ms as f64 / 1000.0),
                 }
             }),
