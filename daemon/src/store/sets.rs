@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr};
 use ipnet::IpNet;
 use rusqlite::Row;
 
-use super::{StoreError, Tx};
+use super::{StoreError, Tx, UseColumn, UseTable};
 use crate::protocol::{RecentSignin, SetEntry};
 
 /// A set as stored (its entries are read apart: a set may hold many).
@@ -83,23 +83,16 @@ impl Tx<'_> {
         Ok(removed)
     }
 
-    /// Records the last packet each (set, network) let through, keeping the later time.
+    /// Records the last packet each (set, network) let through, keeping the later time (to
+    /// [`super::USE_RESOLUTION_SECONDS`]).
     pub fn note_set_packets(&self, uses: &HashMap<(String, IpNet), i64>) -> Result<(), StoreError> {
-        self.note_entry_uses(
-            "INSERT INTO set_entry_use (set_name, cidr, last_packet) VALUES (?1, ?2, ?3)
-             ON CONFLICT DO UPDATE SET last_packet = MAX(COALESCE(last_packet, 0), excluded.last_packet)",
-            uses,
-        )
+        self.note_entry_uses(UseTable::Sets, UseColumn::Packet, uses)
     }
 
     /// Records the last sign-in each (set, network) let through (to any account
-    /// referencing the set), keeping the later time.
+    /// referencing the set), keeping the later time (to [`super::USE_RESOLUTION_SECONDS`]).
     pub fn note_set_signins(&self, uses: &HashMap<(String, IpNet), i64>) -> Result<(), StoreError> {
-        self.note_entry_uses(
-            "INSERT INTO set_entry_use (set_name, cidr, last_signin) VALUES (?1, ?2, ?3)
-             ON CONFLICT DO UPDATE SET last_signin = MAX(COALESCE(last_signin, 0), excluded.last_signin)",
-            uses,
-        )
+        self.note_entry_uses(UseTable::Sets, UseColumn::Signin, uses)
     }
 
     /// A set's networks with their last sign-in and last packet filled in (evidence older
