@@ -11,7 +11,7 @@ use std::{
 };
 
 use ipaccess::{
-    datapath::{BindTarget, Binding, Datapath, DatapathOptions},
+    datapath::{BindTarget, Binding, Datapath, DatapathOptions, order::ProbeOrder},
     protocol::Mode,
 };
 use ipaccess_common::NEVER_EXPIRES;
@@ -175,6 +175,7 @@ fn traffic_through_a_24_puts_it_first_and_flipping_the_order_drops_nothing() {
     let prog = dp.program().fd().unwrap().as_fd().try_clone_to_owned().unwrap();
     // A second at a time, as ipaccessd's scan: packets stamp their keys with the clock, the
     // clock ticks, the keys stamped since the last tick go to the decision.
+    let mut order = ProbeOrder::new();
     let mut moved_after = None;
     for clock in 1..=10 {
         dp.set_clock(clock);
@@ -184,7 +185,7 @@ fn traffic_through_a_24_puts_it_first_and_flipping_the_order_drops_nothing() {
         dp.set_clock(clock + 1);
         let used = dp.used_since(clock);
         assert!(used.iter().any(|u| u.key.to_string() == "198.18.0.0/24"), "the /24's stamp: {used:?}");
-        dp.order_probes(&used);
+        dp.order_probes(&mut order, &used);
         if dp.probe_lengths(ACCOUNT, V4)[0] == 24 {
             moved_after = Some(clock);
             break;

@@ -221,8 +221,6 @@ pub struct Datapath {
     /// [`NO_LENGTH`] for the writer's default, the most specific), kept through every
     /// later change of its allowlist.
     first_lengths: FirstLengths,
-    /// Which length lets each account's packets through ([`Datapath::order_probes`]).
-    probe_order: ProbeOrder,
     /// Held for the life of the Datapath: one writer per pin directory.
     _lock: fs::File,
 }
@@ -323,7 +321,6 @@ impl Datapath {
             bound,
             links: BTreeMap::new(),
             first_lengths,
-            probe_order: ProbeOrder::new(),
             _lock: lock,
         })
     }
@@ -922,12 +919,20 @@ impl Datapath {
         Ok(self.tables.reorder(account_table(&self.accounts, slot), family == ipaccess_common::FAMILY_V4, first))
     }
 
-    /// One second of the probe order: the keys `used` stamped since the last call go into
-    /// the tally, and each account whose traffic comes mostly through another length than
-    /// the one probed first gets that length first ([`order`]). Returns the changes made.
-    pub fn order_probes(&mut self, used: &[LastUse]) -> Vec<order::Reorder> {
-        self.probe_order.tick_uses(used);
-        let changes = self.probe_order.decide(|slot, family| self.probe_lengths(slot, family));
+    /// One second of the probe order, all at once (tests and benchmarks; ipaccessd ticks
+    /// `order` without the writer lock and calls [`Datapath::reorder_among`] a part at a
+    /// time): the keys `used` stamped since the last call go into the tally, and each
+    /// account whose traffic comes mostly through another length than the one probed first
+    /// gets that length first ([`order`]). Returns the changes made.
+    pub fn order_probes(&mut self, order: &mut ProbeOrder, used: &[LastUse]) -> Vec<order::Reorder> {
+        order.tick_uses(used);
+        self.reorder_among(order, &order.candidates())
+    }
+
+    /// Puts first, in the tables of `candidates` (from [`ProbeOrder::candidates`]), the
+    /// lengths `order` decides on. Returns the changes made.
+    pub fn reorder_among(&mut self, order: &ProbeOrder, candidates: &[(u32, u64)]) -> Vec<order::Reorder> {
+        let changes = order.decide_among(candidates, |slot, family| self.probe_lengths(slot, family));
         let mut made = Vec::with_capacity(changes.len());
         for change in changes {
             if let Ok(true) = self.put_first(change.slot, change.family, change.first) {

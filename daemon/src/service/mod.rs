@@ -143,6 +143,9 @@ pub struct Service {
     /// A set waits for a kernel id and one is free: the watch resynchronises (see
     /// `retry_unenforced`).
     resync_wanted: AtomicBool,
+    /// Which length lets each account's packets through (`note_packets`, each second): its
+    /// own lock, so that the tally of a busy second does not hold the writer's.
+    probe_order: Mutex<crate::datapath::order::ProbeOrder>,
     /// `[limits] max_entries_per_account` (a reload may change it).
     max_entries: AtomicU32,
     /// Changes refused for want of room: the kernel's tables, the per-account limit.
@@ -278,6 +281,7 @@ impl Service {
             cluster_apply_failures: AtomicU64::new(0),
             unenforced: Mutex::default(),
             resync_wanted: AtomicBool::new(false),
+            probe_order: Mutex::default(),
             max_entries: config.limits.max_entries_per_account.into(),
             refusals: Default::default(),
             locator: RwLock::new(None),

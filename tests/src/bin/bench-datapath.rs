@@ -33,7 +33,9 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use ipaccess::{
-    datapath::{BENCH_NO_STAMP_OBJECT, BENCH_OBJECT, BindTarget, Binding, Datapath, DatapathOptions},
+    datapath::{
+        BENCH_NO_STAMP_OBJECT, BENCH_OBJECT, BindTarget, Binding, Datapath, DatapathOptions, order::ProbeOrder,
+    },
     protocol::Mode,
 };
 use ipaccess_common::{NEVER_EXPIRES, PROGRAM_NAME};
@@ -322,6 +324,7 @@ fn learn_probe_order(dp: &mut Datapath, accounts: u32, notes: &mut Vec<String>) 
         packets::ipv4_tcp(allowed_sources(hosts).0, v4_dst(hosts), 40000, 443),
         packets::ipv4_tcp(prefix_source(office), v4_dst(office), 40000, 443),
     ];
+    let mut order = ProbeOrder::new();
     for clock in 1..=10 {
         dp.set_clock(clock);
         for frame in &frames {
@@ -333,7 +336,7 @@ fn learn_probe_order(dp: &mut Datapath, accounts: u32, notes: &mut Vec<String>) 
         }
         dp.set_clock(clock + 1);
         let used = dp.used_since(clock);
-        dp.order_probes(&used);
+        dp.order_probes(&mut order, &used);
         if dp.probe_lengths(office, V4).first() == Some(&24) {
             assert_eq!(dp.probe_lengths(hosts, V4).first(), Some(&32), "hosts' traffic keeps hosts first");
             notes.push(format!(
