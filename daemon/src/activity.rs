@@ -593,9 +593,9 @@ mod tests {
         assert_eq!(writer.lock().unwrap().synchronous(), 1, "NORMAL again afterwards");
     }
 
-    /// A store of `accounts` accounts `p0`, `p1`, ... with one host entry each (the
-    /// `index`th address of 198.18.0.0/16), for writes of many rows.
-    fn many_accounts(accounts: u32) -> (tempfile::TempDir, Arc<Mutex<Store>>, EntryUses) {
+    /// A store of `accounts` accounts `p0`, `p1`, ... with `entries` host entries each, and
+    /// a last packet (at 100) of each account's first entry, for writes of many rows.
+    fn many_accounts(accounts: u32, entries: u32) -> (tempfile::TempDir, Arc<Mutex<Store>>, EntryUses) {
         let (dir, writer) = writer();
         let mut uses = EntryUses::new();
         {
@@ -603,10 +603,12 @@ mod tests {
             let tx = store.transaction().unwrap();
             for a in 0..accounts {
                 let id = format!("p{a}");
-                let net = IpNet::from(IpAddr::V4(Ipv4Addr::from(0xc612_0000 + a)));
+                let nets: Vec<(IpNet, Option<String>)> = (0..entries)
+                    .map(|e| (IpNet::from(IpAddr::V4(Ipv4Addr::from(0xc612_0000 + a * entries + e))), None))
+                    .collect();
                 tx.add_account(&id, None, AccountState::Active, Mode::Enforce, 0).unwrap();
-                tx.replace_entries(&id, &[(net, None)], 0, 0).unwrap();
-                uses.insert((id, net), 100);
+                tx.replace_entries(&id, &nets, 0, 0).unwrap();
+                uses.insert((id, nets[0].0), 100);
             }
             tx.commit().unwrap();
         }
@@ -617,7 +619,7 @@ mod tests {
     /// so a change waits for one part, not for them all), and every row arrives.
     #[test]
     fn a_large_write_is_made_in_parts_and_loses_nothing() {
-        let (_dir, writer, uses) = many_accounts(5_000);
+        let (_dir, writer, uses) = many_accounts(5_000, 1);
         let parts = Arc::new(AtomicU64::new(0));
         let mut shared = shared_access(&writer, |s| s);
         let counted = parts.clone();
@@ -647,7 +649,7 @@ mod tests {
     /// before it are not written again: every count once.
     #[test]
     fn a_failed_part_is_written_later_and_nothing_twice() {
-        let (_dir, writer, uses) = many_accounts(3_000);
+        let (_dir, writer, uses) = many_accounts(3_000, 1);
         let calls = Arc::new(AtomicU64::new(0));
         let mut shared = shared_access(&writer, |s| s);
         let counted = calls.clone();
@@ -677,7 +679,7 @@ mod tests {
     /// log has not written: not for a long write of other rows.
     #[test]
     fn a_change_waits_only_for_its_own_accounts_sign_ins() {
-        let (_dir, writer, uses) = many_accounts(3_000);
+        let (_dir, writer, uses) = many_accounts(3_000, 1);
         let (entered, in_write) = mpsc::channel::<()>();
         let (release, gate) = mpsc::channel::<()>();
         let mut shared = shared_access(&writer, |s| s);
@@ -725,23 +727,7 @@ mod tests {
     #[test]
     #[ignore = "a measurement, about a minute"]
     fn change_waits_during_a_large_write() {
-        const ACCOUNTS: u32 = 100_000;
-        let (_dir, writer) = writer();
-        let mut uses = EntryUses::new();
-        {
-            let mut store = writer.lock().unwrap();
-            let tx = store.transaction().unwrap();
-            for a in 0..ACCOUNTS {
-                let id = format!("acct{a}");
-                tx.add_account(&id, None, AccountState::Active, Mode::Enforce, 0).unwrap();
-                let entries: Vec<(IpNet, Option<String>)> = (0..10)
-                    .map(|e| (IpNet::from(IpAddr::V4(Ipv4Addr::from(0xc612_0000 + a * 10 + e))), None))
-                    .collect();
-                uses.insert((id.clone(), entries[0].0), 100);
-                tx.replace_entries(&id, &entries, 0, 0).unwrap();
-            }
-            tx.commit().unwrap();
-        }
+        let (_dir, writer, uses) = many_accounts(100_000, 10);
         for round in 0..3 {
             let log = ActivityLog::start(shared_access(&writer, |s| s));
             let fresh: EntryUses = uses.iter().map(|(k, &t)| (k.clone(), t + round)).collect();
