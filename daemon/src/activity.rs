@@ -615,18 +615,28 @@ mod tests {
         (dir, writer, uses)
     }
 
+    /// A log on `writer` that runs `before(n)` ahead of its `n`th write (from 0); an error
+    /// from it fails that write. Also returns the count of writes.
+    fn log_with(
+        writer: &Arc<Mutex<Store>>,
+        mut before: impl FnMut(u64) -> Result<(), StoreError> + Send + 'static,
+    ) -> (ActivityLog, Arc<AtomicU64>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut shared = shared_access(writer, |s| s);
+        let counted = calls.clone();
+        let log = ActivityLog::start(Box::new(move |write| {
+            before(counted.fetch_add(1, Ordering::Relaxed))?;
+            shared(write)
+        }));
+        (log, calls)
+    }
+
     /// Many rows are written a part at a time (each part takes the writer lock on its own,
     /// so a change waits for one part, not for them all), and every row arrives.
     #[test]
     fn a_large_write_is_made_in_parts_and_loses_nothing() {
         let (_dir, writer, uses) = many_accounts(5_000, 1);
-        let parts = Arc::new(AtomicU64::new(0));
-        let mut shared = shared_access(&writer, |s| s);
-        let counted = parts.clone();
-        let log = ActivityLog::start(Box::new(move |write| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            shared(write)
-        }));
+        let (log, parts) = log_with(&writer, |_| Ok(()));
         log.signin(signin("a1", 1_000));
         log.packets(uses.clone(), EntryUses::new());
         log.flush();
@@ -650,15 +660,10 @@ mod tests {
     #[test]
     fn a_failed_part_is_written_later_and_nothing_twice() {
         let (_dir, writer, uses) = many_accounts(3_000, 1);
-        let calls = Arc::new(AtomicU64::new(0));
-        let mut shared = shared_access(&writer, |s| s);
-        let counted = calls.clone();
-        let log = ActivityLog::start(Box::new(move |write| {
-            if counted.fetch_add(1, Ordering::Relaxed) == 1 {
-                return Err(StoreError::Io(std::io::Error::other("the disk is briefly away")));
-            }
-            shared(write)
-        }));
+        let (log, _) = log_with(&writer, |n| match n {
+            1 => Err(StoreError::Io(std::io::Error::other("the disk is briefly away"))),
+            _ => Ok(()),
+        });
         // A part's worth of sign-ins fills the first part; last packets come in the second (fails).
         for n in 0..Pending::ROWS_PER_WRITE as i64 {
             log.signin(Signin { uid: n as u32, ..signin("a1", 1_000) });
@@ -682,15 +687,14 @@ mod tests {
         let (_dir, writer, uses) = many_accounts(3_000, 1);
         let (entered, in_write) = mpsc::channel::<()>();
         let (release, gate) = mpsc::channel::<()>();
-        let mut shared = shared_access(&writer, |s| s);
-        let mut first = true;
-        let log = Arc::new(ActivityLog::start(Box::new(move |write| {
-            if std::mem::take(&mut first) {
+        let (log, _) = log_with(&writer, move |n| {
+            if n == 0 {
                 entered.send(()).unwrap();
                 gate.recv_timeout(Duration::from_secs(30)).unwrap();
             }
-            shared(write)
-        })));
+            Ok(())
+        });
+        let log = Arc::new(log);
         log.signin(signin("a1", 1_000));
         log.packets(uses, EntryUses::new());
         let flushing = {
