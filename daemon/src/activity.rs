@@ -279,13 +279,7 @@ impl Pending {
             let written = access(&mut |store: &mut Store| part.write_in(store));
             if let Err(e) = written {
                 self.merge(std::mem::take(&mut part));
-                if self.len() < ActivityLog::MAX_PENDING * 4 {
-                    warn!("could not record activity, will retry: {e}");
-                } else {
-                    warn!("could not record activity ({} rows of counts lost): {e}", self.len());
-                    *self = Pending::default();
-                    shared.in_flight.lock().expect("activity lock").clear();
-                }
+                self.keep_at_most(ActivityLog::MAX_KEPT, shared, &e);
                 return;
             }
             if self.signins.is_empty() {
@@ -307,6 +301,26 @@ impl Pending {
         tx.note_set_signins(&self.set_signins)?;
         tx.note_set_packets(&self.set_packets)?;
         tx.commit()
+    }
+
+    /// After a failed write: what is kept for the next attempt, at most `limit` rows. Last
+    /// uses go first (an entry still in use is stamped again within seconds), then counts.
+    fn keep_at_most(&mut self, limit: usize, shared: &Shared, error: &StoreError) {
+        if self.len() < limit {
+            warn!("could not record activity, will retry: {error}");
+            return;
+        }
+        let last_uses =
+            self.entry_signins.len() + self.entry_packets.len() + self.set_signins.len() + self.set_packets.len();
+        if last_uses > 0 {
+            warn!("could not record activity ({last_uses} last uses of entries not recorded): {error}");
+            (self.entry_signins, self.entry_packets, self.set_signins, self.set_packets) = Default::default();
+        }
+        if self.len() >= limit {
+            warn!("could not record activity ({} rows of counts lost): {error}", self.len());
+            *self = Pending::default();
+            shared.in_flight.lock().expect("activity lock").clear();
+        }
     }
 
     /// Rows in one write transaction at most. At 100,000 accounts a row costs about 2 µs
@@ -372,6 +386,8 @@ impl ActivityLog {
     /// Distinct rows of check counts held in memory at most; a check that would need
     /// another is not counted (and counted in `dropped`).
     const MAX_CHECK_ROWS: usize = Self::MAX_PENDING * 4;
+    /// Rows kept for the next attempt after failed writes, at most (see `keep_at_most`).
+    const MAX_KEPT: usize = Self::MAX_PENDING * 4;
     /// How often counts are written out when nobody asks.
     const WRITE_EVERY: Duration = Duration::from_secs(1);
     /// Distinct rows of counts held before they are written out early.
@@ -678,6 +694,34 @@ mod tests {
         for (account, _) in uses.keys() {
             assert_eq!(tx.entries_with_use(account).unwrap()[0].last_packet_at, Some(100), "{account}");
         }
+    }
+
+    /// Writes that keep failing: what is kept is bounded, and last uses are let go before
+    /// counts of sign-ins.
+    #[test]
+    fn a_store_that_keeps_failing_loses_last_uses_before_counts() {
+        let shared = Shared::default();
+        {
+            let mut checks = shared.checks.lock().unwrap();
+            for uid in 0..10 {
+                assert!(checks.add(Signin { uid, ..signin("a1", 1_000) }, usize::MAX));
+            }
+        }
+        let mut pending = Pending::default();
+        pending.take_checks(&shared);
+        for a in 0..100u32 {
+            let net = IpNet::from(IpAddr::V4(Ipv4Addr::from(0xc612_0000 + a)));
+            pending.entry_packets.insert((format!("p{a}"), net), 100);
+        }
+        let error = StoreError::Io(std::io::Error::other("the disk is away"));
+        pending.keep_at_most(200, &shared, &error);
+        assert_eq!((pending.signins.len(), pending.entry_packets.len()), (10, 100), "under the limit: all kept");
+        pending.keep_at_most(50, &shared, &error);
+        assert_eq!((pending.signins.len(), pending.entry_packets.len()), (10, 0), "last uses go first");
+        assert!(shared.in_flight.lock().unwrap().contains("a1"), "a1's counts still wait to be written");
+        pending.keep_at_most(5, &shared, &error);
+        assert_eq!(pending.len(), 0);
+        assert!(shared.in_flight.lock().unwrap().is_empty(), "nothing left to wait for");
     }
 
     /// A change waits for the log only when its own account's sign-ins are among what the
