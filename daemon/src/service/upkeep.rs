@@ -28,6 +28,9 @@ const SAMPLES_PER_DRAIN: usize = 4096;
 /// Slots of last-used stamps scanned under one hold of the writer lock (512 KiB of stamps).
 const LAST_USED_SCAN_SLOTS: u32 = 1 << 16;
 
+/// Stamped keys credited to their entries under one taking of the cache's read lock.
+const CACHE_PART: usize = 4_096;
+
 /// Accounts whose probe order is decided under one taking of the writer lock: each reads a
 /// table header (about 0.1 ms for this many).
 const REORDER_PART: usize = 1_024;
@@ -168,9 +171,12 @@ impl Service {
             }
         };
         let mut uses = EntryUses::new();
-        {
+        // The cache's read lock a part at a time: a change commits by taking its write lock
+        // (and checks then wait behind that change), so a busy second's keys, all at once,
+        // would hold up changes and checks alike.
+        for part in used.chunks(CACHE_PART) {
             let accounts = self.accounts.read().expect("cache lock");
-            for u in used {
+            for u in part {
                 let Some(slot) = u.owner.account() else { continue };
                 let Some(policy) = by_slot.get(&slot).and_then(|id| Some((id, accounts.get(id)?))) else {
                     continue;
