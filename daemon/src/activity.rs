@@ -285,7 +285,7 @@ impl Pending {
             if self.signins.is_empty() {
                 shared.in_flight.lock().expect("activity lock").clear();
             }
-            // A change woken by the lock's release takes it before the next part does.
+            // Gives a change woken by the lock's release its chance to take it before the next part.
             thread::yield_now();
         }
     }
