@@ -220,7 +220,7 @@ impl Pending {
 
     /// Moves the checks counted so far in with the counts not written yet.
     fn take_checks(&mut self, shared: &Shared) {
-        let mut taken = {
+        let taken = {
             let mut checks = shared.checks.lock().expect("activity lock");
             // Moved while the counts are held, so that an account is always in one set or
             // the other until its counts are written.
@@ -228,7 +228,6 @@ impl Pending {
             shared.in_flight.lock().expect("activity lock").extend(accounts);
             std::mem::take(&mut *checks)
         };
-        taken.accounts.clear();
         shared.full_sent.store(false, Ordering::Relaxed);
         merge_latest(&mut self.entry_signins, taken.entry_signins);
         merge_latest(&mut self.set_signins, taken.set_signins);
@@ -275,10 +274,10 @@ impl Pending {
     /// written twice.
     fn write(&mut self, access: &mut StoreAccess, shared: &Shared) {
         while self.len() > 0 {
-            let mut part = self.split_off(Self::ROWS_PER_WRITE);
+            let part = self.split_off(Self::ROWS_PER_WRITE);
             let written = access(&mut |store: &mut Store| part.write_in(store));
             if let Err(e) = written {
-                self.merge(std::mem::take(&mut part));
+                self.merge(part);
                 self.keep_at_most(ActivityLog::MAX_KEPT, shared, &e);
                 return;
             }
@@ -851,6 +850,12 @@ mod tests {
             costs.sort_by(f64::total_cmp);
             (costs[ROUNDS / 2], costs[ROUNDS * 9 / 10], costs[ROUNDS * 99 / 100])
         };
+        // A log on a connection of its own, as the daemon had it before.
+        let on_its_own_connection = || {
+            let mut own = Store::open(&path).unwrap();
+            own.without_autocheckpoint().unwrap();
+            ActivityLog::start(Box::new(move |write| write(&mut own)))
+        };
         for round in 0..2 {
             let shared = ActivityLog::start(shared_access(&writer, |s| s));
             let (p50, p90, p99) = measure(&shared, round * 3 * ROUNDS);
@@ -858,9 +863,7 @@ mod tests {
                 "log on the writer's connection: BEGIN + SQL, thread CPU µs p50 {p50:.0} p90 {p90:.0} p99 {p99:.0}"
             );
             drop(shared);
-            let mut own = Store::open(&path).unwrap();
-            own.without_autocheckpoint().unwrap();
-            let separate = ActivityLog::start(Box::new(move |write| write(&mut own)));
+            let separate = on_its_own_connection();
             let (p50, p90, p99) = measure(&separate, (round * 3 + 1) * ROUNDS);
             println!(
                 "log on a connection of its own: BEGIN + SQL, thread CPU µs p50 {p50:.0} p90 {p90:.0} p99 {p99:.0}"
@@ -869,9 +872,7 @@ mod tests {
             // Candidate not taken: the pages read again come from a mapping of the database
             // file (pages still in the WAL are read as before).
             writer.lock().unwrap().set_mmap_size(1 << 30);
-            let mut own = Store::open(&path).unwrap();
-            own.without_autocheckpoint().unwrap();
-            let separate = ActivityLog::start(Box::new(move |write| write(&mut own)));
+            let separate = on_its_own_connection();
             let (p50, p90, p99) = measure(&separate, (round * 3 + 2) * ROUNDS);
             println!(
                 "the same, writer with mmap_size 1 GiB:  BEGIN + SQL, thread CPU µs p50 {p50:.0} p90 {p90:.0} p99 {p99:.0}"

@@ -488,7 +488,8 @@ impl Store {
     /// the database since this one last asked (in WAL mode such a commit also makes this
     /// connection drop its whole page cache at its next transaction). Its own commits
     /// leave it alone.
-    pub fn data_version(&self) -> Result<i64, StoreError> {
+    #[cfg(test)]
+    pub(crate) fn data_version(&self) -> Result<i64, StoreError> {
         Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
     }
 

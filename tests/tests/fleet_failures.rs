@@ -24,6 +24,15 @@ const UDP_PORT: u16 = 7553;
 /// entries fill them.
 const SMALL_MAPS: &str = "[maps]\nslots = 4096\naccounts = 64\n[limits]\nmax_entries_per_account = 100000\n";
 
+/// Two nodes, started, the one at `small` with [`SMALL_MAPS`].
+fn two_nodes_one_small(small: usize) -> Fleet {
+    let mut fleet = Fleet::new(2).unwrap();
+    let node = &fleet.nodes[small];
+    std::fs::write(node.host.path("ipaccessd.toml"), node.config(PREFIX, SMALL_MAPS)).unwrap();
+    fleet.start_all();
+    fleet
+}
+
 /// An account's allowlist on a node, as CIDR strings (its own entries and its sets'
 /// networks); None if the node does not know it.
 fn allow_set(node: &FleetNode, account: &str) -> Option<BTreeSet<String>> {
@@ -727,10 +736,7 @@ fn a_node_catching_up_drops_no_allowed_packet() {
 /// `tables_full`, saying the change is committed, and keeps enforcing the previous list.
 #[test]
 fn a_change_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
-    let mut fleet = Fleet::new(2).unwrap();
-    let a = &fleet.nodes[0];
-    std::fs::write(a.host.path("ipaccessd.toml"), a.config(PREFIX, SMALL_MAPS)).unwrap();
-    fleet.start_all();
+    let fleet = two_nodes_one_small(0);
     let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
     a.host.ok(json!({"cmd": "account_add", "account": "big"}));
     a.host.ok(json!({"cmd": "allow_add", "account": "big", "cidr": "198.18.0.7"}));
@@ -757,11 +763,9 @@ fn a_change_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
 /// further change to that account.
 #[test]
 fn a_node_enforces_what_its_tables_refused_once_room_is_made() {
-    let mut fleet = Fleet::new(2).unwrap();
-    // SMALL_MAPS: two tables of 2,048 slots (990 entries each, at most half full) do not fit.
-    let b = &fleet.nodes[1];
-    std::fs::write(b.host.path("ipaccessd.toml"), b.config(PREFIX, SMALL_MAPS)).unwrap();
-    fleet.start_all();
+    // SMALL_MAPS on B: two tables of 2,048 slots (990 entries each, at most half full) do
+    // not fit.
+    let fleet = two_nodes_one_small(1);
     let _listeners = fleet.listeners(TCP_PORT);
     let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
     let (good, guest) = (a.host.hosts.client_v4[0], a.host.hosts.client_v4[1]);

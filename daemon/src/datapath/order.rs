@@ -61,7 +61,7 @@ impl Tally {
 }
 
 /// The decision (see the module docs). The daemon keeps one and feeds it each second's
-/// stamps ([`ProbeOrder::tick`]); [`super::Datapath::order_probes`] does both and applies it.
+/// stamps ([`ProbeOrder::tick`]), then has [`super::Datapath::reorder_among`] apply it.
 #[derive(Debug, Default)]
 pub struct ProbeOrder {
     tallies: HashMap<(u32, u64), Tally>,
@@ -108,9 +108,8 @@ impl ProbeOrder {
         }));
     }
 
-    /// The changes of order the tallies call for. `lengths(slot, family)` gives the lengths
-    /// the account's table probes now, in order (empty if it has none): only a length it
-    /// holds can be put first.
+    /// [`ProbeOrder::decide_among`] every candidate at once.
+    #[cfg(test)]
     pub fn decide(&self, lengths: impl FnMut(u32, u64) -> Vec<u8>) -> Vec<Reorder> {
         self.decide_among(&self.candidates(), lengths)
     }
@@ -129,7 +128,9 @@ impl ProbeOrder {
         out
     }
 
-    /// [`ProbeOrder::decide`] for `candidates` only.
+    /// The changes of order the tallies of `candidates` call for. `lengths(slot, family)`
+    /// gives the lengths the account's table probes now, in order (empty if it has none):
+    /// only a length it holds can be put first.
     pub fn decide_among(
         &self,
         candidates: &[(u32, u64)],
