@@ -16,7 +16,8 @@
 //! 5. What recording those checks costs in storage: 16 clients checking for 60 s must grow
 //!    the store (database and WAL, after a checkpoint) by at most 10 MB.
 //!
-//! `--quick` makes the policy ten times smaller and the runs shorter (a smoke run).
+//! `--quick` makes the policy ten times smaller and the runs shorter (a smoke run);
+//! `--import-only` measures the bulk load alone (e.g. to profile the daemon during it).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -403,6 +404,7 @@ impl World {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let import_only = std::env::args().any(|a| a == "--import-only");
     let scale = if quick {
         Scale { accounts: 10_000, run: Duration::from_secs(1), storage_run: Duration::from_secs(10) }
     } else {
@@ -444,6 +446,9 @@ fn main() {
         floor.as_secs_f64(),
         load.as_secs_f64() / floor.as_secs_f64()
     );
+    if import_only {
+        return;
+    }
 
     // 2. Restart to ready with them.
     let mut daemon = daemon;
