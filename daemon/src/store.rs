@@ -205,8 +205,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX bindings_account ON bindings(account);",
     // v9: last-used evidence of allowlist entries, node-local (a fleet node keeps its own):
     // the last sign-in each entry let through and the last packet, unix seconds. Not a
-    // foreign key of allow_entries: a removed entry's row is ignored (older than the entry
-    // added again) and pruned with the account.
+    // foreign key of allow_entries: the activity log may write a use of an entry just
+    // removed (it is ignored, being older than the entry if added again; since v12 the
+    // entry's removal deletes the row it had).
     "CREATE TABLE entry_use (
         account TEXT NOT NULL,
         cidr TEXT NOT NULL,
@@ -258,6 +259,20 @@ const MIGRATIONS: &[&str] = &[
         last_signin INTEGER,
         PRIMARY KEY (set_name, cidr)
     ) WITHOUT ROWID;",
+    // v12: a removed network's last uses go with it, whichever way it is removed (each is a
+    // DELETE of its row), so a network added again starts with none. Kept beside it, a use
+    // of the new entry within a minute of the old one's was not written
+    // (USE_RESOLUTION_SECONDS), and the new entry showed no use meanwhile.
+    "DELETE FROM entry_use WHERE NOT EXISTS
+        (SELECT 1 FROM allow_entries e WHERE e.account = entry_use.account AND e.cidr = entry_use.cidr);
+    CREATE TRIGGER allow_entries_uses_go AFTER DELETE ON allow_entries BEGIN
+        DELETE FROM entry_use WHERE account = OLD.account AND cidr = OLD.cidr;
+    END;
+    DELETE FROM set_entry_use WHERE NOT EXISTS
+        (SELECT 1 FROM set_entries e WHERE e.set_name = set_entry_use.set_name AND e.cidr = set_entry_use.cidr);
+    CREATE TRIGGER set_entries_uses_go AFTER DELETE ON set_entries BEGIN
+        DELETE FROM set_entry_use WHERE set_name = OLD.set_name AND cidr = OLD.cidr;
+    END;",
 ];
 
 /// Entries whose end is due and not audited yet (by `allow_entries_expiring`, migration v10).
@@ -2131,6 +2146,32 @@ mod tests {
         assert!(tx.bindings().unwrap().is_empty());
     }
 
+    /// A store of schema v11: the last uses of entries it no longer holds are dropped by the
+    /// upgrade; those of entries it holds stay.
+    #[test]
+    fn the_upgrade_drops_the_uses_of_removed_entries() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
+        let conn = Connection::open(dir.db()).unwrap();
+        for sql in &MIGRATIONS[..11] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 11).unwrap();
+        conn.execute_batch(
+            "INSERT INTO accounts (id, slot, state, mode, created_at) VALUES ('acme', 1, 'active', 'enforce', 5);
+             INSERT INTO allow_entries (account, cidr, created_at, created_by) VALUES ('acme', '198.18.0.7/32', 5, 0);
+             INSERT INTO entry_use (account, cidr, last_packet) VALUES ('acme', '198.18.0.7/32', 50);
+             INSERT INTO entry_use (account, cidr, last_packet) VALUES ('acme', '198.18.0.8/32', 40);",
+        )
+        .unwrap();
+        drop(conn);
+        let mut store = Store::open(&dir.db()).unwrap();
+        let tx = store.transaction().unwrap();
+        let kept: Vec<(String, i64)> =
+            tx.rows("SELECT cidr, last_packet FROM entry_use", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!(kept, [("198.18.0.7/32".to_string(), 50)]);
+    }
+
     /// The sweep's search for due entry expiries, under the writer lock every ten seconds,
     /// reads the partial index of entries still to audit, not every entry.
     #[test]
@@ -2433,5 +2474,38 @@ mod tests {
         assert_eq!(last(&tx), (Some(1_030), Some(1_000 + USE_RESOLUTION_SECONDS)));
         tx.note_entry_packets(&uses(500)).unwrap();
         assert_eq!(last(&tx), (Some(1_030), Some(1_000 + USE_RESOLUTION_SECONDS)), "an earlier use changes nothing");
+    }
+
+    /// A network removed and added again within the resolution: the new one's first use is
+    /// written at once (before v12 the removed one's time, kept, held it back a minute), and
+    /// a set's document applied again keeps the uses of the networks that stay.
+    #[test]
+    fn a_network_added_again_starts_without_the_removed_ones_uses() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        let (cidr, other) = (net("198.18.0.7/32"), net("198.18.9.0/24"));
+        let at = |owner: &str, at: i64| HashMap::from([((owner.to_string(), cidr), at)]);
+        tx.replace_entries("acme", &[(cidr, None)], 0, 100).unwrap();
+        tx.note_entry_packets(&at("acme", 1_000)).unwrap();
+        assert!(tx.remove_entry("acme", cidr).unwrap());
+        tx.replace_entries("acme", &[(cidr, None)], 0, 1_010).unwrap();
+        tx.note_entry_packets(&at("acme", 1_020)).unwrap();
+        assert_eq!(tx.entries_with_use("acme").unwrap()[0].last_packet_at, Some(1_020));
+
+        tx.add_set("corp-vpn", 0, 100, 16).unwrap().unwrap();
+        assert!(tx.add_set_entry("corp-vpn", cidr, None, 0, 100).unwrap());
+        tx.note_set_packets(&at("corp-vpn", 1_000)).unwrap();
+        assert!(tx.remove_set_entry("corp-vpn", cidr).unwrap());
+        assert!(tx.add_set_entry("corp-vpn", cidr, None, 0, 1_010).unwrap());
+        tx.note_set_packets(&at("corp-vpn", 1_020)).unwrap();
+        assert_eq!(tx.set_entries_with_use("corp-vpn").unwrap()[0].last_packet_at, Some(1_020));
+
+        let network = |cidr, created_at| SetEntryDoc { cidr, label: None, created_at, created_by: 0 };
+        let doc = SetDoc { created_at: 100, created_by: 0, entries: vec![network(cidr, 1_010), network(other, 1_030)] };
+        tx.put_set_doc("corp-vpn", &doc, 16).unwrap().unwrap();
+        let listed = tx.set_entries_with_use("corp-vpn").unwrap();
+        let uses: Vec<_> = listed.iter().map(|e| (e.cidr, e.last_packet_at)).collect();
+        assert_eq!(uses, [(cidr, Some(1_020)), (other, None)], "a network that stays keeps its uses");
     }
 }

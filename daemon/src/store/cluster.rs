@@ -217,9 +217,34 @@ impl Tx<'_> {
                 None => return Ok(None),
             },
         };
-        self.execute("DELETE FROM set_entries WHERE set_name = ?1", [name])?;
+        // Only the networks that differ are written, as for an account's entries: a network
+        // that stays keeps its last uses (a removed one's go with its row).
+        type NetworkRow = (Option<String>, i64, u32);
+        let mut had: HashMap<String, NetworkRow> = self
+            .rows("SELECT cidr, label, created_at, created_by FROM set_entries WHERE set_name = ?1", [name], |r| {
+                Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
+            })?
+            .into_iter()
+            .collect();
         for e in &doc.entries {
-            self.add_set_entry(name, e.cidr, e.label.as_deref(), e.created_by, e.created_at)?;
+            let cidr = e.cidr.to_string();
+            let row: NetworkRow = (e.label.clone(), e.created_at, e.created_by);
+            match had.remove(&cidr) {
+                Some(old) if old == row => {}
+                Some(_) => {
+                    self.execute(
+                        "UPDATE set_entries SET label = ?3, created_at = ?4, created_by = ?5
+                         WHERE set_name = ?1 AND cidr = ?2",
+                        (name, &cidr, &e.label, e.created_at, e.created_by),
+                    )?;
+                }
+                None => {
+                    self.add_set_entry(name, e.cidr, e.label.as_deref(), e.created_by, e.created_at)?;
+                }
+            }
+        }
+        for cidr in had.keys() {
+            self.execute("DELETE FROM set_entries WHERE set_name = ?1 AND cidr = ?2", (name, cidr))?;
         }
         Ok(Some(kernel_id))
     }
