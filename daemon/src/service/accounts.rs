@@ -46,11 +46,15 @@ impl Service {
     }
 
     pub(super) fn account_list(&self, _: AccountList) -> Reply<AccountList> {
-        self.read(|tx| {
-            let rows = tx.accounts()?;
+        let mut rows = self.read(|tx| Ok(tx.accounts()?))?.into_iter().peekable();
+        // The cache's lock a part at a time: all 100,000 accounts at once held it for about
+        // 20 ms, and a change waiting for it holds up the checks that come after it.
+        let mut listed_rows = Vec::with_capacity(rows.len());
+        while rows.peek().is_some() {
             let cache = self.accounts.read().expect("cache lock");
-            Ok(rows.into_iter().map(|row| listed(&cache, row)).collect())
-        })
+            listed_rows.extend(rows.by_ref().take(LIST_PART).map(|row| listed(&cache, row)));
+        }
+        Ok(listed_rows)
     }
 
     /// Removes an account (and, with `recursive`, its sub-users, deepest first) from the
@@ -141,6 +145,9 @@ impl Service {
         })
     }
 }
+
+/// Accounts listed under one taking of the cache's read lock.
+const LIST_PART: usize = 4_096;
 
 /// An account row as lists show it: with the state that takes effect, which differs from
 /// its own when an ancestor is banned or terminated.
