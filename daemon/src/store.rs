@@ -2115,16 +2115,22 @@ mod tests {
         assert_eq!(json["node"], "mx-c");
     }
 
+    /// A store in `dir` written by a daemon that knew the first `version` migrations.
+    fn store_of_schema(dir: &TempDir, version: usize) -> Connection {
+        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
+        let conn = Connection::open(dir.db()).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64).unwrap();
+        conn
+    }
+
     /// A store of schema v7 (bindings without a scope): its bindings become fleet-wide.
     #[test]
     fn bindings_of_an_older_store_become_fleet_wide() {
         let dir = TempDir::new();
-        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
-        let conn = Connection::open(dir.db()).unwrap();
-        for sql in &MIGRATIONS[..7] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 7).unwrap();
+        let conn = store_of_schema(&dir, 7);
         conn.execute(
             "INSERT INTO accounts (id, slot, state, mode, created_at) VALUES ('acme', 1, 'active', 'enforce', 5)",
             [],
@@ -2151,12 +2157,7 @@ mod tests {
     #[test]
     fn the_upgrade_drops_the_uses_of_removed_entries() {
         let dir = TempDir::new();
-        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
-        let conn = Connection::open(dir.db()).unwrap();
-        for sql in &MIGRATIONS[..11] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 11).unwrap();
+        let conn = store_of_schema(&dir, 11);
         conn.execute_batch(
             "INSERT INTO accounts (id, slot, state, mode, created_at) VALUES ('acme', 1, 'active', 'enforce', 5);
              INSERT INTO allow_entries (account, cidr, created_at, created_by) VALUES ('acme', '198.18.0.7/32', 5, 0);
@@ -2353,12 +2354,7 @@ mod tests {
     #[test]
     fn old_activity_rows_are_counted_per_hour_by_the_migration() {
         let dir = TempDir::new();
-        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
-        let conn = Connection::open(dir.db()).unwrap();
-        for sql in &MIGRATIONS[..4] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 4).unwrap();
+        let conn = store_of_schema(&dir, 4);
         conn.execute("INSERT INTO accounts VALUES ('acme', 1, NULL, 'active', 'enforce', NULL, 0)", []).unwrap();
         let old = "INSERT INTO activity (time, account, kind, address, method, allowed, reason, detail)
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
@@ -2403,12 +2399,7 @@ mod tests {
     #[test]
     fn audit_records_keep_their_ids_without_autoincrement() {
         let dir = TempDir::new();
-        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
-        let conn = Connection::open(dir.db()).unwrap();
-        for sql in &MIGRATIONS[..5] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 5).unwrap();
+        let conn = store_of_schema(&dir, 5);
         let old =
             "INSERT INTO activity (id, time, account, kind, reason, detail) VALUES (?1, 7200, 'acme', 'audit', ?2, ?3)";
         for (id, action) in [(3, "account_add"), (9, "mode"), (12, "allow_add")] {
