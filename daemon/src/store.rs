@@ -262,15 +262,24 @@ const MIGRATIONS: &[&str] = &[
     // v12: a removed network's last uses go with it, whichever way it is removed (each is a
     // DELETE of its row), so a network added again starts with none. Kept beside it, a use
     // of the new entry within a minute of the old one's was not written
-    // (USE_RESOLUTION_SECONDS), and the new entry showed no use meanwhile.
+    // (USE_RESOLUTION_SECONDS), and the new entry showed no use meanwhile. A fleet node that
+    // missed the removal sees the network again with a new creation time: the same.
     "DELETE FROM entry_use WHERE NOT EXISTS
         (SELECT 1 FROM allow_entries e WHERE e.account = entry_use.account AND e.cidr = entry_use.cidr);
     CREATE TRIGGER allow_entries_uses_go AFTER DELETE ON allow_entries BEGIN
         DELETE FROM entry_use WHERE account = OLD.account AND cidr = OLD.cidr;
     END;
+    CREATE TRIGGER allow_entries_uses_go_when_recreated AFTER UPDATE OF created_at ON allow_entries
+        WHEN NEW.created_at IS NOT OLD.created_at BEGIN
+        DELETE FROM entry_use WHERE account = OLD.account AND cidr = OLD.cidr;
+    END;
     DELETE FROM set_entry_use WHERE NOT EXISTS
         (SELECT 1 FROM set_entries e WHERE e.set_name = set_entry_use.set_name AND e.cidr = set_entry_use.cidr);
     CREATE TRIGGER set_entries_uses_go AFTER DELETE ON set_entries BEGIN
+        DELETE FROM set_entry_use WHERE set_name = OLD.set_name AND cidr = OLD.cidr;
+    END;
+    CREATE TRIGGER set_entries_uses_go_when_recreated AFTER UPDATE OF created_at ON set_entries
+        WHEN NEW.created_at IS NOT OLD.created_at BEGIN
         DELETE FROM set_entry_use WHERE set_name = OLD.set_name AND cidr = OLD.cidr;
     END;",
 ];
@@ -2498,5 +2507,15 @@ mod tests {
         let listed = tx.set_entries_with_use("corp-vpn").unwrap();
         let uses: Vec<_> = listed.iter().map(|e| (e.cidr, e.last_packet_at)).collect();
         assert_eq!(uses, [(cidr, Some(1_020)), (other, None)], "a network that stays keeps its uses");
+        // A node that missed a removal and the network's return sees it with a new creation
+        // time: it is another network, without the old one's uses.
+        let doc = SetDoc { created_at: 100, created_by: 0, entries: vec![network(cidr, 1_040), network(other, 1_030)] };
+        tx.put_set_doc("corp-vpn", &doc, 16).unwrap().unwrap();
+        tx.note_set_packets(&at("corp-vpn", 1_050)).unwrap();
+        assert_eq!(tx.set_entries_with_use("corp-vpn").unwrap()[0].last_packet_at, Some(1_050));
+        tx.note_entry_packets(&at("acme", 1_040)).unwrap();
+        tx.execute("UPDATE allow_entries SET created_at = 1045 WHERE account = 'acme'", []).unwrap();
+        tx.note_entry_packets(&at("acme", 1_050)).unwrap();
+        assert_eq!(tx.entries_with_use("acme").unwrap()[0].last_packet_at, Some(1_050));
     }
 }
