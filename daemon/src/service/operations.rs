@@ -140,7 +140,8 @@ impl metrics::Source for Service {
     /// without the writer lock, so a scrape does not hold up changes; the lock is taken only
     /// for the table and interface figures. The accounts and their live overrides come from
     /// a reader's snapshot of the store, not from the cache: a walk of the cache held its
-    /// lock for about 10 ms at 100,000 accounts, and so any change, and the checks behind it.
+    /// lock for about 10 ms at 100,000 accounts, and with it any change waiting for that
+    /// lock and the checks queued behind the change.
     fn snapshot(&self) -> Result<metrics::Snapshot, ServiceError> {
         let at = now();
         let (accounts, overrides) =
