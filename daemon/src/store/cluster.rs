@@ -221,10 +221,9 @@ impl Tx<'_> {
         // that stays keeps its last uses (a removed one's go with its row).
         type NetworkRow = (Option<String>, i64, u32);
         let mut had: HashMap<String, NetworkRow> = self
-            .rows("SELECT cidr, label, created_at, created_by FROM set_entries WHERE set_name = ?1", [name], |r| {
-                Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
-            })?
+            .set_entries(name)?
             .into_iter()
+            .map(|e| (e.cidr.to_string(), (e.label, e.created_at, e.created_by)))
             .collect();
         for e in &doc.entries {
             let cidr = e.cidr.to_string();
