@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{
     Failure, Reply, Service,
-    change::{audit, existing, policy_from_store},
+    change::{EntryChange, audit, existing, policy_from_store},
     lockout, now,
 };
 use crate::{
@@ -39,7 +39,7 @@ impl Service {
             );
             return Err(Failure::new(ErrorCode::BadRequest, why));
         }
-        self.change(&account, |tx| {
+        self.change_entry(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
             let at = now();
             // An expired entry is still listed; adding its network again renews it.
@@ -59,18 +59,19 @@ impl Service {
             let detail = json!({ "cidr": cidr, "label": label, "expires_at": entry.expires_at,
                 "renewed": renewed.is_some() });
             audit(tx, &account, uid, "allow_add", detail)?;
-            Ok((existing(tx, &account)?, Noted::new(entry, notes)))
+            let change = EntryChange::Added { cidr, expires_at: entry.expires_at };
+            Ok((existing(tx, &account)?, change, Noted::new(entry, notes)))
         })
     }
 
     pub(super) fn allow_remove(&self, request: AllowRemove, uid: u32) -> Reply<AllowRemove> {
         let AllowRemove { account, cidr, client_ip, force } = request;
-        self.change(&account, |tx| {
+        self.change_entry(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
             let (row, entry) = withdraw_entry(tx, self, &account, cidr, uid, client_ip, force)?;
             tx.remove_entry(&account, cidr)?;
             audit(tx, &account, uid, "allow_remove", json!({ "cidr": cidr, "label": entry.label, "forced": force }))?;
-            Ok((row, EntryRemoved { account: account.clone(), removed: cidr, notes }))
+            Ok((row, EntryChange::Removed(cidr), EntryRemoved { account: account.clone(), removed: cidr, notes }))
         })
     }
 
@@ -319,6 +320,10 @@ fn withdraw_entry(
     force: bool,
 ) -> Result<(Account, Entry), Failure> {
     let (row, entry) = existing_entry(tx, account, cidr)?;
+    if force {
+        // The guard would not look.
+        return Ok((row, entry));
+    }
     let before = policy_from_store(tx, &row, now())?;
     let mut after = before.clone();
     after.withdraw(cidr);
