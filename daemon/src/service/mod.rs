@@ -29,7 +29,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, OnceLock, RwLock,
-        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64},
+        atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -41,7 +41,7 @@ pub use crate::activity::ActivityLog;
 use crate::{
     datapath::{self, Datapath, DatapathError},
     metrics::CheckCounters,
-    policy::{AccountPolicy, LiveOverride, SetPolicy, SetUse, Sets},
+    policy::{AccountCache, AccountPolicy, LiveOverride, SetPolicy, SetUse, Sets},
     protocol::{Call, Caller, Command, ErrorBody, ErrorCode},
     store::{Checkpointer, Readers, Store, StoreError},
 };
@@ -117,11 +117,14 @@ pub struct Service {
     /// Checkpoints the WAL beside the writer, so no change's commit does it.
     _checkpointer: Checkpointer,
     /// Every account's policy, as committed; login checks read only this.
-    accounts: RwLock<HashMap<String, AccountPolicy>>,
+    accounts: RwLock<AccountCache>,
     /// Every shared set's networks, as committed, held once for all referencing accounts.
     sets: RwLock<Sets>,
     /// Settings a reload may change (see [`Service::reconfigure`]).
     retention_days: AtomicU32,
+    /// When (unix s) the sweep next searches all audit records for expired ones, not only
+    /// the oldest (see [`Tx::prune_activity`](crate::store::Tx::prune_activity)).
+    thorough_prune_at: AtomicI64,
     min_override_ttl: AtomicU64,
     /// The widest IPv4 and IPv6 prefixes an override may cover.
     widest_override: (AtomicU8, AtomicU8),
@@ -268,9 +271,10 @@ impl Service {
             _checkpointer: checkpointer,
             activity,
             writer,
-            accounts: RwLock::new(cache),
+            accounts: RwLock::new(AccountCache::new(cache)),
             sets: RwLock::new(sets),
             retention_days: config.retention_days.into(),
+            thorough_prune_at: AtomicI64::new(0),
             min_override_ttl: config.min_override_ttl_seconds.max(1).into(),
             widest_override: (config.widest_override_ipv4.into(), config.widest_override_ipv6.into()),
             checks: CheckCounters::default(),

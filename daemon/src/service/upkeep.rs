@@ -28,6 +28,10 @@ const SAMPLES_PER_DRAIN: usize = 4096;
 /// Slots of last-used stamps scanned under one hold of the writer lock (512 KiB of stamps).
 const LAST_USED_SCAN_SLOTS: u32 = 1 << 16;
 
+/// How often (s) the sweep searches every audit record for expired ones: a record left
+/// behind by the quick pass (the clock was set back) stays at most this much longer.
+const THOROUGH_PRUNE_EVERY: i64 = 3600;
+
 /// Stamped keys credited to their entries under one taking of the cache's read lock.
 const CACHE_PART: usize = 4_096;
 
@@ -44,27 +48,20 @@ impl Service {
         let at = now();
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
-        let expired: Vec<String> = {
+        // The walk only when something may have ended; under the read lock, so that checks go on.
+        let expired = {
             let accounts = self.accounts.read().expect("cache lock");
-            accounts
-                .iter()
-                .filter(|(_, a)| {
-                    a.overrides.iter().any(|o| o.expires_at <= at) || a.expiring.iter().any(|e| e.expires_at <= at)
-                })
-                .map(|(id, _)| id.clone())
-                .collect()
+            accounts.may_have_expired(at).then(|| accounts.expired(at))
         };
-        if !expired.is_empty() {
+        if let Some((expired, next_expiry)) = expired {
             let mut accounts = self.accounts.write().expect("cache lock");
+            accounts.sweep(&expired, at, next_expiry);
             for id in &expired {
-                if let Some(a) = accounts.get_mut(id) {
-                    a.overrides.retain(|o| o.expires_at > at);
-                    a.expiring.retain(|e| e.expires_at > at);
-                }
+                let Some(account) = accounts.get(id) else { continue };
                 // The kernel already ignores the expired keys, so a table that cannot be
                 // rewritten now (full) keeps them a while longer and nothing more: the rest
                 // of the sweep (the audit of the expiry) must not wait for it.
-                match apply_account(datapath, &accounts[id], suspended(|a| accounts.get(a), id)) {
+                match apply_account(datapath, account, suspended(|a| accounts.get(a), id)) {
                     Ok(()) => info!("account {id}: expired overrides and entries swept"),
                     Err(e) => warn!("account {id}: expired overrides and entries stay in the kernel for now: {e}"),
                 }
@@ -92,9 +89,13 @@ impl Service {
         let tx = store.transaction()?;
         let retention_days = self.retention_days.load(Ordering::Relaxed);
         let cutoff = at - retention_days as i64 * 24 * 3600;
-        let pruned = tx.prune_activity(cutoff)?;
+        let thorough = self.thorough_prune_at.load(Ordering::Relaxed) <= at;
+        let pruned = tx.prune_activity(cutoff, thorough)?;
         tx.commit()?;
         drop(guard);
+        if thorough {
+            self.thorough_prune_at.store(at + THOROUGH_PRUNE_EVERY, Ordering::Relaxed);
+        }
         if pruned > 0 {
             info!("pruned {pruned} activity records older than {retention_days} days");
         }
