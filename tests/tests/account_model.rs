@@ -384,7 +384,8 @@ fn removal_entry_lifecycle_and_audit() {
     }
 }
 
-/// Override expiry is audited by the sweep, once, with the granting operator.
+/// Override expiry is audited by the sweep, once, with the granting operator; the same
+/// sweep takes the ended override out of the cache and the kernel's table.
 #[test]
 fn override_expiry_is_audited() {
     let w = World::new("min_override_ttl_seconds = 1");
@@ -402,6 +403,7 @@ fn override_expiry_is_audited() {
         if log.contains(line) {
             assert!(log.contains(&format!("override={id}")), "{log}");
             assert_eq!(log.matches("override_expired:").count(), 1, "{log}");
+            assert!(log.contains("account e: expired overrides and entries swept"), "{log}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no expiry audited:\n{log}");
