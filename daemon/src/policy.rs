@@ -35,10 +35,15 @@ pub struct AccountPolicy {
 }
 
 impl AccountPolicy {
+    /// When its overrides and expiring entries end (unix s).
+    fn expiries(&self) -> impl Iterator<Item = i64> + '_ {
+        let overrides = self.overrides.iter().map(|o| o.expires_at);
+        overrides.chain(self.expiring.iter().map(|e| e.expires_at))
+    }
+
     /// The earliest end of its overrides and expiring entries (unix s), if it has any.
     pub fn earliest_expiry(&self) -> Option<i64> {
-        let overrides = self.overrides.iter().map(|o| o.expires_at);
-        overrides.chain(self.expiring.iter().map(|e| e.expires_at)).min()
+        self.expiries().min()
     }
 }
 
@@ -80,10 +85,8 @@ impl AccountCache {
         let mut expired = Vec::new();
         let mut next_expiry = i64::MAX;
         for (id, account) in &self.accounts {
-            let ends = account.overrides.iter().map(|o| o.expires_at);
-            let ends = ends.chain(account.expiring.iter().map(|e| e.expires_at));
             let (mut ended, mut later) = (false, i64::MAX);
-            for end in ends {
+            for end in account.expiries() {
                 if end <= now {
                     ended = true;
                 } else {

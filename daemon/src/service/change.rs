@@ -26,8 +26,9 @@ pub(super) enum Touched {
     /// sub-users follow it.
     Changed(Account),
     /// One that existed, whose change was to one allowlist entry: its policy is the cached
-    /// one with the entry changed, with nothing to read back (three queries, a tenth of an
-    /// `allow add` after an idle spell); an entry never changes how its sub-users stand.
+    /// one with the entry changed, with nothing to read back (the read-back's queries were
+    /// an eighth of an `allow add` after an idle spell); an entry never changes how its
+    /// sub-users stand.
     EntryChanged(Account, EntryChange),
     /// One the change created, with its allowlist (all enabled): nothing to read back, and
     /// no sub-users but those the same change created.
@@ -152,7 +153,14 @@ impl Service {
                 Touched::EntryChanged(row, change) => {
                     let policy = match cache.get(&row.id) {
                         Some(cached) => {
-                            let mut policy = AccountPolicy { state: row.state, mode: row.mode, ..cached.clone() };
+                            // The account's own fields from its row, as a read-back takes them.
+                            let mut policy = AccountPolicy {
+                                slot: row.slot,
+                                parent: row.parent,
+                                state: row.state,
+                                mode: row.mode,
+                                ..cached.clone()
+                            };
                             change.apply(&mut policy);
                             policy
                         }
