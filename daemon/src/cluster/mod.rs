@@ -239,10 +239,12 @@ impl Cluster {
             }
             newer
         };
+        // `applied` first: whoever wakes on `policy` (a change or an import waiting to be
+        // enforced) and then asks for the status must find `applied` at least as far.
+        self.applied.send_if_modified(advance);
         if policy {
             self.policy.send_if_modified(advance);
         }
-        self.applied.send_if_modified(advance);
     }
 
     fn connected(&self, revision: i64) {
@@ -923,4 +925,58 @@ pub fn conflict() -> Failure {
         "another change to the same account or endpoint was committed first on another node; nothing was changed, \
          and this node now has that change: try again",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that sees the policy revision reach `r` (an import waiting to be enforced)
+    /// and then asks for the status never finds the applied revision behind `r`.
+    #[test]
+    fn the_applied_revision_is_never_behind_the_policy_revision() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let config = config::Cluster {
+            endpoints: vec!["http://127.0.0.1:1".into()],
+            prefix: "/t/".into(),
+            node: "n".into(),
+            username: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        let cluster = Cluster::new(&config, runtime.handle().clone(), 0);
+        const LAST: i64 = 20_000;
+        // In lockstep: the writer advances only once the reader has seen the last revision,
+        // so the reader is always watching when a revision is recorded.
+        let seen = Arc::new(AtomicI64::new(0));
+        let writer = {
+            let (cluster, seen) = (cluster.clone(), seen.clone());
+            std::thread::spawn(move || {
+                for r in 1..=LAST {
+                    cluster.set_applied(r, true);
+                    spin_until(|| seen.load(Ordering::Acquire) >= r);
+                }
+            })
+        };
+        let mut behind = 0;
+        for wanted in 1..=LAST {
+            spin_until(|| *cluster.policy.borrow() >= wanted);
+            behind += usize::from(cluster.applied() < wanted);
+            seen.store(wanted, Ordering::Release);
+        }
+        writer.join().unwrap();
+        assert_eq!(behind, 0, "the applied revision was seen behind the policy revision {behind} times in {LAST}");
+    }
+
+    /// Busy-waits (the window under test is a few instructions wide) for at most 10 s.
+    fn spin_until(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "the other thread stopped");
+            std::hint::spin_loop();
+        }
+    }
 }
