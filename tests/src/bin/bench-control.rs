@@ -398,9 +398,16 @@ impl World {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let import_only = std::env::args().any(|a| a == "--import-only");
-    let adds_only = std::env::args().any(|a| a == "--adds-only");
+    let switches = ipaccess_tests::bench::switches(
+        "bench-control",
+        &[
+            ("--quick", "a policy ten times smaller and shorter runs (a smoke run)"),
+            ("--import-only", "the bulk load alone"),
+            ("--adds-only", "stop after `allow add` acknowledged to enforced"),
+        ],
+    );
+    let (quick, import_only, adds_only) =
+        (switches.contains("--quick"), switches.contains("--import-only"), switches.contains("--adds-only"));
     let scale = if quick {
         Scale { accounts: 10_000, run: Duration::from_secs(1), storage_run: Duration::from_secs(10) }
     } else {

@@ -604,8 +604,14 @@ fn etcd_requests(etcd: &EtcdCluster) -> BTreeMap<String, u64> {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let join_only = std::env::args().any(|a| a == "--join-only");
+    let switches = ipaccess_tests::bench::switches(
+        "bench-fleet",
+        &[
+            ("--quick", "a joined fleet ten times smaller and shorter runs"),
+            ("--join-only", "a new node joining the fleet, alone"),
+        ],
+    );
+    let (quick, join_only) = (switches.contains("--quick"), switches.contains("--join-only"));
     let scale = if quick {
         Scale { accounts: 10_000, changes: 200, sequential: 200, run: Duration::from_secs(1) }
     } else {
