@@ -971,12 +971,13 @@ mod tests {
         assert_eq!(behind, 0, "the applied revision was seen behind the policy revision {behind} times in {LAST}");
     }
 
-    /// Busy-waits (the window under test is a few instructions wide) for at most 10 s.
+    /// Polls without sleeping (the window under test is a few instructions wide) for at
+    /// most 10 s, yielding so that the other thread runs even when both share one core.
     fn spin_until(done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done() {
             assert!(Instant::now() < deadline, "the other thread stopped");
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
     }
 }
