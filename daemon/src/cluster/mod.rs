@@ -219,8 +219,10 @@ impl Cluster {
 
     pub fn health(&self) -> Health {
         let mut health = self.health.lock().expect("health lock").clone();
-        health.applied_revision = *self.applied.borrow();
+        // Read in the reverse order of `set_applied`'s writes, so that one status never
+        // shows a policy revision ahead of the applied one.
         health.policy_revision = *self.policy.borrow();
+        health.applied_revision = *self.applied.borrow();
         health
     }
 
@@ -933,10 +935,8 @@ mod tests {
 
     /// A reader that sees the policy revision reach `r` (an import waiting to be enforced)
     /// and then asks for the status never finds the applied revision behind `r`.
-    #[test]
-    fn the_applied_revision_is_never_behind_the_policy_revision() {
-        use std::sync::atomic::{AtomicI64, Ordering};
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    /// A handle on no reachable etcd: the revision counters alone.
+    fn offline_cluster(runtime: &tokio::runtime::Runtime) -> Arc<Cluster> {
         let config = config::Cluster {
             endpoints: vec!["http://127.0.0.1:1".into()],
             prefix: "/t/".into(),
@@ -947,7 +947,14 @@ mod tests {
             cert_file: None,
             key_file: None,
         };
-        let cluster = Cluster::new(&config, runtime.handle().clone(), 0);
+        Cluster::new(&config, runtime.handle().clone(), 0)
+    }
+
+    #[test]
+    fn the_applied_revision_is_never_behind_the_policy_revision() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let cluster = offline_cluster(&runtime);
         const LAST: i64 = 20_000;
         // In lockstep: the writer advances only once the reader has seen the last revision,
         // so the reader is always watching when a revision is recorded.
@@ -969,6 +976,32 @@ mod tests {
         }
         writer.join().unwrap();
         assert_eq!(behind, 0, "the applied revision was seen behind the policy revision {behind} times in {LAST}");
+    }
+
+    /// One `health` (what `status` and the metrics show) never has the policy revision
+    /// ahead of the applied one, however the revisions move while it is read.
+    #[test]
+    fn a_health_report_never_shows_the_policy_revision_ahead() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let cluster = offline_cluster(&runtime);
+        const LAST: i64 = 2_000_000;
+        let writer = {
+            let cluster = cluster.clone();
+            std::thread::spawn(move || (1..=LAST).for_each(|r| cluster.set_applied(r, true)))
+        };
+        let (mut reports, mut ahead) = (0u64, 0u64);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let health = cluster.health();
+            reports += 1;
+            ahead += u64::from(health.policy_revision > health.applied_revision);
+            if health.policy_revision == LAST {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the writer stopped at {}", health.policy_revision);
+        }
+        writer.join().unwrap();
+        assert_eq!(ahead, 0, "{ahead} of {reports} reports had the policy revision ahead of the applied one");
     }
 
     /// Polls without sleeping (the window under test is a few instructions wide) for at
