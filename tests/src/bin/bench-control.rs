@@ -18,7 +18,8 @@
 //!
 //! `--quick` makes the policy ten times smaller and the runs shorter (a smoke run);
 //! `--import-only` measures the bulk load alone (e.g. to profile the daemon during it);
-//! `--adds-only` stops after step 3.
+//! `--adds-only` stops after step 3; `--checks-only` skips steps 3 and 5 (e.g. to profile the
+//! daemon while it answers checks).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -404,10 +405,15 @@ fn main() {
             ("--quick", "a policy ten times smaller and shorter runs (a smoke run)"),
             ("--import-only", "the bulk load alone"),
             ("--adds-only", "stop after `allow add` acknowledged to enforced"),
+            ("--checks-only", "the load and restart, then the login checks alone"),
         ],
     );
-    let (quick, import_only, adds_only) =
-        (switches.contains("--quick"), switches.contains("--import-only"), switches.contains("--adds-only"));
+    let (quick, import_only, adds_only, checks_only) = (
+        switches.contains("--quick"),
+        switches.contains("--import-only"),
+        switches.contains("--adds-only"),
+        switches.contains("--checks-only"),
+    );
     let scale = if quick {
         Scale { accounts: 10_000, run: Duration::from_secs(1), storage_run: Duration::from_secs(10) }
     } else {
@@ -466,43 +472,9 @@ fn main() {
     println!();
 
     // 3. Acknowledged to enforced.
-    let e = add_to_enforced(&world.hosts, &socket);
-    println!("## `allow add` acknowledged to enforced ({ENFORCE_ROUNDS} rounds)");
-    println!();
-    println!("| | p50 µs | p90 µs | p99 µs |");
-    println!("|---|---:|---:|---:|");
-    let rows = [
-        ("`allow add` request to acknowledgement (durable, in the maps)".to_string(), &e.ack),
-        (
-            format!(
-                "the same, the {} adds right after a round that waited out a dropped datagram ({} ms idle)",
-                ENFORCE_ROUNDS / 10,
-                DROP_WAIT.as_millis()
-            ),
-            &e.after_pause,
-        ),
-        (
-            format!(
-                "the same, the other {} adds (back to back with the previous round)",
-                ENFORCE_ROUNDS - ENFORCE_ROUNDS / 10
-            ),
-            &e.back_to_back,
-        ),
-        ("first datagram sent after the acknowledgement, echoed back".to_string(), &e.after_ack),
-        ("baseline: the same round trip to an unbound port".to_string(), &e.baseline),
-    ];
-    for (what, [p50, p90, p99]) in rows {
-        println!("| {what} | {p50:.0} | {p90:.0} | {p99:.0} |");
+    if !checks_only {
+        report_adds(&world.hosts, &socket);
     }
-    println!();
-    println!(
-        "First datagrams dropped after an acknowledged add: {} of {ENFORCE_ROUNDS}; passed after an acknowledged \
-         remove: {} of {}.",
-        e.dropped_after_ack,
-        e.passed_after_removal,
-        ENFORCE_ROUNDS.div_ceil(10)
-    );
-    println!();
     if adds_only {
         return;
     }
@@ -552,6 +524,10 @@ fn main() {
     );
     println!();
 
+    if checks_only {
+        return;
+    }
+
     // 5. The storage those checks cost, measured between two clean stops (each closes the
     // store, which checkpoints the WAL into the database).
     let mut daemon = daemon;
@@ -583,6 +559,47 @@ fn main() {
     println!();
     println!("Bytes per check: {:.3} (database and WAL, after a checkpoint).", growth / checks.max(1.0));
     assert!(growth <= budget, "the store grew by {growth} bytes, over the budget of {budget}");
+}
+
+/// Step 3: `allow add` acknowledged to enforced, printed as a table.
+fn report_adds(hosts: &TestHosts, socket: &Path) {
+    let e = add_to_enforced(hosts, socket);
+    println!("## `allow add` acknowledged to enforced ({ENFORCE_ROUNDS} rounds)");
+    println!();
+    println!("| | p50 µs | p90 µs | p99 µs |");
+    println!("|---|---:|---:|---:|");
+    let rows = [
+        ("`allow add` request to acknowledgement (durable, in the maps)".to_string(), &e.ack),
+        (
+            format!(
+                "the same, the {} adds right after a round that waited out a dropped datagram ({} ms idle)",
+                ENFORCE_ROUNDS / 10,
+                DROP_WAIT.as_millis()
+            ),
+            &e.after_pause,
+        ),
+        (
+            format!(
+                "the same, the other {} adds (back to back with the previous round)",
+                ENFORCE_ROUNDS - ENFORCE_ROUNDS / 10
+            ),
+            &e.back_to_back,
+        ),
+        ("first datagram sent after the acknowledgement, echoed back".to_string(), &e.after_ack),
+        ("baseline: the same round trip to an unbound port".to_string(), &e.baseline),
+    ];
+    for (what, [p50, p90, p99]) in rows {
+        println!("| {what} | {p50:.0} | {p90:.0} | {p99:.0} |");
+    }
+    println!();
+    println!(
+        "First datagrams dropped after an acknowledged add: {} of {ENFORCE_ROUNDS}; passed after an acknowledged \
+         remove: {} of {}.",
+        e.dropped_after_ack,
+        e.passed_after_removal,
+        ENFORCE_ROUNDS.div_ceil(10)
+    );
+    println!();
 }
 
 /// The store's size in `state`: database and WAL, after a checkpoint. Opening and closing
