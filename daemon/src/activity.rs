@@ -327,17 +327,22 @@ impl Pending {
     /// (`change_waits_during_a_large_write`).
     const ROWS_PER_WRITE: usize = 1_024;
 
-    /// Moves up to `rows` rows out, sign-ins first.
+    /// Moves up to `rows` rows out, sign-ins first. Each table's rows go in the order of
+    /// its key (hour, then account), so a part's rows lie together in the table: taken at
+    /// random, every part of a second's write dirtied nearly every page of the hour's rows
+    /// again, and each of those pages went into the WAL once per part.
     fn split_off(&mut self, rows: usize) -> Pending {
         let mut left = rows;
         Pending {
-            signins: take_rows(&mut self.signins, &mut left),
-            unknown: take_rows(&mut self.unknown, &mut left),
-            drops: take_rows(&mut self.drops, &mut left),
-            entry_signins: take_rows(&mut self.entry_signins, &mut left),
-            entry_packets: take_rows(&mut self.entry_packets, &mut left),
-            set_signins: take_rows(&mut self.set_signins, &mut left),
-            set_packets: take_rows(&mut self.set_packets, &mut left),
+            signins: take_rows(&mut self.signins, &mut left, |a, b| {
+                (a.bucket, &a.account).cmp(&(b.bucket, &b.account))
+            }),
+            unknown: take_rows(&mut self.unknown, &mut left, |a, b| (a.bucket, a.address).cmp(&(b.bucket, b.address))),
+            drops: take_rows(&mut self.drops, &mut left, |a, b| (a.bucket, &a.account).cmp(&(b.bucket, &b.account))),
+            entry_signins: take_rows(&mut self.entry_signins, &mut left, Ord::cmp),
+            entry_packets: take_rows(&mut self.entry_packets, &mut left, Ord::cmp),
+            set_signins: take_rows(&mut self.set_signins, &mut left, Ord::cmp),
+            set_packets: take_rows(&mut self.set_packets, &mut left, Ord::cmp),
         }
     }
 
@@ -361,12 +366,20 @@ fn add_tallies<K: std::hash::Hash + Eq>(tallies: &mut HashMap<K, Tally>, more: H
 }
 
 /// Moves up to `left` rows of `from` out, and counts them off `left`.
-fn take_rows<K: std::hash::Hash + Eq + Clone, V>(from: &mut HashMap<K, V>, left: &mut usize) -> HashMap<K, V> {
+fn take_rows<K: std::hash::Hash + Eq + Clone, V>(
+    from: &mut HashMap<K, V>,
+    left: &mut usize,
+    order: impl Fn(&K, &K) -> std::cmp::Ordering,
+) -> HashMap<K, V> {
     if from.len() <= *left {
         *left -= from.len();
         return std::mem::take(from);
     }
-    let keys: Vec<K> = from.keys().take(*left).cloned().collect();
+    // The first `left` keys in `order` (not sorted among themselves: a transaction writes
+    // each page it dirtied once, whatever the order of its rows).
+    let mut keys: Vec<&K> = from.keys().collect();
+    keys.select_nth_unstable_by(*left, |a, b| order(a, b));
+    let keys: Vec<K> = keys[..*left].iter().map(|&key| key.clone()).collect();
     *left = 0;
     keys.into_iter().filter_map(|key| from.remove_entry(&key)).collect()
 }
@@ -692,6 +705,40 @@ mod tests {
         assert_eq!(counted, Pending::ROWS_PER_WRITE as i64, "each sign-in counted once");
         for (account, _) in uses.keys() {
             assert_eq!(tx.entries_with_use(account).unwrap()[0].last_packet_at, Some(100), "{account}");
+        }
+    }
+
+    /// A write in parts takes each table's rows in the order of its key: every part is a run
+    /// of accounts the next parts do not reach back into, so no page of the hour's rows is
+    /// written by two parts.
+    #[test]
+    fn each_part_of_a_write_is_a_run_of_accounts() {
+        let shared = Shared::default();
+        {
+            let mut checks = shared.checks.lock().unwrap();
+            // Counted in an order unlike the accounts' own.
+            for n in 0..3_000u32 {
+                let a = n * 7_919 % 3_000;
+                let entry = Some(IpNet::from(IpAddr::V4(Ipv4Addr::from(0xc612_0000 + n))));
+                assert!(checks.add(Signin { entry, ..signin(&format!("a{a:04}"), 7_200) }, usize::MAX));
+            }
+        }
+        let mut pending = Pending::default();
+        pending.take_checks(&shared);
+        // Per table, the first and last account of each part, in the order written.
+        let (mut signins, mut entry_uses) = (Vec::new(), Vec::new());
+        while pending.len() > 0 {
+            let part = pending.split_off(Pending::ROWS_PER_WRITE);
+            let span =
+                |accounts: Vec<&String>| Some((accounts.iter().min()?.to_string(), accounts.iter().max()?.to_string()));
+            signins.extend(span(part.signins.keys().map(|k| &k.account).collect()));
+            entry_uses.extend(span(part.entry_signins.keys().map(|(account, _)| account).collect()));
+        }
+        for (table, parts) in [("sign-ins", signins), ("last uses", entry_uses)] {
+            assert!(parts.len() >= 2, "{table}: {parts:?}");
+            for pair in parts.windows(2) {
+                assert!(pair[0].1 < pair[1].0, "{table}: a part reaches back before the last: {pair:?}");
+            }
         }
     }
 
