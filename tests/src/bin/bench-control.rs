@@ -485,20 +485,27 @@ fn main() {
     let lines = Arc::new(check_lines(scale.accounts, 0));
     println!("## Login checks ({} s per point)", scale.run.as_secs());
     println!();
-    println!("| clients | checks/s | p50 µs | p99 µs | echo req/s | checks/s ÷ echo |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| clients | checks/s | p50 µs | p99 µs | daemon's CPU µs/check (user + system) | echo req/s | checks/s ÷ echo |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut without_admin = None;
     for clients in [1, 16, 64] {
         let baseline = measure(&echo, clients, &lines, scale.run);
+        let cpu_before = cpu_time(&daemon);
         let real = measure(&socket, clients, &lines, scale.run);
+        let (user, system) = cpu_time(&daemon).since(cpu_before);
+        let checks = real.per_second * scale.run.as_secs_f64();
         if clients == 16 {
             without_admin = Some((real.per_second, real.p99_us));
         }
         println!(
-            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            "| {clients} | {:.0} | {:.0} | {:.0} | {:.1} + {:.1} | {:.0} | {:.2} |",
             real.per_second,
             real.p50_us,
             real.p99_us,
+            user.as_secs_f64() * 1e6 / checks,
+            system.as_secs_f64() * 1e6 / checks,
             baseline.per_second,
             real.per_second / baseline.per_second
         );
@@ -600,6 +607,34 @@ fn report_adds(hosts: &TestHosts, socket: &Path) {
         ENFORCE_ROUNDS.div_ceil(10)
     );
     println!();
+}
+
+/// A process's CPU time so far, user and system (`/proc/PID/stat`, in clock ticks).
+#[derive(Clone, Copy)]
+struct CpuTime {
+    user_ticks: u64,
+    system_ticks: u64,
+}
+
+impl CpuTime {
+    /// User and system time spent since `earlier`.
+    fn since(self, earlier: CpuTime) -> (Duration, Duration) {
+        // SAFETY: sysconf only reads a constant of the system.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks = |n: u64| Duration::from_secs_f64(n as f64 / hz);
+        (ticks(self.user_ticks - earlier.user_ticks), ticks(self.system_ticks - earlier.system_ticks))
+    }
+}
+
+/// The daemon's CPU time so far: what a check costs it, apart from how the machine's two
+/// cores were shared with the clients.
+fn cpu_time(daemon: &Daemon) -> CpuTime {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", daemon.child.id())).expect("read the daemon's stat");
+    // Fields after the command name, which is in parentheses and may hold spaces: state is
+    // the first, utime the 12th and stime the 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("a stat line").1.split_whitespace().collect();
+    let field = |n: usize| fields[n].parse().expect("a tick count");
+    CpuTime { user_ticks: field(11), system_ticks: field(12) }
 }
 
 /// The store's size in `state`: database and WAL, after a checkpoint. Opening and closing
