@@ -328,7 +328,8 @@ impl Pending {
     const ROWS_PER_WRITE: usize = 1_024;
 
     /// Moves up to `rows` rows out, sign-ins first. Each table's rows go in the order of
-    /// its key (hour, then account), so a part's rows lie together in the table: taken at
+    /// its key (counts: hour, then account; last uses: account or set, then network), so a
+    /// part's rows lie together in the table: taken at
     /// random, every part of a second's write dirtied nearly every page of the hour's rows
     /// again, and each of those pages went into the WAL once per part.
     fn split_off(&mut self, rows: usize) -> Pending {

@@ -2370,8 +2370,7 @@ mod tests {
     /// The activity log rewrites the current hour's counts of every account checked (or
     /// dropped) in the last second, every second. Those rows lie together, not each beside
     /// its account's earlier hours: a write of 2,048 accounts' counts dirties a few dozen
-    /// pages, where it dirtied one page per account (at 4,096 accounts a second, about 24 MB
-    /// a second into the WAL, which every change's commit then waited behind).
+    /// pages, where it dirtied about one page per account.
     #[test]
     fn a_write_of_the_hours_counts_dirties_a_few_pages() {
         const ACCOUNTS: usize = 2048;
