@@ -813,15 +813,45 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             MIGRATIONS.len()
         )));
     }
-    for (version, sql) in (1i64..).zip(MIGRATIONS).skip(applied) {
-        // Each step and its version bump commit together, so a crash never half-migrates.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version)?;
-        tx.commit()?;
+    if applied == MIGRATIONS.len() {
+        return Ok(());
     }
-    Ok(())
+    // A step may rewrite a large table (v13: a second per half a million sign-in rows). While
+    // steps run, the service manager is asked now and then to wait longer for the start, so
+    // that its start timeout does not kill the daemon mid-step, which rolls the step back to
+    // be begun again at the next start, and again.
+    let mut asked = None::<Instant>;
+    conn.progress_handler(
+        UPGRADE_PROGRESS_STEPS,
+        Some(move || {
+            if asked.is_none_or(|at| at.elapsed() >= UPGRADE_EXTEND_EVERY) {
+                crate::systemd::extend_start(UPGRADE_EXTEND_BY, "upgrading the store");
+                asked = Some(Instant::now());
+            }
+            false
+        }),
+    )?;
+    let upgraded = (|| {
+        for (version, sql) in (1i64..).zip(MIGRATIONS).skip(applied) {
+            // Each step and its version bump commit together, so a crash never half-migrates.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+        }
+        Ok(())
+    })();
+    conn.progress_handler(0, None::<fn() -> bool>)?;
+    upgraded
 }
+
+/// How many SQLite VM steps pass between looks at the clock while the store is upgraded
+/// (a look costs nanoseconds; a million steps take milliseconds).
+const UPGRADE_PROGRESS_STEPS: i32 = 1_000_000;
+/// While an upgrade runs, the service manager is asked this often for more time ...
+const UPGRADE_EXTEND_EVERY: Duration = Duration::from_secs(10);
+/// ... and for this much more each time.
+const UPGRADE_EXTEND_BY: Duration = Duration::from_secs(60);
 
 /// One account's allowlist (see [`Tx::entries`]).
 const ENTRIES_OF_ACCOUNT: &str = "SELECT account, cidr, label, created_at, created_by, enabled, expires_at

@@ -30,6 +30,13 @@ pub fn reloading() {
     }
 }
 
+/// Start-up takes longer than usual (the store is being upgraded): asks the service manager
+/// to wait `by` more from now before it gives up on the start (`EXTEND_TIMEOUT_USEC`).
+pub fn extend_start(by: Duration, status: &str) {
+    let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+    notify(&[NotifyState::ExtendTimeoutUsec(usec), NotifyState::Status(status)]);
+}
+
 pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping; the filter stays attached")]);
 }

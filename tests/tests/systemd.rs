@@ -1,6 +1,7 @@
 //! Running ipaccessd as systemd runs it, without systemd as PID 1: the unit file checked
 //! by `systemd-analyze verify`; the real daemon talking sd_notify to a datagram socket this
-//! test owns (READY, WATCHDOG, RELOADING, STOPPING) while it is reloaded; and the daemon
+//! test owns (READY, WATCHDOG, RELOADING, STOPPING) while it is reloaded, and
+//! EXTEND_TIMEOUT_USEC while it upgrades a large store; and the daemon
 //! started with exactly the unit's capabilities, enforcing, then failing clearly without
 //! each of them; and its log reaching the journal's socket, with priorities, when its
 //! stderr is the journal stream systemd names.
@@ -207,6 +208,63 @@ fn notifies_ready_watchdog_reload_and_stop() {
     host.daemon = None;
     assert!(host.xdp_attached(&server_if) && host.xdp_attached(extra));
     assert!(!host.socket().exists(), "a clean exit left its socket file behind");
+}
+
+/// An upgrade that rewrites a large table asks the service manager for more time while it
+/// runs (`EXTEND_TIMEOUT_USEC`), before READY: a start timeout would otherwise kill the
+/// daemon mid-step, and the step would roll back and begin again at every start. The store
+/// here is at schema v12 with 300,000 sign-in rows, which v13 rewrites.
+#[test]
+fn a_long_store_upgrade_asks_for_more_time() {
+    const ROWS: i64 = 300_000;
+    let mut host = Host::new();
+    host.write_config(&format!("interfaces = [\"{}\"]\n", host.hosts.server_if));
+    let db = host.path("state/ipaccess.db");
+    drop(ipaccess::store::Store::open(&db).unwrap());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    // v12's tables, keyed by account first.
+    conn.execute_batch(
+        "DROP TABLE signins;
+         DROP TABLE drops;
+         CREATE TABLE signins (account TEXT NOT NULL, bucket INTEGER NOT NULL, address TEXT NOT NULL,
+             method TEXT NOT NULL, reason TEXT NOT NULL, uid INTEGER NOT NULL, application INTEGER NOT NULL,
+             allowed INTEGER NOT NULL, count INTEGER NOT NULL, first_seen INTEGER NOT NULL,
+             last_seen INTEGER NOT NULL,
+             PRIMARY KEY (account, bucket, address, method, reason, uid, application)) WITHOUT ROWID;
+         CREATE INDEX signins_last_seen ON signins(last_seen);
+         CREATE TABLE drops (account TEXT NOT NULL, bucket INTEGER NOT NULL, source TEXT NOT NULL,
+             destination TEXT NOT NULL, protocol INTEGER NOT NULL, port INTEGER NOT NULL, reason TEXT NOT NULL,
+             allowed INTEGER NOT NULL, count INTEGER NOT NULL, first_seen INTEGER NOT NULL,
+             last_seen INTEGER NOT NULL,
+             PRIMARY KEY (account, bucket, source, destination, protocol, port, reason)) WITHOUT ROWID;
+         CREATE INDEX drops_last_seen ON drops(last_seen);
+         PRAGMA user_version = 12;",
+    )
+    .unwrap();
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+         INSERT INTO signins SELECT 'acct' || (i % 10000), 3600 * (i / 10000), '198.18.' || (i % 250) || '.7',
+             'password', 'allowed', 7, 1, 1, 1, 3600 * (i / 10000), 3600 * (i / 10000) FROM n",
+        [ROWS - 1],
+    )
+    .unwrap();
+    drop(conn);
+    let notify_path = host.path("notify.sock");
+    let mut notifications = Notifications::bind(&notify_path);
+    let env = vec![("NOTIFY_SOCKET".into(), notify_path.to_str().unwrap().into())];
+    host.spawn(&Launch { wrapper: Vec::new(), env });
+    notifications.wait_for("READY=1", READY, |m| has(m, "READY=1"));
+    let before_ready = &notifications.seen[..notifications.seen.len() - 1];
+    assert!(
+        before_ready
+            .iter()
+            .any(|(_, m)| has(m, "EXTEND_TIMEOUT_USEC=60000000") && has(m, "STATUS=upgrading the store")),
+        "no extension asked for before READY: {before_ready:?}"
+    );
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM signins", [], |r| r.get(0)).unwrap();
+    assert_eq!((version, rows), (13, ROWS));
 }
 
 /// A change that holds the writer lock for long stops the pings; they resume when it is
