@@ -2392,6 +2392,19 @@ mod tests {
         assert_eq!(tx.bindings().unwrap(), [bind]);
     }
 
+    /// A drop of 198.19.0.7's packets to 198.18.1.1:443/tcp for `account`, in the hour `bucket`.
+    fn drop_key(account: &str, bucket: i64) -> DropKey {
+        DropKey {
+            account: account.into(),
+            bucket,
+            source: ip("198.19.0.7"),
+            destination: ip("198.18.1.1"),
+            protocol: 6,
+            port: 443,
+            reason: "address_not_allowed",
+        }
+    }
+
     fn signin(account: &str, addr: &str, reason: Reason, uid: u32, application: bool) -> SigninKey {
         let (account, address, bucket, method) = (account.into(), ip(addr), bucket(7200), Method::Password);
         SigninKey { account, bucket, address, method, reason, uid, application }
@@ -2410,15 +2423,7 @@ mod tests {
             bucket,
             ..signin(&format!("acct{a}"), "198.18.0.7", Reason::Allowed, 7, true)
         };
-        let drop_of = |a: usize, bucket: i64| DropKey {
-            account: format!("acct{a}"),
-            bucket,
-            source: ip("198.19.0.7"),
-            destination: ip("198.18.1.1"),
-            protocol: 6,
-            port: 443,
-            reason: "address_not_allowed",
-        };
+        let drop_of = |a: usize, bucket: i64| drop_key(&format!("acct{a}"), bucket);
         // Eight hours of history for every account, then the current hour's first counts.
         let write = |store: &mut Store, hour: i64, table: &str| {
             let tx = store.transaction().unwrap();
@@ -2457,16 +2462,7 @@ mod tests {
         let last_second = allowed.bucket + BUCKET_SECONDS - 1;
         let tally = Tally { count: 1, first_seen: allowed.bucket, last_seen: last_second };
         tx.add_signins([(&allowed, &tally), (&denied, &tally)]).unwrap();
-        let drop = DropKey {
-            account: "acme".into(),
-            bucket: allowed.bucket,
-            source: ip("198.19.0.7"),
-            destination: ip("198.18.1.1"),
-            protocol: 6,
-            port: 443,
-            reason: "address_not_allowed",
-        };
-        tx.add_drops([(&drop, &tally)]).unwrap();
+        tx.add_drops([(&drop_key("acme", allowed.bucket), &tally)]).unwrap();
         for (since, found) in [(0, true), (last_second, true), (last_second + 1, false)] {
             let recent = tx.recent_signins("acme", since).unwrap();
             assert_eq!(recent.len(), usize::from(found), "since {since}");
