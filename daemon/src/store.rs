@@ -374,6 +374,8 @@ pub const UNKNOWN_ROWS: i64 = 1024;
 /// its last count, so the reads of one account's rows since `?2` also ask for
 /// `bucket > ?2 - 3600`: the account's index then skips the older hours.
 pub const BUCKET_SECONDS: i64 = 3600;
+// The reads' SQL spells the bucket's width as the literal 3600.
+const _: () = assert!(BUCKET_SECONDS == 3600, "the reads' `bucket > ?2 - 3600` must change too");
 /// The address under which what exceeds an hour's cap is counted.
 pub const OTHER_ADDRESSES: &str = "*";
 
@@ -816,7 +818,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if applied == MIGRATIONS.len() {
         return Ok(());
     }
-    // A step may rewrite a large table (v13: a second per half a million sign-in rows). While
+    // A step may rewrite a large table (v13: about 2.7 s per million sign-in rows). While
     // steps run, the service manager is asked now and then to wait longer for the start, so
     // that its start timeout does not kill the daemon mid-step, which rolls the step back to
     // be begun again at the next start, and again.
