@@ -274,7 +274,7 @@ impl Pending {
     /// written twice.
     fn write(&mut self, access: &mut StoreAccess, shared: &Shared) {
         let mut runs = Runs::new(std::mem::take(self), Self::ROWS_PER_WRITE);
-        while runs.len() > 0 {
+        while runs.rows > 0 {
             let part = runs.next_part(Self::ROWS_PER_WRITE);
             let written = access(&mut |store: &mut Store| part.write_in(store));
             if let Err(e) = written {
@@ -363,12 +363,15 @@ struct Runs {
     entry_packets: Vec<((String, IpNet), i64)>,
     set_signins: Vec<((String, IpNet), i64)>,
     set_packets: Vec<((String, IpNet), i64)>,
+    /// Rows no part has taken yet.
+    rows: usize,
 }
 
 impl Runs {
     /// `pending`'s rows, sorted only if they need more than one part of `part_rows`.
     fn new(pending: Pending, part_rows: usize) -> Runs {
-        let sort = pending.len() > part_rows;
+        let rows = pending.len();
+        let sort = rows > part_rows;
         let last_use = |a: &(String, IpNet), b: &(String, IpNet)| a.cmp(b);
         Runs {
             signins: in_key_order(pending.signins, sort, |a, b| (a.bucket, &a.account).cmp(&(b.bucket, &b.account))),
@@ -378,23 +381,14 @@ impl Runs {
             entry_packets: in_key_order(pending.entry_packets, sort, last_use),
             set_signins: in_key_order(pending.set_signins, sort, last_use),
             set_packets: in_key_order(pending.set_packets, sort, last_use),
+            rows,
         }
-    }
-
-    fn len(&self) -> usize {
-        self.signins.len()
-            + self.unknown.len()
-            + self.drops.len()
-            + self.entry_signins.len()
-            + self.entry_packets.len()
-            + self.set_signins.len()
-            + self.set_packets.len()
     }
 
     /// The next `rows` rows at most, sign-ins first.
     fn next_part(&mut self, rows: usize) -> Pending {
         let mut left = rows;
-        Pending {
+        let part = Pending {
             signins: take_run(&mut self.signins, &mut left),
             unknown: take_run(&mut self.unknown, &mut left),
             drops: take_run(&mut self.drops, &mut left),
@@ -402,7 +396,9 @@ impl Runs {
             entry_packets: take_run(&mut self.entry_packets, &mut left),
             set_signins: take_run(&mut self.set_signins, &mut left),
             set_packets: take_run(&mut self.set_packets, &mut left),
-        }
+        };
+        self.rows -= rows - left;
+        part
     }
 
     /// The rows no part took.
@@ -779,7 +775,7 @@ mod tests {
         // Per table, the first and last account of each part, in the order written.
         let (mut signins, mut entry_uses) = (Vec::new(), Vec::new());
         let mut runs = Runs::new(pending, Pending::ROWS_PER_WRITE);
-        while runs.len() > 0 {
+        while runs.rows > 0 {
             let part = runs.next_part(Pending::ROWS_PER_WRITE);
             let span =
                 |accounts: Vec<&String>| Some((accounts.iter().min()?.to_string(), accounts.iter().max()?.to_string()));
