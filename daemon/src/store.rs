@@ -696,6 +696,21 @@ impl Store {
         name.push(suffix);
         name.into()
     }
+
+    /// Writes an empty store at `path` as a daemon that knew only the first `version`
+    /// migrations left it: for tests of the upgrades, here and against the real daemon.
+    #[doc(hidden)]
+    pub fn create_at_schema(path: &Path, version: usize) -> Result<(), StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)?;
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql)?;
+        }
+        conn.pragma_update(None, "user_version", version as i64)?;
+        Ok(())
+    }
 }
 
 /// The background checkpointer copies the WAL into the database once this many frames wait
@@ -2226,13 +2241,8 @@ mod tests {
 
     /// A store in `dir` written by a daemon that knew the first `version` migrations.
     fn store_of_schema(dir: &TempDir, version: usize) -> Connection {
-        std::fs::create_dir_all(dir.db().parent().unwrap()).unwrap();
-        let conn = Connection::open(dir.db()).unwrap();
-        for sql in &MIGRATIONS[..version] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", version as i64).unwrap();
-        conn
+        Store::create_at_schema(&dir.db(), version).unwrap();
+        Connection::open(dir.db()).unwrap()
     }
 
     /// A store of schema v7 (bindings without a scope): its bindings become fleet-wide.

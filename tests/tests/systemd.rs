@@ -220,27 +220,9 @@ fn a_long_store_upgrade_asks_for_more_time() {
     let mut host = Host::new();
     host.write_config(&format!("interfaces = [\"{}\"]\n", host.hosts.server_if));
     let db = host.path("state/ipaccess.db");
-    drop(ipaccess::store::Store::open(&db).unwrap());
+    // A store as v12 left it: sign-ins keyed by account first.
+    ipaccess::store::Store::create_at_schema(&db, 12).unwrap();
     let conn = rusqlite::Connection::open(&db).unwrap();
-    // v12's tables, keyed by account first.
-    conn.execute_batch(
-        "DROP TABLE signins;
-         DROP TABLE drops;
-         CREATE TABLE signins (account TEXT NOT NULL, bucket INTEGER NOT NULL, address TEXT NOT NULL,
-             method TEXT NOT NULL, reason TEXT NOT NULL, uid INTEGER NOT NULL, application INTEGER NOT NULL,
-             allowed INTEGER NOT NULL, count INTEGER NOT NULL, first_seen INTEGER NOT NULL,
-             last_seen INTEGER NOT NULL,
-             PRIMARY KEY (account, bucket, address, method, reason, uid, application)) WITHOUT ROWID;
-         CREATE INDEX signins_last_seen ON signins(last_seen);
-         CREATE TABLE drops (account TEXT NOT NULL, bucket INTEGER NOT NULL, source TEXT NOT NULL,
-             destination TEXT NOT NULL, protocol INTEGER NOT NULL, port INTEGER NOT NULL, reason TEXT NOT NULL,
-             allowed INTEGER NOT NULL, count INTEGER NOT NULL, first_seen INTEGER NOT NULL,
-             last_seen INTEGER NOT NULL,
-             PRIMARY KEY (account, bucket, source, destination, protocol, port, reason)) WITHOUT ROWID;
-         CREATE INDEX drops_last_seen ON drops(last_seen);
-         PRAGMA user_version = 12;",
-    )
-    .unwrap();
     conn.execute(
         "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
          INSERT INTO signins SELECT 'acct' || (i % 10000), 3600 * (i / 10000), '198.18.' || (i % 250) || '.7',
