@@ -167,3 +167,36 @@ fn traffic_through_a_24_makes_the_daemon_probe_it_first() {
     assert!(moved < Duration::from_secs(10), "{moved:?}");
     assert_eq!(echoed_udp(&sock, b"office", 3, Duration::from_secs(2)), 3, "still allowed");
 }
+
+/// A check let in by an entry with an expiry is credited to that entry like any other: the
+/// most specific live entry covering the address, whether it expires or not. A permanent
+/// /24 and an expiring host entry inside it: checks from the host go to the host entry,
+/// checks from elsewhere in the /24 to the /24; and an expiring /16 alone covering a third
+/// address gets that one's sign-in.
+#[test]
+fn an_entry_with_an_expiry_is_credited_with_the_sign_ins_it_lets_in() {
+    let w = World::new("");
+    ok(&w, json!({"cmd": "account_add", "account": "cust"}));
+    let (host, other, wider) = ("198.18.7.9", "198.18.7.10", "198.19.3.4");
+    ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": "198.18.7.0/24"}));
+    ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": host, "ttl_seconds": 3600}));
+    ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": "198.19.0.0/16", "ttl_seconds": 3600}));
+    ok(&w, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "force": true}));
+    let before = now();
+    for addr in [host, wider] {
+        let reply = ok(&w, json!({"cmd": "check", "account": "cust", "addr": addr, "method": "password"}));
+        assert_eq!(reply["reason"], "allowed", "{reply}");
+    }
+    // Listing waits for the account's counted checks, so the evidence shows at once.
+    let seen = listed(&w, None);
+    let signin = |cidr: &str| seen.iter().find(|(c, ..)| c == cidr).unwrap_or_else(|| panic!("{cidr}: {seen:?}")).1;
+    assert!(signin("198.18.7.9/32").is_some_and(|t| (before..=now()).contains(&t)), "host entry: {seen:?}");
+    assert!(signin("198.19.0.0/16").is_some_and(|t| (before..=now()).contains(&t)), "expiring /16: {seen:?}");
+    assert_eq!(signin("198.18.7.0/24"), None, "the /24 let no check in: {seen:?}");
+
+    let reply = ok(&w, json!({"cmd": "check", "account": "cust", "addr": other, "method": "password"}));
+    assert_eq!(reply["reason"], "allowed", "{reply}");
+    let seen = listed(&w, None);
+    let signin = |cidr: &str| seen.iter().find(|(c, ..)| c == cidr).unwrap().1;
+    assert!(signin("198.18.7.0/24").is_some(), "the /24 let {other} in: {seen:?}");
+}

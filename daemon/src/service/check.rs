@@ -11,10 +11,10 @@ use crate::{
     protocol::{Caller, Check, Mode, Reason},
 };
 
-/// The most specific of `entries` that covers `addr`: the one a sign-in or packet from it is
-/// credited to (removing it alone could shut the address out only if no other covers it).
-pub(super) fn most_specific(entries: &[IpNet], addr: IpAddr) -> Option<IpNet> {
-    entries.iter().filter(|n| n.contains(&addr)).max_by_key(|n| n.prefix_len()).copied()
+/// The most specific of `entries` that covers `addr`: the one a sign-in from it is credited
+/// to (removing it alone could shut the address out only if no other covers it).
+fn most_specific(entries: impl Iterator<Item = IpNet>, addr: IpAddr) -> Option<IpNet> {
+    entries.filter(|n| n.contains(&addr)).max_by_key(|n| n.prefix_len())
 }
 
 impl Service {
@@ -25,12 +25,12 @@ impl Service {
             let sets = self.sets.read().expect("set cache lock");
             let result = decide(&accounts, &sets, &account, addr, at);
             // The entry to credit with the sign-in: only when an entry let it in (not mode
-            // off, not an override), the most specific one, as `allow list` attributes packets;
-            // a network of a referenced set when no own entry covers the address.
+            // off, not an override), the most specific live one, expiring or not; a network of
+            // a referenced set when no own entry covers the address.
             let credited = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())
                 .then(|| accounts.get(&account).filter(|a| a.mode != Mode::Off))
                 .flatten();
-            let entry = credited.and_then(|a| most_specific(&a.entries, addr));
+            let entry = credited.and_then(|a| most_specific(a.live_entries(at), addr));
             let set_entry = credited
                 .filter(|_| entry.is_none())
                 .and_then(|a| a.set_entry_covering(&sets, addr))
