@@ -183,6 +183,14 @@ impl AccountPolicy {
         self.entries.iter().copied().chain(self.live_expiring(now).map(|e| e.cidr))
     }
 
+    /// The entry a use at `at` is credited to: the most specific enabled entry live then,
+    /// with an expiry or without, that covers `key` (a sign-in's address as a host network,
+    /// or a key the kernel stamped, which is an entry's or one it was expanded to). Removing
+    /// that entry alone could shut the address out only if no other covers it.
+    pub fn credited_entry(&self, key: IpNet, at: i64) -> Option<IpNet> {
+        self.live_entries(at).filter(|net| net.contains(&key)).max_by_key(|net| net.prefix_len())
+    }
+
     /// Takes `cidr` out of the enabled entries (removed or disabled), expiring or not.
     pub fn withdraw(&mut self, cidr: IpNet) {
         self.entries.retain(|&net| net != cidr);
@@ -525,6 +533,21 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    /// A use is credited to the most specific entry live at its time, with an expiry or
+    /// without; an entry that had ended by then gets nothing.
+    #[test]
+    fn a_use_is_credited_to_the_most_specific_entry_live_at_its_time() {
+        let mut a = account(None, AccountState::Active, Mode::Enforce, &["198.18.0.0/16", "198.18.7.0/24"]);
+        a.expiring.push(ExpiringEntry { cidr: net("198.18.7.9/32"), expires_at: 1_000 });
+        a.expiring.push(ExpiringEntry { cidr: net("198.18.7.8/31"), expires_at: 2_000 });
+        let host = net("198.18.7.9/32");
+        assert_eq!(a.credited_entry(host, 999), Some(host));
+        assert_eq!(a.credited_entry(host, 1_000), Some(net("198.18.7.8/31")), "the /32 ended at 1000");
+        assert_eq!(a.credited_entry(host, 2_000), Some(net("198.18.7.0/24")));
+        assert_eq!(a.credited_entry(net("198.18.9.0/24"), 0), Some(net("198.18.0.0/16")), "a kernel key, expanded");
+        assert_eq!(a.credited_entry(net("198.19.0.1/32"), 0), None);
     }
 
     /// The sweep's walk is due exactly when something in the cache may have ended: put in

@@ -200,3 +200,35 @@ fn an_entry_with_an_expiry_is_credited_with_the_sign_ins_it_lets_in() {
     let signin = |cidr: &str| seen.iter().find(|(c, ..)| c == cidr).unwrap().1;
     assert!(signin("198.18.7.0/24").is_some(), "the /24 let {other} in: {seen:?}");
 }
+
+/// A datagram let through by an entry with an expiry is credited to that entry: its key in
+/// the kernel is its own, and the stamp scan must find the entry among the expiring ones too.
+#[test]
+fn an_entry_with_an_expiry_is_credited_with_the_packets_it_lets_in() {
+    let w = World::new("");
+    let src = w.hosts.client_v4[0];
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7401);
+    let _server = UdpEchoServer::start_in(&w.hosts.server, dst).unwrap();
+    ok(&w, json!({"cmd": "account_add", "account": "cust"}));
+    ok(&w, json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": 7401, "proto": "udp"}));
+    let host = format!("{src}/32");
+    let net24 = format!("{}/24", Ipv4Addr::from(u32::from(src) & 0xffff_ff00));
+    ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": net24}));
+    ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": host, "ttl_seconds": 3600}));
+    ok(&w, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "force": true}));
+    let before = now();
+    let sock = udp_client(&w.hosts.client, src.into(), dst);
+    assert!(echoed_udp(&sock, b"hello", 3, Duration::from_secs(2)) > 0, "the allowed datagram was not echoed");
+    // The stamps are read once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let seen = listed(&w, None);
+        if seen.iter().any(|(_, _, p)| p.is_some()) || Instant::now() > deadline {
+            break seen;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    let packet = |cidr: &str| seen.iter().find(|(c, ..)| c == cidr).unwrap_or_else(|| panic!("{cidr}: {seen:?}")).2;
+    assert!(packet(&host).is_some_and(|t| (before - 2..=now() + 1).contains(&t)), "{seen:?}");
+    assert_eq!(packet(&net24), None, "the /24 holds the datagram's address but its key let nothing in: {seen:?}");
+}

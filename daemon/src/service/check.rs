@@ -1,7 +1,6 @@
 //! Login checks, answered from memory by the pure decision in [`crate::policy::decide`].
 
 use super::{Reply, Service, now};
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -10,12 +9,6 @@ use crate::{
     policy::decide,
     protocol::{Caller, Check, Mode, Reason},
 };
-
-/// The most specific of `entries` that covers `addr`: the one a sign-in from it is credited
-/// to (removing it alone could shut the address out only if no other covers it).
-fn most_specific(entries: impl Iterator<Item = IpNet>, addr: IpAddr) -> Option<IpNet> {
-    entries.filter(|n| n.contains(&addr)).max_by_key(|n| n.prefix_len())
-}
 
 impl Service {
     pub(super) fn check(&self, Check { account, addr, method, dry_run }: Check, caller: &Caller) -> Reply<Check> {
@@ -30,7 +23,7 @@ impl Service {
             let credited = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())
                 .then(|| accounts.get(&account).filter(|a| a.mode != Mode::Off))
                 .flatten();
-            let entry = credited.and_then(|a| most_specific(a.live_entries(at), addr));
+            let entry = credited.and_then(|a| a.credited_entry(IpNet::from(addr), at));
             let set_entry = credited
                 .filter(|_| entry.is_none())
                 .and_then(|a| a.set_entry_covering(&sets, addr))

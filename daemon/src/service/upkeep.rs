@@ -183,10 +183,10 @@ impl Service {
                     continue;
                 };
                 // A key is one entry's, or a longer key one was expanded to (prefix.rs), or an
-                // override's (no entry holds it): credited like a sign-in from its address.
-                let entry = policy.1.entries.iter().filter(|n| n.contains(&u.key)).max_by_key(|n| n.prefix_len());
-                if let Some(&entry) = entry {
-                    let time = at - clock.saturating_sub(u.clock) as i64;
+                // override's (no entry holds it): credited like a sign-in from its address, to
+                // an entry live when the key let the packet through.
+                let time = at - clock.saturating_sub(u.clock) as i64;
+                if let Some(entry) = policy.1.credited_entry(u.key, time) {
                     let last = uses.entry((policy.0.clone(), entry)).or_default();
                     *last = (*last).max(time);
                 }
