@@ -551,7 +551,11 @@ impl Service {
         }
         drop(unenforced);
         let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
-        if bindings_changed || !updated.is_empty() {
+        // An account that keeps its slot had its binding words rewritten in place above
+        // (`apply_account`); the table is rebuilt from the store, a walk of every binding,
+        // only when bindings changed or an account arrived or moved to another slot.
+        let moved = updated.iter().any(|(id, a)| cache.get(id).is_none_or(|old| old.slot != a.slot));
+        if bindings_changed || moved {
             let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| Some(next(id)?.slot));
             if let Err(e) = datapath.set_bindings(&wanted) {
                 error!("cluster: the bindings could not be written to the kernel (revision {revision}): {e}");
