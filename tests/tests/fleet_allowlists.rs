@@ -72,8 +72,8 @@ fn enforcing_acme(fleet: &Fleet, entries: &[(&str, Option<&str>)]) {
     fleet.settle();
 }
 
-/// A label edited through B, a bulk disable with `also` through C and a replacement's dry
-/// run through A (with the real `ipaccessctl`): every node lists the same allowlist after
+/// A label edited through B, an end given through C and taken away through A, a bulk
+/// disable with `also` through C and a replacement's dry run through A (with the real `ipaccessctl`): every node lists the same allowlist after
 /// each; the disabled addresses are refused on every node's wire; the dry run leaves every
 /// key the nodes follow as it was.
 #[test]
@@ -95,6 +95,19 @@ fn lifecycle_changes_through_any_node_read_the_same_on_every_node() {
     fleet.settle();
     for node in &fleet.nodes {
         assert_eq!(entry(node, &host(b))["label"], "home", "{}", node.name);
+    }
+
+    // An end given through C reaches every node, and taken away through A it is gone everywhere.
+    let ends = nc.host.ok(json!({"cmd": "allow_expiry", "account": "acme", "cidr": host(b), "ttl_seconds": 3600}));
+    let end = ends["expires_at"].as_i64().unwrap_or_else(|| panic!("no end: {ends}"));
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert_eq!(entry(node, &host(b))["expires_at"], end, "{}", node.name);
+    }
+    a.host.ok(json!({"cmd": "allow_expiry", "account": "acme", "cidr": host(b)}));
+    fleet.settle();
+    for node in &fleet.nodes {
+        assert!(entry(node, &host(b)).get("expires_at").is_none_or(Value::is_null), "{}", node.name);
     }
 
     let disabled = nc.host.ok(json!({"cmd": "allow_disable", "account": "acme", "cidr": host(b), "also": [host(c)]}));

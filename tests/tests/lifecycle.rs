@@ -117,6 +117,52 @@ fn an_entry_added_for_two_seconds_ends_on_the_wire_by_itself() {
     assert_eq!(enabled(&w, "cust").len(), 2, "a refused add was stored");
 }
 
+/// `allow expire` moves an entry's end or takes it away, on the wire and at sign-in: an entry
+/// added for two seconds and given an hour outlives its first end; a permanent one given two
+/// seconds stops by itself; `--never` takes the end away; each change is audited with the end
+/// it replaced, and a bad duration or an unknown entry is refused.
+#[test]
+fn an_entrys_end_can_be_moved_or_taken_away() {
+    let w = World::new("");
+    let (good, temp) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let _server = enforcing_customer(&w, good);
+    let started = Instant::now();
+    ctl_ok(&w, &["allow", "add", "cust", &temp.to_string(), "--expires-in", "2s"]);
+    let moved = ctl_ok(&w, &["allow", "expire", "cust", &temp.to_string(), "--in", "1h"]);
+    let ends = moved["expires_at"].as_i64().unwrap_or_else(|| panic!("no end: {moved}"));
+    assert!((3590..=3610).contains(&(ends - moved["created_at"].as_i64().unwrap())), "{moved}");
+    let ended = ctl_ok(&w, &["allow", "expire", "cust", &good.to_string(), "--in", "2s"]);
+    assert!(ended["expires_at"].is_i64(), "{ended}");
+    thread::sleep(Duration::from_millis(2600).saturating_sub(started.elapsed()));
+    assert!(udp_ok(&w.hosts, temp, OK), "{temp} ended at its first end though it was given an hour");
+    assert_eq!(check(&w, "cust", temp), (true, "allowed".into()));
+    // The permanent entry was given two seconds at most 2.6 s ago: give it a moment more.
+    thread::sleep(Duration::from_millis(500));
+    assert!(!udp_ok(&w.hosts, good, FAIL), "{good} outlived the end it was given");
+    assert_eq!(check(&w, "cust", good), (false, "address_not_allowed".into()));
+
+    let kept = ctl_ok(&w, &["allow", "expire", "cust", &temp.to_string(), "--never"]);
+    assert!(kept.get("expires_at").is_none_or(Value::is_null), "{kept}");
+    // An ended entry given a new end is in force again, as one added again.
+    ctl_ok(&w, &["allow", "expire", "cust", &good.to_string(), "--in", "1h"]);
+    assert!(udp_ok(&w.hosts, good, OK), "{good} not renewed");
+    let listed = w.ok(json!({"cmd": "allow_list", "account": "cust"}));
+    let end_of =
+        |cidr: String| listed.as_array().unwrap().iter().find(|e| e["cidr"] == cidr).unwrap()["expires_at"].clone();
+    assert!(end_of(format!("{temp}/32")).is_null() && end_of(format!("{good}/32")).is_i64(), "{listed}");
+
+    let (code, message) = w.err(json!({"cmd": "allow_expiry", "account": "cust", "cidr": "198.18.99.0/24",
+                                       "ttl_seconds": 60}));
+    assert_eq!(code, "unknown_entry", "{message}");
+    let (code, message) = w.err(json!({"cmd": "allow_expiry", "account": "cust", "cidr": format!("{temp}/32"),
+                                       "ttl_seconds": 0}));
+    assert_eq!(code, "bad_request", "{message}");
+    let records: Vec<Value> = audits(&w, "cust").into_iter().filter(|r| r["reason"] == "allow_expiry").collect();
+    assert_eq!(records.len(), 4, "{records:?}");
+    let taken_away = records.iter().find(|r| r["detail"]["expires_at"].is_null()).expect("the --never change");
+    assert_eq!(taken_away["detail"]["was"], json!(ends), "{taken_away}");
+}
+
 /// `allow disable ACCOUNT CIDR...` is one request: refused as a whole when the result would
 /// shut out a recent sign-in (nothing disabled, in the store or the kernel), applied as a
 /// whole with --force; `allow enable` takes several too; an unknown entry among them

@@ -111,6 +111,7 @@ commands! {
     AllowDisable(AllowDisable) => Noted<Entry>, ADMIN, CHANGES;
     AllowEnable(AllowEnable) => Noted<Entry>, ADMIN, CHANGES;
     AllowLabel(AllowLabel) => Noted<Entry>, ADMIN, CHANGES;
+    AllowExpiry(AllowExpiry) => Noted<Entry>, ADMIN, CHANGES;
     AllowReplace(AllowReplace) => Allowlist, ADMIN, CHANGES;
     BindAdd(BindAdd) => Binding, ADMIN, CHANGES;
     BindRemove(BindRemove) => Binding, ADMIN, CHANGES;
@@ -160,6 +161,7 @@ impl Command {
             | Command::AllowDisable(AllowDisable { account, .. })
             | Command::AllowEnable(AllowEnable { account, .. })
             | Command::AllowLabel(AllowLabel { account, .. })
+            | Command::AllowExpiry(AllowExpiry { account, .. })
             | Command::AllowReplace(AllowReplace { account, .. })
             | Command::BindAdd(BindAdd { account, .. })
             | Command::Check(Check { account, .. })
@@ -325,6 +327,18 @@ pub struct AllowLabel {
     pub cidr: IpNet,
     #[serde(default)]
     pub label: Option<String>,
+}
+
+/// Change when an entry ends: `ttl_seconds` from now (which also renews an expired one), or
+/// never when it is left out or `null`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AllowExpiry {
+    pub account: String,
+    #[serde(deserialize_with = "cidr")]
+    pub cidr: IpNet,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
 }
 
 /// Replace the whole allowlist in one change (labels optional).

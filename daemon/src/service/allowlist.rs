@@ -16,8 +16,8 @@ use super::{
 use crate::{
     policy::{AccountPolicy, normalise_cidr, split_entries},
     protocol::{
-        Account, AllowAdd, AllowDisable, AllowEnable, AllowLabel, AllowList, AllowRemove, AllowReplace, Allowlist,
-        Entry, EntryRemoved, ErrorCode, Noted, RecentSignin, ReplaceEntry, ReplacePlan,
+        Account, AllowAdd, AllowDisable, AllowEnable, AllowExpiry, AllowLabel, AllowList, AllowRemove, AllowReplace,
+        Allowlist, Entry, EntryRemoved, ErrorCode, Noted, RecentSignin, ReplaceEntry, ReplacePlan,
     },
     store::Tx,
 };
@@ -31,14 +31,7 @@ const MAX_ENTRY_TTL: u64 = 366 * 24 * 3600;
 impl Service {
     pub(super) fn allow_add(&self, request: AllowAdd, uid: u32) -> Reply<AllowAdd> {
         let AllowAdd { account, cidr, label, ttl_seconds } = request;
-        if let Some(ttl) = ttl_seconds
-            && !(1..=MAX_ENTRY_TTL).contains(&ttl)
-        {
-            let why = format!(
-                "an entry lasts from 1 s to {MAX_ENTRY_TTL} s (366 days); leave ttl_seconds out for one that never expires"
-            );
-            return Err(Failure::new(ErrorCode::BadRequest, why));
-        }
+        entry_ttl(ttl_seconds)?;
         self.change_entry(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
             let at = now();
@@ -143,6 +136,23 @@ impl Service {
             let (row, entry) = existing_entry(tx, &account, cidr)?;
             tx.set_entry_label(&account, cidr, label.as_deref())?;
             audit(tx, &account, uid, "allow_label", json!({ "cidr": cidr, "label": label, "was": entry.label }))?;
+            Ok((row, Noted::new(changed_entry(tx, &account, cidr)?, notes)))
+        })
+    }
+
+    /// A new end for an entry, or none. Not weighed by the lockout guard: until its end the
+    /// entry lets in as before, and the guard counts a live entry however soon it ends (as
+    /// for an entry added with an end).
+    pub(super) fn allow_expiry(&self, request: AllowExpiry, uid: u32) -> Reply<AllowExpiry> {
+        let AllowExpiry { account, cidr, ttl_seconds } = request;
+        entry_ttl(ttl_seconds)?;
+        self.change(&account, |tx| {
+            let (cidr, notes) = network(cidr)?;
+            let (row, entry) = existing_entry(tx, &account, cidr)?;
+            let expires_at = ttl_seconds.map(|ttl| now() + ttl as i64);
+            tx.set_entry_expiry(&account, cidr, expires_at)?;
+            let detail = json!({ "cidr": cidr, "expires_at": expires_at, "was": entry.expires_at });
+            audit(tx, &account, uid, "allow_expiry", detail)?;
             Ok((row, Noted::new(changed_entry(tx, &account, cidr)?, notes)))
         })
     }
@@ -357,6 +367,20 @@ fn bulk_reply(
 ) -> Result<Noted<Entry>, Failure> {
     notes.extend(cidrs[1..].iter().map(|cidr| format!("{cidr} {done} too")));
     Ok(Noted::new(changed_entry(tx, account, cidrs[0])?, notes))
+}
+
+/// `bad_request` unless `ttl_seconds` (an entry's life) is within 1 s and 366 days, or
+/// absent (it never ends).
+fn entry_ttl(ttl_seconds: Option<u64>) -> Result<(), Failure> {
+    match ttl_seconds {
+        Some(ttl) if !(1..=MAX_ENTRY_TTL).contains(&ttl) => Err(Failure::new(
+            ErrorCode::BadRequest,
+            format!(
+                "an entry lasts from 1 s to {MAX_ENTRY_TTL} s (366 days); leave ttl_seconds out for one that never expires"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A CIDR as the store keeps it (see [`normalise_cidr`]) with a note when it was rewritten,

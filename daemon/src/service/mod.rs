@@ -321,6 +321,7 @@ impl Service {
             Command::AllowDisable(r) => run(r, |r| self.allow_disable(r, uid)),
             Command::AllowEnable(r) => run(r, |r| self.allow_enable(r, uid)),
             Command::AllowLabel(r) => run(r, |r| self.allow_label(r, uid)),
+            Command::AllowExpiry(r) => run(r, |r| self.allow_expiry(r, uid)),
             Command::AllowReplace(r) => run(r, |r| self.allow_replace(r, uid)),
             Command::BindAdd(r) => run(r, |r| self.bind_add(r, uid)),
             Command::BindRemove(r) => run(r, |r| self.bind_remove(r, uid)),

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 use ipaccess::protocol::{
     AccountAdd, AccountList, AccountMode, AccountRemove, AccountShow, AccountState, Activity, ActivityKind, AllowAdd,
-    AllowDisable, AllowEnable, AllowLabel, AllowList, AllowRemove, AllowReplace, BindAdd, BindList, BindRemove, Check,
-    ClusterImport, Command, Detach, Method, Mode, OverrideGrant, OverrideList, OverrideRevoke, Proto, ReplaceEntry,
-    SetAccountState, Stats, Status, parse_cidr,
+    AllowDisable, AllowEnable, AllowExpiry, AllowLabel, AllowList, AllowRemove, AllowReplace, BindAdd, BindList,
+    BindRemove, Check, ClusterImport, Command, Detach, Method, Mode, OverrideGrant, OverrideList, OverrideRevoke,
+    Proto, ReplaceEntry, SetAccountState, Stats, Status, parse_cidr,
 };
 use ipaccess::protocol::{
     AllowAddSet, AllowDisableSet, AllowEnableSet, AllowRemoveSet, SetAdd, SetDelete, SetList, SetRemove, SetShow,
@@ -304,6 +304,22 @@ pub enum AllowCmd {
         #[arg(value_name = "TEXT")]
         label: Option<String>,
     },
+    /// Change when an entry ends: --in a duration from now (also renewing an expired entry),
+    /// or --never. Until then the entry lets in as before
+    #[command(group(clap::ArgGroup::new("end").required(true).args(["ends_in", "never"])))]
+    Expire {
+        /// Account id
+        id: String,
+        /// The entry, as added
+        #[arg(value_parser = parse_cidr)]
+        cidr: IpNet,
+        /// The entry ends this long from now (90s, 30m, 2h, 7d; at most 366d)
+        #[arg(long = "in", value_name = "DURATION", value_parser = parse_duration)]
+        ends_in: Option<u64>,
+        /// The entry never ends
+        #[arg(long)]
+        never: bool,
+    },
     /// Let an account in through a shared set's networks (they show in `allow list` as
     /// inherited, SOURCE set:NAME)
     AddSet {
@@ -554,6 +570,9 @@ pub fn action(top: Top) -> Result<Action, String> {
             Command::AllowDisable(AllowDisable { account: id, cidr, also, client_ip, force })
         }
         Top::Allow(AllowCmd::Label { id, cidr, label }) => Command::AllowLabel(AllowLabel { account: id, cidr, label }),
+        Top::Allow(AllowCmd::Expire { id, cidr, ends_in, never: _ }) => {
+            Command::AllowExpiry(AllowExpiry { account: id, cidr, ttl_seconds: ends_in })
+        }
         Top::Allow(AllowCmd::Replace { id, file, client_ip, force, dry_run }) => {
             let entries = parse_allow_file(&read_input(&file)?)?;
             Command::AllowReplace(AllowReplace { account: id, entries, client_ip, force, dry_run })
@@ -730,7 +749,7 @@ mod tests {
 
     #[test]
     fn commands_on_the_wire() {
-        let cases: [(&[&str], Value); 12] = [
+        let cases: [(&[&str], Value); 14] = [
             (
                 &["account", "add", "acme", "--unconfirmed"],
                 json!({"cmd": "account_add", "account": "acme", "unconfirmed": true}),
@@ -760,6 +779,14 @@ mod tests {
             (
                 &["allow", "label", "acme", "198.18.0.0/24", "home office"],
                 json!({"cmd": "allow_label", "account": "acme", "cidr": "198.18.0.0/24", "label": "home office"}),
+            ),
+            (
+                &["allow", "expire", "acme", "198.18.0.7", "--in", "7d"],
+                json!({"cmd": "allow_expiry", "account": "acme", "cidr": "198.18.0.7/32", "ttl_seconds": 604800}),
+            ),
+            (
+                &["allow", "expire", "acme", "198.18.0.0/24", "--never"],
+                json!({"cmd": "allow_expiry", "account": "acme", "cidr": "198.18.0.0/24", "ttl_seconds": null}),
             ),
             (
                 &["check", "acme", "198.18.0.9", "--dry-run"],

@@ -67,6 +67,7 @@ fn send(socket: &Path, command: Command, json: bool) -> Result<Shown, Failure> {
         Command::AllowDisable(r) => answer(socket, r, json, plain),
         Command::AllowEnable(r) => answer(socket, r, json, plain),
         Command::AllowLabel(r) => answer(socket, r, json, plain),
+        Command::AllowExpiry(r) => answer(socket, r, json, plain),
         Command::AllowReplace(r) => answer(socket, r, json, plain),
         Command::BindAdd(r) => answer(socket, r, json, |binding, out| plain(&Bound(binding), out)),
         Command::BindRemove(r) => answer(socket, r, json, plain),
