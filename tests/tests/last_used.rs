@@ -23,8 +23,11 @@ fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-/// `allow_list` as (cidr, last_signin, last_packet).
-fn listed(w: &World, unused: Option<u64>) -> Vec<(String, Option<i64>, Option<i64>)> {
+/// An allowlist as (cidr, last_signin, last_packet).
+type Listed = Vec<(String, Option<i64>, Option<i64>)>;
+
+/// `allow_list` as [`Listed`].
+fn listed(w: &World, unused: Option<u64>) -> Listed {
     let mut request = json!({"cmd": "allow_list", "account": "cust"});
     if let Some(unused) = unused {
         request["unused"] = json!(unused);
@@ -37,14 +40,33 @@ fn listed(w: &World, unused: Option<u64>) -> Vec<(String, Option<i64>, Option<i6
         .collect()
 }
 
+/// Account `cust`, bound to UDP `port` on the server address, with an echo server there
+/// (keep it alive); the endpoint.
+fn bound_customer(w: &World, port: u16) -> (UdpEchoServer, SocketAddr) {
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), port);
+    let server = UdpEchoServer::start_in(&w.hosts.server, dst).unwrap();
+    ok(w, json!({"cmd": "account_add", "account": "cust"}));
+    ok(w, json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": port, "proto": "udp"}));
+    (server, dst)
+}
+
+/// `allow_list` once `done` holds of it (the stamps are read once a second), or after 10 s.
+fn listed_once(w: &World, done: impl Fn(&Listed) -> bool) -> Listed {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = listed(w, None);
+        if done(&seen) || Instant::now() > deadline {
+            return seen;
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn entries_show_their_last_packet_and_sign_in_and_unused_lists_the_rest() {
     let mut w = World::new("");
     let (packets_from, checks_from) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
-    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7400);
-    let _server = UdpEchoServer::start_in(&w.hosts.server, dst).unwrap();
-    ok(&w, json!({"cmd": "account_add", "account": "cust"}));
-    ok(&w, json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": 7400, "proto": "udp"}));
+    let (_server, dst) = bound_customer(&w, 7400);
     let host = format!("{packets_from}/32");
     // The checks come from an address inside a /24 that also holds a /16's: the /24 is the
     // most specific entry and gets the sign-in, the /16 nothing.
@@ -69,16 +91,8 @@ fn entries_show_their_last_packet_and_sign_in_and_unused_lists_the_rest() {
         ok(&w, json!({"cmd": "check", "account": "cust", "addr": checks_from.to_string(), "method": "password"}))["reason"],
         "allowed"
     );
-    // The stamps are read once a second.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let seen = loop {
-        let seen = listed(&w, None);
-        if seen.iter().any(|(c, _, p)| *c == host && p.is_some()) || Instant::now() > deadline {
-            break seen;
-        }
-        thread::sleep(Duration::from_millis(300));
-    };
-    let find = |seen: &[(String, Option<i64>, Option<i64>)], cidr: &str| {
+    let seen = listed_once(&w, |seen| seen.iter().any(|(c, _, p)| *c == host && p.is_some()));
+    let find = |seen: &Listed, cidr: &str| {
         seen.iter().find(|(c, ..)| c == cidr).cloned().unwrap_or_else(|| panic!("{cidr} not listed: {seen:?}"))
     };
     let (_, signin, packet) = find(&seen, &host);
@@ -127,10 +141,7 @@ fn traffic_through_a_24_makes_the_daemon_probe_it_first() {
 
     let w = World::new("");
     let from = w.hosts.client_v4[0];
-    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7401);
-    let _server = UdpEchoServer::start_in(&w.hosts.server, dst).unwrap();
-    ok(&w, json!({"cmd": "account_add", "account": "cust"}));
-    ok(&w, json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": 7401, "proto": "udp"}));
+    let (_server, dst) = bound_customer(&w, 7401);
     let net24 = format!("{}/24", Ipv4Addr::from(u32::from(from) & 0xffff_ff00));
     for cidr in [net24.as_str(), "198.19.250.1/32", "198.19.250.2/32"] {
         ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": cidr}));
@@ -207,10 +218,7 @@ fn an_entry_with_an_expiry_is_credited_with_the_sign_ins_it_lets_in() {
 fn an_entry_with_an_expiry_is_credited_with_the_packets_it_lets_in() {
     let w = World::new("");
     let src = w.hosts.client_v4[0];
-    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7401);
-    let _server = UdpEchoServer::start_in(&w.hosts.server, dst).unwrap();
-    ok(&w, json!({"cmd": "account_add", "account": "cust"}));
-    ok(&w, json!({"cmd": "bind_add", "account": "cust", "addr": dst.ip().to_string(), "port": 7401, "proto": "udp"}));
+    let (_server, dst) = bound_customer(&w, 7402);
     let host = format!("{src}/32");
     let net24 = format!("{}/24", Ipv4Addr::from(u32::from(src) & 0xffff_ff00));
     ok(&w, json!({"cmd": "allow_add", "account": "cust", "cidr": net24}));
@@ -219,15 +227,7 @@ fn an_entry_with_an_expiry_is_credited_with_the_packets_it_lets_in() {
     let before = now();
     let sock = udp_client(&w.hosts.client, src.into(), dst);
     assert!(echoed_udp(&sock, b"hello", 3, Duration::from_secs(2)) > 0, "the allowed datagram was not echoed");
-    // The stamps are read once a second.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let seen = loop {
-        let seen = listed(&w, None);
-        if seen.iter().any(|(_, _, p)| p.is_some()) || Instant::now() > deadline {
-            break seen;
-        }
-        thread::sleep(Duration::from_millis(300));
-    };
+    let seen = listed_once(&w, |seen| seen.iter().any(|(_, _, p)| p.is_some()));
     let packet = |cidr: &str| seen.iter().find(|(c, ..)| c == cidr).unwrap_or_else(|| panic!("{cidr}: {seen:?}")).2;
     assert!(packet(&host).is_some_and(|t| (before - 2..=now() + 1).contains(&t)), "{seen:?}");
     assert_eq!(packet(&net24), None, "the /24 holds the datagram's address but its key let nothing in: {seen:?}");
