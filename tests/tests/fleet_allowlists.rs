@@ -73,9 +73,9 @@ fn enforcing_acme(fleet: &Fleet, entries: &[(&str, Option<&str>)]) {
 }
 
 /// A label edited through B, an end given through C and taken away through A, a bulk
-/// disable with `also` through C and a replacement's dry run through A (with the real `ipaccessctl`): every node lists the same allowlist after
-/// each; the disabled addresses are refused on every node's wire; the dry run leaves every
-/// key the nodes follow as it was.
+/// disable with `also` through C and a replacement's dry run through A (with the real
+/// `ipaccessctl`): every node lists the same allowlist after each; the disabled addresses are
+/// refused on every node's wire; the dry run leaves every key the nodes follow as it was.
 #[test]
 fn lifecycle_changes_through_any_node_read_the_same_on_every_node() {
     let mut fleet = Fleet::new(3).unwrap();

@@ -136,7 +136,8 @@ fn an_entrys_end_can_be_moved_or_taken_away() {
     thread::sleep(Duration::from_millis(2600).saturating_sub(started.elapsed()));
     assert!(udp_ok(&w.hosts, temp, OK), "{temp} ended at its first end though it was given an hour");
     assert_eq!(check(&w, "cust", temp), (true, "allowed".into()));
-    // The permanent entry was given two seconds at most 2.6 s ago: give it a moment more.
+    // The permanent entry was given its two seconds just after `started`: a moment more and
+    // it has ended.
     thread::sleep(Duration::from_millis(500));
     assert!(!udp_ok(&w.hosts, good, FAIL), "{good} outlived the end it was given");
     assert_eq!(check(&w, "cust", good), (false, "address_not_allowed".into()));

@@ -31,7 +31,7 @@ const MAX_ENTRY_TTL: u64 = 366 * 24 * 3600;
 impl Service {
     pub(super) fn allow_add(&self, request: AllowAdd, uid: u32) -> Reply<AllowAdd> {
         let AllowAdd { account, cidr, label, ttl_seconds } = request;
-        entry_ttl(ttl_seconds)?;
+        check_entry_ttl(ttl_seconds)?;
         self.change_entry(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
             let at = now();
@@ -145,7 +145,7 @@ impl Service {
     /// for an entry added with an end).
     pub(super) fn allow_expiry(&self, request: AllowExpiry, uid: u32) -> Reply<AllowExpiry> {
         let AllowExpiry { account, cidr, ttl_seconds } = request;
-        entry_ttl(ttl_seconds)?;
+        check_entry_ttl(ttl_seconds)?;
         self.change(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
             let (row, entry) = existing_entry(tx, &account, cidr)?;
@@ -371,7 +371,7 @@ fn bulk_reply(
 
 /// `bad_request` unless `ttl_seconds` (an entry's life) is within 1 s and 366 days, or
 /// absent (it never ends).
-fn entry_ttl(ttl_seconds: Option<u64>) -> Result<(), Failure> {
+fn check_entry_ttl(ttl_seconds: Option<u64>) -> Result<(), Failure> {
     match ttl_seconds {
         Some(ttl) if !(1..=MAX_ENTRY_TTL).contains(&ttl) => Err(Failure::new(
             ErrorCode::BadRequest,
