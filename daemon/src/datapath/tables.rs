@@ -8,7 +8,11 @@
 //! descriptor in with one store. Either way no packet ever misses a key that is wanted both
 //! before and after the change. The protocol itself is described in `ipaccess_common::table`.
 
-use std::{collections::BTreeMap, thread, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    thread,
+    time::Instant,
+};
 
 use ipaccess_common::{
     AddrWords, FAMILY_V4, FAMILY_V6, MAX_PROBE, MAX_PROBE_LENGTHS, Meta, NO_LENGTH, PackedLengths, Slot, SlotReader,
@@ -79,6 +83,13 @@ pub enum TableError {
     Regions(#[from] RegionError),
 }
 
+/// The slots of one table in use: live keys, and live keys and tombstones together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Load {
+    live: u64,
+    used: u64,
+}
+
 /// How [`Tables::sync`] applied a change.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Synced {
@@ -92,6 +103,9 @@ pub enum Synced {
 pub struct Tables {
     slots: MmapArray<Slot>,
     regions: Regions,
+    /// Per table (by its header's slot), how many of its slots are in use, for
+    /// [`Self::change_keys`]; a table missing here is counted once when next needed.
+    loads: HashMap<u32, Load>,
     /// Unit tests: every step the writer publishes, in order (see [`Step`]).
     #[cfg(test)]
     trace: std::sync::Mutex<Vec<Step>>,
@@ -106,6 +120,8 @@ enum Step {
     Summaries(Summary, Summary),
     /// A key made live at this slot.
     Live(u32),
+    /// A live key's value rewritten at this slot.
+    Value(u32),
     /// The header's probe lengths (IPv4, IPv6).
     Lengths(PackedLengths, PackedLengths),
     /// The in-place change waited [`READER_GRACE`] for readers holding older lengths.
@@ -137,6 +153,7 @@ impl Tables {
         Ok(Self {
             slots,
             regions,
+            loads: HashMap::new(),
             #[cfg(test)]
             trace: Default::default(),
         })
@@ -217,32 +234,115 @@ impl Tables {
 
     /// Rewrites the value of a key that is in the table (one atomic store); false if absent.
     pub fn set_value(&self, desc: TableDesc, key: &SlotKey, value: u64) -> bool {
+        let Some(index) = self.find(desc, key) else { return false };
+        self.slots.store(index, VALUE, value);
+        true
+    }
+
+    /// Changes some keys of a table without prefix lengths (the binding table) where it
+    /// is: each key of `written` gets its value, inserted if absent, and each of `removed`
+    /// is tombstoned. Nothing else is read or written, so the cost is the change's, not the
+    /// table's. New keys go in first, then values are rewritten, then keys removed; with
+    /// `settle`, the new keys are also given [`READER_GRACE`] to be seen by every packet
+    /// before anything else changes (when a new key takes over packets from one rewritten
+    /// or removed here, which a packet may read after it). False, with nothing published,
+    /// when the table cannot take the change where it is (it would be too full or too
+    /// sparse, or a new key finds no free slot on its probe path): the caller then makes
+    /// the change with [`Self::sync`].
+    pub fn change_keys(
+        &mut self,
+        desc: TableDesc,
+        written: &[(SlotKey, u64)],
+        removed: &[SlotKey],
+        settle: bool,
+    ) -> bool {
         if !desc.is_present() {
             return false;
+        }
+        debug_assert!(
+            read_lengths(&self.slots, desc).is_some_and(|(v4, v6)| unpack(v4).is_empty() && unpack(v6).is_empty()),
+            "only a table without prefix lengths is changed key by key"
+        );
+        let mut rewrites = Vec::new();
+        let mut placements = Vec::new();
+        let mut claimed = BTreeSet::new();
+        for (key, value) in written {
+            if let Some(index) = self.find(desc, key) {
+                rewrites.push((index, *value));
+                continue;
+            }
+            let Some(index) = self.free_slot_for(desc, key, &claimed) else { return false };
+            claimed.insert(index);
+            placements.push((index, *key, *value));
+        }
+        let tombstones: Vec<u32> = removed.iter().filter_map(|key| self.find(desc, key)).collect();
+        let load = self.load(desc);
+        let fresh = placements.iter().filter(|(index, ..)| self.meta(*index).is_empty()).count() as u64;
+        let after =
+            Load { live: load.live + placements.len() as u64 - tombstones.len() as u64, used: load.used + fresh };
+        let slots = desc.slots() as u64;
+        let too_full = after.used * 100 > slots * MAX_LOAD_PERCENT;
+        let too_sparse = desc.log2_slots() > MIN_LOG2_SLOTS && after.live * 100 < slots * MIN_LOAD_PERCENT;
+        if too_full || too_sparse || after.live == 0 {
+            return false;
+        }
+        let new_keys = !placements.is_empty();
+        for (index, key, value) in placements {
+            self.write_live(index, key, value);
+        }
+        if settle && new_keys && (!rewrites.is_empty() || !tombstones.is_empty()) {
+            self.wait_for_readers();
+        }
+        for (index, value) in rewrites {
+            self.rewrite(index, value);
+        }
+        for index in tombstones {
+            self.tombstone(index);
+        }
+        self.loads.insert(desc.header(), after);
+        true
+    }
+
+    /// The slot holding `key` live, if any.
+    fn find(&self, desc: TableDesc, key: &SlotKey) -> Option<u32> {
+        if !desc.is_present() {
+            return None;
         }
         let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
         for step in 0..MAX_PROBE {
             let index = probe_index(desc, home, step);
             let meta = self.meta(index);
             match meta.state() {
-                SlotState::Empty => return false,
+                SlotState::Empty => return None,
                 SlotState::Live
                     if meta.tag() == key.tag
                         && self.slots.load(index, KEY_HI) == key.hi
                         && self.slots.load(index, KEY_LO) == key.lo =>
                 {
-                    self.slots.store(index, VALUE, value);
-                    return true;
+                    return Some(index);
                 }
                 _ => {}
             }
         }
-        false
+        None
+    }
+
+    /// How many of a table's slots are in use: remembered, or counted once.
+    fn load(&mut self, desc: TableDesc) -> Load {
+        let first = desc.header() + 1;
+        *self.loads.entry(desc.header()).or_insert_with(|| {
+            let metas = (first..first + desc.slots()).map(|index| Meta::from_bits(self.slots.load(index, META)));
+            metas.fold(Load { live: 0, used: 0 }, |load, meta| Load {
+                live: load.live + u64::from(meta.is_live()),
+                used: load.used + u64::from(!meta.is_empty()),
+            })
+        })
     }
 
     /// Returns a replaced table's region; it is reused after a quarantine.
     pub fn retire(&mut self, old: TableDesc) {
         if old.is_present() {
+            self.loads.remove(&old.header());
             self.regions.free(Region { start: old.header(), len: old.region_len() });
         }
     }
@@ -318,6 +418,8 @@ impl Tables {
         let Some((old_v4, old_v6)) = read_lengths(&self.slots, desc) else {
             return false;
         };
+        // Counted again when next needed, whatever this does.
+        self.loads.remove(&desc.header());
         let (Some(union_v4), Some(union_v6)) = (union(old_v4, v4), union(old_v6, v6)) else {
             return false;
         };
@@ -337,7 +439,7 @@ impl Tables {
         // published yet and the caller rebuilds instead.
         let mut placements = Vec::new();
         let mut new_values = Vec::new();
-        let mut claimed = std::collections::BTreeSet::new();
+        let mut claimed = BTreeSet::new();
         for (key, &value) in &wanted.entries {
             match present.get(key) {
                 Some(&(old, index)) if old != value => new_values.push((index, value)),
@@ -351,19 +453,28 @@ impl Tables {
                 },
             }
         }
-        // From here on nothing fails. The summaries first cover the old and new keys alike,
-        // so that no source covered before and after is refused while keys come and go.
-        self.store_summaries(desc, present.keys().chain(wanted.entries.keys()));
-        for (index, value) in new_values {
-            self.slots.store(index, VALUE, value);
-        }
-        for (index, key, value) in placements {
-            self.write_live(index, key, value);
-        }
-        self.store_lengths(desc, union_v4, union_v6);
         for key in wanted.entries.keys() {
             present.remove(key);
         }
+        // From here on nothing fails. The summaries first cover the old and new keys alike,
+        // so that no source covered before and after is refused while keys come and go.
+        self.store_summaries(desc, present.keys().chain(wanted.entries.keys()));
+        let new_keys = !placements.is_empty();
+        for (index, key, value) in placements {
+            self.write_live(index, key, value);
+        }
+        // In the binding table (no prefix lengths) the key a packet finds first can be a new
+        // one taking over from one rewritten or removed here (a port key from its address
+        // record): every packet must see the new keys before the old ones change.
+        let binding_table = [old_v4, old_v6, v4, v6].iter().all(|l| unpack(*l).is_empty());
+        let settled = binding_table && new_keys && (!new_values.is_empty() || !present.is_empty());
+        if settled {
+            self.wait_for_readers();
+        }
+        for (index, value) in new_values {
+            self.rewrite(index, value);
+        }
+        self.store_lengths(desc, union_v4, union_v6);
         // A packet that read the old lengths just before the union was published would not
         // probe a new key at a new length; if it then met a removed key's tombstone, a
         // source covered by both would be dropped. Such a packet's program finishes within
@@ -381,11 +492,16 @@ impl Tables {
         true
     }
 
-    /// Lets every run of the program that may hold lengths read before the last
-    /// [`Self::store_lengths`] finish.
+    /// Lets every run of the program that may hold what was read before the last store
+    /// (lengths, or the absence of a key just placed) finish.
     fn wait_for_readers(&self) {
         std::thread::sleep(READER_GRACE);
         self.note(|| Step::Grace);
+    }
+
+    fn rewrite(&self, index: u32, value: u64) {
+        self.slots.store(index, VALUE, value);
+        self.note(|| Step::Value(index));
     }
 
     fn tombstone(&self, index: u32) {
@@ -415,7 +531,7 @@ impl Tables {
     }
 
     /// The first reusable slot on `key`'s probe path (checking the key is not further on).
-    fn free_slot_for(&self, desc: TableDesc, key: &SlotKey, claimed: &std::collections::BTreeSet<u32>) -> Option<u32> {
+    fn free_slot_for(&self, desc: TableDesc, key: &SlotKey, claimed: &BTreeSet<u32>) -> Option<u32> {
         let home = home_offset(desc, hash_key(desc.seed(), key.tag, key.hi, key.lo));
         (0..MAX_PROBE)
             .map(|step| probe_index(desc, home, step))
@@ -450,6 +566,8 @@ impl Tables {
             if self.fill(desc, wanted) {
                 self.store_summaries(desc, wanted.entries.keys());
                 self.store_lengths(desc, v4, v6);
+                let keys = wanted.entries.len() as u64;
+                self.loads.insert(desc.header(), Load { live: keys, used: keys });
                 return Ok(desc);
             }
             // Some key could not be placed within MAX_PROBE: never published, so the region
@@ -865,6 +983,95 @@ mod tests {
         assert_eq!(firsts.get(1, FAMILY_V4), Some(24));
     }
 
+    fn binding_key(port: u16) -> SlotKey {
+        SlotKey { tag: Tag::port_binding(FAMILY_V4, 6, port), hi: 0, lo: 0xc612_0001 }
+    }
+
+    /// A key-by-key change of a binding table: the new key goes in first, then the changed
+    /// value, then the removed key's tombstone; nothing else is written (no header word, no
+    /// wait), and no other key's slot is touched.
+    #[test]
+    fn a_binding_table_changes_key_by_key_new_keys_first_and_removals_last() {
+        let mut t = tables(1 << 10);
+        let keys: Vec<(SlotKey, u64)> = (0..6).map(|i| (binding_key(440 + i), A + u64::from(i))).collect();
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&keys));
+        take_trace(&t);
+        let (kept, rewritten, gone) = (keys[0].0, keys[1].0, keys[2].0);
+        let fresh = binding_key(500);
+        assert!(t.change_keys(desc, &[(rewritten, B), (fresh, B + 1)], &[gone], false));
+        let trace = take_trace(&t);
+        let live = slot_of(&t, desc, &fresh);
+        assert_eq!(
+            trace,
+            [Step::Live(live), Step::Value(slot_of(&t, desc, &rewritten)), Step::Tombstone(trace_tombstone(&trace))]
+        );
+        assert_eq!(found(&t, desc, &kept), Some(A));
+        assert_eq!(found(&t, desc, &rewritten), Some(B));
+        assert_eq!(found(&t, desc, &fresh), Some(B + 1));
+        assert_eq!(found(&t, desc, &gone), None);
+        // A key that is not there is no removal; a table emptied is left to `sync`, which
+        // publishes no table at all.
+        assert!(t.change_keys(desc, &[], &[gone], false));
+        assert_eq!(take_trace(&t), []);
+        let all: Vec<SlotKey> = t.read(desc).entries.into_keys().collect();
+        assert!(!t.change_keys(desc, &[], &all, false), "the last key goes with the table");
+        assert_eq!(take_trace(&t), [], "nothing published when refused");
+    }
+
+    /// With `settle`, the new keys have the readers' grace before any other key changes;
+    /// without new keys there is nothing to wait for.
+    #[test]
+    fn a_settled_change_waits_between_its_new_keys_and_the_rest() {
+        let mut t = tables(1 << 10);
+        let keys: Vec<(SlotKey, u64)> = (0..6).map(|i| (binding_key(440 + i), A)).collect();
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&keys));
+        take_trace(&t);
+        let fresh = binding_key(500);
+        assert!(t.change_keys(desc, &[(fresh, B), (keys[0].0, B)], &[keys[1].0], true));
+        let trace = take_trace(&t);
+        assert_eq!(trace[..2], [Step::Live(slot_of(&t, desc, &fresh)), Step::Grace]);
+        assert_eq!(trace.len(), 4, "{trace:?}");
+        assert!(t.change_keys(desc, &[(keys[0].0, A)], &[keys[2].0], true));
+        assert!(!take_trace(&t).contains(&Step::Grace), "no new key, no wait");
+        // A whole sync of a binding table in place waits the same way.
+        let mut next: BTreeMap<SlotKey, u64> = t.read(desc).entries;
+        next.insert(binding_key(501), A);
+        next.insert(keys[0].0, B);
+        assert!(apply(&mut t, &mut desc, &content(&next)));
+        let trace = take_trace(&t);
+        let grace = trace.iter().position(|s| *s == Step::Grace).expect("a wait");
+        assert!(matches!(trace[grace - 1], Step::Live(_)) && matches!(trace[grace + 1], Step::Value(_)), "{trace:?}");
+    }
+
+    fn trace_tombstone(trace: &[Step]) -> u32 {
+        trace.iter().find_map(|s| if let Step::Tombstone(i) = s { Some(*i) } else { None }).expect("a tombstone")
+    }
+
+    /// A key-by-key change that would leave the table over its load, or too sparse for its
+    /// size, is refused before anything is published; `sync` then rebuilds it.
+    #[test]
+    fn a_binding_table_too_full_or_too_sparse_is_refused_key_by_key() {
+        let mut t = tables(1 << 12);
+        let keys: Vec<(SlotKey, u64)> = (0..4).map(|i| (binding_key(440 + i), A)).collect();
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&keys));
+        let slots = desc.slots() as usize;
+        let many: Vec<(SlotKey, u64)> = (0..slots as u16).map(|i| (binding_key(1000 + i), B)).collect();
+        take_trace(&t);
+        assert!(!t.change_keys(desc, &many, &[], false), "{slots} more keys in {slots} slots");
+        assert_eq!(take_trace(&t), []);
+        // Grown, then cut back to one key: too sparse for its size.
+        let grown: Vec<(SlotKey, u64)> = keys.iter().copied().chain(many.iter().copied()).collect();
+        apply(&mut t, &mut desc, &wanted(&grown));
+        let removed: Vec<SlotKey> = grown[1..].iter().map(|(k, _)| *k).collect();
+        take_trace(&t);
+        assert!(!t.change_keys(desc, &[], &removed, false));
+        assert_eq!(take_trace(&t), []);
+        assert_eq!(t.read(desc).entries.len(), grown.len(), "nothing changed");
+    }
+
     #[test]
     fn no_wait_when_nothing_is_removed_or_no_length_is_new() {
         let mut t = tables(1 << 10);
@@ -1013,7 +1220,7 @@ mod tests {
         let mut descs = [TableDesc::NONE; TABLES];
         let mut wanted: Vec<BTreeMap<SlotKey, u64>> = vec![BTreeMap::new(); TABLES];
         let mut ever: Vec<BTreeSet<SlotKey>> = vec![BTreeSet::new(); TABLES];
-        let (mut in_place, mut rebuilt) = (0, 0);
+        let (mut in_place, mut rebuilt, mut keyed) = (0, 0, 0);
         for step in 0..STEPS {
             let table = rng.next() as usize % TABLES;
             let owner = table as u32 + 1;
@@ -1038,6 +1245,7 @@ mod tests {
                     (_, true, true) => v4(owner, addr.to_be_bytes(), 32),
                 }
             };
+            let before = wanted[table].clone();
             let keys = &mut wanted[table];
             match rng.next() % 10 {
                 0 => keys.clear(),
@@ -1063,6 +1271,20 @@ mod tests {
             }
             ever[table].extend(keys.keys().copied());
             let content = content(keys);
+            // The binding table changes key by key, as the datapath changes it, falling back
+            // to a whole sync when the table cannot take the change where it is.
+            if table == 0 {
+                let written: Vec<(SlotKey, u64)> =
+                    keys.iter().filter(|(k, v)| before.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+                let removed: Vec<SlotKey> = before.keys().filter(|k| !keys.contains_key(k)).copied().collect();
+                if t.change_keys(descs[table], &written, &removed, false) {
+                    keyed += 1;
+                    let counted = t.loads.remove(&descs[table].header()).expect("a change keeps its load");
+                    assert_eq!(t.load(descs[table]), counted, "seed {seed}, step {step}: the load kept is the load");
+                    check_tables(&t, &descs, &wanted, &ever, seed, step);
+                    continue;
+                }
+            }
             match t.sync(descs[table], &content) {
                 Ok(Synced::InPlace) => in_place += 1,
                 Ok(Synced::Replaced(new)) => {
@@ -1072,36 +1294,50 @@ mod tests {
                 }
                 Err(e) => panic!("seed {seed}, step {step}: {e}"),
             }
-            take_trace(&t);
-            for i in 0..TABLES {
-                let (desc, keys) = (descs[i], &wanted[i]);
-                let context = format!("seed {seed}, step {step}, table {i}, {desc:?}");
-                if keys.is_empty() {
-                    assert_eq!(desc, TableDesc::NONE, "{context}");
-                    continue;
-                }
-                for (key, value) in keys {
-                    assert_eq!(found(&t, desc, key), Some(*value), "{context}: wanted {key:?} not found");
-                }
-                for key in ever[i].iter().filter(|k| !keys.contains_key(k)) {
-                    assert_eq!(found(&t, desc, key), None, "{context}: unwanted {key:?} found");
-                }
-                assert_eq!(t.read(desc), content_of(keys), "{context}");
-                if i != 0 {
-                    for (v4, family) in [(true, FAMILY_V4), (false, FAMILY_V6)] {
-                        let summary = read_summary(t.slots(), desc, v4).unwrap();
-                        for key in keys.keys().filter(|k| k.summary_key(family).is_some()) {
-                            assert!(summary.may_cover(desc.seed(), top_bits(v4, key.hi, key.lo)), "{context}: {key:?}");
-                        }
+            check_tables(&t, &descs, &wanted, &ever, seed, step);
+        }
+        println!("{in_place} changes in place, {rebuilt} rebuilt, {keyed} key by key");
+        assert!(in_place > STEPS / 10 && rebuilt > STEPS / 20, "seed {seed}: {in_place} in place, {rebuilt} rebuilt");
+        assert!(keyed > STEPS / 20, "seed {seed}: {keyed} key by key");
+    }
+
+    /// After each change of [`random_changes_keep_every_table_exact`]: each table's reader
+    /// finds exactly its wanted keys, and its header describes them.
+    fn check_tables<const TABLES: usize>(
+        t: &Tables,
+        descs: &[TableDesc; TABLES],
+        wanted: &[BTreeMap<SlotKey, u64>],
+        ever: &[BTreeSet<SlotKey>],
+        seed: u64,
+        step: usize,
+    ) {
+        take_trace(t);
+        for i in 0..TABLES {
+            let (desc, keys) = (descs[i], &wanted[i]);
+            let context = format!("seed {seed}, step {step}, table {i}, {desc:?}");
+            if keys.is_empty() {
+                assert_eq!(desc, TableDesc::NONE, "{context}");
+                continue;
+            }
+            for (key, value) in keys {
+                assert_eq!(found(t, desc, key), Some(*value), "{context}: wanted {key:?} not found");
+            }
+            for key in ever[i].iter().filter(|k| !keys.contains_key(k)) {
+                assert_eq!(found(t, desc, key), None, "{context}: unwanted {key:?} found");
+            }
+            assert_eq!(t.read(desc), content_of(keys), "{context}");
+            if i != 0 {
+                for (v4, family) in [(true, FAMILY_V4), (false, FAMILY_V6)] {
+                    let summary = read_summary(t.slots(), desc, v4).unwrap();
+                    for key in keys.keys().filter(|k| k.summary_key(family).is_some()) {
+                        assert!(summary.may_cover(desc.seed(), top_bits(v4, key.hi, key.lo)), "{context}: {key:?}");
                     }
                 }
             }
-            let published =
-                descs.iter().filter(|d| d.is_present()).map(|d| Region { start: d.header(), len: d.region_len() });
-            assert!(Regions::with_used(t.capacity(), published).is_ok(), "seed {seed}, step {step}: {descs:?} overlap");
         }
-        println!("{in_place} changes in place, {rebuilt} rebuilt");
-        assert!(in_place > STEPS / 10 && rebuilt > STEPS / 20, "seed {seed}: {in_place} in place, {rebuilt} rebuilt");
+        let published =
+            descs.iter().filter(|d| d.is_present()).map(|d| Region { start: d.header(), len: d.region_len() });
+        assert!(Regions::with_used(t.capacity(), published).is_ok(), "seed {seed}, step {step}: {descs:?} overlap");
     }
 
     fn content_of(keys: &BTreeMap<SlotKey, u64>) -> TableContent {
