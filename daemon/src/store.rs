@@ -7,8 +7,8 @@
 //! their snake_case names) so that equal values compare equal in SQL.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::collections::hash_map;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
@@ -1252,6 +1252,31 @@ impl Tx<'_> {
         let sql = "SELECT account, addr, proto, port, created_at, node
                    FROM bindings ORDER BY addr, proto, port, node";
         self.rows(sql, [], binding_row)
+    }
+
+    /// The endpoints `account` has bound, in every scope.
+    pub fn bindings_of(&self, account: &str) -> Result<Vec<Binding>, StoreError> {
+        let sql = "SELECT account, addr, proto, port, created_at, node
+                   FROM bindings WHERE account = ?1 ORDER BY addr, proto, port, node";
+        self.rows(sql, [account], binding_row)
+    }
+
+    /// How many endpoints `account` has bound, in every scope.
+    pub fn binding_count(&self, account: &str) -> Result<u64, StoreError> {
+        let sql = "SELECT count(*) FROM bindings WHERE account = ?1";
+        Ok(self.tx.prepare_cached(sql)?.query_row([account], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// The bindings of every scope at these addresses, each address's ordered as
+    /// [`Self::bindings`] orders them.
+    pub fn bindings_at(&self, addrs: &BTreeSet<IpAddr>) -> Result<Vec<Binding>, StoreError> {
+        let sql = "SELECT account, addr, proto, port, created_at, node
+                   FROM bindings WHERE addr = ?1 ORDER BY proto, port, node";
+        let mut out = Vec::new();
+        for addr in addrs {
+            out.extend(self.rows(sql, [addr.to_string()], binding_row)?);
+        }
+        Ok(out)
     }
 
     /// Makes the transaction's changes durable.

@@ -5,7 +5,8 @@
 //! grown, shrunk and rebuilt as a daemon would), then compares verdicts frame by frame and
 //! the per-account counters at the end of the round. `IPACCESS_SEED=<n>` replays a run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use ipaccess::{
@@ -40,7 +41,9 @@ fn open(bpffs: &BpfFs) -> Datapath {
 
 /// Makes the kernel maps say what `policy` says. An allowlist the daemon refuses (too many
 /// keys after prefix expansion) is emptied in the model too, so both sides stay the same.
-fn apply(dp: &mut Datapath, policy: &mut ModelPolicy) {
+/// The bindings are written whole in some rounds, and address by address in others, as the
+/// daemon's commands write them (in a few groups of addresses, chosen by `rng`).
+fn apply(dp: &mut Datapath, policy: &mut ModelPolicy, rng: &mut StdRng) {
     for slot in 1..SLOTS_IN_USE {
         match policy.accounts.get_mut(&slot) {
             Some(account) => {
@@ -74,7 +77,25 @@ fn apply(dp: &mut Datapath, policy: &mut ModelPolicy) {
             account: b.account,
         })
         .collect();
-    dp.set_bindings(&bindings).unwrap();
+    if rng.random_bool(0.5) {
+        dp.set_bindings(&bindings).unwrap();
+    } else {
+        let mut addrs: Vec<IpAddr> = dp.bindings().iter().chain(&bindings).map(|b| b.addr).collect();
+        addrs.sort();
+        addrs.dedup();
+        let groups = rng.random_range(1..=4);
+        for group in 0..groups {
+            let at: BTreeSet<IpAddr> =
+                addrs.iter().copied().filter(|_| rng.random_range(0..groups - group) == 0).collect();
+            addrs.retain(|a| !at.contains(a));
+            let wanted: Vec<datapath::Binding> = bindings.iter().copied().filter(|b| at.contains(&b.addr)).collect();
+            dp.set_bindings_at(&at, &wanted).unwrap();
+        }
+        assert!(addrs.is_empty(), "every address written");
+    }
+    let mut wanted = bindings;
+    wanted.sort();
+    assert_eq!(dp.bindings(), wanted, "the kernel's bindings as the datapath knows them");
 }
 
 /// What the model says the counters of each account should have gained.
@@ -118,7 +139,7 @@ fn differential(seed: u64, params: &PolicyParams, rounds: usize, frames: usize, 
     let mut mismatches = Vec::new();
     for round in 0..rounds {
         let mut policy = model::random_policy(&mut rng, params, now);
-        apply(&mut dp, &mut policy);
+        apply(&mut dp, &mut policy, &mut rng);
         let before: BTreeMap<u32, AccountCounters> =
             (1..SLOTS_IN_USE).map(|slot| (slot, dp.counters(slot).unwrap())).collect();
         let mut expected: BTreeMap<u32, AccountCounters> = BTreeMap::new();

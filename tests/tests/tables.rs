@@ -222,3 +222,141 @@ fn traffic_through_a_24_puts_it_first_and_flipping_the_order_drops_nothing() {
     assert!(flips > 1000 && runs > 100_000, "too little happened: {flips} flips, {runs} runs");
     println!("{runs} runs of the program during {flips} flips of the order");
 }
+
+/// Bindings changed a few addresses at a time, as `bind add`, `bind remove` and `account
+/// remove` change them (`Datapath::set_bindings_at`, which rewrites only those addresses'
+/// keys in place): after every change, a packet to each endpoint of a small pool (bound
+/// ports, an unbound port, the whole address; IPv4 and IPv6) is counted by exactly the
+/// account that owns it now, or by none. Random, with `IPACCESS_SEED=<n>` to replay.
+#[test]
+fn bindings_changed_address_by_address_send_every_packet_to_its_owner() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::IpAddr;
+
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    const ACCOUNTS: u32 = 4;
+    let seed = std::env::var("IPACCESS_SEED").map_or_else(|_| rand::rng().random(), |s| s.parse().unwrap());
+    println!("IPACCESS_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let bpffs = BpfFs::new().unwrap();
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
+    let mut dp = Datapath::open(&options).expect("load the XDP program");
+    for slot in 1..=ACCOUNTS {
+        dp.set_policy(slot, Mode::Off, false).unwrap();
+    }
+    let pool: Vec<IpAddr> = ["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4", "fd00::1", "fd00::2"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let targets = [
+        BindTarget::Port { protocol: 6, port: 443 },
+        BindTarget::Port { protocol: 6, port: 444 },
+        BindTarget::Port { protocol: 17, port: 53 },
+        BindTarget::WholeAddress,
+    ];
+    // What a packet to (address, protocol, port) finds, probed for every endpoint above and
+    // one port nobody binds.
+    let probes = [(6u8, 443u16), (6, 444), (17, 53), (6, 445)];
+    let mut truth: BTreeMap<(IpAddr, BindTarget), u32> = BTreeMap::new();
+    let prog = dp.program().fd().unwrap().as_fd().try_clone_to_owned().unwrap();
+    let counted =
+        |dp: &Datapath| -> Vec<u64> { (1..=ACCOUNTS).map(|s| dp.counters(s).unwrap().passed_packets).collect() };
+    let mut in_place_steps = 0;
+    for step in 0..300 {
+        let mut at = BTreeSet::new();
+        for _ in 0..rng.random_range(1..=2) {
+            at.insert(pool[rng.random_range(0..pool.len())]);
+        }
+        truth.retain(|(addr, _), _| !at.contains(addr));
+        for &addr in &at {
+            for target in targets {
+                if rng.random_bool(0.4) {
+                    truth.insert((addr, target), rng.random_range(1..=ACCOUNTS));
+                }
+            }
+        }
+        let wanted: Vec<Binding> = truth
+            .iter()
+            .filter(|((addr, _), _)| at.contains(addr))
+            .map(|(&(addr, target), &account)| Binding { addr, target, account })
+            .collect();
+        let table_before = dp.bindings_table();
+        dp.set_bindings_at(&at, &wanted).unwrap();
+        in_place_steps += usize::from(table_before.is_present() && dp.bindings_table() == table_before);
+        let all: Vec<Binding> =
+            truth.iter().map(|(&(addr, target), &account)| Binding { addr, target, account }).collect();
+        assert_eq!(dp.bindings(), all, "seed {seed}, step {step}");
+        for &addr in &pool {
+            for (protocol, port) in probes {
+                let owner = truth
+                    .get(&(addr, BindTarget::Port { protocol, port }))
+                    .or_else(|| truth.get(&(addr, BindTarget::WholeAddress)));
+                let src: IpAddr = if addr.is_ipv4() { SOURCE.into() } else { "fd00::99".parse().unwrap() };
+                let frame = if protocol == 6 {
+                    packets::tcp(src, addr, 40000, port)
+                } else {
+                    packets::udp(src, addr, 40000, port)
+                };
+                let before = counted(&dp);
+                assert_eq!(test_run(&prog, &frame), XDP_PASS);
+                let gained: Vec<u64> = counted(&dp).iter().zip(&before).map(|(a, b)| a - b).collect();
+                let expected: Vec<u64> = (1..=ACCOUNTS).map(|s| u64::from(owner == Some(&s))).collect();
+                assert_eq!(gained, expected, "seed {seed}, step {step}: {addr} {protocol}/{port}, owner {owner:?}");
+            }
+        }
+    }
+    println!("{in_place_steps} of 300 changes made key by key in place");
+    assert!(in_place_steps > 100, "seed {seed}: only {in_place_steps} changes in place");
+}
+
+/// One endpoint keeps its owner while the bindings around it change key by key in place:
+/// the owner holds it now through its port, now through the whole address; another port of
+/// the address, the whole address and another address are bound to another account and
+/// unbound again. The new key must be findable before the old one goes, so no packet to
+/// the endpoint may be dropped, or counted to anyone but its owner.
+#[test]
+fn an_endpoint_bound_throughout_loses_no_packet_while_its_neighbours_change() {
+    const OTHER: u32 = 8;
+    let bpffs = BpfFs::new().unwrap();
+    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
+    let mut dp = Datapath::open(&options).expect("load the XDP program");
+    let https = BindTarget::Port { protocol: 6, port: 443 };
+    let kept = Binding { addr: SERVER.into(), target: https, account: ACCOUNT };
+    let neighbour: std::net::IpAddr = Ipv4Addr::new(198, 18, 0, 2).into();
+    // Bindings elsewhere, so that the table is big enough for tombstones to be rare.
+    let elsewhere =
+        (1..=40).map(|i| Binding { addr: Ipv4Addr::new(198, 18, 1, i).into(), target: https, account: OTHER });
+    let first: Vec<Binding> =
+        [kept, Binding { addr: neighbour, target: https, account: OTHER }].into_iter().chain(elsewhere).collect();
+    dp.set_bindings(&first).unwrap();
+    dp.set_policy(ACCOUNT, Mode::Enforce, false).unwrap();
+    dp.set_allowlist(ACCOUNT, &list(&["198.18.0.0/24"])).unwrap();
+    dp.set_policy(OTHER, Mode::Enforce, false).unwrap();
+    let frame = packets::ipv4_tcp(SOURCE, SERVER, 40000, 443);
+    let prog = dp.program().fd().unwrap().as_fd().try_clone_to_owned().unwrap();
+    assert_eq!(test_run(&prog, &frame), XDP_PASS);
+    let before = [ACCOUNT, OTHER].map(|slot| dp.counters(slot).unwrap());
+    let whole = |account| Binding { addr: SERVER.into(), target: BindTarget::WholeAddress, account };
+    let http = Binding { addr: SERVER.into(), target: BindTarget::Port { protocol: 6, port: 80 }, account: OTHER };
+    let variants = [vec![kept, http], vec![whole(ACCOUNT)], vec![kept, whole(OTHER)], vec![whole(ACCOUNT), http]];
+    let at = std::collections::BTreeSet::from([SERVER.into(), neighbour]);
+    let mut in_place = 0;
+    let (runs, changes) = run_while_changing(&prog, &[&frame], &mut dp, |dp, change| {
+        let mut wanted = variants[change % variants.len()].clone();
+        if change % 2 == 0 {
+            wanted.push(Binding { addr: neighbour, target: https, account: OTHER });
+        }
+        let table = dp.bindings_table();
+        dp.set_bindings_at(&at, &wanted).unwrap();
+        in_place += usize::from(dp.bindings_table() == table);
+    });
+    // Tombstones fill the table now and then, and it is rebuilt: most changes are in place.
+    assert!(in_place * 10 > changes * 9, "{in_place} of {changes} changes in place");
+    let after = [ACCOUNT, OTHER].map(|slot| dp.counters(slot).unwrap());
+    assert_eq!(after[0].dropped_packets, before[0].dropped_packets, "{runs} runs during {changes} changes");
+    assert_eq!(after[0].passed_packets - before[0].passed_packets, runs, "{changes} changes");
+    assert_eq!(after[1], before[1], "nothing reached the other account");
+    assert!(changes > 100 && runs > 100_000, "too little happened: {changes} changes, {runs} runs");
+    println!("{runs} runs of the program during {changes} changes of the bindings around it, {in_place} in place");
+}

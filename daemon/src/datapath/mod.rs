@@ -6,6 +6,7 @@
 //! freshly loaded program with one atomic `bpf_link_update`, so filtering never stops while
 //! the daemon restarts or upgrades. Nothing is detached unless [`Datapath::detach`] is called.
 
+pub mod bindings;
 pub mod mmap;
 pub mod netlink;
 pub mod order;
@@ -14,7 +15,7 @@ pub mod regions;
 pub mod tables;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     net::IpAddr,
     os::fd::AsFd,
@@ -32,10 +33,10 @@ use aya::{
     },
 };
 use ipaccess_common::{
-    AccountCounters, AccountField, AccountRecord, AccountWord, AddrWords, Config, ConfigField, DropSample,
-    HostCounters, MAP_ACCOUNT_SETS, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED,
-    MAP_SAMPLES, MAP_SET_GROUPS, MAP_SLOTS, MAX_SET_GROUPS, MAX_SETS, MAX_SETS_PER_ACCOUNT, NEVER_EXPIRES, NO_ACCOUNT,
-    PIN_SUBDIR, PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag, TagKind,
+    AccountCounters, AccountField, AccountRecord, AccountWord, Config, ConfigField, DropSample, HostCounters,
+    MAP_ACCOUNT_SETS, MAP_ACCOUNTS, MAP_CONFIG, MAP_COUNTERS, MAP_HOST_COUNTERS, MAP_LAST_USED, MAP_SAMPLES,
+    MAP_SET_GROUPS, MAP_SLOTS, MAX_SET_GROUPS, MAX_SETS, MAX_SETS_PER_ACCOUNT, NEVER_EXPIRES, NO_ACCOUNT, PIN_SUBDIR,
+    PROGRAM_NAME, Policy, PolicyMode, Slot, TableDesc, Tag,
 };
 use ipnet::IpNet;
 use log::{info, warn};
@@ -44,6 +45,7 @@ use serde::Deserialize;
 use crate::protocol::Mode;
 
 use self::{
+    bindings::{BindingModel, BoundTo},
     mmap::MmapArray,
     netlink::XdpPath,
     order::ProbeOrder,
@@ -144,6 +146,8 @@ pub enum DatapathError {
     IncompatibleMap { name: &'static str, detail: String, dir: PathBuf },
     #[error("account slot {slot} is outside 1..{limit}")]
     AccountSlot { slot: u32, limit: u32 },
+    #[error(transparent)]
+    BindingOutsideChange(#[from] bindings::OutsideChange),
     #[error("shared set id {0} is outside 1..{MAX_SETS}")]
     SetId(u32),
     #[error("an account can use at most {MAX_SETS_PER_ACCOUNT} shared sets, {0} were asked for")]
@@ -212,9 +216,9 @@ pub struct Datapath {
     /// The shared sets and the groups built from them.
     sets: SetGroups,
     samples: RingBuf<MapData>,
-    /// Each account's keys in the binding table: the bindings to rewrite when the account
-    /// changes.
-    bound: BindingIndex,
+    /// The bindings in the kernel's binding table, and each account's keys there (rewritten
+    /// when the account changes).
+    bindings: BindingModel,
     /// Links this process attached or reused, by interface (each also pinned).
     links: BTreeMap<String, FdLink>,
     /// Per account slot, the length its table probes first per family (IPv4, IPv6;
@@ -305,7 +309,7 @@ impl Datapath {
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
         program.load().map_err(|e| DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e))?;
-        let bound = bound_index(&tables, bindings_table(&config));
+        let bindings = BindingModel::from_table(tables.read(bindings_table(&config)).entries);
         let first_lengths = first_lengths_found(&tables, &accounts);
         Ok(Self {
             ebpf,
@@ -318,7 +322,7 @@ impl Datapath {
             account_sets,
             sets,
             samples,
-            bound,
+            bindings,
             links: BTreeMap::new(),
             first_lengths,
             _lock: lock,
@@ -785,74 +789,90 @@ impl Datapath {
 
     /// [`Self::refresh_bindings`], saying `has_sets` whatever the references hold now.
     fn refresh_bindings_with(&self, slot: u32, has_sets: bool) {
-        let Some(keys) = self.bound.get(&slot) else { return };
         let table = bindings_table(&self.config);
         let word = self.account_word(slot).with_sets(has_sets);
-        for (key, has_ports) in keys {
-            let found = self.tables.set_value(table, key, word.with_port_bindings(*has_ports).to_bits());
+        for (key, has_ports) in self.bindings.keys_of(slot) {
+            let found = self.tables.set_value(table, key, word.with_port_bindings(has_ports).to_bits());
             debug_assert!(found, "binding {key:?} of account {slot} is missing from the table");
         }
     }
 
-    /// Replaces the whole set of bindings.
+    /// The word a binding-table key holds for its owner.
+    fn binding_word(&self, owner: BoundTo) -> u64 {
+        let word = if owner.account == NO_ACCOUNT { AccountWord::NONE } else { self.account_word(owner.account) };
+        word.with_port_bindings(owner.has_ports).to_bits()
+    }
+
+    /// Replaces the whole set of bindings, comparing every key of the table with what it
+    /// should hold (so it also mends a table that differs from what this process wrote).
     pub fn set_bindings(&mut self, bindings: &[Binding]) -> Result<()> {
         for b in bindings {
             self.check_slot(b.account)?;
         }
-        let mut entries = BTreeMap::new();
-        let mut bound: BindingIndex = BTreeMap::new();
-        // Address records: (whole-address account, has port bindings) per address.
-        let mut addrs: BTreeMap<(u64, AddrWords), (u32, bool)> = BTreeMap::new();
-        for b in bindings {
-            let (family, words) = AddrWords::of(b.addr);
-            let (hi, lo) = (words.hi, words.lo);
-            let record = addrs.entry((family, words)).or_insert((NO_ACCOUNT, false));
-            match b.target {
-                BindTarget::Port { protocol, port } => {
-                    let key = SlotKey { tag: Tag::port_binding(family, protocol, port), hi, lo };
-                    entries.insert(key, self.account_word(b.account).to_bits());
-                    bound.entry(b.account).or_default().push((key, false));
-                    record.1 = true;
-                }
-                BindTarget::WholeAddress => record.0 = b.account,
-            }
+        let model = BindingModel::of(bindings);
+        let entries = model.keys().map(|(key, owner)| (key, self.binding_word(owner))).collect();
+        self.sync_bindings(&TableContent { entries, ..Default::default() })?;
+        self.bindings = model;
+        Ok(())
+    }
+
+    /// Makes the bindings at `addrs` exactly `wanted` (each at one of them), leaving every
+    /// other address's as it is: only the keys of those addresses are compared and written,
+    /// so a change of one endpoint costs the same whatever the number of bindings.
+    pub fn set_bindings_at(&mut self, addrs: &BTreeSet<IpAddr>, wanted: &[Binding]) -> Result<()> {
+        for b in wanted {
+            self.check_slot(b.account)?;
         }
-        for ((family, words), (account, has_ports)) in addrs {
-            let key = SlotKey { tag: Tag::address(family), hi: words.hi, lo: words.lo };
-            let word = if account == NO_ACCOUNT { AccountWord::NONE } else { self.account_word(account) };
-            entries.insert(key, word.with_port_bindings(has_ports).to_bits());
-            if account != NO_ACCOUNT {
-                bound.entry(account).or_default().push((key, has_ports));
-            }
+        let change = self.bindings.change(addrs, wanted)?;
+        if change.is_empty() {
+            return Ok(());
         }
-        let content = TableContent { entries, ..Default::default() };
+        let written: Vec<(SlotKey, u64)> =
+            change.written.iter().map(|&(key, owner)| (key, self.binding_word(owner))).collect();
         let current = bindings_table(&self.config);
-        if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
+        if self.tables.change_keys(current, &written, &change.removed, change.settle) {
+            self.bindings.apply(&change);
+            return Ok(());
+        }
+        // The table has to grow, shrink, go or come: built anew from every binding.
+        let undo = self.bindings.apply(&change);
+        let entries = self.bindings.keys().map(|(key, owner)| (key, self.binding_word(owner))).collect();
+        if let Err(e) = self.sync_bindings(&TableContent { entries, ..Default::default() }) {
+            self.bindings.apply(&undo);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Makes the binding table hold `wanted`, publishing a new table if it had to move.
+    fn sync_bindings(&mut self, wanted: &TableContent) -> Result<()> {
+        let current = bindings_table(&self.config);
+        if let Synced::Replaced(new) = self.tables.sync(current, wanted)? {
             self.config.store(0, ConfigField::Bindings.word(), new.0);
             self.tables.retire(current);
         }
-        self.bound = bound;
         Ok(())
     }
 
     /// The bindings the kernel holds now.
     pub fn bindings(&self) -> Vec<Binding> {
-        let mut out: Vec<Binding> = self
-            .bound
-            .iter()
-            .flat_map(|(&account, keys)| {
-                keys.iter().filter_map(move |(key, _)| {
-                    let target = match key.tag.kind()? {
-                        TagKind::Addr => BindTarget::WholeAddress,
-                        TagKind::Port => BindTarget::Port { protocol: key.tag.protocol()?, port: key.tag.port()? },
-                        TagKind::Allow => return None,
-                    };
-                    Some(Binding { addr: key.addr(), target, account })
-                })
-            })
-            .collect();
-        out.sort();
-        out
+        self.bindings.bindings()
+    }
+
+    /// The bindings the kernel holds now at these addresses.
+    pub fn bindings_at(&self, addrs: &BTreeSet<IpAddr>) -> Vec<Binding> {
+        self.bindings.at(addrs)
+    }
+
+    /// The binding table's descriptor as published: a change made in place leaves it as it
+    /// was, one that rebuilt the table does not.
+    pub fn bindings_table(&self) -> TableDesc {
+        bindings_table(&self.config)
+    }
+
+    /// The addresses at which the account in `slot` has bindings in the kernel.
+    pub fn binding_addresses_of(&self, slot: u32) -> BTreeSet<IpAddr> {
+        self.bindings.addresses_of(slot)
     }
 
     /// Rate and burst of drop samples per CPU (0 disables them).
@@ -1053,22 +1073,6 @@ fn first_lengths_found(tables: &Tables, accounts: &MmapArray<AccountRecord>) -> 
         }
     }
     found
-}
-
-/// Each account's keys in the binding table, with whether each (an address record) also
-/// says that the address has port bindings.
-type BindingIndex = BTreeMap<u32, Vec<(SlotKey, bool)>>;
-
-/// Which account each binding-table key belongs to, read back from the table.
-fn bound_index(tables: &Tables, bindings: TableDesc) -> BindingIndex {
-    let mut bound: BindingIndex = BTreeMap::new();
-    for (key, value) in tables.read(bindings).entries {
-        let word = AccountWord::from_bits(value);
-        if word.account() != NO_ACCOUNT {
-            bound.entry(word.account()).or_default().push((key, word.has_port_bindings()));
-        }
-    }
-    bound
 }
 
 /// The keys of an allowlist or a shared set (each network with its expiry), expanded to the

@@ -39,7 +39,7 @@ impl Service {
         self.read(|tx| {
             let row = existing(tx, &account)?;
             let listed = listed(&self.accounts.read().expect("cache lock"), row);
-            let bindings = tx.bindings()?.into_iter().filter(|b| b.account == account).collect();
+            let bindings = tx.bindings_of(&account)?;
             let sets = tx.set_refs(&account)?.into_iter().map(super::sets::as_reference).collect();
             Ok(AccountDetails { account: listed, entries: tx.entries(&account)?, bindings, sets })
         })
@@ -61,7 +61,7 @@ impl Service {
     /// store and the kernel.
     pub(super) fn account_remove(&self, request: AccountRemove, uid: u32) -> Reply<AccountRemove> {
         let AccountRemove { account, recursive } = request;
-        let removed = self.remove_accounts(|tx| {
+        let removed = self.remove_accounts(&account, |tx| {
             existing(tx, &account)?;
             let below = tx.descendants(&account)?;
             if !below.is_empty() && !recursive {
@@ -75,9 +75,8 @@ impl Service {
                 ));
             }
             let removed: Vec<String> = below.into_iter().rev().chain([account.clone()]).collect();
-            let bindings = tx.bindings()?;
             for id in &removed {
-                let bindings = bindings.iter().filter(|b| &b.account == id).count();
+                let bindings = tx.binding_count(id)?;
                 audit(tx, id, uid, "account_remove", json!({ "removed_with": account, "bindings": bindings }))?;
             }
             Ok(removed)

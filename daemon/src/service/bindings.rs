@@ -1,6 +1,8 @@
 //! Bindings: which endpoints (addresses, or protocol and port of an address) belong to
 //! which account.
 
+use std::collections::BTreeSet;
+
 use serde_json::json;
 
 use super::{Failure, Reply, Service, change::audit, now};
@@ -15,7 +17,7 @@ impl Service {
         let BindAdd { account, addr, port, proto, node } = request;
         let target = target(port, proto)?;
         let node = self.scope(node)?;
-        self.change_bindings(|tx| {
+        self.change_bindings(&BTreeSet::from([addr]), |tx| {
             let row = tx.add_binding_on(&account, addr, target, node.as_deref(), now())?;
             audit(tx, &account, uid, "bind_add", detail(addr, target, &node))?;
             Ok(row)
@@ -26,7 +28,8 @@ impl Service {
         let BindRemove { addr, port, proto, node } = request;
         let target = target(port, proto)?;
         let node = self.scope(node)?;
-        self.change_bindings(|tx| match tx.remove_binding_on(addr, target, node.as_deref())? {
+        let at = BTreeSet::from([addr]);
+        self.change_bindings(&at, |tx| match tx.remove_binding_on(addr, target, node.as_deref())? {
             Some(row) => {
                 audit(tx, &row.account, uid, "bind_remove", detail(addr, target, &node))?;
                 Ok(row)
@@ -34,9 +37,9 @@ impl Service {
             None => {
                 // Say where the endpoint is bound when it is, but not in the scope named.
                 let elsewhere: Vec<String> = tx
-                    .bindings()?
+                    .bindings_at(&at)?
                     .into_iter()
-                    .filter(|b| b.addr == addr && b.target == target)
+                    .filter(|b| b.target == target)
                     .map(|b| b.node.map_or_else(|| "fleet-wide".to_owned(), |n| format!("on node {n}")))
                     .collect();
                 let scope = node.as_ref().map_or_else(|| "fleet-wide".to_owned(), |n| format!("on node {n}"));

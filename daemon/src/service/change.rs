@@ -2,7 +2,8 @@
 //! and putting the kernel back when the commit fails. Reads, too, go through here.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -11,7 +12,7 @@ use ipnet::IpNet;
 use log::warn;
 use serde_json::{Value, json};
 
-use super::{Failure, Service, Writer, now, unknown};
+use super::{Failure, Service, Writer, fleet::TouchedBindings, now, unknown};
 use crate::{
     datapath::{self, Datapath, DatapathError},
     logging::{self, PendingAudit},
@@ -125,7 +126,7 @@ impl Service {
         f: impl FnOnce(&Tx) -> Result<(Vec<Touched>, T), Failure>,
     ) -> Result<T, Failure> {
         if let Some(cluster) = self.fleet() {
-            return self.submit(cluster, false, None, |tx| {
+            return self.submit(cluster, TouchedBindings::None, None, |tx| {
                 let (rows, reply) = f(tx)?;
                 Ok((rows.into_iter().map(Touched::into_id).collect(), reply))
             });
@@ -209,11 +210,17 @@ impl Service {
         Ok(reply)
     }
 
-    /// A change to the bindings: `f` changes the store, then the kernel's binding table is
-    /// rewritten from it, then the change commits (the table is put back if that fails).
-    pub(super) fn change_bindings<T>(&self, f: impl FnOnce(&Tx) -> Result<T, Failure>) -> Result<T, Failure> {
+    /// A change to the bindings at `addrs`: `f` changes the store, then the kernel's keys
+    /// for those addresses are rewritten from it, then the change commits (the keys are put
+    /// back if that fails). Only those addresses' bindings are read and compared, so the
+    /// change costs the same however many bindings the host has.
+    pub(super) fn change_bindings<T>(
+        &self,
+        addrs: &BTreeSet<IpAddr>,
+        f: impl FnOnce(&Tx) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
         if let Some(cluster) = self.fleet() {
-            return self.submit(cluster, true, None, |tx| Ok((Vec::new(), f(tx)?)));
+            return self.submit(cluster, TouchedBindings::At(addrs), None, |tx| Ok((Vec::new(), f(tx)?)));
         }
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
@@ -221,12 +228,12 @@ impl Service {
         let tx = store.transaction()?;
         let result = f(&tx)?;
         let cache = self.accounts.read().expect("cache lock");
-        let wanted =
-            super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| cache.get(id).map(|a| a.slot));
-        let before = datapath.bindings();
-        datapath.set_bindings(&wanted)?;
+        let slot = |id: &str| cache.get(id).map(|a| a.slot);
+        let wanted = super::bindings::for_kernel(&tx.bindings_at(addrs)?, self.node.as_deref(), slot);
+        let before = datapath.bindings_at(addrs);
+        datapath.set_bindings_at(addrs, &wanted)?;
         if let Err(e) = tx.commit() {
-            if let Err(undo) = datapath.set_bindings(&before) {
+            if let Err(undo) = datapath.set_bindings_at(addrs, &before) {
                 warn!("could not restore the kernel's bindings after a failed commit: {undo}");
             }
             return Err(e.into());
@@ -235,16 +242,17 @@ impl Service {
         Ok(result)
     }
 
-    /// Removes accounts (listed deepest first) from the store and the kernel: bindings first,
-    /// so that no endpoint points at a slot being cleared. `f` runs first, in the same
-    /// transaction, and returns the ids to remove.
+    /// Removes accounts (`account` and sub-users of it, listed deepest first) from the
+    /// store and the kernel: bindings first, so that no endpoint points at a slot being
+    /// cleared. `f` runs first, in the same transaction, and returns the ids to remove.
     pub(super) fn remove_accounts(
         &self,
+        account: &str,
         f: impl FnOnce(&Tx) -> Result<Vec<String>, Failure>,
     ) -> Result<Vec<String>, Failure> {
         self.activity.flush();
         if let Some(cluster) = self.fleet() {
-            return self.submit(cluster, true, None, |tx| {
+            return self.submit(cluster, TouchedBindings::OfTree(account), None, |tx| {
                 let removed = f(tx)?;
                 for id in &removed {
                     tx.remove_account(id)?;
@@ -262,10 +270,13 @@ impl Service {
         }
         let cache = self.accounts.read().expect("cache lock");
         let slot = |id: &str| cache.get(id).map(|a| a.slot);
-        let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), slot);
-        let before = datapath.bindings();
+        // The kernel's keys that change are those at the removed accounts' addresses.
+        let addrs: BTreeSet<IpAddr> =
+            removed.iter().filter_map(|id| slot(id)).flat_map(|s| datapath.binding_addresses_of(s)).collect();
+        let wanted = super::bindings::for_kernel(&tx.bindings_at(&addrs)?, self.node.as_deref(), slot);
+        let before = datapath.bindings_at(&addrs);
         let applied = datapath
-            .set_bindings(&wanted)
+            .set_bindings_at(&addrs, &wanted)
             .and_then(|()| removed.iter().filter_map(|id| slot(id)).try_for_each(|s| datapath.remove_account(s)))
             .map_err(Failure::from)
             .and_then(|()| Ok(tx.commit()?));
@@ -277,7 +288,7 @@ impl Service {
                     warn!("could not restore account {id} in the kernel: {undo}");
                 }
             }
-            if let Err(undo) = datapath.set_bindings(&before) {
+            if let Err(undo) = datapath.set_bindings_at(&addrs, &before) {
                 warn!("could not restore the kernel's bindings after a failed removal: {undo}");
             }
             return Err(e);

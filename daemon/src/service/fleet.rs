@@ -7,7 +7,9 @@
 //! (see `cluster::keys` for why that is each rule's check). The change is acknowledged
 //! once this node's watch has applied it: committed in etcd and enforced here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 
 use log::{error, info, warn};
 
@@ -22,6 +24,16 @@ use crate::{
     protocol::{Binding, ErrorCode},
     store::{SetDoc, StoreError, Tx},
 };
+
+/// The bindings a change submitted to the fleet may change: the copy's bindings there are
+/// read before and after it, and what differs is written to etcd.
+pub(super) enum TouchedBindings<'a> {
+    None,
+    /// Those at these addresses.
+    At(&'a BTreeSet<IpAddr>),
+    /// Those of an account and its sub-users (the account's removal).
+    OfTree(&'a str),
+}
 
 impl Service {
     pub(super) fn fleet(&self) -> Option<&Cluster> {
@@ -49,12 +61,12 @@ impl Service {
 
     /// Runs a change against the local copy without keeping it, and writes what it left to
     /// etcd. `f` returns the accounts it touched (created, changed or removed) and the reply;
-    /// `bindings` says whether it may have changed bindings.
+    /// `bindings` says which bindings it may change (only those are compared).
     /// `set` names the shared set it may change, if any.
     pub(super) fn submit<T>(
         &self,
         cluster: &Cluster,
-        bindings: bool,
+        bindings: TouchedBindings,
         set: Option<&str>,
         f: impl FnOnce(&Tx) -> Result<(Vec<String>, T), Failure>,
     ) -> Result<T, Failure> {
@@ -72,9 +84,22 @@ impl Service {
             return Err(not_following(&tx, cluster)?);
         }
         let marks = tx.marks()?;
-        let before = if bindings { tx.bindings()? } else { Vec::new() };
+        let addrs = match bindings {
+            TouchedBindings::None => None,
+            TouchedBindings::At(addrs) => Some(addrs.clone()),
+            TouchedBindings::OfTree(account) => {
+                let mut tree = tx.descendants(account)?;
+                tree.push(account.to_owned());
+                let mut addrs = BTreeSet::new();
+                for id in &tree {
+                    addrs.extend(tx.bindings_of(id)?.into_iter().map(|b| b.addr));
+                }
+                Some(addrs)
+            }
+        };
+        let before = addrs.map(|addrs| Ok::<_, StoreError>((tx.bindings_at(&addrs)?, addrs))).transpose()?;
         let (touched, reply) = f(&tx)?;
-        let units = self.transaction(cluster, &tx, marks, &touched, bindings.then_some(before), set)?;
+        let units = self.transaction(cluster, &tx, marks, &touched, before, set)?;
         drop(tx);
         // etcd's answer is not waited for under the lock. The transaction's guards compare
         // with `applied`, the revision the change was checked at, whatever the store applies
@@ -194,7 +219,7 @@ impl Service {
         tx: &Tx,
         marks: crate::store::Marks,
         touched: &[String],
-        bindings_before: Option<Vec<Binding>>,
+        bindings_before: Option<(Vec<Binding>, BTreeSet<IpAddr>)>,
         set: Option<&str>,
     ) -> Result<Vec<Unit>, Failure> {
         let keys = cluster.keys();
@@ -218,8 +243,8 @@ impl Service {
             touch(id, &mut accounts);
         }
         let mut binding_units = Vec::new();
-        if let Some(bindings_before) = bindings_before {
-            let after = tx.bindings()?;
+        if let Some((bindings_before, addrs)) = bindings_before {
+            let after = tx.bindings_at(&addrs)?;
             // One key per endpoint and scope.
             let endpoint = |b: &Binding| (b.addr, b.target, cluster::keys::scope_of(b).to_owned());
             let old: HashMap<_, &Binding> = bindings_before.iter().map(|b| (endpoint(b), b)).collect();
@@ -404,7 +429,9 @@ impl Service {
         let changes = in_order(changes);
         // The policy of each account put comes from its document, as the store now holds
         // it: no reading back. A resync's batch holds every account: maps, not lists.
-        let (mut updated, mut removed, mut bindings_changed) = (HashMap::new(), Vec::new(), false);
+        let (mut updated, mut removed) = (HashMap::new(), Vec::new());
+        // Where bindings changed: the kernel's keys there are rewritten.
+        let mut binding_addrs = BTreeSet::new();
         let mut removed_set = HashSet::new();
         // Shared sets put (with this node's kernel id for each) and removed (with the id
         // they had); accounts that lost a reference with a removed set.
@@ -447,7 +474,6 @@ impl Service {
                         updated.remove(&id);
                         removed_set.insert(id.clone());
                         removed.push(id);
-                        bindings_changed = true;
                     }
                 }
                 Change::Account(id, Some(doc)) => {
@@ -462,14 +488,16 @@ impl Service {
                 Change::Binding(binding, true) => {
                     if tx.account(&binding.account)?.is_some() {
                         tx.put_binding(&binding)?;
-                        bindings_changed = true;
+                        binding_addrs.insert(binding.addr);
                     } else {
                         warn!("cluster: a binding names account {} which this node does not have", binding.account);
                     }
                 }
                 Change::Binding(binding, false) => {
                     let node = binding.node.as_deref();
-                    bindings_changed |= tx.remove_binding_on(binding.addr, binding.target, node)?.is_some();
+                    if tx.remove_binding_on(binding.addr, binding.target, node)?.is_some() {
+                        binding_addrs.insert(binding.addr);
+                    }
                 }
                 Change::Audit(records) => tx.add_activity(&records)?,
                 Change::OverrideSequence(n) => tx.raise_override_sequence(n)?,
@@ -552,22 +580,36 @@ impl Service {
         drop(unenforced);
         let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
         // An account that keeps its slot had its binding words rewritten in place above
-        // (`apply_account`); the table is rebuilt from the store, a walk of every binding,
-        // only when bindings changed or an account arrived or moved to another slot.
-        let moved = updated.iter().any(|(id, a)| cache.get(id).is_none_or(|old| old.slot != a.slot));
-        if bindings_changed || moved {
-            let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), |id| Some(next(id)?.slot));
-            if let Err(e) = datapath.set_bindings(&wanted) {
+        // (`apply_account`). The keys rewritten here are those where bindings changed, and
+        // those of accounts removed or moved to another slot (at the old slot's addresses):
+        // a walk of those addresses, not of every binding.
+        // Slots vacated: removed accounts', and those of accounts the fleet moved.
+        let vacated: Vec<u32> = removed
+            .iter()
+            .filter_map(|id| cache.get(id).map(|a| a.slot))
+            .chain(updated.iter().filter_map(|(id, a)| cache.get(id).map(|old| old.slot).filter(|&s| s != a.slot)))
+            .collect();
+        for &slot in &vacated {
+            binding_addrs.extend(datapath.binding_addresses_of(slot));
+        }
+        let behind = self.bindings_behind.load(Ordering::Relaxed);
+        if behind || !binding_addrs.is_empty() {
+            let slot = |id: &str| Some(next(id)?.slot);
+            // After a failed write, the whole table, so nothing missed stays missed.
+            let written = if behind {
+                let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), slot);
+                datapath.set_bindings(&wanted)
+            } else {
+                let wanted = super::bindings::for_kernel(&tx.bindings_at(&binding_addrs)?, self.node.as_deref(), slot);
+                datapath.set_bindings_at(&binding_addrs, &wanted)
+            };
+            self.bindings_behind.store(written.is_err(), Ordering::Relaxed);
+            if let Err(e) = written {
                 error!("cluster: the bindings could not be written to the kernel (revision {revision}): {e}");
                 failures += 1;
             }
         }
-        // Slots freed: removed accounts, and accounts whose slot the fleet moved.
-        let freed = removed
-            .iter()
-            .filter_map(|id| cache.get(id).map(|a| a.slot))
-            .chain(updated.iter().filter_map(|(id, a)| cache.get(id).map(|old| old.slot).filter(|&s| s != a.slot)));
-        for slot in freed.filter(|s| !slots_in_use.contains(s)).collect::<Vec<_>>() {
+        for slot in vacated.into_iter().filter(|s| !slots_in_use.contains(s)) {
             if let Err(e) = datapath.remove_account(slot) {
                 error!("cluster: slot {slot} could not be cleared in the kernel: {e}");
                 failures += 1;

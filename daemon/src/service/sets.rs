@@ -395,7 +395,7 @@ impl Service {
         // the change must be in the store.
         self.activity.flush();
         if let Some(cluster) = self.fleet() {
-            return self.submit(cluster, false, Some(set), f);
+            return self.submit(cluster, super::fleet::TouchedBindings::None, Some(set), f);
         }
         let mut guard = self.writer.lock().expect("writer lock");
         let Writer { store, datapath } = &mut *guard;
