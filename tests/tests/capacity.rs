@@ -224,3 +224,26 @@ fn full_kernel_tables_refuse_with_tables_full_and_count_it() {
     w.ok(json!({"cmd": "allow_remove", "account": "acme", "cidr": added.last().unwrap(), "force": true}));
     w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.8"}));
 }
+
+/// More accounts than the kernel's account maps hold: the next `account_add` (and an import
+/// of new accounts) is refused with `tables_full` and what to raise, nothing is stored, and
+/// an account removed makes room for one more.
+#[test]
+fn full_account_maps_refuse_a_new_account_with_tables_full() {
+    let w = World::with_maps(&config(1_000), "[maps]\nslots = 4096\naccounts = 8\n");
+    for n in 1..8 {
+        w.ok(json!({"cmd": "account_add", "account": format!("a{n}")}));
+    }
+    let (code, message) = w.err(json!({"cmd": "account_add", "account": "a8"}));
+    assert_eq!(code, "tables_full", "{message}");
+    assert!(message.contains("hold 7 accounts") && message.contains("raise `accounts`"), "{message}");
+    let reply = w.conn().request(json!({"cmd": "import", "accounts": [
+        {"account": "b1", "entries": entries(&["198.19.0.0/24"])},
+    ]}));
+    assert_eq!(reply["error"]["code"], "tables_full", "{reply}");
+    let listed = w.ok(json!({"cmd": "account_list"}));
+    assert_eq!(listed.as_array().unwrap().len(), 7, "{listed}");
+    assert_eq!(refused(&w, "tables_full"), 2.0);
+    w.ok(json!({"cmd": "account_remove", "account": "a3"}));
+    w.ok(json!({"cmd": "account_add", "account": "a8"}));
+}

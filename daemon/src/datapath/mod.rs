@@ -146,6 +146,12 @@ pub enum DatapathError {
     IncompatibleMap { name: &'static str, detail: String, dir: PathBuf },
     #[error("account slot {slot} is outside 1..{limit}")]
     AccountSlot { slot: u32, limit: u32 },
+    #[error(
+        "the kernel's account maps are full: they hold {} accounts; raise `accounts` in the configuration's \
+         [maps] (it takes effect when the maps are next created)",
+        limit - 1
+    )]
+    AccountsFull { limit: u32 },
     #[error(transparent)]
     BindingOutsideChange(#[from] bindings::OutsideChange),
     #[error("shared set id {0} is outside 1..{MAX_SETS}")]
@@ -555,10 +561,14 @@ impl Datapath {
     }
 
     fn check_slot(&self, slot: u32) -> Result<()> {
-        if slot == NO_ACCOUNT || slot >= self.accounts.len() {
-            return Err(DatapathError::AccountSlot { slot, limit: self.accounts.len() });
+        let limit = self.accounts.len();
+        match slot {
+            NO_ACCOUNT => Err(DatapathError::AccountSlot { slot, limit }),
+            // The store numbers accounts from 1 without knowing the maps' size: a slot past
+            // the end is one account more than the maps hold.
+            _ if slot >= limit => Err(DatapathError::AccountsFull { limit }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn policy(&self, slot: u32) -> Policy {

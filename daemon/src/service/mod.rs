@@ -81,6 +81,7 @@ impl From<DatapathError> for Failure {
             DatapathError::Table(datapath::tables::TableError::Full { .. }) => ErrorCode::TablesFull,
             // Every distinct combination of shared sets in use has a kernel table.
             DatapathError::TooManySetGroups => ErrorCode::TablesFull,
+            DatapathError::AccountsFull { .. } => ErrorCode::TablesFull,
             DatapathError::TooManySets(_) => ErrorCode::TooManySets,
             _ => ErrorCode::Internal,
         };
