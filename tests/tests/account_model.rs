@@ -480,3 +480,32 @@ fn full_tables_have_their_own_error_and_change_nothing() {
     assert_eq!(list.as_array().unwrap().len(), 1, "a refused replacement changed the list");
     assert_eq!(reason(&w, "big", "198.18.0.10"), "allowed");
 }
+
+/// An endpoint named by its IPv4-mapped IPv6 spelling is the IPv4 endpoint: the binding is
+/// stored and listed as IPv4 and filters the IPv4 packets that reach it (kept as IPv6, it
+/// would match no packet, and the account would look bound but go unfiltered), and the
+/// mapped spelling removes it again.
+#[test]
+fn a_binding_named_by_its_ipv4_mapped_spelling_filters_the_ipv4_endpoint() {
+    let w = World::new("");
+    warm_up(&w.hosts);
+    let [good, other, ..] = w.hosts.client_v4[..] else { panic!("two client addresses") };
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7501);
+    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
+    let mapped = w.hosts.server_v4.to_ipv6_mapped().to_string();
+    w.ok(json!({"cmd": "account_add", "account": "acme"}));
+    let bound = w.ok(json!({"cmd": "bind_add", "account": "acme", "addr": mapped, "port": 7501}));
+    assert_eq!(bound["addr"], w.hosts.server_v4.to_string(), "{bound}");
+    let listed = w.ok(json!({"cmd": "bind_list"}));
+    assert_eq!(listed[0]["addr"], w.hosts.server_v4.to_string(), "{listed}");
+    w.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": good.to_string()}));
+    w.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce"}));
+    assert!(tcp_ok(&w.hosts, good, dst, OK), "the allowed source is refused");
+    assert!(!tcp_ok(&w.hosts, other, dst, FAIL), "the endpoint is not filtered");
+    // The same endpoint in either spelling is one endpoint.
+    let (code, _) = w.err(json!({"cmd": "bind_add", "account": "acme", "addr": dst.ip().to_string(), "port": 7501}));
+    assert_eq!(code, "binding_exists");
+    w.ok(json!({"cmd": "bind_remove", "addr": mapped, "port": 7501}));
+    assert_eq!(w.ok(json!({"cmd": "bind_list"})), json!([]));
+    assert!(tcp_ok(&w.hosts, other, dst, OK), "the endpoint is still filtered after its removal");
+}
