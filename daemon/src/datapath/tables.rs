@@ -987,16 +987,22 @@ mod tests {
         SlotKey { tag: Tag::port_binding(FAMILY_V4, 6, port), hi: 0, lo: 0xc612_0001 }
     }
 
+    /// A binding table of `ports` keys (values `A`, `A + 1`, ...), published, its trace taken.
+    fn binding_table(t: &mut Tables, ports: u16) -> (TableDesc, Vec<(SlotKey, u64)>) {
+        let keys: Vec<(SlotKey, u64)> = (0..ports).map(|i| (binding_key(440 + i), A + u64::from(i))).collect();
+        let mut desc = TableDesc::NONE;
+        apply(t, &mut desc, &wanted(&keys));
+        take_trace(t);
+        (desc, keys)
+    }
+
     /// A key-by-key change of a binding table: the new key goes in first, then the changed
     /// value, then the removed key's tombstone; nothing else is written (no header word, no
     /// wait), and no other key's slot is touched.
     #[test]
     fn a_binding_table_changes_key_by_key_new_keys_first_and_removals_last() {
         let mut t = tables(1 << 10);
-        let keys: Vec<(SlotKey, u64)> = (0..6).map(|i| (binding_key(440 + i), A + u64::from(i))).collect();
-        let mut desc = TableDesc::NONE;
-        apply(&mut t, &mut desc, &wanted(&keys));
-        take_trace(&t);
+        let (desc, keys) = binding_table(&mut t, 6);
         let (kept, rewritten, gone) = (keys[0].0, keys[1].0, keys[2].0);
         let fresh = binding_key(500);
         assert!(t.change_keys(desc, &[(rewritten, B), (fresh, B + 1)], &[gone], false));
@@ -1024,10 +1030,7 @@ mod tests {
     #[test]
     fn a_settled_change_waits_between_its_new_keys_and_the_rest() {
         let mut t = tables(1 << 10);
-        let keys: Vec<(SlotKey, u64)> = (0..6).map(|i| (binding_key(440 + i), A)).collect();
-        let mut desc = TableDesc::NONE;
-        apply(&mut t, &mut desc, &wanted(&keys));
-        take_trace(&t);
+        let (mut desc, keys) = binding_table(&mut t, 6);
         let fresh = binding_key(500);
         assert!(t.change_keys(desc, &[(fresh, B), (keys[0].0, B)], &[keys[1].0], true));
         let trace = take_trace(&t);
@@ -1054,9 +1057,7 @@ mod tests {
     #[test]
     fn a_binding_table_too_full_or_too_sparse_is_refused_key_by_key() {
         let mut t = tables(1 << 12);
-        let keys: Vec<(SlotKey, u64)> = (0..4).map(|i| (binding_key(440 + i), A)).collect();
-        let mut desc = TableDesc::NONE;
-        apply(&mut t, &mut desc, &wanted(&keys));
+        let (mut desc, keys) = binding_table(&mut t, 4);
         let slots = desc.slots() as usize;
         let many: Vec<(SlotKey, u64)> = (0..slots as u16).map(|i| (binding_key(1000 + i), B)).collect();
         take_trace(&t);
