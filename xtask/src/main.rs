@@ -159,6 +159,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { name, args } => {
             setup::run()?;
+            // The control and fleet benchmarks start the real ipaccessd and ipaccessctl from
+            // target/release; a fresh checkout has not built them yet.
+            status(&mut cargo(["build", "--release", "-p", "ipaccess", "--bins"]))?;
             let mut cargo = cargo(["run", "--release", "-p", "ipaccess-tests"]);
             cargo.args(["--bin", &format!("bench-{name}"), "--"]);
             status(cargo.args(args))
