@@ -498,6 +498,11 @@ fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>), String> {
     }
     match s.parse::<SocketAddr>() {
         Ok(sa) if sa.port() == 0 => Err("port 0 cannot be bound; leave the port out to bind the whole address".into()),
+        // The kernel matches addresses, not interfaces: a zone would be dropped unsaid, as a
+        // bare address with one is refused.
+        Ok(SocketAddr::V6(sa)) if sa.scope_id() != 0 => {
+            Err(format!("`{s}` names a zone (%{}); a binding takes the address without one", sa.scope_id()))
+        }
         Ok(sa) => Ok((sa.ip(), Some(sa.port()))),
         Err(_) => Err(format!("`{s}` is not ADDR, ADDR:PORT or [IPv6]:PORT")),
     }
@@ -657,7 +662,16 @@ mod tests {
         assert_eq!(parse_endpoint("[fd00::1]:443"), Ok((v6, Some(443))));
         assert_eq!(parse_endpoint("fd00::1"), Ok((v6, None)));
         assert_eq!(parse_endpoint("[fd00::1]"), Ok((v6, None)));
-        for bad in ["fd00::1:443x", "198.18.0.1:", "198.18.0.1:70000", "host:443", "[198.18.0.1]:443", "198.18.0.1:0"] {
+        for bad in [
+            "fd00::1:443x",
+            "198.18.0.1:",
+            "198.18.0.1:70000",
+            "host:443",
+            "[198.18.0.1]:443",
+            "198.18.0.1:0",
+            "[fe80::1%2]:993",
+            "fe80::1%2",
+        ] {
             assert!(parse_endpoint(bad).is_err(), "{bad}");
         }
         assert_eq!(endpoint((v4, Some(53)), None).unwrap(), (v4, Some(53), Some(Proto::Tcp)));
