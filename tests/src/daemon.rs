@@ -302,7 +302,8 @@ impl World {
         self.start_with_maps(config, TEST_MAPS);
     }
 
-    fn start_with_maps(&mut self, config: &str, maps: &str) {
+    /// Starts the daemon again with `maps` (a `[maps]` section) instead of [`TEST_MAPS`].
+    pub fn start_with_maps(&mut self, config: &str, maps: &str) {
         assert!(self.daemon.is_none(), "the daemon is already running");
         fs::write(self.config_path(), format!("{config}\n{maps}")).unwrap();
         let args = self.daemon_args();

@@ -292,6 +292,72 @@ fn a_restart_keeps_sets_and_references() {
     assert_eq!(both(&w, ci), (false, false));
 }
 
+/// A restart finds the set groups' tables in the kernel and keeps them, brought up to date in
+/// place: on a host whose tables have too little room left for a second copy of a large set,
+/// the daemon starts again (twice), enforces the set as before, and uses no more slots.
+#[test]
+fn a_restart_on_nearly_full_tables_keeps_the_set_groups_in_place() {
+    const LIMITS: &str = "[limits]\nmax_entries_per_account = 100000\n";
+    const MAPS: &str = "[maps]\nslots = 8192\naccounts = 64\n";
+    let mut w = World::with_maps(LIMITS, MAPS);
+    let [good, vpn, _, stranger] = w.hosts.client_v4[..] else { panic!() };
+    let _servers = two_enforcing_customers(&w, good);
+    // 800 host networks (the VPN's address among them): the group's table takes 2,048 slots.
+    let mut networks: Vec<String> = (0..799u32).map(|n| format!("198.19.{}.{}/32", n / 200, n % 200 + 1)).collect();
+    networks.push(host(vpn));
+    w.ok(json!({"cmd": "set_add", "set": "corp-vpn", "cidrs": networks}));
+    for account in ["cust", "cust2"] {
+        w.ok(json!({"cmd": "allow_add_set", "account": account, "set": "corp-vpn"}));
+    }
+    let status = |w: &World| {
+        let status = w.ok(json!({"cmd": "status"}));
+        (status["table_slots"].as_u64().unwrap(), status["table_slots_used"].as_u64().unwrap())
+    };
+    let free = |w: &World| status(w).0 - status(w).1;
+    // Other accounts' host entries until fewer slots are free than the group takes: each
+    // filler until its table cannot grow, then the next one.
+    let mut fillers = Vec::new();
+    'fill: for k in 0..32u32 {
+        let filler = format!("filler{k}");
+        w.ok(json!({"cmd": "account_add", "account": filler}));
+        fillers.push(filler.clone());
+        for n in 0..4096u32 {
+            if n % 16 == 0 && free(&w) < 1_500 {
+                break 'fill;
+            }
+            let reply =
+                w.conn().request(json!({"cmd": "allow_add", "account": filler, "cidr": format!("fd00::{k:x}:{n:x}")}));
+            if let Some(error) = reply.get("error") {
+                assert_eq!(error["code"], "tables_full", "{reply}");
+                break;
+            }
+        }
+    }
+    assert!(free(&w) < 1_500, "{:?}", status(&w));
+    let (_, before) = status(&w);
+    assert_eq!(both(&w, vpn), (true, true));
+    for round in 1..=2 {
+        w.stop();
+        w.start_with_maps(LIMITS, MAPS);
+        assert_eq!(both(&w, vpn), (true, true), "restart {round}");
+        assert_eq!(both(&w, stranger), (false, false), "restart {round}");
+        let (_, used) = status(&w);
+        assert!(used <= before, "restart {round}: {used} slots used, {before} before");
+    }
+    // The kept group still follows the set. A set change builds the group's next table
+    // beside it, so room is made first (freed slots are reused after a grace period).
+    for filler in &fillers {
+        w.ok(json!({"cmd": "allow_replace", "account": filler, "entries": [], "force": true}));
+    }
+    let removal = json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": [host(vpn)]});
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while w.conn().request(removal.clone()).get("ok").is_none() {
+        assert!(std::time::Instant::now() < deadline, "no room for the set's change: {:?}", status(&w));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(both(&w, vpn), (false, false));
+}
+
 /// Bad input gets a structured error and changes nothing: unknown sets, whole-Internet and
 /// host-bit networks, bad names, a network the set holds already among new ones, one it
 /// lacks, and a reference over the per-account limit.

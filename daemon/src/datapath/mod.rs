@@ -15,7 +15,7 @@ pub mod regions;
 pub mod tables;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     net::IpAddr,
     os::fd::AsFd,
@@ -688,12 +688,17 @@ impl Datapath {
 
     /// A table holding the union of `sets`' entries, keyed for group `id`.
     fn build_group(&mut self, id: u32, sets: &[u32]) -> Result<TableDesc> {
+        let content = self.group_content(id, sets)?;
+        Ok(self.tables.rebuild(&content)?)
+    }
+
+    /// The union of `sets`' entries, keyed for group `id`.
+    fn group_content(&self, id: u32, sets: &[u32]) -> Result<TableContent> {
         let mut entries: Vec<(IpNet, u64)> =
             sets.iter().filter_map(|set| self.sets.sets.get(set)).flatten().map(|&net| (net, NEVER_EXPIRES)).collect();
         entries.sort_unstable();
         entries.dedup();
-        let content = table_content(&entries, |family, len| Tag::set_entry(id, family, len))?;
-        Ok(self.tables.rebuild(&content)?)
+        table_content(&entries, |family, len| Tag::set_entry(id, family, len))
     }
 
     /// The shared sets whose entries also let sources through to account `slot` (its enabled
@@ -725,6 +730,56 @@ impl Datapath {
             }
         }
         self.leave_group(current);
+        Ok(())
+    }
+
+    /// Gives each set group an earlier daemon left (found in the maps at start, its sets
+    /// unknown) the sets its accounts want now, when they all want the same ones: the group's
+    /// table is brought up to those sets' entries in place, as an allowlist is, and the
+    /// accounts stay in it. Otherwise every group would be built anew beside the old one as
+    /// its accounts were given their sets, so a restart would need free room for a second
+    /// copy of every group, and a host with less would not start again. `wanted` holds each
+    /// account slot's sets, as [`Self::set_account_sets`] will be given them; a group whose
+    /// accounts disagree (a fleet node that was away) is left to be rebuilt that way.
+    pub fn adopt_found_set_groups(&mut self, wanted: &HashMap<u32, Vec<u32>>) -> Result<()> {
+        let mut members: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for slot in 0..self.account_sets.len() {
+            let id = self.account_sets.load(slot, 0) as u32;
+            if self.sets.groups.get(&id).is_some_and(|g| g.sets.is_none()) {
+                members.entry(id).or_default().push(slot);
+            }
+        }
+        for (id, slots) in members {
+            let mut wants = slots.iter().map(|slot| {
+                let mut sets = wanted.get(slot).cloned().unwrap_or_default();
+                sets.sort_unstable();
+                sets.dedup();
+                sets
+            });
+            let Some(sets) = wants.next() else { continue };
+            let usable = !sets.is_empty()
+                && sets.len() <= MAX_SETS_PER_ACCOUNT
+                && sets.iter().all(|&set| check_set(set).is_ok())
+                && !self.sets.by_sets.contains_key(&sets);
+            if !usable || wants.any(|other| other != sets) {
+                continue;
+            }
+            let content = self.group_content(id, &sets)?;
+            let current = self.sets.groups[&id].table;
+            let table = match self.tables.sync(current, &content)? {
+                Synced::InPlace => current,
+                Synced::Replaced(new) => {
+                    self.set_groups.store(group_word(0, id), 0, new.0);
+                    self.set_groups.store(group_word(1, id), 0, new.0);
+                    self.tables.retire(current);
+                    new
+                }
+            };
+            let group = self.sets.groups.get_mut(&id).expect("found above");
+            group.table = table;
+            group.sets = Some(sets.clone());
+            self.sets.by_sets.insert(sets, id);
+        }
         Ok(())
     }
 

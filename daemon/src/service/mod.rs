@@ -239,9 +239,10 @@ impl Service {
             }
         }
         // Sets before accounts, so that no account's reference names a set the kernel lacks.
-        // The kernel's tables are per combination of sets (a set group); the groups an
-        // earlier daemon left go on enforcing until each account is given its sets again
-        // below, which moves it to a group built from these, so no stale set outlives this.
+        // The kernel's tables are per combination of sets (a set group). A group an earlier
+        // daemon left is brought up to these sets in place when all its accounts still want
+        // the same ones; any other goes on enforcing until each account is given its sets
+        // again below, which moves it to a group built from these. No stale set outlives this.
         for set in sets.values() {
             datapath.set_shared_set(set.kernel_id, &set.entries)?;
         }
@@ -249,6 +250,9 @@ impl Service {
         for slot in datapath.configured_slots().into_iter().filter(|s| !wanted.contains(s)) {
             datapath.remove_account(slot)?;
         }
+        let sets_wanted: HashMap<u32, Vec<u32>> =
+            cache.values().map(|a| (a.slot, a.sets.iter().map(|s| s.kernel_id).collect())).collect();
+        datapath.adopt_found_set_groups(&sets_wanted)?;
         for (id, account) in &cache {
             change::apply_account(&mut datapath, account, crate::policy::suspended(|a| cache.get(a), id))?;
         }
