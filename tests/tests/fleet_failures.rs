@@ -103,8 +103,13 @@ fn race_through(fleet: &Fleet, through: [usize; 2], a: Value, b: Value) -> (Valu
 
 /// Does `src` (one of the node's client addresses) get a TCP handshake through to the bound port?
 fn passes(node: &FleetNode, src: IpAddr, timeout: Duration) -> bool {
+    passes_to(node, src, TCP_PORT, timeout)
+}
+
+/// [`passes`] for the server's TCP `port`.
+fn passes_to(node: &FleetNode, src: IpAddr, port: u16, timeout: Duration) -> bool {
     let hosts = &node.host.hosts;
-    let target = SocketAddr::new(hosts.server_v4.into(), TCP_PORT);
+    let target = SocketAddr::new(hosts.server_v4.into(), port);
     hosts.client.run(|| tcp_connect(src, target, timeout))
 }
 
@@ -755,6 +760,63 @@ fn a_change_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
     let reply = a.host.request(json!({"cmd": "allow_replace", "account": "big", "entries": [{"cidr": "198.18.0.7"}]}));
     assert_eq!(error_code(&reply), None, "{reply}");
     a.host.ok(json!({"cmd": "allow_add", "account": "big", "cidr": "198.18.0.8"}));
+}
+
+/// A binding the asking node's kernel cannot take (its binding table would have to grow into
+/// full tables) is not acknowledged: `tables_full`, naming the address, as for an account.
+/// The node names the address in `unenforced`, and once room is made it writes the binding
+/// on its own, so the endpoint is filtered there without another change.
+#[test]
+fn a_binding_the_asking_nodes_tables_cannot_take_is_not_acknowledged() {
+    let fleet = two_nodes_one_small(0);
+    let (a, b) = (&fleet.nodes[0], &fleet.nodes[1]);
+    let (good, guest) = (a.host.hosts.client_v4[0], a.host.hosts.client_v4[1]);
+    let server = a.host.hosts.server_v4;
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": format!("{good}/32")}));
+    a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "client_ip": good}));
+    // 990 host entries: a table of 2,048 of node A's 4,096 slots.
+    let hosts: Vec<Value> = (0..990u32).map(|n| json!({"cidr": format!("fd00::1:{n:x}/128")})).collect();
+    a.host.ok(json!({"cmd": "account_add", "account": "filler"}));
+    a.host.ok(json!({"cmd": "allow_replace", "account": "filler", "entries": hosts}));
+    fleet.settle();
+    assert_eq!(a.cluster_status()["unenforced"], json!([]), "A took the filler");
+
+    // acme's ports, one binding at a time, until node A's binding table cannot grow.
+    let refused = (0..1500u16).find_map(|n| {
+        let port = 20_000 + n;
+        let reply = a.host.request(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": port}));
+        error_code(&reply).map(|code| (port, code, reply))
+    });
+    let (port, code, reply) = refused.expect("1,500 bindings fit in the room the filler left");
+    assert_eq!(code, "tables_full", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("committed in the fleet") && message.contains(&format!("the bindings at {server}")),
+        "{message}"
+    );
+    fleet.settle();
+    assert_eq!(a.cluster_status()["unenforced"], json!([format!("bind:{server}")]));
+    assert_eq!(b.cluster_status()["unenforced"], json!([]), "B has room for it");
+    let _listeners = fleet.listeners(port);
+    assert!(!passes_to(b, guest.into(), port, Duration::from_millis(500)), "B filters the new endpoint");
+    assert!(passes_to(b, good.into(), port, Duration::from_secs(2)), "B lets acme's address in");
+    // What `unenforced` says: A's kernel does not know the endpoint is acme's.
+    assert!(passes_to(a, guest.into(), port, Duration::from_secs(2)), "A has the binding it refused");
+
+    // Room is made by another account's removal; the binding is not changed again.
+    a.host.ok(json!({"cmd": "account_remove", "account": "filler"}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let unenforced = a.cluster_status()["unenforced"].clone();
+        if unenforced == json!([]) && !passes_to(a, guest.into(), port, Duration::from_millis(500)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never wrote the binding once room was made: {unenforced}");
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert!(passes_to(a, good.into(), port, Duration::from_secs(2)), "A lets acme's address in");
+    a.host.ok(json!({"cmd": "bind_add", "account": "acme", "addr": server, "port": port + 1}));
 }
 
 /// A node whose kernel refused a version of an account the fleet committed (full tables)

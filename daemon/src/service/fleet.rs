@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 
 use log::{error, info, warn};
 
@@ -97,6 +96,9 @@ impl Service {
                 Some(addrs)
             }
         };
+        // The addresses whose bindings this node's kernel must take before the change is
+        // acknowledged here, as the accounts touched must be.
+        let binding_subjects: Vec<String> = addrs.iter().flatten().map(binding_subject).collect();
         let before = addrs.map(|addrs| Ok::<_, StoreError>((tx.bindings_at(&addrs)?, addrs))).transpose()?;
         let (touched, reply) = f(&tx)?;
         let units = self.transaction(cluster, &tx, marks, &touched, before, set)?;
@@ -122,6 +124,7 @@ impl Service {
                 pending_audit.committed();
                 let mut enforced_here = touched;
                 enforced_here.extend(set.map(super::sets::set_subject));
+                enforced_here.extend(binding_subjects);
                 self.refused_here(&enforced_here, revision)?;
                 Ok(reply)
             }
@@ -151,7 +154,7 @@ impl Service {
             ErrorCode::TablesFull,
             format!(
                 "the change is committed in the fleet (revision {revision}), but this node's kernel tables have no room \
-                 for {}: this node keeps enforcing its previous allowlist (raise [maps] slots, or remove entries)",
+                 for {}: this node keeps enforcing what it enforced before (raise [maps] slots, or remove entries)",
                 describe_subject(id)
             ),
         ))
@@ -163,15 +166,15 @@ impl Service {
     /// than only when the fleet next changes it. A set that found no kernel id cannot be
     /// put from here (the store holds no copy of it): once an id is free, this node asks for
     /// a resync, which takes it from etcd.
-    pub(super) fn retry_unenforced(&self, datapath: &mut Datapath) {
+    pub(super) fn retry_unenforced(&self, tx: &Tx, datapath: &mut Datapath) -> Result<(), StoreError> {
         let mut unenforced = self.unenforced.lock().expect("unenforced lock");
         if unenforced.is_empty() {
-            return;
+            return Ok(());
         }
         let sets = self.sets.read().expect("set cache lock");
         let accounts = self.accounts.read().expect("cache lock");
         // Sets before accounts: an account's reference then finds its set in the kernel.
-        let mut subjects: Vec<String> = unenforced.keys().cloned().collect();
+        let mut subjects: Vec<String> = unenforced.keys().filter(|s| binding_address(s).is_none()).cloned().collect();
         subjects.sort_by_key(|s| (!s.starts_with(super::sets::SET_SUBJECT), s.clone()));
         for subject in subjects {
             let result = match subject.strip_prefix(super::sets::SET_SUBJECT) {
@@ -201,10 +204,27 @@ impl Service {
                 Err(e) => warn!("cluster: {} is still not enforced here: {e}", describe_subject(&subject)),
             }
         }
+        // Then bindings, as at start: every address still behind, in one write.
+        let addrs: BTreeSet<IpAddr> = unenforced.keys().filter_map(|s| binding_address(s)).collect();
+        if !addrs.is_empty() {
+            let slot = |id: &str| accounts.get(id).map(|a| a.slot);
+            let wanted = super::bindings::for_kernel(&tx.bindings_at(&addrs)?, self.node.as_deref(), slot);
+            match datapath.set_bindings_at(&addrs, &wanted) {
+                Ok(()) => {
+                    info!(
+                        "cluster: the bindings at {} are now enforced here as the fleet has them",
+                        describe_addrs(&addrs)
+                    );
+                    unenforced.retain(|s, _| binding_address(s).is_none());
+                }
+                Err(e) => warn!("cluster: the bindings at {} are still not enforced here: {e}", describe_addrs(&addrs)),
+            }
+        }
+        Ok(())
     }
 
-    /// The accounts and sets (`set:NAME`) this node's kernel does not enforce as the fleet
-    /// has them, by name.
+    /// The accounts, sets (`set:NAME`) and bound addresses (`bind:ADDR`) this node's kernel
+    /// does not enforce as the fleet has them, by name.
     pub(super) fn unenforced(&self) -> Vec<String> {
         let mut names: Vec<String> = self.unenforced.lock().expect("unenforced lock").keys().cloned().collect();
         names.sort();
@@ -592,23 +612,26 @@ impl Service {
         for &slot in &vacated {
             binding_addrs.extend(datapath.binding_addresses_of(slot));
         }
-        let behind = self.bindings_behind.load(Ordering::Relaxed);
-        if behind || !binding_addrs.is_empty() {
+        // Addresses an earlier batch could not write are written again with these: a binding
+        // the kernel refused stays named in `unenforced` until it is written.
+        let mut unenforced = self.unenforced.lock().expect("unenforced lock");
+        binding_addrs.extend(unenforced.keys().filter_map(|s| binding_address(s)));
+        if !binding_addrs.is_empty() {
             let slot = |id: &str| Some(next(id)?.slot);
-            // After a failed write, the whole table, so nothing missed stays missed.
-            let written = if behind {
-                let wanted = super::bindings::for_kernel(&tx.bindings()?, self.node.as_deref(), slot);
-                datapath.set_bindings(&wanted)
-            } else {
-                let wanted = super::bindings::for_kernel(&tx.bindings_at(&binding_addrs)?, self.node.as_deref(), slot);
-                datapath.set_bindings_at(&binding_addrs, &wanted)
-            };
-            self.bindings_behind.store(written.is_err(), Ordering::Relaxed);
-            if let Err(e) = written {
-                error!("cluster: the bindings could not be written to the kernel (revision {revision}): {e}");
-                failures += 1;
+            let wanted = super::bindings::for_kernel(&tx.bindings_at(&binding_addrs)?, self.node.as_deref(), slot);
+            match datapath.set_bindings_at(&binding_addrs, &wanted) {
+                Ok(()) => unenforced.retain(|s, _| binding_address(s).is_none_or(|a| !binding_addrs.contains(&a))),
+                Err(e) => {
+                    error!(
+                        "cluster: the bindings at {} could not be written to the kernel (revision {revision}): {e}",
+                        describe_addrs(&binding_addrs)
+                    );
+                    unenforced.extend(binding_addrs.iter().map(|a| (binding_subject(a), revision)));
+                    failures += 1;
+                }
             }
         }
+        drop(unenforced);
         for slot in vacated.into_iter().filter(|s| !slots_in_use.contains(s)) {
             if let Err(e) = datapath.remove_account(slot) {
                 error!("cluster: slot {slot} could not be cleared in the kernel: {e}");
@@ -686,11 +709,38 @@ impl Replica for Service {
     }
 }
 
-/// An entry of `unenforced` as a person reads it: "account acme", "the set corp-vpn".
+/// An entry of `unenforced` as a person reads it: "account acme", "the set corp-vpn", "the
+/// bindings at 198.18.0.1".
 fn describe_subject(subject: &str) -> String {
-    match subject.strip_prefix(super::sets::SET_SUBJECT) {
-        Some(set) => format!("the set {set}"),
+    if let Some(set) = subject.strip_prefix(super::sets::SET_SUBJECT) {
+        return format!("the set {set}");
+    }
+    match binding_address(subject) {
+        Some(addr) => format!("the bindings at {addr}"),
         None => format!("account {subject}"),
+    }
+}
+
+/// The prefix of [`binding_subject`].
+const BINDING_SUBJECT: &str = "bind:";
+
+/// How the bindings at `addr` are named in `unenforced` (`bind:198.18.0.1`): no account id
+/// holds a colon.
+fn binding_subject(addr: &IpAddr) -> String {
+    format!("{BINDING_SUBJECT}{addr}")
+}
+
+/// The address of a [`binding_subject`], or `None` for an account's or a set's.
+fn binding_address(subject: &str) -> Option<IpAddr> {
+    subject.strip_prefix(BINDING_SUBJECT)?.parse().ok()
+}
+
+/// A few addresses for a log line: the first three and how many more.
+fn describe_addrs(addrs: &BTreeSet<IpAddr>) -> String {
+    let shown: Vec<String> = addrs.iter().take(3).map(IpAddr::to_string).collect();
+    match addrs.len().saturating_sub(3) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
     }
 }
 

@@ -141,15 +141,13 @@ pub struct Service {
     node: Option<String>,
     /// Changes the fleet committed that this node's kernel refused (full tables).
     cluster_apply_failures: AtomicU64,
-    /// Accounts whose latest version from the fleet this node's kernel refused, with that
-    /// version's revision: a change to them made here is not acknowledged as enforced.
+    /// Accounts, sets (`set:NAME`) and bound addresses (`bind:ADDR`) whose latest version
+    /// from the fleet this node's kernel refused, with that version's revision: a change to
+    /// them made here is not acknowledged as enforced.
     unenforced: Mutex<HashMap<String, i64>>,
     /// A set waits for a kernel id and one is free: the watch resynchronises (see
     /// `retry_unenforced`).
     resync_wanted: AtomicBool,
-    /// A change of bindings the fleet made could not be written to this node's kernel
-    /// (full tables): the next one rewrites the whole binding table.
-    bindings_behind: AtomicBool,
     /// Which length lets each account's packets through (`note_packets`, each second): its
     /// own lock, so that the tally of a busy second does not hold the writer's.
     probe_order: Mutex<crate::datapath::order::ProbeOrder>,
@@ -293,7 +291,6 @@ impl Service {
             cluster_apply_failures: AtomicU64::new(0),
             unenforced: Mutex::default(),
             resync_wanted: AtomicBool::new(false),
-            bindings_behind: AtomicBool::new(false),
             probe_order: Mutex::default(),
             max_entries: config.limits.max_entries_per_account.into(),
             refusals: Default::default(),

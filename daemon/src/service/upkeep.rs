@@ -67,11 +67,11 @@ impl Service {
                 }
             }
         }
-        if self.cluster.get().is_some() {
-            self.retry_unenforced(datapath);
-        }
         let pending_audit = PendingAudit::begin();
         let tx = store.transaction()?;
+        if self.cluster.get().is_some() {
+            self.retry_unenforced(&tx, datapath)?;
+        }
         for ended in tx.unaudited_expiries(at)? {
             let detail = json!({ "override": ended.id, "cidr": ended.cidr, "ticket": ended.ticket, "expires_at": ended.expires_at });
             audit(&tx, &ended.account, ended.operator, "override_expired", detail)?;
