@@ -107,6 +107,13 @@ class TooManySets(IpaccessError):
     retry = False
 
 
+class TooManyOverrides(IpaccessError):
+    """too_many_overrides: the grant would give an account more live overrides than the
+    configured limit; nothing was changed. Revoke one first. `details` names the limit."""
+
+    retry = False
+
+
 class Internal(IpaccessError):
     """internal: storage or kernel failure; nothing was changed."""
 
@@ -166,6 +173,7 @@ ERRORS = {
     "tables_full": TablesFull,
     "too_many_entries": TooManyEntries,
     "too_many_sets": TooManySets,
+    "too_many_overrides": TooManyOverrides,
     "internal": Internal,
     "cluster_unavailable": ClusterUnavailable,
     "conflict": Conflict,

@@ -30,6 +30,7 @@
 //! max_connections_per_uid = 64
 //! idle_timeout_seconds = 30          # no complete request for this long: closed
 //! max_entries_per_account = 1000     # allowlist entries, enabled or disabled (overrides apart)
+//! max_overrides_per_account = 100    # support's live overrides on one account
 //!
 //! [maps]             # used when the maps are first created
 //! slots = 1048576
@@ -314,6 +315,12 @@ pub struct Limits {
     /// entries). A change that would go over it is refused with `too_many_entries`; an
     /// account already over it (the limit was lowered) keeps its entries.
     pub max_entries_per_account: u32,
+    /// Live overrides one account may hold. Support grants them one address at a time to a
+    /// locked-out customer; each takes room in the kernel's tables, so a script run amok
+    /// (or a careless support login) must not fill the tables every account shares. A grant
+    /// over it is refused with `too_many_overrides`; overrides already over it (the limit
+    /// was lowered) stay until they expire or are revoked.
+    pub max_overrides_per_account: u32,
 }
 
 impl Default for Limits {
@@ -328,6 +335,9 @@ impl Default for Limits {
             // SendGrid's limit: large enough for any office list, small enough that one
             // account cannot fill the kernel's tables.
             max_entries_per_account: 1000,
+            // A customer locked out needs one or two; a hundred is room for a whole office
+            // of separate addresses, and 1/10,000 of the default tables.
+            max_overrides_per_account: 100,
         }
     }
 }
@@ -341,6 +351,9 @@ impl Limits {
         if self.max_entries_per_account == 0 {
             // 0 would refuse every entry; an account without restriction uses mode `off`.
             return Err("limits.max_entries_per_account must be at least 1".into());
+        }
+        if self.max_overrides_per_account == 0 {
+            return Err("limits.max_overrides_per_account must be at least 1".into());
         }
         Ok(())
     }

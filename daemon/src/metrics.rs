@@ -52,12 +52,14 @@ impl CheckCounters {
 
 /// Changes refused since the daemon started because there was no room: the kernel's tables
 /// were full (`tables_full`), or the account was at `[limits] max_entries_per_account`
-/// (`too_many_entries`).
+/// (`too_many_entries`), at its eight enabled shared sets (`too_many_sets`) or at
+/// `[limits] max_overrides_per_account` (`too_many_overrides`).
 #[derive(Default)]
 pub struct RefusalCounters {
     tables_full: AtomicU64,
     too_many_entries: AtomicU64,
     too_many_sets: AtomicU64,
+    too_many_overrides: AtomicU64,
 }
 
 impl RefusalCounters {
@@ -68,6 +70,7 @@ impl RefusalCounters {
             ErrorCode::TablesFull => &self.tables_full,
             ErrorCode::TooManyEntries => &self.too_many_entries,
             ErrorCode::TooManySets => &self.too_many_sets,
+            ErrorCode::TooManyOverrides => &self.too_many_overrides,
             _ => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -78,6 +81,7 @@ impl RefusalCounters {
             (ErrorCode::TablesFull, self.tables_full.load(Ordering::Relaxed)),
             (ErrorCode::TooManyEntries, self.too_many_entries.load(Ordering::Relaxed)),
             (ErrorCode::TooManySets, self.too_many_sets.load(Ordering::Relaxed)),
+            (ErrorCode::TooManyOverrides, self.too_many_overrides.load(Ordering::Relaxed)),
         ]
     }
 }
@@ -193,8 +197,9 @@ pub fn render(s: &Snapshot) -> String {
     family(
         "ipaccess_changes_refused_total",
         "counter",
-        "Changes refused since the daemon started for want of room: the kernel's tables full (tables_full) \
-         or the account at limits.max_entries_per_account (too_many_entries).",
+        "Changes refused since the daemon started for want of room: the kernel's tables full (tables_full), \
+         the account at limits.max_entries_per_account (too_many_entries), at its eight enabled shared sets \
+         (too_many_sets) or at limits.max_overrides_per_account (too_many_overrides).",
         &mut s.refused.iter().map(|(code, n)| (format!("{{reason=\"{code}\"}}"), n.to_string())),
     );
     let plain = |value: String| std::iter::once((String::new(), value));
@@ -413,12 +418,23 @@ mod tests {
     #[test]
     fn refusals_for_want_of_room_are_counted_by_code() {
         let refusals = RefusalCounters::default();
-        for code in [ErrorCode::TooManySets, ErrorCode::TooManySets, ErrorCode::TablesFull, ErrorCode::BadRequest] {
+        for code in [
+            ErrorCode::TooManySets,
+            ErrorCode::TooManySets,
+            ErrorCode::TablesFull,
+            ErrorCode::BadRequest,
+            ErrorCode::TooManyOverrides,
+        ] {
             refusals.count(code);
         }
         assert_eq!(
             refusals.read(),
-            [(ErrorCode::TablesFull, 1), (ErrorCode::TooManyEntries, 0), (ErrorCode::TooManySets, 2)]
+            [
+                (ErrorCode::TablesFull, 1),
+                (ErrorCode::TooManyEntries, 0),
+                (ErrorCode::TooManySets, 2),
+                (ErrorCode::TooManyOverrides, 1)
+            ]
         );
     }
 

@@ -247,3 +247,66 @@ fn full_account_maps_refuse_a_new_account_with_tables_full() {
     w.ok(json!({"cmd": "account_remove", "account": "a3"}));
     w.ok(json!({"cmd": "account_add", "account": "a8"}));
 }
+
+/// Support's live overrides on one account stop at `[limits] max_overrides_per_account`: the
+/// next grant gets `too_many_overrides` (over the socket and through the CLI), with details
+/// and nothing stored or enforced; expired and revoked overrides make room, another account
+/// counts its own, a lowered limit revokes nothing, and the metric counts each refusal.
+#[test]
+fn support_overrides_stop_at_the_per_account_limit() {
+    let config = |max: u32| {
+        format!(
+            "min_override_ttl_seconds = 1\n[limits]\nmax_overrides_per_account = {max}\n[metrics]\nlisten = \"{LISTEN}\"\n"
+        )
+    };
+    let w = World::new(&config(3));
+    for account in ["acme", "beta"] {
+        w.ok(json!({"cmd": "account_add", "account": account}));
+        w.ok(json!({"cmd": "allow_add", "account": account, "cidr": "198.18.0.7"}));
+        w.ok(json!({"cmd": "account_mode", "account": account, "mode": "enforce", "force": true}));
+    }
+    let grant = |account: &str, cidr: &str, ttl: u64| {
+        w.conn().request(json!({"cmd": "override_grant", "account": account, "cidr": cidr, "ttl_seconds": ttl,
+                                "ticket": "T-1", "reason": "locked out"}))
+    };
+    let live = |account: &str| w.ok(json!({"cmd": "override_list", "account": account})).as_array().unwrap().len();
+    // One that ends within a second or two, then three that last.
+    assert!(grant("acme", "198.18.1.9", 1).get("ok").is_some());
+    std::thread::sleep(Duration::from_millis(2100));
+    for n in 1..=3 {
+        let reply = grant("acme", &format!("198.18.1.{n}"), 3600);
+        assert!(reply.get("ok").is_some(), "grant {n}: {reply}");
+    }
+    let reply = grant("acme", "198.18.1.4", 3600);
+    assert_eq!(reply["error"]["code"], "too_many_overrides", "{reply}");
+    assert_eq!(
+        reply["error"]["details"],
+        json!({"account": "acme", "overrides": 4, "limit": "limits.max_overrides_per_account", "max": 3})
+    );
+    assert!(reply["error"]["message"].as_str().unwrap().contains("revoke one first"), "{reply}");
+    assert_eq!(live("acme"), 3);
+    assert_eq!(w.check("acme", [198, 18, 1, 4], "password")["reason"], "address_not_allowed");
+    assert_eq!(w.check("acme", [198, 18, 1, 3], "password")["reason"], "allowed");
+    // The CLI shows the code.
+    let args = ["override", "grant", "acme", "198.18.1.4", "--ttl", "1h", "--ticket", "T-1", "--reason", "locked out"];
+    let (code, stdout, stderr) = ctl(&w, &args);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("(too_many_overrides)") && stderr.contains("acme would have 4 live overrides"), "{stderr}");
+    // Another account counts its own.
+    assert!(grant("beta", "198.18.1.4", 3600).get("ok").is_some());
+    // A revoked override makes room.
+    let first = w.ok(json!({"cmd": "override_list", "account": "acme"}))[0]["id"].clone();
+    w.ok(json!({"cmd": "override_revoke", "account": "acme", "override_id": first}));
+    assert!(grant("acme", "198.18.1.4", 3600).get("ok").is_some());
+    assert_eq!(refused(&w, "too_many_overrides"), 2.0);
+    assert_eq!(refused(&w, "tables_full"), 0.0);
+
+    // A lowered limit revokes nothing, and refuses the next grant.
+    std::fs::write(w.config_path(), format!("{}\n{}", config(1), ipaccess_tests::daemon::TEST_MAPS)).unwrap();
+    let log = w.reload();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert_eq!(live("acme"), 3);
+    assert_eq!(w.check("acme", [198, 18, 1, 4], "password")["reason"], "allowed");
+    let reply = grant("acme", "198.18.1.5", 3600);
+    assert_eq!(reply["error"]["details"]["max"], 1, "{reply}");
+}

@@ -195,6 +195,9 @@ pub enum ErrorCode {
     /// The change would give an account more enabled set references than the kernel holds
     /// per account; nothing was changed.
     TooManySets,
+    /// The grant would give an account more live overrides than
+    /// `[limits] max_overrides_per_account` allows; nothing was changed.
+    TooManyOverrides,
     /// Storage or kernel failure; nothing was changed.
     Internal,
     /// A fleet node cannot reach a quorum of etcd: changes are refused (nothing was

@@ -66,6 +66,9 @@ impl Service {
             self.refuse_useless_override(&account, cidr)?;
             let at = now();
             let granted = tx.add_override(&account, cidr, &ticket, &reason, uid, at, at + ttl_seconds as i64)?;
+            // Counted in the change's transaction: two grants racing (on two fleet nodes)
+            // are checked one after the other.
+            override_limit(&account, tx.live_overrides(Some(&account), at)?.len(), self.max_overrides())?;
             let recorded = json!({ "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
                 "reason": reason, "expires_at": granted.expires_at });
             audit(tx, &account, uid, "override_granted", recorded)?;
@@ -80,6 +83,11 @@ impl Service {
         }
         self.locate(granted.recent_denied.iter_mut().map(|r| (r.address.as_deref(), &mut r.location)));
         Ok(granted)
+    }
+
+    /// `[limits] max_overrides_per_account` as configured now (a reload changes it).
+    fn max_overrides(&self) -> usize {
+        self.max_overrides.load(Ordering::Relaxed) as usize
     }
 
     /// Uses `locator` (or none) for the locations of sign-ins from now on.
@@ -211,4 +219,26 @@ impl Service {
             }
         })
     }
+}
+
+/// Refuses, with `too_many_overrides`, a grant that leaves `account` with `live` overrides
+/// when `[limits] max_overrides_per_account` allows `max`.
+fn override_limit(account: &str, live: usize, max: usize) -> Result<(), Failure> {
+    if live <= max {
+        return Ok(());
+    }
+    let Failure(mut body) = Failure::new(
+        ErrorCode::TooManyOverrides,
+        format!(
+            "{account} would have {live} live overrides; the limit is {max} per account \
+             ([limits] max_overrides_per_account): revoke one first; nothing was changed"
+        ),
+    );
+    body.details = Some(json!({
+        "account": account,
+        "overrides": live,
+        "limit": "limits.max_overrides_per_account",
+        "max": max,
+    }));
+    Err(Failure(body))
 }
