@@ -706,13 +706,7 @@ impl Datapath {
     /// these sets, which is built if no other account uses it, with one store.
     pub fn set_account_sets(&mut self, slot: u32, sets: &[u32]) -> Result<()> {
         self.check_slot(slot)?;
-        sets.iter().try_for_each(|&set| check_set(set))?;
-        let mut wanted = sets.to_vec();
-        wanted.sort_unstable();
-        wanted.dedup();
-        if wanted.len() > MAX_SETS_PER_ACCOUNT {
-            return Err(DatapathError::TooManySets(wanted.len()));
-        }
+        let wanted = group_key(sets)?;
         let current = self.account_sets.load(slot, 0) as u32;
         let target = if wanted.is_empty() { 0 } else { self.group_of(&wanted)? };
         if target == current {
@@ -750,18 +744,14 @@ impl Datapath {
             }
         }
         for (id, slots) in members {
-            let mut wants = slots.iter().map(|slot| {
-                let mut sets = wanted.get(slot).cloned().unwrap_or_default();
-                sets.sort_unstable();
-                sets.dedup();
-                sets
-            });
-            let Some(sets) = wants.next() else { continue };
-            let usable = !sets.is_empty()
-                && sets.len() <= MAX_SETS_PER_ACCOUNT
-                && sets.iter().all(|&set| check_set(set).is_ok())
-                && !self.sets.by_sets.contains_key(&sets);
-            if !usable || wants.any(|other| other != sets) {
+            // Each account's sets as `set_account_sets` would key them; `None` where it would
+            // refuse them.
+            let mut wants = slots.iter().map(|slot| group_key(wanted.get(slot).map_or(&[], Vec::as_slice)).ok());
+            let Some(Some(sets)) = wants.next() else { continue };
+            if sets.is_empty()
+                || self.sets.by_sets.contains_key(&sets)
+                || wants.any(|other| other.as_ref() != Some(&sets))
+            {
                 continue;
             }
             let content = self.group_content(id, &sets)?;
@@ -769,8 +759,7 @@ impl Datapath {
             let table = match self.tables.sync(current, &content)? {
                 Synced::InPlace => current,
                 Synced::Replaced(new) => {
-                    self.set_groups.store(group_word(0, id), 0, new.0);
-                    self.set_groups.store(group_word(1, id), 0, new.0);
+                    self.publish_group(id, new);
                     self.tables.retire(current);
                     new
                 }
@@ -791,12 +780,17 @@ impl Datapath {
         let id =
             (1..MAX_SET_GROUPS).find(|id| !self.sets.groups.contains_key(id)).ok_or(DatapathError::TooManySetGroups)?;
         let table = self.build_group(id, sets)?;
-        // Both generations, so that the group is there whichever one a packet reads.
-        self.set_groups.store(group_word(0, id), 0, table.0);
-        self.set_groups.store(group_word(1, id), 0, table.0);
+        self.publish_group(id, table);
         self.sets.groups.insert(id, SetGroup { sets: Some(sets.to_vec()), table, accounts: 0 });
         self.sets.by_sets.insert(sets.to_vec(), id);
         Ok(id)
+    }
+
+    /// Writes group `id`'s table into both generations, so that the group is the same
+    /// whichever one a packet reads (`TableDesc::NONE`: the group is gone).
+    fn publish_group(&self, id: u32, table: TableDesc) {
+        self.set_groups.store(group_word(0, id), 0, table.0);
+        self.set_groups.store(group_word(1, id), 0, table.0);
     }
 
     /// One account fewer uses group `id`; the last one out removes it.
@@ -810,8 +804,7 @@ impl Datapath {
         if let Some(sets) = &group.sets {
             self.sets.by_sets.remove(sets);
         }
-        self.set_groups.store(group_word(0, id), 0, 0);
-        self.set_groups.store(group_word(1, id), 0, 0);
+        self.publish_group(id, TableDesc::NONE);
         self.tables.retire(group.table);
     }
 
@@ -1197,6 +1190,19 @@ impl SetGroups {
 /// The word of group `id`'s table in `generation` of [`MAP_SET_GROUPS`].
 fn group_word(generation: u64, id: u32) -> u32 {
     generation as u32 * MAX_SET_GROUPS + id
+}
+
+/// `sets` as a group is keyed: each once, in order. Refused: an id the kernel has no room
+/// for, or more sets than one account may reference.
+fn group_key(sets: &[u32]) -> Result<Vec<u32>> {
+    sets.iter().try_for_each(|&set| check_set(set))?;
+    let mut key = sets.to_vec();
+    key.sort_unstable();
+    key.dedup();
+    if key.len() > MAX_SETS_PER_ACCOUNT {
+        return Err(DatapathError::TooManySets(key.len()));
+    }
+    Ok(key)
 }
 
 fn check_set(set: u32) -> Result<()> {
