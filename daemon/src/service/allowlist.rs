@@ -203,20 +203,19 @@ pub(super) fn entry_limit(max: u32, account: &str, before: u64, after: u64) -> R
     if after <= max || after <= before {
         return Ok(());
     }
-    let Failure(mut body) = Failure::new(
+    Err(Failure::with_details(
         ErrorCode::TooManyEntries,
         format!(
             "{account}'s allowlist would have {after} entries; the limit is {max} per account \
              ([limits] max_entries_per_account); nothing was changed"
         ),
-    );
-    body.details = Some(json!({
-        "account": account,
-        "entries": after,
-        "limit": "limits.max_entries_per_account",
-        "max": max,
-    }));
-    Err(Failure(body))
+        json!({
+            "account": account,
+            "entries": after,
+            "limit": "limits.max_entries_per_account",
+            "max": max,
+        }),
+    ))
 }
 
 /// The rows an account inherits from the sets it references, after its own: each network

@@ -417,7 +417,7 @@ impl Service {
             Some(doc) => {
                 let value = serde_json::to_vec(&doc).expect("a set serializes");
                 if value.len() > cluster::MAX_DOCUMENT_BYTES {
-                    let Failure(mut body) = Failure::new(
+                    return Err(Failure::with_details(
                         ErrorCode::TooManyEntries,
                         format!(
                             "the set {name} would take {} bytes in etcd; a fleet keeps a set in one key of at most {} \
@@ -425,12 +425,11 @@ impl Service {
                             value.len(),
                             cluster::MAX_DOCUMENT_BYTES
                         ),
-                    );
-                    body.details = Some(serde_json::json!({
-                        "set": name, "entries": doc.entries.len(), "limit": "max_document_bytes",
-                        "bytes": value.len(), "max": cluster::MAX_DOCUMENT_BYTES,
-                    }));
-                    return Err(Failure(body));
+                        serde_json::json!({
+                            "set": name, "entries": doc.entries.len(), "limit": "max_document_bytes",
+                            "bytes": value.len(), "max": cluster::MAX_DOCUMENT_BYTES,
+                        }),
+                    ));
                 }
                 unit.writes.push(Write::Put(key, value));
             }

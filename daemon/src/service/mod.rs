@@ -58,6 +58,12 @@ impl Failure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Failure(ErrorBody { code, message: message.into(), details: None })
     }
+
+    /// A failure whose `details` tell a client what it ran into (a limit, the accounts in
+    /// the way) without parsing the message.
+    pub fn with_details(code: ErrorCode, message: impl Into<String>, details: serde_json::Value) -> Self {
+        Failure(ErrorBody { code, message: message.into(), details: Some(details) })
+    }
 }
 
 impl From<StoreError> for Failure {

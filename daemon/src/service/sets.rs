@@ -63,12 +63,11 @@ impl Service {
             }
             let count = tx.set_entry_count(&set)?;
             if count > MAX_SET_ENTRIES {
-                let Failure(mut body) = Failure::new(
+                return Err(Failure::with_details(
                     ErrorCode::TooManyEntries,
                     format!("the set {set} would hold {count} networks; a set holds at most {MAX_SET_ENTRIES}; nothing was changed"),
-                );
-                body.details = Some(json!({"set": set, "entries": count, "limit": "max_entries_per_set", "max": MAX_SET_ENTRIES}));
-                return Err(Failure(body));
+                    json!({"set": set, "entries": count, "limit": "max_entries_per_set", "max": MAX_SET_ENTRIES}),
+                ));
             }
             audit(tx, &set_subject(&set), uid, "set_add", json!({ "cidrs": cidrs, "label": label, "created": created }))?;
             Ok((Vec::new(), shared_set(tx, &set, notes)?))
@@ -332,12 +331,9 @@ impl Service {
                 if nothing.len() > LISTED { format!(" and {} more", nothing.len() - LISTED) } else { String::new() }
             ));
         }
-        let Failure(mut body) = Failure::new(
-            ErrorCode::Lockout,
-            format!(
-                "refused: changing the set {set}: {}; add the addresses elsewhere first, or repeat with --force",
-                why.join("; ")
-            ),
+        let message = format!(
+            "refused: changing the set {set}: {}; add the addresses elsewhere first, or repeat with --force",
+            why.join("; ")
         );
         let shut_out = shut_out
             .into_iter()
@@ -345,8 +341,7 @@ impl Service {
             .map(|s| AccountSignin { account: s.account, address: s.signin.address, last_seen: s.signin.last_seen })
             .collect();
         nothing.truncate(DETAILED);
-        body.details = Some(json!(SetShutOut { shut_out, allows_nothing: nothing }));
-        Err(Failure(body))
+        Err(Failure::with_details(ErrorCode::Lockout, message, json!(SetShutOut { shut_out, allows_nothing: nothing })))
     }
 
     /// [`Tx::signins_through_set`], with (on a fleet node) the sign-ins the other nodes
@@ -551,22 +546,22 @@ fn reference_limit(tx: &Tx, account: &str) -> Result<(), Failure> {
     if enabled <= MAX_SETS_PER_ACCOUNT {
         return Ok(());
     }
-    let Failure(mut body) = Failure::new(
+    Err(Failure::with_details(
         ErrorCode::TooManySets,
         format!(
             "{account} would have {enabled} enabled set references; an account has at most {MAX_SETS_PER_ACCOUNT} \
              (disable or remove one first); nothing was changed"
         ),
-    );
-    body.details = Some(json!({ "account": account, "sets": enabled, "max": MAX_SETS_PER_ACCOUNT }));
-    Err(Failure(body))
+        json!({ "account": account, "sets": enabled, "max": MAX_SETS_PER_ACCOUNT }),
+    ))
 }
 
 /// `set_in_use`: the set is referenced, and the request did not say `force`.
 fn in_use(set: &str, referrers: &[SetRefRow]) -> Failure {
     let named: Vec<&str> = referrers.iter().take(LISTED).map(|r| r.account.as_str()).collect();
     let more = if referrers.len() > LISTED { format!(" and {} more", referrers.len() - LISTED) } else { String::new() };
-    let Failure(mut body) = Failure::new(
+    let accounts: Vec<&str> = referrers.iter().take(DETAILED).map(|r| r.account.as_str()).collect();
+    Failure::with_details(
         ErrorCode::SetInUse,
         format!(
             "the set {set} is referenced by {} account{}: {}{more}; remove the references first (allow remove-set), \
@@ -575,8 +570,6 @@ fn in_use(set: &str, referrers: &[SetRefRow]) -> Failure {
             if referrers.len() == 1 { "" } else { "s" },
             named.join(", ")
         ),
-    );
-    let accounts: Vec<&str> = referrers.iter().take(DETAILED).map(|r| r.account.as_str()).collect();
-    body.details = Some(json!({ "set": set, "references": referrers.len(), "accounts": accounts }));
-    Failure(body)
+        json!({ "set": set, "references": referrers.len(), "accounts": accounts }),
+    )
 }

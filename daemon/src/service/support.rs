@@ -227,18 +227,17 @@ fn override_limit(account: &str, live: usize, max: usize) -> Result<(), Failure>
     if live <= max {
         return Ok(());
     }
-    let Failure(mut body) = Failure::new(
+    Err(Failure::with_details(
         ErrorCode::TooManyOverrides,
         format!(
             "{account} would have {live} live overrides; the limit is {max} per account \
              ([limits] max_overrides_per_account): revoke one first; nothing was changed"
         ),
-    );
-    body.details = Some(json!({
-        "account": account,
-        "overrides": live,
-        "limit": "limits.max_overrides_per_account",
-        "max": max,
-    }));
-    Err(Failure(body))
+        json!({
+            "account": account,
+            "overrides": live,
+            "limit": "limits.max_overrides_per_account",
+            "max": max,
+        }),
+    ))
 }
