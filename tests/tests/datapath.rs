@@ -1,7 +1,15 @@
 //! Loader and program behaviour beyond verdicts: drop samples and their rate limit, the
 //! XDP modes (native, generic, the fallback between them, as the kernel reports them), state kept across a restart, and one writer per pin directory.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use ipaccess::{
@@ -181,9 +189,9 @@ fn in_place_change_gives_readers_time_before_removing() {
     configure(&mut dp, Mode::Enforce, false);
     let net = |s: &str| (s.parse::<ipnet::IpNet>().unwrap(), NEVER_EXPIRES);
     dp.set_allowlist(ACCOUNT, &[net("198.18.0.0/24")]).unwrap();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     dp.set_allowlist(ACCOUNT, &[net("198.18.0.0/16")]).unwrap();
-    assert!(started.elapsed() >= std::time::Duration::from_millis(1), "removed without a grace period");
+    assert!(started.elapsed() >= Duration::from_millis(1), "removed without a grace period");
     assert_eq!(run(&dp, &packets::ipv4_tcp(Ipv4Addr::new(198, 18, 7, 7), SERVER, 40000, 443)), XDP_PASS);
     assert_eq!(run(&dp, &packets::ipv4_tcp(Ipv4Addr::new(198, 19, 7, 7), SERVER, 40000, 443)), XDP_DROP);
 }
@@ -354,4 +362,47 @@ fn shared_sets_let_in_every_account_that_references_them_and_change_for_all() {
     assert_eq!(run(&dp, &to(SERVER, third)), XDP_DROP);
     assert_eq!(run(&dp, &to(SERVER, ALLOWED)), XDP_PASS);
     assert_eq!(dp.slot_usage().0, own_tables_only, "the last account out of a group leaves its table behind");
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// The verifier gives up with EAGAIN when the loading thread has a signal pending, and
+/// verifying this program takes long enough on a busy host for one to arrive: the load is
+/// tried again rather than failing the daemon's start (or an upgrade's).
+#[test]
+fn a_load_the_kernel_cuts_short_is_tried_again() {
+    let bpffs = BpfFs::new().unwrap();
+    // SAFETY: a handler that does nothing, installed without SA_RESTART, so that a pending
+    // SIGUSR1 interrupts the verifier instead of killing the process.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()), 0);
+    }
+    // SAFETY: the handle of the calling thread, which outlives the signaller (joined below).
+    let loader = unsafe { libc::pthread_self() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let signaller = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let start = Instant::now();
+            let mut sent = 0;
+            // Through the first attempts (each verification takes about a second here), then quiet.
+            while start.elapsed() < Duration::from_millis(250) && !stop.load(Ordering::Relaxed) {
+                // SAFETY: the loading thread is alive until this thread is joined.
+                assert_eq!(unsafe { libc::pthread_kill(loader, libc::SIGUSR1) }, 0);
+                sent += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            sent
+        })
+    };
+    let opened = Datapath::open(&DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 });
+    stop.store(true, Ordering::Relaxed);
+    let sent = signaller.join().unwrap();
+    let mut dp = opened.expect("the load is tried again after the kernel stopped verifying");
+    assert!(sent > 10, "only {sent} signals were sent");
+    configure(&mut dp, Mode::Enforce, false);
+    assert_eq!(run(&dp, &packets::ipv4_tcp(REFUSED, SERVER, 40000, 443)), XDP_DROP);
+    assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_PASS);
 }

@@ -23,7 +23,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{Map, MapData, PerCpuArray, RingBuf},
     pin::PinError,
     programs::{
@@ -263,6 +263,11 @@ impl Datapath {
             .map_max_entries(MAP_ACCOUNTS, options.accounts)
             .map_max_entries(MAP_COUNTERS, options.accounts)
             .map_max_entries(MAP_ACCOUNT_SETS, options.accounts)
+            // The verifier's message and statistics, not its trace: the program takes some
+            // 700,000 verified instructions, whose trace overflows any log buffer, and an
+            // overflowing log fails the load with ENOSPC (aya then tries ever larger buffers,
+            // verifying the program up to ten more times, and reports ENOSPC, not the cause).
+            .verifier_log_level(VerifierLogLevel::STATS)
             .load(PROGRAM_OBJECT)?;
         let slots_len = map_len::<Slot>(&ebpf, MAP_SLOTS, &pin_dir)?;
         let accounts_len = map_len::<AccountRecord>(&ebpf, MAP_ACCOUNTS, &pin_dir)?;
@@ -314,7 +319,10 @@ impl Datapath {
         let samples = ebpf.take_map(MAP_SAMPLES).expect("object has a sample ring");
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
-        program.load().map_err(|e| DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e))?;
+        let verifying = std::time::Instant::now();
+        load_program(program)?;
+        let processed = program.info().ok().and_then(|info| info.verified_instruction_count());
+        info!("{PROGRAM_NAME}: verified in {:?} ({processed:?} instructions processed)", verifying.elapsed());
         let bindings = BindingModel::from_table(tables.read(bindings_table(&config)).entries);
         let first_lengths = first_lengths_found(&tables, &accounts);
         Ok(Self {
@@ -1271,6 +1279,32 @@ fn lock_dir(dir: &Path) -> Result<fs::File> {
             return Err(DatapathError::InUse(dir.to_path_buf()));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How often a load the kernel cut short (see [`load_program`]) is tried.
+const LOAD_ATTEMPTS: u32 = 4;
+
+/// Loads (verifies) the program, trying again when the kernel gave up for a reason of the
+/// moment rather than a verdict on the program: the verifier stops with EAGAIN when the
+/// loading thread has a signal pending and can fail an allocation (ENOMEM) on a host short
+/// of memory, and verifying takes long enough (about a second, more on a busy host) for
+/// either to happen. A rejection is reported at once.
+fn load_program(program: &mut Xdp) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Ok(()) => return Ok(()),
+            Err(ProgramError::LoadError { io_error, .. })
+                if attempt < LOAD_ATTEMPTS
+                    && matches!(io_error.raw_os_error(), Some(libc::EAGAIN | libc::EINTR | libc::ENOMEM)) =>
+            {
+                warn!("{PROGRAM_NAME}: the kernel stopped verifying it ({io_error}); trying again");
+                std::thread::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)));
+                attempt += 1;
+            }
+            Err(e) => return Err(DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e)),
+        }
     }
 }
 
