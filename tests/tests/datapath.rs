@@ -402,6 +402,8 @@ fn a_load_the_kernel_cuts_short_is_tried_again() {
     let sent = signaller.join().unwrap();
     let mut dp = opened.expect("the load is tried again after the kernel stopped verifying");
     assert!(sent > 10, "only {sent} signals were sent");
+    // Otherwise the signals missed the verifier and this test proved nothing.
+    assert!(dp.load_attempts() > 1, "the first load was not interrupted ({sent} signals sent)");
     configure(&mut dp, Mode::Enforce, false);
     assert_eq!(run(&dp, &packets::ipv4_tcp(REFUSED, SERVER, 40000, 443)), XDP_DROP);
     assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_PASS);

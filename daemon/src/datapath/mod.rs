@@ -225,6 +225,8 @@ pub struct Datapath {
     /// The bindings in the kernel's binding table, and each account's keys there (rewritten
     /// when the account changes).
     bindings: BindingModel,
+    /// How many loads it took the kernel to verify the program ([`load_program`]).
+    load_attempts: u32,
     /// Links this process attached or reused, by interface (each also pinned).
     links: BTreeMap<String, FdLink>,
     /// Per account slot, the length its table probes first per family (IPv4, IPv6;
@@ -320,9 +322,12 @@ impl Datapath {
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
         let verifying = std::time::Instant::now();
-        load_program(program)?;
+        let load_attempts = load_program(program)?;
         let processed = program.info().ok().and_then(|info| info.verified_instruction_count());
-        info!("{PROGRAM_NAME}: verified in {:?} ({processed:?} instructions processed)", verifying.elapsed());
+        info!(
+            "{PROGRAM_NAME}: verified in {:?} ({processed:?} instructions processed, load {load_attempts} of {LOAD_ATTEMPTS})",
+            verifying.elapsed()
+        );
         let bindings = BindingModel::from_table(tables.read(bindings_table(&config)).entries);
         let first_lengths = first_lengths_found(&tables, &accounts);
         Ok(Self {
@@ -337,6 +342,7 @@ impl Datapath {
             sets,
             samples,
             bindings,
+            load_attempts,
             links: BTreeMap::new(),
             first_lengths,
             _lock: lock,
@@ -345,6 +351,11 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// How many loads it took to have the program verified: 1 unless the kernel cut one short.
+    pub fn load_attempts(&self) -> u32 {
+        self.load_attempts
     }
 
     /// The loaded filter program (for BPF_PROG_TEST_RUN in tests and benchmarks).
@@ -1289,12 +1300,12 @@ const LOAD_ATTEMPTS: u32 = 4;
 /// moment rather than a verdict on the program: the verifier stops with EAGAIN when the
 /// loading thread has a signal pending and can fail an allocation (ENOMEM) on a host short
 /// of memory, and verifying takes long enough (about a second, more on a busy host) for
-/// either to happen. A rejection is reported at once.
-fn load_program(program: &mut Xdp) -> Result<()> {
+/// either to happen. A rejection is reported at once. Returns the number of loads it took.
+fn load_program(program: &mut Xdp) -> Result<u32> {
     let mut attempt = 1;
     loop {
         match program.load() {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(attempt),
             Err(ProgramError::LoadError { io_error, .. })
                 if attempt < LOAD_ATTEMPTS
                     && matches!(io_error.raw_os_error(), Some(libc::EAGAIN | libc::EINTR | libc::ENOMEM)) =>
