@@ -1,5 +1,7 @@
 //! Loader and program behaviour beyond verdicts: drop samples and their rate limit, the
-//! XDP modes (native, generic, the fallback between them, as the kernel reports them), state kept across a restart, and one writer per pin directory.
+//! XDP modes (native, generic, the fallback between them, as the kernel reports them), state
+//! kept across a restart, one writer per pin directory, and verification (loads the kernel cut
+//! short, and the headroom under its limit).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -407,4 +409,26 @@ fn a_load_the_kernel_cuts_short_is_tried_again() {
     configure(&mut dp, Mode::Enforce, false);
     assert_eq!(run(&dp, &packets::ipv4_tcp(REFUSED, SERVER, 40000, 443)), XDP_DROP);
     assert_eq!(run(&dp, &packets::ipv4_tcp(ALLOWED, SERVER, 40000, 443)), XDP_PASS);
+}
+
+/// The kernel refuses a program whose verification processes more than 1,000,000
+/// instructions ("BPF program is too large"), and this one walks every probe of every table a
+/// packet may reach (docs/datapath.md). Failing here, well before that cliff, says a change
+/// spent most of the headroom left, while the program still loads and the cost can be weighed.
+const VERIFIER_BUDGET: u32 = 850_000;
+
+#[test]
+fn the_program_verifies_well_within_the_kernels_limit() {
+    let bpffs = BpfFs::new().unwrap();
+    let dp = Datapath::open(&DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 }).unwrap();
+    let info = dp.program().info().unwrap();
+    let processed = info.verified_instruction_count().expect("the kernel reports what verification processed");
+    // Ten thousand: far below what this program's probes take, so a zero or a tiny figure
+    // is a sign the count is not what this test thinks it is.
+    assert!(processed > 10_000, "only {processed} instructions processed");
+    assert!(
+        processed <= VERIFIER_BUDGET,
+        "verification processed {processed} instructions, over the budget of {VERIFIER_BUDGET} (the kernel stops at \
+         1,000,000)"
+    );
 }
