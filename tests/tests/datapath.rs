@@ -31,9 +31,13 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 const REFUSED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
 
+/// Test-size maps in `bpffs`.
+fn options(bpffs: &BpfFs) -> DatapathOptions {
+    DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 }
+}
+
 fn open(bpffs: &BpfFs) -> Datapath {
-    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
-    Datapath::open(&options).expect("load the XDP program")
+    Datapath::open(&options(bpffs)).expect("load the XDP program")
 }
 
 /// Account 7 owns TCP 443 on 198.18.0.1 and allows 198.18.0.10 only.
@@ -203,8 +207,7 @@ fn state_survives_a_restart_and_one_writer_holds_the_pins() {
     let bpffs = BpfFs::new().unwrap();
     let mut dp = open(&bpffs);
     configure(&mut dp, Mode::Enforce, false);
-    let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
-    let second = Datapath::open(&options);
+    let second = Datapath::open(&options(&bpffs));
     assert!(
         matches!(&second, Err(e) if e.to_string().contains("in use by another ipaccessd")),
         "a second writer must be refused"
@@ -399,7 +402,7 @@ fn a_load_the_kernel_cuts_short_is_tried_again() {
             sent
         })
     };
-    let opened = Datapath::open(&DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 });
+    let opened = Datapath::open(&options(&bpffs));
     stop.store(true, Ordering::Relaxed);
     let sent = signaller.join().unwrap();
     let mut dp = opened.expect("the load is tried again after the kernel stopped verifying");
@@ -420,7 +423,7 @@ const VERIFIER_BUDGET: u32 = 850_000;
 #[test]
 fn the_program_verifies_well_within_the_kernels_limit() {
     let bpffs = BpfFs::new().unwrap();
-    let dp = Datapath::open(&DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 }).unwrap();
+    let dp = open(&bpffs);
     let info = dp.program().info().unwrap();
     let processed = info.verified_instruction_count().expect("the kernel reports what verification processed");
     // Ten thousand: far below what this program's probes take, so a zero or a tiny figure

@@ -20,6 +20,8 @@ use std::{
     net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -321,7 +323,7 @@ impl Datapath {
         let samples = ebpf.take_map(MAP_SAMPLES).expect("object has a sample ring");
         let samples = RingBuf::try_from(samples).map_err(|e| DatapathError::Map(MAP_SAMPLES.into(), e))?;
         let program = program_mut(&mut ebpf, PROGRAM_NAME)?;
-        let verifying = std::time::Instant::now();
+        let verifying = Instant::now();
         let load_attempts = load_program(program)?;
         let processed = program.info().ok().and_then(|info| info.verified_instruction_count());
         info!(
@@ -1277,7 +1279,7 @@ fn try_lock_dir(dir: &Path) -> io::Result<fs::File> {
 /// A lock that is busy is retried for a moment: a process forked by another thread of ours
 /// holds a copy of the previous holder's descriptor until it execs.
 fn lock_dir(dir: &Path) -> Result<fs::File> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let error = match try_lock_dir(dir) {
             Ok(file) => return Ok(file),
@@ -1286,10 +1288,10 @@ fn lock_dir(dir: &Path) -> Result<fs::File> {
         if error.kind() != io::ErrorKind::WouldBlock {
             return Err(DatapathError::Lock { path: dir.to_path_buf(), source: error });
         }
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             return Err(DatapathError::InUse(dir.to_path_buf()));
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1311,7 +1313,7 @@ fn load_program(program: &mut Xdp) -> Result<u32> {
                     && matches!(io_error.raw_os_error(), Some(libc::EAGAIN | libc::EINTR | libc::ENOMEM)) =>
             {
                 warn!("{PROGRAM_NAME}: the kernel stopped verifying it ({io_error}); trying again");
-                std::thread::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)));
+                thread::sleep(Duration::from_millis(100 * u64::from(attempt)));
                 attempt += 1;
             }
             Err(e) => return Err(DatapathError::Program(format!("verifying {PROGRAM_NAME}"), e)),
