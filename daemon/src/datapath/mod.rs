@@ -326,8 +326,9 @@ impl Datapath {
         let verifying = Instant::now();
         let load_attempts = load_program(program)?;
         let processed = program.info().ok().and_then(|info| info.verified_instruction_count());
+        let processed = processed.map_or_else(|| "an unknown number of".to_owned(), |n| n.to_string());
         info!(
-            "{PROGRAM_NAME}: verified in {:?} ({processed:?} instructions processed, load {load_attempts} of {LOAD_ATTEMPTS})",
+            "{PROGRAM_NAME}: verified in {:?} ({processed} instructions processed, load {load_attempts} of {LOAD_ATTEMPTS})",
             verifying.elapsed()
         );
         let bindings = BindingModel::from_table(tables.read(bindings_table(&config)).entries);
