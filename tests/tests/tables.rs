@@ -75,13 +75,27 @@ fn run_while_changing(
 /// is in both, untouched.
 #[test]
 fn flipping_an_allowlist_in_place_drops_no_packet_it_covers_throughout() {
+    flip_in_place_and_count(&["198.18.0.0/24", "198.18.5.5/32"], &["198.18.0.0/16", "198.18.5.5/32"]);
+}
+
+/// The same with a /24 of another network in both lists: the flip to the source's /24 adds
+/// no probe length, so a packet that missed the new /24 just before it went live must not
+/// then meet the /16's tombstone.
+#[test]
+fn replacing_a_key_at_a_length_in_use_drops_no_packet_it_covers_throughout() {
+    flip_in_place_and_count(&["198.18.9.0/24", "198.18.0.0/16"], &["198.18.9.0/24", "198.18.0.0/24"]);
+}
+
+/// Flips the account's allowlist in place between `a` and `b` (both cover [`SOURCE`]) while
+/// packets from it run; every run must pass and be counted.
+fn flip_in_place_and_count(a: &[&str], b: &[&str]) {
     let bpffs = BpfFs::new().unwrap();
     let options = DatapathOptions { bpffs: bpffs.path().into(), slots: 1 << 12, accounts: 64 };
     let mut dp = Datapath::open(&options).expect("load the XDP program");
     let target = BindTarget::Port { protocol: 6, port: 443 };
     dp.set_bindings(&[Binding { addr: SERVER.into(), target, account: ACCOUNT }]).unwrap();
     dp.set_policy(ACCOUNT, Mode::Enforce, false).unwrap();
-    let lists = [list(&["198.18.0.0/24", "198.18.5.5/32"]), list(&["198.18.0.0/16", "198.18.5.5/32"])];
+    let lists = [list(a), list(b)];
     dp.set_allowlist(ACCOUNT, &lists[0]).unwrap();
 
     let frame = packets::ipv4_tcp(SOURCE, SERVER, 40000, 443);
