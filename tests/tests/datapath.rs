@@ -369,6 +369,72 @@ fn shared_sets_let_in_every_account_that_references_them_and_change_for_all() {
     assert_eq!(dp.slot_usage().0, own_tables_only, "the last account out of a group leaves its table behind");
 }
 
+/// A packet reads its account's set group from `ACCOUNT_SETS`, then the group's table: an
+/// account moved to another group in between must leave the one it left whole for that
+/// packet, neither cleared (a source both groups cover would be dropped) nor given to other
+/// sets (the packet would be judged by sets its account never referenced), until the
+/// quarantine ends. Such a packet is played here by writing the old group's id back into
+/// the account's word through the pinned map.
+#[test]
+fn a_set_group_left_stays_whole_for_packets_that_read_it_until_the_quarantine_ends() {
+    use aya::maps::{Array, Map, MapData};
+    use ipaccess::datapath::regions::QUARANTINE;
+    const OTHER: u32 = 8;
+    const OTHER_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = open(&bpffs);
+    let target = BindTarget::Port { protocol: 6, port: 443 };
+    dp.set_bindings(&[
+        Binding { addr: SERVER.into(), target, account: ACCOUNT },
+        Binding { addr: OTHER_SERVER.into(), target, account: OTHER },
+    ])
+    .unwrap();
+    for slot in [ACCOUNT, OTHER] {
+        dp.set_policy(slot, Mode::Enforce, false).unwrap();
+    }
+    let net = |cidr: &str| -> ipnet::IpNet { cidr.parse().unwrap() };
+    let (vpn, partner) = (Ipv4Addr::new(198, 18, 40, 7), Ipv4Addr::new(198, 18, 50, 1));
+    let to_account = |src: Ipv4Addr| packets::ipv4_tcp(src, SERVER, 40000, 443);
+    dp.set_shared_set(1, &[net("198.18.40.0/24")]).unwrap();
+    dp.set_shared_set(2, &[net("198.18.50.1/32")]).unwrap();
+    dp.set_shared_set(3, &[net("198.18.60.0/24")]).unwrap();
+    let pin = dp.pin_dir().join(ipaccess_common::MAP_ACCOUNT_SETS);
+    let mut groups: Array<MapData, u64> = Array::try_from(Map::Array(MapData::from_pin(&pin).unwrap())).unwrap();
+
+    dp.set_account_sets(ACCOUNT, &[1]).unwrap();
+    let left = groups.get(&ACCOUNT, 0).unwrap();
+    dp.set_account_sets(ACCOUNT, &[1, 2]).unwrap();
+    let joined = groups.get(&ACCOUNT, 0).unwrap();
+    assert_ne!(left, joined, "a new combination of sets, a new group");
+    let left_at = Instant::now();
+
+    // A packet that read the group it left: its set still lets the source in.
+    groups.set(ACCOUNT, left, 0).unwrap();
+    assert_eq!(run(&dp, &to_account(vpn)), XDP_PASS, "the group left was cleared under a packet that read it");
+    groups.set(ACCOUNT, joined, 0).unwrap();
+
+    // Sets wanted meanwhile get a group of another id.
+    dp.set_account_sets(OTHER, &[2]).unwrap();
+    let other_group = groups.get(&OTHER, 0).unwrap();
+    assert!(left_at.elapsed() < QUARANTINE, "the test was too slow to show anything");
+    assert_ne!(other_group, left, "a group's id was given to other sets within the quarantine");
+    groups.set(ACCOUNT, left, 0).unwrap();
+    assert_eq!(run(&dp, &to_account(vpn)), XDP_PASS);
+    assert_eq!(run(&dp, &to_account(partner)), XDP_DROP, "judged by sets of another group");
+    groups.set(ACCOUNT, joined, 0).unwrap();
+    assert_eq!(run(&dp, &to_account(partner)), XDP_PASS);
+
+    // After the quarantine the id is free again: no id is kept for ever.
+    thread::sleep(QUARANTINE.saturating_sub(left_at.elapsed()) + Duration::from_millis(50));
+    dp.set_account_sets(OTHER, &[3]).unwrap();
+    assert_eq!(groups.get(&OTHER, 0).unwrap(), left, "the lowest free id, once the quarantine is over");
+    let partner_to_other = packets::ipv4_tcp(partner, OTHER_SERVER, 40000, 443);
+    let office_to_other = packets::ipv4_tcp(Ipv4Addr::new(198, 18, 60, 1), OTHER_SERVER, 40000, 443);
+    assert_eq!(run(&dp, &partner_to_other), XDP_DROP, "the set the account left");
+    assert_eq!(run(&dp, &office_to_other), XDP_PASS);
+    assert_eq!(run(&dp, &to_account(vpn)), XDP_PASS);
+}
+
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// The verifier gives up with EAGAIN when the loading thread has a signal pending, and

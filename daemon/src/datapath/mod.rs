@@ -799,8 +799,9 @@ impl Datapath {
         if let Some(&id) = self.sets.by_sets.get(sets) {
             return Ok(id);
         }
-        let id =
-            (1..MAX_SET_GROUPS).find(|id| !self.sets.groups.contains_key(id)).ok_or(DatapathError::TooManySetGroups)?;
+        self.clear_released_groups(Instant::now());
+        let free = |id: &u32| !self.sets.groups.contains_key(id) && !self.sets.released.iter().any(|(r, _)| r == id);
+        let id = (1..MAX_SET_GROUPS).find(free).ok_or(DatapathError::TooManySetGroups)?;
         let table = self.build_group(id, sets)?;
         self.publish_group(id, table);
         self.sets.groups.insert(id, SetGroup { sets: Some(sets.to_vec()), table, accounts: 0 });
@@ -815,7 +816,10 @@ impl Datapath {
         self.set_groups.store(group_word(1, id), 0, table.0);
     }
 
-    /// One account fewer uses group `id`; the last one out removes it.
+    /// One account fewer uses group `id`; the last one out removes it. A packet may have
+    /// read the group's id from its account's word just before the account moved on, and
+    /// read the group's table after: so the table stays published, its region quarantined
+    /// (intact), and the id is not given to other sets until the quarantine ends.
     fn leave_group(&mut self, id: u32) {
         let Some(group) = self.sets.groups.get_mut(&id) else { return };
         group.accounts = group.accounts.saturating_sub(1);
@@ -826,8 +830,20 @@ impl Datapath {
         if let Some(sets) = &group.sets {
             self.sets.by_sets.remove(sets);
         }
-        self.publish_group(id, TableDesc::NONE);
         self.tables.retire(group.table);
+        self.sets.released.push((id, Instant::now()));
+    }
+
+    /// Unpublishes the tables of groups left at least [`regions::QUARANTINE`] before `now`
+    /// (no packet can still hold their ids), which frees their ids.
+    fn clear_released_groups(&mut self, now: Instant) {
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sets.released)
+            .into_iter()
+            .partition(|(_, at)| now.duration_since(*at) >= regions::QUARANTINE);
+        self.sets.released = waiting;
+        for (id, _) in due {
+            self.publish_group(id, TableDesc::NONE);
+        }
     }
 
     /// The shared sets account `slot` references in the kernel (empty also for a group an
@@ -1181,6 +1197,9 @@ struct SetGroups {
     groups: BTreeMap<u32, SetGroup>,
     /// Each group's id by its sets.
     by_sets: BTreeMap<Vec<u32>, u32>,
+    /// Groups whose last account left, and when: their tables stay published and their
+    /// ids unused until the quarantine ends (see [`Datapath::leave_group`]).
+    released: Vec<(u32, Instant)>,
 }
 
 struct SetGroup {
