@@ -319,9 +319,8 @@ pub(super) fn apply_account(
     let timed = account.overrides.iter().map(|o| (o.cidr, o.expires_at));
     let timed = timed.chain(account.expiring.iter().map(|e| (e.cidr, e.expires_at)));
     for (net, expires) in timed {
-        let left = expires as i128 * 1_000_000_000 - unix_now_ns;
-        if left > 0 {
-            entries.push((net, boot_now.saturating_add(left as u64)));
+        if let Some(expires) = kernel_expiry(expires, unix_now_ns, boot_now) {
+            entries.push((net, expires));
         }
     }
     // One key holds one expiry: where an entry and an override share a network, the later.
@@ -331,6 +330,14 @@ pub(super) fn apply_account(
     let sets: Vec<u32> = account.sets.iter().map(|s| s.kernel_id).collect();
     datapath.set_account_sets(account.slot, &sets)?;
     datapath.set_policy(account.slot, account.mode, suspended)
+}
+
+/// When, by the kernel's boot clock (`boot_now` now), something that ends at `expires_at`
+/// (Unix seconds) ends: `None` if it has ended. An end past the boot clock's range (a
+/// document written by hand, say) is never: cut short, it would wrap to an arbitrary time.
+fn kernel_expiry(expires_at: i64, unix_now_ns: i128, boot_now: u64) -> Option<u64> {
+    let left = i128::from(expires_at) * 1_000_000_000 - unix_now_ns;
+    (left > 0).then(|| u64::try_from(left).map_or(NEVER_EXPIRES, |left| boot_now.saturating_add(left)))
 }
 
 /// Records a change in the activity log, in the change's own transaction, and in the
@@ -434,5 +441,22 @@ mod tests {
         }
         assert_eq!(cached.entries.len(), 4);
         assert_eq!(cached.expiring.len(), 2);
+    }
+
+    /// Ends move to the kernel's clock to the nanosecond; an end too far off for it does not
+    /// wrap to an earlier one.
+    #[test]
+    fn an_end_moves_to_the_boot_clock_without_wrapping() {
+        let now_s = 1_800_000_000i64;
+        let now_ns = i128::from(now_s) * 1_000_000_000 + 250;
+        let boot = 5_000_000_000u64;
+        assert_eq!(kernel_expiry(now_s + 10, now_ns, boot), Some(boot + 10_000_000_000 - 250));
+        assert_eq!(kernel_expiry(now_s, now_ns, boot), None, "ended");
+        assert_eq!(kernel_expiry(now_s - 3_600, now_ns, boot), None);
+        // More than about 584 years ahead: more nanoseconds than a u64 holds.
+        assert_eq!(kernel_expiry(now_s + 19_000_000_000, now_ns, boot), Some(NEVER_EXPIRES));
+        assert_eq!(kernel_expiry(i64::MAX, now_ns, boot), Some(NEVER_EXPIRES));
+        // Within range but past the boot clock's end once added: as late as it goes.
+        assert_eq!(kernel_expiry(now_s + 10, now_ns, u64::MAX - 5), Some(u64::MAX));
     }
 }
