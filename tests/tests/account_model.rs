@@ -208,6 +208,41 @@ fn lockout_guard_without_client_ip() {
     assert!(log.contains("lockout_refused: account \"x\" by uid 0 (because=\"recent sign-ins shut out\")"), "{log}");
 }
 
+/// An account removed and made again under its id is a new customer: the old one's
+/// sign-ins neither hold back the new one's changes (the lockout guard) nor pass for its
+/// attempts in support's evidence. The new account's own sign-ins still count.
+#[test]
+fn an_id_used_again_owes_nothing_to_the_old_accounts_sign_ins() {
+    let w = World::new("");
+    let [a, b, c, d] = w.hosts.client_v4[..] else { panic!("four client addresses") };
+    let (a_s, b_s, c_s) = (a.to_string(), b.to_string(), c.to_string());
+    let enforce = json!({"cmd": "account_mode", "account": "y", "mode": "enforce"});
+    w.ok(json!({"cmd": "account_add", "account": "y"}));
+    w.ok(json!({"cmd": "allow_add", "account": "y", "cidr": a_s}));
+    w.ok(enforce.clone());
+    assert_eq!(w.check("y", c, "password")["allowed"], false);
+    w.ok(json!({"cmd": "account_mode", "account": "y", "mode": "monitor"}));
+    assert_eq!(w.check("y", b, "password")["reason"], "monitor_would_deny");
+    let (code, message) = w.err(enforce.clone());
+    assert!(code == "lockout" && message.contains(&b_s), "the guard does not see the sign-in: {code}: {message}");
+    w.ok(json!({"cmd": "account_remove", "account": "y"}));
+
+    // Accounts are dated to the second: the new one is made in a later second.
+    std::thread::sleep(Duration::from_millis(1100));
+    w.ok(json!({"cmd": "account_add", "account": "y"}));
+    w.ok(json!({"cmd": "allow_add", "account": "y", "cidr": a_s}));
+    w.ok(enforce.clone());
+    let granted = w.ok(grant("y", &d.to_string()));
+    let denied = granted["recent_denied"].as_array().expect("recent_denied").clone();
+    assert!(!denied.iter().any(|r| r["address"] == c_s.as_str()), "the old account's attempts: {granted}");
+
+    // Its own sign-ins are weighed as before.
+    w.ok(json!({"cmd": "account_mode", "account": "y", "mode": "monitor"}));
+    assert_eq!(w.check("y", b, "password")["reason"], "monitor_would_deny");
+    let (code, message) = w.err(enforce);
+    assert!(code == "lockout" && message.contains(&b_s), "{code}: {message}");
+}
+
 /// `::ffff:a.b.c.d` is an IPv4 address however it is spelled: entries and overrides made in
 /// the mapped spelling are stored as IPv4, say so, and match at login and on the wire.
 #[test]

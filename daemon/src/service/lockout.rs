@@ -52,8 +52,11 @@ impl SigninSource for Service {
 }
 
 /// The store's recent sign-ins of `account` and the other nodes', one per address (its
-/// latest), newest first.
+/// latest), newest first. Only those since the account was made: an account removed and
+/// made again under its id is a new customer, whose allowlist owes nothing to the old one's
+/// sign-ins (the history stays, under the id, for support to read).
 fn recent_signins(tx: &Tx, others: &dyn OtherNodes, account: &str, since: i64) -> Result<Vec<RecentSignin>, Failure> {
+    let since = since.max(tx.account(account)?.map_or(0, |a| a.created_at));
     let mut all = tx.recent_signins(account, since)?;
     all.extend(others.signins(&[account], since)?.into_iter().map(|r| r.signin));
     Ok(merge(all))

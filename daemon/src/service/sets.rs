@@ -368,7 +368,16 @@ impl Service {
             return Ok(signins);
         }
         let remote = lockout::OtherNodes::signins(self, &enforcing, since)?;
-        signins.extend(remote.into_iter().map(|r| SignedInThroughSet { account: r.account, signin: r.signin }));
+        // As in the store's query, only sign-ins since each account was made.
+        let mut made_at: HashMap<String, i64> = HashMap::new();
+        for r in remote {
+            if !made_at.contains_key(&r.account) {
+                made_at.insert(r.account.clone(), tx.account(&r.account)?.map_or(0, |a| a.created_at));
+            }
+            if r.signin.last_seen >= made_at[&r.account] {
+                signins.push(SignedInThroughSet { account: r.account, signin: r.signin });
+            }
+        }
         // One per account and address, its latest, as the store's query gives them.
         signins.sort_by(|a, b| {
             (&a.account, a.signin.address, b.signin.last_seen).cmp(&(&b.account, b.signin.address, a.signin.last_seen))

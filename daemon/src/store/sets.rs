@@ -185,7 +185,7 @@ impl Tx<'_> {
                    JOIN accounts a ON a.id = r.account AND a.mode = 'enforce'
                    JOIN signins s ON s.account = r.account
                    WHERE r.set_name = ?1 AND r.enabled = 1 AND s.last_seen >= ?2 AND s.bucket > ?2 - 3600 AND s.application = 1
-                         AND s.allowed = 1 AND s.address <> '*'
+                         AND s.allowed = 1 AND s.address <> '*' AND s.last_seen >= a.created_at
                    GROUP BY s.account, s.address ORDER BY s.account, MAX(s.last_seen) DESC";
         self.rows(sql, (set, since), |r| {
             let address: String = r.get(1)?;
