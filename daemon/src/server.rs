@@ -16,7 +16,7 @@
 use std::{
     borrow::Cow,
     collections::HashMap,
-    fmt, fs,
+    fmt,
     io::{self, BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream as StdUnixStream,
     sync::{Arc, Condvar, Mutex},
@@ -297,7 +297,11 @@ fn connection(
     stream.set_nonblocking(false)?;
     let cred = rustix::net::sockopt::socket_peercred(&stream)?;
     let uid = cred.uid.as_raw();
-    let mut gids = supplementary_groups(cred.pid.as_raw_nonzero().get());
+    let mut gids = peer_groups(&stream).unwrap_or_else(|e| {
+        // Without them only the uid and the primary group can give roles: fewer, not more.
+        warn!("the supplementary groups of a control connection from uid {uid} are unknown: {e}");
+        Vec::new()
+    });
     gids.push(cred.gid.as_raw());
     let admitted = {
         let config = config.borrow().clone();
@@ -573,16 +577,37 @@ fn line(reply: &Reply) -> Vec<u8> {
     bytes
 }
 
-/// The peer's supplementary groups, from /proc: SO_PEERCRED carries only the primary one.
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|groups| groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
-        .unwrap_or_default()
+/// The peer's supplementary groups as they were when it connected (`SO_PEERGROUPS`; the
+/// primary one comes with `SO_PEERCRED`). Not read from /proc by the peer's pid: by the time
+/// the connection is served that process may be gone and its pid another user's.
+fn peer_groups(stream: &StdUnixStream) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    const GID: usize = size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `groups`, whose length it is.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let wanted = len as usize / GID;
+        if rc == 0 {
+            groups.truncate(wanted);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // Too small: the kernel says how many there are (at most NGROUPS_MAX, 65,536).
+        if e.raw_os_error() != Some(libc::ERANGE) || wanted <= groups.len() {
+            return Err(e);
+        }
+        groups.resize(wanted, 0);
+    }
 }
 
 #[cfg(test)]

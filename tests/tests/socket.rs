@@ -1,7 +1,8 @@
 //! The control socket under a hostile or careless client, end to end on the real daemon:
 //! one uid cannot take every connection (per-uid cap, slots kept for root and admins, idle
 //! connections closed), a reload that removes a role applies to connections already open,
-//! and only a command's name, as a string, selects a command.
+//! a group's role goes by the groups a client connected with, and only a command's name, as
+//! a string, selects a command.
 //!
 //! Unprivileged clients connect from a thread that has changed its own uid (SO_PEERCRED
 //! records the connecting thread's credentials). Build the binaries first:
@@ -14,6 +15,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ipaccess_tests::client::Client;
 use ipaccess_tests::daemon::{TEST_MAPS, World};
 use serde_json::{Value, json};
 
@@ -28,11 +30,17 @@ const REPLY: Duration = Duration::from_secs(10);
 /// `count` connections to `socket` with the credentials of uid/gid `id` and no supplementary
 /// groups. Only the connecting thread changes identity, and that thread then ends.
 fn connect_as(socket: &Path, id: u32, count: usize) -> Vec<UnixStream> {
+    connect_with_groups(socket, id, &[], count)
+}
+
+/// [`connect_as`] with the supplementary groups `groups`.
+fn connect_with_groups(socket: &Path, id: u32, groups: &[u32], count: usize) -> Vec<UnixStream> {
     let socket = socket.to_path_buf();
+    let groups: Vec<libc::gid_t> = groups.to_vec();
     thread::spawn(move || {
-        // SAFETY: raw credential syscalls on this thread only; no memory is involved.
+        // SAFETY: raw credential syscalls on this thread only; `groups` outlives the call.
         unsafe {
-            assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
+            assert_eq!(libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()), 0);
             assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
             assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
         }
@@ -233,6 +241,27 @@ fn a_reload_that_removes_a_role_applies_to_open_connections() {
     reload_to(&with_admin, 2);
     let added = add(4, "again");
     assert!(added.as_ref().is_some_and(|r| r.get("ok").is_some()), "{added:?}");
+}
+
+/// A role given to a group is judged by the supplementary groups the client held when it
+/// connected, not by those of whatever process has its pid when the connection is served
+/// (a pid is reused once its process ends, perhaps by another user's). Here the connecting
+/// thread's groups differ from its process's, which hold no role's group, as a process that
+/// took over the pid would: the client is an admin, and one without the group is not.
+#[test]
+fn a_group_role_is_judged_by_the_groups_the_client_connected_with() {
+    const STAFF: u32 = 4343;
+    let w = World::new(&format!("socket_mode = 0o666\n[roles]\nadmin = {{ gids = [{STAFF}] }}"));
+    let add = |conn: &UnixStream, account: &str| {
+        exchange(conn, &json!({"id": 1, "cmd": "account_add", "account": account})).expect("a reply")
+    };
+    let staff = connect_with_groups(&w.socket(), APP_A, &[NOBODY, STAFF], 1).remove(0);
+    let added = add(&staff, "by-group");
+    assert!(added.get("ok").is_some(), "the group the client connected with gave no role: {added}");
+    let outsider = connect_as(&w.socket(), APP_B, 1).remove(0);
+    let refused = add(&outsider, "by-nobody");
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    assert_eq!(w.ok(json!({"cmd": "account_list"})).as_array().map(Vec::len), Some(1));
 }
 
 /// `cmd` names a command with a string and nothing else: serde would take `"cmd": 5` as the
