@@ -305,7 +305,17 @@ fn connection(
     gids.push(cred.gid.as_raw());
     let admitted = {
         let config = config.borrow().clone();
-        slots.take(uid, config.roles.of(uid, &gids).contains(&Role::Admin), &config.limits)
+        let roles = config.roles.of(uid, &gids);
+        if roles.is_empty() {
+            // Every request it could send would be refused; served, it would hold one of the
+            // slots the applications' login checks need (a few such users could take them
+            // all). A role given later by a reload applies from its next connection.
+            debug!("refusing a control connection from uid {uid}: no role");
+            let message = format!("uid {uid} has no role on this daemon (the configuration's [roles] gives it none)");
+            refuse(&stream, ErrorBody { code: ErrorCode::Forbidden, message, details: None });
+            return Ok(());
+        }
+        slots.take(uid, roles.contains(&Role::Admin), &config.limits)
     };
     let _slot = match admitted {
         Ok(slot) => slot,

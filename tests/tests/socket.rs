@@ -214,6 +214,30 @@ fn wait_log(w: &World, what: &str, n: usize) {
     }
 }
 
+/// A uid with no role is refused as it connects (`forbidden`, naming it, then closed) and
+/// takes no slot: callers who could run nothing cannot hold the connections the
+/// applications' login checks need, however many they open.
+#[test]
+fn a_caller_without_a_role_takes_no_slot() {
+    let w = World::new(&format!(
+        "socket_mode = 0o666\n[roles]\ncheck = {{ uids = [{APP_A}] }}\n\
+         [limits]\nmax_connections = 12\nmax_connections_per_uid = 4\nreserved_admin_connections = 4"
+    ));
+    let mut refused = connect_as(&w.socket(), NOBODY, 10);
+    refused.extend(connect_as(&w.socket(), APP_B, 10));
+    for (i, stream) in refused.iter().enumerate() {
+        let reply = exchange(stream, &status(i as u64)).expect("a refused connection gets a reply");
+        assert_eq!((&reply["id"], &reply["error"]["code"]), (&Value::Null, &json!("forbidden")), "{reply}");
+        let uid = if i < 10 { NOBODY } else { APP_B };
+        assert!(reply["error"]["message"].as_str().unwrap().contains(&uid.to_string()), "{reply}");
+        assert!(read_reply(stream).is_none(), "connection {i} is left open");
+    }
+    let apps = connect_as(&w.socket(), APP_A, 4);
+    for (i, app) in apps.iter().enumerate() {
+        assert!(served(&exchange(app, &status(i as u64)), i as u64), "the application's connection {i}");
+    }
+}
+
 /// Roles come from the configuration in force at each request: after a reload that takes
 /// the admin role away, the admin's connection opened before it is refused, and a reload
 /// that gives it back lets the same connection in again.
