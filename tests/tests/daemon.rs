@@ -1275,4 +1275,14 @@ fn bulk_import() {
     let out = w.ctl_with(&as_nobody(), &replace);
     assert_eq!(error_code(&out, &replace), "too_large");
     assert_eq!(w.ok(&replace[1..])["entries"].as_array().unwrap().len(), 200);
+
+    // A request far larger than the socket's buffer is refused before it is all sent: the
+    // daemon's reason reaches the person, not a broken pipe.
+    let huge = w.dir.0.join("huge.txt");
+    let lines: String = (0..80_000u32).map(|i| format!("{}/32\n", Ipv4Addr::from(0xc612_0000 + i))).collect();
+    fs::write(&huge, lines).unwrap();
+    let replace = ["--json", "allow", "replace", "filler-00", "--file", huge.to_str().unwrap()];
+    let out = w.ctl_with(&as_nobody(), &replace);
+    assert_eq!(error_code(&out, &replace), "too_large");
+    assert!(!out.stderr.contains("Broken pipe"), "{out:#?}");
 }

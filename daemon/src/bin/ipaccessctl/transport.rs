@@ -146,10 +146,20 @@ fn exchange(socket: &Path, mut line: String) -> Result<String, Failure> {
         .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
         .map_err(|e| io("cannot set timeouts on", e))?;
     line.push('\n');
-    (&stream).write_all(line.as_bytes()).map_err(|e| io("cannot send to", e))?;
+    // A daemon that refuses a request before reading all of it (too large, a caller without
+    // a role) replies and closes the connection: what it said is read even when sending the
+    // rest failed, so the person sees the reason rather than a broken pipe.
+    let sent = match (&stream).write_all(line.as_bytes()) {
+        Err(e) if !matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {
+            return Err(io("cannot send to", e));
+        }
+        sent => sent,
+    };
     let mut reply = String::new();
-    if BufReader::new(&stream).read_line(&mut reply).map_err(|e| io("cannot read from", e))? == 0 {
-        return Err(Failure::Local(format!("{} closed the connection without replying", socket.display())));
+    match (BufReader::new(&stream).read_line(&mut reply), sent) {
+        (Ok(n), _) if n > 0 => Ok(reply),
+        (_, Err(e)) => Err(io("cannot send to", e)),
+        (Err(e), Ok(())) => Err(io("cannot read from", e)),
+        (Ok(_), Ok(())) => Err(Failure::Local(format!("{} closed the connection without replying", socket.display()))),
     }
-    Ok(reply)
 }
