@@ -490,12 +490,15 @@ fn import(text: &[u8]) -> Option<(&RawValue, Command)> {
         #[serde(borrow)]
         cmd: Cow<'a, str>,
         accounts: Vec<ImportAccount>,
+        #[serde(default)]
+        force: bool,
     }
     let line: ImportLine = serde_json::from_slice(text).ok()?;
     if line.cmd != "import" {
         return None;
     }
-    Some((line.id.unwrap_or(NO_ID), Command::Import(crate::protocol::Import { accounts: line.accounts })))
+    let import = crate::protocol::Import { accounts: line.accounts, force: line.force };
+    Some((line.id.unwrap_or(NO_ID), Command::Import(import)))
 }
 
 /// A request object split into its id (its text, as written) and the command's fields (keys
@@ -689,8 +692,11 @@ mod tests {
         // What the fast path does not take gets the general path's words.
         let odd = r#"{"id": 9, "cmd": "import", "accounts": [{"account": "a", "colour": "red"}]}"#;
         assert!(refused(odd).error.unwrap().message.contains("unknown field `colour`"));
-        let extra = r#"{"id": 9, "cmd": "import", "accounts": [], "force": true}"#;
-        assert!(refused(extra).error.unwrap().message.contains("unknown field `force`"));
+        let extra = r#"{"id": 9, "cmd": "import", "accounts": [], "dry_run": true}"#;
+        assert!(refused(extra).error.unwrap().message.contains("unknown field `dry_run`"));
+        let forced = r#"{"id": 9, "cmd": "import", "accounts": [{"account": "a"}], "force": true}"#;
+        let Command::Import(forced) = parse(forced.as_bytes()).unwrap().1 else { panic!("not an import") };
+        assert!(forced.force);
         let twice = r#"{"id": 9, "cmd": "import", "accounts": [], "accounts": [{"account": "a"}]}"#;
         assert!(refused(twice).error.unwrap().message.contains("`accounts` appears more than once"));
         assert!(import(br#"{"cmd": "status"}"#).is_none() && import(br#"{"cmd": "check", "accounts": []}"#).is_none());

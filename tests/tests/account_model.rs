@@ -208,6 +208,44 @@ fn lockout_guard_without_client_ip() {
     assert!(log.contains("lockout_refused: account \"x\" by uid 0 (because=\"recent sign-ins shut out\")"), "{log}");
 }
 
+/// `import` weighs an existing account's new allowlist and mode with the lockout guard, as
+/// `allow_replace` and `account_mode` do: a batch that would shut out a recent sign-in is
+/// refused whole (its new accounts too); `force` (`ipaccessctl import --force`) passes it.
+#[test]
+fn an_import_cannot_shut_out_a_recent_sign_in_unless_forced() {
+    let w = World::new("");
+    let [a, b, _, _] = w.hosts.client_v4[..] else { panic!("four client addresses") };
+    let (a_s, b_s) = (a.to_string(), b.to_string());
+    w.ok(json!({"cmd": "account_add", "account": "g"}));
+    w.ok(json!({"cmd": "allow_add", "account": "g", "cidr": a_s}));
+    w.ok(json!({"cmd": "account_mode", "account": "g", "mode": "enforce"}));
+    assert_eq!(w.check("g", a, "password")["allowed"], true);
+    let import = |accounts: Value| json!({"cmd": "import", "accounts": accounts});
+    for accounts in [
+        json!([{"account": "g", "entries": [{"cidr": b_s}]}]),
+        json!([{"account": "new-one"}, {"account": "g", "entries": []}]),
+        json!([{"account": "g2"}, {"account": "g", "mode": "enforce", "entries": [{"cidr": b_s}]}]),
+    ] {
+        let (code, message) = w.err(import(accounts.clone()));
+        assert!(code == "lockout" && message.starts_with("account g: "), "{accounts}: {code}: {message}");
+    }
+    // Not enforcing afterwards: nobody is shut out.
+    w.ok(import(json!([{"account": "g", "mode": "monitor", "entries": [{"cidr": b_s}]}])));
+    w.ok(import(json!([{"account": "g", "mode": "enforce", "entries": [{"cidr": a_s}]}])));
+    let listed = |id: &str| w.ok(json!({"cmd": "account_list"})).as_array().unwrap().iter().any(|r| r["id"] == id);
+    assert!(!listed("new-one") && !listed("g2"), "a refused batch created an account");
+    assert_eq!(reason(&w, "g", &a_s), "allowed", "a refused import reached the policy");
+
+    let file = w.dir.0.join("g.jsonl");
+    std::fs::write(&file, json!({"account": "g", "entries": [{"cidr": b_s}]}).to_string()).unwrap();
+    let path = file.to_str().unwrap();
+    let out = w.ctl(&["import", path]);
+    assert!(out.code == 2 && out.stderr.contains("(lockout)") && out.stderr.contains(&a_s), "{out:#?}");
+    w.ctl_ok(&["import", path, "--force"]);
+    assert_eq!(reason(&w, "g", &a_s), "address_not_allowed");
+    assert_eq!(reason(&w, "g", &b_s), "allowed");
+}
+
 /// An account removed and made again under its id is a new customer: the old one's
 /// sign-ins neither hold back the new one's changes (the lockout guard) nor pass for its
 /// attempts in support's evidence. The new account's own sign-ins still count.

@@ -484,6 +484,10 @@ pub struct Stats {
 #[serde(deny_unknown_fields)]
 pub struct Import {
     pub accounts: Vec<ImportAccount>,
+    /// Apply even where the lockout guard refuses a change to an existing account's mode
+    /// or allowlist (as `force` does for `allow_replace`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// One account of an `import`. A missing account is created (`active`, mode `off` unless

@@ -110,7 +110,7 @@ impl Service {
     }
 
     /// Creates or updates every account of the batch, with its allowlist, in one change.
-    pub(super) fn import(&self, Import { accounts }: Import, uid: u32) -> Reply<Import> {
+    pub(super) fn import(&self, Import { accounts, force }: Import, uid: u32) -> Reply<Import> {
         let mut seen = HashSet::with_capacity(accounts.len());
         if let Some(twice) = accounts.iter().find(|a| !seen.insert(a.account.as_str())) {
             return Err(Failure::new(
@@ -119,6 +119,11 @@ impl Service {
             ));
         }
         let max_entries = self.max_entries();
+        if !force {
+            // The lockout guard reads the accounts' recent sign-ins: those answered before the
+            // import must be in the store (one write for the batch, not one per account).
+            self.activity.flush();
+        }
         self.change_accounts(|tx| {
             let at = now();
             let mut totals = Imported::default();
@@ -126,7 +131,7 @@ impl Service {
             for import in accounts {
                 let id = import.account.clone();
                 let (touched, entries) =
-                    import_one(tx, import, uid, at, max_entries).map_err(|Failure(mut body)| {
+                    import_one(tx, self, import, uid, at, max_entries, force).map_err(|Failure(mut body)| {
                         // The client maps the account back to its line in the file.
                         body.message = format!("account {id}: {}", body.message);
                         Failure(body)
@@ -161,13 +166,17 @@ fn listed(cache: &HashMap<String, AccountPolicy>, row: Account) -> ListedAccount
 
 /// One account of an import: created or updated, its allowlist replaced when given.
 /// Returns the account as touched, and how many entries the import gave it. An allowlist
-/// longer than `max_entries` is refused (see [`entry_limit`]).
+/// longer than `max_entries` is refused (see [`entry_limit`]); so, unless `force`, is a new
+/// mode or allowlist of an existing account that the lockout guard refuses, as it would
+/// refuse the same change made with `account mode` or `allow replace`.
 fn import_one(
     tx: &Tx,
+    others: &dyn lockout::OtherNodes,
     import: ImportAccount,
     uid: u32,
     at: i64,
     max_entries: u32,
+    force: bool,
 ) -> Result<(Touched, usize), Failure> {
     let id = import.account.as_str();
     let (mut row, created) = match tx.account(id)? {
@@ -188,6 +197,9 @@ fn import_one(
             (tx.add_account(id, import.parent.as_deref(), state, import.mode.unwrap_or(Mode::Off), at)?, true)
         }
     };
+    // An existing account's policy as it is, where the import may shut someone out.
+    let guarded = !created && !force && (import.mode.is_some() || import.entries.is_some());
+    let before = if guarded { Some(policy_from_store(tx, &row, at)?) } else { None };
     if let Some(state) = import.state.filter(|&s| s != row.state) {
         tx.set_state(id, state, Some("import"))?;
         (row.state, row.state_reason) = (state, Some("import".into()));
@@ -207,6 +219,10 @@ fn import_one(
         Some(wanted) => tx.replace_entries(id, wanted, uid, at)?,
         None => {}
     }
+    if let Some(before) = before {
+        let after = policy_from_store(tx, &row, at)?;
+        lockout::guard(tx, others, id, uid, None, false, &before, &after)?;
+    }
     let entries = replaced.as_ref().map_or(0, Vec::len);
     let detail = ImportAudit {
         action: "import",
@@ -214,6 +230,7 @@ fn import_one(
         entries: replaced.as_ref().map(Vec::len),
         mode: import.mode,
         state: import.state,
+        forced: force && !created,
         uid,
     };
     audit_import(tx, id, &detail, at)?;
@@ -237,6 +254,9 @@ struct ImportAudit {
     entries: Option<usize>,
     mode: Option<Mode>,
     state: Option<AccountState>,
+    /// Sent with `force`: the lockout guard was not asked.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    forced: bool,
     uid: u32,
 }
 

@@ -19,7 +19,7 @@ const MAX_REFERENCED_ID: usize = 256;
 pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
     let bad_id = |id: &str| id.is_empty() || check_text("an account id", id, MAX_REFERENCED_ID).is_err();
     let imported_bad = match &command {
-        Command::Import(Import { accounts }) => {
+        Command::Import(Import { accounts, .. }) => {
             accounts.iter().any(|a| bad_id(&a.account) || a.parent.as_deref().is_some_and(bad_id))
         }
         _ => false,
@@ -38,7 +38,7 @@ pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
         Command::AllowReplace(AllowReplace { entries, .. }) => {
             entries.iter().try_for_each(|e| text("a label", e.label.as_deref(), MAX_LABEL))?
         }
-        Command::Import(Import { accounts }) => accounts
+        Command::Import(Import { accounts, .. }) => accounts
             .iter()
             .flat_map(|a| a.entries.iter().flatten())
             .try_for_each(|e| text("a label", e.label.as_deref(), MAX_LABEL))?,

@@ -113,6 +113,10 @@ pub enum Top {
         #[arg(long, value_name = "BYTES", default_value_t = 4 << 20,
               value_parser = clap::value_parser!(u64).range(1024..))]
         batch_bytes: u64,
+        /// Apply even where a new mode or allowlist of an existing account would shut out an
+        /// address that signed in recently (the lockout guard, as for `allow replace`)
+        #[arg(long)]
+        force: bool,
     },
     /// Packet counters from the kernel: one account's, or all accounts' and the host's
     Stats {
@@ -539,7 +543,7 @@ fn endpoint(addr: (IpAddr, Option<u16>), proto: Option<Proto>) -> Result<(IpAddr
 #[derive(Debug)]
 pub enum Action {
     Send(Command),
-    Import { file: PathBuf, batch_bytes: u64 },
+    Import { file: PathBuf, batch_bytes: u64, force: bool },
 }
 
 /// The request (or import) the parsed command line stands for; reads `allow replace`'s file.
@@ -625,7 +629,7 @@ pub fn action(top: Top) -> Result<Action, String> {
         }),
         Top::Status => Command::Status(Status {}),
         Top::Cluster(ClusterCmd::Import) => Command::ClusterImport(ClusterImport {}),
-        Top::Import { file, batch_bytes } => return Ok(Action::Import { file, batch_bytes }),
+        Top::Import { file, batch_bytes, force } => return Ok(Action::Import { file, batch_bytes, force }),
     }))
 }
 

@@ -65,7 +65,7 @@ fn batches(accounts: Vec<FileAccount<'_>>, batch_bytes: u64) -> Vec<Vec<FileAcco
 /// Sends the import in file `file` (`-`: stdin) and totals the replies. Each batch is one
 /// change; after a failed batch the ones before it stay applied, and running the same file
 /// again finishes the job.
-pub fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Totals, Failure> {
+pub fn import(socket: &Path, file: &Path, batch_bytes: u64, force: bool) -> Result<Totals, Failure> {
     let text = read_input(file).map_err(Failure::Local)?;
     let batches = batches(parse_import_file(&text).map_err(Failure::Local)?, batch_bytes);
     let mut totals = Totals { batches: batches.len(), ..Totals::default() };
@@ -78,7 +78,7 @@ pub fn import(socket: &Path, file: &Path, batch_bytes: u64) -> Result<Totals, Fa
             format!("lines before {} are imported; run the import again once this is fixed", lines.0)
         };
         let accounts: Vec<&str> = batch.iter().map(|a| a.json).collect();
-        let reply = transport::call_import(socket, &accounts).map_err(|e| match e {
+        let reply = transport::call_import(socket, &accounts, force).map_err(|e| match e {
             Failure::Daemon(error) => {
                 // A person fixes a line, not a batch: name the line of the account the
                 // daemon complains about when its message (or details) names one.

@@ -114,17 +114,19 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
     let result = match args::action(cli.command) {
         Err(message) => Err(Failure::Local(message)),
         Ok(Action::Send(command)) => send(&cli.socket, command, cli.json),
-        Ok(Action::Import { file, batch_bytes }) => import::import(&cli.socket, &file, batch_bytes).map(|totals| {
-            // Totals this client added up: there is no reply to pass on as it came.
-            let text = if cli.json {
-                serde_json::to_string(&totals).expect("totals serialize") + "\n"
-            } else {
-                let mut text = String::new();
-                totals.render(&mut text);
-                text
-            };
-            Shown { text, status: 0 }
-        }),
+        Ok(Action::Import { file, batch_bytes, force }) => {
+            import::import(&cli.socket, &file, batch_bytes, force).map(|totals| {
+                // Totals this client added up: there is no reply to pass on as it came.
+                let text = if cli.json {
+                    serde_json::to_string(&totals).expect("totals serialize") + "\n"
+                } else {
+                    let mut text = String::new();
+                    totals.render(&mut text);
+                    text
+                };
+                Shown { text, status: 0 }
+            })
+        }
     };
     let Shown { text, mut status } = match result {
         Ok(shown) => shown,

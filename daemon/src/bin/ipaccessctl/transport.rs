@@ -90,10 +90,11 @@ pub fn call<C: Call>(socket: &Path, request: C) -> Result<Typed<C::Reply>, Failu
 
 /// Sends an `import` of accounts that are already JSON text (checked by the caller as
 /// [`ipaccess::protocol::ImportAccount`]s): a large import is not written out a second time.
-pub fn call_import(socket: &Path, accounts: &[&str]) -> Result<Typed<<Import as Call>::Reply>, Failure> {
+pub fn call_import(socket: &Path, accounts: &[&str], force: bool) -> Result<Typed<<Import as Call>::Reply>, Failure> {
     let size = accounts.iter().map(|a| a.len() + 1).sum::<usize>() + 64;
     let mut line = String::with_capacity(size);
-    line.push_str(&format!("{{\"id\":{},\"cmd\":\"import\",\"accounts\":[", std::process::id()));
+    let force = if force { ",\"force\":true" } else { "" };
+    line.push_str(&format!("{{\"id\":{}{force},\"cmd\":\"import\",\"accounts\":[", std::process::id()));
     for (n, account) in accounts.iter().enumerate() {
         if n > 0 {
             line.push(',');
