@@ -26,7 +26,7 @@ use std::{
 use log::{debug, warn};
 use serde::{
     Deserialize, Deserializer, Serialize,
-    de::{MapAccess, Visitor, value::MapDeserializer},
+    de::{MapAccess, SeqAccess, Visitor, value::MapDeserializer},
 };
 use serde_json::{Value, json, value::RawValue};
 use tokio::{net::UnixListener, sync::watch};
@@ -439,6 +439,12 @@ fn parse(text: &[u8]) -> Result<(&RawValue, Command), Box<Reply<'_>>> {
     if let Some(key) = repeated {
         return refused(format!("field `{key}` appears more than once"));
     }
+    // Within the fields too (an import's account, a replacement's entry): the values below
+    // keep only the last of a repeated key, so the request would say two things and mean
+    // the second. Read again only here: checks and imports read whole take the quick paths.
+    if let Ok(Repeated(Some(key))) = serde_json::from_slice::<Repeated>(text) {
+        return refused(format!("`{key}` appears more than once in one object"));
+    }
     match fields.iter().find(|(key, _)| key == "cmd") {
         None | Some((_, Value::String(_))) => {}
         Some((_, other)) => {
@@ -541,6 +547,72 @@ impl<'de> Deserialize<'de> for Envelope<'de> {
             }
         }
         deserializer.deserialize_map(Fields)
+    }
+}
+
+/// The first key some object of a JSON text, at any depth, names twice.
+struct Repeated(Option<String>);
+
+impl<'de> Deserialize<'de> for Repeated {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Scan;
+        impl<'de> Visitor<'de> for Scan {
+            type Value = Repeated;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Repeated, A::Error> {
+                let mut keys = std::collections::HashSet::new();
+                let mut found = None;
+                while let Some(Key(key)) = map.next_key()? {
+                    let Repeated(inner) = map.next_value()?;
+                    if found.is_some() {
+                        // Found already; the rest is still read through.
+                    } else if keys.contains(&key) {
+                        found = Some(key.into_owned());
+                    } else {
+                        found = inner;
+                        keys.insert(key);
+                    }
+                }
+                Ok(Repeated(found))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Repeated, A::Error> {
+                let mut found = None;
+                while let Some(Repeated(inner)) = seq.next_element()? {
+                    found = found.or(inner);
+                }
+                Ok(Repeated(found))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Repeated, E> {
+                Ok(Repeated(None))
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<Repeated, E> {
+                Ok(Repeated(None))
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<Repeated, E> {
+                Ok(Repeated(None))
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<Repeated, E> {
+                Ok(Repeated(None))
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<Repeated, E> {
+                Ok(Repeated(None))
+            }
+
+            fn visit_unit<E>(self) -> Result<Repeated, E> {
+                Ok(Repeated(None))
+            }
+        }
+        deserializer.deserialize_any(Scan)
     }
 }
 
@@ -680,6 +752,28 @@ mod tests {
         for (line, code) in [("[1]", bad_json), ("{", bad_json), (r#"{"id": 4}"#, bad_request)] {
             assert_eq!(refused(line).error.unwrap().code, code, "{line}");
         }
+    }
+
+    /// A key given twice is refused at any depth, not read as its last value.
+    #[test]
+    fn a_key_twice_in_a_nested_object_is_refused() {
+        for (line, key) in [
+            (r#"{"cmd": "import", "accounts": [{"account": "a", "mode": "off", "mode": "enforce"}]}"#, "mode"),
+            (r#"{"cmd": "import", "accounts": [{"account": "acme", "account": "other"}]}"#, "account"),
+            (
+                r#"{"cmd": "allow_replace", "account": "a", "entries": [{"cidr": "198.18.0.0/24", "cidr": "198.18.9.0/24"}]}"#,
+                "cidr",
+            ),
+            (r#"{"cmd": "status", "id": {"a": 1, "b": [{"c": 1, "c": 2}]}}"#, "c"),
+        ] {
+            let message = refused(line).error.unwrap().message;
+            assert!(message.contains(&format!("`{key}` appears more than once")), "{line}: {message}");
+        }
+        // Equal keys in different objects are no repetition.
+        let line = r#"{"cmd": "import", "accounts": [{"account": "a", "entries": [{"cidr": "198.18.0.0/24"}]}, {"account": "b", "entries": [{"cidr": "198.18.1.0/24"}]}]}"#;
+        assert!(parse(line.as_bytes()).is_ok());
+        let line = r#"{"cmd": "allow_replace", "account": "a", "entries": [{"cidr": "198.18.0.0/24"}, {"cidr": "198.18.1.0/24", "label": "x"}]}"#;
+        assert!(parse(line.as_bytes()).is_ok());
     }
 
     #[test]
