@@ -460,9 +460,20 @@ pub fn check_text(what: &str, text: &str, max: usize) -> Result<(), String> {
 }
 
 fn hidden_or_control(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
-        || matches!(c, '\u{061C}' | '\u{00AD}')
+    c.is_control() || invisible(c)
+}
+
+/// Characters that are not control characters but can still hide or reorder text on a
+/// terminal: bidi embeddings, overrides, isolates and marks, zero-width characters, the
+/// line and paragraph separators, variation selectors, tag characters and other invisible
+/// format or filler characters. Free text with them is refused ([`check_text`]), and
+/// `ipaccessctl` escapes them in whatever it prints (text stored before they were refused).
+pub fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}' | '\u{180b}'..='\u{180f}'
+        | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
+        | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}' | '\u{1d173}'..='\u{1d17a}'
+        | '\u{e0000}'..='\u{e0fff}')
 }
 
 /// The IPv4-mapped range `::ffff:0:0/96`: dual-stack sockets report IPv4 clients in it.
@@ -746,6 +757,23 @@ mod tests {
         assert!(check_text("label", "caf\u{e9}", MAX_LABEL).is_ok());
         for bad in ["a\nb", "a\u{1b}[2J", "a\u{9b}b", "a\u{202e}b", "a\u{200b}b", "a\u{7f}"] {
             assert!(check_text("label", bad, MAX_LABEL).is_err(), "{bad:?}");
+        }
+        // What ipaccessctl escapes is refused: separators, tag characters (which can carry
+        // hidden text), variation selectors, fillers.
+        for c in [
+            '\u{2028}',
+            '\u{2029}',
+            '\u{e0041}',
+            '\u{fe0f}',
+            '\u{180e}',
+            '\u{34f}',
+            '\u{115f}',
+            '\u{3164}',
+            '\u{fff9}',
+            '\u{1d173}',
+        ] {
+            let text = format!("office{c}");
+            assert!(check_text("label", &text, MAX_LABEL).unwrap_err().contains("invisible"), "{text:?}");
         }
         assert!(check_text("label", &"x".repeat(MAX_LABEL + 1), MAX_LABEL).unwrap_err().contains("200"));
     }

@@ -1177,6 +1177,36 @@ fn replace_stats_and_detach() {
     assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], false);
 }
 
+/// `allow replace --file`: a `#` inside a label is the label's, one standing apart starts a
+/// comment; the daemon's complaint about an entry names the file's line, for a bad network
+/// and a bad label alike; and nothing of a refused file is applied.
+#[test]
+fn an_allowlist_files_errors_name_its_lines() {
+    let w = World::new("");
+    w.ok(&["account", "add", "acme"]);
+    let file = w.dir.0.join("list.txt");
+    let path = file.to_str().unwrap();
+    fs::write(&file, "# the office\n198.18.50.0/24 Suite #4, 2nd floor # moved in 2026\n\n198.18.51.7/32 # home\n")
+        .unwrap();
+    w.ok(&["allow", "replace", "acme", "--file", path]);
+    let labels: Vec<Value> =
+        w.ok(&["allow", "list", "acme"]).as_array().unwrap().iter().map(|e| e["label"].clone()).collect();
+    assert_eq!(labels, [json!("Suite #4, 2nd floor"), Value::Null]);
+    for (text, line, entry) in [
+        ("# a comment\n198.18.50.0/24 office\n\n# another\n198.18.53.1/24 lab\n", 5, 2),
+        ("198.18.50.0/24\n\n198.18.52.0/24 tag\u{e0041}\n", 3, 2),
+    ] {
+        fs::write(&file, text).unwrap();
+        let out = w.ctl(&["allow", "replace", "acme", "--file", path]);
+        let want = format!("line {line} (entry {entry}): ");
+        assert!(
+            out.code == 2 && out.stderr.contains(&want) && out.stderr.contains("(bad_request)"),
+            "{want}: {out:#?}"
+        );
+    }
+    assert_eq!(w.ok(&["allow", "list", "acme"]).as_array().unwrap().len(), 2, "a refused file changed the list");
+}
+
 /// `ipaccessctl import`: accounts created and updated with their allowlists, in batches,
 /// enforced on the wire; a bad file sends nothing; a bad batch changes nothing; importing
 /// twice changes nothing more. Only admins may send requests as large as an import's.
@@ -1262,8 +1292,13 @@ fn bulk_import() {
     ];
     fs::write(&file, batch.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")).unwrap();
     assert_eq!(w.fails(&["import", path]), "unknown_account");
+    // The same account twice: refused before anything is sent, the lines named; sent anyway
+    // (in one batch), the daemon refuses it too.
     fs::write(&file, [&batch[0], &batch[0]].iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")).unwrap();
-    assert_eq!(w.fails(&["import", path]), "bad_request");
+    let out = w.ctl(&["import", path]);
+    assert!(out.code == 2 && out.stderr.contains("line 2: account new-1 is on line 1 already"), "{out:#?}");
+    let reply = w.conn().request(&json!({"cmd": "import", "accounts": [&batch[0], &batch[0]]}));
+    assert_eq!(reply["error"]["code"], "bad_request", "{reply}");
     fs::write(&file, json!({"account": "corp-dev", "parent": "acme"}).to_string()).unwrap();
     assert_eq!(w.fails(&["import", path]), "bad_request");
     assert_eq!(snapshot(&w, &[&good.to_string(), "198.18.5.77"]), before, "a refused import changed something");

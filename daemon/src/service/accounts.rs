@@ -131,11 +131,9 @@ impl Service {
             for import in accounts {
                 let id = import.account.clone();
                 let (touched, entries) =
-                    import_one(tx, self, import, uid, at, max_entries, force).map_err(|Failure(mut body)| {
-                        // The client maps the account back to its line in the file.
-                        body.message = format!("account {id}: {}", body.message);
-                        Failure(body)
-                    })?;
+                    // The client maps the account back to its line in the file.
+                    import_one(tx, self, import, uid, at, max_entries, force)
+                        .map_err(|f| f.prefixed(&format!("account {id}")))?;
                 totals.created += u64::from(matches!(touched, Touched::Created(..)));
                 totals.entries += entries as u64;
                 rows.push(touched);

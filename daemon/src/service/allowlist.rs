@@ -288,10 +288,7 @@ pub(super) fn distinct_entries(entries: Vec<ReplaceEntry>) -> Result<(Wanted, Ve
     let mut wanted: Wanted = Vec::with_capacity(entries.len());
     let mut notes = Vec::new();
     for (n, entry) in entries.into_iter().enumerate() {
-        let (cidr, note) = network(entry.cidr).map_err(|Failure(mut body)| {
-            body.message = format!("entry {}: {}", n + 1, body.message);
-            Failure(body)
-        })?;
+        let (cidr, note) = network(entry.cidr).map_err(|f| f.prefixed(&format!("entry {}", n + 1)))?;
         notes.extend(note);
         match positions.get(&cidr) {
             Some(&at) => wanted[at].1 = entry.label,

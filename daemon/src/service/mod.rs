@@ -64,6 +64,13 @@ impl Failure {
     pub fn with_details(code: ErrorCode, message: impl Into<String>, details: serde_json::Value) -> Self {
         Failure(ErrorBody { code, message: message.into(), details: Some(details) })
     }
+
+    /// The same failure, its message starting with what it is about (`entry 3`, `account
+    /// acme`), as clients map it back to a line of their file.
+    pub fn prefixed(mut self, place: &str) -> Self {
+        self.0.message = format!("{place}: {}", self.0.message);
+        self
+    }
 }
 
 impl From<StoreError> for Failure {

@@ -35,13 +35,16 @@ pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
         Command::AllowAdd(AllowAdd { label, .. }) | Command::AllowLabel(AllowLabel { label, .. }) => {
             text("a label", label.as_deref(), MAX_LABEL)?
         }
-        Command::AllowReplace(AllowReplace { entries, .. }) => {
-            entries.iter().try_for_each(|e| text("a label", e.label.as_deref(), MAX_LABEL))?
-        }
-        Command::Import(Import { accounts, .. }) => accounts
-            .iter()
-            .flat_map(|a| a.entries.iter().flatten())
-            .try_for_each(|e| text("a label", e.label.as_deref(), MAX_LABEL))?,
+        // Entries are named as the other errors about them are (`entry N`, within its account).
+        Command::AllowReplace(AllowReplace { entries, .. }) => entries.iter().enumerate().try_for_each(|(n, e)| {
+            text("a label", e.label.as_deref(), MAX_LABEL).map_err(|f| f.prefixed(&format!("entry {}", n + 1)))
+        })?,
+        Command::Import(Import { accounts, .. }) => accounts.iter().try_for_each(|a| {
+            a.entries.iter().flatten().enumerate().try_for_each(|(n, e)| {
+                text("a label", e.label.as_deref(), MAX_LABEL)
+                    .map_err(|f| f.prefixed(&format!("account {}: entry {}", a.account, n + 1)))
+            })
+        })?,
         Command::OverrideGrant(OverrideGrant { ticket, reason, .. }) => {
             text("a ticket", Some(ticket), MAX_TICKET)?;
             text("a reason", Some(reason), MAX_REASON)?;

@@ -366,7 +366,9 @@ pub enum AllowCmd {
         /// Set name
         set: String,
     },
-    /// Replace the whole allowlist from FILE: one `CIDR [label]` per line, `#` comments
+    /// Replace the whole allowlist from FILE: one `CIDR [label]` per line; a `#` starting a
+    /// line or standing apart (`198.18.0.0/24 office # since 2026`) starts a comment, one
+    /// within a word is the label's (`Suite #4`); errors name the file's line
     Replace {
         /// Account id
         id: String,
@@ -512,11 +514,14 @@ fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>), String> {
     }
 }
 
-/// An allowlist file: one `CIDR [label]` per line; blank lines and `#` comments are skipped.
-fn parse_allow_file(text: &str) -> Result<Vec<ReplaceEntry>, String> {
+/// An allowlist file: one `CIDR [label]` per line; blank lines are skipped, and so is a
+/// comment: a `#` that starts a line or stands apart (` # `, or ` #` ending the line). A
+/// `#` within a word is the label's (`Suite #4`). Also returns each entry's line number.
+fn parse_allow_file(text: &str) -> Result<(Vec<ReplaceEntry>, Vec<usize>), String> {
     let mut entries = Vec::new();
+    let mut lines = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
+        let line = without_comment(line).trim();
         if line.is_empty() {
             continue;
         }
@@ -526,8 +531,25 @@ fn parse_allow_file(text: &str) -> Result<Vec<ReplaceEntry>, String> {
         };
         let cidr = parse_cidr(cidr).map_err(|e| format!("line {}: {e}", n + 1))?;
         entries.push(ReplaceEntry { cidr, label });
+        lines.push(n + 1);
     }
-    Ok(entries)
+    Ok((entries, lines))
+}
+
+/// `line` up to its comment, if it has one (see [`parse_allow_file`]).
+fn without_comment(line: &str) -> &str {
+    if line.trim_start().starts_with('#') {
+        return "";
+    }
+    let stands_apart = |at: usize| {
+        let before = line[..at].ends_with(char::is_whitespace);
+        let after = line[at + 1..].chars().next().is_none_or(char::is_whitespace);
+        before && after
+    };
+    match line.match_indices('#').map(|(at, _)| at).find(|&at| stands_apart(at)) {
+        Some(at) => &line[..at],
+        None => line,
+    }
 }
 
 /// A bare address binds all of it, so a protocol makes sense only with a port.
@@ -543,7 +565,17 @@ fn endpoint(addr: (IpAddr, Option<u16>), proto: Option<Proto>) -> Result<(IpAddr
 #[derive(Debug)]
 pub enum Action {
     Send(Command),
-    Import { file: PathBuf, batch_bytes: u64, force: bool },
+    Import {
+        file: PathBuf,
+        batch_bytes: u64,
+        force: bool,
+    },
+    /// A request made from a file: `lines[n]` is the file line of the request's entry n + 1,
+    /// so that an error about an entry names the line to fix.
+    SendFromFile {
+        command: Command,
+        lines: Vec<usize>,
+    },
 }
 
 /// The request (or import) the parsed command line stands for; reads `allow replace`'s file.
@@ -583,8 +615,9 @@ pub fn action(top: Top) -> Result<Action, String> {
             Command::AllowExpiry(AllowExpiry { account: id, cidr, ttl_seconds: ends_in })
         }
         Top::Allow(AllowCmd::Replace { id, file, client_ip, force, dry_run }) => {
-            let entries = parse_allow_file(&read_input(&file)?)?;
-            Command::AllowReplace(AllowReplace { account: id, entries, client_ip, force, dry_run })
+            let (entries, lines) = parse_allow_file(&read_input(&file)?)?;
+            let command = Command::AllowReplace(AllowReplace { account: id, entries, client_ip, force, dry_run });
+            return Ok(Action::SendFromFile { command, lines });
         }
         Top::Allow(AllowCmd::AddSet { id, set }) => Command::AllowAddSet(AllowAddSet { account: id, set }),
         Top::Allow(AllowCmd::RemoveSet { id, set, client_ip, force }) => {
@@ -652,7 +685,7 @@ mod tests {
     fn wire(args: &[&str]) -> Value {
         let cli = Cli::try_parse_from([&["ipaccessctl"], args].concat()).unwrap();
         match action(cli.command).unwrap() {
-            Action::Send(command) => serde_json::to_value(command).unwrap(),
+            Action::Send(command) | Action::SendFromFile { command, .. } => serde_json::to_value(command).unwrap(),
             Action::Import { .. } => panic!("{args:?} is an import"),
         }
     }
@@ -833,11 +866,20 @@ mod tests {
 
     #[test]
     fn allowlist_files() {
-        let entries = parse_allow_file("# office\n198.18.0.0/24 head office # comment\n\nfd00::1\n").unwrap();
+        let text = "# office\n198.18.0.0/24 head office # comment\n\nfd00::1\n  # indented\n198.18.1.0/24 Suite #4, 2nd floor\n\
+                    198.18.2.0/24 lab #\n198.18.3.0/24 #\n";
+        let (entries, lines) = parse_allow_file(text).unwrap();
         assert_eq!(
             serde_json::to_value(entries).unwrap(),
-            json!([{"cidr": "198.18.0.0/24", "label": "head office"}, {"cidr": "fd00::1/128"}])
+            json!([
+                {"cidr": "198.18.0.0/24", "label": "head office"},
+                {"cidr": "fd00::1/128"},
+                {"cidr": "198.18.1.0/24", "label": "Suite #4, 2nd floor"},
+                {"cidr": "198.18.2.0/24", "label": "lab"},
+                {"cidr": "198.18.3.0/24"},
+            ])
         );
+        assert_eq!(lines, [2, 4, 6, 7, 8]);
         assert!(parse_allow_file("198.18.0.0/24\nnot-a-cidr x\n").unwrap_err().starts_with("line 2: "));
     }
 }

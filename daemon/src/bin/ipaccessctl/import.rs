@@ -27,9 +27,11 @@ struct FileAccount<'a> {
 }
 
 /// Reads an import file: one account per line; blank lines and lines starting with `#`
-/// are skipped. The whole file is checked before anything is sent.
+/// are skipped. The whole file is checked before anything is sent, an account given twice
+/// too: in two batches the second would silently replace the first.
 fn parse_import_file(text: &str) -> Result<Vec<FileAccount<'_>>, String> {
     let mut accounts = Vec::new();
+    let mut lines_of: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let json = line.trim();
         if json.is_empty() || json.starts_with('#') {
@@ -38,6 +40,13 @@ fn parse_import_file(text: &str) -> Result<Vec<FileAccount<'_>>, String> {
         // Read as the daemon will read it (unknown or repeated fields are refused), so the
         // line itself can be sent.
         let account: ImportAccount = serde_json::from_str(json).map_err(|e| format!("line {}: {e}", n + 1))?;
+        if let Some(first) = lines_of.insert(account.account.clone(), n + 1) {
+            return Err(format!(
+                "line {}: account {} is on line {first} already; an account appears once in an import",
+                n + 1,
+                account.account
+            ));
+        }
         accounts.push(FileAccount { line: n + 1, id: account.account, json });
     }
     Ok(accounts)
@@ -137,6 +146,16 @@ mod tests {
 
     fn account(line: usize, id: &str) -> FileAccount<'static> {
         FileAccount { line, id: id.into(), json: "{}" }
+    }
+
+    /// The same account twice is refused before anything is sent, naming both lines, whatever
+    /// batches the two would fall into.
+    #[test]
+    fn an_account_twice_in_a_file_is_refused() {
+        let text = "{\"account\": \"dup\"}\n{\"account\": \"other\"}\n\n{\"account\": \"dup\", \"mode\": \"off\"}\n";
+        let error = parse_import_file(text).unwrap_err();
+        assert!(error.starts_with("line 4: account dup is on line 1 already"), "{error}");
+        assert_eq!(parse_import_file("{\"account\": \"a\"}\n{\"account\": \"b\"}\n").unwrap().len(), 2);
     }
 
     #[test]

@@ -53,6 +53,21 @@ fn answer<C: Call>(
     Ok(Shown { text, status })
 }
 
+/// The daemon's error about entry N of a request made from a file (`entry N: ...`),
+/// reworded to name the file's line, which is what a person fixes.
+fn at_file_line(failure: Failure, lines: &[usize]) -> Failure {
+    let Failure::Daemon(error) = failure else { return failure };
+    let entry = error.message.strip_prefix("entry ").and_then(|rest| rest.split_once(": "));
+    let place = entry.and_then(|(n, rest)| {
+        let n: usize = n.parse().ok()?;
+        Some((*lines.get(n.checked_sub(1)?)?, n, rest.to_owned()))
+    });
+    match place {
+        Some((line, n, rest)) => Failure::Daemon(error.with_message(format!("line {line} (entry {n}): {rest}"))),
+        None => Failure::Daemon(error),
+    }
+}
+
 fn send(socket: &Path, command: Command, json: bool) -> Result<Shown, Failure> {
     match command {
         Command::AccountAdd(r) => answer(socket, r, json, plain),
@@ -114,6 +129,9 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
     let result = match args::action(cli.command) {
         Err(message) => Err(Failure::Local(message)),
         Ok(Action::Send(command)) => send(&cli.socket, command, cli.json),
+        Ok(Action::SendFromFile { command, lines }) => {
+            send(&cli.socket, command, cli.json).map_err(|e| at_file_line(e, &lines))
+        }
         Ok(Action::Import { file, batch_bytes, force }) => {
             import::import(&cli.socket, &file, batch_bytes, force).map(|totals| {
                 // Totals this client added up: there is no reply to pass on as it came.

@@ -5,6 +5,7 @@
 //! [`escape`] (or [`escape_within`] in tables), so text a tenant wrote can neither start a
 //! row nor steer the terminal.
 
+use ipaccess::policy::invisible;
 use ipaccess::protocol::{
     Account, AccountDetails, ActivityKind, ActivityReport, ActivityRow, Allowlist, Binding, CheckResult,
     ClusterImported, DeniedSummary, Detached, EffectiveState, Entry, EntryRemoved, Granted, Imported, ListedAccount,
@@ -27,17 +28,6 @@ pub trait Render {
 /// Widest a table cell gets, in characters after escaping; longer ones end in `…`. Only
 /// tables are cut (`key: value` lines and `--json` show everything).
 pub const CELL_WIDTH: usize = 64;
-
-/// Characters that are not control characters but can still hide or reorder text on a
-/// terminal: bidi embeddings, overrides, isolates and marks, zero-width characters, the
-/// line and paragraph separators, and other invisible format characters.
-fn invisible(c: char) -> bool {
-    matches!(c,
-        '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}' | '\u{180b}'..='\u{180f}'
-        | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
-        | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}' | '\u{1d173}'..='\u{1d17a}'
-        | '\u{e0000}'..='\u{e0fff}')
-}
 
 /// Text from the daemon made safe to print: see [`escape_within`].
 pub fn escape(s: &str) -> String {
