@@ -605,13 +605,15 @@ impl Store {
     /// for lack of it.
     pub fn transaction(&mut self) -> Result<Tx<'_>, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        Ok(Tx { tx, free_slots: RefCell::new(None) })
+        let changes_at_begin = tx.total_changes();
+        Ok(Tx { tx, free_slots: RefCell::new(None), changes_at_begin })
     }
 
     /// Starts a transaction for reading: a consistent snapshot that does not block writers.
     pub fn read(&mut self) -> Result<Tx<'_>, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        Ok(Tx { tx, free_slots: RefCell::new(None) })
+        let changes_at_begin = tx.total_changes();
+        Ok(Tx { tx, free_slots: RefCell::new(None), changes_at_begin })
     }
 
     /// Connections for reading beside this one (see [`Readers`]); at most `max` open at once.
@@ -880,6 +882,9 @@ pub struct Tx<'a> {
     /// Free account slots, read from the store once per transaction that creates accounts,
     /// so a bulk import does not scan the slot index once per account.
     free_slots: RefCell<Option<FreeSlots>>,
+    /// The connection's count of changed rows when the transaction began: a commit that
+    /// changed rows is counted (see [`Tx::commit_counted`]).
+    changes_at_begin: u64,
 }
 
 /// Hands out the lowest free slots >= 1, in order, given the slots in use (sorted).
@@ -1281,7 +1286,29 @@ impl Tx<'_> {
 
     /// Makes the transaction's changes durable.
     pub fn commit(self) -> Result<(), StoreError> {
-        Ok(self.tx.commit()?)
+        self.commit_counted().map(drop)
+    }
+
+    /// Makes the transaction's changes durable and, if it changed anything, counts it among
+    /// the store's commits: the count it returns only ever rises. The daemon records in the
+    /// kernel the count of the last commit that changed policy; a store whose count is below
+    /// that lost commits the kernel enforces (a deleted write-ahead log, an older backup),
+    /// and is refused at start (`ipaccessd`'s `--accept-older-store`).
+    pub fn commit_counted(self) -> Result<Option<u64>, StoreError> {
+        let counted = if self.tx.total_changes() > self.changes_at_begin {
+            let sql = "INSERT INTO cluster (name, value) VALUES ('store_commits', 1)
+                       ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value";
+            Some(self.count(sql, [])? as u64)
+        } else {
+            None
+        };
+        self.tx.commit()?;
+        Ok(counted)
+    }
+
+    /// The store's count of commits that changed something (see [`Tx::commit_counted`]).
+    pub fn commits(&self) -> Result<u64, StoreError> {
+        Ok(self.count("SELECT COALESCE(MAX(value), 0) FROM cluster WHERE name = 'store_commits'", [])? as u64)
     }
 
     /// Runs a statement through the connection's statement cache: a bulk import runs the
@@ -2409,6 +2436,31 @@ mod tests {
         let tx = store.read().unwrap();
         assert!(tx.accounts().unwrap().is_empty());
         assert!(tx.all_entries().unwrap().is_empty());
+    }
+
+    /// Each commit that changed something counts once, whatever it changed; one that
+    /// changed nothing, and a read, do not; the count survives a reopen.
+    #[test]
+    fn commits_that_change_something_are_counted() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.db()).unwrap();
+        assert_eq!(store.read().unwrap().commits().unwrap(), 0);
+        let tx = store.transaction().unwrap();
+        add(&tx, "acme");
+        tx.add_entry("acme", net("198.18.0.0/24"), None, 0, 1).unwrap();
+        assert_eq!(tx.commit_counted().unwrap(), Some(1), "one commit of two changes");
+        let tx = store.transaction().unwrap();
+        assert!(tx.accounts().unwrap().len() == 1);
+        assert_eq!(tx.commit_counted().unwrap(), None, "a commit that changed nothing");
+        let tx = store.transaction().unwrap();
+        assert!(tx.remove_entry("acme", net("198.18.9.0/24")).is_ok_and(|removed| !removed));
+        assert_eq!(tx.commit_counted().unwrap(), None, "a statement that matched no row");
+        let tx = store.transaction().unwrap();
+        tx.set_mode("acme", Mode::Monitor).unwrap();
+        tx.commit().unwrap();
+        drop(store);
+        let mut store = Store::open(&dir.db()).unwrap();
+        assert_eq!(store.read().unwrap().commits().unwrap(), 2);
     }
 
     #[test]

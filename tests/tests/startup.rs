@@ -1,7 +1,8 @@
 //! Start-up never loses enforcement, end to end on the real daemon: with policy in the
 //! pinned maps, a store that is empty, deleted, or gone with its directory makes the daemon
 //! refuse to start, leaving the kernel's tables as they were, until `--accept-empty-store`
-//! says so on purpose. Also: one daemon per state directory, and a private store.
+//! says so on purpose; so does a store that lost commits the kernel enforces, until
+//! `--accept-older-store`. Also: one daemon per state directory, and a private store.
 //!
 //! Build the binaries first: `cargo build --release -p ipaccess --bins`.
 
@@ -146,6 +147,66 @@ fn a_lost_store_never_turns_enforcement_off() {
     assert!(tcp_ok(&w, blocked, dst, OK), "--accept-empty-store did not clear the binding");
     assert!(w.daemon.as_ref().unwrap().log_text().contains("--accept-empty-store"), "no warning in the log");
     // The flag is needed once: the kernel now holds no policy, so a plain start succeeds.
+    w.stop();
+    w.start("");
+}
+
+/// A store behind the policy the kernel enforces (here restored from a copy taken before a
+/// ban; a write-ahead log deleted after a crash loses commits the same way) is refused at
+/// start, and the kernel keeps enforcing the ban, until `--accept-older-store` says so on
+/// purpose. Restarts on the store the daemon left start as ever.
+#[test]
+fn a_store_that_lost_commits_is_refused() {
+    let mut w = World::new("");
+    let socket = w.socket();
+    let good = w.hosts.client_v4[0];
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7101);
+    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
+    ok(&socket, json!({"cmd": "account_add", "account": "cust"}));
+    let (addr, ip) = (dst.ip().to_string(), good.to_string());
+    ok(&socket, json!({"cmd": "bind_add", "account": "cust", "addr": addr, "port": 7101, "proto": "tcp"}));
+    ok(&socket, json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
+    ok(&socket, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": ip, "force": true}));
+    let server = w.hosts.server_v4;
+    assert!(w.hosts.client.run(move || icmp_echo(good.into(), server.into(), OK)), "ping from {good}");
+    assert!(tcp_ok(&w, good, dst, OK), "the allowed source is blocked");
+    w.stop();
+    w.start("");
+    w.stop();
+
+    // A copy of the store as it is, then a ban.
+    let state = state_dir(&w);
+    let files = ["ipaccess.db", "ipaccess.db-wal", "ipaccess.db-shm"];
+    let copy = w.dir.0.join("copy");
+    fs::create_dir(&copy).unwrap();
+    for name in files.iter().filter(|n| state.join(n).exists()) {
+        fs::copy(state.join(name), copy.join(name)).unwrap();
+    }
+    w.start("");
+    ok(&socket, json!({"cmd": "account_state", "account": "cust", "state": "banned"}));
+    assert!(!tcp_ok(&w, good, dst, FAIL), "the ban is not enforced");
+    w.stop();
+    for name in files {
+        let _ = fs::remove_file(state.join(name));
+        if copy.join(name).exists() {
+            fs::copy(copy.join(name), state.join(name)).unwrap();
+        }
+    }
+
+    let log = refused_start(&w, "older.log");
+    for needed in ["refusing to start", "is behind the policy", "commits are lost", "--accept-older-store"] {
+        assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+    assert!(!tcp_ok(&w, good, dst, FAIL), "the refused start undid the ban in the kernel");
+
+    // On purpose: the older store is enforced, the ban with it gone.
+    let mut daemon = spawn(&w, &["--accept-older-store"], "accepted-older.log");
+    daemon.wait_answering(&socket, READY);
+    w.daemon = Some(daemon);
+    assert_eq!(ok(&socket, json!({"cmd": "account_show", "account": "cust"}))["account"]["state"], "active");
+    assert!(tcp_ok(&w, good, dst, OK), "--accept-older-store did not enforce the store");
+    assert!(w.daemon.as_ref().unwrap().log_text().contains("--accept-older-store"), "no warning in the log");
+    // Needed once: the maps now hold this store's policy.
     w.stop();
     w.start("");
 }

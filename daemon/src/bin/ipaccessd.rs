@@ -68,6 +68,12 @@ struct Args {
     /// that a lost store never turns enforcement off; use it once, on purpose.
     #[arg(long)]
     accept_empty_store: bool,
+    /// Start even though the store is behind the policy the pinned maps hold (it lost
+    /// commits: a deleted write-ahead log, a restored older backup), and enforce the store
+    /// as it is. Without it such a start is refused, so that changes made since (a ban, a
+    /// removed entry) are not quietly undone; use it once, on purpose.
+    #[arg(long)]
+    accept_older_store: bool,
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
@@ -126,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
     // A named location database that does not load is a configuration error: refused here,
     // before the kernel is touched, rather than found missing by support later.
     let locator = Locator::load(config.location_database.as_deref())?;
-    let (_lock, store) = open_store(&config, &datapath, args.accept_empty_store)?;
+    let (_lock, store) = open_store(&config, &datapath, args.accept_empty_store, args.accept_older_store)?;
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
@@ -210,8 +216,16 @@ async fn main() -> anyhow::Result<()> {
 /// Locks the state directory and opens the store, before anything in the kernel changes.
 /// Refuses (unless `accept_empty`) a store that is missing or holds no account while the
 /// pinned maps hold policy: starting would clear the kernel's tables and leave every bound
-/// address unfiltered. The lock is held for the life of the process.
-fn open_store(config: &Config, datapath: &Datapath, accept_empty: bool) -> anyhow::Result<(fs::File, Store)> {
+/// address unfiltered. Refuses too (unless `accept_older`, and on a standalone host: a fleet
+/// node's store is a copy of etcd's) a store whose commit count is below the one the maps
+/// recorded: it lost commits whose policy the kernel enforces. The lock is held for the
+/// life of the process.
+fn open_store(
+    config: &Config,
+    datapath: &Datapath,
+    accept_empty: bool,
+    accept_older: bool,
+) -> anyhow::Result<(fs::File, Store)> {
     let (dir, db) = (&config.state_dir, config.database());
     let guard = |found: &str| -> anyhow::Result<()> {
         let (accounts, bindings) = (datapath.configured_slots().len(), datapath.bindings().len());
@@ -264,6 +278,28 @@ fn open_store(config: &Config, datapath: &Datapath, accept_empty: bool) -> anyho
     let mut store = Store::open(&db).context("opening the store")?;
     if !judged && store.read().and_then(|tx| tx.accounts()).context("reading the store")?.is_empty() {
         guard("holds no account")?;
+        judged = true;
+    }
+    let (stored, enforced) =
+        (store.read().and_then(|tx| tx.commits()).context("reading the store")?, datapath.store_commits());
+    if !judged && config.cluster.is_none() && stored < enforced {
+        let what = format!(
+            "the store {} is behind the policy the pinned maps in {} hold: it has {stored} commits, and the maps \
+             hold the policy of its commit {enforced}, so {} commits are lost (a deleted or damaged write-ahead \
+             log, a store restored from an older backup)",
+            db.display(),
+            datapath.pin_dir().display(),
+            enforced - stored
+        );
+        if accept_older {
+            warn!("{what}; --accept-older-store: enforcing the store as it is");
+        } else {
+            anyhow::bail!(
+                "refusing to start: {what}. Starting would enforce the older policy and undo those changes (a ban, \
+                 a removed entry); the kernel keeps enforcing them meanwhile. Restore the newer store and start \
+                 again, or start once with --accept-older-store to enforce this one on purpose"
+            );
+        }
     }
     Ok((lock, store))
 }

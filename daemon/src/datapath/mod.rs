@@ -55,6 +55,9 @@ use self::{
     tables::{FirstLengths, SlotKey, Synced, TableContent, TableError, Tables},
 };
 
+/// The pinned map of [`Datapath::store_commits`]: created by the daemon, not in the object.
+pub const MAP_STORE_COMMITS: &str = "IPACCESS_STORE_COMMITS";
+
 /// The XDP object built by build.rs: the filter ([`PROGRAM_NAME`]) and its maps, nothing else.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-ebpf"));
 
@@ -229,6 +232,9 @@ pub struct Datapath {
     bindings: BindingModel,
     /// How many loads it took the kernel to verify the program ([`load_program`]).
     load_attempts: u32,
+    /// Word 0: the store's commit count of the policy this kernel enforces
+    /// ([`Self::store_commits`]). A map of user space alone: the program never reads it.
+    store_commits: aya::maps::Array<MapData, u64>,
     /// Links this process attached or reused, by interface (each also pinned).
     links: BTreeMap<String, FdLink>,
     /// Per account slot, the length its table probes first per family (IPv4, IPv6;
@@ -254,6 +260,7 @@ impl Datapath {
         let pin_dir = options.bpffs.join(PIN_SUBDIR);
         fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir { path: pin_dir.clone(), source })?;
         let lock = lock_dir(&pin_dir)?;
+        let store_commits = store_commits_map(&pin_dir)?;
         // One stamp per slot: as many as the slot array has, which a reused pin may have
         // sized otherwise than the configuration (a build before stamps pinned no stamps).
         let stamps = MapData::from_pin(pin_dir.join(MAP_SLOTS))
@@ -346,6 +353,7 @@ impl Datapath {
             samples,
             bindings,
             load_attempts,
+            store_commits,
             links: BTreeMap::new(),
             first_lengths,
             _lock: lock,
@@ -354,6 +362,18 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The store's commit count ([`crate::store::Tx::commit_counted`]) of the last policy
+    /// change written here: 0 for maps no daemon recorded one in (new, or from a build
+    /// before the count). Pinned, so it outlives the daemon as the policy in the maps does.
+    pub fn store_commits(&self) -> u64 {
+        self.store_commits.get(&0, 0).unwrap_or(0)
+    }
+
+    /// Records that the maps hold the policy of the store at commit count `count`.
+    pub fn set_store_commits(&mut self, count: u64) -> Result<()> {
+        self.store_commits.set(0, count, 0).map_err(|e| DatapathError::Map(MAP_STORE_COMMITS.into(), e))
     }
 
     /// How many loads it took to have the program verified: 1 unless the kernel cut one short.
@@ -1431,6 +1451,18 @@ fn map_len<T>(ebpf: &Ebpf, name: &'static str, dir: &Path) -> Result<u32> {
         });
     }
     Ok(info.max_entries())
+}
+
+/// The pinned [`MAP_STORE_COMMITS`] in `pin_dir`, created (holding 0) if it is not there.
+fn store_commits_map(pin_dir: &Path) -> Result<aya::maps::Array<MapData, u64>> {
+    let path = pin_dir.join(MAP_STORE_COMMITS);
+    let map_error = |e| DatapathError::Map(MAP_STORE_COMMITS.into(), e);
+    if !path.exists() {
+        let array = aya::maps::Array::<MapData, u64>::create(1, 0).map_err(map_error)?;
+        array.pin(&path).map_err(|source| DatapathError::Pin { path: path.clone(), source })?;
+    }
+    let data = MapData::from_pin(&path).map_err(map_error)?;
+    aya::maps::Array::try_from(Map::Array(data)).map_err(map_error)
 }
 
 fn mmap_map<T>(ebpf: &Ebpf, name: &str, len: u32) -> Result<MmapArray<T>> {

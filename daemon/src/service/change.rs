@@ -192,18 +192,23 @@ impl Service {
             let account = next(id).expect("affected accounts exist");
             apply_account(datapath, account, suspended(next, id))
         });
-        if let Err(e) = applied.map_err(Failure::from).and_then(|()| Ok(tx.commit()?)) {
-            for &id in &affected {
-                let restored = match cache.get(id) {
-                    Some(previous) => apply_account(datapath, previous, suspended(|p| cache.get(p), id)),
-                    None => datapath.remove_account(updated[id].slot),
-                };
-                if let Err(e) = restored {
-                    warn!("could not restore account {id} in the kernel: {e}");
+        let committed = applied.map_err(Failure::from).and_then(|()| Ok(tx.commit_counted()?));
+        let count = match committed {
+            Ok(count) => count,
+            Err(e) => {
+                for &id in &affected {
+                    let restored = match cache.get(id) {
+                        Some(previous) => apply_account(datapath, previous, suspended(|p| cache.get(p), id)),
+                        None => datapath.remove_account(updated[id].slot),
+                    };
+                    if let Err(e) = restored {
+                        warn!("could not restore account {id} in the kernel: {e}");
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
+        record_commit(datapath, count);
         drop(cache);
         self.accounts.write().expect("cache lock").extend(updated);
         pending_audit.committed();
@@ -232,11 +237,14 @@ impl Service {
         let wanted = super::bindings::for_kernel(&tx.bindings_at(addrs)?, self.node.as_deref(), slot);
         let before = datapath.bindings_at(addrs);
         datapath.set_bindings_at(addrs, &wanted)?;
-        if let Err(e) = tx.commit() {
-            if let Err(undo) = datapath.set_bindings_at(addrs, &before) {
-                warn!("could not restore the kernel's bindings after a failed commit: {undo}");
+        match tx.commit_counted() {
+            Ok(count) => record_commit(datapath, count),
+            Err(e) => {
+                if let Err(undo) = datapath.set_bindings_at(addrs, &before) {
+                    warn!("could not restore the kernel's bindings after a failed commit: {undo}");
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
         }
         pending_audit.committed();
         Ok(result)
@@ -279,20 +287,24 @@ impl Service {
             .set_bindings_at(&addrs, &wanted)
             .and_then(|()| removed.iter().filter_map(|id| slot(id)).try_for_each(|s| datapath.remove_account(s)))
             .map_err(Failure::from)
-            .and_then(|()| Ok(tx.commit()?));
-        if let Err(e) = applied {
-            for id in &removed {
-                if let Some(previous) = cache.get(id)
-                    && let Err(undo) = apply_account(datapath, previous, suspended(|p| cache.get(p), id))
-                {
-                    warn!("could not restore account {id} in the kernel: {undo}");
+            .and_then(|()| Ok(tx.commit_counted()?));
+        let count = match applied {
+            Ok(count) => count,
+            Err(e) => {
+                for id in &removed {
+                    if let Some(previous) = cache.get(id)
+                        && let Err(undo) = apply_account(datapath, previous, suspended(|p| cache.get(p), id))
+                    {
+                        warn!("could not restore account {id} in the kernel: {undo}");
+                    }
                 }
+                if let Err(undo) = datapath.set_bindings_at(&addrs, &before) {
+                    warn!("could not restore the kernel's bindings after a failed removal: {undo}");
+                }
+                return Err(e);
             }
-            if let Err(undo) = datapath.set_bindings_at(&addrs, &before) {
-                warn!("could not restore the kernel's bindings after a failed removal: {undo}");
-            }
-            return Err(e);
-        }
+        };
+        record_commit(datapath, count);
         drop(cache);
         let mut cache = self.accounts.write().expect("cache lock");
         for id in &removed {
@@ -300,6 +312,17 @@ impl Service {
         }
         pending_audit.committed();
         Ok(removed)
+    }
+}
+
+/// Records in the kernel the store's commit count of the policy it now enforces (see
+/// [`crate::store::Tx::commit_counted`]; `None`: the commit changed nothing). A failure
+/// leaves an older count there, which only makes a lost store harder to notice at start.
+pub(super) fn record_commit(datapath: &mut Datapath, count: Option<u64>) {
+    if let Some(count) = count
+        && let Err(e) = datapath.set_store_commits(count)
+    {
+        warn!("could not record the store's commit count in the kernel: {e}");
     }
 }
 

@@ -272,6 +272,8 @@ impl Service {
         let node = config.cluster.as_ref().map(|c| c.node.clone());
         let bindings = bindings::for_kernel(&bindings, node.as_deref(), |id| cache.get(id).map(|a| a.slot));
         datapath.set_bindings(&bindings)?;
+        // The maps now hold this store's policy (see `Tx::commit_counted`).
+        datapath.set_store_commits(store.read()?.commits()?)?;
         let reconcile = started.elapsed();
         info!(
             "reconciled {} accounts, {} shared sets and {} bindings with the kernel in {reconcile:.2?}",

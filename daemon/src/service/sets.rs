@@ -13,7 +13,7 @@ use serde_json::json;
 use super::{
     Failure, Reply, Service, Writer,
     allowlist::network,
-    change::{audit, existing, policy_from_store},
+    change::{audit, existing, policy_from_store, record_commit},
     lockout::{self, RECENT_SIGNINS},
     now,
 };
@@ -434,25 +434,30 @@ impl Service {
             }
             Ok(())
         };
-        if let Err(e) = applied().map_err(Failure::from).and_then(|()| Ok(tx.commit()?)) {
-            let restored = match (&before, &after) {
-                (Some(before), _) => datapath.set_shared_set(before.kernel_id, &before.entries),
-                (None, Some(after)) => datapath.remove_shared_set(after.kernel_id),
-                (None, None) => Ok(()),
-            };
-            if let Err(undo) = restored {
-                warn!("could not restore the set {set} in the kernel: {undo}");
-            }
-            let cache = self.accounts.read().expect("cache lock");
-            for id in updated.keys() {
-                if let Some(previous) = cache.get(id)
-                    && let Err(undo) = datapath.set_account_sets(previous.slot, &kernel_ids(previous))
-                {
-                    warn!("could not restore account {id}'s sets in the kernel: {undo}");
+        let committed = applied().map_err(Failure::from).and_then(|()| Ok(tx.commit_counted()?));
+        let count = match committed {
+            Ok(count) => count,
+            Err(e) => {
+                let restored = match (&before, &after) {
+                    (Some(before), _) => datapath.set_shared_set(before.kernel_id, &before.entries),
+                    (None, Some(after)) => datapath.remove_shared_set(after.kernel_id),
+                    (None, None) => Ok(()),
+                };
+                if let Err(undo) = restored {
+                    warn!("could not restore the set {set} in the kernel: {undo}");
                 }
+                let cache = self.accounts.read().expect("cache lock");
+                for id in updated.keys() {
+                    if let Some(previous) = cache.get(id)
+                        && let Err(undo) = datapath.set_account_sets(previous.slot, &kernel_ids(previous))
+                    {
+                        warn!("could not restore account {id}'s sets in the kernel: {undo}");
+                    }
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
+        record_commit(datapath, count);
         {
             let mut sets = self.sets.write().expect("set cache lock");
             match after {
