@@ -294,7 +294,8 @@ fn a_restart_keeps_sets_and_references() {
 
 /// A restart finds the set groups' tables in the kernel and keeps them, brought up to date in
 /// place: on a host whose tables have too little room left for a second copy of a large set,
-/// the daemon starts again (twice), enforces the set as before, and uses no more slots.
+/// the daemon starts again (twice), enforces the set as before, and uses no more slots; and
+/// a network removed from the set then is removed in place, not refused for want of room.
 #[test]
 fn a_restart_on_nearly_full_tables_keeps_the_set_groups_in_place() {
     const LIMITS: &str = "[limits]\nmax_entries_per_account = 100000\n";
@@ -345,17 +346,25 @@ fn a_restart_on_nearly_full_tables_keeps_the_set_groups_in_place() {
         assert!(used <= before, "restart {round}: {used} slots used, {before} before");
     }
     // The kept group still follows the set. A set change builds the group's next table
-    // beside it, so room is made first (freed slots are reused after a grace period).
+    // beside it when there is room; here there is none, and a removal is made in place
+    // rather than refused (the removed network would go on being let in).
+    assert!(free(&w) < 1_500, "{:?}", status(&w));
+    w.ok(json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": [host(vpn)]}));
+    assert_eq!(both(&w, vpn), (false, false));
+    assert_eq!(both(&w, good), (true, true), "an account's own entry");
+    let (_, used) = status(&w);
+    assert!(used <= before, "{used} slots used, {before} before");
+    // With room again, a change is built beside the old table and switched at one store.
     for filler in &fillers {
         w.ok(json!({"cmd": "allow_replace", "account": filler, "entries": [], "force": true}));
     }
-    let removal = json!({"cmd": "set_remove", "set": "corp-vpn", "cidrs": [host(vpn)]});
+    let addition = json!({"cmd": "set_add", "set": "corp-vpn", "cidrs": [host(vpn)]});
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while w.conn().request(removal.clone()).get("ok").is_none() {
-        assert!(std::time::Instant::now() < deadline, "no room for the set's change: {:?}", status(&w));
+    while w.conn().request(addition.clone()).get("ok").is_none() {
+        assert!(std::time::Instant::now() < deadline, "the set's change was refused: {:?}", status(&w));
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(both(&w, vpn), (false, false));
+    assert_eq!(both(&w, vpn), (true, true));
 }
 
 /// Bad input gets a structured error and changes nothing: unknown sets, whole-Internet and

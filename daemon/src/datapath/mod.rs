@@ -702,7 +702,18 @@ impl Datapath {
                     for (_, table) in built {
                         self.tables.retire(table);
                     }
-                    return Err(e);
+                    if !matches!(e, DatapathError::Table(TableError::Full { .. })) {
+                        return Err(e);
+                    }
+                    // No room for a second copy of every group: each is changed where it is,
+                    // as an allowlist is, so that a removal never waits for room (the kernel
+                    // would go on letting the removed network in). Each group then goes from
+                    // the old sets to the new on its own, not all of them at one store.
+                    for &id in &affected {
+                        let sets = self.sets.groups[&id].sets.clone().unwrap_or_default();
+                        self.sync_group(id, &sets)?;
+                    }
+                    return Ok(());
                 }
             }
         }
@@ -796,20 +807,23 @@ impl Datapath {
             {
                 continue;
             }
-            let content = self.group_content(id, &sets)?;
-            let current = self.sets.groups[&id].table;
-            let table = match self.tables.sync(current, &content)? {
-                Synced::InPlace => current,
-                Synced::Replaced(new) => {
-                    self.publish_group(id, new);
-                    self.tables.retire(current);
-                    new
-                }
-            };
+            self.sync_group(id, &sets)?;
             let group = self.sets.groups.get_mut(&id).expect("found above");
-            group.table = table;
             group.sets = Some(sets.clone());
             self.sets.by_sets.insert(sets, id);
+        }
+        Ok(())
+    }
+
+    /// Brings group `id`'s table to `sets`' entries where it is when it can (a table built
+    /// beside it otherwise, published with one store).
+    fn sync_group(&mut self, id: u32, sets: &[u32]) -> Result<()> {
+        let content = self.group_content(id, sets)?;
+        let current = self.sets.groups[&id].table;
+        if let Synced::Replaced(new) = self.tables.sync(current, &content)? {
+            self.publish_group(id, new);
+            self.tables.retire(current);
+            self.sets.groups.get_mut(&id).expect("a group of the maps").table = new;
         }
         Ok(())
     }
