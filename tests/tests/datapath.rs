@@ -275,18 +275,14 @@ fn an_allowed_packet_stamps_its_key_once_per_clock_tick() {
     assert!(dp.used_since(103).is_empty(), "used_since returns only stamps from its clock on");
 }
 
-/// Shared sets in the kernel: two accounts reference one set and share its table; a change
-/// of the set reaches both, also where one of them unites it with a second set; a reference
-/// dropped for one account shuts out only that one; a set's key is stamped as its group's;
-/// and a restarted daemon's datapath enforces the sets until they are given again, then
-/// frees the groups it found.
-#[test]
-fn shared_sets_let_in_every_account_that_references_them_and_change_for_all() {
-    use ipaccess::datapath::KeyOwner;
-    const OTHER: u32 = 8;
-    const OTHER_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-    let bpffs = BpfFs::new().unwrap();
-    let mut dp = open(&bpffs);
+/// A second account, bound like [`ACCOUNT`] to TCP 443 of its own address.
+const OTHER: u32 = 8;
+const OTHER_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+/// A datapath with [`ACCOUNT`] at [`SERVER`] and [`OTHER`] at [`OTHER_SERVER`], both
+/// enforcing and allowing nothing yet.
+fn two_enforcing_accounts(bpffs: &BpfFs) -> Datapath {
+    let mut dp = open(bpffs);
     let target = BindTarget::Port { protocol: 6, port: 443 };
     dp.set_bindings(&[
         Binding { addr: SERVER.into(), target, account: ACCOUNT },
@@ -296,6 +292,19 @@ fn shared_sets_let_in_every_account_that_references_them_and_change_for_all() {
     for slot in [ACCOUNT, OTHER] {
         dp.set_policy(slot, Mode::Enforce, false).unwrap();
     }
+    dp
+}
+
+/// Shared sets in the kernel: two accounts reference one set and share its table; a change
+/// of the set reaches both, also where one of them unites it with a second set; a reference
+/// dropped for one account shuts out only that one; a set's key is stamped as its group's;
+/// and a restarted daemon's datapath enforces the sets until they are given again, then
+/// frees the groups it found.
+#[test]
+fn shared_sets_let_in_every_account_that_references_them_and_change_for_all() {
+    use ipaccess::datapath::KeyOwner;
+    let bpffs = BpfFs::new().unwrap();
+    let mut dp = two_enforcing_accounts(&bpffs);
     dp.set_allowlist(ACCOUNT, &[(IpAddr::V4(ALLOWED).into(), NEVER_EXPIRES)]).unwrap();
     let to = |server: Ipv4Addr, src: Ipv4Addr| packets::ipv4_tcp(src, server, 40000, 443);
     let net = |cidr: &str| -> ipnet::IpNet { cidr.parse().unwrap() };
@@ -379,19 +388,8 @@ fn shared_sets_let_in_every_account_that_references_them_and_change_for_all() {
 fn a_set_group_left_stays_whole_for_packets_that_read_it_until_the_quarantine_ends() {
     use aya::maps::{Array, Map, MapData};
     use ipaccess::datapath::regions::QUARANTINE;
-    const OTHER: u32 = 8;
-    const OTHER_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
     let bpffs = BpfFs::new().unwrap();
-    let mut dp = open(&bpffs);
-    let target = BindTarget::Port { protocol: 6, port: 443 };
-    dp.set_bindings(&[
-        Binding { addr: SERVER.into(), target, account: ACCOUNT },
-        Binding { addr: OTHER_SERVER.into(), target, account: OTHER },
-    ])
-    .unwrap();
-    for slot in [ACCOUNT, OTHER] {
-        dp.set_policy(slot, Mode::Enforce, false).unwrap();
-    }
+    let mut dp = two_enforcing_accounts(&bpffs);
     let net = |cidr: &str| -> ipnet::IpNet { cidr.parse().unwrap() };
     let (vpn, partner) = (Ipv4Addr::new(198, 18, 40, 7), Ipv4Addr::new(198, 18, 50, 1));
     let to_account = |src: Ipv4Addr| packets::ipv4_tcp(src, SERVER, 40000, 443);

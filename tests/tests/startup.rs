@@ -80,6 +80,26 @@ fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
 }
 
+/// Account `cust` bound to TCP `port` of the server, enforcing, allowing the first client
+/// address only; the first two client addresses have resolved the server's (ICMP is not
+/// filtered by a port binding). The endpoint, and its listener.
+fn enforcing_customer(w: &World, port: u16) -> (SocketAddr, TcpServer) {
+    let socket = w.socket();
+    let good = w.hosts.client_v4[0];
+    let dst = SocketAddr::new(w.hosts.server_v4.into(), port);
+    let server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
+    ok(&socket, json!({"cmd": "account_add", "account": "cust"}));
+    let (addr, ip) = (dst.ip().to_string(), good.to_string());
+    ok(&socket, json!({"cmd": "bind_add", "account": "cust", "addr": addr, "port": port, "proto": "tcp"}));
+    ok(&socket, json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
+    ok(&socket, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": ip, "force": true}));
+    let to = w.hosts.server_v4;
+    for src in [good, w.hosts.client_v4[1]] {
+        assert!(w.hosts.client.run(move || icmp_echo(src.into(), to.into(), OK)), "ping from {src}");
+    }
+    (dst, server)
+}
+
 /// Policy in the kernel, then the store lost four ways: each start is refused, says what it
 /// found and how to go on, and the kernel keeps enforcing (the blocked source stays blocked,
 /// the allowed one passes). `--accept-empty-store` then starts, and clears the tables.
@@ -88,17 +108,7 @@ fn a_lost_store_never_turns_enforcement_off() {
     let mut w = World::new("");
     let socket = w.socket();
     let (good, blocked) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
-    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7100);
-    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
-    ok(&socket, json!({"cmd": "account_add", "account": "cust"}));
-    let (addr, ip) = (dst.ip().to_string(), good.to_string());
-    ok(&socket, json!({"cmd": "bind_add", "account": "cust", "addr": addr, "port": 7100, "proto": "tcp"}));
-    ok(&socket, json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
-    ok(&socket, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": ip, "force": true}));
-    let server = w.hosts.server_v4;
-    for src in [good, blocked] {
-        assert!(w.hosts.client.run(move || icmp_echo(src.into(), server.into(), OK)), "ping from {src}");
-    }
+    let (dst, _server) = enforcing_customer(&w, 7100);
     let enforcing = |w: &World, when: &str| {
         assert!(tcp_ok(w, good, dst, OK), "{when}: the allowed source is blocked");
         assert!(!tcp_ok(w, blocked, dst, FAIL), "{when}: the blocked source passes: enforcement is off");
@@ -160,15 +170,7 @@ fn a_store_that_lost_commits_is_refused() {
     let mut w = World::new("");
     let socket = w.socket();
     let good = w.hosts.client_v4[0];
-    let dst = SocketAddr::new(w.hosts.server_v4.into(), 7101);
-    let _server = TcpServer::start_in(&w.hosts.server, dst).unwrap();
-    ok(&socket, json!({"cmd": "account_add", "account": "cust"}));
-    let (addr, ip) = (dst.ip().to_string(), good.to_string());
-    ok(&socket, json!({"cmd": "bind_add", "account": "cust", "addr": addr, "port": 7101, "proto": "tcp"}));
-    ok(&socket, json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{good}/32")}));
-    ok(&socket, json!({"cmd": "account_mode", "account": "cust", "mode": "enforce", "client_ip": ip, "force": true}));
-    let server = w.hosts.server_v4;
-    assert!(w.hosts.client.run(move || icmp_echo(good.into(), server.into(), OK)), "ping from {good}");
+    let (dst, _server) = enforcing_customer(&w, 7101);
     assert!(tcp_ok(&w, good, dst, OK), "the allowed source is blocked");
     w.stop();
     w.start("");
