@@ -213,6 +213,57 @@ fn a_store_that_lost_commits_is_refused() {
     w.start("");
 }
 
+/// A state directory with no room left: the store cannot grow its write-ahead log, and the
+/// refusal says the directory is full rather than SQLite's bare "disk I/O error".
+#[test]
+fn a_full_state_directory_is_named_as_the_cause() {
+    let mut w = World::new("");
+    ok(&w.socket(), json!({"cmd": "account_add", "account": "cust"}));
+    w.stop();
+    // A 2 MiB tmpfs holding a copy of the state, then filled.
+    let small = w.dir.0.join("small");
+    fs::create_dir(&small).unwrap();
+    let target = std::ffi::CString::new(small.to_str().unwrap()).unwrap();
+    // SAFETY: valid C strings; the data is a C string of mount options.
+    let rc = unsafe {
+        libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=2m,mode=0700".as_ptr().cast())
+    };
+    assert_eq!(rc, 0, "mount -t tmpfs: {}", std::io::Error::last_os_error());
+    struct Unmount(std::ffi::CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _unmount = Unmount(target);
+    let state = small.join("state");
+    fs::create_dir(&state).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    for entry in fs::read_dir(state_dir(&w)).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), state.join(entry.file_name())).unwrap();
+    }
+    let mut filler = fs::File::create(small.join("filler")).unwrap();
+    let block = vec![0u8; 64 << 10];
+    for _ in 0..64 {
+        if filler.write_all(&block).is_err() {
+            break;
+        }
+    }
+    drop(filler);
+
+    let args = args(&w, true, &state, w.bpffs.path(), &w.socket(), &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join("full.log"));
+    let status = daemon.wait_exit(READY);
+    let log = daemon.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "started on a full directory ({status:?}):\n{log}");
+    for needed in ["opening the store", "bytes free", state.to_str().unwrap(), "free some space"] {
+        assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+}
+
 /// The store and its directory are private even with umask 022, the lock file too, and a
 /// store file left open to others is tightened with a warning.
 #[test]

@@ -275,7 +275,12 @@ fn open_store(
         guard(found)?;
         judged = true;
     }
-    let mut store = Store::open(&db).context("opening the store")?;
+    let mut store = match Store::open(&db) {
+        Ok(store) => store,
+        // SQLite says "disk I/O error" when it cannot grow its write-ahead log or the index
+        // beside it (-shm): say so when the directory is (nearly) full.
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("opening the store{}", low_room(dir)))),
+    };
     if !judged && store.read().and_then(|tx| tx.accounts()).context("reading the store")?.is_empty() {
         guard("holds no account")?;
         judged = true;
@@ -302,6 +307,23 @@ fn open_store(
         }
     }
     Ok((lock, store))
+}
+
+/// Below this, a failure to open the store is put down to the room left (see [`low_room`]).
+const LOW_ROOM: u64 = 4 << 20;
+
+/// `; the state directory … has only N bytes free …` when `dir`'s file system has less than
+/// [`LOW_ROOM`] left for the daemon, otherwise nothing.
+fn low_room(dir: &std::path::Path) -> String {
+    match rustix::fs::statvfs(dir) {
+        Ok(fs) if fs.f_bavail.saturating_mul(fs.f_frsize) < LOW_ROOM => format!(
+            "; the state directory {} has only {} bytes free, and the store needs room for its write-ahead log and \
+             the index beside it (ipaccess.db-wal, ipaccess.db-shm): free some space",
+            dir.display(),
+            fs.f_bavail.saturating_mul(fs.f_frsize)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// An exclusive lock on `dir/ipaccessd.lock`, which holds the locking daemon's pid: a second
