@@ -3,7 +3,8 @@
 //!
 //! Start-up order: configuration, bpffs, the pinned maps and program, the state directory
 //! locked and the store opened (refused, unless `--accept-empty-store`, when the store is
-//! missing or empty while the pinned maps hold policy), the kernel reconciled with the
+//! missing or empty while the pinned maps hold policy, and, unless `--accept-older-store`,
+//! when it lost commits whose policy the maps hold), the kernel reconciled with the
 //! store, the interfaces attached, the control socket (and the metrics endpoint, if
 //! configured) bound, and only then systemd told READY=1. SIGHUP re-reads the
 //! configuration (never detaching). Stopping (SIGTERM) leaves the filter attached and
