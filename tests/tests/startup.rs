@@ -58,18 +58,37 @@ fn args(w: &World, iface: bool, state: &Path, bpffs: &Path, socket: &Path, extra
 
 /// Starts the daemon of `w` again with `extra` arguments; does not wait.
 fn spawn(w: &World, extra: &[&str], log: &str) -> Daemon {
-    let args = args(w, true, &state_dir(w), w.bpffs.path(), &w.socket(), extra);
+    spawn_on(w, &state_dir(w), extra, log)
+}
+
+/// [`spawn`] on the state directory `state`.
+fn spawn_on(w: &World, state: &Path, extra: &[&str], log: &str) -> Daemon {
+    let args = args(w, true, state, w.bpffs.path(), &w.socket(), extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join(log))
 }
 
 /// A start that must be refused: exits non-zero by itself; its log.
 fn refused_start(w: &World, log: &str) -> String {
-    let mut daemon = spawn(w, &[], log);
+    refused_start_on(w, &state_dir(w), log)
+}
+
+/// [`refused_start`] on the state directory `state`.
+fn refused_start_on(w: &World, state: &Path, log: &str) -> String {
+    let mut daemon = spawn_on(w, state, &[], log);
     let status = daemon.wait_exit(READY);
     let text = daemon.log_text();
     assert!(status.is_some_and(|s| !s.success()), "the start was not refused ({status:?}):\n{text}");
     text
+}
+
+/// A start with `flag` (`--accept-…`), which must succeed and warn, naming the flag, in
+/// its log; the daemon becomes `w`'s.
+fn start_on_purpose(w: &mut World, flag: &str, log: &str) {
+    let mut daemon = spawn(w, &[flag], log);
+    daemon.wait_answering(&w.socket(), READY);
+    assert!(daemon.log_text().contains(flag), "no warning naming {flag} in the log");
+    w.daemon = Some(daemon);
 }
 
 fn tcp_ok(w: &World, src: Ipv4Addr, dst: SocketAddr, timeout: Duration) -> bool {
@@ -150,12 +169,9 @@ fn a_lost_store_never_turns_enforcement_off() {
     enforcing(&w, "after the refused start with no state directory");
 
     // On purpose: the daemon starts with an empty store and clears the kernel's tables.
-    let mut daemon = spawn(&w, &["--accept-empty-store"], "accepted.log");
-    daemon.wait_answering(&socket, READY);
-    w.daemon = Some(daemon);
+    start_on_purpose(&mut w, "--accept-empty-store", "accepted.log");
     assert_eq!(ok(&socket, json!({"cmd": "bind_list"})), json!([]));
     assert!(tcp_ok(&w, blocked, dst, OK), "--accept-empty-store did not clear the binding");
-    assert!(w.daemon.as_ref().unwrap().log_text().contains("--accept-empty-store"), "no warning in the log");
     // The flag is needed once: the kernel now holds no policy, so a plain start succeeds.
     w.stop();
     w.start("");
@@ -202,12 +218,9 @@ fn a_store_that_lost_commits_is_refused() {
     assert!(!tcp_ok(&w, good, dst, FAIL), "the refused start undid the ban in the kernel");
 
     // On purpose: the older store is enforced, the ban with it gone.
-    let mut daemon = spawn(&w, &["--accept-older-store"], "accepted-older.log");
-    daemon.wait_answering(&socket, READY);
-    w.daemon = Some(daemon);
+    start_on_purpose(&mut w, "--accept-older-store", "accepted-older.log");
     assert_eq!(ok(&socket, json!({"cmd": "account_show", "account": "cust"}))["account"]["state"], "active");
     assert!(tcp_ok(&w, good, dst, OK), "--accept-older-store did not enforce the store");
-    assert!(w.daemon.as_ref().unwrap().log_text().contains("--accept-older-store"), "no warning in the log");
     // Needed once: the maps now hold this store's policy.
     w.stop();
     w.start("");
@@ -253,12 +266,7 @@ fn a_full_state_directory_is_named_as_the_cause() {
     }
     drop(filler);
 
-    let args = args(&w, true, &state, w.bpffs.path(), &w.socket(), &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join("full.log"));
-    let status = daemon.wait_exit(READY);
-    let log = daemon.log_text();
-    assert!(status.is_some_and(|s| !s.success()), "started on a full directory ({status:?}):\n{log}");
+    let log = refused_start_on(&w, &state, "full.log");
     for needed in ["opening the store", "bytes free", state.to_str().unwrap(), "free some space"] {
         assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
     }
