@@ -10,7 +10,7 @@ use crate::{
     logging,
     policy::{AccountPolicy, SetPolicy, Sets},
     protocol::{ErrorCode, Mode, RecentSignin, ShutOut},
-    store::{LastSignin, Tx},
+    store::{LastSignin, StoreError, Tx},
 };
 
 /// How far back a successful sign-in counts for the lockout guard.
@@ -56,10 +56,16 @@ impl SigninSource for Service {
 /// made again under its id is a new customer, whose allowlist owes nothing to the old one's
 /// sign-ins (the history stays, under the id, for support to read).
 fn recent_signins(tx: &Tx, others: &dyn OtherNodes, account: &str, since: i64) -> Result<Vec<RecentSignin>, Failure> {
-    let since = since.max(tx.account(account)?.map_or(0, |a| a.created_at));
+    let since = since.max(made_at(tx, account)?);
     let mut all = tx.recent_signins(account, since)?;
     all.extend(others.signins(&[account], since)?.into_iter().map(|r| r.signin));
     Ok(merge(all))
+}
+
+/// When `account` was made (unix s; 0 if it is not there): sign-ins before it were an
+/// earlier account's of the same id.
+pub(super) fn made_at(tx: &Tx, account: &str) -> Result<i64, StoreError> {
+    Ok(tx.account(account)?.map_or(0, |a| a.created_at))
 }
 
 /// Sign-ins one per address, its latest, newest first.

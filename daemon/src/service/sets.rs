@@ -372,7 +372,7 @@ impl Service {
         let mut made_at: HashMap<String, i64> = HashMap::new();
         for r in remote {
             if !made_at.contains_key(&r.account) {
-                made_at.insert(r.account.clone(), tx.account(&r.account)?.map_or(0, |a| a.created_at));
+                made_at.insert(r.account.clone(), lockout::made_at(tx, &r.account)?);
             }
             if r.signin.last_seen >= made_at[&r.account] {
                 signins.push(SignedInThroughSet { account: r.account, signin: r.signin });

@@ -32,12 +32,6 @@ const ACTIVITY_SINCE: u64 = 7 * 24 * 3600;
 const ACTIVITY_LIMIT: u32 = 100;
 const ACTIVITY_MAX_LIMIT: u32 = 10_000;
 
-/// Since when a grant's evidence counts a customer's denied attempts: the lookback, but not
-/// before the account was made (an earlier account of the same id is another customer).
-fn evidence_since(now: i64, account_made_at: i64) -> i64 {
-    (now - DENIED_LOOKBACK).max(account_made_at)
-}
-
 impl Service {
     pub(super) fn override_grant(&self, request: OverrideGrant, uid: u32) -> Reply<OverrideGrant> {
         let OverrideGrant { account, cidr, ttl_seconds, ticket, reason } = request;
@@ -67,10 +61,11 @@ impl Service {
             ));
         }
         // `change` flushes the log first: the reply's denied attempts include the latest.
-        let mut account_made_at = 0;
+        // The attempts made since the account was made: an earlier account of the same id
+        // is not the customer asking now. One window for this node's attempts and the fleet's.
+        let mut evidence_from = 0;
         let mut granted = self.change(&account, |tx| {
             let row = existing(tx, &account)?;
-            account_made_at = row.created_at;
             self.refuse_useless_override(&account, cidr)?;
             let at = now();
             let granted = tx.add_override(&account, cidr, &ticket, &reason, uid, at, at + ttl_seconds as i64)?;
@@ -80,16 +75,14 @@ impl Service {
             let recorded = json!({ "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
                 "reason": reason, "expires_at": granted.expires_at });
             audit(tx, &account, uid, "override_granted", recorded)?;
-            // The attempts made since the account was made: an earlier account of the same
-            // id is not the customer asking now.
-            let recent_denied = tx.denied_summary(&account, evidence_since(at, row.created_at))?;
+            evidence_from = (at - DENIED_LOOKBACK).max(row.created_at);
+            let recent_denied = tx.denied_summary(&account, evidence_from)?;
             Ok((row, Granted { granted, recent_denied, notes }))
         })?;
         // In a fleet, the evidence includes the attempts the other nodes saw.
         if let Some(fleet) = self.fleet_attempts(&account) {
             let local = std::mem::take(&mut granted.recent_denied);
-            let since = evidence_since(now(), account_made_at);
-            granted.recent_denied = merge_denied(local, &fleet, since, DENIED_ROWS);
+            granted.recent_denied = merge_denied(local, &fleet, evidence_from, DENIED_ROWS);
             granted.notes.extend(fleet.note());
         }
         self.locate(granted.recent_denied.iter_mut().map(|r| (r.address.as_deref(), &mut r.location)));
