@@ -230,51 +230,80 @@ fn a_store_that_lost_commits_is_refused() {
 /// refusal says the directory is full rather than SQLite's bare "disk I/O error".
 #[test]
 fn a_full_state_directory_is_named_as_the_cause() {
-    let mut w = World::new("");
-    ok(&w.socket(), json!({"cmd": "account_add", "account": "cust"}));
-    w.stop();
-    // A 2 MiB tmpfs holding a copy of the state, then filled.
-    let small = w.dir.0.join("small");
-    fs::create_dir(&small).unwrap();
-    let target = std::ffi::CString::new(small.to_str().unwrap()).unwrap();
-    // SAFETY: valid C strings; the data is a C string of mount options.
-    let rc = unsafe {
-        libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=2m,mode=0700".as_ptr().cast())
-    };
-    assert_eq!(rc, 0, "mount -t tmpfs: {}", std::io::Error::last_os_error());
-    struct Unmount(std::ffi::CString);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            // SAFETY: a valid C string.
-            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-    let _unmount = Unmount(target);
-    let state = small.join("state");
-    fs::create_dir(&state).unwrap();
-    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    let w = stopped_with_an_account();
     // The store folded into its database file, and that file alone with the lock: opening
     // it must create the write-ahead log's index (-shm), for which there is no room. (A -shm
     // left beside a stopped store, as CI found, lets it open without growing anything.)
-    let db = state_dir(&w).join("ipaccess.db");
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
-    drop(conn);
-    for name in ["ipaccess.db", "ipaccessd.lock"] {
-        fs::copy(state_dir(&w).join(name), state.join(name)).unwrap();
-    }
-    let mut filler = fs::File::create(small.join("filler")).unwrap();
-    let block = vec![0u8; 64 << 10];
-    for _ in 0..64 {
-        if filler.write_all(&block).is_err() {
-            break;
-        }
-    }
-    drop(filler);
-
-    let log = refused_start_on(&w, &state, "full.log");
-    for needed in ["opening the store", "bytes free", state.to_str().unwrap(), "free some space"] {
+    let full = FullCopy::of(&w, &["ipaccess.db", "ipaccessd.lock"]);
+    let log = refused_start_on(&w, &full.state, "full.log");
+    for needed in ["opening the store", "bytes free", full.state.to_str().unwrap(), "free some space"] {
         assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+}
+
+/// The same full directory without a lock file: the daemon's pid is the first thing it
+/// writes, and the refusal names the lock file and the room left, not a bare "No space left
+/// on device".
+#[test]
+fn a_full_state_directory_is_named_when_the_lock_cannot_be_written() {
+    let w = stopped_with_an_account();
+    let full = FullCopy::of(&w, &["ipaccess.db"]);
+    let log = refused_start_on(&w, &full.state, "full-lock.log");
+    let lock = full.state.join("ipaccessd.lock");
+    for needed in ["writing this daemon's pid", lock.to_str().unwrap(), "bytes free", "free some space"] {
+        assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+}
+
+fn stopped_with_an_account() -> World {
+    let mut w = World::new("");
+    ok(&w.socket(), json!({"cmd": "account_add", "account": "cust"}));
+    w.stop();
+    w
+}
+
+/// A 2 MiB tmpfs holding a copy of some of `w`'s state files (the store folded into its
+/// database file first), then filled; unmounted when dropped.
+struct FullCopy {
+    state: PathBuf,
+    mount: std::ffi::CString,
+}
+
+impl FullCopy {
+    fn of(w: &World, names: &[&str]) -> FullCopy {
+        let small = w.dir.0.join("small");
+        fs::create_dir(&small).unwrap();
+        let mount = std::ffi::CString::new(small.to_str().unwrap()).unwrap();
+        // SAFETY: valid C strings; the data is a C string of mount options.
+        let rc = unsafe {
+            libc::mount(c"tmpfs".as_ptr(), mount.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=2m,mode=0700".as_ptr().cast())
+        };
+        assert_eq!(rc, 0, "mount -t tmpfs: {}", std::io::Error::last_os_error());
+        let full = FullCopy { state: small.join("state"), mount };
+        fs::create_dir(&full.state).unwrap();
+        fs::set_permissions(&full.state, fs::Permissions::from_mode(0o700)).unwrap();
+        let db = state_dir(w).join("ipaccess.db");
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        drop(conn);
+        for name in names {
+            fs::copy(state_dir(w).join(name), full.state.join(name)).unwrap();
+        }
+        let mut filler = fs::File::create(small.join("filler")).unwrap();
+        let block = vec![0u8; 64 << 10];
+        for _ in 0..64 {
+            if filler.write_all(&block).is_err() {
+                break;
+            }
+        }
+        full
+    }
+}
+
+impl Drop for FullCopy {
+    fn drop(&mut self) {
+        // SAFETY: a valid C string.
+        unsafe { libc::umount2(self.mount.as_ptr(), libc::MNT_DETACH) };
     }
 }
 

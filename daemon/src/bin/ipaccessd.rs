@@ -310,7 +310,8 @@ fn open_store(
     Ok((lock, store))
 }
 
-/// Below this, a failure to open the store is put down to the room left (see [`low_room`]).
+/// Below this, a failure to write the lock or open the store is put down to the room left
+/// (see [`low_room`]).
 const LOW_ROOM: u64 = 4 << 20;
 
 /// `; the state directory … has only N bytes free …` when `dir`'s file system has less than
@@ -353,9 +354,10 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<fs::File> {
         let (dir, path) = (dir.display(), path.display());
         anyhow::bail!("{holder} is using the state directory {dir} (it holds {path}); stop it first");
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "{}", std::process::id())?;
+    // The pid needs a block of its own when the file is new: on a full disk this is where
+    // the start stops, so it says so.
+    let written = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
+    written.with_context(|| format!("writing this daemon's pid to {}{}", path.display(), low_room(dir)))?;
     Ok(file)
 }
 
