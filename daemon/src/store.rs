@@ -1402,11 +1402,14 @@ impl Tx<'_> {
     ) -> Result<Override, StoreError> {
         self.require_account(account)?;
         let cidr = cidr.trunc();
-        // Above every id here and every id a fleet this copy follows has granted (a node
-        // that joined later holds only the overrides still live).
+        // Above every id ever granted here (the table's AUTOINCREMENT sequence: the overrides
+        // of a removed account are gone, and their ids must not name a new grant) and every
+        // id a fleet this copy follows has granted (a node that joined later holds only the
+        // overrides still live).
         self.execute(
             "INSERT INTO overrides (id, account, cidr, ticket, reason, operator, created_at, expires_at)
              VALUES (MAX((SELECT COALESCE(MAX(id), 0) FROM overrides),
+                         (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'overrides'),
                          (SELECT COALESCE(MAX(value), 0) FROM cluster WHERE name = 'override_sequence')) + 1,
                      ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             (account, cidr.to_string(), ticket, reason, operator, now, expires_at),
@@ -2049,6 +2052,25 @@ mod tests {
             std::thread::sleep(CHECKPOINT_POLL);
         }
         assert!(waited.elapsed() >= CHECKPOINT_WHEN_QUIET - CHECKPOINT_POLL, "checkpointed before writes paused");
+    }
+
+    /// The overrides of a removed account go with it, but their ids are not handed out
+    /// again: an old ticket's id must not name another grant.
+    #[test]
+    fn an_override_id_is_never_reused() {
+        let (_dir, mut store) = open();
+        let tx = store.transaction().unwrap();
+        add(&tx, "kept");
+        add(&tx, "removed");
+        let first = tx.add_override("kept", net("198.18.0.1/32"), "T-1", "verified", 0, 100, 200).unwrap();
+        let last = tx.add_override("removed", net("198.18.0.2/32"), "T-2", "verified", 0, 100, 200).unwrap();
+        assert!(last.id > first.id);
+        tx.remove_account("removed").unwrap();
+        tx.commit().unwrap();
+        let tx = store.transaction().unwrap();
+        add(&tx, "removed");
+        let next = tx.add_override("removed", net("198.18.0.2/32"), "T-3", "verified", 0, 100, 200).unwrap();
+        assert!(next.id > last.id, "override id {} handed out again", next.id);
     }
 
     #[test]
