@@ -290,6 +290,12 @@ fn gid_of(name: &str) -> io::Result<Option<u32>> {
     Err(io::Error::other("the group entry is too large"))
 }
 
+/// The least `max_request_bytes` and `max_admin_request_bytes` may be.
+pub const MIN_REQUEST_BYTES: usize = 1024;
+
+/// The longest override support may grant: 30 days.
+pub const MAX_OVERRIDE_TTL_SECONDS: u64 = 30 * 24 * 3600;
+
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -354,6 +360,13 @@ impl Limits {
         }
         if self.max_overrides_per_account == 0 {
             return Err("limits.max_overrides_per_account must be at least 1".into());
+        }
+        // At 0 not even `status` could be sent; below this hardly a login check.
+        if self.max_request_bytes.min(self.max_admin_request_bytes) < MIN_REQUEST_BYTES {
+            return Err(format!(
+                "limits.max_request_bytes and limits.max_admin_request_bytes must be at least {MIN_REQUEST_BYTES}, \
+                 room for a login check and the other short requests"
+            ));
         }
         Ok(())
     }
@@ -437,6 +450,21 @@ impl Config {
     /// What the types alone do not rule out.
     fn validate(&self) -> Result<(), String> {
         self.limits.validate()?;
+        if self.retention_days == 0 {
+            // 0 would prune the whole activity log at the next sweep: the audit trail and the
+            // sign-ins the lockout guard and support's evidence rest on.
+            return Err("retention_days must be at least 1".into());
+        }
+        if !(1..=MAX_OVERRIDE_TTL_SECONDS).contains(&self.min_override_ttl_seconds) {
+            return Err(format!(
+                "min_override_ttl_seconds = {} must be from 1 to {MAX_OVERRIDE_TTL_SECONDS} (30 days, the longest \
+                 override), or every grant would be refused",
+                self.min_override_ttl_seconds
+            ));
+        }
+        if self.maps.slots == 0 || self.maps.accounts == 0 {
+            return Err("maps.slots and maps.accounts must be at least 1".into());
+        }
         if let Some(cluster) = &self.cluster {
             cluster.check()?;
         }
@@ -451,7 +479,8 @@ impl Config {
         }
         if !(1..=32).contains(&self.widest_override_ipv4) || !(1..=128).contains(&self.widest_override_ipv6) {
             return Err(format!(
-                "widest_override_ipv4 = {} and widest_override_ipv6 = {} must be prefix lengths from 1 to 32 and                  1 to 128",
+                "widest_override_ipv4 = {} and widest_override_ipv6 = {} must be prefix lengths from 1 to 32 and \
+                 from 1 to 128",
                 self.widest_override_ipv4, self.widest_override_ipv6
             ));
         }
@@ -554,10 +583,22 @@ mod tests {
             "[limits]\nmax_connections_per_uid = 0",
             "[limits]\nidle_timeout_seconds = 0",
             "[limits]\nmax_entries_per_account = 0",
+            "retention_days = 0",
+            "[maps]\naccounts = 0",
         ] {
             let refused = toml::from_str::<Config>(bad).unwrap().validate().unwrap_err();
             assert!(refused.contains("at least 1"), "{bad}: {refused}");
         }
+        for bad in ["[limits]\nmax_request_bytes = 0", "[limits]\nmax_admin_request_bytes = 1023"] {
+            let refused = toml::from_str::<Config>(bad).unwrap().validate().unwrap_err();
+            assert!(refused.contains("at least 1024"), "{bad}: {refused}");
+        }
+        for bad in ["min_override_ttl_seconds = 0", "min_override_ttl_seconds = 2592001"] {
+            let refused = toml::from_str::<Config>(bad).unwrap().validate().unwrap_err();
+            assert!(refused.contains("from 1 to 2592000"), "{bad}: {refused}");
+        }
+        let refused = toml::from_str::<Config>("widest_override_ipv4 = 0").unwrap().validate().unwrap_err();
+        assert!(refused.contains("from 1 to 32 and from 1 to 128"), "{refused}");
         Config::default().validate().unwrap();
     }
 

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Longest override support may grant (the shortest is configured).
-const MAX_OVERRIDE_TTL: u64 = 30 * 24 * 3600;
+const MAX_OVERRIDE_TTL: u64 = crate::config::MAX_OVERRIDE_TTL_SECONDS;
 /// How far back a grant looks for the customer's denied attempts.
 const DENIED_LOOKBACK: i64 = 7 * 24 * 3600;
 /// The (address, method) rows of a grant's evidence (the store's `denied_summary` keeps as many).
