@@ -547,6 +547,7 @@ impl Store {
         // Every statement the daemon runs stays prepared (there are about thirty).
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
+        check_references(&conn)?;
         Ok(Store { conn })
     }
 
@@ -821,6 +822,49 @@ impl Readers {
             pool = self.returned.wait(pool).expect("readers lock");
         }
     }
+}
+
+/// Refuses a store whose rows name what is not there (a binding or set reference whose
+/// account is gone, a parent that does not exist, a set entry without its set) or whose
+/// parent links loop. SQLite checks references only as rows are written, so only a store
+/// damaged or edited by hand gets here, and enforcing it would leave an endpoint unfiltered or
+/// a ban short of a sub-user. Entries and overrides are not checked: without their account
+/// they let nothing in, and there may be a million of them to read at every start.
+fn check_references(conn: &Connection) -> Result<(), StoreError> {
+    for table in ["accounts", "bindings", "set_refs", "set_entries"] {
+        let missing = conn
+            .query_row(&format!("PRAGMA foreign_key_check({table})"), [], |row| {
+                Ok((row.get::<_, Option<i64>>(1)?, row.get::<_, String>(2)?))
+            })
+            .optional()?;
+        if let Some((row, parent)) = missing {
+            let row = row.map_or_else(|| "a row".to_owned(), |n| format!("row {n}"));
+            return Err(StoreError::Corrupt(format!(
+                "{row} of table {table} names a row of table {parent} that does not exist (a damaged store, or one \
+                 edited by hand)"
+            )));
+        }
+    }
+    let looping: Option<String> = conn
+        .query_row(
+            "WITH RECURSIVE up(id, ancestor, depth) AS (
+                 SELECT id, parent, 1 FROM accounts WHERE parent IS NOT NULL
+                 UNION ALL
+                 SELECT up.id, a.parent, up.depth + 1 FROM up JOIN accounts a ON a.id = up.ancestor
+                 WHERE a.parent IS NOT NULL AND up.depth < ?1)
+             SELECT id FROM up WHERE ancestor = id OR depth >= ?1 LIMIT 1",
+            [crate::policy::MAX_ANCESTRY as i64],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(id) = looping {
+        return Err(StoreError::Corrupt(format!(
+            "the parent links of account {id:?} loop back to it or go more than {} levels up (a damaged store, or \
+             one edited by hand)",
+            crate::policy::MAX_ANCESTRY
+        )));
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -2071,6 +2115,37 @@ mod tests {
         add(&tx, "removed");
         let next = tx.add_override("removed", net("198.18.0.2/32"), "T-3", "verified", 0, 100, 200).unwrap();
         assert!(next.id > last.id, "override id {} handed out again", next.id);
+    }
+
+    /// A store whose rows name a missing account, or whose parents loop, is refused at open:
+    /// enforced, the binding would leave its endpoint unfiltered.
+    #[test]
+    fn a_store_with_broken_references_is_refused() {
+        for (damage, named) in [
+            ("UPDATE accounts SET parent = 'ghost' WHERE id = 'child'", "table accounts"),
+            (
+                "INSERT INTO bindings (addr, proto, port, node, account, created_at)
+                 VALUES ('198.18.0.1', 'udp', 5001, '', 'ghost', 100)",
+                "table bindings",
+            ),
+            ("UPDATE accounts SET parent = 'child' WHERE id = 'top'", "loop back"),
+            ("UPDATE accounts SET parent = 'top' WHERE id = 'top'", "loop back"),
+        ] {
+            let (dir, mut store) = open();
+            let tx = store.transaction().unwrap();
+            add(&tx, "top");
+            tx.add_account("child", Some("top"), AccountState::Active, Mode::Enforce, 100).unwrap();
+            tx.commit().unwrap();
+            drop(store);
+            let raw = Connection::open(dir.db()).unwrap();
+            raw.execute_batch(&format!("PRAGMA foreign_keys = OFF; {damage};")).unwrap();
+            drop(raw);
+            match Store::open(&dir.db()) {
+                Err(StoreError::Corrupt(why)) => assert!(why.contains(named), "{damage}: {why}"),
+                Err(other) => panic!("{damage}: {other}"),
+                Ok(_) => panic!("{damage}: the store opened"),
+            }
+        }
     }
 
     #[test]
