@@ -910,13 +910,15 @@ pub fn partial(done: usize, parts: usize, set: Option<&str>) -> Failure {
         ),
         None => "An import can be sent again as it is".to_owned(),
     };
-    Failure::new(
+    Failure::with_details(
         ErrorCode::Conflict,
         format!(
             "the change was too large for one etcd transaction and was written in {parts} parts; the first {done} \
              are committed and in force, the rest conflicted with another node's change or could not be written. \
              {again}"
         ),
+        // A client must not read this `conflict` as "nothing was changed".
+        serde_json::json!({ "parts": parts, "committed_parts": done }),
     )
 }
 

@@ -150,13 +150,15 @@ impl Service {
         else {
             return Ok(());
         };
-        Err(Failure::new(
+        Err(Failure::with_details(
             ErrorCode::TablesFull,
             format!(
                 "the change is committed in the fleet (revision {revision}), but this node's kernel tables have no room \
                  for {}: this node keeps enforcing what it enforced before (raise [maps] slots, or remove entries)",
                 describe_subject(id)
             ),
+            // A client must not read this `tables_full` as "nothing was changed".
+            serde_json::json!({ "committed_revision": revision }),
         ))
     }
 

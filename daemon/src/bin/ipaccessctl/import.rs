@@ -5,6 +5,7 @@ use std::path::Path;
 
 use ipaccess::protocol::{ImportAccount, Imported};
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::args::read_input;
 use crate::transport::{self, DaemonError, Failure};
@@ -81,10 +82,18 @@ pub fn import(socket: &Path, file: &Path, batch_bytes: u64, force: bool) -> Resu
     for (done, batch) in batches.iter().enumerate() {
         let lines = (batch[0].line, batch[batch.len() - 1].line);
         let place = format!("lines {}-{}", lines.0, lines.1);
-        let applied = if done == 0 {
-            "nothing was imported".to_string()
-        } else {
-            format!("lines before {} are imported; run the import again once this is fixed", lines.0)
+        let before = if done == 0 { String::new() } else { format!(", as are the lines before {}", lines.0) };
+        let applied = |details: Option<&Value>| match details {
+            // A fleet node whose own kernel had no room: the batch is the fleet's all the same.
+            Some(d) if d.get("committed_revision").is_some() => {
+                format!("lines {}-{} are committed in the fleet{before}", lines.0, lines.1)
+            }
+            // Too large for one etcd transaction, and a later part lost a race.
+            Some(d) if d.get("committed_parts").and_then(Value::as_u64).is_some_and(|n| n > 0) => {
+                format!("part of lines {}-{} is committed{before}; run the import again to finish it", lines.0, lines.1)
+            }
+            _ if done == 0 => "nothing was imported".to_string(),
+            _ => format!("lines before {} are imported; run the import again once this is fixed", lines.0),
         };
         let accounts: Vec<&str> = batch.iter().map(|a| a.json).collect();
         let reply = transport::call_import(socket, &accounts, force).map_err(|e| match e {
@@ -95,10 +104,10 @@ pub fn import(socket: &Path, file: &Path, batch_bytes: u64, force: bool) -> Resu
                     Some((line, account)) => format!("line {line} (account {account})"),
                     None => place.clone(),
                 };
-                let message = format!("{place}: {} ({applied})", error.message);
+                let message = format!("{place}: {} ({})", error.message, applied(error.details.as_ref()));
                 Failure::Daemon(error.with_message(message))
             }
-            Failure::Local(message) => Failure::Local(format!("{place}: {message} ({applied})")),
+            Failure::Local(message) => Failure::Local(format!("{place}: {message} ({})", applied(None))),
             // The batch went through, but its result cannot be added up.
             Failure::Unreadable { raw, error } => Failure::Local(format!(
                 "{place}: sent, but the daemon's reply does not read as an import result ({error}): {raw}"
@@ -142,7 +151,7 @@ fn blame<'a>(batch: &'a [FileAccount], error: &DaemonError) -> Option<(usize, &'
 mod tests {
     use super::*;
     use crate::tests::{against_all, against_each};
-    use serde_json::{Value, json};
+    use serde_json::json;
 
     fn account(line: usize, id: &str) -> FileAccount<'static> {
         FileAccount { line, id: id.into(), json: "{}" }
@@ -187,6 +196,23 @@ mod tests {
             err,
             "error: line 4 (account acme-dev): acme-dev: there is no account x (nothing was imported) (unknown_account)\n"
         );
+        // A fleet node's refusals that come after the fleet committed the batch, or part of it,
+        // do not say that nothing was imported.
+        let path = file.path().to_str().unwrap();
+        for (details, said) in [
+            (json!({"committed_revision": 9}), "(lines 2-4 are committed in the fleet) (tables_full)"),
+            (
+                json!({"parts": 3, "committed_parts": 1}),
+                "(part of lines 2-4 is committed; run the import again to finish it) (tables_full)",
+            ),
+            (json!({"parts": 3, "committed_parts": 0}), "(nothing was imported) (tables_full)"),
+        ] {
+            let sent = details.clone();
+            let (_, _, _, err) = against_all(&["import", path], move |_| {
+                json!({"error": {"code": "tables_full", "message": "no room", "details": sent}})
+            });
+            assert!(err.starts_with(&format!("error: lines 2-4: no room {said}\n")), "{details}: {err}");
+        }
         // A line that is not an import account: nothing is sent (there is no daemon to send it to).
         std::fs::write(file.path(), "{\"account\": \"acme\"}\n{\"account\": \"acme\", \"mode\": \"strict\"}\n")
             .unwrap();
