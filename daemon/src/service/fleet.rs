@@ -19,7 +19,7 @@ use ipaccess_common::MAX_SETS;
 use crate::{
     cluster::{self, BindingValue, Change, Cluster, Committed, Guard, Replica, Snapshot, Unit, Write},
     logging::PendingAudit,
-    policy::{AccountPolicy, SetPolicy, suspended},
+    policy::{AccountPolicy, MAX_ANCESTRY, SetPolicy, suspended},
     protocol::{Binding, ErrorCode},
     store::{SetDoc, StoreError, Tx},
 };
@@ -458,6 +458,15 @@ impl Service {
         // they had); accounts that lost a reference with a removed set.
         let (mut sets_put, mut sets_removed, mut dereferenced) = (HashMap::new(), Vec::new(), Vec::new());
         let mut failures = 0;
+        // Slots first: an account the fleet removed and made again while this node was away
+        // (or within this batch) may have taken a slot another account still holds here, and
+        // that account may have moved to the first one's (a swap). Every account that moves
+        // leaves its slot before any is written (removals have freed theirs by then).
+        for change in &changes {
+            if let Change::Account(id, Some(doc)) = change {
+                tx.release_slot(id, doc.slot)?;
+            }
+        }
         let mut unenforced = self.unenforced.lock().expect("unenforced lock");
         for change in changes {
             match change {
@@ -567,6 +576,42 @@ impl Service {
         for (name, set) in sets_put.iter().filter(|(_, s)| !reused.contains(&s.kernel_id)) {
             failures += put_set(datapath, name, set, &mut unenforced);
         }
+        let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
+        // Slots vacated: removed accounts', and those of accounts the fleet moved.
+        let vacated: Vec<u32> = removed
+            .iter()
+            .filter_map(|id| cache.get(id).map(|a| a.slot))
+            .chain(updated.iter().filter_map(|(id, a)| cache.get(id).map(|old| old.slot).filter(|&s| s != a.slot)))
+            .collect();
+        // A slot that changes hands in this batch (vacated by one account, taken by another)
+        // still has the old owner's bindings pointing at it in the kernel, and writing the
+        // new owner there would put its allowlist behind them. So the slot is cleared first
+        // (its bindings then drop every packet, as an unset account's do), and the bindings
+        // at the old owner's addresses are written as the fleet has them, before the new
+        // owner is (below). Cleared, the old allowlist's region waits out its quarantine.
+        let handed_over: BTreeSet<u32> = vacated.iter().copied().filter(|s| slots_in_use.contains(s)).collect();
+        if !handed_over.is_empty() {
+            let mut addrs = BTreeSet::new();
+            for &slot in &handed_over {
+                addrs.extend(datapath.binding_addresses_of(slot));
+                if let Err(e) = datapath.remove_account(slot) {
+                    error!("cluster: slot {slot} could not be cleared in the kernel for its new account: {e}");
+                    failures += 1;
+                }
+            }
+            if !addrs.is_empty() {
+                let slot = |id: &str| Some(next(id)?.slot);
+                let wanted = super::bindings::for_kernel(&tx.bindings_at(&addrs)?, self.node.as_deref(), slot);
+                // A failure here is counted below, where these addresses are written again.
+                if let Err(e) = datapath.set_bindings_at(&addrs, &wanted) {
+                    warn!(
+                        "cluster: the bindings at {} could not be moved off their old slots yet: {e}",
+                        describe_addrs(&addrs)
+                    );
+                }
+            }
+            binding_addrs.extend(addrs);
+        }
         // Sub-users of a changed account may change with it (a ban reaches them).
         let children = descendants(&tx, &updated, &cache, &gone)?;
         let mut affected: Vec<&str> = updated.keys().map(String::as_str).collect();
@@ -599,17 +644,10 @@ impl Service {
             }
         }
         drop(unenforced);
-        let slots_in_use: HashSet<u32> = updated.values().map(|a| a.slot).collect();
         // An account that keeps its slot had its binding words rewritten in place above
         // (`apply_account`). The keys rewritten here are those where bindings changed, and
         // those of accounts removed or moved to another slot (at the old slot's addresses):
         // a walk of those addresses, not of every binding.
-        // Slots vacated: removed accounts', and those of accounts the fleet moved.
-        let vacated: Vec<u32> = removed
-            .iter()
-            .filter_map(|id| cache.get(id).map(|a| a.slot))
-            .chain(updated.iter().filter_map(|(id, a)| cache.get(id).map(|old| old.slot).filter(|&s| s != a.slot)))
-            .collect();
         for &slot in &vacated {
             binding_addrs.extend(datapath.binding_addresses_of(slot));
         }
@@ -803,8 +841,9 @@ fn not_following(tx: &Tx, cluster: &Cluster) -> Result<Failure, Failure> {
 
 /// A batch as the store can take it: only the last change to each key (a batch may span
 /// several revisions), removals first (a removed set's too, so that its kernel id is free
-/// for a set put), sets before the accounts that reference them, parents before sub-users,
-/// accounts before the bindings that name them.
+/// for a set put), sets before the accounts that reference them, parents before sub-users
+/// at any depth (an older store's grandchildren), accounts before the bindings that name
+/// them.
 fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let key = |change: &Change| match change {
         Change::Account(id, _) => Some(format!("account {id}")),
@@ -821,15 +860,54 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
         // left for a new set (`apply_locked` keeps the kernel's order safe).
         Change::Set(_, None) => 2,
         Change::Set(_, Some(_)) => 3,
-        Change::Account(_, Some(doc)) if doc.parent.is_none() => 4,
-        Change::Account(..) => 5,
-        Change::Binding(_, true) => 6,
-        Change::Audit(_) | Change::OverrideSequence(_) => 7,
+        // Then by depth below the accounts put with them.
+        Change::Account(_, Some(_)) => 4,
+        Change::Binding(_, true) => 5,
+        Change::Audit(_) | Change::OverrideSequence(_) => 6,
     };
-    let mut kept: Vec<(usize, Change)> =
+    let kept: Vec<(usize, Change)> =
         changes.into_iter().enumerate().filter(|(i, change)| key(change).is_none_or(|k| last[&k] == *i)).collect();
-    kept.sort_by_key(|(i, change)| (rank(change), *i));
-    kept.into_iter().map(|(_, change)| change).collect()
+    let depth_of: Vec<usize> = {
+        let parents: HashMap<&str, Option<&str>> = kept
+            .iter()
+            .filter_map(|(_, change)| match change {
+                Change::Account(id, Some(doc)) => Some((id.as_str(), doc.parent.as_deref())),
+                _ => None,
+            })
+            .collect();
+        let depths = depths(&parents);
+        kept.iter()
+            .map(|(_, change)| match change {
+                Change::Account(id, Some(_)) => depths[id.as_str()],
+                _ => 0,
+            })
+            .collect()
+    };
+    let mut ranked: Vec<((u8, usize, usize), Change)> =
+        kept.into_iter().zip(depth_of).map(|((i, change), depth)| ((rank(&change), depth, i), change)).collect();
+    ranked.sort_by_key(|(order, _)| *order);
+    ranked.into_iter().map(|(_, change)| change).collect()
+}
+
+/// How far below the others of `parents` (each account's parent) each account is: 0 for one
+/// whose parent is not among them, its parent's depth + 1 otherwise. A chain is followed at
+/// most [`MAX_ANCESTRY`] steps, so a cycle (a damaged fleet) ends; its members then sort
+/// after every account of a sound tree.
+fn depths<'a>(parents: &HashMap<&'a str, Option<&'a str>>) -> HashMap<&'a str, usize> {
+    parents
+        .keys()
+        .map(|&id| {
+            let (mut depth, mut at) = (0, id);
+            while depth < MAX_ANCESTRY
+                && let Some(Some(parent)) = parents.get(at)
+                && parents.contains_key(parent)
+            {
+                depth += 1;
+                at = parent;
+            }
+            (id, depth)
+        })
+        .collect()
 }
 
 /// What must change locally to match the fleet's shared sets (`in_order` puts them around
@@ -860,11 +938,20 @@ fn differences(
     let at = now();
     let wanted: HashSet<&str> = accounts.iter().map(|(id, _)| id.as_str()).collect();
     let local_accounts = tx.accounts()?;
-    let mut changes: Vec<Change> = local_accounts
-        .iter()
-        .filter(|a| !wanted.contains(a.id.as_str()))
-        .map(|a| Change::Account(a.id.clone(), None))
-        .collect();
+    // Removals deepest first, sub-users before their parents (removing a parent takes its
+    // sub-users with it anyway).
+    let mut gone: Vec<(usize, &str)> = {
+        let parents: HashMap<&str, Option<&str>> =
+            local_accounts.iter().map(|a| (a.id.as_str(), a.parent.as_deref())).collect();
+        let depths = depths(&parents);
+        local_accounts
+            .iter()
+            .filter(|a| !wanted.contains(a.id.as_str()))
+            .map(|a| (depths[a.id.as_str()], a.id.as_str()))
+            .collect()
+    };
+    gone.sort_by_key(|&(depth, id)| (std::cmp::Reverse(depth), id));
+    let mut changes: Vec<Change> = gone.into_iter().map(|(_, id)| Change::Account(id.to_owned(), None)).collect();
     let local: HashSet<&str> = local_accounts.iter().map(|a| a.id.as_str()).collect();
     let local_bindings = tx.bindings()?;
     let endpoint = |b: &Binding| (b.addr, b.target, b.node.clone());
@@ -874,10 +961,17 @@ fn differences(
             changes.push(Change::Binding(b.clone(), false));
         }
     }
-    // Parents before sub-users, so a sub-user's parent row exists when it is written.
-    let mut accounts = accounts;
-    accounts.sort_by_key(|(_, doc)| doc.parent.is_some());
-    for (id, doc) in accounts {
+    // Parents before sub-users at any depth, so a sub-user's parent row exists when it is
+    // written (`in_order` keeps this order).
+    let depth_of: Vec<usize> = {
+        let parents: HashMap<&str, Option<&str>> =
+            accounts.iter().map(|(id, doc)| (id.as_str(), doc.parent.as_deref())).collect();
+        let depths = depths(&parents);
+        accounts.iter().map(|(id, _)| depths[id.as_str()]).collect()
+    };
+    let mut accounts: Vec<(usize, (String, crate::store::AccountDoc))> = depth_of.into_iter().zip(accounts).collect();
+    accounts.sort_by_key(|(depth, _)| *depth);
+    for (_, (id, doc)) in accounts {
         // An account this copy lacks is put without reading (a joining node lacks all).
         let ours = if local.contains(id.as_str()) { tx.account_doc(&id, at)? } else { None };
         // Local overrides that expired since the fleet's document was written are left out
@@ -898,4 +992,21 @@ fn differences(
         }
     }
     Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depths_put_parents_first_at_any_depth_and_end_on_a_cycle() {
+        // `low` sorts first, as a snapshot lists it; `top`'s parent is not in the batch.
+        let parents: HashMap<&str, Option<&str>> =
+            [("low", Some("mid")), ("mid", Some("top")), ("top", Some("outside")), ("lone", None)].into();
+        let found = depths(&parents);
+        assert_eq!((found["top"], found["mid"], found["low"], found["lone"]), (0, 1, 2, 0));
+        // A damaged fleet's loop ends after MAX_ANCESTRY steps, below every sound tree.
+        let looped: HashMap<&str, Option<&str>> = [("a", Some("b")), ("b", Some("a"))].into();
+        assert!(depths(&looped).values().all(|&d| d == MAX_ANCESTRY));
+    }
 }

@@ -257,9 +257,22 @@ impl Tx<'_> {
         Ok(referrers)
     }
 
+    /// Frees the kernel slot this copy has the account in, if the fleet has it in another
+    /// (`slot`): removed and made again while this node was away, it took whatever slot was
+    /// free then, possibly one another account here still holds. The row moves to the
+    /// negative of its slot, which no other row holds (slots start at 1), until
+    /// [`Tx::put_account_doc`] gives it `slot` in the same transaction: a batch frees every
+    /// slot that changes hands before it writes any. Returns whether it was moved.
+    pub fn release_slot(&self, id: &str, slot: u32) -> Result<bool, StoreError> {
+        let moved =
+            self.execute("UPDATE accounts SET slot = -slot WHERE id = ?1 AND slot > 0 AND slot != ?2", (id, slot))?;
+        Ok(moved > 0)
+    }
+
     /// Makes the account's rows say what `doc` says: the row written, the allowlist
     /// replaced, its overrides added; a local live override the document no longer holds
-    /// was revoked elsewhere and is ended `now`.
+    /// was revoked elsewhere and is ended `now`. The slot must be free, or the account's
+    /// own: [`Tx::release_slot`] first for every account of a batch that moves.
     pub fn put_account_doc(&self, id: &str, doc: &AccountDoc, now: i64) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO accounts (id, slot, parent, state, mode, state_reason, created_at)
