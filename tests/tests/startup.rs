@@ -146,7 +146,7 @@ fn a_lost_store_never_turns_enforcement_off() {
     // A valid store with no account in it (as a fresh one would be).
     fs::remove_file(&db).unwrap();
     drop(ipaccess::store::Store::open(&db).unwrap());
-    expect(&refused_start(&w, "no-account.log"), "holds no account");
+    expect(&refused_start(&w, "no-account.log"), "ipaccess.db holds no account, but the pinned maps");
     enforcing(&w, "after the refused start on a store without accounts");
     // (a) The database truncated to 0 bytes (SQLite's -wal and -shm, if any, gone too).
     for suffix in ["-wal", "-shm"] {

@@ -235,7 +235,7 @@ fn open_store(
         }
         let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
         let what = format!(
-            "the store {} is {found}, but the pinned maps in {} hold policy ({}, {})",
+            "the store {} {found}, but the pinned maps in {} hold policy ({}, {})",
             db.display(),
             datapath.pin_dir().display(),
             count(accounts, "account"),
@@ -254,7 +254,7 @@ fn open_store(
     // Each way of finding the store lost is judged once, the first that applies.
     let mut judged = !dir.exists();
     if judged {
-        guard("missing, and so is its directory")?;
+        guard("is missing, and so is its directory")?;
     }
     fs::DirBuilder::new()
         .recursive(true)
@@ -263,12 +263,12 @@ fn open_store(
         .with_context(|| format!("creating {}", dir.display()))?;
     let lock = lock_state_dir(dir)?;
     let found = match fs::metadata(&db) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is missing"),
         Err(e) => return Err(e).with_context(|| format!("reading {}", db.display())),
         // An empty database file with an empty (or no) write-ahead log holds nothing; opening
         // it would write a new schema into it, so it is judged before it is opened.
         Ok(meta) if meta.len() == 0 && fs::metadata(Store::sibling(&db, "-wal")).map_or(true, |w| w.len() == 0) => {
-            Some("an empty file (0 bytes)")
+            Some("is an empty file (0 bytes)")
         }
         Ok(_) => None,
     };

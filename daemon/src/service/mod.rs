@@ -221,7 +221,7 @@ impl Service {
             // enforced as it was (the store is not rewritten behind the customer's back).
             if e.cidr.prefix_len() == 0 {
                 warn!(
-                    "account {}: allowlist entry {} allows every address; it is kept and enforced, but it is refused \
+                    "account {:?}: allowlist entry {} allows every address; it is kept and enforced, but it is refused \
                      today: set the account's mode to off and remove the entry",
                     e.account, e.cidr
                 );

@@ -62,8 +62,8 @@ impl Service {
                 // rewritten now (full) keeps them a while longer and nothing more: the rest
                 // of the sweep (the audit of the expiry) must not wait for it.
                 match apply_account(datapath, account, suspended(|a| accounts.get(a), id)) {
-                    Ok(()) => info!("account {id}: expired overrides and entries swept"),
-                    Err(e) => warn!("account {id}: expired overrides and entries stay in the kernel for now: {e}"),
+                    Ok(()) => info!("account {id:?}: expired overrides and entries swept"),
+                    Err(e) => warn!("account {id:?}: expired overrides and entries stay in the kernel for now: {e}"),
                 }
             }
         }

@@ -217,7 +217,8 @@ fn wait_fleet(socket: &Path, within: std::time::Duration) -> Result<String, Stri
                     cluster.last_error.unwrap_or_default()
                 )
             } else {
-                format!("after {within:?}, {} have not applied revision {target}", behind.join(", "))
+                let verb = if behind.len() == 1 { "has" } else { "have" };
+                format!("after {within:?}, {} {verb} not applied revision {target}", behind.join(", "))
             });
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
