@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use ipaccess_tests::client::Client;
-use ipaccess_tests::daemon::World;
+use ipaccess_tests::daemon::{Daemon, Launch, READY, World};
 use serde_json::{Value, json};
 
 const LISTEN: &str = "127.0.0.1:9469";
@@ -246,6 +246,59 @@ fn full_account_maps_refuse_a_new_account_with_tables_full() {
     assert_eq!(refused(&w, "tables_full"), 2.0);
     w.ok(json!({"cmd": "account_remove", "account": "a3"}));
     w.ok(json!({"cmd": "account_add", "account": "a8"}));
+}
+
+/// `ipaccessd ARGS` in `w`'s namespace on its configuration, state and bpffs, without
+/// waiting to be asked anything: its exit status (it must exit) and its log.
+fn run_daemon(w: &World, extra: &[&str], log: &str) -> (bool, String) {
+    let mut args = w.daemon_args();
+    if extra.contains(&"--detach-all") {
+        // It finds the interfaces itself; naming one is refused.
+        let iface = args.iter().position(|a| a == "--iface").unwrap();
+        args.drain(iface..iface + 2);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join(log));
+    let status = daemon.wait_exit(READY).unwrap_or_else(|| panic!("ipaccessd {extra:?} did not exit"));
+    (status.success(), daemon.log_text())
+}
+
+/// The maps outlive the daemon, so `[maps]` sizes apply only to new ones. A store with more
+/// accounts than the maps a start made (a failed first start on sizes too small) is refused;
+/// raising the size alone is refused again, as the small maps are reused, and the refusal
+/// now says so and how to make new maps. Doing what it says starts the daemon with them.
+#[test]
+fn a_raised_map_size_that_cannot_apply_says_how_to_make_new_maps() {
+    const ROOMY: &str = "[maps]\nslots = 4096\naccounts = 64\n";
+    let mut w = World::with_maps(&config(1_000), ROOMY);
+    for n in 1..=10 {
+        w.ok(json!({"cmd": "account_add", "account": format!("a{n}")}));
+    }
+    w.stop();
+    let pins = w.bpffs.path().join("ipaccess");
+    let make_new_maps = |w: &World| {
+        let (ok, log) = run_daemon(w, &["--detach-all"], "detach.log");
+        assert!(ok, "--detach-all failed:\n{log}");
+        std::fs::remove_dir_all(&pins).unwrap();
+    };
+    make_new_maps(&w);
+    // Maps made at a start that finds them too small for the store: the start is refused.
+    std::fs::write(w.config_path(), format!("{}\n[maps]\nslots = 4096\naccounts = 8\n", config(1_000))).unwrap();
+    let (ok, log) = run_daemon(&w, &[], "small.log");
+    assert!(!ok && log.contains("hold 7 accounts") && log.contains("raise `accounts`"), "{log}");
+    assert!(!log.contains("were made with"), "the maps were made with the configured sizes:\n{log}");
+    // Raised, but the small maps are pinned: refused again, saying why and what to do.
+    std::fs::write(w.config_path(), format!("{}\n{ROOMY}", config(1_000))).unwrap();
+    let (ok, log) = run_daemon(&w, &[], "raised.log");
+    assert!(!ok, "{log}");
+    for needed in ["were made with 4096 slots and 8 accounts", "asks for 4096 and 64", "--detach-all", "v1"] {
+        assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+    make_new_maps(&w);
+    w.start_with_maps(&config(1_000), ROOMY);
+    assert_eq!(w.ok(json!({"cmd": "account_list"})).as_array().unwrap().len(), 10);
+    assert_eq!(w.ok(json!({"cmd": "status"}))["table_slots"], 4096);
 }
 
 /// Support's live overrides on one account stop at `[limits] max_overrides_per_account`: the

@@ -13,7 +13,7 @@
 use std::{
     fs,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -137,7 +137,11 @@ async fn main() -> anyhow::Result<()> {
     // Maps first, then interfaces: a newly attached filter starts with the store's policy.
     let mut interfaces = Vec::new();
     let service = {
-        let service = Service::start(store, datapath, &config)?;
+        let (made_with, pin_dir) = (datapath.map_sizes(), datapath.pin_dir().to_owned());
+        let service = Service::start(store, datapath, &config).map_err(|e| {
+            let note = maps_made_otherwise(&config, &pin_dir, made_with).filter(|_| e.is_capacity());
+            anyhow::Error::new(e).context(note.unwrap_or_else(|| "loading the store into the kernel".to_owned()))
+        })?;
         if let Some(locator) = &locator {
             info!("locations from {}", locator.describe());
         }
@@ -212,6 +216,24 @@ async fn main() -> anyhow::Result<()> {
     service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
     Ok(())
+}
+
+/// When the pinned maps were made with other sizes than `[maps]` now gives (they outlive the
+/// daemon and are reused), what that means and how to get maps of the configured sizes: a
+/// raised size does nothing until then, which an operator who just raised it cannot guess.
+fn maps_made_otherwise(config: &Config, pin_dir: &Path, (slots, accounts): (u32, u32)) -> Option<String> {
+    let wanted = (config.maps.slots, config.maps.accounts);
+    (wanted != (slots, accounts)).then(|| {
+        format!(
+            "the pinned maps in {} were made with {slots} slots and {accounts} accounts, and [maps] now asks for {} \
+             and {}: the maps outlive the daemon, and new sizes apply only to new maps. To make them, stop ipaccessd, \
+             run `ipaccessd --detach-all` (nothing is filtered from then until the next start), remove that \
+             directory, and start ipaccessd again",
+            pin_dir.display(),
+            wanted.0,
+            wanted.1
+        )
+    })
 }
 
 /// Locks the state directory and opens the store, before anything in the kernel changes.

@@ -180,6 +180,15 @@ pub enum DatapathError {
     Prefixes(#[from] TooManyKeys),
 }
 
+impl DatapathError {
+    /// The maps are too small for what was asked: an operator's capacity problem with a
+    /// known remedy (fewer entries or accounts, or larger maps), not a fault.
+    pub fn is_capacity(&self) -> bool {
+        // Every distinct combination of shared sets in use has a kernel table.
+        matches!(self, Self::Table(TableError::Full { .. }) | Self::TooManySetGroups | Self::AccountsFull { .. })
+    }
+}
+
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
 /// Which XDP path [`Datapath::attach`] may put the program in (`xdp_mode` in the
@@ -600,6 +609,12 @@ impl Datapath {
 
     pub fn account_capacity(&self) -> u32 {
         self.accounts.len()
+    }
+
+    /// The sizes the pinned maps were made with, (slots, accounts): the configured ones
+    /// unless maps made before a change of `[maps]` were reused.
+    pub fn map_sizes(&self) -> (u32, u32) {
+        (self.tables.capacity(), self.accounts.len())
     }
 
     fn check_slot(&self, slot: u32) -> Result<()> {

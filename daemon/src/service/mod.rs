@@ -91,10 +91,7 @@ impl From<DatapathError> for Failure {
     fn from(e: DatapathError) -> Self {
         // Full tables are an operator's capacity problem with a known remedy, not a fault.
         let code = match &e {
-            DatapathError::Table(datapath::tables::TableError::Full { .. }) => ErrorCode::TablesFull,
-            // Every distinct combination of shared sets in use has a kernel table.
-            DatapathError::TooManySetGroups => ErrorCode::TablesFull,
-            DatapathError::AccountsFull { .. } => ErrorCode::TablesFull,
+            _ if e.is_capacity() => ErrorCode::TablesFull,
             DatapathError::TooManySets(_) => ErrorCode::TooManySets,
             _ => ErrorCode::Internal,
         };
@@ -110,6 +107,13 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error("the kernel's maps: {0}")]
     Datapath(#[from] DatapathError),
+}
+
+impl ServiceError {
+    /// The kernel's maps had no room (see [`DatapathError::is_capacity`]).
+    pub fn is_capacity(&self) -> bool {
+        matches!(self, Self::Datapath(e) if e.is_capacity())
+    }
 }
 
 /// A command's reply, serialized once (the server writes it as it is), or its error.
