@@ -169,6 +169,9 @@ fn a_lowered_limit_keeps_every_entry() {
     w.ok(json!({"cmd": "allow_replace", "account": "acme", "entries": entries(&four[..3]), "force": true}));
     let (code, _) = w.err(json!({"cmd": "allow_replace", "account": "acme", "entries": entries(&four), "force": true}));
     assert_eq!(code, "too_many_entries");
+    // A dry run of it says so, and changes nothing either.
+    let plan = w.ok(json!({"cmd": "allow_replace", "account": "acme", "entries": entries(&four), "dry_run": true}));
+    assert_eq!(plan["dry_run"]["refused"]["code"], "too_many_entries", "{plan}");
     assert_eq!(cidrs(&w, "acme"), four[..3]);
     assert_eq!(refused(&w, "too_many_entries"), 2.0);
 }

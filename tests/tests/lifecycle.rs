@@ -230,10 +230,36 @@ fn replace_dry_run_changes_nothing_and_names_the_shut_out() {
         dry["shut_out"].as_array().unwrap().iter().map(|s| s["address"].as_str().unwrap()).collect();
     assert_eq!(shut_out, [b.to_string()], "{plan}");
     assert_eq!(plan["entries"], before, "{plan}");
+    // It says what the real request would get: the lockout, with the sign-in in its details.
+    assert_eq!(dry["refused"]["code"], "lockout", "{plan}");
+    assert_eq!(dry["refused"]["details"]["shut_out"][0]["address"], b.to_string(), "{plan}");
+    // With --force it would be applied.
+    let forced = ctl_ok(&w, &["allow", "replace", "cust", "--file", path, "--dry-run", "--force"]);
+    assert!(forced["dry_run"].get("refused").is_none(), "{forced}");
+    // The guard's other refusals, which shut out no recent sign-in, are named too: the
+    // caller's own address left out, and an enforcing account left allowing nobody.
+    let dry_run = |entries: Value, extra: Value| {
+        let mut request = json!({"cmd": "allow_replace", "account": "cust", "entries": entries, "dry_run": true});
+        request.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        w.ok(request)["dry_run"].clone()
+    };
+    let keep_both = json!([{"cidr": format!("{good}/32")}, {"cidr": format!("{b}/32")}]);
+    assert!(dry_run(keep_both.clone(), json!({})).get("refused").is_none(), "a harmless replacement is refused");
+    let own = dry_run(keep_both, json!({"client_ip": "198.18.99.1"}));
+    assert_eq!(own["shut_out"], json!([]), "{own}");
+    assert!(own["refused"]["message"].as_str().unwrap().contains("198.18.99.1, the address you are using"), "{own}");
+    let w_nothing = dry_run(json!([]), json!({}));
+    assert!(w_nothing["refused"]["message"].as_str().unwrap().contains("no enabled entry"), "{w_nothing}");
 
     let shown = w.ctl(&["allow", "replace", "cust", "--file", path, "--dry-run"]);
     assert_eq!(shown.code, 0, "{}", shown.stderr);
-    for part in ["nothing was changed", "added: 198.18.60.0/24", &format!("removed: {b}/32"), &b.to_string()] {
+    for part in [
+        "nothing was changed",
+        "added: 198.18.60.0/24",
+        &format!("removed: {b}/32"),
+        &b.to_string(),
+        "for real: lockout: refused: cust would shut out 1 address",
+    ] {
         assert!(shown.stdout.contains(part), "{part:?} missing:\n{}", shown.stdout);
     }
 

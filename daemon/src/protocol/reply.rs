@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{AccountState, ActivityKind, EffectiveState, Mode, Proto, Reason};
+use super::{AccountState, ActivityKind, EffectiveState, ErrorBody, Mode, Proto, Reason};
 use crate::datapath::netlink::XdpPath;
 
 /// An account as a change leaves it.
@@ -127,6 +127,10 @@ pub struct ReplacePlan {
     /// Addresses that signed in successfully in the last 7 days, are let in now and would
     /// not be after the replacement (what the lockout guard would refuse it for).
     pub shut_out: Vec<RecentSignin>,
+    /// The error the same request without `dry_run` would get now (the lockout guard, unless
+    /// `force`, or the entry limit); absent when it would be applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<ErrorBody>,
 }
 
 /// An endpoint bound to an account.

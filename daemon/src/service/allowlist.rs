@@ -17,7 +17,7 @@ use crate::{
     policy::{AccountPolicy, normalise_cidr, split_entries},
     protocol::{
         Account, AllowAdd, AllowDisable, AllowEnable, AllowExpiry, AllowLabel, AllowList, AllowRemove, AllowReplace,
-        Allowlist, Entry, EntryRemoved, ErrorCode, Noted, RecentSignin, ReplaceEntry, ReplacePlan,
+        Allowlist, Entry, EntryRemoved, ErrorBody, ErrorCode, Noted, RecentSignin, ReplaceEntry, ReplacePlan,
     },
     store::Tx,
 };
@@ -164,8 +164,16 @@ impl Service {
             self.activity.flush_account(&account);
             return self.read(|tx| {
                 let replacement = Replacement::of(tx, &account, entries)?;
-                let shut_out = lockout::shut_out(tx, self, &account, &replacement.before, &replacement.after, now())?;
-                let plan = replacement.plan(shut_out);
+                let (before, after) = (&replacement.before, &replacement.after);
+                let shut_out = lockout::shut_out(tx, self, &account, before, after, now())?;
+                // What the same request would get for real: the checks it would make, in its order.
+                let (current, wanted) = (replacement.current.len() as u64, replacement.wanted.len() as u64);
+                let refused = match entry_limit(self.max_entries(), &account, current, wanted) {
+                    Err(refusal) => Some(refusal),
+                    Ok(()) if force => None,
+                    Ok(()) => lockout::judge(tx, self, &account, client_ip, before, after)?.map(|(refusal, _)| refusal),
+                };
+                let plan = replacement.plan(shut_out, refused.map(|f| f.0));
                 Ok(Allowlist { entries: tx.entries_with_use(&account)?, notes: replacement.notes, dry_run: Some(plan) })
             });
         }
@@ -269,7 +277,7 @@ impl Replacement {
         Ok(Replacement { row, wanted, notes, current, before, after })
     }
 
-    fn plan(&self, shut_out: Vec<RecentSignin>) -> ReplacePlan {
+    fn plan(&self, shut_out: Vec<RecentSignin>, refused: Option<ErrorBody>) -> ReplacePlan {
         let wanted: HashSet<IpNet> = self.wanted.iter().map(|(c, _)| *c).collect();
         let (mut added, mut unchanged): (Vec<IpNet>, Vec<IpNet>) =
             wanted.iter().partition(|&c| !self.current.iter().any(|e| e.cidr == *c));
@@ -277,7 +285,7 @@ impl Replacement {
         for list in [&mut added, &mut removed, &mut unchanged] {
             list.sort_by_cached_key(|c| c.to_string());
         }
-        ReplacePlan { added, removed, unchanged, shut_out }
+        ReplacePlan { added, removed, unchanged, shut_out, refused }
     }
 }
 

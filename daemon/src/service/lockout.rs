@@ -81,7 +81,7 @@ fn merge(mut signins: Vec<RecentSignin>) -> Vec<RecentSignin> {
 /// address the caller says it uses, newly leave nothing allowed at all, or shut out an
 /// address that signed in successfully in the last seven days and is let in now (the
 /// refusal lists those, in `details`). A change that shuts out nobody who gets in today,
-/// such as removing a disabled entry, is not refused.
+/// such as removing a disabled entry, is not refused. Each refusal is logged.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn guard(
     tx: &Tx,
@@ -93,37 +93,63 @@ pub(super) fn guard(
     before: &AccountPolicy,
     after: &AccountPolicy,
 ) -> Result<(), Failure> {
-    if force || after.mode != Mode::Enforce {
+    if force {
         return Ok(());
+    }
+    let Some((refusal, why)) = judge(tx, others, account, client_ip, before, after)? else { return Ok(()) };
+    match why {
+        Why::OwnAddress(ip) => logging::lockout_refused(account, uid, ip),
+        Why::Because(reason) => logging::lockout_refused_because(account, uid, reason),
+    }
+    Err(refusal)
+}
+
+/// Why [`judge`] refuses a change, for the log.
+pub(super) enum Why {
+    /// The address the caller says it uses would be shut out.
+    OwnAddress(IpAddr),
+    Because(&'static str),
+}
+
+/// What [`guard`] would answer without `force`, and why; logs nothing, so a dry run can ask.
+pub(super) fn judge(
+    tx: &Tx,
+    others: &dyn OtherNodes,
+    account: &str,
+    client_ip: Option<IpAddr>,
+    before: &AccountPolicy,
+    after: &AccountPolicy,
+) -> Result<Option<(Failure, Why)>, Failure> {
+    if after.mode != Mode::Enforce {
+        return Ok(None);
     }
     // The networks of the sets it references let in as its own entries do.
     let (before, after) = (&with_sets(tx, before)?, &with_sets(tx, after)?);
     let at = now();
     if let Some(ip) = client_ip.filter(|&ip| !after.covers(ip, at)) {
-        logging::lockout_refused(account, uid, ip);
-        return Err(Failure::new(
+        let refusal = Failure::new(
             ErrorCode::Lockout,
             format!(
                 "refused: {account}'s allowlist would not include {ip}, the address you are using; add it first, or \
                  repeat with --force (\"force\": true)"
             ),
-        ));
+        );
+        return Ok(Some((refusal, Why::OwnAddress(ip))));
     }
     let allows_nothing =
         |p: &AccountPolicy| p.live_entries(at).next().is_none() && p.live_overrides(at).next().is_none();
     if allows_nothing(after) && (before.mode != Mode::Enforce || !allows_nothing(before)) {
-        logging::lockout_refused_because(account, uid, "nothing allowed");
-        return Err(Failure::new(
+        let refusal = Failure::new(
             ErrorCode::Lockout,
             format!(
                 "refused: {account} would be enforcing with no enabled entry and no live override, which shuts \
                  everyone out; add an entry first, use mode off to stop restricting it, or repeat with --force"
             ),
-        ));
+        );
+        return Ok(Some((refusal, Why::Because("nothing allowed"))));
     }
     let shut_out = flat_shut_out(tx, others, account, before, after, at)?;
-    let Some(first) = shut_out.first() else { return Ok(()) };
-    logging::lockout_refused_because(account, uid, "recent sign-ins shut out");
+    let Some(first) = shut_out.first() else { return Ok(None) };
     let mut listed: Vec<String> = shut_out
         .iter()
         .take(LISTED)
@@ -144,7 +170,7 @@ pub(super) fn guard(
         ),
     );
     refusal.0.details = Some(json!(ShutOut { shut_out }));
-    Err(refusal)
+    Ok(Some((refusal, Why::Because("recent sign-ins shut out"))))
 }
 
 /// The addresses that signed in successfully in the last seven days, are let in at `at` by

@@ -342,6 +342,11 @@ impl Render for Allowlist {
                     out.push_str("would shut out these recent sign-ins (--force would be needed):\n");
                     table(out, &["ADDRESS", "LAST SIGN-IN"], rows);
                 }
+                // What the same command without --dry-run would answer now.
+                match &plan.refused {
+                    Some(refusal) => line(out, "for real", format!("{}: {}", name(&refusal.code), refusal.message)),
+                    None => line(out, "for real", "it would be applied"),
+                }
             }
         }
         notes(out, &self.notes);
