@@ -285,3 +285,27 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     assert_eq!(keys_under(&fleet, other).len(), 1, "a refused import wrote keys");
     assert!(fleet.nodes[0].enforces(PORT));
 }
+
+/// A store from an older version may hold names the fleet's keys cannot carry (an id with
+/// `/` reads as another key, so the import would never be seen as finished). The import
+/// refuses it before writing anything, naming the account, quoted.
+#[test]
+fn an_account_whose_id_the_fleet_cannot_hold_is_refused_before_anything_is_written() {
+    let mut fleet = Fleet::new(1).unwrap();
+    let a = &mut fleet.nodes[0];
+    standalone(a);
+    a.start();
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.stop();
+    let conn = rusqlite::Connection::open(a.host.path("state/ipaccess.db")).unwrap();
+    let legacy = "INSERT INTO accounts (id, slot, parent, state, mode, state_reason, created_at)
+                  VALUES ('odd/x', 900, NULL, 'active', 'off', NULL, 1)";
+    assert_eq!(conn.execute(legacy, []).unwrap(), 1);
+    drop(conn);
+    a.write_config(PREFIX, "");
+    a.start();
+    let (code, out, stderr) = ctl_import(&a.host.socket());
+    assert_ne!(code, 0, "{out} {stderr}");
+    assert!(stderr.contains("\"odd/x\"") && stderr.contains("nothing was imported"), "{stderr}");
+    assert_eq!(keys_under(&fleet, PREFIX), Vec::<(String, String)>::new(), "the refused import wrote keys");
+}

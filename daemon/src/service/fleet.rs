@@ -893,7 +893,7 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
 /// whose parent is not among them, its parent's depth + 1 otherwise. A chain is followed at
 /// most [`MAX_ANCESTRY`] steps, so a cycle (a damaged fleet) ends; its members then sort
 /// after every account of a sound tree.
-fn depths<'a>(parents: &HashMap<&'a str, Option<&'a str>>) -> HashMap<&'a str, usize> {
+pub(super) fn depths<'a>(parents: &HashMap<&'a str, Option<&'a str>>) -> HashMap<&'a str, usize> {
     parents
         .keys()
         .map(|&id| {

@@ -20,6 +20,7 @@ use super::{Failure, Reply, Service, Writer, now};
 use crate::{
     cluster::{self, BindingValue, Committed, FLEET_WIDE, Guard, Key, Unit, Write},
     protocol::{ClusterImport, ClusterImported, ErrorCode},
+    policy::{ACCOUNT_ID_RULE, valid_account_id},
     store::{AccountDoc, ActivityRecord},
 };
 
@@ -56,15 +57,29 @@ impl Service {
         if accounts.is_empty() {
             return Err(refused(format!("this host's store has no accounts: nothing to import into {prefix}")));
         }
-        // Parents before sub-users, so that a node applying the parts in order always has
-        // the parent first.
-        accounts.sort_by_key(|a| a.parent.is_some());
+        // Names the fleet's keys cannot hold (an older version's: an id with `/` would read
+        // as another key, and the import would never be seen as finished) are refused here.
+        let sets = tx.sets()?;
+        let names = accounts.iter().map(|a| ("account", &a.id)).chain(sets.iter().map(|s| ("set", &s.name)));
+        if let Some((what, name)) = names.filter(|(_, name)| !valid_account_id(name)).min_by_key(|(_, name)| *name) {
+            return Err(refused(format!(
+                "this host's store has the {what} {name:?}, a name the fleet cannot hold ({}); remove it or make it \
+                 again under a valid name, then import; nothing was imported",
+                ACCOUNT_ID_RULE.replacen("an account id", "a name", 1)
+            )));
+        }
+        // Parents before sub-users at any depth (an older store's grandchildren), so that a
+        // node applying the parts one by one always has the parent first.
+        let depth = {
+            let parents = accounts.iter().map(|a| (a.id.as_str(), a.parent.as_deref())).collect();
+            super::fleet::depths(&parents).into_iter().map(|(id, d)| (id.to_owned(), d)).collect::<HashMap<_, _>>()
+        };
+        accounts.sort_by_key(|a| depth[&a.id]);
         let bindings = tx.bindings()?;
         let last_override = tx.last_override()?;
         // Each unit's keys and what they must hold, in the order the parts are written:
         // sets before the accounts that reference them.
         let mut planned: Vec<Vec<(String, Wanted)>> = Vec::new();
-        let sets = tx.sets()?;
         for set in &sets {
             let doc = tx.set_doc(&set.name)?.ok_or_else(|| super::sets::unknown_set(&set.name))?;
             let value = serde_json::to_vec(&doc).expect("a set serializes");
