@@ -70,6 +70,8 @@ impl TempDir {
 pub struct Launch {
     pub wrapper: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Arguments after the usual ones (e.g. `--accept-older-store`).
+    pub extra_args: Vec<String>,
 }
 
 /// A running `ipaccessd`: SIGTERM on Drop, SIGKILL if it has not stopped within [`STOP`].
@@ -92,7 +94,7 @@ impl Daemon {
         daemon
     }
 
-    /// `ip netns exec NETNS [WRAPPER...] ipaccessd ARGS` with `launch.env` added to the
+    /// `ip netns exec NETNS [WRAPPER...] ipaccessd ARGS EXTRA_ARGS` with `launch.env` added to the
     /// environment; does not wait. With a wrapper that execs (setpriv, prlimit), the child
     /// is still the daemon itself.
     pub fn spawn(netns: &str, launch: &Launch, args: &[&str], log: &Path) -> Daemon {
@@ -102,6 +104,7 @@ impl Daemon {
             .args(&launch.wrapper)
             .arg(&binaries().daemon)
             .args(args)
+            .args(&launch.extra_args)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())

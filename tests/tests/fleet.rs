@@ -267,6 +267,7 @@ fn a_node_whose_clock_disagrees_with_etcds_says_so() {
         env: [("LD_PRELOAD", FAKETIME), ("FAKETIME", "+5s"), ("FAKETIME_DONT_FAKE_MONOTONIC", "1")]
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .to_vec(),
+        ..Launch::default()
     };
     fleet.nodes[1].host.start(&ahead);
     let measured = |node: &FleetNode| {
@@ -358,4 +359,71 @@ fn an_entry_expiry_reaches_another_node_and_ends_there() {
     assert!(!reaches(Duration::from_millis(500)), "node C let the entry in after its expiry");
     assert_eq!(c.check("acme", visitor.into()), (false, "address_not_allowed".into()));
     assert!(c.enforces(PORT), "node C stopped enforcing the permanent entry");
+}
+
+/// A node's local copy put back from before a ban (an older backup, a damaged write-ahead
+/// log) while etcd is unreachable: the node refuses to start on it, so the kernel goes on
+/// enforcing the ban, on the wire, instead of enforcing the older copy until etcd returns.
+/// Once etcd is back, a start with `--accept-older-store` takes the fleet's policy, ban
+/// included.
+#[test]
+fn a_node_on_an_older_copy_while_etcd_is_down_does_not_undo_a_ban() {
+    let mut fleet = Fleet::with_members(1, 1).unwrap();
+    fleet.start_all();
+    let _listeners = fleet.listeners(PORT);
+    let revision = restrict_acme(&fleet.nodes[0]);
+    fleet.converge(revision);
+    let node = &mut fleet.nodes[0];
+    assert!(node.enforces(PORT));
+    // A copy of the store from before the ban, taken as a backup would be (daemon stopped).
+    node.stop();
+    let state = node.host.path("state");
+    let files = ["ipaccess.db", "ipaccess.db-wal", "ipaccess.db-shm"];
+    let backup: Vec<(&str, Option<Vec<u8>>)> = files.map(|f| (f, std::fs::read(state.join(f)).ok())).to_vec();
+    node.start();
+    node.host.ok(json!({"cmd": "account_state", "account": "acme", "state": "banned", "reason": "abuse"}));
+    let good = IpAddr::V4(node.host.hosts.client_v4[0]);
+    assert_eq!(node.check("acme", good), (false, "banned".into()));
+    node.stop();
+    for (file, bytes) in &backup {
+        let path = state.join(file);
+        let _ = std::fs::remove_file(&path);
+        if let Some(bytes) = bytes {
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    for member in 0..fleet.etcd.len() {
+        fleet.etcd.stop(member).unwrap();
+    }
+
+    let node = &mut fleet.nodes[0];
+    node.host.spawn(&Launch::default());
+    let status = node.host.daemon().wait_exit(Duration::from_secs(20));
+    let log = node.host.daemon().log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the node started on the older copy:\n{log}");
+    for needed in ["refusing to start", "is behind the policy", "--accept-older-store", "once etcd is reachable"] {
+        assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+    node.host.daemon = None;
+    let hosts = &node.host.hosts;
+    let target = std::net::SocketAddr::new(hosts.server_v4.into(), PORT);
+    assert!(
+        !hosts.client.run(|| tcp_connect(good, target, Duration::from_millis(500))),
+        "the ban stopped being enforced on the wire"
+    );
+
+    // etcd back: started on purpose, the node takes the fleet's policy, the ban with it.
+    for member in 0..fleet.etcd.len() {
+        fleet.etcd.start_member(member).unwrap();
+    }
+    fleet.etcd.wait_healthy(Duration::from_secs(20)).unwrap();
+    let node = &mut fleet.nodes[0];
+    node.host.start(&Launch { extra_args: vec!["--accept-older-store".into()], ..Launch::default() });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.check("acme", good) != (false, "banned".into()) {
+        assert!(Instant::now() < deadline, "the node did not take the ban from etcd: {}", node.cluster_status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hosts = &node.host.hosts;
+    assert!(!hosts.client.run(|| tcp_connect(good, target, Duration::from_millis(500))));
 }

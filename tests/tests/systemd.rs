@@ -140,6 +140,7 @@ fn notifies_ready_watchdog_reload_and_stop() {
             ("NOTIFY_SOCKET".into(), notify_path.to_str().unwrap().into()),
             ("WATCHDOG_USEC".into(), WATCHDOG.as_micros().to_string()),
         ],
+        ..Launch::default()
     };
     host.spawn(&launch);
 
@@ -234,7 +235,7 @@ fn a_long_store_upgrade_asks_for_more_time() {
     let notify_path = host.path("notify.sock");
     let mut notifications = Notifications::bind(&notify_path);
     let env = vec![("NOTIFY_SOCKET".into(), notify_path.to_str().unwrap().into())];
-    host.spawn(&Launch { wrapper: Vec::new(), env });
+    host.spawn(&Launch { env, ..Launch::default() });
     notifications.wait_for("READY=1", READY, |m| has(m, "READY=1"));
     let before_ready = &notifications.seen[..notifications.seen.len() - 1];
     assert!(
@@ -265,7 +266,7 @@ fn watchdog_pauses_while_the_writer_is_stuck() {
         ("NOTIFY_SOCKET".into(), notify_path.to_str().unwrap().into()),
         ("WATCHDOG_USEC".into(), WATCHDOG.as_micros().to_string()),
     ];
-    host.spawn(&Launch { wrapper: Vec::new(), env });
+    host.spawn(&Launch { env, ..Launch::default() });
     notifications.wait_for("READY=1", READY, |m| has(m, "READY=1"));
     notifications.wait_for("WATCHDOG=1", WATCHDOG * 4, |m| has(m, "WATCHDOG=1"));
 
@@ -314,7 +315,7 @@ fn limited(caps: &[&str]) -> Launch {
     let set: String = caps.iter().map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase())).collect();
     let wrapper =
         ["prlimit", "--memlock=0:0", "setpriv", &format!("--bounding-set=-all{set}"), "--inh-caps=-all", "--"];
-    Launch { wrapper: wrapper.map(String::from).to_vec(), env: Vec::new() }
+    Launch { wrapper: wrapper.map(String::from).to_vec(), ..Launch::default() }
 }
 
 #[test]
@@ -423,6 +424,7 @@ fn logs_to_the_journal_with_priorities_under_systemd() {
     let launch = Launch {
         wrapper: vec!["sh".into(), "-c".into(), mount],
         env: vec![("JOURNAL_STREAM".into(), format!("{}:{}", stderr.dev(), stderr.ino()))],
+        ..Launch::default()
     };
     host.start(&launch);
     host.ok(json!({"id": 1, "cmd": "account_add", "account": "acme"}));

@@ -239,10 +239,9 @@ fn maps_made_otherwise(config: &Config, pin_dir: &Path, (slots, accounts): (u32,
 /// Locks the state directory and opens the store, before anything in the kernel changes.
 /// Refuses (unless `accept_empty`) a store that is missing or holds no account while the
 /// pinned maps hold policy: starting would clear the kernel's tables and leave every bound
-/// address unfiltered. Refuses too (unless `accept_older`, and on a standalone host: a fleet
-/// node's store is a copy of etcd's) a store whose commit count is below the one the maps
-/// recorded: it lost commits whose policy the kernel enforces. The lock is held for the
-/// life of the process.
+/// address unfiltered. Refuses too (unless `accept_older`; a fleet node's copy of etcd's
+/// policy as well) a store whose commit count is below the one the maps recorded: it lost
+/// commits whose policy the kernel enforces. The lock is held for the life of the process.
 fn open_store(
     config: &Config,
     datapath: &Datapath,
@@ -310,7 +309,7 @@ fn open_store(
     }
     let (stored, enforced) =
         (store.read().and_then(|tx| tx.commits()).context("reading the store")?, datapath.store_commits());
-    if !judged && config.cluster.is_none() && stored < enforced {
+    if !judged && stored < enforced {
         let what = format!(
             "the store {} is behind the policy the pinned maps in {} hold: it has {stored} commits, and the maps \
              hold the policy of its commit {enforced}, so {} commits are lost (a deleted or damaged write-ahead \
@@ -319,13 +318,22 @@ fn open_store(
             datapath.pin_dir().display(),
             enforced - stored
         );
+        // A fleet node's copy is refused too: etcd may be unreachable, and then the older
+        // copy would be enforced until it comes back.
+        let remedy = if config.cluster.is_some() {
+            "Restore the newer copy and start again, or, once etcd is reachable, start once with \
+             --accept-older-store: the node enforces this copy until it has taken the fleet's policy from etcd, \
+             moments later"
+        } else {
+            "Restore the newer store and start again, or start once with --accept-older-store to enforce this one \
+             on purpose"
+        };
         if accept_older {
             warn!("{what}; --accept-older-store: enforcing the store as it is");
         } else {
             anyhow::bail!(
                 "refusing to start: {what}. Starting would enforce the older policy and undo those changes (a ban, \
-                 a removed entry); the kernel keeps enforcing them meanwhile. Restore the newer store and start \
-                 again, or start once with --accept-older-store to enforce this one on purpose"
+                 a removed entry); the kernel keeps enforcing them meanwhile. {remedy}"
             );
         }
     }

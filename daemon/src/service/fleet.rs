@@ -677,7 +677,10 @@ impl Service {
                 failures += 1;
             }
         }
-        tx.commit()?;
+        // Counted as a standalone host's changes are: a copy put back from before this
+        // commit (while etcd is unreachable, say) is then refused at start, not enforced.
+        let count = tx.commit_counted()?;
+        super::change::record_commit(datapath, count);
         drop(cache);
         {
             let mut sets = self.sets.write().expect("set cache lock");
