@@ -516,6 +516,23 @@ pub fn normalise_cidr(net: IpNet) -> Result<(IpNet, Option<String>), String> {
     Ok((canonical, note))
 }
 
+/// For an entry an older version stored before [`normalise_cidr`] applied (IPv4-mapped,
+/// host bits set), what today's rules make of it; `None` for an entry stored as today's
+/// rules store it. Such entries are enforced as stored, and removed by their stored
+/// spelling.
+pub fn stored_otherwise_today(stored: IpNet) -> Option<String> {
+    match normalise_cidr(stored) {
+        Ok((today, _)) if today == stored => None,
+        Ok((today, _)) => Some(format!("today it would be stored as {today}")),
+        Err(why) => Some(format!("today it would be refused ({why})")),
+    }
+}
+
+/// Whether `net` lies in the IPv4-mapped IPv6 range (::ffff:0:0/96).
+pub fn is_ipv4_mapped(net: IpNet) -> bool {
+    matches!(net, IpNet::V6(v6) if mapped_range().contains(&v6))
+}
+
 /// An address in the one form checks and the kernel use: IPv4-mapped is IPv4.
 pub fn normalise_addr(addr: IpAddr) -> IpAddr {
     addr.to_canonical()
@@ -726,6 +743,18 @@ mod tests {
         );
         assert_eq!(entries, [net("198.18.0.0/24")]);
         assert_eq!(expiring, [ExpiringEntry { cidr: net("198.18.2.0/24"), expires_at: 50 }]);
+    }
+
+    #[test]
+    fn entries_an_older_version_stored_are_told_apart() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(stored_otherwise_today(net("198.18.0.0/24")), None);
+        assert_eq!(stored_otherwise_today(net("fd00::/64")), None);
+        let mapped = stored_otherwise_today(net("::ffff:198.18.0.0/120")).unwrap();
+        assert!(mapped.contains("stored as 198.18.0.0/24"), "{mapped}");
+        assert!(is_ipv4_mapped(net("::ffff:198.18.0.0/120")) && !is_ipv4_mapped(net("fd00::/64")));
+        let host_bits = stored_otherwise_today(net("198.18.0.77/24")).unwrap();
+        assert!(host_bits.contains("refused") && host_bits.contains("host bits"), "{host_bits}");
     }
 
     #[test]

@@ -1126,11 +1126,12 @@ impl Tx<'_> {
         Ok(self.execute(sql, (account, cidr.to_string(), label))? > 0)
     }
 
-    /// Removes an entry, matched after truncation; false if there was none.
+    /// Removes an entry, matched as stored; false if there was none.
     pub fn remove_entry(&self, account: &str, cidr: IpNet) -> Result<bool, StoreError> {
         let removed = self.execute(
             "DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2",
-            (account, cidr.trunc().to_string()),
+            // As stored: an older version's entry may have host bits set.
+            (account, cidr.to_string()),
         )?;
         Ok(removed > 0)
     }

@@ -300,3 +300,49 @@ fn the_whole_internet_is_refused_in_every_spelling() {
     let (code, _) = w.err(json!({"cmd": "allow_list", "account": "newco"}));
     assert_eq!(code, "unknown_account", "a refused import created an account");
 }
+
+/// Entries an older version stored as given, before today's rules (an IPv4-mapped network,
+/// host bits set): kept and enforced as stored (the store is not rewritten behind the
+/// customer's back), named in a warning at start, and removable by the spelling they were
+/// stored with, which today's parsing alone would not find.
+#[test]
+fn entries_stored_by_an_older_version_are_named_and_removable_as_stored() {
+    let mut w = World::new("");
+    let (good, b) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let _server = enforcing_customer(&w, good);
+    w.stop();
+    let octets = b.octets();
+    let host_bits = format!("{}.{}.{}.77/24", octets[0], octets[1], octets[2]);
+    let mapped = format!("::ffff:{}.{}.{}.0/120", octets[0], octets[1], octets[2]);
+    let conn = rusqlite::Connection::open(w.dir.0.join("state/ipaccess.db")).unwrap();
+    for cidr in [&host_bits, &mapped] {
+        let sql = "INSERT INTO allow_entries (account, cidr, created_at, created_by) VALUES ('cust', ?1, 1, 0)";
+        assert_eq!(conn.execute(sql, [cidr]).unwrap(), 1);
+    }
+    drop(conn);
+    w.start("");
+    let log = w.daemon.as_ref().unwrap().log_text();
+    for (cidr, said) in [(&host_bits, "would be refused"), (&mapped, "lets nobody in")] {
+        let warning = log.lines().find(|l| l.contains(&format!("entry {cidr} was stored by an older version")));
+        let warning = warning.unwrap_or_else(|| panic!("no warning naming {cidr}:\n{log}"));
+        assert!(warning.contains(said) && warning.contains("allow remove"), "{warning}");
+    }
+    // Enforced as stored: the host-bits entry lets its network in, in checks and on the wire.
+    assert_eq!(check(&w, "cust", b), (true, "allowed".into()));
+    assert!(udp_ok(&w.hosts, b, OK), "the stored /24 does not let {b} in on the wire");
+    // Removed by the spelling each was stored with, through the real CLI.
+    for cidr in [&host_bits, &mapped] {
+        let out = w.ctl(&["allow", "remove", "cust", cidr, "--force"]);
+        assert_eq!(out.code, 0, "{cidr}: {}", out.stderr);
+    }
+    assert_eq!(enabled(&w, "cust"), [(format!("{good}/32"), true)]);
+    // Gone from the store too: a restart does not bring them back.
+    w.stop();
+    w.start("");
+    assert_eq!(enabled(&w, "cust"), [(format!("{good}/32"), true)]);
+    assert_eq!(check(&w, "cust", b), (false, "address_not_allowed".into()));
+    assert!(!udp_ok(&w.hosts, b, FAIL), "the removed /24 still lets {b} in on the wire");
+    // Today's spellings are still held to today's rules.
+    let (code, message) = w.err(json!({"cmd": "allow_remove", "account": "cust", "cidr": "198.18.0.5/24"}));
+    assert!(code == "bad_request" && message.contains("host bits"), "{code}: {message}");
+}

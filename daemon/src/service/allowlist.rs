@@ -60,7 +60,12 @@ impl Service {
     pub(super) fn allow_remove(&self, request: AllowRemove, uid: u32) -> Reply<AllowRemove> {
         let AllowRemove { account, cidr, client_ip, force } = request;
         self.change_entry(&account, |tx| {
-            let (cidr, notes) = network(cidr)?;
+            let (cidr, notes) = match network(cidr) {
+                // An entry an older version stored as it was given (IPv4-mapped, host bits
+                // set), which today's spelling of the network would not find.
+                _ if tx.entry(&account, cidr)?.is_some() => (cidr, Vec::new()),
+                normalised => normalised?,
+            };
             let (row, entry) = withdraw_entry(tx, self, &account, cidr, uid, client_ip, force)?;
             tx.remove_entry(&account, cidr)?;
             audit(tx, &account, uid, "allow_remove", json!({ "cidr": cidr, "label": entry.label, "forced": force }))?;

@@ -229,6 +229,18 @@ impl Service {
                      today: set the account's mode to off and remove the entry",
                     e.account, e.cidr
                 );
+            } else if let Some(today) = crate::policy::stored_otherwise_today(e.cidr) {
+                warn!(
+                    "account {:?}: allowlist entry {} was stored by an older version and is enforced as stored{}; {today}: \
+                     remove it (`allow remove` with this spelling) and add the network it means",
+                    e.account,
+                    e.cidr,
+                    if crate::policy::is_ipv4_mapped(e.cidr) {
+                        ", which lets nobody in (addresses are checked as IPv4)"
+                    } else {
+                        ""
+                    }
+                );
             }
             let Some(a) = cache.get_mut(&e.account) else { continue };
             match e.expires_at {
