@@ -1126,13 +1126,14 @@ impl Tx<'_> {
         Ok(self.execute(sql, (account, cidr.to_string(), label))? > 0)
     }
 
-    /// Removes an entry, matched as stored; false if there was none.
+    /// Removes an entry, matched as spelled (an older version stored networks with host
+    /// bits set as given), else after truncation; false if there was none.
     pub fn remove_entry(&self, account: &str, cidr: IpNet) -> Result<bool, StoreError> {
-        let removed = self.execute(
-            "DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2",
-            // As stored: an older version's entry may have host bits set.
-            (account, cidr.to_string()),
-        )?;
+        let sql = "DELETE FROM allow_entries WHERE account = ?1 AND cidr = ?2";
+        let removed = match self.execute(sql, (account, cidr.to_string()))? {
+            0 if cidr.trunc() != cidr => self.execute(sql, (account, cidr.trunc().to_string()))?,
+            removed => removed,
+        };
         Ok(removed > 0)
     }
 
@@ -2312,7 +2313,10 @@ mod tests {
         assert_eq!(tx.entries("acme").unwrap()[0], row);
         assert_eq!(tx.all_entries().unwrap().len(), 2);
         assert!(matches!(tx.entries("nope"), Err(StoreError::UnknownAccount(_))));
-        // Found by the other spelling too.
+        // Found by the other spelling too; an older version's row, stored as given, by its own.
+        tx.tx.execute("INSERT INTO allow_entries (account, cidr, created_at, created_by) VALUES ('acme', '198.18.1.9/24', 1, 0)", []).unwrap();
+        assert!(tx.remove_entry("acme", net("198.18.1.9/24")).unwrap());
+        assert_eq!(tx.entries("acme").unwrap().len(), 2, "the canonical row went with it");
         assert!(tx.remove_entry("acme", net("198.18.1.200/24")).unwrap());
         assert!(!tx.remove_entry("acme", net("198.18.1.0/24")).unwrap());
         assert_eq!(tx.entries("acme").unwrap().len(), 1);
