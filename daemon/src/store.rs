@@ -869,7 +869,11 @@ fn check_references(conn: &Connection) -> Result<(), StoreError> {
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let applied = usize::try_from(version).unwrap_or(usize::MAX);
+    let Ok(applied) = usize::try_from(version) else {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {version} is not one any version of ipaccessd writes"
+        )));
+    };
     if applied > MIGRATIONS.len() {
         return Err(StoreError::Corrupt(format!(
             "schema version {version} is newer than the {} this daemon knows",
@@ -878,6 +882,14 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if applied == MIGRATIONS.len() {
         return Ok(());
+    }
+    // An upgrade trusts the version to say which steps the store has had: a version set
+    // back by hand would run steps again over tables they already made (or rewrote).
+    if schema_of(conn)? != schema_of(&reference_schema(applied)?)? {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {version} does not match the tables the store holds (a version changed by hand, or a \
+             damaged store), so it cannot be upgraded safely"
+        )));
     }
     // A step may rewrite a large table (v13: about 2.7 s per million sign-in rows). While
     // steps run, the service manager is asked now and then to wait longer for the start, so
@@ -906,6 +918,24 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     })();
     conn.progress_handler(0, None::<fn() -> bool>)?;
     upgraded
+}
+
+/// The schema a store has (tables, indexes, triggers and their SQL), in a comparable form.
+fn schema_of(conn: &Connection) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+    let mut statement =
+        conn.prepare("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name")?;
+    let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// An empty in-memory store after the first `version` migrations: what a store at that
+/// version holds.
+fn reference_schema(version: usize) -> Result<Connection, StoreError> {
+    let conn = Connection::open_in_memory()?;
+    for sql in &MIGRATIONS[..version] {
+        conn.execute_batch(sql)?;
+    }
+    Ok(conn)
 }
 
 /// How many SQLite VM steps pass between looks at the clock while the store is upgraded
@@ -2853,6 +2883,28 @@ mod tests {
             listed,
             [("allow_remove", Some(6)), ("allow_add", Some(5)), ("mode", Some(5)), ("account_add", Some(5))]
         );
+    }
+
+    /// A version that does not match the tables (set back, or negative) is refused before
+    /// any step runs, and the store is left as it was.
+    #[test]
+    fn a_version_that_does_not_match_the_tables_is_refused_untouched() {
+        let dir = TempDir::new();
+        drop(Store::open(&dir.db()).unwrap());
+        for version in [5, MIGRATIONS.len() as i64 - 1, -3] {
+            let conn = Connection::open(dir.db()).unwrap();
+            conn.pragma_update(None, "user_version", version).unwrap();
+            let before = schema_of(&conn).unwrap();
+            drop(conn);
+            let Err(StoreError::Corrupt(why)) = Store::open(&dir.db()) else { panic!("version {version} was opened") };
+            assert!(why.contains(&format!("schema version {version} ")), "{why}");
+            assert!(!why.contains("newer"), "{why}");
+            assert_eq!(schema_of(&Connection::open(dir.db()).unwrap()).unwrap(), before, "version {version}");
+        }
+        // A store really at an older version is still upgraded.
+        let old = TempDir::new();
+        Store::create_at_schema(&old.db(), 5).unwrap();
+        drop(Store::open(&old.db()).unwrap());
     }
 
     #[test]

@@ -19,8 +19,8 @@ use serde_json::json;
 use super::{Failure, Reply, Service, Writer, now};
 use crate::{
     cluster::{self, BindingValue, Committed, FLEET_WIDE, Guard, Key, Unit, Write},
-    protocol::{ClusterImport, ClusterImported, ErrorCode},
     policy::{ACCOUNT_ID_RULE, valid_account_id},
+    protocol::{ClusterImport, ClusterImported, ErrorCode},
     store::{AccountDoc, ActivityRecord},
 };
 

@@ -208,9 +208,10 @@ mod tests {
             (json!({"parts": 3, "committed_parts": 0}), "(nothing was imported) (tables_full)"),
         ] {
             let sent = details.clone();
-            let (_, _, _, err) = against_all(&["import", path], move |_| {
-                json!({"error": {"code": "tables_full", "message": "no room", "details": sent}})
-            });
+            let (_, _, _, err) = against_all(
+                &["import", path],
+                move |_| json!({"error": {"code": "tables_full", "message": "no room", "details": sent}}),
+            );
             assert!(err.starts_with(&format!("error: lines 2-4: no room {said}\n")), "{details}: {err}");
         }
         // A line that is not an import account: nothing is sent (there is no daemon to send it to).
