@@ -417,6 +417,55 @@ fn the_lockout_guard_on_any_node_weighs_sign_ins_made_on_another() {
     }
 }
 
+/// An account removed and made again under its id is a new customer: other nodes' guards
+/// count only its sign-ins since it was made. B published acme's sign-in from an address;
+/// acme is removed and made again, and the new acme signs in from the same address on B
+/// within the hour a published sign-in is otherwise left as it is: B publishes it at once,
+/// and A's guard refuses to remove the entry that lets it in.
+#[test]
+fn a_sign_in_of_an_account_made_again_reaches_the_other_nodes_guards_at_once() {
+    let mut fleet = Fleet::new(2).unwrap();
+    fleet.start_all();
+    let (address, kept) = ("198.18.0.11", "203.0.113.0/24");
+    let entry = format!("{address}/32");
+    enforcing_acme(&fleet, &[(&entry, None), (kept, None)]);
+    let sign_in = |fleet: &Fleet| {
+        let b = &fleet.nodes[1];
+        let check = b.host.ok(json!({"cmd": "check", "account": "acme", "addr": address, "method": "password"}));
+        assert_eq!(check["reason"], "allowed", "{check}");
+    };
+    sign_in(&fleet);
+    let first = published_signin(&fleet, address, &fleet.nodes[1].name)["last_seen"].as_i64().unwrap();
+
+    // Made again a second later, so that the old sign-in is before the new account.
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "account_remove", "account": "acme"}));
+    std::thread::sleep(Duration::from_millis(1100));
+    enforcing_acme(&fleet, &[(&entry, None), (kept, None)]);
+    let made = fleet.nodes[0].host.ok(json!({"cmd": "account_show", "account": "acme"}))["account"]["created_at"]
+        .as_i64()
+        .unwrap();
+    assert!(made > first, "made at {made}, old sign-in at {first}");
+    let remove = json!({"cmd": "allow_remove", "account": "acme", "cidr": entry});
+    // Nobody has signed in to the new acme: nothing shut out, as a dry run of the same shows.
+    let dry = json!({"cmd": "allow_replace", "account": "acme", "entries": [{"cidr": kept}], "dry_run": true});
+    assert_eq!(fleet.nodes[0].host.ok(dry.clone())["dry_run"]["shut_out"], json!([]));
+
+    sign_in(&fleet);
+    let b_name = fleet.nodes[1].name.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while published_signin(&fleet, address, &b_name)["last_seen"].as_i64().unwrap() < made {
+        assert!(Instant::now() < deadline, "B did not publish the new account's sign-in within 20 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let a = &fleet.nodes[0];
+    let plan = until(a, &dry, Duration::from_secs(10), |reply| reply["ok"]["dry_run"]["shut_out"] != json!([]));
+    assert_eq!(plan["ok"]["dry_run"]["shut_out"][0]["address"], address, "{plan}");
+    let error = refused(a, remove);
+    assert_eq!(error["code"], "lockout", "{error}");
+    assert_eq!(error["details"]["shut_out"][0]["address"], address, "{error}");
+}
+
 /// A guarded request through `node` until `done` says its answer is the one waited for
 /// (bounded by `within`); the last answer.
 fn until(node: &FleetNode, request: &Value, within: Duration, done: impl Fn(&Value) -> bool) -> Value {

@@ -101,6 +101,17 @@ impl Outbox {
     /// Offers a key's current value; it waits only if it differs from what was written (and
     /// with a granularity, if it was last seen that much after the written one).
     pub fn offer(&mut self, key: String, value: Vec<u8>, last_seen: i64) {
+        self.offer_counted_from(key, value, last_seen, 0);
+    }
+
+    /// [`Outbox::offer`], where a written value last seen before `counted_from` does not
+    /// count as written: readers ignore what came before it (a sign-in from before its
+    /// account was made again under the same id), so the granularity must not hold the new
+    /// value back.
+    pub fn offer_counted_from(&mut self, key: String, value: Vec<u8>, last_seen: i64, counted_from: i64) {
+        if self.written.get(&key).is_some_and(|(_, seen)| *seen < counted_from) {
+            self.written.remove(&key);
+        }
         let fresh_enough = |seen: i64| self.granularity > 0 && last_seen < seen.saturating_add(self.granularity);
         if self.written.get(&key).is_some_and(|(v, seen)| *v == value || fresh_enough(*seen)) {
             self.pending.remove(&key);
@@ -147,7 +158,7 @@ impl Outbox {
 }
 
 /// This node's tallies as one value per key (tallies come ordered by key, then day).
-fn values(cluster: &Cluster, tallies: Vec<DeniedTally>) -> Vec<(String, Vec<u8>, i64)> {
+fn values(cluster: &Cluster, tallies: Vec<DeniedTally>) -> Vec<Offer> {
     let mut out: Vec<(String, Published)> = Vec::new();
     for t in tallies {
         let key = cluster.keys.attempts(&t.account, &t.address, &t.method, &cluster.node);
@@ -168,7 +179,7 @@ fn values(cluster: &Cluster, tallies: Vec<DeniedTally>) -> Vec<(String, Vec<u8>,
     out.into_iter()
         .map(|(key, value)| {
             let last_seen = value.tallies.iter().map(|t| t.last_seen).max().unwrap_or(0);
-            (key, serde_json::to_vec(&value).expect("tallies serialize"), last_seen)
+            (key, serde_json::to_vec(&value).expect("tallies serialize"), last_seen, 0)
         })
         .collect()
 }
@@ -187,13 +198,17 @@ pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
     run(cluster, "denied checks", Outbox::default(), read).await
 }
 
+/// A key to publish: its value, when what it says was last seen, and the time before which
+/// readers ignore it (see [`Outbox::offer_counted_from`]; 0 for always counted).
+pub(super) type Offer = (String, Vec<u8>, i64, i64);
+
 /// One node's publishing of `what` for as long as the daemon runs: every [`PERIOD`], `read`
 /// (blocking: it reads the store) gives how long keys are kept, in seconds, and the keys
 /// whose value may have changed since the time it is given; what the `outbox` lets through
 /// is written, at most [`MAX_KEYS_PER_SECOND`], under a lease of that time plus a day.
 pub(super) async fn run<R>(cluster: Arc<Cluster>, what: &'static str, mut outbox: Outbox, read: R)
 where
-    R: Fn(i64) -> Result<(i64, Vec<(String, Vec<u8>, i64)>), String> + Send + Sync + 'static,
+    R: Fn(i64) -> Result<(i64, Vec<Offer>), String> + Send + Sync + 'static,
 {
     let read = Arc::new(read);
     // The lease of the current day, granted on its first write.
@@ -214,8 +229,8 @@ where
         };
         let retention = match pass {
             Ok(Ok((retention, values))) => {
-                for (key, value, last_seen) in values {
-                    outbox.offer(key, value, last_seen);
+                for (key, value, last_seen, counted_from) in values {
+                    outbox.offer_counted_from(key, value, last_seen, counted_from);
                 }
                 changed_since = started - SLACK_SECONDS;
                 retention
@@ -379,5 +394,18 @@ mod tests {
         outbox.offer("k0".into(), b"2".to_vec(), 11);
         outbox.offer("k9".into(), b"1".to_vec(), 13);
         assert_eq!(outbox.take(10).len(), 1);
+    }
+
+    /// With a granularity, a newer time is held back until it is that much newer, unless
+    /// the written one is from before the time readers count from.
+    #[test]
+    fn a_value_readers_ignore_does_not_hold_back_a_new_one() {
+        let mut outbox = Outbox::with_granularity(3600);
+        outbox.written("k".into(), b"100".to_vec(), 100);
+        outbox.offer_counted_from("k".into(), b"200".to_vec(), 200, 0);
+        assert!(outbox.take(10).is_empty(), "within the granularity");
+        outbox.offer_counted_from("k".into(), b"200".to_vec(), 200, 150);
+        let taken = outbox.take(10);
+        assert_eq!(taken.iter().map(|(k, _, seen)| (k.as_str(), *seen)).collect::<Vec<_>>(), [("k", 200)]);
     }
 }

@@ -6,8 +6,9 @@
 //! guard's window, the last time it did, and publishes it under
 //! `P/~signins/<account>/<addr>/<node>` (outside the policy: nobody watches it). A key is
 //! rewritten only once its last sign-in is [`GRANULARITY`] newer than the one written, so
-//! an account signing in all day costs about one write an hour per node and address; the
-//! writes share the attempts' cap and [`Outbox`]. Keys carry a lease of the window plus one
+//! an account signing in all day costs about one write an hour per node and address (but
+//! at once when the written one is from before the account was made again under its id);
+//! the writes share the attempts' cap and [`Outbox`]. Keys carry a lease of the window plus one
 //! day, one lease per node and day, as the attempts' do.
 //!
 //! Every node keeps the other nodes' sign-ins in memory ([`Mirror`]), fed by a watch of
@@ -67,13 +68,15 @@ pub fn outbox() -> Outbox {
 }
 
 /// This node's sign-ins as keys and values.
-fn values(cluster: &Cluster, signins: Vec<LastSignin>) -> Vec<(String, Vec<u8>, i64)> {
+fn values(cluster: &Cluster, signins: Vec<LastSignin>) -> Vec<attempts::Offer> {
     signins
         .into_iter()
         .map(|s| {
             let key = cluster.keys.signins(&s.account, &s.address, &cluster.node);
             let value = serde_json::to_vec(&Published { last_seen: s.last_seen }).expect("a sign-in serializes");
-            (key, value, s.last_seen)
+            // Other nodes' guards count only sign-ins since the account was made: one
+            // written for an earlier account of the same id must not hold this one back.
+            (key, value, s.last_seen, s.account_made_at)
         })
         .collect()
 }

@@ -9,6 +9,8 @@ pub struct LastSignin {
     pub account: String,
     pub address: String,
     pub last_seen: i64,
+    /// When the account now under this id was made (0 if there is none).
+    pub account_made_at: i64,
 }
 
 impl Tx<'_> {
@@ -16,11 +18,12 @@ impl Tx<'_> {
     /// `recent_signins` counts), the last time it did, if that is at or after both `since`
     /// and `changed_since`.
     pub fn last_signins(&self, since: i64, changed_since: i64) -> Result<Vec<LastSignin>, StoreError> {
-        let sql = "SELECT account, address, MAX(last_seen) FROM signins
-                   WHERE last_seen >= MAX(?1, ?2) AND application = 1 AND allowed = 1 AND address <> '*'
-                   GROUP BY account, address ORDER BY account, address";
+        let sql = "SELECT s.account, s.address, MAX(s.last_seen), COALESCE(a.created_at, 0)
+                   FROM signins s LEFT JOIN accounts a ON a.id = s.account
+                   WHERE s.last_seen >= MAX(?1, ?2) AND s.application = 1 AND s.allowed = 1 AND s.address <> '*'
+                   GROUP BY s.account, s.address ORDER BY s.account, s.address";
         self.rows(sql, (since, changed_since), |r| {
-            Ok(LastSignin { account: r.get(0)?, address: r.get(1)?, last_seen: r.get(2)? })
+            Ok(LastSignin { account: r.get(0)?, address: r.get(1)?, last_seen: r.get(2)?, account_made_at: r.get(3)? })
         })
     }
 }
