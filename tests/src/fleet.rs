@@ -123,6 +123,18 @@ impl FleetNode {
     }
 }
 
+/// Runs the real `ipaccessctl cluster import` (with `--json`) against `socket`: its exit
+/// status, stdout as JSON (null if it is not), and stderr.
+pub fn ctl_import(socket: &std::path::Path) -> (i32, Value, String) {
+    let out = std::process::Command::new(&crate::daemon::binaries().ctl)
+        .args(["--socket", socket.to_str().unwrap(), "--json", "cluster", "import"])
+        .output()
+        .expect("run ipaccessctl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), value, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// The error code of a reply, or None if it is `ok`.
 pub fn error_code(reply: &Value) -> Option<String> {
     if reply.get("ok").is_some() {

@@ -5,12 +5,10 @@
 //! fleet node started without `[cluster]` is a standalone host with the same policy.
 
 use std::net::IpAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ipaccess_tests::daemon::{binaries, without_last_used};
-use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
+use ipaccess_tests::daemon::without_last_used;
+use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX, ctl_import};
 use serde_json::{Value, json};
 
 const PORT: u16 = 7443;
@@ -80,18 +78,6 @@ fn policy(node: &FleetNode) -> Value {
         "overrides": overrides,
         "checks": checks,
     })
-}
-
-/// Runs the real `ipaccessctl cluster import` (with `--json`) against `socket`: its exit
-/// status, stdout and stderr.
-fn ctl_import(socket: &Path) -> (i32, Value, String) {
-    let out = Command::new(&binaries().ctl)
-        .args(["--socket", socket.to_str().unwrap(), "--json", "cluster", "import"])
-        .output()
-        .expect("run ipaccessctl");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), value, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Waits until the node reports a cluster error containing `text`; its status then.

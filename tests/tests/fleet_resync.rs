@@ -6,12 +6,9 @@
 //! ban made afterwards reaches it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use ipaccess_tests::daemon::binaries;
-use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX};
+use ipaccess_tests::fleet::{Fleet, FleetNode, PREFIX, ctl_import};
 use ipaccess_tests::netns::tcp_connect;
 use serde_json::{Value, json};
 
@@ -129,18 +126,6 @@ fn accounts_that_swapped_slots_while_a_node_was_away_are_taken_and_a_later_ban_r
     assert!(!first_client_reaches(c, PORT), "node C lets traffic through to banned s1's port");
     assert!(first_client_reaches(c, PORT + 1), "node C drops traffic to s2's port");
     assert!(c.enforces(PORT + 1), "node C does not enforce s2's allowlist on its wire");
-}
-
-/// Runs the real `ipaccessctl cluster import` against `socket`: its exit status, stdout and
-/// stderr.
-fn ctl_import(socket: &Path) -> (i32, Value, String) {
-    let out = Command::new(&binaries().ctl)
-        .args(["--socket", socket.to_str().unwrap(), "--json", "cluster", "import"])
-        .output()
-        .expect("run ipaccessctl");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), value, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// A standalone store with a grandchild (top <- mid <- low, as stores written before the
