@@ -427,3 +427,41 @@ fn a_node_on_an_older_copy_while_etcd_is_down_does_not_undo_a_ban() {
     let hosts = &node.host.hosts;
     assert!(!hosts.client.run(|| tcp_connect(good, target, Duration::from_millis(500))));
 }
+
+/// Two nodes started with the same `[cluster] node` (a configuration copied as it was):
+/// each says so in `status` and in its log within a few renewals, while a fleet of distinct
+/// names never does.
+#[test]
+fn two_nodes_with_one_name_are_told_apart_in_status() {
+    let mut fleet = Fleet::with_members(1, 2).unwrap();
+    fleet.nodes[0].start();
+    let named = |node: &FleetNode| node.cluster_status()["name_in_use_elsewhere"].clone();
+    // Alone, over several renewals (a third of the 10 s lease each).
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(named(&fleet.nodes[0]), json!(false), "{}", fleet.nodes[0].cluster_status());
+
+    let b = &mut fleet.nodes[1];
+    b.name = "node-a".into();
+    b.write_config(PREFIX, "");
+    b.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fleet.nodes.iter().any(|n| named(n) != json!(true)) {
+        assert!(
+            Instant::now() < deadline,
+            "the clash is not shown within 20 s: {} / {}",
+            fleet.nodes[0].cluster_status(),
+            fleet.nodes[1].cluster_status()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for node in &fleet.nodes {
+        let log = node.host.log_text();
+        assert!(log.contains("another ipaccessd publishes under this node's name \"node-a\""), "{log}");
+        let out = std::process::Command::new(&binaries().ctl)
+            .args(["--socket", node.host.socket().to_str().unwrap(), "status"])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(shown.contains("another live node uses this node's name"), "{shown}");
+    }
+}

@@ -26,7 +26,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
     TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use log::{info, warn};
+use log::{error, info, warn};
 use tokio::sync::watch;
 
 pub use keys::{BindingValue, FLEET_WIDE, Key, Keys};
@@ -59,6 +59,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 const PRUNE_PAGES: usize = 100;
 /// How often the node checks that etcd answers (and so how soon `status` shows an outage).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long `status` goes on reporting that another daemon published under this node's
+/// name after it was last seen: the two overwrite each other's record in turns, a renewal
+/// apart, so each sees the other only every other renewal.
+const NAME_CLASH_SHOWN: Duration = Duration::from_secs(30);
 
 /// What this node knows of its cluster, for `status` and the metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,6 +79,8 @@ pub struct Health {
     pub last_error: Option<String>,
     /// This node's clock minus etcd's, in milliseconds, as last measured ([`clock`]).
     pub clock_offset_ms: Option<i64>,
+    /// Another live daemon published under this node's name within [`NAME_CLASH_SHOWN`].
+    pub name_in_use_elsewhere: bool,
 }
 
 /// One key's change, as the watch delivers it.
@@ -186,6 +192,8 @@ pub struct Cluster {
     /// (publishing on every progress report would feed itself).
     policy: watch::Sender<i64>,
     health: Mutex<Health>,
+    /// When a record of another daemon was last found under this node's name ([`publish`]).
+    name_clash_seen: Mutex<Option<Instant>>,
     /// The other nodes' published sign-ins, for the lockout guard ([`signins::follow`]).
     signin_mirror: signins::Mirror,
 }
@@ -205,6 +213,7 @@ impl Cluster {
             applied: applied_tx,
             policy: policy_tx,
             health: Mutex::new(Health { applied_revision: applied, ..Health::default() }),
+            name_clash_seen: Mutex::new(None),
             signin_mirror: signins::Mirror::new(&config.node),
         })
     }
@@ -223,7 +232,24 @@ impl Cluster {
         // shows a policy revision ahead of the applied one.
         health.policy_revision = *self.policy.borrow();
         health.applied_revision = *self.applied.borrow();
+        let clash = *self.name_clash_seen.lock().expect("name clash lock");
+        health.name_in_use_elsewhere = clash.is_some_and(|seen| seen.elapsed() < NAME_CLASH_SHOWN);
         health
+    }
+
+    /// Another live daemon's record is under this node's name (a configuration copied
+    /// without changing `node`): node-scoped bindings and `--wait-fleet` cannot tell the two
+    /// apart. Logged once per episode; `status` shows it for [`NAME_CLASH_SHOWN`].
+    fn name_clash(&self) {
+        let mut seen = self.name_clash_seen.lock().expect("name clash lock");
+        if seen.is_none_or(|at| at.elapsed() >= NAME_CLASH_SHOWN) {
+            error!(
+                "cluster: another ipaccessd publishes under this node's name {:?}: each node of a fleet needs its own \
+                 [cluster] node name (bindings scoped to a node, and --wait-fleet, go by it)",
+                self.node
+            );
+        }
+        *seen = Some(Instant::now());
     }
 
     /// The revision the local copy reflects.
@@ -848,6 +874,15 @@ async fn publish(cluster: Arc<Cluster>) {
                 _ = renew.tick() => {
                     if keeper.keep_alive().await.is_err() || !matches!(answers.message().await, Ok(Some(a)) if a.ttl() > 0) {
                         break;
+                    }
+                    // Our record is under our lease once put: another lease there is another
+                    // live daemon with this name. Written again, so that it sees us too.
+                    if published >= 0
+                        && let Ok(answer) = client.get(cluster.keys.node(&cluster.node), None).await
+                        && answer.kvs().first().is_some_and(|kv| kv.lease() != lease)
+                    {
+                        cluster.name_clash();
+                        published = -1;
                     }
                 }
             }

@@ -420,6 +420,10 @@ pub struct ClusterStatus {
     /// The live nodes of the fleet and the policy revision each has applied (empty while
     /// etcd cannot be read).
     pub nodes: Vec<FleetNode>,
+    /// Another live daemon publishes under this node's name (seen within the last 30 s):
+    /// two nodes were given the same `[cluster] node`.
+    #[serde(default)]
+    pub name_in_use_elsewhere: bool,
 }
 
 /// A live fleet node, as it published itself in etcd.

@@ -74,6 +74,7 @@ impl Service {
                     cluster_revision: health.cluster_revision.max(health.applied_revision),
                     last_error: health.last_error,
                     clock_offset_ms: health.clock_offset_ms,
+                    name_in_use_elsewhere: health.name_in_use_elsewhere,
                     apply_failures: self.cluster_apply_failures.load(Ordering::Relaxed),
                     unenforced: self.unenforced().into_iter().take(100).collect(),
                     nodes: cluster

@@ -675,6 +675,9 @@ impl Render for StatusReport {
                 Some(why) => format!("unavailable: {why}"),
             };
             line(out, "cluster", format!("node {}, {health}", c.node));
+            if c.name_in_use_elsewhere {
+                line(out, "name", "another live node uses this node's name: give each node its own [cluster] node");
+            }
             let lag = c.cluster_revision - c.applied_revision;
             line(out, "revision", format!("applied {} of {} (lag {lag})", c.applied_revision, c.cluster_revision));
             if c.apply_failures > 0 {
