@@ -476,7 +476,7 @@ fn override_expiry_is_audited() {
         if log.contains(line) {
             assert!(log.contains(&format!("override={id}")), "{log}");
             assert_eq!(log.matches("override_expired:").count(), 1, "{log}");
-            assert!(log.contains("account e: expired overrides and entries swept"), "{log}");
+            assert!(log.contains("account \"e\": expired overrides and entries swept"), "{log}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no expiry audited:\n{log}");
