@@ -871,14 +871,10 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
     let kept: Vec<(usize, Change)> =
         changes.into_iter().enumerate().filter(|(i, change)| key(change).is_none_or(|k| last[&k] == *i)).collect();
     let depth_of: Vec<usize> = {
-        let parents: HashMap<&str, Option<&str>> = kept
-            .iter()
-            .filter_map(|(_, change)| match change {
-                Change::Account(id, Some(doc)) => Some((id.as_str(), doc.parent.as_deref())),
-                _ => None,
-            })
-            .collect();
-        let depths = depths(&parents);
+        let depths = depths(kept.iter().filter_map(|(_, change)| match change {
+            Change::Account(id, Some(doc)) => Some((id.as_str(), doc.parent.as_deref())),
+            _ => None,
+        }));
         kept.iter()
             .map(|(_, change)| match change {
                 Change::Account(id, Some(_)) => depths[id.as_str()],
@@ -892,11 +888,12 @@ fn in_order(changes: Vec<Change>) -> Vec<Change> {
     ranked.into_iter().map(|(_, change)| change).collect()
 }
 
-/// How far below the others of `parents` (each account's parent) each account is: 0 for one
+/// How far below the others of `accounts` (each with its parent) each account is: 0 for one
 /// whose parent is not among them, its parent's depth + 1 otherwise. A chain is followed at
 /// most [`MAX_ANCESTRY`] steps, so a cycle (a damaged fleet) ends; its members then sort
 /// after every account of a sound tree.
-pub(super) fn depths<'a>(parents: &HashMap<&'a str, Option<&'a str>>) -> HashMap<&'a str, usize> {
+pub(super) fn depths<'a>(accounts: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> HashMap<&'a str, usize> {
+    let parents: HashMap<&str, Option<&str>> = accounts.into_iter().collect();
     parents
         .keys()
         .map(|&id| {
@@ -941,20 +938,12 @@ fn differences(
     let at = now();
     let wanted: HashSet<&str> = accounts.iter().map(|(id, _)| id.as_str()).collect();
     let local_accounts = tx.accounts()?;
-    // Removals deepest first, sub-users before their parents (removing a parent takes its
-    // sub-users with it anyway).
-    let mut gone: Vec<(usize, &str)> = {
-        let parents: HashMap<&str, Option<&str>> =
-            local_accounts.iter().map(|a| (a.id.as_str(), a.parent.as_deref())).collect();
-        let depths = depths(&parents);
-        local_accounts
-            .iter()
-            .filter(|a| !wanted.contains(a.id.as_str()))
-            .map(|a| (depths[a.id.as_str()], a.id.as_str()))
-            .collect()
-    };
-    gone.sort_by_key(|&(depth, id)| (std::cmp::Reverse(depth), id));
-    let mut changes: Vec<Change> = gone.into_iter().map(|(_, id)| Change::Account(id.to_owned(), None)).collect();
+    // In any order: removing an account takes its sub-users with it (`apply_locked`).
+    let mut changes: Vec<Change> = local_accounts
+        .iter()
+        .filter(|a| !wanted.contains(a.id.as_str()))
+        .map(|a| Change::Account(a.id.clone(), None))
+        .collect();
     let local: HashSet<&str> = local_accounts.iter().map(|a| a.id.as_str()).collect();
     let local_bindings = tx.bindings()?;
     let endpoint = |b: &Binding| (b.addr, b.target, b.node.clone());
@@ -964,17 +953,8 @@ fn differences(
             changes.push(Change::Binding(b.clone(), false));
         }
     }
-    // Parents before sub-users at any depth, so a sub-user's parent row exists when it is
-    // written (`in_order` keeps this order).
-    let depth_of: Vec<usize> = {
-        let parents: HashMap<&str, Option<&str>> =
-            accounts.iter().map(|(id, doc)| (id.as_str(), doc.parent.as_deref())).collect();
-        let depths = depths(&parents);
-        accounts.iter().map(|(id, _)| depths[id.as_str()]).collect()
-    };
-    let mut accounts: Vec<(usize, (String, crate::store::AccountDoc))> = depth_of.into_iter().zip(accounts).collect();
-    accounts.sort_by_key(|(depth, _)| *depth);
-    for (_, (id, doc)) in accounts {
+    // In any order: `in_order` puts parents before sub-users when the batch is applied.
+    for (id, doc) in accounts {
         // An account this copy lacks is put without reading (a joining node lacks all).
         let ours = if local.contains(id.as_str()) { tx.account_doc(&id, at)? } else { None };
         // Local overrides that expired since the fleet's document was written are left out
@@ -1004,12 +984,9 @@ mod tests {
     #[test]
     fn depths_put_parents_first_at_any_depth_and_end_on_a_cycle() {
         // `low` sorts first, as a snapshot lists it; `top`'s parent is not in the batch.
-        let parents: HashMap<&str, Option<&str>> =
-            [("low", Some("mid")), ("mid", Some("top")), ("top", Some("outside")), ("lone", None)].into();
-        let found = depths(&parents);
+        let found = depths([("low", Some("mid")), ("mid", Some("top")), ("top", Some("outside")), ("lone", None)]);
         assert_eq!((found["top"], found["mid"], found["low"], found["lone"]), (0, 1, 2, 0));
         // A damaged fleet's loop ends after MAX_ANCESTRY steps, below every sound tree.
-        let looped: HashMap<&str, Option<&str>> = [("a", Some("b")), ("b", Some("a"))].into();
-        assert!(depths(&looped).values().all(|&d| d == MAX_ANCESTRY));
+        assert!(depths([("a", Some("b")), ("b", Some("a"))]).values().all(|&d| d == MAX_ANCESTRY));
     }
 }

@@ -70,10 +70,11 @@ impl Service {
         }
         // Parents before sub-users at any depth (an older store's grandchildren), so that a
         // node applying the parts one by one always has the parent first.
-        let depth = {
-            let parents = accounts.iter().map(|a| (a.id.as_str(), a.parent.as_deref())).collect();
-            super::fleet::depths(&parents).into_iter().map(|(id, d)| (id.to_owned(), d)).collect::<HashMap<_, _>>()
-        };
+        let depth: HashMap<String, usize> =
+            super::fleet::depths(accounts.iter().map(|a| (a.id.as_str(), a.parent.as_deref())))
+                .into_iter()
+                .map(|(id, d)| (id.to_owned(), d))
+                .collect();
         accounts.sort_by_key(|a| depth[&a.id]);
         let bindings = tx.bindings()?;
         let last_override = tx.last_override()?;
