@@ -99,16 +99,11 @@ impl Outbox {
     }
 
     /// Offers a key's current value; it waits only if it differs from what was written (and
-    /// with a granularity, if it was last seen that much after the written one).
-    pub fn offer(&mut self, key: String, value: Vec<u8>, last_seen: i64) {
-        self.offer_counted_from(key, value, last_seen, 0);
-    }
-
-    /// [`Outbox::offer`], where a written value last seen before `counted_from` does not
-    /// count as written: readers ignore what came before it (a sign-in from before its
-    /// account was made again under the same id), so the granularity must not hold the new
-    /// value back.
-    pub fn offer_counted_from(&mut self, key: String, value: Vec<u8>, last_seen: i64, counted_from: i64) {
+    /// with a granularity, if it was last seen that much after the written one). A written
+    /// value last seen before `counted_from` does not count as written: readers ignore what
+    /// came before it (a sign-in from before its account was made again under the same id),
+    /// so the granularity must not hold the new value back (0: always counted).
+    pub fn offer(&mut self, key: String, value: Vec<u8>, last_seen: i64, counted_from: i64) {
         if self.written.get(&key).is_some_and(|(_, seen)| *seen < counted_from) {
             self.written.remove(&key);
         }
@@ -199,7 +194,7 @@ pub async fn publish(cluster: Arc<Cluster>, source: Arc<dyn AttemptSource>) {
 }
 
 /// A key to publish: its value, when what it says was last seen, and the time before which
-/// readers ignore it (see [`Outbox::offer_counted_from`]; 0 for always counted).
+/// readers ignore it (see [`Outbox::offer`]; 0 for always counted).
 pub(super) type Offer = (String, Vec<u8>, i64, i64);
 
 /// One node's publishing of `what` for as long as the daemon runs: every [`PERIOD`], `read`
@@ -230,7 +225,7 @@ where
         let retention = match pass {
             Ok(Ok((retention, values))) => {
                 for (key, value, last_seen, counted_from) in values {
-                    outbox.offer_counted_from(key, value, last_seen, counted_from);
+                    outbox.offer(key, value, last_seen, counted_from);
                 }
                 changed_since = started - SLACK_SECONDS;
                 retention
@@ -358,10 +353,10 @@ mod tests {
     fn the_outbox_coalesces_and_keeps_to_the_cap() {
         let mut outbox = Outbox::default();
         for i in 0..5 {
-            outbox.offer(format!("k{i}"), b"1".to_vec(), 10);
+            outbox.offer(format!("k{i}"), b"1".to_vec(), 10, 0);
         }
         // A newer value of a waiting key replaces it, in its place.
-        outbox.offer("k0".into(), b"2".to_vec(), 11);
+        outbox.offer("k0".into(), b"2".to_vec(), 11, 0);
         assert_eq!(outbox.pending(), 5);
         let first = outbox.take(3);
         assert_eq!(first.iter().map(|(k, ..)| k.as_str()).collect::<Vec<_>>(), ["k0", "k1", "k2"]);
@@ -372,16 +367,16 @@ mod tests {
         // What is over the cap waits for the next take; nothing is lost.
         assert_eq!(outbox.pending(), 2);
         // A value equal to the one written is not written again; a changed one is.
-        outbox.offer("k0".into(), b"2".to_vec(), 11);
-        outbox.offer("k1".into(), b"3".to_vec(), 12);
+        outbox.offer("k0".into(), b"2".to_vec(), 11, 0);
+        outbox.offer("k1".into(), b"3".to_vec(), 12, 0);
         let second = outbox.take(10);
         assert_eq!(second.iter().map(|(k, ..)| k.as_str()).collect::<Vec<_>>(), ["k3", "k4", "k1"]);
         assert!(outbox.take(10).is_empty());
         // A failed write goes first next time, unless a newer value came meanwhile.
         let (k3, k4) = (second[0].clone(), second[1].clone());
-        outbox.offer("k9".into(), b"1".to_vec(), 13);
+        outbox.offer("k9".into(), b"1".to_vec(), 13, 0);
         outbox.failed(k3.0, k3.1, k3.2);
-        outbox.offer("k4".into(), b"5".to_vec(), 14);
+        outbox.offer("k4".into(), b"5".to_vec(), 14, 0);
         outbox.failed(k4.0, k4.1, k4.2);
         let third = outbox.take(10);
         let keys: Vec<_> = third.iter().map(|(k, v, _)| (k.as_str(), v.as_slice())).collect();
@@ -391,8 +386,8 @@ mod tests {
             outbox.written(key, value, seen);
         }
         outbox.forget_before(12);
-        outbox.offer("k0".into(), b"2".to_vec(), 11);
-        outbox.offer("k9".into(), b"1".to_vec(), 13);
+        outbox.offer("k0".into(), b"2".to_vec(), 11, 0);
+        outbox.offer("k9".into(), b"1".to_vec(), 13, 0);
         assert_eq!(outbox.take(10).len(), 1);
     }
 
@@ -402,9 +397,9 @@ mod tests {
     fn a_value_readers_ignore_does_not_hold_back_a_new_one() {
         let mut outbox = Outbox::with_granularity(3600);
         outbox.written("k".into(), b"100".to_vec(), 100);
-        outbox.offer_counted_from("k".into(), b"200".to_vec(), 200, 0);
+        outbox.offer("k".into(), b"200".to_vec(), 200, 0);
         assert!(outbox.take(10).is_empty(), "within the granularity");
-        outbox.offer_counted_from("k".into(), b"200".to_vec(), 200, 150);
+        outbox.offer("k".into(), b"200".to_vec(), 200, 150);
         let taken = outbox.take(10);
         assert_eq!(taken.iter().map(|(k, _, seen)| (k.as_str(), *seen)).collect::<Vec<_>>(), [("k", 200)]);
     }

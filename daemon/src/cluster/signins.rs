@@ -251,21 +251,21 @@ mod tests {
         let mut outbox = outbox();
         let t = 1_700_000_000;
         // The first sign-in of a key is written.
-        outbox.offer("acme/a".into(), value(t), t);
+        outbox.offer("acme/a".into(), value(t), t, 0);
         let first = outbox.take(10);
         assert_eq!(first.len(), 1);
         let (key, v, seen) = first.into_iter().next().unwrap();
         outbox.written(key, v, seen);
         // Signing in again within the hour writes nothing.
         for later in [t, t + 1, t + 1800, t + GRANULARITY - 1] {
-            outbox.offer("acme/a".into(), value(later), later);
+            outbox.offer("acme/a".into(), value(later), later, 0);
             assert_eq!(outbox.pending(), 0, "{later}");
         }
         // An hour later it is written again, with the newest time offered before the write.
-        outbox.offer("acme/a".into(), value(t + GRANULARITY), t + GRANULARITY);
-        outbox.offer("acme/a".into(), value(t + GRANULARITY + 5), t + GRANULARITY + 5);
+        outbox.offer("acme/a".into(), value(t + GRANULARITY), t + GRANULARITY, 0);
+        outbox.offer("acme/a".into(), value(t + GRANULARITY + 5), t + GRANULARITY + 5, 0);
         // Another key waits beside it; the cap holds the rest for the next take.
-        outbox.offer("acme/b".into(), value(t + 10), t + 10);
+        outbox.offer("acme/b".into(), value(t + 10), t + 10, 0);
         let second = outbox.take(1);
         assert_eq!(second, [("acme/a".to_owned(), value(t + GRANULARITY + 5), t + GRANULARITY + 5)]);
         assert_eq!(outbox.pending(), 1);
@@ -273,7 +273,7 @@ mod tests {
         outbox.written(key, v, seen);
         assert_eq!(outbox.take(10).len(), 1);
         // An older sign-in (another pass over the same rows) never goes back.
-        outbox.offer("acme/a".into(), value(t), t);
+        outbox.offer("acme/a".into(), value(t), t, 0);
         assert_eq!(outbox.pending(), 0);
     }
 }

@@ -85,12 +85,10 @@ pub fn import(socket: &Path, file: &Path, batch_bytes: u64, force: bool) -> Resu
         let before = if done == 0 { String::new() } else { format!(", as are the lines before {}", lines.0) };
         let applied = |details: Option<&Value>| match details {
             // A fleet node whose own kernel had no room: the batch is the fleet's all the same.
-            Some(d) if d.get("committed_revision").is_some() => {
-                format!("lines {}-{} are committed in the fleet{before}", lines.0, lines.1)
-            }
+            Some(d) if d.get("committed_revision").is_some() => format!("{place} are committed in the fleet{before}"),
             // Too large for one etcd transaction, and a later part lost a race.
             Some(d) if d.get("committed_parts").and_then(Value::as_u64).is_some_and(|n| n > 0) => {
-                format!("part of lines {}-{} is committed{before}; run the import again to finish it", lines.0, lines.1)
+                format!("part of {place} is committed{before}; run the import again to finish it")
             }
             _ if done == 0 => "nothing was imported".to_string(),
             _ => format!("lines before {} are imported; run the import again once this is fixed", lines.0),
