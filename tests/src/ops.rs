@@ -56,6 +56,12 @@ impl Host {
         fs::write(self.path("ipaccessd.toml"), format!("{toml}\n{TEST_MAPS}")).unwrap();
     }
 
+    /// Writes a configuration that filters the server interface and says nothing else: a
+    /// standalone host (no `[cluster]`) with every default.
+    pub fn write_standalone_config(&self) {
+        self.write_config(&format!("interfaces = [\"{}\"]\n", self.hosts.server_if));
+    }
+
     /// Starts the daemon on the configuration file without waiting for it.
     pub fn spawn(&mut self, launch: &Launch) -> &mut Daemon {
         assert!(self.daemon.is_none(), "the daemon is already running");

@@ -227,7 +227,7 @@ fn a_standalone_host_joining_an_empty_fleet_keeps_its_policy() {
     let _listeners = fleet.listeners(PORT);
     let node = &mut fleet.nodes[0];
     // First on its own store.
-    node.host.write_config(&format!("interfaces = [\"{}\"]\n", node.host.hosts.server_if));
+    node.host.write_standalone_config();
     node.start();
     let (good, server) = (node.host.hosts.client_v4[0], node.host.hosts.server_v4);
     node.host.ok(json!({"cmd": "account_add", "account": "acme"}));

@@ -215,7 +215,7 @@ fn racing_a_node_binding_and_a_fleet_wide_one_leave_one_owner() {
 #[test]
 fn a_standalone_host_refuses_node_scoped_bindings() {
     let mut host = Host::new();
-    host.write_config(&format!("interfaces = [\"{}\"]\n", host.hosts.server_if));
+    host.write_standalone_config();
     host.start(&Launch::default());
     host.ok(json!({"cmd": "account_add", "account": "acme"}));
     let server = host.hosts.server_v4;

@@ -13,11 +13,6 @@ use serde_json::{Value, json};
 
 const PORT: u16 = 7443;
 
-/// The node's configuration without `[cluster]`: a standalone host.
-fn standalone(node: &FleetNode) {
-    node.host.write_config(&format!("interfaces = [\"{}\"]\n", node.host.hosts.server_if));
-}
-
 /// A store with what a fleet must carry: accounts with a sub-user, enabled and disabled
 /// entries, a banned account, a live override, a binding, a shared set referenced by one
 /// account, all made through the socket.
@@ -109,7 +104,7 @@ fn a_standalone_host_seeds_an_empty_fleet_and_every_node_follows() {
     let mut fleet = Fleet::new(3).unwrap();
     let _listeners = fleet.listeners(PORT);
     let a = &mut fleet.nodes[0];
-    standalone(a);
+    a.host.write_standalone_config();
     a.start();
     // Without [cluster] there is nothing to import into.
     let (code, reply, stderr) = ctl_import(&a.host.socket());
@@ -182,7 +177,7 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     let mut fleet = Fleet::new(1).unwrap();
     let _listeners = fleet.listeners(PORT);
     let a = &mut fleet.nodes[0];
-    standalone(a);
+    a.host.write_standalone_config();
     a.start();
     build_store(a);
     let before = policy(a);
@@ -207,7 +202,7 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     // taken locally.
     let a = &mut fleet.nodes[0];
     a.stop();
-    standalone(a);
+    a.host.write_standalone_config();
     a.start();
     assert!(a.host.ok(json!({"cmd": "status"})).get("cluster").is_none());
     // The same policy (acme's endpoint was bound again in the fleet: a later time).
@@ -259,7 +254,7 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
     fleet.etcd.etcdctl(&["put", &format!("{other}accounts/acme"), &acme]).unwrap();
     let a = &mut fleet.nodes[0];
     a.stop();
-    standalone(a);
+    a.host.write_standalone_config();
     a.start();
     a.stop();
     a.write_config(other, "");
@@ -279,7 +274,7 @@ fn an_import_stopped_part_way_is_finished_and_a_fleet_node_goes_back_to_standalo
 fn an_account_whose_id_the_fleet_cannot_hold_is_refused_before_anything_is_written() {
     let mut fleet = Fleet::new(1).unwrap();
     let a = &mut fleet.nodes[0];
-    standalone(a);
+    a.host.write_standalone_config();
     a.start();
     a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
     a.stop();

@@ -137,7 +137,7 @@ fn an_imported_grandchild_reaches_a_node_that_joins() {
     let mut fleet = Fleet::new(2).unwrap();
     let _listeners = fleet.listeners(PORT);
     let a = &mut fleet.nodes[0];
-    a.host.write_config(&format!("interfaces = [\"{}\"]\n", a.host.hosts.server_if));
+    a.host.write_standalone_config();
     a.start();
     make(a, "top", None, None);
     make(a, "mid", Some("top"), None);

@@ -191,7 +191,7 @@ fn metrics_endpoint_serves_only_get_metrics() {
 #[test]
 fn metrics_are_off_by_default_and_loopback_only_unless_allowed() {
     let mut host = Host::new();
-    host.write_config(&format!("interfaces = [\"{}\"]\n", host.hosts.server_if));
+    host.write_standalone_config();
     host.start(&Launch::default());
     let refused = host.hosts.server.run(|| TcpStream::connect(LISTEN).is_err());
     assert!(refused, "something listens on {LISTEN} with no [metrics] section");

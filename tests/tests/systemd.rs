@@ -219,7 +219,7 @@ fn notifies_ready_watchdog_reload_and_stop() {
 fn a_long_store_upgrade_asks_for_more_time() {
     const ROWS: i64 = 300_000;
     let mut host = Host::new();
-    host.write_config(&format!("interfaces = [\"{}\"]\n", host.hosts.server_if));
+    host.write_standalone_config();
     let db = host.path("state/ipaccess.db");
     // A store as v12 left it: sign-ins keyed by account first.
     ipaccess::store::Store::create_at_schema(&db, 12).unwrap();
@@ -259,7 +259,7 @@ fn watchdog_pauses_while_the_writer_is_stuck() {
     const WATCHDOG: Duration = Duration::from_millis(400);
     const STUCK: Duration = Duration::from_secs(2);
     let mut host = Host::new();
-    host.write_config(&format!("interfaces = [\"{}\"]\n", host.hosts.server_if));
+    host.write_standalone_config();
     let notify_path = host.path("notify.sock");
     let mut notifications = Notifications::bind(&notify_path);
     let env = vec![
