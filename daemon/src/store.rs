@@ -1559,14 +1559,17 @@ impl Tx<'_> {
     /// Appends audit records.
     pub fn add_activity(&self, records: &[ActivityRecord]) -> Result<(), StoreError> {
         for r in records {
-            let mut detail = r.detail.clone();
-            if let serde_json::Value::Object(o) = &mut detail {
-                o.insert("uid".into(), r.uid.into());
-                o.insert("action".into(), r.action.clone().into());
-            }
-            self.add_audit(r.time, &r.account, &r.action, &detail.to_string())?;
+            self.add_audit(r.time, &r.account, &r.action, &stored_detail(r))?;
         }
         Ok(())
+    }
+
+    /// Whether this audit record is stored already (the same time, account, action and
+    /// detail, as [`Tx::add_activity`] writes them).
+    pub fn has_audit(&self, r: &ActivityRecord) -> Result<bool, StoreError> {
+        let sql = "SELECT COUNT(*) FROM activity
+                   WHERE account = ?1 AND time = ?2 AND kind = 'audit' AND reason = ?3 AND detail = ?4";
+        Ok(self.count(sql, (&r.account, r.time, &r.action, stored_detail(r)))? > 0)
     }
 
     /// Appends one audit record whose detail is already JSON text (holding its `uid` and
@@ -1951,6 +1954,16 @@ fn fits_in_hour<K: std::hash::Hash + Eq>(
         *rows += 1;
     }
     Ok(fits)
+}
+
+/// An audit record's stored detail: its detail object with its `uid` and `action`.
+fn stored_detail(r: &ActivityRecord) -> String {
+    let mut detail = r.detail.clone();
+    if let serde_json::Value::Object(o) = &mut detail {
+        o.insert("uid".into(), r.uid.into());
+        o.insert("action".into(), r.action.clone().into());
+    }
+    detail.to_string()
 }
 
 fn account_row(r: &Row) -> Result<Account, StoreError> {

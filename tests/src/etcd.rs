@@ -154,8 +154,7 @@ impl EtcdCluster {
     /// Starts member `i`'s process; `state` is etcd's `--initial-cluster-state` (`new` for the
     /// first start; `existing` for a restart, where etcd goes by its data directory anyway).
     fn spawn(&mut self, i: usize, state: &str) -> Result<()> {
-        let initial: Vec<String> =
-            (0..self.members.len()).map(|j| format!("{}={}", self.members[j].name, Self::peer_url(j))).collect();
+        let initial = self.initial_cluster();
         let member = &self.members[i];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -172,7 +171,7 @@ impl EtcdCluster {
             .args(["--advertise-client-urls", &Self::endpoint_local(i)])
             .args(["--listen-peer-urls", &Self::peer_url(i)])
             .args(["--initial-advertise-peer-urls", &Self::peer_url(i)])
-            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster", &initial])
             .args(["--initial-cluster-state", state])
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", &HEARTBEAT_MS.to_string()])
@@ -193,6 +192,59 @@ impl EtcdCluster {
         member.child = Some(child);
         member.paused = false;
         Ok(())
+    }
+
+    /// etcd's `--initial-cluster`: every member's name and peer URL.
+    fn initial_cluster(&self) -> String {
+        let members = (0..self.members.len()).map(|j| format!("{}={}", self.members[j].name, Self::peer_url(j)));
+        members.collect::<Vec<_>>().join(",")
+    }
+
+    /// A backup of etcd's whole keyspace at its current revision, taken from member `i` as
+    /// an operator takes one (`etcdctl snapshot save`), written to `path`.
+    pub fn save_backup(&self, i: usize, path: &Path) -> Result<()> {
+        let path = path.to_str().context("a backup path in UTF-8")?;
+        etcdctl_in(&self.ns, &[Self::endpoint_local(i)], &["snapshot", "save", path], COMMAND_TIMEOUT).map(|_| ())
+    }
+
+    /// Restores the cluster from the backup at `path`, as an operator recovers from one:
+    /// every member stopped, its data directory made anew from the backup (`etcdctl snapshot
+    /// restore`, with the same names, peer URLs and token), and all started again. etcd's
+    /// revision goes back to the backup's. Waits (at most [`START_WITHIN`]) until it answers.
+    pub fn restore_backup(&mut self, path: &Path) -> Result<()> {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_some() {
+                self.stop(i)?;
+            }
+        }
+        let (initial, backup) = (self.initial_cluster(), path.to_str().context("a backup path in UTF-8")?);
+        for i in 0..self.members.len() {
+            let data = self.members[i].data.clone();
+            if data.exists() {
+                fs::remove_dir_all(&data).with_context(|| format!("remove {}", data.display()))?;
+            }
+            let data = data.to_str().context("a data directory in UTF-8")?;
+            let args = [
+                "snapshot",
+                "restore",
+                backup,
+                "--name",
+                &self.members[i].name,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                &self.token,
+                "--initial-advertise-peer-urls",
+                &Self::peer_url(i),
+                "--data-dir",
+                data,
+            ];
+            etcdctl_in(&self.ns, &[], &args, COMMAND_TIMEOUT)?;
+        }
+        for i in 0..self.members.len() {
+            self.spawn(i, "existing")?;
+        }
+        self.wait_ready(START_WITHIN).context("the etcd cluster did not start from the backup")
     }
 
     /// The last lines of member `i`'s log, for error messages.

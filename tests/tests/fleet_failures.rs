@@ -1,8 +1,8 @@
 //! The fleet under failure, on a real 3-member etcd cluster with real ipaccessd nodes: the
 //! etcd leader killed in the middle of a stream of changes, admins racing through two nodes,
 //! a node killed while its change is on the way, an override expiring while etcd is down,
-//! a node catching up without dropping one allowed packet, and a node whose kernel tables
-//! cannot take a change the fleet committed.
+//! a node catching up without dropping one allowed packet, a node whose kernel tables
+//! cannot take a change the fleet committed, and etcd restored from an older backup.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -863,4 +863,87 @@ fn a_node_enforces_what_its_tables_refused_once_room_is_made() {
         thread::sleep(Duration::from_millis(500));
     }
     assert!(passes(b, good.into(), Duration::from_secs(2)), "B lets acme's own address in");
+}
+
+/// How many of `node`'s audit records of `account` record `action` on `cidr`.
+fn audits_of(node: &FleetNode, account: &str, action: &str, cidr: &str) -> usize {
+    let records = node.host.ok(json!({"cmd": "activity", "account": account, "kind": "audit", "limit": 1000}));
+    let records = records.as_array().unwrap_or_else(|| panic!("{}: not a list: {records}", node.name));
+    records.iter().filter(|r| r["reason"] == action && r["detail"].to_string().contains(cidr)).count()
+}
+
+/// Waits (at most 20 s) until `node` follows an etcd restored from a backup at revision
+/// `restored`: connected, counting from about that revision, without the account `later`
+/// that the backup does not hold.
+fn follows_restored_etcd(node: &FleetNode, restored: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = node.cluster_status();
+        let in_step = status["connected"] == true && status["applied_revision"].as_i64() <= Some(restored + 10);
+        if in_step && node.check("later", "198.19.70.1".parse().unwrap()).1 == "unknown_account" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} does not follow the restored etcd: {status}", node.name);
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// etcd restored from a backup taken earlier: its revision goes back. Each node takes
+/// etcd's policy as it is now and counts from etcd's revision, not from the higher one it
+/// had applied. Otherwise a change made after the restore, numbered below that, would count
+/// as applied before it is: `--wait-fleet` would not wait for a node that lacks it, and a
+/// node away during the restore would skip the audit records written since.
+#[test]
+fn after_etcd_is_restored_from_an_older_backup_the_nodes_count_from_its_revision() {
+    let mut fleet = Fleet::with_members(1, 2).unwrap();
+    fleet.start_all();
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.19.70.1/32"}));
+    fleet.settle();
+    let backup = fleet.etcd.dir().join("backup.db");
+    fleet.etcd.save_backup(0, &backup).unwrap();
+    // History the backup does not hold: 41 changes.
+    for n in 1..=20 {
+        let cidr = format!("198.19.71.{n}/32");
+        a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": cidr}));
+        a.host.ok(json!({"cmd": "allow_remove", "account": "acme", "cidr": cidr}));
+    }
+    a.host.ok(json!({"cmd": "account_add", "account": "later"}));
+    fleet.settle();
+    let counted = fleet.nodes[1].applied();
+
+    // node-b is away while etcd is restored, and while a change is made after it.
+    fleet.nodes[1].stop();
+    fleet.etcd.restore_backup(&backup).unwrap();
+    let restored = fleet.etcd.revision().unwrap();
+    assert!(restored + 30 < counted, "the backup's revision {restored} is not well below {counted}");
+    let a = &fleet.nodes[0];
+    follows_restored_etcd(a, restored);
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.19.72.1/32"}));
+    assert!(a.check("acme", "198.19.72.1".parse().unwrap()).0, "node-a acknowledged before it applied");
+
+    fleet.nodes[1].start();
+    follows_restored_etcd(&fleet.nodes[1], restored);
+    fleet.settle();
+    let b = &fleet.nodes[1];
+    assert_eq!(b.check("later", "198.19.70.1".parse().unwrap()).1, "unknown_account", "node-b kept what etcd lost");
+    assert!(b.check("acme", "198.19.72.1".parse().unwrap()).0, "node-b lacks the change made after the restore");
+    assert!(b.host.log_text().contains("restored from an earlier backup"), "node-b did not say why it resynchronised");
+    // Its audit copy: the record written after the restore, once; those it had, not again.
+    assert_eq!(audits_of(b, "acme", "allow_add", "198.19.72.1/32"), 1, "node-b's audit after the restore");
+    assert_eq!(audits_of(b, "acme", "allow_add", "198.19.70.1/32"), 1, "node-b's audit from before the backup");
+    assert_eq!(audits_of(b, "acme", "allow_add", "198.19.71.5/32"), 1, "node-b's audit from after the backup");
+
+    // A node that cannot apply a change is waited for.
+    b.host.daemon.as_ref().unwrap().signal(libc::SIGSTOP);
+    let socket = fleet.nodes[0].host.socket();
+    let out = std::process::Command::new(&ipaccess_tests::daemon::binaries().ctl)
+        .args(["--socket", socket.to_str().unwrap(), "--wait-fleet=2", "allow", "add", "acme", "198.19.72.2"])
+        .output()
+        .unwrap();
+    b.host.daemon.as_ref().unwrap().signal(libc::SIGCONT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "--wait-fleet did not wait for the stopped node-b: {stderr}");
+    assert!(stderr.contains("node-b has not applied"), "{stderr}");
 }

@@ -110,6 +110,9 @@ pub struct Snapshot {
     /// them for a copy that never followed the fleet), oldest first: a node that was away
     /// or fell behind a compaction misses no record.
     pub audit: Vec<ActivityRecord>,
+    /// etcd's revision went back below the copy's (restored from a backup): `audit` holds
+    /// every record, and those the copy has already must not be added again.
+    pub audit_may_repeat: bool,
     /// The highest override id the fleet has granted (0: none).
     pub override_sequence: i64,
 }
@@ -273,6 +276,19 @@ impl Cluster {
         if policy {
             self.policy.send_if_modified(advance);
         }
+    }
+
+    /// Records a snapshot's revision: everything up to it is applied, and nothing after it,
+    /// even when this node had counted further (etcd's history went back).
+    fn set_applied_from_snapshot(&self, revision: i64) {
+        if revision >= *self.applied.borrow() {
+            return self.set_applied(revision, true);
+        }
+        // Down in the reverse order of `set_applied`'s, so that `health` (which reads
+        // `policy` first) never shows a policy revision ahead of the applied one.
+        self.policy.send_replace(revision);
+        self.applied.send_replace(revision);
+        self.health.lock().expect("health lock").cluster_revision = revision;
     }
 
     fn connected(&self, revision: i64) {
@@ -570,13 +586,12 @@ impl Cluster {
     }
 
     /// Reads the accounts, bindings and audit records under the prefix at one revision, a
-    /// page at a time.
-    async fn snapshot(&self, client: &Client) -> Result<Snapshot, String> {
+    /// page at a time. Audit records etcd wrote at or before `applied` are in the copy
+    /// already, and are not even read.
+    async fn snapshot(&self, client: &Client, applied: i64) -> Result<Snapshot, String> {
         let mut snapshot = Snapshot::default();
-        let applied = self.applied();
         for (start, end) in self.keys.snapshot_ranges() {
             let read = read_range(client, start, end, snapshot.revision, |kv| {
-                // Records this copy already has are not even read.
                 if kv.mod_revision() <= applied && self.keys.parse(kv.key()) == Key::Audit {
                     return;
                 }
@@ -650,10 +665,26 @@ impl Cluster {
         // early only when the copy asks for a fresh snapshot (see `Replica::wants_resync`).
         loop {
             let started = Instant::now();
-            let snapshot = match self.snapshot(&client).await {
+            let applied = self.applied();
+            let mut snapshot = match self.snapshot(&client, applied).await {
                 Ok(snapshot) => snapshot,
                 Err(e) => return e,
             };
+            if snapshot.revision < applied {
+                // etcd's revisions never go back, unless its data was restored from a backup
+                // (or another cluster answers at these endpoints). Its policy is the fleet's
+                // now; revisions this node counted before mean nothing there, so it follows
+                // etcd's from here on. The audit records are read again, all of them: the
+                // ones written since the restore are numbered below `applied`.
+                warn!(
+                    "cluster: etcd is at revision {}, behind the {applied} this node had applied: its data was                      restored from an earlier backup, or these endpoints reach another cluster. Taking etcd's policy                      as it is now",
+                    snapshot.revision
+                );
+                snapshot = match self.snapshot(&client, 0).await {
+                    Ok(snapshot) => Snapshot { audit_may_repeat: true, ..snapshot },
+                    Err(e) => return e,
+                };
+            }
             let (revision, read) = (snapshot.revision, started.elapsed());
             let (accounts, bindings) = (snapshot.accounts.len(), snapshot.bindings.len());
             let resync = {
@@ -665,7 +696,7 @@ impl Cluster {
                 Ok(Err(e)) => return format!("resynchronising from revision {revision}: {e}"),
                 Err(e) => return format!("resynchronising from revision {revision}: {e}"),
             }
-            self.set_applied(revision, true);
+            self.set_applied_from_snapshot(revision);
             self.connected(revision);
             info!(
                 "cluster: in step with etcd at revision {revision} ({accounts} accounts, {bindings} bindings; read in \

@@ -741,8 +741,18 @@ impl Replica for Service {
                      import), join with an empty store, or check [cluster] prefix"
                 ));
             }
-            if !snapshot.audit.is_empty() {
-                changes.push(Change::Audit(snapshot.audit));
+            let mut audit = snapshot.audit;
+            if snapshot.audit_may_repeat {
+                let mut kept = Vec::with_capacity(audit.len());
+                for record in audit {
+                    if !tx.has_audit(&record).map_err(|e| e.to_string())? {
+                        kept.push(record);
+                    }
+                }
+                audit = kept;
+            }
+            if !audit.is_empty() {
+                changes.push(Change::Audit(audit));
             }
             changes.push(Change::OverrideSequence(snapshot.override_sequence));
             changes
