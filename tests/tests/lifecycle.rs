@@ -164,6 +164,56 @@ fn an_entrys_end_can_be_moved_or_taken_away() {
     assert_eq!(taken_away["detail"]["was"], json!(ends), "{taken_away}");
 }
 
+/// An end brought nearer is weighed as the entry's removal: `allow expire --in 1s` on the
+/// entry a customer signs in through is refused (naming the address the admin uses, then
+/// the recent sign-in), in the store and the kernel alike; forced, the entry ends on the
+/// wire by itself. A later end for an expiring entry, or a new end for one that has ended,
+/// takes nothing away and is not weighed.
+#[test]
+fn an_end_brought_nearer_is_weighed_as_a_removal() {
+    let w = World::new("");
+    let (good, b) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let _server = enforcing_customer(&w, good);
+    let bs = format!("{b}/32");
+    ctl_ok(&w, &["allow", "add", "cust", &bs, "--expires-in", "1h"]);
+    w.check("cust", b, "password");
+    let end_of = |w: &World| {
+        let listed = w.ok(json!({"cmd": "allow_list", "account": "cust"}));
+        listed.as_array().unwrap().iter().find(|e| e["cidr"] == bs).unwrap()["expires_at"].clone()
+    };
+    let ends = end_of(&w);
+
+    let own = w.ctl(&["allow", "expire", "cust", &bs, "--in", "1s", "--client-ip", &b.to_string()]);
+    assert_ne!(own.code, 0, "{}{}", own.stdout, own.stderr);
+    assert!(own.stderr.contains("the address you are using"), "{}", own.stderr);
+    let (code, message) = w.err(json!({"cmd": "allow_expiry", "account": "cust", "cidr": bs, "ttl_seconds": 1}));
+    assert_eq!(code, "lockout", "{message}");
+    assert!(message.contains(&b.to_string()), "the refusal does not name the recent sign-in: {message}");
+    // The entry that had no end, given one: the same.
+    w.check("cust", good, "password");
+    let (code, _) = w.err(json!({"cmd": "allow_expiry", "account": "cust", "cidr": format!("{good}/32"),
+                                 "ttl_seconds": 1}));
+    assert_eq!(code, "lockout");
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(end_of(&w), ends, "a refused end was stored");
+    assert!(udp_ok(&w.hosts, b, OK) && udp_ok(&w.hosts, good, OK), "a refused end reached the kernel");
+
+    // A later end is not weighed.
+    let later = ctl_ok(&w, &["allow", "expire", "cust", &bs, "--in", "2h"]);
+    assert!(later["expires_at"].as_i64() > ends.as_i64(), "{later}");
+    // Forced, the nearer end is kept and the entry ends by itself; given a new end once it
+    // has ended, it is back without the guard.
+    let forced = ctl_ok(&w, &["allow", "expire", "cust", &bs, "--in", "1s", "--force"]);
+    assert!(forced["expires_at"].as_i64() < later["expires_at"].as_i64(), "{forced}");
+    thread::sleep(Duration::from_millis(2100));
+    assert!(!udp_ok(&w.hosts, b, FAIL), "{b} outlived the end it was forced to");
+    assert_eq!(check(&w, "cust", b), (false, "address_not_allowed".into()));
+    ctl_ok(&w, &["allow", "expire", "cust", &bs, "--in", "1h"]);
+    assert!(udp_ok(&w.hosts, b, OK), "{b} not renewed");
+    let forced_audit = audits(&w, "cust").into_iter().filter(|r| r["reason"] == "allow_expiry").count();
+    assert_eq!(forced_audit, 3, "the refused ends were audited, or the kept ones not");
+}
+
 /// `allow disable ACCOUNT CIDR...` is one request: refused as a whole when the result would
 /// shut out a recent sign-in (nothing disabled, in the store or the kernel), applied as a
 /// whole with --force; `allow enable` takes several too; an unknown entry among them

@@ -330,7 +330,8 @@ pub struct AllowLabel {
 }
 
 /// Change when an entry ends: `ttl_seconds` from now (which also renews an expired one), or
-/// never when it is left out or `null`.
+/// never when it is left out or `null`. An end brought nearer is weighed by the lockout
+/// guard as the entry's removal.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AllowExpiry {
@@ -339,6 +340,10 @@ pub struct AllowExpiry {
     pub cidr: IpNet,
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// Replace the whole allowlist in one change (labels optional).

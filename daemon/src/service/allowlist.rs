@@ -149,12 +149,20 @@ impl Service {
     /// entry lets in as before, and the guard counts a live entry however soon it ends (as
     /// for an entry added with an end).
     pub(super) fn allow_expiry(&self, request: AllowExpiry, uid: u32) -> Reply<AllowExpiry> {
-        let AllowExpiry { account, cidr, ttl_seconds } = request;
+        let AllowExpiry { account, cidr, ttl_seconds, client_ip, force } = request;
         check_entry_ttl(ttl_seconds)?;
         self.change(&account, |tx| {
             let (cidr, notes) = network(cidr)?;
             let (row, entry) = existing_entry(tx, &account, cidr)?;
-            let expires_at = ttl_seconds.map(|ttl| now() + ttl as i64);
+            let at = now();
+            let expires_at = ttl_seconds.map(|ttl| at + ttl as i64);
+            // An end brought nearer is a removal on a timer (`--in 1s` is one at once): the
+            // guard weighs it now, as it weighs a removal. A later end, or none, or a new end
+            // for an entry that has ended, takes nothing away.
+            let nearer = expires_at.is_some_and(|new| entry.expires_at.is_none_or(|old| old > at && new < old));
+            if nearer {
+                withdraw_entry(tx, self, &account, cidr, uid, client_ip, force)?;
+            }
             tx.set_entry_expiry(&account, cidr, expires_at)?;
             let detail = json!({ "cidr": cidr, "expires_at": expires_at, "was": entry.expires_at });
             audit(tx, &account, uid, "allow_expiry", detail)?;

@@ -323,6 +323,13 @@ pub enum AllowCmd {
         /// The entry never ends
         #[arg(long)]
         never: bool,
+        /// Your own address: an end brought nearer is refused if the entry's end would lock
+        /// it out
+        #[arg(long, value_name = "ADDR")]
+        client_ip: Option<IpAddr>,
+        /// Bring the end nearer even if it locks out --client-ip or recent sign-ins
+        #[arg(long)]
+        force: bool,
     },
     /// Let an account in through a shared set's networks (they show in `allow list` as
     /// inherited, SOURCE set:NAME)
@@ -611,8 +618,8 @@ pub fn action(top: Top) -> Result<Action, String> {
             Command::AllowDisable(AllowDisable { account: id, cidr, also, client_ip, force })
         }
         Top::Allow(AllowCmd::Label { id, cidr, label }) => Command::AllowLabel(AllowLabel { account: id, cidr, label }),
-        Top::Allow(AllowCmd::Expire { id, cidr, ends_in, never: _ }) => {
-            Command::AllowExpiry(AllowExpiry { account: id, cidr, ttl_seconds: ends_in })
+        Top::Allow(AllowCmd::Expire { id, cidr, ends_in, never: _, client_ip, force }) => {
+            Command::AllowExpiry(AllowExpiry { account: id, cidr, ttl_seconds: ends_in, client_ip, force })
         }
         Top::Allow(AllowCmd::Replace { id, file, client_ip, force, dry_run }) => {
             let (entries, lines) = parse_allow_file(&read_input(&file)?)?;
@@ -800,7 +807,7 @@ mod tests {
 
     #[test]
     fn commands_on_the_wire() {
-        let cases: [(&[&str], Value); 14] = [
+        let cases: [(&[&str], Value); 15] = [
             (
                 &["account", "add", "acme", "--unconfirmed"],
                 json!({"cmd": "account_add", "account": "acme", "unconfirmed": true}),
@@ -833,11 +840,18 @@ mod tests {
             ),
             (
                 &["allow", "expire", "acme", "198.18.0.7", "--in", "7d"],
-                json!({"cmd": "allow_expiry", "account": "acme", "cidr": "198.18.0.7/32", "ttl_seconds": 604800}),
+                json!({"cmd": "allow_expiry", "account": "acme", "cidr": "198.18.0.7/32", "ttl_seconds": 604800,
+                       "force": false}),
+            ),
+            (
+                &["allow", "expire", "acme", "198.18.0.7", "--in", "1s", "--client-ip", "198.18.0.9", "--force"],
+                json!({"cmd": "allow_expiry", "account": "acme", "cidr": "198.18.0.7/32", "ttl_seconds": 1,
+                       "client_ip": "198.18.0.9", "force": true}),
             ),
             (
                 &["allow", "expire", "acme", "198.18.0.0/24", "--never"],
-                json!({"cmd": "allow_expiry", "account": "acme", "cidr": "198.18.0.0/24", "ttl_seconds": null}),
+                json!({"cmd": "allow_expiry", "account": "acme", "cidr": "198.18.0.0/24", "ttl_seconds": null,
+                       "force": false}),
             ),
             (
                 &["check", "acme", "198.18.0.9", "--dry-run"],
