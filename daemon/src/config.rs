@@ -425,12 +425,14 @@ pub struct Metrics {
     pub allow_non_loopback: bool,
 }
 
+/// The cause is part of each message and not also a `source`: the daemon prints an error
+/// with its chain, which would say it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {0}: {1}")]
-    Read(PathBuf, #[source] io::Error),
+    Read(PathBuf, io::Error),
     #[error("{0}: {1}")]
-    Parse(PathBuf, #[source] toml::de::Error),
+    Parse(PathBuf, toml::de::Error),
     #[error("{0}: {1}")]
     Invalid(PathBuf, String),
 }
@@ -571,6 +573,21 @@ mod tests {
         load("[metrics]\nlisten = \"198.18.0.1:9469\"\nallow_non_loopback = true").unwrap();
         assert_eq!(load("log_level = \"debug\"").unwrap().log_level, LogLevel::Debug);
         assert!(matches!(load("log_level = \"loud\""), Err(ConfigError::Parse(..))));
+    }
+
+    #[test]
+    fn a_configuration_error_says_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, missing) = (dir.path().join("ipaccessd.toml"), dir.path().join("none.toml"));
+        fs::write(&path, "interfaces = [").unwrap();
+        for (error, cause) in [
+            (Config::load(&path, true).unwrap_err(), "unclosed array"),
+            (Config::load(&missing, true).unwrap_err(), "No such file"),
+        ] {
+            // As the daemon prints it: the error and its chain.
+            let printed = format!("{:?}", anyhow::Error::from(error));
+            assert_eq!(printed.matches(cause).count(), 1, "{printed}");
+        }
     }
 
     #[test]
