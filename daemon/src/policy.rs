@@ -233,14 +233,20 @@ impl AccountPolicy {
     }
 }
 
-/// Enabled entries (network, enabled, expiry) as the policy holds them: the permanent ones,
-/// and those with an expiry (kept even once past: [`AccountPolicy`] ignores them then).
-pub fn split_entries(all: impl Iterator<Item = (IpNet, bool, Option<i64>)>) -> (Vec<IpNet>, Vec<ExpiringEntry>) {
+/// Enabled entries (network, enabled, expiry) as the policy holds them at `now`: the
+/// permanent ones, and those with an expiry still to come. One that has ended lets nobody
+/// in and stays only in the store's list (held here, the sweep would find it again after
+/// every restart and every change to its account).
+pub fn split_entries(
+    all: impl Iterator<Item = (IpNet, bool, Option<i64>)>,
+    now: i64,
+) -> (Vec<IpNet>, Vec<ExpiringEntry>) {
     let (mut entries, mut expiring) = (Vec::new(), Vec::new());
     for (cidr, _, expires_at) in all.filter(|&(_, enabled, _)| enabled) {
         match expires_at {
             None => entries.push(cidr),
-            Some(expires_at) => expiring.push(ExpiringEntry { cidr, expires_at }),
+            Some(expires_at) if expires_at > now => expiring.push(ExpiringEntry { cidr, expires_at }),
+            Some(_) => {}
         }
     }
     (entries, expiring)
@@ -738,8 +744,10 @@ mod tests {
                 (net("198.18.1.0/24"), false, None),
                 (net("198.18.2.0/24"), true, Some(50)),
                 (net("198.18.3.0/24"), false, Some(50)),
+                (net("198.18.4.0/24"), true, Some(40)),
             ]
             .into_iter(),
+            45,
         );
         assert_eq!(entries, [net("198.18.0.0/24")]);
         assert_eq!(expiring, [ExpiringEntry { cidr: net("198.18.2.0/24"), expires_at: 50 }]);

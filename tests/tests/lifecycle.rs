@@ -164,6 +164,36 @@ fn an_entrys_end_can_be_moved_or_taken_away() {
     assert_eq!(taken_away["detail"]["was"], json!(ends), "{taken_away}");
 }
 
+/// An entry that has ended is swept from the kernel once: not again after a restart, nor
+/// after a change to its account (it stays listed, and lets nobody in).
+#[test]
+fn an_ended_entry_is_swept_once() {
+    const SWEPT: &str = "expired overrides and entries swept";
+    // The daemon's log, across its restart (one file, appended to).
+    let log = |w: &World| w.daemon.as_ref().unwrap().log_text();
+    let mut w = World::new("");
+    let (good, temp) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let _server = enforcing_customer(&w, good);
+    ctl_ok(&w, &["allow", "add", "cust", &temp.to_string(), "--expires-in", "1s"]);
+    // The sweep runs every ten seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !log(&w).contains(SWEPT) {
+        assert!(Instant::now() < deadline, "the ended entry was not swept:\n{}", log(&w));
+        thread::sleep(Duration::from_millis(200));
+    }
+    w.stop();
+    w.start("");
+    // The first sweep runs at start; a change reads the account back from the store; the
+    // next sweep comes ten seconds later.
+    ctl_ok(&w, &["allow", "add", "cust", "198.18.99.0/24"]);
+    thread::sleep(Duration::from_millis(10_500));
+    assert_eq!(log(&w).matches(SWEPT).count(), 1, "swept again:\n{}", log(&w));
+    assert_eq!(check(&w, "cust", temp), (false, "address_not_allowed".into()));
+    assert!(!udp_ok(&w.hosts, temp, FAIL), "the ended entry lets {temp} in after the restart");
+    let listed = w.ok(json!({"cmd": "allow_list", "account": "cust"}));
+    assert!(listed.to_string().contains(&format!("{temp}/32")), "the ended entry is no longer listed: {listed}");
+}
+
 /// An end brought nearer is weighed as the entry's removal: `allow expire --in 1s` on the
 /// entry a customer signs in through is refused (naming the address the admin uses, then
 /// the recent sign-in), in the store and the kernel alike; forced, the entry ends on the

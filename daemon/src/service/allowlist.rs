@@ -281,11 +281,15 @@ impl Replacement {
         let (wanted, notes) = distinct_entries(entries)?;
         let current = tx.entries(account)?;
         let kept: HashMap<IpNet, &Entry> = current.iter().map(|e| (e.cidr, e)).collect();
-        let before = policy_from_store(tx, &row, now())?;
-        let (entries, expiring) = split_entries(wanted.iter().map(|(cidr, _)| match kept.get(cidr) {
-            Some(e) => (e.cidr, e.enabled, e.expires_at),
-            None => (*cidr, true, None),
-        }));
+        let at = now();
+        let before = policy_from_store(tx, &row, at)?;
+        let (entries, expiring) = split_entries(
+            wanted.iter().map(|(cidr, _)| match kept.get(cidr) {
+                Some(e) => (e.cidr, e.enabled, e.expires_at),
+                None => (*cidr, true, None),
+            }),
+            at,
+        );
         let after = AccountPolicy { entries, expiring, ..before.clone() };
         Ok(Replacement { row, wanted, notes, current, before, after })
     }

@@ -376,7 +376,8 @@ pub(super) fn audit(tx: &Tx, account: &str, uid: u32, action: &str, detail: Valu
 
 /// The account's policy as a change would leave it, read inside the change's transaction.
 pub(super) fn policy_from_store(tx: &Tx, row: &Account, now: i64) -> Result<AccountPolicy, Failure> {
-    let (entries, expiring) = split_entries(tx.entries(&row.id)?.iter().map(|e| (e.cidr, e.enabled, e.expires_at)));
+    let (entries, expiring) =
+        split_entries(tx.entries(&row.id)?.iter().map(|e| (e.cidr, e.enabled, e.expires_at)), now);
     let overrides = tx
         .live_overrides(Some(&row.id), now)?
         .into_iter()

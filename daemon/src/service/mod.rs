@@ -196,9 +196,10 @@ impl Service {
         let started = std::time::Instant::now();
         let samples = config.drop_samples_per_second;
         datapath.set_sampling(samples, samples.max(1) * 10);
+        let loaded_at = now();
         let (accounts, entries, bindings, overrides) = {
             let tx = store.transaction()?;
-            (tx.accounts()?, tx.all_entries()?, tx.bindings()?, tx.live_overrides(None, now())?)
+            (tx.accounts()?, tx.all_entries()?, tx.bindings()?, tx.live_overrides(None, loaded_at)?)
         };
         let (set_rows, set_entries, set_refs) = {
             let tx = store.transaction()?;
@@ -243,9 +244,13 @@ impl Service {
                 );
             }
             let Some(a) = cache.get_mut(&e.account) else { continue };
+            // One that has ended lets nobody in (as in `policy::split_entries`).
             match e.expires_at {
                 None => a.entries.push(e.cidr),
-                Some(expires_at) => a.expiring.push(crate::policy::ExpiringEntry { cidr: e.cidr, expires_at }),
+                Some(expires_at) if expires_at > loaded_at => {
+                    a.expiring.push(crate::policy::ExpiringEntry { cidr: e.cidr, expires_at })
+                }
+                Some(_) => {}
             }
         }
         for o in overrides {

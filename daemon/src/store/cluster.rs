@@ -93,7 +93,7 @@ impl AccountDoc {
     /// What the kernel and the checks enforce for this document at `now`: its enabled
     /// entries and the overrides still live.
     pub fn policy(&self, now: i64) -> AccountPolicy {
-        let (entries, expiring) = split_entries(self.entries.iter().map(|e| (e.cidr, e.enabled, e.expires_at)));
+        let (entries, expiring) = split_entries(self.entries.iter().map(|e| (e.cidr, e.enabled, e.expires_at)), now);
         AccountPolicy {
             slot: self.slot,
             parent: self.parent.clone(),
