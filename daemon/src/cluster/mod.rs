@@ -677,7 +677,9 @@ impl Cluster {
                 // etcd's from here on. The audit records are read again, all of them: the
                 // ones written since the restore are numbered below `applied`.
                 warn!(
-                    "cluster: etcd is at revision {}, behind the {applied} this node had applied: its data was                      restored from an earlier backup, or these endpoints reach another cluster. Taking etcd's policy                      as it is now",
+                    "cluster: etcd is at revision {}, behind the {applied} this node had applied: its data was \
+                     restored from an earlier backup, or these endpoints reach another cluster. Taking etcd's policy \
+                     as it is now",
                     snapshot.revision
                 );
                 snapshot = match self.snapshot(&client, 0).await {

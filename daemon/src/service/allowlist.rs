@@ -145,9 +145,9 @@ impl Service {
         })
     }
 
-    /// A new end for an entry, or none. Not weighed by the lockout guard: until its end the
-    /// entry lets in as before, and the guard counts a live entry however soon it ends (as
-    /// for an entry added with an end).
+    /// A new end for an entry, or none. An end brought nearer is weighed by the lockout guard
+    /// as the entry's removal; a later end, or none, is not (until its end the entry lets in
+    /// as before).
     pub(super) fn allow_expiry(&self, request: AllowExpiry, uid: u32) -> Reply<AllowExpiry> {
         let AllowExpiry { account, cidr, ttl_seconds, client_ip, force } = request;
         check_entry_ttl(ttl_seconds)?;
@@ -161,7 +161,7 @@ impl Service {
             // for an entry that has ended, takes nothing away.
             let nearer = expires_at.is_some_and(|new| entry.expires_at.is_none_or(|old| old > at && new < old));
             if nearer {
-                withdraw_entry(tx, self, &account, cidr, uid, client_ip, force)?;
+                guard_withdrawal(tx, self, &row, cidr, uid, client_ip, force)?;
             }
             tx.set_entry_expiry(&account, cidr, expires_at)?;
             let detail = json!({ "cidr": cidr, "expires_at": expires_at, "was": entry.expires_at });
@@ -351,15 +351,28 @@ fn withdraw_entry(
     force: bool,
 ) -> Result<(Account, Entry), Failure> {
     let (row, entry) = existing_entry(tx, account, cidr)?;
+    guard_withdrawal(tx, others, &row, cidr, uid, client_ip, force)?;
+    Ok((row, entry))
+}
+
+/// The lockout guard's judgement of the account's policy without the entry `cidr`.
+fn guard_withdrawal(
+    tx: &Tx,
+    others: &dyn lockout::OtherNodes,
+    row: &Account,
+    cidr: IpNet,
+    uid: u32,
+    client_ip: Option<IpAddr>,
+    force: bool,
+) -> Result<(), Failure> {
     if force {
         // The guard would not look.
-        return Ok((row, entry));
+        return Ok(());
     }
-    let before = policy_from_store(tx, &row, now())?;
+    let before = policy_from_store(tx, row, now())?;
     let mut after = before.clone();
     after.withdraw(cidr);
-    lockout::guard(tx, others, account, uid, client_ip, force, &before, &after)?;
-    Ok((row, entry))
+    lockout::guard(tx, others, &row.id, uid, client_ip, force, &before, &after)
 }
 
 /// The entries a bulk request names (`cidr`, then `also`), canonical and each once, with
