@@ -2,7 +2,8 @@
 //! etcd leader killed in the middle of a stream of changes, admins racing through two nodes,
 //! a node killed while its change is on the way, an override expiring while etcd is down,
 //! a node catching up without dropping one allowed packet, a node whose kernel tables
-//! cannot take a change the fleet committed, and etcd restored from an older backup.
+//! cannot take a change the fleet committed, and etcd restored from an older backup (with a
+//! change sent while the node reconnects to it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -946,4 +947,79 @@ fn after_etcd_is_restored_from_an_older_backup_the_nodes_count_from_its_revision
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "--wait-fleet did not wait for the stopped node-b: {stderr}");
     assert!(stderr.contains("node-b has not applied"), "{stderr}");
+}
+
+/// A change sent while a node reconnects to an etcd restored from a backup waits until the
+/// node has taken the backup's policy, and is checked against it. Checked against the
+/// node's newer copy instead, its guards (at the copy's revision, above every revision the
+/// backup has) would all hold, and the copy's version of the account, with what the restore
+/// took away, would be written over the backup's.
+#[test]
+fn a_change_sent_while_a_node_reconnects_to_a_restored_etcd_is_checked_against_it() {
+    let mut fleet = Fleet::with_members(1, 1).unwrap();
+    fleet.start_all();
+    let a = &fleet.nodes[0];
+    a.host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.19.73.1/32"}));
+    a.host.ok(json!({"cmd": "account_mode", "account": "acme", "mode": "enforce", "force": true}));
+    fleet.settle();
+    let backup = fleet.etcd.dir().join("backup.db");
+    fleet.etcd.save_backup(0, &backup).unwrap();
+    // History the backup does not hold: its entry replaced by another, and 40 changes more
+    // (so that the node's revision stays well above etcd's once restored).
+    a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.19.73.2/32"}));
+    a.host.ok(json!({"cmd": "allow_remove", "account": "acme", "cidr": "198.19.73.1/32"}));
+    for n in 1..=20 {
+        let cidr = format!("198.19.74.{n}/32");
+        a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": cidr}));
+        a.host.ok(json!({"cmd": "allow_remove", "account": "acme", "cidr": cidr}));
+    }
+    let counted = a.applied();
+
+    // etcd goes down; one change is sent again and again until acknowledged, while etcd is
+    // restored from the backup and comes back.
+    fleet.etcd.stop(0).unwrap();
+    let (node, etcd) = (&fleet.nodes[0], &mut fleet.etcd);
+    let (replies, restored) = thread::scope(|s| {
+        let sender = s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut replies = Vec::new();
+            while Instant::now() < deadline {
+                let reply = node.host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.19.73.3/32"}));
+                let done = error_code(&reply).is_none();
+                replies.push(reply);
+                if done {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            replies
+        });
+        etcd.restore_backup(&backup).unwrap();
+        let restored = etcd.revision().unwrap();
+        (sender.join().unwrap(), restored)
+    });
+    assert!(restored + 30 < counted, "the backup's revision {restored} is not well below {counted}");
+    eprintln!("{} tries; the last: {}", replies.len(), replies.last().map(Value::to_string).unwrap_or_default());
+    let last = replies.last().expect("a change was sent");
+    assert!(error_code(last).is_none(), "the change was never acknowledged: {last}");
+    for reply in &replies[..replies.len() - 1] {
+        assert_eq!(error_code(reply).as_deref(), Some("cluster_unavailable"), "{reply}");
+    }
+
+    // The node follows the restored etcd, and the account is the backup's with the change.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.applied() >= counted {
+        assert!(Instant::now() < deadline, "node-a does not follow the restored etcd: {}", node.cluster_status());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let want: BTreeSet<String> = ["198.19.73.1/32", "198.19.73.3/32"].map(String::from).into();
+    assert_eq!(
+        allow_set(node, "acme"),
+        Some(want),
+        "the change was checked against the node's copy from before the restore ({} tries)",
+        replies.len()
+    );
+    assert!(node.check("acme", "198.19.73.1".parse().unwrap()).0, "the backup's entry is not enforced");
+    assert!(!node.check("acme", "198.19.73.2".parse().unwrap()).0, "an entry the restore took away is enforced");
 }

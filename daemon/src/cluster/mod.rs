@@ -63,6 +63,10 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// name after it was last seen: the two overwrite each other's record in turns, a renewal
 /// apart, so each sees the other only every other renewal.
 const NAME_CLASH_SHOWN: Duration = Duration::from_secs(30);
+/// How soon after a failed attempt the follower connects again when a change is waiting
+/// for it (see [`Cluster::wait_in_step`]); without one it backs off up to 5 s. A client
+/// retrying in a loop thus makes the node read the fleet's snapshot at most this often.
+const RECONNECT_FOR_A_CHANGE: Duration = Duration::from_secs(1);
 
 /// What this node knows of its cluster, for `status` and the metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -194,6 +198,12 @@ pub struct Cluster {
     /// The revision of the last policy event or snapshot applied: what the node publishes
     /// (publishing on every progress report would feed itself).
     policy: watch::Sender<i64>,
+    /// Odd while this node is in step with etcd (it has taken etcd's policy since it last
+    /// connected), even while it is not; it moves on at each change between the two, so a
+    /// change checked against the copy in one stretch is never sent in another.
+    step: watch::Sender<u64>,
+    /// Cuts the follower's pause before its next attempt short: a change is waiting.
+    reconnect_now: tokio::sync::Notify,
     health: Mutex<Health>,
     /// When a record of another daemon was last found under this node's name ([`publish`]).
     name_clash_seen: Mutex<Option<Instant>>,
@@ -215,6 +225,8 @@ impl Cluster {
             pruned_at: Mutex::new(None),
             applied: applied_tx,
             policy: policy_tx,
+            step: watch::channel(0).0,
+            reconnect_now: tokio::sync::Notify::new(),
             health: Mutex::new(Health { applied_revision: applied, ..Health::default() }),
             name_clash_seen: Mutex::new(None),
             signin_mirror: signins::Mirror::new(&config.node),
@@ -291,6 +303,21 @@ impl Cluster {
         self.health.lock().expect("health lock").cluster_revision = revision;
     }
 
+    /// The stretch this node is in: see [`Cluster::wait_in_step`].
+    pub fn step(&self) -> u64 {
+        *self.step.borrow()
+    }
+
+    fn set_in_step(&self, in_step: bool) {
+        self.step.send_if_modified(|step| {
+            let moves = (*step % 2 == 1) != in_step;
+            if moves {
+                *step += 1;
+            }
+            moves
+        });
+    }
+
     fn connected(&self, revision: i64) {
         let mut health = self.health.lock().expect("health lock");
         if !health.connected {
@@ -356,8 +383,9 @@ impl Cluster {
 
     /// Writes a change's units: in one etcd transaction when they fit (nearly every change),
     /// else in parts, in order. `applied` is the local copy's revision the change was
-    /// checked against.
-    pub fn commit_units(&self, units: Vec<Unit>, applied: i64) -> Result<Committed, Failure> {
+    /// checked against; `step`, the stretch in step with etcd it was checked in (see
+    /// [`Cluster::wait_in_step`]): no part is sent once the node has left it.
+    pub fn commit_units(&self, units: Vec<Unit>, applied: i64, step: Option<u64>) -> Result<Committed, Failure> {
         let mut parts: Vec<Vec<Unit>> = vec![Vec::new()];
         let (mut operations, mut bytes) = (0, 0);
         for unit in units {
@@ -441,7 +469,14 @@ impl Cluster {
                 let key = self.keys.audit(time, &self.node, &format!("{unique}-{done}"));
                 ops.push(TxnOp::put(key, serde_json::to_vec(&audit).expect("audit records serialize"), None));
             }
-            match self.commit(compares, ops) {
+            let committed = match step {
+                Some(step) if step != self.step() => Err(unavailable(
+                    "this node lost its connection to etcd while the change was being made, and must take etcd's \
+                     policy again first",
+                )),
+                _ => self.commit(compares, ops),
+            };
+            match committed {
                 Ok(Committed::At(at)) => {
                     revision = at;
                     written_at.extend(written.into_iter().map(|key| (key, at)));
@@ -522,19 +557,29 @@ impl Cluster {
         }
     }
 
-    /// Waits (at most [`WRITE_TIMEOUT`]) until this node has taken a first snapshot, unless
-    /// it has taken one already or its follower has failed.
-    pub fn wait_first_snapshot(&self) {
-        let mut applied = self.applied.subscribe();
-        let failed = || self.health.lock().expect("health lock").last_error.is_some();
-        let deadline = Instant::now() + WRITE_TIMEOUT;
-        while *applied.borrow_and_update() == 0 && !failed() && Instant::now() < deadline {
-            // Short waits: the follower's failure does not wake this.
-            let wait = async { tokio::time::timeout(Duration::from_millis(100), applied.changed()).await };
-            if self.runtime.block_on(wait).is_ok_and(|closed| closed.is_err()) {
-                return;
-            }
+    /// Waits (at most [`WRITE_TIMEOUT`]) until this node is in step with etcd: it has taken
+    /// etcd's policy since it last connected, after a start as after an outage. Returns the
+    /// stretch it is in ([`Cluster::step`]), or `None` if it is not in step by then.
+    ///
+    /// A change is checked against the local copy and sent with guards at the copy's
+    /// revision, which mean something only in the history etcd has: an etcd restored from a
+    /// backup has gone back to lower revisions, and every guard would hold against it. So a
+    /// change is made only in step, and sent only in the same stretch (see
+    /// [`Cluster::commit_units`]). Call it without the writer lock: the resync needs it.
+    pub fn wait_in_step(&self) -> Option<u64> {
+        let mut step = self.step.subscribe();
+        let now = *step.borrow_and_update();
+        if now % 2 == 1 {
+            return Some(now);
         }
+        // Never in step, and failing: the change is refused at once, as not following.
+        if self.applied() == 0 && self.health.lock().expect("health lock").last_error.is_some() {
+            return None;
+        }
+        self.reconnect_now.notify_one();
+        let wait =
+            async { tokio::time::timeout(WRITE_TIMEOUT, step.wait_for(|s| s % 2 == 1)).await.ok()?.ok().map(|s| *s) };
+        self.runtime.block_on(wait)
     }
 
     /// Waits (at most [`APPLY_TIMEOUT`]) until this node is in step with etcd at `revision`,
@@ -699,6 +744,7 @@ impl Cluster {
                 Err(e) => return format!("resynchronising from revision {revision}: {e}"),
             }
             self.set_applied_from_snapshot(revision);
+            self.set_in_step(true);
             self.connected(revision);
             info!(
                 "cluster: in step with etcd at revision {revision} ({accounts} accounts, {bindings} bindings; read in \
@@ -851,11 +897,18 @@ pub async fn follow(cluster: Arc<Cluster>, replica: Arc<dyn Replica>) {
     loop {
         let started = Instant::now();
         let why = cluster.follow_once(&replica).await;
+        cluster.set_in_step(false);
         cluster.failed(why);
         if started.elapsed() > Duration::from_secs(10) {
             pause = Duration::from_millis(100);
         }
-        tokio::time::sleep(pause).await;
+        let failed_at = tokio::time::Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep_until(failed_at + pause) => {}
+            _ = cluster.reconnect_now.notified() => {
+                tokio::time::sleep_until(failed_at + pause.min(RECONNECT_FOR_A_CHANGE)).await;
+            }
+        }
         pause = (pause * 2).min(Duration::from_secs(5));
     }
 }

@@ -69,10 +69,9 @@ impl Service {
         set: Option<&str>,
         f: impl FnOnce(&Tx) -> Result<(Vec<String>, T), Failure>,
     ) -> Result<T, Failure> {
-        // A node that has just started takes the fleet's policy within moments: a change sent
-        // meanwhile waits for it (without the writer lock, which the resync needs) rather
-        // than being refused.
-        cluster.wait_first_snapshot();
+        // A node that has just started, or reconnected, takes the fleet's policy within
+        // moments: a change sent meanwhile waits for it rather than being refused.
+        let step = cluster.wait_in_step();
         let mut guard = self.writer.lock().expect("writer lock");
         let pending_audit = PendingAudit::begin();
         let tx = guard.store.transaction()?;
@@ -82,6 +81,13 @@ impl Service {
         if applied == 0 {
             return Err(not_following(&tx, cluster)?);
         }
+        // The copy's revision counts in etcd's history only if the node is still in the
+        // stretch in step it waited for (a resync in between would be a new one).
+        let Some(step) = step.filter(|&step| step == cluster.step()) else {
+            return Err(cluster::unavailable(
+                "this node is reconnecting to etcd and has not taken its policy again yet",
+            ));
+        };
         let marks = tx.marks()?;
         let addrs = match bindings {
             TouchedBindings::None => None,
@@ -109,7 +115,7 @@ impl Service {
         // etcd's round trip, and keep the watch from applying this one (its event usually
         // arrives before etcd's answer does).
         drop(guard);
-        let committed = cluster.commit_units(units, applied);
+        let committed = cluster.commit_units(units, applied, Some(step));
         match committed? {
             Committed::At(revision) => {
                 if !cluster.wait_enforced(revision) {

@@ -173,7 +173,8 @@ impl Service {
         });
         let record = ActivityRecord { time: at, account: String::new(), uid, action: "cluster_import".into(), detail };
         units.last_mut().expect("one unit").audit.push(record);
-        let committed = cluster.commit_units(units, revision);
+        // The store is not the fleet's copy yet: its guard is the empty prefix's range.
+        let committed = cluster.commit_units(units, revision, None);
         drop(guard);
         let revision = match committed? {
             Committed::At(revision) => revision,
