@@ -1179,7 +1179,8 @@ fn replace_stats_and_detach() {
 
 /// `allow replace --file`: a `#` inside a label is the label's, one standing apart starts a
 /// comment; the daemon's complaint about an entry names the file's line, for a bad network
-/// and a bad label alike; and nothing of a refused file is applied.
+/// and a bad label alike; nothing of a refused file is applied; a file saved with a byte
+/// order mark and CRLF line ends reads as any other.
 #[test]
 fn an_allowlist_files_errors_name_its_lines() {
     let w = World::new("");
@@ -1205,6 +1206,17 @@ fn an_allowlist_files_errors_name_its_lines() {
         );
     }
     assert_eq!(w.ok(&["allow", "list", "acme"]).as_array().unwrap().len(), 2, "a refused file changed the list");
+    // Saved by a Windows editor: a byte order mark before the first network is not part of it.
+    fs::write(&file, "\u{feff}198.18.50.0/24 office\r\n198.18.51.7/32\r\n").unwrap();
+    w.ok(&["allow", "replace", "acme", "--file", path]);
+    let listed: Vec<(Value, Value)> = w
+        .ok(&["allow", "list", "acme"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["cidr"].clone(), e["label"].clone()))
+        .collect();
+    assert_eq!(listed, [(json!("198.18.50.0/24"), json!("office")), (json!("198.18.51.7/32"), Value::Null)]);
 }
 
 /// `ipaccessctl import`: accounts created and updated with their allowlists, in batches,

@@ -379,7 +379,7 @@ pub enum AllowCmd {
     Replace {
         /// Account id
         id: String,
-        /// The new list (`-`: stdin)
+        /// The new list (`-`: stdin), UTF-8 (a byte order mark at its start is skipped)
         #[arg(long, value_name = "FILE")]
         file: PathBuf,
         /// Your own address: refused if the new list would lock it out
@@ -673,13 +673,19 @@ pub fn action(top: Top) -> Result<Action, String> {
     }))
 }
 
-/// The whole of `file`, or of standard input for `-`.
+/// The whole of `file`, or of standard input for `-`, without the byte order mark that
+/// Windows editors put at the start of a UTF-8 file (it would be read as part of the first
+/// network or account).
 pub fn read_input(file: &Path) -> Result<String, String> {
-    if file == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("reading stdin: {e}"))
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("reading stdin: {e}"))?
     } else {
-        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))
-    }
+        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?
+    };
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    })
 }
 
 #[cfg(test)]
@@ -895,5 +901,16 @@ mod tests {
         );
         assert_eq!(lines, [2, 4, 6, 7, 8]);
         assert!(parse_allow_file("198.18.0.0/24\nnot-a-cidr x\n").unwrap_err().starts_with("line 2: "));
+    }
+
+    #[test]
+    fn a_files_byte_order_mark_is_not_its_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("list.txt");
+        std::fs::write(&file, "\u{feff}198.18.0.0/24 office\n").unwrap();
+        assert_eq!(read_input(&file).unwrap(), "198.18.0.0/24 office\n");
+        // Only at the start: elsewhere it is the text's, and refused where it does not belong.
+        std::fs::write(&file, "198.18.0.0/24 office\n\u{feff}198.18.1.0/24\n").unwrap();
+        assert!(parse_allow_file(&read_input(&file).unwrap()).unwrap_err().starts_with("line 2: "));
     }
 }
