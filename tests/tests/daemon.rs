@@ -1117,7 +1117,8 @@ fn ipv4_mapped_addresses_are_ipv4() {
 }
 
 /// `allow replace` swaps the whole list in one change, guarded like `allow remove`; `stats`
-/// reports the kernel's counters; `detach` over the socket removes the filter.
+/// reports the kernel's counters; `detach` over the socket removes the filter, and refuses
+/// what cannot be an interface's name.
 #[test]
 fn replace_stats_and_detach() {
     let w = World::new("");
@@ -1175,6 +1176,14 @@ fn replace_stats_and_detach() {
     assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], true);
     assert!(tcp_ok(hosts, good, bound, OK), "still filtered after detach");
     assert_eq!(w.ok(&["detach", &hosts.server_if])["detached"], false);
+    // Only what could be an interface's name: it also names a file under the pin directory.
+    for bad in ["../../etc", "..", "eth0 x", "eth0:1", "an-interface-name"] {
+        let out = w.ctl(&["detach", bad]);
+        assert!(
+            out.code == 2 && out.stderr.contains("is not an interface name") && out.stderr.contains("(bad_request)"),
+            "{bad}: {out:#?}"
+        );
+    }
 }
 
 /// `allow replace --file`: a `#` inside a label is the label's, one standing apart starts a

@@ -170,6 +170,8 @@ pub enum DatapathError {
     TooManySetGroups,
     #[error("interface {0} does not exist")]
     NoInterface(String),
+    #[error("{name:?} is not an interface name: {why}")]
+    InterfaceName { name: String, why: String },
     #[error(
         "{iface}: native XDP is unavailable ({reason}); with xdp_mode = \"auto\" ipaccessd would fall back to generic XDP"
     )]
@@ -395,8 +397,11 @@ impl Datapath {
         self.ebpf.program(PROGRAM_NAME).and_then(|p| p.try_into().ok()).expect("object has the XDP program")
     }
 
-    fn link_pin(&self, iface: &str) -> PathBuf {
-        self.pin_dir.join(format!("link-{iface}"))
+    /// Where the link attaching the filter to `iface` is pinned (a name the kernel would not
+    /// give an interface is refused: it could name a path elsewhere).
+    fn link_pin(&self, iface: &str) -> Result<PathBuf> {
+        check_interface_name(iface).map_err(|why| DatapathError::InterfaceName { name: iface.to_owned(), why })?;
+        Ok(self.pin_dir.join(format!("link-{iface}")))
     }
 
     /// Attaches the filter to `iface` in the path `mode` allows, or switches the interface's
@@ -404,7 +409,7 @@ impl Datapath {
     /// was attached in: moving between native and generic XDP means detaching first (the
     /// kernel refuses both at once), which ipaccessd never does on its own.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<Attachment> {
-        let pin = self.link_pin(iface);
+        let pin = self.link_pin(iface)?;
         if !pin.exists() && self.adopt_link_of_other_layout(iface)? {
             return self.reused_attachment(iface, mode);
         }
@@ -514,7 +519,7 @@ impl Datapath {
                 return Ok(false);
             }
         };
-        let pin = self.link_pin(iface);
+        let pin = self.link_pin(iface)?;
         let pinned = link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
         self.links.insert(iface.to_string(), FdLink::from(pinned));
         fs::remove_file(&old).map_err(|source| DatapathError::Unpin { path: old.clone(), source })?;
@@ -581,7 +586,7 @@ impl Datapath {
     /// Removes the filter from `iface`: the only way the daemon ever detaches. Returns false
     /// if it was not attached.
     pub fn detach(&mut self, iface: &str) -> Result<bool> {
-        let pin = self.link_pin(iface);
+        let pin = self.link_pin(iface)?;
         // Closing the last reference to a link that is no longer pinned detaches it.
         self.links.remove(iface);
         if !pin.exists() {
@@ -1452,6 +1457,23 @@ fn host_sum<M: std::borrow::Borrow<MapData>>(map: &PerCpuArray<M, HostCounters>)
     }))
 }
 
+/// Whether `name` can be a network interface's name, by the kernel's rules
+/// (`dev_valid_name`): 1 to 15 bytes, not `.` or `..`, without `/`, `:`, white space or
+/// control characters.
+pub fn check_interface_name(name: &str) -> std::result::Result<(), String> {
+    const IFNAMSIZ: usize = 16;
+    if name.is_empty() || name.len() >= IFNAMSIZ {
+        return Err(format!("an interface name is 1 to {} bytes long", IFNAMSIZ - 1));
+    }
+    if name == "." || name == ".." {
+        return Err("`.` and `..` are not interface names".into());
+    }
+    if let Some(c) = name.chars().find(|&c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        return Err(format!("an interface name has no {c:?}"));
+    }
+    Ok(())
+}
+
 /// Interfaces with a link pinned under `bpffs`, found without loading anything (so that
 /// looking creates no maps).
 pub fn pinned_interfaces_under(bpffs: &Path) -> Vec<String> {
@@ -1504,3 +1526,19 @@ const _: () = {
     const fn assert_send<T: Send>() {}
     assert_send::<Datapath>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::check_interface_name;
+
+    #[test]
+    fn interface_names_as_the_kernel_rules_them() {
+        for good in ["eth0", "veth-a.100", "x", "fifteen-bytes-x", "wlp0s20f3"] {
+            assert_eq!(check_interface_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "sixteen-bytes-xx", ".", "..", "../etc", "a/b", "eth0:1", "eth 0", "eth0\n", "lo\0", "x\u{1b}"]
+        {
+            assert!(check_interface_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

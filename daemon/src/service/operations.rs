@@ -3,12 +3,12 @@
 
 use std::{collections::HashMap, sync::atomic::Ordering};
 
-use super::{Reply, Service, ServiceError, now, unknown};
+use super::{Failure, Reply, Service, ServiceError, now, unknown};
 use crate::{
     datapath::{self, DatapathError},
     logging, metrics,
     protocol::{
-        AccountTraffic, ClusterStatus, Detach, Detached, FleetNode, HostTraffic, Stats, StatsReport, Status,
+        AccountTraffic, ClusterStatus, Detach, Detached, ErrorCode, FleetNode, HostTraffic, Stats, StatsReport, Status,
         StatusReport, XdpInterface,
     },
 };
@@ -89,6 +89,9 @@ impl Service {
     }
 
     pub(super) fn detach(&self, Detach { interface }: Detach, uid: u32) -> Reply<Detach> {
+        datapath::check_interface_name(&interface).map_err(|why| {
+            Failure::new(ErrorCode::BadRequest, format!("{interface:?} is not an interface name: {why}"))
+        })?;
         let detached = self.writer.lock().expect("writer lock").datapath.detach(&interface)?;
         logging::detached(&interface, uid, detached);
         Ok(Detached { interface, detached })
