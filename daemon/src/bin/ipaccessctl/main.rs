@@ -21,7 +21,7 @@ use clap::{CommandFactory, Parser};
 use ipaccess::protocol::{Call, CheckResult, Command};
 
 use args::{Action, Cli};
-use render::{ActivityShown, Asked, Bound, Render, error_text, escape};
+use render::{ActivityShown, Asked, Bound, Render, error_text, escape_message};
 use transport::Failure;
 
 /// What to print on stdout, and the exit status.
@@ -121,8 +121,16 @@ fn send(socket: &Path, command: Command, json: bool) -> Result<Shown, Failure> {
 fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
+        // Usage errors exit 2, --help and --version 0.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+        // The message quotes the argument as it was given, which may carry a terminal's
+        // escapes (a customer's "address" passed on by a script): each line is escaped.
         Err(e) => {
-            let _ = e.print(); // Usage errors exit 2, --help and --version 0.
+            let text = e.render().to_string();
+            let _ = write!(err, "{}", text.lines().map(|l| escape_message(l) + "\n").collect::<String>());
             return e.exit_code();
         }
     };
@@ -160,13 +168,13 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
                 err,
                 "error: the daemon's reply does not read as this command's result (is ipaccessd older or newer \
                  than ipaccessctl?): {}",
-                escape(&error)
+                escape_message(&error)
             );
             let text = if cli.json { format!("{}\n", raw.get()) } else { String::new() };
             Shown { text, status: 2 }
         }
         Err(Failure::Local(message)) => {
-            let _ = writeln!(err, "error: {}", escape(&message));
+            let _ = writeln!(err, "error: {}", escape_message(&message));
             return 2;
         }
     };
@@ -176,7 +184,7 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
                 let _ = writeln!(err, "{line}");
             }
             Err(message) => {
-                let _ = writeln!(err, "error: {}", escape(&message));
+                let _ = writeln!(err, "error: {}", escape_message(&message));
                 status = 3;
             }
         }
@@ -413,6 +421,43 @@ pub(crate) mod tests {
                 assert!(err.starts_with("error: ") && !err.contains("v\n"), "{args:?}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn a_message_quoting_a_value_shows_its_escapes_once() {
+        // As the daemon words it: the value quoted with its escapes (Rust's `{:?}`).
+        let message = format!("{:?} is not a CIDR (198.18.0.0/24, fd00::/48) or an address", "a\"b\u{1b}[2J\\");
+        let (_, status, _, err) = against_all(
+            &["allow", "add", "acme", "198.18.0.1"],
+            move |_| json!({"error": {"code": "bad_request", "message": message}}),
+        );
+        assert_eq!(status, 2);
+        assert_eq!(
+            err,
+            "error: \"a\\\"b\\u{1b}[2J\\\\\" is not a CIDR (198.18.0.0/24, fd00::/48) or an address (bad_request)\n"
+        );
+        // A raw control character or bidi control in a message is still escaped.
+        let (_, _, _, err) =
+            against_all(&["status"], |_| json!({"error": {"code": "internal", "message": "x\u{1b}[2J\u{202e}\ny"}}));
+        assert_eq!(err, "error: x\\x1b[2J\\u{202e}\\ny (internal)\n");
+    }
+
+    #[test]
+    fn an_argument_clap_refuses_reaches_the_terminal_escaped() {
+        for args in [
+            ["ipaccessctl", "check", "acme", "198.18.0.1\x1b[2J\x1b]0;pwned\x07\u{202e}"],
+            ["ipaccessctl", "activity", "acme", "--since=1d\x1b[2J\r\x07"],
+        ] {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let status = run(args, &mut out, &mut err);
+            let err = String::from_utf8(err).unwrap();
+            assert_eq!(status, 2, "{err}");
+            assert!(out.is_empty());
+            assert!(err.starts_with("error: "), "{err}");
+            assert!(!err.contains(['\x1b', '\x07', '\r', '\u{202e}']), "{args:?}: {err:?}");
+        }
+        // Help is not an error, and goes out as clap writes it.
+        assert_eq!(run(["ipaccessctl", "--version"], &mut Vec::new(), &mut Vec::new()), 0);
     }
 
     #[test]

@@ -29,9 +29,22 @@ pub trait Render {
 /// tables are cut (`key: value` lines and `--json` show everything).
 pub const CELL_WIDTH: usize = 64;
 
+/// Columns of names the daemon allows only in a plain alphabet and at most 128 characters
+/// long (account ids, set names, node names): shown whole, since two that differ only past
+/// the cut would read as the same account.
+const WHOLE_COLUMNS: [&str; 6] = ["ID", "ACCOUNT", "PARENT", "SET", "SOURCE", "NODE"];
+
 /// Text from the daemon made safe to print: see [`escape_within`].
 pub fn escape(s: &str) -> String {
     escape_within(s, usize::MAX)
+}
+
+/// A message (an error, a refusal) made safe to print: as [`escape`], but a backslash stays
+/// one. Messages quote the values they name with their escapes already (`"a\"b"`, `"\u{feff}"`),
+/// which would otherwise show doubled; a message is one line of prose, never a row of a table
+/// for a backslash to forge.
+pub fn escape_message(s: &str) -> String {
+    escaped(s, usize::MAX, false)
 }
 
 /// `s` as a terminal can show it without being steered by it: control characters (C0, DEL,
@@ -40,11 +53,15 @@ pub fn escape(s: &str) -> String {
 /// send the terminal a command, nor pass for an escape. At most `max` characters: a longer
 /// result is cut, between escapes, and ends in `…`.
 pub fn escape_within(s: &str, max: usize) -> String {
+    escaped(s, max, true)
+}
+
+fn escaped(s: &str, max: usize, backslash: bool) -> String {
     let mut out = String::new();
     let (mut width, mut fits) = (0, 0);
     for c in s.chars() {
         let piece = match c {
-            '\\' => "\\\\".to_string(),
+            '\\' if backslash => "\\\\".to_string(),
             '\n' => "\\n".to_string(),
             '\r' => "\\r".to_string(),
             '\t' => "\\t".to_string(),
@@ -70,12 +87,16 @@ pub fn escape_within(s: &str, max: usize) -> String {
 
 /// Columns padded to their widest cell (as wide as the terminal shows it: `東京` takes four
 /// columns), two spaces apart, with no borders; every cell escaped and cut to [`CELL_WIDTH`]
-/// first, so the table crate only ever sees one line of inert text per cell.
+/// (but for [`WHOLE_COLUMNS`]) first, so the table crate only ever sees one line of inert
+/// text per cell.
 fn table(out: &mut String, head: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
     let mut table = comfy_table::Table::new();
     table.load_style(comfy_table::presets::NOTHING).set_header(head.to_vec());
+    let widths: Vec<usize> =
+        head.iter().map(|h| if WHOLE_COLUMNS.contains(h) { usize::MAX } else { CELL_WIDTH }).collect();
     for row in rows {
-        table.add_row(row.iter().map(|c| escape_within(c, CELL_WIDTH)).collect::<Vec<_>>());
+        let cells = row.iter().enumerate().map(|(n, c)| escape_within(c, widths.get(n).copied().unwrap_or(CELL_WIDTH)));
+        table.add_row(cells.collect::<Vec<_>>());
     }
     table.column_iter_mut().for_each(|c| {
         c.set_padding((0, 2));
@@ -699,7 +720,7 @@ impl Render for StatusReport {
 /// lockout's shut-out sign-ins as a table, other details as the JSON they are.
 pub fn error_text(e: &DaemonError) -> String {
     let code = if e.code.is_empty() { String::new() } else { format!(" ({})", e.code) };
-    let mut text = format!("error: {}\n", escape(&format!("{}{code}", e.message)));
+    let mut text = format!("error: {}\n", escape_message(&format!("{}{code}", e.message)));
     if let Some(details) = &e.details {
         let mut shown = String::new();
         // A set change's refusal names the account of each sign-in, and those left with
@@ -856,9 +877,10 @@ mod tests {
         // Details of another shape: the JSON they are, escaped.
         let e = DaemonError::from_reply(&json!({"code": "lockout", "message": "no", "details": {"limit": "2\n4"}}));
         assert_eq!(error_text(&e), "error: no (lockout)\n  details: {\"limit\":\"2\\\\n4\"}\n");
-        // An error this client cannot fully read still shows what it says.
+        // An error this client cannot fully read still shows what it says (as JSON, whose
+        // escapes are shown once, as a message's own are).
         let e = DaemonError::from_reply(&json!({"code": 9, "message": ["no\n", 1]}));
-        assert_eq!(error_text(&e), "error: [\"no\\\\n\",1] (9)\n");
+        assert_eq!(error_text(&e), "error: [\"no\\n\",1] (9)\n");
     }
 
     #[test]
@@ -901,6 +923,22 @@ mod tests {
             "ID        SLOT  STATE          MODE     PARENT\nacme      1     banned         enforce  -\n\
              acme-dev  2     parent_banned  enforce  acme\n"
         );
+        // Two ids that differ only past a cell's width are shown whole, never cut alike.
+        let long = |end: &str| {
+            let mut a = account.clone();
+            a["id"] = json!(format!("{}{end}", "a".repeat(CELL_WIDTH + 6)));
+            a["parent"] = json!(format!("{}-parent", "p".repeat(CELL_WIDTH + 6)));
+            a
+        };
+        let out = shown::<Vec<ListedAccount>>(json!([long("-prod"), long("-dev")]));
+        for whole in [
+            format!("{}-prod", "a".repeat(70)),
+            format!("{}-dev", "a".repeat(70)),
+            format!("{}-parent", "p".repeat(70)),
+        ] {
+            assert!(out.contains(&whole), "{whole} is not shown whole: {out}");
+        }
+        assert!(!out.contains('…'), "{out}");
     }
 
     #[test]
