@@ -472,14 +472,16 @@ fn hidden_or_control(c: char) -> bool {
 /// Characters that are not control characters but can still hide or reorder text on a
 /// terminal: bidi embeddings, overrides, isolates and marks, zero-width characters, the
 /// line and paragraph separators, variation selectors, tag characters and other invisible
-/// format or filler characters. Free text with them is refused ([`check_text`]), and
-/// `ipaccessctl` escapes them in whatever it prints (text stored before they were refused).
+/// format or filler characters: Unicode's default-ignorable code points (which a terminal
+/// draws as nothing), the separators and the interlinear annotation marks. Free text with
+/// them is refused ([`check_text`]), and `ipaccessctl` escapes them in whatever it prints
+/// (text stored before they were refused).
 pub fn invisible(c: char) -> bool {
     matches!(c,
         '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}' | '\u{180b}'..='\u{180f}'
         | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
-        | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}' | '\u{1d173}'..='\u{1d17a}'
-        | '\u{e0000}'..='\u{e0fff}')
+        | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff0}'..='\u{fffb}' | '\u{1bca0}'..='\u{1bca3}'
+        | '\u{1d173}'..='\u{1d17a}' | '\u{e0000}'..='\u{e0fff}')
 }
 
 /// The IPv4-mapped range `::ffff:0:0/96`: dual-stack sockets report IPv4 clients in it.
@@ -807,6 +809,9 @@ mod tests {
             '\u{115f}',
             '\u{3164}',
             '\u{fff9}',
+            '\u{fff0}',
+            '\u{1bca0}',
+            '\u{1bca3}',
             '\u{1d173}',
         ] {
             let text = format!("office{c}");
