@@ -382,8 +382,8 @@ fn connection(
             let message = format!("request longer than {max} bytes; closing the connection");
             error_reply(NO_ID, ErrorCode::TooLarge, &message)
         } else {
-            let text = buf.trim_ascii();
-            if text.is_empty() {
+            let text = json_trimmed(&buf);
+            if blank(&buf) {
                 continue;
             }
             // A reload while the line was on its way applies to it.
@@ -399,6 +399,24 @@ fn connection(
             return Ok(());
         }
     }
+}
+
+/// Whether a line (its `\n`, and a `\r` before it, apart) is empty or only spaces and tabs:
+/// such a line gets no reply (docs/protocol.md, "Lines"). Any other line gets one, an error
+/// if need be, so that a client pairing replies with requests never goes out of step.
+fn blank(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.iter().all(|&b| b == b' ' || b == b'\t')
+}
+
+/// `line` without JSON's white space (space, tab, CR, LF) around it; other bytes, such as a
+/// form feed, stay and make the line an error.
+fn json_trimmed(line: &[u8]) -> &[u8] {
+    let json_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let start = line.iter().position(|b| !json_space(b)).unwrap_or(line.len());
+    let end = line.iter().rposition(|b| !json_space(b)).map_or(start, |at| at + 1);
+    &line[start..end]
 }
 
 /// One request line to one reply.
@@ -732,6 +750,22 @@ mod tests {
         }
         let reply = refused(r#"{"id": 1, "cmd": "check", "account": "acme", "addr": "1.2.3.4", "addr": "1.2.3.5"}"#);
         assert!(reply.error.unwrap().message.contains("`addr` appears more than once"));
+    }
+
+    /// Blank is empty or spaces and tabs (and the line's own end); a form feed or a lone
+    /// `\r` is not, and gets an error, as does a request with one after it.
+    #[test]
+    fn only_spaces_and_tabs_make_a_line_blank() {
+        for line in ["\n", "", " \t \n", "\r\n", " \r\n"] {
+            assert!(blank(line.as_bytes()), "{line:?}");
+        }
+        for line in ["\x0c\n", " \x0c \n", "\r\r\n", "\x0b\n", "{}\n"] {
+            assert!(!blank(line.as_bytes()), "{line:?}");
+        }
+        assert_eq!(json_trimmed(b" \t{\"cmd\": \"status\"}\r\n"), br#"{"cmd": "status"}"#);
+        assert_eq!(json_trimmed(b" \r\n"), b"");
+        let text = json_trimmed(b"{\"id\": 4, \"cmd\": \"status\"}\x0c\n");
+        assert!(parse(text).is_err(), "a form feed after a request is not JSON's white space");
     }
 
     #[test]
