@@ -276,6 +276,22 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     IpNet::new(addr, prefix).map_err(|_| format!("{text:?}: the prefix length is at most {max}"))
 }
 
+/// An IP address as the standard library reads it (no leading zeros, no zone); the error
+/// quotes what was given, as [`parse_cidr`]'s does.
+pub fn parse_address(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| format!("{text:?} is not an IP address (198.18.0.7, fd00::7)"))
+}
+
+fn address<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
+    let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+    parse_address(&text).map_err(serde::de::Error::custom)
+}
+
+fn optional_address<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<IpAddr>, D::Error> {
+    let text = <Option<std::borrow::Cow<'de, str>>>::deserialize(deserializer)?;
+    text.map(|text| parse_address(&text)).transpose().map_err(serde::de::Error::custom)
+}
+
 fn cidr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpNet, D::Error> {
     let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
     parse_cidr(&text).map_err(serde::de::Error::custom)
@@ -345,5 +361,34 @@ mod tests {
         let request: Command =
             serde_json::from_str(r#"{"cmd": "allow_add", "account": "a", "cidr": "198.18.0.9"}"#).unwrap();
         assert!(matches!(request, Command::AllowAdd(AllowAdd { cidr, .. }) if cidr.to_string() == "198.18.0.9/32"));
+    }
+
+    /// A bad address says which: the value is quoted, in every field that takes one.
+    #[test]
+    fn an_address_refused_is_named() {
+        for (line, bad) in [
+            (r#"{"cmd": "check", "account": "a", "addr": "198.018.0.7"}"#, "198.018.0.7"),
+            (r#"{"cmd": "bind_add", "account": "a", "addr": "fe80::1%2"}"#, "fe80::1%2"),
+            (r#"{"cmd": "bind_remove", "addr": " 198.18.0.1"}"#, " 198.18.0.1"),
+            (r#"{"cmd": "allow_remove", "account": "a", "cidr": "198.18.0.0/24", "client_ip": "x"}"#, "x"),
+            (
+                r#"{"cmd": "allow_remove_set", "account": "a", "set": "s", "client_ip": "198.18.0.1/32"}"#,
+                "198.18.0.1/32",
+            ),
+        ] {
+            let error = serde_json::from_str::<Command>(line).unwrap_err().to_string();
+            assert!(error.contains(&format!("{bad:?} is not an IP address")), "{line}: {error}");
+        }
+        // Absent or null, an optional address is none; given, it is read.
+        for line in [
+            r#"{"cmd": "allow_remove", "account": "a", "cidr": "198.18.0.0/24"}"#,
+            r#"{"cmd": "allow_remove", "account": "a", "cidr": "198.18.0.0/24", "client_ip": null}"#,
+        ] {
+            let Ok(Command::AllowRemove(remove)) = serde_json::from_str::<Command>(line) else { panic!("{line}") };
+            assert_eq!(remove.client_ip, None);
+        }
+        let line = r#"{"cmd": "allow_remove", "account": "a", "cidr": "198.18.0.0/24", "client_ip": "fd00::9"}"#;
+        let Ok(Command::AllowRemove(remove)) = serde_json::from_str::<Command>(line) else { panic!("{line}") };
+        assert_eq!(remove.client_ip, Some("fd00::9".parse().unwrap()));
     }
 }

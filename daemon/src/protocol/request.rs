@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
-    AccountState, ActivityKind, Method, Mode, Proto, Role, cidr, cidrs,
+    AccountState, ActivityKind, Method, Mode, Proto, Role, address, cidr, cidrs, optional_address,
     reply::{
         Account, AccountDetails, ActivityReport, Allowlist, Binding, CheckResult, ClusterImported, Detached, Entry,
         EntryRemoved, Granted, Imported, ListedAccount, Noted, Override, Removed, StatsReport, StatusReport,
@@ -243,7 +243,7 @@ pub struct AccountMode {
     pub mode: Mode,
     /// The address the person making the change uses; the change is refused if it would
     /// shut that address out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_address", skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
@@ -271,7 +271,7 @@ pub struct AllowRemove {
     pub account: String,
     #[serde(deserialize_with = "cidr")]
     pub cidr: IpNet,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_address", skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
@@ -300,7 +300,7 @@ pub struct AllowDisable {
     /// judging the result once.
     #[serde(default, deserialize_with = "cidrs", skip_serializing_if = "Vec::is_empty")]
     pub also: Vec<IpNet>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_address", skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
@@ -340,7 +340,7 @@ pub struct AllowExpiry {
     pub cidr: IpNet,
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_address", skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
@@ -352,7 +352,7 @@ pub struct AllowExpiry {
 pub struct AllowReplace {
     pub account: String,
     pub entries: Vec<ReplaceEntry>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_address", skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
@@ -378,6 +378,7 @@ pub struct ReplaceEntry {
 #[serde(deny_unknown_fields)]
 pub struct BindAdd {
     pub account: String,
+    #[serde(deserialize_with = "address")]
     pub addr: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
@@ -393,6 +394,7 @@ pub struct BindAdd {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BindRemove {
+    #[serde(deserialize_with = "address")]
     pub addr: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
@@ -413,6 +415,7 @@ pub struct BindList {}
 #[serde(deny_unknown_fields)]
 pub struct Check {
     pub account: String,
+    #[serde(deserialize_with = "address")]
     pub addr: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<Method>,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::cidrs;
+use super::{cidrs, optional_address};
 
 /// Add networks to a set, creating the set when it is new (all of them or none).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -69,7 +69,7 @@ pub struct AllowAddSet {
 pub struct AllowRemoveSet {
     pub account: String,
     pub set: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_address", skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
@@ -82,7 +82,7 @@ pub struct AllowRemoveSet {
 pub struct AllowDisableSet {
     pub account: String,
     pub set: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_address", skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     #[serde(default)]
     pub force: bool,
