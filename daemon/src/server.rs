@@ -488,6 +488,7 @@ fn check(text: &[u8]) -> Option<(&RawValue, Command)> {
         #[serde(borrow)]
         cmd: Cow<'a, str>,
         account: String,
+        #[serde(deserialize_with = "crate::protocol::address")]
         addr: std::net::IpAddr,
         #[serde(default)]
         method: Option<crate::protocol::Method>,

@@ -276,13 +276,16 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     IpNet::new(addr, prefix).map_err(|_| format!("{text:?}: the prefix length is at most {max}"))
 }
 
-/// An IP address as the standard library reads it (no leading zeros, no zone); the error
-/// quotes what was given, as [`parse_cidr`]'s does.
+/// An IP address as the standard library reads it (no leading zeros, no zone), in the one
+/// form checks, the guard and the kernel use: an IPv4-mapped address (`::ffff:198.18.0.7`,
+/// as a dual-stack socket reports an IPv4 client) is the IPv4 address. Every address field
+/// of a request is read through it. The error quotes what was given, as [`parse_cidr`]'s does.
 pub fn parse_address(text: &str) -> Result<IpAddr, String> {
-    text.parse().map_err(|_| format!("{text:?} is not an IP address (198.18.0.7, fd00::7)"))
+    let addr: IpAddr = text.parse().map_err(|_| format!("{text:?} is not an IP address (198.18.0.7, fd00::7)"))?;
+    Ok(addr.to_canonical())
 }
 
-fn address<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
+pub(crate) fn address<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
     let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
     parse_address(&text).map_err(serde::de::Error::custom)
 }
@@ -390,5 +393,38 @@ mod tests {
         let line = r#"{"cmd": "allow_remove", "account": "a", "cidr": "198.18.0.0/24", "client_ip": "fd00::9"}"#;
         let Ok(Command::AllowRemove(remove)) = serde_json::from_str::<Command>(line) else { panic!("{line}") };
         assert_eq!(remove.client_ip, Some("fd00::9".parse().unwrap()));
+    }
+
+    /// Every address field reads an IPv4-mapped address as the IPv4 address (a field left
+    /// out here, as `allow_expiry`'s `client_ip` once was, made the lockout guard refuse the
+    /// person's own address).
+    #[test]
+    fn a_mapped_address_is_ipv4_in_every_field() {
+        use serde_json::json;
+        let mapped = "::ffff:198.18.0.9";
+        let mut fields = 0;
+        for (cmd, extra) in [
+            ("check", json!({"account": "a"})),
+            ("bind_add", json!({"account": "a"})),
+            ("bind_remove", json!({})),
+            ("account_mode", json!({"account": "a", "mode": "enforce"})),
+            ("allow_remove", json!({"account": "a", "cidr": "198.18.1.0/24"})),
+            ("allow_disable", json!({"account": "a", "cidr": "198.18.1.0/24"})),
+            ("allow_expiry", json!({"account": "a", "cidr": "198.18.1.0/24", "ttl_seconds": 60})),
+            ("allow_replace", json!({"account": "a", "entries": []})),
+            ("allow_remove_set", json!({"account": "a", "set": "s"})),
+            ("allow_disable_set", json!({"account": "a", "set": "s"})),
+        ] {
+            let mut request = extra;
+            request["cmd"] = json!(cmd);
+            let field = if matches!(cmd, "check" | "bind_add" | "bind_remove") { "addr" } else { "client_ip" };
+            request[field] = json!(mapped);
+            let command: Command = serde_json::from_value(request.clone()).unwrap_or_else(|e| panic!("{request}: {e}"));
+            let read = serde_json::to_value(&command).unwrap();
+            assert_eq!(read[field], "198.18.0.9", "{cmd}: {read}");
+            fields += 1;
+        }
+        assert_eq!(fields, 10);
+        assert_eq!(parse_address("fd00::1"), Ok("fd00::1".parse().unwrap()), "real IPv6 stays");
     }
 }

@@ -2,11 +2,8 @@
 
 use super::Failure;
 use crate::{
-    policy::{ACCOUNT_ID_RULE, MAX_LABEL, MAX_REASON, MAX_TICKET, check_text, normalise_addr},
-    protocol::{
-        AccountMode, AllowAdd, AllowDisable, AllowDisableSet, AllowLabel, AllowRemove, AllowRemoveSet, AllowReplace,
-        BindAdd, BindRemove, Check, Command, ErrorCode, Import, OverrideGrant, SetAccountState,
-    },
+    policy::{ACCOUNT_ID_RULE, MAX_LABEL, MAX_REASON, MAX_TICKET, check_text},
+    protocol::{AllowAdd, AllowLabel, AllowReplace, Command, ErrorCode, Import, OverrideGrant, SetAccountState},
 };
 
 /// Longest account id a request may name (new ids are held to the stricter rule in
@@ -14,8 +11,8 @@ use crate::{
 const MAX_REFERENCED_ID: usize = 256;
 
 /// Checks what every command carries: account ids, free text (labels, tickets, reasons,
-/// see [`check_text`]), and addresses in one form: an address that arrives IPv4-mapped
-/// (`::ffff:198.18.0.10`, as dual-stack sockets report it) is the IPv4 address.
+/// see [`check_text`]). Addresses are in one form already: every address field is read as
+/// the IPv4 address when it arrives IPv4-mapped ([`crate::protocol::parse_address`]).
 pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
     let bad_id = |id: &str| id.is_empty() || check_text("an account id", id, MAX_REFERENCED_ID).is_err();
     let imported_bad = match &command {
@@ -52,21 +49,7 @@ pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
         Command::AccountState(SetAccountState { reason, .. }) => text("a reason", reason.as_deref(), MAX_REASON)?,
         _ => {}
     }
-    let ip = normalise_addr;
-    Ok(match command {
-        Command::Check(c) => Command::Check(Check { addr: ip(c.addr), ..c }),
-        Command::AccountMode(c) => Command::AccountMode(AccountMode { client_ip: c.client_ip.map(ip), ..c }),
-        Command::AllowRemove(c) => Command::AllowRemove(AllowRemove { client_ip: c.client_ip.map(ip), ..c }),
-        Command::AllowDisable(c) => Command::AllowDisable(AllowDisable { client_ip: c.client_ip.map(ip), ..c }),
-        Command::AllowReplace(c) => Command::AllowReplace(AllowReplace { client_ip: c.client_ip.map(ip), ..c }),
-        Command::AllowRemoveSet(c) => Command::AllowRemoveSet(AllowRemoveSet { client_ip: c.client_ip.map(ip), ..c }),
-        Command::AllowDisableSet(c) => {
-            Command::AllowDisableSet(AllowDisableSet { client_ip: c.client_ip.map(ip), ..c })
-        }
-        Command::BindAdd(c) => Command::BindAdd(BindAdd { addr: ip(c.addr), ..c }),
-        Command::BindRemove(c) => Command::BindRemove(BindRemove { addr: ip(c.addr), ..c }),
-        other => other,
-    })
+    Ok(command)
 }
 
 #[cfg(test)]
@@ -75,19 +58,6 @@ mod tests {
 
     fn canonical_json(request: serde_json::Value) -> Result<Command, (ErrorCode, String)> {
         canonical(serde_json::from_value(request).unwrap()).map_err(|Failure(body)| (body.code, body.message))
-    }
-
-    #[test]
-    fn mapped_addresses_become_ipv4_everywhere() {
-        let check = canonical_json(serde_json::json!({"cmd": "check", "account": "a", "addr": "::ffff:198.18.0.10"}));
-        assert!(matches!(check, Ok(Command::Check(Check { addr, .. })) if addr.to_string() == "198.18.0.10"));
-        let mode = canonical_json(serde_json::json!(
-            {"cmd": "account_mode", "account": "a", "mode": "enforce", "client_ip": "::ffff:198.18.0.9"}));
-        assert!(matches!(mode, Ok(Command::AccountMode(m)) if m.client_ip.unwrap().to_string() == "198.18.0.9"));
-        let bind = canonical_json(serde_json::json!({"cmd": "bind_remove", "addr": "::ffff:198.18.0.1"}));
-        assert!(matches!(bind, Ok(Command::BindRemove(b)) if b.addr.is_ipv4()));
-        let v6 = canonical_json(serde_json::json!({"cmd": "check", "account": "a", "addr": "fd00::1"}));
-        assert!(matches!(v6, Ok(Command::Check(Check { addr, .. })) if addr.is_ipv6()), "real IPv6 stays");
     }
 
     #[test]
