@@ -338,7 +338,8 @@ fn unknown_accounts_are_counted_per_address_not_per_name() {
 }
 
 /// A support agent's dry-run checks record nothing; an application's checks carry its uid;
-/// the override grant's `recent_denied` holds only the application's attempts.
+/// the override grant's `recent_denied` holds only the application's attempts; an agent's
+/// allowed check does not count as the entry's last sign-in, an application's does.
 #[test]
 fn staff_checks_are_not_the_customers_and_dry_runs_record_nothing() {
     let roles = format!("socket_mode = 0o666\n[roles]\ncheck = {{ uids = [{APP}] }}\nsupport = {{ uids = [{AGENT}] }}");
@@ -375,6 +376,17 @@ fn staff_checks_are_not_the_customers_and_dry_runs_record_nothing() {
     assert_eq!(agent_row["count"], 1, "a dry run was recorded: {log:#}");
     let audit = agent.ok(json!({"cmd": "activity", "account": "acme", "kind": "audit", "limit": 1}));
     assert_eq!((&audit[0]["reason"], &audit[0]["uid"]), (&json!("override_granted"), &json!(AGENT)), "{audit:#}");
+
+    let last_signin = |conn: &mut Conn| {
+        let list = conn.ok(json!({"cmd": "allow_list", "account": "acme"}));
+        let entry = rows(&list).iter().find(|e| e["cidr"] == "198.18.0.0/24").cloned();
+        entry.unwrap_or_else(|| panic!("{list:#}"))["last_signin_at"].clone()
+    };
+    let allowed = agent.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.0.7"}));
+    assert_eq!(allowed["reason"], "allowed", "{allowed}");
+    assert_eq!(last_signin(&mut agent), Value::Null, "the agent's check counted as the customer's sign-in");
+    app.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.0.7", "method": "password"}));
+    assert!(last_signin(&mut agent).is_i64(), "the application's sign-in was not credited to its entry");
 }
 
 /// `activity` for an account that never existed is `unknown_account`, not an empty list;

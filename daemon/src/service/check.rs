@@ -19,10 +19,14 @@ impl Service {
             let result = decide(&accounts, &sets, &account, addr, at);
             // The entry to credit with the sign-in: only when an entry let it in (not mode
             // off, not an override), the most specific live one, expiring or not; a network of
-            // a referenced set when no own entry covers the address.
-            let credited = (result.allowed && result.reason == Reason::Allowed && result.via_override.is_none())
-                .then(|| accounts.get(&account).filter(|a| a.mode != Mode::Off))
-                .flatten();
+            // a referenced set when no own entry covers the address. Only an application's
+            // check is the customer's sign-in: staff trying an address leave no evidence of use.
+            let credited = (caller.is_application()
+                && result.allowed
+                && result.reason == Reason::Allowed
+                && result.via_override.is_none())
+            .then(|| accounts.get(&account).filter(|a| a.mode != Mode::Off))
+            .flatten();
             let entry = credited.and_then(|a| a.credited_entry(IpNet::from(addr), at));
             let set_entry = credited
                 .filter(|_| entry.is_none())
