@@ -251,6 +251,26 @@ fn the_lockout_guard_weighs_set_changes() {
 /// A restart keeps sets, references (a disabled one too) and the kernel's set tables: the
 /// datagram passes while the daemon is down and after it is back, and the daemon reports
 /// the same sets.
+/// An override is refused for an address an enabled set already lets in (it would change
+/// nothing, and count against the account's overrides), and granted once the account's
+/// reference to the set is disabled.
+#[test]
+fn no_override_for_what_a_set_already_allows() {
+    let w = World::new("");
+    ctl_ok(&w, &["account", "add", "cust"]);
+    ctl_ok(&w, &["allow", "add", "cust", "198.18.60.0/24"]);
+    ctl_ok(&w, &["set", "add", "vpn", "198.18.41.0/24"]);
+    ctl_ok(&w, &["allow", "add-set", "cust", "vpn"]);
+    ctl_ok(&w, &["account", "mode", "cust", "enforce", "--force"]);
+    let grant =
+        ["override", "grant", "cust", "198.18.41.5", "--ttl", "1h", "--ticket", "T-1", "--reason", "locked out"];
+    let refused = ctl_fails(&w, &grant);
+    assert!(refused.contains("(refused)") && refused.contains("of the shared set vpn"), "{refused}");
+    assert_eq!(ctl_ok(&w, &["override", "list", "cust"]), json!([]), "a refused grant was kept");
+    ctl_ok(&w, &["allow", "disable-set", "cust", "vpn", "--force"]);
+    assert_eq!(ctl_ok(&w, &grant)["override"]["cidr"], "198.18.41.5/32");
+}
+
 #[test]
 fn a_restart_keeps_sets_and_references() {
     let mut w = World::new("");

@@ -111,7 +111,7 @@ impl Service {
     /// An override is for a customer locked out by its allowlist. It is refused, with the
     /// reason, where it cannot be that: the account (or an ancestor) is banned or terminated,
     /// its email is unconfirmed, it blocks nothing (mode off or monitor), or the addresses are
-    /// already allowed.
+    /// already allowed (by a permanent entry, an enabled shared set, or a live override).
     fn refuse_useless_override(&self, account: &str, cidr: IpNet) -> Result<(), Failure> {
         let refused = |why: String| Err(Failure::new(ErrorCode::Refused, why));
         let cache = self.accounts.read().expect("cache lock");
@@ -143,6 +143,17 @@ impl Service {
                 // An entry that will expire does not make an override useless.
                 if let Some(entry) = policy.entries.iter().find(|net| net.contains(&cidr)) {
                     return refused(format!("{cidr} is already allowed by {account}'s allowlist entry {entry}"));
+                }
+                // A shared set's networks let the account in as its own entries do.
+                let sets = self.sets.read().expect("set cache lock");
+                let from_set = policy.sets.iter().find_map(|r| {
+                    let set = sets.get(&r.name)?;
+                    set.entries.iter().find(|net| net.contains(&cidr)).map(|net| (r.name.as_str(), net))
+                });
+                if let Some((set, net)) = from_set {
+                    return refused(format!(
+                        "{cidr} is already allowed by {net} of the shared set {set}, which {account} uses"
+                    ));
                 }
                 if let Some(o) = policy.live_overrides(at).find(|o| o.cidr.contains(&cidr)) {
                     return refused(format!(
