@@ -329,6 +329,47 @@ fn the_store_is_private() {
     assert!(log.contains("had mode 0644, open to other users"), "no warning:\n{log}");
 }
 
+/// A second daemon given the first one's socket (with its own state directory and bpffs,
+/// so that only the socket is shared) is refused while the first answers there, and leaves
+/// the first's socket in place; a file at the socket's path that is not a socket is never
+/// deleted. A stale socket (nobody answering) is replaced, as after a crash.
+#[test]
+fn a_second_daemon_never_takes_a_live_socket() {
+    let w = World::new("");
+    ok(&w.socket(), json!({"cmd": "account_add", "account": "cust"}));
+    let (other_bpffs, other_state) = (BpfFs::new().unwrap(), w.dir.0.join("other-state"));
+    let start = |socket: &Path, log: &str| {
+        let args = args(&w, false, &other_state, other_bpffs.path(), socket, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::spawn(w.hosts.server.name(), &Launch::default(), &args, &w.dir.0.join(log))
+    };
+    let mut second = start(&w.socket(), "second.log");
+    let status = second.wait_exit(READY);
+    let log = second.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the second daemon was not refused ({status:?}):\n{log}");
+    assert!(log.contains("another process answers on the control socket"), "{log}");
+    // The first still answers on its socket, and still has its account.
+    ok(&w.socket(), json!({"cmd": "account_show", "account": "cust"}));
+
+    let file = w.dir.0.join("not-a-socket");
+    fs::write(&file, "keep me\n").unwrap();
+    let mut third = start(&file, "third.log");
+    let status = third.wait_exit(READY);
+    let log = third.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "started over a regular file ({status:?}):\n{log}");
+    assert!(log.contains("exists and is not a socket"), "{log}");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "keep me\n");
+
+    // A socket nobody answers on is taken over.
+    let stale = w.dir.0.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let mut fourth = start(&stale, "fourth.log");
+    fourth.wait_answering(&stale, READY);
+    ok(&stale, json!({"cmd": "status"}));
+    fourth.terminate();
+    assert!(!stale.exists(), "the stopped daemon left its socket behind");
+}
+
 /// A second daemon on the same state directory (with its own bpffs and socket, so that only
 /// the store is shared) is refused while the first runs, and the message names the first.
 #[test]

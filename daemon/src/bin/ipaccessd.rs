@@ -12,7 +12,7 @@
 
 use std::{
     fs,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         warn!("no interfaces configured (--iface NAME); the filter is loaded but attached nowhere");
     }
 
-    let listener = bind_socket(&config)?;
+    let (listener, socket_file) = bind_socket(&config)?;
     let metrics_listener = match config.metrics.listen {
         Some(addr) => {
             Some(TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint {addr}"))?)
@@ -198,7 +198,6 @@ async fn main() -> anyhow::Result<()> {
         info!("metrics on http://{}/metrics", config.metrics.listen.expect("bound above"));
         tasks.push(tokio::spawn(metrics::serve(listener, service.clone())));
     }
-    let socket = config.socket.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     systemd::ready(&status);
     tasks.push(tokio::spawn(reload_on_sighup(hangups, args, service.clone(), config_tx)));
@@ -207,11 +206,7 @@ async fn main() -> anyhow::Result<()> {
     }
     server::serve(listener, service.clone(), config_rx, stop).await;
     systemd::stopping();
-    // A socket file with no daemon behind it is refused (ECONNREFUSED) until the next start
-    // replaces it; without it, clients see at once that the daemon is gone.
-    if let Err(e) = fs::remove_file(&socket) {
-        warn!("could not remove the control socket {}: {e}", socket.display());
-    }
+    socket_file.remove();
     tasks.iter().for_each(|task| task.abort());
     service.flush_activity();
     info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
@@ -501,26 +496,73 @@ async fn drain_samples_forever(service: Arc<Service>) {
     }
 }
 
-/// Binds the control socket, replacing a stale one left by a previous run.
-fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = config.socket.parent() {
+/// Binds the control socket, replacing a stale one left by a previous run. Returns the
+/// listener and the socket file's identity, so that a stop removes only its own file.
+fn bind_socket(config: &Config) -> anyhow::Result<(UnixListener, SocketFile)> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    match fs::remove_file(&config.socket) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing stale {}", config.socket.display()));
+    // Only a socket nobody answers on is stale. Another daemon's live socket, taken over,
+    // would leave its clients talking to this one (which may enforce nowhere) and that daemon
+    // without a socket; a file that is no socket is not this daemon's to delete.
+    match fs::symlink_metadata(path) {
+        Ok(found) if !found.file_type().is_socket() => {
+            anyhow::bail!("{} exists and is not a socket; remove it, or give another --socket", path.display())
         }
-        _ => {}
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => anyhow::bail!(
+                "another process answers on the control socket {} (another ipaccessd?); stop it first, or give this \
+                 one another --socket",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("looking whether {} is in use", path.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    let listener =
-        UnixListener::bind(&config.socket).with_context(|| format!("binding {}", config.socket.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let file = SocketFile::of(path).with_context(|| format!("reading {} once bound", path.display()))?;
     fs::set_permissions(&config.socket, fs::Permissions::from_mode(config.socket_mode))
         .with_context(|| format!("setting the mode of {}", config.socket.display()))?;
     if let Some(gid) = config.socket_group {
         std::os::unix::fs::chown(&config.socket, None, Some(gid))
             .with_context(|| format!("giving {} to group {gid}", config.socket.display()))?;
     }
-    Ok(listener)
+    Ok((listener, file))
+}
+
+/// The control socket's file as this daemon bound it (device and inode).
+struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn of(path: &Path) -> std::io::Result<SocketFile> {
+        let found = fs::symlink_metadata(path)?;
+        Ok(SocketFile { path: path.to_owned(), id: (found.dev(), found.ino()) })
+    }
+
+    /// Removes the file, if it is still the one this daemon bound: a socket file with no
+    /// daemon behind it is refused (ECONNREFUSED) until the next start replaces it; without
+    /// it, clients see at once that the daemon is gone.
+    fn remove(&self) {
+        let path = &self.path;
+        match SocketFile::of(path) {
+            Ok(now) if now.id == self.id => {
+                if let Err(e) = fs::remove_file(path) {
+                    warn!("could not remove the control socket {}: {e}", path.display());
+                }
+            }
+            Ok(_) => warn!("left {}: it is no longer the socket this daemon bound", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!("could not read the control socket {}: {e}", path.display()),
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT; the handlers are installed when this is called.
