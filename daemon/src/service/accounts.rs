@@ -124,7 +124,7 @@ impl Service {
             // import must be in the store (one write for the batch, not one per account).
             self.activity.flush();
         }
-        self.change_accounts(|tx| {
+        let imported = self.change_accounts(|tx| {
             let at = now();
             let mut totals = Imported::default();
             let mut rows = Vec::with_capacity(accounts.len());
@@ -139,12 +139,14 @@ impl Service {
                 rows.push(touched);
             }
             totals.accounts = rows.len() as u64;
-            info!(
-                "import by uid {uid}: {} accounts ({} new), {} allowlist entries",
-                totals.accounts, totals.created, totals.entries
-            );
             Ok((rows, totals))
-        })
+        })?;
+        // Logged once it is committed and enforced, not when it is merely made.
+        info!(
+            "import by uid {uid}: {} accounts ({} new), {} allowlist entries",
+            imported.accounts, imported.created, imported.entries
+        );
+        Ok(imported)
     }
 }
 

@@ -106,6 +106,11 @@ pub fn import(socket: &Path, file: &Path, batch_bytes: u64, force: bool) -> Resu
                 Failure::Daemon(error.with_message(message))
             }
             Failure::Local(message) => Failure::Local(format!("{place}: {message} ({})", applied(None))),
+            // Sent, and no word back: the batch may be in; a second run changes nothing twice.
+            Failure::Unanswered(message) => Failure::Local(format!(
+                "{place}: {message}; whether they were imported is not known{before}: run the import again to be \
+                 sure (what is imported already stays as it is)"
+            )),
             // The batch went through, but its result cannot be added up.
             Failure::Unreadable { raw, error } => Failure::Local(format!(
                 "{place}: sent, but the daemon's reply does not read as an import result ({error}): {raw}"
@@ -212,6 +217,12 @@ mod tests {
             );
             assert!(err.starts_with(&format!("error: lines 2-4: no room {said}\n")), "{details}: {err}");
         }
+        // Sent, and the daemon went away without a word: the batch may be in, so the client
+        // does not say that nothing was imported.
+        let (_, status, _, err) = crate::tests::against_lines(&["import", path], 1, |_| String::new());
+        assert_eq!(status, 2);
+        assert!(err.contains("lines 2-4: ") && err.contains("whether they were imported is not known"), "{err}");
+        assert!(!err.contains("nothing was imported") && !err.contains("may have been applied"), "{err}");
         // A line that is not an import account: nothing is sent (there is no daemon to send it to).
         std::fs::write(file.path(), "{\"account\": \"acme\"}\n{\"account\": \"acme\", \"mode\": \"strict\"}\n")
             .unwrap();

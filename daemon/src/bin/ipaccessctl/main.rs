@@ -177,6 +177,10 @@ fn run<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I, out: &mut 
             let _ = writeln!(err, "error: {}", escape_message(&message));
             return 2;
         }
+        Err(Failure::Unanswered(message)) => {
+            let _ = writeln!(err, "error: {} (the request may have been applied)", escape_message(&message));
+            return 2;
+        }
     };
     if let Some(seconds) = cli.wait_fleet.filter(|_| status == 0) {
         match wait_fleet(&cli.socket, std::time::Duration::from_secs(seconds)) {
@@ -206,7 +210,7 @@ fn wait_fleet(socket: &Path, within: std::time::Duration) -> Result<String, Stri
         Ok(typed) => typed.reply.cluster.ok_or_else(|| "--wait-fleet: this daemon is not a fleet node".to_owned()),
         Err(Failure::Daemon(e)) => Err(format!("--wait-fleet: {}", e.message)),
         Err(Failure::Unreadable { error, .. }) => Err(format!("--wait-fleet: unreadable status: {error}")),
-        Err(Failure::Local(message)) => Err(format!("--wait-fleet: {message}")),
+        Err(Failure::Local(message) | Failure::Unanswered(message)) => Err(format!("--wait-fleet: {message}")),
     };
     // A node whose policy revision is at least this one has every change up to it.
     let target = status(socket)?.policy_revision;
@@ -248,9 +252,9 @@ pub(crate) mod tests {
     use std::os::unix::net::UnixListener;
 
     /// Runs the client against a fake daemon that answers `connections` requests, each with
-    /// the line `reply` makes of it (the request as sent, id included); returns (requests,
-    /// status, stdout, stderr).
-    fn against_lines(
+    /// the line `reply` makes of it (the request as sent, id included; an empty one closes
+    /// the connection without a reply); returns (requests, status, stdout, stderr).
+    pub(crate) fn against_lines(
         args: &[&str],
         connections: usize,
         mut reply: impl FnMut(&Value) -> String + Send + 'static,
@@ -265,7 +269,10 @@ pub(crate) mod tests {
                 let mut line = String::new();
                 BufReader::new(&stream).read_line(&mut line).unwrap();
                 let request: Value = serde_json::from_str(&line).unwrap();
-                (&stream).write_all(format!("{}\n", reply(&request)).as_bytes()).unwrap();
+                let answer = reply(&request);
+                if !answer.is_empty() {
+                    (&stream).write_all(format!("{answer}\n").as_bytes()).unwrap();
+                }
                 requests.push(request);
             }
             requests
@@ -421,6 +428,13 @@ pub(crate) mod tests {
                 assert!(err.starts_with("error: ") && !err.contains("v\n"), "{args:?}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn a_request_sent_and_never_answered_may_have_been_applied() {
+        let (_, status, _, err) = against_lines(&["allow", "add", "acme", "198.18.0.1"], 1, |_| String::new());
+        assert_eq!(status, 2);
+        assert!(err.ends_with("closed the connection without replying (the request may have been applied)\n"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum Failure {
     Daemon(DaemonError),
     /// No usable answer: no connection, a timeout, a line that is not a reply, a bad file.
     Local(String),
+    /// The request was sent whole and no reply came (the connection closed, or the wait
+    /// ran out): the daemon may have applied it.
+    Unanswered(String),
     /// A success whose `ok` does not read as the command's reply type (an older or newer
     /// daemon): `raw` as it came, `error` why it does not read.
     Unreadable { raw: Box<RawValue>, error: String },
@@ -160,7 +163,12 @@ fn exchange(socket: &Path, mut line: String) -> Result<String, Failure> {
     match (BufReader::new(&stream).read_line(&mut reply), sent) {
         (Ok(n), _) if n > 0 => Ok(reply),
         (_, Err(e)) => Err(io("cannot send to", e)),
-        (Err(e), Ok(())) => Err(io("cannot read from", e)),
-        (Ok(_), Ok(())) => Err(Failure::Local(format!("{} closed the connection without replying", socket.display()))),
+        (Err(e), Ok(())) => Err(match io("cannot read from", e) {
+            Failure::Local(what) => Failure::Unanswered(what),
+            other => other,
+        }),
+        (Ok(_), Ok(())) => {
+            Err(Failure::Unanswered(format!("{} closed the connection without replying", socket.display())))
+        }
     }
 }
