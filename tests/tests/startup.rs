@@ -21,15 +21,20 @@ use serde_json::{Value, json};
 const OK: Duration = Duration::from_secs(2);
 const FAIL: Duration = Duration::from_millis(500);
 
-/// A request on a fresh connection that must succeed; its result.
-fn ok(socket: &Path, request: Value) -> Value {
+/// A request on a fresh connection; the whole reply.
+fn request(socket: &Path, request: &Value) -> Value {
     let stream = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     (&stream).write_all(format!("{request}\n").as_bytes()).unwrap();
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).unwrap();
-    let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{request}: not JSON ({e}): {line:?}"));
-    assert!(reply.get("error").is_none(), "{request} -> {reply}");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{request}: not JSON ({e}): {line:?}"))
+}
+
+/// A request on a fresh connection that must succeed; its result.
+fn ok(socket: &Path, req: Value) -> Value {
+    let reply = request(socket, &req);
+    assert!(reply.get("error").is_none(), "{req} -> {reply}");
     reply["ok"].clone()
 }
 
@@ -117,6 +122,50 @@ fn enforcing_customer(w: &World, port: u16) -> (SocketAddr, TcpServer) {
         assert!(w.hosts.client.run(move || icmp_echo(src.into(), to.into(), OK)), "ping from {src}");
     }
     (dst, server)
+}
+
+/// Tables filled until the kernel has no room left (changes made in place pack them past
+/// half full) load again into fresh maps, as after a reboot: the start is not refused, which
+/// would leave nothing enforced, and the wire enforces what it did before.
+#[test]
+fn tables_filled_to_the_brim_load_again_into_fresh_maps() {
+    const SMALL: &str = "[maps]\nslots = 128\naccounts = 16\n";
+    let mut w = World::with_maps("", SMALL);
+    let (dst, _server) = enforcing_customer(&w, 7102);
+    let socket = w.socket();
+    let ids = ["cust", "c1", "c2", "c3", "c4", "c5", "c6"];
+    for id in &ids[1..] {
+        ok(&socket, json!({"cmd": "account_add", "account": id}));
+    }
+    let mut added = Vec::new();
+    for n in 0..1000usize {
+        let (id, cidr) = (ids[n % ids.len()], format!("198.19.{}.{}/32", n / 200, n % 200 + 1));
+        let reply = request(&socket, &json!({"cmd": "allow_add", "account": id, "cidr": cidr}));
+        match reply["error"]["code"].as_str() {
+            None => added.push((id, cidr)),
+            Some("tables_full") => break,
+            Some(other) => panic!("allow_add {id} {cidr}: {other}: {reply}"),
+        }
+    }
+    let used = ok(&socket, json!({"cmd": "status"}))["table_slots_used"].as_u64().unwrap();
+    assert!(
+        used > 64 && added.len() > 20,
+        "the tables were not filled past half: {used} slots, {} entries",
+        added.len()
+    );
+    w.stop();
+    // What a reboot leaves: no filter attached, no maps.
+    fs::remove_dir_all(w.bpffs.path().join("ipaccess")).unwrap();
+    assert!(tcp_ok(&w, w.hosts.client_v4[1], dst, OK), "the filter outlived its pins");
+
+    w.start_with_maps("", SMALL);
+    assert!(tcp_ok(&w, w.hosts.client_v4[0], dst, OK), "the allowed source is blocked after the fresh load");
+    assert!(!tcp_ok(&w, w.hosts.client_v4[1], dst, FAIL), "nothing is enforced after the fresh load");
+    for (_, cidr) in added.iter().filter(|(id, _)| *id == "cust") {
+        let addr = cidr.trim_end_matches("/32");
+        let reply = ok(&socket, json!({"cmd": "check", "account": "cust", "addr": addr, "dry_run": true}));
+        assert_eq!(reply["reason"], "allowed", "{cidr}: {reply}");
+    }
 }
 
 /// Policy in the kernel, then the store lost four ways: each start is refused, says what it

@@ -605,6 +605,15 @@ impl Datapath {
         pinned_interfaces(&self.pin_dir)
     }
 
+    /// See [`Tables::load_densely`]: called before a whole policy is loaded.
+    pub fn load_densely(&mut self, keys: u64, tables: u64) -> bool {
+        self.tables.load_densely(keys, tables)
+    }
+
+    pub fn end_dense_load(&mut self) {
+        self.tables.end_dense_load();
+    }
+
     /// Account slots the maps hold a policy or an allowlist for.
     pub fn configured_slots(&self) -> Vec<u32> {
         (1..self.accounts.len())

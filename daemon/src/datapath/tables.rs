@@ -106,6 +106,10 @@ pub struct Tables {
     /// Per table (by its header's slot), how many of its slots are in use, for
     /// [`Self::change_keys`]; a table missing here is counted once when next needed.
     loads: HashMap<u32, Load>,
+    /// New tables are built as small as their keys allow rather than half full: while a
+    /// policy that needs more than half the slots is loaded into empty maps (see
+    /// [`Self::load_densely`]).
+    dense: bool,
     /// Unit tests: every step the writer publishes, in order (see [`Step`]).
     #[cfg(test)]
     trace: std::sync::Mutex<Vec<Step>>,
@@ -154,6 +158,7 @@ impl Tables {
             slots,
             regions,
             loads: HashMap::new(),
+            dense: false,
             #[cfg(test)]
             trace: Default::default(),
         })
@@ -165,6 +170,23 @@ impl Tables {
 
     pub fn capacity(&self) -> u32 {
         self.regions.capacity()
+    }
+
+    /// Before a whole policy is loaded: when the tables are empty (fresh maps, after a reboot
+    /// or with a new layout) and `keys` keys in `tables` tables might not fit at half load
+    /// (each table rounds up to a power of two: up to four slots a key), new tables are built
+    /// as small as their keys allow until [`Self::end_dense_load`]. Changes made in place
+    /// under pressure pack tables that full ([`Self::sync`]), and what the kernel enforced
+    /// must load again, or the start would be refused and nothing enforced. Returns whether
+    /// it loads densely.
+    pub fn load_densely(&mut self, keys: u64, tables: u64) -> bool {
+        let empty = self.free_slots() == u64::from(self.capacity());
+        self.dense = empty && 4 * (keys + tables) > u64::from(self.capacity());
+        self.dense
+    }
+
+    pub fn end_dense_load(&mut self) {
+        self.dense = false;
     }
 
     /// Slots not used by any table (including quarantined ones).
@@ -217,7 +239,7 @@ impl Tables {
         {
             return Ok(Synced::InPlace);
         }
-        built.map(Synced::Replaced)
+        self.or_denser(built, wanted, v4, v6).map(Synced::Replaced)
     }
 
     /// Builds `wanted` as a new table, never changing one in place: the caller publishes the
@@ -229,7 +251,8 @@ impl Tables {
         if wanted.entries.is_empty() {
             return Ok(TableDesc::NONE);
         }
-        self.build(wanted, v4, v6)
+        let built = self.build(wanted, v4, v6);
+        self.or_denser(built, wanted, v4, v6)
     }
 
     /// Rewrites the value of a key that is in the table (one atomic store); false if absent.
@@ -558,25 +581,69 @@ impl Tables {
     /// its descriptor is published.
     fn build(&mut self, wanted: &TableContent, v4: PackedLengths, v6: PackedLengths) -> Result<TableDesc, TableError> {
         let entries = wanted.entries.len() as u64;
+        let load = if self.dense { 100 } else { MAX_LOAD_PERCENT };
         let mut log2 = MIN_LOG2_SLOTS;
-        while (1u64 << log2) * MAX_LOAD_PERCENT < entries * 100 {
+        while (1u64 << log2) * load < entries * 100 {
             log2 += 1;
         }
         while log2 <= MAX_LOG2_SLOTS {
             let desc = self.allocate(log2)?;
-            if self.fill(desc, wanted) {
-                self.store_summaries(desc, wanted.entries.keys());
-                self.store_lengths(desc, v4, v6);
-                let keys = wanted.entries.len() as u64;
-                self.loads.insert(desc.header(), Load { live: keys, used: keys });
+            if let Some(desc) = self.place(desc, wanted, v4, v6) {
                 return Ok(desc);
             }
-            // Some key could not be placed within MAX_PROBE: never published, so the region
-            // can be reused at once; try a bigger table with a new seed.
-            self.regions.free_unpublished(Region { start: desc.header(), len: desc.region_len() });
             log2 += 1;
         }
         Err(TableError::Full { needed: 1 << MAX_LOG2_SLOTS, free: self.free_slots() })
+    }
+
+    /// `built`, or when it found no free region (and the change cannot be made in place):
+    /// the keys in a smaller table, fuller than half (at most one key a slot), the largest
+    /// free now that takes every key within the probe bound. An in-place change under the
+    /// same pressure leaves a table that full ([`Self::sync`]). Quarantined regions are not
+    /// waited for here: the change is refused as full instead.
+    fn or_denser(
+        &mut self,
+        built: Result<TableDesc, TableError>,
+        wanted: &TableContent,
+        v4: PackedLengths,
+        v6: PackedLengths,
+    ) -> Result<TableDesc, TableError> {
+        let full = match built {
+            Err(full @ TableError::Full { .. }) => full,
+            other => return other,
+        };
+        let entries = wanted.entries.len() as u64;
+        let mut usual = MIN_LOG2_SLOTS;
+        while (1u64 << usual) * MAX_LOAD_PERCENT < entries * 100 {
+            usual += 1;
+        }
+        for log2 in (MIN_LOG2_SLOTS..usual).rev().filter(|&log2| (1u64 << log2) >= entries) {
+            let Some(region) = self.regions.allocate((1u32 << log2) + 1) else { continue };
+            if let Some(desc) = self.place(TableDesc::new(region.start, log2), wanted, v4, v6) {
+                return Ok(desc);
+            }
+        }
+        Err(full)
+    }
+
+    /// Fills the unpublished region `desc` with `wanted`, or frees it (never published, so
+    /// at once) when some key finds no slot within [`MAX_PROBE`].
+    fn place(
+        &mut self,
+        desc: TableDesc,
+        wanted: &TableContent,
+        v4: PackedLengths,
+        v6: PackedLengths,
+    ) -> Option<TableDesc> {
+        if !self.fill(desc, wanted) {
+            self.regions.free_unpublished(Region { start: desc.header(), len: desc.region_len() });
+            return None;
+        }
+        self.store_summaries(desc, wanted.entries.keys());
+        self.store_lengths(desc, v4, v6);
+        let keys = wanted.entries.len() as u64;
+        self.loads.insert(desc.header(), Load { live: keys, used: keys });
+        Some(desc)
     }
 
     fn allocate(&mut self, log2: u32) -> Result<TableDesc, TableError> {
@@ -1136,6 +1203,48 @@ mod tests {
         }
     }
 
+    /// Slots for a table of the usual size are not free, but a fuller one fits: it is built
+    /// that full (as an in-place change would leave it) rather than refused, so that what
+    /// the kernel enforces loads again into fresh maps; and where not even one slot a key
+    /// is free, the table is refused as full.
+    #[test]
+    fn a_table_with_no_room_at_half_load_is_built_fuller() {
+        // 100 keys want 256 slots at half load; 130 slots are there (header included).
+        let keys: Vec<(SlotKey, u64)> = (0..100u32).map(|i| (v4(1, (0xc612_0000 + i).to_be_bytes(), 32), A)).collect();
+        let mut t = tables(130);
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&keys));
+        assert_eq!(desc.log2_slots(), 7, "{desc:?}");
+        for (key, value) in &keys {
+            assert_eq!(found(&t, desc, key), Some(*value));
+        }
+        assert_eq!(found(&t, desc, &v4(1, [198, 18, 9, 9], 32)), None);
+        // 100 keys and 64 slots: no table holds them.
+        let mut t = tables(100);
+        let result = t.sync(TableDesc::NONE, &wanted(&keys));
+        assert!(matches!(result, Err(TableError::Full { .. })), "{result:?}");
+    }
+
+    /// Dense loading is for empty maps that a policy might not fit at half load only, and
+    /// builds each table as small as its keys allow.
+    #[test]
+    fn a_tight_policy_loads_densely_into_empty_maps_only() {
+        let keys: Vec<(SlotKey, u64)> = (0..30u32).map(|i| (v4(1, (0xc612_0000 + i).to_be_bytes(), 32), A)).collect();
+        let mut t = tables(1 << 10);
+        assert!(!t.load_densely(100, 50), "room for four slots a key");
+        assert!(t.load_densely(200, 100));
+        let mut desc = TableDesc::NONE;
+        apply(&mut t, &mut desc, &wanted(&keys));
+        assert_eq!(desc.log2_slots(), 5, "30 keys in 32 slots");
+        assert!(keys.iter().all(|(k, v)| found(&t, desc, k) == Some(*v)));
+        t.end_dense_load();
+        let mut other = TableDesc::NONE;
+        apply(&mut t, &mut other, &wanted(&keys[..10]));
+        assert_eq!(other.log2_slots(), 5, "half full again once the load is done");
+        // Maps with tables in them are not loaded into afresh.
+        assert!(!t.load_densely(1000, 100));
+    }
+
     #[test]
     fn growing_and_shrinking_rebuild_elsewhere_and_leave_the_old_region_intact() {
         let mut t = tables(1 << 12);
@@ -1196,9 +1305,9 @@ mod tests {
 
     #[test]
     fn a_full_array_is_an_error_and_a_quarantined_region_is_waited_for() {
-        // Room for exactly one 8-slot table.
+        // Room for exactly one 8-slot table: not for nine keys, even at one key a slot.
         let mut t = tables(9);
-        let keys: Vec<(SlotKey, u64)> = (0..5).map(|i| (v4(1, [198, 18, 0, i], 32), A)).collect();
+        let keys: Vec<(SlotKey, u64)> = (0..9).map(|i| (v4(1, [198, 18, 0, i], 32), A)).collect();
         assert!(matches!(t.sync(TableDesc::NONE, &wanted(&keys)), Err(TableError::Full { .. })));
         let mut desc = TableDesc::NONE;
         apply(&mut t, &mut desc, &wanted(&keys[..2]));

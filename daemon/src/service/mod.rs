@@ -272,6 +272,15 @@ impl Service {
                 a.sets.push(SetUse { name: r.set, kernel_id: r.kernel_id });
             }
         }
+        // Into empty maps (after a reboot), a policy that packed the tables past half full in
+        // place must load as tightly. Keys: entries, overrides, set networks and bindings;
+        // tables: an allowlist and a set group an account, a table a set, the bindings'.
+        let own: usize = cache.values().map(|a| a.entries.len() + a.expiring.len() + a.overrides.len()).sum();
+        let keys = own + sets.values().map(|s| s.entries.len()).sum::<usize>() + bindings.len();
+        let tables = 2 * cache.len() + sets.len() + 1;
+        if datapath.load_densely(keys as u64, tables as u64) {
+            info!("loading {keys} keys into empty maps with tables fuller than half: the slots are tight");
+        }
         // Sets before accounts, so that no account's reference names a set the kernel lacks.
         // The kernel's tables are per combination of sets (a set group). A group an earlier
         // daemon left is brought up to these sets in place when all its accounts still want
@@ -293,6 +302,7 @@ impl Service {
         let node = config.cluster.as_ref().map(|c| c.node.clone());
         let bindings = bindings::for_kernel(&bindings, node.as_deref(), |id| cache.get(id).map(|a| a.slot));
         datapath.set_bindings(&bindings)?;
+        datapath.end_dense_load();
         // The maps now hold this store's policy (see `Tx::commit_counted`).
         datapath.set_store_commits(store.read()?.commits()?)?;
         let reconcile = started.elapsed();
