@@ -580,12 +580,8 @@ impl Tables {
     /// Builds a complete table in a new region; the region is not visible to the kernel until
     /// its descriptor is published.
     fn build(&mut self, wanted: &TableContent, v4: PackedLengths, v6: PackedLengths) -> Result<TableDesc, TableError> {
-        let entries = wanted.entries.len() as u64;
         let load = if self.dense { 100 } else { MAX_LOAD_PERCENT };
-        let mut log2 = MIN_LOG2_SLOTS;
-        while (1u64 << log2) * load < entries * 100 {
-            log2 += 1;
-        }
+        let mut log2 = smallest_log2(wanted.entries.len() as u64, load);
         while log2 <= MAX_LOG2_SLOTS {
             let desc = self.allocate(log2)?;
             if let Some(desc) = self.place(desc, wanted, v4, v6) {
@@ -613,11 +609,8 @@ impl Tables {
             other => return other,
         };
         let entries = wanted.entries.len() as u64;
-        let mut usual = MIN_LOG2_SLOTS;
-        while (1u64 << usual) * MAX_LOAD_PERCENT < entries * 100 {
-            usual += 1;
-        }
-        for log2 in (MIN_LOG2_SLOTS..usual).rev().filter(|&log2| (1u64 << log2) >= entries) {
+        let (usual, densest) = (smallest_log2(entries, MAX_LOAD_PERCENT), smallest_log2(entries, 100));
+        for log2 in (densest..usual).rev() {
             let Some(region) = self.regions.allocate((1u32 << log2) + 1) else { continue };
             if let Some(desc) = self.place(TableDesc::new(region.start, log2), wanted, v4, v6) {
                 return Ok(desc);
@@ -680,6 +673,16 @@ impl Tables {
         }
         true
     }
+}
+
+/// The smallest table (as log2 of its slots, at least [`MIN_LOG2_SLOTS`]) that holds
+/// `entries` keys at most `load_percent` full.
+fn smallest_log2(entries: u64, load_percent: u64) -> u32 {
+    let mut log2 = MIN_LOG2_SLOTS;
+    while (1u64 << log2) * load_percent < entries * 100 {
+        log2 += 1;
+    }
+    log2
 }
 
 fn unpack(lengths: PackedLengths) -> Vec<u8> {
