@@ -11,7 +11,8 @@ use std::collections::hash_map;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 mod attempts;
@@ -633,23 +634,35 @@ impl Store {
 
     /// Starts checkpointing this store's WAL in the background (see [`Checkpointer`]), and
     /// stops this connection's own commits from doing it.
-    pub fn checkpoint_in_background(&self) -> Result<Checkpointer, StoreError> {
+    pub fn checkpoint_in_background(&mut self) -> Result<Checkpointer, StoreError> {
+        // After the pragma: it installs a WAL hook of its own, which would replace ours.
         self.without_autocheckpoint()?;
+        let growth = Arc::new(AtomicU64::new(0));
+        let counted = growth.clone();
+        let mut last_frames = 0;
+        self.conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int| {
+            let frames = u64::try_from(frames).unwrap_or(0);
+            // Fewer frames than after the previous commit: the WAL started over.
+            let added = if frames >= last_frames { frames - last_frames } else { frames };
+            last_frames = frames;
+            counted.fetch_add(added, Ordering::Relaxed);
+            Ok(())
+        }))?;
         let path = self.conn.path().map(std::path::PathBuf::from).unwrap_or_default();
-        let shm = Store::sibling(&path, "-shm");
         let conn = Connection::open(&path)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
-            let mut seen = WalIndex::read(&shm);
+            // Frames the writer has added in all, and how many of them the database holds.
+            let (mut seen, mut copied) = (growth.load(Ordering::Relaxed), 0);
             let (mut changed_at, mut large_since) = (Instant::now(), None);
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_POLL) {
                 let now = Instant::now();
-                let index = WalIndex::read(&shm);
-                if index.last_frame != seen.last_frame {
+                let appended = growth.load(Ordering::Relaxed);
+                if appended != seen {
                     changed_at = now;
                 }
-                seen = index;
-                if index.waiting() < CHECKPOINT_FRAMES {
+                seen = appended;
+                if appended.saturating_sub(copied) < CHECKPOINT_FRAMES {
                     large_since = None;
                     continue;
                 }
@@ -658,10 +671,17 @@ impl Store {
                 if !(paused || now - large_since >= CHECKPOINT_AT_LATEST) {
                     continue;
                 }
-                // PASSIVE: copies what no reader still needs, and waits for no one.
-                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
-                if let Err(e) = done {
-                    log::warn!("checkpointing the store's WAL: {e}");
+                // PASSIVE: copies what no reader still needs, and waits for no one. It says
+                // how many frames the WAL holds and how many of those it has copied.
+                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match done {
+                    Ok((in_wal, in_database)) => {
+                        let left = u64::try_from(in_wal - in_database).unwrap_or(0);
+                        copied = growth.load(Ordering::Relaxed).saturating_sub(left);
+                    }
+                    Err(e) => log::warn!("checkpointing the store's WAL: {e}"),
                 }
             }
         })?;
@@ -718,43 +738,13 @@ impl Store {
 
 /// The background checkpointer copies the WAL into the database once this many frames wait
 /// in it (SQLite's own default, about 4 MiB)...
-const CHECKPOINT_FRAMES: u32 = 1000;
+const CHECKPOINT_FRAMES: u64 = 1000;
 /// ...and writes have paused this long, so that its sync delays no change's own...
 const CHECKPOINT_WHEN_QUIET: Duration = Duration::from_millis(250);
 /// ...or, while they do not pause, once that many have waited this long.
 const CHECKPOINT_AT_LATEST: Duration = Duration::from_secs(10);
 /// How often it looks at the WAL.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(100);
-
-/// What the WAL holds, as the WAL index (the `-shm` file SQLite shares between the
-/// connections) says. Its layout is part of SQLite's documented file format: two copies of
-/// a 48-byte header, the last valid frame at byte 16 of each, then the checkpoint's
-/// progress, frames copied into the database, at byte 96; all in native byte order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct WalIndex {
-    last_frame: u32,
-    copied: u32,
-}
-
-impl WalIndex {
-    /// Read without SQLite's locks: a torn or stale read only moves a checkpoint by a poll.
-    /// A missing file reads as an empty WAL.
-    fn read(shm: &Path) -> WalIndex {
-        use std::os::unix::fs::FileExt as _;
-        let mut bytes = [0u8; 100];
-        let read = std::fs::File::open(shm).and_then(|f| f.read_exact_at(&mut bytes, 0));
-        if read.is_err() {
-            return WalIndex::default();
-        }
-        let word = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("four bytes"));
-        WalIndex { last_frame: word(16), copied: word(96) }
-    }
-
-    /// Frames not yet copied into the database.
-    fn waiting(&self) -> u32 {
-        self.last_frame.saturating_sub(self.copied)
-    }
-}
 
 /// A thread that checkpoints the WAL when it has grown and writes pause (see
 /// [`CHECKPOINT_FRAMES`]), on a connection of its own beside the writer: in WAL mode a
@@ -765,6 +755,12 @@ impl WalIndex {
 /// commit starts the WAL over, which costs that commit a second sync (of the WAL's new
 /// header). Checkpointing whenever writes paused made the first change after every pause
 /// pay it: the changes an operator makes one at a time.
+///
+/// How the WAL grows it learns from the writer's WAL hook, never by opening the `-shm`
+/// file: closing any descriptor of a file drops every POSIX lock the process holds on it,
+/// SQLite's own among them. The next process to open the store (an operator's `.backup`)
+/// then finds it unused and resets the shared index under the daemon's feet, which killed
+/// the daemon (SIGBUS on the truncated mapping) and risks the store.
 /// Stopped when dropped; the last connection to close checkpoints what is left.
 pub struct Checkpointer {
     stop: Option<std::sync::mpsc::Sender<()>>,
