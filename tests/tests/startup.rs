@@ -304,6 +304,25 @@ fn a_full_state_directory_is_named_when_the_lock_cannot_be_written() {
     }
 }
 
+/// A store file that is no database is named as damaged, with its path and what to do,
+/// and the room left is not blamed for it even when the directory is nearly full too.
+#[test]
+fn a_damaged_store_is_named_as_such_not_as_a_full_disk() {
+    let w = stopped_with_an_account();
+    let full = FullCopy::of(&w, &["ipaccess.db", "ipaccessd.lock"]);
+    let db = full.state.join("ipaccess.db");
+    let len = fs::metadata(&db).unwrap().len() as usize;
+    // Overwritten where it is: no new room is needed for it.
+    let mut file = fs::OpenOptions::new().write(true).open(&db).unwrap();
+    file.write_all(&vec![0x5a; len]).unwrap();
+    drop(file);
+    let log = refused_start_on(&w, &full.state, "damaged.log");
+    for needed in [db.to_str().unwrap(), "the file is damaged", "newest backup", "--accept-older-store"] {
+        assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+    assert!(!log.contains("free some space"), "the refusal blames the room left:\n{log}");
+}
+
 fn stopped_with_an_account() -> World {
     let mut w = World::new("");
     ok(&w.socket(), json!({"cmd": "account_add", "account": "cust"}));

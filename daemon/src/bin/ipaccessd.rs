@@ -29,7 +29,7 @@ use ipaccess::{
     location::Locator,
     logging, metrics, reload, server,
     service::Service,
-    store::Store,
+    store::{Store, StoreError},
     systemd,
 };
 use log::{error, info, warn};
@@ -292,12 +292,7 @@ fn open_store(
         guard(found)?;
         judged = true;
     }
-    let mut store = match Store::open(&db) {
-        Ok(store) => store,
-        // SQLite says "disk I/O error" when it cannot grow its write-ahead log or the index
-        // beside it (-shm): say so when the directory is (nearly) full.
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("opening the store{}", low_room(dir)))),
-    };
+    let mut store = Store::open(&db).map_err(|e| store_not_opened(e, &db, dir))?;
     if !judged && store.read().and_then(|tx| tx.accounts()).context("reading the store")?.is_empty() {
         guard("holds no account")?;
         judged = true;
@@ -333,6 +328,30 @@ fn open_store(
         }
     }
     Ok((lock, store))
+}
+
+/// Why the store at `db` did not open, and what to do. A file that is no SQLite database
+/// (or a damaged one) is named as such. SQLite says only "disk I/O error" when it cannot
+/// grow its write-ahead log or the index beside it (-shm), so a failure to read or write is
+/// put down to the room left when the state directory is (nearly) full; nothing else is.
+fn store_not_opened(e: StoreError, db: &Path, dir: &Path) -> anyhow::Error {
+    use rusqlite::ErrorCode as Sqlite;
+    let sqlite = match &e {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(failure, _)) => Some(failure.code),
+        _ => None,
+    };
+    let next = match sqlite {
+        Some(Sqlite::NotADatabase | Sqlite::DatabaseCorrupt) => format!(
+            ": the file is damaged, or no store. The kernel keeps enforcing the policy it has meanwhile. Put back the \
+             newest backup of {} (with --accept-older-store if it is older than what the kernel enforces) and start \
+             again",
+            db.display()
+        ),
+        Some(Sqlite::SystemIoFailure | Sqlite::DiskFull | Sqlite::CannotOpen) => low_room(dir),
+        None if matches!(e, StoreError::Io(_)) => low_room(dir),
+        _ => String::new(),
+    };
+    anyhow::Error::new(e).context(format!("opening the store {}{next}", db.display()))
 }
 
 /// Below this, a failure to write the lock or open the store is put down to the room left
