@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::hash_map;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -434,6 +435,13 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot prepare the store's directory: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "the store {} was deleted or replaced while ipaccessd ran: until it is back, changes are refused (a restart \
+         would not find them) and reads may fail; the kernel keeps enforcing the policy it has. Put the file back, or \
+         restart ipaccessd, which checks the store it finds against what the kernel enforces",
+        .0.display()
+    )]
+    Gone(std::path::PathBuf),
 }
 
 /// An audit record: one change, with the uid that made it, written in the change's own
@@ -512,6 +520,9 @@ pub struct DropKey {
 
 pub struct Store {
     conn: Connection,
+    /// The database file the writer opened (device and inode), to refuse changes once its
+    /// path names another file or none; None for readers.
+    file: Option<(u64, u64)>,
 }
 
 impl Store {
@@ -549,7 +560,8 @@ impl Store {
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         check_references(&conn)?;
-        Ok(Store { conn })
+        let file = std::fs::metadata(path).map(|found| (found.dev(), found.ino()))?;
+        Ok(Store { conn, file: Some(file) })
     }
 
     /// Makes this connection's commits durable without waiting for the disk
@@ -606,9 +618,21 @@ impl Store {
     /// Starts a write transaction; it takes the write lock at once, so it cannot fail later
     /// for lack of it.
     pub fn transaction(&mut self) -> Result<Tx<'_>, StoreError> {
+        self.still_at_its_path()?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let changes_at_begin = tx.total_changes();
         Ok(Tx { tx, free_slots: RefCell::new(None), changes_at_begin })
+    }
+
+    /// A store deleted or moved away while the daemon runs still takes commits, into a file
+    /// no restart finds: they would be acknowledged, then lost. One `stat` a change.
+    fn still_at_its_path(&self) -> Result<(), StoreError> {
+        let Some(opened) = self.file else { return Ok(()) };
+        let path = std::path::Path::new(self.conn.path().unwrap_or_default());
+        match std::fs::metadata(path) {
+            Ok(found) if (found.dev(), found.ino()) == opened => Ok(()),
+            _ => Err(StoreError::Gone(path.to_owned())),
+        }
     }
 
     /// Starts a transaction for reading: a consistent snapshot that does not block writers.
@@ -689,12 +713,14 @@ impl Store {
     }
 
     /// A connection that only reads (`query_only`): the schema is the writer's business.
+    /// Never creates the file: a store deleted under the daemon must not come back empty.
     fn open_reader(path: &Path) -> Result<Store, StoreError> {
-        let mut conn = Connection::open(path)?;
+        let flags = rusqlite::OpenFlags::default() - rusqlite::OpenFlags::SQLITE_OPEN_CREATE;
+        let mut conn = Connection::open_with_flags(path, flags)?;
         wait_when_busy(&mut conn)?;
         conn.pragma_update(None, "query_only", true)?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Store { conn })
+        Ok(Store { conn, file: None })
     }
 
     /// Takes group and other access away from `file`, if it exists and has any.
@@ -810,10 +836,12 @@ impl Readers {
                 pool.1 += 1;
                 drop(pool);
                 // Opened outside the lock; a failure gives the place back.
-                return Store::open_reader(&self.path).inspect_err(|_| {
-                    self.pool.lock().expect("readers lock").1 -= 1;
-                    self.returned.notify_one();
-                });
+                return Store::open_reader(&self.path)
+                    .map_err(|e| if self.path.exists() { e } else { StoreError::Gone(self.path.clone()) })
+                    .inspect_err(|_| {
+                        self.pool.lock().expect("readers lock").1 -= 1;
+                        self.returned.notify_one();
+                    });
             }
             pool = self.returned.wait(pool).expect("readers lock");
         }

@@ -103,3 +103,43 @@ fn a_backup_taken_while_the_daemon_runs_holds_every_acknowledged_change() {
     let listed = host.ok(json!({"cmd": "account_list"}));
     assert_eq!(listed.as_array().map(Vec::len), Some(20), "{listed}");
 }
+
+/// The store moved away (as a careless `mv` or `rm` would) while the daemon runs: a change
+/// would go into a file no restart finds, acknowledged and then lost, so it is refused,
+/// naming the file; checks go on, reads fail clearly if at all, and nothing is made at the
+/// path meanwhile. Put back, the store takes changes again, and they outlive a restart.
+#[test]
+fn a_store_moved_away_while_the_daemon_runs_takes_no_change() {
+    let mut host = Host::new();
+    host.write_standalone_config();
+    host.start(&Launch::default());
+    let (db, away) = (host.path("state/ipaccess.db"), host.path("state/away.db"));
+    host.ok(json!({"cmd": "account_add", "account": "acme"}));
+    host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.10/32"}));
+    std::fs::rename(&db, &away).unwrap();
+
+    let refused = host.request(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.11/32"}));
+    assert_eq!(refused["error"]["code"], "internal", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(db.to_str().unwrap()) && message.contains("deleted or replaced"), "{message}");
+    let refused = host.request(json!({"cmd": "account_add", "account": "other"}));
+    assert_eq!(refused["error"]["code"], "internal", "{refused}");
+    let check = host.ok(json!({"cmd": "check", "account": "acme", "addr": "198.18.0.10", "dry_run": true}));
+    assert_eq!(check["allowed"], true, "{check}");
+    // Reads take pooled connections to the file as it was, or new ones, which find nothing.
+    for _ in 0..8 {
+        let read = host.request(json!({"cmd": "allow_list", "account": "acme"}));
+        let message = read["error"]["message"].as_str().unwrap_or("deleted or replaced");
+        assert!(read.get("ok").is_some() || message.contains("deleted or replaced"), "{read}");
+    }
+    assert!(!db.exists(), "something made a new store at {}", db.display());
+
+    std::fs::rename(&away, &db).unwrap();
+    host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.18.0.12/32"}));
+    let stopped = host.daemon.take().unwrap().terminate();
+    assert!(stopped.is_some_and(|s| s.success()), "SIGTERM: {stopped:?}");
+    host.start(&Launch::default());
+    let listed = host.ok(json!({"cmd": "allow_list", "account": "acme"}));
+    let cidrs: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|e| e["cidr"].as_str()).collect();
+    assert_eq!(cidrs, ["198.18.0.10/32", "198.18.0.12/32"], "{listed}");
+}

@@ -81,7 +81,9 @@ impl From<StoreError> for Failure {
             StoreError::EntryExists { .. } => ErrorCode::EntryExists,
             StoreError::BindingExists { .. } | StoreError::BindingScope { .. } => ErrorCode::BindingExists,
             StoreError::NestedParent { .. } => ErrorCode::Refused,
-            StoreError::Corrupt(_) | StoreError::Sqlite(_) | StoreError::Io(_) => ErrorCode::Internal,
+            StoreError::Corrupt(_) | StoreError::Sqlite(_) | StoreError::Io(_) | StoreError::Gone(_) => {
+                ErrorCode::Internal
+            }
         };
         Failure::new(code, e.to_string())
     }
