@@ -304,6 +304,28 @@ fn a_full_state_directory_is_named_when_the_lock_cannot_be_written() {
     }
 }
 
+/// A state directory others can write to is warned about at start (they could replace the
+/// store), and left as it is: it may not be the daemon's alone.
+#[test]
+fn a_state_directory_open_to_others_is_warned_about() {
+    let mut w = stopped_with_an_account();
+    let state = state_dir(&w);
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut daemon = spawn(&w, &[], "open.log");
+    daemon.wait_answering(&w.socket(), READY);
+    let log = daemon.log_text();
+    let warned = format!("the state directory {} is writable by other users (mode 0777)", state.display());
+    assert!(log.contains(&warned), "no warning about the state directory:\n{log}");
+    assert_eq!(mode(&state), 0o777, "the directory's mode was changed");
+    w.daemon = Some(daemon);
+    w.stop();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut daemon = spawn(&w, &[], "private.log");
+    daemon.wait_answering(&w.socket(), READY);
+    assert!(!daemon.log_text().contains("the state directory"), "{}", daemon.log_text());
+    w.daemon = Some(daemon);
+}
+
 /// A store file that is no database is named as damaged, with its path and what to do,
 /// and the room left is not blamed for it even when the directory is nearly full too.
 #[test]

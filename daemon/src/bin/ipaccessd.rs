@@ -277,6 +277,9 @@ fn open_store(
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(why) = open_to_others(dir).with_context(|| format!("reading {}", dir.display()))? {
+        warn!("{why}");
+    }
     let lock = lock_state_dir(dir)?;
     let found = match fs::metadata(&db) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is missing"),
@@ -370,6 +373,27 @@ fn low_room(dir: &std::path::Path) -> String {
         ),
         _ => String::new(),
     }
+}
+
+/// Why another user could replace or delete the store in the state directory `dir`, if one
+/// could: the directory is writable by group or others, or owned by another user (not
+/// root). Only said, never changed: a directory that is not the daemon's own (say
+/// /var/lib) must keep its mode.
+fn open_to_others(dir: &Path) -> std::io::Result<Option<String>> {
+    let found = fs::metadata(dir)?;
+    let (mode, owner, me) = (found.mode() & 0o7777, found.uid(), rustix::process::geteuid().as_raw());
+    let why = if mode & 0o022 != 0 {
+        format!("is writable by other users (mode {mode:04o})")
+    } else if owner != me && owner != 0 {
+        format!("belongs to uid {owner}")
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(format!(
+        "the state directory {} {why}: whoever can write there can replace or delete the store, and with it the \
+         policy; give ipaccessd a directory of its own (root's, mode 0700, as the unit's StateDirectory= makes)",
+        dir.display()
+    )))
 }
 
 /// An exclusive lock on `dir/ipaccessd.lock`, which holds the locking daemon's pid: a second
