@@ -31,6 +31,7 @@
 //! idle_timeout_seconds = 30          # no complete request for this long: closed
 //! max_entries_per_account = 1000     # allowlist entries, enabled or disabled (overrides apart)
 //! max_overrides_per_account = 100    # support's live overrides on one account
+//! max_overrides = 10000              # ... and on all accounts together
 //!
 //! [maps]             # used when the maps are first created
 //! slots = 1048576
@@ -327,6 +328,10 @@ pub struct Limits {
     /// over it is refused with `too_many_overrides`; overrides already over it (the limit
     /// was lowered) stay until they expire or are revoked.
     pub max_overrides_per_account: u32,
+    /// Live overrides all accounts together may hold: the per-account limit alone lets
+    /// support fill the shared tables one account after another. Refused and kept as the
+    /// per-account limit is (`too_many_overrides`).
+    pub max_overrides: u32,
 }
 
 impl Default for Limits {
@@ -344,6 +349,9 @@ impl Default for Limits {
             // A customer locked out needs one or two; a hundred is room for a whole office
             // of separate addresses, and 1/10,000 of the default tables.
             max_overrides_per_account: 100,
+            // A hundred times what support grants in a busy month, and 1% of the default
+            // tables.
+            max_overrides: 10_000,
         }
     }
 }
@@ -358,8 +366,8 @@ impl Limits {
             // 0 would refuse every entry; an account without restriction uses mode `off`.
             return Err("limits.max_entries_per_account must be at least 1".into());
         }
-        if self.max_overrides_per_account == 0 {
-            return Err("limits.max_overrides_per_account must be at least 1".into());
+        if self.max_overrides_per_account == 0 || self.max_overrides == 0 {
+            return Err("limits.max_overrides_per_account and limits.max_overrides must be at least 1".into());
         }
         // At 0 not even `status` could be sent; below this hardly a login check.
         if self.max_request_bytes.min(self.max_admin_request_bytes) < MIN_REQUEST_BYTES {

@@ -6,10 +6,11 @@
 //!   sizes and the idle timeout apply from the next request of every control connection,
 //!   open ones included; the per-uid cap and the reserved slots from the next connection;
 //!   `retention_days`, `min_override_ttl_seconds`, `drop_samples_per_second`,
-//!   `log_level`, `limits.max_entries_per_account` and `limits.max_overrides_per_account`
-//!   at once (a lower limit refuses further entries or grants and removes none); `location_database` is read again, whether or not its path
-//!   changed (ipaccessd does that before applying the rest, and refuses the reload if it
-//!   does not load).
+//!   `log_level`, `limits.max_entries_per_account`, `limits.max_overrides_per_account` and
+//!   `limits.max_overrides` at once (a lower limit refuses further entries or grants and
+//!   removes none); `location_database` is read again, whether or not its path changed
+//!   (ipaccessd does that before applying the rest, and refuses the reload if it does not
+//!   load).
 //! - Interfaces no longer listed stay attached, with a warning naming the way to detach.
 //! - The socket, state directory, bpffs, map sizes, metrics endpoint and `max_connections`
 //!   are logged as needing a restart, and keep their running values.

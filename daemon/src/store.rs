@@ -1559,6 +1559,12 @@ impl Tx<'_> {
     }
 
     /// Overrides neither revoked nor expired at `now`, of one account or all, oldest first.
+    /// How many overrides are live on all accounts together.
+    pub fn live_override_count(&self, now: i64) -> Result<u64, StoreError> {
+        let sql = "SELECT count(*) FROM overrides WHERE revoked_at IS NULL AND expires_at > ?1";
+        Ok(self.tx.prepare_cached(sql)?.query_row([now], |r| r.get::<_, i64>(0))? as u64)
+    }
+
     pub fn live_overrides(&self, account: Option<&str>, now: i64) -> Result<Vec<Override>, StoreError> {
         // Two statements: with `(?2 IS NULL OR account = ?2)` one account's overrides were
         // found by scanning everyone's, in every change.

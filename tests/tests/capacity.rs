@@ -366,3 +366,44 @@ fn support_overrides_stop_at_the_per_account_limit() {
     let reply = grant("acme", "198.18.1.5", 3600);
     assert_eq!(reply["error"]["details"]["max"], 1, "{reply}");
 }
+
+/// Live overrides on all accounts together stop at `[limits] max_overrides`, whatever the
+/// per-account limit: support granting one address to account after account cannot fill
+/// the tables every account shares. The refused grant is neither stored nor enforced; a
+/// revocation on any account makes room, and a reload raises the limit.
+#[test]
+fn support_overrides_stop_at_the_limit_on_all_accounts() {
+    let config = |max: u32| format!("[limits]\nmax_overrides = {max}\n[metrics]\nlisten = \"{LISTEN}\"\n");
+    let w = World::new(&config(3));
+    let accounts = ["acme", "beta", "gamma", "delta"];
+    for account in accounts {
+        w.ok(json!({"cmd": "account_add", "account": account}));
+        w.ok(json!({"cmd": "allow_add", "account": account, "cidr": "198.18.0.7"}));
+        w.ok(json!({"cmd": "account_mode", "account": account, "mode": "enforce", "force": true}));
+    }
+    let grant = |account: &str, cidr: &str| {
+        w.conn().request(json!({"cmd": "override_grant", "account": account, "cidr": cidr, "ttl_seconds": 3600,
+                                "ticket": "T-2", "reason": "locked out"}))
+    };
+    for (n, account) in accounts[..3].iter().enumerate() {
+        let reply = grant(account, &format!("198.18.2.{n}"));
+        assert!(reply.get("ok").is_some(), "{account}: {reply}");
+    }
+    let reply = grant("delta", "198.18.2.9");
+    assert_eq!(reply["error"]["code"], "too_many_overrides", "{reply}");
+    assert_eq!(reply["error"]["details"], json!({"overrides": 4, "limit": "limits.max_overrides", "max": 3}));
+    assert!(reply["error"]["message"].as_str().unwrap().contains("all accounts together"), "{reply}");
+    assert_eq!(w.ok(json!({"cmd": "override_list", "account": "delta"})), json!([]));
+    assert_eq!(w.check("delta", [198, 18, 2, 9], "password")["reason"], "address_not_allowed");
+    assert_eq!(refused(&w, "too_many_overrides"), 1.0);
+
+    let first = w.ok(json!({"cmd": "override_list", "account": "beta"}))[0]["id"].clone();
+    w.ok(json!({"cmd": "override_revoke", "account": "beta", "override_id": first}));
+    assert!(grant("delta", "198.18.2.9").get("ok").is_some());
+    assert_eq!(w.check("delta", [198, 18, 2, 9], "password")["reason"], "allowed");
+    assert_eq!(grant("beta", "198.18.2.1")["error"]["code"], "too_many_overrides");
+
+    std::fs::write(w.config_path(), format!("{}\n{}", config(4), ipaccess_tests::daemon::TEST_MAPS)).unwrap();
+    assert!(w.reload().contains("configuration reloaded"));
+    assert!(grant("beta", "198.18.2.1").get("ok").is_some());
+}

@@ -172,8 +172,8 @@ pub struct Service {
     probe_order: Mutex<crate::datapath::order::ProbeOrder>,
     /// `[limits] max_entries_per_account` (a reload may change it).
     max_entries: AtomicU32,
-    /// `[limits] max_overrides_per_account` (a reload may change it).
-    max_overrides: AtomicU32,
+    /// `[limits] max_overrides_per_account` and `max_overrides` (a reload may change them).
+    max_overrides: (AtomicU32, AtomicU32),
     /// Changes refused for want of room: the kernel's tables, the per-account limit.
     refusals: crate::metrics::RefusalCounters,
     /// The location database, if one is configured (replaced whole on reload).
@@ -343,7 +343,7 @@ impl Service {
             resync_wanted: AtomicBool::new(false),
             probe_order: Mutex::default(),
             max_entries: config.limits.max_entries_per_account.into(),
-            max_overrides: config.limits.max_overrides_per_account.into(),
+            max_overrides: (config.limits.max_overrides_per_account.into(), config.limits.max_overrides.into()),
             refusals: Default::default(),
             locator: RwLock::new(None),
         })

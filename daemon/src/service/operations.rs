@@ -98,8 +98,8 @@ impl Service {
     }
 
     /// Applies the settings of a reloaded configuration that the service holds: activity
-    /// retention, the shortest and widest override, the per-account entry and override
-    /// limits, and the drop-sample budget in the kernel.
+    /// retention, the shortest and widest override, the entry and override limits, and the
+    /// drop-sample budget in the kernel.
     pub fn reconfigure(&self, config: &crate::config::Config) {
         self.retention_days.store(config.retention_days, Ordering::Relaxed);
         self.min_override_ttl.store(config.min_override_ttl_seconds.max(1), Ordering::Relaxed);
@@ -107,7 +107,8 @@ impl Service {
         self.widest_override.1.store(config.widest_override_ipv6, Ordering::Relaxed);
         // A lower limit refuses further entries only; entries already over it stay.
         self.max_entries.store(config.limits.max_entries_per_account, Ordering::Relaxed);
-        self.max_overrides.store(config.limits.max_overrides_per_account, Ordering::Relaxed);
+        self.max_overrides.0.store(config.limits.max_overrides_per_account, Ordering::Relaxed);
+        self.max_overrides.1.store(config.limits.max_overrides, Ordering::Relaxed);
         let samples = config.drop_samples_per_second;
         self.writer.lock().expect("writer lock").datapath.set_sampling(samples, samples.max(1) * 10);
     }

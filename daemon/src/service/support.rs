@@ -71,7 +71,9 @@ impl Service {
             let granted = tx.add_override(&account, cidr, &ticket, &reason, uid, at, at + ttl_seconds as i64)?;
             // Counted in the change's transaction: two grants racing (on two fleet nodes)
             // are checked one after the other.
-            override_limit(&account, tx.live_overrides(Some(&account), at)?.len(), self.max_overrides())?;
+            let (per_account, in_all) = self.max_overrides();
+            override_limit(&account, tx.live_overrides(Some(&account), at)?.len(), per_account)?;
+            overrides_in_all_limit(tx.live_override_count(at)?, in_all)?;
             let recorded = json!({ "override": granted.id, "cidr": granted.cidr, "ticket": ticket,
                 "reason": reason, "expires_at": granted.expires_at });
             audit(tx, &account, uid, "override_granted", recorded)?;
@@ -89,9 +91,10 @@ impl Service {
         Ok(granted)
     }
 
-    /// `[limits] max_overrides_per_account` as configured now (a reload changes it).
-    fn max_overrides(&self) -> usize {
-        self.max_overrides.load(Ordering::Relaxed) as usize
+    /// `[limits] max_overrides_per_account` and `max_overrides` as configured now (a reload
+    /// changes them).
+    fn max_overrides(&self) -> (usize, u64) {
+        (self.max_overrides.0.load(Ordering::Relaxed) as usize, self.max_overrides.1.load(Ordering::Relaxed).into())
     }
 
     /// Uses `locator` (or none) for the locations of sign-ins from now on.
@@ -234,6 +237,22 @@ impl Service {
             }
         })
     }
+}
+
+/// Refuses, with `too_many_overrides`, a grant that leaves `live` overrides on all accounts
+/// together when `[limits] max_overrides` allows `max`.
+fn overrides_in_all_limit(live: u64, max: u64) -> Result<(), Failure> {
+    if live <= max {
+        return Ok(());
+    }
+    Err(Failure::with_details(
+        ErrorCode::TooManyOverrides,
+        format!(
+            "there would be {live} live overrides on all accounts together; the limit is {max} ([limits] \
+             max_overrides): revoke some, or raise the limit; nothing was changed"
+        ),
+        json!({ "overrides": live, "limit": "limits.max_overrides", "max": max }),
+    ))
 }
 
 /// Refuses, with `too_many_overrides`, a grant that leaves `account` with `live` overrides
