@@ -928,7 +928,21 @@ fn after_etcd_is_restored_from_an_older_backup_the_nodes_count_from_its_revision
     a.host.ok(json!({"cmd": "allow_add", "account": "acme", "cidr": "198.19.72.1/32"}));
     assert!(a.check("acme", "198.19.72.1".parse().unwrap()).0, "node-a acknowledged before it applied");
 
+    // node-b starts on a copy at a revision far above etcd's. Until it has taken etcd's
+    // policy, it must not publish that revision: `--wait-fleet` would count it as having
+    // changes it has never seen.
     fleet.nodes[1].start();
+    let (deadline, mut taken_at) = (Instant::now() + Duration::from_secs(20), None);
+    while taken_at.is_none_or(|at: Instant| at.elapsed() < Duration::from_millis(300)) {
+        let published = fleet.nodes[0].cluster_status()["nodes"].clone();
+        let b = published.as_array().and_then(|nodes| nodes.iter().find(|n| n["node"] == "node-b"));
+        let b = b.and_then(|n| n["policy_revision"].as_i64());
+        assert!(b.is_none_or(|b| b <= restored + 10), "node-b published its old copy's revision: {published}");
+        if taken_at.is_none() && fleet.nodes[1].cluster_status()["applied_revision"].as_i64() <= Some(restored + 10) {
+            taken_at = Some(Instant::now());
+        }
+        assert!(Instant::now() < deadline, "node-b never took the restored etcd's policy");
+    }
     follows_restored_etcd(&fleet.nodes[1], restored);
     fleet.settle();
     let b = &fleet.nodes[1];

@@ -926,7 +926,7 @@ impl Drop for AbortOnDrop {
 /// when the node stops, so that `status` (and `ipaccessctl --wait-fleet`) can see which
 /// live nodes have applied a change.
 async fn publish(cluster: Arc<Cluster>) {
-    let mut applied = cluster.policy.subscribe();
+    let (mut applied, mut step) = (cluster.policy.subscribe(), cluster.step.subscribe());
     loop {
         let Some(mut client) = cluster.client.lock().expect("client lock").clone() else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -947,8 +947,12 @@ async fn publish(cluster: Arc<Cluster>) {
         loop {
             let revision = *applied.borrow_and_update();
             let behind = revision != published;
+            // Only in step with etcd: until its first snapshot since it connected, a node's
+            // copy may be ahead of an etcd restored from a backup, and publishing it would
+            // tell `--wait-fleet` that the node has changes it has never seen.
+            let in_step = *step.borrow_and_update() % 2 == 1;
             tokio::select! {
-                _ = tokio::time::sleep_until(next_put), if behind => {
+                _ = tokio::time::sleep_until(next_put), if behind && in_step => {
                     let value = serde_json::json!({ "policy_revision": revision }).to_string();
                     let options = PutOptions::new().with_lease(lease);
                     if client.put(cluster.keys.node(&cluster.node), value, Some(options)).await.is_err() {
@@ -957,6 +961,7 @@ async fn publish(cluster: Arc<Cluster>) {
                     (published, next_put) = (revision, tokio::time::Instant::now() + PUBLISH_GAP);
                 }
                 changed = applied.changed(), if !behind => if changed.is_err() { return },
+                changed = step.changed(), if !in_step => if changed.is_err() { return },
                 _ = renew.tick() => {
                     if keeper.keep_alive().await.is_err() || !matches!(answers.message().await, Ok(Some(a)) if a.ttl() > 0) {
                         break;
