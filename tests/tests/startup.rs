@@ -226,6 +226,27 @@ fn a_lost_store_never_turns_enforcement_off() {
     w.start("");
 }
 
+/// The pin directory removed while the daemon runs (by hand, or a cleanup of bpffs): the
+/// pin is what keeps the filter on the interface after the daemon exits, so the daemon
+/// pins the filter's link again, says so, and the filter outlives its stop; the next start
+/// takes it up (on fresh maps, from the store) as ever.
+#[test]
+fn a_pin_removed_while_the_daemon_runs_is_made_again() {
+    let mut w = World::new("");
+    let (good, blocked) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let (dst, _server) = enforcing_customer(&w, 7103);
+    let pins = w.bpffs.path().join("ipaccess");
+    fs::remove_dir_all(&pins).unwrap();
+    w.stop();
+    let log = fs::read_to_string(w.dir.0.join("ipaccessd.log")).unwrap();
+    assert!(log.contains("pinned again at") && log.contains("the filter stays attached"), "{log}");
+    assert!(!tcp_ok(&w, blocked, dst, FAIL), "the filter left the interface with the daemon");
+    assert!(tcp_ok(&w, good, dst, OK), "the allowed source is blocked after the stop");
+    w.start("");
+    assert!(!tcp_ok(&w, blocked, dst, FAIL), "the blocked source passes after the restart");
+    assert!(tcp_ok(&w, good, dst, OK), "the allowed source is blocked after the restart");
+}
+
 /// A store behind the policy the kernel enforces (here restored from a copy taken before a
 /// ban; a write-ahead log deleted after a crash loses commits the same way) is refused at
 /// start, and the kernel keeps enforcing the ban, until `--accept-older-store` says so on

@@ -11,6 +11,7 @@
 //! enforcing; `--detach` removes it. Running it as a service: docs/operations.md.
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
@@ -209,8 +210,44 @@ async fn main() -> anyhow::Result<()> {
     socket_file.remove();
     tasks.iter().for_each(|task| task.abort());
     service.flush_activity();
-    info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
+    if keep_filter_pinned(&service, None) {
+        info!("stopping; the filter stays attached (ipaccessd --detach IFACE removes it)");
+    } else {
+        error!("stopping; the filter leaves the interfaces named above with this process");
+    }
     Ok(())
+}
+
+/// Pins again the filter's link on each interface whose pin was removed while the daemon
+/// ran (see [`Service::restore_link_pins`]), saying so. False if one could not be: the
+/// filter leaves that interface when this process exits. A failure already in `reported`
+/// is not logged again (the sweep tries every ten seconds).
+fn keep_filter_pinned(service: &Service, mut reported: Option<&mut BTreeSet<String>>) -> bool {
+    let mut all = true;
+    for (iface, restored) in service.restore_link_pins() {
+        if let Some(reported) = reported.as_deref_mut() {
+            let new = if restored.is_err() { reported.insert(iface.clone()) } else { reported.remove(&iface) };
+            if restored.is_err() && !new {
+                all = false;
+                continue;
+            }
+        }
+        match restored {
+            Ok(pin) => warn!(
+                "{iface}: the filter's pin was removed while ipaccessd ran; pinned again at {}, so that the filter \
+                 stays after ipaccessd exits",
+                pin.display()
+            ),
+            Err(e) => {
+                error!(
+                    "{iface}: the filter's pin was removed while ipaccessd ran and cannot be made again ({e}): the \
+                     filter stays only while ipaccessd runs"
+                );
+                all = false;
+            }
+        }
+    }
+    all
 }
 
 /// When the pinned maps were made with other sizes than `[maps]` now gives (they outlive the
@@ -510,16 +547,28 @@ async fn watchdog(service: Arc<Service>, interval: Duration) {
     }
 }
 
-/// Expired overrides and old activity are swept every ten seconds.
+/// Expired overrides and old activity are swept every ten seconds, and a removed pin of the
+/// filter's is made again (so that a crash, too, leaves the filter on).
 async fn sweep_forever(service: Arc<Service>) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    let mut reported = BTreeSet::new();
     loop {
         every.tick().await;
         let service = service.clone();
-        match tokio::task::spawn_blocking(move || service.sweep()).await {
-            Ok(Err(e)) => warn!("sweep failed: {e}"),
-            Err(e) => warn!("sweep failed: {e}"),
-            Ok(Ok(())) => {}
+        let swept = tokio::task::spawn_blocking(move || {
+            keep_filter_pinned(&service, Some(&mut reported));
+            (service.sweep(), reported)
+        });
+        match swept.await {
+            Ok((Err(e), kept)) => {
+                warn!("sweep failed: {e}");
+                reported = kept;
+            }
+            Ok((Ok(()), kept)) => reported = kept,
+            Err(e) => {
+                warn!("sweep failed: {e}");
+                reported = BTreeSet::new();
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod netlink;
 pub mod order;
 pub mod prefix;
 pub mod regions;
+mod repin;
 pub mod tables;
 
 use std::{
@@ -143,6 +144,8 @@ pub enum DatapathError {
     Pin { path: PathBuf, source: PinError },
     #[error("unpinning {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error("pinning the link again at {path}: {source}")]
+    Repin { path: PathBuf, source: io::Error },
     #[error("{iface}: reading its XDP attachment over netlink: {source}")]
     Netlink { iface: String, source: io::Error },
     #[error("{0}: the pinned link attaches nothing")]
@@ -598,6 +601,29 @@ impl Datapath {
         drop(link);
         info!("{iface}: detached");
         Ok(true)
+    }
+
+    /// Pins again the link of each interface this daemon filters whose pin was removed while
+    /// it ran (the pin directory deleted by hand): the pin is what keeps the filter on the
+    /// interface once this process exits. Each interface whose pin was gone, with where it
+    /// is pinned again, or why it could not be.
+    pub fn restore_link_pins(&self) -> Vec<(String, Result<PathBuf>)> {
+        let mut gone = Vec::new();
+        for (iface, link) in &self.links {
+            let Ok(pin) = self.link_pin(iface) else { continue };
+            if pin.exists() {
+                continue;
+            }
+            let restored = match link.info() {
+                Err(source) => Err(DatapathError::Link { what: format!("{iface}: reading its link"), source }),
+                Ok(info) => fs::create_dir_all(&self.pin_dir)
+                    .and_then(|()| repin::pin_link_by_id(info.id(), &pin))
+                    .map_err(|source| DatapathError::Repin { path: pin.clone(), source })
+                    .map(|()| pin),
+            };
+            gone.push((iface.clone(), restored));
+        }
+        gone
     }
 
     /// Interfaces with a pinned link.

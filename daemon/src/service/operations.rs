@@ -130,6 +130,11 @@ impl Service {
         datapath::netlink::xdp_path(iface).is_ok_and(|path| path.is_some())
     }
 
+    /// See [`datapath::Datapath::restore_link_pins`].
+    pub fn restore_link_pins(&self) -> Vec<(String, Result<std::path::PathBuf, DatapathError>)> {
+        self.writer.lock().expect("writer lock").datapath.restore_link_pins()
+    }
+
     /// See [`datapath::Datapath::retire_other_layouts`].
     pub fn retire_other_layouts(&self) {
         self.writer.lock().expect("writer lock").datapath.retire_other_layouts();
