@@ -13,7 +13,7 @@ const MAX_REFERENCED_ID: usize = 256;
 /// Checks what every command carries: account ids, free text (labels, tickets, reasons,
 /// see [`check_text`]). Addresses are in one form already: every address field is read as
 /// the IPv4 address when it arrives IPv4-mapped ([`crate::protocol::parse_address`]).
-pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
+pub(super) fn canonical(mut command: Command) -> Result<Command, Failure> {
     let bad_id = |id: &str| id.is_empty() || check_text("an account id", id, MAX_REFERENCED_ID).is_err();
     let imported_bad = match &command {
         Command::Import(Import { accounts, .. }) => {
@@ -23,6 +23,25 @@ pub(super) fn canonical(command: Command) -> Result<Command, Failure> {
     };
     if command.account().is_some_and(bad_id) || imported_bad {
         return Err(Failure::new(ErrorCode::BadRequest, ACCOUNT_ID_RULE));
+    }
+    // A label of nothing but spaces is no label: stored as one, it would list as blank and
+    // read as a label in JSON.
+    let blank_is_none = |label: &mut Option<String>| {
+        if label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+            *label = None;
+        }
+    };
+    match &mut command {
+        Command::AllowAdd(AllowAdd { label, .. }) | Command::AllowLabel(AllowLabel { label, .. }) => {
+            blank_is_none(label)
+        }
+        Command::AllowReplace(AllowReplace { entries, .. }) => {
+            entries.iter_mut().for_each(|e| blank_is_none(&mut e.label))
+        }
+        Command::Import(Import { accounts, .. }) => {
+            accounts.iter_mut().flat_map(|a| a.entries.iter_mut().flatten()).for_each(|e| blank_is_none(&mut e.label))
+        }
+        _ => {}
     }
     let text = |what: &str, value: Option<&str>, max: usize| match value {
         Some(value) => check_text(what, value, max).map_err(|why| Failure::new(ErrorCode::BadRequest, why)),
@@ -58,6 +77,22 @@ mod tests {
 
     fn canonical_json(request: serde_json::Value) -> Result<Command, (ErrorCode, String)> {
         canonical(serde_json::from_value(request).unwrap()).map_err(|Failure(body)| (body.code, body.message))
+    }
+
+    #[test]
+    fn a_blank_label_is_no_label() {
+        for label in ["", "   ", "\t"] {
+            let add = canonical_json(serde_json::json!({"cmd": "allow_add", "account": "a", "cidr": "198.18.0.1",
+                                                        "label": label}));
+            assert!(matches!(add, Ok(Command::AllowAdd(AllowAdd { label: None, .. }))), "{label:?}: {add:?}");
+            let replace = canonical_json(serde_json::json!({"cmd": "allow_replace", "account": "a",
+                                                            "entries": [{"cidr": "198.18.0.1", "label": label}]}));
+            let Ok(Command::AllowReplace(AllowReplace { entries, .. })) = replace else { panic!("{replace:?}") };
+            assert_eq!(entries[0].label, None, "{label:?}");
+        }
+        let kept = canonical_json(serde_json::json!({"cmd": "allow_label", "account": "a", "cidr": "198.18.0.1",
+                                                     "label": " office "}));
+        assert!(matches!(kept, Ok(Command::AllowLabel(AllowLabel { label: Some(l), .. })) if l == " office "));
     }
 
     #[test]
