@@ -307,21 +307,37 @@ impl Replacement {
 }
 
 /// The entries of a replacement in canonical form (see [`network`]); where a CIDR is given
-/// twice, the later one (and its label) counts. Also returns the notes on rewritten entries.
+/// twice, the later one (and its label) counts. Also returns the notes on rewritten entries,
+/// and one on repeated CIDRs, if any: a label given with the earlier one is dropped.
 pub(super) fn distinct_entries(entries: Vec<ReplaceEntry>) -> Result<(Wanted, Vec<String>), Failure> {
-    let mut positions: HashMap<IpNet, usize> = HashMap::with_capacity(entries.len());
+    // Per CIDR: its place in `wanted`, and the number of the entry that first gave it.
+    let mut positions: HashMap<IpNet, (usize, usize)> = HashMap::with_capacity(entries.len());
     let mut wanted: Wanted = Vec::with_capacity(entries.len());
-    let mut notes = Vec::new();
+    let (mut notes, mut repeated, mut first_repeat) = (Vec::new(), 0, None);
     for (n, entry) in entries.into_iter().enumerate() {
         let (cidr, note) = network(entry.cidr).map_err(|f| f.prefixed(&format!("entry {}", n + 1)))?;
         notes.extend(note);
         match positions.get(&cidr) {
-            Some(&at) => wanted[at].1 = entry.label,
+            Some(&(at, first)) => {
+                wanted[at].1 = entry.label;
+                repeated += 1;
+                first_repeat.get_or_insert((cidr, first, n + 1));
+            }
             None => {
-                positions.insert(cidr, wanted.len());
+                positions.insert(cidr, (wanted.len(), n + 1));
                 wanted.push((cidr, entry.label));
             }
         }
+    }
+    if let Some((cidr, first, again)) = first_repeat {
+        let others = match repeated {
+            1 => String::new(),
+            more => format!(" (and {} more repeats)", more - 1),
+        };
+        notes.push(format!(
+            "{cidr} is given more than once, as entries {first} and {again}{others}: the later entry, with its label, \
+             counts"
+        ));
     }
     Ok((wanted, notes))
 }
@@ -454,7 +470,20 @@ mod tests {
         .unwrap();
         let shown: Vec<(String, Option<String>)> = wanted.into_iter().map(|(c, l)| (c.to_string(), l)).collect();
         assert_eq!(shown, [("198.18.0.0/24".into(), Some("new".into())), ("198.18.1.0/24".into(), None)]);
-        assert_eq!(notes.len(), 1, "the mapped spelling is noted: {notes:?}");
+        assert_eq!(notes.len(), 2, "the mapped spelling and the repeat are noted: {notes:?}");
+        assert!(notes[1].contains("198.18.0.0/24 is given more than once, as entries 1 and 3:"), "{notes:?}");
+        let (_, notes) = distinct_entries(
+            ["198.18.0.1", "198.18.0.2", "198.18.0.1", "198.18.0.2", "198.18.0.1"]
+                .into_iter()
+                .map(|c| entry(c, None))
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(
+            notes,
+            ["198.18.0.1/32 is given more than once, as entries 1 and 3 (and 2 more repeats): the later \
+                            entry, with its label, counts"]
+        );
         let Failure(body) =
             distinct_entries(vec![entry("198.18.0.0/24", None), entry("198.18.0.7/24", None)]).expect_err("host bits");
         assert!(body.message.starts_with("entry 2: ") && body.message.contains("198.18.0.0/24"), "{}", body.message);
