@@ -24,41 +24,31 @@ pub(super) fn canonical(mut command: Command) -> Result<Command, Failure> {
     if command.account().is_some_and(bad_id) || imported_bad {
         return Err(Failure::new(ErrorCode::BadRequest, ACCOUNT_ID_RULE));
     }
-    // A label of nothing but spaces is no label: stored as one, it would list as blank and
-    // read as a label in JSON.
-    let blank_is_none = |label: &mut Option<String>| {
-        if label.as_deref().is_some_and(|l| l.trim().is_empty()) {
-            *label = None;
-        }
-    };
-    match &mut command {
-        Command::AllowAdd(AllowAdd { label, .. }) | Command::AllowLabel(AllowLabel { label, .. }) => {
-            blank_is_none(label)
-        }
-        Command::AllowReplace(AllowReplace { entries, .. }) => {
-            entries.iter_mut().for_each(|e| blank_is_none(&mut e.label))
-        }
-        Command::Import(Import { accounts, .. }) => {
-            accounts.iter_mut().flat_map(|a| a.entries.iter_mut().flatten()).for_each(|e| blank_is_none(&mut e.label))
-        }
-        _ => {}
-    }
     let text = |what: &str, value: Option<&str>, max: usize| match value {
         Some(value) => check_text(what, value, max).map_err(|why| Failure::new(ErrorCode::BadRequest, why)),
         None => Ok(()),
     };
-    match &command {
-        Command::AllowAdd(AllowAdd { label, .. }) | Command::AllowLabel(AllowLabel { label, .. }) => {
-            text("a label", label.as_deref(), MAX_LABEL)?
+    // A label of nothing but spaces is no label: stored as one, it would list as blank and
+    // read as a label in JSON. Any other is checked as text.
+    let label = |label: &mut Option<String>| {
+        if label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+            *label = None;
+        }
+        text("a label", label.as_deref(), MAX_LABEL)
+    };
+    match &mut command {
+        Command::AllowAdd(AllowAdd { label: given, .. }) | Command::AllowLabel(AllowLabel { label: given, .. }) => {
+            label(given)?
         }
         // Entries are named as the other errors about them are (`entry N`, within its account).
-        Command::AllowReplace(AllowReplace { entries, .. }) => entries.iter().enumerate().try_for_each(|(n, e)| {
-            text("a label", e.label.as_deref(), MAX_LABEL).map_err(|f| f.prefixed(&format!("entry {}", n + 1)))
-        })?,
-        Command::Import(Import { accounts, .. }) => accounts.iter().try_for_each(|a| {
-            a.entries.iter().flatten().enumerate().try_for_each(|(n, e)| {
-                text("a label", e.label.as_deref(), MAX_LABEL)
-                    .map_err(|f| f.prefixed(&format!("account {}: entry {}", a.account, n + 1)))
+        Command::AllowReplace(AllowReplace { entries, .. }) => entries
+            .iter_mut()
+            .enumerate()
+            .try_for_each(|(n, e)| label(&mut e.label).map_err(|f| f.prefixed(&format!("entry {}", n + 1))))?,
+        Command::Import(Import { accounts, .. }) => accounts.iter_mut().try_for_each(|a| {
+            let account = &a.account;
+            a.entries.iter_mut().flatten().enumerate().try_for_each(|(n, e)| {
+                label(&mut e.label).map_err(|f| f.prefixed(&format!("account {account}: entry {}", n + 1)))
             })
         })?,
         Command::OverrideGrant(OverrideGrant { ticket, reason, .. }) => {
