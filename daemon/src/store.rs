@@ -1414,6 +1414,23 @@ impl Tx<'_> {
         Ok(self.count("SELECT COALESCE(MAX(value), 0) FROM cluster WHERE name = 'store_commits'", [])? as u64)
     }
 
+    /// The store's line of commits (see [`Tx::start_new_line`]); 0 for a store given none.
+    pub fn line(&self) -> Result<u64, StoreError> {
+        Ok(self.count("SELECT COALESCE(MAX(value), 0) FROM cluster WHERE name = 'store_line'", [])? as u64)
+    }
+
+    /// Gives the store a new line of commits, a random number other than 0, and returns it.
+    /// Copies of a store (its backups) share its line, and their commit counts compare:
+    /// the lower one lost commits. Once a start accepts a copy over newer policy in the
+    /// kernel (`ipaccessd`'s `--accept-older-store`), that copy goes on from a lower count
+    /// than others of its line, which it no longer matches; so it is given a line of its
+    /// own, and the kernel records the line with the count.
+    pub fn start_new_line(&self) -> Result<u64, StoreError> {
+        let sql = "INSERT INTO cluster (name, value) VALUES ('store_line', random() | 1)
+                   ON CONFLICT (name) DO UPDATE SET value = excluded.value RETURNING value";
+        Ok(self.count(sql, [])? as u64)
+    }
+
     /// Runs a statement through the connection's statement cache: a bulk import runs the
     /// same few statements hundreds of thousands of times, and parsing them each time
     /// cost more than running them.

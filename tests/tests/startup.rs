@@ -14,6 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipaccess_common::maps::PIN_SUBDIR;
 use ipaccess_tests::daemon::{Daemon, Launch, READY, World};
 use ipaccess_tests::netns::{BpfFs, TcpServer, icmp_echo, tcp_connect};
 use serde_json::{Value, json};
@@ -263,23 +264,12 @@ fn a_store_that_lost_commits_is_refused() {
     w.stop();
 
     // A copy of the store as it is, then a ban.
-    let state = state_dir(&w);
-    let files = ["ipaccess.db", "ipaccess.db-wal", "ipaccess.db-shm"];
-    let copy = w.dir.0.join("copy");
-    fs::create_dir(&copy).unwrap();
-    for name in files.iter().filter(|n| state.join(n).exists()) {
-        fs::copy(state.join(name), copy.join(name)).unwrap();
-    }
+    let copy = copy_store(&w, "copy");
     w.start("");
     ok(&socket, json!({"cmd": "account_state", "account": "cust", "state": "banned"}));
     assert!(!tcp_ok(&w, good, dst, FAIL), "the ban is not enforced");
     w.stop();
-    for name in files {
-        let _ = fs::remove_file(state.join(name));
-        if copy.join(name).exists() {
-            fs::copy(copy.join(name), state.join(name)).unwrap();
-        }
-    }
+    restore_store(&w, &copy);
 
     let log = refused_start(&w, "older.log");
     for needed in ["refusing to start", "is behind the policy", "commits are lost", "--accept-older-store"] {
@@ -294,6 +284,79 @@ fn a_store_that_lost_commits_is_refused() {
     // Needed once: the maps now hold this store's policy.
     w.stop();
     w.start("");
+}
+
+/// A copy of the store files of the stopped daemon of `w` (the database, its write-ahead
+/// log and the index beside it, those there are), in the directory `name`.
+fn copy_store(w: &World, name: &str) -> PathBuf {
+    let (state, copy) = (state_dir(w), w.dir.0.join(name));
+    fs::create_dir(&copy).unwrap();
+    for name in STORE_FILES.iter().filter(|n| state.join(n).exists()) {
+        fs::copy(state.join(name), copy.join(name)).unwrap();
+    }
+    copy
+}
+
+/// Puts the store files in `copy` (from [`copy_store`]) in place of the stopped daemon's.
+fn restore_store(w: &World, copy: &Path) {
+    let state = state_dir(w);
+    for name in STORE_FILES {
+        let _ = fs::remove_file(state.join(name));
+        if copy.join(name).exists() {
+            fs::copy(copy.join(name), state.join(name)).unwrap();
+        }
+    }
+}
+
+const STORE_FILES: [&str; 3] = ["ipaccess.db", "ipaccess.db-wal", "ipaccess.db-shm"];
+
+/// After a start accepted an older copy, another copy from before it is refused even when
+/// it has more commits than the accepted one has made since: counts of two copies that
+/// parted say nothing. Here the other copy holds a ban the accepted one lifted, and lacks
+/// an entry added since. Maps from a build that recorded no line take the store they find,
+/// and record its line from then on.
+#[test]
+fn a_copy_from_before_an_accepted_older_store_is_refused() {
+    let mut w = World::new("");
+    let socket = w.socket();
+    let (good, other) = (w.hosts.client_v4[0], w.hosts.client_v4[1]);
+    let (dst, _server) = enforcing_customer(&w, 7102);
+    w.stop();
+    let before_ban = copy_store(&w, "before-ban");
+    w.start("");
+    ok(&socket, json!({"cmd": "account_state", "account": "cust", "state": "banned"}));
+    for n in 1..=5 {
+        ok(&socket, json!({"cmd": "allow_add", "account": "cust", "cidr": format!("198.19.{n}.0/24")}));
+    }
+    w.stop();
+    let banned = copy_store(&w, "banned");
+
+    // The copy from before the ban, accepted on purpose, then one change of its own.
+    restore_store(&w, &before_ban);
+    start_on_purpose(&mut w, "--accept-older-store", "accepted-older.log");
+    ok(&socket, json!({"cmd": "allow_add", "account": "cust", "cidr": format!("{other}/32")}));
+    assert!(tcp_ok(&w, other, dst, OK), "the entry added is not enforced");
+    w.stop();
+    let accepted = copy_store(&w, "accepted");
+
+    // The banned copy has more commits than the accepted store, and lacks its entry.
+    restore_store(&w, &banned);
+    let log = refused_start(&w, "parted.log");
+    for needed in ["refusing to start", "is not a copy of the one", "--accept-older-store"] {
+        assert!(log.contains(needed), "the refusal does not say {needed:?}:\n{log}");
+    }
+    assert!(tcp_ok(&w, good, dst, OK), "the refused start enforced the ban of the other copy");
+    assert!(tcp_ok(&w, other, dst, OK), "the refused start undid the entry added");
+
+    // Maps pinned by a build before lines hold none: the banned copy is taken...
+    fs::remove_file(w.bpffs.path().join(PIN_SUBDIR).join("IPACCESS_STORE_LINE")).unwrap();
+    w.start("");
+    assert_eq!(ok(&socket, json!({"cmd": "account_show", "account": "cust"}))["account"]["state"], "banned");
+    w.stop();
+    // ... and its line recorded: the accepted copy, parted from it, is refused again.
+    restore_store(&w, &accepted);
+    let log = refused_start(&w, "parted-again.log");
+    assert!(log.contains("is not a copy of the one"), "the line taken was not recorded:\n{log}");
 }
 
 /// A state directory with no room left: the store cannot grow its write-ahead log, and the

@@ -4,11 +4,12 @@
 //! Start-up order: configuration, bpffs, the pinned maps and program, the state directory
 //! locked and the store opened (refused, unless `--accept-empty-store`, when the store is
 //! missing or empty while the pinned maps hold policy, and, unless `--accept-older-store`,
-//! when it lost commits whose policy the maps hold), the kernel reconciled with the
-//! store, the interfaces attached, the control socket (and the metrics endpoint, if
-//! configured) bound, and only then systemd told READY=1. SIGHUP re-reads the
-//! configuration (never detaching). Stopping (SIGTERM) leaves the filter attached and
-//! enforcing; `--detach` removes it. Running it as a service: docs/operations.md.
+//! when it lost commits whose policy the maps hold or is no copy of their store), the
+//! kernel reconciled with the store, the interfaces attached, the control socket (and the
+//! metrics endpoint, if configured) bound, and only then systemd told READY=1. SIGHUP
+//! re-reads the configuration (never detaching). Stopping (SIGTERM) leaves the filter
+//! attached and enforcing; `--detach` removes it. Running it as a service:
+//! docs/operations.md.
 
 use std::{
     collections::BTreeSet,
@@ -71,8 +72,8 @@ struct Args {
     #[arg(long)]
     accept_empty_store: bool,
     /// Start even though the store is behind the policy the pinned maps hold (it lost
-    /// commits: a deleted write-ahead log, a restored older backup), and enforce the store
-    /// as it is. Without it such a start is refused, so that changes made since (a ban, a
+    /// commits: a deleted write-ahead log, a restored older backup) or is not a copy of the
+    /// store that policy came from, and enforce the store as it is. Without it such a start is refused, so that changes made since (a ban, a
     /// removed entry) are not quietly undone; use it once, on purpose.
     #[arg(long)]
     accept_older_store: bool,
@@ -273,7 +274,9 @@ fn maps_made_otherwise(config: &Config, pin_dir: &Path, (slots, accounts): (u32,
 /// pinned maps hold policy: starting would clear the kernel's tables and leave every bound
 /// address unfiltered. Refuses too (unless `accept_older`; a fleet node's copy of etcd's
 /// policy as well) a store whose commit count is below the one the maps recorded: it lost
-/// commits whose policy the kernel enforces. The lock is held for the life of the process.
+/// commits whose policy the kernel enforces; and a store not on the line of commits the
+/// maps recorded, whose count says nothing. A store taken on purpose starts a line of its
+/// own. The lock is held for the life of the process.
 fn open_store(
     config: &Config,
     datapath: &Datapath,
@@ -281,10 +284,11 @@ fn open_store(
     accept_older: bool,
 ) -> anyhow::Result<(fs::File, Store)> {
     let (dir, db) = (&config.state_dir, config.database());
-    let guard = |found: &str| -> anyhow::Result<()> {
+    // Ok(true): the store is taken over the policy in the maps on purpose.
+    let guard = |found: &str| -> anyhow::Result<bool> {
         let (accounts, bindings) = (datapath.configured_slots().len(), datapath.bindings().len());
         if accounts == 0 && bindings == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
         let what = format!(
@@ -296,7 +300,7 @@ fn open_store(
         );
         if accept_empty {
             warn!("{what}; --accept-empty-store: starting with an empty store and clearing them");
-            return Ok(());
+            return Ok(true);
         }
         anyhow::bail!(
             "refusing to start: {what}. Starting would clear them and leave those addresses unfiltered; the kernel \
@@ -306,9 +310,7 @@ fn open_store(
     };
     // Each way of finding the store lost is judged once, the first that applies.
     let mut judged = !dir.exists();
-    if judged {
-        guard("is missing, and so is its directory")?;
-    }
+    let mut overridden = judged && guard("is missing, and so is its directory")?;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -329,43 +331,66 @@ fn open_store(
         Ok(_) => None,
     };
     if let Some(found) = found.filter(|_| !judged) {
-        guard(found)?;
+        overridden = guard(found)?;
         judged = true;
     }
     let mut store = Store::open(&db).map_err(|e| store_not_opened(e, &db, dir))?;
     if !judged && store.read().and_then(|tx| tx.accounts()).context("reading the store")?.is_empty() {
-        guard("holds no account")?;
+        overridden = guard("holds no account")?;
         judged = true;
     }
-    let (stored, enforced) =
-        (store.read().and_then(|tx| tx.commits()).context("reading the store")?, datapath.store_commits());
-    if !judged && stored < enforced {
-        let what = format!(
-            "the store {} is behind the policy the pinned maps in {} hold: it has {stored} commits, and the maps \
-             hold the policy of its commit {enforced}, so {} commits are lost (a deleted or damaged write-ahead \
-             log, a store restored from an older backup)",
-            db.display(),
-            datapath.pin_dir().display(),
-            enforced - stored
-        );
+    let (stored, line) = store.read().and_then(|tx| Ok((tx.commits()?, tx.line()?))).context("reading the store")?;
+    let (enforced, enforced_line) = (datapath.store_commits(), datapath.store_line());
+    // Counts compare within one line only (see `Tx::start_new_line`); 0: none recorded.
+    let parted = enforced_line != 0 && line != enforced_line;
+    if !judged && (stored < enforced || parted) {
+        let what = if parted {
+            format!(
+                "the store {} is not a copy of the one whose policy the pinned maps in {} hold: it parted from it \
+                 when a start accepted an older copy (--accept-older-store), or it is another host's store, so its \
+                 {stored} commits do not compare with theirs and it may lack any of their changes",
+                db.display(),
+                datapath.pin_dir().display()
+            )
+        } else {
+            format!(
+                "the store {} is behind the policy the pinned maps in {} hold: it has {stored} commits, and the \
+                 maps hold the policy of its commit {enforced}, so {} commits are lost (a deleted or damaged \
+                 write-ahead log, a store restored from an older backup)",
+                db.display(),
+                datapath.pin_dir().display(),
+                enforced - stored
+            )
+        };
         // A fleet node's copy is refused too: etcd may be unreachable, and then the older
         // copy would be enforced until it comes back.
+        let put_back = if parted { "Put back the store this host last ran on" } else { "Restore the newer store" };
         let remedy = if config.cluster.is_some() {
-            "Restore the newer copy and start again, or, once etcd is reachable, start once with \
-             --accept-older-store: the node enforces this copy until it has taken the fleet's policy from etcd, \
-             moments later"
+            format!(
+                "{put_back} and start again, or, once etcd is reachable, start once with --accept-older-store: the \
+                 node enforces this copy until it has taken the fleet's policy from etcd, moments later"
+            )
         } else {
-            "Restore the newer store and start again, or start once with --accept-older-store to enforce this one \
-             on purpose"
+            format!(
+                "{put_back} and start again, or start once with --accept-older-store to enforce this one on purpose"
+            )
         };
         if accept_older {
             warn!("{what}; --accept-older-store: enforcing the store as it is");
+            overridden = true;
         } else {
             anyhow::bail!(
                 "refusing to start: {what}. Starting would enforce the older policy and undo those changes (a ban, \
                  a removed entry); the kernel keeps enforcing them meanwhile. {remedy}"
             );
         }
+    }
+    // A store taken over the policy in the maps starts a line of its own: its copies from
+    // before, some with higher counts, must not pass for it later.
+    if overridden || line == 0 {
+        let tx = store.transaction().context("writing to the store")?;
+        tx.start_new_line().context("writing to the store")?;
+        tx.commit().context("writing to the store")?;
     }
     Ok((lock, store))
 }

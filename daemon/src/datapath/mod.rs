@@ -58,6 +58,8 @@ use self::{
 
 /// The pinned map of [`Datapath::store_commits`]: created by the daemon, not in the object.
 pub const MAP_STORE_COMMITS: &str = "IPACCESS_STORE_COMMITS";
+/// The pinned map of [`Datapath::store_line`]: created by the daemon, not in the object.
+pub const MAP_STORE_LINE: &str = "IPACCESS_STORE_LINE";
 
 /// The XDP object built by build.rs: the filter ([`PROGRAM_NAME`]) and its maps, nothing else.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ipaccess-ebpf"));
@@ -249,6 +251,10 @@ pub struct Datapath {
     /// Word 0: the store's commit count of the policy this kernel enforces
     /// ([`Self::store_commits`]). A map of user space alone: the program never reads it.
     store_commits: aya::maps::Array<MapData, u64>,
+    /// Word 0: the line of commits of the store whose policy this kernel enforces
+    /// ([`Self::store_line`]). A map of its own so that maps pinned by a build before it
+    /// keep their commit count.
+    store_line: aya::maps::Array<MapData, u64>,
     /// Links this process attached or reused, by interface (each also pinned).
     links: BTreeMap<String, FdLink>,
     /// Per account slot, the length its table probes first per family (IPv4, IPv6;
@@ -274,7 +280,8 @@ impl Datapath {
         let pin_dir = options.bpffs.join(PIN_SUBDIR);
         fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir { path: pin_dir.clone(), source })?;
         let lock = lock_dir(&pin_dir)?;
-        let store_commits = store_commits_map(&pin_dir)?;
+        let store_commits = user_space_word(&pin_dir, MAP_STORE_COMMITS)?;
+        let store_line = user_space_word(&pin_dir, MAP_STORE_LINE)?;
         // One stamp per slot: as many as the slot array has, which a reused pin may have
         // sized otherwise than the configuration (a build before stamps pinned no stamps).
         let stamps = MapData::from_pin(pin_dir.join(MAP_SLOTS))
@@ -368,6 +375,7 @@ impl Datapath {
             bindings,
             load_attempts,
             store_commits,
+            store_line,
             links: BTreeMap::new(),
             first_lengths,
             _lock: lock,
@@ -388,6 +396,18 @@ impl Datapath {
     /// Records that the maps hold the policy of the store at commit count `count`.
     pub fn set_store_commits(&mut self, count: u64) -> Result<()> {
         self.store_commits.set(0, count, 0).map_err(|e| DatapathError::Map(MAP_STORE_COMMITS.into(), e))
+    }
+
+    /// The line of commits ([`crate::store::Tx::start_new_line`]) of the store whose policy
+    /// the maps hold: 0 for maps no daemon recorded one in (new, or from a build before
+    /// lines). Commit counts compare only within one line.
+    pub fn store_line(&self) -> u64 {
+        self.store_line.get(&0, 0).unwrap_or(0)
+    }
+
+    /// Records that the maps hold the policy of a store on the line `line`.
+    pub fn set_store_line(&mut self, line: u64) -> Result<()> {
+        self.store_line.set(0, line, 0).map_err(|e| DatapathError::Map(MAP_STORE_LINE.into(), e))
     }
 
     /// How many loads it took to have the program verified: 1 unless the kernel cut one short.
@@ -1539,10 +1559,11 @@ fn map_len<T>(ebpf: &Ebpf, name: &'static str, dir: &Path) -> Result<u32> {
     Ok(info.max_entries())
 }
 
-/// The pinned [`MAP_STORE_COMMITS`] in `pin_dir`, created (holding 0) if it is not there.
-fn store_commits_map(pin_dir: &Path) -> Result<aya::maps::Array<MapData, u64>> {
-    let path = pin_dir.join(MAP_STORE_COMMITS);
-    let map_error = |e| DatapathError::Map(MAP_STORE_COMMITS.into(), e);
+/// The pinned one-word array `name` in `pin_dir` ([`MAP_STORE_COMMITS`],
+/// [`MAP_STORE_LINE`]), created (holding 0) if it is not there.
+fn user_space_word(pin_dir: &Path, name: &str) -> Result<aya::maps::Array<MapData, u64>> {
+    let path = pin_dir.join(name);
+    let map_error = |e| DatapathError::Map(name.into(), e);
     if !path.exists() {
         let array = aya::maps::Array::<MapData, u64>::create(1, 0).map_err(map_error)?;
         array.pin(&path).map_err(|source| DatapathError::Pin { path: path.clone(), source })?;

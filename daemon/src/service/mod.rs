@@ -305,8 +305,10 @@ impl Service {
         let bindings = bindings::for_kernel(&bindings, node.as_deref(), |id| cache.get(id).map(|a| a.slot));
         datapath.set_bindings(&bindings)?;
         datapath.end_dense_load();
-        // The maps now hold this store's policy (see `Tx::commit_counted`).
-        datapath.set_store_commits(store.read()?.commits()?)?;
+        // The maps now hold this store's policy (see `Tx::commit_counted`, `Tx::start_new_line`).
+        let (commits, line) = store.read().and_then(|tx| Ok((tx.commits()?, tx.line()?)))?;
+        datapath.set_store_commits(commits)?;
+        datapath.set_store_line(line)?;
         let reconcile = started.elapsed();
         info!(
             "reconciled {} accounts, {} shared sets and {} bindings with the kernel in {reconcile:.2?}",
